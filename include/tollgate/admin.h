@@ -1,0 +1,23 @@
+/*
+ * admin.h - the admin listener (main thread, libevhtp): /healthz, /readyz.
+ * Low traffic and loopback-only by default, so libevhtp's own server fits
+ * here; the data path has its own strict HTTP/1.1 framing (docs/DESIGN-NOTES.md).
+ */
+#ifndef TOLLGATE_ADMIN_H
+#define TOLLGATE_ADMIN_H
+
+#include <event2/event.h>
+
+#include "tollgate/common.h"
+#include "tollgate/conf.h"
+
+struct tg_admin;
+
+/* Bind addr on base.  NULL with a message in err on failure. */
+struct tg_admin *tg_admin_create(struct event_base *base, const tg_addr *addr,
+                                 char *err, size_t errlen);
+/* /readyz answers 200 while ready, 503 otherwise (draining, starting). */
+void tg_admin_set_ready(struct tg_admin *adm, int ready);
+void tg_admin_destroy(struct tg_admin *adm);
+
+#endif

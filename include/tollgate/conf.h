@@ -1,0 +1,125 @@
+/*
+ * conf.h - the configuration snapshot.
+ *
+ * A snapshot is built in phases (YAML structure -> typed parse through the
+ * directive tables -> validate and fill defaults -> resolve addresses) and is
+ * immutable once tg_conf_load() returns it.  Worker threads hold references
+ * (tg_conf_ref/tg_conf_unref); reload builds a new snapshot and swaps it in.
+ */
+#ifndef TOLLGATE_CONF_H
+#define TOLLGATE_CONF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "tollgate/common.h"
+
+#define TG_CONF_ERRLEN 512
+
+/* A resolved numeric socket address ("127.0.0.1:8080", "[::1]:8080",
+ * "localhost:8000").  Host names are resolved once, at load time. */
+typedef struct tg_addr {
+    char                    text[128];   /* as written in the config */
+    struct sockaddr_storage sa;
+    socklen_t               salen;
+} tg_addr;
+
+typedef struct tg_listen_conf {
+    tg_addr  addr;
+    int      tls;                /* 1 when a tls: block is present */
+    char    *cert;               /* absolute path, or NULL */
+    char    *key;                /* absolute path, or NULL */
+} tg_listen_conf;
+
+typedef struct tg_tier_conf {
+    char     *name;
+    uint32_t  requests_per_minute;  /* refill: rpm/60 tokens per second */
+    uint32_t  burst_limit;          /* bucket capacity */
+} tg_tier_conf;
+
+enum tg_store_kind { TG_STORE_REDIS, TG_STORE_LOCAL };
+enum tg_on_failure { TG_FAIL_LOCAL, TG_FAIL_ALLOW, TG_FAIL_DENY };
+
+typedef struct tg_conf {
+    unsigned         refcnt;          /* atomic; see tg_conf_ref */
+    char            *path;            /* absolute path of the file loaded */
+    char            *dir;             /* its directory: base of relative paths */
+
+    tg_listen_conf  *listen;          /* at least one */
+    size_t           nlisten;
+
+    int              admin_enabled;   /* admin: present (default on) */
+    tg_addr          admin;           /* default 127.0.0.1:9090 */
+
+    unsigned         workers;         /* resolved: 0 in the file = CPUs */
+    unsigned         drain_timeout_ms;   /* default 10000 */
+    enum tg_log_level log_level;         /* log_level: debug|info|warn|error */
+
+    struct {                          /* section http: client-side limits */
+        size_t   max_request_line;    /* default 8192 (414 past it) */
+        size_t   max_header_bytes;    /* whole head; default 16384 (431) */
+        size_t   max_headers;         /* default 100 (431) */
+        uint64_t max_body_bytes;      /* default 10 MiB (413) */
+        unsigned header_timeout_ms;   /* whole head must arrive; 10000 */
+        unsigned body_timeout_ms;     /* between two body reads; 30000 */
+        unsigned idle_timeout_ms;     /* keep-alive idle; 60000 */
+        unsigned send_timeout_ms;     /* between two writes; 30000 */
+        unsigned max_requests_per_connection;   /* 0 = unlimited; 10000 */
+    } http;
+
+    struct {                          /* section upstream: */
+        tg_addr *servers;             /* at least one */
+        size_t   nservers;
+        unsigned connect_timeout_ms;     /* 2000 -> 502 */
+        unsigned first_byte_timeout_ms;  /* 30000 -> 504 */
+        unsigned total_timeout_ms;       /* 60000 -> 504 */
+        unsigned keepalive;              /* idle conns per server per worker; 32 */
+        unsigned keepalive_timeout_ms;   /* idle upstream conn closed after; 30000 */
+    } upstream;
+
+    tg_tier_conf    *tiers;           /* rate_limits:, in file order */
+    size_t           ntiers;
+
+    enum tg_store_kind store;         /* default redis */
+    struct {
+        char              *url;          /* default redis://127.0.0.1:6379/0 */
+        unsigned           timeout_ms;   /* default 25 */
+        enum tg_on_failure on_failure;   /* default local */
+        char              *prefix;       /* key prefix; default "tg:" */
+    } redis;
+
+    struct {
+        char *keys_file;              /* absolute path, or NULL */
+    } auth;
+
+    struct {
+        int      enabled;             /* global_limit: present */
+        uint32_t requests_per_second;
+        uint32_t burst;
+    } global_limit;
+} tg_conf;
+
+/*
+ * Load and validate the file at path.  Returns a new snapshot with one
+ * reference, or NULL with a message in err ("FILE:LINE:COL: what is wrong",
+ * or "FILE: why it cannot be read").
+ */
+tg_conf *tg_conf_load(const char *path, char *err, size_t errlen);
+
+/* Same, from a string already in memory; name is used in messages and
+ * relative paths resolve against the current directory. */
+tg_conf *tg_conf_load_string(const char *name, const char *text, size_t len,
+                             char *err, size_t errlen);
+
+tg_conf *tg_conf_ref(tg_conf *conf);
+void     tg_conf_unref(tg_conf *conf);
+
+/* Find a tier by name; NULL if none. */
+const tg_tier_conf *tg_conf_tier(const tg_conf *conf, const char *name);
+
+/* Parse "host:port" / "[v6]:port" into addr (resolving names with
+ * getaddrinfo: start-up and reload only, never on an event loop). */
+tg_rc tg_addr_parse(const char *text, tg_addr *addr, char *err, size_t errlen);
+
+#endif

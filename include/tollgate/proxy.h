@@ -1,0 +1,43 @@
+/*
+ * proxy.h - the request path of one worker thread: client connections,
+ * strict request framing, forwarding to the upstream pool and streaming
+ * both ways with backpressure.
+ *
+ * Pipeline per request: read head -> parse (tg_http) -> identify/charge
+ * (later stages plug in here) -> forward -> relay response -> next request
+ * or close.  Everything runs on the worker's event base; no locks.
+ */
+#ifndef TOLLGATE_PROXY_H
+#define TOLLGATE_PROXY_H
+
+#include <openssl/ssl.h>
+#include <event2/event.h>
+
+#include "tollgate/common.h"
+#include "tollgate/conf.h"
+
+struct tg_proxy;
+
+/*
+ * Create the proxy state of one worker.  on_empty(arg) is called when the
+ * last client connection closes while draining.  Takes a reference on conf.
+ */
+struct tg_proxy *tg_proxy_create(struct event_base *base, tg_conf *conf,
+                                 void (*on_empty)(void *arg), void *arg);
+void tg_proxy_destroy(struct tg_proxy *px);
+
+/*
+ * Serve a newly accepted socket.  ssl_ctx is the listener's TLS context,
+ * or NULL for plain HTTP.  The proxy owns fd from here on.
+ */
+void tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx);
+
+/* Start draining: idle keep-alive connections close now, busy ones after
+ * their current response.  Calls on_empty when none is left (possibly at
+ * once). */
+void tg_proxy_drain(struct tg_proxy *px);
+
+/* Client connections currently open. */
+unsigned tg_proxy_nclients(const struct tg_proxy *px);
+
+#endif

@@ -1,0 +1,51 @@
+/*
+ * upstream.h - per-worker pools of keep-alive connections to the upstream
+ * servers, and server selection (round-robin).
+ *
+ * A pool belongs to one worker thread and is only touched from that
+ * thread's event loop: no locks.
+ */
+#ifndef TOLLGATE_UPSTREAM_H
+#define TOLLGATE_UPSTREAM_H
+
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "tollgate/common.h"
+#include "tollgate/conf.h"
+
+struct tg_upstream_pool;
+struct tg_uconn;
+
+/* Create the pool of one worker for conf's upstream servers. */
+struct tg_upstream_pool *tg_upstream_pool_create(struct event_base *base,
+                                                 const tg_conf *conf);
+/* Close every idle connection and free the pool.  Connections still lent
+ * out must have been released first. */
+void tg_upstream_pool_destroy(struct tg_upstream_pool *pool);
+
+/* Close idle connections (drain). */
+void tg_upstream_pool_close_idle(struct tg_upstream_pool *pool);
+
+/*
+ * Lend a connection to the next server in rotation: an idle keep-alive one
+ * when there is one, else a new one being connected (its bufferevent may be
+ * written to at once; the output waits for the connect).  *reused tells
+ * which.  Returns NULL if a socket could not even be created.
+ * The caller owns the connection until tg_upstream_release().
+ */
+struct tg_uconn *tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused);
+
+/* The connection's bufferevent; callbacks are the borrower's while lent. */
+struct bufferevent *tg_uconn_bev(struct tg_uconn *uc);
+/* Printable server address ("127.0.0.1:8000"). */
+const char *tg_uconn_server(const struct tg_uconn *uc);
+
+/*
+ * Give a connection back.  reusable: the exchange ended cleanly on a
+ * persistent connection with nothing unread; it then waits in the idle
+ * list (up to upstream.keepalive per server), else it is closed.
+ */
+void tg_upstream_release(struct tg_uconn *uc, int reusable);
+
+#endif

@@ -1,0 +1,34 @@
+/*
+ * worker.h - worker threads.  Each owns an event base and a tg_proxy; the
+ * main thread accepts connections and hands each socket to a worker
+ * through the worker's notification pipe (one atomic write, no lock).
+ */
+#ifndef TOLLGATE_WORKER_H
+#define TOLLGATE_WORKER_H
+
+#include <openssl/ssl.h>
+
+#include "tollgate/common.h"
+#include "tollgate/conf.h"
+
+struct tg_worker;
+
+/* ssl_ctxs[i] is listener i's TLS context or NULL; the array must outlive
+ * the worker.  Takes a reference on conf. */
+struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, SSL_CTX **ssl_ctxs);
+tg_rc tg_worker_start(struct tg_worker *w);
+
+/* Main thread: hand an accepted socket (from listener idx) to w. */
+tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx);
+
+/* Main thread: ask w to drain and exit its loop when its last connection
+ * is gone, or after timeout_ms at the latest. */
+void tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
+
+/* 1 once the worker's loop has ended (any thread may ask). */
+int tg_worker_finished(struct tg_worker *w);
+
+/* Wait for the thread to end, then free it. */
+void tg_worker_join_destroy(struct tg_worker *w);
+
+#endif

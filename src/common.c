@@ -1,0 +1,118 @@
+/*
+ * common.c - logging, allocation wrappers and clocks.
+ */
+#include "tollgate/common.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static enum tg_log_level min_level = TG_LOG_INFO;
+static const char *const level_names[] = { "debug", "info", "warn", "error" };
+
+void
+tg_log_set_level(enum tg_log_level level)
+{
+    min_level = level;
+}
+
+/* One write(2) per line through a stack buffer, so lines from several
+ * threads never interleave. */
+void
+tg_log(enum tg_log_level level, const char *fmt, ...)
+{
+    char line[1024];
+    struct timespec ts;
+    struct tm tm;
+    va_list ap;
+    int n, m;
+
+    if (level < min_level) {
+        return;
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ [%s] ",
+                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                 tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000, level_names[level]);
+    va_start(ap, fmt);
+    m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (m < 0) {
+        m = 0;
+    }
+    n += m;
+    if ((size_t)n > sizeof(line) - 2) {
+        n = (int)sizeof(line) - 2;
+    }
+    line[n++] = '\n';
+    fwrite(line, 1, (size_t)n, stderr);
+}
+
+static void
+oom(size_t n)
+{
+    fprintf(stderr, "tollgate: out of memory allocating %zu bytes\n", n);
+    abort();
+}
+
+void *
+tg_xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p == NULL) {
+        oom(n);
+    }
+    return p;
+}
+
+void *
+tg_xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL) {
+        oom(n * size);
+    }
+    return p;
+}
+
+void *
+tg_xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (q == NULL) {
+        oom(n);
+    }
+    return q;
+}
+
+char *
+tg_xstrdup(const char *s)
+{
+    return tg_xstrndup(s, strlen(s));
+}
+
+char *
+tg_xstrndup(const char *s, size_t n)
+{
+    char *p = tg_xmalloc(n + 1);
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+uint64_t
+tg_now_ms(void)
+{
+    return tg_now_us() / 1000;
+}
+
+uint64_t
+tg_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}

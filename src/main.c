@@ -1,0 +1,424 @@
+/*
+ * main.c - command line, start-up, signals and shutdown.
+ *
+ * The main thread owns the listening sockets (accept, then hand the socket
+ * to a worker), the admin listener, signals and the systemd protocol.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <event2/thread.h>
+#include <openssl/ssl.h>
+#include <systemd/sd-daemon.h>
+
+#include "tollgate/admin.h"
+#include "tollgate/common.h"
+#include "tollgate/conf.h"
+#include "tollgate/tls.h"
+#include "tollgate/worker.h"
+
+#define DEFAULT_CONF "/etc/tollgate/tollgate.yaml"
+
+/* State of the main thread; private to this file. */
+static struct {
+    tg_conf                 *conf;
+    struct event_base       *base;
+    struct tg_worker       **workers;
+    unsigned                 nworkers;
+    unsigned                 next;          /* round-robin dispatch */
+    struct evconnlistener  **listeners;
+    SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
+    struct tg_admin         *admin;
+    int                      draining;
+    uint64_t                 drain_deadline;
+    struct event            *signals[4];
+    struct event            *drain_timer;
+    struct event            *watchdog;
+} g;
+
+static void usage(FILE *out);
+static int  check_config(const char *path);
+static int  run(const char *path);
+static tg_rc build_tls(const tg_conf *conf, SSL_CTX ***out, char *err, size_t errlen);
+static void free_tls(SSL_CTX **ctxs, size_t n);
+static tg_rc open_listeners(void);
+static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
+                      struct sockaddr *sa, int salen, void *arg);
+static void accept_error_cb(struct evconnlistener *l, void *arg);
+static void signal_cb(evutil_socket_t sig, short what, void *arg);
+static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
+static void start_drain(void);
+
+int
+main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "config",  required_argument, NULL, 'c' },
+        { "test",    no_argument,       NULL, 't' },
+        { "version", no_argument,       NULL, 'v' },
+        { "help",    no_argument,       NULL, 'h' },
+        { NULL, 0, NULL, 0 }
+    };
+    const char *path = DEFAULT_CONF;
+    int test = 0, ch;
+
+    while ((ch = getopt_long(argc, argv, "c:tvVh", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'c': path = optarg; break;
+        case 't': test = 1; break;
+        case 'v':
+        case 'V':
+            printf("tollgate %s\n", TG_VERSION);
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        fprintf(stderr, "tollgate: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
+    }
+    return test ? check_config(path) : run(path);
+}
+
+static void
+usage(FILE *out)
+{
+    fprintf(out,
+        "usage: tollgate [-c FILE] [-t] [-v] [-h]\n"
+        "  -c, --config FILE  configuration file (default " DEFAULT_CONF ")\n"
+        "  -t, --test         check the configuration (and TLS files), then exit 0 or 1\n"
+        "  -v, --version      print the version and exit\n"
+        "  -h, --help         print this help and exit\n"
+        "signals: SIGTERM/SIGINT drain and exit, SIGHUP checks the configuration\n");
+}
+
+static int
+check_config(const char *path)
+{
+    char err[TG_CONF_ERRLEN];
+    SSL_CTX **ctxs;
+    tg_conf *conf = tg_conf_load(path, err, sizeof(err));
+
+    if (conf == NULL) {
+        fprintf(stderr, "tollgate: %s\ntollgate: configuration file %s test failed\n",
+                err, path);
+        return 1;
+    }
+    if (build_tls(conf, &ctxs, err, sizeof(err)) != TG_OK) {
+        fprintf(stderr, "tollgate: %s\ntollgate: configuration file %s test failed\n",
+                err, path);
+        tg_conf_unref(conf);
+        return 1;
+    }
+    free_tls(ctxs, conf->nlisten);
+    fprintf(stderr, "tollgate: configuration file %s test is successful\n", path);
+    tg_conf_unref(conf);
+    return 0;
+}
+
+static int
+run(const char *path)
+{
+    char err[TG_CONF_ERRLEN];
+    const char *wd;
+    unsigned i;
+    int rc = 1;
+
+    signal(SIGPIPE, SIG_IGN);
+    g.conf = tg_conf_load(path, err, sizeof(err));
+    if (g.conf == NULL) {
+        fprintf(stderr, "tollgate: %s\n", err);
+        return 1;
+    }
+    tg_log_set_level(g.conf->log_level);
+    if (build_tls(g.conf, &g.ssl_ctxs, err, sizeof(err)) != TG_OK) {
+        tg_error("%s", err);
+        goto out;
+    }
+    evthread_use_pthreads();
+    g.base = event_base_new();
+    if (g.base == NULL) {
+        tg_error("cannot create the event base");
+        goto out;
+    }
+    if (open_listeners() != TG_OK) {
+        goto out;
+    }
+    if (g.conf->admin_enabled) {
+        g.admin = tg_admin_create(g.base, &g.conf->admin, err, sizeof(err));
+        if (g.admin == NULL) {
+            tg_error("%s", err);
+            goto out;
+        }
+    }
+
+    g.nworkers = g.conf->workers;
+    g.workers = tg_xcalloc(g.nworkers, sizeof(*g.workers));
+    for (i = 0; i < g.nworkers; i++) {
+        g.workers[i] = tg_worker_create(i, g.conf, g.ssl_ctxs);
+        if (g.workers[i] == NULL || tg_worker_start(g.workers[i]) != TG_OK) {
+            tg_error("cannot start worker %u", i);
+            goto out;
+        }
+    }
+
+    g.signals[0] = evsignal_new(g.base, SIGTERM, signal_cb, NULL);
+    g.signals[1] = evsignal_new(g.base, SIGINT, signal_cb, NULL);
+    g.signals[2] = evsignal_new(g.base, SIGHUP, signal_cb, (void *)path);
+    g.signals[3] = evsignal_new(g.base, SIGQUIT, signal_cb, NULL);
+    for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
+        evsignal_add(g.signals[i], NULL);
+    }
+    wd = getenv("WATCHDOG_USEC");
+    if (wd != NULL && atol(wd) > 0) {
+        long us = atol(wd) / 2;
+        struct timeval tv = { us / 1000000, us % 1000000 };
+        g.watchdog = event_new(g.base, -1, EV_PERSIST, watchdog_cb, NULL);
+        event_add(g.watchdog, &tv);
+    }
+
+    tg_admin_set_ready(g.admin, 1);
+    for (i = 0; i < g.conf->nlisten; i++) {
+        tg_info("listening on %s%s", g.conf->listen[i].addr.text,
+                g.conf->listen[i].tls ? " (tls)" : "");
+    }
+    tg_info("tollgate %s started: %u worker(s), %zu upstream server(s)",
+            TG_VERSION, g.nworkers, g.conf->upstream.nservers);
+    sd_notify(0, "READY=1\nSTATUS=serving");
+
+    event_base_dispatch(g.base);
+    rc = 0;
+    tg_info("tollgate stopped");
+
+out:
+    for (i = 0; g.listeners != NULL && i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_free(g.listeners[i]);
+        }
+    }
+    free(g.listeners);
+    for (i = 0; i < g.nworkers; i++) {
+        if (g.workers[i] != NULL) {
+            if (rc != 0) {
+                tg_worker_drain(g.workers[i], 0);
+            }
+            tg_worker_join_destroy(g.workers[i]);
+        }
+    }
+    free(g.workers);
+    tg_admin_destroy(g.admin);
+    for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
+        if (g.signals[i] != NULL) {
+            event_free(g.signals[i]);
+        }
+    }
+    if (g.drain_timer != NULL) {
+        event_free(g.drain_timer);
+    }
+    if (g.watchdog != NULL) {
+        event_free(g.watchdog);
+    }
+    if (g.base != NULL) {
+        event_base_free(g.base);
+    }
+    free_tls(g.ssl_ctxs, g.conf->nlisten);
+    tg_conf_unref(g.conf);
+    return rc;
+}
+
+/* ---- TLS and listeners ---------------------------------------------- */
+
+static tg_rc
+build_tls(const tg_conf *conf, SSL_CTX ***out, char *err, size_t errlen)
+{
+    SSL_CTX **ctxs = tg_xcalloc(conf->nlisten, sizeof(*ctxs));
+    size_t i;
+
+    for (i = 0; i < conf->nlisten; i++) {
+        if (!conf->listen[i].tls) {
+            continue;
+        }
+        ctxs[i] = tg_tls_server_ctx(conf->listen[i].cert, conf->listen[i].key,
+                                    err, errlen);
+        if (ctxs[i] == NULL) {
+            free_tls(ctxs, conf->nlisten);
+            return TG_ERR;
+        }
+    }
+    *out = ctxs;
+    return TG_OK;
+}
+
+static void
+free_tls(SSL_CTX **ctxs, size_t n)
+{
+    size_t i;
+
+    if (ctxs == NULL) {
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        SSL_CTX_free(ctxs[i]);
+    }
+    free(ctxs);
+}
+
+static tg_rc
+open_listeners(void)
+{
+    size_t i;
+    int one = 1;
+
+    g.listeners = tg_xcalloc(g.conf->nlisten, sizeof(*g.listeners));
+    for (i = 0; i < g.conf->nlisten; i++) {
+        const tg_addr *a = &g.conf->listen[i].addr;
+        int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+
+        if (fd < 0) {
+            tg_error("listen %s: socket: %s", a->text, strerror(errno));
+            return TG_ERR;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (a->sa.ss_family == AF_INET6) {
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+        }
+        if (bind(fd, (const struct sockaddr *)&a->sa, a->salen) != 0
+            || listen(fd, 1024) != 0) {
+            tg_error("listen %s: %s", a->text, strerror(errno));
+            close(fd);
+            return TG_ERR;
+        }
+        g.listeners[i] = evconnlistener_new(g.base, accept_cb, (void *)(uintptr_t)i,
+                             LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+        if (g.listeners[i] == NULL) {
+            tg_error("listen %s: cannot create the listener", a->text);
+            close(fd);
+            return TG_ERR;
+        }
+        evconnlistener_set_error_cb(g.listeners[i], accept_error_cb);
+    }
+    return TG_OK;
+}
+
+static void
+accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+          int salen, void *arg)
+{
+    unsigned idx = (unsigned)(uintptr_t)arg;
+    struct tg_worker *w = g.workers[g.next++ % g.nworkers];
+
+    TG_UNUSED(l);
+    TG_UNUSED(sa);
+    TG_UNUSED(salen);
+    if (tg_worker_dispatch(w, fd, idx) != TG_OK) {
+        tg_error("cannot hand a connection to a worker: %s", strerror(errno));
+        close(fd);
+    }
+}
+
+static void
+accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    int err = EVUTIL_SOCKET_ERROR();
+
+    TG_UNUSED(l);
+    TG_UNUSED(arg);
+    /* EMFILE and friends: keep serving; the listener retries on its own. */
+    tg_error("accept: %s", evutil_socket_error_to_string(err));
+}
+
+/* ---- signals and shutdown ------------------------------------------- */
+
+static void
+signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+    char err[TG_CONF_ERRLEN];
+    tg_conf *conf;
+
+    TG_UNUSED(what);
+    if (sig == SIGHUP) {
+        conf = tg_conf_load((const char *)arg, err, sizeof(err));
+        if (conf == NULL) {
+            tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
+            return;
+        }
+        tg_conf_unref(conf);
+        tg_warn("SIGHUP: the configuration is valid, but live reload is not in this "
+                "version yet; restart to apply it");
+        return;
+    }
+    if (g.draining) {
+        if (sig == SIGINT || sig == SIGQUIT) {
+            tg_warn("second signal: stopping at once");
+            event_base_loopbreak(g.base);
+        }
+        return;
+    }
+    tg_info("signal %d: draining (up to %u ms)", (int)sig, g.conf->drain_timeout_ms);
+    start_drain();
+}
+
+static void
+start_drain(void)
+{
+    struct timeval tv = { 0, 50 * 1000 };
+    unsigned i;
+
+    g.draining = 1;
+    sd_notify(0, "STOPPING=1\nSTATUS=draining");
+    tg_admin_set_ready(g.admin, 0);
+    for (i = 0; i < g.conf->nlisten; i++) {
+        evconnlistener_free(g.listeners[i]);   /* new connections are refused */
+        g.listeners[i] = NULL;
+    }
+    for (i = 0; i < g.nworkers; i++) {
+        tg_worker_drain(g.workers[i], g.conf->drain_timeout_ms);
+    }
+    g.drain_deadline = tg_now_ms() + g.conf->drain_timeout_ms + 1000;
+    g.drain_timer = event_new(g.base, -1, EV_PERSIST, drain_timer_cb, NULL);
+    event_add(g.drain_timer, &tv);
+}
+
+static void
+drain_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    unsigned i;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    TG_UNUSED(arg);
+    for (i = 0; i < g.nworkers; i++) {
+        if (!tg_worker_finished(g.workers[i])) {
+            if (tg_now_ms() < g.drain_deadline) {
+                return;
+            }
+            tg_warn("workers did not finish draining in time");
+            break;
+        }
+    }
+    event_base_loopbreak(g.base);
+}
+
+static void
+watchdog_cb(evutil_socket_t fd, short what, void *arg)
+{
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    TG_UNUSED(arg);
+    sd_notify(0, "WATCHDOG=1");
+}

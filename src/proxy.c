@@ -1,0 +1,1256 @@
+/*
+ * proxy.c - client connections and the forwarding of one request at a time
+ * per connection (HTTP/1.1 keep-alive; pipelined requests wait their turn).
+ *
+ * Ownership and lifetime.  A client (struct tg_client) is only ever freed
+ * from its own `defer` event: every path that ends a connection marks it
+ * (C_DEAD, or C_CLOSING / C_LINGER for a graceful end) and activates that
+ * event.  So no callback ever frees the object it is running for, whichever
+ * of the three directions (client, upstream, timer) ends the exchange.
+ * The upstream connection is lent by the pool for one exchange and given
+ * back (reusable or not) in exactly one place, exchange_end().
+ *
+ * Backpressure.  Each direction moves data between two bufferevents; when
+ * the destination's output holds more than TG_HIGH_WATER bytes the source
+ * stops reading, and the destination's write callback (low watermark)
+ * resumes it.  No body is ever buffered whole.
+ */
+#include "tollgate/proxy.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+
+#include "tollgate/http.h"
+#include "tollgate/upstream.h"
+
+#define TG_HIGH_WATER        (256 * 1024)
+#define TG_LOW_WATER         (64 * 1024)
+#define TG_UP_HEAD_MAX       (64 * 1024)    /* upstream response head limit */
+#define TG_LINGER_MS         2000           /* lingering close bound */
+#define TG_REQID_MAX         128
+
+enum cstate {
+    C_HEAD,        /* waiting for (more of) a request head */
+    C_BUSY,        /* a request is being served */
+    C_CLOSING,     /* flushing the last response, then linger or free */
+    C_LINGER,      /* write side shut; discarding input until EOF or timer */
+    C_DEAD         /* to be freed by the defer event */
+};
+
+enum ustate { U_NONE, U_HEAD, U_BODY };
+
+struct tg_client;
+TAILQ_HEAD(tg_client_list, tg_client);
+
+struct tg_proxy {
+    struct event_base     *base;
+    tg_conf               *conf;
+    struct tg_upstream_pool *pool;
+    tg_http_limits         lim;
+    struct tg_client_list  clients;
+    unsigned               nclients;
+    int                    draining;
+    void                 (*on_empty)(void *arg);
+    void                  *on_empty_arg;
+    uint64_t               rng[2];        /* xorshift128+ for request ids */
+    struct timeval         body_tv;       /* client read timeout, body */
+    struct timeval         send_tv;       /* client write timeout */
+};
+
+struct tg_client {
+    TAILQ_ENTRY(tg_client) link;
+    struct tg_proxy    *px;
+    struct bufferevent *bev;
+    int                 fd;
+    int                 tls;
+    enum cstate         state;
+    unsigned            nreq;           /* requests begun on this connection */
+    int                 close_after;    /* close once this response is sent */
+    int                 head_timer_on;  /* timer is the header deadline */
+    struct event       *timer;          /* idle / header / linger deadline */
+    struct event       *defer;          /* free, or serve a pipelined request */
+    char                ip[INET6_ADDRSTRLEN];
+
+    /* the current request */
+    char               *headbuf;        /* copy of the head; req points in */
+    tg_http_req         req;
+    char                reqid[TG_REQID_MAX + 1];
+    size_t              reqid_len;
+    int                 rq_done;        /* body fully passed upstream */
+    int                 rq_paused;      /* client reads off: upstream full */
+    uint64_t            rq_left;        /* Content-Length bytes still due */
+    uint64_t            rq_total;       /* body bytes so far (limit check) */
+    int                 rq_bad;         /* body error found inside a callback */
+    tg_chunked          rq_chunk;
+
+    /* the upstream exchange */
+    struct tg_uconn    *uc;
+    int                 uc_reused;
+    int                 uc_connected;
+    int                 retried;
+    enum ustate         ustate;
+    struct event       *up_timer;
+    uint64_t            phase_deadline; /* connect or first byte; 0 = none */
+    uint64_t            total_deadline;
+    int                 phase_is_connect;
+    int                 rs_started;     /* response head sent to client */
+    int                 rs_status;
+    enum tg_http_body   rs_body;
+    uint64_t            rs_left;
+    int                 rs_keep;        /* upstream allows reuse */
+    int                 rs_chunked_out; /* re-chunk towards the client */
+    int                 rs_paused;      /* upstream reads off: client full */
+    tg_chunked          rs_chunk;
+};
+
+static void client_read_cb(struct bufferevent *bev, void *arg);
+static void client_write_cb(struct bufferevent *bev, void *arg);
+static void client_event_cb(struct bufferevent *bev, short what, void *arg);
+static void client_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void client_defer_cb(evutil_socket_t fd, short what, void *arg);
+static void client_free(struct tg_client *c);
+static void client_kill(struct tg_client *c);
+static void client_close_after_flush(struct tg_client *c);
+static void client_next_request(struct tg_client *c);
+static void arm_timer(struct tg_client *c, unsigned ms);
+static void handle_head(struct tg_client *c);
+static void start_request(struct tg_client *c);
+static void forward(struct tg_client *c);
+static void relay_request_body(struct tg_client *c);
+static void request_body_done(struct tg_client *c);
+static void respond_error(struct tg_client *c, int status, const char *code,
+                          const char *msg);
+static void up_read_cb(struct bufferevent *bev, void *arg);
+static void up_write_cb(struct bufferevent *bev, void *arg);
+static void up_event_cb(struct bufferevent *bev, short what, void *arg);
+static void up_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void up_arm(struct tg_client *c);
+static void up_failed(struct tg_client *c, int status, const char *code,
+                      const char *msg);
+static void relay_response_body(struct tg_client *c);
+static void exchange_end(struct tg_client *c, int reusable);
+static void response_done(struct tg_client *c);
+static void make_request_id(struct tg_client *c);
+
+/* ---- public -------------------------------------------------------- */
+
+struct tg_proxy *
+tg_proxy_create(struct event_base *base, tg_conf *conf,
+                void (*on_empty)(void *arg), void *arg)
+{
+    struct tg_proxy *px = tg_xcalloc(1, sizeof(*px));
+
+    px->base = base;
+    px->conf = tg_conf_ref(conf);
+    px->pool = tg_upstream_pool_create(base, conf);
+    px->lim.max_request_line = conf->http.max_request_line;
+    px->lim.max_header_bytes = conf->http.max_header_bytes;
+    px->lim.max_headers = conf->http.max_headers;
+    px->on_empty = on_empty;
+    px->on_empty_arg = arg;
+    px->body_tv.tv_sec = conf->http.body_timeout_ms / 1000;
+    px->body_tv.tv_usec = (conf->http.body_timeout_ms % 1000) * 1000;
+    px->send_tv.tv_sec = conf->http.send_timeout_ms / 1000;
+    px->send_tv.tv_usec = (conf->http.send_timeout_ms % 1000) * 1000;
+    TAILQ_INIT(&px->clients);
+    if (getrandom(px->rng, sizeof(px->rng), 0) != (ssize_t)sizeof(px->rng)) {
+        px->rng[0] = tg_now_us() ^ (uint64_t)(uintptr_t)px;
+        px->rng[1] = 0x9e3779b97f4a7c15ull;
+    }
+    px->rng[1] |= 1;
+    return px;
+}
+
+void
+tg_proxy_destroy(struct tg_proxy *px)
+{
+    struct tg_client *c;
+
+    if (px == NULL) {
+        return;
+    }
+    while ((c = TAILQ_FIRST(&px->clients)) != NULL) {
+        client_free(c);
+    }
+    tg_upstream_pool_destroy(px->pool);
+    tg_conf_unref(px->conf);
+    free(px);
+}
+
+unsigned
+tg_proxy_nclients(const struct tg_proxy *px)
+{
+    return px->nclients;
+}
+
+void
+tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
+{
+    struct tg_client *c;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int one = 1;
+
+    if (px->draining) {
+        close(fd);
+        return;
+    }
+    c = tg_xcalloc(1, sizeof(*c));
+    c->px = px;
+    c->fd = fd;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET) {
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, c->ip, sizeof(c->ip));
+        } else if (ss.ss_family == AF_INET6) {
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, c->ip, sizeof(c->ip));
+        }
+    }
+    if (c->ip[0] == '\0') {
+        strcpy(c->ip, "unknown");
+    }
+
+    if (ssl_ctx != NULL) {
+        SSL *ssl = SSL_new(ssl_ctx);
+        if (ssl == NULL) {
+            close(fd);
+            free(c);
+            return;
+        }
+        c->tls = 1;
+        c->bev = bufferevent_openssl_socket_new(px->base, fd, ssl,
+                     BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
+        if (c->bev != NULL) {
+            bufferevent_openssl_set_allow_dirty_shutdown(c->bev, 1);
+        }
+    } else {
+        c->bev = bufferevent_socket_new(px->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    }
+    if (c->bev == NULL) {
+        close(fd);
+        free(c);
+        return;
+    }
+    c->timer = evtimer_new(px->base, client_timer_cb, c);
+    c->defer = event_new(px->base, -1, 0, client_defer_cb, c);
+    c->up_timer = evtimer_new(px->base, up_timer_cb, c);
+    c->headbuf = tg_xmalloc(px->lim.max_header_bytes);
+    TAILQ_INSERT_TAIL(&px->clients, c, link);
+    px->nclients++;
+
+    bufferevent_setcb(c->bev, client_read_cb, client_write_cb, client_event_cb, c);
+    bufferevent_setwatermark(c->bev, EV_WRITE, TG_LOW_WATER, 0);
+    bufferevent_set_timeouts(c->bev, NULL, &px->send_tv);
+    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    c->state = C_HEAD;
+    c->head_timer_on = 1;
+    arm_timer(c, px->conf->http.header_timeout_ms);
+}
+
+void
+tg_proxy_drain(struct tg_proxy *px)
+{
+    struct tg_client *c, *next;
+
+    px->draining = 1;
+    tg_upstream_pool_close_idle(px->pool);
+    for (c = TAILQ_FIRST(&px->clients); c != NULL; c = next) {
+        next = TAILQ_NEXT(c, link);
+        if (c->state == C_HEAD
+            && evbuffer_get_length(bufferevent_get_input(c->bev)) == 0) {
+            client_kill(c);
+        } else {
+            c->close_after = 1;
+        }
+    }
+    if (px->nclients == 0 && px->on_empty != NULL) {
+        px->on_empty(px->on_empty_arg);
+    }
+}
+
+/* ---- connection lifetime ------------------------------------------- */
+
+static void
+client_free(struct tg_client *c)
+{
+    struct tg_proxy *px = c->px;
+
+    if (c->uc != NULL) {
+        tg_upstream_release(c->uc, 0);
+        c->uc = NULL;
+    }
+    event_free(c->timer);
+    event_free(c->defer);
+    event_free(c->up_timer);
+    bufferevent_free(c->bev);
+    free(c->headbuf);
+    TAILQ_REMOVE(&px->clients, c, link);
+    free(c);
+    px->nclients--;
+    if (px->draining && px->nclients == 0 && px->on_empty != NULL) {
+        px->on_empty(px->on_empty_arg);
+    }
+}
+
+/* End the connection now (error, reset, timeout): freed on the next loop
+ * turn by the defer event, never inside the caller's callback. */
+static void
+client_kill(struct tg_client *c)
+{
+    if (c->state == C_DEAD) {
+        return;
+    }
+    c->state = C_DEAD;
+    bufferevent_disable(c->bev, EV_READ | EV_WRITE);
+    bufferevent_setcb(c->bev, NULL, NULL, NULL, NULL);
+    if (c->uc != NULL) {
+        exchange_end(c, 0);
+    }
+    event_del(c->timer);
+    event_active(c->defer, EV_TIMEOUT, 1);
+}
+
+/* Send what is buffered, then close: lingering (discard input for a while)
+ * so that a client still sending a body we refused reads our answer
+ * instead of a reset. */
+static void
+client_close_after_flush(struct tg_client *c)
+{
+    c->state = C_CLOSING;
+    bufferevent_disable(c->bev, EV_READ);
+    bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
+    arm_timer(c, c->px->conf->http.send_timeout_ms);
+    if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
+        event_active(c->defer, EV_TIMEOUT, 1);
+    }
+}
+
+static void
+client_defer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_client *c = arg;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    switch (c->state) {
+    case C_DEAD:
+        client_free(c);
+        return;
+    case C_CLOSING:
+        if (evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
+            return;   /* the write callback comes back here */
+        }
+        if (c->tls || shutdown(c->fd, SHUT_WR) != 0) {
+            client_free(c);
+            return;
+        }
+        c->state = C_LINGER;
+        evbuffer_drain(bufferevent_get_input(c->bev),
+                       evbuffer_get_length(bufferevent_get_input(c->bev)));
+        bufferevent_set_timeouts(c->bev, NULL, NULL);
+        bufferevent_enable(c->bev, EV_READ);
+        arm_timer(c, TG_LINGER_MS);
+        return;
+    case C_HEAD:
+        if (evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
+            handle_head(c);
+        }
+        return;
+    default:
+        return;
+    }
+}
+
+static void
+arm_timer(struct tg_client *c, unsigned ms)
+{
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    evtimer_add(c->timer, &tv);
+}
+
+static void
+client_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_client *c = arg;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    switch (c->state) {
+    case C_HEAD:
+        if (evbuffer_get_length(bufferevent_get_input(c->bev)) == 0) {
+            client_kill(c);           /* idle keep-alive connection */
+        } else {
+            respond_error(c, 408, "request_timeout",
+                          "the request head did not arrive in time");
+        }
+        return;
+    case C_CLOSING:
+    case C_LINGER:
+        client_kill(c);
+        return;
+    default:
+        return;
+    }
+}
+
+/* Ready for the next request on a persistent connection. */
+static void
+client_next_request(struct tg_client *c)
+{
+    struct tg_proxy *px = c->px;
+
+    c->state = C_HEAD;
+    c->rq_paused = 0;
+    bufferevent_set_timeouts(c->bev, NULL, &px->send_tv);
+    bufferevent_enable(c->bev, EV_READ);
+    if (evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
+        /* pipelined: serve it from the loop, not by recursion */
+        c->head_timer_on = 1;
+        arm_timer(c, px->conf->http.header_timeout_ms);
+        event_active(c->defer, EV_TIMEOUT, 1);
+    } else {
+        c->head_timer_on = 0;
+        arm_timer(c, px->conf->http.idle_timeout_ms);
+    }
+}
+
+/* ---- client callbacks ---------------------------------------------- */
+
+static void
+client_read_cb(struct bufferevent *bev, void *arg)
+{
+    struct tg_client *c = arg;
+
+    switch (c->state) {
+    case C_HEAD:
+        handle_head(c);
+        return;
+    case C_BUSY:
+        if (!c->rq_done && c->uc != NULL) {
+            relay_request_body(c);
+        }
+        return;
+    case C_LINGER:
+    case C_CLOSING:
+    case C_DEAD:
+        evbuffer_drain(bufferevent_get_input(bev),
+                       evbuffer_get_length(bufferevent_get_input(bev)));
+        return;
+    }
+}
+
+static void
+client_write_cb(struct bufferevent *bev, void *arg)
+{
+    struct tg_client *c = arg;
+
+    TG_UNUSED(bev);
+    if (c->state == C_CLOSING) {
+        event_active(c->defer, EV_TIMEOUT, 1);
+        return;
+    }
+    if (c->state == C_BUSY && c->rs_paused && c->uc != NULL) {
+        c->rs_paused = 0;
+        bufferevent_enable(tg_uconn_bev(c->uc), EV_READ);
+        relay_response_body(c);
+    }
+}
+
+static void
+client_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct tg_client *c = arg;
+
+    TG_UNUSED(bev);
+    if (c->state == C_LINGER || c->state == C_CLOSING || c->state == C_DEAD) {
+        client_kill(c);
+        return;
+    }
+    if ((what & BEV_EVENT_TIMEOUT) && (what & BEV_EVENT_READING)
+        && c->state == C_BUSY && !c->rq_done && !c->rs_started) {
+        respond_error(c, 408, "request_timeout", "the request body stalled");
+        return;
+    }
+    if ((what & BEV_EVENT_EOF) && c->state == C_BUSY && c->rq_done) {
+        /* Half-close after a complete request: still answer it. */
+        c->close_after = 1;
+        return;
+    }
+    client_kill(c);
+}
+
+/* ---- request head --------------------------------------------------- */
+
+/* Pointers in req point into the evbuffer's contiguous region `from`;
+ * move them into headbuf, which holds a copy of the head. */
+static void
+rebase(const char **p, const char *from, size_t len, const char *to)
+{
+    if (*p != NULL && *p >= from && *p <= from + len) {
+        *p = to + (*p - from);
+    }
+}
+
+static void
+handle_head(struct tg_client *c)
+{
+    struct tg_proxy *px = c->px;
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    size_t len = evbuffer_get_length(in);
+    size_t n, i;
+    const char *p;
+    tg_rc rc;
+
+    if (len == 0) {
+        return;
+    }
+    if (!c->head_timer_on) {
+        c->head_timer_on = 1;
+        arm_timer(c, px->conf->http.header_timeout_ms);
+    }
+    n = len < px->lim.max_header_bytes ? len : px->lim.max_header_bytes;
+    p = (const char *)evbuffer_pullup(in, (ssize_t)n);
+    rc = tg_http_parse_request(p, n, &px->lim, &c->req);
+    if (rc == TG_AGAIN) {
+        return;
+    }
+    c->nreq++;
+    c->rs_started = 0;
+    if (rc != TG_OK) {
+        c->reqid_len = 0;
+        c->close_after = 1;
+        respond_error(c, c->req.status, "bad_request", c->req.error);
+        return;
+    }
+    memcpy(c->headbuf, p, c->req.head_len);
+    rebase(&c->req.method, p, n, c->headbuf);
+    rebase(&c->req.target, p, n, c->headbuf);
+    rebase(&c->req.path, p, n, c->headbuf);
+    rebase(&c->req.host, p, n, c->headbuf);
+    for (i = 0; i < c->req.nhdr; i++) {
+        rebase(&c->req.hdr[i].name, p, n, c->headbuf);
+        rebase(&c->req.hdr[i].value, p, n, c->headbuf);
+    }
+    evbuffer_drain(in, c->req.head_len);
+    event_del(c->timer);
+    c->head_timer_on = 0;
+    start_request(c);
+}
+
+static int
+reqid_ok(const char *v, size_t len)
+{
+    size_t i;
+
+    if (len == 0 || len > TG_REQID_MAX) {
+        return 0;
+    }
+    for (i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)v[i];
+        if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z')
+              || (ch >= 'A' && ch <= 'Z') || ch == '-' || ch == '_'
+              || ch == '.' || ch == ':')) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void
+make_request_id(struct tg_client *c)
+{
+    static const char hex[] = "0123456789abcdef";
+    struct tg_proxy *px = c->px;
+    const tg_http_hdr *h;
+    size_t i;
+    int k;
+
+    for (i = 0; i < c->req.nhdr; i++) {
+        h = &c->req.hdr[i];
+        if (tg_http_name_is(h->name, h->name_len, "x-request-id")
+            && reqid_ok(h->value, h->value_len)) {
+            memcpy(c->reqid, h->value, h->value_len);
+            c->reqid_len = h->value_len;
+            c->reqid[c->reqid_len] = '\0';
+            return;
+        }
+    }
+    for (k = 0; k < 2; k++) {
+        /* xorshift128+: request ids need uniqueness, not secrecy */
+        uint64_t s1 = px->rng[0], s0 = px->rng[1], r;
+        px->rng[0] = s0;
+        s1 ^= s1 << 23;
+        px->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+        r = px->rng[1] + s0;
+        for (i = 0; i < 16; i++) {
+            c->reqid[k * 16 + (int)i] = hex[(r >> (i * 4)) & 0xf];
+        }
+    }
+    c->reqid_len = 32;
+    c->reqid[32] = '\0';
+}
+
+static void
+start_request(struct tg_client *c)
+{
+    struct tg_proxy *px = c->px;
+    const tg_conf *conf = px->conf;
+
+    make_request_id(c);
+    c->state = C_BUSY;
+    c->close_after = !c->req.keep_alive || px->draining
+        || (conf->http.max_requests_per_connection != 0
+            && c->nreq >= conf->http.max_requests_per_connection);
+    c->rq_done = (c->req.body == TG_BODY_NONE);
+    c->rq_left = c->req.content_length;
+    c->rq_total = 0;
+    c->rq_bad = 0;
+    c->rq_paused = 0;
+    c->retried = 0;
+    tg_chunked_init(&c->rq_chunk);
+
+    if (c->req.body == TG_BODY_LENGTH
+        && c->req.content_length > conf->http.max_body_bytes) {
+        c->close_after = 1;
+        respond_error(c, 413, "payload_too_large",
+                      "the request body exceeds the configured limit");
+        return;
+    }
+    /* Identify / charge stages plug in here (see DESIGN.md); until then
+     * every well-formed request is forwarded. */
+    forward(c);
+}
+
+/* ---- forwarding ----------------------------------------------------- */
+
+static void
+add_str(struct evbuffer *b, const char *s, size_t n)
+{
+    evbuffer_add(b, s, n);
+}
+
+#define ADD_LIT(b, lit) add_str((b), (lit), sizeof(lit) - 1)
+
+static void
+write_upstream_head(struct tg_client *c, struct evbuffer *out)
+{
+    const tg_http_req *r = &c->req;
+    const tg_http_hdr *h;
+    const tg_http_hdr *xff[8];
+    size_t nxff = 0, i;
+    char num[32];
+    int n;
+
+    add_str(out, r->method, r->method_len);
+    ADD_LIT(out, " ");
+    add_str(out, r->path, r->path_len);
+    ADD_LIT(out, " HTTP/1.1\r\nHost: ");
+    add_str(out, r->host, r->host_len);
+    ADD_LIT(out, "\r\n");
+    for (i = 0; i < r->nhdr; i++) {
+        h = &r->hdr[i];
+        if (tg_http_is_hop_by_hop(h->name, h->name_len)
+            || tg_http_name_is(h->name, h->name_len, "host")
+            || tg_http_name_is(h->name, h->name_len, "x-forwarded-proto")
+            || tg_http_name_is(h->name, h->name_len, "x-request-id")
+            || tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len)) {
+            continue;
+        }
+        if (tg_http_name_is(h->name, h->name_len, "x-forwarded-for")) {
+            if (nxff < TG_ARRAY_LEN(xff)) {
+                xff[nxff++] = h;
+            }
+            continue;
+        }
+        add_str(out, h->name, h->name_len);
+        ADD_LIT(out, ": ");
+        add_str(out, h->value, h->value_len);
+        ADD_LIT(out, "\r\n");
+    }
+    ADD_LIT(out, "X-Forwarded-For: ");
+    for (i = 0; i < nxff; i++) {
+        add_str(out, xff[i]->value, xff[i]->value_len);
+        ADD_LIT(out, ", ");
+    }
+    add_str(out, c->ip, strlen(c->ip));
+    if (c->tls) {
+        ADD_LIT(out, "\r\nX-Forwarded-Proto: https\r\nX-Request-ID: ");
+    } else {
+        ADD_LIT(out, "\r\nX-Forwarded-Proto: http\r\nX-Request-ID: ");
+    }
+    add_str(out, c->reqid, c->reqid_len);
+    if (r->body == TG_BODY_LENGTH) {
+        n = snprintf(num, sizeof(num), "\r\nContent-Length: %llu",
+                     (unsigned long long)r->content_length);
+        add_str(out, num, (size_t)n);
+    } else if (r->body == TG_BODY_CHUNKED) {
+        ADD_LIT(out, "\r\nTransfer-Encoding: chunked");
+    }
+    ADD_LIT(out, "\r\n\r\n");
+}
+
+static void
+forward(struct tg_client *c)
+{
+    struct tg_proxy *px = c->px;
+    const tg_conf *conf = px->conf;
+    struct bufferevent *ub;
+    uint64_t now = tg_now_ms();
+
+    c->uc = tg_upstream_acquire(px->pool, &c->uc_reused);
+    if (c->uc == NULL) {
+        respond_error(c, 502, "bad_gateway", "no upstream connection could be made");
+        return;
+    }
+    c->uc_connected = c->uc_reused;
+    c->ustate = U_HEAD;
+    c->rs_paused = 0;
+    ub = tg_uconn_bev(c->uc);
+    bufferevent_setcb(ub, up_read_cb, up_write_cb, up_event_cb, c);
+    bufferevent_setwatermark(ub, EV_WRITE, TG_LOW_WATER, 0);
+    bufferevent_enable(ub, EV_READ | EV_WRITE);
+    write_upstream_head(c, bufferevent_get_output(ub));
+
+    if (!c->retried) {
+        c->total_deadline = now + conf->upstream.total_timeout_ms;
+    }
+    c->phase_deadline = 0;
+    c->phase_is_connect = 0;
+    if (!c->uc_connected) {
+        c->phase_is_connect = 1;
+        c->phase_deadline = now + conf->upstream.connect_timeout_ms;
+    } else if (c->rq_done) {
+        c->phase_deadline = now + conf->upstream.first_byte_timeout_ms;
+    }
+    up_arm(c);
+
+    if (c->rq_done) {
+        /* No body: pipelined bytes stay put until this response is done. */
+        bufferevent_disable(c->bev, EV_READ);
+        return;
+    }
+    if (c->req.expect_continue && !c->retried) {
+        ADD_LIT(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    bufferevent_set_timeouts(c->bev, &px->body_tv, &px->send_tv);
+    bufferevent_enable(c->bev, EV_READ);
+    relay_request_body(c);
+}
+
+static void
+rq_chunk_cb(void *arg, const char *data, size_t len)
+{
+    struct tg_client *c = arg;
+    char line[24];
+    int n;
+
+    c->rq_total += len;
+    if (c->rq_total > c->px->conf->http.max_body_bytes) {
+        c->rq_bad = 413;
+        return;
+    }
+    if (len == 0) {
+        return;
+    }
+    n = snprintf(line, sizeof(line), "%zx\r\n", len);
+    struct evbuffer *out = bufferevent_get_output(tg_uconn_bev(c->uc));
+    evbuffer_add(out, line, (size_t)n);
+    evbuffer_add(out, data, len);
+    evbuffer_add(out, "\r\n", 2);
+}
+
+static void
+relay_request_body(struct tg_client *c)
+{
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    struct evbuffer *out = bufferevent_get_output(tg_uconn_bev(c->uc));
+    size_t len;
+
+    while (!c->rq_done && (len = evbuffer_get_length(in)) != 0) {
+        if (evbuffer_get_length(out) >= TG_HIGH_WATER) {
+            c->rq_paused = 1;
+            bufferevent_disable(c->bev, EV_READ);
+            return;
+        }
+        if (c->req.body == TG_BODY_LENGTH) {
+            size_t n = len < c->rq_left ? len : (size_t)c->rq_left;
+            if (n > TG_HIGH_WATER) {
+                n = TG_HIGH_WATER;
+            }
+            evbuffer_remove_buffer(in, out, n);
+            c->rq_left -= n;
+            if (c->rq_left == 0) {
+                request_body_done(c);
+            }
+        } else {
+            struct evbuffer_iovec v[8];
+            size_t consumed = 0;
+            int cnt = evbuffer_peek(in, -1, NULL, v, 8), i;
+            for (i = 0; i < cnt && !c->rq_chunk.done; i++) {
+                ssize_t r = tg_chunked_decode(&c->rq_chunk, v[i].iov_base,
+                                              v[i].iov_len, rq_chunk_cb, c);
+                if (r < 0) {
+                    c->rq_bad = 400;
+                    break;
+                }
+                consumed += (size_t)r;
+                if (c->rq_bad) {
+                    break;
+                }
+            }
+            evbuffer_drain(in, consumed);
+            if (c->rq_bad) {
+                int st = c->rq_bad;
+                c->close_after = 1;
+                exchange_end(c, 0);
+                if (c->rs_started) {
+                    client_kill(c);    /* an answer is already under way */
+                } else if (st == 413) {
+                    respond_error(c, 413, "payload_too_large",
+                                  "the request body exceeds the configured limit");
+                } else {
+                    respond_error(c, 400, "bad_request", c->rq_chunk.error
+                                  ? c->rq_chunk.error : "malformed chunked body");
+                }
+                return;
+            }
+            if (c->rq_chunk.done) {
+                evbuffer_add(out, "0\r\n\r\n", 5);
+                request_body_done(c);
+            }
+        }
+    }
+}
+
+static void
+request_body_done(struct tg_client *c)
+{
+    c->rq_done = 1;
+    /* Stop reading: the next pipelined request waits for this response. */
+    bufferevent_disable(c->bev, EV_READ);
+    bufferevent_set_timeouts(c->bev, NULL, &c->px->send_tv);
+    if (c->uc_connected && c->ustate == U_HEAD) {
+        c->phase_is_connect = 0;
+        c->phase_deadline = tg_now_ms() + c->px->conf->upstream.first_byte_timeout_ms;
+        up_arm(c);
+    }
+}
+
+/* ---- upstream side -------------------------------------------------- */
+
+static void
+up_arm(struct tg_client *c)
+{
+    uint64_t now = tg_now_ms(), when = c->total_deadline, ms;
+    struct timeval tv;
+
+    if (c->phase_deadline != 0 && c->phase_deadline < when) {
+        when = c->phase_deadline;
+    }
+    ms = when > now ? when - now : 0;
+    tv.tv_sec = (time_t)(ms / 1000);
+    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    evtimer_add(c->up_timer, &tv);
+}
+
+static void
+up_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_client *c = arg;
+    uint64_t now = tg_now_ms();
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    if (c->uc == NULL) {
+        return;
+    }
+    if (c->phase_deadline != 0 && now >= c->phase_deadline) {
+        if (c->phase_is_connect) {
+            up_failed(c, 502, "bad_gateway", "upstream connect timed out");
+        } else {
+            up_failed(c, 504, "gateway_timeout", "upstream did not answer in time");
+        }
+        return;
+    }
+    if (now >= c->total_deadline) {
+        up_failed(c, 504, "gateway_timeout", "upstream exchange took too long");
+        return;
+    }
+    up_arm(c);   /* early wake-up (clock granularity) */
+}
+
+static void
+up_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct tg_client *c = arg;
+    char msg[160];
+
+    if (what & BEV_EVENT_CONNECTED) {
+        c->uc_connected = 1;
+        c->phase_deadline = 0;
+        c->phase_is_connect = 0;
+        if (c->rq_done && c->ustate == U_HEAD) {
+            c->phase_deadline = tg_now_ms() + c->px->conf->upstream.first_byte_timeout_ms;
+        }
+        up_arm(c);
+        return;
+    }
+    if ((what & BEV_EVENT_EOF) && c->ustate == U_BODY && c->rs_body == TG_BODY_CLOSE) {
+        /* The end of a close-delimited body: queue all that is left,
+         * past the high-water mark, since the connection goes now. */
+        struct evbuffer *in = bufferevent_get_input(bev);
+        struct evbuffer *out = bufferevent_get_output(c->bev);
+        size_t len = evbuffer_get_length(in);
+        if (len != 0 && c->rs_chunked_out) {
+            char line[24];
+            int n = snprintf(line, sizeof(line), "%zx\r\n", len);
+            evbuffer_add(out, line, (size_t)n);
+            evbuffer_remove_buffer(in, out, len);
+            evbuffer_add(out, "\r\n", 2);
+        } else if (len != 0) {
+            evbuffer_remove_buffer(in, out, len);
+        }
+        if (c->rs_chunked_out) {
+            ADD_LIT(bufferevent_get_output(c->bev), "0\r\n\r\n");
+        }
+        exchange_end(c, 0);
+        response_done(c);
+        return;
+    }
+    if (!c->uc_connected) {
+        snprintf(msg, sizeof(msg), "upstream %s: connect failed: %s",
+                 tg_uconn_server(c->uc), strerror(EVUTIL_SOCKET_ERROR()));
+        tg_warn("%s", msg);
+        up_failed(c, 502, "bad_gateway", "upstream connect failed");
+        return;
+    }
+    up_failed(c, 502, "bad_gateway", (what & BEV_EVENT_EOF)
+              ? "upstream closed the connection" : "upstream connection error");
+}
+
+static void
+up_write_cb(struct bufferevent *bev, void *arg)
+{
+    struct tg_client *c = arg;
+
+    TG_UNUSED(bev);
+    if (c->rq_paused && !c->rq_done && c->state == C_BUSY) {
+        c->rq_paused = 0;
+        bufferevent_enable(c->bev, EV_READ);
+        relay_request_body(c);
+    }
+}
+
+/* The exchange failed on the upstream side. */
+static void
+up_failed(struct tg_client *c, int status, const char *code, const char *msg)
+{
+    /* A kept-alive connection may have been closed by the server just as
+     * we reused it: retry once on a fresh one when nothing was lost. */
+    if (c->uc_reused && !c->retried && !c->rs_started && c->ustate == U_HEAD
+        && c->req.body == TG_BODY_NONE && status == 502) {
+        exchange_end(c, 0);
+        c->retried = 1;
+        forward(c);
+        return;
+    }
+    exchange_end(c, 0);
+    if (c->rs_started) {
+        client_kill(c);            /* the response is cut: the client sees it */
+        return;
+    }
+    if (!c->rq_done) {
+        c->close_after = 1;
+    }
+    tg_warn("request %s: %s", c->reqid, msg);
+    respond_error(c, status, code, msg);
+}
+
+static void
+exchange_end(struct tg_client *c, int reusable)
+{
+    if (c->uc == NULL) {
+        return;
+    }
+    event_del(c->up_timer);
+    tg_upstream_release(c->uc, reusable && c->rq_done);
+    c->uc = NULL;
+    c->ustate = U_NONE;
+}
+
+static void
+write_response_head(struct tg_client *c, const tg_http_resp *rs)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    const tg_http_hdr *h;
+    char line[64];
+    size_t i;
+    int n;
+
+    n = snprintf(line, sizeof(line), "HTTP/1.1 %d ", rs->status);
+    add_str(out, line, (size_t)n);
+    add_str(out, rs->reason, rs->reason_len);
+    ADD_LIT(out, "\r\n");
+    for (i = 0; i < rs->nhdr; i++) {
+        h = &rs->hdr[i];
+        if (tg_http_name_is(h->name, h->name_len, "content-length")) {
+            /* HEAD and 304 describe the body they do not carry. */
+            if (rs->body == TG_BODY_NONE && (c->req.is_head || rs->status == 304)) {
+                add_str(out, h->name, h->name_len);
+                ADD_LIT(out, ": ");
+                add_str(out, h->value, h->value_len);
+                ADD_LIT(out, "\r\n");
+            }
+            continue;
+        }
+        if (tg_http_is_hop_by_hop(h->name, h->name_len)
+            || tg_http_name_is(h->name, h->name_len, "x-request-id")
+            || tg_http_connection_lists(rs->hdr, rs->nhdr, h->name, h->name_len)) {
+            continue;
+        }
+        add_str(out, h->name, h->name_len);
+        ADD_LIT(out, ": ");
+        add_str(out, h->value, h->value_len);
+        ADD_LIT(out, "\r\n");
+    }
+    ADD_LIT(out, "X-Request-ID: ");
+    add_str(out, c->reqid, c->reqid_len);
+    ADD_LIT(out, "\r\n");
+
+    c->rs_chunked_out = 0;
+    if (rs->body == TG_BODY_LENGTH) {
+        n = snprintf(line, sizeof(line), "Content-Length: %llu\r\n",
+                     (unsigned long long)rs->content_length);
+        add_str(out, line, (size_t)n);
+    } else if (rs->body == TG_BODY_CHUNKED || rs->body == TG_BODY_CLOSE) {
+        if (c->req.minor >= 1) {
+            c->rs_chunked_out = 1;
+            ADD_LIT(out, "Transfer-Encoding: chunked\r\n");
+        } else {
+            c->close_after = 1;      /* HTTP/1.0: the body ends at close */
+        }
+    }
+    if (c->close_after) {
+        ADD_LIT(out, "Connection: close\r\n\r\n");
+    } else if (c->req.minor == 0) {
+        ADD_LIT(out, "Connection: keep-alive\r\n\r\n");
+    } else {
+        ADD_LIT(out, "\r\n");
+    }
+}
+
+static void
+up_read_cb(struct bufferevent *bev, void *arg)
+{
+    struct tg_client *c = arg;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    tg_http_resp rs;
+    tg_http_limits lim;
+    size_t len, n;
+    const char *p;
+    tg_rc rc;
+
+    if (c->ustate == U_BODY) {
+        relay_response_body(c);
+        return;
+    }
+    if (c->ustate != U_HEAD) {
+        return;
+    }
+    lim.max_request_line = 8192;
+    lim.max_header_bytes = TG_UP_HEAD_MAX;
+    lim.max_headers = TG_HTTP_MAX_HEADERS;
+    for (;;) {
+        len = evbuffer_get_length(in);
+        if (len == 0) {
+            return;
+        }
+        n = len < TG_UP_HEAD_MAX ? len : TG_UP_HEAD_MAX;
+        p = (const char *)evbuffer_pullup(in, (ssize_t)n);
+        rc = tg_http_parse_response(p, n, &lim, c->req.is_head, &rs);
+        if (rc == TG_AGAIN) {
+            return;
+        }
+        if (rc != TG_OK) {
+            tg_warn("request %s: upstream %s sent an invalid response: %s",
+                    c->reqid, tg_uconn_server(c->uc), rs.error);
+            up_failed(c, 502, "bad_gateway", "upstream sent an invalid response");
+            return;
+        }
+        if (rs.status >= 100 && rs.status < 200) {
+            if (rs.status == 101) {
+                up_failed(c, 502, "bad_gateway", "upstream switched protocols");
+                return;
+            }
+            evbuffer_drain(in, rs.head_len);   /* interim: not relayed */
+            continue;
+        }
+        break;
+    }
+    c->phase_deadline = 0;
+    up_arm(c);
+    c->rs_status = rs.status;
+    c->rs_body = rs.body;
+    c->rs_left = rs.content_length;
+    c->rs_keep = rs.keep_alive;
+    tg_chunked_init(&c->rs_chunk);
+    write_response_head(c, &rs);
+    evbuffer_drain(in, rs.head_len);
+    c->rs_started = 1;
+    c->ustate = U_BODY;
+    if (rs.body == TG_BODY_NONE
+        || (rs.body == TG_BODY_LENGTH && rs.content_length == 0)) {
+        exchange_end(c, c->rs_keep);
+        response_done(c);
+        return;
+    }
+    relay_response_body(c);
+}
+
+static void
+rs_chunk_cb(void *arg, const char *data, size_t len)
+{
+    struct tg_client *c = arg;
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    char line[24];
+    int n;
+
+    if (len == 0) {
+        return;
+    }
+    if (c->rs_chunked_out) {
+        n = snprintf(line, sizeof(line), "%zx\r\n", len);
+        evbuffer_add(out, line, (size_t)n);
+        evbuffer_add(out, data, len);
+        evbuffer_add(out, "\r\n", 2);
+    } else {
+        evbuffer_add(out, data, len);
+    }
+}
+
+static void
+relay_response_body(struct tg_client *c)
+{
+    struct evbuffer *in, *out = bufferevent_get_output(c->bev);
+    size_t len;
+
+    if (c->uc == NULL) {
+        return;
+    }
+    in = bufferevent_get_input(tg_uconn_bev(c->uc));
+    while ((len = evbuffer_get_length(in)) != 0) {
+        if (evbuffer_get_length(out) >= TG_HIGH_WATER) {
+            c->rs_paused = 1;
+            bufferevent_disable(tg_uconn_bev(c->uc), EV_READ);
+            return;
+        }
+        if (c->rs_body == TG_BODY_LENGTH) {
+            size_t n = len < c->rs_left ? len : (size_t)c->rs_left;
+            evbuffer_remove_buffer(in, out, n);
+            c->rs_left -= n;
+            if (c->rs_left == 0) {
+                exchange_end(c, c->rs_keep);
+                response_done(c);
+                return;
+            }
+        } else if (c->rs_body == TG_BODY_CHUNKED) {
+            struct evbuffer_iovec v[8];
+            size_t consumed = 0;
+            int cnt = evbuffer_peek(in, -1, NULL, v, 8), i;
+            for (i = 0; i < cnt && !c->rs_chunk.done; i++) {
+                ssize_t r = tg_chunked_decode(&c->rs_chunk, v[i].iov_base,
+                                              v[i].iov_len, rs_chunk_cb, c);
+                if (r < 0) {
+                    tg_warn("request %s: upstream %s: bad chunked body: %s",
+                            c->reqid, tg_uconn_server(c->uc), c->rs_chunk.error);
+                    up_failed(c, 502, "bad_gateway", "bad chunked body");
+                    return;
+                }
+                consumed += (size_t)r;
+            }
+            evbuffer_drain(in, consumed);
+            if (c->rs_chunk.done) {
+                if (c->rs_chunked_out) {
+                    ADD_LIT(out, "0\r\n\r\n");
+                }
+                exchange_end(c, c->rs_keep);
+                response_done(c);
+                return;
+            }
+        } else {   /* TG_BODY_CLOSE: everything until EOF */
+            if (c->rs_chunked_out) {
+                char line[24];
+                int n = snprintf(line, sizeof(line), "%zx\r\n", len);
+                evbuffer_add(out, line, (size_t)n);
+                evbuffer_remove_buffer(in, out, len);
+                evbuffer_add(out, "\r\n", 2);
+            } else {
+                evbuffer_remove_buffer(in, out, len);
+            }
+        }
+    }
+}
+
+/* The response is fully queued to the client. */
+static void
+response_done(struct tg_client *c)
+{
+    if (!c->rq_done || c->close_after || c->px->draining) {
+        client_close_after_flush(c);
+        return;
+    }
+    client_next_request(c);
+}
+
+/* ---- answers of our own ---------------------------------------------- */
+
+static void
+respond_error(struct tg_client *c, int status, const char *code, const char *msg)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    char body[512], head[256];
+    int bn, hn;
+
+    if (c->reqid_len == 0) {
+        make_request_id(c);
+    }
+    bn = snprintf(body, sizeof(body),
+                  "{\"error\":\"%s\",\"message\":\"%s\",\"request_id\":\"%s\"}\n",
+                  code, msg, c->reqid);
+    if (bn < 0 || (size_t)bn >= sizeof(body)) {
+        bn = (int)sizeof(body) - 1;
+    }
+    if (c->state != C_BUSY || !c->rq_done) {
+        c->close_after = 1;
+    }
+    hn = snprintf(head, sizeof(head),
+                  "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                  "Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n",
+                  status, tg_http_reason(status), bn, c->reqid,
+                  c->close_after ? "Connection: close\r\n" : "");
+    evbuffer_add(out, head, (size_t)hn);
+    if (!(c->state == C_BUSY && c->req.is_head)) {
+        evbuffer_add(out, body, (size_t)bn);
+    }
+    c->rs_started = 1;
+    c->rs_status = status;
+    event_del(c->timer);
+    if (c->close_after) {
+        client_close_after_flush(c);
+    } else {
+        client_next_request(c);
+    }
+}

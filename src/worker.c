@@ -1,0 +1,205 @@
+/*
+ * worker.c - worker threads: one event base and one tg_proxy each.
+ *
+ * The main thread talks to a worker only through its pipe, with fixed-size
+ * messages of fewer than PIPE_BUF bytes (so each write is atomic and needs
+ * no lock).  Everything else a worker touches is its own.
+ */
+#include "tollgate/worker.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "tollgate/proxy.h"
+
+enum { MSG_CONN, MSG_DRAIN };
+
+typedef struct tg_worker_msg {
+    uint32_t type;
+    int32_t  fd;          /* MSG_CONN */
+    uint32_t arg;         /* MSG_CONN: listener index; MSG_DRAIN: timeout ms */
+} tg_worker_msg;
+
+struct tg_worker {
+    unsigned           id;
+    pthread_t          thread;
+    int                started;
+    int                finished;   /* atomic: loop ended */
+    struct event_base *base;
+    struct event      *notify;     /* read end of the pipe */
+    struct event      *deadline;   /* drain time limit */
+    int                pipefd[2];
+    tg_conf           *conf;
+    SSL_CTX          **ssl_ctxs;
+    struct tg_proxy   *px;
+};
+
+static void *worker_main(void *arg);
+static void notify_cb(evutil_socket_t fd, short what, void *arg);
+static void deadline_cb(evutil_socket_t fd, short what, void *arg);
+static void on_empty(void *arg);
+
+struct tg_worker *
+tg_worker_create(unsigned id, tg_conf *conf, SSL_CTX **ssl_ctxs)
+{
+    struct tg_worker *w = tg_xcalloc(1, sizeof(*w));
+
+    w->id = id;
+    w->ssl_ctxs = ssl_ctxs;
+    w->pipefd[0] = w->pipefd[1] = -1;
+    if (pipe2(w->pipefd, O_CLOEXEC) != 0) {
+        tg_error("worker %u: pipe: %s", id, strerror(errno));
+        goto fail;
+    }
+    evutil_make_socket_nonblocking(w->pipefd[0]);
+    w->base = event_base_new();
+    if (w->base == NULL) {
+        tg_error("worker %u: cannot create an event base", id);
+        goto fail;
+    }
+    w->notify = event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
+    w->deadline = evtimer_new(w->base, deadline_cb, w);
+    event_add(w->notify, NULL);
+    w->conf = tg_conf_ref(conf);
+    w->px = tg_proxy_create(w->base, conf, on_empty, w);
+    return w;
+
+fail:
+    if (w->pipefd[0] >= 0) {
+        close(w->pipefd[0]);
+        close(w->pipefd[1]);
+    }
+    free(w);
+    return NULL;
+}
+
+tg_rc
+tg_worker_start(struct tg_worker *w)
+{
+    sigset_t all, old;
+    int rc;
+
+    /* Signals belong to the main thread. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = pthread_create(&w->thread, NULL, worker_main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        tg_error("worker %u: pthread_create: %s", w->id, strerror(rc));
+        return TG_ERR;
+    }
+    w->started = 1;
+    return TG_OK;
+}
+
+static tg_rc
+send_msg(struct tg_worker *w, const tg_worker_msg *m)
+{
+    ssize_t n;
+
+    do {
+        n = write(w->pipefd[1], m, sizeof(*m));
+    } while (n < 0 && errno == EINTR);
+    return n == (ssize_t)sizeof(*m) ? TG_OK : TG_ERR;
+}
+
+tg_rc
+tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx)
+{
+    tg_worker_msg m = { MSG_CONN, fd, listener_idx };
+    return send_msg(w, &m);
+}
+
+void
+tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
+{
+    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms };
+    send_msg(w, &m);
+}
+
+int
+tg_worker_finished(struct tg_worker *w)
+{
+    return __atomic_load_n(&w->finished, __ATOMIC_ACQUIRE);
+}
+
+void
+tg_worker_join_destroy(struct tg_worker *w)
+{
+    if (w == NULL) {
+        return;
+    }
+    if (w->started) {
+        pthread_join(w->thread, NULL);
+    }
+    tg_proxy_destroy(w->px);
+    event_free(w->notify);
+    event_free(w->deadline);
+    event_base_free(w->base);
+    close(w->pipefd[0]);
+    close(w->pipefd[1]);
+    tg_conf_unref(w->conf);
+    free(w);
+}
+
+/* ---- thread --------------------------------------------------------- */
+
+static void *
+worker_main(void *arg)
+{
+    struct tg_worker *w = arg;
+
+    event_base_dispatch(w->base);
+    __atomic_store_n(&w->finished, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static void
+notify_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_worker *w = arg;
+    tg_worker_msg m[64];
+    ssize_t n;
+    size_t i;
+
+    TG_UNUSED(what);
+    n = read(fd, m, sizeof(m));
+    if (n <= 0) {
+        return;
+    }
+    for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
+        if (m[i].type == MSG_CONN) {
+            tg_proxy_accept(w->px, m[i].fd, w->ssl_ctxs[m[i].arg]);
+        } else if (m[i].type == MSG_DRAIN) {
+            struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
+            evtimer_add(w->deadline, &tv);
+            tg_proxy_drain(w->px);
+        }
+    }
+}
+
+static void
+deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_worker *w = arg;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    tg_warn("worker %u: drain timeout, closing %u connection(s)",
+            w->id, tg_proxy_nclients(w->px));
+    event_base_loopbreak(w->base);
+}
+
+static void
+on_empty(void *arg)
+{
+    struct tg_worker *w = arg;
+    event_base_loopexit(w->base, NULL);
+}
