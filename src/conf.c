@@ -1,0 +1,1608 @@
+/*
+ * conf.c - load, check and build a configuration snapshot.
+ *
+ * Phases (twemproxy conf_pre_validate / parse / post_validate, nginx
+ * ngx_command_t):
+ *
+ *   1. structure  read the text, scan its YAML events once to reject what we
+ *                 do not support (anchors, aliases, several documents) with
+ *                 the exact mark, then load the node tree;
+ *   2. parse      walk the tree through the directive tables below: unknown
+ *                 keys, duplicates, wrong types, ranges and enum values are
+ *                 caught here, at the mark of the offending key or value;
+ *   3. validate   cross-field rules and derived values (workers: 0 = CPUs);
+ *   4. resolve    turn every address into a sockaddr (getaddrinfo).
+ *
+ * Defaults are set in ONE place, tg_conf_defaults(), before phase 2; a key
+ * present in the file overwrites its default.  The first error stops the
+ * load: every message is "FILE:LINE:COL: key.path: what is wrong".
+ */
+#include "tollgate/conf.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <yaml.h>
+
+#define TG_CONF_MAX_FILE   (16u * 1024 * 1024)  /* a config is never this big */
+#define TG_CONF_PATHLEN    256                  /* key path in messages */
+#define TG_CONF_NOFIELD    ((size_t)-1)         /* directive with no scalar field */
+#define TG_CONF_REQUIRED   0x1u
+#define TG_CONF_PORT0      0x2u                 /* address may use port 0 */
+#define TG_CONF_MAX_CMDS   32                   /* directives per table */
+#define TG_CONF_TIER_NAME  32
+
+/* One remembered position: where a field's value was written, so that
+ * phases 3 and 4 can point at it. */
+typedef struct tg_conf_mark {
+    const void  *field;          /* address of the field inside the snapshot */
+    yaml_mark_t  mark;           /* start of its value node */
+    char        *path;           /* key path, e.g. "listen[1].address" */
+} tg_conf_mark;
+
+typedef struct tg_conf_ctx {
+    const char      *name;       /* file name used in messages */
+    const char      *text;       /* the whole input, for reader-error offsets */
+    size_t           len;
+    yaml_document_t  doc;
+    int              have_doc;
+    tg_conf         *conf;       /* snapshot being built (owned until returned) */
+    char            *err;
+    size_t           errlen;
+    tg_conf_mark    *marks;
+    size_t           nmarks;
+    size_t           capmarks;
+} tg_conf_ctx;
+
+struct tg_conf_cmd;
+
+/* A setter stores value node `node` into `base` as described by `cmd`;
+ * `path` is the key path of the value, for messages. */
+typedef tg_rc (*tg_conf_set_pt)(tg_conf_ctx *ctx, const struct tg_conf_cmd *cmd,
+                                yaml_node_t *node, void *base, const char *path);
+
+typedef struct tg_conf_cmd {
+    const char      *name;
+    tg_conf_set_pt   set;
+    size_t           offset;     /* field offset in base, or TG_CONF_NOFIELD */
+    size_t           size;       /* field size, for integer stores */
+    int64_t          min;
+    int64_t          max;
+    unsigned         flags;      /* TG_CONF_REQUIRED, TG_CONF_PORT0 */
+    const void      *arg;        /* enum table or sub-table */
+} tg_conf_cmd;
+
+typedef struct tg_conf_enum {
+    const char *name;
+    int         value;
+} tg_conf_enum;
+
+/* ---- static prototypes ------------------------------------------------- */
+
+static tg_conf *tg_conf_build(const char *name, const char *text, size_t len,
+                              char *path, char *dir, char *err, size_t errlen);
+static void tg_conf_defaults(tg_conf *conf);
+static void tg_conf_free(tg_conf *conf);
+
+static tg_rc tg_conf_structure(tg_conf_ctx *ctx);
+static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
+                          const tg_conf_cmd *cmds, void *base, const char *path,
+                          const char *section);
+static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
+static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
+
+/* Every setter has the tg_conf_set_pt signature. */
+#define TG_CONF_SETTER(name) \
+    static tg_rc name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node, \
+                      void *base, const char *path)
+TG_CONF_SETTER(tg_conf_set_uint);
+TG_CONF_SETTER(tg_conf_set_size);
+TG_CONF_SETTER(tg_conf_set_bool);
+TG_CONF_SETTER(tg_conf_set_enum);
+TG_CONF_SETTER(tg_conf_set_path);
+TG_CONF_SETTER(tg_conf_set_addr);
+TG_CONF_SETTER(tg_conf_set_url);
+TG_CONF_SETTER(tg_conf_set_prefix);
+TG_CONF_SETTER(tg_conf_set_section);
+TG_CONF_SETTER(tg_conf_set_global);
+TG_CONF_SETTER(tg_conf_set_listen);
+TG_CONF_SETTER(tg_conf_set_tls);
+TG_CONF_SETTER(tg_conf_set_servers);
+TG_CONF_SETTER(tg_conf_set_tiers);
+
+static tg_rc tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node,
+                                const char *path, const char *expected);
+static tg_rc tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
+                           const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* ---- tables ------------------------------------------------------------ */
+
+#define TG_FIELD(type, member) \
+    offsetof(type, member), sizeof(((type *)0)->member)
+#define TG_NOFIELD TG_CONF_NOFIELD, 0
+
+#define TG_MS_MAX  3600000        /* one hour: the ceiling of every timeout */
+#define TG_2P31    2147483648LL
+#define TG_2P62    4611686018427387904LL
+
+static const tg_conf_enum tg_conf_store_enum[] = {
+    { "redis", TG_STORE_REDIS }, { "local", TG_STORE_LOCAL }, { NULL, 0 },
+};
+
+static const tg_conf_enum tg_conf_failure_enum[] = {
+    { "local", TG_FAIL_LOCAL }, { "allow", TG_FAIL_ALLOW },
+    { "deny", TG_FAIL_DENY }, { NULL, 0 },
+};
+
+static const tg_conf_enum tg_conf_level_enum[] = {
+    { "debug", TG_LOG_DEBUG }, { "info", TG_LOG_INFO },
+    { "warn", TG_LOG_WARN }, { "error", TG_LOG_ERROR }, { NULL, 0 },
+};
+
+static const tg_conf_cmd tg_conf_tls_cmds[] = {
+    { "cert", tg_conf_set_path, TG_FIELD(tg_listen_conf, cert), 0, 0,
+      TG_CONF_REQUIRED, NULL },
+    { "key", tg_conf_set_path, TG_FIELD(tg_listen_conf, key), 0, 0,
+      TG_CONF_REQUIRED, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_listen_cmds[] = {
+    { "address", tg_conf_set_addr, TG_FIELD(tg_listen_conf, addr), 0, 0,
+      TG_CONF_REQUIRED | TG_CONF_PORT0, NULL },
+    { "tls", tg_conf_set_tls, TG_NOFIELD, 0, 0, 0, tg_conf_tls_cmds },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_admin_cmds[] = {
+    { "enabled", tg_conf_set_bool, TG_FIELD(tg_conf, admin_enabled), 0, 1, 0, NULL },
+    { "address", tg_conf_set_addr, TG_FIELD(tg_conf, admin), 0, 0,
+      TG_CONF_PORT0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_http_cmds[] = {
+    { "max_request_line", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_request_line), 256, 1048576, 0, NULL },
+    { "max_header_bytes", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_header_bytes), 1024, 1048576, 0, NULL },
+    { "max_headers", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_headers), 1, 128, 0, NULL },
+    { "max_body_bytes", tg_conf_set_size,
+      TG_FIELD(tg_conf, http.max_body_bytes), 0, TG_2P62, 0, NULL },
+    { "header_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.header_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "body_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.body_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "idle_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.idle_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "send_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.send_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "max_requests_per_connection", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_requests_per_connection), 0, TG_2P31, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_upstream_cmds[] = {
+    { "servers", tg_conf_set_servers, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
+    { "connect_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.connect_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "first_byte_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.first_byte_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "total_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.total_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "keepalive", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.keepalive), 0, 65535, 0, NULL },
+    { "keepalive_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.keepalive_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_tier_cmds[] = {
+    { "requests_per_minute", tg_conf_set_uint,
+      TG_FIELD(tg_tier_conf, requests_per_minute), 1, 100000000,
+      TG_CONF_REQUIRED, NULL },
+    { "burst_limit", tg_conf_set_uint,
+      TG_FIELD(tg_tier_conf, burst_limit), 1, 100000000, TG_CONF_REQUIRED, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_redis_cmds[] = {
+    { "url", tg_conf_set_url, TG_FIELD(tg_conf, redis.url), 0, 0, 0, NULL },
+    { "timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, redis.timeout_ms), 1, 60000, 0, NULL },
+    { "on_failure", tg_conf_set_enum,
+      TG_FIELD(tg_conf, redis.on_failure), 0, 0, 0, tg_conf_failure_enum },
+    { "prefix", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.prefix), 1, 64, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_auth_cmds[] = {
+    { "keys_file", tg_conf_set_path, TG_FIELD(tg_conf, auth.keys_file), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_global_cmds[] = {
+    { "requests_per_second", tg_conf_set_uint,
+      TG_FIELD(tg_conf, global_limit.requests_per_second), 1, 100000000,
+      TG_CONF_REQUIRED, NULL },
+    { "burst", tg_conf_set_uint, TG_FIELD(tg_conf, global_limit.burst),
+      1, 100000000, TG_CONF_REQUIRED, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_top_cmds[] = {
+    { "listen", tg_conf_set_listen, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
+    { "admin", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_admin_cmds },
+    { "workers", tg_conf_set_uint, TG_FIELD(tg_conf, workers), 0, 256, 0, NULL },
+    { "drain_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, drain_timeout_ms), 0, TG_MS_MAX, 0, NULL },
+    { "log_level", tg_conf_set_enum, TG_FIELD(tg_conf, log_level), 0, 0, 0,
+      tg_conf_level_enum },
+    { "http", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_http_cmds },
+    { "upstream", tg_conf_set_section, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED,
+      tg_conf_upstream_cmds },
+    { "rate_limits", tg_conf_set_tiers, TG_NOFIELD, 0, 0, 0, tg_conf_tier_cmds },
+    { "store", tg_conf_set_enum, TG_FIELD(tg_conf, store), 0, 0, 0,
+      tg_conf_store_enum },
+    { "redis", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_redis_cmds },
+    { "auth", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_auth_cmds },
+    { "global_limit", tg_conf_set_global, TG_NOFIELD, 0, 0, 0, tg_conf_global_cmds },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+/* ---- public functions -------------------------------------------------- */
+
+tg_conf *
+tg_conf_load(const char *path, char *err, size_t errlen)
+{
+    char *text = NULL, *abs = NULL, *dir = NULL, *slash;
+    size_t len = 0, cap;
+    ssize_t n;
+    struct stat st;
+    tg_conf *conf = NULL;
+    int fd;
+
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    if (fstat(fd, &st) < 0) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "%s: cannot open: not a regular file", path);
+        goto fail;
+    }
+    if ((uint64_t)st.st_size > TG_CONF_MAX_FILE) {
+        snprintf(err, errlen, "%s: cannot open: file larger than %u bytes",
+                 path, TG_CONF_MAX_FILE);
+        goto fail;
+    }
+
+    /* Read to EOF rather than trusting st_size: the file may change under
+     * us while an operator edits it. */
+    cap = (size_t)st.st_size + 1;
+    text = tg_xmalloc(cap);
+    for (;;) {
+        if (len + 1 >= cap) {
+            if (cap > TG_CONF_MAX_FILE) {
+                snprintf(err, errlen, "%s: cannot open: file larger than %u bytes",
+                         path, TG_CONF_MAX_FILE);
+                goto fail;
+            }
+            cap *= 2;
+            text = tg_xrealloc(text, cap);
+        }
+        n = read(fd, text + len, cap - len - 1);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            snprintf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+            goto fail;
+        }
+        if (n == 0) {
+            break;
+        }
+        len += (size_t)n;
+    }
+    text[len] = '\0';
+    close(fd);
+    fd = -1;
+
+    abs = realpath(path, NULL);
+    if (abs == NULL) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        goto fail;
+    }
+    dir = tg_xstrdup(abs);
+    slash = strrchr(dir, '/');
+    if (slash == dir) {
+        slash[1] = '\0';         /* a file in "/" */
+    } else if (slash != NULL) {
+        *slash = '\0';
+    }
+
+    /* Messages name the file as the operator wrote it. */
+    conf = tg_conf_build(path, text, len, abs, dir, err, errlen);
+    abs = dir = NULL;            /* tg_conf_build took them */
+
+fail:
+    if (fd >= 0) {
+        close(fd);
+    }
+    free(text);
+    free(abs);
+    free(dir);
+    return conf;
+}
+
+tg_conf *
+tg_conf_load_string(const char *name, const char *text, size_t len,
+                    char *err, size_t errlen)
+{
+    char *cwd = getcwd(NULL, 0);
+
+    if (cwd == NULL) {
+        snprintf(err, errlen, "%s: cannot get the current directory: %s",
+                 name, strerror(errno));
+        return NULL;
+    }
+    return tg_conf_build(name, text, len, tg_xstrdup(name), cwd, err, errlen);
+}
+
+tg_conf *
+tg_conf_ref(tg_conf *conf)
+{
+    __atomic_add_fetch(&conf->refcnt, 1, __ATOMIC_RELAXED);
+    return conf;
+}
+
+/* The release/acquire pair makes every thread's reads of the snapshot
+ * happen before the free by whichever thread drops the last reference. */
+void
+tg_conf_unref(tg_conf *conf)
+{
+    if (conf == NULL) {
+        return;
+    }
+    if (__atomic_sub_fetch(&conf->refcnt, 1, __ATOMIC_ACQ_REL) == 0) {
+        tg_conf_free(conf);
+    }
+}
+
+const tg_tier_conf *
+tg_conf_tier(const tg_conf *conf, const char *name)
+{
+    size_t i;
+
+    for (i = 0; i < conf->ntiers; i++) {
+        if (strcmp(conf->tiers[i].name, name) == 0) {
+            return &conf->tiers[i];
+        }
+    }
+    return NULL;
+}
+
+tg_rc
+tg_addr_parse(const char *text, tg_addr *addr, char *err, size_t errlen)
+{
+    char host[128];
+    const char *port, *end;
+    size_t hlen, i;
+    unsigned long pnum;
+    struct addrinfo hints, *res = NULL;
+    int rc;
+
+    memset(addr, 0, sizeof(*addr));
+    if (strlen(text) >= sizeof(addr->text)) {
+        snprintf(err, errlen, "address is too long (at most %zu characters)",
+                 sizeof(addr->text) - 1);
+        return TG_ERR;
+    }
+
+    if (text[0] == '[') {
+        end = strchr(text, ']');
+        if (end == NULL) {
+            snprintf(err, errlen, "bad address \"%s\": missing ']'", text);
+            return TG_ERR;
+        }
+        if (end[1] != ':') {
+            snprintf(err, errlen,
+                     "bad address \"%s\": expected \"[ipv6]:port\"", text);
+            return TG_ERR;
+        }
+        hlen = (size_t)(end - text - 1);
+        memcpy(host, text + 1, hlen);
+        port = end + 2;
+    } else {
+        end = strrchr(text, ':');
+        if (end == NULL) {
+            snprintf(err, errlen,
+                     "bad address \"%s\": expected \"host:port\"", text);
+            return TG_ERR;
+        }
+        if (memchr(text, ':', (size_t)(end - text)) != NULL) {
+            snprintf(err, errlen, "bad address \"%s\": write IPv6 addresses "
+                     "in brackets, e.g. \"[::1]:8080\"", text);
+            return TG_ERR;
+        }
+        hlen = (size_t)(end - text);
+        memcpy(host, text, hlen);
+        port = end + 1;
+    }
+    host[hlen] = '\0';
+    if (hlen == 0) {
+        snprintf(err, errlen, "bad address \"%s\": missing host "
+                 "(use 0.0.0.0 or [::] for every interface)", text);
+        return TG_ERR;
+    }
+
+    if (port[0] == '\0' || strlen(port) > 5) {
+        goto bad_port;
+    }
+    for (i = 0; port[i] != '\0'; i++) {
+        if (!isdigit((unsigned char)port[i])) {
+            goto bad_port;
+        }
+    }
+    pnum = strtoul(port, NULL, 10);
+    if (pnum > 65535) {
+        goto bad_port;
+    }
+
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0 || res == NULL) {
+        snprintf(err, errlen, "bad address \"%s\": cannot resolve \"%s\": %s",
+                 text, host, rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+        if (res != NULL) {
+            freeaddrinfo(res);
+        }
+        return TG_ERR;
+    }
+    if (res->ai_addrlen > sizeof(addr->sa)) {
+        freeaddrinfo(res);
+        snprintf(err, errlen, "bad address \"%s\": address too large", text);
+        return TG_ERR;
+    }
+    memcpy(&addr->sa, res->ai_addr, res->ai_addrlen);
+    addr->salen = (socklen_t)res->ai_addrlen;
+    freeaddrinfo(res);
+    memcpy(addr->text, text, strlen(text) + 1);
+    return TG_OK;
+
+bad_port:
+    snprintf(err, errlen, "bad address \"%s\": port must be a number "
+             "0..65535", text);
+    return TG_ERR;
+}
+
+/* ---- build: the four phases -------------------------------------------- */
+
+/*
+ * Build a snapshot from text.  Takes ownership of path and dir (malloc'd)
+ * whatever the outcome.  Returns the snapshot with refcnt 1, or NULL with
+ * err filled.
+ */
+static tg_conf *
+tg_conf_build(const char *name, const char *text, size_t len, char *path,
+              char *dir, char *err, size_t errlen)
+{
+    tg_conf_ctx ctx;
+    yaml_node_t *root;
+    size_t i;
+
+    memset(&ctx, 0, sizeof(ctx));
+    ctx.name = name;
+    ctx.text = text;
+    ctx.len = len;
+    ctx.err = err;
+    ctx.errlen = errlen;
+    ctx.conf = tg_xcalloc(1, sizeof(tg_conf));
+    ctx.conf->refcnt = 1;
+    ctx.conf->path = path;
+    ctx.conf->dir = dir;
+    if (errlen > 0) {
+        err[0] = '\0';
+    }
+
+    tg_conf_defaults(ctx.conf);
+
+    if (tg_conf_structure(&ctx) != TG_OK) {
+        goto fail;
+    }
+    root = yaml_document_get_root_node(&ctx.doc);
+    if (tg_conf_walk(&ctx, root, tg_conf_top_cmds, ctx.conf, "", "") != TG_OK) {
+        goto fail;
+    }
+    if (tg_conf_validate(&ctx) != TG_OK) {
+        goto fail;
+    }
+    if (tg_conf_resolve(&ctx) != TG_OK) {
+        goto fail;
+    }
+    goto done;
+
+fail:
+    tg_conf_free(ctx.conf);
+    ctx.conf = NULL;
+
+done:
+    if (ctx.have_doc) {
+        yaml_document_delete(&ctx.doc);
+    }
+    for (i = 0; i < ctx.nmarks; i++) {
+        free(ctx.marks[i].path);
+    }
+    free(ctx.marks);
+    return ctx.conf;
+}
+
+/* Every default of the configuration, in one place.  docs/CONFIG.md
+ * mirrors this block. */
+static void
+tg_conf_defaults(tg_conf *conf)
+{
+    conf->admin_enabled = 1;
+    snprintf(conf->admin.text, sizeof(conf->admin.text), "127.0.0.1:9090");
+    conf->workers = 0;                          /* resolved to CPUs later */
+    conf->drain_timeout_ms = 10000;
+    conf->log_level = TG_LOG_INFO;
+
+    conf->http.max_request_line = 8192;
+    conf->http.max_header_bytes = 16384;
+    conf->http.max_headers = 100;
+    conf->http.max_body_bytes = 10 * 1024 * 1024;
+    conf->http.header_timeout_ms = 10000;
+    conf->http.body_timeout_ms = 30000;
+    conf->http.idle_timeout_ms = 60000;
+    conf->http.send_timeout_ms = 30000;
+    conf->http.max_requests_per_connection = 10000;
+
+    conf->upstream.connect_timeout_ms = 2000;
+    conf->upstream.first_byte_timeout_ms = 30000;
+    conf->upstream.total_timeout_ms = 60000;
+    conf->upstream.keepalive = 32;
+    conf->upstream.keepalive_timeout_ms = 30000;
+
+    conf->store = TG_STORE_REDIS;
+    conf->redis.url = tg_xstrdup("redis://127.0.0.1:6379/0");
+    conf->redis.timeout_ms = 25;
+    conf->redis.on_failure = TG_FAIL_LOCAL;
+    conf->redis.prefix = tg_xstrdup("tg:");
+
+    conf->auth.keys_file = NULL;
+    conf->global_limit.enabled = 0;
+}
+
+static void
+tg_conf_free(tg_conf *conf)
+{
+    size_t i;
+
+    if (conf == NULL) {
+        return;
+    }
+    for (i = 0; i < conf->nlisten; i++) {
+        free(conf->listen[i].cert);
+        free(conf->listen[i].key);
+    }
+    free(conf->listen);
+    free(conf->upstream.servers);
+    for (i = 0; i < conf->ntiers; i++) {
+        free(conf->tiers[i].name);
+    }
+    free(conf->tiers);
+    free(conf->redis.url);
+    free(conf->redis.prefix);
+    free(conf->auth.keys_file);
+    free(conf->path);
+    free(conf->dir);
+    free(conf);
+}
+
+/* Line and column of a byte offset, for reader errors that carry no mark. */
+static yaml_mark_t
+tg_conf_offset_mark(const tg_conf_ctx *ctx, size_t offset)
+{
+    yaml_mark_t m;
+    size_t i;
+
+    memset(&m, 0, sizeof(m));
+    for (i = 0; i < offset && i < ctx->len; i++) {
+        if (ctx->text[i] == '\n') {
+            m.line++;
+            m.column = 0;
+        } else {
+            m.column++;
+        }
+    }
+    m.index = offset;
+    return m;
+}
+
+static tg_rc
+tg_conf_syntax_error(tg_conf_ctx *ctx, yaml_parser_t *parser)
+{
+    yaml_mark_t mark;
+    const char *problem = parser->problem ? parser->problem : "unknown error";
+
+    if (parser->error == YAML_READER_ERROR) {
+        mark = tg_conf_offset_mark(ctx, parser->problem_offset);
+        return tg_conf_error(ctx, mark, "", "YAML syntax error: %s", problem);
+    }
+    mark = parser->problem_mark;
+    if (parser->context != NULL) {
+        return tg_conf_error(ctx, mark, "", "YAML syntax error: %s %s (at %zu:%zu)",
+                             problem, parser->context,
+                             parser->context_mark.line + 1,
+                             parser->context_mark.column + 1);
+    }
+    return tg_conf_error(ctx, mark, "", "YAML syntax error: %s", problem);
+}
+
+/*
+ * Phase 1.  The event scan finds syntax errors, anchors/aliases and extra
+ * documents at their exact marks (the loaded tree has forgotten aliases:
+ * it shares the anchored node).  Anchors are rejected, not only aliases, so
+ * that a config means the same thing read by a person top to bottom.
+ */
+static tg_rc
+tg_conf_structure(tg_conf_ctx *ctx)
+{
+    yaml_parser_t parser;
+    yaml_event_t ev;
+    yaml_char_t *anchor;
+    int ndocs = 0, done = 0;
+    tg_rc rc = TG_ERR;
+
+    yaml_parser_initialize(&parser);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)ctx->text,
+                                 ctx->len);
+    while (!done) {
+        if (!yaml_parser_parse(&parser, &ev)) {
+            tg_conf_syntax_error(ctx, &parser);
+            yaml_parser_delete(&parser);
+            return TG_ERR;
+        }
+        anchor = NULL;
+        switch (ev.type) {
+        case YAML_DOCUMENT_START_EVENT:
+            if (++ndocs > 1) {
+                tg_conf_error(ctx, ev.start_mark, "", "only one YAML document "
+                              "is allowed in a config file");
+                goto fail;
+            }
+            break;
+        case YAML_ALIAS_EVENT:
+            tg_conf_error(ctx, ev.start_mark, "", "YAML aliases (*%s) are not "
+                          "supported: write the value out",
+                          (const char *)ev.data.alias.anchor);
+            goto fail;
+        case YAML_SCALAR_EVENT:
+            anchor = ev.data.scalar.anchor;
+            break;
+        case YAML_SEQUENCE_START_EVENT:
+            anchor = ev.data.sequence_start.anchor;
+            break;
+        case YAML_MAPPING_START_EVENT:
+            anchor = ev.data.mapping_start.anchor;
+            break;
+        case YAML_STREAM_END_EVENT:
+            done = 1;
+            break;
+        default:
+            break;
+        }
+        if (anchor != NULL) {
+            tg_conf_error(ctx, ev.start_mark, "", "YAML anchors (&%s) are not "
+                          "supported: write the value out", (const char *)anchor);
+            goto fail;
+        }
+        yaml_event_delete(&ev);
+    }
+    yaml_parser_delete(&parser);
+
+    yaml_parser_initialize(&parser);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)ctx->text,
+                                 ctx->len);
+    if (!yaml_parser_load(&parser, &ctx->doc)) {
+        tg_conf_syntax_error(ctx, &parser);
+        yaml_parser_delete(&parser);
+        return TG_ERR;
+    }
+    ctx->have_doc = 1;
+    yaml_parser_delete(&parser);
+
+    if (yaml_document_get_root_node(&ctx->doc) == NULL) {
+        yaml_mark_t zero;
+        memset(&zero, 0, sizeof(zero));
+        return tg_conf_error(ctx, zero, "", "empty configuration: "
+                             "expected a mapping with at least \"listen\" "
+                             "and \"upstream\"");
+    }
+    return TG_OK;
+
+fail:
+    yaml_event_delete(&ev);
+    yaml_parser_delete(&parser);
+    return rc;
+}
+
+/* Phase 3: rules across fields, and derived values. */
+static tg_rc
+tg_conf_validate(tg_conf_ctx *ctx)
+{
+    tg_conf *conf = ctx->conf;
+    const tg_conf_mark *m;
+    size_t i;
+    long ncpu;
+
+    /* The head holds the request line and its CRLF, so a head limit below
+     * the line limit would make the line limit a lie. */
+    if (conf->http.max_header_bytes < conf->http.max_request_line + 2) {
+        m = NULL;
+        for (i = 0; i < ctx->nmarks; i++) {
+            if (ctx->marks[i].field == &conf->http.max_header_bytes ||
+                (m == NULL && ctx->marks[i].field == &conf->http.max_request_line)) {
+                m = &ctx->marks[i];
+            }
+        }
+        /* One of the two was set in the file, or defaults would pass. */
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : "http.max_header_bytes",
+                             "must be at least http.max_request_line + 2 "
+                             "(%zu), got %zu", conf->http.max_request_line + 2,
+                             conf->http.max_header_bytes);
+    }
+
+    if (conf->workers == 0) {
+        ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        conf->workers = ncpu < 1 ? 1 : ncpu > 256 ? 256 : (unsigned)ncpu;
+    }
+    return TG_OK;
+}
+
+static const tg_conf_mark *
+tg_conf_find_mark(const tg_conf_ctx *ctx, const void *field)
+{
+    size_t i;
+
+    for (i = 0; i < ctx->nmarks; i++) {
+        if (ctx->marks[i].field == field) {
+            return &ctx->marks[i];
+        }
+    }
+    return NULL;
+}
+
+static tg_rc
+tg_conf_resolve_one(tg_conf_ctx *ctx, tg_addr *addr, const char *defpath,
+                    int allow_port0)
+{
+    const tg_conf_mark *m = tg_conf_find_mark(ctx, addr);
+    yaml_node_t *root = yaml_document_get_root_node(&ctx->doc);
+    yaml_mark_t mark = m ? m->mark : root->start_mark;
+    const char *path = m ? m->path : defpath;
+    char text[sizeof(addr->text)], why[TG_CONF_ERRLEN];
+    const struct sockaddr *sa;
+
+    memcpy(text, addr->text, sizeof(text));
+    if (tg_addr_parse(text, addr, why, sizeof(why)) != TG_OK) {
+        return tg_conf_error(ctx, mark, path, "%s", why);
+    }
+    sa = (const struct sockaddr *)&addr->sa;
+    if (!allow_port0 &&
+        ((sa->sa_family == AF_INET &&
+          ((const struct sockaddr_in *)sa)->sin_port == 0) ||
+         (sa->sa_family == AF_INET6 &&
+          ((const struct sockaddr_in6 *)sa)->sin6_port == 0))) {
+        return tg_conf_error(ctx, mark, path, "port 0 is only allowed for "
+                             "listen and admin addresses, got \"%s\"", text);
+    }
+    return TG_OK;
+}
+
+static int
+tg_conf_same_listener(const tg_addr *a, const tg_addr *b)
+{
+    const struct sockaddr *sa = (const struct sockaddr *)&a->sa;
+
+    if (a->salen != b->salen || memcmp(&a->sa, &b->sa, a->salen) != 0) {
+        return 0;
+    }
+    /* Port 0 asks the kernel for a fresh port each time: never a clash. */
+    if (sa->sa_family == AF_INET) {
+        return ((const struct sockaddr_in *)sa)->sin_port != 0;
+    }
+    if (sa->sa_family == AF_INET6) {
+        return ((const struct sockaddr_in6 *)sa)->sin6_port != 0;
+    }
+    return 1;
+}
+
+/* Phase 4: every address becomes a sockaddr.  Two listeners on one address
+ * would fail at bind(2) far from the config line that caused it. */
+static tg_rc
+tg_conf_resolve(tg_conf_ctx *ctx)
+{
+    tg_conf *conf = ctx->conf;
+    const tg_conf_mark *m, *first;
+    size_t i, j;
+
+    for (i = 0; i < conf->nlisten; i++) {
+        if (tg_conf_resolve_one(ctx, &conf->listen[i].addr, "listen.address", 1)
+            != TG_OK) {
+            return TG_ERR;
+        }
+        for (j = 0; j < i; j++) {
+            if (tg_conf_same_listener(&conf->listen[i].addr, &conf->listen[j].addr)) {
+                m = tg_conf_find_mark(ctx, &conf->listen[i].addr);
+                first = tg_conf_find_mark(ctx, &conf->listen[j].addr);
+                return tg_conf_error(ctx, m->mark, m->path, "\"%s\" is already "
+                                     "used by %s (at %zu:%zu)",
+                                     conf->listen[i].addr.text, first->path,
+                                     first->mark.line + 1, first->mark.column + 1);
+            }
+        }
+    }
+    if (conf->admin_enabled) {
+        if (tg_conf_resolve_one(ctx, &conf->admin, "admin.address", 1) != TG_OK) {
+            return TG_ERR;
+        }
+        for (j = 0; j < conf->nlisten; j++) {
+            if (tg_conf_same_listener(&conf->admin, &conf->listen[j].addr)) {
+                m = tg_conf_find_mark(ctx, &conf->admin);
+                first = tg_conf_find_mark(ctx, &conf->listen[j].addr);
+                return tg_conf_error(ctx,
+                                     m ? m->mark : yaml_document_get_root_node(&ctx->doc)->start_mark,
+                                     m ? m->path : "admin.address",
+                                     "\"%s\" is already used by %s (at %zu:%zu)",
+                                     conf->admin.text, first->path,
+                                     first->mark.line + 1, first->mark.column + 1);
+            }
+        }
+    }
+    for (i = 0; i < conf->upstream.nservers; i++) {
+        if (tg_conf_resolve_one(ctx, &conf->upstream.servers[i],
+                                "upstream.servers", 0) != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    return TG_OK;
+}
+
+/* ---- phase 2: the table walker ------------------------------------------ */
+
+/* Edit distance, for "did you mean" on unknown keys. */
+static size_t
+tg_conf_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b), i, j, prev, cur, tmp;
+    size_t row[64];
+
+    if (la >= TG_ARRAY_LEN(row) || lb >= TG_ARRAY_LEN(row)) {
+        return SIZE_MAX;
+    }
+    for (j = 0; j <= lb; j++) {
+        row[j] = j;
+    }
+    for (i = 1; i <= la; i++) {
+        prev = row[0];
+        row[0] = i;
+        for (j = 1; j <= lb; j++) {
+            cur = prev + (a[i - 1] != b[j - 1]);
+            if (row[j] + 1 < cur) {
+                cur = row[j] + 1;
+            }
+            if (row[j - 1] + 1 < cur) {
+                cur = row[j - 1] + 1;
+            }
+            tmp = row[j];
+            row[j] = cur;
+            prev = tmp;
+        }
+    }
+    return row[lb];
+}
+
+static void
+tg_conf_child(char *out, const char *parent, const char *key)
+{
+    if (parent[0] == '\0') {
+        snprintf(out, TG_CONF_PATHLEN, "%s", key);
+    } else {
+        snprintf(out, TG_CONF_PATHLEN, "%s.%s", parent, key);
+    }
+}
+
+static void
+tg_conf_remember(tg_conf_ctx *ctx, const void *field, yaml_mark_t mark,
+                 const char *path)
+{
+    if (ctx->nmarks == ctx->capmarks) {
+        ctx->capmarks = ctx->capmarks ? ctx->capmarks * 2 : 32;
+        ctx->marks = tg_xrealloc(ctx->marks, ctx->capmarks * sizeof(*ctx->marks));
+    }
+    ctx->marks[ctx->nmarks].field = field;
+    ctx->marks[ctx->nmarks].mark = mark;
+    ctx->marks[ctx->nmarks].path = tg_xstrdup(path);
+    ctx->nmarks++;
+}
+
+/*
+ * Walk mapping `map` through `cmds`, storing into `base`.  `path` is the
+ * mapping's key path ("" at top level), `section` its name for messages.
+ */
+static tg_rc
+tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
+             void *base, const char *path, const char *section)
+{
+    static const char *const what[] = { "", "a scalar", "a sequence", "a mapping" };
+    yaml_node_pair_t *pair, *prev;
+    yaml_node_t *key, *val, *pkey;
+    const tg_conf_cmd *cmd, *best;
+    const char *kname;
+    char child[TG_CONF_PATHLEN];
+    int seen[TG_CONF_MAX_CMDS] = { 0 };
+    size_t d, bestd;
+
+    if (map->type != YAML_MAPPING_NODE) {
+        if (path[0] == '\0') {
+            return tg_conf_error(ctx, map->start_mark, "", "top level: expected "
+                                 "a mapping of sections, got %s", what[map->type]);
+        }
+        return tg_conf_type_error(ctx, map, path, "a mapping");
+    }
+
+    for (pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
+         pair++) {
+        key = yaml_document_get_node(&ctx->doc, pair->key);
+        val = yaml_document_get_node(&ctx->doc, pair->value);
+        if (key->type != YAML_SCALAR_NODE) {
+            return tg_conf_error(ctx, key->start_mark, path, "keys must be plain "
+                                 "names, got %s", what[key->type]);
+        }
+        kname = (const char *)key->data.scalar.value;
+        tg_conf_child(child, path, kname);
+
+        for (prev = map->data.mapping.pairs.start; prev < pair; prev++) {
+            pkey = yaml_document_get_node(&ctx->doc, prev->key);
+            if (pkey->type == YAML_SCALAR_NODE &&
+                strcmp((const char *)pkey->data.scalar.value, kname) == 0) {
+                return tg_conf_error(ctx, key->start_mark, child, "duplicate key "
+                                     "\"%s\" (first at %zu:%zu)", kname,
+                                     pkey->start_mark.line + 1,
+                                     pkey->start_mark.column + 1);
+            }
+        }
+
+        best = NULL;
+        bestd = SIZE_MAX;
+        for (cmd = cmds; cmd->name != NULL; cmd++) {
+            if (strcmp(cmd->name, kname) == 0) {
+                break;
+            }
+            d = tg_conf_distance(cmd->name, kname);
+            if (d < bestd) {
+                bestd = d;
+                best = cmd;
+            }
+        }
+        if (cmd->name == NULL) {
+            /* Suggest only near misses: a random key gets no guess. */
+            char hint[96] = "";
+            if (best != NULL && bestd <= 2) {
+                snprintf(hint, sizeof(hint), " (did you mean \"%s\"?)", best->name);
+            }
+            if (section[0] == '\0') {
+                return tg_conf_error(ctx, key->start_mark, child, "unknown key "
+                                     "\"%s\" at top level%s", kname, hint);
+            }
+            return tg_conf_error(ctx, key->start_mark, child, "unknown key \"%s\" "
+                                 "in section \"%s\"%s", kname, section, hint);
+        }
+        seen[cmd - cmds] = 1;
+
+        if (cmd->set(ctx, cmd, val, base, child) != TG_OK) {
+            return TG_ERR;
+        }
+        if (cmd->offset != TG_CONF_NOFIELD) {
+            tg_conf_remember(ctx, (char *)base + cmd->offset, val->start_mark, child);
+        }
+    }
+
+    for (cmd = cmds; cmd->name != NULL; cmd++) {
+        if ((cmd->flags & TG_CONF_REQUIRED) && !seen[cmd - cmds]) {
+            if (path[0] == '\0') {
+                return tg_conf_error(ctx, map->start_mark, "", "missing required "
+                                     "section \"%s\"", cmd->name);
+            }
+            return tg_conf_error(ctx, map->start_mark, path, "missing required "
+                                 "key \"%s\"", cmd->name);
+        }
+    }
+    return TG_OK;
+}
+
+/* ---- setters ------------------------------------------------------------ */
+
+static int
+tg_conf_is_null(const yaml_node_t *node)
+{
+    const char *s;
+
+    if (node->type != YAML_SCALAR_NODE ||
+        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
+        return 0;
+    }
+    s = (const char *)node->data.scalar.value;
+    return s[0] == '\0' || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 ||
+           strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0;
+}
+
+/* "got ..." part of a wrong-type message: the scalar itself, quoted and
+ * clipped, or the kind of node. */
+static const char *
+tg_conf_got(const yaml_node_t *node, char *buf, size_t len)
+{
+    if (node->type == YAML_MAPPING_NODE) {
+        return "a mapping";
+    }
+    if (node->type == YAML_SEQUENCE_NODE) {
+        return "a sequence";
+    }
+    if (tg_conf_is_null(node)) {
+        return "null";
+    }
+    snprintf(buf, len, "\"%.40s%s\"", (const char *)node->data.scalar.value,
+             node->data.scalar.length > 40 ? "..." : "");
+    return buf;
+}
+
+static tg_rc
+tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node, const char *path,
+                   const char *expected)
+{
+    char buf[64];
+
+    return tg_conf_error(ctx, node->start_mark, path, "expected %s, got %s",
+                         expected, tg_conf_got(node, buf, sizeof(buf)));
+}
+
+/* A non-null scalar of any style, as text, or NULL after an error. */
+static const char *
+tg_conf_string(tg_conf_ctx *ctx, yaml_node_t *node, const char *path)
+{
+    if (node->type != YAML_SCALAR_NODE || tg_conf_is_null(node)) {
+        tg_conf_type_error(ctx, node, path, "a string");
+        return NULL;
+    }
+    if (strlen((const char *)node->data.scalar.value) != node->data.scalar.length) {
+        tg_conf_error(ctx, node->start_mark, path, "string contains a NUL byte");
+        return NULL;
+    }
+    return (const char *)node->data.scalar.value;
+}
+
+static void
+tg_conf_store(void *field, size_t size, uint64_t v)
+{
+    switch (size) {
+    case 1: { uint8_t x = (uint8_t)v; memcpy(field, &x, 1); break; }
+    case 2: { uint16_t x = (uint16_t)v; memcpy(field, &x, 2); break; }
+    case 4: { uint32_t x = (uint32_t)v; memcpy(field, &x, 4); break; }
+    default: memcpy(field, &v, 8); break;
+    }
+}
+
+/* Parse a decimal integer (optional sign) with an optional k/m/g suffix
+ * when `suffix`.  Returns 0 if not a number, -1 if it overflows int64, 1 ok. */
+static int
+tg_conf_number(const char *s, int suffix, int64_t *out)
+{
+    int neg = 0;
+    uint64_t v = 0, mul = 1;
+    const char *p = s;
+
+    if (*p == '-' || *p == '+') {
+        neg = (*p == '-');
+        p++;
+    }
+    if (!isdigit((unsigned char)*p)) {
+        return 0;
+    }
+    for (; isdigit((unsigned char)*p); p++) {
+        if (v > (UINT64_MAX - 9) / 10) {
+            return -1;
+        }
+        v = v * 10 + (uint64_t)(*p - '0');
+    }
+    if (suffix && *p != '\0' && p[1] == '\0') {
+        switch (tolower((unsigned char)*p)) {
+        case 'k': mul = 1024ull; p++; break;
+        case 'm': mul = 1024ull * 1024; p++; break;
+        case 'g': mul = 1024ull * 1024 * 1024; p++; break;
+        default: break;
+        }
+    }
+    if (*p != '\0') {
+        return 0;
+    }
+    if (v > (uint64_t)INT64_MAX / mul) {
+        return -1;
+    }
+    *out = neg ? -(int64_t)(v * mul) : (int64_t)(v * mul);
+    return 1;
+}
+
+static tg_rc
+tg_conf_int(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+            void *base, const char *path, int suffix)
+{
+    const char *expected = suffix ? "a size (integer, or with a k/m/g suffix)"
+                                  : "an integer";
+    const char *s;
+    int64_t v;
+    int r;
+
+    /* Integers are plain scalars; a quoted "100" is a string in YAML, so a
+     * quoted value is accepted only where a suffix string is expected. */
+    if (node->type != YAML_SCALAR_NODE || tg_conf_is_null(node) ||
+        (!suffix && node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)) {
+        return tg_conf_type_error(ctx, node, path, expected);
+    }
+    s = (const char *)node->data.scalar.value;
+    r = tg_conf_number(s, suffix, &v);
+    if (r == 0) {
+        return tg_conf_type_error(ctx, node, path, expected);
+    }
+    if (r < 0 || v < cmd->min || v > cmd->max) {
+        return tg_conf_error(ctx, node->start_mark, path, "%s is out of range "
+                             "(%lld..%lld)", s, (long long)cmd->min,
+                             (long long)cmd->max);
+    }
+    tg_conf_store((char *)base + cmd->offset, cmd->size, (uint64_t)v);
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_uint(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    return tg_conf_int(ctx, cmd, node, base, path, 0);
+}
+
+static tg_rc
+tg_conf_set_size(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    return tg_conf_int(ctx, cmd, node, base, path, 1);
+}
+
+/* YAML 1.2 core booleans only: "yes"/"no"/"on" are strings, not a guess. */
+static tg_rc
+tg_conf_set_bool(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    const char *s;
+    int v;
+
+    if (node->type != YAML_SCALAR_NODE ||
+        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
+        return tg_conf_type_error(ctx, node, path, "a bool (true or false)");
+    }
+    s = (const char *)node->data.scalar.value;
+    if (strcmp(s, "true") == 0 || strcmp(s, "True") == 0 || strcmp(s, "TRUE") == 0) {
+        v = 1;
+    } else if (strcmp(s, "false") == 0 || strcmp(s, "False") == 0 ||
+               strcmp(s, "FALSE") == 0) {
+        v = 0;
+    } else {
+        return tg_conf_type_error(ctx, node, path, "a bool (true or false)");
+    }
+    tg_conf_store((char *)base + cmd->offset, cmd->size, (uint64_t)v);
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_enum(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    const tg_conf_enum *e;
+    char choices[128] = "";
+    size_t n = 0;
+    const char *s = tg_conf_string(ctx, node, path);
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    for (e = cmd->arg; e->name != NULL; e++) {
+        if (strcmp(e->name, s) == 0) {
+            tg_conf_store((char *)base + cmd->offset, cmd->size,
+                          (uint64_t)(uint32_t)e->value);
+            return TG_OK;
+        }
+        n += (size_t)snprintf(choices + n, sizeof(choices) - n, "%s%s",
+                              n ? "|" : "", e->name);
+        if (n >= sizeof(choices)) {
+            n = sizeof(choices) - 1;
+        }
+    }
+    return tg_conf_error(ctx, node->start_mark, path, "bad value \"%s\", "
+                         "expected one of %s", s, choices);
+}
+
+/* Relative paths are relative to the config file's directory, so a config
+ * means the same thing whatever the daemon's working directory. */
+static tg_rc
+tg_conf_set_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    const char *dir = ctx->conf->dir;
+    size_t dl, sl;
+    char *abs;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    if (s[0] == '\0') {
+        return tg_conf_error(ctx, node->start_mark, path, "path is empty");
+    }
+    if (s[0] == '/') {
+        abs = tg_xstrdup(s);
+    } else {
+        dl = strlen(dir);
+        sl = strlen(s);
+        abs = tg_xmalloc(dl + sl + 2);
+        memcpy(abs, dir, dl);
+        if (dl == 0 || dir[dl - 1] != '/') {
+            abs[dl++] = '/';
+        }
+        memcpy(abs + dl, s, sl + 1);
+    }
+    free(*field);
+    *field = abs;
+    return TG_OK;
+}
+
+/* Only the text is kept here: phase 4 resolves it. */
+static tg_rc
+tg_conf_set_addr(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    tg_addr *addr = (tg_addr *)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    if (strlen(s) >= sizeof(addr->text)) {
+        return tg_conf_error(ctx, node->start_mark, path, "address is too long "
+                             "(at most %zu characters)", sizeof(addr->text) - 1);
+    }
+    memcpy(addr->text, s, strlen(s) + 1);
+    return TG_OK;
+}
+
+/* redis://host[:port][/db] with db 0..15: the form the redis module
+ * connects to.  Host may be a [v6] literal. */
+static tg_rc
+tg_conf_set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    const char *p, *h, *why;
+    int64_t v;
+    size_t n;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    if (strncmp(s, "redis://", 8) != 0) {
+        why = "scheme must be redis://";
+        goto bad;
+    }
+    h = s + 8;
+    if (*h == '[') {
+        p = strchr(h, ']');
+        if (p == NULL || p == h + 1) {
+            why = "bad [ipv6] host";
+            goto bad;
+        }
+        p++;
+    } else {
+        p = h + strcspn(h, ":/");
+        if (strchr(h, '@') != NULL) {
+            why = "credentials in the URL are not supported";
+            goto bad;
+        }
+        if (p == h) {
+            why = "missing host";
+            goto bad;
+        }
+    }
+    if (*p == ':') {
+        p++;
+        n = strspn(p, "0123456789");
+        if (n == 0 || n > 5) {
+            why = "port must be a number 1..65535";
+            goto bad;
+        }
+        v = strtol(p, NULL, 10);
+        if (v < 1 || v > 65535) {
+            why = "port must be a number 1..65535";
+            goto bad;
+        }
+        p += n;
+    }
+    if (*p == '/') {
+        p++;
+        if (*p != '\0') {
+            n = strspn(p, "0123456789");
+            if (n == 0 || n > 2 || p[n] != '\0' || (v = strtol(p, NULL, 10)) > 15) {
+                why = "database must be a number 0..15";
+                goto bad;
+            }
+            p += n;
+        }
+    }
+    if (*p != '\0') {
+        why = "expected redis://host:port/db";
+        goto bad;
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+
+bad:
+    return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL \"%s\": %s",
+                         s, why);
+}
+
+/* The prefix starts every Redis key we write: printable, no spaces. */
+static tg_rc
+tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    size_t i, len;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    len = strlen(s);
+    if ((int64_t)len < cmd->min || (int64_t)len > cmd->max) {
+        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
+                             "range (%lld..%lld characters)", len,
+                             (long long)cmd->min, (long long)cmd->max);
+    }
+    for (i = 0; i < len; i++) {
+        if (!isgraph((unsigned char)s[i])) {
+            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
+                                 "spaces or control characters, got \"%s\"", s);
+        }
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_section(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                    void *base, const char *path)
+{
+    return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
+}
+
+static tg_rc
+tg_conf_set_global(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_conf *)base)->global_limit.enabled = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_tls(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_listen_conf *)base)->tls = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_listen(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    tg_conf *conf = base;
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    char child[TG_CONF_PATHLEN];
+    size_t n;
+
+    if (node->type != YAML_SEQUENCE_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a sequence of listeners");
+    }
+    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+    if (n == 0) {
+        return tg_conf_error(ctx, node->start_mark, path, "needs at least one "
+                             "listener");
+    }
+    /* Sized once: phase 4 keeps pointers into this array. */
+    conf->listen = tg_xcalloc(n, sizeof(tg_listen_conf));
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        item = yaml_document_get_node(&ctx->doc, *it);
+        snprintf(child, sizeof(child), "%s[%zu]", path, conf->nlisten);
+        conf->nlisten++;         /* counted before the walk: free sees it */
+        if (item->type != YAML_MAPPING_NODE) {
+            return tg_conf_type_error(ctx, item, child,
+                                      "a mapping (e.g. { address: 127.0.0.1:8080 })");
+        }
+        if (tg_conf_walk(ctx, item, tg_conf_listen_cmds,
+                         &conf->listen[conf->nlisten - 1], child, child) != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_servers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                    void *base, const char *path)
+{
+    static const tg_conf_cmd addr_cmd = {
+        "servers", tg_conf_set_addr, 0, sizeof(tg_addr), 0, 0, 0, NULL,
+    };
+    tg_conf *conf = base;
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    tg_addr *addr;
+    char child[TG_CONF_PATHLEN];
+    size_t n;
+
+    if (node->type != YAML_SEQUENCE_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a sequence of addresses");
+    }
+    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+    if (n == 0) {
+        return tg_conf_error(ctx, node->start_mark, path, "needs at least one "
+                             "server");
+    }
+    conf->upstream.servers = tg_xcalloc(n, sizeof(tg_addr));
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        item = yaml_document_get_node(&ctx->doc, *it);
+        addr = &conf->upstream.servers[conf->upstream.nservers];
+        snprintf(child, sizeof(child), "%s[%zu]", path, conf->upstream.nservers);
+        conf->upstream.nservers++;
+        if (tg_conf_set_addr(ctx, &addr_cmd, item, addr, child) != TG_OK) {
+            return TG_ERR;
+        }
+        tg_conf_remember(ctx, addr, item->start_mark, child);
+    }
+    return TG_OK;
+}
+
+static int
+tg_conf_tier_name_ok(const char *s)
+{
+    size_t i, len = strlen(s);
+
+    if (len < 1 || len > TG_CONF_TIER_NAME) {
+        return 0;
+    }
+    for (i = 0; i < len; i++) {
+        if (!(islower((unsigned char)s[i]) || isdigit((unsigned char)s[i]) ||
+              s[i] == '_' || s[i] == '-')) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* rate_limits: tier name -> { requests_per_minute, burst_limit }.  The
+ * names are data, not directives, so this walks the mapping itself and
+ * checks each name; duplicates are caught like any key. */
+static tg_rc
+tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                  void *base, const char *path)
+{
+    tg_conf *conf = base;
+    yaml_node_pair_t *pair, *prev;
+    yaml_node_t *key, *val, *pkey;
+    tg_tier_conf *tier;
+    const char *name;
+    char child[TG_CONF_PATHLEN];
+    size_t n;
+
+    if (node->type != YAML_MAPPING_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a mapping of tier name to "
+                                  "{ requests_per_minute, burst_limit }");
+    }
+    n = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
+    conf->tiers = tg_xcalloc(n, sizeof(tg_tier_conf));
+    for (pair = node->data.mapping.pairs.start; pair < node->data.mapping.pairs.top;
+         pair++) {
+        key = yaml_document_get_node(&ctx->doc, pair->key);
+        val = yaml_document_get_node(&ctx->doc, pair->value);
+        if (key->type != YAML_SCALAR_NODE) {
+            return tg_conf_error(ctx, key->start_mark, path, "tier names must be "
+                                 "plain names");
+        }
+        name = (const char *)key->data.scalar.value;
+        tg_conf_child(child, path, name);
+        for (prev = node->data.mapping.pairs.start; prev < pair; prev++) {
+            pkey = yaml_document_get_node(&ctx->doc, prev->key);
+            if (strcmp((const char *)pkey->data.scalar.value, name) == 0) {
+                return tg_conf_error(ctx, key->start_mark, child, "duplicate "
+                                     "key \"%s\" (first at %zu:%zu)", name,
+                                     pkey->start_mark.line + 1,
+                                     pkey->start_mark.column + 1);
+            }
+        }
+        if (!tg_conf_tier_name_ok(name)) {
+            return tg_conf_error(ctx, key->start_mark, child, "bad tier name "
+                                 "\"%s\": 1..%d characters of [a-z0-9_-]", name,
+                                 TG_CONF_TIER_NAME);
+        }
+        tier = &conf->tiers[conf->ntiers++];
+        tier->name = tg_xstrdup(name);
+        if (tg_conf_walk(ctx, val, cmd->arg, tier, child, child) != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    return TG_OK;
+}
+
+/* ---- errors ------------------------------------------------------------- */
+
+/* Format "FILE:LINE:COL: path: message" into ctx->err.  Always TG_ERR. */
+static tg_rc
+tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
+              const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (ctx->errlen == 0) {
+        return TG_ERR;
+    }
+    n = snprintf(ctx->err, ctx->errlen, "%s:%zu:%zu: %s%s", ctx->name,
+                 mark.line + 1, mark.column + 1, path, path[0] ? ": " : "");
+    if (n < 0 || (size_t)n >= ctx->errlen) {
+        return TG_ERR;
+    }
+    va_start(ap, fmt);
+    vsnprintf(ctx->err + n, ctx->errlen - (size_t)n, fmt, ap);
+    va_end(ap);
+    return TG_ERR;
+}

@@ -1,0 +1,174 @@
+/*
+ * test_cli.c - the command line a sysadmin uses: -t, --version, -h, exit
+ * codes, and every shipped conf/<name>.yaml passing -t (with TLS files made for
+ * the test, since the production sample names certificate paths).
+ */
+#include <criterion/criterion.h>
+
+#include <dirent.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static char out[8192];
+
+/* Run a shell command, capture stdout+stderr into out, return exit code. */
+static int
+sh(const char *fmt, ...)
+{
+    char cmd[4096];
+    va_list ap;
+    FILE *p;
+    size_t n;
+    int st;
+
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof(cmd), fmt, ap);
+    va_end(ap);
+    strncat(cmd, " 2>&1", sizeof(cmd) - strlen(cmd) - 1);
+    p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    n = fread(out, 1, sizeof(out) - 1, p);
+    out[n] = '\0';
+    st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static const char *
+bin(void)
+{
+    const char *b = getenv("TG_BINARY");
+    cr_assert_not_null(b, "TG_BINARY not set");
+    return b;
+}
+
+static const char *
+root(void)
+{
+    const char *r = getenv("TG_SOURCE_ROOT");
+    return r ? r : ".";
+}
+
+static char tmpdir[256];
+
+static void
+mktmp(void)
+{
+    strcpy(tmpdir, "/tmp/tg-cli-XXXXXX");
+    cr_assert_not_null(mkdtemp(tmpdir));
+}
+
+static void
+rmtmp(void)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+    (void)system(cmd);
+}
+
+static void
+write_file(const char *name, const char *text)
+{
+    char path[512];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s", tmpdir, name);
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+Test(cli, version_and_help)
+{
+    cr_assert_eq(sh("%s --version", bin()), 0);
+    cr_assert(strstr(out, "tollgate ") != NULL, "version output: %s", out);
+    cr_assert_eq(sh("%s -h", bin()), 0);
+    cr_assert(strstr(out, "usage: tollgate") != NULL);
+    cr_assert_eq(sh("%s --no-such-option", bin()), 2);
+    cr_assert_eq(sh("%s stray-argument", bin()), 2);
+}
+
+Test(cli, test_good_config, .init = mktmp, .fini = rmtmp)
+{
+    write_file("ok.yaml",
+               "listen: [ { address: 127.0.0.1:18080 } ]\n"
+               "upstream: { servers: [127.0.0.1:18000] }\n");
+    cr_assert_eq(sh("%s -t -c %s/ok.yaml", bin(), tmpdir), 0, "%s", out);
+    cr_assert(strstr(out, "test is successful") != NULL, "%s", out);
+}
+
+Test(cli, test_bad_config_names_line_and_column, .init = mktmp, .fini = rmtmp)
+{
+    write_file("bad.yaml",
+               "listen: [ { address: 127.0.0.1:18080 } ]\n"
+               "upstream:\n"
+               "  servers: [127.0.0.1:18000]\n"
+               "  conect_timeout_ms: 5\n");
+    cr_assert_eq(sh("%s -t -c %s/bad.yaml", bin(), tmpdir), 1, "%s", out);
+    cr_assert(strstr(out, "bad.yaml:4:3") != NULL, "%s", out);
+    cr_assert(strstr(out, "conect_timeout_ms") != NULL, "%s", out);
+    cr_assert(strstr(out, "test failed") != NULL, "%s", out);
+}
+
+Test(cli, missing_file, .init = mktmp, .fini = rmtmp)
+{
+    cr_assert_eq(sh("%s -t -c %s/nope.yaml", bin(), tmpdir), 1);
+    cr_assert(strstr(out, "nope.yaml") != NULL, "%s", out);
+    /* running (not -t) with a missing file fails the same way */
+    cr_assert_eq(sh("%s -c %s/nope.yaml", bin(), tmpdir), 1);
+}
+
+Test(cli, tls_key_mismatch_is_refused, .init = mktmp, .fini = rmtmp)
+{
+    cr_assert_eq(sh("cd %s && openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=a "
+                    "-keyout a.key -out a.pem -days 2 && openssl req -x509 -newkey "
+                    "rsa:2048 -nodes -subj /CN=b -keyout b.key -out b.pem -days 2",
+                    tmpdir), 0, "%s", out);
+    write_file("tls.yaml",
+               "listen:\n"
+               "  - address: 127.0.0.1:18443\n"
+               "    tls: { cert: a.pem, key: b.key }\n"
+               "upstream: { servers: [127.0.0.1:18000] }\n");
+    cr_assert_eq(sh("%s -t -c %s/tls.yaml", bin(), tmpdir), 1, "%s", out);
+    cr_assert(strstr(out, "does not match") != NULL, "%s", out);
+    write_file("tls2.yaml",
+               "listen:\n"
+               "  - address: 127.0.0.1:18443\n"
+               "    tls: { cert: a.pem, key: a.key }\n"
+               "upstream: { servers: [127.0.0.1:18000] }\n");
+    cr_assert_eq(sh("%s -t -c %s/tls2.yaml", bin(), tmpdir), 0, "%s", out);
+}
+
+Test(cli, every_shipped_config_passes, .init = mktmp, .fini = rmtmp)
+{
+    char confdir[512];
+    struct dirent *de;
+    DIR *d;
+    int n = 0;
+
+    /* The production sample names tls/cert.pem and tls/key.pem relative to
+     * itself: give the copies real ones. */
+    cr_assert_eq(sh("mkdir -p %s/tls && cd %s/tls && openssl req -x509 -newkey "
+                    "rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out cert.pem "
+                    "-days 2", tmpdir, tmpdir), 0, "%s", out);
+    snprintf(confdir, sizeof(confdir), "%s/conf", root());
+    d = opendir(confdir);
+    cr_assert_not_null(d);
+    while ((de = readdir(d)) != NULL) {
+        size_t len = strlen(de->d_name);
+        if (len < 6 || strcmp(de->d_name + len - 5, ".yaml") != 0
+            || strncmp(de->d_name, "keys", 4) == 0) {
+            continue;
+        }
+        cr_assert_eq(sh("cp %s/%s %s/", confdir, de->d_name, tmpdir), 0);
+        cr_assert_eq(sh("%s -t -c %s/%s", bin(), tmpdir, de->d_name), 0,
+                     "%s: %s", de->d_name, out);
+        n++;
+    }
+    closedir(d);
+    cr_assert(n >= 2, "expected conf/tollgate.yaml and conf/demo.yaml, found %d", n);
+}

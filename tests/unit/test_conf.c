@@ -1,0 +1,836 @@
+/*
+ * test_conf.c - configuration loading: every error class at its exact
+ * FILE:LINE:COL, defaults, derived values, paths, refcount, and every
+ * shipped config in conf/.
+ */
+#include <criterion/criterion.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "tollgate/conf.h"
+
+static char err[TG_CONF_ERRLEN];
+
+/* The two required sections; tests append or prepend to it. */
+#define MIN_LISTEN   "listen:\n  - address: 127.0.0.1:8080\n"
+#define MIN_UPSTREAM "upstream:\n  servers: [127.0.0.1:8000]\n"
+#define MIN          MIN_LISTEN MIN_UPSTREAM
+
+static tg_conf *
+load(const char *yaml)
+{
+    err[0] = '\0';
+    return tg_conf_load_string("t.yaml", yaml, strlen(yaml), err, sizeof(err));
+}
+
+/* Assert that yaml fails with a message starting "t.yaml:<pos>: " and
+ * containing sub. */
+static void
+expect_error(const char *yaml, const char *pos, const char *sub)
+{
+    char prefix[64];
+    tg_conf *conf = load(yaml);
+
+    if (conf != NULL) {
+        tg_conf_unref(conf);
+    }
+    cr_assert_null(conf, "expected failure for:\n%s", yaml);
+    snprintf(prefix, sizeof(prefix), "t.yaml:%s: ", pos);
+    cr_assert(strncmp(err, prefix, strlen(prefix)) == 0,
+              "expected position \"%s\", got: %s", prefix, err);
+    cr_assert(strstr(err, sub) != NULL,
+              "expected \"%s\" in: %s", sub, err);
+}
+
+static tg_conf *
+expect_ok(const char *yaml)
+{
+    tg_conf *conf = load(yaml);
+
+    cr_assert_not_null(conf, "unexpected error: %s\nfor:\n%s", err, yaml);
+    return conf;
+}
+
+static char tmpdir[] = "/tmp/tg_test_conf_XXXXXX";
+
+static void
+write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+
+    cr_assert_not_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* ---- unknown keys --------------------------------------------------------- */
+
+Test(conf_errors, unknown_top_level_key)
+{
+    expect_error(MIN "lisen: []\n", "5:1",
+                 "lisen: unknown key \"lisen\" at top level (did you mean \"listen\"?)");
+}
+
+Test(conf_errors, unknown_key_in_section)
+{
+    expect_error(MIN "http:\n  max_headers: 50\n  max_hedaers: 60\n", "7:3",
+                 "http.max_hedaers: unknown key \"max_hedaers\" in section \"http\" "
+                 "(did you mean \"max_headers\"?)");
+}
+
+Test(conf_errors, unknown_key_in_tier)
+{
+    expect_error(MIN "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 1, rpm: 3 }\n",
+                 "6:52", "rate_limits.basic.rpm: unknown key \"rpm\" in section "
+                 "\"rate_limits.basic\"");
+}
+
+Test(conf_errors, unknown_key_in_listen_item)
+{
+    expect_error("listen:\n  - address: 127.0.0.1:8080\n    tsl: {}\n" MIN_UPSTREAM,
+                 "3:5", "listen[0].tsl: unknown key \"tsl\" in section \"listen[0]\"");
+}
+
+/* ---- duplicates ------------------------------------------------------------- */
+
+Test(conf_errors, duplicate_key)
+{
+    expect_error(MIN "http:\n  max_headers: 50\n  idle_timeout_ms: 5\n  max_headers: 60\n",
+                 "8:3", "http.max_headers: duplicate key \"max_headers\" (first at 6:3)");
+}
+
+Test(conf_errors, duplicate_section)
+{
+    expect_error(MIN "workers: 1\nlisten: []\n", "6:1",
+                 "listen: duplicate key \"listen\" (first at 1:1)");
+}
+
+Test(conf_errors, duplicate_tier)
+{
+    expect_error(MIN "rate_limits:\n"
+                 "  basic: { requests_per_minute: 1, burst_limit: 1 }\n"
+                 "  basic: { requests_per_minute: 2, burst_limit: 2 }\n",
+                 "7:3", "rate_limits.basic: duplicate key \"basic\" (first at 6:3)");
+}
+
+/* ---- wrong types ------------------------------------------------------------ */
+
+Test(conf_errors, expected_integer)
+{
+    expect_error(MIN_LISTEN "upstream:\n  servers: [127.0.0.1:8000]\n"
+                 "  connect_timeout_ms: abc\n", "5:23",
+                 "upstream.connect_timeout_ms: expected an integer, got \"abc\"");
+}
+
+Test(conf_errors, expected_integer_not_quoted)
+{
+    expect_error(MIN "workers: \"4\"\n", "5:10",
+                 "workers: expected an integer, got \"4\"");
+}
+
+Test(conf_errors, expected_integer_got_null)
+{
+    expect_error(MIN "workers:\n", "5:9", "workers: expected an integer, got null");
+}
+
+Test(conf_errors, expected_mapping)
+{
+    expect_error(MIN "upstream2: 1\nhttp:\n", "5:1", "unknown key");
+    expect_error(MIN "http:\n", "5:6", "http: expected a mapping, got null");
+    expect_error(MIN "http: 5\n", "5:7", "http: expected a mapping, got \"5\"");
+    expect_error(MIN "redis: [a]\n", "5:8", "redis: expected a mapping, got a sequence");
+}
+
+Test(conf_errors, expected_mapping_top_level)
+{
+    expect_error("- a\n- b\n", "1:1", "top level: expected a mapping of sections, "
+                 "got a sequence");
+}
+
+Test(conf_errors, expected_sequence)
+{
+    expect_error("listen: { address: 127.0.0.1:8080 }\n" MIN_UPSTREAM, "1:9",
+                 "listen: expected a sequence of listeners, got a mapping");
+    expect_error(MIN_LISTEN "upstream:\n  servers: 127.0.0.1:8000\n", "4:12",
+                 "upstream.servers: expected a sequence of addresses, "
+                 "got \"127.0.0.1:8000\"");
+}
+
+Test(conf_errors, expected_string)
+{
+    expect_error(MIN "auth:\n  keys_file: [a, b]\n", "6:14",
+                 "auth.keys_file: expected a string, got a sequence");
+    expect_error(MIN "auth:\n  keys_file: ~\n", "6:14",
+                 "auth.keys_file: expected a string, got null");
+}
+
+Test(conf_errors, expected_bool)
+{
+    expect_error(MIN "admin: { enabled: yes }\n", "5:19",
+                 "admin.enabled: expected a bool (true or false), got \"yes\"");
+}
+
+Test(conf_errors, listen_item_not_mapping)
+{
+    expect_error("listen:\n  - 127.0.0.1:8080\n" MIN_UPSTREAM, "2:5",
+                 "listen[0]: expected a mapping");
+}
+
+/* ---- ranges ----------------------------------------------------------------- */
+
+Test(conf_errors, out_of_range)
+{
+    expect_error(MIN "http:\n  max_headers: 200\n", "6:16",
+                 "http.max_headers: 200 is out of range (1..128)");
+    expect_error(MIN "workers: -1\n", "5:10", "workers: -1 is out of range (0..256)");
+    expect_error(MIN "workers: 99999999999999999999999\n", "5:10",
+                 "out of range (0..256)");
+    expect_error(MIN "rate_limits:\n  pro: { requests_per_minute: 0, burst_limit: 1 }\n",
+                 "6:31", "rate_limits.pro.requests_per_minute: 0 is out of range "
+                 "(1..100000000)");
+    expect_error(MIN "redis: { timeout_ms: 60001 }\n", "5:22",
+                 "redis.timeout_ms: 60001 is out of range (1..60000)");
+}
+
+Test(conf_errors, size_out_of_range)
+{
+    expect_error(MIN "http: { max_body_bytes: 5000000000g }\n", "5:25",
+                 "http.max_body_bytes: 5000000000g is out of range");
+    expect_error(MIN "http: { max_body_bytes: 10x }\n", "5:25",
+                 "expected a size (integer, or with a k/m/g suffix), got \"10x\"");
+}
+
+Test(conf_errors, cross_field_header_bytes)
+{
+    expect_error(MIN "http:\n  max_request_line: 4096\n  max_header_bytes: 4000\n",
+                 "7:21", "http.max_header_bytes: must be at least "
+                 "http.max_request_line + 2 (4098), got 4000");
+    /* Only the line limit set: point at it. */
+    expect_error(MIN "http:\n  max_request_line: 16384\n", "6:21",
+                 "http.max_request_line: must be at least");
+}
+
+/* ---- missing required -------------------------------------------------------- */
+
+Test(conf_errors, missing_listen)
+{
+    expect_error(MIN_UPSTREAM, "1:1", "missing required section \"listen\"");
+}
+
+Test(conf_errors, missing_upstream)
+{
+    expect_error("# comment\n" MIN_LISTEN, "2:1", "missing required section \"upstream\"");
+}
+
+Test(conf_errors, missing_servers)
+{
+    expect_error(MIN_LISTEN "upstream:\n  keepalive: 4\n", "4:3",
+                 "upstream: missing required key \"servers\"");
+}
+
+Test(conf_errors, empty_servers)
+{
+    expect_error(MIN_LISTEN "upstream:\n  servers: []\n", "4:12",
+                 "upstream.servers: needs at least one server");
+}
+
+Test(conf_errors, empty_listen)
+{
+    expect_error("listen: []\n" MIN_UPSTREAM, "1:9", "listen: needs at least one listener");
+}
+
+Test(conf_errors, missing_listen_address)
+{
+    expect_error("listen:\n  - tls: { cert: a, key: b }\n" MIN_UPSTREAM, "2:5",
+                 "listen[0]: missing required key \"address\"");
+}
+
+Test(conf_errors, missing_tls_key)
+{
+    expect_error("listen:\n  - address: 127.0.0.1:8443\n    tls: { cert: c.pem }\n"
+                 MIN_UPSTREAM, "3:10", "listen[0].tls: missing required key \"key\"");
+}
+
+Test(conf_errors, missing_tier_field)
+{
+    expect_error(MIN "rate_limits:\n  basic: { requests_per_minute: 100 }\n", "6:10",
+                 "rate_limits.basic: missing required key \"burst_limit\"");
+}
+
+Test(conf_errors, missing_global_field)
+{
+    expect_error(MIN "global_limit: { burst: 10 }\n", "5:15",
+                 "global_limit: missing required key \"requests_per_second\"");
+}
+
+/* ---- file, syntax, empty -------------------------------------------------------- */
+
+Test(conf_errors, unreadable_file)
+{
+    tg_conf *conf = tg_conf_load("/nonexistent/dir/tollgate.yaml", err, sizeof(err));
+
+    cr_assert_null(conf);
+    cr_assert_str_eq(err, "/nonexistent/dir/tollgate.yaml: cannot open: "
+                     "No such file or directory");
+}
+
+Test(conf_errors, directory_is_not_a_file)
+{
+    tg_conf *conf = tg_conf_load("/tmp", err, sizeof(err));
+
+    cr_assert_null(conf);
+    cr_assert_str_eq(err, "/tmp: cannot open: not a regular file");
+}
+
+Test(conf_errors, syntax_error)
+{
+    expect_error(MIN "http:\n  max_headers: 5\n bad: [\n", "7:2",
+                 "YAML syntax error: ");
+}
+
+Test(conf_errors, syntax_error_unclosed_flow)
+{
+    expect_error(MIN "upstream2: [a, b\n", "6:1", "YAML syntax error: did not find "
+                 "expected ',' or ']' while parsing a flow sequence (at 5:12)");
+}
+
+Test(conf_errors, syntax_error_tab)
+{
+    expect_error(MIN "http:\n\tmax_headers: 5\n", "6:1", "YAML syntax error: found "
+                 "character that cannot start any token");
+}
+
+Test(conf_errors, invalid_utf8)
+{
+    expect_error(MIN "log_level: \"\xff\"\n", "5:13", "YAML syntax error: invalid "
+                 "leading UTF-8 octet");
+}
+
+Test(conf_errors, empty_file)
+{
+    expect_error("", "1:1", "empty configuration");
+    expect_error("# only a comment\n\n", "1:1", "empty configuration");
+}
+
+Test(conf_errors, empty_file_on_disk)
+{
+    char path[PATH_MAX];
+    tg_conf *conf;
+
+    cr_assert_not_null(mkdtemp(tmpdir));
+    snprintf(path, sizeof(path), "%s/empty.yaml", tmpdir);
+    write_file(path, "");
+    conf = tg_conf_load(path, err, sizeof(err));
+    cr_assert_null(conf);
+    cr_assert(strstr(err, ":1:1: empty configuration") != NULL, "%s", err);
+    cr_assert(strncmp(err, path, strlen(path)) == 0, "%s", err);
+    unlink(path);
+    rmdir(tmpdir);
+}
+
+Test(conf_errors, two_documents)
+{
+    expect_error(MIN "---\n" MIN, "5:1", "only one YAML document is allowed");
+}
+
+/* ---- anchors and aliases ---------------------------------------------------------- */
+
+Test(conf_errors, anchor_rejected)
+{
+    expect_error("listen:\n  - address: &a 127.0.0.1:8080\n" MIN_UPSTREAM,
+                 "2:14", "YAML anchors (&a) are not supported");
+}
+
+Test(conf_errors, alias_rejected)
+{
+    /* The event scan meets the alias before any loader could resolve it. */
+    expect_error(MIN "http: *base\n", "5:7", "YAML aliases (*base) are not supported");
+    expect_error(MIN "http:\n  <<: *base\n", "6:7", "YAML aliases (*base) are not supported");
+}
+
+/* ---- addresses ------------------------------------------------------------------------ */
+
+Test(conf_errors, bad_address_no_port)
+{
+    expect_error("listen:\n  - address: localhost\n" MIN_UPSTREAM, "2:14",
+                 "listen[0].address: bad address \"localhost\": expected \"host:port\"");
+}
+
+Test(conf_errors, bad_address_port_range)
+{
+    expect_error(MIN_LISTEN "upstream:\n  servers: [127.0.0.1:8000, 127.0.0.1:65536]\n",
+                 "4:29", "upstream.servers[1]: bad address \"127.0.0.1:65536\": "
+                 "port must be a number 0..65535");
+}
+
+Test(conf_errors, bad_address_v6_without_brackets)
+{
+    expect_error("listen:\n  - address: \"::1:8080\"\n" MIN_UPSTREAM, "2:14",
+                 "write IPv6 addresses in brackets");
+}
+
+Test(conf_errors, bad_address_unclosed_bracket)
+{
+    expect_error("listen:\n  - address: \"[::1:8080\"\n" MIN_UPSTREAM, "2:14",
+                 "missing ']'");
+}
+
+Test(conf_errors, bad_address_unresolvable)
+{
+    /* ".invalid" is reserved (RFC 6761): never resolves, fails fast offline. */
+    expect_error(MIN_LISTEN "upstream:\n  servers:\n    - nohost.invalid:80\n",
+                 "5:7", "upstream.servers[0]: bad address \"nohost.invalid:80\": "
+                 "cannot resolve");
+}
+
+Test(conf_errors, port_zero_only_for_listen_and_admin)
+{
+    tg_conf *conf;
+
+    expect_error(MIN_LISTEN "upstream:\n  servers: [127.0.0.1:0]\n", "4:13",
+                 "upstream.servers[0]: port 0 is only allowed for listen and admin");
+    conf = expect_ok("listen:\n  - address: 127.0.0.1:0\n  - address: 127.0.0.1:0\n"
+                     "admin: { address: 127.0.0.1:0 }\n" MIN_UPSTREAM);
+    tg_conf_unref(conf);
+}
+
+Test(conf_errors, listen_address_twice)
+{
+    expect_error("listen:\n  - address: 127.0.0.1:8080\n  - address: 127.0.0.1:8080\n"
+                 MIN_UPSTREAM, "3:14", "listen[1].address: \"127.0.0.1:8080\" is "
+                 "already used by listen[0].address (at 2:14)");
+}
+
+Test(conf_errors, admin_clashes_with_listener)
+{
+    expect_error(MIN "admin:\n  address: 127.0.0.1:8080\n", "6:12",
+                 "admin.address: \"127.0.0.1:8080\" is already used by listen[0].address");
+}
+
+Test(conf_errors, address_too_long)
+{
+    char yaml[1024], host[200];
+
+    memset(host, 'a', 150);
+    host[150] = '\0';
+    snprintf(yaml, sizeof(yaml), MIN_LISTEN "upstream:\n  servers: [%s:80]\n", host);
+    expect_error(yaml, "4:13", "upstream.servers[0]: address is too long");
+}
+
+/* ---- enums --------------------------------------------------------------------------- */
+
+Test(conf_errors, bad_enum_store)
+{
+    expect_error(MIN "store: memcached\n", "5:8",
+                 "store: bad value \"memcached\", expected one of redis|local");
+}
+
+Test(conf_errors, bad_enum_on_failure)
+{
+    expect_error(MIN "redis:\n  on_failure: retry\n", "6:15",
+                 "redis.on_failure: bad value \"retry\", expected one of local|allow|deny");
+}
+
+Test(conf_errors, bad_enum_log_level)
+{
+    expect_error(MIN "log_level: verbose\n", "5:12",
+                 "log_level: bad value \"verbose\", expected one of debug|info|warn|error");
+}
+
+/* ---- other value checks ------------------------------------------------------------------ */
+
+Test(conf_errors, bad_tier_name)
+{
+    expect_error(MIN "rate_limits:\n  Gold: { requests_per_minute: 1, burst_limit: 1 }\n",
+                 "6:3", "rate_limits.Gold: bad tier name \"Gold\": 1..32 characters "
+                 "of [a-z0-9_-]");
+}
+
+Test(conf_errors, bad_redis_url)
+{
+    expect_error(MIN "redis: { url: \"http://x:6379\" }\n", "5:15",
+                 "redis.url: bad Redis URL \"http://x:6379\": scheme must be redis://");
+    expect_error(MIN "redis: { url: \"redis://h:6379/16\" }\n", "5:15",
+                 "database must be a number 0..15");
+    expect_error(MIN "redis: { url: \"redis://h:0/1\" }\n", "5:15",
+                 "port must be a number 1..65535");
+    expect_error(MIN "redis: { url: \"redis://:6379/1\" }\n", "5:15", "missing host");
+}
+
+Test(conf_errors, bad_redis_prefix)
+{
+    expect_error(MIN "redis: { prefix: \"a b\" }\n", "5:18",
+                 "redis.prefix: must not contain spaces");
+    expect_error(MIN "redis: { prefix: \"\" }\n", "5:18",
+                 "redis.prefix: length 0 is out of range (1..64 characters)");
+}
+
+Test(conf_errors, error_buffer_small)
+{
+    char small[16];
+    tg_conf *conf = tg_conf_load_string("t.yaml", "", 0, small, sizeof(small));
+
+    cr_assert_null(conf);
+    cr_assert_eq(strlen(small), sizeof(small) - 1);
+}
+
+/* ---- successful loads ------------------------------------------------------------------ */
+
+Test(conf, defaults_filled)
+{
+    tg_conf *conf = expect_ok(MIN);
+    const struct sockaddr_in *sin;
+    char cwd[PATH_MAX];
+
+    cr_assert_eq(conf->refcnt, 1);
+    cr_assert_str_eq(conf->path, "t.yaml");
+    cr_assert_not_null(getcwd(cwd, sizeof(cwd)));
+    cr_assert_str_eq(conf->dir, cwd);
+
+    cr_assert_eq(conf->nlisten, 1);
+    cr_assert_str_eq(conf->listen[0].addr.text, "127.0.0.1:8080");
+    cr_assert_eq(conf->listen[0].tls, 0);
+    cr_assert_null(conf->listen[0].cert);
+    sin = (const struct sockaddr_in *)&conf->listen[0].addr.sa;
+    cr_assert_eq(sin->sin_family, AF_INET);
+    cr_assert_eq(ntohs(sin->sin_port), 8080);
+    cr_assert_eq(sin->sin_addr.s_addr, htonl(INADDR_LOOPBACK));
+
+    cr_assert_eq(conf->admin_enabled, 1);
+    cr_assert_str_eq(conf->admin.text, "127.0.0.1:9090");
+    sin = (const struct sockaddr_in *)&conf->admin.sa;
+    cr_assert_eq(ntohs(sin->sin_port), 9090);
+
+    cr_assert_eq(conf->drain_timeout_ms, 10000);
+    cr_assert_eq(conf->log_level, TG_LOG_INFO);
+    cr_assert_eq(conf->http.max_request_line, 8192);
+    cr_assert_eq(conf->http.max_header_bytes, 16384);
+    cr_assert_eq(conf->http.max_headers, 100);
+    cr_assert_eq(conf->http.max_body_bytes, 10485760);
+    cr_assert_eq(conf->http.header_timeout_ms, 10000);
+    cr_assert_eq(conf->http.body_timeout_ms, 30000);
+    cr_assert_eq(conf->http.idle_timeout_ms, 60000);
+    cr_assert_eq(conf->http.send_timeout_ms, 30000);
+    cr_assert_eq(conf->http.max_requests_per_connection, 10000);
+
+    cr_assert_eq(conf->upstream.nservers, 1);
+    cr_assert_str_eq(conf->upstream.servers[0].text, "127.0.0.1:8000");
+    cr_assert_eq(conf->upstream.connect_timeout_ms, 2000);
+    cr_assert_eq(conf->upstream.first_byte_timeout_ms, 30000);
+    cr_assert_eq(conf->upstream.total_timeout_ms, 60000);
+    cr_assert_eq(conf->upstream.keepalive, 32);
+    cr_assert_eq(conf->upstream.keepalive_timeout_ms, 30000);
+
+    cr_assert_eq(conf->ntiers, 0);
+    cr_assert_null(tg_conf_tier(conf, "basic"));
+    cr_assert_eq(conf->store, TG_STORE_REDIS);
+    cr_assert_str_eq(conf->redis.url, "redis://127.0.0.1:6379/0");
+    cr_assert_eq(conf->redis.timeout_ms, 25);
+    cr_assert_eq(conf->redis.on_failure, TG_FAIL_LOCAL);
+    cr_assert_str_eq(conf->redis.prefix, "tg:");
+    cr_assert_null(conf->auth.keys_file);
+    cr_assert_eq(conf->global_limit.enabled, 0);
+    tg_conf_unref(conf);
+}
+
+Test(conf, every_key_set)
+{
+    tg_conf *conf = expect_ok(
+        "listen:\n"
+        "  - address: \"[::1]:8443\"\n"
+        "    tls: { cert: /etc/t/cert.pem, key: /etc/t/key.pem }\n"
+        "admin: { enabled: false, address: 127.0.0.1:9999 }\n"
+        "workers: 3\n"
+        "drain_timeout_ms: 0\n"
+        "log_level: debug\n"
+        "http:\n"
+        "  max_request_line: 256\n"
+        "  max_header_bytes: 1024\n"
+        "  max_headers: 128\n"
+        "  max_body_bytes: 0\n"
+        "  header_timeout_ms: 1\n"
+        "  body_timeout_ms: 2\n"
+        "  idle_timeout_ms: 3\n"
+        "  send_timeout_ms: 3600000\n"
+        "  max_requests_per_connection: 2147483648\n"
+        "upstream:\n"
+        "  servers: [127.0.0.1:8000, \"[::1]:8001\", localhost:8002]\n"
+        "  connect_timeout_ms: 10\n"
+        "  first_byte_timeout_ms: 20\n"
+        "  total_timeout_ms: 30\n"
+        "  keepalive: 0\n"
+        "  keepalive_timeout_ms: 40\n"
+        "rate_limits:\n"
+        "  basic:      { requests_per_minute: 100,  burst_limit: 20 }\n"
+        "  pro:        { requests_per_minute: 500,  burst_limit: 100 }\n"
+        "  enterprise: { requests_per_minute: 1000, burst_limit: 200 }\n"
+        "store: local\n"
+        "redis:\n"
+        "  url: redis://[::1]:6380/15\n"
+        "  timeout_ms: 60000\n"
+        "  on_failure: deny\n"
+        "  prefix: \"rl:\"\n"
+        "auth: { keys_file: /etc/tollgate/keys.yaml }\n"
+        "global_limit: { requests_per_second: 5000, burst: 1000 }\n");
+    const struct sockaddr_in6 *sin6;
+    const tg_tier_conf *t;
+
+    cr_assert_eq(conf->listen[0].tls, 1);
+    cr_assert_str_eq(conf->listen[0].cert, "/etc/t/cert.pem");
+    cr_assert_str_eq(conf->listen[0].key, "/etc/t/key.pem");
+    sin6 = (const struct sockaddr_in6 *)&conf->listen[0].addr.sa;
+    cr_assert_eq(sin6->sin6_family, AF_INET6);
+    cr_assert_eq(ntohs(sin6->sin6_port), 8443);
+    cr_assert_eq(conf->admin_enabled, 0);
+    cr_assert_eq(conf->workers, 3);
+    cr_assert_eq(conf->drain_timeout_ms, 0);
+    cr_assert_eq(conf->log_level, TG_LOG_DEBUG);
+    cr_assert_eq(conf->http.max_request_line, 256);
+    cr_assert_eq(conf->http.max_header_bytes, 1024);
+    cr_assert_eq(conf->http.max_headers, 128);
+    cr_assert_eq(conf->http.max_body_bytes, 0);
+    cr_assert_eq(conf->http.send_timeout_ms, 3600000);
+    cr_assert_eq(conf->http.max_requests_per_connection, 2147483648u);
+    cr_assert_eq(conf->upstream.nservers, 3);
+    cr_assert_str_eq(conf->upstream.servers[2].text, "localhost:8002");
+    cr_assert_eq(conf->upstream.keepalive, 0);
+    cr_assert_eq(conf->upstream.keepalive_timeout_ms, 40);
+
+    cr_assert_eq(conf->ntiers, 3);
+    cr_assert_str_eq(conf->tiers[0].name, "basic");
+    cr_assert_str_eq(conf->tiers[2].name, "enterprise");
+    t = tg_conf_tier(conf, "pro");
+    cr_assert_not_null(t);
+    cr_assert_eq(t->requests_per_minute, 500);
+    cr_assert_eq(t->burst_limit, 100);
+    cr_assert_null(tg_conf_tier(conf, "gold"));
+
+    cr_assert_eq(conf->store, TG_STORE_LOCAL);
+    cr_assert_str_eq(conf->redis.url, "redis://[::1]:6380/15");
+    cr_assert_eq(conf->redis.timeout_ms, 60000);
+    cr_assert_eq(conf->redis.on_failure, TG_FAIL_DENY);
+    cr_assert_str_eq(conf->redis.prefix, "rl:");
+    cr_assert_str_eq(conf->auth.keys_file, "/etc/tollgate/keys.yaml");
+    cr_assert_eq(conf->global_limit.enabled, 1);
+    cr_assert_eq(conf->global_limit.requests_per_second, 5000);
+    cr_assert_eq(conf->global_limit.burst, 1000);
+    tg_conf_unref(conf);
+}
+
+Test(conf, workers_zero_is_cpus)
+{
+    tg_conf *conf = expect_ok(MIN "workers: 0\n");
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+    cr_assert_gt(ncpu, 0);
+    cr_assert_eq(conf->workers, (unsigned)(ncpu > 256 ? 256 : ncpu));
+    tg_conf_unref(conf);
+
+    conf = expect_ok(MIN);          /* absent = 0 = CPUs too */
+    cr_assert_eq(conf->workers, (unsigned)(ncpu > 256 ? 256 : ncpu));
+    tg_conf_unref(conf);
+}
+
+Test(conf, size_suffix)
+{
+    static const struct { const char *text; uint64_t want; } cases[] = {
+        { "8m", 8u * 1024 * 1024 },
+        { "\"8m\"", 8u * 1024 * 1024 },
+        { "512k", 512u * 1024 },
+        { "512K", 512u * 1024 },
+        { "2g", 2ull * 1024 * 1024 * 1024 },
+        { "1234", 1234 },
+        { "4294967296g", 4611686018427387904ull },   /* 2^62 exactly */
+    };
+    char yaml[256];
+    size_t i;
+    tg_conf *conf;
+
+    for (i = 0; i < TG_ARRAY_LEN(cases); i++) {
+        snprintf(yaml, sizeof(yaml), MIN "http: { max_body_bytes: %s }\n",
+                 cases[i].text);
+        conf = expect_ok(yaml);
+        cr_assert_eq(conf->http.max_body_bytes, cases[i].want, "%s", cases[i].text);
+        tg_conf_unref(conf);
+    }
+    expect_error(MIN "http: { max_body_bytes: 4294967297g }\n", "5:25",
+                 "out of range (0..4611686018427387904)");
+}
+
+Test(conf, relative_paths_resolve_against_config_dir)
+{
+    char dir[] = "/tmp/tg_test_conf_rel_XXXXXX";
+    char path[PATH_MAX], want[PATH_MAX], *real;
+    tg_conf *conf;
+
+    cr_assert_not_null(mkdtemp(dir));
+    real = realpath(dir, NULL);
+    cr_assert_not_null(real);
+    snprintf(path, sizeof(path), "%s/tg.yaml", dir);
+    write_file(path,
+               "listen:\n"
+               "  - address: 127.0.0.1:0\n"
+               "    tls: { cert: tls/cert.pem, key: /abs/key.pem }\n"
+               MIN_UPSTREAM
+               "auth: { keys_file: keys.yaml }\n");
+
+    /* Load through a relative, non-canonical path. */
+    cr_assert_eq(chdir("/tmp"), 0);
+    snprintf(want, sizeof(want), ".//%s/../%s/tg.yaml", dir + 5, dir + 5);
+    conf = tg_conf_load(want, err, sizeof(err));
+    cr_assert_not_null(conf, "%s", err);
+
+    snprintf(want, sizeof(want), "%s/tg.yaml", real);
+    cr_assert_str_eq(conf->path, want);
+    cr_assert_str_eq(conf->dir, real);
+    snprintf(want, sizeof(want), "%s/tls/cert.pem", real);
+    cr_assert_str_eq(conf->listen[0].cert, want);
+    cr_assert_str_eq(conf->listen[0].key, "/abs/key.pem");
+    snprintf(want, sizeof(want), "%s/keys.yaml", real);
+    cr_assert_str_eq(conf->auth.keys_file, want);
+    tg_conf_unref(conf);
+
+    unlink(path);
+    rmdir(dir);
+    free(real);
+}
+
+Test(conf, error_names_the_file_as_given)
+{
+    char dir[] = "/tmp/tg_test_conf_err_XXXXXX";
+    char path[PATH_MAX], want[PATH_MAX + 128];
+    tg_conf *conf;
+
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/bad.yaml", dir);
+    write_file(path, MIN "\nhttp:\n  idle_timeout_ms: abc\n");
+    conf = tg_conf_load(path, err, sizeof(err));
+    cr_assert_null(conf);
+    snprintf(want, sizeof(want), "%s:7:20: http.idle_timeout_ms: expected an "
+             "integer, got \"abc\"", path);
+    cr_assert_str_eq(err, want);
+    unlink(path);
+    rmdir(dir);
+}
+
+Test(conf, refcount)
+{
+    tg_conf *conf = expect_ok(MIN);
+
+    cr_assert_eq(tg_conf_ref(conf), conf);
+    cr_assert_eq(conf->refcnt, 2);
+    tg_conf_ref(conf);
+    cr_assert_eq(conf->refcnt, 3);
+    tg_conf_unref(conf);
+    tg_conf_unref(conf);
+    cr_assert_eq(conf->refcnt, 1);
+    cr_assert_str_eq(conf->upstream.servers[0].text, "127.0.0.1:8000");
+    tg_conf_unref(conf);            /* frees; ASan checks for leaks */
+    tg_conf_unref(NULL);
+}
+
+/* ---- tg_addr_parse ------------------------------------------------------------------- */
+
+Test(addr, forms_resolve_offline)
+{
+    tg_addr a;
+    const struct sockaddr_in *sin = (const struct sockaddr_in *)&a.sa;
+    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&a.sa;
+
+    cr_assert_eq(tg_addr_parse("0.0.0.0:8443", &a, err, sizeof(err)), TG_OK, "%s", err);
+    cr_assert_eq(sin->sin_family, AF_INET);
+    cr_assert_eq(ntohs(sin->sin_port), 8443);
+    cr_assert_eq(sin->sin_addr.s_addr, htonl(INADDR_ANY));
+    cr_assert_eq(a.salen, sizeof(struct sockaddr_in));
+    cr_assert_str_eq(a.text, "0.0.0.0:8443");
+
+    cr_assert_eq(tg_addr_parse("[::1]:80", &a, err, sizeof(err)), TG_OK, "%s", err);
+    cr_assert_eq(sin6->sin6_family, AF_INET6);
+    cr_assert_eq(ntohs(sin6->sin6_port), 80);
+    cr_assert(IN6_IS_ADDR_LOOPBACK(&sin6->sin6_addr));
+
+    cr_assert_eq(tg_addr_parse("[::]:0", &a, err, sizeof(err)), TG_OK, "%s", err);
+    cr_assert_eq(ntohs(sin6->sin6_port), 0);
+
+    cr_assert_eq(tg_addr_parse("localhost:8000", &a, err, sizeof(err)), TG_OK, "%s", err);
+    cr_assert(a.sa.ss_family == AF_INET || a.sa.ss_family == AF_INET6);
+    cr_assert_eq(ntohs(sin->sin_port), 8000);   /* same offset in v4 and v6 */
+}
+
+Test(addr, bad_forms)
+{
+    static const char *const bad[] = {
+        "127.0.0.1", "127.0.0.1:", ":80", "127.0.0.1:http", "127.0.0.1:-1",
+        "127.0.0.1:123456", "[::1]80", "[::1", "::1:80", "[]:80", "1.2.3.4:8 ",
+    };
+    tg_addr a;
+    size_t i;
+
+    for (i = 0; i < TG_ARRAY_LEN(bad); i++) {
+        cr_assert_eq(tg_addr_parse(bad[i], &a, err, sizeof(err)), TG_ERR,
+                     "accepted \"%s\"", bad[i]);
+        cr_assert(strstr(err, bad[i]) != NULL, "%s", err);
+    }
+}
+
+/* ---- every shipped config ------------------------------------------------------------- */
+
+Test(conf, shipped_configs_load)
+{
+    const char *root = getenv("TG_SOURCE_ROOT");
+    char dirpath[PATH_MAX], path[PATH_MAX + 300];
+    struct dirent *de;
+    size_t n = 0, len;
+    DIR *d;
+    tg_conf *conf;
+
+    snprintf(dirpath, sizeof(dirpath), "%s/conf", root ? root : ".");
+    d = opendir(dirpath);
+    cr_assert_not_null(d, "cannot open %s (set TG_SOURCE_ROOT)", dirpath);
+    while ((de = readdir(d)) != NULL) {
+        len = strlen(de->d_name);
+        if (len < 5 || strcmp(de->d_name + len - 5, ".yaml") != 0 ||
+            strcmp(de->d_name, "keys.yaml") == 0) {
+            continue;
+        }
+        snprintf(path, sizeof(path), "%s/%s", dirpath, de->d_name);
+        conf = tg_conf_load(path, err, sizeof(err));
+        cr_assert_not_null(conf, "%s", err);
+        cr_assert_geq(conf->nlisten, 1);
+        cr_assert_geq(conf->upstream.nservers, 1);
+        if (strcmp(de->d_name, "tollgate.yaml") == 0 ||
+            strcmp(de->d_name, "demo.yaml") == 0) {
+            cr_assert_eq(conf->ntiers, 3, "%s", path);
+            cr_assert_eq(tg_conf_tier(conf, "basic")->burst_limit, 20);
+            cr_assert_eq(tg_conf_tier(conf, "pro")->requests_per_minute, 500);
+            cr_assert_eq(tg_conf_tier(conf, "enterprise")->burst_limit, 200);
+            cr_assert_not_null(conf->auth.keys_file);
+            snprintf(path, sizeof(path), "%s/keys.yaml", conf->dir);
+            cr_assert_str_eq(conf->auth.keys_file, path);
+        }
+        if (strcmp(de->d_name, "tollgate.yaml") == 0) {
+            cr_assert_eq(conf->nlisten, 2);
+            cr_assert_eq(conf->listen[1].tls, 1);
+            snprintf(path, sizeof(path), "%s/tls/cert.pem", conf->dir);
+            cr_assert_str_eq(conf->listen[1].cert, path);
+            cr_assert_eq(conf->store, TG_STORE_REDIS);
+            cr_assert_eq(conf->global_limit.enabled, 1);
+        }
+        if (strcmp(de->d_name, "demo.yaml") == 0) {
+            cr_assert_eq(conf->workers, 2);
+            cr_assert_eq(conf->store, TG_STORE_LOCAL);
+        }
+        tg_conf_unref(conf);
+        n++;
+    }
+    closedir(d);
+    cr_assert_geq(n, 2, "found only %zu configs in %s", n, dirpath);
+}
