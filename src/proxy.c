@@ -652,7 +652,7 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
     const tg_http_hdr *xff[8];
     size_t nxff = 0, i;
     char num[32];
-    int n;
+    int n, had_cl = 0;
 
     add_str(out, r->method, r->method_len);
     ADD_LIT(out, " ");
@@ -662,6 +662,10 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
     ADD_LIT(out, "\r\n");
     for (i = 0; i < r->nhdr; i++) {
         h = &r->hdr[i];
+        if (h->name_len == 14 && tg_http_name_is(h->name, h->name_len, "content-length")) {
+            had_cl = 1;
+            continue;
+        }
         if (tg_http_is_hop_by_hop(h->name, h->name_len)
             || tg_http_name_is(h->name, h->name_len, "host")
             || tg_http_name_is(h->name, h->name_len, "x-forwarded-proto")
@@ -698,6 +702,8 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
         add_str(out, num, (size_t)n);
     } else if (r->body == TG_BODY_CHUNKED) {
         ADD_LIT(out, "\r\nTransfer-Encoding: chunked");
+    } else if (had_cl) {
+        ADD_LIT(out, "\r\nContent-Length: 0");   /* an empty POST stays framed */
     }
     ADD_LIT(out, "\r\n\r\n");
 }
@@ -1031,7 +1037,12 @@ write_response_head(struct tg_client *c, const tg_http_resp *rs)
     ADD_LIT(out, "\r\n");
 
     c->rs_chunked_out = 0;
-    if (rs->body == TG_BODY_LENGTH) {
+    if (rs->body == TG_BODY_NONE) {
+        /* An empty body the client cannot see the end of, unless told. */
+        if (!c->req.is_head && rs->status != 204 && rs->status != 304) {
+            ADD_LIT(out, "Content-Length: 0\r\n");
+        }
+    } else if (rs->body == TG_BODY_LENGTH) {
         n = snprintf(line, sizeof(line), "Content-Length: %llu\r\n",
                      (unsigned long long)rs->content_length);
         add_str(out, line, (size_t)n);

@@ -181,6 +181,24 @@ Test(proxy, testup_get_bytes_exact)
         free(req);
         tgh_resp_free(&r);
     }
+    /* upstream chunked, 8 MiB in 16 chunks: re-chunked byte-exact */
+    size_t n = 8 * 1024 * 1024;
+    char *req = tgh_strf("GET /chunked?n=%zu&chunks=16&delay_ms=0 HTTP/1.1\r\n"
+                         "Host: t\r\n\r\n", n);
+    tgh_resp r;
+    int rc = tgh_conn_roundtrip(c, req, strlen(req), &r, 0, 60000);
+    free(req);
+    TGH_CHECK(rc == 0 && r.status == 200, "GET /chunked 8 MiB: rc %d "
+              "status %d (%s)", rc, r.status, r.reason);
+    unsigned char *want = malloc(n);
+    tgh_fill_testup_pattern(want, n);
+    TGH_CHECK(r.chunked && r.body_len == n
+              && tgh_first_diff(want, r.body, n) < 0,
+              "GET /chunked 8 MiB: chunked=%d, %zu bytes, differs at %ld",
+              r.chunked, r.body_len,
+              r.body_len == n ? tgh_first_diff(want, r.body, n) : -1L);
+    free(want);
+    tgh_resp_free(&r);
     tgh_conn_close(c);
 }
 
@@ -998,4 +1016,208 @@ Test(proxy, sigterm_drains_inflight)
               WIFEXITED(tg.proc->status) ? WEXITSTATUS(tg.proc->status)
                                          : WTERMSIG(tg.proc->status));
     TGH_CHECK(dt < 10000, "drain took %llu ms", (unsigned long long)dt);
+}
+
+/* ------------------------------------------------------------------ */
+/* delivery corners                                                    */
+
+Test(proxy, request_split_into_pieces)
+{
+    start_testup(NULL);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    /* one byte at a time, head and body */
+    const char *req = "POST /echo?x=1 HTTP/1.1\r\nHost: t\r\nX-A: b\r\n"
+                      "Content-Length: 10\r\n\r\n0123456789";
+    TGH_CHECK(tgh_conn_send_slowly(c, req, strlen(req), 1, 3) == 0, "send");
+    tgh_resp r;
+    int rc = tgh_conn_read_response(c, &r, 0, 5000);
+    TGH_CHECK(rc == 0 && r.status == 200 && r.body_len == 10
+              && memcmp(r.body, "0123456789", 10) == 0,
+              "request sent byte by byte: rc %d status %d body '%s' (%s)", rc,
+              r.status, (char *)r.body, r.reason);
+    tgh_resp_free(&r);
+    /* a long request line (7000 bytes) in 100-byte pieces, then the
+     * chunked body split inside the chunk-size lines and the CRLFs */
+    size_t plen = 7000;
+    char *path = malloc(plen + 1);
+    path[0] = '/';
+    memcpy(path + 1, "echo?pad=", 9);
+    memset(path + 10, 'q', plen - 10);
+    path[plen] = '\0';
+    char *big = tgh_strf("POST %s HTTP/1.1\r\nHost: t\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n"
+                         "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", path);
+    TGH_CHECK(tgh_conn_send_slowly(c, big, strlen(big), 100, 2) == 0,
+              "send");
+    rc = tgh_conn_read_response(c, &r, 0, 5000);
+    TGH_CHECK(rc == 0 && r.status == 200 && r.body_len == 11
+              && memcmp(r.body, "hello world", 11) == 0,
+              "long request line in pieces: rc %d status %d body '%s' (%s)",
+              rc, r.status, (char *)r.body, r.reason);
+    tgh_resp_free(&r);
+    size_t tail = strlen(big) - 40; /* the chunked body, 3 bytes at a time */
+    TGH_CHECK(tgh_conn_send(c, big, tail, 5000) == 0, "send");
+    TGH_CHECK(tgh_conn_send_slowly(c, big + tail, 40, 3, 5) == 0, "send");
+    rc = tgh_conn_read_response(c, &r, 0, 5000);
+    TGH_CHECK(rc == 0 && r.status == 200 && r.body_len == 11
+              && memcmp(r.body, "hello world", 11) == 0,
+              "chunk framing split in pieces: rc %d status %d body '%s' (%s)",
+              rc, r.status, (char *)r.body, r.reason);
+    tgh_resp_free(&r);
+    free(big);
+    free(path);
+    tgh_conn_close(c);
+}
+
+Test(proxy, pipelined_requests_in_order)
+{
+    start_testup(NULL);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    /* three requests in one write; the first is the slowest */
+    const char *req = "GET /slow?ms=300 HTTP/1.1\r\nHost: t\r\n\r\n"
+                      "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+                      "\r\nabc"
+                      "GET /bytes?n=7 HTTP/1.1\r\nHost: t\r\n\r\n";
+    TGH_CHECK(tgh_conn_sendstr(c, req) == 0, "send");
+    tgh_resp r;
+    int rc = tgh_conn_read_response(c, &r, 0, 5000);
+    TGH_CHECK(rc == 0 && r.status == 200 && r.body_len == 5
+              && memcmp(r.body, "slow\n", 5) == 0,
+              "pipelined #1: rc %d status %d body '%s' (%s)", rc, r.status,
+              (char *)r.body, r.reason);
+    tgh_resp_free(&r);
+    rc = tgh_conn_read_response(c, &r, 0, 5000);
+    TGH_CHECK(rc == 0 && r.status == 200 && r.body_len == 3
+              && memcmp(r.body, "abc", 3) == 0,
+              "pipelined #2: rc %d status %d body '%s' (%s)", rc, r.status,
+              (char *)r.body, r.reason);
+    tgh_resp_free(&r);
+    rc = tgh_conn_read_response(c, &r, 0, 5000);
+    unsigned char want[7];
+    tgh_fill_testup_pattern(want, 7);
+    TGH_CHECK(rc == 0 && r.status == 200 && r.body_len == 7
+              && memcmp(r.body, want, 7) == 0,
+              "pipelined #3: rc %d status %d %zu bytes (%s)", rc, r.status,
+              r.body_len, r.reason);
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+}
+
+/* Peak resident set of a process in KiB (VmHWM), or -1. */
+static long vm_hwm_kib(pid_t pid)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    long v = -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (strncmp(line, "VmHWM:", 6) == 0)
+            v = strtol(line + 6, NULL, 10);
+    fclose(f);
+    return v;
+}
+
+static void big_body_limit(tgh_tg_opts *o)
+{
+    o->max_body_bytes = 256L * 1024 * 1024;
+    o->total_timeout_ms = 60000;
+}
+
+Test(proxy, streams_without_buffering_bodies)
+{
+    start_testup(big_body_limit);
+    tgh_resp r;
+    TGH_CHECK(tgh_http(tg.port, "GET", "/bytes?n=65536", NULL, NULL, 0, &r,
+                       5000) == 0 && r.status == 200, "warm-up");
+    tgh_resp_free(&r);
+    long base = vm_hwm_kib(tg.proc->pid);
+    TGH_CHECK(base > 0, "cannot read VmHWM of tollgate");
+    const size_t n = 128u * 1024 * 1024;
+
+    /* a client that stops reading: the proxy must stop reading the
+     * upstream instead of buffering the 128 MiB response */
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    char *req = tgh_strf("GET /bytes?n=%zu HTTP/1.1\r\nHost: t\r\n\r\n", n);
+    TGH_CHECK(tgh_conn_sendstr(c, req) == 0, "send");
+    free(req);
+    tgh_sleep_ms(1500);
+    long stalled = vm_hwm_kib(tg.proc->pid);
+    int rc = tgh_conn_read_response(c, &r, 0, 60000);
+    TGH_CHECK(rc == 0 && r.status == 200 && r.body_len == n,
+              "128 MiB download: rc %d status %d %zu bytes (%s)", rc,
+              r.status, r.body_len, r.reason);
+    unsigned char *want = malloc(n);
+    tgh_fill_testup_pattern(want, n);
+    TGH_CHECK(tgh_first_diff(want, r.body, n) < 0, "128 MiB download "
+              "differs");
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+    TGH_CHECK(stalled - base < 48 * 1024, "tollgate buffered the response "
+              "for a stalled client: VmHWM %ld KiB -> %ld KiB", base,
+              stalled);
+
+    /* upload 128 MiB (echoed back, read concurrently) */
+    tgh_fill_random(want, n, 77);
+    echo_cl("/echo", want, n);
+    free(want);
+    long after = vm_hwm_kib(tg.proc->pid);
+    TGH_CHECK(after - base < 48 * 1024, "tollgate buffered bodies: VmHWM "
+              "%ld KiB -> %ld KiB over a 128 MiB upload + echo", base, after);
+}
+
+static void short_client_timeouts(tgh_tg_opts *o)
+{
+    o->header_timeout_ms = 1000;
+    o->idle_timeout_ms = 1000;
+}
+
+Test(proxy, header_and_idle_timeouts)
+{
+    start_testup(short_client_timeouts);
+    tgh_stats s0, s1;
+    tgh_testup_stats(up.port, &s0);
+    /* an incomplete head: closed after header_timeout_ms (408 or silence) */
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    uint64_t t0 = tgh_now_ms();
+    tgh_conn_sendstr(c, "GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ");
+    size_t got = 0;
+    unsigned char *rest = NULL;
+    int closed = 0;
+    rest = tgh_conn_read_all(c, 5000, &got, &closed);
+    uint64_t dt = tgh_now_ms() - t0;
+    TGH_CHECK(closed, "incomplete head still open after 5 s "
+              "(header_timeout_ms 1000)");
+    TGH_CHECK(dt >= 800 && dt <= 3000, "incomplete head closed after %llu "
+              "ms, header_timeout_ms 1000", (unsigned long long)dt);
+    TGH_CHECK(got == 0 || strncmp((char *)rest, "HTTP/1.1 408 ", 13) == 0,
+              "header timeout answered with '%.40s', expected 408 or "
+              "nothing", (char *)rest);
+    free(rest);
+    tgh_conn_close(c);
+    tgh_testup_stats(up.port, &s1);
+    TGH_CHECK(s1.requests == s0.requests, "incomplete request forwarded");
+
+    /* an idle keep-alive connection: closed after idle_timeout_ms */
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_resp r;
+    const char *req = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    int rc = tgh_conn_roundtrip(c, req, strlen(req), &r, 0, 5000);
+    TGH_CHECK(rc == 0 && r.status == 200, "GET /: %d", r.status);
+    tgh_resp_free(&r);
+    t0 = tgh_now_ms();
+    size_t extra = 0;
+    closed = tgh_conn_wait_closed(c, 5000, &extra);
+    dt = tgh_now_ms() - t0;
+    TGH_CHECK(closed && dt >= 800 && dt <= 3000, "idle keep-alive "
+              "connection: closed=%d after %llu ms (idle_timeout_ms 1000)",
+              closed, (unsigned long long)dt);
+    TGH_CHECK(extra == 0, "%zu bytes sent on an idle connection", extra);
+    tgh_conn_close(c);
 }

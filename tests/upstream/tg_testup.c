@@ -37,6 +37,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
 
@@ -255,6 +256,9 @@ tu_listen(const char *addr, int port, int reuseport, int *bound)
         return -1;
     }
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    /* Accepted sockets inherit it (Linux): a reply written in pieces
+     * (headers, chunks) must not wait on Nagle + delayed ACK. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (reuseport &&
         setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) {
         perror("tg-testup: SO_REUSEPORT");
