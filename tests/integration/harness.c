@@ -995,14 +995,18 @@ static void resp_init(tgh_resp *r, int flags, parser *ps)
 
 static int finish_fail(tgh_conn *c, tgh_resp *r, parser *ps, int timed_out)
 {
-    if (r->reason[0] == '\0' || strncmp(r->reason, "harness:", 8) != 0
-        || ps->st != P_DONE) {
-        if (strncmp(r->reason, "harness:", 8) != 0)
-            fail_reason(r, "harness: %s in state %d (status %d, %zu body "
-                        "bytes)", timed_out ? "timeout" : "connection closed",
-                        (int)ps->st, r->status, r->body_len);
-    }
     (void)c;
+    if (strncmp(r->reason, "harness:", 8) == 0)
+        return -1;
+    if (ps->st == P_CLOSE && timed_out)
+        fail_reason(r, "harness: timeout: status %d response has neither "
+                    "Content-Length nor chunked framing (close-delimited) "
+                    "and the connection stayed open; %zu body bytes",
+                    r->status, r->body_len);
+    else
+        fail_reason(r, "harness: %s in state %d (status %d, %zu body bytes)",
+                    timed_out ? "timeout" : "connection closed", (int)ps->st,
+                    r->status, r->body_len);
     return -1;
 }
 
