@@ -144,6 +144,8 @@ static void relay_response_body(struct tg_client *c);
 static void exchange_end(struct tg_client *c, int reusable);
 static void response_done(struct tg_client *c);
 static void make_request_id(struct tg_client *c);
+static void client_flush(struct tg_client *c);
+static void up_flush(struct tg_client *c);
 
 /* ---- public -------------------------------------------------------- */
 
@@ -253,8 +255,11 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
 
     bufferevent_setcb(c->bev, client_read_cb, client_write_cb, client_event_cb, c);
     bufferevent_setwatermark(c->bev, EV_WRITE, TG_LOW_WATER, 0);
+    /* Pipelined requests wait in the input while one is served; past
+     * this much the bufferevent stops reading by itself. */
+    bufferevent_setwatermark(c->bev, EV_READ, 0, TG_HIGH_WATER);
     bufferevent_set_timeouts(c->bev, NULL, &px->send_tv);
-    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    bufferevent_enable(c->bev, c->tls ? EV_READ | EV_WRITE : EV_READ);
     c->state = C_HEAD;
     c->head_timer_on = 1;
     arm_timer(c, px->conf->http.header_timeout_ms);
@@ -333,6 +338,7 @@ client_close_after_flush(struct tg_client *c)
     bufferevent_disable(c->bev, EV_READ);
     bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
     arm_timer(c, c->px->conf->http.send_timeout_ms);
+    client_flush(c);
     if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
         event_active(c->defer, EV_TIMEOUT, 1);
     }
@@ -414,6 +420,7 @@ client_next_request(struct tg_client *c)
 
     c->state = C_HEAD;
     c->rq_paused = 0;
+    client_flush(c);
     bufferevent_set_timeouts(c->bev, NULL, &px->send_tv);
     bufferevent_enable(c->bev, EV_READ);
     if (evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
@@ -457,7 +464,9 @@ client_write_cb(struct bufferevent *bev, void *arg)
 {
     struct tg_client *c = arg;
 
-    TG_UNUSED(bev);
+    if (!c->tls && evbuffer_get_length(bufferevent_get_output(bev)) == 0) {
+        bufferevent_disable(bev, EV_WRITE);    /* back to write-through */
+    }
     if (c->state == C_CLOSING) {
         event_active(c->defer, EV_TIMEOUT, 1);
         return;
@@ -727,7 +736,9 @@ forward(struct tg_client *c)
     ub = tg_uconn_bev(c->uc);
     bufferevent_setcb(ub, up_read_cb, up_write_cb, up_event_cb, c);
     bufferevent_setwatermark(ub, EV_WRITE, TG_LOW_WATER, 0);
-    bufferevent_enable(ub, EV_READ | EV_WRITE);
+    /* A new connection writes when the connect completes; a reused one
+     * is written through at once (up_flush). */
+    bufferevent_enable(ub, c->uc_connected ? EV_READ : EV_READ | EV_WRITE);
     write_upstream_head(c, bufferevent_get_output(ub));
 
     if (!c->retried) {
@@ -744,12 +755,12 @@ forward(struct tg_client *c)
     up_arm(c);
 
     if (c->rq_done) {
-        /* No body: pipelined bytes stay put until this response is done. */
-        bufferevent_disable(c->bev, EV_READ);
+        up_flush(c);
         return;
     }
     if (c->req.expect_continue && !c->retried) {
         ADD_LIT(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n");
+        client_flush(c);
     }
     bufferevent_set_timeouts(c->bev, &px->body_tv, &px->send_tv);
     bufferevent_enable(c->bev, EV_READ);
@@ -787,6 +798,10 @@ relay_request_body(struct tg_client *c)
 
     while (!c->rq_done && (len = evbuffer_get_length(in)) != 0) {
         if (evbuffer_get_length(out) >= TG_HIGH_WATER) {
+            up_flush(c);
+            if (evbuffer_get_length(out) < TG_HIGH_WATER) {
+                continue;
+            }
             c->rq_paused = 1;
             bufferevent_disable(c->bev, EV_READ);
             return;
@@ -839,14 +854,14 @@ relay_request_body(struct tg_client *c)
             }
         }
     }
+    up_flush(c);
 }
 
 static void
 request_body_done(struct tg_client *c)
 {
     c->rq_done = 1;
-    /* Stop reading: the next pipelined request waits for this response. */
-    bufferevent_disable(c->bev, EV_READ);
+    bufferevent_enable(c->bev, EV_READ);    /* may have been paused */
     bufferevent_set_timeouts(c->bev, NULL, &c->px->send_tv);
     if (c->uc_connected && c->ustate == U_HEAD) {
         c->phase_is_connect = 0;
@@ -952,7 +967,9 @@ up_write_cb(struct bufferevent *bev, void *arg)
 {
     struct tg_client *c = arg;
 
-    TG_UNUSED(bev);
+    if (evbuffer_get_length(bufferevent_get_output(bev)) == 0) {
+        bufferevent_disable(bev, EV_WRITE);    /* back to write-through */
+    }
     if (c->rq_paused && !c->rq_done && c->state == C_BUSY) {
         c->rq_paused = 0;
         bufferevent_enable(c->bev, EV_READ);
@@ -1164,6 +1181,10 @@ relay_response_body(struct tg_client *c)
     in = bufferevent_get_input(tg_uconn_bev(c->uc));
     while ((len = evbuffer_get_length(in)) != 0) {
         if (evbuffer_get_length(out) >= TG_HIGH_WATER) {
+            client_flush(c);
+            if (evbuffer_get_length(out) < TG_HIGH_WATER) {
+                continue;
+            }
             c->rs_paused = 1;
             bufferevent_disable(tg_uconn_bev(c->uc), EV_READ);
             return;
@@ -1212,6 +1233,49 @@ relay_response_body(struct tg_client *c)
                 evbuffer_remove_buffer(in, out, len);
             }
         }
+    }
+    client_flush(c);
+}
+
+/* ---- write-through ---------------------------------------------------- */
+
+/*
+ * Write buffered output now rather than a loop turn later.  A plain
+ * socket's bufferevent keeps EV_WRITE off while the kernel takes all we
+ * give it, which saves two epoll_ctl calls and a wake-up per write; only
+ * when the socket is full does EV_WRITE go on (and the write callback,
+ * which also times out a stuck peer, turns it off again once drained).
+ * TLS connections always go through their bufferevent.
+ */
+static void
+bev_flush(struct bufferevent *bev)
+{
+    struct evbuffer *out = bufferevent_get_output(bev);
+    evutil_socket_t fd = bufferevent_getfd(bev);
+
+    while (evbuffer_get_length(out) != 0) {
+        if (evbuffer_write(out, fd) <= 0) {
+            break;    /* EAGAIN, or an error the write event will report */
+        }
+    }
+    if (evbuffer_get_length(out) != 0) {
+        bufferevent_enable(bev, EV_WRITE);
+    }
+}
+
+static void
+client_flush(struct tg_client *c)
+{
+    if (!c->tls) {
+        bev_flush(c->bev);
+    }
+}
+
+static void
+up_flush(struct tg_client *c)
+{
+    if (c->uc != NULL && c->uc_connected) {
+        bev_flush(tg_uconn_bev(c->uc));
     }
 }
 

@@ -169,6 +169,7 @@ tg_upstream_release(struct tg_uconn *uc, int reusable)
     bufferevent_set_timeouts(uc->bev, &pool->idle_tv, NULL);
     bufferevent_setwatermark(uc->bev, EV_READ, 0, 0);
     bufferevent_setwatermark(uc->bev, EV_WRITE, 0, 0);
+    bufferevent_disable(uc->bev, EV_WRITE);
     bufferevent_enable(uc->bev, EV_READ);
     uc->idle = 1;
     TAILQ_INSERT_HEAD(&srv->idle, uc, link);   /* LIFO: warmest first */

@@ -699,8 +699,10 @@ static void body_append(tgh_resp *r, parser *ps, const unsigned char *p,
     memcpy(r->body + r->body_len, p, n);
     r->body_len += n;
     r->body[r->body_len] = '\0';
-    if (n > 0 && r->t_first_body_ms == 0)
-        r->t_first_body_ms = tgh_now_ms() - r->t_start_ms + 0;
+    if (n > 0 && r->t_first_body_ms == 0) {
+        uint64_t dt = tgh_now_ms() - r->t_start_ms;
+        r->t_first_body_ms = dt > 0 ? dt : 1; /* 0 means "none yet" */
+    }
 }
 
 static void clear_headers(tgh_resp *r)
@@ -999,8 +1001,8 @@ static int finish_fail(tgh_conn *c, tgh_resp *r, parser *ps, int timed_out)
     if (strncmp(r->reason, "harness:", 8) == 0)
         return -1;
     if (ps->st == P_CLOSE && timed_out)
-        fail_reason(r, "harness: timeout: status %d response has neither "
-                    "Content-Length nor chunked framing (close-delimited) "
+        fail_reason(r, "harness: timeout: %d response without Content-Length or "
+                    "chunked (close-delimited) "
                     "and the connection stayed open; %zu body bytes",
                     r->status, r->body_len);
     else

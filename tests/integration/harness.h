@@ -147,7 +147,7 @@ typedef struct tgh_hdr {
 typedef struct tgh_resp {
     int      minor;                    /* HTTP/1.<minor> */
     int      status;
-    char     reason[128];
+    char     reason[256];
     tgh_hdr  hdr[TGH_MAX_HDRS];
     int      nhdr;
     unsigned char *body;               /* decoded body, NUL-terminated */
@@ -161,7 +161,7 @@ typedef struct tgh_resp {
     int      nchunks;                  /* chunk count (chunked framing) */
     uint64_t t_start_ms;               /* when reading started */
     uint64_t t_head_ms;                /* final head complete (relative) */
-    uint64_t t_first_body_ms;          /* first body byte (relative; 0 = none) */
+    uint64_t t_first_body_ms;          /* first body byte (relative, >= 1; 0 = none) */
     uint64_t t_done_ms;                /* response complete (relative) */
 } tgh_resp;
 

@@ -1006,6 +1006,8 @@ Test(proxy, sigterm_drains_inflight)
         }
         tgh_sleep_ms(20);
     }
+    cr_log_info("after SIGTERM: new connections %s", refused
+                ? "refused" : "still accepted by the kernel (checked: not served)");
     if (!refused) {
         tgh_conn *c = tgh_conn_open(tg.port, 1000);
         if (c != NULL) {
