@@ -259,7 +259,12 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
      * this much the bufferevent stops reading by itself. */
     bufferevent_setwatermark(c->bev, EV_READ, 0, TG_HIGH_WATER);
     bufferevent_set_timeouts(c->bev, NULL, &px->send_tv);
-    bufferevent_enable(c->bev, c->tls ? EV_READ | EV_WRITE : EV_READ);
+    if (c->tls) {
+        bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    } else {
+        bufferevent_disable(c->bev, EV_WRITE);   /* on by default: write-through */
+        bufferevent_enable(c->bev, EV_READ);
+    }
     c->state = C_HEAD;
     c->head_timer_on = 1;
     arm_timer(c, px->conf->http.header_timeout_ms);
@@ -1253,11 +1258,15 @@ bev_flush(struct bufferevent *bev)
     struct evbuffer *out = bufferevent_get_output(bev);
     evutil_socket_t fd = bufferevent_getfd(bev);
 
+    /* A socket bufferevent keeps the head of its output frozen and thaws
+     * it around its own writes; do as it does. */
+    evbuffer_unfreeze(out, 1);
     while (evbuffer_get_length(out) != 0) {
         if (evbuffer_write(out, fd) <= 0) {
             break;    /* EAGAIN, or an error the write event will report */
         }
     }
+    evbuffer_freeze(out, 1);
     if (evbuffer_get_length(out) != 0) {
         bufferevent_enable(bev, EV_WRITE);
     }
