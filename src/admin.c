@@ -14,6 +14,8 @@
 struct tg_admin {
     evhtp_t *htp;
     int      ready;
+    int    (*check)(void *arg);
+    void    *check_arg;
 };
 
 static void reply(evhtp_request_t *req, evhtp_res code, const char *body);
@@ -57,6 +59,15 @@ tg_admin_set_ready(struct tg_admin *adm, int ready)
 }
 
 void
+tg_admin_set_check(struct tg_admin *adm, int (*check)(void *arg), void *arg)
+{
+    if (adm != NULL) {
+        adm->check = check;
+        adm->check_arg = arg;
+    }
+}
+
+void
 tg_admin_destroy(struct tg_admin *adm)
 {
     if (adm == NULL) {
@@ -88,7 +99,9 @@ readyz_cb(evhtp_request_t *req, void *arg)
 {
     struct tg_admin *adm = arg;
 
-    if (adm->ready) {
+    if (adm->ready && adm->check != NULL && !adm->check(adm->check_arg)) {
+        reply(req, EVHTP_RES_SERVUNAVAIL, "store not connected\n");
+    } else if (adm->ready) {
         reply(req, EVHTP_RES_OK, "ready\n");
     } else {
         reply(req, EVHTP_RES_SERVUNAVAIL, "not ready\n");

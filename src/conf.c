@@ -39,7 +39,9 @@
 #define TG_CONF_REQUIRED   0x1u
 #define TG_CONF_PORT0      0x2u                 /* address may use port 0 */
 #define TG_CONF_MAX_CMDS   32                   /* directives per table */
-#define TG_CONF_TIER_NAME  32
+#define TG_CONF_TIER_NAME  32                   /* tier and route names */
+#define TG_CONF_METHOD_MAX 16
+#define TG_CONF_ROUTE_PATH 256
 
 /* One remembered position: where a field's value was written, so that
  * phases 3 and 4 can point at it. */
@@ -91,6 +93,7 @@ typedef struct tg_conf_enum {
 static tg_conf *tg_conf_build(const char *name, const char *text, size_t len,
                               char *path, char *dir, char *err, size_t errlen);
 static void tg_conf_defaults(tg_conf *conf);
+static void tg_conf_route_defaults(tg_route_conf *route);
 static void tg_conf_free(tg_conf *conf);
 
 static tg_rc tg_conf_structure(tg_conf_ctx *ctx);
@@ -112,18 +115,28 @@ TG_CONF_SETTER(tg_conf_set_path);
 TG_CONF_SETTER(tg_conf_set_addr);
 TG_CONF_SETTER(tg_conf_set_url);
 TG_CONF_SETTER(tg_conf_set_prefix);
+TG_CONF_SETTER(tg_conf_set_string);
+TG_CONF_SETTER(tg_conf_set_token);
+TG_CONF_SETTER(tg_conf_set_name);
+TG_CONF_SETTER(tg_conf_set_method);
+TG_CONF_SETTER(tg_conf_set_route_path);
 TG_CONF_SETTER(tg_conf_set_section);
 TG_CONF_SETTER(tg_conf_set_global);
 TG_CONF_SETTER(tg_conf_set_listen);
 TG_CONF_SETTER(tg_conf_set_tls);
 TG_CONF_SETTER(tg_conf_set_servers);
 TG_CONF_SETTER(tg_conf_set_tiers);
+TG_CONF_SETTER(tg_conf_set_routes);
+TG_CONF_SETTER(tg_conf_set_route_limit);
 
 static tg_rc tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node,
                                 const char *path, const char *expected);
 static tg_rc tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
                            const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+static const tg_conf_mark *tg_conf_find_mark(const tg_conf_ctx *ctx,
+                                             const void *field);
+static int tg_conf_tier_name_ok(const char *s);
 
 /* ---- tables ------------------------------------------------------------ */
 
@@ -224,11 +237,47 @@ static const tg_conf_cmd tg_conf_redis_cmds[] = {
     { "on_failure", tg_conf_set_enum,
       TG_FIELD(tg_conf, redis.on_failure), 0, 0, 0, tg_conf_failure_enum },
     { "prefix", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.prefix), 1, 64, 0, NULL },
+    { "max_batch", tg_conf_set_uint,
+      TG_FIELD(tg_conf, redis.max_batch), 1, 512, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* anonymous_tier is checked against rate_limits in phase 3: the sections
+ * may come in any order. */
 static const tg_conf_cmd tg_conf_auth_cmds[] = {
     { "keys_file", tg_conf_set_path, TG_FIELD(tg_conf, auth.keys_file), 0, 0, 0, NULL },
+    { "header", tg_conf_set_token, TG_FIELD(tg_conf, auth.header), 1, 64, 0, NULL },
+    { "forward_key", tg_conf_set_bool,
+      TG_FIELD(tg_conf, auth.forward_key), 0, 1, 0, NULL },
+    { "anonymous_tier", tg_conf_set_string,
+      TG_FIELD(tg_conf, auth.anonymous_tier), 0, 0, 0, NULL },
+    { "redis_keys", tg_conf_set_bool,
+      TG_FIELD(tg_conf, auth.redis_keys), 0, 1, 0, NULL },
+    { "cache_ttl_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, auth.cache_ttl_ms), 0, TG_MS_MAX, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+/* Same ranges as a tier. */
+static const tg_conf_cmd tg_conf_route_limit_cmds[] = {
+    { "requests_per_minute", tg_conf_set_uint,
+      TG_FIELD(tg_route_conf, requests_per_minute), 1, 100000000,
+      TG_CONF_REQUIRED, NULL },
+    { "burst_limit", tg_conf_set_uint,
+      TG_FIELD(tg_route_conf, burst_limit), 1, 100000000, TG_CONF_REQUIRED, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_route_cmds[] = {
+    { "name", tg_conf_set_name, TG_FIELD(tg_route_conf, name), 1,
+      TG_CONF_TIER_NAME, TG_CONF_REQUIRED, NULL },
+    { "method", tg_conf_set_method, TG_FIELD(tg_route_conf, method), 1,
+      TG_CONF_METHOD_MAX, 0, NULL },
+    { "path", tg_conf_set_route_path, TG_FIELD(tg_route_conf, path), 1,
+      TG_CONF_ROUTE_PATH, TG_CONF_REQUIRED, NULL },
+    { "cost", tg_conf_set_uint, TG_FIELD(tg_route_conf, cost), 1, 1000, 0, NULL },
+    { "limit", tg_conf_set_route_limit, TG_NOFIELD, 0, 0, 0,
+      tg_conf_route_limit_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -257,6 +306,7 @@ static const tg_conf_cmd tg_conf_top_cmds[] = {
       tg_conf_store_enum },
     { "redis", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_redis_cmds },
     { "auth", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_auth_cmds },
+    { "routes", tg_conf_set_routes, TG_NOFIELD, 0, 0, 0, tg_conf_route_cmds },
     { "global_limit", tg_conf_set_global, TG_NOFIELD, 0, 0, 0, tg_conf_global_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
@@ -587,9 +637,28 @@ tg_conf_defaults(tg_conf *conf)
     conf->redis.timeout_ms = 25;
     conf->redis.on_failure = TG_FAIL_LOCAL;
     conf->redis.prefix = tg_xstrdup("tg:");
+    conf->redis.max_batch = 32;
 
     conf->auth.keys_file = NULL;
+    conf->auth.header = tg_xstrdup("X-API-Key");
+    conf->auth.forward_key = 0;
+    conf->auth.anonymous_tier = NULL;           /* keyless requests get 401 */
+    conf->auth.redis_keys = 0;
+    conf->auth.cache_ttl_ms = 30000;
+
+    conf->routes = NULL;                        /* route defaults: see below */
+    conf->nroutes = 0;
     conf->global_limit.enabled = 0;
+}
+
+/* The defaults of one routes: item, set before its keys are walked (an
+ * item does not exist yet when tg_conf_defaults runs). */
+static void
+tg_conf_route_defaults(tg_route_conf *route)
+{
+    route->method = NULL;                       /* any method */
+    route->cost = 1;
+    route->has_limit = 0;
 }
 
 static void
@@ -613,6 +682,14 @@ tg_conf_free(tg_conf *conf)
     free(conf->redis.url);
     free(conf->redis.prefix);
     free(conf->auth.keys_file);
+    free(conf->auth.header);
+    free(conf->auth.anonymous_tier);
+    for (i = 0; i < conf->nroutes; i++) {
+        free(conf->routes[i].name);
+        free(conf->routes[i].method);
+        free(conf->routes[i].path);
+    }
+    free(conf->routes);
     free(conf->path);
     free(conf->dir);
     free(conf);
@@ -771,6 +848,23 @@ tg_conf_validate(tg_conf_ctx *ctx)
                              "must be at least http.max_request_line + 2 "
                              "(%zu), got %zu", conf->http.max_request_line + 2,
                              conf->http.max_header_bytes);
+    }
+
+    /* Keyless requests are charged to this tier: it must exist. */
+    if (conf->auth.anonymous_tier != NULL &&
+        tg_conf_tier(conf, conf->auth.anonymous_tier) == NULL) {
+        char names[256] = "";
+        size_t n = 0;
+
+        for (i = 0; i < conf->ntiers && n < sizeof(names); i++) {
+            n += (size_t)snprintf(names + n, sizeof(names) - n, "%s%s",
+                                  i ? ", " : "", conf->tiers[i].name);
+        }
+        m = tg_conf_find_mark(ctx, &conf->auth.anonymous_tier);
+        return tg_conf_error(ctx, m->mark, m->path, "unknown tier \"%s\" "
+                             "(rate_limits defines %s%s)",
+                             conf->auth.anonymous_tier,
+                             conf->ntiers ? "" : "no tiers", names);
     }
 
     if (conf->workers == 0) {
@@ -1409,6 +1503,155 @@ tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
+/* Any non-null string, stored as is; the meaning is checked elsewhere. */
+static tg_rc
+tg_conf_set_string(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* An HTTP token (RFC 9110 5.6.2: 1*tchar), e.g. a header name. */
+static int
+tg_conf_tchar(unsigned char c)
+{
+    return isalnum(c) || (c != '\0' && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+}
+
+static tg_rc
+tg_conf_set_token(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                  void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    size_t i, len;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    len = strlen(s);
+    if ((int64_t)len < cmd->min || (int64_t)len > cmd->max) {
+        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
+                             "range (%lld..%lld characters)", len,
+                             (long long)cmd->min, (long long)cmd->max);
+    }
+    for (i = 0; i < len; i++) {
+        if (!tg_conf_tchar((unsigned char)s[i])) {
+            return tg_conf_error(ctx, node->start_mark, path, "bad header name "
+                                 "\"%s\": only letters, digits and "
+                                 "!#$%%&'*+-.^_`|~ (an HTTP token)", s);
+        }
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* A route name: like a tier name, it ends up in bucket keys and labels. */
+static tg_rc
+tg_conf_set_name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    if (!tg_conf_tier_name_ok(s)) {
+        return tg_conf_error(ctx, node->start_mark, path, "bad route name "
+                             "\"%s\": 1..%d characters of [a-z0-9_-]", s,
+                             TG_CONF_TIER_NAME);
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* Methods are case-sensitive (RFC 9110 9.1) and requests carry them in
+ * upper case, so "get" would never match: refuse it rather than fold it. */
+static tg_rc
+tg_conf_set_method(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    char upper[TG_CONF_METHOD_MAX + 1];
+    size_t i, len;
+    int lower = 0;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    len = strlen(s);
+    for (i = 0; i < len; i++) {
+        if (s[i] >= 'a' && s[i] <= 'z') {
+            lower = 1;
+        } else if (!(s[i] >= 'A' && s[i] <= 'Z')) {
+            break;
+        }
+    }
+    if (i < len || (int64_t)len < cmd->min || (int64_t)len > cmd->max) {
+        return tg_conf_error(ctx, node->start_mark, path, "bad method \"%s\": "
+                             "%lld..%lld upper-case letters A-Z (omit the key "
+                             "to match any method)", s, (long long)cmd->min,
+                             (long long)cmd->max);
+    }
+    if (lower) {
+        for (i = 0; i <= len; i++) {
+            upper[i] = (char)toupper((unsigned char)s[i]);
+        }
+        return tg_conf_error(ctx, node->start_mark, path, "method must be "
+                             "upper case: write \"%s\", not \"%s\" (methods "
+                             "are case-sensitive)", upper, s);
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* A route's path prefix, compared with the request target as received. */
+static tg_rc
+tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                       yaml_node_t *node, void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    size_t i, len;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    len = strlen(s);
+    if (s[0] != '/') {
+        return tg_conf_error(ctx, node->start_mark, path, "must start with "
+                             "'/', got \"%s\"", s);
+    }
+    if ((int64_t)len > cmd->max) {
+        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
+                             "range (%lld..%lld characters)", len,
+                             (long long)cmd->min, (long long)cmd->max);
+    }
+    for (i = 0; i < len; i++) {
+        if (!isgraph((unsigned char)s[i])) {
+            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
+                                 "spaces, control or non-ASCII characters "
+                                 "(percent-encode them), got \"%s\"", s);
+        }
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
 static tg_rc
 tg_conf_set_section(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                     void *base, const char *path)
@@ -1424,6 +1667,17 @@ tg_conf_set_global(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     ((tg_conf *)base)->global_limit.enabled = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_route_limit(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                        yaml_node_t *node, void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_route_conf *)base)->has_limit = 1;
     return TG_OK;
 }
 
@@ -1578,6 +1832,53 @@ tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         tier->name = tg_xstrdup(name);
         if (tg_conf_walk(ctx, val, cmd->arg, tier, child, child) != TG_OK) {
             return TG_ERR;
+        }
+    }
+    return TG_OK;
+}
+
+/* routes: a sequence of { name, method, path, cost, limit }, kept in file
+ * order (the first match wins).  Names must be unique: they key buckets. */
+static tg_rc
+tg_conf_set_routes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    tg_conf *conf = base;
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    tg_route_conf *route;
+    const tg_conf_mark *m, *first;
+    char child[TG_CONF_PATHLEN];
+    size_t n, j;
+
+    if (node->type != YAML_SEQUENCE_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a sequence of routes");
+    }
+    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+    /* Sized once: the marks point into this array. */
+    conf->routes = tg_xcalloc(n, sizeof(tg_route_conf));
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        item = yaml_document_get_node(&ctx->doc, *it);
+        snprintf(child, sizeof(child), "%s[%zu]", path, conf->nroutes);
+        route = &conf->routes[conf->nroutes++];   /* counted first: free sees it */
+        tg_conf_route_defaults(route);
+        if (item->type != YAML_MAPPING_NODE) {
+            return tg_conf_type_error(ctx, item, child, "a mapping (e.g. "
+                                      "{ name: leads, path: /leads })");
+        }
+        if (tg_conf_walk(ctx, item, cmd->arg, route, child, child) != TG_OK) {
+            return TG_ERR;
+        }
+        for (j = 0; j + 1 < conf->nroutes; j++) {
+            if (strcmp(conf->routes[j].name, route->name) == 0) {
+                m = tg_conf_find_mark(ctx, &route->name);
+                first = tg_conf_find_mark(ctx, &conf->routes[j].name);
+                return tg_conf_error(ctx, m->mark, m->path, "duplicate route "
+                                     "name \"%s\" (first at %zu:%zu)",
+                                     route->name, first->mark.line + 1,
+                                     first->mark.column + 1);
+            }
         }
     }
     return TG_OK;

@@ -22,6 +22,7 @@
 #include "tollgate/admin.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
+#include "tollgate/keys.h"
 #include "tollgate/tls.h"
 #include "tollgate/worker.h"
 
@@ -36,6 +37,7 @@ static struct {
     unsigned                 next;          /* round-robin dispatch */
     struct evconnlistener  **listeners;
     SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
+    struct tg_keys          *keys;          /* auth.keys_file, or NULL */
     struct tg_admin         *admin;
     int                      draining;
     uint64_t                 drain_deadline;
@@ -45,9 +47,11 @@ static struct {
 } g;
 
 static void usage(FILE *out);
+static int  keygen(int argc, char **argv);
 static int  check_config(const char *path);
 static int  run(const char *path);
 static tg_rc build_tls(const tg_conf *conf, SSL_CTX ***out, char *err, size_t errlen);
+static tg_rc load_keys(const tg_conf *conf, struct tg_keys **out, char *err, size_t errlen);
 static void free_tls(SSL_CTX **ctxs, size_t n);
 static tg_rc open_listeners(void);
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
@@ -57,6 +61,7 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg);
 static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
 static void start_drain(void);
+static int  store_ready(void *arg);
 
 int
 main(int argc, char **argv)
@@ -71,6 +76,9 @@ main(int argc, char **argv)
     const char *path = DEFAULT_CONF;
     int test = 0, ch;
 
+    if (argc > 1 && strcmp(argv[1], "keygen") == 0) {
+        return keygen(argc - 1, argv + 1);
+    }
     while ((ch = getopt_long(argc, argv, "c:tvVh", opts, NULL)) != -1) {
         switch (ch) {
         case 'c': path = optarg; break;
@@ -100,11 +108,54 @@ usage(FILE *out)
 {
     fprintf(out,
         "usage: tollgate [-c FILE] [-t] [-v] [-h]\n"
+        "       tollgate keygen --id ID --tier TIER   new API key + its keys.yaml entry\n"
         "  -c, --config FILE  configuration file (default " DEFAULT_CONF ")\n"
         "  -t, --test         check the configuration (and TLS files), then exit 0 or 1\n"
         "  -v, --version      print the version and exit\n"
         "  -h, --help         print this help and exit\n"
         "signals: SIGTERM/SIGINT drain and exit, SIGHUP checks the configuration\n");
+}
+
+/* Make a new API key: print it once, and the keys file entry holding only
+ * its SHA-256, so nobody hashes by hand. */
+static int
+keygen(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "id",   required_argument, NULL, 'i' },
+        { "tier", required_argument, NULL, 't' },
+        { NULL, 0, NULL, 0 }
+    };
+    const char *id = NULL, *tier = NULL;
+    char key[64], hex[65];
+    uint8_t digest[32];
+    int ch;
+
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "i:t:", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'i': id = optarg; break;
+        case 't': tier = optarg; break;
+        default:
+            fprintf(stderr, "usage: tollgate keygen --id ID --tier TIER\n");
+            return 2;
+        }
+    }
+    if (id == NULL || tier == NULL || optind != argc) {
+        fprintf(stderr, "usage: tollgate keygen --id ID --tier TIER\n");
+        return 2;
+    }
+    if (tg_keys_generate(key) != TG_OK) {
+        fprintf(stderr, "tollgate: cannot generate a key (getrandom failed)\n");
+        return 1;
+    }
+    tg_keys_hash(key, strlen(key), digest);
+    tg_keys_hex(digest, hex);
+    printf("API key (shown once, give it to the consumer): %s\n\n"
+           "Add to the keys file, then reload (SIGHUP) or restart:\n"
+           "  - { id: %s, tier: %s, sha256: \"%s\", enabled: true }\n",
+           key, id, tier, hex);
+    return 0;
 }
 
 static int
@@ -126,6 +177,16 @@ check_config(const char *path)
         return 1;
     }
     free_tls(ctxs, conf->nlisten);
+    {
+        struct tg_keys *keys = NULL;
+        if (load_keys(conf, &keys, err, sizeof(err)) != TG_OK) {
+            fprintf(stderr, "tollgate: %s\ntollgate: configuration file %s test failed\n",
+                    err, path);
+            tg_conf_unref(conf);
+            return 1;
+        }
+        tg_keys_destroy(keys);
+    }
     fprintf(stderr, "tollgate: configuration file %s test is successful\n", path);
     tg_conf_unref(conf);
     return 0;
@@ -146,7 +207,8 @@ run(const char *path)
         return 1;
     }
     tg_log_set_level(g.conf->log_level);
-    if (build_tls(g.conf, &g.ssl_ctxs, err, sizeof(err)) != TG_OK) {
+    if (build_tls(g.conf, &g.ssl_ctxs, err, sizeof(err)) != TG_OK
+        || load_keys(g.conf, &g.keys, err, sizeof(err)) != TG_OK) {
         tg_error("%s", err);
         goto out;
     }
@@ -170,8 +232,12 @@ run(const char *path)
     g.nworkers = g.conf->workers;
     g.workers = tg_xcalloc(g.nworkers, sizeof(*g.workers));
     for (i = 0; i < g.nworkers; i++) {
-        g.workers[i] = tg_worker_create(i, g.conf, g.ssl_ctxs);
-        if (g.workers[i] == NULL || tg_worker_start(g.workers[i]) != TG_OK) {
+        g.workers[i] = tg_worker_create(i, g.conf, g.keys, g.ssl_ctxs, err, sizeof(err));
+        if (g.workers[i] == NULL) {
+            tg_error("%s", err);
+            goto out;
+        }
+        if (tg_worker_start(g.workers[i]) != TG_OK) {
             tg_error("cannot start worker %u", i);
             goto out;
         }
@@ -192,6 +258,7 @@ run(const char *path)
         event_add(g.watchdog, &tv);
     }
 
+    tg_admin_set_check(g.admin, store_ready, NULL);
     tg_admin_set_ready(g.admin, 1);
     for (i = 0; i < g.conf->nlisten; i++) {
         tg_info("listening on %s%s", g.conf->listen[i].addr.text,
@@ -237,8 +304,36 @@ out:
         event_base_free(g.base);
     }
     free_tls(g.ssl_ctxs, g.conf->nlisten);
+    tg_keys_destroy(g.keys);
     tg_conf_unref(g.conf);
     return rc;
+}
+
+/* The keys file of auth.keys_file, its tiers checked against rate_limits. */
+static tg_rc
+load_keys(const tg_conf *conf, struct tg_keys **out, char *err, size_t errlen)
+{
+    const char *names[64];
+    struct tg_keys *keys;
+    size_t i, n = conf->ntiers < 64 ? conf->ntiers : 64;
+
+    *out = NULL;
+    if (conf->auth.keys_file == NULL) {
+        return TG_OK;
+    }
+    keys = tg_keys_load(conf->auth.keys_file, err, errlen);
+    if (keys == NULL) {
+        return TG_ERR;
+    }
+    for (i = 0; i < n; i++) {
+        names[i] = conf->tiers[i].name;
+    }
+    if (tg_keys_check_tiers(keys, names, n, err, errlen) != TG_OK) {
+        tg_keys_destroy(keys);
+        return TG_ERR;
+    }
+    *out = keys;
+    return TG_OK;
 }
 
 /* ---- TLS and listeners ---------------------------------------------- */
@@ -412,6 +507,25 @@ drain_timer_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     event_base_loopbreak(g.base);
+}
+
+/* /readyz: with store redis and on_failure deny, a worker without its
+ * Redis connection would refuse every request: not ready. */
+static int
+store_ready(void *arg)
+{
+    unsigned i;
+
+    TG_UNUSED(arg);
+    if (g.conf->store != TG_STORE_REDIS || g.conf->redis.on_failure != TG_FAIL_DENY) {
+        return 1;
+    }
+    for (i = 0; i < g.nworkers; i++) {
+        if (!tg_worker_store_ready(g.workers[i])) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 static void

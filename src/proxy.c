@@ -34,6 +34,7 @@
 #include <event2/bufferevent_ssl.h>
 
 #include "tollgate/http.h"
+#include "tollgate/limiter.h"
 #include "tollgate/upstream.h"
 
 #define TG_HIGH_WATER        (256 * 1024)
@@ -59,6 +60,7 @@ struct tg_proxy {
     struct event_base     *base;
     tg_conf               *conf;
     struct tg_upstream_pool *pool;
+    struct tg_limiter     *limiter;
     tg_http_limits         lim;
     struct tg_client_list  clients;
     unsigned               nclients;
@@ -95,6 +97,9 @@ struct tg_client {
     uint64_t            rq_total;       /* body bytes so far (limit check) */
     int                 rq_bad;         /* body error found inside a callback */
     tg_chunked          rq_chunk;
+    int                 charging;       /* waiting for the limiter's answer */
+    tg_limit_ctx        lctx;
+    tg_limit_outcome    lo;
 
     /* the upstream exchange */
     struct tg_uconn    *uc;
@@ -133,6 +138,10 @@ static void relay_request_body(struct tg_client *c);
 static void request_body_done(struct tg_client *c);
 static void respond_error(struct tg_client *c, int status, const char *code,
                           const char *msg);
+static void respond(struct tg_client *c, int status, const char *code,
+                    const char *msg, const char *extra, size_t extra_len);
+static void limit_decided(void *arg);
+static void limit_apply(struct tg_client *c);
 static void up_read_cb(struct bufferevent *bev, void *arg);
 static void up_write_cb(struct bufferevent *bev, void *arg);
 static void up_event_cb(struct bufferevent *bev, short what, void *arg);
@@ -150,11 +159,16 @@ static void up_flush(struct tg_client *c);
 /* ---- public -------------------------------------------------------- */
 
 struct tg_proxy *
-tg_proxy_create(struct event_base *base, tg_conf *conf,
-                void (*on_empty)(void *arg), void *arg)
+tg_proxy_create(struct event_base *base, tg_conf *conf, const struct tg_keys *keys,
+                void (*on_empty)(void *arg), void *arg, char *err, size_t errlen)
 {
     struct tg_proxy *px = tg_xcalloc(1, sizeof(*px));
 
+    px->limiter = tg_limiter_create(base, conf, keys, err, errlen);
+    if (px->limiter == NULL) {
+        free(px);
+        return NULL;
+    }
     px->base = base;
     px->conf = tg_conf_ref(conf);
     px->pool = tg_upstream_pool_create(base, conf);
@@ -188,8 +202,15 @@ tg_proxy_destroy(struct tg_proxy *px)
         client_free(c);
     }
     tg_upstream_pool_destroy(px->pool);
+    tg_limiter_destroy(px->limiter);
     tg_conf_unref(px->conf);
     free(px);
+}
+
+int
+tg_proxy_store_ready(const struct tg_proxy *px)
+{
+    return tg_limiter_store_ready(px->limiter);
 }
 
 unsigned
@@ -302,6 +323,9 @@ client_free(struct tg_client *c)
         tg_upstream_release(c->uc, 0);
         c->uc = NULL;
     }
+    if (c->charging) {
+        tg_limiter_cancel(&c->lctx);
+    }
     event_free(c->timer);
     event_free(c->defer);
     event_free(c->up_timer);
@@ -328,6 +352,10 @@ client_kill(struct tg_client *c)
     bufferevent_setcb(c->bev, NULL, NULL, NULL, NULL);
     if (c->uc != NULL) {
         exchange_end(c, 0);
+    }
+    if (c->charging) {
+        tg_limiter_cancel(&c->lctx);
+        c->charging = 0;
     }
     event_del(c->timer);
     event_active(c->defer, EV_TIMEOUT, 1);
@@ -643,9 +671,55 @@ start_request(struct tg_client *c)
                       "the request body exceeds the configured limit");
         return;
     }
-    /* Identify / charge stages plug in here (see DESIGN.md); until then
-     * every well-formed request is forwarded. */
-    forward(c);
+    /* identify -> route -> charge; the answer may come later (Redis) */
+    if (tg_limiter_check(px->limiter, &c->lctx, &c->req, c->ip, &c->lo,
+                         limit_decided, c) == TG_AGAIN) {
+        c->charging = 1;
+        return;
+    }
+    limit_apply(c);
+}
+
+static void
+limit_decided(void *arg)
+{
+    struct tg_client *c = arg;
+
+    c->charging = 0;
+    limit_apply(c);
+}
+
+/* Forward an allowed request; answer a refused one ourselves.  A refused
+ * request's body was never read (nor 100 Continue sent), so the
+ * connection closes after the answer unless there was no body. */
+static void
+limit_apply(struct tg_client *c)
+{
+    char extra[512];
+    size_t n;
+
+    if (c->lo.status == 0) {
+        forward(c);
+        return;
+    }
+    if (!c->rq_done) {
+        c->close_after = 1;
+    }
+    n = tg_limiter_headers(&c->lo, extra, sizeof(extra));
+    switch (c->lo.status) {
+    case 401:
+        respond(c, 401, "unauthorized", c->lo.error, NULL, 0);
+        return;
+    case 403:
+        respond(c, 403, "forbidden", c->lo.error, NULL, 0);
+        return;
+    case 429:
+        respond(c, 429, "rate_limited", c->lo.error, extra, n);
+        return;
+    default:
+        respond(c, 503, "unavailable", c->lo.error, extra, n);
+        return;
+    }
 }
 
 /* ---- forwarding ----------------------------------------------------- */
@@ -682,6 +756,8 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
         }
         if (tg_http_is_hop_by_hop(h->name, h->name_len)
             || tg_http_name_is(h->name, h->name_len, "host")
+            || (tg_limiter_enabled(c->px->limiter)
+                && tg_limiter_strip_header(c->px->limiter, h->name, h->name_len))
             || tg_http_name_is(h->name, h->name_len, "x-forwarded-proto")
             || tg_http_name_is(h->name, h->name_len, "x-request-id")
             || tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len)) {
@@ -710,6 +786,12 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
         ADD_LIT(out, "\r\nX-Forwarded-Proto: http\r\nX-Request-ID: ");
     }
     add_str(out, c->reqid, c->reqid_len);
+    if (c->lo.consumer[0] != '\0') {
+        ADD_LIT(out, "\r\nX-Consumer-ID: ");
+        add_str(out, c->lo.consumer, strlen(c->lo.consumer));
+        ADD_LIT(out, "\r\nX-Consumer-Tier: ");
+        add_str(out, c->lo.tier, strlen(c->lo.tier));
+    }
     if (r->body == TG_BODY_LENGTH) {
         n = snprintf(num, sizeof(num), "\r\nContent-Length: %llu",
                      (unsigned long long)r->content_length);
@@ -1057,6 +1139,11 @@ write_response_head(struct tg_client *c, const tg_http_resp *rs)
     ADD_LIT(out, "X-Request-ID: ");
     add_str(out, c->reqid, c->reqid_len);
     ADD_LIT(out, "\r\n");
+    if (c->lo.limited) {
+        char rl[512];
+        size_t rn = tg_limiter_headers(&c->lo, rl, sizeof(rl));
+        add_str(out, rl, rn);
+    }
 
     c->rs_chunked_out = 0;
     if (rs->body == TG_BODY_NONE) {
@@ -1304,6 +1391,14 @@ response_done(struct tg_client *c)
 static void
 respond_error(struct tg_client *c, int status, const char *code, const char *msg)
 {
+    respond(c, status, code, msg, NULL, 0);
+}
+
+/* Answer with a JSON error body; extra: more header lines (CRLF-ended). */
+static void
+respond(struct tg_client *c, int status, const char *code, const char *msg,
+        const char *extra, size_t extra_len)
+{
     struct evbuffer *out = bufferevent_get_output(c->bev);
     char body[512], head[256];
     int bn, hn;
@@ -1322,10 +1417,14 @@ respond_error(struct tg_client *c, int status, const char *code, const char *msg
     }
     hn = snprintf(head, sizeof(head),
                   "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-                  "Content-Length: %d\r\nX-Request-ID: %s\r\n%s\r\n",
+                  "Content-Length: %d\r\nX-Request-ID: %s\r\n%s",
                   status, tg_http_reason(status), bn, c->reqid,
                   c->close_after ? "Connection: close\r\n" : "");
     evbuffer_add(out, head, (size_t)hn);
+    if (extra_len != 0) {
+        evbuffer_add(out, extra, extra_len);
+    }
+    evbuffer_add(out, "\r\n", 2);
     if (!(c->state == C_BUSY && c->req.is_head)) {
         evbuffer_add(out, body, (size_t)bn);
     }

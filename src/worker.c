@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -32,6 +33,8 @@ struct tg_worker {
     pthread_t          thread;
     int                started;
     int                finished;   /* atomic: loop ended */
+    int                store_ready;  /* atomic: tg_proxy_store_ready, sampled */
+    struct event      *sampler;    /* refreshes store_ready */
     struct event_base *base;
     struct event      *notify;     /* read end of the pipe */
     struct event      *deadline;   /* drain time limit */
@@ -45,9 +48,11 @@ static void *worker_main(void *arg);
 static void notify_cb(evutil_socket_t fd, short what, void *arg);
 static void deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void on_empty(void *arg);
+static void sampler_cb(evutil_socket_t fd, short what, void *arg);
 
 struct tg_worker *
-tg_worker_create(unsigned id, tg_conf *conf, SSL_CTX **ssl_ctxs)
+tg_worker_create(unsigned id, tg_conf *conf, const struct tg_keys *keys,
+                 SSL_CTX **ssl_ctxs, char *err, size_t errlen)
 {
     struct tg_worker *w = tg_xcalloc(1, sizeof(*w));
     struct event_config *cfg;
@@ -56,7 +61,7 @@ tg_worker_create(unsigned id, tg_conf *conf, SSL_CTX **ssl_ctxs)
     w->ssl_ctxs = ssl_ctxs;
     w->pipefd[0] = w->pipefd[1] = -1;
     if (pipe2(w->pipefd, O_CLOEXEC) != 0) {
-        tg_error("worker %u: pipe: %s", id, strerror(errno));
+        snprintf(err, errlen, "worker %u: pipe: %s", id, strerror(errno));
         goto fail;
     }
     evutil_make_socket_nonblocking(w->pipefd[0]);
@@ -67,14 +72,26 @@ tg_worker_create(unsigned id, tg_conf *conf, SSL_CTX **ssl_ctxs)
     w->base = event_base_new_with_config(cfg);
     event_config_free(cfg);
     if (w->base == NULL) {
-        tg_error("worker %u: cannot create an event base", id);
+        snprintf(err, errlen, "worker %u: cannot create an event base", id);
         goto fail;
     }
     w->notify = event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
     w->deadline = evtimer_new(w->base, deadline_cb, w);
     event_add(w->notify, NULL);
+    w->px = tg_proxy_create(w->base, conf, keys, on_empty, w, err, errlen);
+    if (w->px == NULL) {
+        event_free(w->notify);
+        event_free(w->deadline);
+        event_base_free(w->base);
+        goto fail;
+    }
     w->conf = tg_conf_ref(conf);
-    w->px = tg_proxy_create(w->base, conf, on_empty, w);
+    {
+        struct timeval tv = { 0, 50 * 1000 };
+        w->sampler = event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
+        event_add(w->sampler, &tv);
+        w->store_ready = tg_proxy_store_ready(w->px);
+    }
     return w;
 
 fail:
@@ -131,6 +148,22 @@ tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 }
 
 int
+tg_worker_store_ready(struct tg_worker *w)
+{
+    return __atomic_load_n(&w->store_ready, __ATOMIC_RELAXED);
+}
+
+static void
+sampler_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_worker *w = arg;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    __atomic_store_n(&w->store_ready, tg_proxy_store_ready(w->px), __ATOMIC_RELAXED);
+}
+
+int
 tg_worker_finished(struct tg_worker *w)
 {
     return __atomic_load_n(&w->finished, __ATOMIC_ACQUIRE);
@@ -146,6 +179,7 @@ tg_worker_join_destroy(struct tg_worker *w)
         pthread_join(w->thread, NULL);
     }
     tg_proxy_destroy(w->px);
+    event_free(w->sampler);
     event_free(w->notify);
     event_free(w->deadline);
     event_base_free(w->base);
@@ -186,6 +220,7 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
         } else if (m[i].type == MSG_DRAIN) {
             struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
             evtimer_add(w->deadline, &tv);
+            event_del(w->sampler);     /* lets the loop end when idle */
             tg_proxy_drain(w->px);
         }
     }

@@ -16,8 +16,10 @@ struct tg_admin;
 /* Bind addr on base.  NULL with a message in err on failure. */
 struct tg_admin *tg_admin_create(struct event_base *base, const tg_addr *addr,
                                  char *err, size_t errlen);
-/* /readyz answers 200 while ready, 503 otherwise (draining, starting). */
+/* /readyz answers 200 while ready, 503 otherwise (draining, starting).
+ * check (may be NULL) is asked too at each /readyz: 0 = not ready. */
 void tg_admin_set_ready(struct tg_admin *adm, int ready);
+void tg_admin_set_check(struct tg_admin *adm, int (*check)(void *arg), void *arg);
 void tg_admin_destroy(struct tg_admin *adm);
 
 #endif

@@ -38,6 +38,19 @@ typedef struct tg_tier_conf {
     uint32_t  burst_limit;          /* bucket capacity */
 } tg_tier_conf;
 
+/* A per-endpoint rule: method (NULL = any) + path prefix (segment-wise:
+ * "/leads" matches "/leads", "/leads/7", "/leads?x", not "/leadsx") ->
+ * cost, and optionally an extra bucket per key for this route. */
+typedef struct tg_route_conf {
+    char     *name;                 /* [a-z0-9_-]{1,32}: bucket key and label */
+    char     *method;               /* upper-case token, or NULL for any */
+    char     *path;                 /* starts with '/' */
+    uint32_t  cost;                 /* tokens per request; default 1, 1..1000 */
+    int       has_limit;            /* limit: present */
+    uint32_t  requests_per_minute;  /* limit: { requests_per_minute, burst_limit } */
+    uint32_t  burst_limit;
+} tg_route_conf;
+
 enum tg_store_kind { TG_STORE_REDIS, TG_STORE_LOCAL };
 enum tg_on_failure { TG_FAIL_LOCAL, TG_FAIL_ALLOW, TG_FAIL_DENY };
 
@@ -87,11 +100,22 @@ typedef struct tg_conf {
         unsigned           timeout_ms;   /* default 25 */
         enum tg_on_failure on_failure;   /* default local */
         char              *prefix;       /* key prefix; default "tg:" */
+        unsigned           max_batch;    /* charges per EVALSHA; default 32, 1..512 */
     } redis;
 
     struct {
-        char *keys_file;              /* absolute path, or NULL */
+        char     *keys_file;          /* absolute path, or NULL */
+        char     *header;             /* key header; default "X-API-Key"
+                                         (Authorization: Bearer always works) */
+        int       forward_key;        /* pass the key header upstream; default 0 */
+        char     *anonymous_tier;     /* tier for keyless requests, keyed by
+                                         client IP; NULL = keyless gets 401 */
+        int       redis_keys;         /* also HGET <prefix>keys <sha256>; default 0 */
+        unsigned  cache_ttl_ms;       /* Redis key lookups cached this long; 30000 */
     } auth;
+
+    tg_route_conf   *routes;          /* routes:, in file order (first match wins) */
+    size_t           nroutes;
 
     struct {
         int      enabled;             /* global_limit: present */

@@ -20,10 +20,15 @@ struct tg_proxy;
 
 /*
  * Create the proxy state of one worker.  on_empty(arg) is called when the
- * last client connection closes while draining.  Takes a reference on conf.
+ * last client connection closes while draining.  Takes a reference on conf;
+ * keys (may be NULL) must outlive the proxy.  NULL + err on failure.
  */
+struct tg_keys;
+
 struct tg_proxy *tg_proxy_create(struct event_base *base, tg_conf *conf,
-                                 void (*on_empty)(void *arg), void *arg);
+                                 const struct tg_keys *keys,
+                                 void (*on_empty)(void *arg), void *arg,
+                                 char *err, size_t errlen);
 void tg_proxy_destroy(struct tg_proxy *px);
 
 /*
@@ -36,6 +41,9 @@ void tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx);
  * their current response.  Calls on_empty when none is left (possibly at
  * once). */
 void tg_proxy_drain(struct tg_proxy *px);
+
+/* 1 when this worker's bucket store can answer (see tg_limiter_store_ready). */
+int tg_proxy_store_ready(const struct tg_proxy *px);
 
 /* Client connections currently open. */
 unsigned tg_proxy_nclients(const struct tg_proxy *px);

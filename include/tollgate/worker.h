@@ -13,9 +13,13 @@
 
 struct tg_worker;
 
-/* ssl_ctxs[i] is listener i's TLS context or NULL; the array must outlive
- * the worker.  Takes a reference on conf. */
-struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, SSL_CTX **ssl_ctxs);
+struct tg_keys;
+
+/* ssl_ctxs[i] is listener i's TLS context or NULL; the array and keys
+ * (may be NULL) must outlive the worker.  Takes a reference on conf.
+ * NULL + err on failure. */
+struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, const struct tg_keys *keys,
+                                   SSL_CTX **ssl_ctxs, char *err, size_t errlen);
 tg_rc tg_worker_start(struct tg_worker *w);
 
 /* Main thread: hand an accepted socket (from listener idx) to w. */
@@ -24,6 +28,10 @@ tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx);
 /* Main thread: ask w to drain and exit its loop when its last connection
  * is gone, or after timeout_ms at the latest. */
 void tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
+
+/* 1 when the worker's bucket store is connected (any thread may ask;
+ * refreshed every 50 ms by the worker). */
+int tg_worker_store_ready(struct tg_worker *w);
 
 /* 1 once the worker's loop has ended (any thread may ask). */
 int tg_worker_finished(struct tg_worker *w);

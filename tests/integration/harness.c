@@ -375,6 +375,55 @@ int tgh_testup_start(tgh_upstream *u)
     return -1;
 }
 
+int tgh_redis_start(tgh_upstream *u)
+{
+    int reuse = u->port > 0;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        if (!reuse)
+            u->port = tgh_free_port();
+        char port[16];
+        snprintf(port, sizeof port, "%d", u->port);
+        char *argv[] = { "/usr/bin/redis-server", "--port", port, "--bind", "127.0.0.1",
+                         "--save", "", "--appendonly", "no", NULL };
+        u->proc = tgh_spawn("redis-server", argv);
+        if (u->proc == NULL)
+            return -1;
+        uint64_t end = tgh_now_ms() + 15000;
+        while (tgh_now_ms() < end && tgh_proc_alive(u->proc)) {
+            char out[64];
+            if (tgh_port_accepts(u->port)
+                && tgh_redis_cli(u->port, out, sizeof out, "PING") == 0
+                && strcmp(out, "PONG") == 0)
+                return 0;
+            tgh_sleep_ms(20);
+        }
+        fprintf(stderr, "harness: redis-server did not start (attempt %d)\n",
+                attempt + 1);
+        tgh_proc_dump_log(u->proc, 4000);
+        tgh_proc_stop(u->proc, 3000);
+    }
+    return -1;
+}
+
+int tgh_redis_cli(int port, char *out, size_t outlen, const char *fmt, ...)
+{
+    char args[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    char *cmd = tgh_strf("timeout 10 redis-cli -p %d %s 2>&1", port, args);
+    FILE *p = popen(cmd, "r");
+    free(cmd);
+    if (p == NULL)
+        return -1;
+    size_t n = fread(out, 1, outlen - 1, p);
+    out[n] = '\0';
+    while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == '\r' || out[n - 1] == ' '))
+        out[--n] = '\0';
+    return pclose(p) == 0 ? 0 : -1;
+}
+
 int tgh_fastapi_start(tgh_upstream *u)
 {
     memset(u, 0, sizeof *u);
@@ -490,12 +539,12 @@ static int write_config(const char *path, const tgh_tg_opts *o, int port,
         "idle_timeout_ms: %d }\n"
         "upstream: { servers: [%s], connect_timeout_ms: %d, "
         "first_byte_timeout_ms: %d, total_timeout_ms: %d, keepalive: %d }\n"
-        "store: local\n",
+        "store: %s\n",
         port, admin_port, o->workers, o->drain_timeout_ms, o->log_level,
         o->max_body_bytes, o->max_header_bytes, o->max_request_line,
         o->header_timeout_ms, o->body_timeout_ms, o->idle_timeout_ms,
         o->upstream_servers, o->connect_timeout_ms, o->first_byte_timeout_ms,
-        o->total_timeout_ms, o->keepalive);
+        o->total_timeout_ms, o->keepalive, o->store ? o->store : "local");
     if (o->extra_yaml != NULL)
         fputs(o->extra_yaml, f);
     return fclose(f) == 0 ? 0 : -1;

@@ -93,6 +93,13 @@ int tgh_testup_start(tgh_upstream *u);
 /* The FastAPI sample app under uvicorn (2 workers); waits for /health. */
 int tgh_fastapi_start(tgh_upstream *u);
 
+/* redis-server on a free loopback port, no persistence; waits for it.
+ * On a restart (u->port already set) it reuses that port. 0 / -1. */
+int tgh_redis_start(tgh_upstream *u);
+/* Run redis-cli -p port ARGS... ; its output (trimmed) into out. 0 / -1. */
+int tgh_redis_cli(int port, char *out, size_t outlen, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 /* Counters of tg-testup (read directly, not through the proxy). */
 typedef struct tgh_stats {
     long connections;
@@ -118,6 +125,7 @@ typedef struct tgh_tg_opts {
     int  first_byte_timeout_ms;
     int  total_timeout_ms;
     int  keepalive;
+    const char *store;                 /* "local" (default) or "redis" */
     const char *extra_yaml;            /* appended verbatim (may be NULL) */
 } tgh_tg_opts;
 

@@ -158,6 +158,8 @@ Test(cli, every_shipped_config_passes, .init = mktmp, .fini = rmtmp)
                     "rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out cert.pem "
                     "-days 2", tmpdir, tmpdir), 0, "%s", out);
     snprintf(confdir, sizeof(confdir), "%s/conf", root());
+    /* the samples name keys.yaml beside themselves */
+    cr_assert_eq(sh("cp %s/keys.yaml %s/", confdir, tmpdir), 0, "%s", out);
     d = opendir(confdir);
     cr_assert_not_null(d);
     while ((de = readdir(d)) != NULL) {

@@ -473,6 +473,178 @@ Test(conf_errors, bad_redis_prefix)
                  "redis.prefix: length 0 is out of range (1..64 characters)");
 }
 
+/* ---- auth, redis.max_batch, routes ---------------------------------------------------- */
+
+Test(conf_errors, bad_auth_header)
+{
+    expect_error(MIN "auth:\n  header: \"X API Key\"\n", "6:11",
+                 "auth.header: bad header name \"X API Key\": only letters, "
+                 "digits and !#$%&'*+-.^_`|~ (an HTTP token)");
+    expect_error(MIN "auth: { header: \"X-Key:\" }\n", "5:17",
+                 "auth.header: bad header name \"X-Key:\"");
+    expect_error(MIN "auth: { header: \"\" }\n", "5:17",
+                 "auth.header: length 0 is out of range (1..64 characters)");
+    expect_error(MIN "auth: { header: "
+                 "X-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa }\n",
+                 "5:17", "auth.header: length 65 is out of range (1..64 characters)");
+    expect_error(MIN "auth: { header: ~ }\n", "5:17",
+                 "auth.header: expected a string, got null");
+}
+
+Test(conf_errors, bad_auth_scalars)
+{
+    expect_error(MIN "auth: { forward_key: yes }\n", "5:22",
+                 "auth.forward_key: expected a bool (true or false), got \"yes\"");
+    expect_error(MIN "auth: { redis_keys: 1 }\n", "5:21",
+                 "auth.redis_keys: expected a bool (true or false), got \"1\"");
+    expect_error(MIN "auth: { cache_ttl_ms: 3600001 }\n", "5:23",
+                 "auth.cache_ttl_ms: 3600001 is out of range (0..3600000)");
+}
+
+Test(conf_errors, anonymous_tier_unknown)
+{
+    /* At the value, after the whole file is read: rate_limits may follow. */
+    expect_error(MIN "rate_limits:\n"
+                 "  basic: { requests_per_minute: 1, burst_limit: 1 }\n"
+                 "  pro: { requests_per_minute: 2, burst_limit: 2 }\n"
+                 "auth:\n"
+                 "  keys_file: keys.yaml\n"
+                 "  anonymous_tier: gold\n",
+                 "10:19", "auth.anonymous_tier: unknown tier \"gold\" "
+                 "(rate_limits defines basic, pro)");
+    expect_error(MIN "auth: { anonymous_tier: free }\n", "5:25",
+                 "auth.anonymous_tier: unknown tier \"free\" "
+                 "(rate_limits defines no tiers)");
+    expect_error(MIN "auth: { anonymous_tier: ~ }\n", "5:25",
+                 "auth.anonymous_tier: expected a string, got null");
+}
+
+Test(conf_errors, max_batch_out_of_range)
+{
+    expect_error(MIN "redis: { max_batch: 0 }\n", "5:21",
+                 "redis.max_batch: 0 is out of range (1..512)");
+    expect_error(MIN "redis:\n  prefix: \"tg:\"\n  max_batch: 513\n", "7:14",
+                 "redis.max_batch: 513 is out of range (1..512)");
+}
+
+Test(conf_errors, routes_not_a_sequence)
+{
+    expect_error(MIN "routes: { name: a, path: /a }\n", "5:9",
+                 "routes: expected a sequence of routes, got a mapping");
+    expect_error(MIN "routes:\n", "5:8", "routes: expected a sequence of routes, "
+                 "got null");
+    expect_error(MIN "routes:\n  - /leads\n", "6:5",
+                 "routes[0]: expected a mapping (e.g. { name: leads, path: /leads }), "
+                 "got \"/leads\"");
+}
+
+Test(conf_errors, route_unknown_key)
+{
+    expect_error(MIN "routes:\n  - name: a\n    path: /a\n    methd: GET\n", "8:5",
+                 "routes[0].methd: unknown key \"methd\" in section \"routes[0]\" "
+                 "(did you mean \"method\"?)");
+}
+
+Test(conf_errors, bad_route_name)
+{
+    expect_error(MIN "routes:\n  - name: Leads\n    path: /leads\n", "6:11",
+                 "routes[0].name: bad route name \"Leads\": 1..32 characters "
+                 "of [a-z0-9_-]");
+    expect_error(MIN "routes:\n"
+                 "  - { name: ok, path: /a }\n"
+                 "  - { name: \"leads.read\", path: /b }\n", "7:13",
+                 "routes[1].name: bad route name \"leads.read\"");
+    expect_error(MIN "routes:\n  - { name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa, path: /a }\n",
+                 "6:13", "routes[0].name: bad route name");
+    expect_error(MIN "routes:\n  - { name: \"\", path: /a }\n", "6:13",
+                 "routes[0].name: bad route name \"\"");
+}
+
+Test(conf_errors, duplicate_route_name)
+{
+    expect_error(MIN "routes:\n"
+                 "  - { name: leads, method: GET, path: /leads }\n"
+                 "  - { name: other, path: /other }\n"
+                 "  - { name: leads, method: POST, path: /leads }\n", "8:13",
+                 "routes[2].name: duplicate route name \"leads\" (first at 6:13)");
+}
+
+Test(conf_errors, route_missing_required)
+{
+    expect_error(MIN "routes:\n  - name: leads\n    cost: 2\n", "6:5",
+                 "routes[0]: missing required key \"path\"");
+    expect_error(MIN "routes:\n  - { path: /leads }\n", "6:5",
+                 "routes[0]: missing required key \"name\"");
+}
+
+Test(conf_errors, route_bad_method)
+{
+    expect_error(MIN "routes:\n  - { name: a, method: get, path: /a }\n", "6:24",
+                 "routes[0].method: method must be upper case: write \"GET\", "
+                 "not \"get\" (methods are case-sensitive)");
+    expect_error(MIN "routes:\n  - { name: a, method: Post, path: /a }\n", "6:24",
+                 "write \"POST\", not \"Post\"");
+    expect_error(MIN "routes:\n  - { name: a, method: \"M-SEARCH\", path: /a }\n",
+                 "6:24", "routes[0].method: bad method \"M-SEARCH\": 1..16 "
+                 "upper-case letters A-Z (omit the key to match any method)");
+    expect_error(MIN "routes:\n  - { name: a, method: \"\", path: /a }\n",
+                 "6:24", "bad method \"\"");
+    expect_error(MIN "routes:\n  - { name: a, method: ABCDEFGHIJKLMNOPQ, path: /a }\n",
+                 "6:24", "bad method \"ABCDEFGHIJKLMNOPQ\"");
+    expect_error(MIN "routes:\n  - { name: a, method: ~, path: /a }\n",
+                 "6:24", "routes[0].method: expected a string, got null");
+}
+
+Test(conf_errors, route_bad_path)
+{
+    char yaml[1024], longpath[300];
+
+    expect_error(MIN "routes:\n  - { name: a, path: leads }\n", "6:22",
+                 "routes[0].path: must start with '/', got \"leads\"");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a b\" }\n", "6:22",
+                 "routes[0].path: must not contain spaces, control or non-ASCII "
+                 "characters");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a\\tb\" }\n", "6:22",
+                 "must not contain spaces");
+    expect_error(MIN "routes:\n  - { name: a, path: \"\" }\n", "6:22",
+                 "routes[0].path: must start with '/', got \"\"");
+    longpath[0] = '/';
+    memset(longpath + 1, 'a', 256);
+    longpath[257] = '\0';
+    snprintf(yaml, sizeof(yaml), MIN "routes:\n  - { name: a, path: %s }\n", longpath);
+    expect_error(yaml, "6:22", "routes[0].path: length 257 is out of range "
+                 "(1..256 characters)");
+    longpath[256] = '\0';          /* 256 characters: fine */
+    snprintf(yaml, sizeof(yaml), MIN "routes:\n  - { name: a, path: %s }\n", longpath);
+    tg_conf_unref(expect_ok(yaml));
+}
+
+Test(conf_errors, route_cost_out_of_range)
+{
+    expect_error(MIN "routes:\n  - { name: a, path: /a, cost: 0 }\n", "6:32",
+                 "routes[0].cost: 0 is out of range (1..1000)");
+    expect_error(MIN "routes:\n  - name: a\n    path: /a\n    cost: 1001\n", "8:11",
+                 "routes[0].cost: 1001 is out of range (1..1000)");
+}
+
+Test(conf_errors, route_limit)
+{
+    expect_error(MIN "routes:\n  - { name: a, path: /a, limit: { requests_per_minute: 5 } }\n",
+                 "6:33", "routes[0].limit: missing required key \"burst_limit\"");
+    expect_error(MIN "routes:\n  - { name: a, path: /a, limit: { burst_limit: 5 } }\n",
+                 "6:33", "routes[0].limit: missing required key \"requests_per_minute\"");
+    expect_error(MIN "routes:\n"
+                 "  - name: a\n"
+                 "    path: /a\n"
+                 "    limit: { requests_per_minute: 100000001, burst_limit: 1 }\n",
+                 "8:35", "routes[0].limit.requests_per_minute: 100000001 is out of "
+                 "range (1..100000000)");
+    expect_error(MIN "routes:\n  - { name: a, path: /a, limit: 5 }\n", "6:33",
+                 "routes[0].limit: expected a mapping, got \"5\"");
+    expect_error(MIN "routes:\n  - { name: a, path: /a, limit: { rpm: 5 } }\n", "6:35",
+                 "routes[0].limit.rpm: unknown key \"rpm\" in section \"routes[0].limit\"");
+}
+
 Test(conf_errors, error_buffer_small)
 {
     char small[16];
@@ -536,7 +708,15 @@ Test(conf, defaults_filled)
     cr_assert_eq(conf->redis.timeout_ms, 25);
     cr_assert_eq(conf->redis.on_failure, TG_FAIL_LOCAL);
     cr_assert_str_eq(conf->redis.prefix, "tg:");
+    cr_assert_eq(conf->redis.max_batch, 32);
     cr_assert_null(conf->auth.keys_file);
+    cr_assert_str_eq(conf->auth.header, "X-API-Key");
+    cr_assert_eq(conf->auth.forward_key, 0);
+    cr_assert_null(conf->auth.anonymous_tier);
+    cr_assert_eq(conf->auth.redis_keys, 0);
+    cr_assert_eq(conf->auth.cache_ttl_ms, 30000);
+    cr_assert_null(conf->routes);
+    cr_assert_eq(conf->nroutes, 0);
     cr_assert_eq(conf->global_limit.enabled, 0);
     tg_conf_unref(conf);
 }
@@ -622,6 +802,96 @@ Test(conf, every_key_set)
     cr_assert_eq(conf->global_limit.enabled, 1);
     cr_assert_eq(conf->global_limit.requests_per_second, 5000);
     cr_assert_eq(conf->global_limit.burst, 1000);
+    tg_conf_unref(conf);
+}
+
+Test(conf, auth_and_routes)
+{
+    /* auth comes before rate_limits: the tier check runs after the walk. */
+    tg_conf *conf = expect_ok(
+        MIN
+        "auth:\n"
+        "  keys_file: /etc/tollgate/keys.yaml\n"
+        "  header: X-Tollgate-Key\n"
+        "  forward_key: true\n"
+        "  anonymous_tier: free\n"
+        "  redis_keys: true\n"
+        "  cache_ttl_ms: 0\n"
+        "rate_limits:\n"
+        "  free: { requests_per_minute: 10,  burst_limit: 5 }\n"
+        "  pro:  { requests_per_minute: 500, burst_limit: 100 }\n"
+        "redis: { max_batch: 512 }\n"
+        "routes:\n"
+        "  - name: leads_export\n"
+        "    method: POST\n"
+        "    path: /leads/export\n"
+        "    cost: 1000\n"
+        "    limit: { requests_per_minute: 6000, burst_limit: 2000 }\n"
+        "  - { name: leads-write, method: POST, path: /leads, cost: 2 }\n"
+        "  - name: leads_read\n"
+        "    method: GET\n"
+        "    path: /leads\n"
+        "    limit: { requests_per_minute: 100000000, burst_limit: 1 }\n"
+        "  - { name: v2, path: \"/v2/~x%20y\" }\n");
+    const tg_route_conf *r;
+
+    cr_assert_str_eq(conf->auth.keys_file, "/etc/tollgate/keys.yaml");
+    cr_assert_str_eq(conf->auth.header, "X-Tollgate-Key");
+    cr_assert_eq(conf->auth.forward_key, 1);
+    cr_assert_str_eq(conf->auth.anonymous_tier, "free");
+    cr_assert_not_null(tg_conf_tier(conf, conf->auth.anonymous_tier));
+    cr_assert_eq(conf->auth.redis_keys, 1);
+    cr_assert_eq(conf->auth.cache_ttl_ms, 0);
+    cr_assert_eq(conf->redis.max_batch, 512);
+
+    cr_assert_eq(conf->nroutes, 4);
+    r = &conf->routes[0];
+    cr_assert_str_eq(r->name, "leads_export");
+    cr_assert_str_eq(r->method, "POST");
+    cr_assert_str_eq(r->path, "/leads/export");
+    cr_assert_eq(r->cost, 1000);
+    cr_assert_eq(r->has_limit, 1);
+    cr_assert_eq(r->requests_per_minute, 6000);
+    cr_assert_eq(r->burst_limit, 2000);
+    r = &conf->routes[1];
+    cr_assert_str_eq(r->name, "leads-write");
+    cr_assert_str_eq(r->method, "POST");
+    cr_assert_str_eq(r->path, "/leads");
+    cr_assert_eq(r->cost, 2);
+    cr_assert_eq(r->has_limit, 0);
+    r = &conf->routes[2];
+    cr_assert_str_eq(r->name, "leads_read");
+    cr_assert_str_eq(r->method, "GET");
+    cr_assert_eq(r->cost, 1);
+    cr_assert_eq(r->has_limit, 1);
+    cr_assert_eq(r->requests_per_minute, 100000000);
+    cr_assert_eq(r->burst_limit, 1);
+    r = &conf->routes[3];
+    cr_assert_str_eq(r->name, "v2");
+    cr_assert_null(r->method);          /* any method */
+    cr_assert_str_eq(r->path, "/v2/~x%20y");
+    cr_assert_eq(r->cost, 1);
+    cr_assert_eq(r->has_limit, 0);
+    tg_conf_unref(conf);
+
+    /* The other header forms, and an empty routes list. */
+    conf = expect_ok(MIN "auth: { header: \"x-api_key.v1!#$%&'*+^`|~\" }\n"
+                     "routes: []\n");
+    cr_assert_str_eq(conf->auth.header, "x-api_key.v1!#$%&'*+^`|~");
+    cr_assert_eq(conf->nroutes, 0);
+    tg_conf_unref(conf);
+}
+
+Test(conf, routes_do_not_need_tiers)
+{
+    tg_conf *conf = expect_ok(MIN "routes:\n"
+                              "  - name: a\n"
+                              "    path: /\n"
+                              "    limit: { requests_per_minute: 60, burst_limit: 1 }\n");
+
+    cr_assert_eq(conf->ntiers, 0);
+    cr_assert_eq(conf->nroutes, 1);
+    cr_assert_str_eq(conf->routes[0].path, "/");
     tg_conf_unref(conf);
 }
 
@@ -823,10 +1093,21 @@ Test(conf, shipped_configs_load)
             cr_assert_str_eq(conf->listen[1].cert, path);
             cr_assert_eq(conf->store, TG_STORE_REDIS);
             cr_assert_eq(conf->global_limit.enabled, 1);
+            cr_assert_str_eq(conf->auth.header, "X-API-Key");
+            cr_assert_eq(conf->auth.redis_keys, 0);
+            cr_assert_eq(conf->auth.cache_ttl_ms, 30000);
+            cr_assert_eq(conf->redis.max_batch, 32);
+            cr_assert_geq(conf->nroutes, 2);
         }
         if (strcmp(de->d_name, "demo.yaml") == 0) {
             cr_assert_eq(conf->workers, 2);
             cr_assert_eq(conf->store, TG_STORE_LOCAL);
+            cr_assert_geq(conf->nroutes, 1);
+            cr_assert_str_eq(conf->routes[0].method, "GET");
+            cr_assert_str_eq(conf->routes[0].path, "/leads");
+            cr_assert_eq(conf->routes[0].has_limit, 1);
+            cr_assert_eq(conf->routes[0].requests_per_minute, 600);
+            cr_assert_eq(conf->routes[0].burst_limit, 50);
         }
         tg_conf_unref(conf);
         n++;

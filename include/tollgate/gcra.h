@@ -1,0 +1,114 @@
+/*
+ * gcra.h - token buckets as GCRA (generic cell rate algorithm), and the
+ * in-process bucket store (`store: local`, and the Redis fallback).
+ *
+ * A bucket has a capacity (burst) and an emission interval T (time to earn
+ * one token: 60 s / requests_per_minute, rounded UP to the microsecond so
+ * rounding never admits more than the configured rate).  Its whole state is
+ * one integer, the theoretical arrival time (TAT, microseconds).  A request
+ * of cost n at time now:
+ *
+ *     tat     = max(TAT, now)
+ *     new_tat = tat + n*T
+ *     allowed = new_tat - now <= burst*T
+ *
+ * A fresh bucket (TAT <= now) is full: burst requests pass at once.  Denied
+ * requests change nothing.  The same arithmetic runs in Redis (the Lua text
+ * below, with Redis TIME as the only clock) and in process memory.
+ */
+#ifndef TOLLGATE_GCRA_H
+#define TOLLGATE_GCRA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tollgate/common.h"
+
+typedef struct tg_gcra_limit {
+    uint64_t interval_us;         /* T: microseconds per token, >= 1 */
+    uint32_t burst;               /* capacity, >= 1 */
+} tg_gcra_limit;
+
+/* T for a per-minute / per-second rate (rounded up). */
+tg_gcra_limit tg_gcra_per_minute(uint32_t requests_per_minute, uint32_t burst);
+tg_gcra_limit tg_gcra_per_second(uint32_t requests_per_second, uint32_t burst);
+
+/* The outcome of charging one request to all of its buckets. */
+typedef struct tg_gcra_result {
+    int      allowed;             /* 1: every bucket had room; all charged */
+    uint32_t remaining;           /* tokens left in the tightest bucket, after */
+    uint64_t retry_us;            /* denied: wait at least this long (0 if allowed) */
+    uint64_t reset_us;            /* until the tightest bucket is full again */
+    int      limiting;            /* index of the tightest bucket (for headers) */
+} tg_gcra_result;
+
+/*
+ * Pure step for n buckets: tat[i] is the stored TAT of bucket i (0 = none).
+ * On allow, tat[i] are updated in place; on deny they are left alone.
+ * ttl_us[i] (may be NULL) receives how long bucket i must be kept
+ * (time until it is full again; 0 = may be dropped).
+ *
+ * Per bucket, with L = burst*T and new = max(TAT, now) + cost*T:
+ *   allowed:   remaining = min over buckets of (L - (new - now)) / T
+ *              (floored); limiting = that bucket (ties: the larger reset,
+ *              then the lower index); reset_us = its new - now.
+ *   denied:    retry_us = max over denying buckets of new - now - L (>= 1):
+ *              a retry at now + retry_us passes if nothing else happened;
+ *              limiting = that bucket (ties: lower index); reset_us = its
+ *              max(TAT, now) - now; remaining = tokens available now
+ *              (min over all buckets, without this request).
+ *   cost > burst can never pass: it is denied with the same formula,
+ *              retry_us = (TAT - now)+ + (cost - burst)*T, which is > 0 but
+ *              NOT a promise (a retry then is denied again).  Callers
+ *              should refuse such costs before charging.
+ *   n == 0:    allowed, remaining UINT32_MAX, limiting -1.
+ *   n > 8:     a bug; logged and denied with retry_us 0, limiting -1.
+ * The Lua script below gives the identical results.
+ */
+void tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
+                    size_t n, uint32_t cost, uint64_t now_us, tg_gcra_result *res);
+
+/* ---- in-process store ------------------------------------------------ */
+
+struct tg_lstore;
+
+/* A store for one worker thread (no locks).  max_entries bounds memory
+ * (values below 16 are raised to 16): when full, expired buckets are
+ * evicted first, then the one closest to full among a few scanned -
+ * forgetting a bucket that is not full admits extra requests, so size
+ * max_entries for the live keys.  tg_lstore_destroy(NULL) is a no-op. */
+struct tg_lstore *tg_lstore_create(size_t max_entries);
+void tg_lstore_destroy(struct tg_lstore *st);
+
+/*
+ * Charge one request to buckets keys[0..n) (NUL-terminated strings, at
+ * most 8) with limits lim[], atomically (all or none), at now_us (pass
+ * tg_now_us(); tests inject a clock).
+ */
+void tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
+                      const tg_gcra_limit *lim, size_t n, uint32_t cost,
+                      uint64_t now_us, tg_gcra_result *res);
+
+/* Buckets held now (tests, metrics). */
+size_t tg_lstore_size(const struct tg_lstore *st);
+
+/* Bytes one bucket costs in this store (for docs/PERFORMANCE.md). */
+size_t tg_lstore_entry_bytes(void);
+
+/*
+ * The Redis side: a Lua script doing tg_gcra_charge for a BATCH of
+ * requests in one call, with Redis TIME as the clock.
+ *   KEYS: every bucket key of every request, in order.
+ *   ARGV: nreq, then per request: nbuckets, cost, then per bucket:
+ *         interval_us, burst.
+ *   Reply: flat array, 5 integers per request:
+ *         allowed (0/1), remaining, retry_us, reset_us, limiting index.
+ * Each request is all-or-nothing over its own buckets; requests of one
+ * batch are independent and applied in order.  Keys are written with
+ * PXAT = the first millisecond at or after their TAT (when the bucket is
+ * full again), so stale buckets vanish and none vanishes early.  A cost-0
+ * request (a look) writes nothing.  Needs Redis >= 7 (script flags).
+ */
+extern const char tg_gcra_lua[];
+
+#endif

@@ -1,0 +1,62 @@
+/*
+ * keys.h - API keys: the keys file, lookup by SHA-256, key generation.
+ *
+ * Keys are never stored or logged in clear: the file holds the hex SHA-256
+ * of each key; a presented key is hashed and looked up; digests are compared
+ * in constant time.
+ */
+#ifndef TOLLGATE_KEYS_H
+#define TOLLGATE_KEYS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tollgate/common.h"
+
+#define TG_KEY_ID_MAX   64
+#define TG_TIER_MAX     32
+
+typedef struct tg_key {
+    uint8_t  sha256[32];
+    char     id[TG_KEY_ID_MAX + 1];    /* consumer id: [A-Za-z0-9._-], 1..64 */
+    char     tier[TG_TIER_MAX + 1];    /* a tier name of rate_limits */
+    int      enabled;
+} tg_key;
+
+struct tg_keys;   /* immutable once loaded; shared by threads read-only */
+
+/*
+ * Load a keys file:
+ *   keys:
+ *     - { id: acme, tier: pro, sha256: "<64 hex>", enabled: true }
+ * enabled defaults to true.  Errors are "FILE:LINE:COL: what" (unknown key,
+ * duplicate key, wrong type, bad hex, duplicate id or sha256, missing field).
+ * Tier names are NOT checked here (tg_keys_check_tiers does it).
+ */
+struct tg_keys *tg_keys_load(const char *path, char *err, size_t errlen);
+struct tg_keys *tg_keys_load_string(const char *name, const char *text, size_t len,
+                                    char *err, size_t errlen);
+void tg_keys_destroy(struct tg_keys *keys);
+size_t tg_keys_count(const struct tg_keys *keys);
+
+/* Every key's tier must be one of names[0..n); else TG_ERR and a message
+ * naming the key id and its tier. */
+tg_rc tg_keys_check_tiers(const struct tg_keys *keys, const char *const *names,
+                          size_t n, char *err, size_t errlen);
+
+/* SHA-256 of the presented key (raw bytes, len). */
+void tg_keys_hash(const char *key, size_t len, uint8_t out[32]);
+
+/* Lookup by digest, constant-time compare of the digest.  NULL if none. */
+const tg_key *tg_keys_find(const struct tg_keys *keys, const uint8_t sha256[32]);
+
+/* Lower-case hex of a digest into out[65]. */
+void tg_keys_hex(const uint8_t sha256[32], char out[65]);
+/* Parse 64 hex chars; TG_ERR if not exactly that. */
+tg_rc tg_keys_unhex(const char *hex, size_t len, uint8_t out[32]);
+
+/* A new random key ("tg_" + 43 base64url chars, 256 bits from getrandom)
+ * into out[64]. */
+tg_rc tg_keys_generate(char out[64]);
+
+#endif

@@ -1,0 +1,105 @@
+/*
+ * limiter.h - the identify -> route -> charge stages of the request path.
+ *
+ * One limiter per worker thread.  For each request it finds the API key
+ * (X-API-Key or the configured header, or Authorization: Bearer), looks
+ * it up by SHA-256, picks the route rule, and charges the key's tier
+ * bucket, the route bucket (if the rule has a limit) and the global bucket
+ * in ONE atomic store call: Redis (async, batched per loop turn) or the
+ * in-process store.  When Redis fails, redis.on_failure decides: the local
+ * buckets, allow, or deny (503).
+ *
+ * The caller owns a tg_limit_ctx per in-flight request (embedded in its
+ * connection object): no allocation per request.
+ */
+#ifndef TOLLGATE_LIMITER_H
+#define TOLLGATE_LIMITER_H
+
+#include <event2/event.h>
+
+#include "tollgate/common.h"
+#include "tollgate/conf.h"
+#include "tollgate/gcra.h"
+#include "tollgate/http.h"
+#include "tollgate/keys.h"
+
+#define TG_LIMIT_MAX_BUCKETS 3
+#define TG_LIMIT_KEY_MAX     192
+
+struct tg_limiter;
+struct tg_redis_op;
+
+/* What the limiter decided for one request. */
+typedef struct tg_limit_outcome {
+    int      status;              /* 0 allowed; 401, 403, 429 or 503 */
+    const char *error;            /* short reason when status != 0 */
+    int      limited;             /* rate-limit headers apply */
+    char     consumer[TG_KEY_ID_MAX + 48];   /* key id, or "anon:<ip>" */
+    char     tier[TG_TIER_MAX + 1];
+    const char *policy;           /* limiting bucket: tier/route name or "global" */
+    uint32_t quota;               /* its burst */
+    uint32_t window_s;            /* its burst * interval, seconds (ceil) */
+    uint32_t remaining;
+    uint32_t reset_s;             /* seconds until full again (ceil) */
+    uint32_t retry_s;             /* 429/503: seconds to wait (ceil, never early) */
+    int      fallback;            /* decided without Redis (policy on_failure) */
+} tg_limit_outcome;
+
+typedef void (*tg_limit_cb)(void *arg);
+
+/* Per-request state, owned by the caller; opaque in use. */
+typedef struct tg_limit_ctx {
+    struct tg_limiter  *lim;
+    tg_limit_outcome   *out;
+    tg_limit_cb         cb;
+    void               *arg;
+    struct tg_redis_op *op;                        /* pending Redis call */
+    size_t              n;
+    uint32_t            cost;
+    tg_gcra_limit       limits[TG_LIMIT_MAX_BUCKETS];
+    const char         *names[TG_LIMIT_MAX_BUCKETS];
+    char                keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
+} tg_limit_ctx;
+
+/*
+ * Create the limiter of one worker.  keys may be NULL (no keys file).
+ * Takes a reference on conf; keys must outlive the limiter.  Starts the
+ * worker's Redis connection when store is redis.  NULL + err on failure.
+ */
+struct tg_limiter *tg_limiter_create(struct event_base *base, tg_conf *conf,
+                                     const struct tg_keys *keys,
+                                     char *err, size_t errlen);
+void tg_limiter_destroy(struct tg_limiter *lim);
+
+/* 1 when the bucket store can answer (always, unless store: redis and
+ * the worker's connection is not up). */
+int tg_limiter_store_ready(const struct tg_limiter *lim);
+
+/* 1 when requests are identified and charged at all (keys file or an
+ * anonymous tier configured); 0: a plain proxy. */
+int tg_limiter_enabled(const struct tg_limiter *lim);
+
+/*
+ * Decide for req from client_ip.  Returns TG_OK when decided at once
+ * (out filled), or TG_AGAIN when cb(arg) will be called later (from the
+ * event loop, never from inside this call) with out filled.
+ */
+tg_rc tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx,
+                       const tg_http_req *req, const char *client_ip,
+                       tg_limit_outcome *out, tg_limit_cb cb, void *arg);
+
+/* The request is gone: cb will not be called. */
+void tg_limiter_cancel(tg_limit_ctx *ctx);
+
+/*
+ * Format the rate-limit headers of o (RateLimit-Policy, RateLimit,
+ * X-RateLimit-Limit/-Remaining/-Reset, and Retry-After for 429/503),
+ * each line CRLF-terminated, into buf.  Returns the length (0 if none).
+ */
+size_t tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len);
+
+/* 1 if the header name must not reach the upstream: the API key header
+ * (unless auth.forward_key) and client-sent X-Consumer-ID / -Tier. */
+int tg_limiter_strip_header(const struct tg_limiter *lim, const char *name, size_t len);
+
+#endif

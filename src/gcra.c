@@ -1,0 +1,551 @@
+/*
+ * gcra.c - token buckets as GCRA: the pure step, the in-process store and
+ * the Redis script.  The C step and the Lua text must give identical
+ * results for identical inputs and clock; change both or neither.
+ */
+#include "tollgate/gcra.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define GCRA_MAX_BUCKETS   8     /* buckets per request (header contract) */
+
+#define LS_INLINE_KEY      48    /* keys up to this length live in the slot */
+#define LS_MIN_CAP         256   /* initial slots (power of two) */
+#define LS_SWEEP_SLOTS     4     /* slots examined for expiry on each insert */
+#define LS_EVICT_SCAN      16    /* occupied slots examined when full */
+
+/*
+ * One slot of the open-addressing table (linear probing, backward-shift
+ * deletion, no tombstones).  64 bytes: one cache line holds the TAT, the
+ * hash and, for keys up to LS_INLINE_KEY bytes, the key itself, so a hit
+ * costs one line and a memcmp.  Longer keys are copied to the heap.
+ */
+typedef struct ls_slot {
+    uint64_t tat;                 /* theoretical arrival time, us */
+    uint32_t hash;                /* folded hash; home slot = hash & mask */
+    uint32_t klen1;               /* key length + 1; 0 = empty slot */
+    union {
+        char  inl[LS_INLINE_KEY]; /* klen1 - 1 <= LS_INLINE_KEY */
+        char *ext;                /* longer keys: owned heap copy */
+    } k;
+} ls_slot;
+
+struct tg_lstore {
+    ls_slot *slots;
+    size_t   mask;                /* capacity - 1 (capacity: power of two) */
+    size_t   size;                /* occupied slots */
+    size_t   max_entries;         /* bound on size */
+    size_t   cursor;              /* where the next sweep/eviction scan starts */
+};
+
+static uint64_t ls_hash(const char *key, size_t *len);
+static const char *ls_key(const ls_slot *s);
+static long ls_find(const struct tg_lstore *st, const char *key, size_t len,
+                    uint32_t h);
+static void ls_insert(struct tg_lstore *st, const char *key, size_t len,
+                      uint32_t h, uint64_t tat, uint64_t now_us,
+                      const uint32_t *protect, size_t nprotect);
+static void ls_delete(struct tg_lstore *st, size_t i);
+static void ls_grow(struct tg_lstore *st);
+static int ls_protected(uint32_t h, const uint32_t *protect, size_t nprotect);
+static void ls_sweep(struct tg_lstore *st, uint64_t now_us,
+                     const uint32_t *protect, size_t nprotect);
+static void ls_evict(struct tg_lstore *st, uint64_t now_us,
+                     const uint32_t *protect, size_t nprotect);
+
+/* ---- limits ----------------------------------------------------------- */
+
+/* T = ceil(60e6 / rpm): rounding up can only make the bucket stricter. */
+tg_gcra_limit
+tg_gcra_per_minute(uint32_t requests_per_minute, uint32_t burst)
+{
+    tg_gcra_limit l;
+    uint64_t rpm = requests_per_minute ? requests_per_minute : 1;
+
+    l.interval_us = (60000000u + rpm - 1) / rpm;
+    l.burst = burst ? burst : 1;
+    return l;
+}
+
+tg_gcra_limit
+tg_gcra_per_second(uint32_t requests_per_second, uint32_t burst)
+{
+    tg_gcra_limit l;
+    uint64_t rps = requests_per_second ? requests_per_second : 1;
+
+    l.interval_us = (1000000u + rps - 1) / rps;
+    l.burst = burst ? burst : 1;
+    return l;
+}
+
+/* ---- the pure step ---------------------------------------------------- */
+
+/*
+ * Per bucket: held = max(TAT, now) - now (time until full, now), d = held +
+ * cost*T (the same after this request), L = burst*T.  The bucket admits
+ * the request iff d <= L.  Tie-breaks (mirrored in the Lua text):
+ *   allowed: tightest = smallest remaining after; then larger d; then
+ *            lower index.
+ *   denied:  limiting = largest d - L; then lower index.  remaining = the
+ *            smallest token count over all buckets without this request.
+ */
+void
+tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
+               size_t n, uint32_t cost, uint64_t now_us, tg_gcra_result *res)
+{
+    uint64_t held[GCRA_MAX_BUCKETS], d[GCRA_MAX_BUCKETS];
+    uint32_t arem = UINT32_MAX, drem = UINT32_MAX;
+    uint64_t areset = 0, retry = 0, dreset = 0;
+    int aidx = -1, didx = -1, ok = 1;
+    size_t i;
+
+    if (n > GCRA_MAX_BUCKETS) {
+        tg_error("gcra: %zu buckets in one request (max %d): denied",
+                 n, GCRA_MAX_BUCKETS);
+        res->allowed = 0;
+        res->remaining = 0;
+        res->retry_us = 0;
+        res->reset_us = 0;
+        res->limiting = -1;
+        return;
+    }
+
+    for (i = 0; i < n; i++) {
+        uint64_t t = lim[i].interval_us;
+        uint64_t l = (uint64_t)lim[i].burst * t;
+        uint32_t rem;
+
+        held[i] = tat[i] > now_us ? tat[i] - now_us : 0;
+        d[i] = held[i] + (uint64_t)cost * t;
+
+        /* Tokens available now; a TAT beyond L (burst lowered by a reload)
+         * just means none. */
+        rem = held[i] < l ? (uint32_t)((l - held[i]) / t) : 0;
+        if (rem < drem) {
+            drem = rem;
+        }
+
+        if (d[i] > l) {
+            ok = 0;
+            if (d[i] - l > retry) {
+                retry = d[i] - l;
+                dreset = held[i];
+                didx = (int)i;
+            }
+        } else {
+            rem = (uint32_t)((l - d[i]) / t);
+            if (aidx < 0 || rem < arem || (rem == arem && d[i] > areset)) {
+                arem = rem;
+                areset = d[i];
+                aidx = (int)i;
+            }
+        }
+    }
+
+    if (ok) {
+        for (i = 0; i < n; i++) {
+            tat[i] = now_us + d[i];
+            if (ttl_us != NULL) {
+                ttl_us[i] = d[i];
+            }
+        }
+        res->allowed = 1;
+        res->remaining = arem;
+        res->retry_us = 0;
+        res->reset_us = areset;
+        res->limiting = aidx;
+    } else {
+        if (ttl_us != NULL) {
+            for (i = 0; i < n; i++) {
+                ttl_us[i] = held[i];
+            }
+        }
+        res->allowed = 0;
+        res->remaining = drem;
+        res->retry_us = retry;
+        res->reset_us = dreset;
+        res->limiting = didx;
+    }
+}
+
+/* ---- in-process store ------------------------------------------------- */
+
+struct tg_lstore *
+tg_lstore_create(size_t max_entries)
+{
+    struct tg_lstore *st = tg_xcalloc(1, sizeof(*st));
+
+    /* A request may bring GCRA_MAX_BUCKETS new keys while protecting its
+     * own; below that the bound could not be kept. */
+    st->max_entries = max_entries < GCRA_MAX_BUCKETS * 2
+                      ? GCRA_MAX_BUCKETS * 2 : max_entries;
+    st->slots = tg_xcalloc(LS_MIN_CAP, sizeof(ls_slot));
+    st->mask = LS_MIN_CAP - 1;
+    return st;
+}
+
+void
+tg_lstore_destroy(struct tg_lstore *st)
+{
+    size_t i;
+
+    if (st == NULL) {
+        return;
+    }
+    for (i = 0; i <= st->mask; i++) {
+        if (st->slots[i].klen1 > LS_INLINE_KEY + 1) {
+            free(st->slots[i].k.ext);
+        }
+    }
+    free(st->slots);
+    free(st);
+}
+
+/*
+ * Look every key up, run the pure step on copies of the TATs, and write
+ * back only if allowed (a bucket left full by cost 0 is not stored): found
+ * keys in place first (their slots are still
+ * where the lookup saw them), then the missing ones, whose insertion may
+ * sweep, evict or grow - never evicting a key of this request.  A denied
+ * request for a new key stores nothing.
+ */
+void
+tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
+                 const tg_gcra_limit *lim, size_t n, uint32_t cost,
+                 uint64_t now_us, tg_gcra_result *res)
+{
+    uint64_t tat[GCRA_MAX_BUCKETS];
+    uint32_t h[GCRA_MAX_BUCKETS];
+    size_t len[GCRA_MAX_BUCKETS];
+    long at[GCRA_MAX_BUCKETS];
+    size_t i, missing = 0;
+
+    if (n > GCRA_MAX_BUCKETS) {
+        tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res); /* denies */
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t h64 = ls_hash(keys[i], &len[i]);
+        h[i] = (uint32_t)(h64 ^ (h64 >> 32));
+        at[i] = ls_find(st, keys[i], len[i], h[i]);
+        tat[i] = at[i] >= 0 ? st->slots[at[i]].tat : 0;
+    }
+
+    tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res);
+    if (!res->allowed) {
+        return;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (at[i] >= 0) {
+            st->slots[at[i]].tat = tat[i];
+        } else if (tat[i] > now_us) {
+            missing++;
+        } else {
+            at[i] = 0;          /* cost 0 on a full bucket: keep nothing */
+        }
+    }
+    if (missing == 0) {
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        if (at[i] < 0) {
+            /* Look again: the same key may appear twice in one request. */
+            long j = ls_find(st, keys[i], len[i], h[i]);
+            if (j >= 0) {
+                st->slots[j].tat = tat[i];
+            } else {
+                ls_insert(st, keys[i], len[i], h[i], tat[i], now_us, h, n);
+            }
+        }
+    }
+}
+
+size_t
+tg_lstore_size(const struct tg_lstore *st)
+{
+    return st->size;
+}
+
+/*
+ * Worst case per bucket of a full store: a 64-byte slot (keys up to 48
+ * bytes inline) in a power-of-two table kept at most 3/4 full, so a full
+ * store sits at a load between 3/8 and 3/4: 86..171 bytes a bucket, this
+ * returns the bound.  Keys longer than 48 bytes add one malloc'd copy
+ * (len + 8..16 bytes).
+ */
+size_t
+tg_lstore_entry_bytes(void)
+{
+    return (sizeof(ls_slot) * 8 + 2) / 3;
+}
+
+/* ---- store internals -------------------------------------------------- */
+
+/* FNV-1a over the key (computing its length on the way), then the
+ * murmur3 finalizer so the low bits used for the home slot are mixed. */
+static uint64_t
+ls_hash(const char *key, size_t *len)
+{
+    const unsigned char *p = (const unsigned char *)key;
+    uint64_t h = 0xcbf29ce484222325ULL;
+
+    while (*p != '\0') {
+        h ^= *p++;
+        h *= 0x100000001b3ULL;
+    }
+    *len = (size_t)(p - (const unsigned char *)key);
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+static const char *
+ls_key(const ls_slot *s)
+{
+    return s->klen1 > LS_INLINE_KEY + 1 ? s->k.ext : s->k.inl;
+}
+
+/* Index of key's slot, or -1. */
+static long
+ls_find(const struct tg_lstore *st, const char *key, size_t len, uint32_t h)
+{
+    size_t i = h & st->mask;
+
+    for (;;) {
+        const ls_slot *s = &st->slots[i];
+        if (s->klen1 == 0) {
+            return -1;
+        }
+        if (s->hash == h && s->klen1 == len + 1
+            && memcmp(ls_key(s), key, len) == 0) {
+            return (long)i;
+        }
+        i = (i + 1) & st->mask;
+    }
+}
+
+/* Insert a key known to be absent, keeping size <= max_entries and the
+ * load factor <= 3/4.  protect[] are hashes of keys that must survive. */
+static void
+ls_insert(struct tg_lstore *st, const char *key, size_t len, uint32_t h,
+          uint64_t tat, uint64_t now_us, const uint32_t *protect,
+          size_t nprotect)
+{
+    ls_slot *s;
+    size_t i;
+
+    ls_sweep(st, now_us, protect, nprotect);
+    if (st->size >= st->max_entries) {
+        ls_evict(st, now_us, protect, nprotect);
+    }
+    if ((st->size + 1) * 4 > (st->mask + 1) * 3) {
+        ls_grow(st);
+    }
+
+    i = h & st->mask;
+    while (st->slots[i].klen1 != 0) {
+        i = (i + 1) & st->mask;
+    }
+    s = &st->slots[i];
+    s->tat = tat;
+    s->hash = h;
+    s->klen1 = (uint32_t)len + 1;
+    if (len <= LS_INLINE_KEY) {
+        memcpy(s->k.inl, key, len);
+    } else {
+        s->k.ext = tg_xmalloc(len);
+        memcpy(s->k.ext, key, len);
+    }
+    st->size++;
+}
+
+/* Empty slot i and shift the rest of its cluster back so that every key
+ * stays reachable from its home slot without tombstones. */
+static void
+ls_delete(struct tg_lstore *st, size_t i)
+{
+    size_t j = i, home;
+
+    if (st->slots[i].klen1 > LS_INLINE_KEY + 1) {
+        free(st->slots[i].k.ext);
+    }
+    for (;;) {
+        j = (j + 1) & st->mask;
+        if (st->slots[j].klen1 == 0) {
+            break;
+        }
+        home = st->slots[j].hash & st->mask;
+        /* The entry at j may move to the hole at i unless its home lies
+         * cyclically in (i, j]. */
+        if (i <= j ? (i < home && home <= j) : (i < home || home <= j)) {
+            continue;
+        }
+        st->slots[i] = st->slots[j];
+        i = j;
+    }
+    memset(&st->slots[i], 0, sizeof(ls_slot));
+    st->size--;
+}
+
+static void
+ls_grow(struct tg_lstore *st)
+{
+    size_t old_cap = st->mask + 1, i, j;
+    ls_slot *old = st->slots;
+
+    st->slots = tg_xcalloc(old_cap * 2, sizeof(ls_slot));
+    st->mask = old_cap * 2 - 1;
+    for (i = 0; i < old_cap; i++) {
+        if (old[i].klen1 == 0) {
+            continue;
+        }
+        j = old[i].hash & st->mask;
+        while (st->slots[j].klen1 != 0) {
+            j = (j + 1) & st->mask;
+        }
+        st->slots[j] = old[i];  /* the key moves with its slot */
+    }
+    st->cursor &= st->mask;
+    free(old);
+}
+
+static int
+ls_protected(uint32_t h, const uint32_t *protect, size_t nprotect)
+{
+    size_t i;
+
+    for (i = 0; i < nprotect; i++) {
+        if (protect[i] == h) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Drop expired buckets (TAT <= now: full, equivalent to absent) among a
+ * few slots at the cursor.  Deleting shifts later entries into the hole,
+ * so a deleted slot is examined again. */
+static void
+ls_sweep(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
+         size_t nprotect)
+{
+    size_t pos = st->cursor, k;
+
+    for (k = 0; k < LS_SWEEP_SLOTS; k++) {
+        ls_slot *s = &st->slots[pos];
+        if (s->klen1 != 0 && s->tat <= now_us
+            && !ls_protected(s->hash, protect, nprotect)) {
+            ls_delete(st, pos);
+            continue;
+        }
+        pos = (pos + 1) & st->mask;
+    }
+    st->cursor = pos;
+}
+
+/*
+ * The table is full: examine up to LS_EVICT_SCAN occupied slots from the
+ * cursor, dropping every expired bucket; if none was expired, drop the one
+ * with the smallest TAT among them (closest to full).  Dropping a bucket
+ * that is not full forgets its debt and admits up to (burst - its tokens)
+ * extra requests: size max_entries for the live keys.  If every candidate
+ * is protected (hash collisions only) the table exceeds its bound by one.
+ */
+static void
+ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
+         size_t nprotect)
+{
+    size_t pos = st->cursor, visited = 0, seen = 0, dropped = 0;
+    long best = -1;
+
+    while (seen < LS_EVICT_SCAN && visited <= st->mask) {
+        ls_slot *s = &st->slots[pos];
+        visited++;
+        if (s->klen1 != 0) {
+            seen++;
+            if (!ls_protected(s->hash, protect, nprotect)) {
+                if (s->tat <= now_us) {
+                    ls_delete(st, pos);
+                    dropped++;
+                    continue;
+                }
+                if (best < 0 || s->tat < st->slots[best].tat) {
+                    best = (long)pos;
+                }
+            }
+        }
+        pos = (pos + 1) & st->mask;
+    }
+    st->cursor = pos;
+    if (dropped == 0 && best >= 0) {
+        ls_delete(st, (size_t)best);
+    }
+}
+
+/* ---- Redis ------------------------------------------------------------ */
+
+/*
+ * The same step as tg_gcra_charge, for a batch (layout in gcra.h).  Every
+ * number is an integer held in a double: timestamps ~1.8e15 < 2^53 are
+ * exact, and the only division is floored (or ceiled for PX).  One TIME,
+ * one GET per bucket, one SET per bucket of an allowed request (none for
+ * cost 0, which changes no bucket); nd is reused across requests.  Numbers are written with %d: Redis would
+ * otherwise format them with %.17g.  The expiry is PXAT ceil(TAT / 1 ms),
+ * an absolute time on the clock TIME reads, so a key provably outlives its
+ * debt; a relative PX would count from Redis's cached millisecond clock,
+ * which lags TIME, and the bound would depend on that lag.  The shebang flag lets one call span
+ * several Cluster slots of one node (Redis >= 7).
+ */
+const char tg_gcra_lua[] =
+    "#!lua flags=allow-cross-slot-keys\n"
+    "local call, floor, ceil, fmt = redis.call, math.floor, math.ceil, string.format\n"
+    "local tm = call('TIME')\n"
+    "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
+    "local out, nd = {}, {}\n"
+    "local a, k, o = 2, 0, 0\n"
+    "for r = 1, tonumber(ARGV[1]) do\n"
+    "  local nb, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
+    "  a = a + 2\n"
+    "  local ok = true\n"
+    "  local arem, areset, aidx = 4294967295, 0, -1\n"
+    "  local drem, retry, dreset, didx = 4294967295, 0, 0, -1\n"
+    "  for i = 1, nb do\n"
+    "    local t = tonumber(ARGV[a])\n"
+    "    local l = tonumber(ARGV[a + 1]) * t\n"
+    "    a = a + 2\n"
+    "    local held = (tonumber(call('GET', KEYS[k + i])) or 0) - now\n"
+    "    if held < 0 then held = 0 end\n"
+    "    local d = held + cost * t\n"
+    "    nd[i] = d\n"
+    "    local rem = 0\n"
+    "    if held < l then rem = floor((l - held) / t) end\n"
+    "    if rem < drem then drem = rem end\n"
+    "    if d > l then\n"
+    "      ok = false\n"
+    "      if d - l > retry then retry, dreset, didx = d - l, held, i - 1 end\n"
+    "    else\n"
+    "      rem = floor((l - d) / t)\n"
+    "      if aidx < 0 or rem < arem or (rem == arem and d > areset) then\n"
+    "        arem, areset, aidx = rem, d, i - 1\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "  if ok then\n"
+    "    if cost > 0 then\n"
+    "      for i = 1, nb do\n"
+    "        call('SET', KEYS[k + i], fmt('%d', now + nd[i]), 'PXAT', fmt('%d', ceil((now + nd[i]) / 1000)))\n"
+    "      end\n"
+    "    end\n"
+    "    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = 1, arem, 0, areset, aidx\n"
+    "  else\n"
+    "    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = 0, drem, retry, dreset, didx\n"
+    "  end\n"
+    "  k = k + nb\n"
+    "  o = o + 5\n"
+    "end\n"
+    "return out\n";

@@ -1,0 +1,439 @@
+/*
+ * limiter.c - identify, route and charge one request.
+ *
+ * Bucket keys: <prefix>{<consumer>}:t for the tier bucket,
+ * <prefix>{<consumer>}:r:<route> for a route bucket, <prefix>{global}:g for
+ * the global bucket.  The hash tag keeps all of one consumer's buckets in
+ * one Redis Cluster slot.  Limits travel with every call, so a changed tier
+ * applies at once to existing buckets.
+ */
+#include "tollgate/limiter.h"
+
+#include <netdb.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "tollgate/redis.h"
+
+#define LSTORE_MAX_ENTRIES (1u << 20)
+
+/*
+ * The in-process store (store: local, and the Redis fallback) is ONE per
+ * process, shared by the workers behind a mutex: per-worker buckets would
+ * let a key have `workers` times its burst.  It is the only lock a request
+ * can meet, held for one hash lookup and a few integer operations, and
+ * only when Redis is not the store (docs/DESIGN-NOTES.md).
+ */
+static pthread_once_t    local_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t   local_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct tg_lstore *local_store;
+
+static void
+local_init(void)
+{
+    local_store = tg_lstore_create(LSTORE_MAX_ENTRIES);
+}
+
+static void
+local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
+             uint32_t cost, tg_gcra_result *res)
+{
+    pthread_mutex_lock(&local_mu);
+    tg_lstore_charge(local_store, keys, lim, n, cost, tg_now_us(), res);
+    pthread_mutex_unlock(&local_mu);
+}
+
+struct tg_limiter {
+    tg_conf            *conf;
+    const struct tg_keys *keys;
+    int                 enabled;
+    struct tg_redis    *redis;      /* store: redis */
+    struct event_base  *base;
+};
+
+static const tg_route_conf *route_for(const tg_conf *conf, const tg_http_req *req);
+static const tg_http_hdr *find_header(const tg_http_req *req, const char *name);
+static void finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
+static void redis_done(void *arg, tg_rc rc, const tg_gcra_result *res);
+static void fallback(tg_limit_ctx *ctx);
+static uint32_t ceil_s(uint64_t us);
+
+struct tg_limiter *
+tg_limiter_create(struct event_base *base, tg_conf *conf, const struct tg_keys *keys,
+                  char *err, size_t errlen)
+{
+    struct tg_limiter *lim = tg_xcalloc(1, sizeof(*lim));
+
+    lim->conf = tg_conf_ref(conf);
+    lim->keys = keys;
+    lim->base = base;
+    lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL;
+    pthread_once(&local_once, local_init);
+    if (lim->enabled && conf->store == TG_STORE_REDIS) {
+        tg_redis_opts opts;
+        struct addrinfo hints, *ai = NULL;
+        int rc;
+
+        if (tg_redis_parse_url(conf->redis.url, &opts, err, errlen) != TG_OK) {
+            goto fail;
+        }
+        /* Resolve once, here (start-up, main thread): never on a loop. */
+        memset(&hints, 0, sizeof(hints));
+        hints.ai_socktype = SOCK_STREAM;
+        rc = getaddrinfo(opts.host, NULL, &hints, &ai);
+        if (rc != 0) {
+            snprintf(err, errlen, "redis.url: cannot resolve %s: %s", opts.host,
+                     gai_strerror(rc));
+            goto fail;
+        }
+        getnameinfo(ai->ai_addr, ai->ai_addrlen, opts.host, sizeof(opts.host),
+                    NULL, 0, NI_NUMERICHOST);
+        freeaddrinfo(ai);
+        opts.timeout_ms = conf->redis.timeout_ms;
+        opts.max_batch = conf->redis.max_batch ? conf->redis.max_batch : 32;
+        lim->redis = tg_redis_create(base, &opts);
+        if (lim->redis == NULL) {
+            snprintf(err, errlen, "redis: cannot create the client");
+            goto fail;
+        }
+    }
+    return lim;
+
+fail:
+    tg_conf_unref(lim->conf);
+    free(lim);
+    return NULL;
+}
+
+void
+tg_limiter_destroy(struct tg_limiter *lim)
+{
+    if (lim == NULL) {
+        return;
+    }
+    if (lim->redis != NULL) {
+        tg_redis_destroy(lim->redis);
+    }
+    tg_conf_unref(lim->conf);
+    free(lim);
+}
+
+int
+tg_limiter_store_ready(const struct tg_limiter *lim)
+{
+    return lim->redis == NULL || tg_redis_ready(lim->redis);
+}
+
+int
+tg_limiter_enabled(const struct tg_limiter *lim)
+{
+    return lim->enabled;
+}
+
+int
+tg_limiter_strip_header(const struct tg_limiter *lim, const char *name, size_t len)
+{
+    const tg_conf *conf = lim->conf;
+
+    if (tg_http_name_is(name, len, "x-consumer-id")
+        || tg_http_name_is(name, len, "x-consumer-tier")) {
+        return 1;     /* only tollgate says who the consumer is */
+    }
+    if (conf->auth.forward_key) {
+        return 0;
+    }
+    return tg_http_name_is(name, len, conf->auth.header ? conf->auth.header : "x-api-key")
+           || tg_http_name_is(name, len, "authorization");
+}
+
+/* ---- the decision -------------------------------------------------- */
+
+static void
+deny(tg_limit_outcome *out, int status, const char *why)
+{
+    out->status = status;
+    out->error = why;
+    out->limited = 0;
+}
+
+tg_rc
+tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
+                 const char *client_ip, tg_limit_outcome *out, tg_limit_cb cb, void *arg)
+{
+    const tg_conf *conf = lim->conf;
+    const char *prefix = conf->redis.prefix ? conf->redis.prefix : "tg:";
+    const tg_http_hdr *h;
+    const tg_tier_conf *tier;
+    const tg_route_conf *route;
+    const char *kv = NULL;
+    size_t klen = 0, n = 0;
+    tg_gcra_result res;
+
+    memset(out, 0, sizeof(*out));
+    ctx->lim = lim;
+    ctx->out = out;
+    ctx->cb = cb;
+    ctx->arg = arg;
+    ctx->op = NULL;
+    if (!lim->enabled) {
+        return TG_OK;
+    }
+
+    /* identify */
+    h = find_header(req, conf->auth.header ? conf->auth.header : "x-api-key");
+    if (h != NULL) {
+        kv = h->value;
+        klen = h->value_len;
+    } else if ((h = find_header(req, "authorization")) != NULL
+               && h->value_len > 7 && strncasecmp(h->value, "bearer ", 7) == 0) {
+        kv = h->value + 7;
+        klen = h->value_len - 7;
+        while (klen > 0 && (*kv == ' ' || *kv == '\t')) {
+            kv++;
+            klen--;
+        }
+    }
+    if (kv != NULL && klen > 0 && lim->keys != NULL) {
+        uint8_t digest[32];
+        const tg_key *key;
+
+        tg_keys_hash(kv, klen, digest);
+        key = tg_keys_find(lim->keys, digest);
+        if (key == NULL) {
+            deny(out, 401, "unknown API key");
+            return TG_OK;
+        }
+        if (!key->enabled) {
+            snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
+            deny(out, 403, "API key disabled");
+            return TG_OK;
+        }
+        snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
+        snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
+    } else if (kv == NULL && conf->auth.anonymous_tier != NULL) {
+        snprintf(out->consumer, sizeof(out->consumer), "anon:%s", client_ip);
+        snprintf(out->tier, sizeof(out->tier), "%s", conf->auth.anonymous_tier);
+    } else {
+        deny(out, 401, kv == NULL ? "missing API key" : "unknown API key");
+        return TG_OK;
+    }
+    tier = tg_conf_tier(conf, out->tier);
+    if (tier == NULL) {
+        deny(out, 403, "the key's tier is not configured");
+        return TG_OK;
+    }
+
+    /* route, and the buckets of this request */
+    route = route_for(conf, req);
+    ctx->cost = route != NULL ? route->cost : 1;
+    snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:t", prefix, out->consumer);
+    ctx->limits[n] = tg_gcra_per_minute(tier->requests_per_minute, tier->burst_limit);
+    ctx->names[n++] = tier->name;
+    if (route != NULL && route->has_limit) {
+        snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:r:%s", prefix, out->consumer,
+                 route->name);
+        ctx->limits[n] = tg_gcra_per_minute(route->requests_per_minute, route->burst_limit);
+        ctx->names[n++] = route->name;
+    }
+    if (conf->global_limit.enabled) {
+        snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{global}:g", prefix);
+        ctx->limits[n] = tg_gcra_per_second(conf->global_limit.requests_per_second,
+                                            conf->global_limit.burst);
+        ctx->names[n++] = "global";
+    }
+    ctx->n = n;
+
+    /* charge */
+    if (lim->redis != NULL) {
+        const char *keys[TG_LIMIT_MAX_BUCKETS];
+        size_t i;
+
+        for (i = 0; i < n; i++) {
+            keys[i] = ctx->keys[i];
+        }
+        ctx->op = tg_redis_charge(lim->redis, keys, ctx->limits, n, ctx->cost,
+                                  redis_done, ctx);
+        if (ctx->op != NULL) {
+            return TG_AGAIN;
+        }
+        fallback(ctx);
+        return TG_OK;
+    }
+    {
+        const char *keys[TG_LIMIT_MAX_BUCKETS];
+        size_t i;
+
+        for (i = 0; i < n; i++) {
+            keys[i] = ctx->keys[i];
+        }
+        local_charge(keys, ctx->limits, n, ctx->cost, &res);
+    }
+    finish(ctx, &res);
+    return TG_OK;
+}
+
+void
+tg_limiter_cancel(tg_limit_ctx *ctx)
+{
+    if (ctx->op != NULL) {
+        tg_redis_cancel(ctx->op);
+        ctx->op = NULL;
+    }
+}
+
+/* Fill the outcome from a store result. */
+static void
+finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
+{
+    tg_limit_outcome *out = ctx->out;
+    int i = res->limiting >= 0 && (size_t)res->limiting < ctx->n ? res->limiting : 0;
+    const tg_gcra_limit *l = &ctx->limits[i];
+
+    out->limited = 1;
+    out->policy = ctx->names[i];
+    out->quota = l->burst;
+    out->window_s = ceil_s(l->interval_us * l->burst);
+    out->remaining = res->remaining;
+    out->reset_s = ceil_s(res->reset_us);
+    if (res->allowed) {
+        out->status = 0;
+        out->retry_s = 0;
+    } else {
+        out->status = 429;
+        out->error = "rate limit exceeded";
+        out->retry_s = ceil_s(res->retry_us);
+        if (out->retry_s == 0) {
+            out->retry_s = 1;
+        }
+    }
+}
+
+static void
+redis_done(void *arg, tg_rc rc, const tg_gcra_result *res)
+{
+    tg_limit_ctx *ctx = arg;
+
+    ctx->op = NULL;
+    if (rc == TG_OK && res != NULL) {
+        finish(ctx, res);
+    } else {
+        fallback(ctx);
+    }
+    ctx->cb(ctx->arg);
+}
+
+/* Redis could not answer: redis.on_failure decides. */
+static void
+fallback(tg_limit_ctx *ctx)
+{
+    struct tg_limiter *lim = ctx->lim;
+    tg_limit_outcome *out = ctx->out;
+    tg_gcra_result res;
+    const char *keys[TG_LIMIT_MAX_BUCKETS];
+    size_t i;
+
+    out->fallback = 1;
+    switch (lim->conf->redis.on_failure) {
+    case TG_FAIL_ALLOW:
+        out->status = 0;
+        out->limited = 0;
+        return;
+    case TG_FAIL_DENY:
+        out->status = 503;
+        out->error = "rate limit store unavailable";
+        out->limited = 0;
+        out->retry_s = 1;
+        return;
+    case TG_FAIL_LOCAL:
+    default:
+        for (i = 0; i < ctx->n; i++) {
+            keys[i] = ctx->keys[i];
+        }
+        local_charge(keys, ctx->limits, ctx->n, ctx->cost, &res);
+        finish(ctx, &res);
+        return;
+    }
+}
+
+/* ---- headers --------------------------------------------------------- */
+
+size_t
+tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
+{
+    int n = 0, m;
+
+    if (o->limited) {
+        /* draft-ietf-httpapi-ratelimit-headers: policy (quota q over window
+         * w seconds) and current state (r remaining, t seconds to reset). */
+        n = snprintf(buf, len,
+                     "RateLimit-Policy: \"%s\";q=%u;w=%u\r\n"
+                     "RateLimit: \"%s\";r=%u;t=%u\r\n"
+                     "X-RateLimit-Limit: %u\r\n"
+                     "X-RateLimit-Remaining: %u\r\n"
+                     "X-RateLimit-Reset: %u\r\n",
+                     o->policy, o->quota, o->window_s, o->policy, o->remaining,
+                     o->reset_s, o->quota, o->remaining, o->reset_s);
+        if (n < 0 || (size_t)n >= len) {
+            return 0;
+        }
+    }
+    if (o->status == 429 || o->status == 503) {
+        m = snprintf(buf + n, len - (size_t)n, "Retry-After: %u\r\n", o->retry_s);
+        if (m < 0 || (size_t)m >= len - (size_t)n) {
+            return (size_t)n;
+        }
+        n += m;
+    }
+    return (size_t)n;
+}
+
+/* ---- helpers ---------------------------------------------------------- */
+
+static uint32_t
+ceil_s(uint64_t us)
+{
+    uint64_t s = (us + 999999) / 1000000;
+    return s > UINT32_MAX ? UINT32_MAX : (uint32_t)s;
+}
+
+static const tg_http_hdr *
+find_header(const tg_http_req *req, const char *name)
+{
+    size_t i;
+
+    for (i = 0; i < req->nhdr; i++) {
+        if (tg_http_name_is(req->hdr[i].name, req->hdr[i].name_len, name)) {
+            return &req->hdr[i];
+        }
+    }
+    return NULL;
+}
+
+/* First rule whose method matches (or any) and whose path is a prefix of
+ * the request path on a segment boundary. */
+static const tg_route_conf *
+route_for(const tg_conf *conf, const tg_http_req *req)
+{
+    size_t i, plen;
+
+    for (i = 0; i < conf->nroutes; i++) {
+        const tg_route_conf *r = &conf->routes[i];
+
+        if (r->method != NULL && (strlen(r->method) != req->method_len
+                                  || memcmp(r->method, req->method, req->method_len) != 0)) {
+            continue;
+        }
+        plen = strlen(r->path);
+        if (plen > req->path_len || memcmp(r->path, req->path, plen) != 0) {
+            continue;
+        }
+        if (plen == req->path_len || r->path[plen - 1] == '/'
+            || req->path[plen] == '/' || req->path[plen] == '?') {
+            return r;
+        }
+    }
+    return NULL;
+}

@@ -1,0 +1,401 @@
+/*
+ * test_limits.c - API keys and token buckets end to end: the real tollgate
+ * binary, tg-testup as the upstream, and a real redis-server (store: redis)
+ * or the in-process store (store: local).
+ */
+#include <criterion/criterion.h>
+
+#include <openssl/sha.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+
+TestSuite(limits, .fini = tgh_cleanup, .timeout = 120);
+
+static tgh_upstream up, rds;
+static tgh_tollgate tg, tg2;
+
+static const char *const key_names[] = { "k-basic", "k-pro", "k-ent", "k-off" };
+static const char *const key_tiers[] = { "basic", "pro", "enterprise", "basic" };
+
+/* keys.yaml with the SHA-256 of each test key; k-off is disabled. */
+static const char *
+write_keys(void)
+{
+    static char path[512];
+    FILE *f;
+    size_t i, j;
+
+    snprintf(path, sizeof path, "%s/keys.yaml", tgh_tmpdir());
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs("keys:\n", f);
+    for (i = 0; i < 4; i++) {
+        unsigned char d[32];
+        SHA256((const unsigned char *)key_names[i], strlen(key_names[i]), d);
+        fprintf(f, "  - { id: id-%s, tier: %s, enabled: %s, sha256: \"", key_names[i],
+                key_tiers[i], i == 3 ? "false" : "true");
+        for (j = 0; j < 32; j++)
+            fprintf(f, "%02x", d[j]);
+        fputs("\" }\n", f);
+    }
+    fclose(f);
+    return path;
+}
+
+/* /readyz turns 200 once every worker reaches its store. */
+static void
+wait_ready(tgh_tollgate *t)
+{
+    uint64_t end = tgh_now_ms() + 15000;
+    int st = 0;
+
+    while (tgh_now_ms() < end) {
+        tgh_resp r;
+        if (tgh_http(t->admin_port, "GET", "/readyz", NULL, NULL, 0, &r, 5000) == 0) {
+            st = r.status;
+            tgh_resp_free(&r);
+            if (st == 200)
+                return;
+        }
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(0, "tollgate never became ready (/readyz %d)", st);
+}
+
+static void
+start(const char *store, int instances)
+{
+    static char extra[2048];
+    tgh_tg_opts o;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    if (strcmp(store, "redis") == 0)
+        TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n"
+             "  basic:      { requests_per_minute: 100,  burst_limit: 20 }\n"
+             "  pro:        { requests_per_minute: 500,  burst_limit: 100 }\n"
+             "  enterprise: { requests_per_minute: 1000, burst_limit: 200 }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             write_keys(), rds.port > 0 ? rds.port : 6379);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = store;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    wait_ready(&tg);
+    if (instances > 1) {
+        TGH_CHECK(tgh_tollgate_start(&tg2, &o) == 0, "second tollgate");
+        wait_ready(&tg2);
+    }
+}
+
+/* One GET with a key header (or none); returns the status, fills r. */
+static int
+get(int port, const char *key, const char *path, tgh_resp *r)
+{
+    char *hdr = key ? tgh_strf("X-API-Key: %s\r\n", key) : tgh_strf("%s", "");
+    int rc = tgh_http(port, "GET", path, hdr, NULL, 0, r, 10000);
+    free(hdr);
+    return rc == 0 ? r->status : -1;
+}
+
+/* Send n requests with key at once (n connections, all written before any
+ * is read); count statuses.  Returns the milliseconds the burst took. */
+typedef struct burst {
+    int ok, limited, other;
+    long ms;
+} burst;
+
+static burst
+fire(int port, const char *key, int n)
+{
+    burst b = { 0, 0, 0, 0 };
+    tgh_conn **c = calloc((size_t)n, sizeof *c);
+    char *req = tgh_strf("GET / HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\n\r\n", key);
+    uint64_t t0;
+    int i;
+
+    for (i = 0; i < n; i++) {
+        c[i] = tgh_conn_open(port, 5000);
+        TGH_CHECK(c[i] != NULL, "connect %d", i);
+    }
+    t0 = tgh_now_ms();
+    for (i = 0; i < n; i++)
+        TGH_CHECK(tgh_conn_sendstr(c[i], req) == 0, "send %d", i);
+    for (i = 0; i < n; i++) {
+        tgh_resp r;
+        TGH_CHECK(tgh_conn_read_response(c[i], &r, 0, 10000) == 0, "read %d", i);
+        if (r.status == 200)
+            b.ok++;
+        else if (r.status == 429)
+            b.limited++;
+        else
+            b.other++;
+        tgh_resp_free(&r);
+        tgh_conn_close(c[i]);
+    }
+    b.ms = (long)(tgh_now_ms() - t0);
+    free(req);
+    free(c);
+    return b;
+}
+
+/* burst exactly, when the burst arrived within one refill interval; else
+ * never more than burst + the tokens earned meanwhile. */
+static void
+check_burst(burst b, int burst_limit, long interval_ms, int n)
+{
+    TGH_CHECK(b.other == 0, "%d responses neither 200 nor 429", b.other);
+    TGH_CHECK(b.ok + b.limited == n, "lost responses: %d + %d != %d", b.ok, b.limited, n);
+    if (b.ms < interval_ms) {
+        TGH_CHECK(b.ok == burst_limit, "%d allowed, expected exactly %d (burst took %ld ms)",
+                  b.ok, burst_limit, b.ms);
+    } else {
+        long earned = b.ms / interval_ms + 1;
+        TGH_CHECK(b.ok >= burst_limit && b.ok <= burst_limit + earned,
+                  "%d allowed, expected %d..%ld (burst took %ld ms)", b.ok, burst_limit,
+                  burst_limit + earned, b.ms);
+    }
+}
+
+/* After the basic burst: the next token comes 0.6 s after the first charge;
+ * poll until one 200, and the request right after it is refused. */
+static void
+check_refill_one(int port, uint64_t burst_start)
+{
+    tgh_resp r;
+    uint64_t end = tgh_now_ms() + 5000;
+    int st = 0;
+
+    while (tgh_now_ms() < end) {
+        st = get(port, "k-basic", "/", &r);
+        tgh_resp_free(&r);
+        if (st == 200)
+            break;
+        TGH_CHECK(st == 429, "status %d while waiting for a token", st);
+        tgh_sleep_ms(50);
+    }
+    TGH_CHECK(st == 200, "no token came back within 5 s");
+    TGH_CHECK(tgh_now_ms() - burst_start >= 550, "a token came back after only %llu ms",
+              (unsigned long long)(tgh_now_ms() - burst_start));
+    st = get(port, "k-basic", "/", &r);
+    TGH_CHECK(st == 429, "a second request right after the refill got %d", st);
+    tgh_resp_free(&r);
+}
+
+static void
+basic_burst(const char *store)
+{
+    uint64_t t0;
+    burst b;
+
+    start(store, 1);
+    t0 = tgh_now_ms();
+    b = fire(tg.port, "k-basic", 40);
+    check_burst(b, 20, 600, 40);
+    check_refill_one(tg.port, t0);
+}
+
+Test(limits, basic_burst_local) { basic_burst("local"); }
+Test(limits, basic_burst_redis) { basic_burst("redis"); }
+
+static void
+pro_enterprise(const char *store)
+{
+    start(store, 1);
+    check_burst(fire(tg.port, "k-pro", 200), 100, 120, 200);
+    check_burst(fire(tg.port, "k-ent", 400), 200, 60, 400);
+}
+
+Test(limits, pro_and_enterprise_local) { pro_enterprise("local"); }
+Test(limits, pro_and_enterprise_redis) { pro_enterprise("redis"); }
+
+/* ---- two instances, one Redis --------------------------------------- */
+
+typedef struct fire_arg {
+    int port;
+    burst b;
+} fire_arg;
+
+static void *
+fire_thread(void *p)
+{
+    fire_arg *a = p;
+    a->b = fire(a->port, "k-basic", 30);
+    return NULL;
+}
+
+Test(limits, two_instances_share_the_burst)
+{
+    pthread_t t1, t2;
+    fire_arg a1, a2;
+    burst sum;
+
+    start("redis", 2);
+    a1.port = tg.port;
+    a2.port = tg2.port;
+    pthread_create(&t1, NULL, fire_thread, &a1);
+    pthread_create(&t2, NULL, fire_thread, &a2);
+    pthread_join(t1, NULL);
+    pthread_join(t2, NULL);
+    sum.ok = a1.b.ok + a2.b.ok;
+    sum.limited = a1.b.limited + a2.b.limited;
+    sum.other = a1.b.other + a2.b.other;
+    sum.ms = a1.b.ms > a2.b.ms ? a1.b.ms : a2.b.ms;
+    check_burst(sum, 20, 600, 60);
+}
+
+/* ---- headers ---------------------------------------------------------- */
+
+static void
+headers(const char *store)
+{
+    tgh_resp r;
+    const char *h;
+    int i, st;
+
+    start(store, 1);
+    st = get(tg.port, "k-basic", "/", &r);
+    TGH_CHECK(st == 200, "first request: %d", st);
+    h = tgh_resp_header(&r, "RateLimit-Policy");
+    TGH_CHECK(h && strcmp(h, "\"basic\";q=20;w=12") == 0, "RateLimit-Policy: %s", h ? h : "-");
+    h = tgh_resp_header(&r, "RateLimit");
+    TGH_CHECK(h && strcmp(h, "\"basic\";r=19;t=1") == 0, "RateLimit: %s", h ? h : "-");
+    h = tgh_resp_header(&r, "X-RateLimit-Limit");
+    TGH_CHECK(h && strcmp(h, "20") == 0, "X-RateLimit-Limit: %s", h ? h : "-");
+    h = tgh_resp_header(&r, "X-RateLimit-Remaining");
+    TGH_CHECK(h && strcmp(h, "19") == 0, "X-RateLimit-Remaining: %s", h ? h : "-");
+    TGH_CHECK(tgh_resp_header(&r, "Retry-After") == NULL, "Retry-After on a 200");
+    tgh_resp_free(&r);
+    for (i = 1; i < 20; i++) {
+        st = get(tg.port, "k-basic", "/", &r);
+        TGH_CHECK(st == 200, "request %d: %d", i + 1, st);
+        h = tgh_resp_header(&r, "X-RateLimit-Remaining");
+        TGH_CHECK(h && atoi(h) <= 19 - i + 1, "remaining %s after %d", h ? h : "-", i + 1);
+        tgh_resp_free(&r);
+    }
+    st = get(tg.port, "k-basic", "/", &r);
+    TGH_CHECK(st == 429, "21st: %d", st);
+    h = tgh_resp_header(&r, "Retry-After");
+    TGH_CHECK(h && strcmp(h, "1") == 0, "Retry-After: %s (0.6 s rounded up)", h ? h : "-");
+    h = tgh_resp_header(&r, "X-RateLimit-Remaining");
+    TGH_CHECK(h && strcmp(h, "0") == 0, "X-RateLimit-Remaining on 429: %s", h ? h : "-");
+    h = tgh_resp_header(&r, "RateLimit");
+    TGH_CHECK(h && strncmp(h, "\"basic\";r=0;t=", 14) == 0, "RateLimit on 429: %s", h ? h : "-");
+    TGH_CHECK(strstr(r.body ? (char *)r.body : "", "rate_limited") != NULL, "429 body");
+    tgh_resp_free(&r);
+}
+
+Test(limits, headers_local) { headers("local"); }
+Test(limits, headers_redis) { headers("redis"); }
+
+/* ---- identity ---------------------------------------------------------- */
+
+static void
+identity(const char *store)
+{
+    tgh_resp r;
+    int st;
+
+    start(store, 1);
+    st = get(tg.port, NULL, "/", &r);
+    TGH_CHECK(st == 401, "no key: %d", st);
+    TGH_CHECK(strstr((char *)r.body, "unauthorized") != NULL, "401 body");
+    tgh_resp_free(&r);
+    st = get(tg.port, "not-a-key", "/", &r);
+    TGH_CHECK(st == 401, "unknown key: %d", st);
+    tgh_resp_free(&r);
+    st = get(tg.port, "k-off", "/", &r);
+    TGH_CHECK(st == 403, "disabled key: %d", st);
+    TGH_CHECK(strstr((char *)r.body, "forbidden") != NULL, "403 body");
+    tgh_resp_free(&r);
+
+    /* Bearer works; the key is not passed on; consumer headers are ours */
+    TGH_CHECK(tgh_http(tg.port, "GET", "/headers",
+                       "Authorization: Bearer k-pro\r\nX-Consumer-ID: spoofed\r\n",
+                       NULL, 0, &r, 10000) == 0, "bearer request");
+    TGH_CHECK(r.status == 200, "bearer: %d", r.status);
+    TGH_CHECK(strstr((char *)r.body, "X-Consumer-ID: id-k-pro") != NULL, "consumer id: %s",
+              (char *)r.body);
+    TGH_CHECK(strstr((char *)r.body, "X-Consumer-Tier: pro") != NULL, "tier");
+    TGH_CHECK(strstr((char *)r.body, "spoofed") == NULL, "client's X-Consumer-ID reached upstream");
+    TGH_CHECK(strstr((char *)r.body, "Bearer") == NULL
+              && strcasestr((char *)r.body, "authorization:") == NULL,
+              "the key reached upstream: %s", (char *)r.body);
+    tgh_resp_free(&r);
+}
+
+Test(limits, identity_local) { identity("local"); }
+Test(limits, identity_redis) { identity("redis"); }
+
+/* A refused request that asked for 100-continue gets its 429 first. */
+Test(limits, expect_continue_refused_before_upload)
+{
+    tgh_resp r;
+    tgh_conn *c;
+    int i;
+
+    start("local", 1);
+    for (i = 0; i < 20; i++) {
+        TGH_CHECK(get(tg.port, "k-basic", "/", &r) == 200, "request %d", i);
+        tgh_resp_free(&r);
+    }
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    TGH_CHECK(tgh_conn_sendstr(c, "POST /echo HTTP/1.1\r\nHost: t\r\nX-API-Key: k-basic\r\n"
+                                  "Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n") == 0,
+              "send head");
+    TGH_CHECK(tgh_conn_read_response(c, &r, TGH_STOP_1XX, 5000) == 0, "read");
+    TGH_CHECK(r.status == 429, "expected 429 before any 100 Continue, got %d", r.status);
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+}
+
+/* ---- Redis specifics ----------------------------------------------------- */
+
+Test(limits, bucket_keys_expire_after_refill)
+{
+    tgh_resp r;
+    char out[256];
+    uint64_t end;
+    long pttl;
+
+    start("redis", 1);
+    TGH_CHECK(get(tg.port, "k-ent", "/", &r) == 200, "request");
+    tgh_resp_free(&r);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "PTTL 'tg:{id-k-ent}:t'") == 0, "PTTL");
+    pttl = atol(out);
+    /* one token of enterprise: 60 ms to refill (expiry is the bucket's
+     * full time, rounded up to the millisecond) */
+    TGH_CHECK(pttl > 0 && pttl <= 61, "PTTL of the bucket: %s", out);
+    end = tgh_now_ms() + 5000;
+    while (tgh_now_ms() < end) {
+        TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "EXISTS 'tg:{id-k-ent}:t'") == 0,
+                  "EXISTS");
+        if (strcmp(out, "0") == 0)
+            break;
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(strcmp(out, "0") == 0, "bucket still there after it refilled");
+}
+
+Test(limits, script_flush_is_invisible)
+{
+    tgh_resp r;
+    char out[64];
+    int i, st;
+
+    start("redis", 1);
+    for (i = 0; i < 60; i++) {
+        if (i % 20 == 10)
+            TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "SCRIPT FLUSH") == 0, "flush");
+        st = get(tg.port, "k-ent", "/", &r);
+        TGH_CHECK(st == 200, "request %d after SCRIPT FLUSH: %d", i, st);
+        tgh_resp_free(&r);
+    }
+}

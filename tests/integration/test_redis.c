@@ -1,0 +1,990 @@
+/*
+ * test_redis.c - the Redis client (src/redis.c) against a real
+ * redis-server started by each test on an ephemeral loopback port, and
+ * against a fake server that answers nonsense.
+ *
+ * The event loop is driven with event_base_loop(EVLOOP_ONCE) until a
+ * condition holds or a generous deadline passes (a 5 ms tick keeps every
+ * turn bounded); nothing sleeps for a fixed time.
+ */
+#include <criterion/criterion.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <event2/event.h>
+#include <hiredis/hiredis.h>
+
+#include "tollgate/common.h"
+#include "tollgate/gcra.h"
+#include "tollgate/redis.h"
+
+#define REDIS_BIN "/usr/bin/redis-server"
+
+static struct event_base *g_base;
+static pid_t g_redis = -1;           /* the real server */
+static pid_t g_fake = -1;            /* the fake one */
+static int g_port;
+
+/* ------------------------------------------------------------------ */
+/* processes and ports                                                 */
+
+static int
+free_port(void)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+    cr_assert(fd >= 0);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+    cr_assert(getsockname(fd, (struct sockaddr *)&sa, &len) == 0);
+    port = ntohs(sa.sin_port);
+    close(fd);
+    return port;
+}
+
+/* A blocking command on a fresh connection (test setup only). */
+static redisReply *
+sync_cmd(int port, const char *fmt, ...)
+{
+    struct timeval tv = { 1, 0 };
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisReply *rep = NULL;
+    va_list ap;
+
+    if (c == NULL || c->err) {
+        if (c) redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, tv);
+    va_start(ap, fmt);
+    rep = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    redisFree(c);
+    return rep;
+}
+
+static int
+redis_pings(int port)
+{
+    redisReply *rep = sync_cmd(port, "PING");
+    int ok = rep != NULL && rep->type == REDIS_REPLY_STATUS && strcmp(rep->str, "PONG") == 0;
+
+    if (rep) freeReplyObject(rep);
+    return ok;
+}
+
+static pid_t
+redis_start(int port)
+{
+    char portstr[16];
+    uint64_t deadline;
+    pid_t pid;
+
+    snprintf(portstr, sizeof(portstr), "%d", port);
+    pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_RDWR);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (devnull >= 0) {
+            dup2(devnull, 0);
+            dup2(devnull, 1);
+            dup2(devnull, 2);
+        }
+        execl(REDIS_BIN, REDIS_BIN, "--port", portstr, "--bind", "127.0.0.1",
+              "--save", "", "--appendonly", "no", (char *)NULL);
+        _exit(127);
+    }
+    deadline = tg_now_ms() + 10000;
+    while (!redis_pings(port)) {
+        int st;
+        cr_assert(waitpid(pid, &st, WNOHANG) == 0, "redis-server exited at start");
+        cr_assert(tg_now_ms() < deadline, "redis-server did not answer PING");
+        usleep(10000);          /* polling a process we do not own the loop of */
+    }
+    return pid;
+}
+
+static void
+proc_kill(pid_t *pid)
+{
+    if (*pid > 0) {
+        kill(*pid, SIGKILL);
+        waitpid(*pid, NULL, 0);
+        *pid = -1;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* fake server: one reply per RESP command, always the same nonsense   */
+
+/* Bytes of the first complete RESP multibulk command in buf, 0 if
+ * incomplete, -1 if it is not one. */
+static long
+resp_command_len(const char *buf, size_t len)
+{
+    const char *p = buf, *end = buf + len, *nl;
+    long n, l;
+
+    if (len == 0) return 0;
+    if (*p != '*') return -1;
+    if ((nl = memchr(p, '\n', (size_t)(end - p))) == NULL) return 0;
+    n = strtol(p + 1, NULL, 10);
+    p = nl + 1;
+    for (long i = 0; i < n; i++) {
+        if (p >= end) return 0;
+        if (*p != '$') return -1;
+        if ((nl = memchr(p, '\n', (size_t)(end - p))) == NULL) return 0;
+        l = strtol(p + 1, NULL, 10);
+        p = nl + 1;
+        if (end - p < l + 2) return 0;
+        p += l + 2;
+    }
+    return p - buf;
+}
+
+static void
+fake_serve(int lfd, const char *answer)
+{
+    static char buf[1 << 20];
+
+    for (;;) {
+        int fd = accept(lfd, NULL, NULL);
+        size_t have = 0;
+        if (fd < 0) continue;
+        for (;;) {
+            ssize_t got = read(fd, buf + have, sizeof(buf) - have);
+            long used;
+            if (got <= 0) break;
+            have += (size_t)got;
+            while ((used = resp_command_len(buf, have)) > 0) {
+                if (write(fd, answer, strlen(answer)) < 0) break;
+                memmove(buf, buf + used, have - (size_t)used);
+                have -= (size_t)used;
+            }
+            if (used < 0 || have == sizeof(buf)) break;
+        }
+        close(fd);
+    }
+}
+
+/* Start a fake server answering `answer` to every command; its port. */
+static int
+fake_start(const char *answer)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    socklen_t len = sizeof(sa);
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+
+    cr_assert(lfd >= 0);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+    cr_assert(listen(lfd, 16) == 0);
+    cr_assert(getsockname(lfd, (struct sockaddr *)&sa, &len) == 0);
+    g_fake = fork();
+    cr_assert(g_fake >= 0);
+    if (g_fake == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        fake_serve(lfd, answer);
+        _exit(0);
+    }
+    close(lfd);
+    return ntohs(sa.sin_port);
+}
+
+/* ------------------------------------------------------------------ */
+/* loop driving                                                        */
+
+static void
+tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+}
+
+typedef int (*cond_fn)(const void *arg);
+
+/* Run the loop until cond(arg) or timeout_ms; returns cond(arg). */
+static int
+run_until(cond_fn cond, const void *arg, unsigned timeout_ms)
+{
+    struct event *tick = event_new(g_base, -1, EV_PERSIST, tick_cb, NULL);
+    struct timeval tv = { 0, 5000 };
+    uint64_t deadline = tg_now_ms() + timeout_ms;
+
+    event_add(tick, &tv);
+    while (!cond(arg) && tg_now_ms() < deadline) {
+        event_base_loop(g_base, EVLOOP_ONCE);
+    }
+    event_free(tick);
+    return cond(arg);
+}
+
+static int
+cond_ready(const void *arg)
+{
+    return tg_redis_ready(arg);
+}
+
+static int
+cond_not_ready(const void *arg)
+{
+    return !tg_redis_ready(arg);
+}
+
+typedef struct want {
+    const int *v;
+    int        n;
+} want;
+
+static int
+cond_count(const void *arg)
+{
+    const want *w = arg;
+    return *w->v >= w->n;
+}
+
+struct reconn_want {
+    const struct tg_redis *r;
+    uint64_t               n;
+};
+
+static int
+cond_reconnects(const void *arg)
+{
+    const struct reconn_want *w = arg;
+    tg_redis_stats st;
+
+    tg_redis_get_stats(w->r, &st);
+    return st.reconnects >= w->n;
+}
+
+static int
+wait_count(const int *v, int n, unsigned timeout_ms)
+{
+    want w = { v, n };
+    return run_until(cond_count, &w, timeout_ms);
+}
+
+/* ------------------------------------------------------------------ */
+/* callbacks                                                           */
+
+typedef struct charge_res {
+    int            called;
+    tg_rc          rc;
+    tg_gcra_result res;
+    uint64_t       at_ms;
+    int           *done;           /* shared counter, may be NULL */
+} charge_res;
+
+static void
+on_charge(void *arg, tg_rc rc, const tg_gcra_result *res)
+{
+    charge_res *c = arg;
+
+    c->called++;
+    c->rc = rc;
+    if (res != NULL) {
+        c->res = *res;
+    }
+    cr_assert((rc == TG_OK) == (res != NULL));
+    c->at_ms = tg_now_ms();
+    if (c->done) {
+        (*c->done)++;
+    }
+}
+
+typedef struct str_res {
+    int    called;
+    tg_rc  rc;
+    char   val[64];
+    size_t len;
+    int    isnull;
+} str_res;
+
+static void
+on_str(void *arg, tg_rc rc, const char *value, size_t len)
+{
+    str_res *s = arg;
+
+    s->called++;
+    s->rc = rc;
+    s->isnull = value == NULL;
+    s->len = len;
+    if (value != NULL && len < sizeof(s->val)) {
+        memcpy(s->val, value, len);
+    }
+}
+
+static struct tg_redis *
+client(int port, unsigned timeout_ms, unsigned max_batch, int wait_ready)
+{
+    tg_redis_opts o;
+    struct tg_redis *r;
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.host, sizeof(o.host), "127.0.0.1");
+    o.port = port;
+    o.timeout_ms = timeout_ms;
+    o.max_batch = max_batch;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    if (wait_ready) {
+        cr_assert(run_until(cond_ready, r, 5000), "client never became ready");
+    }
+    return r;
+}
+
+/* One charge of cost 1 to one bucket. */
+static struct tg_redis_op *
+charge1(struct tg_redis *r, const char *key, tg_gcra_limit lim, charge_res *c)
+{
+    const char *keys[1] = { key };
+    return tg_redis_charge(r, keys, &lim, 1, 1, on_charge, c);
+}
+
+/* Charge until one succeeds (after a disruption); 1 on success. */
+static int
+charge_ok_eventually(struct tg_redis *r, unsigned timeout_ms)
+{
+    uint64_t deadline = tg_now_ms() + timeout_ms;
+    tg_gcra_limit lim = tg_gcra_per_second(1000, 1000);
+
+    while (tg_now_ms() < deadline) {
+        charge_res c = { 0 };
+        charge1(r, "t:probe", lim, &c);
+        want w = { &c.called, 1 };
+        if (!run_until(cond_count, &w, 5000)) {
+            return 0;
+        }
+        if (c.rc == TG_OK && c.res.allowed == 1) {
+            return 1;
+        }
+        run_until(cond_ready, r, 200);
+    }
+    return 0;
+}
+
+static void
+setup(void)
+{
+    g_base = event_base_new();
+    cr_assert_not_null(g_base);
+    g_port = free_port();
+    g_redis = redis_start(g_port);
+}
+
+static void
+teardown(void)
+{
+    proc_kill(&g_redis);
+    proc_kill(&g_fake);
+    if (g_base) {
+        event_base_free(g_base);
+        g_base = NULL;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* tests                                                               */
+
+TestSuite(redis, .init = setup, .fini = teardown, .timeout = 120);
+
+Test(redis, batch_of_100_distinct_keys)
+{
+    enum { N = 100, BATCH = 16 };
+    struct tg_redis *r = client(g_port, 1000, BATCH, 1);
+    static charge_res c[N];
+    char key[N][32];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    tg_redis_stats st;
+
+    for (int i = 0; i < N; i++) {
+        snprintf(key[i], sizeof(key[i]), "t:{k%d}:tier", i);
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, key[i], lim, &c[i]);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 0, "nothing is sent from inside tg_redis_charge");
+    cr_assert_eq(done, 0);
+    cr_assert(wait_count(&done, N, 10000));
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, (N + BATCH - 1) / BATCH, "calls = %llu",
+                 (unsigned long long)st.calls);
+    cr_assert_eq(st.charges, N);
+    cr_assert_eq(st.errors, 0);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1);
+        cr_assert_eq(c[i].rc, TG_OK);
+        cr_assert_eq(c[i].res.allowed, 1, "request %d", i);
+        cr_assert_eq(c[i].res.remaining, 9, "request %d: remaining %u", i,
+                     c[i].res.remaining);
+        cr_assert_eq(c[i].res.retry_us, 0);
+        cr_assert_eq(c[i].res.limiting, 0);
+    }
+    /* the buckets exist in Redis, with a TTL */
+    redisReply *rep = sync_cmd(g_port, "PTTL %s", key[0]);
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER && rep->integer > 0);
+    freeReplyObject(rep);
+    tg_redis_destroy(r);
+}
+
+Test(redis, burst_is_exact)
+{
+    enum { N = 40 };
+    struct tg_redis *r = client(g_port, 1000, 32, 1);
+    static charge_res c[N];
+    int done = 0, allowed = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+
+    for (int i = 0; i < N; i++) {
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, "t:{one}:tier", lim, &c[i]);
+    }
+    cr_assert(wait_count(&done, N, 10000));
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].rc, TG_OK);
+        if (c[i].res.allowed) {
+            cr_assert_eq(c[i].res.remaining, (uint32_t)(19 - allowed),
+                         "request %d remaining %u", i, c[i].res.remaining);
+            allowed++;
+        } else {
+            cr_assert_gt(c[i].res.retry_us, 0);
+            cr_assert_eq(c[i].res.remaining, 0);
+        }
+    }
+    cr_assert_eq(allowed, 20);
+    for (int i = 0; i < 20; i++) {
+        cr_assert_eq(c[i].res.allowed, 1, "the first 20 in order pass");
+    }
+    tg_redis_destroy(r);
+}
+
+Test(redis, multi_bucket_all_or_nothing)
+{
+    struct tg_redis *r = client(g_port, 1000, 32, 1);
+    const char *keys[2] = { "t:{mb}:tier", "t:{mb}:route" };
+    tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 5), tg_gcra_per_minute(60, 2) };
+    charge_res c[4] = { 0 };
+    int done = 0;
+
+    for (int i = 0; i < 4; i++) {
+        c[i].done = &done;
+        tg_redis_charge(r, keys, lim, 2, 1, on_charge, &c[i]);
+    }
+    cr_assert(wait_count(&done, 4, 10000));
+    cr_assert_eq(c[0].res.allowed, 1);
+    cr_assert_eq(c[0].res.remaining, 1);
+    cr_assert_eq(c[0].res.limiting, 1);
+    cr_assert_eq(c[1].res.allowed, 1);
+    cr_assert_eq(c[2].res.allowed, 0);
+    cr_assert_eq(c[2].res.limiting, 1);
+    cr_assert_eq(c[3].res.allowed, 0);
+    /* the tier bucket was charged twice only: 3 left */
+    charge_res d = { 0 };
+    charge1(r, keys[0], lim[0], &d);
+    cr_assert(wait_count(&d.called, 1, 5000));
+    cr_assert_eq(d.res.allowed, 1);
+    cr_assert_eq(d.res.remaining, 2);
+    tg_redis_destroy(r);
+}
+
+Test(redis, script_flush_mid_run)
+{
+    enum { N = 20 };
+    struct tg_redis *r = client(g_port, 1000, 8, 1);
+    static charge_res c[N];
+    char key[N][32];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(600, 100);
+    tg_redis_stats st;
+    redisReply *rep;
+
+    for (int round = 0; round < 3; round++) {
+        if (round == 1) {
+            rep = sync_cmd(g_port, "SCRIPT FLUSH");
+            cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS);
+            freeReplyObject(rep);
+        }
+        done = 0;
+        for (int i = 0; i < N; i++) {
+            snprintf(key[i], sizeof(key[i]), "t:{f%d}:tier", i);
+            c[i] = (charge_res){ .done = &done };
+            charge1(r, key[i], lim, &c[i]);
+        }
+        cr_assert(wait_count(&done, N, 10000));
+        for (int i = 0; i < N; i++) {
+            cr_assert_eq(c[i].called, 1);
+            cr_assert_eq(c[i].rc, TG_OK, "round %d request %d", round, i);
+            cr_assert_eq(c[i].res.allowed, 1);
+            cr_assert_eq(c[i].res.remaining, (uint32_t)(99 - round));
+        }
+        tg_redis_get_stats(r, &st);
+        if (round == 0) {
+            cr_assert_eq(st.noscript, 0);
+        } else {
+            cr_assert_geq(st.noscript, 1);
+            /* EVAL cached the script again: round 2 needs no recovery */
+            cr_assert_leq(st.noscript, 3, "noscript %llu", (unsigned long long)st.noscript);
+        }
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.errors, 0);
+    cr_assert_eq(st.charges, 3 * N);
+    tg_redis_destroy(r);
+}
+
+Test(redis, deadline_when_redis_is_stopped)
+{
+    enum { TMO = 100 };
+    struct tg_redis *r = client(g_port, TMO, 32, 1);
+    tg_gcra_limit lim = tg_gcra_per_minute(6000, 1000);
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+
+    charge_res c = { 0 };
+    uint64_t t0 = tg_now_ms();
+    charge1(r, "t:{stop}:tier", lim, &c);
+    cr_assert(wait_count(&c.called, 1, 5000));
+    cr_assert_eq(c.rc, TG_ERR);
+    /* libevent's default clock is CLOCK_MONOTONIC_COARSE (one jiffy) */
+    cr_assert_geq(c.at_ms - t0, TMO - 10, "too early: %llu ms",
+                  (unsigned long long)(c.at_ms - t0));
+    cr_assert_leq(c.at_ms - t0, TMO + 50, "too late: %llu ms",
+                  (unsigned long long)(c.at_ms - t0));
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.timeouts, 1);
+    cr_assert_eq(st.errors, 1);
+
+    /* two more deadlines in a row: the connection is dropped and remade
+     * (the stopped server's kernel still accepts TCP connections) */
+    for (int i = 0; i < 2; i++) {
+        charge_res d = { 0 };
+        run_until(cond_ready, r, 5000);
+        charge1(r, "t:{stop}:tier", lim, &d);
+        cr_assert(wait_count(&d.called, 1, 5000));
+        cr_assert_eq(d.rc, TG_ERR);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.timeouts, 3);
+    struct reconn_want w = { r, st.reconnects + 1 };
+    cr_assert(run_until(cond_reconnects, &w, 5000), "no reconnect after 3 deadlines");
+
+    cr_assert_eq(kill(g_redis, SIGCONT), 0);
+    cr_assert(charge_ok_eventually(r, 10000), "charges work again after SIGCONT");
+    tg_redis_destroy(r);
+}
+
+Test(redis, redis_killed_and_restarted)
+{
+    enum { TMO = 1000 };
+    struct tg_redis *r = client(g_port, TMO, 32, 1);
+    tg_gcra_limit lim = tg_gcra_per_minute(6000, 1000);
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    proc_kill(&g_redis);
+    cr_assert(run_until(cond_not_ready, r, 5000), "the client saw the server go");
+
+    for (int i = 0; i < 5; i++) {
+        charge_res c = { 0 };
+        uint64_t t0 = tg_now_ms();
+        charge1(r, "t:{down}:tier", lim, &c);
+        cr_assert_eq(c.called, 0, "never called from inside tg_redis_charge");
+        cr_assert(wait_count(&c.called, 1, 5000));
+        cr_assert_eq(c.rc, TG_ERR);
+        cr_assert_lt(c.at_ms - t0, 50, "fail fast, took %llu ms",
+                     (unsigned long long)(c.at_ms - t0));
+    }
+    /* hget fails fast too */
+    str_res s = { 0 };
+    tg_redis_hget(r, "t:keys", "x", on_str, &s);
+    cr_assert(wait_count(&s.called, 1, 5000));
+    cr_assert_eq(s.rc, TG_ERR);
+
+    /* let a few reconnect attempts fail */
+    tg_redis_get_stats(r, &st);
+    uint64_t before = st.reconnects;
+    struct reconn_want w = { r, before + 2 };
+    cr_assert(run_until(cond_reconnects, &w, 5000));
+    tg_redis_get_stats(r, &st);
+    cr_assert_geq(st.reconnects, before + 2);
+    cr_assert(!tg_redis_ready(r));
+
+    g_redis = redis_start(g_port);
+    uint64_t t0 = tg_now_ms();
+    cr_assert(run_until(cond_ready, r, 8000), "ready again after restart");
+    cr_log_info("ready %llu ms after the restart", (unsigned long long)(tg_now_ms() - t0));
+    cr_assert(charge_ok_eventually(r, 5000));
+    tg_redis_destroy(r);
+}
+
+Test(redis, nothing_listening)
+{
+    int port = free_port();
+    struct tg_redis *r = client(port, 1000, 32, 0);
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    charge_res c = { 0 };
+    tg_redis_stats st;
+
+    charge1(r, "t:{x}:tier", lim, &c);
+    cr_assert(wait_count(&c.called, 1, 2000));
+    cr_assert_eq(c.rc, TG_ERR);
+    cr_assert(!run_until(cond_ready, r, 500));
+    tg_redis_get_stats(r, &st);
+    cr_assert_geq(st.reconnects, 1);
+    tg_redis_destroy(r);
+}
+
+static void
+garbage(const char *answer)
+{
+    int port = fake_start(answer);
+    struct tg_redis *r = client(port, 1000, 4, 1);
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    static charge_res c[10];
+    int done = 0;
+    str_res s = { 0 };
+    tg_redis_stats st;
+
+    for (int i = 0; i < 10; i++) {
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, "t:{g}:tier", lim, &c[i]);
+    }
+    tg_redis_hget(r, "t:keys", "x", on_str, &s);
+    cr_assert(wait_count(&done, 10, 5000));
+    cr_assert(wait_count(&s.called, 1, 5000));
+    for (int i = 0; i < 10; i++) {
+        cr_assert_eq(c[i].called, 1);
+        cr_assert_eq(c[i].rc, TG_ERR);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.errors, 10);
+    cr_assert_eq(st.charges, 0);
+    cr_assert_eq(st.timeouts, 0, "answered, not timed out");
+    tg_redis_destroy(r);
+}
+
+Test(redis, garbage_status_reply)
+{
+    garbage("+OK\r\n");
+}
+
+Test(redis, garbage_integer_reply)
+{
+    garbage(":1\r\n");
+}
+
+Test(redis, garbage_array_reply)
+{
+    /* 5 elements (one request's worth), one of them a string */
+    garbage("*5\r\n:1\r\n:2\r\n$1\r\nx\r\n:4\r\n:0\r\n");
+}
+
+Test(redis, garbage_nested_array_reply)
+{
+    garbage("*1\r\n*1\r\n:1\r\n");
+}
+
+Test(redis, garbage_noscript_forever)
+{
+    /* EVAL after NOSCRIPT answers NOSCRIPT too: TG_ERR, no loop */
+    garbage("-NOSCRIPT No matching script\r\n");
+}
+
+Test(redis, garbage_bad_range)
+{
+    /* allowed = 7 is not a boolean */
+    int port = fake_start("*5\r\n:7\r\n:2\r\n:0\r\n:4\r\n:0\r\n");
+    struct tg_redis *r = client(port, 1000, 4, 1);
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    charge_res c = { 0 };
+
+    charge1(r, "t:{g}:tier", lim, &c);
+    cr_assert(wait_count(&c.called, 1, 5000));
+    cr_assert_eq(c.rc, TG_ERR);
+    tg_redis_destroy(r);
+}
+
+struct cancel_other {
+    struct tg_redis_op *victim;
+    int                 first_called, victim_called;
+};
+
+/* The first op's callback cancels a later op of the same batch. */
+static void
+on_first_cancels(void *arg, tg_rc rc, const tg_gcra_result *res)
+{
+    struct cancel_other *co = arg;
+
+    co->first_called++;
+    tg_redis_cancel(co->victim);
+}
+
+static void
+on_victim(void *arg, tg_rc rc, const tg_gcra_result *res)
+{
+    struct cancel_other *co = arg;
+
+    co->victim_called++;
+}
+
+Test(redis, cancel)
+{
+    struct tg_redis *r = client(g_port, 1000, 32, 1);
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 10);    /* buckets live 60 s */
+    charge_res c[4] = { 0 };
+    str_res s = { 0 };
+    struct tg_redis_op *op;
+    tg_redis_stats st;
+
+    /* cancelled while queued: never sent */
+    charge1(r, "t:{c}:a", lim, &c[0]);
+    op = charge1(r, "t:{c}:b", lim, &c[1]);
+    tg_redis_cancel(op);
+    op = tg_redis_hget(r, "t:keys", "x", on_str, &s);
+    tg_redis_cancel(op);
+    cr_assert(wait_count(&c[0].called, 1, 5000));
+
+    /* cancelled while in flight: sent, answer dropped (redis is stopped
+     * so that the answer cannot come before the cancel) */
+    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+    charge1(r, "t:{c}:c", lim, &c[2]);
+    op = charge1(r, "t:{c}:d", lim, &c[3]);
+    tg_redis_get_stats(r, &st);
+    uint64_t calls = st.calls;
+    while (st.calls == calls) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+        tg_redis_get_stats(r, &st);
+    }
+    tg_redis_cancel(op);
+    cr_assert_eq(kill(g_redis, SIGCONT), 0);
+    cr_assert(wait_count(&c[2].called, 1, 5000));
+    cr_assert_eq(c[2].rc, TG_OK);
+
+    /* cancelled by the callback of an earlier op of the same batch */
+    struct cancel_other co = { 0 };
+    const char *k1[1] = { "t:{c}:g" }, *k2[1] = { "t:{c}:h" };
+    charge_res sentinel = { 0 };
+    tg_redis_charge(r, k1, &lim, 1, 1, on_first_cancels, &co);
+    co.victim = tg_redis_charge(r, k2, &lim, 1, 1, on_victim, &co);
+    charge1(r, "t:{c}:i", lim, &sentinel);
+    cr_assert(wait_count(&sentinel.called, 1, 5000));
+    cr_assert_eq(sentinel.rc, TG_OK);
+    cr_assert_eq(co.first_called, 1);
+    cr_assert_eq(co.victim_called, 0);
+
+    /* and a cancelled op of a batch that times out: redis stopped */
+    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+    charge_res e = { 0 };
+    op = charge1(r, "t:{c}:e", lim, &e);
+    charge_res f = { 0 };
+    charge1(r, "t:{c}:f", lim, &f);
+    event_base_loop(g_base, EVLOOP_NONBLOCK);
+    tg_redis_cancel(op);
+    cr_assert(wait_count(&f.called, 1, 5000));
+    cr_assert_eq(f.rc, TG_ERR);
+    cr_assert_eq(kill(g_redis, SIGCONT), 0);
+    cr_assert(charge_ok_eventually(r, 5000));
+
+    cr_assert_eq(c[1].called, 0);
+    cr_assert_eq(c[3].called, 0);
+    cr_assert_eq(e.called, 0);
+    cr_assert_eq(s.called, 0);
+    /* the key of the in-flight cancelled op was still charged */
+    redisReply *rep = sync_cmd(g_port, "EXISTS t:{c}:d");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER && rep->integer == 1);
+    freeReplyObject(rep);
+    rep = sync_cmd(g_port, "EXISTS t:{c}:b");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER && rep->integer == 0);
+    freeReplyObject(rep);
+    tg_redis_destroy(r);
+}
+
+Test(redis, destroy_with_work_pending)
+{
+    struct tg_redis *r = client(g_port, 1000, 32, 1);
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    charge_res a = { 0 }, b = { 0 };
+
+    charge1(r, "t:{d}:a", lim, &a);            /* queued */
+    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+    event_base_loop(g_base, EVLOOP_NONBLOCK);   /* sent, stuck */
+    charge1(r, "t:{d}:b", lim, &b);            /* queued */
+    tg_redis_destroy(r);
+    event_base_loop(g_base, EVLOOP_NONBLOCK);
+    cr_assert_eq(a.called, 0, "destroy calls no callback");
+    cr_assert_eq(b.called, 0);
+    kill(g_redis, SIGCONT);
+}
+
+Test(redis, hget)
+{
+    struct tg_redis *r = client(g_port, 1000, 32, 1);
+    redisReply *rep = sync_cmd(g_port, "HSET t:keys abc %b", "v\0x", (size_t)3);
+    str_res s[3] = { 0 };
+    tg_redis_stats st;
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER);
+    freeReplyObject(rep);
+    tg_redis_hget(r, "t:keys", "abc", on_str, &s[0]);
+    tg_redis_hget(r, "t:keys", "nope", on_str, &s[1]);
+    tg_redis_hget(r, "t:nokey", "abc", on_str, &s[2]);
+    cr_assert_eq(s[0].called, 0);
+    cr_assert(wait_count(&s[2].called, 1, 5000));
+    cr_assert(wait_count(&s[0].called, 1, 5000));
+    cr_assert(wait_count(&s[1].called, 1, 5000));
+    cr_assert_eq(s[0].rc, TG_OK);
+    cr_assert_eq(s[0].len, 3);
+    cr_assert_eq(memcmp(s[0].val, "v\0x", 3), 0);
+    for (int i = 1; i < 3; i++) {
+        cr_assert_eq(s[i].rc, TG_OK);
+        cr_assert(s[i].isnull);
+        cr_assert_eq(s[i].len, 0);
+    }
+    /* wrong type: an error reply becomes TG_ERR */
+    rep = sync_cmd(g_port, "SET t:str x");
+    freeReplyObject(rep);
+    str_res e = { 0 };
+    tg_redis_hget(r, "t:str", "abc", on_str, &e);
+    cr_assert(wait_count(&e.called, 1, 5000));
+    cr_assert_eq(e.rc, TG_ERR);
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 4);
+    tg_redis_destroy(r);
+}
+
+Test(redis, select_db)
+{
+    tg_redis_opts o;
+    struct tg_redis *r;
+    charge_res c = { 0 };
+    redisReply *rep;
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.host, sizeof(o.host), "127.0.0.1");
+    o.port = g_port;
+    o.db = 3;
+    o.timeout_ms = 1000;
+    o.max_batch = 32;
+    r = tg_redis_create(g_base, &o);
+    cr_assert(run_until(cond_ready, r, 5000));
+    charge1(r, "t:{db}:tier", tg_gcra_per_minute(60, 10), &c);
+    cr_assert(wait_count(&c.called, 1, 5000));
+    cr_assert_eq(c.rc, TG_OK);
+    rep = sync_cmd(g_port, "EXISTS t:{db}:tier");
+    cr_assert_eq(rep->integer, 0, "not in db 0");
+    freeReplyObject(rep);
+    redisContext *sc = redisConnect("127.0.0.1", g_port);
+    cr_assert(sc != NULL && !sc->err);
+    freeReplyObject(redisCommand(sc, "SELECT 3"));
+    rep = redisCommand(sc, "EXISTS t:{db}:tier");
+    cr_assert_eq(rep->integer, 1, "in db 3");
+    freeReplyObject(rep);
+    redisFree(sc);
+    tg_redis_destroy(r);
+}
+
+Test(redis, invalid_charge_is_an_error)
+{
+    struct tg_redis *r = client(g_port, 1000, 32, 1);
+    tg_gcra_limit bad = { 0, 10 };
+    charge_res c = { 0 };
+
+    charge1(r, "t:{bad}:tier", bad, &c);
+    cr_assert_eq(c.called, 0);
+    cr_assert(wait_count(&c.called, 1, 5000));
+    cr_assert_eq(c.rc, TG_ERR);
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* URL parsing (no server needed, but harmless)                        */
+
+Test(redis_url, good)
+{
+    static const struct { const char *url, *host; int port, db; } t[] = {
+        { "redis://127.0.0.1", "127.0.0.1", 6379, 0 },
+        { "redis://127.0.0.1:6380", "127.0.0.1", 6380, 0 },
+        { "redis://127.0.0.1:6380/15", "127.0.0.1", 6380, 15 },
+        { "redis://localhost/2", "localhost", 6379, 2 },
+        { "redis://redis-1.internal:1", "redis-1.internal", 1, 0 },
+        { "redis://[::1]", "::1", 6379, 0 },
+        { "redis://[::1]:65535/0", "::1", 65535, 0 },
+        { "redis://[2001:db8::7]:7000/9", "2001:db8::7", 7000, 9 },
+    };
+    for (size_t i = 0; i < TG_ARRAY_LEN(t); i++) {
+        tg_redis_opts o;
+        char err[256] = "";
+        memset(&o, 0, sizeof(o));
+        o.timeout_ms = 25;
+        cr_assert_eq(tg_redis_parse_url(t[i].url, &o, err, sizeof(err)), TG_OK,
+                     "%s: %s", t[i].url, err);
+        cr_assert_str_eq(o.host, t[i].host);
+        cr_assert_eq(o.port, t[i].port, "%s", t[i].url);
+        cr_assert_eq(o.db, t[i].db, "%s", t[i].url);
+        cr_assert_eq(o.timeout_ms, 25, "other fields are left alone");
+    }
+}
+
+Test(redis_url, bad)
+{
+    static const struct { const char *url, *msg; } t[] = {
+        { "", "empty" },
+        { "127.0.0.1:6379", "redis://" },
+        { "http://127.0.0.1", "redis://" },
+        { "rediss://127.0.0.1", "TLS" },
+        { "redis://", "missing host" },
+        { "redis://:6379", "missing host" },
+        { "redis://127.0.0.1:", "port" },
+        { "redis://127.0.0.1:0", "port" },
+        { "redis://127.0.0.1:65536", "port" },
+        { "redis://127.0.0.1:99999999999", "port" },
+        { "redis://127.0.0.1:-1", "port" },
+        { "redis://127.0.0.1:12ab", "port" },
+        { "redis://127.0.0.1/16", "database" },
+        { "redis://127.0.0.1/", "database" },
+        { "redis://127.0.0.1/-1", "database" },
+        { "redis://127.0.0.1/1/2", "database" },
+        { "redis://::1", "brackets" },
+        { "redis://[::1", "']'" },
+        { "redis://[]:6379", "IPv6" },
+        { "redis://[zz]:6379", "IPv6" },
+        { "redis://[::1]x", "unexpected" },
+        { "redis://user:pw@host", "password" },
+        { "redis://host?db=1", "query" },
+        { "redis://ho st", "bad character" },
+    };
+    for (size_t i = 0; i < TG_ARRAY_LEN(t); i++) {
+        tg_redis_opts o;
+        char err[256] = "";
+        memset(&o, 0, sizeof(o));
+        cr_assert_eq(tg_redis_parse_url(t[i].url, &o, err, sizeof(err)), TG_ERR,
+                     "accepted %s", t[i].url);
+        cr_assert(strstr(err, t[i].msg) != NULL, "%s: got \"%s\", want \"%s\"",
+                  t[i].url, err, t[i].msg);
+        cr_assert_str_eq(o.host, "", "opts untouched on error");
+    }
+    char longurl[400];
+    memset(longurl, 'a', sizeof(longurl));
+    memcpy(longurl, "redis://", 8);
+    longurl[sizeof(longurl) - 1] = '\0';
+    tg_redis_opts o;
+    char err[256];
+    cr_assert_eq(tg_redis_parse_url(longurl, &o, err, sizeof(err)), TG_ERR);
+    cr_assert(strstr(err, "longer") != NULL, "%s", err);
+}

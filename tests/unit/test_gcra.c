@@ -1,0 +1,774 @@
+/*
+ * test_gcra.c - GCRA arithmetic with an injected clock: the shipped tiers
+ * to the microsecond, rounding, all-or-nothing over several buckets,
+ * tie-breaks, randomized properties against an exact integer token-bucket
+ * reference (the configured rate is never exceeded over any window, a
+ * request is never refused when tokens are there, retry_us is exact), and
+ * the in-process store (same results, eviction, size, long keys, 100k keys).
+ */
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "tollgate/gcra.h"
+
+#define T0 1000000000000ULL    /* an arbitrary "now", far from 0 */
+
+/* ---- helpers ---------------------------------------------------------- */
+
+static uint64_t rng_state;
+
+static uint64_t
+rng(void)
+{
+    /* xorshift64*: deterministic across platforms, seeded per test. */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1DULL;
+}
+
+static uint64_t
+rng_below(uint64_t n)
+{
+    return rng() % n;
+}
+
+/* Charge one bucket. */
+static tg_gcra_result
+charge1(tg_gcra_limit l, uint64_t *tat, uint32_t cost, uint64_t now)
+{
+    tg_gcra_result r;
+    tg_gcra_charge(&l, tat, NULL, 1, cost, now, &r);
+    return r;
+}
+
+/* The shape every tier must have: 2*burst requests at one instant, exactly
+ * burst allowed with remaining counting down, retry_us == T, one more at
+ * exactly now + T. */
+static void
+check_tier(uint32_t rpm, uint32_t burst, uint64_t expect_t)
+{
+    tg_gcra_limit l = tg_gcra_per_minute(rpm, burst);
+    uint64_t tat = 0, saved;
+    tg_gcra_result r;
+    uint32_t i, allowed = 0;
+
+    cr_assert_eq(l.interval_us, expect_t, "rpm %u: T %" PRIu64, rpm, l.interval_us);
+    cr_assert_eq(l.burst, burst);
+    for (i = 0; i < 2 * burst; i++) {
+        saved = tat;
+        r = charge1(l, &tat, 1, T0);
+        if (i < burst) {
+            cr_assert(r.allowed, "rpm %u request %u", rpm, i);
+            cr_assert_eq(r.remaining, burst - 1 - i);
+            cr_assert_eq(r.retry_us, 0);
+            cr_assert_eq(r.reset_us, (uint64_t)(i + 1) * expect_t);
+            cr_assert_eq(r.limiting, 0);
+            allowed++;
+        } else {
+            cr_assert(!r.allowed, "rpm %u request %u", rpm, i);
+            cr_assert_eq(r.remaining, 0);
+            cr_assert_eq(r.retry_us, expect_t, "retry %" PRIu64, r.retry_us);
+            cr_assert_eq(r.reset_us, (uint64_t)burst * expect_t);
+            cr_assert_eq(tat, saved, "a denied request changed the bucket");
+        }
+    }
+    cr_assert_eq(allowed, burst);
+
+    /* One microsecond early: still denied, by exactly 1 us. */
+    r = charge1(l, &tat, 1, T0 + expect_t - 1);
+    cr_assert(!r.allowed);
+    cr_assert_eq(r.retry_us, 1);
+    /* Exactly on time: one more, then nothing. */
+    r = charge1(l, &tat, 1, T0 + expect_t);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    r = charge1(l, &tat, 1, T0 + expect_t);
+    cr_assert(!r.allowed);
+    cr_assert_eq(r.retry_us, expect_t);
+}
+
+/* ---- tiers, rounding -------------------------------------------------- */
+
+Test(gcra, tier_basic)      { check_tier(100, 20, 600000); }
+Test(gcra, tier_pro)        { check_tier(500, 100, 120000); }
+Test(gcra, tier_enterprise) { check_tier(1000, 200, 60000); }
+
+Test(gcra, interval_rounds_up)
+{
+    cr_assert_eq(tg_gcra_per_minute(7, 1).interval_us, 8571429);  /* 8571428.57 */
+    cr_assert_eq(tg_gcra_per_minute(60, 1).interval_us, 1000000);
+    cr_assert_eq(tg_gcra_per_minute(1, 1).interval_us, 60000000);
+    cr_assert_eq(tg_gcra_per_minute(60000000, 1).interval_us, 1);
+    cr_assert_eq(tg_gcra_per_minute(4000000000u, 1).interval_us, 1);
+    cr_assert_eq(tg_gcra_per_second(3, 1).interval_us, 333334);
+    cr_assert_eq(tg_gcra_per_second(1000, 5).interval_us, 1000);
+    cr_assert_eq(tg_gcra_per_second(1000, 5).burst, 5);
+    /* Degenerate input is clamped, never a zero interval or capacity. */
+    cr_assert_eq(tg_gcra_per_minute(0, 0).interval_us, 60000000);
+    cr_assert_eq(tg_gcra_per_minute(0, 0).burst, 1);
+    cr_assert_eq(tg_gcra_per_second(0, 3).interval_us, 1000000);
+}
+
+Test(gcra, rounding_never_exceeds_rate)
+{
+    /* rpm 7: after the burst, 7 more in one minute would need T <= 60/7 s;
+     * with T rounded up the 7th lands just after the minute. */
+    tg_gcra_limit l = tg_gcra_per_minute(7, 1);
+    uint64_t tat = 0, now = T0;
+    int n = 0;
+
+    while (now <= T0 + 60000000) {
+        tg_gcra_result r = charge1(l, &tat, 1, now);
+        if (r.allowed) {
+            n++;
+            now += 1;
+        } else {
+            now += r.retry_us;
+        }
+    }
+    cr_assert_eq(n, 7, "allowed %d in [0, 60 s] (burst 1 + 60 s * 7/min = 8 max)", n);
+}
+
+/* ---- cost, several buckets ------------------------------------------------ */
+
+Test(gcra, cost_and_reset)
+{
+    tg_gcra_limit l = tg_gcra_per_minute(100, 20);
+    uint64_t tat = 0, ttl;
+    tg_gcra_result r;
+
+    tg_gcra_charge(&l, &tat, &ttl, 1, 5, T0, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 15);
+    cr_assert_eq(r.reset_us, 5 * 600000);
+    cr_assert_eq(ttl, 5 * 600000);
+    cr_assert_eq(tat, T0 + 5 * 600000);
+
+    /* 2 s later: 3 tokens back (3.33), 18 available: cost 19 is denied,
+     * short by 1 token minus the 0.2 s already earned. */
+    tg_gcra_charge(&l, &tat, &ttl, 1, 19, T0 + 2000000, &r);
+    cr_assert(!r.allowed);
+    cr_assert_eq(r.remaining, 18);
+    cr_assert_eq(r.retry_us, 400000);
+    cr_assert_eq(r.reset_us, 1000000);
+    cr_assert_eq(ttl, 1000000);
+    tg_gcra_charge(&l, &tat, &ttl, 1, 19, T0 + 2400000, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+
+    /* Cost 0 is a free look. */
+    tg_gcra_charge(&l, &tat, &ttl, 1, 0, T0 + 2400000, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_eq(r.reset_us, 20 * 600000);
+}
+
+Test(gcra, cost_above_burst_never_passes)
+{
+    tg_gcra_limit l = tg_gcra_per_second(10, 5);  /* T = 100 ms */
+    uint64_t tat = 0, now = T0;
+    tg_gcra_result r;
+    int i;
+
+    for (i = 0; i < 5; i++) {
+        r = charge1(l, &tat, 6, now);
+        cr_assert(!r.allowed);
+        cr_assert_eq(tat, 0);
+        cr_assert_eq(r.remaining, 5);
+        cr_assert_eq(r.retry_us, 100000, "(cost - burst) * T on a full bucket");
+        now += r.retry_us;
+    }
+    /* On a bucket in debt the time to refill is added. */
+    r = charge1(l, &tat, 2, now);
+    cr_assert(r.allowed);
+    r = charge1(l, &tat, 6, now);
+    cr_assert(!r.allowed);
+    cr_assert_eq(r.retry_us, 300000);
+    cr_assert_eq(r.remaining, 3);
+}
+
+Test(gcra, all_or_nothing)
+{
+    /* Bucket 0: the minute (burst 5); bucket 1: a second burst of 2. */
+    tg_gcra_limit l[2] = { tg_gcra_per_minute(60, 5), tg_gcra_per_second(2, 2) };
+    uint64_t tat[2] = { 0, 0 }, ttl[2], saved[2];
+    tg_gcra_result r;
+
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 1);           /* min(4, 1) */
+    cr_assert_eq(r.limiting, 1);
+    cr_assert_eq(r.reset_us, 500000);
+    cr_assert_eq(ttl[0], 1000000);
+    cr_assert_eq(ttl[1], 500000);
+
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_eq(r.limiting, 1);
+
+    memcpy(saved, tat, sizeof(tat));
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0, &r);
+    cr_assert(!r.allowed);
+    cr_assert_eq(memcmp(saved, tat, sizeof(tat)), 0, "bucket 0 was charged by a denied request");
+    cr_assert_eq(r.limiting, 1);
+    cr_assert_eq(r.retry_us, 500000);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_eq(r.reset_us, 1000000);
+    cr_assert_eq(ttl[0], 2000000);
+    cr_assert_eq(ttl[1], 1000000);
+
+    /* Every 0.5 s bucket 1 gives one token back and bucket 0 half of one:
+     * bucket 0 runs dry after three more and then limits. */
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 500000, &r);
+    cr_assert(r.allowed);
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 1000000, &r);
+    cr_assert(r.allowed);
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 1500000, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_eq(r.limiting, 1);
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 2000000, &r);
+    cr_assert(r.allowed);
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 2500000, &r);
+    cr_assert(r.allowed);
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 3000000, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_eq(r.limiting, 0, "both at 0: bucket 0 takes longer to refill");
+    cr_assert_eq(r.reset_us, 5000000);
+    /* Both deny; bucket 0 by 1 s, bucket 1 by 0.5 s: the larger wins. */
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 3000000, &r);
+    cr_assert(!r.allowed);
+    cr_assert_eq(r.limiting, 0);
+    cr_assert_eq(r.retry_us, 1000000);
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 3999999, &r);
+    cr_assert(!r.allowed);
+    tg_gcra_charge(l, tat, ttl, 2, 1, T0 + 4000000, &r);
+    cr_assert(r.allowed);
+}
+
+Test(gcra, tie_breaks)
+{
+    /* Same remaining (1) after the charge: the longer reset wins. */
+    tg_gcra_limit l[3] = { { 100, 2 }, { 300, 2 }, { 300, 2 } };
+    uint64_t tat[3] = { 0, 0, 0 };
+    tg_gcra_result r;
+
+    tg_gcra_charge(l, tat, NULL, 3, 1, T0, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 1);
+    cr_assert_eq(r.limiting, 1, "larger reset, then lower index");
+    cr_assert_eq(r.reset_us, 300);
+
+    /* Denied by equal retries: the lower index. */
+    tg_gcra_charge(l, tat, NULL, 3, 2, T0, &r);
+    cr_assert(!r.allowed);
+    cr_assert_eq(r.retry_us, 300);
+    cr_assert_eq(r.limiting, 1);
+    cr_assert_eq(r.remaining, 1);
+
+    /* Denied by one bucket of two: remaining still spans both. */
+    {
+        tg_gcra_limit m[2] = { { 100, 10 }, { 100, 1 } };
+        uint64_t t2[2] = { 0, 0 };
+        tg_gcra_charge(m, t2, NULL, 2, 2, T0, &r);
+        cr_assert(!r.allowed);
+        cr_assert_eq(r.limiting, 1);
+        cr_assert_eq(r.retry_us, 100);
+        cr_assert_eq(r.remaining, 1);
+        cr_assert_eq(t2[0], 0);
+    }
+}
+
+Test(gcra, no_buckets)
+{
+    tg_gcra_result r;
+    tg_gcra_charge(NULL, NULL, NULL, 0, 1, T0, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, UINT32_MAX);
+    cr_assert_eq(r.limiting, -1);
+}
+
+Test(gcra, lowered_burst_after_reload)
+{
+    /* A TAT beyond the new capacity (burst lowered): denied, 0 left, and
+     * the retry is still exact. */
+    tg_gcra_limit big = { 1000, 100 }, small = { 1000, 10 };
+    uint64_t tat = 0;
+    tg_gcra_result r;
+
+    r = charge1(big, &tat, 50, T0);
+    cr_assert(r.allowed);
+    r = charge1(small, &tat, 1, T0);
+    cr_assert(!r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_eq(r.retry_us, 41000);
+    r = charge1(small, &tat, 1, T0 + 41000);
+    cr_assert(r.allowed);
+}
+
+/* ---- randomized properties --------------------------------------------- */
+
+typedef struct arrival {
+    uint64_t t;
+    uint32_t cost;
+    int      allowed;
+} arrival;
+
+/*
+ * Exact reference: credit c in microseconds (tokens * T), capped at L,
+ * earning 1 per microsecond.  GCRA must agree with it on every decision:
+ * property (b) (never refused when tokens are there) and the converse.
+ */
+static void
+property_run(uint64_t seed, size_t nb, const tg_gcra_limit *l, size_t count)
+{
+    uint64_t tat[8] = { 0 }, credit[8], last = T0, now = T0;
+    arrival *arr = calloc(count, sizeof(*arr));
+    uint64_t *prefix = calloc(count + 1, sizeof(*prefix));
+    uint32_t maxcost = UINT32_MAX;
+    size_t i, j, b;
+
+    cr_assert_not_null(arr);
+    rng_state = seed;
+    for (b = 0; b < nb; b++) {
+        credit[b] = l[b].burst * l[b].interval_us;
+        if (l[b].burst < maxcost) {
+            maxcost = l[b].burst;
+        }
+    }
+    for (i = 0; i < count; i++) {
+        uint64_t gap, save[8], ttl[8];
+        uint32_t cost;
+        int ref_ok = 1;
+        tg_gcra_result r;
+
+        /* Arrivals in clumps: often simultaneous, often a fraction of T,
+         * sometimes long pauses. */
+        switch (rng_below(4)) {
+        case 0:  gap = 0; break;
+        case 1:  gap = rng_below(l[0].interval_us + 1); break;
+        case 2:  gap = rng_below(4 * l[0].interval_us); break;
+        default: gap = rng_below(l[0].interval_us * l[0].burst * 2); break;
+        }
+        now += gap;
+        cost = rng_below(8) == 0 ? (uint32_t)rng_below(maxcost + 1) : 1;
+        for (b = 0; b < nb; b++) {
+            uint64_t lim = (uint64_t)l[b].burst * l[b].interval_us;
+            credit[b] += now - last;
+            if (credit[b] > lim) {
+                credit[b] = lim;
+            }
+            if (credit[b] < (uint64_t)cost * l[b].interval_us) {
+                ref_ok = 0;
+            }
+        }
+        last = now;
+
+        memcpy(save, tat, sizeof(tat));
+        tg_gcra_charge(l, tat, ttl, nb, cost, now, &r);
+        cr_assert_eq(r.allowed, ref_ok,
+                     "seed %" PRIu64 " #%zu: gcra %d, reference %d", seed, i,
+                     r.allowed, ref_ok);
+        arr[i].t = now;
+        arr[i].cost = cost;
+        arr[i].allowed = r.allowed;
+        if (r.allowed) {
+            uint32_t rem = UINT32_MAX;
+            for (b = 0; b < nb; b++) {
+                uint32_t rb;
+                credit[b] -= (uint64_t)cost * l[b].interval_us;
+                rb = (uint32_t)(credit[b] / l[b].interval_us);
+                rem = rb < rem ? rb : rem;
+                cr_assert_eq(ttl[b], (uint64_t)l[b].burst * l[b].interval_us - credit[b]);
+            }
+            cr_assert_eq(r.remaining, rem);
+            cr_assert_eq(r.retry_us, 0);
+        } else {
+            uint64_t probe[8];
+            tg_gcra_result r2;
+
+            cr_assert_eq(memcmp(save, tat, sizeof(tat)), 0);
+            cr_assert_gt(r.retry_us, 0);
+            /* (c) retry_us is never early, and exact: at now + retry_us
+             * the same request passes; one microsecond earlier it does not. */
+            memcpy(probe, tat, sizeof(tat));
+            tg_gcra_charge(l, probe, NULL, nb, cost, now + r.retry_us, &r2);
+            cr_assert(r2.allowed, "seed %" PRIu64 " #%zu: retry %" PRIu64 " early",
+                      seed, i, r.retry_us);
+            memcpy(probe, tat, sizeof(tat));
+            tg_gcra_charge(l, probe, NULL, nb, cost, now + r.retry_us - 1, &r2);
+            cr_assert(!r2.allowed, "retry_us not minimal");
+        }
+    }
+
+    /* (a) every window [t_i, t_j]: allowed cost * T <= L + (t_j - t_i),
+     * for every bucket. */
+    for (i = 0; i < count; i++) {
+        prefix[i + 1] = prefix[i] + (arr[i].allowed ? arr[i].cost : 0);
+    }
+    for (b = 0; b < nb; b++) {
+        uint64_t t = l[b].interval_us, lim = (uint64_t)l[b].burst * t;
+        for (i = 0; i < count; i++) {
+            if (!arr[i].allowed) {
+                continue;
+            }
+            for (j = i; j < count; j++) {
+                uint64_t sum = prefix[j + 1] - prefix[i];
+                if (sum * t > lim + (arr[j].t - arr[i].t)) {
+                    cr_assert_fail("seed %" PRIu64 " bucket %zu: %" PRIu64
+                             " allowed in %" PRIu64 " us", seed, b, sum,
+                             arr[j].t - arr[i].t);
+                }
+            }
+        }
+    }
+    free(prefix);
+    free(arr);
+}
+
+Test(gcra, property_single_bucket)
+{
+    static const uint32_t cfg[][2] = {
+        { 100, 20 }, { 500, 100 }, { 1000, 200 }, { 7, 1 }, { 1, 3 },
+        { 60000, 5 }, { 3, 2 }, { 6000000, 1000 },
+    };
+    size_t c;
+    uint64_t seed;
+
+    for (c = 0; c < TG_ARRAY_LEN(cfg); c++) {
+        for (seed = 1; seed <= 4; seed++) {
+            tg_gcra_limit l = tg_gcra_per_minute(cfg[c][0], cfg[c][1]);
+            property_run(seed * 7919 + c, 1, &l, 3000);
+        }
+    }
+}
+
+Test(gcra, property_several_buckets)
+{
+    uint64_t seed;
+
+    for (seed = 1; seed <= 12; seed++) {
+        tg_gcra_limit l[3];
+        size_t nb = 2 + seed % 2;
+        rng_state = seed * 104729;
+        /* Random, unrelated limits (odd intervals shake out rounding). */
+        l[0] = (tg_gcra_limit){ 1000 + rng_below(100000), 1 + (uint32_t)rng_below(50) };
+        l[1] = (tg_gcra_limit){ 100 + rng_below(1000000), 1 + (uint32_t)rng_below(10) };
+        l[2] = (tg_gcra_limit){ 1 + rng_below(5000), 1 + (uint32_t)rng_below(500) };
+        property_run(seed, nb, l, 3000);
+    }
+}
+
+/* ---- in-process store ------------------------------------------------ */
+
+static void
+assert_same(const tg_gcra_result *a, const tg_gcra_result *b, size_t step)
+{
+    cr_assert_eq(a->allowed, b->allowed, "step %zu", step);
+    cr_assert_eq(a->remaining, b->remaining, "step %zu", step);
+    cr_assert_eq(a->retry_us, b->retry_us, "step %zu", step);
+    cr_assert_eq(a->reset_us, b->reset_us, "step %zu", step);
+    cr_assert_eq(a->limiting, b->limiting, "step %zu", step);
+}
+
+/* The store without eviction is exactly the pure step on remembered TATs,
+ * through growth and through the deletions of the expiry sweep. */
+Test(lstore, same_as_pure_step)
+{
+    enum { NKEYS = 3000, STEPS = 200000 };
+    struct tg_lstore *st = tg_lstore_create(1000000);
+    static uint64_t model[NKEYS];
+    static char names[NKEYS][80];
+    tg_gcra_limit lk[NKEYS];
+    uint64_t now = T0;
+    size_t i;
+
+    rng_state = 42;
+    for (i = 0; i < NKEYS; i++) {
+        /* Lengths around the inline limit (48) and far above it. */
+        size_t len = 1 + rng_below(60);
+        snprintf(names[i], sizeof(names[i]), "tg:{%zu}:%.*s", i, (int)len,
+                 "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijklmn");
+        lk[i] = (tg_gcra_limit){ 1 + rng_below(20000), 1 + (uint32_t)rng_below(5) };
+    }
+    for (i = 0; i < STEPS; i++) {
+        size_t n = 1 + rng_below(3), b, idx[3];
+        const char *keys[3];
+        tg_gcra_limit l[3];
+        uint64_t tat[3];
+        uint32_t cost = (uint32_t)rng_below(3);
+        tg_gcra_result rs, rp;
+
+        now += rng_below(50);
+        for (b = 0; b < n; b++) {
+            idx[b] = rng_below(NKEYS);
+            keys[b] = names[idx[b]];
+            l[b] = lk[idx[b]];
+            tat[b] = model[idx[b]];
+        }
+        tg_lstore_charge(st, keys, l, n, cost, now, &rs);
+        tg_gcra_charge(l, tat, NULL, n, cost, now, &rp);
+        assert_same(&rs, &rp, i);
+        if (rp.allowed) {
+            for (b = 0; b < n; b++) {
+                model[idx[b]] = tat[b];
+            }
+        }
+    }
+    /* Sweeping keeps the table to roughly the live buckets. */
+    cr_assert_leq(tg_lstore_size(st), NKEYS);
+    tg_lstore_destroy(st);
+}
+
+static uint32_t
+probe_remaining(struct tg_lstore *st, const char *key, tg_gcra_limit l, uint64_t now)
+{
+    tg_gcra_result r;
+    tg_lstore_charge(st, &key, &l, 1, 0, now, &r);  /* cost 0: a look */
+    return r.remaining;
+}
+
+Test(lstore, basic_tier_and_size)
+{
+    struct tg_lstore *st = tg_lstore_create(100);
+    tg_gcra_limit l = tg_gcra_per_minute(100, 20);
+    const char *k = "tg:{acme}:tier";
+    tg_gcra_result r;
+    int i;
+
+    cr_assert_eq(tg_lstore_size(st), 0);
+    for (i = 0; i < 40; i++) {
+        tg_lstore_charge(st, &k, &l, 1, 1, T0, &r);
+        cr_assert_eq(r.allowed, i < 20);
+        cr_assert_eq(r.remaining, i < 20 ? (uint32_t)(19 - i) : 0);
+        if (i >= 20) {
+            cr_assert_eq(r.retry_us, 600000);
+        }
+    }
+    cr_assert_eq(tg_lstore_size(st), 1);
+    tg_lstore_charge(st, &k, &l, 1, 1, T0 + 600000, &r);
+    cr_assert(r.allowed);
+    tg_lstore_charge(st, &k, &l, 1, 1, T0 + 600000, &r);
+    cr_assert(!r.allowed);
+
+    /* A denied request for a new key stores nothing, nor does a look. */
+    {
+        const char *k2 = "tg:{other}:tier";
+        tg_gcra_limit one = { 1000, 1 };
+        tg_lstore_charge(st, &k2, &one, 1, 2, T0, &r);
+        cr_assert(!r.allowed);
+        cr_assert_eq(tg_lstore_size(st), 1);
+        cr_assert_eq(probe_remaining(st, k2, one, T0), 1);
+        cr_assert_eq(tg_lstore_size(st), 1);
+        tg_lstore_charge(st, &k2, &one, 1, 1, T0, &r);
+        cr_assert(r.allowed);
+        cr_assert_eq(tg_lstore_size(st), 2);
+    }
+    /* All-or-nothing across keys. */
+    {
+        const char *ks[2] = { "tg:{acme}:minute", "tg:{acme}:tier" };
+        tg_gcra_limit ls[2] = { tg_gcra_per_minute(1000, 50), l };
+        tg_lstore_charge(st, ks, ls, 2, 1, T0 + 600000, &r);
+        cr_assert(!r.allowed);
+        cr_assert_eq(r.limiting, 1);
+        cr_assert_eq(tg_lstore_size(st), 2);
+        tg_lstore_charge(st, ks, ls, 2, 1, T0 + 1200000, &r);
+        cr_assert(r.allowed);
+        cr_assert_eq(r.limiting, 1);
+        cr_assert_eq(r.remaining, 0);
+        cr_assert_eq(tg_lstore_size(st), 3);
+        cr_assert_eq(probe_remaining(st, ks[0], ls[0], T0 + 1200000), 49);
+    }
+    /* The same key twice in one request: two buckets, same state, last
+     * write wins (as in Redis). */
+    {
+        const char *ks[2] = { "tg:{dup}:x", "tg:{dup}:x" };
+        tg_gcra_limit ls[2] = { { 1000, 10 }, { 1000, 10 } };
+        tg_lstore_charge(st, ks, ls, 2, 1, T0, &r);
+        cr_assert(r.allowed);
+        cr_assert_eq(r.remaining, 9);
+        cr_assert_eq(probe_remaining(st, ks[0], ls[0], T0), 9);
+    }
+    tg_lstore_destroy(st);
+    tg_lstore_destroy(NULL);
+}
+
+Test(lstore, eviction_prefers_expired)
+{
+    struct tg_lstore *st = tg_lstore_create(16);
+    tg_gcra_limit shortl = { 1000, 5 }, longl = { 60000000, 1 };
+    char name[32];
+    const char *k = name;
+    tg_gcra_result r;
+    int i;
+
+    for (i = 0; i < 8; i++) {
+        snprintf(name, sizeof(name), "short%d", i);
+        tg_lstore_charge(st, &k, &shortl, 1, 1, T0, &r);
+        cr_assert(r.allowed);
+        snprintf(name, sizeof(name), "long%d", i);
+        tg_lstore_charge(st, &k, &longl, 1, 1, T0, &r);
+        cr_assert(r.allowed);
+    }
+    cr_assert_eq(tg_lstore_size(st), 16);
+
+    /* 1 ms later every short bucket is full again; 8 new keys must push
+     * those out, never a long one. */
+    for (i = 0; i < 8; i++) {
+        snprintf(name, sizeof(name), "new%d", i);
+        tg_lstore_charge(st, &k, &longl, 1, 1, T0 + 1000, &r);
+        cr_assert(r.allowed);
+        cr_assert_leq(tg_lstore_size(st), 16);
+    }
+    cr_assert_eq(tg_lstore_size(st), 16);
+    for (i = 0; i < 8; i++) {
+        snprintf(name, sizeof(name), "long%d", i);
+        cr_assert_eq(probe_remaining(st, name, longl, T0 + 1000), 0, "%s evicted", name);
+        snprintf(name, sizeof(name), "new%d", i);
+        cr_assert_eq(probe_remaining(st, name, longl, T0 + 1000), 0, "%s evicted", name);
+    }
+    tg_lstore_destroy(st);
+}
+
+Test(lstore, eviction_drops_closest_to_full)
+{
+    struct tg_lstore *st = tg_lstore_create(16);
+    tg_gcra_limit l = { 1000000, 100 };
+    char name[32];
+    const char *k = name;
+    tg_gcra_result r;
+    int i;
+
+    /* key i has 30 - i tokens used: key15 is the closest to full. */
+    for (i = 0; i < 16; i++) {
+        snprintf(name, sizeof(name), "k%d", i);
+        tg_lstore_charge(st, &k, &l, 1, 30 - (uint32_t)i, T0, &r);
+        cr_assert(r.allowed);
+    }
+    snprintf(name, sizeof(name), "fresh");
+    tg_lstore_charge(st, &k, &l, 1, 1, T0, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(tg_lstore_size(st), 16);
+    for (i = 0; i < 15; i++) {
+        snprintf(name, sizeof(name), "k%d", i);
+        cr_assert_eq(probe_remaining(st, name, l, T0), 70 + (uint32_t)i);
+    }
+    cr_assert_eq(probe_remaining(st, "k15", l, T0), 100, "k15 should be the victim");
+    cr_assert_eq(probe_remaining(st, "fresh", l, T0), 99);
+    tg_lstore_destroy(st);
+}
+
+Test(lstore, a_request_never_evicts_its_own_keys)
+{
+    struct tg_lstore *st = tg_lstore_create(16);
+    tg_gcra_limit l = { 1000000, 100 };
+    char name[32], n2[32];
+    const char *ks[2] = { name, n2 };
+    tg_gcra_limit ls[2] = { l, l };
+    tg_gcra_result r;
+    int i;
+
+    /* "mine" is the closest to full of all, and is charged together with
+     * a new key while the store is full. */
+    for (i = 0; i < 15; i++) {
+        snprintf(name, sizeof(name), "k%d", i);
+        tg_lstore_charge(st, ks, &l, 1, 50, T0, &r);
+    }
+    snprintf(name, sizeof(name), "mine");
+    tg_lstore_charge(st, ks, &l, 1, 1, T0, &r);
+    cr_assert_eq(tg_lstore_size(st), 16);
+    snprintf(n2, sizeof(n2), "new");
+    tg_lstore_charge(st, ks, ls, 2, 1, T0, &r);
+    cr_assert(r.allowed);
+    cr_assert_eq(tg_lstore_size(st), 16);
+    cr_assert_eq(probe_remaining(st, "mine", l, T0), 98);
+    cr_assert_eq(probe_remaining(st, "new", l, T0), 99);
+    tg_lstore_destroy(st);
+}
+
+Test(lstore, long_keys)
+{
+    struct tg_lstore *st = tg_lstore_create(1000);
+    tg_gcra_limit l = { 1000000, 10 };
+    static char keys[201][201];
+    const char *k;
+    tg_gcra_result r;
+    int len;
+
+    /* Keys of every length 0..200 that share prefixes: each its own
+     * bucket, each charged (len % 10) + 1 times. */
+    for (len = 0; len <= 200; len++) {
+        memset(keys[len], 'x', (size_t)len);
+        keys[len][len] = '\0';
+        if (len > 0) {
+            keys[len][len - 1] = (char)('a' + len % 26);
+        }
+        k = keys[len];
+        for (int j = 0; j <= len % 10; j++) {
+            tg_lstore_charge(st, &k, &l, 1, 1, T0, &r);
+            cr_assert(r.allowed);
+        }
+    }
+    cr_assert_eq(tg_lstore_size(st), 201);
+    for (len = 0; len <= 200; len++) {
+        cr_assert_eq(probe_remaining(st, keys[len], l, T0), 9 - (uint32_t)(len % 10),
+                     "key of length %d", len);
+    }
+    /* Differ only in the last byte of 200. */
+    {
+        char a[201], b[201];
+        memset(a, 'q', 200);
+        a[200] = '\0';
+        memcpy(b, a, sizeof(a));
+        b[199] = 'r';
+        k = a;
+        tg_lstore_charge(st, &k, &l, 1, 10, T0, &r);
+        cr_assert(r.allowed);
+        cr_assert_eq(probe_remaining(st, b, l, T0), 10);
+        cr_assert_eq(probe_remaining(st, a, l, T0), 0);
+    }
+    tg_lstore_destroy(st);
+}
+
+Test(lstore, many_keys_bounded)
+{
+    enum { N = 100000 };
+    struct tg_lstore *big = tg_lstore_create(2 * N), *small = tg_lstore_create(N / 2);
+    tg_gcra_limit l = tg_gcra_per_minute(100, 20);
+    char name[64];
+    const char *k = name;
+    tg_gcra_result r;
+    struct timespec a, b;
+    int i, pass;
+
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (pass = 0; pass < 2; pass++) {
+        for (i = 0; i < N; i++) {
+            snprintf(name, sizeof(name), "tg:{ak_%08d}:tier", i);
+            tg_lstore_charge(big, &k, &l, 1, 1, T0 + (uint64_t)pass, &r);
+            cr_assert(r.allowed);
+            cr_assert_eq(r.remaining, 19 - (uint32_t)pass);
+            tg_lstore_charge(small, &k, &l, 1, 1, T0 + (uint64_t)pass, &r);
+            cr_assert(r.allowed);
+        }
+        cr_assert_eq(tg_lstore_size(big), N);
+        cr_assert_leq(tg_lstore_size(small), N / 2);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    cr_log_info("lstore: %d charges in %.1f ms; %zu bytes per bucket (bound)",
+                4 * N, (double)(b.tv_sec - a.tv_sec) * 1e3
+                + (double)(b.tv_nsec - a.tv_nsec) / 1e6, tg_lstore_entry_bytes());
+    cr_assert_geq(tg_lstore_entry_bytes(), 64);
+    cr_assert_leq(tg_lstore_entry_bytes(), 200);
+    tg_lstore_destroy(big);
+    tg_lstore_destroy(small);
+}
