@@ -48,6 +48,7 @@ typedef struct tg_keys_pos {
 } tg_keys_pos;
 
 struct tg_keys {
+    unsigned     extra_refs; /* atomic; references beyond the first (calloc: 0) */
     tg_key      *keys;       /* file order */
     size_t       n;
     uint32_t    *slots;      /* index + 1 into keys; 0 = empty */
@@ -221,6 +222,23 @@ void
 tg_keys_destroy(struct tg_keys *keys)
 {
     tg_keys_free(keys);
+}
+
+struct tg_keys *
+tg_keys_ref(struct tg_keys *keys)
+{
+    if (keys != NULL) {
+        __atomic_add_fetch(&keys->extra_refs, 1, __ATOMIC_RELAXED);
+    }
+    return keys;
+}
+
+void
+tg_keys_unref(struct tg_keys *keys)
+{
+    if (keys != NULL && __atomic_fetch_sub(&keys->extra_refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        tg_keys_free(keys);
+    }
 }
 
 size_t

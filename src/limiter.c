@@ -48,7 +48,7 @@ local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
 
 struct tg_limiter {
     tg_conf            *conf;
-    const struct tg_keys *keys;
+    struct tg_keys     *keys;
     int                 enabled;
     struct tg_redis    *redis;      /* store: redis */
     struct event_base  *base;
@@ -62,13 +62,13 @@ static void fallback(tg_limit_ctx *ctx);
 static uint32_t ceil_s(uint64_t us);
 
 struct tg_limiter *
-tg_limiter_create(struct event_base *base, tg_conf *conf, const struct tg_keys *keys,
+tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
                   char *err, size_t errlen)
 {
     struct tg_limiter *lim = tg_xcalloc(1, sizeof(*lim));
 
     lim->conf = tg_conf_ref(conf);
-    lim->keys = keys;
+    lim->keys = tg_keys_ref(keys);
     lim->base = base;
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL;
     pthread_once(&local_once, local_init);
@@ -103,6 +103,7 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, const struct tg_keys *
     return lim;
 
 fail:
+    tg_keys_unref(lim->keys);
     tg_conf_unref(lim->conf);
     free(lim);
     return NULL;
@@ -117,8 +118,22 @@ tg_limiter_destroy(struct tg_limiter *lim)
     if (lim->redis != NULL) {
         tg_redis_destroy(lim->redis);
     }
+    tg_keys_unref(lim->keys);
     tg_conf_unref(lim->conf);
     free(lim);
+}
+
+void
+tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
+{
+    tg_conf *old_conf = lim->conf;
+    struct tg_keys *old_keys = lim->keys;
+
+    lim->conf = tg_conf_ref(conf);
+    lim->keys = tg_keys_ref(keys);
+    lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL;
+    tg_keys_unref(old_keys);
+    tg_conf_unref(old_conf);
 }
 
 int
@@ -231,18 +246,18 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     ctx->cost = route != NULL ? route->cost : 1;
     snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:t", prefix, out->consumer);
     ctx->limits[n] = tg_gcra_per_minute(tier->requests_per_minute, tier->burst_limit);
-    ctx->names[n++] = tier->name;
+    snprintf(ctx->names[n++], sizeof(ctx->names[0]), "%s", tier->name);
     if (route != NULL && route->has_limit) {
         snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:r:%s", prefix, out->consumer,
                  route->name);
         ctx->limits[n] = tg_gcra_per_minute(route->requests_per_minute, route->burst_limit);
-        ctx->names[n++] = route->name;
+        snprintf(ctx->names[n++], sizeof(ctx->names[0]), "%s", route->name);
     }
     if (conf->global_limit.enabled) {
         snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{global}:g", prefix);
         ctx->limits[n] = tg_gcra_per_second(conf->global_limit.requests_per_second,
                                             conf->global_limit.burst);
-        ctx->names[n++] = "global";
+        snprintf(ctx->names[n++], sizeof(ctx->names[0]), "%s", "global");
     }
     ctx->n = n;
 
@@ -293,7 +308,7 @@ finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
     const tg_gcra_limit *l = &ctx->limits[i];
 
     out->limited = 1;
-    out->policy = ctx->names[i];
+    memcpy(out->policy, ctx->names[i], sizeof(out->policy));
     out->quota = l->burst;
     out->window_s = ceil_s(l->interval_us * l->burst);
     out->remaining = res->remaining;

@@ -62,6 +62,7 @@ static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
 static void start_drain(void);
 static int  store_ready(void *arg);
+static void reload(const char *path);
 
 int
 main(int argc, char **argv)
@@ -185,7 +186,7 @@ check_config(const char *path)
             tg_conf_unref(conf);
             return 1;
         }
-        tg_keys_destroy(keys);
+        tg_keys_unref(keys);
     }
     fprintf(stderr, "tollgate: configuration file %s test is successful\n", path);
     tg_conf_unref(conf);
@@ -304,7 +305,7 @@ out:
         event_base_free(g.base);
     }
     free_tls(g.ssl_ctxs, g.conf->nlisten);
-    tg_keys_destroy(g.keys);
+    tg_keys_unref(g.keys);
     tg_conf_unref(g.conf);
     return rc;
 }
@@ -329,7 +330,7 @@ load_keys(const tg_conf *conf, struct tg_keys **out, char *err, size_t errlen)
         names[i] = conf->tiers[i].name;
     }
     if (tg_keys_check_tiers(keys, names, n, err, errlen) != TG_OK) {
-        tg_keys_destroy(keys);
+        tg_keys_unref(keys);
         return TG_ERR;
     }
     *out = keys;
@@ -442,19 +443,11 @@ accept_error_cb(struct evconnlistener *l, void *arg)
 static void
 signal_cb(evutil_socket_t sig, short what, void *arg)
 {
-    char err[TG_CONF_ERRLEN];
-    tg_conf *conf;
-
     TG_UNUSED(what);
     if (sig == SIGHUP) {
-        conf = tg_conf_load((const char *)arg, err, sizeof(err));
-        if (conf == NULL) {
-            tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
-            return;
+        if (!g.draining) {
+            reload((const char *)arg);
         }
-        tg_conf_unref(conf);
-        tg_warn("SIGHUP: the configuration is valid, but live reload is not in this "
-                "version yet; restart to apply it");
         return;
     }
     if (g.draining) {
@@ -507,6 +500,75 @@ drain_timer_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     event_base_loopbreak(g.base);
+}
+
+static int
+addr_eq(const tg_addr *a, const tg_addr *b)
+{
+    return a->salen == b->salen && memcmp(&a->sa, &b->sa, a->salen) == 0;
+}
+
+/* What a reload cannot change in a running process. */
+static void
+warn_restart_only(const tg_conf *old, const tg_conf *nc)
+{
+    size_t i;
+    int same = old->nlisten == nc->nlisten
+               && old->upstream.nservers == nc->upstream.nservers
+               && old->workers == nc->workers && old->store == nc->store
+               && old->admin_enabled == nc->admin_enabled
+               && addr_eq(&old->admin, &nc->admin)
+               && strcmp(old->redis.url, nc->redis.url) == 0
+               && strcmp(old->redis.prefix, nc->redis.prefix) == 0;
+
+    for (i = 0; same && i < old->nlisten; i++) {
+        same = addr_eq(&old->listen[i].addr, &nc->listen[i].addr)
+               && old->listen[i].tls == nc->listen[i].tls;
+    }
+    for (i = 0; same && i < old->upstream.nservers; i++) {
+        same = addr_eq(&old->upstream.servers[i], &nc->upstream.servers[i]);
+    }
+    if (!same) {
+        tg_warn("SIGHUP: listen, admin, workers, upstream servers, store and redis "
+                "url/prefix changes take effect at the next restart");
+    }
+}
+
+/*
+ * SIGHUP: load and check the file and its keys; if both are good, every
+ * worker switches to them for its next request (keys, tiers, routes,
+ * auth, global limit).  A bad file changes nothing.
+ */
+static void
+reload(const char *path)
+{
+    char err[TG_CONF_ERRLEN];
+    struct tg_keys *keys = NULL;
+    tg_conf *conf;
+    unsigned i;
+
+    sd_notify(0, "RELOADING=1");
+    conf = tg_conf_load(path, err, sizeof(err));
+    if (conf == NULL || load_keys(conf, &keys, err, sizeof(err)) != TG_OK) {
+        tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
+        if (conf != NULL) {
+            tg_conf_unref(conf);
+        }
+        sd_notify(0, "READY=1");
+        return;
+    }
+    warn_restart_only(g.conf, conf);
+    for (i = 0; i < g.nworkers; i++) {
+        if (tg_worker_reload(g.workers[i], conf, keys) != TG_OK) {
+            tg_error("SIGHUP: worker %u did not take the new configuration", i);
+        }
+    }
+    tg_info("SIGHUP: configuration reloaded (%zu key(s), %zu tier(s), %zu route(s))",
+            tg_keys_count(keys), conf->ntiers, conf->nroutes);
+    tg_keys_unref(g.keys);
+    g.keys = keys;                       /* our reference */
+    tg_conf_unref(conf);                 /* the workers hold theirs */
+    sd_notify(0, "READY=1");
 }
 
 /* /readyz: with store redis and on_failure deny, a worker without its

@@ -159,7 +159,7 @@ static void up_flush(struct tg_client *c);
 /* ---- public -------------------------------------------------------- */
 
 struct tg_proxy *
-tg_proxy_create(struct event_base *base, tg_conf *conf, const struct tg_keys *keys,
+tg_proxy_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
                 void (*on_empty)(void *arg), void *arg, char *err, size_t errlen)
 {
     struct tg_proxy *px = tg_xcalloc(1, sizeof(*px));
@@ -205,6 +205,12 @@ tg_proxy_destroy(struct tg_proxy *px)
     tg_limiter_destroy(px->limiter);
     tg_conf_unref(px->conf);
     free(px);
+}
+
+void
+tg_proxy_reload(struct tg_proxy *px, tg_conf *conf, struct tg_keys *keys)
+{
+    tg_limiter_reload(px->limiter, conf, keys);
 }
 
 int

@@ -18,14 +18,17 @@
 
 #include <event2/event.h>
 
+#include "tollgate/keys.h"
 #include "tollgate/proxy.h"
 
-enum { MSG_CONN, MSG_DRAIN };
+enum { MSG_CONN, MSG_DRAIN, MSG_RELOAD };
 
 typedef struct tg_worker_msg {
-    uint32_t type;
-    int32_t  fd;          /* MSG_CONN */
-    uint32_t arg;         /* MSG_CONN: listener index; MSG_DRAIN: timeout ms */
+    uint32_t        type;
+    int32_t         fd;       /* MSG_CONN */
+    uint32_t        arg;      /* MSG_CONN: listener index; MSG_DRAIN: timeout ms */
+    tg_conf        *conf;     /* MSG_RELOAD: a reference, given to the worker */
+    struct tg_keys *keys;     /* MSG_RELOAD: a reference, given to the worker */
 } tg_worker_msg;
 
 struct tg_worker {
@@ -51,7 +54,7 @@ static void on_empty(void *arg);
 static void sampler_cb(evutil_socket_t fd, short what, void *arg);
 
 struct tg_worker *
-tg_worker_create(unsigned id, tg_conf *conf, const struct tg_keys *keys,
+tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
                  SSL_CTX **ssl_ctxs, char *err, size_t errlen)
 {
     struct tg_worker *w = tg_xcalloc(1, sizeof(*w));
@@ -136,15 +139,28 @@ send_msg(struct tg_worker *w, const tg_worker_msg *m)
 tg_rc
 tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx)
 {
-    tg_worker_msg m = { MSG_CONN, fd, listener_idx };
+    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL };
     return send_msg(w, &m);
 }
 
 void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
-    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms };
+    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL };
     send_msg(w, &m);
+}
+
+tg_rc
+tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys)
+{
+    tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys) };
+
+    if (send_msg(w, &m) != TG_OK) {
+        tg_conf_unref(conf);
+        tg_keys_unref(keys);
+        return TG_ERR;
+    }
+    return TG_OK;
 }
 
 int
@@ -217,6 +233,10 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
     for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
         if (m[i].type == MSG_CONN) {
             tg_proxy_accept(w->px, m[i].fd, w->ssl_ctxs[m[i].arg]);
+        } else if (m[i].type == MSG_RELOAD) {
+            tg_proxy_reload(w->px, m[i].conf, m[i].keys);
+            tg_conf_unref(m[i].conf);
+            tg_keys_unref(m[i].keys);
         } else if (m[i].type == MSG_DRAIN) {
             struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
             evtimer_add(w->deadline, &tv);

@@ -37,6 +37,10 @@ struct tg_keys *tg_keys_load(const char *path, char *err, size_t errlen);
 struct tg_keys *tg_keys_load_string(const char *name, const char *text, size_t len,
                                     char *err, size_t errlen);
 void tg_keys_destroy(struct tg_keys *keys);
+/* Shared ownership across threads (reload): a loaded set has one
+ * reference; the last tg_keys_unref frees it.  NULL is accepted. */
+struct tg_keys *tg_keys_ref(struct tg_keys *keys);
+void tg_keys_unref(struct tg_keys *keys);
 size_t tg_keys_count(const struct tg_keys *keys);
 
 /* Every key's tier must be one of names[0..n); else TG_ERR and a message

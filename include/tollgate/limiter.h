@@ -36,7 +36,7 @@ typedef struct tg_limit_outcome {
     int      limited;             /* rate-limit headers apply */
     char     consumer[TG_KEY_ID_MAX + 48];   /* key id, or "anon:<ip>" */
     char     tier[TG_TIER_MAX + 1];
-    const char *policy;           /* limiting bucket: tier/route name or "global" */
+    char     policy[TG_TIER_MAX + 1];   /* limiting bucket: tier/route name or "global" */
     uint32_t quota;               /* its burst */
     uint32_t window_s;            /* its burst * interval, seconds (ceil) */
     uint32_t remaining;
@@ -57,18 +57,26 @@ typedef struct tg_limit_ctx {
     size_t              n;
     uint32_t            cost;
     tg_gcra_limit       limits[TG_LIMIT_MAX_BUCKETS];
-    const char         *names[TG_LIMIT_MAX_BUCKETS];
+    char                names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1];
     char                keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
 } tg_limit_ctx;
 
 /*
  * Create the limiter of one worker.  keys may be NULL (no keys file).
- * Takes a reference on conf; keys must outlive the limiter.  Starts the
+ * Takes a reference on conf and on keys.  Starts the
  * worker's Redis connection when store is redis.  NULL + err on failure.
  */
 struct tg_limiter *tg_limiter_create(struct event_base *base, tg_conf *conf,
-                                     const struct tg_keys *keys,
+                                     struct tg_keys *keys,
                                      char *err, size_t errlen);
+
+/*
+ * Apply a reloaded configuration and keys set (SIGHUP): tiers, routes,
+ * auth and the global limit take effect for the next request; requests
+ * in flight are unaffected (their context holds copies).  The store
+ * (kind and Redis address) stays as started.  Takes references.
+ */
+void tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys);
 void tg_limiter_destroy(struct tg_limiter *lim);
 
 /* 1 when the bucket store can answer (always, unless store: redis and

@@ -26,7 +26,7 @@ struct tg_proxy;
 struct tg_keys;
 
 struct tg_proxy *tg_proxy_create(struct event_base *base, tg_conf *conf,
-                                 const struct tg_keys *keys,
+                                 struct tg_keys *keys,
                                  void (*on_empty)(void *arg), void *arg,
                                  char *err, size_t errlen);
 void tg_proxy_destroy(struct tg_proxy *px);
@@ -41,6 +41,9 @@ void tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx);
  * their current response.  Calls on_empty when none is left (possibly at
  * once). */
 void tg_proxy_drain(struct tg_proxy *px);
+
+/* Apply a reloaded snapshot to the request path (see tg_limiter_reload). */
+void tg_proxy_reload(struct tg_proxy *px, tg_conf *conf, struct tg_keys *keys);
 
 /* 1 when this worker's bucket store can answer (see tg_limiter_store_ready). */
 int tg_proxy_store_ready(const struct tg_proxy *px);

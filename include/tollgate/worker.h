@@ -18,12 +18,16 @@ struct tg_keys;
 /* ssl_ctxs[i] is listener i's TLS context or NULL; the array and keys
  * (may be NULL) must outlive the worker.  Takes a reference on conf.
  * NULL + err on failure. */
-struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, const struct tg_keys *keys,
+struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
                                    SSL_CTX **ssl_ctxs, char *err, size_t errlen);
 tg_rc tg_worker_start(struct tg_worker *w);
 
 /* Main thread: hand an accepted socket (from listener idx) to w. */
 tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx);
+
+/* Main thread: hand w a reloaded snapshot; w takes its own references
+ * (the caller keeps its own). */
+tg_rc tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys);
 
 /* Main thread: ask w to drain and exit its loop when its last connection
  * is gone, or after timeout_ms at the latest. */

@@ -7,6 +7,7 @@
 
 #include <openssl/sha.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,29 +22,41 @@ static tgh_tollgate tg, tg2;
 static const char *const key_names[] = { "k-basic", "k-pro", "k-ent", "k-off" };
 static const char *const key_tiers[] = { "basic", "pro", "enterprise", "basic" };
 
-/* keys.yaml with the SHA-256 of each test key; k-off is disabled. */
+/* Write keys.yaml with the SHA-256 of each name; returns its path. */
 static const char *
-write_keys(void)
+write_keys_list(const char *const *names, const char *const *tiers, const int *enabled,
+                size_t n)
 {
     static char path[512];
+    char tmp[600];
     FILE *f;
     size_t i, j;
 
     snprintf(path, sizeof path, "%s/keys.yaml", tgh_tmpdir());
-    f = fopen(path, "w");
+    snprintf(tmp, sizeof tmp, "%s.new", path);
+    f = fopen(tmp, "w");
     cr_assert_not_null(f);
     fputs("keys:\n", f);
-    for (i = 0; i < 4; i++) {
+    for (i = 0; i < n; i++) {
         unsigned char d[32];
-        SHA256((const unsigned char *)key_names[i], strlen(key_names[i]), d);
-        fprintf(f, "  - { id: id-%s, tier: %s, enabled: %s, sha256: \"", key_names[i],
-                key_tiers[i], i == 3 ? "false" : "true");
+        SHA256((const unsigned char *)names[i], strlen(names[i]), d);
+        fprintf(f, "  - { id: id-%s, tier: %s, enabled: %s, sha256: \"", names[i],
+                tiers[i], enabled[i] ? "true" : "false");
         for (j = 0; j < 32; j++)
             fprintf(f, "%02x", d[j]);
         fputs("\" }\n", f);
     }
     fclose(f);
+    cr_assert_eq(rename(tmp, path), 0);   /* a reload never sees half a file */
     return path;
+}
+
+/* The test keys: k-off is disabled. */
+static const char *
+write_keys(void)
+{
+    static const int enabled[] = { 1, 1, 1, 0 };
+    return write_keys_list(key_names, key_tiers, enabled, 4);
 }
 
 /* /readyz turns 200 once every worker reaches its store. */
@@ -398,4 +411,84 @@ Test(limits, script_flush_is_invisible)
         TGH_CHECK(st == 200, "request %d after SCRIPT FLUSH: %d", i, st);
         tgh_resp_free(&r);
     }
+}
+
+/* ---- SIGHUP ------------------------------------------------------------- */
+
+static int
+status_of(const char *key)
+{
+    tgh_resp r;
+    int st = get(tg.port, key, "/", &r);
+    tgh_resp_free(&r);
+    return st;
+}
+
+/* Poll until key gets want (a reload is applied by every worker). */
+static void
+await_status(const char *key, int want)
+{
+    uint64_t end = tgh_now_ms() + 10000;
+    int st = 0;
+
+    while (tgh_now_ms() < end) {
+        st = status_of(key);
+        if (st == want) {
+            /* both workers: a few more in a row */
+            int i, ok = 1;
+            for (i = 0; i < 6 && ok; i++)
+                ok = status_of(key) == want;
+            if (ok)
+                return;
+        }
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(0, "key %s: status %d, expected %d after SIGHUP", key, st, want);
+}
+
+static int
+log_has(const char *needle)
+{
+    char buf[65536];
+    FILE *f = fopen(tg.proc->log_path, "r");
+    size_t n;
+
+    if (f == NULL)
+        return 0;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return strstr(buf, needle) != NULL;
+}
+
+Test(limits, sighup_reloads_keys_and_refuses_a_bad_file)
+{
+    static const char *const names[] = { "k-basic", "k-pro", "k-ent", "k-off", "k-new" };
+    static const char *const tiers[] = { "basic", "pro", "enterprise", "basic", "pro" };
+    static const int enabled[] = { 0, 1, 1, 0, 1 };
+    char path[600];
+    FILE *f;
+    uint64_t end;
+
+    start("local", 1);
+    TGH_CHECK(status_of("k-new") == 401, "k-new before it exists");
+    TGH_CHECK(status_of("k-basic") == 200, "k-basic before revocation");
+
+    write_keys_list(names, tiers, enabled, 5);      /* add k-new, revoke k-basic */
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    await_status("k-new", 200);
+    await_status("k-basic", 403);
+
+    snprintf(path, sizeof path, "%s/keys.yaml", tgh_tmpdir());
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs("keys:\n  - { id: broken, tier: nosuchtier, sha256: \"00\" }\n", f);
+    fclose(f);
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && !log_has("new configuration refused"))
+        tgh_sleep_ms(20);
+    TGH_CHECK(log_has("new configuration refused"), "no refusal logged for a bad keys file");
+    TGH_CHECK(status_of("k-new") == 200, "the running keys were not kept");
+    TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died on a bad reload");
 }
