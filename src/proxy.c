@@ -818,7 +818,7 @@ forward(struct tg_client *c)
     struct bufferevent *ub;
     uint64_t now = tg_now_ms();
 
-    c->uc = tg_upstream_acquire(px->pool, &c->uc_reused);
+    c->uc = tg_upstream_acquire(px->pool, &c->uc_reused, NULL, NULL);
     if (c->uc == NULL) {
         respond_error(c, 502, "bad_gateway", "no upstream connection could be made");
         return;

@@ -96,13 +96,18 @@ tg_upstream_pool_destroy(struct tg_upstream_pool *pool)
 }
 
 struct tg_uconn *
-tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused)
+tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused,
+                    const struct tg_uconn *avoid, uint64_t *retry_ms)
 {
     tg_userver *srv = &pool->servers[pool->next++ % pool->nservers];
     struct tg_uconn *uc = TAILQ_FIRST(&srv->idle);
     evutil_socket_t fd;
     int one = 1;
 
+    TG_UNUSED(avoid);
+    if (retry_ms != NULL) {
+        *retry_ms = 0;
+    }
     if (uc != NULL) {
         TAILQ_REMOVE(&srv->idle, uc, link);
         srv->nidle--;
@@ -145,6 +150,19 @@ struct bufferevent *
 tg_uconn_bev(struct tg_uconn *uc)
 {
     return uc->bev;
+}
+
+size_t
+tg_uconn_server_index(const struct tg_uconn *uc)
+{
+    return (size_t)(uc->server - uc->pool->servers);
+}
+
+void
+tg_upstream_report(struct tg_uconn *uc, int ok)
+{
+    TG_UNUSED(uc);
+    TG_UNUSED(ok);
 }
 
 const char *

@@ -28,13 +28,31 @@ void tg_upstream_pool_destroy(struct tg_upstream_pool *pool);
 void tg_upstream_pool_close_idle(struct tg_upstream_pool *pool);
 
 /*
- * Lend a connection to the next server in rotation: an idle keep-alive one
- * when there is one, else a new one being connected (its bufferevent may be
- * written to at once; the output waits for the connect).  *reused tells
- * which.  Returns NULL if a socket could not even be created.
- * The caller owns the connection until tg_upstream_release().
+ * Lend a connection to the next server in rotation whose breaker allows a
+ * call and that the active health check does not mark down: an idle
+ * keep-alive one when there is one, else a new one being connected (its
+ * bufferevent may be written to at once; the output waits for the
+ * connect).  *reused tells which.  avoid (may be NULL) is a server to skip
+ * if any other is available (the retry of a failed connect goes to
+ * another server).  Returns NULL when no server may be used now (all
+ * open or down: *retry_ms, if not NULL, says when one may be again) or a
+ * socket could not be created.  The caller owns the connection until
+ * tg_upstream_release().
  */
-struct tg_uconn *tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused);
+struct tg_uconn *tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused,
+                                     const struct tg_uconn *avoid, uint64_t *retry_ms);
+
+/* The server a connection goes to, as an index into upstream.servers. */
+size_t tg_uconn_server_index(const struct tg_uconn *uc);
+
+/*
+ * The outcome of one exchange, for the server's breaker: ok = a response
+ * head arrived and its status is not 502/503/504; failure = connect
+ * failed or timed out, no answer in time, invalid response, or 502-504.
+ * Call at most once per acquire, before tg_upstream_release(); a call
+ * that ended otherwise (client gone) reports nothing.
+ */
+void tg_upstream_report(struct tg_uconn *uc, int ok);
 
 /* The connection's bufferevent; callbacks are the borrower's while lent. */
 struct bufferevent *tg_uconn_bev(struct tg_uconn *uc);
