@@ -11,8 +11,18 @@
 #include <event2/buffer.h>
 #include <evhtp.h>
 
+#define ADMIN_MAX_ROUTES 8
+
+struct tg_admin_route_ {
+    struct tg_admin *adm;
+    tg_admin_fn      fn;
+    void            *arg;
+};
+
 struct tg_admin {
     evhtp_t *htp;
+    struct tg_admin_route_ routes[ADMIN_MAX_ROUTES];
+    size_t   nroutes;
     int      ready;
     int    (*check)(void *arg);
     void    *check_arg;
@@ -56,6 +66,33 @@ tg_admin_set_ready(struct tg_admin *adm, int ready)
     if (adm != NULL) {
         adm->ready = ready;
     }
+}
+
+static void
+route_cb(evhtp_request_t *req, void *arg)
+{
+    struct tg_admin_route_ *r = arg;
+    const char *ctype = "text/plain; charset=utf-8";
+    int status = r->fn(r->arg, req->buffer_out, &ctype);
+
+    evhtp_headers_add_header(req->headers_out,
+        evhtp_header_new("Content-Type", ctype, 0, 0));
+    evhtp_send_reply(req, (evhtp_res)status);
+}
+
+void
+tg_admin_route(struct tg_admin *adm, const char *path, tg_admin_fn fn, void *arg)
+{
+    struct tg_admin_route_ *r;
+
+    if (adm == NULL || adm->nroutes == ADMIN_MAX_ROUTES) {
+        return;
+    }
+    r = &adm->routes[adm->nroutes++];
+    r->adm = adm;
+    r->fn = fn;
+    r->arg = arg;
+    evhtp_set_cb(adm->htp, path, route_cb, r);
 }
 
 void

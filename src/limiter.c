@@ -16,6 +16,8 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "tollgate/breaker.h"
+#include "tollgate/metrics.h"
 #include "tollgate/redis.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
@@ -52,7 +54,28 @@ struct tg_limiter {
     int                 enabled;
     struct tg_redis    *redis;      /* store: redis */
     struct event_base  *base;
+    tg_breaker          breaker;    /* over the Redis calls of this worker */
+    struct tg_metrics_shard *shard; /* may be NULL */
 };
+
+/* Redis breaker: a handful of failed calls (each already bounded by
+ * redis.timeout_ms) open it; then requests go straight to the fallback
+ * and one probe per second checks whether Redis is back. */
+static const tg_breaker_conf redis_breaker_conf = {
+    .failures = 3, .window_ms = 0, .min_requests = 0, .error_pct = 0,
+    .open_ms = 1000, .max_open_ms = 5000, .probes = 1,
+};
+
+static void
+breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
+{
+    TG_UNUSED(arg);
+    if (to == TG_BREAKER_OPEN && from == TG_BREAKER_CLOSED) {
+        tg_warn("redis: breaker open, using the on_failure policy");
+    } else if (to == TG_BREAKER_CLOSED) {
+        tg_info("redis: breaker closed, back on Redis");
+    }
+}
 
 static const tg_route_conf *route_for(const tg_conf *conf, const tg_http_req *req);
 static const tg_http_hdr *find_header(const tg_http_req *req, const char *name);
@@ -71,6 +94,8 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
     lim->keys = tg_keys_ref(keys);
     lim->base = base;
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL;
+    tg_breaker_init(&lim->breaker, &redis_breaker_conf);
+    tg_breaker_set_hook(&lim->breaker, breaker_hook, lim);
     pthread_once(&local_once, local_init);
     if (lim->enabled && conf->store == TG_STORE_REDIS) {
         tg_redis_opts opts;
@@ -136,6 +161,21 @@ tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
     tg_conf_unref(old_conf);
 }
 
+void
+tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard)
+{
+    lim->shard = shard;
+}
+
+int
+tg_limiter_breaker_state(struct tg_limiter *lim)
+{
+    if (lim->redis == NULL) {
+        return -1;
+    }
+    return (int)tg_breaker_state(&lim->breaker, tg_now_ms());
+}
+
 int
 tg_limiter_store_ready(const struct tg_limiter *lim)
 {
@@ -188,6 +228,7 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     tg_gcra_result res;
 
     memset(out, 0, sizeof(*out));
+    out->route = -1;
     ctx->lim = lim;
     ctx->out = out;
     ctx->cb = cb;
@@ -244,6 +285,8 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     /* route, and the buckets of this request */
     route = route_for(conf, req);
     ctx->cost = route != NULL ? route->cost : 1;
+    out->route = route != NULL ? (int)(route - conf->routes) : -1;
+    out->cost = ctx->cost;
     snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:t", prefix, out->consumer);
     ctx->limits[n] = tg_gcra_per_minute(tier->requests_per_minute, tier->burst_limit);
     snprintf(ctx->names[n++], sizeof(ctx->names[0]), "%s", tier->name);
@@ -266,14 +309,20 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
         const char *keys[TG_LIMIT_MAX_BUCKETS];
         size_t i;
 
+        if (!tg_breaker_allow(&lim->breaker, tg_now_ms())) {
+            fallback(ctx);             /* open: no waiting on a dead store */
+            return TG_OK;
+        }
         for (i = 0; i < n; i++) {
             keys[i] = ctx->keys[i];
         }
+        ctx->started_us = tg_now_us();
         ctx->op = tg_redis_charge(lim->redis, keys, ctx->limits, n, ctx->cost,
                                   redis_done, ctx);
         if (ctx->op != NULL) {
             return TG_AGAIN;
         }
+        tg_breaker_failure(&lim->breaker, tg_now_ms());
         fallback(ctx);
         return TG_OK;
     }
@@ -296,6 +345,7 @@ tg_limiter_cancel(tg_limit_ctx *ctx)
     if (ctx->op != NULL) {
         tg_redis_cancel(ctx->op);
         ctx->op = NULL;
+        tg_breaker_abandon(&ctx->lim->breaker, tg_now_ms());
     }
 }
 
@@ -330,11 +380,19 @@ static void
 redis_done(void *arg, tg_rc rc, const tg_gcra_result *res)
 {
     tg_limit_ctx *ctx = arg;
+    struct tg_limiter *lim = ctx->lim;
+    uint64_t now = tg_now_us();
 
     ctx->op = NULL;
+    if (lim->shard != NULL) {
+        tg_metric_inc(lim->shard, TG_M_REDIS_CALLS, rc == TG_OK ? TG_MR_OK : TG_MR_ERROR);
+        tg_metric_observe_us(lim->shard, TG_M_REDIS_LATENCY, 0, now - ctx->started_us);
+    }
     if (rc == TG_OK && res != NULL) {
+        tg_breaker_success(&lim->breaker, now / 1000);
         finish(ctx, res);
     } else {
+        tg_breaker_failure(&lim->breaker, now / 1000);
         fallback(ctx);
     }
     ctx->cb(ctx->arg);

@@ -11,8 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/listener.h>
 #include <event2/thread.h>
@@ -23,6 +25,7 @@
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
 #include "tollgate/keys.h"
+#include "tollgate/metrics.h"
 #include "tollgate/tls.h"
 #include "tollgate/worker.h"
 
@@ -44,6 +47,10 @@ static struct {
     struct event            *signals[4];
     struct event            *drain_timer;
     struct event            *watchdog;
+    struct tg_metrics_shard **shards;       /* one per worker, for scrapes */
+    time_t                   started;       /* wall clock, for /status */
+    time_t                   loaded;        /* last (re)load of the config */
+    unsigned                 generation;    /* config version: 1, +1 per reload */
 } g;
 
 static void usage(FILE *out);
@@ -62,6 +69,10 @@ static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
 static void start_drain(void);
 static int  store_ready(void *arg);
+static int  metrics_page(void *arg, struct evbuffer *out, const char **ctype);
+static int  status_page(void *arg, struct evbuffer *out, const char **ctype);
+static void scrape_hook(void *arg);
+static tg_rc metrics_init(const tg_conf *conf);
 static void reload(const char *path);
 
 int
@@ -230,14 +241,22 @@ run(const char *path)
         }
     }
 
+    if (metrics_init(g.conf) != TG_OK) {
+        tg_error("cannot set up the metrics");
+        goto out;
+    }
+    g.started = g.loaded = time(NULL);
+    g.generation = 1;
     g.nworkers = g.conf->workers;
     g.workers = tg_xcalloc(g.nworkers, sizeof(*g.workers));
+    g.shards = tg_xcalloc(g.nworkers, sizeof(*g.shards));
     for (i = 0; i < g.nworkers; i++) {
         g.workers[i] = tg_worker_create(i, g.conf, g.keys, g.ssl_ctxs, err, sizeof(err));
         if (g.workers[i] == NULL) {
             tg_error("%s", err);
             goto out;
         }
+        g.shards[i] = tg_worker_shard(g.workers[i]);
         if (tg_worker_start(g.workers[i]) != TG_OK) {
             tg_error("cannot start worker %u", i);
             goto out;
@@ -260,6 +279,9 @@ run(const char *path)
     }
 
     tg_admin_set_check(g.admin, store_ready, NULL);
+    tg_admin_route(g.admin, "/metrics", metrics_page, NULL);
+    tg_admin_route(g.admin, "/status", status_page, NULL);
+    tg_metrics_set_scrape_hook(scrape_hook, NULL);
     tg_admin_set_ready(g.admin, 1);
     for (i = 0; i < g.conf->nlisten; i++) {
         tg_info("listening on %s%s", g.conf->listen[i].addr.text,
@@ -289,7 +311,9 @@ out:
         }
     }
     free(g.workers);
+    free(g.shards);
     tg_admin_destroy(g.admin);
+    tg_metrics_deinit();
     for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
         if (g.signals[i] != NULL) {
             event_free(g.signals[i]);
@@ -550,6 +574,7 @@ reload(const char *path)
     sd_notify(0, "RELOADING=1");
     conf = tg_conf_load(path, err, sizeof(err));
     if (conf == NULL || load_keys(conf, &keys, err, sizeof(err)) != TG_OK) {
+        tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);
         tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
         if (conf != NULL) {
             tg_conf_unref(conf);
@@ -563,6 +588,9 @@ reload(const char *path)
             tg_error("SIGHUP: worker %u did not take the new configuration", i);
         }
     }
+    tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_OK);
+    g.loaded = time(NULL);
+    g.generation++;
     tg_info("SIGHUP: configuration reloaded (%zu key(s), %zu tier(s), %zu route(s))",
             tg_keys_count(keys), conf->ntiers, conf->nroutes);
     tg_keys_unref(g.keys);
@@ -588,6 +616,111 @@ store_ready(void *arg)
         }
     }
     return 1;
+}
+
+/* ---- metrics and status ------------------------------------------------ */
+
+/* Label sets are fixed here, from the configuration at start: the tiers
+ * plus "none" (requests without a tier), the routes, the servers. */
+static tg_rc
+metrics_init(const tg_conf *conf)
+{
+    const char **tiers = tg_xcalloc(conf->ntiers + 1, sizeof(*tiers));
+    const char **routes = tg_xcalloc(conf->nroutes + 1, sizeof(*routes));
+    const char **servers = tg_xcalloc(conf->upstream.nservers + 1, sizeof(*servers));
+    size_t i;
+    tg_rc rc;
+
+    for (i = 0; i < conf->ntiers; i++) {
+        tiers[i] = conf->tiers[i].name;
+    }
+    tiers[conf->ntiers] = "none";
+    for (i = 0; i < conf->nroutes; i++) {
+        routes[i] = conf->routes[i].name;
+    }
+    for (i = 0; i < conf->upstream.nservers; i++) {
+        servers[i] = conf->upstream.servers[i].text;
+    }
+    rc = tg_metrics_init(tiers, conf->ntiers + 1, routes, conf->nroutes,
+                         servers, conf->upstream.nservers);
+    free(tiers);
+    free(routes);
+    free(servers);
+    return rc;
+}
+
+/* The store mode now: Redis while every worker's breaker is closed, else
+ * the on_failure policy some worker is using. */
+static enum tg_metric_store_mode
+store_mode(void)
+{
+    unsigned i;
+
+    if (g.conf->store == TG_STORE_LOCAL) {
+        return TG_MSM_LOCAL;
+    }
+    for (i = 0; i < g.nworkers; i++) {
+        int st = tg_worker_redis_breaker(g.workers[i]);
+        if (st == 1 || !tg_worker_store_ready(g.workers[i])) {
+            switch (g.conf->redis.on_failure) {
+            case TG_FAIL_ALLOW: return TG_MSM_ALLOW;
+            case TG_FAIL_DENY:  return TG_MSM_DENY;
+            default:            return TG_MSM_LOCAL;
+            }
+        }
+    }
+    return TG_MSM_REDIS;
+}
+
+static void
+scrape_hook(void *arg)
+{
+    TG_UNUSED(arg);
+    tg_metrics_set_store_mode(store_mode());
+}
+
+static int
+metrics_page(void *arg, struct evbuffer *out, const char **ctype)
+{
+    TG_UNUSED(arg);
+    *ctype = "text/plain; version=0.0.4; charset=utf-8";
+    tg_metrics_tick(g.shards, g.nworkers);
+    return tg_metrics_render_prometheus(g.shards, g.nworkers, out) == TG_OK ? 200 : 500;
+}
+
+static int
+status_page(void *arg, struct evbuffer *out, const char **ctype)
+{
+    static const char *const modes[] = { "redis", "local", "allow", "deny" };
+    static const char *const states[] = { "closed", "open", "half-open" };
+    char when[32];
+    struct tm tm;
+    unsigned i;
+    size_t s;
+
+    TG_UNUSED(arg);
+    *ctype = "application/json";
+    gmtime_r(&g.loaded, &tm);
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    evbuffer_add_printf(out,
+        "{\"version\":\"%s\",\"uptime_s\":%ld,\"draining\":%s,"
+        "\"config\":{\"path\":\"%s\",\"version\":%u,\"loaded_at\":\"%s\"},"
+        "\"workers\":%u,\"store\":{\"kind\":\"%s\",\"mode\":\"%s\",\"breakers\":[",
+        TG_VERSION, (long)(time(NULL) - g.started), g.draining ? "true" : "false",
+        g.conf->path, g.generation, when, g.nworkers,
+        g.conf->store == TG_STORE_REDIS ? "redis" : "local", modes[store_mode()]);
+    for (i = 0; i < g.nworkers; i++) {
+        int st = tg_worker_redis_breaker(g.workers[i]);
+        evbuffer_add_printf(out, "%s\"%s\"", i ? "," : "",
+                            st >= 0 && st <= 2 ? states[st] : "none");
+    }
+    evbuffer_add_printf(out, "]},\"upstream\":[");
+    for (s = 0; s < g.conf->upstream.nservers; s++) {
+        evbuffer_add_printf(out, "%s{\"server\":\"%s\"}", s ? "," : "",
+                            g.conf->upstream.servers[s].text);
+    }
+    evbuffer_add_printf(out, "]}\n");
+    return 200;
 }
 
 static void

@@ -35,6 +35,7 @@
 
 #include "tollgate/http.h"
 #include "tollgate/limiter.h"
+#include "tollgate/metrics.h"
 #include "tollgate/upstream.h"
 
 #define TG_HIGH_WATER        (256 * 1024)
@@ -61,6 +62,7 @@ struct tg_proxy {
     tg_conf               *conf;
     struct tg_upstream_pool *pool;
     struct tg_limiter     *limiter;
+    struct tg_metrics_shard *shard;      /* this worker's counters */
     tg_http_limits         lim;
     struct tg_client_list  clients;
     unsigned               nclients;
@@ -98,6 +100,9 @@ struct tg_client {
     int                 rq_bad;         /* body error found inside a callback */
     tg_chunked          rq_chunk;
     int                 charging;       /* waiting for the limiter's answer */
+    uint64_t            t_start_us;     /* request head complete */
+    uint64_t            t_up_us;        /* forwarded upstream (0: not) */
+    size_t              up_server;      /* index of the server it went to */
     tg_limit_ctx        lctx;
     tg_limit_outcome    lo;
 
@@ -141,6 +146,7 @@ static void respond_error(struct tg_client *c, int status, const char *code,
 static void respond(struct tg_client *c, int status, const char *code,
                     const char *msg, const char *extra, size_t extra_len);
 static void limit_decided(void *arg);
+static void account(struct tg_client *c);
 static void limit_apply(struct tg_client *c);
 static void up_read_cb(struct bufferevent *bev, void *arg);
 static void up_write_cb(struct bufferevent *bev, void *arg);
@@ -172,6 +178,8 @@ tg_proxy_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
     px->base = base;
     px->conf = tg_conf_ref(conf);
     px->pool = tg_upstream_pool_create(base, conf);
+    px->shard = tg_metrics_shard_create();
+    tg_limiter_set_shard(px->limiter, px->shard);
     px->lim.max_request_line = conf->http.max_request_line;
     px->lim.max_header_bytes = conf->http.max_header_bytes;
     px->lim.max_headers = conf->http.max_headers;
@@ -203,6 +211,7 @@ tg_proxy_destroy(struct tg_proxy *px)
     }
     tg_upstream_pool_destroy(px->pool);
     tg_limiter_destroy(px->limiter);
+    tg_metrics_shard_destroy(px->shard);
     tg_conf_unref(px->conf);
     free(px);
 }
@@ -211,6 +220,18 @@ void
 tg_proxy_reload(struct tg_proxy *px, tg_conf *conf, struct tg_keys *keys)
 {
     tg_limiter_reload(px->limiter, conf, keys);
+}
+
+struct tg_metrics_shard *
+tg_proxy_shard(struct tg_proxy *px)
+{
+    return px->shard;
+}
+
+int
+tg_proxy_redis_breaker(struct tg_proxy *px)
+{
+    return tg_limiter_breaker_state(px->limiter);
 }
 
 int
@@ -279,6 +300,7 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
     c->headbuf = tg_xmalloc(px->lim.max_header_bytes);
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
+    tg_metric_gauge_add(px->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
 
     bufferevent_setcb(c->bev, client_read_cb, client_write_cb, client_event_cb, c);
     bufferevent_setwatermark(c->bev, EV_WRITE, TG_LOW_WATER, 0);
@@ -340,6 +362,7 @@ client_free(struct tg_client *c)
     TAILQ_REMOVE(&px->clients, c, link);
     free(c);
     px->nclients--;
+    tg_metric_gauge_add(px->shard, TG_M_CONNECTIONS_OPEN, 0, -1);
     if (px->draining && px->nclients == 0 && px->on_empty != NULL) {
         px->on_empty(px->on_empty_arg);
     }
@@ -577,6 +600,10 @@ handle_head(struct tg_client *c)
     }
     c->nreq++;
     c->rs_started = 0;
+    c->t_start_us = tg_now_us();
+    c->t_up_us = 0;
+    memset(&c->lo, 0, sizeof(c->lo));
+    c->lo.route = -1;
     if (rc != TG_OK) {
         c->reqid_len = 0;
         c->close_after = 1;
@@ -825,6 +852,10 @@ forward(struct tg_client *c)
     }
     c->uc_connected = c->uc_reused;
     c->ustate = U_HEAD;
+    if (c->t_up_us == 0) {
+        c->t_up_us = tg_now_us();
+    }
+    c->up_server = tg_uconn_server_index(c->uc);
     c->rs_paused = 0;
     ub = tg_uconn_bev(c->uc);
     bufferevent_setcb(ub, up_read_cb, up_write_cb, up_event_cb, c);
@@ -1385,6 +1416,7 @@ up_flush(struct tg_client *c)
 static void
 response_done(struct tg_client *c)
 {
+    account(c);
     if (!c->rq_done || c->close_after || c->px->draining) {
         client_close_after_flush(c);
         return;
@@ -1436,10 +1468,79 @@ respond(struct tg_client *c, int status, const char *code, const char *msg,
     }
     c->rs_started = 1;
     c->rs_status = status;
+    account(c);
     event_del(c->timer);
     if (c->close_after) {
         client_close_after_flush(c);
     } else {
         client_next_request(c);
     }
+}
+
+/* ---- counting ------------------------------------------------------------ */
+
+/* Metric label of the consumer's tier: the tiers of the configuration the
+ * process started with (label sets are fixed), then "none". */
+static size_t
+tier_label(const struct tg_client *c)
+{
+    const tg_conf *conf = c->px->conf;
+    size_t i;
+
+    if (c->lo.tier[0] != '\0') {
+        for (i = 0; i < conf->ntiers; i++) {
+            if (strcmp(conf->tiers[i].name, c->lo.tier) == 0) {
+                return i;
+            }
+        }
+    }
+    return conf->ntiers;
+}
+
+/* One finished request: counted once, when its response is queued. */
+static void
+account(struct tg_client *c)
+{
+    struct tg_metrics_shard *m = c->px->shard;
+    size_t tier = tier_label(c);
+    uint64_t now = tg_now_us();
+
+    tg_metric_inc(m, TG_M_REQUESTS, tg_metrics_tier_status(tier, c->rs_status));
+    if (c->t_start_us != 0) {
+        tg_metric_observe_us(m, TG_M_REQUEST_DURATION, tier, now - c->t_start_us);
+    }
+    if (c->t_up_us != 0) {
+        tg_metric_observe_us(m, TG_M_UPSTREAM_DURATION, c->up_server, now - c->t_up_us);
+    }
+    if (c->lo.route >= 0) {
+        tg_metric_inc(m, TG_M_ROUTE_REQUESTS, (size_t)c->lo.route);
+    }
+    if (c->lo.consumer[0] == '\0' && c->lo.status == 0) {
+        return;                       /* not limited: a plain proxy request */
+    }
+    switch (c->lo.status) {
+    case 0:
+        tg_metric_inc(m, TG_M_LIMIT_DECISIONS, c->lo.fallback ? TG_MD_STORE_FALLBACK
+                                                              : TG_MD_ALLOWED);
+        if (c->lo.limited) {
+            tg_metric_add(m, TG_M_TOKENS_CONSUMED, tier, c->lo.cost);
+        }
+        break;
+    case 429:
+        tg_metric_inc(m, TG_M_LIMIT_DECISIONS, TG_MD_LIMITED);
+        tg_metric_inc(m, TG_M_BREACHES, tier);
+        break;
+    case 401:
+        tg_metric_inc(m, TG_M_LIMIT_DECISIONS, TG_MD_UNAUTHORIZED);
+        break;
+    case 403:
+        tg_metric_inc(m, TG_M_LIMIT_DECISIONS, TG_MD_FORBIDDEN);
+        break;
+    default:
+        tg_metric_inc(m, TG_M_LIMIT_DECISIONS, TG_MD_STORE_DENY);
+        break;
+    }
+    c->lo.status = 0;
+    c->lo.consumer[0] = '\0';       /* counted: a second call adds nothing */
+    c->t_up_us = 0;
 }

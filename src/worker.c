@@ -37,6 +37,7 @@ struct tg_worker {
     int                started;
     int                finished;   /* atomic: loop ended */
     int                store_ready;  /* atomic: tg_proxy_store_ready, sampled */
+    int                breaker;      /* atomic: tg_proxy_redis_breaker, sampled */
     struct event      *sampler;    /* refreshes store_ready */
     struct event_base *base;
     struct event      *notify;     /* read end of the pipe */
@@ -94,6 +95,7 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         w->sampler = event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
         event_add(w->sampler, &tv);
         w->store_ready = tg_proxy_store_ready(w->px);
+        w->breaker = tg_proxy_redis_breaker(w->px);
     }
     return w;
 
@@ -177,6 +179,19 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(fd);
     TG_UNUSED(what);
     __atomic_store_n(&w->store_ready, tg_proxy_store_ready(w->px), __ATOMIC_RELAXED);
+    __atomic_store_n(&w->breaker, tg_proxy_redis_breaker(w->px), __ATOMIC_RELAXED);
+}
+
+struct tg_metrics_shard *
+tg_worker_shard(struct tg_worker *w)
+{
+    return tg_proxy_shard(w->px);
+}
+
+int
+tg_worker_redis_breaker(struct tg_worker *w)
+{
+    return __atomic_load_n(&w->breaker, __ATOMIC_RELAXED);
 }
 
 int

@@ -12,6 +12,7 @@
 #include "tollgate/conf.h"
 
 struct tg_admin;
+struct evbuffer;
 
 /* Bind addr on base.  NULL with a message in err on failure. */
 struct tg_admin *tg_admin_create(struct event_base *base, const tg_addr *addr,
@@ -21,5 +22,12 @@ struct tg_admin *tg_admin_create(struct event_base *base, const tg_addr *addr,
 void tg_admin_set_ready(struct tg_admin *adm, int ready);
 void tg_admin_set_check(struct tg_admin *adm, int (*check)(void *arg), void *arg);
 void tg_admin_destroy(struct tg_admin *adm);
+
+/*
+ * Serve GET path with fn: it appends the body to out and returns the HTTP
+ * status; *ctype is the Content-Type.  Runs on the main thread.
+ */
+typedef int (*tg_admin_fn)(void *arg, struct evbuffer *out, const char **ctype);
+void tg_admin_route(struct tg_admin *adm, const char *path, tg_admin_fn fn, void *arg);
 
 #endif

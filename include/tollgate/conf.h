@@ -89,6 +89,22 @@ typedef struct tg_conf {
         unsigned total_timeout_ms;       /* 60000 -> 504 */
         unsigned keepalive;              /* idle conns per server per worker; 32 */
         unsigned keepalive_timeout_ms;   /* idle upstream conn closed after; 30000 */
+        struct {                         /* upstream.breaker: one per server per worker */
+            unsigned failures;           /* consecutive failures that open it; 5 */
+            unsigned window_ms;          /* error-ratio window, 0 = off; 10000 */
+            unsigned min_requests;       /* ratio rule needs this many; 20 */
+            unsigned error_pct;          /* open at this error percentage; 50 */
+            unsigned open_ms;            /* first open duration; 5000 */
+            unsigned max_open_ms;        /* cap of the doubling; 60000 */
+        } breaker;
+        struct {                         /* upstream.health_check: active checks */
+            int      enabled;            /* the block is present */
+            char    *path;               /* GET target; default "/health" */
+            unsigned interval_ms;        /* between two rounds; 2000 */
+            unsigned timeout_ms;         /* connect + status line; 1000 */
+            unsigned healthy;            /* consecutive 2xx to mark up; 2 */
+            unsigned unhealthy;          /* consecutive failures to mark down; 2 */
+        } health_check;
     } upstream;
 
     tg_tier_conf    *tiers;           /* rate_limits:, in file order */

@@ -43,6 +43,8 @@ typedef struct tg_limit_outcome {
     uint32_t reset_s;             /* seconds until full again (ceil) */
     uint32_t retry_s;             /* 429/503: seconds to wait (ceil, never early) */
     int      fallback;            /* decided without Redis (policy on_failure) */
+    int      route;               /* index of the matched route rule, or -1 */
+    uint32_t cost;                /* tokens charged (when allowed) */
 } tg_limit_outcome;
 
 typedef void (*tg_limit_cb)(void *arg);
@@ -54,6 +56,7 @@ typedef struct tg_limit_ctx {
     tg_limit_cb         cb;
     void               *arg;
     struct tg_redis_op *op;                        /* pending Redis call */
+    uint64_t            started_us;                /* for the Redis latency */
     size_t              n;
     uint32_t            cost;
     tg_gcra_limit       limits[TG_LIMIT_MAX_BUCKETS];
@@ -98,6 +101,13 @@ tg_rc tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx,
 
 /* The request is gone: cb will not be called. */
 void tg_limiter_cancel(tg_limit_ctx *ctx);
+
+struct tg_metrics_shard;
+/* Count Redis calls and latency into the worker's metric shard. */
+void tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard);
+
+/* State of the Redis breaker: 0 closed, 1 open, 2 half-open (-1: no Redis). */
+int tg_limiter_breaker_state(struct tg_limiter *lim);
 
 /*
  * Format the rate-limit headers of o (RateLimit-Policy, RateLimit,

@@ -45,6 +45,12 @@ void tg_proxy_drain(struct tg_proxy *px);
 /* Apply a reloaded snapshot to the request path (see tg_limiter_reload). */
 void tg_proxy_reload(struct tg_proxy *px, tg_conf *conf, struct tg_keys *keys);
 
+struct tg_metrics_shard;
+/* This worker's metric shard (read by the main thread when scraping). */
+struct tg_metrics_shard *tg_proxy_shard(struct tg_proxy *px);
+/* This worker's Redis breaker: 0 closed, 1 open, 2 half-open, -1 none. */
+int tg_proxy_redis_breaker(struct tg_proxy *px);
+
 /* 1 when this worker's bucket store can answer (see tg_limiter_store_ready). */
 int tg_proxy_store_ready(const struct tg_proxy *px);
 

@@ -37,6 +37,11 @@ void tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
  * refreshed every 50 ms by the worker). */
 int tg_worker_store_ready(struct tg_worker *w);
 
+struct tg_metrics_shard;
+/* The worker's metric shard, and its Redis breaker state (-1: none). */
+struct tg_metrics_shard *tg_worker_shard(struct tg_worker *w);
+int tg_worker_redis_breaker(struct tg_worker *w);
+
 /* 1 once the worker's loop has ended (any thread may ask). */
 int tg_worker_finished(struct tg_worker *w);
 
