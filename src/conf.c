@@ -122,6 +122,8 @@ TG_CONF_SETTER(tg_conf_set_method);
 TG_CONF_SETTER(tg_conf_set_route_path);
 TG_CONF_SETTER(tg_conf_set_section);
 TG_CONF_SETTER(tg_conf_set_global);
+TG_CONF_SETTER(tg_conf_set_health);
+TG_CONF_SETTER(tg_conf_set_statsd);
 TG_CONF_SETTER(tg_conf_set_listen);
 TG_CONF_SETTER(tg_conf_set_tls);
 TG_CONF_SETTER(tg_conf_set_servers);
@@ -206,6 +208,37 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* The breaker of each upstream server (see breaker.h for the rules). */
+static const tg_conf_cmd tg_conf_breaker_cmds[] = {
+    { "failures", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.breaker.failures), 1, 1000000, 0, NULL },
+    { "window_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.breaker.window_ms), 0, 60000, 0, NULL },
+    { "min_requests", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.breaker.min_requests), 1, 1000000, 0, NULL },
+    { "error_pct", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.breaker.error_pct), 1, 100, 0, NULL },
+    { "open_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.breaker.open_ms), 1, TG_MS_MAX, 0, NULL },
+    { "max_open_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.breaker.max_open_ms), 1, TG_MS_MAX, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_health_cmds[] = {
+    { "path", tg_conf_set_route_path,
+      TG_FIELD(tg_conf, upstream.health_check.path), 1, TG_CONF_ROUTE_PATH, 0, NULL },
+    { "interval_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.health_check.interval_ms), 10, TG_MS_MAX, 0, NULL },
+    { "timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.health_check.timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "healthy", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.health_check.healthy), 1, 1000, 0, NULL },
+    { "unhealthy", tg_conf_set_uint,
+      TG_FIELD(tg_conf, upstream.health_check.unhealthy), 1, 1000, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_upstream_cmds[] = {
     { "servers", tg_conf_set_servers, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
     { "connect_timeout_ms", tg_conf_set_uint,
@@ -218,6 +251,8 @@ static const tg_conf_cmd tg_conf_upstream_cmds[] = {
       TG_FIELD(tg_conf, upstream.keepalive), 0, 65535, 0, NULL },
     { "keepalive_timeout_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, upstream.keepalive_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "breaker", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_breaker_cmds },
+    { "health_check", tg_conf_set_health, TG_NOFIELD, 0, 0, 0, tg_conf_health_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -239,6 +274,8 @@ static const tg_conf_cmd tg_conf_redis_cmds[] = {
     { "prefix", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.prefix), 1, 64, 0, NULL },
     { "max_batch", tg_conf_set_uint,
       TG_FIELD(tg_conf, redis.max_batch), 1, 512, 0, NULL },
+    { "instances", tg_conf_set_uint,
+      TG_FIELD(tg_conf, redis.instances), 1, 1000, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -290,6 +327,28 @@ static const tg_conf_cmd tg_conf_global_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+static const tg_conf_cmd tg_conf_statsd_cmds[] = {
+    { "address", tg_conf_set_addr, TG_FIELD(tg_conf, metrics.statsd), 0, 0,
+      TG_CONF_REQUIRED, NULL },
+    { "prefix", tg_conf_set_prefix, TG_FIELD(tg_conf, metrics.statsd_prefix), 1, 64,
+      0, NULL },
+    { "flush_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, metrics.statsd_flush_ms), 100, TG_MS_MAX, 0, NULL },
+    { "tags", tg_conf_set_bool, TG_FIELD(tg_conf, metrics.statsd_tags), 0, 1, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_metrics_cmds[] = {
+    { "statsd", tg_conf_set_statsd, TG_NOFIELD, 0, 0, 0, tg_conf_statsd_cmds },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_access_log_cmds[] = {
+    { "path", tg_conf_set_path, TG_FIELD(tg_conf, access_log.path), 0, 0,
+      TG_CONF_REQUIRED, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "listen", tg_conf_set_listen, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
     { "admin", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_admin_cmds },
@@ -308,6 +367,8 @@ static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "auth", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_auth_cmds },
     { "routes", tg_conf_set_routes, TG_NOFIELD, 0, 0, 0, tg_conf_route_cmds },
     { "global_limit", tg_conf_set_global, TG_NOFIELD, 0, 0, 0, tg_conf_global_cmds },
+    { "metrics", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_metrics_cmds },
+    { "access_log", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_access_log_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -631,6 +692,18 @@ tg_conf_defaults(tg_conf *conf)
     conf->upstream.total_timeout_ms = 60000;
     conf->upstream.keepalive = 32;
     conf->upstream.keepalive_timeout_ms = 30000;
+    conf->upstream.breaker.failures = 5;
+    conf->upstream.breaker.window_ms = 10000;
+    conf->upstream.breaker.min_requests = 20;
+    conf->upstream.breaker.error_pct = 50;
+    conf->upstream.breaker.open_ms = 5000;
+    conf->upstream.breaker.max_open_ms = 60000;
+    conf->upstream.health_check.enabled = 0;     /* no active checks */
+    conf->upstream.health_check.path = tg_xstrdup("/health");
+    conf->upstream.health_check.interval_ms = 2000;
+    conf->upstream.health_check.timeout_ms = 1000;
+    conf->upstream.health_check.healthy = 2;
+    conf->upstream.health_check.unhealthy = 2;
 
     conf->store = TG_STORE_REDIS;
     conf->redis.url = tg_xstrdup("redis://127.0.0.1:6379/0");
@@ -638,6 +711,13 @@ tg_conf_defaults(tg_conf *conf)
     conf->redis.on_failure = TG_FAIL_LOCAL;
     conf->redis.prefix = tg_xstrdup("tg:");
     conf->redis.max_batch = 32;
+    conf->redis.instances = 1;
+
+    conf->metrics.statsd_enabled = 0;
+    conf->metrics.statsd_prefix = tg_xstrdup("tollgate");
+    conf->metrics.statsd_flush_ms = 10000;
+    conf->metrics.statsd_tags = 0;
+    conf->access_log.path = NULL;
 
     conf->auth.keys_file = NULL;
     conf->auth.header = tg_xstrdup("X-API-Key");
@@ -675,12 +755,15 @@ tg_conf_free(tg_conf *conf)
     }
     free(conf->listen);
     free(conf->upstream.servers);
+    free(conf->upstream.health_check.path);
     for (i = 0; i < conf->ntiers; i++) {
         free(conf->tiers[i].name);
     }
     free(conf->tiers);
     free(conf->redis.url);
     free(conf->redis.prefix);
+    free(conf->metrics.statsd_prefix);
+    free(conf->access_log.path);
     free(conf->auth.keys_file);
     free(conf->auth.header);
     free(conf->auth.anonymous_tier);
@@ -850,6 +933,21 @@ tg_conf_validate(tg_conf_ctx *ctx)
                              conf->http.max_header_bytes);
     }
 
+    /* The doubling starts at open_ms: a lower cap would be a lie. */
+    if (conf->upstream.breaker.max_open_ms < conf->upstream.breaker.open_ms) {
+        m = tg_conf_find_mark(ctx, &conf->upstream.breaker.max_open_ms);
+        if (m == NULL) {
+            m = tg_conf_find_mark(ctx, &conf->upstream.breaker.open_ms);
+        }
+        /* One of the two was set in the file, or defaults would pass. */
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : "upstream.breaker.max_open_ms",
+                             "max_open_ms must be at least "
+                             "upstream.breaker.open_ms (%u), got %u",
+                             conf->upstream.breaker.open_ms,
+                             conf->upstream.breaker.max_open_ms);
+    }
+
     /* Keyless requests are charged to this tier: it must exist. */
     if (conf->auth.anonymous_tier != NULL &&
         tg_conf_tier(conf, conf->auth.anonymous_tier) == NULL) {
@@ -979,6 +1077,11 @@ tg_conf_resolve(tg_conf_ctx *ctx)
                                 "upstream.servers", 0) != TG_OK) {
             return TG_ERR;
         }
+    }
+    if (conf->metrics.statsd_enabled
+        && tg_conf_resolve_one(ctx, &conf->metrics.statsd, "metrics.statsd.address", 0)
+           != TG_OK) {
+        return TG_ERR;
     }
     return TG_OK;
 }
@@ -1667,6 +1770,28 @@ tg_conf_set_global(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     ((tg_conf *)base)->global_limit.enabled = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_statsd(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_conf *)base)->metrics.statsd_enabled = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_health(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_conf *)base)->upstream.health_check.enabled = 1;
     return TG_OK;
 }
 

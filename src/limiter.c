@@ -264,6 +264,7 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
         }
         if (!key->enabled) {
             snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
+            snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
             deny(out, 403, "API key disabled");
             return TG_OK;
         }

@@ -117,6 +117,9 @@ typedef struct tg_conf {
         enum tg_on_failure on_failure;   /* default local */
         char              *prefix;       /* key prefix; default "tg:" */
         unsigned           max_batch;    /* charges per EVALSHA; default 32, 1..512 */
+        unsigned           instances;    /* tollgate instances sharing the limits:
+                                            the local fallback divides each limit
+                                            by this; default 1 */
     } redis;
 
     struct {
@@ -132,6 +135,18 @@ typedef struct tg_conf {
 
     tg_route_conf   *routes;          /* routes:, in file order (first match wins) */
     size_t           nroutes;
+
+    struct {                          /* section metrics: */
+        int      statsd_enabled;      /* metrics.statsd: present */
+        tg_addr  statsd;              /* statsd.address (UDP) */
+        char    *statsd_prefix;       /* default "tollgate" */
+        unsigned statsd_flush_ms;     /* default 10000, 100..3600000 */
+        int      statsd_tags;         /* DogStatsD tags; default false */
+    } metrics;
+
+    struct {                          /* section access_log: */
+        char    *path;                /* absolute; NULL = no access log */
+    } access_log;
 
     struct {
         int      enabled;             /* global_limit: present */

@@ -8,6 +8,19 @@
  * call has a deadline (redis.timeout_ms) kept by our own timer, since
  * hiredis 0.14 has none.  NOSCRIPT is recovered (EVAL with the script
  * text, which also caches it) without the caller noticing.
+ *
+ * Three deployments (see docs/DESIGN-NOTES.md, "Sentinel and Cluster"):
+ *   single    opts.host:port (redis.url);
+ *   Sentinel  opts.sentinel_master set: the master is asked of the
+ *             sentinels, checked with ROLE, re-learned on connection loss,
+ *             READONLY/LOADING/MASTERDOWN replies and +switch-master;
+ *   Cluster   opts.ncluster > 0: slot map from CLUSTER SLOTS, one
+ *             connection per master, one script call per slot (Redis
+ *             rejects declared keys of several slots even with
+ *             allow-cross-slot-keys), MOVED/ASK followed once.  A request
+ *             whose keys span two slots (the global bucket) is charged in
+ *             two calls: its first key's slot, then the rest, with a refund
+ *             of the first part when the second denies or fails.
  */
 #ifndef TOLLGATE_REDIS_H
 #define TOLLGATE_REDIS_H
@@ -18,19 +31,33 @@
 #include "tollgate/gcra.h"
 
 #define TG_CHARGE_MAX_BUCKETS 8
+#define TG_REDIS_MAX_ADDRS    16      /* sentinels / cluster seed nodes */
+#define TG_REDIS_CLUSTER_SLOTS 16384
 
 struct tg_redis;
 struct tg_redis_op;
 
+/* A numeric address (no name resolution happens on a loop). */
+typedef struct tg_redis_addr {
+    char      host[64];            /* "127.0.0.1", "::1" */
+    int       port;
+} tg_redis_addr;
+
 typedef struct tg_redis_opts {
-    char      host[256];           /* from redis.url */
+    char      host[256];           /* from redis.url (single mode) */
     int       port;
     int       db;                  /* SELECT db after connecting when != 0 */
     unsigned  timeout_ms;          /* per call */
     unsigned  max_batch;           /* requests per EVALSHA */
+    char      sentinel_master[64]; /* non-empty: Sentinel mode */
+    tg_redis_addr sentinels[TG_REDIS_MAX_ADDRS];    /* asked in order */
+    size_t    nsentinels;
+    tg_redis_addr cluster_nodes[TG_REDIS_MAX_ADDRS]; /* seeds; > 0: Cluster */
+    size_t    ncluster;            /* (Cluster needs db 0) */
 } tg_redis_opts;
 
-/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default). */
+/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default).
+ * Also clears the Sentinel and Cluster fields: fill them afterwards. */
 tg_rc tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errlen);
 
 /*
@@ -42,7 +69,15 @@ tg_rc tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t
 struct tg_redis *tg_redis_create(struct event_base *base, const tg_redis_opts *opts);
 void tg_redis_destroy(struct tg_redis *r);
 
-/* 1 while connected and the script is usable. */
+/* Fill a from a numeric socket address (AF_INET/AF_INET6); TG_ERR else. */
+struct sockaddr;
+tg_rc tg_redis_addr_from_sockaddr(const struct sockaddr *sa, tg_redis_addr *a);
+
+/* The Cluster slot of a key: CRC16 (XMODEM) of its hash tag mod 16384. */
+unsigned tg_redis_key_slot(const char *key, size_t len);
+
+/* 1 while connected and the script is usable (Cluster: the slot map is
+ * known and at least one master is connected). */
 int tg_redis_ready(const struct tg_redis *r);
 
 /*
@@ -78,6 +113,11 @@ typedef struct tg_redis_stats {
     uint64_t timeouts;
     uint64_t noscript;             /* NOSCRIPT recoveries */
     uint64_t reconnects;
+    uint64_t rediscoveries;        /* Sentinel: master asked again */
+    uint64_t switches;             /* Sentinel: +switch-master seen for us */
+    uint64_t redirects;            /* Cluster: MOVED/ASK followed */
+    uint64_t map_refreshes;        /* Cluster: CLUSTER SLOTS answered */
+    uint64_t refunds;              /* Cluster: first part given back */
 } tg_redis_stats;
 void tg_redis_get_stats(const struct tg_redis *r, tg_redis_stats *st);
 

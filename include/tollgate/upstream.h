@@ -11,13 +11,25 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include "tollgate/breaker.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
 
 struct tg_upstream_pool;
 struct tg_uconn;
+struct tg_health;
 
-/* Create the pool of one worker for conf's upstream servers. */
+/*
+ * The active health checks every pool consults (see health.h), or NULL
+ * for none (every server up).  Process-wide: call it once, from the main
+ * thread, after tg_health_create() and before the workers start; the
+ * pools read it on every acquire.  The checker must outlive every pool.
+ */
+void tg_upstream_set_health(const struct tg_health *health);
+
+/* Create the pool of one worker for conf's upstream servers, with one
+ * breaker per server (upstream.breaker).  Breaker settings are read here
+ * only: like the servers, they change at the next restart. */
 struct tg_upstream_pool *tg_upstream_pool_create(struct event_base *base,
                                                  const tg_conf *conf);
 /* Close every idle connection and free the pool.  Connections still lent
@@ -38,6 +50,16 @@ void tg_upstream_pool_close_idle(struct tg_upstream_pool *pool);
  * open or down: *retry_ms, if not NULL, says when one may be again) or a
  * socket could not be created.  The caller owns the connection until
  * tg_upstream_release().
+ *
+ * Servers are tried in rotation from the round-robin cursor, and the
+ * cursor moves past the one chosen.  A half-open breaker lets its single
+ * probe through (the borrower is that probe).  avoid is only looked at
+ * during the call: it must still be lent (not yet released) then.  On
+ * NULL, *retry_ms > 0 means no server may be used now: the smallest
+ * time until an open breaker lets a probe through, and at least 1000 for
+ * a server that is only down or whose probe is in flight (a 503 with
+ * Retry-After); *retry_ms == 0 means a local failure (socket, memory: a
+ * 502).
  */
 struct tg_uconn *tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused,
                                      const struct tg_uconn *avoid, uint64_t *retry_ms);
@@ -45,12 +67,26 @@ struct tg_uconn *tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused,
 /* The server a connection goes to, as an index into upstream.servers. */
 size_t tg_uconn_server_index(const struct tg_uconn *uc);
 
+/* The breaker state of server (index into upstream.servers) in this pool,
+ * i.e. this worker's view, for tests and per-worker status. */
+enum tg_breaker_state tg_upstream_server_state(struct tg_upstream_pool *pool,
+                                               size_t server);
+
+/* Test hook: take the breakers' clock from now_ms (milliseconds, any
+ * origin) instead of tg_now_ms(); NULL restores it.  Set it before the
+ * first acquire. */
+void tg_upstream_pool_set_clock(struct tg_upstream_pool *pool,
+                                uint64_t (*now_ms)(void));
+
 /*
  * The outcome of one exchange, for the server's breaker: ok = a response
  * head arrived and its status is not 502/503/504; failure = connect
  * failed or timed out, no answer in time, invalid response, or 502-504.
  * Call at most once per acquire, before tg_upstream_release(); a call
- * that ended otherwise (client gone) reports nothing.
+ * that ended otherwise (client gone) reports nothing.  A second report for
+ * the same lending is ignored, and so is the report of a lending made
+ * before the breaker last changed state (a late result: it must not
+ * decide the fate of the half-open probe that followed).
  */
 void tg_upstream_report(struct tg_uconn *uc, int ok);
 
@@ -62,7 +98,9 @@ const char *tg_uconn_server(const struct tg_uconn *uc);
 /*
  * Give a connection back.  reusable: the exchange ended cleanly on a
  * persistent connection with nothing unread; it then waits in the idle
- * list (up to upstream.keepalive per server), else it is closed.
+ * list (up to upstream.keepalive per server), else it is closed.  A
+ * lending released without a report frees the half-open probe slot it
+ * held, if it was the probe (tg_breaker_abandon).
  */
 void tg_upstream_release(struct tg_uconn *uc, int reusable);
 

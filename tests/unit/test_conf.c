@@ -1051,6 +1051,112 @@ Test(addr, bad_forms)
     }
 }
 
+/* ---- upstream breaker and health checks ---------------------------------------------- */
+
+#define TWO_SERVERS MIN_LISTEN "upstream:\n  servers: [127.0.0.1:8000, 127.0.0.1:8001]\n"
+
+Test(conf, upstream_breaker_health_defaults)
+{
+    tg_conf *conf = expect_ok(MIN);
+
+    cr_assert_eq(conf->upstream.breaker.failures, 5);
+    cr_assert_eq(conf->upstream.breaker.window_ms, 10000);
+    cr_assert_eq(conf->upstream.breaker.min_requests, 20);
+    cr_assert_eq(conf->upstream.breaker.error_pct, 50);
+    cr_assert_eq(conf->upstream.breaker.open_ms, 5000);
+    cr_assert_eq(conf->upstream.breaker.max_open_ms, 60000);
+    cr_assert_eq(conf->upstream.health_check.enabled, 0);
+    cr_assert_str_eq(conf->upstream.health_check.path, "/health");
+    cr_assert_eq(conf->upstream.health_check.interval_ms, 2000);
+    cr_assert_eq(conf->upstream.health_check.timeout_ms, 1000);
+    cr_assert_eq(conf->upstream.health_check.healthy, 2);
+    cr_assert_eq(conf->upstream.health_check.unhealthy, 2);
+    tg_conf_unref(conf);
+}
+
+Test(conf, upstream_breaker_health_every_key)
+{
+    tg_conf *conf = expect_ok(
+        TWO_SERVERS
+        "  breaker: { failures: 3, window_ms: 0, min_requests: 10, error_pct: 25,\n"
+        "             open_ms: 250, max_open_ms: 250 }\n"
+        "  health_check:\n"
+        "    path: /healthz?deep=1\n"
+        "    interval_ms: 500\n"
+        "    timeout_ms: 200\n"
+        "    healthy: 1\n"
+        "    unhealthy: 3\n");
+
+    cr_assert_eq(conf->upstream.nservers, 2);
+    cr_assert_eq(conf->upstream.breaker.failures, 3);
+    cr_assert_eq(conf->upstream.breaker.window_ms, 0);
+    cr_assert_eq(conf->upstream.breaker.min_requests, 10);
+    cr_assert_eq(conf->upstream.breaker.error_pct, 25);
+    cr_assert_eq(conf->upstream.breaker.open_ms, 250);
+    cr_assert_eq(conf->upstream.breaker.max_open_ms, 250);
+    cr_assert_eq(conf->upstream.health_check.enabled, 1);
+    cr_assert_str_eq(conf->upstream.health_check.path, "/healthz?deep=1");
+    cr_assert_eq(conf->upstream.health_check.interval_ms, 500);
+    cr_assert_eq(conf->upstream.health_check.timeout_ms, 200);
+    cr_assert_eq(conf->upstream.health_check.healthy, 1);
+    cr_assert_eq(conf->upstream.health_check.unhealthy, 3);
+    tg_conf_unref(conf);
+}
+
+/* The block's presence turns the checks on, with every default. */
+Test(conf, upstream_health_check_empty_block)
+{
+    tg_conf *conf = expect_ok(MIN "  health_check: {}\n");
+
+    cr_assert_eq(conf->upstream.health_check.enabled, 1);
+    cr_assert_str_eq(conf->upstream.health_check.path, "/health");
+    cr_assert_eq(conf->upstream.health_check.interval_ms, 2000);
+    tg_conf_unref(conf);
+}
+
+Test(conf_errors, upstream_breaker)
+{
+    expect_error(MIN "  breaker: { failurs: 3 }\n", "5:14",
+                 "upstream.breaker.failurs: unknown key \"failurs\" in section "
+                 "\"upstream.breaker\" (did you mean \"failures\"?)");
+    expect_error(MIN "  breaker: { error_pct: 101 }\n", "5:25",
+                 "upstream.breaker.error_pct: 101 is out of range (1..100)");
+    expect_error(MIN "  breaker: { window_ms: 60001 }\n", "5:25",
+                 "upstream.breaker.window_ms: 60001 is out of range (0..60000)");
+    expect_error(MIN "  breaker: { failures: 0 }\n", "5:24",
+                 "upstream.breaker.failures: 0 is out of range (1..1000000)");
+    expect_error(MIN "  breaker: 5\n", "5:12",
+                 "upstream.breaker: expected a mapping, got \"5\"");
+}
+
+Test(conf_errors, upstream_breaker_cap_below_open)
+{
+    expect_error(MIN "  breaker: { open_ms: 10000, max_open_ms: 5000 }\n", "5:43",
+                 "upstream.breaker.max_open_ms: max_open_ms must be at least "
+                 "upstream.breaker.open_ms (10000), got 5000");
+    /* Only open_ms set, above the default cap: point at it. */
+    expect_error(MIN "  breaker: { open_ms: 120000 }\n", "5:23",
+                 "upstream.breaker.open_ms: max_open_ms must be at least "
+                 "upstream.breaker.open_ms (120000), got 60000");
+}
+
+Test(conf_errors, upstream_health_check)
+{
+    expect_error(MIN "  health_check: { path: health }\n", "5:25",
+                 "upstream.health_check.path: must start with '/', got \"health\"");
+    expect_error(MIN "  health_check: { path: \"/a b\" }\n", "5:25",
+                 "upstream.health_check.path: must not contain spaces");
+    expect_error(MIN "  health_check: { interval_ms: 5 }\n", "5:32",
+                 "upstream.health_check.interval_ms: 5 is out of range (10..3600000)");
+    expect_error(MIN "  health_check: { healthy: 0 }\n", "5:28",
+                 "upstream.health_check.healthy: 0 is out of range (1..1000)");
+    expect_error(MIN "  health_check: { intervl_ms: 100 }\n", "5:19",
+                 "unknown key \"intervl_ms\" in section \"upstream.health_check\" "
+                 "(did you mean \"interval_ms\"?)");
+    expect_error(MIN "  health_check: true\n", "5:17",
+                 "upstream.health_check: expected a mapping, got \"true\"");
+}
+
 /* ---- every shipped config ------------------------------------------------------------- */
 
 Test(conf, shipped_configs_load)
