@@ -1,0 +1,207 @@
+/*
+ * test_resilience.c - Redis trouble must never become hung clients or 5xx
+ * from the proxy (unless the policy is deny): Redis killed, frozen
+ * (SIGSTOP), restarted; policies local, allow and deny.
+ */
+#include <criterion/criterion.h>
+
+#include <openssl/sha.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+
+TestSuite(resilience, .fini = tgh_cleanup, .timeout = 180);
+
+#define TIMEOUT_MS 50          /* redis.timeout_ms in these tests */
+#define MARGIN_MS  400         /* scheduling slack (ASan builds, 2 shared cores) */
+
+static tgh_upstream up, rds;
+static tgh_tollgate tg;
+
+static const char *
+keys_file(void)
+{
+    static char path[512];
+    static const char *const names[] = { "r-a", "r-b", "r-c", "r-d" };
+    FILE *f;
+    size_t i, j;
+
+    snprintf(path, sizeof path, "%s/rkeys.yaml", tgh_tmpdir());
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs("keys:\n", f);
+    for (i = 0; i < 4; i++) {
+        unsigned char d[32];
+        SHA256((const unsigned char *)names[i], strlen(names[i]), d);
+        fprintf(f, "  - { id: %s, tier: basic, sha256: \"", names[i]);
+        for (j = 0; j < 32; j++)
+            fprintf(f, "%02x", d[j]);
+        fputs("\" }\n", f);
+    }
+    fclose(f);
+    return path;
+}
+
+static void
+wait_ready(void)
+{
+    uint64_t end = tgh_now_ms() + 15000;
+    while (tgh_now_ms() < end) {
+        tgh_resp r;
+        if (tgh_http(tg.admin_port, "GET", "/status", NULL, NULL, 0, &r, 5000) == 0) {
+            int ok = r.body && strstr((char *)r.body, "\"mode\":\"redis\"") != NULL;
+            tgh_resp_free(&r);
+            if (ok)
+                return;
+        }
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(0, "tollgate never reported store mode redis");
+}
+
+static void
+start(const char *policy)
+{
+    static char extra[1024];
+    tgh_tg_opts o;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    /* basic refills a token a minute here: counts stay exact */
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20 }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: %d, on_failure: %s }\n",
+             keys_file(), rds.port, TIMEOUT_MS, policy);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    wait_ready();
+}
+
+/* One request; returns its status and how long it took. */
+static int
+timed(const char *key, long *ms, tgh_resp *keep)
+{
+    tgh_resp r;
+    char *hdr = tgh_strf("X-API-Key: %s\r\n", key);
+    uint64_t t0 = tgh_now_ms();
+    int rc = tgh_http(tg.port, "GET", "/", hdr, NULL, 0, &r, 10000);
+    int st = rc == 0 ? r.status : -1;
+
+    *ms = (long)(tgh_now_ms() - t0);
+    free(hdr);
+    if (keep != NULL && rc == 0)
+        *keep = r;
+    else if (rc == 0)
+        tgh_resp_free(&r);
+    return st;
+}
+
+/* n requests for key: all answered in time, no 5xx; returns the 200s. */
+static int
+run(const char *key, int n, long limit_ms)
+{
+    int i, ok = 0;
+
+    for (i = 0; i < n; i++) {
+        long ms;
+        int st = timed(key, &ms, NULL);
+        TGH_CHECK(st == 200 || st == 429, "request %d: status %d", i, st);
+        TGH_CHECK(ms <= limit_ms, "request %d took %ld ms (limit %ld)", i, ms, limit_ms);
+        ok += st == 200;
+    }
+    return ok;
+}
+
+static void
+await_mode(const char *mode, int timeout_ms)
+{
+    uint64_t end = tgh_now_ms() + (uint64_t)timeout_ms;
+    char want[64];
+
+    snprintf(want, sizeof want, "\"mode\":\"%s\"", mode);
+    while (tgh_now_ms() < end) {
+        tgh_resp r;
+        long ms;
+        /* traffic lets the breaker probe */
+        timed("r-d", &ms, NULL);
+        if (tgh_http(tg.admin_port, "GET", "/status", NULL, NULL, 0, &r, 5000) == 0) {
+            int ok = r.body && strstr((char *)r.body, want) != NULL;
+            tgh_resp_free(&r);
+            if (ok)
+                return;
+        }
+        tgh_sleep_ms(50);
+    }
+    TGH_CHECK(0, "store mode never became %s", mode);
+}
+
+Test(resilience, redis_killed_then_restarted_local_policy)
+{
+    int ok;
+
+    start("local");
+    TGH_CHECK(run("r-a", 5, 2000) == 5, "before the kill");
+
+    tgh_proc_signal(rds.proc, SIGKILL, 0);
+    tgh_proc_wait(rds.proc, 5000);
+    /* every request answered within the deadline + margin, none 5xx, and
+     * the local buckets hold the limit exactly: r-b is new to them */
+    ok = run("r-b", 40, TIMEOUT_MS + MARGIN_MS);
+    TGH_CHECK(ok == 20, "local fallback allowed %d of 40, expected 20", ok);
+    await_mode("local", 5000);
+
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server restart on port %d", rds.port);
+    await_mode("redis", 15000);
+    ok = run("r-c", 40, 2000);
+    TGH_CHECK(ok == 20, "back on Redis: %d of 40 allowed, expected 20", ok);
+}
+
+Test(resilience, redis_frozen_answers_within_deadline)
+{
+    int ok;
+
+    start("local");
+    TGH_CHECK(run("r-a", 3, 2000) == 3, "before SIGSTOP");
+    tgh_proc_signal(rds.proc, SIGSTOP, 0);
+    ok = run("r-b", 30, TIMEOUT_MS + MARGIN_MS);
+    TGH_CHECK(ok == 20, "frozen Redis: %d of 30 allowed from local buckets", ok);
+    await_mode("local", 5000);           /* the breaker opened */
+    tgh_proc_signal(rds.proc, SIGCONT, 0);
+    await_mode("redis", 15000);
+    TGH_CHECK(run("r-c", 3, 2000) == 3, "after SIGCONT");
+}
+
+Test(resilience, deny_policy_answers_503_with_retry_after)
+{
+    tgh_resp r;
+    long ms;
+    int st;
+
+    start("deny");
+    tgh_proc_signal(rds.proc, SIGKILL, 0);
+    tgh_proc_wait(rds.proc, 5000);
+    st = timed("r-a", &ms, &r);
+    TGH_CHECK(st == 503, "deny policy: status %d", st);
+    TGH_CHECK(tgh_resp_header(&r, "Retry-After") != NULL, "503 without Retry-After");
+    TGH_CHECK(ms <= TIMEOUT_MS + MARGIN_MS, "took %ld ms", ms);
+    tgh_resp_free(&r);
+}
+
+Test(resilience, allow_policy_lets_everything_through)
+{
+    int i;
+
+    start("allow");
+    tgh_proc_signal(rds.proc, SIGKILL, 0);
+    tgh_proc_wait(rds.proc, 5000);
+    for (i = 0; i < 30; i++) {
+        long ms;
+        TGH_CHECK(timed("r-a", &ms, NULL) == 200, "allow policy: request %d refused", i);
+    }
+}
