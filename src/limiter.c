@@ -21,6 +21,19 @@
 #include "tollgate/redis.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
+#define KCACHE_SLOTS       4096        /* key-store cache entries per worker */
+
+/* A key learned from the Redis key store (auth.redis_keys), cached for
+ * auth.cache_ttl_ms: a revoked key stops working within that time.
+ * Misses are cached too, so unknown keys cannot hammer Redis. */
+typedef struct kcache_entry {
+    uint8_t  digest[32];
+    uint64_t expires_ms;          /* 0 = empty slot */
+    int      exists;
+    int      enabled;
+    char     id[TG_KEY_ID_MAX + 1];
+    char     tier[TG_TIER_MAX + 1];
+} kcache_entry;
 
 /*
  * The in-process store (store: local, and the Redis fallback) is ONE per
@@ -55,6 +68,7 @@ struct tg_limiter {
     struct tg_redis    *redis;      /* store: redis */
     struct event_base  *base;
     tg_breaker          breaker;    /* over the Redis calls of this worker */
+    kcache_entry       *kcache;     /* auth.redis_keys, KCACHE_SLOTS entries */
     struct tg_metrics_shard *shard; /* may be NULL */
 };
 
@@ -78,6 +92,10 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
 }
 
 static const tg_route_conf *route_for(const tg_conf *conf, const tg_http_req *req);
+static tg_rc charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req);
+static int use_key_store(const struct tg_limiter *lim);
+static tg_rc key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx,
+                              const tg_http_req *req);
 static const tg_http_hdr *find_header(const tg_http_req *req, const char *name);
 static void finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
 static void redis_done(void *arg, tg_rc rc, const tg_gcra_result *res);
@@ -93,7 +111,8 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
     lim->conf = tg_conf_ref(conf);
     lim->keys = tg_keys_ref(keys);
     lim->base = base;
-    lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL;
+    lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
+                   || (conf->auth.redis_keys && conf->store == TG_STORE_REDIS);
     tg_breaker_init(&lim->breaker, &redis_breaker_conf);
     tg_breaker_set_hook(&lim->breaker, breaker_hook, lim);
     pthread_once(&local_once, local_init);
@@ -145,6 +164,7 @@ tg_limiter_destroy(struct tg_limiter *lim)
     }
     tg_keys_unref(lim->keys);
     tg_conf_unref(lim->conf);
+    free(lim->kcache);
     free(lim);
 }
 
@@ -156,7 +176,8 @@ tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
 
     lim->conf = tg_conf_ref(conf);
     lim->keys = tg_keys_ref(keys);
-    lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL;
+    lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
+                   || (conf->auth.redis_keys && lim->redis != NULL);
     tg_keys_unref(old_keys);
     tg_conf_unref(old_conf);
 }
@@ -219,13 +240,9 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
                  const char *client_ip, tg_limit_outcome *out, tg_limit_cb cb, void *arg)
 {
     const tg_conf *conf = lim->conf;
-    const char *prefix = conf->redis.prefix ? conf->redis.prefix : "tg:";
     const tg_http_hdr *h;
-    const tg_tier_conf *tier;
-    const tg_route_conf *route;
     const char *kv = NULL;
-    size_t klen = 0, n = 0;
-    tg_gcra_result res;
+    size_t klen = 0;
 
     memset(out, 0, sizeof(*out));
     out->route = -1;
@@ -252,12 +269,14 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
             klen--;
         }
     }
-    if (kv != NULL && klen > 0 && lim->keys != NULL) {
-        uint8_t digest[32];
+    if (kv != NULL && klen > 0 && (lim->keys != NULL || use_key_store(lim))) {
         const tg_key *key;
 
-        tg_keys_hash(kv, klen, digest);
-        key = tg_keys_find(lim->keys, digest);
+        tg_keys_hash(kv, klen, ctx->digest);
+        key = tg_keys_find(lim->keys, ctx->digest);
+        if (key == NULL && use_key_store(lim)) {
+            return key_store_lookup(lim, ctx, req);
+        }
         if (key == NULL) {
             deny(out, 401, "unknown API key");
             return TG_OK;
@@ -277,6 +296,21 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
         deny(out, 401, kv == NULL ? "missing API key" : "unknown API key");
         return TG_OK;
     }
+    return charge_stage(lim, ctx, req);
+}
+
+/* Route, buckets and charge, once the consumer and tier are known. */
+static tg_rc
+charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
+{
+    const tg_conf *conf = lim->conf;
+    const char *prefix = conf->redis.prefix ? conf->redis.prefix : "tg:";
+    tg_limit_outcome *out = ctx->out;
+    const tg_tier_conf *tier;
+    const tg_route_conf *route;
+    size_t n = 0;
+    tg_gcra_result res;
+
     tier = tg_conf_tier(conf, out->tier);
     if (tier == NULL) {
         deny(out, 403, "the key's tier is not configured");
@@ -318,6 +352,7 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
             keys[i] = ctx->keys[i];
         }
         ctx->started_us = tg_now_us();
+        ctx->op_charge = 1;
         ctx->op = tg_redis_charge(lim->redis, keys, ctx->limits, n, ctx->cost,
                                   redis_done, ctx);
         if (ctx->op != NULL) {
@@ -346,7 +381,9 @@ tg_limiter_cancel(tg_limit_ctx *ctx)
     if (ctx->op != NULL) {
         tg_redis_cancel(ctx->op);
         ctx->op = NULL;
-        tg_breaker_abandon(&ctx->lim->breaker, tg_now_ms());
+        if (ctx->op_charge) {
+            tg_breaker_abandon(&ctx->lim->breaker, tg_now_ms());
+        }
     }
 }
 
@@ -422,13 +459,24 @@ fallback(tg_limit_ctx *ctx)
         out->retry_s = 1;
         return;
     case TG_FAIL_LOCAL:
-    default:
+    default: {
+        /* redis.instances: each instance keeps its share of every limit,
+         * so a fleet on local buckets stays near the global limit. */
+        unsigned k = lim->conf->redis.instances ? lim->conf->redis.instances : 1;
+        tg_gcra_limit shared[TG_LIMIT_MAX_BUCKETS];
+
         for (i = 0; i < ctx->n; i++) {
             keys[i] = ctx->keys[i];
+            shared[i].interval_us = ctx->limits[i].interval_us * k;
+            shared[i].burst = ctx->limits[i].burst / k ? ctx->limits[i].burst / k : 1;
         }
-        local_charge(keys, ctx->limits, ctx->n, ctx->cost, &res);
+        local_charge(keys, shared, ctx->n, ctx->cost, &res);
+        if (k > 1) {
+            memcpy(ctx->limits, shared, sizeof(shared[0]) * ctx->n);   /* headers */
+        }
         finish(ctx, &res);
         return;
+    }
     }
 }
 
@@ -510,4 +558,150 @@ route_for(const tg_conf *conf, const tg_http_req *req)
         }
     }
     return NULL;
+}
+
+/* ---- the Redis key store ------------------------------------------------- */
+
+static int
+use_key_store(const struct tg_limiter *lim)
+{
+    return lim->conf->auth.redis_keys && lim->redis != NULL;
+}
+
+static kcache_entry *
+kcache_slot(struct tg_limiter *lim, const uint8_t digest[32])
+{
+    uint64_t h;
+
+    if (lim->kcache == NULL) {
+        lim->kcache = tg_xcalloc(KCACHE_SLOTS, sizeof(*lim->kcache));
+    }
+    memcpy(&h, digest, sizeof(h));            /* a SHA-256 is already uniform */
+    return &lim->kcache[h & (KCACHE_SLOTS - 1)];
+}
+
+/* Who the key is, from a cache entry; TG_OK (decided or charged at once)
+ * or TG_AGAIN (charging in Redis). */
+static tg_rc
+identify_cached(struct tg_limiter *lim, tg_limit_ctx *ctx, const kcache_entry *e)
+{
+    tg_limit_outcome *out = ctx->out;
+
+    if (!e->exists) {
+        deny(out, 401, "unknown API key");
+        return TG_OK;
+    }
+    snprintf(out->consumer, sizeof(out->consumer), "%s", e->id);
+    snprintf(out->tier, sizeof(out->tier), "%s", e->tier);
+    if (!e->enabled) {
+        deny(out, 403, "API key disabled");
+        return TG_OK;
+    }
+    return charge_stage(lim, ctx, ctx->req);
+}
+
+static int
+charset_ok(const char *s, size_t n, size_t max, int upper)
+{
+    size_t i;
+
+    if (n == 0 || n > max) {
+        return 0;
+    }
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-'
+              || (upper && ((c >= 'A' && c <= 'Z') || c == '.')))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The stored value is "<id>:<tier>" or "<id>:<tier>:disabled". */
+static int
+parse_key_value(const char *v, size_t len, kcache_entry *e)
+{
+    const char *c1 = memchr(v, ':', len), *c2;
+    size_t idl, tl;
+
+    if (c1 == NULL) {
+        return 0;
+    }
+    idl = (size_t)(c1 - v);
+    c2 = memchr(c1 + 1, ':', len - idl - 1);
+    tl = c2 ? (size_t)(c2 - c1 - 1) : len - idl - 1;
+    if (!charset_ok(v, idl, TG_KEY_ID_MAX, 1) || !charset_ok(c1 + 1, tl, TG_TIER_MAX, 0)) {
+        return 0;
+    }
+    if (c2 != NULL && ((size_t)(v + len - c2 - 1) != 8 || memcmp(c2 + 1, "disabled", 8) != 0)) {
+        return 0;
+    }
+    memcpy(e->id, v, idl);
+    e->id[idl] = '\0';
+    memcpy(e->tier, c1 + 1, tl);
+    e->tier[tl] = '\0';
+    e->enabled = c2 == NULL;
+    e->exists = 1;
+    return 1;
+}
+
+static void
+key_store_done(void *arg, tg_rc rc, const char *value, size_t len)
+{
+    tg_limit_ctx *ctx = arg;
+    struct tg_limiter *lim = ctx->lim;
+    kcache_entry *e = kcache_slot(lim, ctx->digest);
+
+    ctx->op = NULL;
+    if (rc != TG_OK) {
+        /* Unverifiable: a stale entry for this very key still speaks for
+         * it; otherwise nobody is let in unidentified. */
+        if (e->expires_ms != 0 && memcmp(e->digest, ctx->digest, 32) == 0) {
+            if (identify_cached(lim, ctx, e) == TG_AGAIN) {
+                return;
+            }
+        } else {
+            ctx->out->status = 503;
+            ctx->out->error = "API key store unavailable";
+            ctx->out->retry_s = 1;
+        }
+        ctx->cb(ctx->arg);
+        return;
+    }
+    memset(e, 0, sizeof(*e));
+    memcpy(e->digest, ctx->digest, 32);
+    e->expires_ms = tg_now_ms() + lim->conf->auth.cache_ttl_ms;
+    if (value != NULL && !parse_key_value(value, len, e)) {
+        tg_warn("auth.redis_keys: a malformed entry in %skeys (expected id:tier[:disabled])",
+                lim->conf->redis.prefix);
+        e->exists = 0;
+    }
+    if (identify_cached(lim, ctx, e) == TG_AGAIN) {
+        return;                        /* charging: redis_done calls back */
+    }
+    ctx->cb(ctx->arg);
+}
+
+static tg_rc
+key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
+{
+    kcache_entry *e = kcache_slot(lim, ctx->digest);
+    char field[65], key[TG_LIMIT_KEY_MAX];
+
+    ctx->req = req;
+    if (e->expires_ms > tg_now_ms() && memcmp(e->digest, ctx->digest, 32) == 0) {
+        return identify_cached(lim, ctx, e);
+    }
+    tg_keys_hex(ctx->digest, field);
+    snprintf(key, sizeof(key), "%skeys", lim->conf->redis.prefix);
+    ctx->op_charge = 0;
+    ctx->op = tg_redis_hget(lim->redis, key, field, key_store_done, ctx);
+    if (ctx->op == NULL) {
+        ctx->out->status = 503;
+        ctx->out->error = "API key store unavailable";
+        ctx->out->retry_s = 1;
+        return TG_OK;
+    }
+    return TG_AGAIN;
 }

@@ -56,7 +56,10 @@ typedef struct tg_limit_ctx {
     tg_limit_cb         cb;
     void               *arg;
     struct tg_redis_op *op;                        /* pending Redis call */
+    int                 op_charge;                 /* op is a charge (breaker) */
     uint64_t            started_us;                /* for the Redis latency */
+    const tg_http_req  *req;                       /* during a key-store lookup */
+    uint8_t             digest[32];                /* the key, hashed */
     size_t              n;
     uint32_t            cost;
     tg_gcra_limit       limits[TG_LIMIT_MAX_BUCKETS];
