@@ -108,6 +108,8 @@ struct tg_client {
 
     /* the upstream exchange */
     struct tg_uconn    *uc;
+    struct tg_uconn    *avoid;          /* retry: the connection that failed */
+    int                 reported;       /* outcome given to the server's breaker */
     int                 uc_reused;
     int                 uc_connected;
     int                 retried;
@@ -147,6 +149,7 @@ static void respond(struct tg_client *c, int status, const char *code,
                     const char *msg, const char *extra, size_t extra_len);
 static void limit_decided(void *arg);
 static void account(struct tg_client *c);
+static int idempotent(const tg_http_req *r);
 static void limit_apply(struct tg_client *c);
 static void up_read_cb(struct bufferevent *bev, void *arg);
 static void up_write_cb(struct bufferevent *bev, void *arg);
@@ -845,11 +848,26 @@ forward(struct tg_client *c)
     struct bufferevent *ub;
     uint64_t now = tg_now_ms();
 
-    c->uc = tg_upstream_acquire(px->pool, &c->uc_reused, NULL, NULL);
+    uint64_t retry_ms = 0;
+
+    c->uc = tg_upstream_acquire(px->pool, &c->uc_reused, c->avoid, &retry_ms);
     if (c->uc == NULL) {
+        if (retry_ms != 0) {
+            /* every server's breaker is open or its health check failing:
+             * say so at once instead of trying */
+            char extra[48];
+            int n = snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
+                             (unsigned long long)((retry_ms + 999) / 1000));
+            if (!c->rq_done) {
+                c->close_after = 1;
+            }
+            respond(c, 503, "unavailable", "no healthy upstream server", extra, (size_t)n);
+            return;
+        }
         respond_error(c, 502, "bad_gateway", "no upstream connection could be made");
         return;
     }
+    c->reported = 0;
     c->uc_connected = c->uc_reused;
     c->ustate = U_HEAD;
     if (c->t_up_us == 0) {
@@ -1105,13 +1123,26 @@ up_write_cb(struct bufferevent *bev, void *arg)
 static void
 up_failed(struct tg_client *c, int status, const char *code, const char *msg)
 {
-    /* A kept-alive connection may have been closed by the server just as
-     * we reused it: retry once on a fresh one when nothing was lost. */
-    if (c->uc_reused && !c->retried && !c->rs_started && c->ustate == U_HEAD
-        && c->req.body == TG_BODY_NONE && status == 502) {
-        exchange_end(c, 0);
+    if (!c->reported && c->uc != NULL) {
+        tg_upstream_report(c->uc, 0);
+        c->reported = 1;
+    }
+    /* Retry once, on another server when there is one, when nothing can
+     * have been done twice: a bodyless request whose connect failed, or
+     * whose kept-alive connection the server had just closed, and that is
+     * idempotent (a reused connection may have delivered it). */
+    if (!c->retried && !c->rs_started && c->ustate == U_HEAD && status == 502
+        && c->req.body == TG_BODY_NONE
+        && (!c->uc_connected || (c->uc_reused && idempotent(&c->req)))) {
+        struct tg_uconn *old = c->uc;
+
+        c->uc = NULL;
+        event_del(c->up_timer);
         c->retried = 1;
+        c->avoid = old;
         forward(c);
+        c->avoid = NULL;
+        tg_upstream_release(old, 0);
         return;
     }
     exchange_end(c, 0);
@@ -1124,6 +1155,20 @@ up_failed(struct tg_client *c, int status, const char *code, const char *msg)
     }
     tg_warn("request %s: %s", c->reqid, msg);
     respond_error(c, status, code, msg);
+}
+
+static int
+idempotent(const tg_http_req *r)
+{
+    static const char *const m[] = { "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE" };
+    size_t i;
+
+    for (i = 0; i < TG_ARRAY_LEN(m); i++) {
+        if (strlen(m[i]) == r->method_len && memcmp(m[i], r->method, r->method_len) == 0) {
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static void
@@ -1259,6 +1304,10 @@ up_read_cb(struct bufferevent *bev, void *arg)
     }
     c->phase_deadline = 0;
     up_arm(c);
+    if (!c->reported) {
+        tg_upstream_report(c->uc, rs.status < 502 || rs.status > 504);
+        c->reported = 1;
+    }
     c->rs_status = rs.status;
     c->rs_body = rs.body;
     c->rs_left = rs.content_length;
