@@ -27,6 +27,7 @@
 #include <sys/queue.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -86,6 +87,7 @@ struct tg_client {
     int                 head_timer_on;  /* timer is the header deadline */
     struct event       *timer;          /* idle / header / linger deadline */
     struct event       *defer;          /* free, or serve a pipelined request */
+    struct event       *rev;            /* plain sockets: our own read event */
     char                ip[INET6_ADDRSTRLEN];
 
     /* the current request */
@@ -163,6 +165,9 @@ static void exchange_end(struct tg_client *c, int reusable);
 static void response_done(struct tg_client *c);
 static void make_request_id(struct tg_client *c);
 static void client_flush(struct tg_client *c);
+static void rd_on(struct tg_client *c, const struct timeval *timeout);
+static void rd_off(struct tg_client *c);
+static void client_rd_cb(evutil_socket_t fd, short what, void *arg);
 static void up_flush(struct tg_client *c);
 
 /* ---- public -------------------------------------------------------- */
@@ -315,7 +320,8 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
         bufferevent_enable(c->bev, EV_READ | EV_WRITE);
     } else {
         bufferevent_disable(c->bev, EV_WRITE);   /* on by default: write-through */
-        bufferevent_enable(c->bev, EV_READ);
+        c->rev = event_new(px->base, fd, EV_READ | EV_PERSIST, client_rd_cb, c);
+        rd_on(c, NULL);
     }
     c->state = C_HEAD;
     c->head_timer_on = 1;
@@ -357,6 +363,9 @@ client_free(struct tg_client *c)
     if (c->charging) {
         tg_limiter_cancel(&c->lctx);
     }
+    if (c->rev != NULL) {
+        event_free(c->rev);
+    }
     event_free(c->timer);
     event_free(c->defer);
     event_free(c->up_timer);
@@ -380,6 +389,7 @@ client_kill(struct tg_client *c)
         return;
     }
     c->state = C_DEAD;
+    rd_off(c);
     bufferevent_disable(c->bev, EV_READ | EV_WRITE);
     bufferevent_setcb(c->bev, NULL, NULL, NULL, NULL);
     if (c->uc != NULL) {
@@ -400,7 +410,7 @@ static void
 client_close_after_flush(struct tg_client *c)
 {
     c->state = C_CLOSING;
-    bufferevent_disable(c->bev, EV_READ);
+    rd_off(c);
     bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
     arm_timer(c, c->px->conf->http.send_timeout_ms);
     client_flush(c);
@@ -432,7 +442,7 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
         evbuffer_drain(bufferevent_get_input(c->bev),
                        evbuffer_get_length(bufferevent_get_input(c->bev)));
         bufferevent_set_timeouts(c->bev, NULL, NULL);
-        bufferevent_enable(c->bev, EV_READ);
+        rd_on(c, NULL);
         arm_timer(c, TG_LINGER_MS);
         return;
     case C_HEAD:
@@ -486,8 +496,7 @@ client_next_request(struct tg_client *c)
     c->state = C_HEAD;
     c->rq_paused = 0;
     client_flush(c);
-    bufferevent_set_timeouts(c->bev, NULL, &px->send_tv);
-    bufferevent_enable(c->bev, EV_READ);
+    rd_on(c, NULL);
     if (evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
         /* pipelined: serve it from the loop, not by recursion */
         c->head_timer_on = 1;
@@ -904,8 +913,7 @@ forward(struct tg_client *c)
         ADD_LIT(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n");
         client_flush(c);
     }
-    bufferevent_set_timeouts(c->bev, &px->body_tv, &px->send_tv);
-    bufferevent_enable(c->bev, EV_READ);
+    rd_on(c, &px->body_tv);
     relay_request_body(c);
 }
 
@@ -945,7 +953,7 @@ relay_request_body(struct tg_client *c)
                 continue;
             }
             c->rq_paused = 1;
-            bufferevent_disable(c->bev, EV_READ);
+            rd_off(c);
             return;
         }
         if (c->req.body == TG_BODY_LENGTH) {
@@ -1003,8 +1011,7 @@ static void
 request_body_done(struct tg_client *c)
 {
     c->rq_done = 1;
-    bufferevent_enable(c->bev, EV_READ);    /* may have been paused */
-    bufferevent_set_timeouts(c->bev, NULL, &c->px->send_tv);
+    rd_on(c, NULL);                         /* may have been paused */
     if (c->uc_connected && c->ustate == U_HEAD) {
         c->phase_is_connect = 0;
         c->phase_deadline = tg_now_ms() + c->px->conf->upstream.first_byte_timeout_ms;
@@ -1114,7 +1121,7 @@ up_write_cb(struct bufferevent *bev, void *arg)
     }
     if (c->rq_paused && !c->rq_done && c->state == C_BUSY) {
         c->rq_paused = 0;
-        bufferevent_enable(c->bev, EV_READ);
+        rd_on(c, &c->px->body_tv);
         relay_request_body(c);
     }
 }
@@ -1413,6 +1420,88 @@ relay_response_body(struct tg_client *c)
         }
     }
     client_flush(c);
+}
+
+/* ---- reading the client ------------------------------------------------- */
+
+/*
+ * Plain sockets are read by our own event, straight into the bufferevent's
+ * input (its tail thawed around the read, as libevent's own read callback
+ * does).  libevent's read path asks the kernel how much is readable
+ * (ioctl FIONREAD) before every read: one system call per read that we do
+ * without.  TLS connections are read by their bufferevent.  timeout is the
+ * body timeout while a body is expected, else NULL (the head and idle
+ * deadlines are c->timer's).
+ */
+static void
+rd_on(struct tg_client *c, const struct timeval *timeout)
+{
+    if (c->rev != NULL) {
+        event_add(c->rev, timeout);
+    } else {
+        bufferevent_set_timeouts(c->bev, timeout, &c->px->send_tv);
+        bufferevent_enable(c->bev, EV_READ);
+    }
+}
+
+static void
+rd_off(struct tg_client *c)
+{
+    if (c->rev != NULL) {
+        event_del(c->rev);
+    } else {
+        bufferevent_disable(c->bev, EV_READ);
+    }
+}
+
+static void
+client_rd_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_client *c = arg;
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    struct evbuffer_iovec v[2];
+    struct iovec iov[2];
+    ssize_t n;
+    int nv, i;
+
+    if (what & EV_TIMEOUT) {
+        client_event_cb(c->bev, BEV_EVENT_TIMEOUT | BEV_EVENT_READING, c);
+        return;
+    }
+    if (evbuffer_get_length(in) >= TG_HIGH_WATER) {
+        /* pipelined requests pile up: wait until they are served */
+        rd_off(c);
+        return;
+    }
+    evbuffer_unfreeze(in, 0);
+    nv = evbuffer_reserve_space(in, 16384, v, 2);
+    for (i = 0; i < nv; i++) {
+        iov[i].iov_base = v[i].iov_base;
+        iov[i].iov_len = v[i].iov_len;
+    }
+    do {
+        n = readv(fd, iov, nv);
+    } while (n < 0 && errno == EINTR);
+    if (n > 0) {
+        size_t left = (size_t)n;
+        for (i = 0; i < nv; i++) {
+            if (v[i].iov_len > left) {
+                v[i].iov_len = left;
+            }
+            left -= v[i].iov_len;
+        }
+        evbuffer_commit_space(in, v, nv);
+    }
+    evbuffer_freeze(in, 0);
+    if (n > 0) {
+        client_read_cb(c->bev, c);
+    } else if (n == 0) {
+        rd_off(c);                 /* level-triggered: EOF would fire forever */
+        client_event_cb(c->bev, BEV_EVENT_EOF | BEV_EVENT_READING, c);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        rd_off(c);
+        client_event_cb(c->bev, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
+    }
 }
 
 /* ---- write-through ---------------------------------------------------- */
