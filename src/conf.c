@@ -42,6 +42,7 @@
 #define TG_CONF_TIER_NAME  32                   /* tier and route names */
 #define TG_CONF_METHOD_MAX 16
 #define TG_CONF_ROUTE_PATH 256
+#define TG_CONF_MAX_REDIS_ADDRS 16             /* = TG_REDIS_MAX_ADDRS */
 
 /* One remembered position: where a field's value was written, so that
  * phases 3 and 4 can point at it. */
@@ -127,6 +128,10 @@ TG_CONF_SETTER(tg_conf_set_statsd);
 TG_CONF_SETTER(tg_conf_set_listen);
 TG_CONF_SETTER(tg_conf_set_tls);
 TG_CONF_SETTER(tg_conf_set_servers);
+TG_CONF_SETTER(tg_conf_set_sentinel);
+TG_CONF_SETTER(tg_conf_set_sentinel_addrs);
+TG_CONF_SETTER(tg_conf_set_cluster);
+TG_CONF_SETTER(tg_conf_set_cluster_nodes);
 TG_CONF_SETTER(tg_conf_set_tiers);
 TG_CONF_SETTER(tg_conf_set_routes);
 TG_CONF_SETTER(tg_conf_set_route_limit);
@@ -265,6 +270,19 @@ static const tg_conf_cmd tg_conf_tier_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* Sentinel master names are written into commands: no spaces. */
+static const tg_conf_cmd tg_conf_sentinel_cmds[] = {
+    { "master", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.sentinel_master), 1, 63,
+      TG_CONF_REQUIRED, NULL },
+    { "addresses", tg_conf_set_sentinel_addrs, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_cluster_cmds[] = {
+    { "nodes", tg_conf_set_cluster_nodes, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_redis_cmds[] = {
     { "url", tg_conf_set_url, TG_FIELD(tg_conf, redis.url), 0, 0, 0, NULL },
     { "timeout_ms", tg_conf_set_uint,
@@ -276,6 +294,8 @@ static const tg_conf_cmd tg_conf_redis_cmds[] = {
       TG_FIELD(tg_conf, redis.max_batch), 1, 512, 0, NULL },
     { "instances", tg_conf_set_uint,
       TG_FIELD(tg_conf, redis.instances), 1, 1000, 0, NULL },
+    { "sentinel", tg_conf_set_sentinel, TG_NOFIELD, 0, 0, 0, tg_conf_sentinel_cmds },
+    { "cluster", tg_conf_set_cluster, TG_NOFIELD, 0, 0, 0, tg_conf_cluster_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -762,6 +782,9 @@ tg_conf_free(tg_conf *conf)
     free(conf->tiers);
     free(conf->redis.url);
     free(conf->redis.prefix);
+    free(conf->redis.sentinel_master);
+    free(conf->redis.sentinels);
+    free(conf->redis.cluster_nodes);
     free(conf->metrics.statsd_prefix);
     free(conf->access_log.path);
     free(conf->auth.keys_file);
@@ -965,6 +988,18 @@ tg_conf_validate(tg_conf_ctx *ctx)
                              conf->ntiers ? "" : "no tiers", names);
     }
 
+    /* Cluster has database 0 only; url still gives the db for Sentinel. */
+    if (conf->redis.ncluster_nodes > 0) {
+        const char *db = strrchr(conf->redis.url + 8, '/');
+        if (db != NULL && db[1] != '\0' && strtol(db + 1, NULL, 10) != 0) {
+            m = tg_conf_find_mark(ctx, &conf->redis.url);
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : "redis.url", "Redis Cluster has "
+                                 "only database 0, got \"%s\" with redis.cluster",
+                                 conf->redis.url);
+        }
+    }
+
     if (conf->workers == 0) {
         ncpu = sysconf(_SC_NPROCESSORS_ONLN);
         conf->workers = ncpu < 1 ? 1 : ncpu > 256 ? 256 : (unsigned)ncpu;
@@ -1075,6 +1110,18 @@ tg_conf_resolve(tg_conf_ctx *ctx)
     for (i = 0; i < conf->upstream.nservers; i++) {
         if (tg_conf_resolve_one(ctx, &conf->upstream.servers[i],
                                 "upstream.servers", 0) != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    for (i = 0; i < conf->redis.nsentinels; i++) {
+        if (tg_conf_resolve_one(ctx, &conf->redis.sentinels[i],
+                                "redis.sentinel.addresses", 0) != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    for (i = 0; i < conf->redis.ncluster_nodes; i++) {
+        if (tg_conf_resolve_one(ctx, &conf->redis.cluster_nodes[i],
+                                "redis.cluster.nodes", 0) != TG_OK) {
             return TG_ERR;
         }
     }
@@ -1889,6 +1936,93 @@ tg_conf_set_servers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         tg_conf_remember(ctx, addr, item->start_mark, child);
     }
     return TG_OK;
+}
+
+/* A sequence of 1..TG_CONF_MAX_REDIS_ADDRS addresses into a fresh array
+ * (*out, *n), each remembered for phase 4; what names them in messages. */
+static tg_rc
+tg_conf_addr_list(tg_conf_ctx *ctx, yaml_node_t *node, const char *path,
+                  tg_addr **out, size_t *n, const char *what)
+{
+    static const tg_conf_cmd addr_cmd = {
+        "address", tg_conf_set_addr, 0, sizeof(tg_addr), 0, 0, 0, NULL,
+    };
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    char child[TG_CONF_PATHLEN];
+    size_t count;
+
+    if (node->type != YAML_SEQUENCE_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a sequence of addresses");
+    }
+    count = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+    if (count == 0 || count > TG_CONF_MAX_REDIS_ADDRS) {
+        return tg_conf_error(ctx, node->start_mark, path, "needs 1..%d %s, got %zu",
+                             TG_CONF_MAX_REDIS_ADDRS, what, count);
+    }
+    *out = tg_xcalloc(count, sizeof(tg_addr));
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        tg_addr *addr = &(*out)[*n];
+        item = yaml_document_get_node(&ctx->doc, *it);
+        snprintf(child, sizeof(child), "%s[%zu]", path, *n);
+        (*n)++;
+        if (tg_conf_set_addr(ctx, &addr_cmd, item, addr, child) != TG_OK) {
+            return TG_ERR;
+        }
+        for (size_t j = 0; j + 1 < *n; j++) {
+            if (strcmp((*out)[j].text, addr->text) == 0) {
+                return tg_conf_error(ctx, item->start_mark, child, "\"%s\" is "
+                                     "listed twice", addr->text);
+            }
+        }
+        tg_conf_remember(ctx, addr, item->start_mark, child);
+    }
+    return TG_OK;
+}
+
+/* redis.sentinel and redis.cluster exclude each other: the second one
+ * written is the error. */
+static tg_rc
+tg_conf_set_sentinel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                     void *base, const char *path)
+{
+    if (((tg_conf *)base)->redis.ncluster_nodes > 0) {
+        return tg_conf_error(ctx, node->start_mark, path, "redis.sentinel and "
+                             "redis.cluster cannot be used together");
+    }
+    return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
+}
+
+static tg_rc
+tg_conf_set_cluster(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                    void *base, const char *path)
+{
+    if (((tg_conf *)base)->redis.sentinel_master != NULL) {
+        return tg_conf_error(ctx, node->start_mark, path, "redis.sentinel and "
+                             "redis.cluster cannot be used together");
+    }
+    return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
+}
+
+static tg_rc
+tg_conf_set_sentinel_addrs(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                           yaml_node_t *node, void *base, const char *path)
+{
+    tg_conf *conf = base;
+
+    return tg_conf_addr_list(ctx, node, path, &conf->redis.sentinels,
+                             &conf->redis.nsentinels, "sentinel addresses");
+}
+
+static tg_rc
+tg_conf_set_cluster_nodes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                          yaml_node_t *node, void *base, const char *path)
+{
+    tg_conf *conf = base;
+
+    return tg_conf_addr_list(ctx, node, path, &conf->redis.cluster_nodes,
+                             &conf->redis.ncluster_nodes, "cluster nodes");
 }
 
 static int

@@ -138,6 +138,25 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
         freeaddrinfo(ai);
         opts.timeout_ms = conf->redis.timeout_ms;
         opts.max_batch = conf->redis.max_batch ? conf->redis.max_batch : 32;
+        /* Sentinel / Cluster: addresses resolved at config load. */
+        if (conf->redis.sentinel_master != NULL) {
+            snprintf(opts.sentinel_master, sizeof(opts.sentinel_master), "%s",
+                     conf->redis.sentinel_master);
+        }
+        for (size_t i = 0; i < conf->redis.nsentinels && i < TG_REDIS_MAX_ADDRS; i++) {
+            if (tg_redis_addr_from_sockaddr((const struct sockaddr *)
+                                            &conf->redis.sentinels[i].sa,
+                                            &opts.sentinels[opts.nsentinels]) == TG_OK) {
+                opts.nsentinels++;
+            }
+        }
+        for (size_t i = 0; i < conf->redis.ncluster_nodes && i < TG_REDIS_MAX_ADDRS; i++) {
+            if (tg_redis_addr_from_sockaddr((const struct sockaddr *)
+                                            &conf->redis.cluster_nodes[i].sa,
+                                            &opts.cluster_nodes[opts.ncluster]) == TG_OK) {
+                opts.ncluster++;
+            }
+        }
         lim->redis = tg_redis_create(base, &opts);
         if (lim->redis == NULL) {
             snprintf(err, errlen, "redis: cannot create the client");

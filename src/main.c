@@ -21,6 +21,7 @@
 #include <openssl/ssl.h>
 #include <systemd/sd-daemon.h>
 
+#include "tollgate/accesslog.h"
 #include "tollgate/admin.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
@@ -41,6 +42,7 @@ static struct {
     struct evconnlistener  **listeners;
     SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
     struct tg_keys          *keys;          /* auth.keys_file, or NULL */
+    struct tg_alog          *alog;          /* access_log.path, or NULL */
     struct tg_admin         *admin;
     int                      draining;
     uint64_t                 drain_deadline;
@@ -252,6 +254,13 @@ run(const char *path)
     }
     g.started = g.loaded = time(NULL);
     g.generation = 1;
+    if (g.conf->access_log.path != NULL) {
+        g.alog = tg_alog_create(g.conf->access_log.path, err, sizeof(err));
+        if (g.alog == NULL) {
+            tg_error("%s", err);
+            goto out;
+        }
+    }
     g.nworkers = g.conf->workers;
     g.workers = tg_xcalloc(g.nworkers, sizeof(*g.workers));
     g.shards = tg_xcalloc(g.nworkers, sizeof(*g.shards));
@@ -262,6 +271,9 @@ run(const char *path)
             goto out;
         }
         g.shards[i] = tg_worker_shard(g.workers[i]);
+        if (g.alog != NULL) {
+            tg_worker_set_access_log(g.workers[i], g.alog);
+        }
         if (tg_worker_start(g.workers[i]) != TG_OK) {
             tg_error("cannot start worker %u", i);
             goto out;
@@ -329,6 +341,9 @@ out:
     }
     free(g.workers);
     free(g.shards);
+    if (g.alog != NULL) {
+        tg_alog_destroy(g.alog);         /* after every worker's buffer */
+    }
     tg_admin_destroy(g.admin);
     tg_metrics_deinit();
     for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
@@ -589,6 +604,9 @@ reload(const char *path)
     unsigned i;
 
     sd_notify(0, "RELOADING=1");
+    if (g.alog != NULL) {
+        tg_alog_reopen(g.alog);          /* log rotation */
+    }
     conf = tg_conf_load(path, err, sizeof(err));
     if (conf == NULL || load_keys(conf, &keys, err, sizeof(err)) != TG_OK) {
         tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);

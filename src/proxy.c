@@ -28,12 +28,14 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
 
+#include "tollgate/accesslog.h"
 #include "tollgate/http.h"
 #include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
@@ -64,6 +66,9 @@ struct tg_proxy {
     struct tg_upstream_pool *pool;
     struct tg_limiter     *limiter;
     struct tg_metrics_shard *shard;      /* this worker's counters */
+    struct tg_alog_buf    *alog;         /* access log, or NULL */
+    time_t                 alog_sec;     /* second of alog_time */
+    char                   alog_time[24];   /* "2026-11-28T14:32:10" */
     tg_http_limits         lim;
     struct tg_client_list  clients;
     unsigned               nclients;
@@ -105,6 +110,7 @@ struct tg_client {
     uint64_t            t_start_us;     /* request head complete */
     uint64_t            t_up_us;        /* forwarded upstream (0: not) */
     size_t              up_server;      /* index of the server it went to */
+    uint64_t            rs_bytes;       /* response body bytes relayed */
     tg_limit_ctx        lctx;
     tg_limit_outcome    lo;
 
@@ -151,6 +157,7 @@ static void respond(struct tg_client *c, int status, const char *code,
                     const char *msg, const char *extra, size_t extra_len);
 static void limit_decided(void *arg);
 static void account(struct tg_client *c);
+static void access_log(struct tg_client *c, uint64_t now_us);
 static int idempotent(const tg_http_req *r);
 static void limit_apply(struct tg_client *c);
 static void up_read_cb(struct bufferevent *bev, void *arg);
@@ -220,6 +227,9 @@ tg_proxy_destroy(struct tg_proxy *px)
     tg_upstream_pool_destroy(px->pool);
     tg_limiter_destroy(px->limiter);
     tg_metrics_shard_destroy(px->shard);
+    if (px->alog != NULL) {
+        tg_alog_buf_destroy(px->alog);
+    }
     tg_conf_unref(px->conf);
     free(px);
 }
@@ -240,6 +250,12 @@ int
 tg_proxy_redis_breaker(struct tg_proxy *px)
 {
     return tg_limiter_breaker_state(px->limiter);
+}
+
+void
+tg_proxy_set_access_log(struct tg_proxy *px, struct tg_alog *log)
+{
+    px->alog = tg_alog_buf_create(log, px->base);
 }
 
 int
@@ -614,6 +630,7 @@ handle_head(struct tg_client *c)
     c->rs_started = 0;
     c->t_start_us = tg_now_us();
     c->t_up_us = 0;
+    c->rs_bytes = 0;
     memset(&c->lo, 0, sizeof(c->lo));
     c->lo.route = -1;
     if (rc != TG_OK) {
@@ -1344,6 +1361,7 @@ rs_chunk_cb(void *arg, const char *data, size_t len)
     if (len == 0) {
         return;
     }
+    c->rs_bytes += len;
     if (c->rs_chunked_out) {
         n = snprintf(line, sizeof(line), "%zx\r\n", len);
         evbuffer_add(out, line, (size_t)n);
@@ -1378,6 +1396,7 @@ relay_response_body(struct tg_client *c)
             size_t n = len < c->rs_left ? len : (size_t)c->rs_left;
             evbuffer_remove_buffer(in, out, n);
             c->rs_left -= n;
+            c->rs_bytes += n;
             if (c->rs_left == 0) {
                 exchange_end(c, c->rs_keep);
                 response_done(c);
@@ -1408,6 +1427,7 @@ relay_response_body(struct tg_client *c)
                 return;
             }
         } else {   /* TG_BODY_CLOSE: everything until EOF */
+            c->rs_bytes += len;
             if (c->rs_chunked_out) {
                 char line[24];
                 int n = snprintf(line, sizeof(line), "%zx\r\n", len);
@@ -1635,6 +1655,58 @@ tier_label(const struct tg_client *c)
     return conf->ntiers;
 }
 
+static const char *
+limit_outcome(const tg_limit_outcome *lo)
+{
+    switch (lo->status) {
+    case 0:   return lo->consumer[0] == '\0' ? "none" : lo->fallback ? "fallback" : "allowed";
+    case 429: return "limited";
+    case 401: return "unauthorized";
+    case 403: return "forbidden";
+    default:  return "unavailable";
+    }
+}
+
+/* One JSON line per request: who (the consumer id, never the key), what,
+ * the outcome, sizes and durations.  Handed to the worker's log buffer:
+ * the write to the file happens on the log's own thread. */
+static void
+access_log(struct tg_client *c, uint64_t now_us)
+{
+    struct tg_proxy *px = c->px;
+    char line[2048], path[6 * 256 + 1], method[6 * 16 + 1];
+    struct timespec ts;
+    uint64_t in = c->req.body == TG_BODY_LENGTH ? c->req.content_length : c->rq_total;
+    int n;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (ts.tv_sec != px->alog_sec) {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        strftime(px->alog_time, sizeof(px->alog_time), "%Y-%m-%dT%H:%M:%S", &tm);
+        px->alog_sec = ts.tv_sec;
+    }
+    tg_alog_json_escape(method, c->req.method ? c->req.method : "", c->req.method
+                        ? c->req.method_len : 0, 16);
+    tg_alog_json_escape(path, c->req.path ? c->req.path : "", c->req.path
+                        ? c->req.path_len : 0, 256);
+    n = snprintf(line, sizeof(line),
+                 "{\"time\":\"%s.%03ldZ\",\"request_id\":\"%s\",\"consumer\":\"%s\","
+                 "\"tier\":\"%s\",\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,"
+                 "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f,"
+                 "\"upstream_ms\":%.3f,\"upstream\":\"%s\",\"limit\":\"%s\"}",
+                 px->alog_time, ts.tv_nsec / 1000000, c->reqid, c->lo.consumer, c->lo.tier,
+                 method, path, c->rs_status, (unsigned long long)in,
+                 (unsigned long long)c->rs_bytes,
+                 c->t_start_us ? (double)(now_us - c->t_start_us) / 1000.0 : 0.0,
+                 c->t_up_us ? (double)(now_us - c->t_up_us) / 1000.0 : 0.0,
+                 c->t_up_us ? px->conf->upstream.servers[c->up_server].text : "",
+                 limit_outcome(&c->lo));
+    if (n > 0) {
+        tg_alog_write(px->alog, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+    }
+}
+
 /* One finished request: counted once, when its response is queued. */
 static void
 account(struct tg_client *c)
@@ -1652,6 +1724,9 @@ account(struct tg_client *c)
     }
     if (c->lo.route >= 0) {
         tg_metric_inc(m, TG_M_ROUTE_REQUESTS, (size_t)c->lo.route);
+    }
+    if (c->px->alog != NULL) {
+        access_log(c, now);
     }
     if (c->lo.consumer[0] == '\0' && c->lo.status == 0) {
         return;                       /* not limited: a plain proxy request */

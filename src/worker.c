@@ -182,6 +182,12 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
     __atomic_store_n(&w->breaker, tg_proxy_redis_breaker(w->px), __ATOMIC_RELAXED);
 }
 
+void
+tg_worker_set_access_log(struct tg_worker *w, struct tg_alog *log)
+{
+    tg_proxy_set_access_log(w->px, log);
+}
+
 struct tg_metrics_shard *
 tg_worker_shard(struct tg_worker *w)
 {

@@ -120,6 +120,11 @@ typedef struct tg_conf {
         unsigned           instances;    /* tollgate instances sharing the limits:
                                             the local fallback divides each limit
                                             by this; default 1 */
+        char              *sentinel_master;  /* sentinel.master; NULL = no Sentinel */
+        tg_addr           *sentinels;        /* sentinel.addresses, asked in order */
+        size_t             nsentinels;
+        tg_addr           *cluster_nodes;    /* cluster.nodes (seeds); 0 = no Cluster */
+        size_t             ncluster_nodes;   /* (Cluster: the url's db must be 0) */
     } redis;
 
     struct {

@@ -51,6 +51,10 @@ struct tg_metrics_shard *tg_proxy_shard(struct tg_proxy *px);
 /* This worker's Redis breaker: 0 closed, 1 open, 2 half-open, -1 none. */
 int tg_proxy_redis_breaker(struct tg_proxy *px);
 
+struct tg_alog;
+/* Log every request of this worker to log (before the worker starts). */
+void tg_proxy_set_access_log(struct tg_proxy *px, struct tg_alog *log);
+
 /* 1 when this worker's bucket store can answer (see tg_limiter_store_ready). */
 int tg_proxy_store_ready(const struct tg_proxy *px);
 

@@ -42,6 +42,10 @@ struct tg_metrics_shard;
 struct tg_metrics_shard *tg_worker_shard(struct tg_worker *w);
 int tg_worker_redis_breaker(struct tg_worker *w);
 
+struct tg_alog;
+/* Before tg_worker_start: log this worker's requests to log. */
+void tg_worker_set_access_log(struct tg_worker *w, struct tg_alog *log);
+
 /* 1 once the worker's loop has ended (any thread may ask). */
 int tg_worker_finished(struct tg_worker *w);
 

@@ -40,7 +40,7 @@ keys_file(void)
     for (i = 0; i < 3; i++) {
         unsigned char d[32];
         SHA256((const unsigned char *)names[i], strlen(names[i]), d);
-        fprintf(f, "  - { id: %s, tier: %s, enabled: %s, sha256: \"", names[i], tiers[i],
+        fprintf(f, "  - { id: c-%s, tier: %s, enabled: %s, sha256: \"", names[i], tiers[i],
                 i == 2 ? "false" : "true");
         for (j = 0; j < 32; j++)
             fprintf(f, "%02x", d[j]);
@@ -408,4 +408,53 @@ Test(observe, dashboard_names_exist_on_metrics)
     }
     TGH_CHECK(checked >= 10, "only %zu metric references found in the dashboard", checked);
     free(m);
+}
+
+/* ---- access log ------------------------------------------------------------------ */
+
+Test(observe, access_log_lines)
+{
+    char more[512], *path, buf[1 << 16];
+    size_t n = 0;
+    int lines = 0, limited = 0;
+    uint64_t end;
+    FILE *f;
+    char *p;
+
+    path = tgh_strf("%s/access.log", tgh_tmpdir());
+    snprintf(more, sizeof more, "access_log: { path: %s }\n", path);
+    start(more);
+    the_mix();                                /* 31 requests */
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end) {               /* flushed every 100 ms */
+        f = fopen(path, "r");
+        if (f != NULL) {
+            n = fread(buf, 1, sizeof buf - 1, f);
+            fclose(f);
+            buf[n] = '\0';
+            lines = 0;
+            for (p = buf; (p = strchr(p, '\n')) != NULL; p++)
+                lines++;
+            if (lines >= 31)
+                break;
+        }
+        tgh_sleep_ms(50);
+    }
+    TGH_CHECK(lines == 31, "%d access log lines, expected 31", lines);
+    for (p = buf; *p; ) {
+        char *e = strchr(p, '\n');
+        *e = '\0';
+        TGH_CHECK(p[0] == '{' && e[-1] == '}', "not a JSON object: %s", p);
+        TGH_CHECK(strstr(p, "\"request_id\":\"") && strstr(p, "\"status\":")
+                  && strstr(p, "\"duration_ms\":") && strstr(p, "\"method\":\"GET\""),
+                  "fields missing: %s", p);
+        TGH_CHECK(strstr(p, "\"o-basic\"") == NULL && strstr(p, "\"o-pro\"") == NULL,
+                  "an API key in the access log: %s", p);
+        if (strstr(p, "\"consumer\":\"c-o-basic\"") && strstr(p, "\"status\":429")
+            && strstr(p, "\"limit\":\"limited\""))
+            limited++;
+        p = e + 1;
+    }
+    TGH_CHECK(limited == 5, "%d limited basic lines, expected 5", limited);
+    free(path);
 }

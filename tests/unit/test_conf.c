@@ -1221,3 +1221,74 @@ Test(conf, shipped_configs_load)
     closedir(d);
     cr_assert_geq(n, 2, "found only %zu configs in %s", n, dirpath);
 }
+
+/* ---- redis.sentinel, redis.cluster ---------------------------------------- */
+
+Test(conf, redis_sentinel_and_cluster)
+{
+    tg_conf *conf = expect_ok(MIN
+        "redis:\n"
+        "  url: redis://127.0.0.1:6379/2\n"
+        "  sentinel:\n"
+        "    master: mymaster\n"
+        "    addresses: [127.0.0.1:26379, \"[::1]:26380\", localhost:26381]\n");
+
+    cr_assert_str_eq(conf->redis.sentinel_master, "mymaster");
+    cr_assert_eq(conf->redis.nsentinels, 3);
+    cr_assert_str_eq(conf->redis.sentinels[1].text, "[::1]:26380");
+    cr_assert_eq(conf->redis.sentinels[1].sa.ss_family, AF_INET6);
+    cr_assert_eq(conf->redis.sentinels[2].salen != 0, 1, "resolved at load");
+    cr_assert_eq(conf->redis.ncluster_nodes, 0);
+    tg_conf_unref(conf);
+
+    conf = expect_ok(MIN
+        "redis:\n"
+        "  cluster:\n"
+        "    nodes: [127.0.0.1:7000, 127.0.0.1:7001, 127.0.0.1:7002]\n");
+    cr_assert_eq(conf->redis.ncluster_nodes, 3);
+    cr_assert_str_eq(conf->redis.cluster_nodes[2].text, "127.0.0.1:7002");
+    cr_assert_null(conf->redis.sentinel_master);
+    cr_assert_eq(conf->redis.nsentinels, 0);
+    tg_conf_unref(conf);
+
+    conf = expect_ok(MIN "redis: { url: \"redis://h:6379/0\", cluster: { nodes: [127.0.0.1:7000] } }\n");
+    tg_conf_unref(conf);
+
+    conf = expect_ok(MIN "redis: {}\n");
+    cr_assert_null(conf->redis.sentinel_master);
+    cr_assert_eq(conf->redis.ncluster_nodes, 0);
+    tg_conf_unref(conf);
+}
+
+Test(conf_errors, redis_sentinel_and_cluster)
+{
+    expect_error(MIN "redis:\n  sentinel: { master: m }\n", "6:13",
+                 "redis.sentinel: missing required key \"addresses\"");
+    expect_error(MIN "redis:\n  sentinel: { addresses: [127.0.0.1:1] }\n", "6:13",
+                 "redis.sentinel: missing required key \"master\"");
+    expect_error(MIN "redis:\n  sentinel: { master: \"a b\", addresses: [127.0.0.1:1] }\n",
+                 "6:23", "redis.sentinel.master: must not contain spaces");
+    expect_error(MIN "redis:\n  sentinel: { master: m, addresses: [] }\n", "6:37",
+                 "redis.sentinel.addresses: needs 1..16 sentinel addresses, got 0");
+    expect_error(MIN "redis:\n  sentinel: { master: m, addresses: 127.0.0.1:1 }\n", "6:37",
+                 "redis.sentinel.addresses: expected a sequence of addresses");
+    expect_error(MIN "redis:\n  sentinel: { master: m, addresses: [127.0.0.1:0] }\n",
+                 "6:38", "redis.sentinel.addresses[0]: port 0 is only allowed");
+    expect_error(MIN "redis:\n  sentinel: { master: m, addresses: [127.0.0.1] }\n",
+                 "6:38", "redis.sentinel.addresses[0]: bad address \"127.0.0.1\"");
+    expect_error(MIN "redis:\n  cluster: { nodes: [127.0.0.1:1, 127.0.0.1:1] }\n",
+                 "6:35", "redis.cluster.nodes[1]: \"127.0.0.1:1\" is listed twice");
+    expect_error(MIN "redis:\n  cluster: { nodez: [127.0.0.1:1] }\n", "6:14",
+                 "unknown key \"nodez\" in section \"redis.cluster\" (did you mean \"nodes\"?)");
+    expect_error(MIN "redis:\n  cluster: {}\n", "6:12",
+                 "redis.cluster: missing required key \"nodes\"");
+    expect_error(MIN "redis:\n  sentinel: { master: m, addresses: [127.0.0.1:1] }\n"
+                 "  cluster: { nodes: [127.0.0.1:2] }\n", "7:12",
+                 "redis.cluster: redis.sentinel and redis.cluster cannot be used together");
+    expect_error(MIN "redis:\n  cluster: { nodes: [127.0.0.1:2] }\n"
+                 "  sentinel: { master: m, addresses: [127.0.0.1:1] }\n", "7:13",
+                 "redis.sentinel: redis.sentinel and redis.cluster cannot be used together");
+    expect_error(MIN "redis:\n  url: redis://127.0.0.1:6379/3\n"
+                 "  cluster: { nodes: [127.0.0.1:2] }\n", "6:8",
+                 "redis.url: Redis Cluster has only database 0");
+}

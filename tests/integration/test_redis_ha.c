@@ -1,0 +1,930 @@
+/*
+ * test_redis_ha.c - the Redis client (src/redis.c) against Redis Sentinel
+ * (a master, a replica, three sentinels: failover after kill -9) and Redis
+ * Cluster (three masters: keys spread over the nodes, exact limits, the
+ * global bucket's refund, a slot migrated under a live key).
+ *
+ * Every process is real, runs on an ephemeral loopback port in the test's
+ * own temporary directory, dies with the test (PR_SET_PDEATHSIG) and is
+ * killed by the fixture.  Waits are bounded polls; the event loop is
+ * driven with EVLOOP_ONCE and a 5 ms tick; nothing sleeps for a fixed time.
+ */
+#include <criterion/criterion.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <event2/event.h>
+#include <hiredis/hiredis.h>
+
+#include "tollgate/common.h"
+#include "tollgate/gcra.h"
+#include "tollgate/redis.h"
+
+#define REDIS_BIN "/usr/bin/redis-server"
+#define CLI_BIN   "/usr/bin/redis-cli"
+#define MAX_PROCS 16
+
+static struct event_base *g_base;
+static pid_t g_procs[MAX_PROCS];
+static int g_nprocs;
+static char g_dir[64];
+
+/* ------------------------------------------------------------------ */
+/* processes, ports, files                                             */
+
+static int
+free_port(void)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+    cr_assert(fd >= 0);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+    cr_assert(getsockname(fd, (struct sockaddr *)&sa, &len) == 0);
+    port = ntohs(sa.sin_port);
+    close(fd);
+    return port;
+}
+
+/* Cluster nodes also listen on port + 10000: both must be free. */
+static int
+free_cluster_port(void)
+{
+    for (int i = 0; i < 100; i++) {
+        int p = free_port();
+        struct sockaddr_in sa = { .sin_family = AF_INET };
+        int fd, ok;
+        if (p + 10000 > 65535) {
+            continue;
+        }
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        sa.sin_port = htons((uint16_t)(p + 10000));
+        ok = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+        close(fd);
+        if (ok) {
+            return p;
+        }
+    }
+    cr_assert_fail("no free port pair for a cluster node");
+    return -1;
+}
+
+/* Start argv in g_dir, output to g_dir/<log>; the pid is killed at the end. */
+static pid_t
+spawn(const char *log, char *const argv[])
+{
+    char path[128];
+    pid_t pid;
+
+    snprintf(path, sizeof(path), "%s/%s", g_dir, log);
+    cr_assert(g_nprocs < MAX_PROCS);
+    pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        int out = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        int devnull = open("/dev/null", O_RDONLY);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (chdir(g_dir) != 0) {
+            _exit(126);
+        }
+        if (devnull >= 0) dup2(devnull, 0);
+        if (out >= 0) {
+            dup2(out, 1);
+            dup2(out, 2);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    g_procs[g_nprocs++] = pid;
+    return pid;
+}
+
+static void
+proc_kill(pid_t pid)
+{
+    for (int i = 0; i < g_nprocs; i++) {
+        if (g_procs[i] == pid) {
+            kill(pid, SIGKILL);
+            waitpid(pid, NULL, 0);
+            g_procs[i] = -1;
+        }
+    }
+}
+
+static void
+write_file(const char *name, const char *text)
+{
+    char path[128];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s", g_dir, name);
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* A blocking command on a fresh connection (test setup only). */
+static redisReply *
+sync_argv(int port, int argc, const char **argv)
+{
+    struct timeval tv = { 2, 0 };
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisReply *rep;
+
+    if (c == NULL || c->err) {
+        if (c) redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, tv);
+    rep = redisCommandArgv(c, argc, argv, NULL);
+    redisFree(c);
+    return rep;
+}
+
+static redisReply *
+sync_cmd(int port, const char *fmt, ...)
+{
+    struct timeval tv = { 2, 0 };
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisReply *rep;
+    va_list ap;
+
+    if (c == NULL || c->err) {
+        if (c) redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, tv);
+    va_start(ap, fmt);
+    rep = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    redisFree(c);
+    return rep;
+}
+
+/* The reply's text contains needle (status, string or error). */
+static int
+reply_has(int port, const char *needle, const char *fmt, ...)
+{
+    struct timeval tv = { 2, 0 };
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisReply *rep;
+    va_list ap;
+    int ok;
+
+    if (c == NULL || c->err) {
+        if (c) redisFree(c);
+        return 0;
+    }
+    redisSetTimeout(c, tv);
+    va_start(ap, fmt);
+    rep = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    redisFree(c);
+    ok = rep != NULL && rep->str != NULL && strstr(rep->str, needle) != NULL;
+    if (rep) freeReplyObject(rep);
+    return ok;
+}
+
+static long long
+sync_int(int port, const char *fmt, const char *arg)
+{
+    redisReply *rep = sync_cmd(port, fmt, arg);
+    long long v = -1;
+
+    if (rep != NULL && rep->type == REDIS_REPLY_INTEGER) {
+        v = rep->integer;
+    }
+    if (rep) freeReplyObject(rep);
+    return v;
+}
+
+/* Poll (no event loop involved) until fn(port) or timeout_ms. */
+static int
+poll_until(int (*fn)(int, const void *), int port, const void *arg, unsigned timeout_ms)
+{
+    uint64_t deadline = tg_now_ms() + timeout_ms;
+
+    while (!fn(port, arg)) {
+        if (tg_now_ms() >= deadline) {
+            return 0;
+        }
+        usleep(20000);          /* polling processes we do not drive */
+    }
+    return 1;
+}
+
+static int
+pings(int port, const void *arg)
+{
+    return reply_has(port, "PONG", "PING");
+}
+
+static int
+has_text(int port, const void *arg)
+{
+    const char *const *q = arg;       /* { needle, command, argument } */
+    redisReply *rep = sync_argv(port, 2, (const char **)q + 1);
+    int ok = rep != NULL && rep->str != NULL && strstr(rep->str, q[0]) != NULL;
+
+    if (rep) freeReplyObject(rep);
+    return ok;
+}
+
+static pid_t
+redis_start(int port, const char *extra1, const char *extra2)
+{
+    char portstr[16], log[32];
+    char *argv[16];
+    int n = 0;
+    pid_t pid;
+
+    snprintf(portstr, sizeof(portstr), "%d", port);
+    snprintf(log, sizeof(log), "redis-%d.log", port);
+    argv[n++] = REDIS_BIN;
+    argv[n++] = "--port";
+    argv[n++] = portstr;
+    argv[n++] = "--bind";
+    argv[n++] = "127.0.0.1";
+    argv[n++] = "--save";
+    argv[n++] = "";
+    argv[n++] = "--appendonly";
+    argv[n++] = "no";
+    if (extra1 != NULL) {
+        argv[n++] = "--replicaof";
+        argv[n++] = (char *)extra1;
+        argv[n++] = (char *)extra2;
+    }
+    argv[n] = NULL;
+    pid = spawn(log, argv);
+    cr_assert(poll_until(pings, port, NULL, 10000), "redis-server %d did not start", port);
+    return pid;
+}
+
+static void
+rm_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char path[512];
+
+    if (d == NULL) {
+        return;
+    }
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) {
+            continue;
+        }
+        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+/* ------------------------------------------------------------------ */
+/* loop driving and charges                                            */
+
+static void
+tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+}
+
+typedef int (*cond_fn)(const void *arg);
+
+static int
+run_until(cond_fn cond, const void *arg, unsigned timeout_ms)
+{
+    struct event *tick = event_new(g_base, -1, EV_PERSIST, tick_cb, NULL);
+    struct timeval tv = { 0, 5000 };
+    uint64_t deadline = tg_now_ms() + timeout_ms;
+
+    event_add(tick, &tv);
+    while (!cond(arg) && tg_now_ms() < deadline) {
+        event_base_loop(g_base, EVLOOP_ONCE);
+    }
+    event_free(tick);
+    return cond(arg);
+}
+
+static int
+cond_ready(const void *arg)
+{
+    return tg_redis_ready(arg);
+}
+
+typedef struct tally {
+    int answered;
+    int allowed;
+    int denied;
+    int errors;
+} tally;
+
+static int g_want;
+
+static int
+cond_answered(const void *arg)
+{
+    return ((const tally *)arg)->answered >= g_want;
+}
+
+static void
+on_charge(void *arg, tg_rc rc, const tg_gcra_result *res)
+{
+    tally *t = arg;
+
+    t->answered++;
+    if (rc != TG_OK) {
+        t->errors++;
+    } else if (res->allowed) {
+        t->allowed++;
+    } else {
+        t->denied++;
+    }
+}
+
+/* Issue `count` charges of key (plus the global key when gkey != NULL)
+ * in one loop turn and wait for every answer; results added to *t. */
+static void
+charge_many(struct tg_redis *r, const char *key, tg_gcra_limit lim, const char *gkey,
+            tg_gcra_limit glim, int count, tally *t)
+{
+    const char *keys[2] = { key, gkey };
+    tg_gcra_limit lims[2] = { lim, glim };
+
+    for (int i = 0; i < count; i++) {
+        cr_assert_not_null(tg_redis_charge(r, keys, lims, gkey ? 2 : 1, 1, on_charge, t));
+    }
+    g_want = t->answered + count;
+    cr_assert(run_until(cond_answered, t, 10000), "charges not answered");
+}
+
+/* Charge until one is allowed (after a disruption); 1 on success. */
+static int
+charge_ok_eventually(struct tg_redis *r, const char *key, unsigned timeout_ms)
+{
+    uint64_t deadline = tg_now_ms() + timeout_ms;
+    tg_gcra_limit lim = tg_gcra_per_second(1000, 1000);
+
+    while (tg_now_ms() < deadline) {
+        tally t = { 0 };
+        charge_many(r, key, lim, NULL, lim, 1, &t);
+        if (t.allowed == 1) {
+            return 1;
+        }
+        run_until(cond_ready, r, 50);   /* a short breath, loop still driven */
+    }
+    return 0;
+}
+
+static void
+setup(void)
+{
+    g_base = event_base_new();
+    cr_assert_not_null(g_base);
+    snprintf(g_dir, sizeof(g_dir), "/tmp/tg-redis-ha-XXXXXX");
+    cr_assert_not_null(mkdtemp(g_dir));
+    g_nprocs = 0;
+}
+
+static void
+teardown(void)
+{
+    for (int i = 0; i < g_nprocs; i++) {
+        if (g_procs[i] > 0) {
+            kill(g_procs[i], SIGKILL);
+            waitpid(g_procs[i], NULL, 0);
+        }
+    }
+    g_nprocs = 0;
+    rm_dir(g_dir);
+    if (g_base) {
+        event_base_free(g_base);
+        g_base = NULL;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Sentinel                                                            */
+
+/* SENTINEL master mymaster: the value of field, as a number (-1). */
+static long
+sentinel_field(int port, const char *field)
+{
+    redisReply *rep = sync_cmd(port, "SENTINEL master mymaster");
+    long v = -1;
+
+    if (rep != NULL && rep->type == REDIS_REPLY_ARRAY) {
+        for (size_t i = 0; i + 1 < rep->elements; i += 2) {
+            if (rep->element[i]->type == REDIS_REPLY_STRING
+                && strcmp(rep->element[i]->str, field) == 0
+                && rep->element[i + 1]->type == REDIS_REPLY_STRING) {
+                v = strtol(rep->element[i + 1]->str, NULL, 10);
+            }
+        }
+    }
+    if (rep) freeReplyObject(rep);
+    return v;
+}
+
+static int
+sentinel_settled(int port, const void *arg)
+{
+    return sentinel_field(port, "num-other-sentinels") == 2
+           && sentinel_field(port, "num-slaves") == 1;
+}
+
+static int
+master_port_is(int port, const void *arg)
+{
+    redisReply *rep = sync_cmd(port, "SENTINEL get-master-addr-by-name mymaster");
+    int ok = rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2
+             && atoi(rep->element[1]->str) == *(const int *)arg;
+
+    if (rep) freeReplyObject(rep);
+    return ok;
+}
+
+TestSuite(redis_sentinel, .init = setup, .fini = teardown, .timeout = 180);
+
+Test(redis_sentinel, failover_after_kill_9)
+{
+    int mport = free_port(), rport = free_port(), sport[3];
+    char mportstr[16], conf[512], name[32], log[32];
+    const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+    pid_t master;
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tg_redis_stats st;
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    uint64_t t0, took;
+    tally t = { 0 };
+
+    snprintf(mportstr, sizeof(mportstr), "%d", mport);
+    master = redis_start(mport, NULL, NULL);
+    redis_start(rport, "127.0.0.1", mportstr);
+    cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
+
+    for (int i = 0; i < 3; i++) {
+        char *argv[4];
+        sport[i] = free_port();
+        snprintf(name, sizeof(name), "sentinel-%d.conf", i);
+        snprintf(log, sizeof(log), "sentinel-%d.log", i);
+        snprintf(conf, sizeof(conf),
+                 "port %d\nbind 127.0.0.1\ndir %s\n"
+                 "sentinel resolve-hostnames no\n"
+                 "sentinel monitor mymaster 127.0.0.1 %d 2\n"
+                 "sentinel down-after-milliseconds mymaster 1000\n"
+                 "sentinel failover-timeout mymaster 5000\n",
+                 sport[i], g_dir, mport);
+        write_file(name, conf);
+        argv[0] = REDIS_BIN;
+        argv[1] = name;
+        argv[2] = "--sentinel";
+        argv[3] = NULL;
+        spawn(log, argv);
+    }
+    for (int i = 0; i < 3; i++) {
+        cr_assert(poll_until(sentinel_settled, sport[i], NULL, 20000),
+                  "sentinel %d never saw the others and the replica", i);
+    }
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.sentinels[i].host, sizeof(o.sentinels[i].host), "127.0.0.1");
+        o.sentinels[i].port = sport[i];
+    }
+    o.nsentinels = 3;
+    o.timeout_ms = 200;
+    o.max_batch = 16;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never found the master");
+
+    charge_many(r, "tg:{before}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.errors, 0);
+    cr_assert_eq(t.allowed, 20, "before failover: %d of 40 allowed", t.allowed);
+    cr_assert(sync_int(mport, "EXISTS %s", "tg:{before}:t") == 1, "not on the master");
+
+    /* the master dies hard; a sentinel promotes the replica */
+    proc_kill(master);
+    t0 = tg_now_ms();
+    cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 30000),
+              "no successful charge within 30 s of the failover");
+    took = tg_now_ms() - t0;
+    cr_assert(took <= 30000);
+    cr_assert(master_port_is(sport[0], &rport), "the replica was not promoted");
+    cr_log_info("failover: charges work again after %llu ms",
+                (unsigned long long)took);
+
+    memset(&t, 0, sizeof(t));
+    charge_many(r, "tg:{after}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.errors, 0);
+    cr_assert_eq(t.allowed, 20, "after failover: %d of 40 allowed", t.allowed);
+    cr_assert(sync_int(rport, "EXISTS %s", "tg:{after}:t") == 1,
+              "not written to the promoted replica");
+
+    tg_redis_get_stats(r, &st);
+    cr_assert(st.rediscoveries >= 2, "master asked %llu times",
+              (unsigned long long)st.rediscoveries);
+    tg_redis_destroy(r);
+}
+
+/* A master the sentinels name but which is a replica (stale answer, or
+ * demoted): ROLE says so, the client never becomes ready on it. */
+Test(redis_sentinel, replica_is_never_used)
+{
+    int mport = free_port(), rport = free_port();
+    char mportstr[16];
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tg_redis_stats st;
+    const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+    int fake;
+    pid_t fpid;
+    char fport[16], *argv[8];
+
+    snprintf(mportstr, sizeof(mportstr), "%d", mport);
+    redis_start(mport, NULL, NULL);
+    redis_start(rport, "127.0.0.1", mportstr);
+    cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
+
+    /* a "sentinel" that names the replica: a redis-server whose
+     * SENTINEL command is... absent; use a real sentinel monitoring the
+     * replica's address instead. */
+    fake = free_port();
+    snprintf(fport, sizeof(fport), "%d", fake);
+    {
+        char conf[512];
+        snprintf(conf, sizeof(conf),
+                 "port %d\nbind 127.0.0.1\ndir %s\nsentinel resolve-hostnames no\n"
+                 "sentinel monitor mymaster 127.0.0.1 %d 1\n", fake, g_dir, rport);
+        write_file("stale.conf", conf);
+    }
+    argv[0] = REDIS_BIN;
+    argv[1] = "stale.conf";
+    argv[2] = "--sentinel";
+    argv[3] = NULL;
+    fpid = spawn("stale.log", argv);
+    (void)fpid;
+    cr_assert(poll_until(pings, fake, NULL, 10000));
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
+    o.sentinels[0].port = fake;
+    o.nsentinels = 1;
+    o.timeout_ms = 200;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(!run_until(cond_ready, r, 1500), "became ready on a replica");
+    {
+        tally t = { 0 };
+        tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+        charge_many(r, "tg:{x}:t", lim, NULL, lim, 3, &t);
+        cr_assert_eq(t.errors, 3, "charges must fail, not go to a replica");
+    }
+    cr_assert(sync_int(rport, "EXISTS %s", "tg:{x}:t") == 0);
+    tg_redis_get_stats(r, &st);
+    cr_assert(st.rediscoveries >= 2, "the sentinels were not asked again");
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* Cluster                                                             */
+
+static int g_cport[3];
+
+static int
+cluster_ok(int port, const void *arg)
+{
+    return reply_has(port, "cluster_state:ok", "CLUSTER INFO");
+}
+
+static void
+cluster_start(void)
+{
+    char ports[3][16], addrs[3][32], confs[3][128], logs[3][32];
+    char *cli[12];
+    pid_t pid;
+    uint64_t deadline;
+    int st = 0, n = 0;
+
+    for (int i = 0; i < 3; i++) {
+        char *argv[16];
+        g_cport[i] = free_cluster_port();
+        snprintf(ports[i], sizeof(ports[i]), "%d", g_cport[i]);
+        snprintf(addrs[i], sizeof(addrs[i]), "127.0.0.1:%d", g_cport[i]);
+        snprintf(confs[i], sizeof(confs[i]), "%s/nodes-%d.conf", g_dir, g_cport[i]);
+        snprintf(logs[i], sizeof(logs[i]), "node-%d.log", g_cport[i]);
+        argv[0] = REDIS_BIN;
+        argv[1] = "--port";
+        argv[2] = ports[i];
+        argv[3] = "--bind";
+        argv[4] = "127.0.0.1";
+        argv[5] = "--cluster-enabled";
+        argv[6] = "yes";
+        argv[7] = "--cluster-config-file";
+        argv[8] = confs[i];
+        argv[9] = "--save";
+        argv[10] = "";
+        argv[11] = "--appendonly";
+        argv[12] = "no";
+        argv[13] = NULL;
+        spawn(logs[i], argv);
+    }
+    for (int i = 0; i < 3; i++) {
+        cr_assert(poll_until(pings, g_cport[i], NULL, 10000), "cluster node did not start");
+    }
+    cli[n++] = CLI_BIN;
+    cli[n++] = "--cluster";
+    cli[n++] = "create";
+    for (int i = 0; i < 3; i++) {
+        cli[n++] = addrs[i];
+    }
+    cli[n++] = "--cluster-replicas";
+    cli[n++] = "0";
+    cli[n++] = "--cluster-yes";
+    cli[n] = NULL;
+    pid = spawn("cluster-create.log", cli);
+    deadline = tg_now_ms() + 60000;
+    while (waitpid(pid, &st, WNOHANG) == 0) {
+        cr_assert(tg_now_ms() < deadline, "redis-cli --cluster create hangs");
+        usleep(20000);
+    }
+    for (int i = 0; i < g_nprocs; i++) {
+        if (g_procs[i] == pid) g_procs[i] = -1;
+    }
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "redis-cli --cluster create failed");
+    for (int i = 0; i < 3; i++) {
+        cr_assert(poll_until(cluster_ok, g_cport[i], NULL, 30000), "cluster_state is not ok");
+    }
+}
+
+static struct tg_redis *
+cluster_client(size_t nseeds)
+{
+    tg_redis_opts o;
+    struct tg_redis *r;
+
+    memset(&o, 0, sizeof(o));
+    for (size_t i = 0; i < nseeds; i++) {
+        snprintf(o.cluster_nodes[i].host, sizeof(o.cluster_nodes[i].host), "127.0.0.1");
+        o.cluster_nodes[i].port = g_cport[i];
+    }
+    o.ncluster = nseeds;
+    o.timeout_ms = 1000;
+    o.max_batch = 32;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    /* {a}, {b}, {d} hash to the three default ranges: every node is up */
+    cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    return r;
+}
+
+/* Which node holds key (its index in g_cport), -1 if none. */
+static int
+key_node(const char *key)
+{
+    int at = -1;
+
+    for (int i = 0; i < 3; i++) {
+        redisReply *rep = sync_cmd(g_cport[i], "EXISTS %s", key);
+        if (rep != NULL && rep->type == REDIS_REPLY_INTEGER && rep->integer == 1) {
+            cr_assert_eq(at, -1, "%s exists on two nodes", key);
+            at = i;
+        }
+        if (rep) freeReplyObject(rep);
+    }
+    return at;
+}
+
+TestSuite(redis_cluster, .init = setup, .fini = teardown, .timeout = 240);
+
+Test(redis_cluster, slots_spread_and_exact_limits)
+{
+    enum { NKEYS = 300, NEXACT = 10 };
+    struct tg_redis *r;
+    static tally t[NKEYS];
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    tg_gcra_limit glim = tg_gcra_per_minute(1, 1000000);  /* no refill: stays */
+    static const char *const odd[] = {
+        "{}x", "a{}{b}", "{a", "a}b{c}", "{user1000}.following", "foo{bar}{zap}",
+        "", "tg:{global}:g", "{{x}}", "}{",
+    };
+    char key[64];
+    long long total = 0;
+    int per_node[3] = { 0 };
+    tg_redis_stats st;
+
+    cluster_start();
+
+    /* our slot function agrees with the server's */
+    for (int i = 0; i < NKEYS; i++) {
+        snprintf(key, sizeof(key), "tg:{c%d}:t", i);
+        cr_assert_eq((long long)tg_redis_key_slot(key, strlen(key)),
+                     sync_int(g_cport[0], "CLUSTER KEYSLOT %s", key), "slot of %s", key);
+    }
+    for (size_t i = 0; i < TG_ARRAY_LEN(odd); i++) {
+        cr_assert_eq((long long)tg_redis_key_slot(odd[i], strlen(odd[i])),
+                     sync_int(g_cport[0], "CLUSTER KEYSLOT %s", odd[i]),
+                     "slot of \"%s\"", odd[i]);
+    }
+
+    r = cluster_client(1);      /* one seed: the other masters are learnt */
+
+    /* 300 consumers, each with the global bucket: one loop turn */
+    for (int i = 0; i < NKEYS; i++) {
+        const char *keys[2];
+        tg_gcra_limit lims[2] = { lim, glim };
+        char *k = malloc(32);
+        snprintf(k, 32, "tg:{c%d}:t", i);
+        keys[0] = k;
+        keys[1] = "tg:{global}:g";
+        cr_assert_not_null(tg_redis_charge(r, keys, lims, 2, 1, on_charge, &t[i]));
+        free(k);                /* copied by tg_redis_charge */
+    }
+    for (int i = 0; i < NKEYS; i++) {
+        g_want = 1;
+        cr_assert(run_until(cond_answered, &t[i], 10000), "charge %d not answered", i);
+        cr_assert_eq(t[i].errors, 0, "charge %d failed", i);
+        cr_assert_eq(t[i].allowed, 1, "charge %d denied", i);
+    }
+    for (int i = 0; i < NKEYS; i++) {
+        int at;
+        snprintf(key, sizeof(key), "tg:{c%d}:t", i);
+        at = key_node(key);
+        cr_assert(at >= 0, "%s was not written", key);
+        per_node[at]++;
+    }
+    for (int i = 0; i < 3; i++) {
+        long long n = sync_int(g_cport[i], "DBSIZE", NULL);
+        cr_assert(per_node[i] > 0, "no consumer key on node %d", i);
+        total += n;
+    }
+    cr_log_info("consumer keys per node: %d %d %d", per_node[0], per_node[1], per_node[2]);
+    cr_assert(key_node("tg:{global}:g") >= 0, "the global bucket was not written");
+
+    /* exact limits per key, global bucket included, all at once */
+    for (int i = 0; i < NEXACT; i++) {
+        tally x = { 0 };
+        snprintf(key, sizeof(key), "tg:{x%d}:t", i);
+        charge_many(r, key, lim, "tg:{global}:g", glim, 40, &x);
+        cr_assert_eq(x.errors, 0, "%s: %d errors", key, x.errors);
+        cr_assert_eq(x.allowed, 20, "%s: %d of 40 allowed", key, x.allowed);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.errors, 0);
+    cr_assert(st.map_refreshes >= 1);
+    tg_redis_destroy(r);
+}
+
+/* The global bucket denies: the consumer's own charge is given back. */
+Test(redis_cluster, global_deny_refunds_the_consumer)
+{
+    enum { N = 10, GBURST = 4 };
+    struct tg_redis *r;
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    tg_gcra_limit glim = tg_gcra_per_minute(1, GBURST);
+    tally t[N];
+    char key[N][32];
+    int allowed = 0, exists = 0;
+    tg_redis_stats st;
+    uint64_t deadline;
+
+    cluster_start();
+    r = cluster_client(3);
+    for (int i = 0; i < N; i++) {
+        memset(&t[i], 0, sizeof(t[i]));
+        snprintf(key[i], sizeof(key[i]), "tg:{r%d}:t", i);
+        charge_many(r, key[i], lim, "tg:{g2}:g", glim, 1, &t[i]);
+        cr_assert_eq(t[i].errors, 0);
+        allowed += t[i].allowed;
+    }
+    cr_assert_eq(allowed, GBURST, "%d allowed, the global burst is %d", allowed, GBURST);
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.refunds, N - GBURST);
+
+    /* refunds are fire-and-forget: wait (bounded) until they landed */
+    deadline = tg_now_ms() + 5000;
+    for (;;) {
+        exists = 0;
+        run_until(cond_ready, r, 0);
+        for (int i = 0; i < N; i++) {
+            exists += key_node(key[i]) >= 0;
+        }
+        if (exists == GBURST || tg_now_ms() > deadline) {
+            break;
+        }
+        {
+            struct timeval tv = { 0, 20000 };
+            event_base_loopexit(g_base, &tv);
+            event_base_dispatch(g_base);
+        }
+    }
+    cr_assert_eq(exists, GBURST, "%d consumer buckets remain, want %d", exists, GBURST);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(key_node(key[i]) >= 0, t[i].allowed == 1,
+                     "%s: bucket present %d, allowed %d", key[i],
+                     key_node(key[i]) >= 0, t[i].allowed);
+    }
+    tg_redis_destroy(r);
+}
+
+static char *
+node_id(int port)
+{
+    redisReply *rep = sync_cmd(port, "CLUSTER MYID");
+    char *id;
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STRING);
+    id = strdup(rep->str);
+    freeReplyObject(rep);
+    return id;
+}
+
+static void
+expect_ok(redisReply *rep, const char *what)
+{
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS,
+              "%s: %s", what, rep != NULL && rep->str != NULL ? rep->str : "no reply");
+    freeReplyObject(rep);
+}
+
+/* Slot migration under a live key: charges keep working (ASK, then
+ * MOVED, followed) and the count stays exact. */
+Test(redis_cluster, slot_migration_under_a_live_key)
+{
+    const char *key = "tg:{live}:t";
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    tg_gcra_limit glim = tg_gcra_per_second(1000, 1000000);
+    struct tg_redis *r;
+    tally t = { 0 };
+    tg_redis_stats st;
+    long long slot;
+    int src, dst;
+    char *src_id, *dst_id, slotstr[16], dstport[16];
+
+    cluster_start();
+    r = cluster_client(3);
+
+    charge_many(r, key, lim, "tg:{global}:g", glim, 5, &t);
+    src = key_node(key);
+    cr_assert(src >= 0);
+    dst = (src + 1) % 3;
+    slot = sync_int(g_cport[0], "CLUSTER KEYSLOT %s", key);
+    snprintf(slotstr, sizeof(slotstr), "%lld", slot);
+    snprintf(dstport, sizeof(dstport), "%d", g_cport[dst]);
+    src_id = node_id(g_cport[src]);
+    dst_id = node_id(g_cport[dst]);
+
+    expect_ok(sync_cmd(g_cport[dst], "CLUSTER SETSLOT %s IMPORTING %s", slotstr, src_id),
+              "IMPORTING");
+    expect_ok(sync_cmd(g_cport[src], "CLUSTER SETSLOT %s MIGRATING %s", slotstr, dst_id),
+              "MIGRATING");
+    charge_many(r, key, lim, "tg:{global}:g", glim, 5, &t);    /* still on src */
+    {
+        const char *argv[] = { "MIGRATE", "127.0.0.1", dstport, "", "0", "5000",
+                               "KEYS", key };
+        expect_ok(sync_argv(g_cport[src], 8, argv), "MIGRATE");
+    }
+    charge_many(r, key, lim, "tg:{global}:g", glim, 5, &t);    /* ASK -> dst */
+    tg_redis_get_stats(r, &st);
+    cr_assert(st.redirects >= 1, "no ASK followed");
+    for (int i = 0; i < 3; i++) {
+        int p = (dst + i) % 3;  /* the new owner first */
+        expect_ok(sync_cmd(g_cport[p], "CLUSTER SETSLOT %s NODE %s", slotstr, dst_id),
+                  "SETSLOT NODE");
+    }
+    charge_many(r, key, lim, "tg:{global}:g", glim, 25, &t);   /* MOVED -> dst */
+
+    cr_assert_eq(t.errors, 0, "%d charges failed during the migration", t.errors);
+    cr_assert_eq(t.allowed, 20, "%d of 40 allowed across the migration", t.allowed);
+    cr_assert_eq(key_node(key), dst, "the bucket is not on the new owner");
+    tg_redis_get_stats(r, &st);
+    cr_assert(st.redirects >= 2, "redirects: %llu", (unsigned long long)st.redirects);
+    cr_log_info("migration: %llu redirects followed, %llu map refreshes",
+                (unsigned long long)st.redirects, (unsigned long long)st.map_refreshes);
+    free(src_id);
+    free(dst_id);
+    tg_redis_destroy(r);
+}
