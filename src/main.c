@@ -25,9 +25,11 @@
 #include "tollgate/admin.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
+#include "tollgate/health.h"
 #include "tollgate/keys.h"
 #include "tollgate/metrics.h"
 #include "tollgate/tls.h"
+#include "tollgate/upstream.h"
 #include "tollgate/worker.h"
 
 #define DEFAULT_CONF "/etc/tollgate/tollgate.yaml"
@@ -43,6 +45,7 @@ static struct {
     SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
     struct tg_keys          *keys;          /* auth.keys_file, or NULL */
     struct tg_alog          *alog;          /* access_log.path, or NULL */
+    struct tg_health        *health;        /* upstream.health_check, or NULL */
     struct tg_admin         *admin;
     int                      draining;
     uint64_t                 drain_deadline;
@@ -248,6 +251,8 @@ run(const char *path)
         }
     }
 
+    g.health = tg_health_create(g.base, g.conf);
+    tg_upstream_set_health(g.health);
     if (metrics_init(g.conf) != TG_OK) {
         tg_error("cannot set up the metrics");
         goto out;
@@ -341,6 +346,8 @@ out:
     }
     free(g.workers);
     free(g.shards);
+    tg_upstream_set_health(NULL);
+    tg_health_destroy(g.health);
     if (g.alog != NULL) {
         tg_alog_destroy(g.alog);         /* after every worker's buffer */
     }
@@ -707,11 +714,34 @@ store_mode(void)
     return TG_MSM_REDIS;
 }
 
+/* A server's breaker as the process sees it: open if any worker's is,
+ * else half-open if any, else closed. */
+static int
+upstream_state(size_t s)
+{
+    int worst = 0;
+    unsigned i;
+
+    for (i = 0; i < g.nworkers; i++) {
+        int st = tg_worker_upstream_state(g.workers[i], s);
+        if (st == 1 || (st == 2 && worst == 0)) {
+            worst = st;
+        }
+    }
+    return worst;
+}
+
 static void
 scrape_hook(void *arg)
 {
+    size_t s;
+
     TG_UNUSED(arg);
     tg_metrics_set_store_mode(store_mode());
+    for (s = 0; s < g.conf->upstream.nservers; s++) {
+        tg_metrics_set_gauge(TG_M_UPSTREAM_HEALTH, s, tg_health_up(g.health, s) ? 1 : 0);
+        tg_metrics_set_gauge(TG_M_UPSTREAM_BREAKER, s, upstream_state(s));
+    }
 }
 
 /* StatsD: counters are aggregated in the shards and sent as deltas every
@@ -803,8 +833,11 @@ status_page(void *arg, struct evbuffer *out, const char **ctype)
     }
     evbuffer_add_printf(out, "]},\"upstream\":[");
     for (s = 0; s < g.conf->upstream.nservers; s++) {
-        evbuffer_add_printf(out, "%s{\"server\":\"%s\"}", s ? "," : "",
-                            g.conf->upstream.servers[s].text);
+        evbuffer_add_printf(out, "%s{\"server\":\"%s\",\"health\":\"%s\","
+                            "\"breaker\":\"%s\"}", s ? "," : "",
+                            g.conf->upstream.servers[s].text,
+                            tg_health_up(g.health, s) ? "up" : "down",
+                            states[upstream_state(s)]);
     }
     evbuffer_add_printf(out, "]}\n");
     return 200;

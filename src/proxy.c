@@ -247,6 +247,12 @@ tg_proxy_shard(struct tg_proxy *px)
 }
 
 int
+tg_proxy_upstream_state(struct tg_proxy *px, size_t server)
+{
+    return (int)tg_upstream_server_state(px->pool, server);
+}
+
+int
 tg_proxy_redis_breaker(struct tg_proxy *px)
 {
     return tg_limiter_breaker_state(px->limiter);
@@ -1147,7 +1153,10 @@ up_write_cb(struct bufferevent *bev, void *arg)
 static void
 up_failed(struct tg_client *c, int status, const char *code, const char *msg)
 {
-    if (!c->reported && c->uc != NULL) {
+    /* A reused keep-alive connection that the server had just closed says
+     * nothing about the server's health: no outcome for its breaker. */
+    if (!c->reported && c->uc != NULL
+        && !(c->uc_reused && c->ustate == U_HEAD && status == 502)) {
         tg_upstream_report(c->uc, 0);
         c->reported = 1;
     }

@@ -38,6 +38,8 @@ struct tg_worker {
     int                finished;   /* atomic: loop ended */
     int                store_ready;  /* atomic: tg_proxy_store_ready, sampled */
     int                breaker;      /* atomic: tg_proxy_redis_breaker, sampled */
+    int               *upstate;      /* atomic each: upstream breakers, sampled */
+    size_t             nservers;
     struct event      *sampler;    /* refreshes store_ready */
     struct event_base *base;
     struct event      *notify;     /* read end of the pipe */
@@ -90,6 +92,8 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         goto fail;
     }
     w->conf = tg_conf_ref(conf);
+    w->nservers = conf->upstream.nservers;
+    w->upstate = tg_xcalloc(w->nservers, sizeof(*w->upstate));
     {
         struct timeval tv = { 0, 50 * 1000 };
         w->sampler = event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
@@ -180,6 +184,15 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(what);
     __atomic_store_n(&w->store_ready, tg_proxy_store_ready(w->px), __ATOMIC_RELAXED);
     __atomic_store_n(&w->breaker, tg_proxy_redis_breaker(w->px), __ATOMIC_RELAXED);
+    for (size_t i = 0; i < w->nservers; i++) {
+        __atomic_store_n(&w->upstate[i], tg_proxy_upstream_state(w->px, i), __ATOMIC_RELAXED);
+    }
+}
+
+int
+tg_worker_upstream_state(struct tg_worker *w, size_t server)
+{
+    return server < w->nservers ? __atomic_load_n(&w->upstate[server], __ATOMIC_RELAXED) : 0;
 }
 
 void
@@ -223,6 +236,7 @@ tg_worker_join_destroy(struct tg_worker *w)
     close(w->pipefd[0]);
     close(w->pipefd[1]);
     tg_conf_unref(w->conf);
+    free(w->upstate);
     free(w);
 }
 

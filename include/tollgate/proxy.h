@@ -48,6 +48,8 @@ void tg_proxy_reload(struct tg_proxy *px, tg_conf *conf, struct tg_keys *keys);
 struct tg_metrics_shard;
 /* This worker's metric shard (read by the main thread when scraping). */
 struct tg_metrics_shard *tg_proxy_shard(struct tg_proxy *px);
+/* This worker's breaker of upstream server i (worker thread only). */
+int tg_proxy_upstream_state(struct tg_proxy *px, size_t server);
 /* This worker's Redis breaker: 0 closed, 1 open, 2 half-open, -1 none. */
 int tg_proxy_redis_breaker(struct tg_proxy *px);
 

@@ -41,6 +41,8 @@ struct tg_metrics_shard;
 /* The worker's metric shard, and its Redis breaker state (-1: none). */
 struct tg_metrics_shard *tg_worker_shard(struct tg_worker *w);
 int tg_worker_redis_breaker(struct tg_worker *w);
+/* Upstream server i's breaker in this worker: 0 closed, 1 open, 2 half-open. */
+int tg_worker_upstream_state(struct tg_worker *w, size_t server);
 
 struct tg_alog;
 /* Before tg_worker_start: log this worker's requests to log. */

@@ -349,8 +349,15 @@ static int read_file(const char *path, char *buf, size_t cap)
 
 int tgh_testup_start(tgh_upstream *u)
 {
+    return tgh_testup_start_port(u, 0);
+}
+
+int tgh_testup_start_port(tgh_upstream *u, int want)
+{
+    char port[16];
+    snprintf(port, sizeof port, "%d", want);
     memset(u, 0, sizeof *u);
-    char *argv[] = { (char *)tgh_env("TG_TESTUP"), "-p", "0", NULL };
+    char *argv[] = { (char *)tgh_env("TG_TESTUP"), "-p", port, NULL };
     u->proc = tgh_spawn("tg-testup", argv);
     if (u->proc == NULL)
         return -1;

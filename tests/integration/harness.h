@@ -89,6 +89,8 @@ typedef struct tgh_upstream {
 
 /* tg-testup -p 0; reads PORT=<n> from its first output line. 0 / -1. */
 int tgh_testup_start(tgh_upstream *u);
+/* tg-testup on a given port (a restart); 0 / -1. */
+int tgh_testup_start_port(tgh_upstream *u, int port);
 
 /* The FastAPI sample app under uvicorn (2 workers); waits for /health. */
 int tgh_fastapi_start(tgh_upstream *u);
