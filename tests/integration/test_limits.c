@@ -80,6 +80,7 @@ wait_ready(tgh_tollgate *t)
 }
 
 static const char *auth_extra = "";    /* more auth: keys for one test */
+static const char *more_yaml = "";     /* more top-level sections for one test */
 
 static void
 start(const char *store, int instances)
@@ -96,8 +97,9 @@ start(const char *store, int instances)
              "  pro:        { requests_per_minute: 500,  burst_limit: 100 }\n"
              "  enterprise: { requests_per_minute: 1000, burst_limit: 200 }\n"
              "auth: { keys_file: %s%s }\n"
-             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
-             write_keys(), auth_extra, rds.port > 0 ? rds.port : 6379);
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n"
+             "%s",
+             write_keys(), auth_extra, rds.port > 0 ? rds.port : 6379, more_yaml);
     tgh_tg_opts_default(&o, up.port);
     o.store = store;
     o.extra_yaml = extra;
@@ -565,6 +567,78 @@ Test(limits, redis_key_store_and_revocation_within_ttl)
     TGH_CHECK(ms <= 300 + 700, "deletion took %ld ms (cache TTL 300 ms)", ms);
     /* the file's keys still work beside the store */
     TGH_CHECK(get(tg.port, "k-pro", "/", &r) == 200, "file key");
+    tgh_resp_free(&r);
+    auth_extra = "";
+}
+
+/* ---- routes, global bucket, anonymous tier ------------------------------------ */
+
+static int
+count_ok(const char *key, const char *path, int n, const char **policy_seen)
+{
+    int i, ok = 0;
+    static char policy[128];
+
+    for (i = 0; i < n; i++) {
+        tgh_resp r;
+        int st = get(tg.port, key, path, &r);
+        TGH_CHECK(st == 200 || st == 429, "%s %s: %d", key ? key : "(none)", path, st);
+        ok += st == 200;
+        if (st == 429 && policy_seen != NULL) {
+            const char *h = tgh_resp_header(&r, "RateLimit-Policy");
+            snprintf(policy, sizeof policy, "%s", h ? h : "");
+            *policy_seen = policy;
+        }
+        tgh_resp_free(&r);
+    }
+    return ok;
+}
+
+static void
+routes_and_global(const char *store)
+{
+    const char *policy = NULL;
+    uint64_t t0;
+    long earned;
+    int ok;
+
+    more_yaml =
+        "routes:\n"
+        "  - { name: limited, method: GET, path: /limited, limit: { requests_per_minute: 1, burst_limit: 3 } }\n"
+        "  - { name: costly, path: /costly, cost: 5 }\n"
+        "global_limit: { requests_per_second: 1, burst: 40 }\n";
+    start(store, 1);
+    t0 = tgh_now_ms();
+    /* route bucket: 3 per key while the tier bucket still has room */
+    TGH_CHECK(count_ok("k-ent", "/limited", 6, &policy) == 3, "route bucket");
+    TGH_CHECK(policy && strncmp(policy, "\"limited\";q=3", 13) == 0, "policy %s", policy);
+    /* cost 5 from every bucket: basic's 20 tokens are 4 requests */
+    TGH_CHECK(count_ok("k-basic", "/costly", 6, NULL) == 4, "route cost");
+    /* global: 40 in all, 3 + 20 used; 17 left for anybody, plus one a
+     * second since the start */
+    ok = count_ok("k-pro", "/", 30, &policy);
+    earned = (long)(tgh_now_ms() - t0) / 1000 + 1;
+    TGH_CHECK(ok >= 17 && ok <= 17 + earned, "global bucket: %d allowed, expected 17..%ld",
+              ok, 17 + earned);
+    TGH_CHECK(policy && strncmp(policy, "\"global\";q=40", 13) == 0, "policy %s", policy);
+    more_yaml = "";
+}
+
+Test(limits, routes_and_global_local) { routes_and_global("local"); }
+Test(limits, routes_and_global_redis) { routes_and_global("redis"); }
+
+Test(limits, anonymous_tier_by_client_ip)
+{
+    tgh_resp r;
+
+    auth_extra = ", anonymous_tier: basic";
+    start("local", 1);
+    TGH_CHECK(count_ok(NULL, "/", 25, NULL) == 20, "anonymous burst");
+    /* keyed consumers have their own buckets */
+    TGH_CHECK(get(tg.port, "k-basic", "/", &r) == 200, "keyed request");
+    tgh_resp_free(&r);
+    /* a wrong key is still refused, not taken as anonymous */
+    TGH_CHECK(get(tg.port, "nope", "/", &r) == 401, "unknown key");
     tgh_resp_free(&r);
     auth_extra = "";
 }
