@@ -580,6 +580,9 @@ client_event_cb(struct bufferevent *bev, short what, void *arg)
     struct tg_client *c = arg;
 
     TG_UNUSED(bev);
+    if (what & BEV_EVENT_CONNECTED) {
+        return;                        /* TLS handshake done */
+    }
     if (c->state == C_LINGER || c->state == C_CLOSING || c->state == C_DEAD) {
         client_kill(c);
         return;

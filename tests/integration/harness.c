@@ -535,8 +535,13 @@ static int write_config(const char *path, const tgh_tg_opts *o, int port,
     FILE *f = fopen(path, "w");
     if (f == NULL)
         return -1;
+    if (o->tls_port > 0)
+        fprintf(f, "listen: [ { address: 127.0.0.1:%d }, { address: 127.0.0.1:%d, "
+                "tls: { cert: %s, key: %s } } ]\n", port, o->tls_port, o->tls_cert,
+                o->tls_key);
+    else
+        fprintf(f, "listen: [ { address: 127.0.0.1:%d } ]\n", port);
     fprintf(f,
-        "listen: [ { address: 127.0.0.1:%d } ]\n"
         "admin: { address: 127.0.0.1:%d }\n"
         "workers: %d\n"
         "drain_timeout_ms: %d\n"
@@ -547,7 +552,7 @@ static int write_config(const char *path, const tgh_tg_opts *o, int port,
         "upstream: { servers: [%s], connect_timeout_ms: %d, "
         "first_byte_timeout_ms: %d, total_timeout_ms: %d, keepalive: %d }\n"
         "store: %s\n",
-        port, admin_port, o->workers, o->drain_timeout_ms, o->log_level,
+        admin_port, o->workers, o->drain_timeout_ms, o->log_level,
         o->max_body_bytes, o->max_header_bytes, o->max_request_line,
         o->header_timeout_ms, o->body_timeout_ms, o->idle_timeout_ms,
         o->upstream_servers, o->connect_timeout_ms, o->first_byte_timeout_ms,

@@ -128,6 +128,8 @@ typedef struct tgh_tg_opts {
     int  total_timeout_ms;
     int  keepalive;
     const char *store;                 /* "local" (default) or "redis" */
+    int         tls_port;              /* > 0: a second listener with TLS */
+    const char *tls_cert, *tls_key;    /* its PEM files */
     const char *extra_yaml;            /* appended verbatim (may be NULL) */
 } tgh_tg_opts;
 
