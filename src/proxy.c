@@ -93,6 +93,7 @@ struct tg_client {
     struct event       *timer;          /* idle / header / linger deadline */
     struct event       *defer;          /* free, or serve a pipelined request */
     struct event       *rev;            /* plain sockets: our own read event */
+    struct event       *urev;           /* our read event on the lent upstream */
     char                ip[INET6_ADDRSTRLEN];
 
     /* the current request */
@@ -175,6 +176,9 @@ static void client_flush(struct tg_client *c);
 static void rd_on(struct tg_client *c, const struct timeval *timeout);
 static void rd_off(struct tg_client *c);
 static void client_rd_cb(evutil_socket_t fd, short what, void *arg);
+static void up_rd_cb(evutil_socket_t fd, short what, void *arg);
+static void urd_start(struct tg_client *c);
+static ssize_t read_into(evutil_socket_t fd, struct evbuffer *in);
 static void up_flush(struct tg_client *c);
 
 /* ---- public -------------------------------------------------------- */
@@ -327,6 +331,7 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
     c->timer = evtimer_new(px->base, client_timer_cb, c);
     c->defer = event_new(px->base, -1, 0, client_defer_cb, c);
     c->up_timer = evtimer_new(px->base, up_timer_cb, c);
+    c->urev = event_new(px->base, -1, 0, up_rd_cb, c);   /* assigned per exchange */
     c->headbuf = tg_xmalloc(px->lim.max_header_bytes);
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
@@ -388,6 +393,7 @@ client_free(struct tg_client *c)
     if (c->rev != NULL) {
         event_free(c->rev);
     }
+    event_free(c->urev);
     event_free(c->timer);
     event_free(c->defer);
     event_free(c->up_timer);
@@ -569,7 +575,7 @@ client_write_cb(struct bufferevent *bev, void *arg)
     }
     if (c->state == C_BUSY && c->rs_paused && c->uc != NULL) {
         c->rs_paused = 0;
-        bufferevent_enable(tg_uconn_bev(c->uc), EV_READ);
+        event_add(c->urev, NULL);
         relay_response_body(c);
     }
 }
@@ -915,7 +921,12 @@ forward(struct tg_client *c)
     bufferevent_setwatermark(ub, EV_WRITE, TG_LOW_WATER, 0);
     /* A new connection writes when the connect completes; a reused one
      * is written through at once (up_flush). */
-    bufferevent_enable(ub, c->uc_connected ? EV_READ : EV_READ | EV_WRITE);
+    if (c->uc_connected) {
+        bufferevent_disable(ub, EV_READ);      /* ours while lent: urd_start */
+        urd_start(c);
+    } else {
+        bufferevent_enable(ub, EV_WRITE);      /* the connect; reads after it */
+    }
     write_upstream_head(c, bufferevent_get_output(ub));
 
     if (!c->retried) {
@@ -1096,6 +1107,7 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
 
     if (what & BEV_EVENT_CONNECTED) {
         c->uc_connected = 1;
+        urd_start(c);
         c->phase_deadline = 0;
         c->phase_is_connect = 0;
         if (c->rq_done && c->ustate == U_HEAD) {
@@ -1174,6 +1186,7 @@ up_failed(struct tg_client *c, int status, const char *code, const char *msg)
 
         c->uc = NULL;
         event_del(c->up_timer);
+        event_del(c->urev);
         c->retried = 1;
         c->avoid = old;
         forward(c);
@@ -1214,6 +1227,7 @@ exchange_end(struct tg_client *c, int reusable)
         return;
     }
     event_del(c->up_timer);
+    event_del(c->urev);
     tg_upstream_release(c->uc, reusable && c->rq_done);
     c->uc = NULL;
     c->ustate = U_NONE;
@@ -1401,7 +1415,7 @@ relay_response_body(struct tg_client *c)
                 continue;
             }
             c->rs_paused = 1;
-            bufferevent_disable(tg_uconn_bev(c->uc), EV_READ);
+            event_del(c->urev);
             return;
         }
         if (c->rs_body == TG_BODY_LENGTH) {
@@ -1491,10 +1505,7 @@ client_rd_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_client *c = arg;
     struct evbuffer *in = bufferevent_get_input(c->bev);
-    struct evbuffer_iovec v[2];
-    struct iovec iov[2];
     ssize_t n;
-    int nv, i;
 
     if (what & EV_TIMEOUT) {
         client_event_cb(c->bev, BEV_EVENT_TIMEOUT | BEV_EVENT_READING, c);
@@ -1505,6 +1516,30 @@ client_rd_cb(evutil_socket_t fd, short what, void *arg)
         rd_off(c);
         return;
     }
+    n = read_into(fd, in);
+    if (n > 0) {
+        client_read_cb(c->bev, c);
+    } else if (n == 0) {
+        rd_off(c);                 /* level-triggered: EOF would fire forever */
+        client_event_cb(c->bev, BEV_EVENT_EOF | BEV_EVENT_READING, c);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        rd_off(c);
+        client_event_cb(c->bev, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
+    }
+}
+
+/* ---- reading the upstream ---------------------------------------------- */
+
+/* Read fd into in (its tail thawed as libevent does): one readv of up to
+ * 16 KiB, no FIONREAD.  Returns what readv returned. */
+static ssize_t
+read_into(evutil_socket_t fd, struct evbuffer *in)
+{
+    struct evbuffer_iovec v[2];
+    struct iovec iov[2];
+    ssize_t n;
+    int nv, i;
+
     evbuffer_unfreeze(in, 0);
     nv = evbuffer_reserve_space(in, 16384, v, 2);
     for (i = 0; i < nv; i++) {
@@ -1525,14 +1560,44 @@ client_rd_cb(evutil_socket_t fd, short what, void *arg)
         evbuffer_commit_space(in, v, nv);
     }
     evbuffer_freeze(in, 0);
+    return n;
+}
+
+/* While an upstream connection is lent to us (and connected), we read it
+ * with our own event instead of its bufferevent's (no FIONREAD per read);
+ * the pool's idle watcher gets the bufferevent back on release. */
+static void
+urd_start(struct tg_client *c)
+{
+    evutil_socket_t fd = bufferevent_getfd(tg_uconn_bev(c->uc));
+
+    event_del(c->urev);
+    event_assign(c->urev, c->px->base, fd, EV_READ | EV_PERSIST, up_rd_cb, c);
+    event_add(c->urev, NULL);
+}
+
+static void
+up_rd_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_client *c = arg;
+    struct bufferevent *ub;
+    ssize_t n;
+
+    TG_UNUSED(what);
+    if (c->uc == NULL) {
+        event_del(c->urev);
+        return;
+    }
+    ub = tg_uconn_bev(c->uc);
+    n = read_into(fd, bufferevent_get_input(ub));
     if (n > 0) {
-        client_read_cb(c->bev, c);
+        up_read_cb(ub, c);
     } else if (n == 0) {
-        rd_off(c);                 /* level-triggered: EOF would fire forever */
-        client_event_cb(c->bev, BEV_EVENT_EOF | BEV_EVENT_READING, c);
+        event_del(c->urev);
+        up_event_cb(ub, BEV_EVENT_EOF | BEV_EVENT_READING, c);
     } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        rd_off(c);
-        client_event_cb(c->bev, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
+        event_del(c->urev);
+        up_event_cb(ub, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
     }
 }
 
