@@ -33,6 +33,8 @@
 #include <netinet/in.h>
 #include <yaml.h>
 
+#include "tollgate/yaml.h"
+
 #define TG_CONF_MAX_FILE   (16u * 1024 * 1024)  /* a config is never this big */
 #define TG_CONF_PATHLEN    256                  /* key path in messages */
 #define TG_CONF_NOFIELD    ((size_t)-1)         /* directive with no scalar field */
@@ -801,118 +803,18 @@ tg_conf_free(tg_conf *conf)
     free(conf);
 }
 
-/* Line and column of a byte offset, for reader errors that carry no mark. */
-static yaml_mark_t
-tg_conf_offset_mark(const tg_conf_ctx *ctx, size_t offset)
-{
-    yaml_mark_t m;
-    size_t i;
-
-    memset(&m, 0, sizeof(m));
-    for (i = 0; i < offset && i < ctx->len; i++) {
-        if (ctx->text[i] == '\n') {
-            m.line++;
-            m.column = 0;
-        } else {
-            m.column++;
-        }
-    }
-    m.index = offset;
-    return m;
-}
-
-static tg_rc
-tg_conf_syntax_error(tg_conf_ctx *ctx, yaml_parser_t *parser)
-{
-    yaml_mark_t mark;
-    const char *problem = parser->problem ? parser->problem : "unknown error";
-
-    if (parser->error == YAML_READER_ERROR) {
-        mark = tg_conf_offset_mark(ctx, parser->problem_offset);
-        return tg_conf_error(ctx, mark, "", "YAML syntax error: %s", problem);
-    }
-    mark = parser->problem_mark;
-    if (parser->context != NULL) {
-        return tg_conf_error(ctx, mark, "", "YAML syntax error: %s %s (at %zu:%zu)",
-                             problem, parser->context,
-                             parser->context_mark.line + 1,
-                             parser->context_mark.column + 1);
-    }
-    return tg_conf_error(ctx, mark, "", "YAML syntax error: %s", problem);
-}
-
 /*
- * Phase 1.  The event scan finds syntax errors, anchors/aliases and extra
- * documents at their exact marks (the loaded tree has forgotten aliases:
- * it shares the anchored node).  Anchors are rejected, not only aliases, so
- * that a config means the same thing read by a person top to bottom.
+ * Phase 1.  tg_yaml_load finds syntax errors, anchors/aliases and extra
+ * documents at their exact marks, then loads the node tree.
  */
 static tg_rc
 tg_conf_structure(tg_conf_ctx *ctx)
 {
-    yaml_parser_t parser;
-    yaml_event_t ev;
-    yaml_char_t *anchor;
-    int ndocs = 0, done = 0;
-    tg_rc rc = TG_ERR;
-
-    yaml_parser_initialize(&parser);
-    yaml_parser_set_input_string(&parser, (const unsigned char *)ctx->text,
-                                 ctx->len);
-    while (!done) {
-        if (!yaml_parser_parse(&parser, &ev)) {
-            tg_conf_syntax_error(ctx, &parser);
-            yaml_parser_delete(&parser);
-            return TG_ERR;
-        }
-        anchor = NULL;
-        switch (ev.type) {
-        case YAML_DOCUMENT_START_EVENT:
-            if (++ndocs > 1) {
-                tg_conf_error(ctx, ev.start_mark, "", "only one YAML document "
-                              "is allowed in a config file");
-                goto fail;
-            }
-            break;
-        case YAML_ALIAS_EVENT:
-            tg_conf_error(ctx, ev.start_mark, "", "YAML aliases (*%s) are not "
-                          "supported: write the value out",
-                          (const char *)ev.data.alias.anchor);
-            goto fail;
-        case YAML_SCALAR_EVENT:
-            anchor = ev.data.scalar.anchor;
-            break;
-        case YAML_SEQUENCE_START_EVENT:
-            anchor = ev.data.sequence_start.anchor;
-            break;
-        case YAML_MAPPING_START_EVENT:
-            anchor = ev.data.mapping_start.anchor;
-            break;
-        case YAML_STREAM_END_EVENT:
-            done = 1;
-            break;
-        default:
-            break;
-        }
-        if (anchor != NULL) {
-            tg_conf_error(ctx, ev.start_mark, "", "YAML anchors (&%s) are not "
-                          "supported: write the value out", (const char *)anchor);
-            goto fail;
-        }
-        yaml_event_delete(&ev);
-    }
-    yaml_parser_delete(&parser);
-
-    yaml_parser_initialize(&parser);
-    yaml_parser_set_input_string(&parser, (const unsigned char *)ctx->text,
-                                 ctx->len);
-    if (!yaml_parser_load(&parser, &ctx->doc)) {
-        tg_conf_syntax_error(ctx, &parser);
-        yaml_parser_delete(&parser);
+    if (tg_yaml_load(&ctx->doc, ctx->name, ctx->text, ctx->len, "config file",
+                     ctx->err, ctx->errlen) != TG_OK) {
         return TG_ERR;
     }
     ctx->have_doc = 1;
-    yaml_parser_delete(&parser);
 
     if (yaml_document_get_root_node(&ctx->doc) == NULL) {
         yaml_mark_t zero;
@@ -922,11 +824,6 @@ tg_conf_structure(tg_conf_ctx *ctx)
                              "and \"upstream\"");
     }
     return TG_OK;
-
-fail:
-    yaml_event_delete(&ev);
-    yaml_parser_delete(&parser);
-    return rc;
 }
 
 /* Phase 3: rules across fields, and derived values. */
@@ -2151,18 +2048,9 @@ tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
               const char *fmt, ...)
 {
     va_list ap;
-    int n;
 
-    if (ctx->errlen == 0) {
-        return TG_ERR;
-    }
-    n = snprintf(ctx->err, ctx->errlen, "%s:%zu:%zu: %s%s", ctx->name,
-                 mark.line + 1, mark.column + 1, path, path[0] ? ": " : "");
-    if (n < 0 || (size_t)n >= ctx->errlen) {
-        return TG_ERR;
-    }
     va_start(ap, fmt);
-    vsnprintf(ctx->err + n, ctx->errlen - (size_t)n, fmt, ap);
+    tg_yaml_verror(ctx->err, ctx->errlen, ctx->name, mark, path, fmt, ap);
     va_end(ap);
     return TG_ERR;
 }

@@ -36,6 +36,8 @@
 #include <openssl/sha.h>
 #include <yaml.h>
 
+#include "tollgate/yaml.h"
+
 #define TG_KEYS_MAX_FILE  (64u * 1024 * 1024)   /* ~500k keys; use Redis beyond */
 #define TG_KEYS_PATHLEN   64                    /* "keys[123456].sha256" */
 #define TG_KEYS_ECHO_MAX  32                    /* longest unknown key quoted */
@@ -402,115 +404,16 @@ tg_keys_generate(char out[64])
 
 /* ---- parsing ----------------------------------------------------------- */
 
-/* Line and column of a byte offset, for reader errors that carry no mark. */
-static yaml_mark_t
-tg_keys_offset_mark(const tg_keys_ctx *ctx, size_t offset)
-{
-    yaml_mark_t m;
-    size_t i;
-
-    memset(&m, 0, sizeof(m));
-    for (i = 0; i < offset && i < ctx->len; i++) {
-        if (ctx->text[i] == '\n') {
-            m.line++;
-            m.column = 0;
-        } else {
-            m.column++;
-        }
-    }
-    m.index = offset;
-    return m;
-}
-
-static tg_rc
-tg_keys_syntax_error(tg_keys_ctx *ctx, yaml_parser_t *parser)
-{
-    const char *problem = parser->problem ? parser->problem : "unknown error";
-
-    if (parser->error == YAML_READER_ERROR) {
-        return tg_keys_error(ctx, tg_keys_offset_mark(ctx, parser->problem_offset),
-                             "", "YAML syntax error: %s", problem);
-    }
-    if (parser->context != NULL) {
-        return tg_keys_error(ctx, parser->problem_mark, "", "YAML syntax error: "
-                             "%s %s (at %zu:%zu)", problem, parser->context,
-                             parser->context_mark.line + 1,
-                             parser->context_mark.column + 1);
-    }
-    return tg_keys_error(ctx, parser->problem_mark, "", "YAML syntax error: %s",
-                         problem);
-}
-
-/*
- * Phase 1: the loaded tree has forgotten aliases (it shares the anchored
- * node), so anchors, aliases and extra documents are found on the event
- * stream, at their exact marks.
- */
+/* Phase 1: tg_yaml_load rejects anchors, aliases and extra documents at
+ * their exact marks, then loads the node tree. */
 static tg_rc
 tg_keys_structure(tg_keys_ctx *ctx)
 {
-    yaml_parser_t parser;
-    yaml_event_t ev;
-    yaml_char_t *anchor;
-    int ndocs = 0, done = 0;
-
-    yaml_parser_initialize(&parser);
-    yaml_parser_set_input_string(&parser, (const unsigned char *)ctx->text,
-                                 ctx->len);
-    while (!done) {
-        if (!yaml_parser_parse(&parser, &ev)) {
-            tg_keys_syntax_error(ctx, &parser);
-            yaml_parser_delete(&parser);
-            return TG_ERR;
-        }
-        anchor = NULL;
-        switch (ev.type) {
-        case YAML_DOCUMENT_START_EVENT:
-            if (++ndocs > 1) {
-                tg_keys_error(ctx, ev.start_mark, "", "only one YAML document "
-                              "is allowed in a keys file");
-                goto fail;
-            }
-            break;
-        case YAML_ALIAS_EVENT:
-            tg_keys_error(ctx, ev.start_mark, "", "YAML aliases (*%s) are not "
-                          "supported: write the value out",
-                          (const char *)ev.data.alias.anchor);
-            goto fail;
-        case YAML_SCALAR_EVENT:
-            anchor = ev.data.scalar.anchor;
-            break;
-        case YAML_SEQUENCE_START_EVENT:
-            anchor = ev.data.sequence_start.anchor;
-            break;
-        case YAML_MAPPING_START_EVENT:
-            anchor = ev.data.mapping_start.anchor;
-            break;
-        case YAML_STREAM_END_EVENT:
-            done = 1;
-            break;
-        default:
-            break;
-        }
-        if (anchor != NULL) {
-            tg_keys_error(ctx, ev.start_mark, "", "YAML anchors (&%s) are not "
-                          "supported: write the value out", (const char *)anchor);
-            goto fail;
-        }
-        yaml_event_delete(&ev);
-    }
-    yaml_parser_delete(&parser);
-
-    yaml_parser_initialize(&parser);
-    yaml_parser_set_input_string(&parser, (const unsigned char *)ctx->text,
-                                 ctx->len);
-    if (!yaml_parser_load(&parser, &ctx->doc)) {
-        tg_keys_syntax_error(ctx, &parser);
-        yaml_parser_delete(&parser);
+    if (tg_yaml_load(&ctx->doc, ctx->name, ctx->text, ctx->len, "keys file",
+                     ctx->err, ctx->errlen) != TG_OK) {
         return TG_ERR;
     }
     ctx->have_doc = 1;
-    yaml_parser_delete(&parser);
 
     if (yaml_document_get_root_node(&ctx->doc) == NULL) {
         yaml_mark_t zero;
@@ -519,11 +422,6 @@ tg_keys_structure(tg_keys_ctx *ctx)
                              "with a sequence (\"keys: []\" for none)");
     }
     return TG_OK;
-
-fail:
-    yaml_event_delete(&ev);
-    yaml_parser_delete(&parser);
-    return TG_ERR;
 }
 
 /* Key path of a child: "parent.key", or the parent alone when the key is
@@ -959,18 +857,9 @@ tg_keys_error(tg_keys_ctx *ctx, yaml_mark_t mark, const char *path,
               const char *fmt, ...)
 {
     va_list ap;
-    int n;
 
-    if (ctx->errlen == 0) {
-        return TG_ERR;
-    }
-    n = snprintf(ctx->err, ctx->errlen, "%s:%zu:%zu: %s%s", ctx->name,
-                 mark.line + 1, mark.column + 1, path, path[0] ? ": " : "");
-    if (n < 0 || (size_t)n >= ctx->errlen) {
-        return TG_ERR;
-    }
     va_start(ap, fmt);
-    vsnprintf(ctx->err + n, ctx->errlen - (size_t)n, fmt, ap);
+    tg_yaml_verror(ctx->err, ctx->errlen, ctx->name, mark, path, fmt, ap);
     va_end(ap);
     return TG_ERR;
 }

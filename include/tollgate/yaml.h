@@ -1,0 +1,43 @@
+/*
+ * yaml.h - the strict YAML front end shared by the config and keys parsers.
+ *
+ * tg_yaml_load reads a text in two passes over libyaml.  The first scans the
+ * event stream and rejects what tollgate does not support (anchors, aliases,
+ * a second document) at its exact mark: the loaded tree has forgotten
+ * aliases (it shares the anchored node), so only the events can point at
+ * them.  The second loads the node tree.  Every message has the form
+ * "NAME:LINE:COL: path: what is wrong" (1-based line and column).
+ */
+#ifndef TOLLGATE_YAML_H
+#define TOLLGATE_YAML_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <yaml.h>
+
+#include "tollgate/common.h"
+
+/*
+ * Load text (len bytes, need not be NUL-terminated) into doc.  `name` is the
+ * file name used in messages; `what` names the kind of file in "only one
+ * YAML document is allowed in a WHAT" (e.g. "config file").  Returns TG_OK
+ * with doc loaded (the caller frees it with yaml_document_delete; its root
+ * is NULL for an empty text), or TG_ERR with err filled and nothing to free.
+ */
+tg_rc tg_yaml_load(yaml_document_t *doc, const char *name, const char *text,
+                   size_t len, const char *what, char *err, size_t errlen);
+
+/*
+ * Format "NAME:LINE:COL: path: message" into err (errlen bytes; nothing is
+ * written when errlen is 0).  An empty path writes "NAME:LINE:COL: message".
+ * Always returns TG_ERR.
+ */
+tg_rc tg_yaml_error(char *err, size_t errlen, const char *name,
+                    yaml_mark_t mark, const char *path, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+tg_rc tg_yaml_verror(char *err, size_t errlen, const char *name,
+                     yaml_mark_t mark, const char *path, const char *fmt,
+                     va_list ap)
+    __attribute__((format(printf, 6, 0)));
+
+#endif /* TOLLGATE_YAML_H */
