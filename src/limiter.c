@@ -70,6 +70,9 @@ struct tg_limiter {
     tg_breaker          breaker;    /* over the Redis calls of this worker */
     kcache_entry       *kcache;     /* auth.redis_keys, KCACHE_SLOTS entries */
     struct tg_metrics_shard *shard; /* may be NULL */
+    uint64_t            last_fail_ms;   /* a batch fails all its charges at once */
+    uint64_t            seen_timeouts;  /* tg_redis_stats already counted */
+    uint64_t            seen_noscript;
 };
 
 /* Redis breaker: a handful of failed calls (each already bounded by
@@ -199,6 +202,21 @@ tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
                    || (conf->auth.redis_keys && lim->redis != NULL);
     tg_keys_unref(old_keys);
     tg_conf_unref(old_conf);
+}
+
+void
+tg_limiter_sample(struct tg_limiter *lim)
+{
+    tg_redis_stats st;
+
+    if (lim->redis == NULL || lim->shard == NULL) {
+        return;
+    }
+    tg_redis_get_stats(lim->redis, &st);
+    tg_metric_add(lim->shard, TG_M_REDIS_CALLS, TG_MR_TIMEOUT, st.timeouts - lim->seen_timeouts);
+    tg_metric_add(lim->shard, TG_M_REDIS_CALLS, TG_MR_NOSCRIPT, st.noscript - lim->seen_noscript);
+    lim->seen_timeouts = st.timeouts;
+    lim->seen_noscript = st.noscript;
 }
 
 void
@@ -449,7 +467,15 @@ redis_done(void *arg, tg_rc rc, const tg_gcra_result *res)
         tg_breaker_success(&lim->breaker, now / 1000);
         finish(ctx, res);
     } else {
-        tg_breaker_failure(&lim->breaker, now / 1000);
+        /* A batch that misses its deadline fails all its charges in one
+         * callback run: that is one failure of Redis, not one per charge
+         * (else one late batch on a busy machine opens the breaker). */
+        if (now / 1000 != lim->last_fail_ms) {
+            tg_breaker_failure(&lim->breaker, now / 1000);
+            lim->last_fail_ms = now / 1000;
+        } else {
+            tg_breaker_abandon(&lim->breaker, now / 1000);
+        }
         fallback(ctx);
     }
     ctx->cb(ctx->arg);

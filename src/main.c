@@ -45,6 +45,7 @@ static struct {
     SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
     struct tg_keys          *keys;          /* auth.keys_file, or NULL */
     struct tg_alog          *alog;          /* access_log.path, or NULL */
+    uint64_t                 alog_counted;  /* drops already in the metric */
     struct tg_health        *health;        /* upstream.health_check, or NULL */
     struct tg_admin         *admin;
     int                      draining;
@@ -738,6 +739,11 @@ scrape_hook(void *arg)
 
     TG_UNUSED(arg);
     tg_metrics_set_store_mode(store_mode());
+    if (g.alog != NULL) {
+        uint64_t dropped = tg_alog_dropped(g.alog);
+        tg_metrics_global_add(TG_M_ALOG_DROPPED, 0, dropped - g.alog_counted);
+        g.alog_counted = dropped;
+    }
     for (s = 0; s < g.conf->upstream.nservers; s++) {
         tg_metrics_set_gauge(TG_M_UPSTREAM_HEALTH, s, tg_health_up(g.health, s) ? 1 : 0);
         tg_metrics_set_gauge(TG_M_UPSTREAM_BREAKER, s, upstream_state(s));

@@ -256,6 +256,12 @@ tg_proxy_upstream_state(struct tg_proxy *px, size_t server)
     return (int)tg_upstream_server_state(px->pool, server);
 }
 
+void
+tg_proxy_sample(struct tg_proxy *px)
+{
+    tg_limiter_sample(px->limiter);
+}
+
 int
 tg_proxy_redis_breaker(struct tg_proxy *px)
 {

@@ -184,6 +184,7 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(what);
     __atomic_store_n(&w->store_ready, tg_proxy_store_ready(w->px), __ATOMIC_RELAXED);
     __atomic_store_n(&w->breaker, tg_proxy_redis_breaker(w->px), __ATOMIC_RELAXED);
+    tg_proxy_sample(w->px);
     for (size_t i = 0; i < w->nservers; i++) {
         __atomic_store_n(&w->upstate[i], tg_proxy_upstream_state(w->px, i), __ATOMIC_RELAXED);
     }

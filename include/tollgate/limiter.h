@@ -109,6 +109,10 @@ struct tg_metrics_shard;
 /* Count Redis calls and latency into the worker's metric shard. */
 void tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard);
 
+/* Worker's periodic sample (every 50 ms): Redis client counters that are
+ * per call (deadlines missed, NOSCRIPT recoveries) into the shard. */
+void tg_limiter_sample(struct tg_limiter *lim);
+
 /* State of the Redis breaker: 0 closed, 1 open, 2 half-open (-1: no Redis). */
 int tg_limiter_breaker_state(struct tg_limiter *lim);
 

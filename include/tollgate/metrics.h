@@ -67,7 +67,7 @@ struct evbuffer;
       "Time from request forwarded to upstream response complete.",            \
       SERVER, HTTP)                                                            \
     X(REDIS_CALLS, COUNTER, "tollgate_redis_calls_total",                      \
-      "Redis script calls by outcome.",                                        \
+      "Charges sent to Redis by outcome (ok, error); timeout and noscript count calls.", \
       REDIS_OUTCOME, NOBUCKETS)                                                \
     X(REDIS_LATENCY, HISTOGRAM, "tollgate_redis_latency_seconds",              \
       "Latency of Redis script calls that got a reply.",                       \
@@ -95,6 +95,9 @@ struct evbuffer;
       DECISION, NOBUCKETS)                                                     \
     X(STATSD_DROPPED, COUNTER, "tollgate_statsd_dropped_total",                \
       "StatsD lines dropped because one line exceeded the datagram size.",     \
+      NONE, NOBUCKETS)                                                         \
+    X(ALOG_DROPPED, COUNTER, "tollgate_access_log_dropped_total",              \
+      "Access log lines dropped because the log could not keep up.",           \
       NONE, NOBUCKETS)
 
 /* Metric ids: TG_M_REQUESTS, TG_M_BREACHES, ... */

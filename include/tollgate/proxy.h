@@ -50,6 +50,8 @@ struct tg_metrics_shard;
 struct tg_metrics_shard *tg_proxy_shard(struct tg_proxy *px);
 /* This worker's breaker of upstream server i (worker thread only). */
 int tg_proxy_upstream_state(struct tg_proxy *px, size_t server);
+/* Periodic sample of counters kept outside the request path. */
+void tg_proxy_sample(struct tg_proxy *px);
 /* This worker's Redis breaker: 0 closed, 1 open, 2 half-open, -1 none. */
 int tg_proxy_redis_breaker(struct tg_proxy *px);
 
