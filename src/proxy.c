@@ -928,8 +928,10 @@ forward(struct tg_client *c)
     /* A new connection writes when the connect completes; a reused one
      * is written through at once (up_flush). */
     if (c->uc_connected) {
-        bufferevent_disable(ub, EV_READ);      /* ours while lent: urd_start */
+        /* ours while lent; added before the pool's is removed, so the fd
+         * never stops being watched for reading: no epoll_ctl */
         urd_start(c);
+        bufferevent_disable(ub, EV_READ);
     } else {
         bufferevent_enable(ub, EV_WRITE);      /* the connect; reads after it */
     }
@@ -1233,6 +1235,11 @@ exchange_end(struct tg_client *c, int reusable)
         return;
     }
     event_del(c->up_timer);
+    if (reusable && c->rq_done) {
+        /* back to the pool's idle watcher, which reads again before our
+         * event stops (no epoll_ctl) */
+        bufferevent_enable(tg_uconn_bev(c->uc), EV_READ);
+    }
     event_del(c->urev);
     tg_upstream_release(c->uc, reusable && c->rq_done);
     c->uc = NULL;
