@@ -815,6 +815,66 @@ add_str(struct evbuffer *b, const char *s, size_t n)
 
 #define ADD_LIT(b, lit) add_str((b), (lit), sizeof(lit) - 1)
 
+/* A message head is built here and handed to the bufferevent with ONE
+ * evbuffer_add (each add runs the buffer's callbacks). */
+typedef struct hbuf {
+    char  *p;
+    size_t len, cap;
+    char   stack[4096];
+} hbuf;
+
+static void
+hb_init(hbuf *b)
+{
+    b->p = b->stack;
+    b->len = 0;
+    b->cap = sizeof(b->stack);
+}
+
+static void
+hb_add(hbuf *b, const char *s, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = (b->len + n) * 2;
+        char *q = tg_xmalloc(cap);
+        memcpy(q, b->p, b->len);
+        if (b->p != b->stack) {
+            free(b->p);
+        }
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+/* Hand the head to out and release the builder. */
+static void
+hb_flush(hbuf *b, struct evbuffer *out)
+{
+    evbuffer_add(out, b->p, b->len);
+    if (b->p != b->stack) {
+        free(b->p);
+    }
+}
+
+#define HB_LIT(b, lit) hb_add((b), (lit), sizeof(lit) - 1)
+
+/* 1 if any header is a Connection header (then its tokens name more
+ * hop-by-hop headers); lets the common case skip the per-header scan. */
+static int
+has_connection(const tg_http_hdr *hdr, size_t n)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        if (hdr[i].name_len == 10 && tg_http_name_is(hdr[i].name, 10, "connection")) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static void
 write_upstream_head(struct tg_client *c, struct evbuffer *out)
 {
@@ -823,14 +883,16 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
     const tg_http_hdr *xff[8];
     size_t nxff = 0, i;
     char num[32];
-    int n, had_cl = 0;
+    int n, had_cl = 0, conn = has_connection(r->hdr, r->nhdr);
+    hbuf hb;
 
-    add_str(out, r->method, r->method_len);
-    ADD_LIT(out, " ");
-    add_str(out, r->path, r->path_len);
-    ADD_LIT(out, " HTTP/1.1\r\nHost: ");
-    add_str(out, r->host, r->host_len);
-    ADD_LIT(out, "\r\n");
+    hb_init(&hb);
+    hb_add(&hb, r->method, r->method_len);
+    HB_LIT(&hb, " ");
+    hb_add(&hb, r->path, r->path_len);
+    HB_LIT(&hb, " HTTP/1.1\r\nHost: ");
+    hb_add(&hb, r->host, r->host_len);
+    HB_LIT(&hb, "\r\n");
     for (i = 0; i < r->nhdr; i++) {
         h = &r->hdr[i];
         if (h->name_len == 14 && tg_http_name_is(h->name, h->name_len, "content-length")) {
@@ -843,7 +905,7 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
                 && tg_limiter_strip_header(c->px->limiter, h->name, h->name_len))
             || tg_http_name_is(h->name, h->name_len, "x-forwarded-proto")
             || tg_http_name_is(h->name, h->name_len, "x-request-id")
-            || tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len)) {
+            || (conn && tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len))) {
             continue;
         }
         if (tg_http_name_is(h->name, h->name_len, "x-forwarded-for")) {
@@ -852,39 +914,40 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
             }
             continue;
         }
-        add_str(out, h->name, h->name_len);
-        ADD_LIT(out, ": ");
-        add_str(out, h->value, h->value_len);
-        ADD_LIT(out, "\r\n");
+        hb_add(&hb, h->name, h->name_len);
+        HB_LIT(&hb, ": ");
+        hb_add(&hb, h->value, h->value_len);
+        HB_LIT(&hb, "\r\n");
     }
-    ADD_LIT(out, "X-Forwarded-For: ");
+    HB_LIT(&hb, "X-Forwarded-For: ");
     for (i = 0; i < nxff; i++) {
-        add_str(out, xff[i]->value, xff[i]->value_len);
-        ADD_LIT(out, ", ");
+        hb_add(&hb, xff[i]->value, xff[i]->value_len);
+        HB_LIT(&hb, ", ");
     }
-    add_str(out, c->ip, strlen(c->ip));
+    hb_add(&hb, c->ip, strlen(c->ip));
     if (c->tls) {
-        ADD_LIT(out, "\r\nX-Forwarded-Proto: https\r\nX-Request-ID: ");
+        HB_LIT(&hb, "\r\nX-Forwarded-Proto: https\r\nX-Request-ID: ");
     } else {
-        ADD_LIT(out, "\r\nX-Forwarded-Proto: http\r\nX-Request-ID: ");
+        HB_LIT(&hb, "\r\nX-Forwarded-Proto: http\r\nX-Request-ID: ");
     }
-    add_str(out, c->reqid, c->reqid_len);
+    hb_add(&hb, c->reqid, c->reqid_len);
     if (c->lo.consumer[0] != '\0') {
-        ADD_LIT(out, "\r\nX-Consumer-ID: ");
-        add_str(out, c->lo.consumer, strlen(c->lo.consumer));
-        ADD_LIT(out, "\r\nX-Consumer-Tier: ");
-        add_str(out, c->lo.tier, strlen(c->lo.tier));
+        HB_LIT(&hb, "\r\nX-Consumer-ID: ");
+        hb_add(&hb, c->lo.consumer, strlen(c->lo.consumer));
+        HB_LIT(&hb, "\r\nX-Consumer-Tier: ");
+        hb_add(&hb, c->lo.tier, strlen(c->lo.tier));
     }
     if (r->body == TG_BODY_LENGTH) {
         n = snprintf(num, sizeof(num), "\r\nContent-Length: %llu",
                      (unsigned long long)r->content_length);
-        add_str(out, num, (size_t)n);
+        hb_add(&hb, num, (size_t)n);
     } else if (r->body == TG_BODY_CHUNKED) {
-        ADD_LIT(out, "\r\nTransfer-Encoding: chunked");
+        HB_LIT(&hb, "\r\nTransfer-Encoding: chunked");
     } else if (had_cl) {
-        ADD_LIT(out, "\r\nContent-Length: 0");   /* an empty POST stays framed */
+        HB_LIT(&hb, "\r\nContent-Length: 0");   /* an empty POST stays framed */
     }
-    ADD_LIT(out, "\r\n\r\n");
+    HB_LIT(&hb, "\r\n\r\n");
+    hb_flush(&hb, out);
 }
 
 static void
@@ -1253,68 +1316,71 @@ write_response_head(struct tg_client *c, const tg_http_resp *rs)
     const tg_http_hdr *h;
     char line[64];
     size_t i;
-    int n;
+    int n, conn = has_connection(rs->hdr, rs->nhdr);
+    hbuf hb;
 
+    hb_init(&hb);
     n = snprintf(line, sizeof(line), "HTTP/1.1 %d ", rs->status);
-    add_str(out, line, (size_t)n);
-    add_str(out, rs->reason, rs->reason_len);
-    ADD_LIT(out, "\r\n");
+    hb_add(&hb, line, (size_t)n);
+    hb_add(&hb, rs->reason, rs->reason_len);
+    HB_LIT(&hb, "\r\n");
     for (i = 0; i < rs->nhdr; i++) {
         h = &rs->hdr[i];
         if (tg_http_name_is(h->name, h->name_len, "content-length")) {
             /* HEAD and 304 describe the body they do not carry. */
             if (rs->body == TG_BODY_NONE && (c->req.is_head || rs->status == 304)) {
-                add_str(out, h->name, h->name_len);
-                ADD_LIT(out, ": ");
-                add_str(out, h->value, h->value_len);
-                ADD_LIT(out, "\r\n");
+                hb_add(&hb, h->name, h->name_len);
+                HB_LIT(&hb, ": ");
+                hb_add(&hb, h->value, h->value_len);
+                HB_LIT(&hb, "\r\n");
             }
             continue;
         }
         if (tg_http_is_hop_by_hop(h->name, h->name_len)
             || tg_http_name_is(h->name, h->name_len, "x-request-id")
-            || tg_http_connection_lists(rs->hdr, rs->nhdr, h->name, h->name_len)) {
+            || (conn && tg_http_connection_lists(rs->hdr, rs->nhdr, h->name, h->name_len))) {
             continue;
         }
-        add_str(out, h->name, h->name_len);
-        ADD_LIT(out, ": ");
-        add_str(out, h->value, h->value_len);
-        ADD_LIT(out, "\r\n");
+        hb_add(&hb, h->name, h->name_len);
+        HB_LIT(&hb, ": ");
+        hb_add(&hb, h->value, h->value_len);
+        HB_LIT(&hb, "\r\n");
     }
-    ADD_LIT(out, "X-Request-ID: ");
-    add_str(out, c->reqid, c->reqid_len);
-    ADD_LIT(out, "\r\n");
+    HB_LIT(&hb, "X-Request-ID: ");
+    hb_add(&hb, c->reqid, c->reqid_len);
+    HB_LIT(&hb, "\r\n");
     if (c->lo.limited) {
         char rl[512];
         size_t rn = tg_limiter_headers(&c->lo, rl, sizeof(rl));
-        add_str(out, rl, rn);
+        hb_add(&hb, rl, rn);
     }
 
     c->rs_chunked_out = 0;
     if (rs->body == TG_BODY_NONE) {
         /* An empty body the client cannot see the end of, unless told. */
         if (!c->req.is_head && rs->status != 204 && rs->status != 304) {
-            ADD_LIT(out, "Content-Length: 0\r\n");
+            HB_LIT(&hb, "Content-Length: 0\r\n");
         }
     } else if (rs->body == TG_BODY_LENGTH) {
         n = snprintf(line, sizeof(line), "Content-Length: %llu\r\n",
                      (unsigned long long)rs->content_length);
-        add_str(out, line, (size_t)n);
+        hb_add(&hb, line, (size_t)n);
     } else if (rs->body == TG_BODY_CHUNKED || rs->body == TG_BODY_CLOSE) {
         if (c->req.minor >= 1) {
             c->rs_chunked_out = 1;
-            ADD_LIT(out, "Transfer-Encoding: chunked\r\n");
+            HB_LIT(&hb, "Transfer-Encoding: chunked\r\n");
         } else {
             c->close_after = 1;      /* HTTP/1.0: the body ends at close */
         }
     }
     if (c->close_after) {
-        ADD_LIT(out, "Connection: close\r\n\r\n");
+        HB_LIT(&hb, "Connection: close\r\n\r\n");
     } else if (c->req.minor == 0) {
-        ADD_LIT(out, "Connection: keep-alive\r\n\r\n");
+        HB_LIT(&hb, "Connection: keep-alive\r\n\r\n");
     } else {
-        ADD_LIT(out, "\r\n");
+        HB_LIT(&hb, "\r\n");
     }
+    hb_flush(&hb, out);
 }
 
 static void
