@@ -834,6 +834,9 @@ hb_init(hbuf *b)
 static void
 hb_add(hbuf *b, const char *s, size_t n)
 {
+    if (n == 0) {
+        return;                 /* s may be NULL (no Host in HTTP/1.0) */
+    }
     if (b->len + n > b->cap) {
         size_t cap = (b->len + n) * 2;
         char *q = tg_xmalloc(cap);
