@@ -21,14 +21,12 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <netinet/in.h>
 #include <yaml.h>
@@ -399,62 +397,14 @@ static const tg_conf_cmd tg_conf_top_cmds[] = {
 tg_conf *
 tg_conf_load(const char *path, char *err, size_t errlen)
 {
-    char *text = NULL, *abs = NULL, *dir = NULL, *slash;
-    size_t len = 0, cap;
-    ssize_t n;
-    struct stat st;
+    char *text, *abs = NULL, *dir = NULL, *slash;
+    size_t len = 0;
     tg_conf *conf = NULL;
-    int fd;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+    text = tg_yaml_read_file(path, TG_CONF_MAX_FILE, &len, err, errlen);
+    if (text == NULL) {
         return NULL;
     }
-    if (fstat(fd, &st) < 0) {
-        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "%s: cannot open: not a regular file", path);
-        goto fail;
-    }
-    if ((uint64_t)st.st_size > TG_CONF_MAX_FILE) {
-        snprintf(err, errlen, "%s: cannot open: file larger than %u bytes",
-                 path, TG_CONF_MAX_FILE);
-        goto fail;
-    }
-
-    /* Read to EOF rather than trusting st_size: the file may change under
-     * us while an operator edits it. */
-    cap = (size_t)st.st_size + 1;
-    text = tg_xmalloc(cap);
-    for (;;) {
-        if (len + 1 >= cap) {
-            if (cap > TG_CONF_MAX_FILE) {
-                snprintf(err, errlen, "%s: cannot open: file larger than %u bytes",
-                         path, TG_CONF_MAX_FILE);
-                goto fail;
-            }
-            cap *= 2;
-            text = tg_xrealloc(text, cap);
-        }
-        n = read(fd, text + len, cap - len - 1);
-        if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            snprintf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
-            goto fail;
-        }
-        if (n == 0) {
-            break;
-        }
-        len += (size_t)n;
-    }
-    text[len] = '\0';
-    close(fd);
-    fd = -1;
 
     abs = realpath(path, NULL);
     if (abs == NULL) {
@@ -474,9 +424,6 @@ tg_conf_load(const char *path, char *err, size_t errlen)
     abs = dir = NULL;            /* tg_conf_build took them */
 
 fail:
-    if (fd >= 0) {
-        close(fd);
-    }
     free(text);
     free(abs);
     free(dir);

@@ -24,13 +24,11 @@
 #include "tollgate/keys.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
@@ -113,64 +111,14 @@ struct tg_keys *
 tg_keys_load(const char *path, char *err, size_t errlen)
 {
     struct tg_keys *keys = NULL;
-    struct stat st;
-    char *text = NULL;
-    size_t len = 0, cap;
-    ssize_t n;
-    int fd;
+    char *text;
+    size_t len = 0;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+    text = tg_yaml_read_file(path, TG_KEYS_MAX_FILE, &len, err, errlen);
+    if (text == NULL) {
         return NULL;
     }
-    if (fstat(fd, &st) < 0) {
-        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
-        goto done;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "%s: cannot open: not a regular file", path);
-        goto done;
-    }
-    if ((uint64_t)st.st_size > TG_KEYS_MAX_FILE) {
-        snprintf(err, errlen, "%s: cannot open: file larger than %u bytes",
-                 path, TG_KEYS_MAX_FILE);
-        goto done;
-    }
-
-    /* Read to EOF rather than trusting st_size: the file may be rewritten
-     * while we read it (a SIGHUP reload racing an editor). */
-    cap = (size_t)st.st_size + 1;
-    text = tg_xmalloc(cap);
-    for (;;) {
-        if (len + 1 >= cap) {
-            if (cap > TG_KEYS_MAX_FILE) {
-                snprintf(err, errlen, "%s: cannot open: file larger than %u bytes",
-                         path, TG_KEYS_MAX_FILE);
-                goto done;
-            }
-            cap *= 2;
-            text = tg_xrealloc(text, cap);
-        }
-        n = read(fd, text + len, cap - len - 1);
-        if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            snprintf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
-            goto done;
-        }
-        if (n == 0) {
-            break;
-        }
-        len += (size_t)n;
-    }
-    text[len] = '\0';
-
     keys = tg_keys_load_string(path, text, len, err, errlen);
-
-done:
-    close(fd);
     free(text);
     return keys;
 }

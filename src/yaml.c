@@ -4,6 +4,16 @@
  */
 #include "tollgate/yaml.h"
 
+#include <unistd.h>
+
+#include <sys/stat.h>
+
+#include <stdlib.h>
+
+#include <fcntl.h>
+
+#include <errno.h>
+
 #include <stdio.h>
 #include <string.h>
 
@@ -186,4 +196,66 @@ tg_yaml_offset_mark(const tg_yaml_src *src, size_t offset)
     }
     m.index = offset;
     return m;
+}
+
+char *
+tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t errlen)
+{
+    char *text = NULL;
+    size_t len = 0, cap;
+    ssize_t n;
+    struct stat st;
+    int fd;
+
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    if (fstat(fd, &st) < 0) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "%s: cannot open: not a regular file", path);
+        goto fail;
+    }
+    if ((uint64_t)st.st_size > max) {
+        snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes", path, max);
+        goto fail;
+    }
+    cap = (size_t)st.st_size + 1;
+    text = tg_xmalloc(cap);
+    for (;;) {
+        if (len + 1 >= cap) {
+            if (cap > max) {
+                snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes",
+                         path, max);
+                goto fail;
+            }
+            cap *= 2;
+            text = tg_xrealloc(text, cap);
+        }
+        n = read(fd, text + len, cap - len - 1);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            snprintf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+            goto fail;
+        }
+        if (n == 0) {
+            break;
+        }
+        len += (size_t)n;
+    }
+    text[len] = '\0';
+    close(fd);
+    *lenp = len;
+    return text;
+
+fail:
+    free(text);
+    close(fd);
+    return NULL;
 }

@@ -18,6 +18,16 @@
 #include "tollgate/common.h"
 
 /*
+ * Read the regular file at path, at most max bytes, to EOF (not trusting
+ * st_size: an editor or a reload may race us).  Returns a NUL-terminated
+ * copy the caller frees and its length in *len, or NULL with err filled
+ * ("PATH: cannot open: why", "... file larger than MAX bytes",
+ * "PATH: cannot read: why").
+ */
+char *tg_yaml_read_file(const char *path, size_t max, size_t *len, char *err,
+                        size_t errlen);
+
+/*
  * Load text (len bytes, need not be NUL-terminated) into doc.  `name` is the
  * file name used in messages; `what` names the kind of file in "only one
  * YAML document is allowed in a WHAT" (e.g. "config file").  Returns TG_OK
