@@ -43,6 +43,7 @@ static struct {
     unsigned                 next;          /* round-robin dispatch */
     struct evconnlistener  **listeners;
     SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
+    SSL_CTX                **retired;       /* replaced by the last reload */
     struct tg_keys          *keys;          /* auth.keys_file, or NULL */
     struct tg_alog          *alog;          /* access_log.path, or NULL */
     uint64_t                 alog_counted;  /* drops already in the metric */
@@ -85,6 +86,7 @@ static tg_rc metrics_init(const tg_conf *conf);
 static tg_rc statsd_start(void);
 static void statsd_flush(evutil_socket_t fd, short what, void *arg);
 static void reload(const char *path);
+static tg_rc reload_tls(const tg_conf *conf, char *err, size_t errlen);
 
 int
 main(int argc, char **argv)
@@ -369,6 +371,7 @@ out:
         event_base_free(g.base);
     }
     free_tls(g.ssl_ctxs, g.conf->nlisten);
+    free_tls(g.retired, g.conf->nlisten);
     tg_keys_unref(g.keys);
     tg_conf_unref(g.conf);
     return rc;
@@ -599,6 +602,46 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
 }
 
 /*
+ * New certificates for the TLS listeners that are still where they were.
+ * All contexts are built first (a bad certificate refuses the reload);
+ * then each is swapped in atomically.  A context replaced now is freed at
+ * the next reload or at exit, not now: a worker may have just read the
+ * old pointer and not yet made its SSL (which takes its own reference).
+ */
+static tg_rc
+reload_tls(const tg_conf *conf, char *err, size_t errlen)
+{
+    SSL_CTX **fresh;
+    size_t i, n = g.conf->nlisten;
+
+    if (conf->nlisten != n) {
+        return TG_OK;                    /* listeners change at restart */
+    }
+    fresh = tg_xcalloc(n, sizeof(*fresh));
+    for (i = 0; i < n; i++) {
+        if (!g.conf->listen[i].tls || !conf->listen[i].tls) {
+            continue;
+        }
+        fresh[i] = tg_tls_server_ctx(conf->listen[i].cert, conf->listen[i].key, err, errlen);
+        if (fresh[i] == NULL) {
+            free_tls(fresh, n);
+            return TG_ERR;
+        }
+    }
+    if (g.retired == NULL) {
+        g.retired = tg_xcalloc(n, sizeof(*g.retired));
+    }
+    for (i = 0; i < n; i++) {
+        if (fresh[i] != NULL) {
+            SSL_CTX_free(g.retired[i]);
+            g.retired[i] = __atomic_exchange_n(&g.ssl_ctxs[i], fresh[i], __ATOMIC_ACQ_REL);
+        }
+    }
+    free(fresh);
+    return TG_OK;
+}
+
+/*
  * SIGHUP: load and check the file and its keys; if both are good, every
  * worker switches to them for its next request (keys, tiers, routes,
  * auth, global limit).  A bad file changes nothing.
@@ -616,7 +659,9 @@ reload(const char *path)
         tg_alog_reopen(g.alog);          /* log rotation */
     }
     conf = tg_conf_load(path, err, sizeof(err));
-    if (conf == NULL || load_keys(conf, &keys, err, sizeof(err)) != TG_OK) {
+    if (conf == NULL || load_keys(conf, &keys, err, sizeof(err)) != TG_OK
+        || reload_tls(conf, err, sizeof(err)) != TG_OK) {
+        tg_keys_unref(keys);
         tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);
         tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
         if (conf != NULL) {

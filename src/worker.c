@@ -268,7 +268,9 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
     }
     for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
         if (m[i].type == MSG_CONN) {
-            tg_proxy_accept(w->px, m[i].fd, w->ssl_ctxs[m[i].arg]);
+            /* the main thread swaps contexts on reload (certificates) */
+            tg_proxy_accept(w->px, m[i].fd,
+                            __atomic_load_n(&w->ssl_ctxs[m[i].arg], __ATOMIC_ACQUIRE));
         } else if (m[i].type == MSG_RELOAD) {
             tg_proxy_reload(w->px, m[i].conf, m[i].keys);
             tg_conf_unref(m[i].conf);

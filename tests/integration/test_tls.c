@@ -5,6 +5,7 @@
 #include <criterion/criterion.h>
 
 #include <stdio.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -87,4 +88,59 @@ Test(tls, handshake_alpn_and_proxying)
     sh(cmd);
     free(cmd);
     TGH_CHECK(strstr(out, "SAME") != NULL, "1 MiB echo over TLS differs: %s", out);
+}
+
+/* The CN of the certificate the TLS listener presents now. */
+static int
+served_cn_is(const char *cn)
+{
+    char *cmd = tgh_strf("echo | openssl s_client -connect 127.0.0.1:%d 2>/dev/null "
+                         "| openssl x509 -noout -subject 2>&1", tls_port);
+    char want[128];
+
+    sh(cmd);
+    free(cmd);
+    snprintf(want, sizeof want, "CN = %s", cn);
+    return strstr(out, want) != NULL;
+}
+
+Test(tls, sighup_reloads_the_certificate)
+{
+    char *cmd;
+    uint64_t end;
+
+    start();
+    TGH_CHECK(served_cn_is("localhost"), "initial certificate: %s", out);
+
+    /* renewed in place (written aside, then renamed over) */
+    cmd = tgh_strf("cd %s && openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=renewed "
+                   "-keyout key.new -out cert.new -days 2 >/dev/null 2>&1 && "
+                   "mv key.new key.pem && mv cert.new cert.pem", tgh_tmpdir());
+    TGH_CHECK(sh(cmd) == 0, "renew");
+    free(cmd);
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && !served_cn_is("renewed"))
+        tgh_sleep_ms(50);
+    TGH_CHECK(served_cn_is("renewed"), "after SIGHUP: %s", out);
+
+    /* a broken certificate is refused; the running one stays */
+    cmd = tgh_strf("cd %s && echo garbage > cert.pem", tgh_tmpdir());
+    sh(cmd);
+    free(cmd);
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    end = tgh_now_ms() + 10000;
+    for (;;) {
+        char *log = tgh_strf("grep -c 'new configuration refused' %s", tg.proc->log_path);
+        int refused;
+        sh(log);
+        free(log);
+        refused = atoi(out) > 0;
+        if (refused || tgh_now_ms() > end)
+            break;
+        tgh_sleep_ms(50);
+    }
+    TGH_CHECK(atoi(out) > 0, "a broken certificate was not refused");
+    TGH_CHECK(served_cn_is("renewed"), "the running certificate was dropped: %s", out);
+    TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died");
 }
