@@ -1292,3 +1292,41 @@ Test(conf_errors, redis_sentinel_and_cluster)
                  "  cluster: { nodes: [127.0.0.1:2] }\n", "6:8",
                  "redis.url: Redis Cluster has only database 0");
 }
+
+Test(conf, metrics_access_log_instances)
+{
+    tg_conf *conf = expect_ok(MIN
+        "metrics:\n"
+        "  statsd: { address: 127.0.0.1:8125, prefix: tg, flush_ms: 500, tags: true }\n"
+        "access_log: { path: /var/log/tollgate/access.log }\n"
+        "redis: { instances: 3 }\n");
+
+    cr_assert_eq(conf->metrics.statsd_enabled, 1);
+    cr_assert_str_eq(conf->metrics.statsd.text, "127.0.0.1:8125");
+    cr_assert_str_eq(conf->metrics.statsd_prefix, "tg");
+    cr_assert_eq(conf->metrics.statsd_flush_ms, 500);
+    cr_assert_eq(conf->metrics.statsd_tags, 1);
+    cr_assert_str_eq(conf->access_log.path, "/var/log/tollgate/access.log");
+    cr_assert_eq(conf->redis.instances, 3);
+    tg_conf_unref(conf);
+
+    conf = expect_ok(MIN);
+    cr_assert_eq(conf->metrics.statsd_enabled, 0);
+    cr_assert_str_eq(conf->metrics.statsd_prefix, "tollgate");
+    cr_assert_eq(conf->metrics.statsd_flush_ms, 10000);
+    cr_assert_null(conf->access_log.path);
+    cr_assert_eq(conf->redis.instances, 1);
+    tg_conf_unref(conf);
+}
+
+Test(conf_errors, metrics_access_log_instances)
+{
+    expect_error(MIN "metrics:\n  statsd: { prefix: tg }\n", "6:11",
+                 "missing required key \"address\"");
+    expect_error(MIN "metrics:\n  statsd: { address: 127.0.0.1:8125, flush_ms: 50 }\n",
+                 "6:48", "out of range (100..3600000)");
+    expect_error(MIN "metrics:\n  statsd: { address: \"127.0.0.1:0\" }\n", "6:22", "port 0");
+    expect_error(MIN "metrics:\n  stats: {}\n", "6:3", "unknown key \"stats\"");
+    expect_error(MIN "access_log: {}\n", "5:13", "missing required key \"path\"");
+    expect_error(MIN "redis: { instances: 0 }\n", "5:21", "out of range (1..1000)");
+}
