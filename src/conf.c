@@ -1132,20 +1132,6 @@ tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
 
 /* ---- setters ------------------------------------------------------------ */
 
-static int
-tg_conf_is_null(const yaml_node_t *node)
-{
-    const char *s;
-
-    if (node->type != YAML_SCALAR_NODE ||
-        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-        return 0;
-    }
-    s = (const char *)node->data.scalar.value;
-    return s[0] == '\0' || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 ||
-           strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0;
-}
-
 /* "got ..." part of a wrong-type message: the scalar itself, quoted and
  * clipped, or the kind of node. */
 static const char *
@@ -1157,7 +1143,7 @@ tg_conf_got(const yaml_node_t *node, char *buf, size_t len)
     if (node->type == YAML_SEQUENCE_NODE) {
         return "a sequence";
     }
-    if (tg_conf_is_null(node)) {
+    if (tg_yaml_is_null(node)) {
         return "null";
     }
     snprintf(buf, len, "\"%.40s%s\"", (const char *)node->data.scalar.value,
@@ -1179,7 +1165,7 @@ tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node, const char *path,
 static const char *
 tg_conf_string(tg_conf_ctx *ctx, yaml_node_t *node, const char *path)
 {
-    if (node->type != YAML_SCALAR_NODE || tg_conf_is_null(node)) {
+    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node)) {
         tg_conf_type_error(ctx, node, path, "a string");
         return NULL;
     }
@@ -1253,7 +1239,7 @@ tg_conf_int(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
     /* Integers are plain scalars; a quoted "100" is a string in YAML, so a
      * quoted value is accepted only where a suffix string is expected. */
-    if (node->type != YAML_SCALAR_NODE || tg_conf_is_null(node) ||
+    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
         (!suffix && node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)) {
         return tg_conf_type_error(ctx, node, path, expected);
     }
@@ -1468,6 +1454,19 @@ bad:
                          s, why);
 }
 
+/* The length of a string value against the directive's min..max. */
+static tg_rc
+tg_conf_check_len(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                  const char *path, size_t len)
+{
+    if ((int64_t)len < cmd->min || (int64_t)len > cmd->max) {
+        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
+                             "range (%lld..%lld characters)", len,
+                             (long long)cmd->min, (long long)cmd->max);
+    }
+    return TG_OK;
+}
+
 /* The prefix starts every Redis key we write: printable, no spaces. */
 static tg_rc
 tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
@@ -1481,10 +1480,8 @@ tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     len = strlen(s);
-    if ((int64_t)len < cmd->min || (int64_t)len > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
-                             "range (%lld..%lld characters)", len,
-                             (long long)cmd->min, (long long)cmd->max);
+    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
+        return TG_ERR;
     }
     for (i = 0; i < len; i++) {
         if (!isgraph((unsigned char)s[i])) {
@@ -1532,10 +1529,8 @@ tg_conf_set_token(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     len = strlen(s);
-    if ((int64_t)len < cmd->min || (int64_t)len > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
-                             "range (%lld..%lld characters)", len,
-                             (long long)cmd->min, (long long)cmd->max);
+    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
+        return TG_ERR;
     }
     for (i = 0; i < len; i++) {
         if (!tg_conf_tchar((unsigned char)s[i])) {

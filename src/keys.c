@@ -662,26 +662,12 @@ tg_keys_add(tg_keys_ctx *ctx, size_t idx)
 
 /* ---- helpers ----------------------------------------------------------- */
 
-static int
-tg_keys_is_null(const yaml_node_t *node)
-{
-    const char *s;
-
-    if (node->type != YAML_SCALAR_NODE ||
-        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-        return 0;
-    }
-    s = (const char *)node->data.scalar.value;
-    return s[0] == '\0' || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 ||
-           strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0;
-}
-
 /* A non-null scalar of any style, as text, or NULL after an error. */
 static const char *
 tg_keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
                const char *expected)
 {
-    if (node->type != YAML_SCALAR_NODE || tg_keys_is_null(node)) {
+    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node)) {
         tg_keys_type_error(ctx, node, path, expected);
         return NULL;
     }
@@ -786,7 +772,7 @@ tg_keys_type_error(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
         snprintf(got, sizeof(got), "a mapping");
     } else if (node->type == YAML_SEQUENCE_NODE) {
         snprintf(got, sizeof(got), "a sequence");
-    } else if (tg_keys_is_null(node)) {
+    } else if (tg_yaml_is_null(node)) {
         snprintf(got, sizeof(got), "null");
     } else if (node->data.scalar.length > TG_KEYS_ECHO_MAX ||
                strlen((const char *)node->data.scalar.value) !=

@@ -259,3 +259,17 @@ fail:
     close(fd);
     return NULL;
 }
+
+int
+tg_yaml_is_null(const yaml_node_t *node)
+{
+    const char *s;
+
+    if (node->type != YAML_SCALAR_NODE ||
+        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
+        return 0;
+    }
+    s = (const char *)node->data.scalar.value;
+    return s[0] == '\0' || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 ||
+           strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0;
+}

@@ -37,6 +37,9 @@ char *tg_yaml_read_file(const char *path, size_t max, size_t *len, char *err,
 tg_rc tg_yaml_load(yaml_document_t *doc, const char *name, const char *text,
                    size_t len, const char *what, char *err, size_t errlen);
 
+/* 1 if node is a YAML null: a plain scalar "", "~", "null", "Null", "NULL". */
+int tg_yaml_is_null(const yaml_node_t *node);
+
 /*
  * Format "NAME:LINE:COL: path: message" into err (errlen bytes; nothing is
  * written when errlen is 0).  An empty path writes "NAME:LINE:COL: message".
