@@ -31,6 +31,7 @@
 #include <netinet/in.h>
 #include <yaml.h>
 
+#include "tollgate/target.h"
 #include "tollgate/yaml.h"
 
 #define TG_CONF_MAX_FILE   (16u * 1024 * 1024)  /* a config is never this big */
@@ -121,6 +122,7 @@ TG_CONF_SETTER(tg_conf_set_token);
 TG_CONF_SETTER(tg_conf_set_name);
 TG_CONF_SETTER(tg_conf_set_method);
 TG_CONF_SETTER(tg_conf_set_route_path);
+TG_CONF_SETTER(tg_conf_set_route_prefix);
 TG_CONF_SETTER(tg_conf_set_section);
 TG_CONF_SETTER(tg_conf_set_global);
 TG_CONF_SETTER(tg_conf_set_health);
@@ -330,7 +332,7 @@ static const tg_conf_cmd tg_conf_route_cmds[] = {
       TG_CONF_TIER_NAME, TG_CONF_REQUIRED, NULL },
     { "method", tg_conf_set_method, TG_FIELD(tg_route_conf, method), 1,
       TG_CONF_METHOD_MAX, 0, NULL },
-    { "path", tg_conf_set_route_path, TG_FIELD(tg_route_conf, path), 1,
+    { "path", tg_conf_set_route_prefix, TG_FIELD(tg_route_conf, path), 1,
       TG_CONF_ROUTE_PATH, TG_CONF_REQUIRED, NULL },
     { "cost", tg_conf_set_uint, TG_FIELD(tg_route_conf, cost), 1, 1000, 0, NULL },
     { "limit", tg_conf_set_route_limit, TG_NOFIELD, 0, 0, 0,
@@ -1607,7 +1609,8 @@ tg_conf_set_method(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* A route's path prefix, compared with the request target as received. */
+/* A path: a route's prefix (then see tg_conf_set_route_prefix) or the
+ * health check's target. */
 static tg_rc
 tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
                        yaml_node_t *node, void *base, const char *path)
@@ -1632,12 +1635,34 @@ tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
     for (i = 0; i < len; i++) {
         if (!isgraph((unsigned char)s[i])) {
             return tg_conf_error(ctx, node->start_mark, path, "must not contain "
-                                 "spaces, control or non-ASCII characters "
-                                 "(percent-encode them), got \"%s\"", s);
+                                 "spaces, control or non-ASCII characters, "
+                                 "got \"%s\"", s);
         }
     }
     free(*field);
     *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* A route's path prefix, kept in the form it is matched in: normalised
+ * and decoded like request targets (tg_target_route_path). */
+static tg_rc
+tg_conf_set_route_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                         yaml_node_t *node, void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    char out[TG_CONF_ROUTE_PATH + 1];
+    const char *err;
+
+    if (tg_conf_set_route_path(ctx, cmd, node, base, path) != TG_OK) {
+        return TG_ERR;
+    }
+    if (tg_target_route_path(*field, out, sizeof(out), &err) != TG_OK) {
+        return tg_conf_error(ctx, node->start_mark, path, "bad path \"%s\": %s",
+                             *field, err);
+    }
+    free(*field);
+    *field = tg_xstrdup(out);
     return TG_OK;
 }
 

@@ -19,6 +19,7 @@
 #include "tollgate/breaker.h"
 #include "tollgate/metrics.h"
 #include "tollgate/redis.h"
+#include "tollgate/target.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
 #define KCACHE_SLOTS       4096        /* key-store cache entries per worker */
@@ -579,26 +580,23 @@ find_header(const tg_http_req *req, const char *name)
     return NULL;
 }
 
-/* First rule whose method matches (or any) and whose path is a prefix of
- * the request path on a segment boundary. */
+/* First rule whose method matches (or any; a GET rule also takes HEAD,
+ * which is GET without the body, RFC 9110 9.3.2) and whose path is a
+ * prefix of the normalised request path on a segment boundary. */
 static const tg_route_conf *
 route_for(const tg_conf *conf, const tg_http_req *req)
 {
-    size_t i, plen;
+    size_t i;
 
     for (i = 0; i < conf->nroutes; i++) {
         const tg_route_conf *r = &conf->routes[i];
 
         if (r->method != NULL && (strlen(r->method) != req->method_len
-                                  || memcmp(r->method, req->method, req->method_len) != 0)) {
+                                  || memcmp(r->method, req->method, req->method_len) != 0)
+            && !(req->is_head && strcmp(r->method, "GET") == 0)) {
             continue;
         }
-        plen = strlen(r->path);
-        if (plen > req->path_len || memcmp(r->path, req->path, plen) != 0) {
-            continue;
-        }
-        if (plen == req->path_len || r->path[plen - 1] == '/'
-            || req->path[plen] == '/' || req->path[plen] == '?') {
+        if (tg_target_match_prefix(req->path, req->path_len, r->path)) {
             return r;
         }
     }

@@ -39,6 +39,7 @@
 #include "tollgate/http.h"
 #include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
+#include "tollgate/target.h"
 #include "tollgate/upstream.h"
 
 #define TG_HIGH_WATER        (256 * 1024)
@@ -172,6 +173,7 @@ static void relay_response_body(struct tg_client *c);
 static void exchange_end(struct tg_client *c, int reusable);
 static void response_done(struct tg_client *c);
 static void make_request_id(struct tg_client *c);
+static tg_rc normalize_target(struct tg_client *c);
 static void client_flush(struct tg_client *c);
 static void rd_on(struct tg_client *c, const struct timeval *timeout);
 static void rd_off(struct tg_client *c);
@@ -669,10 +671,35 @@ handle_head(struct tg_client *c)
         rebase(&c->req.hdr[i].name, p, n, c->headbuf);
         rebase(&c->req.hdr[i].value, p, n, c->headbuf);
     }
+    if (normalize_target(c) != TG_OK) {
+        return;
+    }
     evbuffer_drain(in, c->req.head_len);
     event_del(c->timer);
     c->head_timer_on = 0;
     start_request(c);
+}
+
+/* Put the path of an origin-form target into its normal form (target.h)
+ * in headbuf, where it only shrinks: routes match it and it is forwarded.
+ * A target without one is answered 400 (TG_ERR).  "*" and the "/" that
+ * the parser supplies for "http://host" are left alone. */
+static tg_rc
+normalize_target(struct tg_client *c)
+{
+    uintptr_t at = (uintptr_t)c->req.path, hb = (uintptr_t)c->headbuf;
+    const char *err;
+
+    if (c->req.path[0] != '/' || at < hb || at >= hb + c->req.head_len) {
+        return TG_OK;
+    }
+    if (tg_target_normalize(c->headbuf + (at - hb), &c->req.path_len, &err) != TG_OK) {
+        c->reqid_len = 0;
+        c->close_after = 1;
+        respond_error(c, 400, "bad_request", err);
+        return TG_ERR;
+    }
+    return TG_OK;
 }
 
 static int

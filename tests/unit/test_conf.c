@@ -608,6 +608,12 @@ Test(conf_errors, route_bad_path)
                  "must not contain spaces");
     expect_error(MIN "routes:\n  - { name: a, path: \"\" }\n", "6:22",
                  "routes[0].path: must start with '/', got \"\"");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a?x\" }\n", "6:22",
+                 "routes[0].path: bad path \"/a?x\": a route path has no query");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a//b\" }\n", "6:22",
+                 "routes[0].path: bad path \"/a//b\": empty path segment (//) in path");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a%2Fb\" }\n", "6:22",
+                 "encoded slash (%2F) in path");
     longpath[0] = '/';
     memset(longpath + 1, 'a', 256);
     longpath[257] = '\0';
@@ -869,7 +875,7 @@ Test(conf, auth_and_routes)
     r = &conf->routes[3];
     cr_assert_str_eq(r->name, "v2");
     cr_assert_null(r->method);          /* any method */
-    cr_assert_str_eq(r->path, "/v2/~x%20y");
+    cr_assert_str_eq(r->path, "/v2/~x y");   /* matched decoded, as apps see it */
     cr_assert_eq(r->cost, 1);
     cr_assert_eq(r->has_limit, 0);
     tg_conf_unref(conf);
