@@ -130,6 +130,7 @@ TG_CONF_SETTER(tg_conf_set_statsd);
 TG_CONF_SETTER(tg_conf_set_listen);
 TG_CONF_SETTER(tg_conf_set_tls);
 TG_CONF_SETTER(tg_conf_set_servers);
+TG_CONF_SETTER(tg_conf_set_trusted_proxies);
 TG_CONF_SETTER(tg_conf_set_sentinel);
 TG_CONF_SETTER(tg_conf_set_sentinel_addrs);
 TG_CONF_SETTER(tg_conf_set_cluster);
@@ -212,6 +213,7 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
       TG_FIELD(tg_conf, http.send_timeout_ms), 1, TG_MS_MAX, 0, NULL },
     { "max_requests_per_connection", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.max_requests_per_connection), 0, TG_2P31, 0, NULL },
+    { "trusted_proxies", tg_conf_set_trusted_proxies, TG_NOFIELD, 0, 0, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -725,6 +727,7 @@ tg_conf_free(tg_conf *conf)
         free(conf->listen[i].key);
     }
     free(conf->listen);
+    free(conf->http.trusted_proxies);
     free(conf->upstream.servers);
     free(conf->upstream.health_check.path);
     for (i = 0; i < conf->ntiers; i++) {
@@ -1798,6 +1801,43 @@ tg_conf_set_servers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
             return TG_ERR;
         }
         tg_conf_remember(ctx, addr, item->start_mark, child);
+    }
+    return TG_OK;
+}
+
+/* http.trusted_proxies: a sequence of addresses or CIDR ranges (IPv4 or
+ * IPv6); a peer in one may pass its own X-Forwarded-For on. */
+static tg_rc
+tg_conf_set_trusted_proxies(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                            yaml_node_t *node, void *base, const char *path)
+{
+    tg_conf *conf = base;
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    char child[TG_CONF_PATHLEN];
+    const char *s, *err;
+    size_t n;
+
+    if (node->type != YAML_SEQUENCE_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a sequence of addresses or "
+                                  "CIDR ranges");
+    }
+    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+    conf->http.trusted_proxies = tg_xcalloc(n ? n : 1, sizeof(tg_cidr));
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        item = yaml_document_get_node(&ctx->doc, *it);
+        snprintf(child, sizeof(child), "%s[%zu]", path, conf->http.ntrusted_proxies);
+        s = tg_conf_string(ctx, item, child);
+        if (s == NULL) {
+            return TG_ERR;
+        }
+        if (tg_cidr_parse(s, &conf->http.trusted_proxies[conf->http.ntrusted_proxies],
+                          &err) != TG_OK) {
+            return tg_conf_error(ctx, item->start_mark, child, "bad range \"%s\": %s",
+                                 s, err);
+        }
+        conf->http.ntrusted_proxies++;
     }
     return TG_OK;
 }

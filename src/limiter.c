@@ -248,19 +248,23 @@ tg_limiter_enabled(const struct tg_limiter *lim)
 }
 
 int
-tg_limiter_strip_header(const struct tg_limiter *lim, const char *name, size_t len)
+tg_limiter_strip_header(const struct tg_limiter *lim, const tg_http_req *req,
+                        const tg_http_hdr *h)
 {
     const tg_conf *conf = lim->conf;
+    const char *kh = conf->auth.header ? conf->auth.header : "x-api-key";
 
-    if (tg_http_name_is(name, len, "x-consumer-id")
-        || tg_http_name_is(name, len, "x-consumer-tier")) {
-        return 1;     /* only tollgate says who the consumer is */
-    }
-    if (conf->auth.forward_key) {
+    if (!lim->enabled || conf->auth.forward_key) {
         return 0;
     }
-    return tg_http_name_is(name, len, conf->auth.header ? conf->auth.header : "x-api-key")
-           || tg_http_name_is(name, len, "authorization");
+    if (tg_http_name_is(h->name, h->name_len, kh)) {
+        return 1;
+    }
+    /* Authorization carried the key only as identify read it: the first
+     * one, Bearer, with no key header (Basic etc. are the app's) */
+    return tg_http_name_is(h->name, h->name_len, "authorization")
+           && find_header(req, kh) == NULL && h == find_header(req, "authorization")
+           && h->value_len > 7 && strncasecmp(h->value, "bearer ", 7) == 0;
 }
 
 /* ---- the decision -------------------------------------------------- */

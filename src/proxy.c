@@ -36,6 +36,7 @@
 #include <event2/bufferevent_ssl.h>
 
 #include "tollgate/accesslog.h"
+#include "tollgate/cidr.h"
 #include "tollgate/http.h"
 #include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
@@ -905,9 +906,26 @@ has_connection(const tg_http_hdr *hdr, size_t n)
     return 0;
 }
 
+/* 1 for the headers the edge owns: who the client and consumer are and
+ * how they came in is said by tollgate alone (X-Forwarded-For apart, see
+ * write_upstream_head), and X-Request-ID is re-sent as c->reqid. */
+static int
+edge_owned(const char *name, size_t len)
+{
+    return (len > 11 && tg_http_name_is(name, 11, "x-consumer-"))
+           || (len > 12 && tg_http_name_is(name, 12, "x-forwarded-"))
+           || tg_http_name_is(name, len, "forwarded")
+           || tg_http_name_is(name, len, "x-real-ip")
+           || tg_http_name_is(name, len, "x-request-id");
+}
+
+/* The request head for the upstream: the normalised target, the client's
+ * end-to-end headers, then ours.  X-Forwarded-For is the peer address,
+ * appended to the client's own only when the peer is a trusted proxy. */
 static void
 write_upstream_head(struct tg_client *c, struct evbuffer *out)
 {
+    const tg_conf *conf = c->px->conf;
     const tg_http_req *r = &c->req;
     const tg_http_hdr *h;
     const tg_http_hdr *xff[8];
@@ -929,19 +947,18 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
             had_cl = 1;
             continue;
         }
-        if (tg_http_is_hop_by_hop(h->name, h->name_len)
-            || tg_http_name_is(h->name, h->name_len, "host")
-            || (tg_limiter_enabled(c->px->limiter)
-                && tg_limiter_strip_header(c->px->limiter, h->name, h->name_len))
-            || tg_http_name_is(h->name, h->name_len, "x-forwarded-proto")
-            || tg_http_name_is(h->name, h->name_len, "x-request-id")
-            || (conn && tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len))) {
-            continue;
-        }
         if (tg_http_name_is(h->name, h->name_len, "x-forwarded-for")) {
-            if (nxff < TG_ARRAY_LEN(xff)) {
+            if (nxff < TG_ARRAY_LEN(xff) && tg_cidr_match(conf->http.trusted_proxies,
+                                                          conf->http.ntrusted_proxies, c->ip)) {
                 xff[nxff++] = h;
             }
+            continue;
+        }
+        if (tg_http_is_hop_by_hop(h->name, h->name_len)
+            || tg_http_name_is(h->name, h->name_len, "host")
+            || edge_owned(h->name, h->name_len)
+            || tg_limiter_strip_header(c->px->limiter, r, h)
+            || (conn && tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len))) {
             continue;
         }
         hb_add(&hb, h->name, h->name_len);
