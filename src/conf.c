@@ -31,6 +31,7 @@
 #include <netinet/in.h>
 #include <yaml.h>
 
+#include "tollgate/target.h"
 #include "tollgate/yaml.h"
 
 #define TG_CONF_MAX_FILE   (16u * 1024 * 1024)  /* a config is never this big */
@@ -121,6 +122,7 @@ TG_CONF_SETTER(tg_conf_set_token);
 TG_CONF_SETTER(tg_conf_set_name);
 TG_CONF_SETTER(tg_conf_set_method);
 TG_CONF_SETTER(tg_conf_set_route_path);
+TG_CONF_SETTER(tg_conf_set_route_prefix);
 TG_CONF_SETTER(tg_conf_set_section);
 TG_CONF_SETTER(tg_conf_set_global);
 TG_CONF_SETTER(tg_conf_set_health);
@@ -128,6 +130,7 @@ TG_CONF_SETTER(tg_conf_set_statsd);
 TG_CONF_SETTER(tg_conf_set_listen);
 TG_CONF_SETTER(tg_conf_set_tls);
 TG_CONF_SETTER(tg_conf_set_servers);
+TG_CONF_SETTER(tg_conf_set_trusted_proxies);
 TG_CONF_SETTER(tg_conf_set_sentinel);
 TG_CONF_SETTER(tg_conf_set_sentinel_addrs);
 TG_CONF_SETTER(tg_conf_set_cluster);
@@ -210,6 +213,7 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
       TG_FIELD(tg_conf, http.send_timeout_ms), 1, TG_MS_MAX, 0, NULL },
     { "max_requests_per_connection", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.max_requests_per_connection), 0, TG_2P31, 0, NULL },
+    { "trusted_proxies", tg_conf_set_trusted_proxies, TG_NOFIELD, 0, 0, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -330,7 +334,7 @@ static const tg_conf_cmd tg_conf_route_cmds[] = {
       TG_CONF_TIER_NAME, TG_CONF_REQUIRED, NULL },
     { "method", tg_conf_set_method, TG_FIELD(tg_route_conf, method), 1,
       TG_CONF_METHOD_MAX, 0, NULL },
-    { "path", tg_conf_set_route_path, TG_FIELD(tg_route_conf, path), 1,
+    { "path", tg_conf_set_route_prefix, TG_FIELD(tg_route_conf, path), 1,
       TG_CONF_ROUTE_PATH, TG_CONF_REQUIRED, NULL },
     { "cost", tg_conf_set_uint, TG_FIELD(tg_route_conf, cost), 1, 1000, 0, NULL },
     { "limit", tg_conf_set_route_limit, TG_NOFIELD, 0, 0, 0,
@@ -723,6 +727,7 @@ tg_conf_free(tg_conf *conf)
         free(conf->listen[i].key);
     }
     free(conf->listen);
+    free(conf->http.trusted_proxies);
     free(conf->upstream.servers);
     free(conf->upstream.health_check.path);
     for (i = 0; i < conf->ntiers; i++) {
@@ -1607,7 +1612,8 @@ tg_conf_set_method(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* A route's path prefix, compared with the request target as received. */
+/* A path: a route's prefix (then see tg_conf_set_route_prefix) or the
+ * health check's target. */
 static tg_rc
 tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
                        yaml_node_t *node, void *base, const char *path)
@@ -1632,12 +1638,34 @@ tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
     for (i = 0; i < len; i++) {
         if (!isgraph((unsigned char)s[i])) {
             return tg_conf_error(ctx, node->start_mark, path, "must not contain "
-                                 "spaces, control or non-ASCII characters "
-                                 "(percent-encode them), got \"%s\"", s);
+                                 "spaces, control or non-ASCII characters, "
+                                 "got \"%s\"", s);
         }
     }
     free(*field);
     *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* A route's path prefix, kept in the form it is matched in: normalised
+ * and decoded like request targets (tg_target_route_path). */
+static tg_rc
+tg_conf_set_route_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                         yaml_node_t *node, void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    char out[TG_CONF_ROUTE_PATH + 1];
+    const char *err;
+
+    if (tg_conf_set_route_path(ctx, cmd, node, base, path) != TG_OK) {
+        return TG_ERR;
+    }
+    if (tg_target_route_path(*field, out, sizeof(out), &err) != TG_OK) {
+        return tg_conf_error(ctx, node->start_mark, path, "bad path \"%s\": %s",
+                             *field, err);
+    }
+    free(*field);
+    *field = tg_xstrdup(out);
     return TG_OK;
 }
 
@@ -1773,6 +1801,43 @@ tg_conf_set_servers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
             return TG_ERR;
         }
         tg_conf_remember(ctx, addr, item->start_mark, child);
+    }
+    return TG_OK;
+}
+
+/* http.trusted_proxies: a sequence of addresses or CIDR ranges (IPv4 or
+ * IPv6); a peer in one may pass its own X-Forwarded-For on. */
+static tg_rc
+tg_conf_set_trusted_proxies(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                            yaml_node_t *node, void *base, const char *path)
+{
+    tg_conf *conf = base;
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    char child[TG_CONF_PATHLEN];
+    const char *s, *err;
+    size_t n;
+
+    if (node->type != YAML_SEQUENCE_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a sequence of addresses or "
+                                  "CIDR ranges");
+    }
+    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+    conf->http.trusted_proxies = tg_xcalloc(n ? n : 1, sizeof(tg_cidr));
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        item = yaml_document_get_node(&ctx->doc, *it);
+        snprintf(child, sizeof(child), "%s[%zu]", path, conf->http.ntrusted_proxies);
+        s = tg_conf_string(ctx, item, child);
+        if (s == NULL) {
+            return TG_ERR;
+        }
+        if (tg_cidr_parse(s, &conf->http.trusted_proxies[conf->http.ntrusted_proxies],
+                          &err) != TG_OK) {
+            return tg_conf_error(ctx, item->start_mark, child, "bad range \"%s\": %s",
+                                 s, err);
+        }
+        conf->http.ntrusted_proxies++;
     }
     return TG_OK;
 }

@@ -104,6 +104,9 @@ tg_health_create(struct event_base *main_base, const tg_conf *conf)
         n = snprintf(NULL, 0, "GET %s HTTP/1.1\r\nHost: %s\r\n"
                      "User-Agent: tollgate-health/" TG_VERSION "\r\n"
                      "Connection: close\r\n\r\n", path, s->addr.text);
+        if (n < 0) {
+            goto fail;
+        }
         s->req = tg_xmalloc((size_t)n + 1);
         snprintf(s->req, (size_t)n + 1, "GET %s HTTP/1.1\r\nHost: %s\r\n"
                  "User-Agent: tollgate-health/" TG_VERSION "\r\n"

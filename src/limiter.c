@@ -19,6 +19,7 @@
 #include "tollgate/breaker.h"
 #include "tollgate/metrics.h"
 #include "tollgate/redis.h"
+#include "tollgate/target.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
 #define KCACHE_SLOTS       4096        /* key-store cache entries per worker */
@@ -247,19 +248,23 @@ tg_limiter_enabled(const struct tg_limiter *lim)
 }
 
 int
-tg_limiter_strip_header(const struct tg_limiter *lim, const char *name, size_t len)
+tg_limiter_strip_header(const struct tg_limiter *lim, const tg_http_req *req,
+                        const tg_http_hdr *h)
 {
     const tg_conf *conf = lim->conf;
+    const char *kh = conf->auth.header ? conf->auth.header : "x-api-key";
 
-    if (tg_http_name_is(name, len, "x-consumer-id")
-        || tg_http_name_is(name, len, "x-consumer-tier")) {
-        return 1;     /* only tollgate says who the consumer is */
-    }
-    if (conf->auth.forward_key) {
+    if (!lim->enabled || conf->auth.forward_key) {
         return 0;
     }
-    return tg_http_name_is(name, len, conf->auth.header ? conf->auth.header : "x-api-key")
-           || tg_http_name_is(name, len, "authorization");
+    if (tg_http_name_is(h->name, h->name_len, kh)) {
+        return 1;
+    }
+    /* Authorization carried the key only as identify read it: the first
+     * one, Bearer, with no key header (Basic etc. are the app's) */
+    return tg_http_name_is(h->name, h->name_len, "authorization")
+           && find_header(req, kh) == NULL && h == find_header(req, "authorization")
+           && h->value_len > 7 && strncasecmp(h->value, "bearer ", 7) == 0;
 }
 
 /* ---- the decision -------------------------------------------------- */
@@ -579,26 +584,23 @@ find_header(const tg_http_req *req, const char *name)
     return NULL;
 }
 
-/* First rule whose method matches (or any) and whose path is a prefix of
- * the request path on a segment boundary. */
+/* First rule whose method matches (or any; a GET rule also takes HEAD,
+ * which is GET without the body, RFC 9110 9.3.2) and whose path is a
+ * prefix of the normalised request path on a segment boundary. */
 static const tg_route_conf *
 route_for(const tg_conf *conf, const tg_http_req *req)
 {
-    size_t i, plen;
+    size_t i;
 
     for (i = 0; i < conf->nroutes; i++) {
         const tg_route_conf *r = &conf->routes[i];
 
         if (r->method != NULL && (strlen(r->method) != req->method_len
-                                  || memcmp(r->method, req->method, req->method_len) != 0)) {
+                                  || memcmp(r->method, req->method, req->method_len) != 0)
+            && !(req->is_head && strcmp(r->method, "GET") == 0)) {
             continue;
         }
-        plen = strlen(r->path);
-        if (plen > req->path_len || memcmp(r->path, req->path, plen) != 0) {
-            continue;
-        }
-        if (plen == req->path_len || r->path[plen - 1] == '/'
-            || req->path[plen] == '/' || req->path[plen] == '?') {
+        if (tg_target_match_prefix(req->path, req->path_len, r->path)) {
             return r;
         }
     }

@@ -36,9 +36,11 @@
 #include <event2/bufferevent_ssl.h>
 
 #include "tollgate/accesslog.h"
+#include "tollgate/cidr.h"
 #include "tollgate/http.h"
 #include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
+#include "tollgate/target.h"
 #include "tollgate/upstream.h"
 
 #define TG_HIGH_WATER        (256 * 1024)
@@ -172,6 +174,7 @@ static void relay_response_body(struct tg_client *c);
 static void exchange_end(struct tg_client *c, int reusable);
 static void response_done(struct tg_client *c);
 static void make_request_id(struct tg_client *c);
+static tg_rc normalize_target(struct tg_client *c);
 static void client_flush(struct tg_client *c);
 static void rd_on(struct tg_client *c, const struct timeval *timeout);
 static void rd_off(struct tg_client *c);
@@ -669,10 +672,35 @@ handle_head(struct tg_client *c)
         rebase(&c->req.hdr[i].name, p, n, c->headbuf);
         rebase(&c->req.hdr[i].value, p, n, c->headbuf);
     }
+    if (normalize_target(c) != TG_OK) {
+        return;
+    }
     evbuffer_drain(in, c->req.head_len);
     event_del(c->timer);
     c->head_timer_on = 0;
     start_request(c);
+}
+
+/* Put the path of an origin-form target into its normal form (target.h)
+ * in headbuf, where it only shrinks: routes match it and it is forwarded.
+ * A target without one is answered 400 (TG_ERR).  "*" and the "/" that
+ * the parser supplies for "http://host" are left alone. */
+static tg_rc
+normalize_target(struct tg_client *c)
+{
+    uintptr_t at = (uintptr_t)c->req.path, hb = (uintptr_t)c->headbuf;
+    const char *err;
+
+    if (c->req.path[0] != '/' || at < hb || at >= hb + c->req.head_len) {
+        return TG_OK;
+    }
+    if (tg_target_normalize(c->headbuf + (at - hb), &c->req.path_len, &err) != TG_OK) {
+        c->reqid_len = 0;
+        c->close_after = 1;
+        respond_error(c, 400, "bad_request", err);
+        return TG_ERR;
+    }
+    return TG_OK;
 }
 
 static int
@@ -878,15 +906,32 @@ has_connection(const tg_http_hdr *hdr, size_t n)
     return 0;
 }
 
+/* 1 for the headers the edge owns: who the client and consumer are and
+ * how they came in is said by tollgate alone (X-Forwarded-For apart, see
+ * write_upstream_head), and X-Request-ID is re-sent as c->reqid. */
+static int
+edge_owned(const char *name, size_t len)
+{
+    return (len > 11 && tg_http_name_is(name, 11, "x-consumer-"))
+           || (len > 12 && tg_http_name_is(name, 12, "x-forwarded-"))
+           || tg_http_name_is(name, len, "forwarded")
+           || tg_http_name_is(name, len, "x-real-ip")
+           || tg_http_name_is(name, len, "x-request-id");
+}
+
+/* The request head for the upstream: the normalised target, the client's
+ * end-to-end headers, then ours.  X-Forwarded-For is the peer address,
+ * appended to the client's own only when the peer is a trusted proxy. */
 static void
 write_upstream_head(struct tg_client *c, struct evbuffer *out)
 {
+    const tg_conf *conf = c->px->conf;
     const tg_http_req *r = &c->req;
     const tg_http_hdr *h;
     const tg_http_hdr *xff[8];
     size_t nxff = 0, i;
-    char num[32];
-    int n, had_cl = 0, conn = has_connection(r->hdr, r->nhdr);
+    char num[48];                 /* "\r\nContent-Length: " + 20 digits */
+    int had_cl = 0, conn = has_connection(r->hdr, r->nhdr);
     hbuf hb;
 
     hb_init(&hb);
@@ -902,19 +947,18 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
             had_cl = 1;
             continue;
         }
-        if (tg_http_is_hop_by_hop(h->name, h->name_len)
-            || tg_http_name_is(h->name, h->name_len, "host")
-            || (tg_limiter_enabled(c->px->limiter)
-                && tg_limiter_strip_header(c->px->limiter, h->name, h->name_len))
-            || tg_http_name_is(h->name, h->name_len, "x-forwarded-proto")
-            || tg_http_name_is(h->name, h->name_len, "x-request-id")
-            || (conn && tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len))) {
-            continue;
-        }
         if (tg_http_name_is(h->name, h->name_len, "x-forwarded-for")) {
-            if (nxff < TG_ARRAY_LEN(xff)) {
+            if (nxff < TG_ARRAY_LEN(xff) && tg_cidr_match(conf->http.trusted_proxies,
+                                                          conf->http.ntrusted_proxies, c->ip)) {
                 xff[nxff++] = h;
             }
+            continue;
+        }
+        if (tg_http_is_hop_by_hop(h->name, h->name_len)
+            || tg_http_name_is(h->name, h->name_len, "host")
+            || edge_owned(h->name, h->name_len)
+            || tg_limiter_strip_header(c->px->limiter, r, h)
+            || (conn && tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len))) {
             continue;
         }
         hb_add(&hb, h->name, h->name_len);
@@ -941,9 +985,8 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
         hb_add(&hb, c->lo.tier, strlen(c->lo.tier));
     }
     if (r->body == TG_BODY_LENGTH) {
-        n = snprintf(num, sizeof(num), "\r\nContent-Length: %llu",
-                     (unsigned long long)r->content_length);
-        hb_add(&hb, num, (size_t)n);
+        hb_add(&hb, num, tg_fmt(num, sizeof(num), "\r\nContent-Length: %llu",
+                                (unsigned long long)r->content_length));
     } else if (r->body == TG_BODY_CHUNKED) {
         HB_LIT(&hb, "\r\nTransfer-Encoding: chunked");
     } else if (had_cl) {
@@ -969,12 +1012,12 @@ forward(struct tg_client *c)
             /* every server's breaker is open or its health check failing:
              * say so at once instead of trying */
             char extra[48];
-            int n = snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
-                             (unsigned long long)((retry_ms + 999) / 1000));
+            size_t n = tg_fmt(extra, sizeof(extra), "Retry-After: %llu\r\n",
+                              (unsigned long long)((retry_ms + 999) / 1000));
             if (!c->rq_done) {
                 c->close_after = 1;
             }
-            respond(c, 503, "unavailable", "no healthy upstream server", extra, (size_t)n);
+            respond(c, 503, "unavailable", "no healthy upstream server", extra, n);
             return;
         }
         respond_error(c, 502, "bad_gateway", "no upstream connection could be made");
@@ -1043,7 +1086,7 @@ rq_chunk_cb(void *arg, const char *data, size_t len)
     if (len == 0) {
         return;
     }
-    n = snprintf(line, sizeof(line), "%zx\r\n", len);
+    n = (int)tg_fmt(line, sizeof(line), "%zx\r\n", len);
     struct evbuffer *out = bufferevent_get_output(tg_uconn_bev(c->uc));
     evbuffer_add(out, line, (size_t)n);
     evbuffer_add(out, data, len);
@@ -1198,7 +1241,7 @@ up_event_cb(struct bufferevent *bev, short what, void *arg)
         size_t len = evbuffer_get_length(in);
         if (len != 0 && c->rs_chunked_out) {
             char line[24];
-            int n = snprintf(line, sizeof(line), "%zx\r\n", len);
+            int n = (int)tg_fmt(line, sizeof(line), "%zx\r\n", len);
             evbuffer_add(out, line, (size_t)n);
             evbuffer_remove_buffer(in, out, len);
             evbuffer_add(out, "\r\n", 2);
@@ -1323,7 +1366,7 @@ write_response_head(struct tg_client *c, const tg_http_resp *rs)
     hbuf hb;
 
     hb_init(&hb);
-    n = snprintf(line, sizeof(line), "HTTP/1.1 %d ", rs->status);
+    n = (int)tg_fmt(line, sizeof(line), "HTTP/1.1 %d ", rs->status);
     hb_add(&hb, line, (size_t)n);
     hb_add(&hb, rs->reason, rs->reason_len);
     HB_LIT(&hb, "\r\n");
@@ -1365,8 +1408,8 @@ write_response_head(struct tg_client *c, const tg_http_resp *rs)
             HB_LIT(&hb, "Content-Length: 0\r\n");
         }
     } else if (rs->body == TG_BODY_LENGTH) {
-        n = snprintf(line, sizeof(line), "Content-Length: %llu\r\n",
-                     (unsigned long long)rs->content_length);
+        n = (int)tg_fmt(line, sizeof(line), "Content-Length: %llu\r\n",
+                        (unsigned long long)rs->content_length);
         hb_add(&hb, line, (size_t)n);
     } else if (rs->body == TG_BODY_CHUNKED || rs->body == TG_BODY_CLOSE) {
         if (c->req.minor >= 1) {
@@ -1471,7 +1514,7 @@ rs_chunk_cb(void *arg, const char *data, size_t len)
     }
     c->rs_bytes += len;
     if (c->rs_chunked_out) {
-        n = snprintf(line, sizeof(line), "%zx\r\n", len);
+        n = (int)tg_fmt(line, sizeof(line), "%zx\r\n", len);
         evbuffer_add(out, line, (size_t)n);
         evbuffer_add(out, data, len);
         evbuffer_add(out, "\r\n", 2);
@@ -1538,7 +1581,7 @@ relay_response_body(struct tg_client *c)
             c->rs_bytes += len;
             if (c->rs_chunked_out) {
                 char line[24];
-                int n = snprintf(line, sizeof(line), "%zx\r\n", len);
+                int n = (int)tg_fmt(line, sizeof(line), "%zx\r\n", len);
                 evbuffer_add(out, line, (size_t)n);
                 evbuffer_remove_buffer(in, out, len);
                 evbuffer_add(out, "\r\n", 2);
@@ -1755,26 +1798,23 @@ respond(struct tg_client *c, int status, const char *code, const char *msg,
         const char *extra, size_t extra_len)
 {
     struct evbuffer *out = bufferevent_get_output(c->bev);
-    char body[512], head[256];
+    char body[512], head[256 + TG_REQID_MAX];
     int bn, hn;
 
     if (c->reqid_len == 0) {
         make_request_id(c);
     }
-    bn = snprintf(body, sizeof(body),
-                  "{\"error\":\"%s\",\"message\":\"%s\",\"request_id\":\"%s\"}\n",
-                  code, msg, c->reqid);
-    if (bn < 0 || (size_t)bn >= sizeof(body)) {
-        bn = (int)sizeof(body) - 1;
-    }
+    bn = (int)tg_fmt(body, sizeof(body),
+                     "{\"error\":\"%s\",\"message\":\"%s\",\"request_id\":\"%s\"}\n",
+                     code, msg, c->reqid);
     if (c->state != C_BUSY || !c->rq_done) {
         c->close_after = 1;
     }
-    hn = snprintf(head, sizeof(head),
-                  "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-                  "Content-Length: %d\r\nX-Request-ID: %s\r\n%s",
-                  status, tg_http_reason(status), bn, c->reqid,
-                  c->close_after ? "Connection: close\r\n" : "");
+    hn = (int)tg_fmt(head, sizeof(head),
+                     "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %d\r\nX-Request-ID: %s\r\n%s",
+                     status, tg_http_reason(status), bn, c->reqid,
+                     c->close_after ? "Connection: close\r\n" : "");
     evbuffer_add(out, head, (size_t)hn);
     if (extra_len != 0) {
         evbuffer_add(out, extra, extra_len);
@@ -1849,7 +1889,7 @@ access_log(struct tg_client *c, uint64_t now_us)
                         ? c->req.method_len : 0, 16);
     tg_alog_json_escape(path, c->req.path ? c->req.path : "", c->req.path
                         ? c->req.path_len : 0, 256);
-    n = snprintf(line, sizeof(line),
+    n = (int)tg_fmt(line, sizeof(line),
                  "{\"time\":\"%s.%03ldZ\",\"request_id\":\"%s\",\"consumer\":\"%s\","
                  "\"tier\":\"%s\",\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,"
                  "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f,"
@@ -1862,7 +1902,7 @@ access_log(struct tg_client *c, uint64_t now_us)
                  c->t_up_us ? px->conf->upstream.servers[c->up_server].text : "",
                  limit_outcome(&c->lo));
     if (n > 0) {
-        tg_alog_write(px->alog, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+        tg_alog_write(px->alog, line, (size_t)n);
     }
 }
 

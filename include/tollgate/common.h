@@ -32,6 +32,12 @@ void tg_log(enum tg_log_level level, const char *fmt, ...)
 #define tg_warn(...)  tg_log(TG_LOG_WARN, __VA_ARGS__)
 #define tg_error(...) tg_log(TG_LOG_ERROR, __VA_ARGS__)
 
+/* snprintf that returns the length really in buf: 0..size-1, never more.
+ * A format that fails is 0 bytes and one that does not fit is cut, so the
+ * result can always be used as a length (size must be > 0). */
+size_t tg_fmt(char *buf, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 void *tg_xmalloc(size_t n);
 void *tg_xcalloc(size_t n, size_t size);
 void *tg_xrealloc(void *p, size_t n);

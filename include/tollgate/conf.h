@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "tollgate/cidr.h"
 #include "tollgate/common.h"
 
 #define TG_CONF_ERRLEN 512
@@ -79,6 +80,9 @@ typedef struct tg_conf {
         unsigned idle_timeout_ms;     /* keep-alive idle; 60000 */
         unsigned send_timeout_ms;     /* between two writes; 30000 */
         unsigned max_requests_per_connection;   /* 0 = unlimited; 10000 */
+        tg_cidr *trusted_proxies;     /* peers whose X-Forwarded-For is kept
+                                         (appended to); none by default */
+        size_t   ntrusted_proxies;
     } http;
 
     struct {                          /* section upstream: */

@@ -123,8 +123,10 @@ int tg_limiter_breaker_state(struct tg_limiter *lim);
  */
 size_t tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len);
 
-/* 1 if the header name must not reach the upstream: the API key header
- * (unless auth.forward_key) and client-sent X-Consumer-ID / -Tier. */
-int tg_limiter_strip_header(const struct tg_limiter *lim, const char *name, size_t len);
+/* 1 if header h of req carried the API key and must not reach the
+ * upstream: the key header, or the Authorization: Bearer it came from
+ * (never when the limiter is off or auth.forward_key is set). */
+int tg_limiter_strip_header(const struct tg_limiter *lim, const tg_http_req *req,
+                            const tg_http_hdr *h);
 
 #endif

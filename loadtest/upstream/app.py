@@ -173,4 +173,9 @@ async def headers(request: Request):
     out: Dict[str, str] = {}
     for name, value in request.headers.items():
         out[name] = out[name] + ", " + value if name in out else value
-    return out
+    # The target as received (before percent-decoding), for tests of what
+    # a proxy in front forwarded.
+    target = request.scope.get("raw_path", b"").decode("latin-1")
+    if request.scope.get("query_string"):
+        target += "?" + request.scope["query_string"].decode("latin-1")
+    return JSONResponse(out, headers={"X-Echo-Target": target})

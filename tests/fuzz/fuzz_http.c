@@ -1,8 +1,10 @@
 /*
  * fuzz_http.c - libFuzzer target for src/http.c.
  *
+ * Built by meson with -Dfuzz=true (CC=clang), run by scripts/fuzz; by hand:
+ *
  *   clang -fsanitize=fuzzer,address,undefined -Iinclude src/common.c \
- *       src/http.c tests/fuzz/fuzz_http.c -o fuzz_http && ./fuzz_http
+ *       src/http.c src/target.c tests/fuzz/fuzz_http.c -o fuzz_http && ./fuzz_http
  *
  * The first input byte picks the limits and the split pattern; the rest is
  * fed to the request parser, the response parser and the chunked decoder.
@@ -10,6 +12,8 @@
  *  - a head that parses is AGAIN on every shorter prefix (we never frame a
  *    message before its end) and parses identically when cut at head_len;
  *  - every pointer a parser returns lies inside the head;
+ *  - the path of a parsed request normalises (target.h) to something no
+ *    longer that normalises to itself, as the proxy does before routing;
  *  - the chunked decoder gives the same data, the same consumed count and
  *    the same verdict whatever the split of its input.
  */
@@ -18,6 +22,7 @@
 #include <string.h>
 
 #include "tollgate/http.h"
+#include "tollgate/target.h"
 
 static const tg_http_limits fuzz_limits[4] = {
     { 8192, 16384, 100 },
@@ -54,6 +59,37 @@ static size_t
 fz_step(size_t head)
 {
     return head <= 512 ? 1 : head / 256;
+}
+
+/* The proxy's next step: the path in normal form, in a copy. */
+static void
+fz_normalize(const char *path, size_t len)
+{
+    char *t, *t2;
+    size_t n = len, n2;
+    const char *err = NULL;
+
+    if (len == 0 || path[0] != '/') {
+        return;
+    }
+    t = malloc(len);
+    memcpy(t, path, len);
+    if (tg_target_normalize(t, &n, &err) == TG_OK) {
+        if (n > len || n == 0 || t[0] != '/') {
+            abort();
+        }
+        t2 = malloc(n);
+        memcpy(t2, t, n);
+        n2 = n;
+        if (tg_target_normalize(t2, &n2, &err) != TG_OK || n2 != n
+            || memcmp(t, t2, n) != 0) {
+            abort();
+        }
+        free(t2);
+    } else if (err == NULL) {
+        abort();
+    }
+    free(t);
 }
 
 static void
@@ -99,6 +135,7 @@ fz_request(const char *buf, size_t len, const tg_http_limits *lim)
         abort();
     }
     fz_check_hdrs(fz_req.hdr, fz_req.nhdr, buf, fz_req.head_len);
+    fz_normalize(fz_req.path, fz_req.path_len);
 
     for (k = 0; k < fz_req.head_len; k += fz_step(fz_req.head_len)) {
         if (tg_http_parse_request(buf, k, lim, &fz_req2) != TG_AGAIN) {

@@ -130,6 +130,8 @@ typedef struct tgh_tg_opts {
     const char *store;                 /* "local" (default) or "redis" */
     int         tls_port;              /* > 0: a second listener with TLS */
     const char *tls_cert, *tls_key;    /* its PEM files */
+    const char *http_extra;            /* more keys of the http: mapping,
+                                          e.g. "trusted_proxies: [::1]" */
     const char *extra_yaml;            /* appended verbatim (may be NULL) */
 } tgh_tg_opts;
 

@@ -608,6 +608,12 @@ Test(conf_errors, route_bad_path)
                  "must not contain spaces");
     expect_error(MIN "routes:\n  - { name: a, path: \"\" }\n", "6:22",
                  "routes[0].path: must start with '/', got \"\"");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a?x\" }\n", "6:22",
+                 "routes[0].path: bad path \"/a?x\": a route path has no query");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a//b\" }\n", "6:22",
+                 "routes[0].path: bad path \"/a//b\": empty path segment (//) in path");
+    expect_error(MIN "routes:\n  - { name: a, path: \"/a%2Fb\" }\n", "6:22",
+                 "encoded slash (%2F) in path");
     longpath[0] = '/';
     memset(longpath + 1, 'a', 256);
     longpath[257] = '\0';
@@ -869,7 +875,7 @@ Test(conf, auth_and_routes)
     r = &conf->routes[3];
     cr_assert_str_eq(r->name, "v2");
     cr_assert_null(r->method);          /* any method */
-    cr_assert_str_eq(r->path, "/v2/~x%20y");
+    cr_assert_str_eq(r->path, "/v2/~x y");   /* matched decoded, as apps see it */
     cr_assert_eq(r->cost, 1);
     cr_assert_eq(r->has_limit, 0);
     tg_conf_unref(conf);
@@ -1329,4 +1335,32 @@ Test(conf_errors, metrics_access_log_instances)
     expect_error(MIN "metrics:\n  stats: {}\n", "6:3", "unknown key \"stats\"");
     expect_error(MIN "access_log: {}\n", "5:13", "missing required key \"path\"");
     expect_error(MIN "redis: { instances: 0 }\n", "5:21", "out of range (1..1000)");
+}
+
+/* ---- http.trusted_proxies -------------------------------------------------- */
+
+Test(conf, trusted_proxies)
+{
+    tg_conf *conf = expect_ok(MIN "http:\n  trusted_proxies: [10.0.0.0/8, \"::1\", "
+                              "\"fd00::/8\"]\n");
+
+    cr_assert_eq(conf->http.ntrusted_proxies, 3);
+    cr_expect(tg_cidr_match(conf->http.trusted_proxies, 3, "10.9.9.9"));
+    cr_expect(tg_cidr_match(conf->http.trusted_proxies, 3, "::1"));
+    cr_expect(!tg_cidr_match(conf->http.trusted_proxies, 3, "127.0.0.1"));
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN);
+    cr_expect_eq(conf->http.ntrusted_proxies, 0);       /* default: trust nobody */
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN "http:\n  trusted_proxies: []\n");
+    cr_expect_eq(conf->http.ntrusted_proxies, 0);
+    tg_conf_unref(conf);
+
+    expect_error(MIN "http:\n  trusted_proxies: [10.0.0.1/8]\n", "6:21",
+                 "http.trusted_proxies[0]: bad range \"10.0.0.1/8\": host bits set");
+    expect_error(MIN "http:\n  trusted_proxies: [127.0.0.1, lb.internal]\n", "6:32",
+                 "http.trusted_proxies[1]: bad range \"lb.internal\": not an IPv4 "
+                 "or IPv6 address");
+    expect_error(MIN "http:\n  trusted_proxies: 10.0.0.0/8\n", "6:20",
+                 "http.trusted_proxies: expected a sequence of addresses or CIDR ranges");
 }

@@ -93,6 +93,7 @@ static void tu_send(struct evhttp_request *req, int code, const char *reason);
 
 static void tu_h_ok(struct evhttp_request *req);
 static void tu_h_echo(struct evhttp_request *req);
+static void tu_echo_target(struct evhttp_request *req);
 static void tu_h_headers(struct evhttp_request *req);
 static void tu_h_bytes(struct evhttp_request *req);
 static void tu_h_chunked(struct evhttp_request *req, struct event_base *base);
@@ -356,8 +357,10 @@ tu_on_request(struct evhttp_request *req, void *arg)
         tu_h_status(req);
     else if (strcmp(path, "/close") == 0)
         tu_h_close(req);
-    else
+    else {
+        tu_echo_target(req);
         tu_h_ok(req);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -386,6 +389,18 @@ tu_h_echo(struct evhttp_request *req)
     tu_send(req, 200, "OK");
 }
 
+/* X-Echo-Method / X-Echo-Target: the request line as received, so tests
+ * see the exact target a proxy forwarded. */
+static void
+tu_echo_target(struct evhttp_request *req)
+{
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
+
+    evhttp_add_header(oh, "X-Echo-Method",
+                      tu_method_name(evhttp_request_get_command(req)));
+    evhttp_add_header(oh, "X-Echo-Target", evhttp_request_get_uri(req));
+}
+
 static void
 tu_h_headers(struct evhttp_request *req)
 {
@@ -393,6 +408,7 @@ tu_h_headers(struct evhttp_request *req)
     struct evbuffer *out = evhttp_request_get_output_buffer(req);
     struct evkeyval *kv;
 
+    tu_echo_target(req);
     TAILQ_FOREACH(kv, ih, next)
         evbuffer_add_printf(out, "%s: %s\n", kv->key, kv->value);
     evhttp_add_header(evhttp_request_get_output_headers(req),
