@@ -386,8 +386,12 @@ tg_proxy_drain(struct tg_proxy *px)
         next = TAILQ_NEXT(c, link);
         if (c->state == C_HEAD
             && evbuffer_get_length(bufferevent_get_input(c->bev)) == 0) {
-            tls_close_notify(c);
-            client_kill(c);
+            if (evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
+                client_close_after_flush(c);    /* answers still queued */
+            } else {
+                tls_close_notify(c);
+                client_kill(c);
+            }
         } else {
             c->close_after = 1;
         }
@@ -656,13 +660,20 @@ client_event_cb(struct bufferevent *bev, short what, void *arg)
         respond_error(c, 408, "request_timeout", "the request body stalled");
         return;
     }
-    if ((what & BEV_EVENT_EOF) && c->state == C_BUSY && !c->rs_started) {
-        /* The client closed (or half-closed) before its answer began: the
-         * upstream exchange is abandoned at once, as nginx does without
-         * proxy_ignore_client_abort, and counted as 499. */
-        exchange_end(c, 0);
-        c->rs_status = 499;
-        account(c);
+    if ((what & BEV_EVENT_EOF) && c->state == C_BUSY) {
+        if (c->rs_started && c->rq_done) {
+            /* Half-close while the answer streams: finish it. */
+            c->close_after = 1;
+            return;
+        }
+        if (!c->rs_started) {
+            /* The client closed (or half-closed) before its answer began:
+             * the upstream exchange is abandoned at once, as nginx does
+             * without proxy_ignore_client_abort, and counted as 499. */
+            exchange_end(c, 0);
+            c->rs_status = 499;
+            account(c);
+        }
     }
     client_kill(c);
 }

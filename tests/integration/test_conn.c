@@ -459,3 +459,82 @@ Test(conn, upstream_impossible_responses_502)
         free(path);
     }
 }
+
+/* ---- TLS: the handshake has its own deadline ---------------------------- */
+
+static void
+tls_timeouts(tgh_tg_opts *o)
+{
+    tls_and_keys(o);
+    o->header_timeout_ms = 3000;
+    o->http_extra = "handshake_timeout_ms: 1000";
+}
+
+Test(conn, tls_handshake_timeout_is_its_own)
+{
+    start(tls_timeouts);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)tls_port),
+                              .sin_addr.s_addr = htonl(0x7f000001) };
+    struct timeval tv = { 10, 0 };
+    char b[64];
+
+    /* no ClientHello: closed at handshake_timeout_ms */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect TLS");
+    uint64_t t0 = tgh_now_ms();
+    ssize_t n = read(fd, b, sizeof b);
+    uint64_t dt = tgh_now_ms() - t0;
+    TGH_CHECK(n <= 0 && dt >= 800 && dt <= 2500, "silent TLS client: read %zd after "
+              "%llu ms (handshake_timeout_ms 1000, header_timeout_ms 3000)", n,
+              (unsigned long long)dt);
+    close(fd);
+
+    /* handshake done, no request: the header deadline, then close_notify */
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect TLS");
+    SSL *ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    TGH_CHECK(SSL_connect(ssl) == 1, "TLS handshake");
+    t0 = tgh_now_ms();
+    int r = SSL_read(ssl, b, sizeof b);
+    int err = SSL_get_error(ssl, r);
+    dt = tgh_now_ms() - t0;
+    TGH_CHECK(r <= 0 && dt >= 2500 && dt <= 5000, "idle TLS connection: read %d "
+              "after %llu ms (header_timeout_ms 3000)", r, (unsigned long long)dt);
+    TGH_CHECK(err == SSL_ERROR_ZERO_RETURN, "closed without close_notify "
+              "(SSL error %d)", err);
+    SSL_free(ssl);
+    close(fd);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+}
+
+/* ---- a head timeout is not the previous request ------------------------ */
+
+static void
+short_head(tgh_tg_opts *o)
+{
+    o->header_timeout_ms = 1000;
+}
+
+Test(conn, head_timeout_408_has_its_own_id)
+{
+    start(short_head);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_resp r;
+    TGH_CHECK(roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\nX-Request-ID: prev-req-1\r\n\r\n",
+                        &r, 5000) == 0 && r.status == 200, "GET /: %d", r.status);
+    tgh_resp_free(&r);
+    tgh_conn_sendstr(c, "GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ");
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 5000) == 0 && r.status == 408,
+              "stalled head: %d %s, expected 408", r.status, r.reason);
+    const char *rid = tgh_resp_header(&r, "X-Request-ID");
+    TGH_CHECK(rid != NULL && strcmp(rid, "prev-req-1") != 0,
+              "the 408 carries the previous request's id '%s'", rid ? rid : "(none)");
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+}
