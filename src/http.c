@@ -6,8 +6,8 @@
  * or LF, obs-fold, whitespace before the colon, duplicate or malformed
  * Content-Length, Transfer-Encoding we cannot decode, both at once.
  *
- * The head parsers are re-run on everything buffered so far each time more
- * bytes arrive.  They are single pass, driven by one 256-entry class table,
+ * The head parsers are re-run on everything buffered so far (the proxy does
+ * so only once a blank line may have ended the head).  They are single pass, driven by one 256-entry class table,
  * and stop at the first byte that proves an error or a limit; a head is at
  * most a few KiB, so re-parsing costs less than keeping parser state.
  *

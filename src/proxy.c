@@ -13,7 +13,9 @@
  * Backpressure.  Each direction moves data between two bufferevents; when
  * the destination's output holds more than TG_HIGH_WATER bytes the source
  * stops reading, and the destination's write callback (low watermark)
- * resumes it.  No body is ever buffered whole.
+ * resumes it.  No body is ever buffered whole.  Answers we write ourselves
+ * obey the same mark: no next request is parsed while the client's output
+ * is above it (client_next_request).
  */
 #include "tollgate/proxy.h"
 
