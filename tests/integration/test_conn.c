@@ -572,3 +572,28 @@ Test(conn, head_timeout_408_has_its_own_id)
     tgh_resp_free(&r);
     tgh_conn_close(c);
 }
+
+/* ---- an early answer closes the connection ----------------------------- */
+
+Test(conn, early_answer_says_connection_close)
+{
+    /* the sample app answers /status/{code} without reading the body */
+    TGH_CHECK(tgh_fastapi_start(&up) == 0, "uvicorn did not start");
+    tgh_tg_opts o;
+    tgh_tg_opts_default(&o, up.port);
+    o.first_byte_timeout_ms = 10000;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate did not start");
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_conn_sendstr(c, "POST /status/200 HTTP/1.1\r\nHost: t\r\n"
+                        "Content-Length: 100000\r\n\r\n0123456789");
+    tgh_resp r;
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 10000) == 0 && r.status == 200,
+              "early answer: %d %s", r.status, r.reason);
+    const char *conn = tgh_resp_header(&r, "Connection");
+    TGH_CHECK(conn != NULL && strcasecmp(conn, "close") == 0, "an answer sent before "
+              "the request body was read says Connection: %s", conn ? conn : "(none)");
+    tgh_resp_free(&r);
+    TGH_CHECK(tgh_conn_wait_closed(c, 5000, NULL), "connection still open");
+    tgh_conn_close(c);
+}
