@@ -205,6 +205,8 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
       TG_FIELD(tg_conf, http.max_body_bytes), 0, TG_2P62, 0, NULL },
     { "header_timeout_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.header_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { "handshake_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.handshake_timeout_ms), 1, TG_MS_MAX, 0, NULL },
     { "body_timeout_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.body_timeout_ms), 1, TG_MS_MAX, 0, NULL },
     { "idle_timeout_ms", tg_conf_set_uint,
@@ -655,6 +657,7 @@ tg_conf_defaults(tg_conf *conf)
     conf->http.max_headers = 100;
     conf->http.max_body_bytes = 10 * 1024 * 1024;
     conf->http.header_timeout_ms = 10000;
+    conf->http.handshake_timeout_ms = 10000;
     conf->http.body_timeout_ms = 30000;
     conf->http.idle_timeout_ms = 60000;
     conf->http.send_timeout_ms = 30000;

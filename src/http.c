@@ -6,8 +6,8 @@
  * or LF, obs-fold, whitespace before the colon, duplicate or malformed
  * Content-Length, Transfer-Encoding we cannot decode, both at once.
  *
- * The head parsers are re-run on everything buffered so far each time more
- * bytes arrive.  They are single pass, driven by one 256-entry class table,
+ * The head parsers are re-run on everything buffered so far (the proxy does
+ * so only once a blank line may have ended the head).  They are single pass, driven by one 256-entry class table,
  * and stop at the first byte that proves an error or a limit; a head is at
  * most a few KiB, so re-parsing costs less than keeping parser state.
  *
@@ -154,6 +154,13 @@ tg_http_parse_response(const char *buf, size_t len, const tg_http_limits *lim,
     http_ctx_init(&hc, buf, len, lim, "response head too large");
     b = hc.b;
 
+    /* Bytes that cannot begin a status line fail now, not at the next
+     * CRLF (which may never come: e.g. a body after a 1xx). */
+    if (memcmp(buf, "HTTP/1.", len < 7 ? len : 7) != 0) {
+        rc = http_fail(&hc, 502, "malformed status line");
+        goto fail;
+    }
+
     /* The reason phrase may carry HTAB and obs-text, nothing else below SP. */
     rc = http_line_end(&hc, 0, lim->max_request_line, HC_FVCHAR | HC_WS, &cr,
                        "status line too long", 502);
@@ -182,6 +189,10 @@ tg_http_parse_response(const char *buf, size_t len, const tg_http_limits *lim,
         goto fail;
     }
     resp->status = (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
+    if (resp->status > 599) {
+        rc = http_fail(&hc, 502, "status code out of range");   /* RFC 9110 15 */
+        goto fail;
+    }
     if (cr > 12) {
         resp->reason = buf + 13;
         resp->reason_len = cr - 13;
@@ -213,15 +224,21 @@ tg_http_parse_response(const char *buf, size_t len, const tg_http_limits *lim,
             rc = http_fail(&hc, 502, "invalid Transfer-Encoding in response");
             goto fail;
         }
-        /* The proxy strips TE (hop-by-hop) and re-frames: a coding under
-         * the chunked one could not be forwarded intact. */
-        if (fr.te_last_chunked && fr.te_other > 0) {
+        /* The proxy strips TE (hop-by-hop) and re-frames: any coding but
+         * chunked could not be forwarded intact. */
+        if (fr.te_other > 0) {
             rc = http_fail(&hc, 502, "unsupported transfer coding");
             goto fail;
         }
     }
     if (fr.ncl > 0) {
         resp->content_length = fr.cl;
+    }
+    /* A 1xx ends with its head (RFC 9110 15.2); one that announces a
+     * body leaves the stream unframed. */
+    if (resp->status < 200 && (fr.nte > 0 || (fr.ncl > 0 && fr.cl > 0))) {
+        rc = http_fail(&hc, 502, "interim response with a body");
+        goto fail;
     }
 
     if (resp->minor == 1) {

@@ -13,7 +13,9 @@
  * Backpressure.  Each direction moves data between two bufferevents; when
  * the destination's output holds more than TG_HIGH_WATER bytes the source
  * stops reading, and the destination's write callback (low watermark)
- * resumes it.  No body is ever buffered whole.
+ * resumes it.  No body is ever buffered whole.  Answers we write ourselves
+ * obey the same mark: no next request is parsed while the client's output
+ * is above it (client_next_request).
  */
 #include "tollgate/proxy.h"
 
@@ -34,6 +36,8 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include "tollgate/accesslog.h"
 #include "tollgate/cidr.h"
@@ -47,6 +51,7 @@
 #define TG_LOW_WATER         (64 * 1024)
 #define TG_UP_HEAD_MAX       (64 * 1024)    /* upstream response head limit */
 #define TG_LINGER_MS         2000           /* lingering close bound */
+#define TG_LINGER_BYTES      (64u << 20)    /* ... and bytes discarded */
 #define TG_REQID_MAX         128
 
 enum cstate {
@@ -88,10 +93,14 @@ struct tg_client {
     struct bufferevent *bev;
     int                 fd;
     int                 tls;
+    int                 tls_ready;      /* handshake done */
+    size_t              linger_bytes;   /* discarded while lingering */
     enum cstate         state;
     unsigned            nreq;           /* requests begun on this connection */
     int                 close_after;    /* close once this response is sent */
     int                 head_timer_on;  /* timer is the header deadline */
+    size_t              head_scan;      /* head bytes searched for its end */
+    int                 out_wait;       /* output above high water: no new request */
     struct event       *timer;          /* idle / header / linger deadline */
     struct event       *defer;          /* free, or serve a pipelined request */
     struct event       *rev;            /* plain sockets: our own read event */
@@ -151,6 +160,7 @@ static void client_next_request(struct tg_client *c);
 static void arm_timer(struct tg_client *c, unsigned ms);
 static void handle_head(struct tg_client *c);
 static void start_request(struct tg_client *c);
+static void request_reset(struct tg_client *c, uint64_t t_start_us);
 static void forward(struct tg_client *c);
 static void relay_request_body(struct tg_client *c);
 static void request_body_done(struct tg_client *c);
@@ -176,6 +186,7 @@ static void response_done(struct tg_client *c);
 static void make_request_id(struct tg_client *c);
 static tg_rc normalize_target(struct tg_client *c);
 static void client_flush(struct tg_client *c);
+static void tls_close_notify(struct tg_client *c);
 static void rd_on(struct tg_client *c, const struct timeval *timeout);
 static void rd_off(struct tg_client *c);
 static void client_rd_cb(evutil_socket_t fd, short what, void *arg);
@@ -360,8 +371,13 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
         rd_on(c, NULL);
     }
     c->state = C_HEAD;
-    c->head_timer_on = 1;
-    arm_timer(c, px->conf->http.header_timeout_ms);
+    if (c->tls) {
+        /* the header deadline starts when the handshake ends */
+        arm_timer(c, px->conf->http.handshake_timeout_ms);
+    } else {
+        c->head_timer_on = 1;
+        arm_timer(c, px->conf->http.header_timeout_ms);
+    }
 }
 
 void
@@ -375,7 +391,12 @@ tg_proxy_drain(struct tg_proxy *px)
         next = TAILQ_NEXT(c, link);
         if (c->state == C_HEAD
             && evbuffer_get_length(bufferevent_get_input(c->bev)) == 0) {
-            client_kill(c);
+            if (evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
+                client_close_after_flush(c);    /* answers still queued */
+            } else {
+                tls_close_notify(c);
+                client_kill(c);
+            }
         } else {
             c->close_after = 1;
         }
@@ -471,7 +492,8 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
         if (evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
             return;   /* the write callback comes back here */
         }
-        if (c->tls || shutdown(c->fd, SHUT_WR) != 0) {
+        tls_close_notify(c);
+        if (shutdown(c->fd, SHUT_WR) != 0) {
             client_free(c);
             return;
         }
@@ -479,11 +501,18 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
         evbuffer_drain(bufferevent_get_input(c->bev),
                        evbuffer_get_length(bufferevent_get_input(c->bev)));
         bufferevent_set_timeouts(c->bev, NULL, NULL);
+        if (c->tls) {
+            /* TLS is over (close_notify sent): discard raw bytes, not
+             * records, with our own read event */
+            bufferevent_disable(c->bev, EV_READ | EV_WRITE);
+            c->rev = event_new(c->px->base, c->fd, EV_READ | EV_PERSIST,
+                               client_rd_cb, c);
+        }
         rd_on(c, NULL);
         arm_timer(c, TG_LINGER_MS);
         return;
     case C_HEAD:
-        if (evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
+        if (!c->out_wait && evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
             handle_head(c);
         }
         return;
@@ -509,8 +538,16 @@ client_timer_cb(evutil_socket_t fd, short what, void *arg)
     switch (c->state) {
     case C_HEAD:
         if (evbuffer_get_length(bufferevent_get_input(c->bev)) == 0) {
-            client_kill(c);           /* idle keep-alive connection */
+            tls_close_notify(c);      /* idle keep-alive, or handshake timeout */
+            client_kill(c);
         } else {
+            /* no request of its own yet: no id, method or path of the
+             * last one; it began when the header deadline was armed */
+            request_reset(c, tg_now_us()
+                          - (uint64_t)c->px->conf->http.header_timeout_ms * 1000);
+            c->req.method = NULL;
+            c->req.path = NULL;
+            c->req.body = TG_BODY_NONE;
             respond_error(c, 408, "request_timeout",
                           "the request head did not arrive in time");
         }
@@ -533,6 +570,16 @@ client_next_request(struct tg_client *c)
     c->state = C_HEAD;
     c->rq_paused = 0;
     client_flush(c);
+    if (evbuffer_get_length(bufferevent_get_output(c->bev)) > TG_HIGH_WATER) {
+        /* A client that does not read its answers (pipelining) gets no
+         * new request parsed until they drain: the write callback (low
+         * water) comes back here; the send timeout bounds the wait. */
+        c->out_wait = 1;
+        rd_off(c);
+        event_del(c->timer);
+        return;
+    }
+    c->out_wait = 0;
     rd_on(c, NULL);
     if (evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
         /* pipelined: serve it from the loop, not by recursion */
@@ -582,6 +629,10 @@ client_write_cb(struct bufferevent *bev, void *arg)
         event_active(c->defer, EV_TIMEOUT, 1);
         return;
     }
+    if (c->state == C_HEAD && c->out_wait) {
+        client_next_request(c);
+        return;
+    }
     if (c->state == C_BUSY && c->rs_paused && c->uc != NULL) {
         c->rs_paused = 0;
         event_add(c->urev, NULL);
@@ -596,7 +647,13 @@ client_event_cb(struct bufferevent *bev, short what, void *arg)
 
     TG_UNUSED(bev);
     if (what & BEV_EVENT_CONNECTED) {
-        return;                        /* TLS handshake done */
+        /* TLS handshake done: the header deadline starts now */
+        c->tls_ready = 1;
+        if (c->state == C_HEAD && !c->head_timer_on) {
+            c->head_timer_on = 1;
+            arm_timer(c, c->px->conf->http.header_timeout_ms);
+        }
+        return;
     }
     if (c->state == C_LINGER || c->state == C_CLOSING || c->state == C_DEAD) {
         client_kill(c);
@@ -604,13 +661,24 @@ client_event_cb(struct bufferevent *bev, short what, void *arg)
     }
     if ((what & BEV_EVENT_TIMEOUT) && (what & BEV_EVENT_READING)
         && c->state == C_BUSY && !c->rq_done && !c->rs_started) {
+        exchange_end(c, 0);          /* no late upstream answer after ours */
         respond_error(c, 408, "request_timeout", "the request body stalled");
         return;
     }
-    if ((what & BEV_EVENT_EOF) && c->state == C_BUSY && c->rq_done) {
-        /* Half-close after a complete request: still answer it. */
-        c->close_after = 1;
-        return;
+    if ((what & BEV_EVENT_EOF) && c->state == C_BUSY) {
+        if (c->rs_started && c->rq_done) {
+            /* Half-close while the answer streams: finish it. */
+            c->close_after = 1;
+            return;
+        }
+        if (!c->rs_started) {
+            /* The client closed (or half-closed) before its answer began:
+             * the upstream exchange is abandoned at once, as nginx does
+             * without proxy_ignore_client_abort, and counted as 499. */
+            exchange_end(c, 0);
+            c->rs_status = 499;
+            account(c);
+        }
     }
     client_kill(c);
 }
@@ -645,20 +713,31 @@ handle_head(struct tg_client *c)
         arm_timer(c, px->conf->http.header_timeout_ms);
     }
     n = len < px->lim.max_header_bytes ? len : px->lim.max_header_bytes;
+    /* The parser starts over on each call: after the first look (early
+     * errors), call it again only once a blank line may end the head or
+     * the limit is reached, searching only the new bytes for it, so a
+     * client sending a byte at a time costs O(n), not O(n^2). */
+    if (c->head_scan != 0 && n < px->lim.max_header_bytes) {
+        struct evbuffer_ptr pos;
+        size_t from = c->head_scan > 3 ? c->head_scan - 3 : 0;
+
+        if (n <= c->head_scan
+            || evbuffer_ptr_set(in, &pos, from, EVBUFFER_PTR_SET) != 0
+            || evbuffer_search(in, "\r\n\r\n", 4, &pos).pos < 0) {
+            c->head_scan = n;
+            return;
+        }
+    }
     p = (const char *)evbuffer_pullup(in, (ssize_t)n);
     rc = tg_http_parse_request(p, n, &px->lim, &c->req);
     if (rc == TG_AGAIN) {
+        c->head_scan = n;
         return;
     }
+    c->head_scan = 0;
     c->nreq++;
-    c->rs_started = 0;
-    c->t_start_us = tg_now_us();
-    c->t_up_us = 0;
-    c->rs_bytes = 0;
-    memset(&c->lo, 0, sizeof(c->lo));
-    c->lo.route = -1;
+    request_reset(c, tg_now_us());
     if (rc != TG_OK) {
-        c->reqid_len = 0;
         c->close_after = 1;
         respond_error(c, c->req.status, "bad_request", c->req.error);
         return;
@@ -701,6 +780,21 @@ normalize_target(struct tg_client *c)
         return TG_ERR;
     }
     return TG_OK;
+}
+
+/* Per-request state for a new request whose head began at t_start_us:
+ * nothing of the previous request may leak into its answer or its log. */
+static void
+request_reset(struct tg_client *c, uint64_t t_start_us)
+{
+    c->rs_started = 0;
+    c->t_start_us = t_start_us;
+    c->t_up_us = 0;
+    c->rs_bytes = 0;
+    c->rq_total = 0;
+    c->reqid_len = 0;
+    memset(&c->lo, 0, sizeof(c->lo));
+    c->lo.route = -1;
 }
 
 static int
@@ -1419,6 +1513,9 @@ write_response_head(struct tg_client *c, const tg_http_resp *rs)
             c->close_after = 1;      /* HTTP/1.0: the body ends at close */
         }
     }
+    if (!c->rq_done) {
+        c->close_after = 1;          /* the rest of the body is not read */
+    }
     if (c->close_after) {
         HB_LIT(&hb, "Connection: close\r\n\r\n");
     } else if (c->req.minor == 0) {
@@ -1608,7 +1705,12 @@ static void
 rd_on(struct tg_client *c, const struct timeval *timeout)
 {
     if (c->rev != NULL) {
+        /* event_add with NULL keeps a pending timeout: remove it, so a
+         * body timeout never outlives the body */
         event_add(c->rev, timeout);
+        if (timeout == NULL) {
+            event_remove_timer(c->rev);
+        }
     } else {
         bufferevent_set_timeouts(c->bev, timeout, &c->px->send_tv);
         bufferevent_enable(c->bev, EV_READ);
@@ -1634,6 +1736,19 @@ client_rd_cb(evutil_socket_t fd, short what, void *arg)
 
     if (what & EV_TIMEOUT) {
         client_event_cb(c->bev, BEV_EVENT_TIMEOUT | BEV_EVENT_READING, c);
+        return;
+    }
+    if (c->state == C_LINGER) {
+        char junk[16384];
+
+        n = read(fd, junk, sizeof(junk));
+        if (n > 0) {
+            c->linger_bytes += (size_t)n;
+        }
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)
+            || c->linger_bytes > TG_LINGER_BYTES) {
+            client_kill(c);
+        }
         return;
     }
     if (evbuffer_get_length(in) >= TG_HIGH_WATER) {
@@ -1754,6 +1869,25 @@ bev_flush(struct bufferevent *bev)
     if (evbuffer_get_length(out) != 0) {
         bufferevent_enable(bev, EV_WRITE);
     }
+}
+
+/* TLS: end the session with close_notify, written straight to the
+ * socket.  Only between records (nothing queued) and after the handshake;
+ * a failure changes nothing (the TCP close follows anyway). */
+static void
+tls_close_notify(struct tg_client *c)
+{
+    SSL *ssl;
+
+    if (!c->tls || !c->tls_ready
+        || evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
+        return;
+    }
+    ssl = bufferevent_openssl_get_ssl(c->bev);
+    if (ssl != NULL) {
+        (void)SSL_shutdown(ssl);
+    }
+    ERR_clear_error();
 }
 
 static void

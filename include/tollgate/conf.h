@@ -76,6 +76,7 @@ typedef struct tg_conf {
         size_t   max_headers;         /* default 100 (431) */
         uint64_t max_body_bytes;      /* default 10 MiB (413) */
         unsigned header_timeout_ms;   /* whole head must arrive; 10000 */
+        unsigned handshake_timeout_ms;   /* TLS handshake must end; 10000 */
         unsigned body_timeout_ms;     /* between two body reads; 30000 */
         unsigned idle_timeout_ms;     /* keep-alive idle; 60000 */
         unsigned send_timeout_ms;     /* between two writes; 30000 */

@@ -138,7 +138,7 @@ typedef enum tg_metric_labelset {
  * other code is counted as "other".  Index with tg_metrics_status_slot(). */
 #define TG_METRICS_STATUSES(X)                                                 \
     X(200) X(201) X(204) X(301) X(304) X(400) X(401) X(403) X(404) X(408)     \
-    X(413) X(414) X(429) X(431) X(500) X(502) X(503) X(504)
+    X(413) X(414) X(429) X(431) X(499) X(500) X(502) X(503) X(504)
 
 enum tg_metric_status {
 #define TG_METRICS_ST_ENUM_(code) TG_MS_##code,

@@ -662,8 +662,30 @@ Test(http_resp, reason_forms)
     RESP_OK("HTTP/1.1 500 Internal\tServer \xe9rror\r\nContent-Length: 0\r\n\r\n", 0);
     cr_assert(span_is(resp.reason, resp.reason_len, "Internal\tServer \xe9rror"));
     cr_assert_eq(resp.body, TG_BODY_NONE);
-    RESP_OK("HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n", 0);
-    cr_assert_eq(resp.status, 999);
+    RESP_OK("HTTP/1.1 599 Odd\r\nContent-Length: 0\r\n\r\n", 0);
+    cr_assert_eq(resp.status, 599);
+}
+
+Test(http_resp, status_out_of_range)
+{
+    /* RFC 9110 15: only 100..599 */
+    RESP_ERR("HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n", 0);
+    RESP_ERR("HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n", 0);
+}
+
+Test(http_resp, not_a_status_line_fails_at_once)
+{
+    /* no CRLF yet, but these bytes can never begin a status line */
+    RESP_ERR("hello", 0);
+    RESP_ERR("HTTP/2", 0);
+    RESP_ERR("x", 0);
+}
+
+Test(http_resp, interim_with_body)
+{
+    RESP_ERR("HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nhello", 0);
+    RESP_ERR("HTTP/1.1 103 Early\r\nTransfer-Encoding: chunked\r\n\r\n", 0);
+    RESP_OK("HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n", 0);
 }
 
 Test(http_resp, bad_status_line)
@@ -735,11 +757,11 @@ Test(http_resp, transfer_encoding_errors)
     RESP_ERR("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0);
 }
 
-Test(http_resp, non_chunked_final_reads_to_close)
+Test(http_resp, non_chunked_coding_refused)
 {
-    RESP_OK("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", 0);
-    cr_assert_eq(resp.body, TG_BODY_CLOSE);
-    cr_assert_eq(resp.keep_alive, 0);
+    /* it is stripped (hop-by-hop) and could not be decoded: 502 */
+    RESP_ERR("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", 0);
+    RESP_ERR("HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n", 0);
 }
 
 Test(http_resp, close_delimited)

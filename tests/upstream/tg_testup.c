@@ -42,6 +42,7 @@
 #include <sys/socket.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
@@ -102,6 +103,7 @@ static void tu_h_status(struct evhttp_request *req);
 static void tu_h_stats(struct evhttp_request *req);
 static void tu_h_reset(struct evhttp_request *req);
 static void tu_h_close(struct evhttp_request *req);
+static void tu_h_raw(struct evhttp_request *req);
 static void tu_chunked_tick(evutil_socket_t fd, short what, void *arg);
 static void tu_slow_fire(evutil_socket_t fd, short what, void *arg);
 
@@ -221,6 +223,8 @@ tu_usage(FILE *out)
         "  /slow?ms=M         200 \"slow\\n\" after M ms\n"
         "  /status?code=C     reply with status C\n"
         "  /close             200, then close the connection\n"
+        "  /raw?kind=K        raw bytes no server should send (K: 600, 999,\n"
+        "                     1xxbody, gzip), then silence until the peer closes\n"
         "  /__stats /__reset  counters (JSON) / zero them\n",
         TU_MAX_THREADS);
 }
@@ -357,6 +361,8 @@ tu_on_request(struct evhttp_request *req, void *arg)
         tu_h_status(req);
     else if (strcmp(path, "/close") == 0)
         tu_h_close(req);
+    else if (strcmp(path, "/raw") == 0)
+        tu_h_raw(req);
     else {
         tu_echo_target(req);
         tu_h_ok(req);
@@ -578,6 +584,44 @@ tu_h_close(struct evhttp_request *req)
     evhttp_add_header(evhttp_request_get_output_headers(req),
                       "Connection", "close");
     tu_reply_text(req, 200, "OK", "closing\n");
+}
+
+/* Responses a proxy must refuse (502), written as raw bytes past evhttp,
+ * which stays waiting; the connection ends when the peer closes it. */
+static void
+tu_h_raw(struct evhttp_request *req)
+{
+    static const struct { const char *kind, *bytes; } raw[] = {
+        { "600", "HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok" },
+        { "999", "HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\nok" },
+        { "1xxbody", "HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nhello" },
+        { "gzip", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"
+                  "\x1f\x8b" "gzipped" },
+    };
+    const char *query = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req));
+    struct evkeyvalq params;
+    const char *kind;
+    size_t i;
+
+    TAILQ_INIT(&params);
+    if (query == NULL || evhttp_parse_query_str(query, &params) != 0
+        || (kind = evhttp_find_header(&params, "kind")) == NULL) {
+        evhttp_clear_headers(&params);
+        tu_reply_text(req, 400, "Bad Request", "kind?\n");
+        return;
+    }
+    for (i = 0; i < sizeof(raw) / sizeof(raw[0]); i++) {
+        if (strcmp(kind, raw[i].kind) == 0) {
+            struct bufferevent *bev = evhttp_connection_get_bufferevent(
+                evhttp_request_get_connection(req));
+            bufferevent_write(bev, raw[i].bytes, strlen(raw[i].bytes));
+            bufferevent_enable(bev, EV_WRITE);   /* evhttp turned it off */
+            evhttp_clear_headers(&params);
+            return;
+        }
+    }
+    evhttp_clear_headers(&params);
+    tu_reply_text(req, 400, "Bad Request", "unknown kind\n");
 }
 
 /* ------------------------------------------------------------------ */

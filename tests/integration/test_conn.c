@@ -1,0 +1,599 @@
+/*
+ * test_conn.c - the life of a client connection, end to end: each phase's
+ * own timeout, lingering closes (plain and TLS), backpressure on answers
+ * tollgate writes itself, a client leaving mid-request, and upstream
+ * responses that must become 502.
+ *
+ * Upstream connections are counted in the kernel's table (/proc/net/tcp):
+ * ESTABLISHED sockets whose local port is tg-testup's.
+ */
+#include <criterion/criterion.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/sha.h>
+#include <openssl/ssl.h>
+
+#include "harness.h"
+
+TestSuite(conn, .fini = tgh_cleanup, .timeout = 180);
+
+static tgh_upstream up;
+static tgh_tollgate tg;
+
+/* ---- helpers -------------------------------------------------------- */
+
+/* ESTABLISHED TCP sockets whose local port is port (IPv4 and IPv6). */
+static int
+established(int port)
+{
+    static const char *const files[] = { "/proc/net/tcp", "/proc/net/tcp6" };
+    char line[512];
+    int n = 0;
+
+    for (size_t i = 0; i < 2; i++) {
+        FILE *f = fopen(files[i], "r");
+        if (f == NULL)
+            continue;
+        while (fgets(line, sizeof line, f) != NULL) {
+            char local[128], remote[128];
+            unsigned st;
+            if (sscanf(line, " %*d: %127s %127s %x", local, remote, &st) != 3)
+                continue;
+            char *colon = strrchr(local, ':');
+            if (colon != NULL && st == 1 && strtol(colon + 1, NULL, 16) == port)
+                n++;
+        }
+        fclose(f);
+    }
+    return n;
+}
+
+/* Wait up to ms for at most max (at least min) such sockets; returns
+ * the last count. */
+static int
+wait_established_at_most(int port, int max, int ms)
+{
+    uint64_t end = tgh_now_ms() + (uint64_t)ms;
+    int n;
+
+    while ((n = established(port)) > max && tgh_now_ms() < end)
+        tgh_sleep_ms(10);
+    return n;
+}
+
+static int
+wait_established_at_least(int port, int min, int ms)
+{
+    uint64_t end = tgh_now_ms() + (uint64_t)ms;
+    int n;
+
+    while ((n = established(port)) < min && tgh_now_ms() < end)
+        tgh_sleep_ms(10);
+    return n;
+}
+
+static long
+vmrss_kb(pid_t pid)
+{
+    char path[64], line[256];
+    long kb = -1;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb;
+}
+
+/* Is pid's program built with AddressSanitizer (libasan mapped)? */
+static int
+under_asan(pid_t pid)
+{
+    char path[64], line[512];
+    int yes = 0;
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    while (!yes && fgets(line, sizeof line, f) != NULL)
+        yes = strstr(line, "libasan") != NULL;
+    fclose(f);
+    return yes;
+}
+
+/* Sum of tollgate_requests_total series with status="status" (0: all). */
+static long
+requests_counted(int status)
+{
+    tgh_resp r;
+    long sum = 0;
+    char want[32];
+
+    snprintf(want, sizeof want, "status=\"%d\"", status);
+    TGH_CHECK(tgh_http(tg.admin_port, "GET", "/metrics", NULL, NULL, 0, &r,
+                       5000) == 0 && r.status == 200, "GET /metrics");
+    const char *p = (const char *)r.body;
+    while (p != NULL && *p) {
+        const char *e = strchr(p, '\n');
+        size_t ll = e ? (size_t)(e - p) : strlen(p);
+        char *l = strndup(p, ll);
+        if (strncmp(l, "tollgate_requests_total{", 24) == 0
+            && (status == 0 || strstr(l, want) != NULL)) {
+            char *sp = strrchr(l, ' ');
+            if (sp != NULL)
+                sum += strtol(sp + 1, NULL, 10);
+        }
+        free(l);
+        p = e ? e + 1 : NULL;
+    }
+    tgh_resp_free(&r);
+    return sum;
+}
+
+/* keys.yaml with one key ("k-conn"), for answers of our own (401). */
+static const char *
+keys_yaml(void)
+{
+    static char extra[1024];
+    char path[512], hex[65];
+    unsigned char d[32];
+
+    snprintf(path, sizeof path, "%s/ckeys.yaml", tgh_tmpdir());
+    SHA256((const unsigned char *)"k-conn", 6, d);
+    for (int j = 0; j < 32; j++)
+        snprintf(hex + 2 * j, 3, "%02x", d[j]);
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "keys:\n  - { id: conn, tier: basic, sha256: \"%s\" }\n", hex);
+    fclose(f);
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 100, burst_limit: 20 }\n"
+             "auth: { keys_file: %s }\n", path);
+    return extra;
+}
+
+static void
+start(void (*tweak)(tgh_tg_opts *))
+{
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup did not start");
+    tgh_tg_opts o;
+    tgh_tg_opts_default(&o, up.port);
+    if (tweak != NULL)
+        tweak(&o);
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate did not start");
+    if (o.tls_port > 0)
+        TGH_CHECK(tgh_wait_port(o.tls_port, 10000) == 0, "TLS port");
+}
+
+static int
+roundtrip(tgh_conn *c, const char *req, tgh_resp *r, int ms)
+{
+    return tgh_conn_roundtrip(c, req, strlen(req), r, 0, ms);
+}
+
+/* ---- the body timer ends with the body -------------------------------- */
+
+static void
+timers(tgh_tg_opts *o)
+{
+    o->body_timeout_ms = 1000;
+    o->idle_timeout_ms = 3000;
+    o->first_byte_timeout_ms = 10000;
+}
+
+Test(conn, body_timeout_ends_with_the_body)
+{
+    start(timers);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    static const char post[] = "POST /echo HTTP/1.1\r\nHost: t\r\n"
+                               "Content-Length: 10\r\n\r\n0123456789";
+    tgh_resp r;
+    TGH_CHECK(roundtrip(c, post, &r, 5000) == 0 && r.status == 200,
+              "POST /echo: %d %s", r.status, r.reason);
+    tgh_resp_free(&r);
+
+    /* slower than body_timeout_ms: waiting for the upstream has no client
+     * read timeout */
+    TGH_CHECK(roundtrip(c, "GET /slow?ms=2000 HTTP/1.1\r\nHost: t\r\n\r\n",
+                        &r, 8000) == 0 && r.status == 200,
+              "GET /slow?ms=2000 after a POST (body_timeout_ms 1000): %d %s",
+              r.status, r.reason);
+    tgh_resp_free(&r);
+
+    /* idle after a POST: idle_timeout_ms, not body_timeout_ms */
+    TGH_CHECK(roundtrip(c, post, &r, 5000) == 0 && r.status == 200,
+              "second POST: %d", r.status);
+    tgh_resp_free(&r);
+    uint64_t t0 = tgh_now_ms();
+    size_t extra = 0;
+    int closed = tgh_conn_wait_closed(c, 8000, &extra);
+    uint64_t dt = tgh_now_ms() - t0;
+    TGH_CHECK(closed && dt >= 2500 && dt <= 6000, "idle after a POST: closed=%d "
+              "after %llu ms (idle_timeout_ms 3000, body_timeout_ms 1000)",
+              closed, (unsigned long long)dt);
+    TGH_CHECK(extra == 0, "%zu bytes on an idle connection", extra);
+    tgh_conn_close(c);
+}
+
+/* ---- a refused upload reads its answer, not a reset -------------------- */
+
+static int tls_port;
+
+static void
+tls_and_keys(tgh_tg_opts *o)
+{
+    char *cmd = tgh_strf("cd %s && openssl req -x509 -newkey rsa:2048 -nodes "
+                         "-subj /CN=localhost -keyout key.pem -out cert.pem -days 2 "
+                         ">/dev/null 2>&1", tgh_tmpdir());
+    TGH_CHECK(system(cmd) == 0, "openssl req");
+    free(cmd);
+    tls_port = tgh_free_port();
+    o->tls_port = tls_port;
+    static char cert[512], key[512];
+    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
+    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
+    o->tls_cert = cert;
+    o->tls_key = key;
+    o->max_body_bytes = 1048576;
+    o->extra_yaml = keys_yaml();
+}
+
+#define UPLOAD (10 * 1024 * 1024)
+
+Test(conn, refused_upload_reads_the_answer)
+{
+    signal(SIGPIPE, SIG_IGN);   /* a reset must fail the test, not kill it */
+    start(tls_and_keys);
+    unsigned char *body = calloc(1, UPLOAD);
+    cr_assert_not_null(body);
+
+    /* TLS: 413 by Content-Length, the client sends all 10 MB first */
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    cr_assert_not_null(ctx);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)tls_port),
+                              .sin_addr.s_addr = htonl(0x7f000001) };
+    struct timeval tv = { 15, 0 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect TLS");
+    SSL *ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    TGH_CHECK(SSL_connect(ssl) == 1, "TLS handshake");
+    char *head = tgh_strf("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n",
+                          UPLOAD);
+    TGH_CHECK(SSL_write(ssl, head, (int)strlen(head)) > 0, "write head");
+    free(head);
+    size_t sent = 0;
+    while (sent < UPLOAD) {
+        int n = SSL_write(ssl, body + sent, 65536);
+        if (n <= 0)
+            break;
+        sent += (size_t)n;
+    }
+    char resp[4096];
+    size_t got = 0;
+    int n, err = 0;
+    while (got < sizeof resp - 1
+           && (n = SSL_read(ssl, resp + got, (int)(sizeof resp - 1 - got))) > 0)
+        got += (size_t)n;
+    if (got < sizeof resp - 1)
+        err = SSL_get_error(ssl, n);
+    resp[got] = '\0';
+    TGH_CHECK(strncmp(resp, "HTTP/1.1 413 ", 13) == 0,
+              "TLS upload of %d bytes (%zu sent): read '%.60s' (SSL error %d), "
+              "expected 413", UPLOAD, sent, resp, err);
+    TGH_CHECK(strstr(resp, "Connection: close\r\n") != NULL, "413 without "
+              "Connection: close");
+    TGH_CHECK(err == SSL_ERROR_ZERO_RETURN
+              && (SSL_get_shutdown(ssl) & SSL_RECEIVED_SHUTDOWN),
+              "TLS close without close_notify (SSL error %d)", err);
+    SSL_free(ssl);
+    close(fd);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+
+    /* plain: 401 (no key), the client sends all 10 MB first */
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    head = tgh_strf("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n",
+                    512 * 1024);
+    tgh_conn_sendstr(c, head);
+    free(head);
+    tgh_conn_send(c, body, 512 * 1024, 15000);
+    tgh_resp r;
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 10000) == 0 && r.status == 401,
+              "plain keyless upload: %d %s (reset=%d), expected 401", r.status,
+              r.reason, c->reset);
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+    free(body);
+}
+
+/* ---- a stalled body: one 408, the upstream exchange ends --------------- */
+
+static void
+short_body(tgh_tg_opts *o)
+{
+    o->body_timeout_ms = 1000;
+    o->first_byte_timeout_ms = 10000;
+}
+
+Test(conn, stalled_body_408_ends_the_exchange)
+{
+    start(short_body);
+    TGH_CHECK(established(up.port) == 0, "upstream connections before the test");
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_conn_sendstr(c, "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+                        "0123456789");
+    TGH_CHECK(wait_established_at_least(up.port, 1, 5000) >= 1,
+              "the request never reached the upstream");
+    tgh_resp r;
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 5000) == 0 && r.status == 408,
+              "stalled body: %d %s, expected 408", r.status, r.reason);
+    TGH_CHECK(tgh_resp_header(&r, "Connection") != NULL
+              && strcasecmp(tgh_resp_header(&r, "Connection"), "close") == 0,
+              "408 without Connection: close");
+    tgh_resp_free(&r);
+    /* the client keeps its end open (lingering close): the upstream
+     * exchange must not wait for it */
+    int left = wait_established_at_most(up.port, 0, 1000);
+    TGH_CHECK(left == 0, "%d upstream connection(s) still open 1 s after the 408",
+              left);
+    size_t extra = 0;
+    int closed = tgh_conn_wait_closed(c, 5000, &extra);
+    TGH_CHECK(closed && extra == 0, "after the 408: closed=%d, %zu more bytes",
+              closed, extra);
+    tgh_conn_close(c);
+    TGH_CHECK(requests_counted(408) == 1 && requests_counted(0) == 1,
+              "counted: %ld 408s, %ld requests in all; expected one",
+              requests_counted(408), requests_counted(0));
+}
+
+/* ---- a client that does not read its answers --------------------------- */
+
+static void
+keys_unlimited(tgh_tg_opts *o)
+{
+    o->extra_yaml = keys_yaml();
+    o->http_extra = "max_requests_per_connection: 0";
+}
+
+Test(conn, pipelining_non_reader_stays_bounded)
+{
+    start(keys_unlimited);
+    static const char req[] = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    enum { NREQ = 200000, BATCH = 1000 };
+    size_t rl = sizeof req - 1;
+    unsigned char *batch = malloc(rl * BATCH);
+    for (int i = 0; i < BATCH; i++)
+        memcpy(batch + (size_t)i * rl, req, rl);
+
+    /* one answer first: the worker is warm, its RSS the baseline */
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_resp r;
+    TGH_CHECK(roundtrip(c, req, &r, 5000) == 0 && r.status == 401, "keyless: %d",
+              r.status);
+    tgh_resp_free(&r);
+    long rss0 = vmrss_kb(tg.proc->pid);
+
+    /* up to 200k keyless requests (401 each), never reading, for at most
+     * 5 s; the send blocks once tollgate stops taking them */
+    int sent = 0;
+    uint64_t end = tgh_now_ms() + 5000;
+    while (sent < NREQ && tgh_now_ms() < end) {
+        if (tgh_conn_send(c, batch, rl * BATCH, 300) != 0)
+            break;
+        sent += BATCH;
+    }
+    /* wait until tollgate stops answering (the count holds for 500 ms) */
+    long answered = requests_counted(401) - 1, prev = -1;
+    uint64_t still = tgh_now_ms();
+    end = tgh_now_ms() + 15000;
+    while (tgh_now_ms() < end && (answered != prev || tgh_now_ms() - still < 500)) {
+        if (answered != prev)
+            still = tgh_now_ms();
+        prev = answered;
+        tgh_sleep_ms(50);
+        answered = requests_counted(401) - 1;
+    }
+    long rss1 = vmrss_kb(tg.proc->pid);
+    TGH_CHECK(rss0 > 0 && rss1 > 0, "VmRSS");
+    cr_log_info("RSS %ld kB -> %ld kB, %d requests sent, %ld answered", rss0, rss1,
+                sent, answered);
+    /* answered: what fits the kernel's socket buffers and our high water */
+    TGH_CHECK(answered < sent / 2, "%ld of %d requests answered to a client that "
+              "reads nothing", answered, sent);
+    /* ASan's quarantine keeps freed memory resident: RSS says nothing there */
+    TGH_CHECK(under_asan(tg.proc->pid) || rss1 - rss0 < 8 * 1024, "RSS grew by %ld kB (from %ld kB) while a "
+              "client sent %d pipelined requests without reading",
+              rss1 - rss0, rss0, sent);
+    /* it was paused, not dropped: the answers come in order once read */
+    for (int i = 0; i < 1000; i++) {
+        TGH_CHECK(tgh_conn_read_response(c, &r, 0, 5000) == 0 && r.status == 401,
+                  "answer %d after the burst: %d %s", i, r.status, r.reason);
+        tgh_resp_free(&r);
+    }
+    tgh_conn_close(c);
+    free(batch);
+}
+
+/* ---- a client that leaves cancels the upstream exchange ---------------- */
+
+static void
+long_upstream(tgh_tg_opts *o)
+{
+    o->first_byte_timeout_ms = 20000;
+    o->total_timeout_ms = 20000;
+}
+
+Test(conn, client_fin_cancels_the_upstream_exchange)
+{
+    enum { N = 20 };
+    tgh_conn *c[N];
+
+    start(long_upstream);
+    TGH_CHECK(established(up.port) == 0, "upstream connections before the test");
+    for (int i = 0; i < N; i++) {
+        c[i] = tgh_conn_open(tg.port, 5000);
+        TGH_CHECK(c[i] != NULL, "connect %d", i);
+        tgh_conn_sendstr(c[i], "GET /slow?ms=10000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    }
+    TGH_CHECK(wait_established_at_least(up.port, N, 5000) == N,
+              "%d of %d requests reached the upstream", established(up.port), N);
+    uint64_t t0 = tgh_now_ms();
+    for (int i = 0; i < N; i++)
+        shutdown(c[i]->fd, SHUT_WR);
+    int left = wait_established_at_most(up.port, 0, 3000);
+    TGH_CHECK(left == 0, "%d of %d upstream connections still open %llu ms after "
+              "their clients closed", left, N, (unsigned long long)(tgh_now_ms() - t0));
+    for (int i = 0; i < N; i++) {
+        TGH_CHECK(tgh_conn_wait_closed(c[i], 5000, NULL), "client %d not closed", i);
+        tgh_conn_close(c[i]);
+    }
+    TGH_CHECK(requests_counted(499) == N, "counted %ld with status 499, expected %d",
+              requests_counted(499), N);
+}
+
+/* ---- responses no server may send: 502 --------------------------------- */
+
+Test(conn, upstream_impossible_responses_502)
+{
+    static const char *const kinds[] = { "600", "999", "1xxbody", "gzip" };
+
+    start(long_upstream);
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        char *path = tgh_strf("/raw?kind=%s", kinds[i]);
+        tgh_resp r;
+        uint64_t t0 = tgh_now_ms();
+        int rc = tgh_http(tg.port, "GET", path, NULL, NULL, 0, &r, 15000);
+        uint64_t dt = tgh_now_ms() - t0;
+        TGH_CHECK(rc == 0 && r.status == 502, "%s: %d %s, expected 502", path,
+                  r.status, r.reason);
+        TGH_CHECK(dt < 3000, "%s: 502 after %llu ms (first_byte_timeout_ms 20000)",
+                  path, (unsigned long long)dt);
+        tgh_resp_free(&r);
+        free(path);
+    }
+}
+
+/* ---- TLS: the handshake has its own deadline ---------------------------- */
+
+static void
+tls_timeouts(tgh_tg_opts *o)
+{
+    tls_and_keys(o);
+    o->header_timeout_ms = 3000;
+    o->http_extra = "handshake_timeout_ms: 1000";
+}
+
+Test(conn, tls_handshake_timeout_is_its_own)
+{
+    start(tls_timeouts);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)tls_port),
+                              .sin_addr.s_addr = htonl(0x7f000001) };
+    struct timeval tv = { 10, 0 };
+    char b[64];
+
+    /* no ClientHello: closed at handshake_timeout_ms */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect TLS");
+    uint64_t t0 = tgh_now_ms();
+    ssize_t n = read(fd, b, sizeof b);
+    uint64_t dt = tgh_now_ms() - t0;
+    TGH_CHECK(n <= 0 && dt >= 800 && dt <= 2500, "silent TLS client: read %zd after "
+              "%llu ms (handshake_timeout_ms 1000, header_timeout_ms 3000)", n,
+              (unsigned long long)dt);
+    close(fd);
+
+    /* handshake done, no request: the header deadline, then close_notify */
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect TLS");
+    SSL *ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    TGH_CHECK(SSL_connect(ssl) == 1, "TLS handshake");
+    t0 = tgh_now_ms();
+    int r = SSL_read(ssl, b, sizeof b);
+    int err = SSL_get_error(ssl, r);
+    dt = tgh_now_ms() - t0;
+    TGH_CHECK(r <= 0 && dt >= 2500 && dt <= 5000, "idle TLS connection: read %d "
+              "after %llu ms (header_timeout_ms 3000)", r, (unsigned long long)dt);
+    TGH_CHECK(err == SSL_ERROR_ZERO_RETURN, "closed without close_notify "
+              "(SSL error %d)", err);
+    SSL_free(ssl);
+    close(fd);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+}
+
+/* ---- a head timeout is not the previous request ------------------------ */
+
+static void
+short_head(tgh_tg_opts *o)
+{
+    o->header_timeout_ms = 1000;
+}
+
+Test(conn, head_timeout_408_has_its_own_id)
+{
+    start(short_head);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_resp r;
+    TGH_CHECK(roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\nX-Request-ID: prev-req-1\r\n\r\n",
+                        &r, 5000) == 0 && r.status == 200, "GET /: %d", r.status);
+    tgh_resp_free(&r);
+    tgh_conn_sendstr(c, "GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ");
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 5000) == 0 && r.status == 408,
+              "stalled head: %d %s, expected 408", r.status, r.reason);
+    const char *rid = tgh_resp_header(&r, "X-Request-ID");
+    TGH_CHECK(rid != NULL && strcmp(rid, "prev-req-1") != 0,
+              "the 408 carries the previous request's id '%s'", rid ? rid : "(none)");
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+}
+
+/* ---- an early answer closes the connection ----------------------------- */
+
+Test(conn, early_answer_says_connection_close)
+{
+    /* the sample app answers /status/{code} without reading the body */
+    TGH_CHECK(tgh_fastapi_start(&up) == 0, "uvicorn did not start");
+    tgh_tg_opts o;
+    tgh_tg_opts_default(&o, up.port);
+    o.first_byte_timeout_ms = 10000;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate did not start");
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_conn_sendstr(c, "POST /status/200 HTTP/1.1\r\nHost: t\r\n"
+                        "Content-Length: 100000\r\n\r\n0123456789");
+    tgh_resp r;
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 10000) == 0 && r.status == 200,
+              "early answer: %d %s", r.status, r.reason);
+    const char *conn = tgh_resp_header(&r, "Connection");
+    TGH_CHECK(conn != NULL && strcasecmp(conn, "close") == 0, "an answer sent before "
+              "the request body was read says Connection: %s", conn ? conn : "(none)");
+    tgh_resp_free(&r);
+    TGH_CHECK(tgh_conn_wait_closed(c, 5000, NULL), "connection still open");
+    tgh_conn_close(c);
+}
