@@ -210,6 +210,10 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
       TG_FIELD(tg_conf, http.send_timeout_ms), 1, TG_MS_MAX, 0, NULL },
     { "max_requests_per_connection", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.max_requests_per_connection), 0, TG_2P31, 0, NULL },
+    { "max_connections", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_connections), 0, 10000000, 0, NULL },
+    { "max_connections_per_ip", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_connections_per_ip), 0, 10000000, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -655,6 +659,8 @@ tg_conf_defaults(tg_conf *conf)
     conf->http.idle_timeout_ms = 60000;
     conf->http.send_timeout_ms = 30000;
     conf->http.max_requests_per_connection = 10000;
+    conf->http.max_connections = 10000;
+    conf->http.max_connections_per_ip = 256;
 
     conf->upstream.connect_timeout_ms = 2000;
     conf->upstream.first_byte_timeout_ms = 30000;

@@ -79,6 +79,9 @@ typedef struct tg_conf {
         unsigned idle_timeout_ms;     /* keep-alive idle; 60000 */
         unsigned send_timeout_ms;     /* between two writes; 30000 */
         unsigned max_requests_per_connection;   /* 0 = unlimited; 10000 */
+        unsigned max_connections;     /* open client connections per process;
+                                         0 = unlimited; 10000 */
+        unsigned max_connections_per_ip;   /* per client address; 0 = unlimited; 256 */
     } http;
 
     struct {                          /* section upstream: */
