@@ -548,13 +548,14 @@ static int write_config(const char *path, const tgh_tg_opts *o, int port,
         "log_level: %s\n"
         "http: { max_body_bytes: %ld, max_header_bytes: %ld, "
         "max_request_line: %ld, header_timeout_ms: %d, body_timeout_ms: %d, "
-        "idle_timeout_ms: %d }\n"
+        "idle_timeout_ms: %d%s%s }\n"
         "upstream: { servers: [%s], connect_timeout_ms: %d, "
         "first_byte_timeout_ms: %d, total_timeout_ms: %d, keepalive: %d }\n"
         "store: %s\n",
         admin_port, o->workers, o->drain_timeout_ms, o->log_level,
         o->max_body_bytes, o->max_header_bytes, o->max_request_line,
         o->header_timeout_ms, o->body_timeout_ms, o->idle_timeout_ms,
+        o->http_extra ? ", " : "", o->http_extra ? o->http_extra : "",
         o->upstream_servers, o->connect_timeout_ms, o->first_byte_timeout_ms,
         o->total_timeout_ms, o->keepalive, o->store ? o->store : "local");
     if (o->extra_yaml != NULL)

@@ -131,6 +131,7 @@ typedef struct tgh_tg_opts {
     int         tls_port;              /* > 0: a second listener with TLS */
     const char *tls_cert, *tls_key;    /* its PEM files */
     const char *extra_yaml;            /* appended verbatim (may be NULL) */
+    const char *http_extra;            /* more http: keys, "a: 1, b: 2" (may be NULL) */
 } tgh_tg_opts;
 
 void tgh_tg_opts_default(tgh_tg_opts *o, int upstream_port);
