@@ -147,6 +147,45 @@ Test(edge_accept, global_cap_closes_the_extra_connections)
     check_cap(3, "global");
 }
 
+/* ---- head buffers ------------------------------------------------------- */
+
+static long status_kb(pid_t pid, const char *field);
+
+/* With max_header_bytes at its maximum (1 MiB), 64 connections, idle or
+ * between requests, must not hold 64 MiB of head buffers. */
+Test(edge_accept, idle_connections_hold_no_head_buffer)
+{
+    enum { NCONN = 64 };
+    tgh_conn *c[NCONN];
+    tgh_tg_opts o;
+    long data0, data1, data2;
+    int i;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    tgh_tg_opts_default(&o, up.port);
+    o.max_header_bytes = 1048576;
+    o.workers = 1;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    await_open(0);
+    data0 = status_kb(tg.proc->pid, "VmData");
+    for (i = 0; i < NCONN; i++) {
+        c[i] = tgh_conn_open(tg.port, 5000);
+        TGH_CHECK(c[i] != NULL, "connect %d", i);
+    }
+    await_open(NCONN);
+    data1 = status_kb(tg.proc->pid, "VmData");
+    for (i = 0; i < NCONN; i++)
+        TGH_CHECK(get_on(c[i]) == 200, "request on connection %d", i);
+    data2 = status_kb(tg.proc->pid, "VmData");
+    TGH_CHECK(data0 > 0 && data1 > 0 && data2 > 0, "cannot read VmData");
+    TGH_CHECK(data1 - data0 < 16 * 1024, "%d idle connections took %ld kB", NCONN,
+              data1 - data0);
+    TGH_CHECK(data2 - data0 < 16 * 1024, "%d connections between requests hold %ld kB",
+              NCONN, data2 - data0);
+    for (i = 0; i < NCONN; i++)
+        tgh_conn_close(c[i]);
+}
+
 /* ---- out of descriptors -------------------------------------------------- */
 
 static double
@@ -252,10 +291,12 @@ Test(edge_accept, out_of_descriptors_pauses_accept_then_recovers)
 
 /* ---- admin listener ------------------------------------------------------- */
 
+/* A "Vm...:" line of /proc/PID/status, in kB, or -1. */
 static long
-rss_kb(pid_t pid)
+status_kb(pid_t pid, const char *field)
 {
     char path[64], line[256];
+    size_t n = strlen(field);
     long kb = -1;
     FILE *f;
 
@@ -264,10 +305,18 @@ rss_kb(pid_t pid)
     if (f == NULL)
         return -1;
     while (fgets(line, sizeof line, f) != NULL)
-        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+        if (strncmp(line, field, n) == 0 && line[n] == ':') {
+            kb = atol(line + n + 1);
             break;
+        }
     fclose(f);
     return kb;
+}
+
+static long
+rss_kb(pid_t pid)
+{
+    return status_kb(pid, "VmRSS");
 }
 
 /* head + body_len bytes of filler: sent while the answer is read */
