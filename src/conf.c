@@ -697,7 +697,7 @@ tg_conf_defaults(tg_conf *conf)
     conf->http.send_timeout_ms = 30000;
     conf->http.max_requests_per_connection = 10000;
     conf->http.max_connections = 10000;
-    conf->http.max_connections_per_ip = 256;
+    conf->http.max_connections_per_ip = 1024;
 
     conf->upstream.connect_timeout_ms = 2000;
     conf->upstream.first_byte_timeout_ms = 30000;

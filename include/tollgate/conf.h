@@ -81,7 +81,7 @@ typedef struct tg_conf {
         unsigned max_requests_per_connection;   /* 0 = unlimited; 10000 */
         unsigned max_connections;     /* open client connections per process;
                                          0 = unlimited; 10000 */
-        unsigned max_connections_per_ip;   /* per client address; 0 = unlimited; 256 */
+        unsigned max_connections_per_ip;   /* per client address; 0 = unlimited; 1024 */
     } http;
 
     struct {                          /* section upstream: */

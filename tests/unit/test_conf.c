@@ -726,7 +726,7 @@ Test(conf, defaults_filled)
     cr_assert_eq(conf->http.send_timeout_ms, 30000);
     cr_assert_eq(conf->http.max_requests_per_connection, 10000);
     cr_assert_eq(conf->http.max_connections, 10000);
-    cr_assert_eq(conf->http.max_connections_per_ip, 256);
+    cr_assert_eq(conf->http.max_connections_per_ip, 1024);
 
     cr_assert_eq(conf->upstream.nservers, 1);
     cr_assert_str_eq(conf->upstream.servers[0].text, "127.0.0.1:8000");
