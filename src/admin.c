@@ -250,9 +250,13 @@ linger_write_cb(struct bufferevent *bev, void *arg)
 static void
 linger_event_cb(struct bufferevent *bev, short what, void *arg)
 {
-    TG_UNUSED(bev);
+    struct admin_conn_ *ac = arg;
+
     TG_UNUSED(what);
-    conn_free(arg);                  /* EOF, error or timeout */
+    /* EOF, error or timeout: freed from the timer, not from inside the
+     * callback of the bufferevent being freed */
+    bufferevent_disable(bev, EV_READ | EV_WRITE);
+    event_active(ac->timer, EV_TIMEOUT, 1);
 }
 
 /* Take the connection from libevhtp, answer status and close.  Returns
