@@ -18,7 +18,6 @@
 
 #include <event2/event.h>
 
-#include "tollgate/connlimit.h"
 #include "tollgate/keys.h"
 #include "tollgate/proxy.h"
 
