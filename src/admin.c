@@ -1,5 +1,15 @@
 /*
  * admin.c - admin listener on the main thread's event base.
+ *
+ * Bounded reads.  No admin endpoint takes a body, and libevhtp would read
+ * any body into memory, so a request that announces one (Content-Length
+ * other than 0, or Transfer-Encoding) is answered 413 as soon as its head
+ * is parsed.  Heads are bounded too (ADMIN_MAX_HEADERS fields of at most
+ * ADMIN_MAX_HEAD bytes together: 431), and so are the connections
+ * (ADMIN_MAX_CONNS; more are closed at accept).  A refused connection is
+ * taken from libevhtp, answered, and closed with a short linger (input
+ * discarded), so that a client still uploading reads the answer rather
+ * than a reset.
  */
 #include "tollgate/admin.h"
 
@@ -7,11 +17,31 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/listener.h>
 #include <evhtp.h>
 
-#define ADMIN_MAX_ROUTES 8
+#define ADMIN_MAX_ROUTES  8
+#define ADMIN_MAX_CONNS   64
+#define ADMIN_MAX_HEADERS 64
+#define ADMIN_MAX_HEAD    16384     /* header names and values, per request */
+#define ADMIN_LINGER_MS   2000
+#define ADMIN_PAUSE_MS    100       /* accept off this long when fds run out */
+
+/* One admin connection: its head so far; after a refusal, the linger. */
+struct admin_conn_ {
+    struct tg_admin    *adm;
+    size_t              nhdr;
+    size_t              hbytes;
+    struct bufferevent *bev;        /* ours once refused, else NULL */
+    struct event       *timer;      /* linger bound */
+    int                 shut;       /* write side shut */
+    LIST_ENTRY(admin_conn_) link;   /* in adm->refused, once refused */
+};
 
 struct tg_admin_route_ {
     struct tg_admin *adm;
@@ -26,12 +56,18 @@ struct tg_admin {
     int      ready;
     int    (*check)(void *arg);
     void    *check_arg;
+    unsigned nconns;                /* open, including refused ones lingering */
+    LIST_HEAD(, admin_conn_) refused;   /* ours until their linger ends */
 };
 
 static void reply(evhtp_request_t *req, evhtp_res code, const char *body);
 static void healthz_cb(evhtp_request_t *req, void *arg);
 static void readyz_cb(evhtp_request_t *req, void *arg);
 static void notfound_cb(evhtp_request_t *req, void *arg);
+static evhtp_res pre_accept_cb(evhtp_connection_t *conn, void *arg);
+static evhtp_res post_accept_cb(evhtp_connection_t *conn, void *arg);
+static void accept_error_cb(struct evconnlistener *l, void *arg);
+static void conn_free(struct admin_conn_ *ac);
 
 struct tg_admin *
 tg_admin_create(struct event_base *base, const tg_addr *addr, char *err, size_t errlen)
@@ -51,12 +87,15 @@ tg_admin_create(struct event_base *base, const tg_addr *addr, char *err, size_t 
     evhtp_set_cb(adm->htp, "/healthz", healthz_cb, adm);
     evhtp_set_cb(adm->htp, "/readyz", readyz_cb, adm);
     evhtp_set_gencb(adm->htp, notfound_cb, adm);
+    evhtp_set_pre_accept_cb(adm->htp, pre_accept_cb, adm);
+    evhtp_set_post_accept_cb(adm->htp, post_accept_cb, adm);
     if (evhtp_bind_sockaddr(adm->htp, (struct sockaddr *)&addr->sa, addr->salen, 128) != 0) {
         snprintf(err, errlen, "admin: cannot listen on %s: %s", addr->text, strerror(errno));
         evhtp_free(adm->htp);
         free(adm);
         return NULL;
     }
+    evconnlistener_set_error_cb(adm->htp->server, accept_error_cb);
     return adm;
 }
 
@@ -110,6 +149,9 @@ tg_admin_destroy(struct tg_admin *adm)
     if (adm == NULL) {
         return;
     }
+    while (!LIST_EMPTY(&adm->refused)) {
+        conn_free(LIST_FIRST(&adm->refused));
+    }
     evhtp_unbind_socket(adm->htp);
     evhtp_free(adm->htp);
     free(adm);
@@ -150,4 +192,166 @@ notfound_cb(evhtp_request_t *req, void *arg)
 {
     TG_UNUSED(arg);
     reply(req, EVHTP_RES_NOTFOUND, "not found\n");
+}
+
+/* ---- bounds ------------------------------------------------------------ */
+
+static evhtp_res
+pre_accept_cb(evhtp_connection_t *conn, void *arg)
+{
+    struct tg_admin *adm = arg;
+
+    TG_UNUSED(conn);
+    return adm->nconns < ADMIN_MAX_CONNS ? EVHTP_RES_OK : EVHTP_RES_ERROR;
+}
+
+static void
+conn_free(struct admin_conn_ *ac)
+{
+    ac->adm->nconns--;
+    if (ac->bev != NULL) {
+        LIST_REMOVE(ac, link);
+    }
+    if (ac->timer != NULL) {
+        event_free(ac->timer);
+    }
+    if (ac->bev != NULL) {
+        bufferevent_free(ac->bev);
+    }
+    free(ac);
+}
+
+static void
+linger_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    conn_free(arg);
+}
+
+static void
+linger_read_cb(struct bufferevent *bev, void *arg)
+{
+    TG_UNUSED(arg);
+    evbuffer_drain(bufferevent_get_input(bev), evbuffer_get_length(bufferevent_get_input(bev)));
+}
+
+static void
+linger_write_cb(struct bufferevent *bev, void *arg)
+{
+    struct admin_conn_ *ac = arg;
+
+    if (!ac->shut && evbuffer_get_length(bufferevent_get_output(bev)) == 0) {
+        ac->shut = 1;                /* answered: now wait for the client's EOF */
+        shutdown(bufferevent_getfd(bev), SHUT_WR);
+    }
+}
+
+static void
+linger_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct admin_conn_ *ac = arg;
+
+    TG_UNUSED(what);
+    /* EOF, error or timeout: freed from the timer, not from inside the
+     * callback of the bufferevent being freed */
+    bufferevent_disable(bev, EV_READ | EV_WRITE);
+    event_active(ac->timer, EV_TIMEOUT, 1);
+}
+
+/* Take the connection from libevhtp, answer status and close.  Returns
+ * what the hook returns: an error, so that libevhtp stops parsing and
+ * lets go of its connection (not of the socket, ours now). */
+static evhtp_res
+refuse(struct admin_conn_ *ac, evhtp_request_t *req, int status, const char *text)
+{
+    struct timeval tv = { ADMIN_LINGER_MS / 1000, (ADMIN_LINGER_MS % 1000) * 1000 };
+    struct bufferevent *bev = evhtp_connection_take_ownership(evhtp_request_get_connection(req));
+
+    ac->bev = bev;
+    LIST_INSERT_HEAD(&ac->adm->refused, ac, link);
+    evbuffer_add_printf(bufferevent_get_output(bev),
+                        "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+                        status, status == 413 ? "Payload Too Large"
+                                              : "Request Header Fields Too Large",
+                        strlen(text), text);
+    ac->timer = evtimer_new(bufferevent_get_base(bev), linger_timer_cb, ac);
+    evtimer_add(ac->timer, &tv);
+    bufferevent_set_timeouts(bev, NULL, NULL);
+    bufferevent_setcb(bev, linger_read_cb, linger_write_cb, linger_event_cb, ac);
+    bufferevent_enable(bev, EV_READ | EV_WRITE);
+    return EVHTP_RES_ERROR;
+}
+
+static evhtp_res
+header_cb(evhtp_request_t *req, evhtp_header_t *hdr, void *arg)
+{
+    struct admin_conn_ *ac = arg;
+
+    ac->nhdr++;
+    ac->hbytes += hdr->klen + hdr->vlen;
+    if (ac->nhdr > ADMIN_MAX_HEADERS || ac->hbytes > ADMIN_MAX_HEAD) {
+        return refuse(ac, req, 431, "request head too large\n");
+    }
+    return EVHTP_RES_OK;
+}
+
+static evhtp_res
+headers_cb(evhtp_request_t *req, evhtp_headers_t *hdrs, void *arg)
+{
+    struct admin_conn_ *ac = arg;
+    const char *cl = evhtp_header_find(hdrs, "Content-Length");
+
+    ac->nhdr = ac->hbytes = 0;       /* the next request on this connection */
+    if ((cl != NULL && strcmp(cl, "0") != 0)
+        || evhtp_header_find(hdrs, "Transfer-Encoding") != NULL) {
+        return refuse(ac, req, 413, "admin endpoints take no request body\n");
+    }
+    return EVHTP_RES_OK;
+}
+
+static evhtp_res
+conn_fini_cb(evhtp_connection_t *conn, void *arg)
+{
+    TG_UNUSED(conn);
+    conn_free(arg);
+    return EVHTP_RES_OK;
+}
+
+static evhtp_res
+post_accept_cb(evhtp_connection_t *conn, void *arg)
+{
+    struct admin_conn_ *ac = tg_xcalloc(1, sizeof(*ac));
+
+    ac->adm = arg;
+    ac->adm->nconns++;
+    evhtp_connection_set_hook(conn, evhtp_hook_on_header, (evhtp_hook)header_cb, ac);
+    evhtp_connection_set_hook(conn, evhtp_hook_on_headers, (evhtp_hook)headers_cb, ac);
+    evhtp_connection_set_hook(conn, evhtp_hook_on_connection_fini, (evhtp_hook)conn_fini_cb, ac);
+    return EVHTP_RES_OK;
+}
+
+static void
+accept_resume_cb(evutil_socket_t fd, short what, void *arg)
+{
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    evconnlistener_enable(arg);
+}
+
+/* Out of descriptors: pause accepting instead of waking at once, forever. */
+static void
+accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    struct timeval tv = { 0, ADMIN_PAUSE_MS * 1000 };
+    int err = EVUTIL_SOCKET_ERROR();
+
+    TG_UNUSED(arg);
+    if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+        evconnlistener_disable(l);
+        event_base_once(evconnlistener_get_base(l), -1, EV_TIMEOUT, accept_resume_cb, l, &tv);
+    } else {
+        tg_error("admin: accept: %s", evutil_socket_error_to_string(err));
+    }
 }

@@ -216,6 +216,10 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
     { "max_requests_per_connection", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.max_requests_per_connection), 0, TG_2P31, 0, NULL },
     { "trusted_proxies", tg_conf_set_trusted_proxies, TG_NOFIELD, 0, 0, 0, NULL },
+    { "max_connections", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_connections), 0, 10000000, 0, NULL },
+    { "max_connections_per_ip", tg_conf_set_uint,
+      TG_FIELD(tg_conf, http.max_connections_per_ip), 0, 10000000, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -483,10 +487,44 @@ tg_conf_tier(const tg_conf *conf, const char *name)
     return NULL;
 }
 
+/* The default resolver: the first answer of getaddrinfo. */
+static tg_rc
+resolve_getaddrinfo(const char *host, struct sockaddr_storage *sa, socklen_t *salen,
+                    char *why, size_t whylen)
+{
+    struct addrinfo hints, *res = NULL;
+    int rc;
+
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    rc = getaddrinfo(host, NULL, &hints, &res);
+    if (rc != 0 || res == NULL || res->ai_addrlen > sizeof(*sa)) {
+        snprintf(why, whylen, "%s", rc == 0 ? "no usable address"
+                 : rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+        if (res != NULL) {
+            freeaddrinfo(res);
+        }
+        return TG_ERR;
+    }
+    memcpy(sa, res->ai_addr, res->ai_addrlen);
+    *salen = (socklen_t)res->ai_addrlen;
+    freeaddrinfo(res);
+    return TG_OK;
+}
+
+static tg_addr_resolver addr_resolver = resolve_getaddrinfo;
+
+void
+tg_addr_set_resolver(tg_addr_resolver fn)
+{
+    addr_resolver = fn != NULL ? fn : resolve_getaddrinfo;
+}
+
 tg_rc
 tg_addr_parse(const char *text, tg_addr *addr, char *err, size_t errlen)
 {
-    char host[128];
+    char host[128], why[128];
     const char *port, *end;
     size_t hlen, i;
     unsigned long pnum;
@@ -550,27 +588,30 @@ tg_addr_parse(const char *text, tg_addr *addr, char *err, size_t errlen)
         goto bad_port;
     }
 
+    /* a literal needs no resolver; a name goes to the resolver */
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
+    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
     rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0 || res == NULL) {
+    if (rc == 0 && res != NULL && res->ai_addrlen <= sizeof(addr->sa)) {
+        memcpy(&addr->sa, res->ai_addr, res->ai_addrlen);
+        addr->salen = (socklen_t)res->ai_addrlen;
+    } else if (addr_resolver(host, &addr->sa, &addr->salen, why, sizeof(why)) != TG_OK) {
         snprintf(err, errlen, "bad address \"%s\": cannot resolve \"%s\": %s",
-                 text, host, rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+                 text, host, why);
         if (res != NULL) {
             freeaddrinfo(res);
         }
         return TG_ERR;
+    } else if (addr->sa.ss_family == AF_INET) {
+        ((struct sockaddr_in *)&addr->sa)->sin_port = htons((uint16_t)pnum);
+    } else if (addr->sa.ss_family == AF_INET6) {
+        ((struct sockaddr_in6 *)&addr->sa)->sin6_port = htons((uint16_t)pnum);
     }
-    if (res->ai_addrlen > sizeof(addr->sa)) {
+    if (res != NULL) {
         freeaddrinfo(res);
-        snprintf(err, errlen, "bad address \"%s\": address too large", text);
-        return TG_ERR;
     }
-    memcpy(&addr->sa, res->ai_addr, res->ai_addrlen);
-    addr->salen = (socklen_t)res->ai_addrlen;
-    freeaddrinfo(res);
     memcpy(addr->text, text, strlen(text) + 1);
     return TG_OK;
 
@@ -662,6 +703,8 @@ tg_conf_defaults(tg_conf *conf)
     conf->http.idle_timeout_ms = 60000;
     conf->http.send_timeout_ms = 30000;
     conf->http.max_requests_per_connection = 10000;
+    conf->http.max_connections = 10000;
+    conf->http.max_connections_per_ip = 1024;
 
     conf->upstream.connect_timeout_ms = 2000;
     conf->upstream.first_byte_timeout_ms = 30000;

@@ -6,10 +6,12 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <arpa/inet.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,6 +27,7 @@
 #include "tollgate/admin.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
+#include "tollgate/connlimit.h"
 #include "tollgate/health.h"
 #include "tollgate/keys.h"
 #include "tollgate/metrics.h"
@@ -33,15 +36,20 @@
 #include "tollgate/worker.h"
 
 #define DEFAULT_CONF "/etc/tollgate/tollgate.yaml"
+#define ACCEPT_PAUSE_MS 100      /* accept off this long when fds run out */
 
 /* State of the main thread; private to this file. */
 static struct {
-    tg_conf                 *conf;
+    tg_conf                 *conf;          /* the snapshot at start */
+    tg_conf                 *live;          /* the latest (reload); == conf at start */
     struct event_base       *base;
     struct tg_worker       **workers;
     unsigned                 nworkers;
     unsigned                 next;          /* round-robin dispatch */
     struct evconnlistener  **listeners;
+    struct tg_connlimit     *connlimit;     /* http.max_connections{,_per_ip} */
+    struct event            *accept_resume; /* accept paused (EMFILE) until it fires */
+    uint64_t                 refused_logged;   /* last "over a cap" warning, ms */
     SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
     SSL_CTX                **retired;       /* replaced by the last reload */
     struct tg_keys          *keys;          /* auth.keys_file, or NULL */
@@ -74,6 +82,8 @@ static tg_rc open_listeners(void);
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
                       struct sockaddr *sa, int salen, void *arg);
 static void accept_error_cb(struct evconnlistener *l, void *arg);
+static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
+static void check_nofile(const tg_conf *conf);
 static void signal_cb(evutil_socket_t sig, short what, void *arg);
 static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
@@ -138,7 +148,7 @@ usage(FILE *out)
         "  -t, --test         check the configuration (and TLS files), then exit 0 or 1\n"
         "  -v, --version      print the version and exit\n"
         "  -h, --help         print this help and exit\n"
-        "signals: SIGTERM/SIGINT drain and exit, SIGHUP checks the configuration\n");
+        "signals: SIGTERM/SIGINT drain and exit, SIGHUP reloads the configuration\n");
 }
 
 /* Make a new API key: print it once, and the keys file entry holding only
@@ -231,6 +241,7 @@ run(const char *path)
         fprintf(stderr, "tollgate: %s\n", err);
         return 1;
     }
+    g.live = tg_conf_ref(g.conf);
     tg_log_set_level(g.conf->log_level);
     if (build_tls(g.conf, &g.ssl_ctxs, err, sizeof(err)) != TG_OK
         || load_keys(g.conf, &g.keys, err, sizeof(err)) != TG_OK) {
@@ -243,6 +254,10 @@ run(const char *path)
         tg_error("cannot create the event base");
         goto out;
     }
+    g.connlimit = tg_connlimit_create(g.conf->http.max_connections,
+                                      g.conf->http.max_connections_per_ip);
+    g.accept_resume = evtimer_new(g.base, accept_resume_cb, NULL);
+    check_nofile(g.conf);
     if (open_listeners() != TG_OK) {
         goto out;
     }
@@ -349,6 +364,10 @@ out:
     }
     free(g.workers);
     free(g.shards);
+    tg_connlimit_destroy(g.connlimit);   /* after every worker's connections */
+    if (g.accept_resume != NULL) {
+        event_free(g.accept_resume);
+    }
     tg_upstream_set_health(NULL);
     tg_health_destroy(g.health);
     if (g.alog != NULL) {
@@ -373,6 +392,7 @@ out:
     free_tls(g.ssl_ctxs, g.conf->nlisten);
     free_tls(g.retired, g.conf->nlisten);
     tg_keys_unref(g.keys);
+    tg_conf_unref(g.live);
     tg_conf_unref(g.conf);
     return rc;
 }
@@ -478,31 +498,118 @@ open_listeners(void)
     return TG_OK;
 }
 
+/*
+ * A connection over http.max_connections or http.max_connections_per_ip
+ * is closed here, before a byte of it is read; the others go to the
+ * workers in turn, each with its share of the counts.
+ */
 static void
 accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
           int salen, void *arg)
 {
     unsigned idx = (unsigned)(uintptr_t)arg;
-    struct tg_worker *w = g.workers[g.next++ % g.nworkers];
+    enum tg_connlimit_verdict v;
+    struct tg_connslot *slot;
+    struct tg_worker *w;
 
     TG_UNUSED(l);
-    TG_UNUSED(sa);
     TG_UNUSED(salen);
-    if (tg_worker_dispatch(w, fd, idx) != TG_OK) {
+    v = tg_connlimit_acquire(g.connlimit, sa, &slot);
+    if (v != TG_CONN_OK) {
+        close(fd);
+        tg_metrics_global_inc(TG_M_CONNS_REFUSED, 0);
+        if (tg_now_ms() - g.refused_logged >= 1000) {   /* one line a second */
+            char ip[INET6_ADDRSTRLEN] = "?";
+            const void *a = sa->sa_family == AF_INET6
+                ? (const void *)&((struct sockaddr_in6 *)(void *)sa)->sin6_addr
+                : (const void *)&((struct sockaddr_in *)(void *)sa)->sin_addr;
+            inet_ntop(sa->sa_family, a, ip, sizeof(ip));
+            g.refused_logged = tg_now_ms();
+            tg_warn("connection from %s closed: over %s (%u)", ip,
+                    v == TG_CONN_OVER_IP ? "http.max_connections_per_ip"
+                                         : "http.max_connections",
+                    v == TG_CONN_OVER_IP ? g.live->http.max_connections_per_ip
+                                         : g.live->http.max_connections);
+        }
+        return;
+    }
+    w = g.workers[g.next++ % g.nworkers];
+    if (tg_worker_dispatch(w, fd, idx, slot) != TG_OK) {
         tg_error("cannot hand a connection to a worker: %s", strerror(errno));
         close(fd);
+        tg_connlimit_release(slot);
+    }
+}
+
+/*
+ * accept failed.  Out of descriptors (or kernel memory), the pending
+ * connection stays in the backlog and the listener would wake at once,
+ * forever: stop accepting for ACCEPT_PAUSE_MS instead (as nginx does),
+ * while the connections we have finish and give their descriptors back.
+ */
+static void
+accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    struct timeval tv = { 0, ACCEPT_PAUSE_MS * 1000 };
+    int err = EVUTIL_SOCKET_ERROR();
+    size_t i;
+
+    TG_UNUSED(l);
+    TG_UNUSED(arg);
+    if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
+        tg_error("accept: %s", evutil_socket_error_to_string(err));
+        return;
+    }
+    if (evtimer_pending(g.accept_resume, NULL)) {
+        return;
+    }
+    for (i = 0; i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_disable(g.listeners[i]);
+        }
+    }
+    evtimer_add(g.accept_resume, &tv);
+    if (tg_now_ms() - g.refused_logged >= 1000) {
+        g.refused_logged = tg_now_ms();
+        tg_warn("accept: %s: not accepting for %d ms (%u connection(s) open)",
+                evutil_socket_error_to_string(err), ACCEPT_PAUSE_MS,
+                tg_connlimit_total(g.connlimit));
     }
 }
 
 static void
-accept_error_cb(struct evconnlistener *l, void *arg)
+accept_resume_cb(evutil_socket_t fd, short what, void *arg)
 {
-    int err = EVUTIL_SOCKET_ERROR();
+    size_t i;
 
-    TG_UNUSED(l);
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
     TG_UNUSED(arg);
-    /* EMFILE and friends: keep serving; the listener retries on its own. */
-    tg_error("accept: %s", evutil_socket_error_to_string(err));
+    for (i = 0; !g.draining && i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_enable(g.listeners[i]);
+        }
+    }
+}
+
+/* Each client connection may hold an upstream one too: say so at start
+ * when http.max_connections cannot be reached before descriptors run
+ * out (accept then pauses rather than failing requests). */
+static void
+check_nofile(const tg_conf *conf)
+{
+    struct rlimit rl;
+    unsigned long need = 2ul * conf->http.max_connections + 256;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) {
+        return;
+    }
+    if (conf->http.max_connections == 0 || need > rl.rlim_cur) {
+        tg_warn("RLIMIT_NOFILE is %lu: descriptors may run out before "
+                "http.max_connections (%u) is reached; raise LimitNOFILE to %lu "
+                "or lower http.max_connections", (unsigned long)rl.rlim_cur,
+                conf->http.max_connections, need);
+    }
 }
 
 /* ---- signals and shutdown ------------------------------------------- */
@@ -524,7 +631,7 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
         }
         return;
     }
-    tg_info("signal %d: draining (up to %u ms)", (int)sig, g.conf->drain_timeout_ms);
+    tg_info("signal %d: draining (up to %u ms)", (int)sig, g.live->drain_timeout_ms);
     start_drain();
 }
 
@@ -542,9 +649,9 @@ start_drain(void)
         g.listeners[i] = NULL;
     }
     for (i = 0; i < g.nworkers; i++) {
-        tg_worker_drain(g.workers[i], g.conf->drain_timeout_ms);
+        tg_worker_drain(g.workers[i], g.live->drain_timeout_ms);
     }
-    g.drain_deadline = tg_now_ms() + g.conf->drain_timeout_ms + 1000;
+    g.drain_deadline = tg_now_ms() + g.live->drain_timeout_ms + 1000;
     g.drain_timer = event_new(g.base, -1, EV_PERSIST, drain_timer_cb, NULL);
     event_add(g.drain_timer, &tv);
 }
@@ -575,29 +682,93 @@ addr_eq(const tg_addr *a, const tg_addr *b)
     return a->salen == b->salen && memcmp(&a->sa, &b->sa, a->salen) == 0;
 }
 
-/* What a reload cannot change in a running process. */
+static int
+str_eq(const char *a, const char *b)
+{
+    return (a == NULL || b == NULL) ? a == b : strcmp(a, b) == 0;
+}
+
+static int
+addrs_eq(const tg_addr *a, size_t na, const tg_addr *b, size_t nb)
+{
+    size_t i;
+
+    for (i = 0; na == nb && i < na; i++) {
+        if (!addr_eq(&a[i], &b[i])) {
+            return 0;
+        }
+    }
+    return na == nb;
+}
+
+/*
+ * What a reload cannot change in a running process: each key that differs
+ * from the running one is named in one warning.  Every other key is
+ * applied (docs/CONFIG.md, "Reload"); keep the two lists in step.
+ */
 static void
 warn_restart_only(const tg_conf *old, const tg_conf *nc)
 {
-    size_t i;
-    int same = old->nlisten == nc->nlisten
-               && old->upstream.nservers == nc->upstream.nservers
-               && old->workers == nc->workers && old->store == nc->store
-               && old->admin_enabled == nc->admin_enabled
-               && addr_eq(&old->admin, &nc->admin)
-               && strcmp(old->redis.url, nc->redis.url) == 0
-               && strcmp(old->redis.prefix, nc->redis.prefix) == 0;
+    char keys[512] = "";
+    size_t i, n = 0;
+    int listen_same = old->nlisten == nc->nlisten;
 
-    for (i = 0; same && i < old->nlisten; i++) {
-        same = addr_eq(&old->listen[i].addr, &nc->listen[i].addr)
-               && old->listen[i].tls == nc->listen[i].tls;
+#define RESTART_ONLY(differs, name)                                           \
+    do {                                                                      \
+        if ((differs) && n < sizeof(keys)) {                                  \
+            int k_ = snprintf(keys + n, sizeof(keys) - n, "%s%s",             \
+                              n ? ", " : "", (name));                         \
+            n += k_ > 0 ? (size_t)k_ : 0;                                     \
+        }                                                                     \
+    } while (0)
+
+    for (i = 0; listen_same && i < old->nlisten; i++) {
+        listen_same = addr_eq(&old->listen[i].addr, &nc->listen[i].addr)
+                      && old->listen[i].tls == nc->listen[i].tls;
     }
-    for (i = 0; same && i < old->upstream.nservers; i++) {
-        same = addr_eq(&old->upstream.servers[i], &nc->upstream.servers[i]);
-    }
-    if (!same) {
-        tg_warn("SIGHUP: listen, admin, workers, upstream servers, store and redis "
-                "url/prefix changes take effect at the next restart");
+    RESTART_ONLY(!listen_same, "listen");
+    RESTART_ONLY(old->admin_enabled != nc->admin_enabled
+                 || !addr_eq(&old->admin, &nc->admin), "admin");
+    RESTART_ONLY(old->workers != nc->workers, "workers");
+    RESTART_ONLY(!addrs_eq(old->upstream.servers, old->upstream.nservers,
+                           nc->upstream.servers, nc->upstream.nservers),
+                 "upstream.servers");
+    RESTART_ONLY(old->upstream.keepalive != nc->upstream.keepalive,
+                 "upstream.keepalive");
+    RESTART_ONLY(old->upstream.keepalive_timeout_ms != nc->upstream.keepalive_timeout_ms,
+                 "upstream.keepalive_timeout_ms");
+    RESTART_ONLY(memcmp(&old->upstream.breaker, &nc->upstream.breaker,
+                        sizeof(old->upstream.breaker)) != 0, "upstream.breaker");
+    RESTART_ONLY(old->upstream.health_check.enabled != nc->upstream.health_check.enabled
+                 || !str_eq(old->upstream.health_check.path, nc->upstream.health_check.path)
+                 || old->upstream.health_check.interval_ms != nc->upstream.health_check.interval_ms
+                 || old->upstream.health_check.timeout_ms != nc->upstream.health_check.timeout_ms
+                 || old->upstream.health_check.healthy != nc->upstream.health_check.healthy
+                 || old->upstream.health_check.unhealthy != nc->upstream.health_check.unhealthy,
+                 "upstream.health_check");
+    RESTART_ONLY(old->store != nc->store, "store");
+    RESTART_ONLY(!str_eq(old->redis.url, nc->redis.url), "redis.url");
+    RESTART_ONLY(!str_eq(old->redis.prefix, nc->redis.prefix), "redis.prefix");
+    RESTART_ONLY(old->redis.timeout_ms != nc->redis.timeout_ms, "redis.timeout_ms");
+    RESTART_ONLY(old->redis.max_batch != nc->redis.max_batch, "redis.max_batch");
+    RESTART_ONLY(!str_eq(old->redis.sentinel_master, nc->redis.sentinel_master)
+                 || !addrs_eq(old->redis.sentinels, old->redis.nsentinels,
+                              nc->redis.sentinels, nc->redis.nsentinels),
+                 "redis.sentinel");
+    RESTART_ONLY(!addrs_eq(old->redis.cluster_nodes, old->redis.ncluster_nodes,
+                           nc->redis.cluster_nodes, nc->redis.ncluster_nodes),
+                 "redis.cluster");
+    RESTART_ONLY(old->metrics.statsd_enabled != nc->metrics.statsd_enabled
+                 || (nc->metrics.statsd_enabled
+                     && (!addr_eq(&old->metrics.statsd, &nc->metrics.statsd)
+                         || !str_eq(old->metrics.statsd_prefix, nc->metrics.statsd_prefix)
+                         || old->metrics.statsd_flush_ms != nc->metrics.statsd_flush_ms
+                         || old->metrics.statsd_tags != nc->metrics.statsd_tags)),
+                 "metrics.statsd");
+    RESTART_ONLY(!str_eq(old->access_log.path, nc->access_log.path), "access_log.path");
+#undef RESTART_ONLY
+    if (n != 0) {
+        tg_warn("SIGHUP: kept until the next restart (changed in the file): %s", keys);
     }
 }
 
@@ -644,7 +815,9 @@ reload_tls(const tg_conf *conf, char *err, size_t errlen)
 /*
  * SIGHUP: load and check the file and its keys; if both are good, every
  * worker switches to them for its next request (keys, tiers, routes,
- * auth, global limit).  A bad file changes nothing.
+ * auth, global limit, http.*, upstream timeouts), and so does this thread
+ * (connection caps, log level, drain time).  What cannot change without a
+ * restart is named in a warning.  A bad file changes nothing.
  */
 static void
 reload(const char *path)
@@ -671,6 +844,11 @@ reload(const char *path)
         return;
     }
     warn_restart_only(g.conf, conf);
+    tg_log_set_level(conf->log_level);
+    tg_connlimit_set(g.connlimit, conf->http.max_connections,
+                     conf->http.max_connections_per_ip);
+    tg_conf_unref(g.live);
+    g.live = tg_conf_ref(conf);
     for (i = 0; i < g.nworkers; i++) {
         if (tg_worker_reload(g.workers[i], conf, keys) != TG_OK) {
             tg_error("SIGHUP: worker %u did not take the new configuration", i);

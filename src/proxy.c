@@ -41,6 +41,7 @@
 
 #include "tollgate/accesslog.h"
 #include "tollgate/cidr.h"
+#include "tollgate/connlimit.h"
 #include "tollgate/http.h"
 #include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
@@ -53,6 +54,7 @@
 #define TG_LINGER_MS         2000           /* lingering close bound */
 #define TG_LINGER_BYTES      (64u << 20)    /* ... and bytes discarded */
 #define TG_REQID_MAX         128
+#define TG_HEADBUF_KEEP      1024           /* an idle connection keeps this much */
 
 enum cstate {
     C_HEAD,        /* waiting for (more of) a request head */
@@ -69,7 +71,10 @@ TAILQ_HEAD(tg_client_list, tg_client);
 
 struct tg_proxy {
     struct event_base     *base;
-    tg_conf               *conf;
+    tg_conf               *conf;         /* the latest snapshot (reload): http.*,
+                                            upstream timeouts */
+    tg_conf               *conf0;        /* the one at start: metric labels,
+                                            upstream servers (the pool's) */
     struct tg_upstream_pool *pool;
     struct tg_limiter     *limiter;
     struct tg_metrics_shard *shard;      /* this worker's counters */
@@ -105,10 +110,13 @@ struct tg_client {
     struct event       *defer;          /* free, or serve a pipelined request */
     struct event       *rev;            /* plain sockets: our own read event */
     struct event       *urev;           /* our read event on the lent upstream */
+    struct tg_connslot *slot;           /* connection count, released at free */
     char                ip[INET6_ADDRSTRLEN];
 
     /* the current request */
-    char               *headbuf;        /* copy of the head; req points in */
+    char               *headbuf;        /* copy of the head; req points in;
+                                           allocated when a head is complete */
+    size_t              headcap;
     tg_http_req         req;
     char                reqid[TG_REQID_MAX + 1];
     size_t              reqid_len;
@@ -194,6 +202,8 @@ static void up_rd_cb(evutil_socket_t fd, short what, void *arg);
 static void urd_start(struct tg_client *c);
 static ssize_t read_into(evutil_socket_t fd, struct evbuffer *in);
 static void up_flush(struct tg_client *c);
+static void set_limits(struct tg_proxy *px);
+static void head_release(struct tg_client *c);
 
 /* ---- public -------------------------------------------------------- */
 
@@ -210,18 +220,13 @@ tg_proxy_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
     }
     px->base = base;
     px->conf = tg_conf_ref(conf);
+    px->conf0 = tg_conf_ref(conf);
     px->pool = tg_upstream_pool_create(base, conf);
     px->shard = tg_metrics_shard_create();
     tg_limiter_set_shard(px->limiter, px->shard);
-    px->lim.max_request_line = conf->http.max_request_line;
-    px->lim.max_header_bytes = conf->http.max_header_bytes;
-    px->lim.max_headers = conf->http.max_headers;
+    set_limits(px);
     px->on_empty = on_empty;
     px->on_empty_arg = arg;
-    px->body_tv.tv_sec = conf->http.body_timeout_ms / 1000;
-    px->body_tv.tv_usec = (conf->http.body_timeout_ms % 1000) * 1000;
-    px->send_tv.tv_sec = conf->http.send_timeout_ms / 1000;
-    px->send_tv.tv_usec = (conf->http.send_timeout_ms % 1000) * 1000;
     TAILQ_INIT(&px->clients);
     if (getrandom(px->rng, sizeof(px->rng), 0) != (ssize_t)sizeof(px->rng)) {
         px->rng[0] = tg_now_us() ^ (uint64_t)(uintptr_t)px;
@@ -249,13 +254,33 @@ tg_proxy_destroy(struct tg_proxy *px)
         tg_alog_buf_destroy(px->alog);
     }
     tg_conf_unref(px->conf);
+    tg_conf_unref(px->conf0);
     free(px);
 }
 
+/* New requests and exchanges take http.* and the upstream timeouts from
+ * the new snapshot; what is under way keeps the deadlines it has. */
 void
 tg_proxy_reload(struct tg_proxy *px, tg_conf *conf, struct tg_keys *keys)
 {
     tg_limiter_reload(px->limiter, conf, keys);
+    tg_conf_unref(px->conf);
+    px->conf = tg_conf_ref(conf);
+    set_limits(px);
+}
+
+static void
+set_limits(struct tg_proxy *px)
+{
+    const tg_conf *conf = px->conf;
+
+    px->lim.max_request_line = conf->http.max_request_line;
+    px->lim.max_header_bytes = conf->http.max_header_bytes;
+    px->lim.max_headers = conf->http.max_headers;
+    px->body_tv.tv_sec = conf->http.body_timeout_ms / 1000;
+    px->body_tv.tv_usec = (conf->http.body_timeout_ms % 1000) * 1000;
+    px->send_tv.tv_sec = conf->http.send_timeout_ms / 1000;
+    px->send_tv.tv_usec = (conf->http.send_timeout_ms % 1000) * 1000;
 }
 
 struct tg_metrics_shard *
@@ -301,7 +326,7 @@ tg_proxy_nclients(const struct tg_proxy *px)
 }
 
 void
-tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
+tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslot *slot)
 {
     struct tg_client *c;
     struct sockaddr_storage ss;
@@ -310,11 +335,13 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
 
     if (px->draining) {
         close(fd);
+        tg_connlimit_release(slot);
         return;
     }
     c = tg_xcalloc(1, sizeof(*c));
     c->px = px;
     c->fd = fd;
+    c->slot = slot;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
         if (ss.ss_family == AF_INET) {
@@ -331,6 +358,7 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
         SSL *ssl = SSL_new(ssl_ctx);
         if (ssl == NULL) {
             close(fd);
+            tg_connlimit_release(slot);
             free(c);
             return;
         }
@@ -345,6 +373,7 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
     }
     if (c->bev == NULL) {
         close(fd);
+        tg_connlimit_release(slot);
         free(c);
         return;
     }
@@ -352,7 +381,6 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx)
     c->defer = event_new(px->base, -1, 0, client_defer_cb, c);
     c->up_timer = evtimer_new(px->base, up_timer_cb, c);
     c->urev = event_new(px->base, -1, 0, up_rd_cb, c);   /* assigned per exchange */
-    c->headbuf = tg_xmalloc(px->lim.max_header_bytes);
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
     tg_metric_gauge_add(px->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
@@ -429,6 +457,7 @@ client_free(struct tg_client *c)
     event_free(c->up_timer);
     bufferevent_free(c->bev);
     free(c->headbuf);
+    tg_connlimit_release(c->slot);
     TAILQ_REMOVE(&px->clients, c, link);
     free(c);
     px->nclients--;
@@ -589,7 +618,23 @@ client_next_request(struct tg_client *c)
     } else {
         c->head_timer_on = 0;
         arm_timer(c, px->conf->http.idle_timeout_ms);
+        if (c->headcap > TG_HEADBUF_KEEP) {
+            head_release(c);             /* an idle connection stays small */
+        }
     }
+}
+
+/* Free the copy of the last head; the request that pointed into it is
+ * over, so its pointers are cleared too. */
+static void
+head_release(struct tg_client *c)
+{
+    free(c->headbuf);
+    c->headbuf = NULL;
+    c->headcap = 0;
+    c->req.method = c->req.target = c->req.path = c->req.host = NULL;
+    c->req.method_len = c->req.target_len = c->req.path_len = c->req.host_len = 0;
+    c->req.nhdr = 0;
 }
 
 /* ---- client callbacks ---------------------------------------------- */
@@ -741,6 +786,11 @@ handle_head(struct tg_client *c)
         c->close_after = 1;
         respond_error(c, c->req.status, "bad_request", c->req.error);
         return;
+    }
+    if (c->headcap < c->req.head_len) {
+        free(c->headbuf);
+        c->headcap = (c->req.head_len + 1023) & ~(size_t)1023;
+        c->headbuf = tg_xmalloc(c->headcap);
     }
     memcpy(c->headbuf, p, c->req.head_len);
     rebase(&c->req.method, p, n, c->headbuf);
@@ -1975,7 +2025,7 @@ respond(struct tg_client *c, int status, const char *code, const char *msg,
 static size_t
 tier_label(const struct tg_client *c)
 {
-    const tg_conf *conf = c->px->conf;
+    const tg_conf *conf = c->px->conf0;
     size_t i;
 
     if (c->lo.tier[0] != '\0') {
@@ -2033,7 +2083,7 @@ access_log(struct tg_client *c, uint64_t now_us)
                  (unsigned long long)c->rs_bytes,
                  c->t_start_us ? (double)(now_us - c->t_start_us) / 1000.0 : 0.0,
                  c->t_up_us ? (double)(now_us - c->t_up_us) / 1000.0 : 0.0,
-                 c->t_up_us ? px->conf->upstream.servers[c->up_server].text : "",
+                 c->t_up_us ? px->conf0->upstream.servers[c->up_server].text : "",
                  limit_outcome(&c->lo));
     if (n > 0) {
         tg_alog_write(px->alog, line, (size_t)n);

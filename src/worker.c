@@ -29,6 +29,7 @@ typedef struct tg_worker_msg {
     uint32_t        arg;      /* MSG_CONN: listener index; MSG_DRAIN: timeout ms */
     tg_conf        *conf;     /* MSG_RELOAD: a reference, given to the worker */
     struct tg_keys *keys;     /* MSG_RELOAD: a reference, given to the worker */
+    struct tg_connslot *slot; /* MSG_CONN: its count, released at close */
 } tg_worker_msg;
 
 struct tg_worker {
@@ -143,23 +144,24 @@ send_msg(struct tg_worker *w, const tg_worker_msg *m)
 }
 
 tg_rc
-tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx)
+tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
+                   struct tg_connslot *slot)
 {
-    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL };
+    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, slot };
     return send_msg(w, &m);
 }
 
 void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
-    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL };
+    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL };
     send_msg(w, &m);
 }
 
 tg_rc
 tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys)
 {
-    tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys) };
+    tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys), NULL };
 
     if (send_msg(w, &m) != TG_OK) {
         tg_conf_unref(conf);
@@ -270,7 +272,8 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
         if (m[i].type == MSG_CONN) {
             /* the main thread swaps contexts on reload (certificates) */
             tg_proxy_accept(w->px, m[i].fd,
-                            __atomic_load_n(&w->ssl_ctxs[m[i].arg], __ATOMIC_ACQUIRE));
+                            __atomic_load_n(&w->ssl_ctxs[m[i].arg], __ATOMIC_ACQUIRE),
+                            m[i].slot);
         } else if (m[i].type == MSG_RELOAD) {
             tg_proxy_reload(w->px, m[i].conf, m[i].keys);
             tg_conf_unref(m[i].conf);

@@ -84,6 +84,9 @@ typedef struct tg_conf {
         tg_cidr *trusted_proxies;     /* peers whose X-Forwarded-For is kept
                                          (appended to); none by default */
         size_t   ntrusted_proxies;
+        unsigned max_connections;     /* open client connections per process;
+                                         0 = unlimited; 10000 */
+        unsigned max_connections_per_ip;   /* per client address; 0 = unlimited; 1024 */
     } http;
 
     struct {                          /* section upstream: */
@@ -186,5 +189,15 @@ const tg_tier_conf *tg_conf_tier(const tg_conf *conf, const char *name);
 /* Parse "host:port" / "[v6]:port" into addr (resolving names with
  * getaddrinfo: start-up and reload only, never on an event loop). */
 tg_rc tg_addr_parse(const char *text, tg_addr *addr, char *err, size_t errlen);
+
+/* How tg_addr_parse resolves a host name (literals never get here): fill
+ * sa and salen (any port; the caller sets it) or return TG_ERR with the
+ * reason in why.  The default is getaddrinfo's first answer; tests
+ * install their own, so that they do not depend on the machine's
+ * resolver.  NULL restores the default.  Not thread-safe: set it before
+ * loading. */
+typedef tg_rc (*tg_addr_resolver)(const char *host, struct sockaddr_storage *sa,
+                                  socklen_t *salen, char *why, size_t whylen);
+void tg_addr_set_resolver(tg_addr_resolver fn);
 
 #endif

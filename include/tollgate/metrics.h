@@ -98,6 +98,10 @@ struct evbuffer;
       NONE, NOBUCKETS)                                                         \
     X(ALOG_DROPPED, COUNTER, "tollgate_access_log_dropped_total",              \
       "Access log lines dropped because the log could not keep up.",           \
+      NONE, NOBUCKETS)                                                         \
+    X(CONNS_REFUSED, COUNTER, "tollgate_connections_refused_total",            \
+      "Client connections closed at accept, over http.max_connections or "     \
+      "http.max_connections_per_ip.",                                          \
       NONE, NOBUCKETS)
 
 /* Metric ids: TG_M_REQUESTS, TG_M_BREACHES, ... */

@@ -31,11 +31,14 @@ struct tg_proxy *tg_proxy_create(struct event_base *base, tg_conf *conf,
                                  char *err, size_t errlen);
 void tg_proxy_destroy(struct tg_proxy *px);
 
+struct tg_connslot;
 /*
  * Serve a newly accepted socket.  ssl_ctx is the listener's TLS context,
- * or NULL for plain HTTP.  The proxy owns fd from here on.
+ * or NULL for plain HTTP.  The proxy owns fd and slot (its connection
+ * count, may be NULL) from here on, and releases the slot at close.
  */
-void tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx);
+void tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx,
+                     struct tg_connslot *slot);
 
 /* Start draining: idle keep-alive connections close now, busy ones after
  * their current response.  Calls on_empty when none is left (possibly at

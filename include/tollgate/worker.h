@@ -22,8 +22,12 @@ struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *k
                                    SSL_CTX **ssl_ctxs, char *err, size_t errlen);
 tg_rc tg_worker_start(struct tg_worker *w);
 
-/* Main thread: hand an accepted socket (from listener idx) to w. */
-tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx);
+struct tg_connslot;
+/* Main thread: hand an accepted socket (from listener idx) to w, with its
+ * connection count (may be NULL), which w releases when it closes it.  On
+ * TG_ERR the caller still owns both. */
+tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
+                         struct tg_connslot *slot);
 
 /* Main thread: hand w a reloaded snapshot; w takes its own references
  * (the caller keeps its own). */

@@ -19,6 +19,39 @@
 
 static char err[TG_CONF_ERRLEN];
 
+/*
+ * Unit tests never ask the machine's resolver (a minimal system may not
+ * know even "localhost"): host names go through this stub, which knows
+ * "localhost" only and records each question.  Literals must not reach it.
+ */
+static int  resolver_calls;
+static char resolver_host[128];
+
+static tg_rc
+stub_resolver(const char *host, struct sockaddr_storage *sa, socklen_t *salen,
+              char *why, size_t whylen)
+{
+    struct sockaddr_in *sin = (struct sockaddr_in *)sa;
+
+    resolver_calls++;
+    snprintf(resolver_host, sizeof(resolver_host), "%s", host);
+    if (strcmp(host, "localhost") != 0) {
+        snprintf(why, whylen, "Name or service not known");
+        return TG_ERR;
+    }
+    memset(sa, 0, sizeof(*sa));
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    *salen = sizeof(*sin);
+    return TG_OK;
+}
+
+__attribute__((constructor)) static void
+no_name_resolution(void)
+{
+    tg_addr_set_resolver(stub_resolver);
+}
+
 /* The two required sections; tests append or prepend to it. */
 #define MIN_LISTEN   "listen:\n  - address: 127.0.0.1:8080\n"
 #define MIN_UPSTREAM "upstream:\n  servers: [127.0.0.1:8000]\n"
@@ -698,6 +731,8 @@ Test(conf, defaults_filled)
     cr_assert_eq(conf->http.idle_timeout_ms, 60000);
     cr_assert_eq(conf->http.send_timeout_ms, 30000);
     cr_assert_eq(conf->http.max_requests_per_connection, 10000);
+    cr_assert_eq(conf->http.max_connections, 10000);
+    cr_assert_eq(conf->http.max_connections_per_ip, 1024);
 
     cr_assert_eq(conf->upstream.nservers, 1);
     cr_assert_str_eq(conf->upstream.servers[0].text, "127.0.0.1:8000");
@@ -747,6 +782,8 @@ Test(conf, every_key_set)
         "  idle_timeout_ms: 3\n"
         "  send_timeout_ms: 3600000\n"
         "  max_requests_per_connection: 2147483648\n"
+        "  max_connections: 0\n"
+        "  max_connections_per_ip: 10000000\n"
         "upstream:\n"
         "  servers: [127.0.0.1:8000, \"[::1]:8001\", localhost:8002]\n"
         "  connect_timeout_ms: 10\n"
@@ -785,8 +822,12 @@ Test(conf, every_key_set)
     cr_assert_eq(conf->http.max_body_bytes, 0);
     cr_assert_eq(conf->http.send_timeout_ms, 3600000);
     cr_assert_eq(conf->http.max_requests_per_connection, 2147483648u);
+    cr_assert_eq(conf->http.max_connections, 0);
+    cr_assert_eq(conf->http.max_connections_per_ip, 10000000);
     cr_assert_eq(conf->upstream.nservers, 3);
     cr_assert_str_eq(conf->upstream.servers[2].text, "localhost:8002");
+    cr_assert_eq(ntohs(((const struct sockaddr_in *)&conf->upstream.servers[2].sa)->sin_port),
+                 8002, "resolved at load, with its port");
     cr_assert_eq(conf->upstream.keepalive, 0);
     cr_assert_eq(conf->upstream.keepalive_timeout_ms, 40);
 
@@ -1035,10 +1076,16 @@ Test(addr, forms_resolve_offline)
 
     cr_assert_eq(tg_addr_parse("[::]:0", &a, err, sizeof(err)), TG_OK, "%s", err);
     cr_assert_eq(ntohs(sin6->sin6_port), 0);
+    cr_assert_eq(resolver_calls, 0, "a literal went to the resolver");
 
     cr_assert_eq(tg_addr_parse("localhost:8000", &a, err, sizeof(err)), TG_OK, "%s", err);
-    cr_assert(a.sa.ss_family == AF_INET || a.sa.ss_family == AF_INET6);
-    cr_assert_eq(ntohs(sin->sin_port), 8000);   /* same offset in v4 and v6 */
+    cr_assert_eq(resolver_calls, 1);
+    cr_assert_str_eq(resolver_host, "localhost");
+    cr_assert_eq(a.sa.ss_family, AF_INET);
+    cr_assert_eq(a.salen, sizeof(struct sockaddr_in));
+    cr_assert_eq(sin->sin_addr.s_addr, htonl(INADDR_LOOPBACK));
+    cr_assert_eq(ntohs(sin->sin_port), 8000);       /* the port is the parser's */
+    cr_assert_str_eq(a.text, "localhost:8000");
 }
 
 Test(addr, bad_forms)
@@ -1244,6 +1291,7 @@ Test(conf, redis_sentinel_and_cluster)
     cr_assert_str_eq(conf->redis.sentinels[1].text, "[::1]:26380");
     cr_assert_eq(conf->redis.sentinels[1].sa.ss_family, AF_INET6);
     cr_assert_eq(conf->redis.sentinels[2].salen != 0, 1, "resolved at load");
+    cr_assert_str_eq(resolver_host, "localhost");
     cr_assert_eq(conf->redis.ncluster_nodes, 0);
     tg_conf_unref(conf);
 

@@ -1,0 +1,478 @@
+/*
+ * test_edge_accept.c - what the edge admits before any request: caps on
+ * connections per process and per client address (closed at once, the
+ * others unharmed), accept pausing instead of spinning when descriptors
+ * run out, the admin listener refusing bodies without reading them, and
+ * SIGHUP applying the http.* limits to new requests.
+ */
+#include <criterion/criterion.h>
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+TestSuite(edge_accept, .fini = tgh_cleanup, .timeout = 180);
+
+static tgh_upstream up;
+static tgh_tollgate tg;
+
+static void
+start(const char *http_extra, int workers)
+{
+    tgh_tg_opts o;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    tgh_tg_opts_default(&o, up.port);
+    o.http_extra = http_extra;
+    o.workers = workers;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+}
+
+/* A value of /metrics (the first line starting with name), or -1. */
+static long
+metric(const char *name)
+{
+    tgh_resp r;
+    long v = -1;
+
+    if (tgh_http(tg.admin_port, "GET", "/metrics", NULL, NULL, 0, &r, 10000) == 0
+        && r.status == 200) {
+        const char *p = (const char *)r.body;
+        size_t n = strlen(name);
+        while (p != NULL && *p != '\0') {
+            if (strncmp(p, name, n) == 0 && p[n] == ' ') {
+                v = atol(p + n + 1);
+                break;
+            }
+            p = strchr(p, '\n');
+            p = p ? p + 1 : NULL;
+        }
+    }
+    tgh_resp_free(&r);
+    return v;
+}
+
+/* Wait until tollgate counts exactly n open client connections (closes
+ * are counted when the worker has seen them). */
+static void
+await_open(long n)
+{
+    uint64_t end = tgh_now_ms() + 10000;
+    long v = -1;
+
+    while (tgh_now_ms() < end) {
+        if ((v = metric("tollgate_connections_open")) == n)
+            return;
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(0, "tollgate_connections_open is %ld, expected %ld", v, n);
+}
+
+/* One keep-alive GET on c: its status, or -1 (closed, timeout). */
+static int
+get_on(tgh_conn *c)
+{
+    static const char req[] = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    tgh_resp r;
+    int st = -1;
+
+    if (tgh_conn_send(c, req, sizeof req - 1, 5000) == 0
+        && tgh_conn_read_response(c, &r, 0, 5000) == 0)
+        st = r.status;
+    tgh_resp_free(&r);
+    return st;
+}
+
+/* A connection closed by the server before any byte: EOF (or a reset),
+ * and nothing to read. */
+static void
+check_refused(int port, const char *what)
+{
+    tgh_conn *c = tgh_conn_open(port, 5000);
+    size_t extra = 1;
+
+    TGH_CHECK(c != NULL, "%s: connect failed", what);
+    TGH_CHECK(tgh_conn_wait_closed(c, 5000, &extra) == 1,
+              "%s: the connection over the cap was not closed", what);
+    TGH_CHECK(extra == 0, "%s: %zu bytes came before the close", what, extra);
+    tgh_conn_close(c);
+}
+
+static void
+check_cap(int cap, const char *what)
+{
+    tgh_conn *c[8];
+    int i;
+
+    await_open(0);                       /* the harness's probes are gone */
+    for (i = 0; i < cap; i++) {
+        c[i] = tgh_conn_open(tg.port, 5000);
+        TGH_CHECK(c[i] != NULL, "%s: connection %d", what, i);
+        TGH_CHECK(get_on(c[i]) == 200, "%s: connection %d within the cap", what, i);
+    }
+    check_refused(tg.port, what);
+    check_refused(tg.port, what);
+    for (i = 0; i < cap; i++)
+        TGH_CHECK(get_on(c[i]) == 200, "%s: connection %d after the refusals", what, i);
+    TGH_CHECK(metric("tollgate_connections_refused_total") == 2,
+              "%s: refused %ld, expected 2", what,
+              metric("tollgate_connections_refused_total"));
+
+    /* one closes: one more fits, exactly */
+    tgh_conn_close(c[0]);
+    await_open(cap - 1);
+    c[0] = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c[0] != NULL && get_on(c[0]) == 200, "%s: a freed place is usable", what);
+    check_refused(tg.port, what);
+    for (i = 0; i < cap; i++)
+        tgh_conn_close(c[i]);
+    await_open(0);
+}
+
+Test(edge_accept, per_ip_cap_closes_the_extra_connections)
+{
+    /* all test traffic comes from 127.0.0.1: one address */
+    start("max_connections_per_ip: 4", 2);
+    check_cap(4, "per-ip");
+}
+
+Test(edge_accept, global_cap_closes_the_extra_connections)
+{
+    start("max_connections: 3, max_connections_per_ip: 0", 2);
+    check_cap(3, "global");
+}
+
+/* ---- head buffers ------------------------------------------------------- */
+
+static long status_kb(pid_t pid, const char *field);
+
+/* With max_header_bytes at its maximum (1 MiB), 64 connections, idle or
+ * between requests, must not hold 64 MiB of head buffers. */
+Test(edge_accept, idle_connections_hold_no_head_buffer)
+{
+    enum { NCONN = 64 };
+    tgh_conn *c[NCONN];
+    tgh_tg_opts o;
+    long data0, data1, data2;
+    int i;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    tgh_tg_opts_default(&o, up.port);
+    o.max_header_bytes = 1048576;
+    o.workers = 1;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    await_open(0);
+    data0 = status_kb(tg.proc->pid, "VmData");
+    for (i = 0; i < NCONN; i++) {
+        c[i] = tgh_conn_open(tg.port, 5000);
+        TGH_CHECK(c[i] != NULL, "connect %d", i);
+    }
+    await_open(NCONN);
+    data1 = status_kb(tg.proc->pid, "VmData");
+    for (i = 0; i < NCONN; i++)
+        TGH_CHECK(get_on(c[i]) == 200, "request on connection %d", i);
+    data2 = status_kb(tg.proc->pid, "VmData");
+    TGH_CHECK(data0 > 0 && data1 > 0 && data2 > 0, "cannot read VmData");
+    TGH_CHECK(data1 - data0 < 16 * 1024, "%d idle connections took %ld kB", NCONN,
+              data1 - data0);
+    TGH_CHECK(data2 - data0 < 16 * 1024, "%d connections between requests hold %ld kB",
+              NCONN, data2 - data0);
+    for (i = 0; i < NCONN; i++)
+        tgh_conn_close(c[i]);
+}
+
+/* ---- out of descriptors -------------------------------------------------- */
+
+static double
+cpu_seconds(pid_t pid)
+{
+    char path[64], buf[2048], *p;
+    unsigned long ut = 0, st = 0;
+    FILE *f;
+    size_t n;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    p = strrchr(buf, ')');               /* comm may hold spaces */
+    if (p == NULL || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+                            &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static int
+count_fds(pid_t pid)
+{
+    char cmd[128];
+    FILE *p;
+    int n = -1;
+
+    snprintf(cmd, sizeof cmd, "ls /proc/%d/fd | wc -l", (int)pid);
+    p = popen(cmd, "r");
+    if (p != NULL) {
+        if (fscanf(p, "%d", &n) != 1)
+            n = -1;
+        pclose(p);
+    }
+    return n;
+}
+
+static int
+run_prlimit(pid_t pid, int nofile)
+{
+    char cmd[128];
+
+    snprintf(cmd, sizeof cmd, "prlimit --pid %d --nofile=%d:%d", (int)pid, nofile, nofile);
+    return system(cmd);
+}
+
+Test(edge_accept, out_of_descriptors_pauses_accept_then_recovers)
+{
+    enum { NCONN = 40 };
+    tgh_conn *c[NCONN];
+    double cpu0, cpu1;
+    int i, fds, st;
+    tgh_resp r;
+
+    start(NULL, 1);
+    await_open(0);
+    fds = count_fds(tg.proc->pid);
+    TGH_CHECK(fds > 0, "cannot count the descriptors of tollgate");
+    /* room for a handful of connections, far fewer than we open */
+    TGH_CHECK(run_prlimit(tg.proc->pid, fds + 8) == 0, "prlimit failed");
+
+    for (i = 0; i < NCONN; i++) {
+        c[i] = tgh_conn_open(tg.port, 5000);   /* the kernel's backlog takes them */
+        TGH_CHECK(c[i] != NULL, "connect %d", i);
+    }
+    /* saturated: wait until tollgate has hit the limit ... */
+    {
+        uint64_t end = tgh_now_ms() + 10000;
+        while (tgh_now_ms() < end && count_fds(tg.proc->pid) < fds + 8)
+            tgh_sleep_ms(20);
+    }
+    /* ... then it must idle, not spin on accept */
+    cpu0 = cpu_seconds(tg.proc->pid);
+    tgh_sleep_ms(2000);
+    cpu1 = cpu_seconds(tg.proc->pid);
+    TGH_CHECK(cpu0 >= 0 && cpu1 >= 0, "cannot read the CPU time of tollgate");
+    fprintf(stderr, "cpu while saturated: %.3f s\n", cpu1 - cpu0);
+    TGH_CHECK(cpu1 - cpu0 < 0.2, "tollgate used %.2f s of CPU in 2 s while out of "
+              "descriptors (accept spinning?)", cpu1 - cpu0);
+    TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died out of descriptors");
+
+    for (i = 0; i < NCONN; i++)
+        tgh_conn_close(c[i]);
+    /* recovers: serves again once descriptors are back */
+    {
+        uint64_t end = tgh_now_ms() + 15000;
+        st = -1;
+        while (tgh_now_ms() < end) {
+            if (tgh_http(tg.port, "GET", "/", NULL, NULL, 0, &r, 5000) == 0)
+                st = r.status;
+            tgh_resp_free(&r);
+            if (st == 200)
+                break;
+            tgh_sleep_ms(50);
+        }
+    }
+    TGH_CHECK(st == 200, "no 200 after the connections closed (got %d)", st);
+}
+
+/* ---- admin listener ------------------------------------------------------- */
+
+/* A "Vm...:" line of /proc/PID/status, in kB, or -1. */
+static long
+status_kb(pid_t pid, const char *field)
+{
+    char path[64], line[256];
+    size_t n = strlen(field);
+    long kb = -1;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (strncmp(line, field, n) == 0 && line[n] == ':') {
+            kb = atol(line + n + 1);
+            break;
+        }
+    fclose(f);
+    return kb;
+}
+
+static long
+rss_kb(pid_t pid)
+{
+    return status_kb(pid, "VmRSS");
+}
+
+/* head + body_len bytes of filler: sent while the answer is read */
+static void
+admin_upload(const char *head, size_t body_len)
+{
+    size_t hl = strlen(head);
+    unsigned char *req = malloc(hl + body_len);
+    long rss0, rss1;
+    tgh_conn *c;
+    tgh_resp r;
+    int rc;
+
+    cr_assert_not_null(req);
+    memcpy(req, head, hl);
+    memset(req + hl, 'x', body_len);
+    rss0 = rss_kb(tg.proc->pid);
+    c = tgh_conn_open(tg.admin_port, 5000);
+    TGH_CHECK(c != NULL, "admin connect");
+    rc = tgh_conn_roundtrip(c, req, hl + body_len, &r, 0, 10000);
+    TGH_CHECK(rc == 0, "admin: no answer to a body (%s)", r.reason);
+    TGH_CHECK(r.status == 413, "admin: status %d, expected 413", r.status);
+    TGH_CHECK(tgh_resp_header(&r, "Connection") != NULL
+              && strcmp(tgh_resp_header(&r, "Connection"), "close") == 0,
+              "admin: the 413 does not close the connection");
+    tgh_resp_free(&r);
+    /* the rest of the upload is discarded, not stored */
+    tgh_conn_send(c, req + hl, body_len, 5000);
+    TGH_CHECK(tgh_conn_wait_closed(c, 5000, NULL) == 1, "admin: refused connection left open");
+    rss1 = rss_kb(tg.proc->pid);
+    TGH_CHECK(rss0 > 0 && rss1 > 0, "cannot read the RSS of tollgate");
+    TGH_CHECK(rss1 - rss0 < 3 * 1024, "admin: RSS grew by %ld kB for a refused body",
+              rss1 - rss0);
+    tgh_conn_close(c);
+    free(req);
+}
+
+Test(edge_accept, admin_refuses_bodies_without_reading_them)
+{
+    const char *asan = getenv("ASAN_OPTIONS");
+    tgh_resp r;
+
+    /* under ASan, freed buffers sit in its quarantine and count in the
+     * RSS: without it, RSS measures what is kept, as in a plain build */
+    setenv("ASAN_OPTIONS", tgh_strf("%s%squarantine_size_mb=0", asan ? asan : "",
+                                    asan && *asan ? ":" : ""), 1);
+    start(NULL, 1);
+    admin_upload("POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 524288000\r\n\r\n",
+                 8u << 20);
+    admin_upload("POST /metrics HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 "7fffffff\r\n", 8u << 20);
+    admin_upload("GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n", 10);
+
+    /* a head of too many fields: 431, not memory */
+    {
+        size_t cap = 200 * 40 + 128, n = 0;
+        char *head = malloc(cap);
+        tgh_conn *c = tgh_conn_open(tg.admin_port, 5000);
+        cr_assert_not_null(head);
+        n += (size_t)snprintf(head + n, cap - n, "GET /healthz HTTP/1.1\r\nHost: a\r\n");
+        for (int i = 0; i < 200; i++)
+            n += (size_t)snprintf(head + n, cap - n, "X-F%d: %030d\r\n", i, i);
+        n += (size_t)snprintf(head + n, cap - n, "\r\n");
+        TGH_CHECK(c != NULL, "admin connect");
+        TGH_CHECK(tgh_conn_roundtrip(c, head, n, &r, 0, 10000) == 0, "admin: no answer");
+        TGH_CHECK(r.status == 431, "admin: status %d for 200 fields, expected 431", r.status);
+        tgh_resp_free(&r);
+        tgh_conn_close(c);
+        free(head);
+    }
+
+    /* the admin still serves */
+    TGH_CHECK(tgh_http(tg.admin_port, "GET", "/healthz", NULL, NULL, 0, &r, 5000) == 0
+              && r.status == 200, "admin /healthz after the refusals");
+    tgh_resp_free(&r);
+    TGH_CHECK(tgh_http(tg.admin_port, "GET", "/metrics", "Content-Length: 0\r\n", NULL, 0,
+                       &r, 5000) == 0 && r.status == 200, "admin GET with Content-Length: 0");
+    tgh_resp_free(&r);
+}
+
+/* ---- SIGHUP ------------------------------------------------------------- */
+
+static int
+log_has(const char *needle)
+{
+    static char buf[1 << 20];
+    FILE *f = fopen(tg.proc->log_path, "r");
+    size_t n;
+
+    if (f == NULL)
+        return 0;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return strstr(buf, needle) != NULL;
+}
+
+/* Replace the first `from` in the running config file with `to`. */
+static void
+edit_conf(const char *from, const char *to)
+{
+    static char buf[65536], out[65536];
+    FILE *f = fopen(tg.conf_path, "r");
+    size_t n;
+    char *p;
+
+    cr_assert_not_null(f);
+    n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    p = strstr(buf, from);
+    cr_assert_not_null(p, "no \"%s\" in the config", from);
+    snprintf(out, sizeof out, "%.*s%s%s", (int)(p - buf), buf, to, p + strlen(from));
+    f = fopen(tg.conf_path, "w");
+    cr_assert_not_null(f);
+    fputs(out, f);
+    fclose(f);
+}
+
+static int
+post_status(size_t len)
+{
+    char *body = malloc(len);
+    tgh_resp r;
+    int st = -1;
+
+    cr_assert_not_null(body);
+    memset(body, 'b', len);
+    if (tgh_http(tg.port, "POST", "/echo", NULL, body, len, &r, 10000) == 0)
+        st = r.status;
+    tgh_resp_free(&r);
+    free(body);
+    return st;
+}
+
+Test(edge_accept, sighup_applies_http_limits_to_new_requests)
+{
+    uint64_t end;
+    int ok = 0;
+
+    start(NULL, 2);
+    TGH_CHECK(post_status(2000) == 200, "2000-byte body before the reload");
+    edit_conf("max_body_bytes: 16777216", "max_body_bytes: 1000");
+    edit_conf("keepalive: 32", "keepalive: 8");
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && !ok) {
+        ok = post_status(2000) == 413;
+        for (int i = 0; i < 6 && ok; i++)       /* every worker */
+            ok = post_status(2000) == 413;
+        if (!ok)
+            tgh_sleep_ms(20);
+    }
+    TGH_CHECK(ok, "max_body_bytes lowered by SIGHUP: a 2000-byte body still passes");
+    TGH_CHECK(post_status(1000) == 200, "a body at the new limit");
+    TGH_CHECK(log_has("configuration reloaded"), "no reload logged");
+    TGH_CHECK(log_has("kept until the next restart (changed in the file): upstream.keepalive"),
+              "no warning for a restart-only key");
+}
