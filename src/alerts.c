@@ -130,6 +130,10 @@ tg_alerts_create(struct event_base *base, tg_conf *conf,
         return NULL;
     }
     make_source(conf, a->source, sizeof(a->source));
+    /* the counters start at zero with the process: the first sample, so
+     * a burst before the first tick is inside the window */
+    a->nsamples = 1;
+    a->ring[0] = tg_now_ms();
     arm(a);
     return a;
 }
@@ -252,7 +256,7 @@ sample(struct tg_alerts *a, uint64_t now)
         maxw = w > maxw ? w : maxw;
     }
     every = maxw / (TG_ALERTS_RING - 2);
-    if (a->nsamples > 0 && now - a->ring[a->newest * (1 + a->nv)] < every) {
+    if (a->nsamples > 1 && now - a->ring[a->newest * (1 + a->nv)] < every) {
         row = &a->ring[a->newest * (1 + a->nv)];     /* too soon: refresh it */
     } else {
         a->newest = a->nsamples == 0 ? 0 : (a->newest + 1) % TG_ALERTS_RING;
