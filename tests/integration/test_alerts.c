@@ -30,7 +30,27 @@
 
 #include "harness.h"
 
-TestSuite(alerts, .fini = tgh_cleanup, .timeout = 240);
+/* Strings a test makes live until its end: gc() keeps them, fini frees. */
+static void *garbage[512];
+static int ngarbage;
+
+static char *
+gc(char *p)
+{
+    if (ngarbage < 512)
+        garbage[ngarbage++] = p;
+    return p;
+}
+
+static void
+fini(void)
+{
+    while (ngarbage > 0)
+        free(garbage[--ngarbage]);
+    tgh_cleanup();
+}
+
+TestSuite(alerts, .fini = fini, .timeout = 240);
 
 #define SLACK_SECRET "T000/B000/SLACKSECRETxyz"
 #define PD_KEY       "R0UTINGKEYsecret0123456789abcdef"
@@ -183,7 +203,8 @@ sink_start(sink *s, SSL_CTX *tls)
     pthread_create(&s->th, NULL, sink_main, s);
 }
 
-/* Stop accepting: the port refuses connections from now on. */
+/* Stop accepting (the port refuses connections from now on) and forget
+ * the requests. */
 static void
 sink_stop(sink *s)
 {
@@ -193,6 +214,9 @@ sink_stop(sink *s)
     for (int i = 0; i < s->nhung; i++)
         close(s->hung[i]);
     s->nhung = 0;
+    for (int i = 0; i < s->nreq; i++)
+        free(s->req[i].body);
+    s->nreq = 0;
 }
 
 static int
@@ -284,7 +308,7 @@ start_tollgate(const char *yaml)
 static char *
 channels_yaml(const char *scheme, int port, const char *extra)
 {
-    return tgh_strf(
+    return gc(tgh_strf(
         "alerts:\n"
         "  slack: { webhook_url: \"%s://127.0.0.1:%d/slack/" SLACK_SECRET "\" }\n"
         "  pagerduty: { routing_key: \"" PD_KEY "\", url: \"%s://127.0.0.1:%d/pd\" }\n"
@@ -293,7 +317,7 @@ channels_yaml(const char *scheme, int port, const char *extra)
         "  evaluate_ms: 50\n"
         "  backoff_ms: 100\n"
         "%s",
-        scheme, port, scheme, port, scheme, port, extra);
+        scheme, port, scheme, port, scheme, port, extra));
 }
 
 static int
@@ -398,11 +422,11 @@ jstr(const char *body, const char *key)
     snprintf(want, sizeof want, "\"%s\":\"", key);
     p = strstr(body, want);
     if (p == NULL)
-        return strdup("");
+        return gc(strdup(""));
     p += strlen(want);
     for (e = p; *e != '\0' && !(*e == '"' && e[-1] != '\\'); e++)
         ;
-    return strndup(p, (size_t)(e - p));
+    return gc(strndup(p, (size_t)(e - p)));
 }
 
 /* The raw number after "key": (malloc'ed), or "". */
@@ -415,9 +439,9 @@ jnum(const char *body, const char *key)
     snprintf(want, sizeof want, "\"%s\":", key);
     p = strstr(body, want);
     if (p == NULL)
-        return strdup("");
+        return gc(strdup(""));
     p += strlen(want);
-    return strndup(p, strspn(p, "0123456789.-e"));
+    return gc(strndup(p, strspn(p, "0123456789.-e")));
 }
 
 /* The text after prefix up to the next '"' or '\\' (malloc'ed), or "". */
@@ -426,9 +450,9 @@ after(const char *body, const char *prefix)
 {
     const char *p = strstr(body, prefix);
     if (p == NULL)
-        return strdup("");
+        return gc(strdup(""));
     p += strlen(prefix);
-    return strndup(p, strcspn(p, "\"\\"));
+    return gc(strndup(p, strcspn(p, "\"\\")));
 }
 
 #define EXPECT_JSON(got, ...)                                                  \
@@ -457,10 +481,10 @@ Test(alerts, breaches_slack_trigger_and_resolve)
 
     sink_start(&snk, NULL);
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    base = tgh_strf(basic_local, up.port);
+    base = gc(tgh_strf(basic_local, up.port));
     ch = channels_yaml("http", snk.port, "  rules:\n"
         "    breaches: { threshold: 10, window_ms: 1500, to: [slack] }\n");
-    conf = tgh_strf("%s%s", base, ch);
+    conf = gc(tgh_strf("%s%s", base, ch));
     start_tollgate(conf);
 
     for (int i = 0; i < 30; i++)
@@ -470,7 +494,7 @@ Test(alerts, breaches_slack_trigger_and_resolve)
     TGH_CHECK(sink_wait(&snk, "/slack/" SLACK_SECRET, 2, 10000) == 0, "no resolve");
 
     q = sink_get(&snk, "/slack/" SLACK_SECRET, 0);
-    char *n = tgh_strf("%d", atoi(after(q->body, "*Numbers*\\n")));
+    char *n = gc(tgh_strf("%d", atoi(after(q->body, "*Numbers*\\n"))));
     char *since = after(q->body, "*Since*\\n");
     char *inc = after(q->body, "incident ");
     TGH_CHECK(atoi(n) > 10 && atoi(n) <= 25, "count %s", n);
@@ -488,7 +512,7 @@ Test(alerts, breaches_slack_trigger_and_resolve)
               "incident id %s", inc);
 
     q = sink_get(&snk, "/slack/" SLACK_SECRET, 1);
-    char *lasted = tgh_strf("%d", atoi(after(q->body, "*Numbers*\\nlasted ")));
+    char *lasted = gc(tgh_strf("%d", atoi(after(q->body, "*Numbers*\\nlasted "))));
     EXPECT_JSON(q->body,
         "{\"text\":\"[RESOLVED] tollgate breaches on %s: back to normal\",\"blocks\":"
         "[{\"type\":\"header\",\"text\":{\"type\":\"plain_text\",\"text\":"
@@ -516,7 +540,7 @@ Test(alerts, redis_down_and_breaker_pagerduty)
     sink_start(&snk, NULL);
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
-    conf = tgh_strf(
+    conf = gc(tgh_strf(
         "upstream: { servers: [127.0.0.1:%d] }\n"
         "store: redis\n"
         "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 50, on_failure: local }\n"
@@ -524,7 +548,7 @@ Test(alerts, redis_down_and_breaker_pagerduty)
         "auth: { anonymous_tier: basic }\n%s", up.port, rds.port,
         channels_yaml("http", snk.port, "  rules:\n"
             "    redis_down: { after_ms: 600, to: [slack, pagerduty] }\n"
-            "    breaker_open: { to: [pagerduty] }\n"));
+            "    breaker_open: { to: [pagerduty] }\n")));
     start_tollgate(conf);
     for (int i = 0; i < 5; i++)
         TGH_CHECK(get("/") == 200, "before the kill");
@@ -579,6 +603,26 @@ Test(alerts, redis_down_and_breaker_pagerduty)
     free(st);
     no_secrets();
 
+    /* a reload keeps the open incidents: no new trigger, same keys later */
+    tgh_proc_signal(tg, SIGHUP, 0);
+    uint64_t hup_end = tgh_now_ms() + 10000;
+    char *log = NULL;
+    while (tgh_now_ms() < hup_end) {
+        free(log);
+        log = slurp(tg->log_path);
+        if (strstr(log, "SIGHUP: configuration reloaded"))
+            break;
+        tgh_sleep_ms(50);
+    }
+    TGH_CHECK(strstr(log, "SIGHUP: configuration reloaded") != NULL, "no reload");
+    free(log);
+    for (int i = 0; i < 10; i++) {
+        get("/");
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(sink_count(&snk, NULL) == 3, "%d messages after the reload, expected 3",
+              sink_count(&snk, NULL));
+
     TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server restart");
     end = tgh_now_ms() + 20000;
     while (tgh_now_ms() < end && sink_count(&snk, "/pd") < 4) {
@@ -596,7 +640,6 @@ Test(alerts, redis_down_and_breaker_pagerduty)
         resolved_rd += strcmp(key, dk) == 0;
         resolved_bk += strcmp(key, bdk) == 0;
         free(want);
-        free(key);
     }
     TGH_CHECK(resolved_rd == 1 && resolved_bk == 1, "each incident resolved once");
     TGH_CHECK(sink_wait(&snk, "/slack/" SLACK_SECRET, 2, 5000) == 0, "no Slack resolve");
@@ -621,13 +664,13 @@ Test(alerts, upstream_breaker_pagerduty)
     sink_start(&snk, NULL);
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     port = up.port;
-    conf = tgh_strf(
+    conf = gc(tgh_strf(
         "upstream: { servers: [127.0.0.1:%d], connect_timeout_ms: 500,"
         " breaker: { failures: 2, open_ms: 300, max_open_ms: 300 } }\n"
         "store: local\n"
         "rate_limits: { basic: { requests_per_minute: 6000, burst_limit: 1000 } }\n"
         "auth: { anonymous_tier: basic }\n%s", port,
-        channels_yaml("http", snk.port, "  rules:\n    breaker_open: { to: [pagerduty] }\n"));
+        channels_yaml("http", snk.port, "  rules:\n    breaker_open: { to: [pagerduty] }\n")));
     start_tollgate(conf);
     TGH_CHECK(get("/") == 200, "before the kill");
 
@@ -673,14 +716,14 @@ Test(alerts, upstream_errors_webhook)
 
     sink_start(&snk, NULL);
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    conf = tgh_strf(
+    conf = gc(tgh_strf(
         "upstream: { servers: [127.0.0.1:%d] }\n"
         "store: local\n"
         "rate_limits: { basic: { requests_per_minute: 6000, burst_limit: 1000 } }\n"
         "auth: { anonymous_tier: basic }\n%s", up.port,
         channels_yaml("http", snk.port, "  rules:\n"
             "    upstream_errors: { ratio: 0.5, window_ms: 1500, min_requests: 10, "
-            "to: [webhook] }\n"));
+            "to: [webhook] }\n")));
     start_tollgate(conf);
     for (int i = 0; i < 5; i++)
         TGH_CHECK(get("/") == 200, "ok request");
@@ -694,7 +737,7 @@ Test(alerts, upstream_errors_webhook)
     char *inc = jstr(q->body, "incident"), *started = jstr(q->body, "started_at");
     char *sent = jstr(q->body, "sent_at"), *share = jnum(q->body, "share");
     char *reqs = jnum(q->body, "requests");
-    char *errs = tgh_strf("%d", atoi(after(q->body, "upstream errors: ")));
+    char *errs = gc(tgh_strf("%d", atoi(after(q->body, "upstream errors: "))));
     EXPECT_JSON(q->body,
         "{\"version\":1,\"status\":\"firing\",\"repeat\":false,\"rule\":"
         "\"upstream_errors\",\"subject\":\"upstream\",\"incident\":\"%s\",\"summary\":"
@@ -728,10 +771,10 @@ start_webhook_breach(const char *scheme, int port, const char *knobs)
     char *conf;
 
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    conf = tgh_strf("%s%s%s", tgh_strf(basic_local, up.port),
+    conf = gc(tgh_strf("%s%s%s", gc(tgh_strf(basic_local, up.port)),
         channels_yaml(scheme, port, "  rules:\n"
             "    breaches: { threshold: 3, window_ms: 60000, to: [webhook] }\n"),
-        knobs);
+        knobs));
     start_tollgate(conf);
     for (int i = 0; i < 10; i++)
         get("/");
@@ -820,14 +863,14 @@ Test(alerts, hung_sink_never_slows_requests)
     sink_start(&snk, NULL);
     snk.hang = 1;
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    conf = tgh_strf("%s%s", tgh_strf(
+    conf = gc(tgh_strf("%s%s", gc(tgh_strf(
         "upstream: { servers: [127.0.0.1:%d] }\nstore: local\n"
         "rate_limits: { basic: { requests_per_minute: 60000, burst_limit: 10000 },"
         " tiny: { requests_per_minute: 1, burst_limit: 1 } }\n"
-        "auth: { anonymous_tier: basic }\n", up.port),
+        "auth: { anonymous_tier: basic }\n", up.port)),
         channels_yaml("http", snk.port, "  timeout_ms: 4000\n  max_tries: 1\n"
             "  rules:\n    upstream_errors: { ratio: 0.01, window_ms: 60000, "
-            "min_requests: 5, to: [webhook] }\n"));
+            "min_requests: 5, to: [webhook] }\n")));
     start_tollgate(conf);
     before = p99(200);
     for (int i = 0; i < 10; i++)
@@ -902,7 +945,7 @@ Test(alerts, https_sink_with_ca_file)
 
     make_pki(dir);
     sink_start(&snk, server_ctx(dir));
-    knobs = tgh_strf("  ca_file: %s/ca.pem\n", dir);
+    knobs = gc(tgh_strf("  ca_file: %s/ca.pem\n", dir));
     start_webhook_breach("https", snk.port, knobs);
     TGH_CHECK(sink_wait(&snk, path, 1, 10000) == 0, "not delivered over TLS");
     TGH_CHECK(strstr(sink_get(&snk, path, 0)->body, "\"rule\":\"breaches\"") != NULL,
@@ -921,7 +964,7 @@ Test(alerts, https_sink_wrong_ca_refused)
 
     make_pki(dir);
     sink_start(&snk, server_ctx(dir));
-    knobs = tgh_strf("  ca_file: %s/other.pem\n", dir);
+    knobs = gc(tgh_strf("  ca_file: %s/other.pem\n", dir));
     start_webhook_breach("https", snk.port, knobs);
     TGH_CHECK(wait_metric("webhook", "breaches", "dropped", 1, 10000) == 0, "not dropped");
     TGH_CHECK(alerts_metric("webhook", "breaches", "retried") == 0,
@@ -952,8 +995,8 @@ alert_test(const char *conf_path, const char *channel, char **out)
 
 Test(alerts, alert_test_cli)
 {
-    char *path = tgh_strf("%s/alert-test.yaml", tgh_tmpdir()), *out;
-    char *secret = tgh_strf("%s/slack-url", tgh_tmpdir());
+    char *path = gc(tgh_strf("%s/alert-test.yaml", tgh_tmpdir())), *out;
+    char *secret = gc(tgh_strf("%s/slack-url", tgh_tmpdir()));
     FILE *f;
     int rc;
 
