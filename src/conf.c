@@ -2314,8 +2314,8 @@ tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* A *_file secret: the whole file, trailing whitespace removed (systemd
- * LoadCredential= files often end with a newline). */
+/* A *_file secret: the whole file, surrounding whitespace removed
+ * (systemd LoadCredential= files often end with a newline). */
 static tg_rc
 tg_conf_read_secret(tg_conf_ctx *ctx, const void *field, const char *file,
                     char **out, int is_url, const char *defpath)
@@ -2324,7 +2324,7 @@ tg_conf_read_secret(tg_conf_ctx *ctx, const void *field, const char *file,
     yaml_mark_t mark = m ? m->mark : ctx->doc.start_mark;
     const char *path = m ? m->path : defpath;
     char why[TG_CONF_ERRLEN];
-    size_t len = 0;
+    size_t len = 0, lead;
     char *text = tg_yaml_read_file(file, TG_SECRET_MAX, &len, why, sizeof(why));
 
     if (text == NULL) {
@@ -2333,6 +2333,9 @@ tg_conf_read_secret(tg_conf_ctx *ctx, const void *field, const char *file,
     while (len > 0 && isspace((unsigned char)text[len - 1])) {
         text[--len] = '\0';
     }
+    lead = strspn(text, " \t\r\n");
+    memmove(text, text + lead, len - lead + 1);
+    len -= lead;
     if (strlen(text) != len) {
         free(text);
         return tg_conf_error(ctx, mark, path, "%s: contains a NUL byte", file);
