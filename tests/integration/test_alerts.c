@@ -798,6 +798,70 @@ Test(alerts, retry_after_500_then_delivered)
     sink_stop(&snk);
 }
 
+Test(alerts, client_error_not_retried)
+{
+    const char *path = "/hook/" HOOK_SECRET;
+
+    sink_start(&snk, NULL);
+    snk.script[0] = 403;
+    snk.nscript = 1;
+    start_webhook_breach("http", snk.port, "");
+    TGH_CHECK(wait_metric("webhook", "breaches", "dropped", 1, 10000) == 0, "not dropped");
+    tgh_sleep_ms(500);
+    TGH_CHECK(sink_count(&snk, path) == 1, "%d tries, a 403 is final", sink_count(&snk, path));
+    TGH_CHECK(alerts_metric("webhook", "breaches", "retried") == 0, "retried");
+    char *log = slurp(tg->log_path);
+    TGH_CHECK(strstr(log, "alerts: webhook: message dropped after 1 try: HTTP 403"),
+              "log:\n%s", log);
+    free(log);
+    sink_stop(&snk);
+}
+
+/* While an incident lasts it is repeated, at most every cooldown_ms,
+ * with its one incident id; then resolved once. */
+Test(alerts, cooldown_repeats_while_open)
+{
+    const char *path = "/hook/" HOOK_SECRET;
+    int n, repeats = 0;
+
+    sink_start(&snk, NULL);
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    start_tollgate(gc(tgh_strf("%s%s", gc(tgh_strf(basic_local, up.port)),
+        channels_yaml("http", snk.port, "  cooldown_ms: 600\n  rules:\n"
+            "    breaches: { threshold: 3, window_ms: 2500, to: [webhook] }\n"))));
+    for (int i = 0; i < 15; i++)
+        get("/");
+    TGH_CHECK(sink_wait(&snk, path, 1, 10000) == 0, "no trigger");
+    uint64_t end = tgh_now_ms() + 15000;
+    while (tgh_now_ms() < end) {
+        n = sink_count(&snk, path);
+        if (n > 0 && strstr(sink_get(&snk, path, n - 1)->body, "\"status\":\"resolved\""))
+            break;
+        tgh_sleep_ms(50);
+    }
+    n = sink_count(&snk, path);
+    char *inc = jstr(sink_get(&snk, path, 0)->body, "incident");
+    for (int k = 0; k < n; k++) {
+        sink_req *q = sink_get(&snk, path, k);
+        TGH_CHECK(strcmp(jstr(q->body, "incident"), inc) == 0, "one incident id");
+        if (k > 0 && k < n - 1)          /* the resolve is not held back */
+            TGH_CHECK(q->at_ms - sink_get(&snk, path, k - 1)->at_ms >= 550,
+                      "message %d only %llu ms after the previous one", k,
+                      (unsigned long long)(q->at_ms - sink_get(&snk, path, k - 1)->at_ms));
+        if (k > 0 && k < n - 1) {
+            TGH_CHECK(strstr(q->body, "\"status\":\"firing\",\"repeat\":true"),
+                      "repeat %d: %s", k, q->body);
+            repeats++;
+        }
+    }
+    TGH_CHECK(strstr(sink_get(&snk, path, 0)->body, "\"repeat\":false"), "trigger");
+    TGH_CHECK(strstr(sink_get(&snk, path, n - 1)->body, "\"status\":\"resolved\""),
+              "no resolve");
+    /* open ~2.5 s with a 600 ms cooldown: 2..4 repeats */
+    TGH_CHECK(repeats >= 2 && repeats <= 4, "%d repeats", repeats);
+    sink_stop(&snk);
+}
+
 Test(alerts, retry_after_429_honours_retry_after)
 {
     const char *path = "/hook/" HOOK_SECRET;
