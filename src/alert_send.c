@@ -167,9 +167,13 @@ tg_alert_send_destroy(struct tg_alert_send *s)
     if (s == NULL) {
         return;
     }
+    if (s->pending > 0) {
+        tg_warn("alerts: %zu message(s) abandoned at exit", s->pending);
+    }
     for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
         for (m = s->fifo[c].head; m != NULL; m = next) {
             next = m->next;
+            count(c, m->rule, TG_MAO_DROPPED);
             if (m->easy != NULL) {
                 curl_multi_remove_handle(s->multi, m->easy);   /* sock_cb REMOVE */
                 curl_easy_cleanup(m->easy);
