@@ -98,6 +98,7 @@ static void send_all(struct tg_alerts *a, struct tg_alert_send *s, const tg_conf
 static char *render(unsigned channel, const tg_conf *conf, const char *source,
                     const tg_incident *inc, enum tg_alerts_kind kind, size_t *len);
 static void make_source(const tg_conf *conf, char *out, size_t len);
+static void js(struct evbuffer *b, const char *s);
 static void dedup_key(tg_incident *inc, const char *source);
 static void send_opts(const tg_conf *conf, tg_alert_send_opts *o);
 static uint64_t wall_ms(void);
@@ -142,9 +143,18 @@ void
 tg_alerts_reload(struct tg_alerts *a, tg_conf *conf)
 {
     tg_alert_send_opts o;
+    tg_incident *inc, *next;
 
     if (a == NULL) {
         return;
+    }
+    /* a rule the new file switches off resolves its incidents, through
+     * the channels they were sent to (the old file's) */
+    for (inc = a->open; inc != NULL; inc = next) {
+        next = inc->next;
+        if (!conf->alerts.enabled || !conf->alerts.rule[inc->rule].enabled) {
+            close_incident(a, inc);
+        }
     }
     tg_conf_unref(a->conf);
     a->conf = tg_conf_ref(conf);
@@ -152,7 +162,6 @@ tg_alerts_reload(struct tg_alerts *a, tg_conf *conf)
     tg_alert_send_configure(a->send, &o);
     make_source(conf, a->source, sizeof(a->source));
     arm(a);
-    evaluate(a, tg_now_ms());            /* a rule switched off resolves now */
 }
 
 void
@@ -166,10 +175,12 @@ tg_alerts_status_json(const struct tg_alerts *a, struct evbuffer *out)
     evbuffer_add(out, "[", 1);
     for (inc = a ? a->open : NULL; inc != NULL; inc = inc->next) {
         iso(inc->started, since, sizeof(since));
-        evbuffer_add_printf(out, "%s{\"rule\":\"%s\",\"subject\":\"%s\","
-                            "\"incident\":\"%s\",\"since\":\"%s\",\"channels\":[",
-                            first ? "" : ",", rule_names[inc->rule], inc->subject,
-                            inc->dedup, since);
+        evbuffer_add_printf(out, "%s{\"rule\":\"%s\",\"subject\":",
+                            first ? "" : ",", rule_names[inc->rule]);
+        js(out, inc->subject);
+        evbuffer_add(out, ",\"incident\":", 12);
+        js(out, inc->dedup);
+        evbuffer_add_printf(out, ",\"since\":\"%s\",\"channels\":[", since);
         for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
             if (inc->to & (1u << c)) {
                 evbuffer_add_printf(out, "%s\"%s\"", (inc->to & ((1u << c) - 1))
@@ -344,17 +355,10 @@ evaluate(struct tg_alerts *a, uint64_t now)
 {
     const tg_alert_rule_conf *r = a->conf->alerts.rule;
     int enabled = a->conf->alerts.enabled, down, breaker;
-    tg_incident fresh, *inc, *next;
+    tg_incident fresh, *inc;
     unsigned counts[TG_RULE__COUNT] = { 0 };
     size_t t, s;
 
-    /* a rule switched off by a reload resolves what it opened */
-    for (inc = a->open; inc != NULL; inc = next) {
-        next = inc->next;
-        if (!enabled || !r[inc->rule].enabled) {
-            close_incident(a, inc);
-        }
-    }
     if (!enabled) {
         return;
     }

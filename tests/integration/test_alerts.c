@@ -264,6 +264,7 @@ sink_get(sink *s, const char *path, int k)
 
 static tgh_proc *tg;
 static int tg_port, tg_admin;
+static char tg_conf_path[512];
 static char source[256];                /* "HOST/test-1" */
 static tgh_upstream up, rds;
 
@@ -282,6 +283,7 @@ start_tollgate(const char *yaml)
             tg_admin = tgh_free_port();
         } while (tg_admin == tg_port);
         snprintf(path, sizeof path, "%s/alerts-%d.yaml", tgh_tmpdir(), attempt);
+        snprintf(tg_conf_path, sizeof tg_conf_path, "%s", path);
         f = fopen(path, "w");
         cr_assert_not_null(f);
         fprintf(f, "listen: [ { address: 127.0.0.1:%d } ]\n"
@@ -795,6 +797,65 @@ Test(alerts, retry_after_500_then_delivered)
     TGH_CHECK(alerts_metric("webhook", "breaches", "retried") == 1, "retried 1");
     TGH_CHECK(alerts_metric("webhook", "breaches", "dropped") == 0, "dropped 0");
     no_secrets();
+    sink_stop(&snk);
+}
+
+/* Rewrite the running config (same listeners) and SIGHUP; wait for the
+ * reload line number `nth` (1-based). */
+static void
+reload_with(const char *yaml, int nth)
+{
+    FILE *f = fopen(tg_conf_path, "w");
+    uint64_t end = tgh_now_ms() + 10000;
+    char *log = NULL;
+    int n = 0;
+
+    cr_assert_not_null(f);
+    fprintf(f, "listen: [ { address: 127.0.0.1:%d } ]\n"
+            "admin: { address: 127.0.0.1:%d }\nworkers: 2\n%s", tg_port, tg_admin, yaml);
+    fclose(f);
+    tgh_proc_signal(tg, SIGHUP, 0);
+    while (tgh_now_ms() < end && n < nth) {
+        free(log);
+        log = slurp(tg->log_path);
+        n = 0;
+        for (char *p = log; (p = strstr(p, "SIGHUP: configuration reloaded")); p++)
+            n++;
+        tgh_sleep_ms(50);
+    }
+    free(log);
+    TGH_CHECK(n >= nth, "reload %d not seen", nth);
+}
+
+/* A reload that removes the rule resolves its open incident. */
+Test(alerts, reload_without_the_rule_resolves)
+{
+    const char *path = "/hook/" HOOK_SECRET;
+    char *base;
+
+    sink_start(&snk, NULL);
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    base = gc(tgh_strf(basic_local, up.port));
+    start_tollgate(gc(tgh_strf("%s%s", base, channels_yaml("http", snk.port,
+        "  rules:\n    breaches: { threshold: 3, window_ms: 60000, to: [webhook] }\n"))));
+    for (int i = 0; i < 15; i++)
+        get("/");
+    TGH_CHECK(sink_wait(&snk, path, 1, 10000) == 0, "no trigger");
+    /* same rule, other numbers: stays open, nothing sent */
+    reload_with(gc(tgh_strf("%s%s", base, channels_yaml("http", snk.port,
+        "  rules:\n    breaches: { threshold: 4, window_ms: 60000, to: [webhook] }\n"))), 1);
+    tgh_sleep_ms(300);
+    TGH_CHECK(sink_count(&snk, NULL) == 1, "%d messages after a reload", sink_count(&snk, NULL));
+    reload_with(gc(tgh_strf("%s%s", base, channels_yaml("http", snk.port,
+        "  rules:\n    redis_down: { to: [webhook] }\n"))), 2);
+    TGH_CHECK(sink_wait(&snk, path, 2, 10000) == 0, "no resolve");
+    sink_req *q = sink_get(&snk, path, 1);
+    TGH_CHECK(strstr(q->body, "\"status\":\"resolved\""), "%s", q->body);
+    TGH_CHECK(strcmp(jstr(q->body, "incident"), jstr(sink_get(&snk, path, 0)->body,
+                     "incident")) == 0, "same incident");
+    char *st = admin_page("/status");
+    TGH_CHECK(strstr(st, "\"alerts\":{\"open\":[]}") != NULL, "/status: %s", st);
+    free(st);
     sink_stop(&snk);
 }
 
