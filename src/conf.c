@@ -138,7 +138,6 @@ TG_CONF_SETTER(tg_conf_set_route_limit);
 TG_CONF_SETTER(tg_conf_set_alerts);
 TG_CONF_SETTER(tg_conf_set_channel);
 TG_CONF_SETTER(tg_conf_set_secret);
-TG_CONF_SETTER(tg_conf_set_rules);
 TG_CONF_SETTER(tg_conf_set_rule);
 TG_CONF_SETTER(tg_conf_set_to);
 TG_CONF_SETTER(tg_conf_set_ratio);
@@ -477,7 +476,8 @@ static const tg_conf_cmd tg_conf_alerts_cmds[] = {
     { "queue", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.queue), 1, 100000, 0, NULL },
     { "instance", tg_conf_set_prefix, TG_FIELD(tg_conf, alerts.instance), 1, 128,
       0, NULL },
-    { "rules", tg_conf_set_rules, TG_FIELD(tg_conf, alerts.rule), 0, 0, 0,
+    /* a field, so that phase 3 finds its mark: rules: written or not */
+    { "rules", tg_conf_set_section, TG_FIELD(tg_conf, alerts.rule), 0, 0, 0,
       tg_conf_rules_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
@@ -2172,13 +2172,6 @@ tg_conf_set_channel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     }
     ch->enabled = 1;
     return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_rules(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                  void *base, const char *path)
-{
-    return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
 }
 
 static tg_rc
