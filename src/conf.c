@@ -138,6 +138,13 @@ TG_CONF_SETTER(tg_conf_set_cluster_nodes);
 TG_CONF_SETTER(tg_conf_set_tiers);
 TG_CONF_SETTER(tg_conf_set_routes);
 TG_CONF_SETTER(tg_conf_set_route_limit);
+TG_CONF_SETTER(tg_conf_set_alerts);
+TG_CONF_SETTER(tg_conf_set_channel);
+TG_CONF_SETTER(tg_conf_set_secret);
+TG_CONF_SETTER(tg_conf_set_rule);
+TG_CONF_SETTER(tg_conf_set_to);
+TG_CONF_SETTER(tg_conf_set_ratio);
+static tg_rc tg_conf_validate_alerts(tg_conf_ctx *ctx);
 
 static tg_rc tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node,
                                 const char *path, const char *expected);
@@ -379,6 +386,112 @@ static const tg_conf_cmd tg_conf_access_log_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* Section alerts: (see alerts.h).  A channel's url and key are secrets:
+ * their setters never echo the value in a message. */
+#define TG_CHAN(i) TG_FIELD(tg_conf, alerts.channel[i])
+#define TG_RULE(i) TG_FIELD(tg_conf, alerts.rule[i])
+#define TG_SECRET_MAX 4096
+
+static const tg_conf_cmd tg_conf_slack_cmds[] = {
+    { "webhook_url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
+      1, TG_SECRET_MAX, 0, "url" },
+    { "webhook_url_file", tg_conf_set_path,
+      TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_pagerduty_cmds[] = {
+    { "routing_key", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, key),
+      1, 256, 0, NULL },
+    { "routing_key_file", tg_conf_set_path,
+      TG_FIELD(tg_alert_channel_conf, key_file), 0, 0, 0, NULL },
+    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
+      1, TG_SECRET_MAX, 0, "url" },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_webhook_cmds[] = {
+    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
+      1, TG_SECRET_MAX, 0, "url" },
+    { "url_file", tg_conf_set_path,
+      TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_rule_breaches_cmds[] = {
+    { "threshold", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, threshold),
+      1, 1000000000, 0, NULL },
+    { "window_ms", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, window_ms),
+      10, 86400000, 0, NULL },
+    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_rule_redis_cmds[] = {
+    { "after_ms", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, after_ms),
+      0, 86400000, 0, NULL },
+    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_rule_breaker_cmds[] = {
+    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_rule_errors_cmds[] = {
+    { "ratio", tg_conf_set_ratio, TG_FIELD(tg_alert_rule_conf, ratio), 0, 0, 0, NULL },
+    { "window_ms", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, window_ms),
+      10, 86400000, 0, NULL },
+    { "min_requests", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, min_requests),
+      1, 1000000000, 0, NULL },
+    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_rules_cmds[] = {
+    { "breaches", tg_conf_set_rule, TG_RULE(TG_RULE_BREACHES), 0, 0, 0,
+      tg_conf_rule_breaches_cmds },
+    { "redis_down", tg_conf_set_rule, TG_RULE(TG_RULE_REDIS_DOWN), 0, 0, 0,
+      tg_conf_rule_redis_cmds },
+    { "breaker_open", tg_conf_set_rule, TG_RULE(TG_RULE_BREAKER_OPEN), 0, 0, 0,
+      tg_conf_rule_breaker_cmds },
+    { "upstream_errors", tg_conf_set_rule, TG_RULE(TG_RULE_UPSTREAM_ERRORS), 0, 0, 0,
+      tg_conf_rule_errors_cmds },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_alerts_cmds[] = {
+    { "slack", tg_conf_set_channel, TG_CHAN(TG_ALERT_SLACK), 0, 0, 0,
+      tg_conf_slack_cmds },
+    { "pagerduty", tg_conf_set_channel, TG_CHAN(TG_ALERT_PAGERDUTY), 0, 0, 0,
+      tg_conf_pagerduty_cmds },
+    { "webhook", tg_conf_set_channel, TG_CHAN(TG_ALERT_WEBHOOK), 0, 0, 0,
+      tg_conf_webhook_cmds },
+    { "ca_file", tg_conf_set_path, TG_FIELD(tg_conf, alerts.ca_file), 0, 0, 0, NULL },
+    { "cooldown_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.cooldown_ms),
+      0, 86400000, 0, NULL },
+    { "evaluate_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.evaluate_ms),
+      10, 60000, 0, NULL },
+    { "connect_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, alerts.connect_timeout_ms), 1, 60000, 0, NULL },
+    { "timeout_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.timeout_ms),
+      1, 300000, 0, NULL },
+    { "max_tries", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.max_tries),
+      1, 100, 0, NULL },
+    { "backoff_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.backoff_ms),
+      1, TG_MS_MAX, 0, NULL },
+    { "max_backoff_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.max_backoff_ms),
+      1, TG_MS_MAX, 0, NULL },
+    { "queue", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.queue), 1, 100000, 0, NULL },
+    { "instance", tg_conf_set_prefix, TG_FIELD(tg_conf, alerts.instance), 1, 128,
+      0, NULL },
+    /* a field, so that phase 3 finds its mark: rules: written or not */
+    { "rules", tg_conf_set_section, TG_FIELD(tg_conf, alerts.rule), 0, 0, 0,
+      tg_conf_rules_cmds },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "listen", tg_conf_set_listen, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
     { "admin", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_admin_cmds },
@@ -399,6 +512,7 @@ static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "global_limit", tg_conf_set_global, TG_NOFIELD, 0, 0, 0, tg_conf_global_cmds },
     { "metrics", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_metrics_cmds },
     { "access_log", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_access_log_cmds },
+    { "alerts", tg_conf_set_alerts, TG_NOFIELD, 0, 0, 0, tg_conf_alerts_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -745,6 +859,31 @@ tg_conf_defaults(tg_conf *conf)
     conf->auth.redis_keys = 0;
     conf->auth.cache_ttl_ms = 30000;
 
+    conf->alerts.enabled = 0;                   /* no alerts: section */
+    conf->alerts.channel[TG_ALERT_PAGERDUTY].url =
+        tg_xstrdup("https://events.pagerduty.com/v2/enqueue");
+    conf->alerts.ca_file = NULL;                /* the system CAs */
+    conf->alerts.cooldown_ms = 300000;
+    conf->alerts.evaluate_ms = 1000;
+    conf->alerts.connect_timeout_ms = 5000;
+    conf->alerts.timeout_ms = 10000;
+    conf->alerts.max_tries = 5;
+    conf->alerts.backoff_ms = 1000;
+    conf->alerts.max_backoff_ms = 60000;
+    conf->alerts.queue = 256;
+    conf->alerts.instance = NULL;               /* hostname/listen[0] */
+    conf->alerts.rule[TG_RULE_BREACHES].to = 1u << TG_ALERT_SLACK;
+    conf->alerts.rule[TG_RULE_BREACHES].threshold = 1000;
+    conf->alerts.rule[TG_RULE_BREACHES].window_ms = 60000;
+    conf->alerts.rule[TG_RULE_REDIS_DOWN].to =
+        1u << TG_ALERT_SLACK | 1u << TG_ALERT_PAGERDUTY;
+    conf->alerts.rule[TG_RULE_REDIS_DOWN].after_ms = 300000;
+    conf->alerts.rule[TG_RULE_BREAKER_OPEN].to = 1u << TG_ALERT_PAGERDUTY;
+    conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].to = 1u << TG_ALERT_PAGERDUTY;
+    conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].ratio = 0.05;
+    conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].window_ms = 60000;
+    conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].min_requests = 100;
+
     conf->routes = NULL;                        /* route defaults: see below */
     conf->nroutes = 0;
     conf->global_limit.enabled = 0;
@@ -796,6 +935,14 @@ tg_conf_free(tg_conf *conf)
         free(conf->routes[i].path);
     }
     free(conf->routes);
+    for (i = 0; i < TG_ALERT__NCHANNELS; i++) {
+        free(conf->alerts.channel[i].url);
+        free(conf->alerts.channel[i].url_file);
+        free(conf->alerts.channel[i].key);
+        free(conf->alerts.channel[i].key_file);
+    }
+    free(conf->alerts.ca_file);
+    free(conf->alerts.instance);
     free(conf->path);
     free(conf->dir);
     free(conf);
@@ -893,6 +1040,10 @@ tg_conf_validate(tg_conf_ctx *ctx)
                                  "only database 0, got \"%s\" with redis.cluster",
                                  conf->redis.url);
         }
+    }
+
+    if (conf->alerts.enabled && tg_conf_validate_alerts(ctx) != TG_OK) {
+        return TG_ERR;
     }
 
     if (conf->workers == 0) {
@@ -2106,4 +2257,277 @@ tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
     tg_yaml_verror(ctx->err, ctx->errlen, ctx->name, mark, path, fmt, ap);
     va_end(ap);
     return TG_ERR;
+}
+
+/* ---- section alerts ------------------------------------------------------ */
+
+static tg_rc
+tg_conf_set_alerts(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_conf *)base)->alerts.enabled = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_channel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                    void *base, const char *path)
+{
+    tg_alert_channel_conf *ch = (tg_alert_channel_conf *)((char *)base + cmd->offset);
+
+    if (tg_conf_walk(ctx, node, cmd->arg, ch, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ch->enabled = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_rule(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                 void *base, const char *path)
+{
+    tg_alert_rule_conf *rule = (tg_alert_rule_conf *)((char *)base + cmd->offset);
+
+    if (tg_conf_walk(ctx, node, cmd->arg, rule, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    rule->enabled = 1;
+    return TG_OK;
+}
+
+static const char *const tg_conf_channel_names[TG_ALERT__NCHANNELS] = {
+    "slack", "pagerduty", "webhook",
+};
+
+/* to: [slack, pagerduty, webhook] -> a bit set; empty is an error. */
+static tg_rc
+tg_conf_set_to(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+               void *base, const char *path)
+{
+    unsigned *field = (unsigned *)((char *)base + cmd->offset), set = 0, bit;
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    const char *s;
+    size_t c;
+
+    if (node->type != YAML_SEQUENCE_NODE || node->data.sequence.items.top ==
+        node->data.sequence.items.start) {
+        return tg_conf_type_error(ctx, node, path, "a non-empty sequence of "
+                                  "channels (slack, pagerduty, webhook)");
+    }
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        item = yaml_document_get_node(&ctx->doc, *it);
+        s = tg_conf_string(ctx, item, path);
+        if (s == NULL) {
+            return TG_ERR;
+        }
+        for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
+            if (strcmp(s, tg_conf_channel_names[c]) == 0) {
+                break;
+            }
+        }
+        if (c == TG_ALERT__NCHANNELS) {
+            return tg_conf_error(ctx, item->start_mark, path, "unknown channel "
+                                 "\"%s\", expected slack, pagerduty or webhook", s);
+        }
+        bit = 1u << c;
+        if (set & bit) {
+            return tg_conf_error(ctx, item->start_mark, path, "channel \"%s\" "
+                                 "is listed twice", s);
+        }
+        set |= bit;
+    }
+    *field = set;
+    return TG_OK;
+}
+
+/* A share in (0, 1], e.g. 0.05. */
+static tg_rc
+tg_conf_set_ratio(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                  void *base, const char *path)
+{
+    const char *s;
+    char *end;
+    double v;
+
+    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
+        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
+        return tg_conf_type_error(ctx, node, path, "a number in (0, 1]");
+    }
+    s = (const char *)node->data.scalar.value;
+    errno = 0;
+    v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno != 0 || !(v > 0.0 && v <= 1.0)) {
+        return tg_conf_error(ctx, node->start_mark, path, "expected a number "
+                             "in (0, 1], e.g. 0.05, got \"%s\"", s);
+    }
+    memcpy((char *)base + cmd->offset, &v, sizeof(v));
+    return TG_OK;
+}
+
+/* An http(s) URL (is_url) or a key, kept as written.  The value is a
+ * secret: messages never show it. */
+static tg_rc
+tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
+                     const char *s, int is_url)
+{
+    size_t i;
+
+    for (i = 0; s[i] != '\0'; i++) {
+        if (!isgraph((unsigned char)s[i])) {
+            return tg_conf_error(ctx, mark, path, "must not contain spaces or "
+                                 "control characters (value not shown: a secret)");
+        }
+    }
+    if (i == 0) {
+        return tg_conf_error(ctx, mark, path, "is empty");
+    }
+    if (is_url && strncmp(s, "https://", 8) != 0 && strncmp(s, "http://", 7) != 0) {
+        return tg_conf_error(ctx, mark, path, "must be an http:// or https:// "
+                             "URL (value not shown: a secret)");
+    }
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s;
+
+    /* cmd->arg: "url" for a URL, NULL for a key */
+    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node)) {
+        return tg_conf_error(ctx, node->start_mark, path, "expected a string");
+    }
+    s = (const char *)node->data.scalar.value;
+    if (strlen(s) != node->data.scalar.length || (int64_t)strlen(s) > cmd->max) {
+        return tg_conf_error(ctx, node->start_mark, path, "NUL byte, or longer "
+                             "than %lld characters", (long long)cmd->max);
+    }
+    if (tg_conf_check_secret(ctx, node->start_mark, path, s, cmd->arg != NULL)
+        != TG_OK) {
+        return TG_ERR;
+    }
+    free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* A *_file secret: the whole file, surrounding whitespace removed
+ * (systemd LoadCredential= files often end with a newline). */
+static tg_rc
+tg_conf_read_secret(tg_conf_ctx *ctx, const void *field, const char *file,
+                    char **out, int is_url, const char *defpath)
+{
+    const tg_conf_mark *m = tg_conf_find_mark(ctx, field);
+    yaml_mark_t mark = m ? m->mark : ctx->doc.start_mark;
+    const char *path = m ? m->path : defpath;
+    char why[TG_CONF_ERRLEN];
+    size_t len = 0, lead;
+    char *text = tg_yaml_read_file(file, TG_SECRET_MAX, &len, why, sizeof(why));
+
+    if (text == NULL) {
+        return tg_conf_error(ctx, mark, path, "%s", why);
+    }
+    while (len > 0 && isspace((unsigned char)text[len - 1])) {
+        text[--len] = '\0';
+    }
+    lead = strspn(text, " \t\r\n");
+    memmove(text, text + lead, len - lead + 1);
+    len -= lead;
+    if (strlen(text) != len) {
+        free(text);
+        return tg_conf_error(ctx, mark, path, "%s: contains a NUL byte", file);
+    }
+    if (tg_conf_check_secret(ctx, mark, path, text, is_url) != TG_OK) {
+        free(text);
+        return TG_ERR;
+    }
+    free(*out);
+    *out = text;
+    return TG_OK;
+}
+
+/* Phase 3 of alerts: each channel has exactly one source for its secret
+ * (read now, from its file if so), and every rule sends to configured
+ * channels.  Without rules: every rule with its defaults, to the channels
+ * of its default list that are configured. */
+static tg_rc
+tg_conf_validate_alerts(tg_conf_ctx *ctx)
+{
+    static const char *const url_names[TG_ALERT__NCHANNELS] = {
+        "webhook_url", "url", "url",
+    };
+    static const char *const rule_names[TG_RULE__COUNT] = {
+        "breaches", "redis_down", "breaker_open", "upstream_errors",
+    };
+    tg_conf *conf = ctx->conf;
+    int rules_written = tg_conf_find_mark(ctx, conf->alerts.rule) != NULL;
+    unsigned configured = 0;
+    const tg_conf_mark *m;
+    char p[TG_CONF_PATHLEN];
+    size_t c, r;
+
+    for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
+        tg_alert_channel_conf *ch = &conf->alerts.channel[c];
+        const tg_conf_mark *cm = tg_conf_find_mark(ctx, ch);
+
+        if (!ch->enabled) {
+            continue;
+        }
+        configured |= 1u << c;
+        snprintf(p, sizeof(p), "alerts.%s", tg_conf_channel_names[c]);
+        if (c == TG_ALERT_PAGERDUTY) {
+            if ((ch->key != NULL) == (ch->key_file != NULL)) {
+                return tg_conf_error(ctx, cm->mark, p, "needs exactly one of "
+                                     "routing_key and routing_key_file");
+            }
+            if (ch->key_file != NULL && tg_conf_read_secret(ctx, &ch->key_file,
+                    ch->key_file, &ch->key, 0, p) != TG_OK) {
+                return TG_ERR;
+            }
+            continue;
+        }
+        if ((tg_conf_find_mark(ctx, &ch->url) != NULL) == (ch->url_file != NULL)) {
+            return tg_conf_error(ctx, cm->mark, p, "needs exactly one of %s "
+                                 "and %s_file", url_names[c], url_names[c]);
+        }
+        if (ch->url_file != NULL && tg_conf_read_secret(ctx, &ch->url_file,
+                ch->url_file, &ch->url, 1, p) != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    for (r = 0; r < TG_RULE__COUNT; r++) {
+        tg_alert_rule_conf *rule = &conf->alerts.rule[r];
+
+        if (!rules_written) {
+            rule->to &= configured;
+            rule->enabled = rule->to != 0;
+            continue;
+        }
+        if (!rule->enabled || (rule->to & ~configured) == 0) {
+            continue;
+        }
+        for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
+            if (rule->to & ~configured & (1u << c)) {
+                break;
+            }
+        }
+        m = tg_conf_find_mark(ctx, &rule->to);
+        if (m == NULL) {
+            m = tg_conf_find_mark(ctx, rule);
+        }
+        snprintf(p, sizeof(p), "alerts.rules.%s.to", rule_names[r]);
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : p, "channel \"%s\" is not configured "
+                             "(add alerts.%s%s)", tg_conf_channel_names[c],
+                             tg_conf_channel_names[c],
+                             m == tg_conf_find_mark(ctx, rule) ? ", or write to:" : "");
+    }
+    return TG_OK;
 }

@@ -22,9 +22,11 @@
 #include <event2/thread.h>
 #include <openssl/ssl.h>
 #include <systemd/sd-daemon.h>
+#include <curl/curl.h>
 
 #include "tollgate/accesslog.h"
 #include "tollgate/admin.h"
+#include "tollgate/alerts.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
 #include "tollgate/connlimit.h"
@@ -57,6 +59,7 @@ static struct {
     uint64_t                 alog_counted;  /* drops already in the metric */
     struct tg_health        *health;        /* upstream.health_check, or NULL */
     struct tg_admin         *admin;
+    struct tg_alerts        *alerts;        /* the alert engine (curl multi) */
     int                      draining;
     uint64_t                 drain_deadline;
     struct event            *signals[4];
@@ -114,6 +117,9 @@ main(int argc, char **argv)
     if (argc > 1 && strcmp(argv[1], "keygen") == 0) {
         return keygen(argc - 1, argv + 1);
     }
+    if (argc > 1 && strcmp(argv[1], "alert-test") == 0) {
+        return tg_alerts_cli_test(argc - 1, argv + 1);
+    }
     while ((ch = getopt_long(argc, argv, "c:tvVh", opts, NULL)) != -1) {
         switch (ch) {
         case 'c': path = optarg; break;
@@ -144,6 +150,7 @@ usage(FILE *out)
     fprintf(out,
         "usage: tollgate [-c FILE] [-t] [-v] [-h]\n"
         "       tollgate keygen --id ID --tier TIER   new API key + its keys.yaml entry\n"
+        "       tollgate alert-test -c FILE [--channel NAME]   one test alert per channel\n"
         "  -c, --config FILE  configuration file (default " DEFAULT_CONF ")\n"
         "  -t, --test         check the configuration (and TLS files), then exit 0 or 1\n"
         "  -v, --version      print the version and exit\n"
@@ -277,6 +284,7 @@ run(const char *path)
     }
     g.started = g.loaded = time(NULL);
     g.generation = 1;
+    curl_global_init(CURL_GLOBAL_DEFAULT);      /* before any other thread */
     if (g.conf->access_log.path != NULL) {
         g.alog = tg_alog_create(g.conf->access_log.path, err, sizeof(err));
         if (g.alog == NULL) {
@@ -301,6 +309,11 @@ run(const char *path)
             tg_error("cannot start worker %u", i);
             goto out;
         }
+    }
+
+    g.alerts = tg_alerts_create(g.base, g.conf, g.workers, g.shards, g.nworkers);
+    if (g.alerts == NULL) {
+        goto out;
     }
 
     g.signals[0] = evsignal_new(g.base, SIGTERM, signal_cb, NULL);
@@ -374,6 +387,8 @@ out:
         tg_alog_destroy(g.alog);         /* after every worker's buffer */
     }
     tg_admin_destroy(g.admin);
+    tg_alerts_destroy(g.alerts);
+    curl_global_cleanup();
     tg_metrics_deinit();
     for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
         if (g.signals[i] != NULL) {
@@ -859,6 +874,7 @@ reload(const char *path)
     g.generation++;
     tg_info("SIGHUP: configuration reloaded (%zu key(s), %zu tier(s), %zu route(s))",
             tg_keys_count(keys), conf->ntiers, conf->nroutes);
+    tg_alerts_reload(g.alerts, conf);    /* open incidents stay open */
     tg_keys_unref(g.keys);
     g.keys = keys;                       /* our reference */
     tg_conf_unref(conf);                 /* the workers hold theirs */
@@ -1068,7 +1084,9 @@ status_page(void *arg, struct evbuffer *out, const char **ctype)
                             tg_health_up(g.health, s) ? "up" : "down",
                             states[upstream_state(s)]);
     }
-    evbuffer_add_printf(out, "]}\n");
+    evbuffer_add_printf(out, "],\"alerts\":{\"open\":");
+    tg_alerts_status_json(g.alerts, out);
+    evbuffer_add_printf(out, "}}\n");
     return 200;
 }
 

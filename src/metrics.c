@@ -28,7 +28,7 @@ static void sb_printf(struct sbuf *b, const char *fmt, ...)
 static void sb_seconds_us(struct sbuf *b, uint64_t us);
 static void sb_double(struct sbuf *b, double v);
 static size_t label_pairs(tg_metric_labelset ls, size_t idx,
-                          const char *names[2], const char *values[2]);
+                          const char *names[3], const char *values[3]);
 static uint64_t *merge(struct tg_metrics_shard *const *shards, size_t n);
 static uint64_t shards_sum(struct tg_metrics_shard *const *shards, size_t n, size_t slot);
 
@@ -92,6 +92,15 @@ static const char *const decision_values[TG_MD__COUNT] = {
     "store_deny",
 };
 static const char *const version_values[1] = { TG_VERSION };
+static const char *const alert_channel_values[TG_MA_CHANNELS] = {
+    "slack", "pagerduty", "webhook",
+};
+static const char *const alert_rule_values[TG_MA_RULES] = {
+    "breaches", "redis_down", "breaker_open", "upstream_errors", "test",
+};
+static const char *const alert_outcome_values[TG_MAO__COUNT] = {
+    "sent", "retried", "dropped",
+};
 
 /* ---- state ----------------------------------------------------------- */
 
@@ -154,6 +163,8 @@ labelset_card(tg_metric_labelset ls)
     case TG_ML_STORE_MODE:    return TG_MSM__COUNT;
     case TG_ML_DECISION:      return TG_MD__COUNT;
     case TG_ML_VERSION:       return 1;
+    case TG_ML_ALERT:         return TG_MA_CHANNELS * TG_MA_RULES * TG_MAO__COUNT;
+    case TG_ML_ALERT_RULE:    return TG_MA_RULES - 1;
     case TG_ML__COUNT:        break;
     }
     return 0;
@@ -437,7 +448,7 @@ static void
 sb_prom_series(struct sbuf *b, const char *name, const char *suffix,
                tg_metric_labelset ls, size_t idx, const char *le)
 {
-    const char *ln[2], *lv[2];
+    const char *ln[3], *lv[3];
     size_t np = label_pairs(ls, idx, ln, lv);
 
     sb_str(b, name);
@@ -634,7 +645,7 @@ sb_statsd_base(struct sbuf *b, tg_metric_id id)
 static void
 statsd_begin(struct statsd *st, tg_metric_id id, size_t idx, const char *suffix)
 {
-    const char *ln[2], *lv[2];
+    const char *ln[3], *lv[3];
     size_t np = label_pairs(decl[id].ls, idx, ln, lv);
 
     st->line.len = 0;
@@ -657,7 +668,7 @@ statsd_begin(struct statsd *st, tg_metric_id id, size_t idx, const char *suffix)
 static void
 statsd_end(struct statsd *st, tg_metric_id id, size_t idx, const char *type)
 {
-    const char *ln[2], *lv[2];
+    const char *ln[3], *lv[3];
     size_t np = label_pairs(decl[id].ls, idx, ln, lv);
 
     sb_str(&st->line, type);
@@ -785,8 +796,8 @@ tg_metrics_statsd_delta(struct tg_metrics_shard *const *shards, size_t n,
 
 /* Label names and values of series idx of label set ls; returns how many. */
 static size_t
-label_pairs(tg_metric_labelset ls, size_t idx, const char *names[2],
-            const char *values[2])
+label_pairs(tg_metric_labelset ls, size_t idx, const char *names[3],
+            const char *values[3])
 {
     switch (ls) {
     case TG_ML_NONE:
@@ -828,6 +839,18 @@ label_pairs(tg_metric_labelset ls, size_t idx, const char *names[2],
     case TG_ML_VERSION:
         names[0] = "version";
         values[0] = version_values[idx];
+        return 1;
+    case TG_ML_ALERT:
+        names[0] = "channel";
+        values[0] = alert_channel_values[idx / (TG_MA_RULES * TG_MAO__COUNT)];
+        names[1] = "rule";
+        values[1] = alert_rule_values[idx / TG_MAO__COUNT % TG_MA_RULES];
+        names[2] = "outcome";
+        values[2] = alert_outcome_values[idx % TG_MAO__COUNT];
+        return 3;
+    case TG_ML_ALERT_RULE:
+        names[0] = "rule";
+        values[0] = alert_rule_values[idx];
         return 1;
     case TG_ML__COUNT:
         break;

@@ -53,6 +53,36 @@ typedef struct tg_route_conf {
 } tg_route_conf;
 
 enum tg_store_kind { TG_STORE_REDIS, TG_STORE_LOCAL };
+
+/* Alert channels and rules (section alerts:); the order is the order of
+ * the metric labels (metrics.h TG_MA_*). */
+enum tg_alert_channel {
+    TG_ALERT_SLACK, TG_ALERT_PAGERDUTY, TG_ALERT_WEBHOOK, TG_ALERT__NCHANNELS
+};
+enum tg_alert_rule {
+    TG_RULE_BREACHES, TG_RULE_REDIS_DOWN, TG_RULE_BREAKER_OPEN,
+    TG_RULE_UPSTREAM_ERRORS, TG_RULE__COUNT
+};
+
+typedef struct tg_alert_rule_conf {
+    int      enabled;            /* written under alerts.rules (or no rules:) */
+    unsigned to;                 /* channels: bit (1u << tg_alert_channel) */
+    uint64_t threshold;          /* breaches: 429s of one tier per window; 1000 */
+    unsigned window_ms;          /* breaches, upstream_errors; 60000 */
+    unsigned after_ms;           /* redis_down; 300000 */
+    double   ratio;              /* upstream_errors: 5xx share; 0.05 */
+    uint64_t min_requests;       /* upstream_errors; 100 */
+} tg_alert_rule_conf;
+
+/* One channel.  url and key are secrets: never logged or exported. */
+typedef struct tg_alert_channel_conf {
+    int      enabled;            /* the channel's block is present */
+    char    *url;                /* webhook URL / PagerDuty endpoint (read
+                                    from *_file at load when given) */
+    char    *url_file;           /* absolute path, or NULL */
+    char    *key;                /* PagerDuty routing key, or NULL */
+    char    *key_file;           /* absolute path, or NULL */
+} tg_alert_channel_conf;
 enum tg_on_failure { TG_FAIL_LOCAL, TG_FAIL_ALLOW, TG_FAIL_DENY };
 
 typedef struct tg_conf {
@@ -160,6 +190,22 @@ typedef struct tg_conf {
     struct {                          /* section access_log: */
         char    *path;                /* absolute; NULL = no access log */
     } access_log;
+
+    struct {                          /* section alerts: (see alerts.h) */
+        int      enabled;             /* alerts: present */
+        tg_alert_channel_conf channel[TG_ALERT__NCHANNELS];
+        tg_alert_rule_conf    rule[TG_RULE__COUNT];
+        char    *ca_file;             /* absolute; NULL = the system CAs */
+        unsigned cooldown_ms;         /* repeat an open incident; 300000 */
+        unsigned evaluate_ms;         /* rule evaluation period; 1000 */
+        unsigned connect_timeout_ms;  /* per transfer; 5000 */
+        unsigned timeout_ms;          /* per transfer, total; 10000 */
+        unsigned max_tries;           /* per message, first try included; 5 */
+        unsigned backoff_ms;          /* first retry delay, doubles; 1000 */
+        unsigned max_backoff_ms;      /* cap of the doubling; 60000 */
+        unsigned queue;               /* messages queued at most; 256 */
+        char    *instance;            /* "source" name; default hostname/listen[0] */
+    } alerts;
 
     struct {
         int      enabled;             /* global_limit: present */

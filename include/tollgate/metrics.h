@@ -102,7 +102,13 @@ struct evbuffer;
     X(CONNS_REFUSED, COUNTER, "tollgate_connections_refused_total",            \
       "Client connections closed at accept, over http.max_connections or "     \
       "http.max_connections_per_ip.",                                          \
-      NONE, NOBUCKETS)
+      NONE, NOBUCKETS)                                                         \
+    X(ALERTS, COUNTER, "tollgate_alerts_total",                                \
+      "Alert messages by channel, rule and outcome (sent, retried, dropped).", \
+      ALERT, NOBUCKETS)                                                        \
+    X(ALERTS_OPEN, GAUGE, "tollgate_alerts_open_incidents",                    \
+      "Incidents open now, by alert rule.",                                    \
+      ALERT_RULE, NOBUCKETS)
 
 /* Metric ids: TG_M_REQUESTS, TG_M_BREACHES, ... */
 typedef enum tg_metric_id {
@@ -129,7 +135,9 @@ typedef enum tg_metric_type {
     X(RELOAD_RESULT) /* result [TG_MRL__COUNT] */                              \
     X(STORE_MODE)    /* mode [TG_MSM__COUNT] */                                \
     X(DECISION)      /* outcome [TG_MD__COUNT] */                              \
-    X(VERSION)       /* version [1], value TG_VERSION */
+    X(VERSION)       /* version [1], value TG_VERSION */                      \
+    X(ALERT)         /* channel, rule, outcome [TG_MA_CHANNELS * TG_MA_RULES * TG_MAO__COUNT] */ \
+    X(ALERT_RULE)    /* rule [TG_MA_RULES - 1]: without "test" */
 
 typedef enum tg_metric_labelset {
 #define TG_METRICS_LS_ENUM_(ls) TG_ML_##ls,
@@ -170,6 +178,20 @@ enum tg_metric_decision {
     TG_MD_ALLOWED, TG_MD_LIMITED, TG_MD_UNAUTHORIZED, TG_MD_FORBIDDEN,
     TG_MD_STORE_FALLBACK, TG_MD_STORE_DENY, TG_MD__COUNT
 };
+
+/* labels of tollgate_alerts_total: channel (conf.h tg_alert_channel
+ * order: slack pagerduty webhook), rule (tg_alert_rule order, then
+ * "test" for tollgate alert-test), outcome */
+#define TG_MA_CHANNELS 3
+#define TG_MA_RULES    5
+enum tg_metric_alert_outcome {
+    TG_MAO_SENT, TG_MAO_RETRIED, TG_MAO_DROPPED, TG_MAO__COUNT
+};
+static inline size_t
+tg_metrics_alert(size_t channel, size_t rule, size_t outcome)
+{
+    return (channel * TG_MA_RULES + rule) * TG_MAO__COUNT + outcome;
+}
 
 /* Upper bounds of histogram buckets, at most this many per set. */
 #define TG_METRICS_MAX_BUCKETS 16

@@ -1412,3 +1412,113 @@ Test(conf, trusted_proxies)
     expect_error(MIN "http:\n  trusted_proxies: 10.0.0.0/8\n", "6:20",
                  "http.trusted_proxies: expected a sequence of addresses or CIDR ranges");
 }
+
+/* ---- alerts ---------------------------------------------------------------- */
+
+Test(conf_alerts, absent_section_is_off_with_the_documented_defaults)
+{
+    tg_conf *conf = expect_ok(MIN);
+
+    cr_assert_eq(conf->alerts.enabled, 0);
+    cr_assert_eq(conf->alerts.cooldown_ms, 300000);
+    cr_assert_eq(conf->alerts.rule[TG_RULE_REDIS_DOWN].after_ms, 300000);
+    cr_assert_eq(conf->alerts.rule[TG_RULE_BREACHES].threshold, 1000);
+    cr_assert_eq(conf->alerts.rule[TG_RULE_BREACHES].window_ms, 60000);
+    cr_assert_eq(conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].min_requests, 100);
+    cr_assert_str_eq(conf->alerts.channel[TG_ALERT_PAGERDUTY].url,
+                     "https://events.pagerduty.com/v2/enqueue");
+    tg_conf_unref(conf);
+}
+
+/* The shape of DESIGN.md, secrets from files (LoadCredential=). */
+Test(conf_alerts, design_shape_with_secret_files)
+{
+    char dir[] = "/tmp/tg_test_conf_alerts_XXXXXX", slack[128], pd[128], *yaml;
+    tg_conf *conf;
+    const tg_alert_rule_conf *r;
+
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(slack, sizeof(slack), "%s/slack", dir);
+    snprintf(pd, sizeof(pd), "%s/pd", dir);
+    write_file(slack, "https://hooks.slack.example/services/T/B/x\n");
+    write_file(pd, "  routingkey123 \n\n");
+    cr_assert(asprintf(&yaml, MIN
+        "alerts:\n"
+        "  slack:     { webhook_url_file: %s }\n"
+        "  pagerduty: { routing_key_file: %s, url: https://pd.example/v2/enqueue }\n"
+        "  webhook:   { url: http://127.0.0.1:9999/hook }\n"
+        "  cooldown_ms: 300000\n"
+        "  rules:\n"
+        "    breaches:        { threshold: 1000, window_ms: 60000, to: [slack] }\n"
+        "    redis_down:      { after_ms: 300000, to: [slack, pagerduty] }\n"
+        "    breaker_open:    { to: [pagerduty] }\n"
+        "    upstream_errors: { ratio: 0.05, window_ms: 60000, min_requests: 100, "
+        "to: [pagerduty] }\n", slack, pd) > 0);
+    conf = expect_ok(yaml);
+    cr_assert_eq(conf->alerts.enabled, 1);
+    cr_assert_str_eq(conf->alerts.channel[TG_ALERT_SLACK].url,
+                     "https://hooks.slack.example/services/T/B/x");
+    cr_assert_str_eq(conf->alerts.channel[TG_ALERT_PAGERDUTY].key, "  routingkey123"
+                     + 2);
+    cr_assert_str_eq(conf->alerts.channel[TG_ALERT_PAGERDUTY].url,
+                     "https://pd.example/v2/enqueue");
+    cr_assert_str_eq(conf->alerts.channel[TG_ALERT_WEBHOOK].url,
+                     "http://127.0.0.1:9999/hook");
+    r = conf->alerts.rule;
+    cr_assert(r[TG_RULE_BREACHES].enabled && r[TG_RULE_BREACHES].to == 1u << TG_ALERT_SLACK);
+    cr_assert_eq(r[TG_RULE_REDIS_DOWN].to, 1u << TG_ALERT_SLACK | 1u << TG_ALERT_PAGERDUTY);
+    cr_assert_eq(r[TG_RULE_BREAKER_OPEN].to, 1u << TG_ALERT_PAGERDUTY);
+    cr_assert(r[TG_RULE_UPSTREAM_ERRORS].ratio > 0.0499 && r[TG_RULE_UPSTREAM_ERRORS].ratio < 0.0501);
+    tg_conf_unref(conf);
+    free(yaml);
+    unlink(slack);
+    unlink(pd);
+    rmdir(dir);
+}
+
+Test(conf_alerts, without_rules_every_rule_goes_to_its_configured_default_channels)
+{
+    tg_conf *conf = expect_ok(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n");
+    const tg_alert_rule_conf *r = conf->alerts.rule;
+
+    cr_assert(r[TG_RULE_BREACHES].enabled && r[TG_RULE_BREACHES].to == 1u << TG_ALERT_SLACK);
+    cr_assert(r[TG_RULE_REDIS_DOWN].enabled && r[TG_RULE_REDIS_DOWN].to == 1u << TG_ALERT_SLACK);
+    cr_assert(!r[TG_RULE_BREAKER_OPEN].enabled);        /* PagerDuty only */
+    cr_assert(!r[TG_RULE_UPSTREAM_ERRORS].enabled);
+    tg_conf_unref(conf);
+}
+
+Test(conf_alerts, errors_never_show_a_secret)
+{
+    expect_error(MIN "alerts:\n  slack: { webhook_url: \"ftp://SECRET/x\" }\n", "6:25",
+                 "must be an http:// or https:// URL (value not shown: a secret)");
+    cr_assert(strstr(err, "SECRET") == NULL, "%s", err);
+    expect_error(MIN "alerts:\n  pagerduty: { routing_key: \"SECRET key\" }\n", "6:29",
+                 "must not contain spaces");
+    cr_assert(strstr(err, "SECRET") == NULL, "%s", err);
+}
+
+Test(conf_alerts, errors)
+{
+    expect_error(MIN "alerts:\n  slack: {}\n", "6:10",
+                 "alerts.slack: needs exactly one of webhook_url and webhook_url_file");
+    expect_error(MIN "alerts:\n  pagerduty: { url: https://x.example/ }\n", "6:14",
+                 "needs exactly one of routing_key and routing_key_file");
+    expect_error(MIN "alerts:\n  webhook: { url_file: /nonexistent/tg-hook }\n", "6:24",
+                 "/nonexistent/tg-hook: cannot open");
+    expect_error(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
+                 "  rules:\n    breaches: { to: [pagerduty] }\n", "8:21",
+                 "alerts.rules.breaches.to: channel \"pagerduty\" is not configured");
+    expect_error(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
+                 "  rules:\n    breaches: { to: [slack, teams] }\n", "8:29",
+                 "unknown channel \"teams\"");
+    expect_error(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
+                 "  rules:\n    breaches: { to: [slack, slack] }\n", "8:29",
+                 "listed twice");
+    expect_error(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
+                 "  rules:\n    upstream_errors: { ratio: 1.5, to: [slack] }\n", "8:31",
+                 "expected a number in (0, 1]");
+    expect_error(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
+                 "  rules:\n    redis_down: { after: 5 }\n", "8:19",
+                 "unknown key \"after\"");
+}

@@ -616,6 +616,28 @@ Test(prometheus, scrape_hook_refreshes_gauges, .init = setup3, .fini = teardown)
     cr_assert_eq(hook_calls, 2);
 }
 
+/* Three labels: channel, rule, outcome; the open incidents per rule. */
+Test(prometheus, alert_series, .init = setup3, .fini = teardown)
+{
+    char *text;
+
+    cr_assert_eq(tg_metrics_series(TG_M_ALERTS), 3 * 5 * 3);
+    cr_assert_eq(tg_metrics_series(TG_M_ALERTS_OPEN), 4);
+    tg_metrics_global_inc(TG_M_ALERTS, tg_metrics_alert(1, 2, TG_MAO_SENT));
+    tg_metrics_global_add(TG_M_ALERTS, tg_metrics_alert(2, 4, TG_MAO_DROPPED), 3);
+    tg_metrics_set_gauge(TG_M_ALERTS_OPEN, 3, 2);
+    text = render(NULL, 0);
+    assert_valid(text);
+    assert_line(text, "tollgate_alerts_total{channel=\"pagerduty\",rule=\"breaker_open\","
+                "outcome=\"sent\"} 1");
+    assert_line(text, "tollgate_alerts_total{channel=\"webhook\",rule=\"test\","
+                "outcome=\"dropped\"} 3");
+    assert_line(text, "tollgate_alerts_total{channel=\"slack\",rule=\"breaches\","
+                "outcome=\"retried\"} 0");
+    assert_line(text, "tollgate_alerts_open_incidents{rule=\"upstream_errors\"} 2");
+    free(text);
+}
+
 Test(prometheus, tick_sets_mean_redis_latency, .init = setup3, .fini = teardown)
 {
     struct tg_metrics_shard *sh[2] = { tg_metrics_shard_create(), tg_metrics_shard_create() };
@@ -1037,8 +1059,8 @@ many_labels(int tags)
     dg = tg_metrics_statsd_delta(sh, 2, snap, "tollgate", tags, collect, &d);
     got = count_lines_ok(&d);
     /* + gauges: redis latency, 2 health, 2 breaker, 4 store modes,
-     * connections, build info */
-    cr_assert_eq(got, expect + 11, "lines %zu, expected %zu", got, expect + 11);
+     * connections, build info, 4 open-incident rules */
+    cr_assert_eq(got, expect + 15, "lines %zu, expected %zu", got, expect + 15);
     cr_assert_eq(dg, d.n);
     cr_assert(d.n >= got * 30 / TG_METRICS_STATSD_MAX, "too many datagrams? %zu", d.n);
     cr_assert(d.maxlen <= TG_METRICS_STATSD_MAX);
