@@ -132,7 +132,7 @@ lt_rcli() { "${REDIS_CLI:-redis-cli}" -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 # of UP_PORT, keep-alive both sides, own prefix; limit_req: one state per
 # X-API-Key value (no key check), rate and burst far above any load.
 lt_start_nginx() {
-    local name=$1 kind=$2 port dir limit_zone= limit=
+    local name=$1 kind=$2 port dir limit_zone='' limit=''
     [[ -x ${NGINX:=/usr/sbin/nginx} ]] || lt_die "nginx not found at $NGINX (apt-get install nginx-light)"
     port=$(lt_free_port)
     dir=$TMP/$name
