@@ -12,6 +12,10 @@
 -- next prepared request and the load generator spends no time on string
 -- building (the same for every target).
 --
+-- ORDER=random in the environment picks each request's key at random
+-- instead (uniform over the list; thread i seeds its generator with i, so
+-- a run is still repeatable).
+--
 -- wrk counts non-2xx/3xx responses itself ("Non-2xx or 3xx responses");
 -- loadtest/bench-limits turns that line into a warning.
 
@@ -24,6 +28,7 @@ end
 
 local reqs = {}
 local n, i = 0, 0
+local random_order = false
 
 function init(args)
     local path = args[1]
@@ -46,9 +51,19 @@ function init(args)
     end
     -- start of this thread's walk (0-based), then request() adds 1 first
     i = math.floor((id or 0) * n / nthreads) % n
+    local order = os.getenv("ORDER") or "roundrobin"
+    if order == "random" then
+        random_order = true
+        math.randomseed(1 + (id or 0))
+    elseif order ~= "roundrobin" then
+        error("keys.lua: ORDER must be roundrobin or random, not " .. order)
+    end
 end
 
 function request()
+    if random_order then
+        return reqs[math.random(n)]
+    end
     i = i + 1
     if i > n then
         i = 1

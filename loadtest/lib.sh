@@ -1,0 +1,304 @@
+# loadtest/lib.sh: shared by the loadtest scripts (sourced, bash).
+#
+# Everything started through these functions runs on ephemeral 127.0.0.1
+# ports under $TMP and is killed by lt_cleanup (installed as the EXIT trap
+# by lt_init). The system nginx, haproxy and redis are never touched.
+#
+#   . "$(dirname "$0")/lib.sh"
+#   lt_init bench                 # names messages, makes $TMP, sets traps
+#   lt_start_testup               # -> UP_PORT
+#   lt_gen_keys 10000             # -> $TMP/keys.txt, $TMP/keys.yaml (tier bench)
+#   lt_start_redis                # -> REDIS_PORT
+#   lt_start_nginx NAME proxy|limit_req   # -> PORT[NAME]
+#   lt_start_haproxy NAME         # -> PORT[NAME]
+#   lt_start_tollgate NAME proxy|local|redis [EXTRA_YAML_FILE]  # -> PORT[NAME] ADMIN[NAME]
+#   lt_run_wrk URL SECONDS LOGFILE  # -> "rps p50_ms p99_ms non2xx errors requests"
+# shellcheck shell=bash
+
+LT_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LT_PY=/usr/bin/python3
+LT_NAME=loadtest
+LT_PIDS=()
+declare -A PORT ADMIN PID
+
+lt_die() { echo "$LT_NAME: $*" >&2; exit 1; }
+lt_log() { echo "$LT_NAME: $*" >&2; }
+
+lt_cleanup() {
+    local pid
+    trap - EXIT
+    for pid in "${LT_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${LT_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        lt_log "kept $TMP"
+    elif [[ -n ${TMP:-} && -d $TMP ]]; then
+        rm -rf "$TMP"
+    fi
+}
+
+# lt_init NAME: message prefix, temp dir, traps.
+lt_init() {
+    LT_NAME=$1
+    TMP=$(mktemp -d "/tmp/tg-$LT_NAME.XXXXXX")
+    trap lt_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+# An unused port on 127.0.0.1 (the kernel picks; a tiny race is accepted).
+lt_free_port() {
+    "$LT_PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# lt_spawn NAME CMD...: CMD in the background, output in $TMP/NAME.log,
+# killed on exit; its pid in LAST_PID.
+lt_spawn() {
+    local name=$1; shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    LAST_PID=$!
+    LT_PIDS+=("$LAST_PID")
+}
+
+# lt_wait_http NAME URL PID [WANT]: until URL answers (any status, or WANT),
+# bounded at ~10 s; fails early if PID died.
+lt_wait_http() {
+    local name=$1 url=$2 pid=$3 want=${4:-} i code=
+    for ((i = 0; i < 100; i++)); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' -m 1 "$url" || true)
+        if [[ $code != 000 && ( -z $want || $code == "$want" ) ]]; then
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || lt_die "$name exited during startup: $(tail -n 5 "$TMP/$name.log" 2>/dev/null)"
+        sleep 0.1
+    done
+    lt_die "$name: $url did not answer ${want:-at all} within 10 s (last: $code)"
+}
+
+# ---------------------------------------------------------------- servers
+
+# lt_start_testup: the fast C upstream (TESTUP, TESTUP_THREADS) -> UP_PORT.
+lt_start_testup() {
+    local i
+    [[ -x $TESTUP ]] || lt_die "test upstream not found at $TESTUP (meson compile -C build)"
+    "$TESTUP" -p 0 -t "${TESTUP_THREADS:-1}" >"$TMP/testup.out" 2>"$TMP/testup.log" &
+    LT_PIDS+=($!)
+    UP_PORT=
+    for ((i = 0; i < 100; i++)); do
+        UP_PORT=$(sed -n 's/^PORT=//p' "$TMP/testup.out")
+        [[ -n $UP_PORT ]] && break
+        kill -0 "${LT_PIDS[-1]}" 2>/dev/null || lt_die "tg-testup failed: $(cat "$TMP/testup.log")"
+        sleep 0.05
+    done
+    [[ -n $UP_PORT ]] || lt_die "tg-testup printed no PORT="
+    lt_wait_http tg-testup "http://127.0.0.1:$UP_PORT/" "${LT_PIDS[-1]}"
+}
+
+# lt_gen_keys N: $TMP/keys.txt (clear keys, one a line, for keys.lua) and
+# $TMP/keys.yaml (tollgate's keys file, every key in tier "bench").
+lt_gen_keys() {
+    "$LT_PY" - "$1" "$TMP/keys.txt" "$TMP/keys.yaml" <<'EOF'
+import hashlib, sys
+n, txt, yml = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+with open(txt, "w") as t, open(yml, "w") as y:
+    y.write("keys:\n")
+    for i in range(n):
+        key = f"bench-key-{i:05d}-tollgate"
+        t.write(key + "\n")
+        h = hashlib.sha256(key.encode()).hexdigest()
+        y.write(f'  - {{ id: k{i:05d}, tier: bench, sha256: "{h}" }}\n')
+EOF
+}
+
+# lt_start_redis: a private redis-server without persistence -> REDIS_PORT.
+lt_start_redis() {
+    local i
+    command -v "${REDIS_SERVER:-redis-server}" >/dev/null || lt_die "redis-server not found"
+    REDIS_PORT=$(lt_free_port)
+    lt_spawn redis "${REDIS_SERVER:-redis-server}" --port "$REDIS_PORT" --bind 127.0.0.1 \
+        --save '' --appendonly no --dir "$TMP"
+    for ((i = 0; i < 100; i++)); do
+        [[ $(lt_rcli PING 2>/dev/null || true) == PONG ]] && return 0
+        kill -0 "$LAST_PID" 2>/dev/null || lt_die "redis-server exited: $(cat "$TMP/redis.log")"
+        sleep 0.1
+    done
+    lt_die "redis-server did not answer PING"
+}
+lt_rcli() { "${REDIS_CLI:-redis-cli}" -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+
+# lt_start_nginx NAME proxy|limit_req: nginx with WORKERS workers in front
+# of UP_PORT, keep-alive both sides, own prefix; limit_req: one state per
+# X-API-Key value (no key check), rate and burst far above any load.
+lt_start_nginx() {
+    local name=$1 kind=$2 port dir limit_zone='' limit=''
+    [[ -x ${NGINX:=/usr/sbin/nginx} ]] || lt_die "nginx not found at $NGINX (apt-get install nginx-light)"
+    port=$(lt_free_port)
+    dir=$TMP/$name
+    mkdir -p "$dir/tmp"
+    if [[ $kind == limit_req ]]; then
+        limit_zone="limit_req_zone \$http_x_api_key zone=k:20m rate=100000r/s;"
+        limit="limit_req zone=k burst=100000 nodelay;"
+    fi
+    {
+        # As root nginx would drop its workers to "nobody": stay root so
+        # the temp dir needs no permission games.
+        if [[ $(id -u) == 0 ]]; then echo "user root;"; fi
+        cat <<EOF
+worker_processes ${WORKERS:-2};
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+daemon off;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path       $dir/tmp/proxy;
+    fastcgi_temp_path     $dir/tmp/fastcgi;
+    uwsgi_temp_path       $dir/tmp/uwsgi;
+    scgi_temp_path        $dir/tmp/scgi;
+    keepalive_requests 1000000;
+    $limit_zone
+    upstream testup {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            $limit
+            proxy_pass http://testup;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    "$NGINX" -t -q -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" ||
+        lt_die "$name: nginx config test failed: $(cat "$dir/error.log")"
+    lt_spawn "$name" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+    PID[$name]=$LAST_PID
+    PORT[$name]=$port
+    lt_wait_http "$name" "http://127.0.0.1:$port/" "$LAST_PID"
+}
+
+# lt_start_haproxy NAME: HAProxy (WORKERS threads) in front of UP_PORT with a
+# stick-table rate limit per X-API-Key (http_req_rate over 1 s, deny with
+# 429 above HAPROXY_RATE, default 100000: far above any load), server
+# connections reused.
+lt_start_haproxy() {
+    local name=$1 port dir
+    command -v "${HAPROXY:=haproxy}" >/dev/null || lt_die "haproxy not found (apt-get install haproxy)"
+    port=$(lt_free_port)
+    dir=$TMP/$name
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread ${WORKERS:-2}
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend fe
+    bind 127.0.0.1:$port
+    stick-table type string len 64 size 100k expire 60s store http_req_rate(1s)
+    http-request track-sc0 req.hdr(x-api-key)
+    http-request deny deny_status 429 if { sc_http_req_rate(0) gt ${HAPROXY_RATE:-100000} }
+    default_backend be
+backend be
+    http-reuse always
+    server up 127.0.0.1:$UP_PORT
+EOF
+    "$HAPROXY" -c -q -f "$dir/haproxy.cfg" >"$dir/check.log" 2>&1 ||
+        lt_die "$name: haproxy config check failed: $(cat "$dir/check.log")"
+    lt_spawn "$name" "$HAPROXY" -db -f "$dir/haproxy.cfg"
+    PID[$name]=$LAST_PID
+    PORT[$name]=$port
+    lt_wait_http "$name" "http://127.0.0.1:$port/" "$LAST_PID"
+}
+
+# lt_start_tollgate NAME proxy|local|redis [EXTRA]: tollgate (WORKERS
+# workers, upstream keep-alive 64) in front of UP_PORT. proxy: no keys, no
+# tiers; local/redis: $TMP/keys.yaml, tier bench (RPM, BURST), buckets in
+# process memory or in the Redis of lt_start_redis (on_failure: deny, so a
+# Redis problem shows as errors). EXTRA: a YAML file appended to the
+# config (TG_CONF_EXTRA is appended to every one). Waits for /readyz 200.
+lt_start_tollgate() {
+    local name=$1 kind=$2 extra=${3:-} port admin conf
+    [[ -x $TOLLGATE ]] || lt_die "tollgate not found at $TOLLGATE (meson compile -C build)"
+    port=$(lt_free_port)
+    admin=$(lt_free_port)
+    conf=$TMP/$name.yaml
+    {
+        cat <<EOF
+listen: [ { address: 127.0.0.1:$port } ]
+admin: { address: 127.0.0.1:$admin }
+workers: ${WORKERS:-2}
+log_level: warn
+upstream: { servers: [127.0.0.1:$UP_PORT], keepalive: 64 }
+EOF
+        case $kind in
+        proxy) echo "store: local" ;;
+        local | redis)
+            echo "rate_limits: { bench: { requests_per_minute: ${RPM:-6000000}, burst_limit: ${BURST:-100000} } }"
+            echo "auth: { keys_file: $TMP/keys.yaml }"
+            echo "store: $kind"
+            ;;
+        *) lt_die "lt_start_tollgate: unknown kind $kind" ;;
+        esac
+        if [[ $kind == redis ]]; then
+            echo "redis: { url: \"redis://127.0.0.1:$REDIS_PORT/0\", timeout_ms: ${REDIS_TIMEOUT_MS:-50}, on_failure: deny${MAX_BATCH:+, max_batch: $MAX_BATCH} }"
+        fi
+        if [[ -n $extra ]]; then cat "$extra"; fi
+        if [[ -n ${TG_CONF_EXTRA:-} ]]; then cat "$TG_CONF_EXTRA"; fi
+    } >"$conf"
+    "$TOLLGATE" -t -c "$conf" >"$TMP/$name-check.log" 2>&1 ||
+        lt_die "tollgate rejected $name's config: $(cat "$TMP/$name-check.log")"
+    lt_spawn "$name" "$TOLLGATE" -c "$conf"
+    PID[$name]=$LAST_PID
+    PORT[$name]=$port
+    ADMIN[$name]=$admin
+    lt_wait_http "$name" "http://127.0.0.1:$port/" "$LAST_PID"
+    lt_wait_http "$name /readyz" "http://127.0.0.1:$admin/readyz" "$LAST_PID" 200
+}
+
+# ---------------------------------------------------------------- wrk
+
+# lt_run_wrk URL SECONDS LOG [KEYS_FILE]: wrk -t WRK_THREADS -c CONNS
+# --latency, with loadtest/keys.lua over KEYS_FILE if given (ORDER in the
+# environment: roundrobin or random). Prints
+# "rps p50_ms p99_ms non2xx errors requests".
+lt_run_wrk() {
+    local url=$1 secs=$2 logf=$3 keys=${4:-} out th=${WRK_THREADS:-2}
+    local args=(-t"$th" -c"${CONNS:-64}" -d"${secs}s" --latency)
+    if [[ -n $keys ]]; then
+        out=$(wrk "${args[@]}" -s "$LT_HERE/keys.lua" "$url" -- "$keys" "$th" 2>&1) ||
+            lt_die "wrk failed on $url: $out"
+    else
+        out=$(wrk "${args[@]}" "$url" 2>&1) || lt_die "wrk failed on $url: $out"
+    fi
+    printf '%s\n' "$out" >>"$logf"
+    printf '%s\n' "$out" | awk '
+        function ms(v) {
+            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+            if (v ~ /s$/)  return substr(v, 1, length(v) - 1) * 1000
+            return -1
+        }
+        /requests in/                  { total = $1 }
+        /^Requests\/sec:/              { rps = $2 }
+        $1 == "50%"                    { p50 = ms($2) }
+        $1 == "99%"                    { p99 = ms($2) }
+        /Non-2xx or 3xx responses:/    { bad = $NF }
+        /Socket errors:/ {
+            for (i = 3; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) err += $i
+        }
+        END { printf "%s %s %s %d %d %d\n", rps, p50, p99, bad, err, total }'
+}
