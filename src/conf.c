@@ -103,6 +103,7 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
                           const char *section);
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
 static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
+static tg_rc tg_conf_check_costs(tg_conf_ctx *ctx);
 
 /* Every setter has the tg_conf_set_pt signature. */
 #define TG_CONF_SETTER(name) \
@@ -832,6 +833,10 @@ tg_conf_validate(tg_conf_ctx *ctx)
                              conf->ntiers ? "" : "no tiers", names);
     }
 
+    if (tg_conf_check_costs(ctx) != TG_OK) {
+        return TG_ERR;
+    }
+
     /* Cluster has database 0 only; url still gives the db for Sentinel. */
     if (conf->redis.ncluster_nodes > 0) {
         const char *db = strrchr(conf->redis.url + 8, '/');
@@ -847,6 +852,60 @@ tg_conf_validate(tg_conf_ctx *ctx)
     if (conf->workers == 0) {
         ncpu = sysconf(_SC_NPROCESSORS_ONLN);
         conf->workers = ncpu < 1 ? 1 : ncpu > 256 ? 256 : (unsigned)ncpu;
+    }
+    return TG_OK;
+}
+
+/*
+ * A route's cost is charged to every bucket its requests meet: any tier
+ * (a key of the keys file or of Redis may name any of them, and keyless
+ * requests the anonymous tier), the route's own bucket and the global
+ * bucket.  A cost above one of those capacities could never pass, and its
+ * 429 could name no honest retry time: refuse it here, at the cost.
+ */
+static tg_rc
+tg_conf_check_costs(tg_conf_ctx *ctx)
+{
+    const tg_conf *conf = ctx->conf;
+    const tg_conf_mark *m;
+    const char *what = NULL;
+    char name[TG_CONF_PATHLEN];
+    uint32_t burst = 0;
+    size_t i, j;
+
+    for (i = 0; i < conf->nroutes; i++) {
+        const tg_route_conf *r = &conf->routes[i];
+
+        what = NULL;
+        if (r->has_limit && r->cost > r->burst_limit) {
+            snprintf(name, sizeof(name), "its own limit.burst_limit");
+            burst = r->burst_limit;
+            what = name;
+        }
+        for (j = 0; what == NULL && j < conf->ntiers; j++) {
+            if (r->cost > conf->tiers[j].burst_limit) {
+                snprintf(name, sizeof(name), "rate_limits.%s.burst_limit%s",
+                         conf->tiers[j].name,
+                         conf->auth.anonymous_tier != NULL
+                         && strcmp(conf->auth.anonymous_tier, conf->tiers[j].name) == 0
+                         ? " (the anonymous tier)" : "");
+                burst = conf->tiers[j].burst_limit;
+                what = name;
+            }
+        }
+        if (what == NULL && conf->global_limit.enabled
+            && r->cost > conf->global_limit.burst) {
+            snprintf(name, sizeof(name), "global_limit.burst");
+            burst = conf->global_limit.burst;
+            what = name;
+        }
+        if (what != NULL) {
+            m = tg_conf_find_mark(ctx, &r->cost);
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : "routes", "cost %u of route \"%s\" "
+                                 "is above %s (%u): no such request could ever pass",
+                                 r->cost, r->name, what, burst);
+        }
     }
     return TG_OK;
 }

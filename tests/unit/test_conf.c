@@ -569,6 +569,39 @@ Test(conf_errors, duplicate_route_name)
                  "routes[2].name: duplicate route name \"leads\" (first at 6:13)");
 }
 
+/* A cost above any bucket a route's requests meet could never pass: the
+ * cost is the error, wherever the smaller capacity was written. */
+Test(conf_errors, route_cost_above_a_burst)
+{
+    /* a tier (keys may name any tier) */
+    expect_error(MIN "rate_limits:\n"
+                 "  basic: { requests_per_minute: 100, burst_limit: 20 }\n"
+                 "  tiny:  { requests_per_minute: 10, burst_limit: 3 }\n"
+                 "routes:\n  - { name: exp, path: /x, cost: 4 }\n", "9:34",
+                 "routes[0].cost: cost 4 of route \"exp\" is above "
+                 "rate_limits.tiny.burst_limit (3): no such request could ever pass");
+    /* the anonymous tier */
+    expect_error(MIN "auth: { anonymous_tier: anon }\n"
+                 "rate_limits:\n  anon: { requests_per_minute: 60, burst_limit: 2 }\n"
+                 "routes:\n  - name: exp\n    path: /x\n    cost: 3\n", "11:11",
+                 "rate_limits.anon.burst_limit (the anonymous tier) (2)");
+    /* the route's own bucket, written before the cost */
+    expect_error(MIN "routes:\n  - name: exp\n    path: /x\n"
+                 "    limit: { requests_per_minute: 60, burst_limit: 9 }\n"
+                 "    cost: 10\n", "9:11",
+                 "cost 10 of route \"exp\" is above its own limit.burst_limit (9)");
+    /* the global bucket */
+    expect_error(MIN "global_limit: { requests_per_second: 100, burst: 5 }\n"
+                 "routes:\n  - { name: exp, path: /x, cost: 6 }\n", "7:34",
+                 "is above global_limit.burst (5)");
+    /* equal is fine: one such request passes a full bucket */
+    tg_conf_unref(expect_ok(MIN "rate_limits:\n"
+                            "  t: { requests_per_minute: 10, burst_limit: 6 }\n"
+                            "global_limit: { requests_per_second: 100, burst: 6 }\n"
+                            "routes:\n  - name: exp\n    path: /x\n    cost: 6\n"
+                            "    limit: { requests_per_minute: 60, burst_limit: 6 }\n"));
+}
+
 Test(conf_errors, route_missing_required)
 {
     expect_error(MIN "routes:\n  - name: leads\n    cost: 2\n", "6:5",
@@ -825,7 +858,7 @@ Test(conf, auth_and_routes)
         "  - name: leads_export\n"
         "    method: POST\n"
         "    path: /leads/export\n"
-        "    cost: 1000\n"
+        "    cost: 5\n"
         "    limit: { requests_per_minute: 6000, burst_limit: 2000 }\n"
         "  - { name: leads-write, method: POST, path: /leads, cost: 2 }\n"
         "  - name: leads_read\n"
@@ -849,7 +882,7 @@ Test(conf, auth_and_routes)
     cr_assert_str_eq(r->name, "leads_export");
     cr_assert_str_eq(r->method, "POST");
     cr_assert_str_eq(r->path, "/leads/export");
-    cr_assert_eq(r->cost, 1000);
+    cr_assert_eq(r->cost, 5);
     cr_assert_eq(r->has_limit, 1);
     cr_assert_eq(r->requests_per_minute, 6000);
     cr_assert_eq(r->burst_limit, 2000);
