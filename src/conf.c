@@ -300,6 +300,17 @@ static const tg_conf_cmd tg_conf_redis_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* Lookups of keys the worker does not know, per client IP (both fields
+ * optional: the defaults are in tg_conf_defaults). */
+static const tg_conf_cmd tg_conf_unknown_key_cmds[] = {
+    { "requests_per_minute", tg_conf_set_uint,
+      TG_FIELD(tg_conf, auth.unknown_key_limit.requests_per_minute), 1, 100000000,
+      0, NULL },
+    { "burst_limit", tg_conf_set_uint,
+      TG_FIELD(tg_conf, auth.unknown_key_limit.burst_limit), 1, 100000000, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 /* anonymous_tier is checked against rate_limits in phase 3: the sections
  * may come in any order. */
 static const tg_conf_cmd tg_conf_auth_cmds[] = {
@@ -313,6 +324,10 @@ static const tg_conf_cmd tg_conf_auth_cmds[] = {
       TG_FIELD(tg_conf, auth.redis_keys), 0, 1, 0, NULL },
     { "cache_ttl_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, auth.cache_ttl_ms), 0, TG_MS_MAX, 0, NULL },
+    { "anonymous_ipv6_prefix", tg_conf_set_uint,
+      TG_FIELD(tg_conf, auth.anonymous_ipv6_prefix), 1, 128, 0, NULL },
+    { "unknown_key_limit", tg_conf_set_section, TG_NOFIELD, 0, 0, 0,
+      tg_conf_unknown_key_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -463,6 +478,62 @@ tg_conf_unref(tg_conf *conf)
     if (__atomic_sub_fetch(&conf->refcnt, 1, __ATOMIC_ACQ_REL) == 0) {
         tg_conf_free(conf);
     }
+}
+
+static int
+tg_conf_addrs_differ(const tg_addr *a, size_t na, const tg_addr *b, size_t nb)
+{
+    if (na != nb) {
+        return 1;
+    }
+    for (size_t i = 0; i < na; i++) {
+        if (strcmp(a[i].text, b[i].text) != 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int
+tg_conf_str_differ(const char *a, const char *b)
+{
+    return (a == NULL) != (b == NULL) || (a != NULL && strcmp(a, b) != 0);
+}
+
+size_t
+tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t len)
+{
+    const struct { int differ; const char *name; } f[] = {
+        { a->store != b->store, "store" },
+        { tg_conf_str_differ(a->redis.url, b->redis.url), "redis.url" },
+        { a->redis.timeout_ms != b->redis.timeout_ms, "redis.timeout_ms" },
+        { a->redis.on_failure != b->redis.on_failure, "redis.on_failure" },
+        { tg_conf_str_differ(a->redis.prefix, b->redis.prefix), "redis.prefix" },
+        { a->redis.max_batch != b->redis.max_batch, "redis.max_batch" },
+        { a->redis.instances != b->redis.instances, "redis.instances" },
+        { tg_conf_str_differ(a->redis.sentinel_master, b->redis.sentinel_master)
+          || tg_conf_addrs_differ(a->redis.sentinels, a->redis.nsentinels,
+                                  b->redis.sentinels, b->redis.nsentinels),
+          "redis.sentinel" },
+        { tg_conf_addrs_differ(a->redis.cluster_nodes, a->redis.ncluster_nodes,
+                               b->redis.cluster_nodes, b->redis.ncluster_nodes),
+          "redis.cluster" },
+    };
+    size_t n = 0, count = 0;
+
+    if (len > 0) {
+        buf[0] = '\0';
+    }
+    for (size_t i = 0; i < TG_ARRAY_LEN(f); i++) {
+        if (f[i].differ) {
+            int m = snprintf(buf + n, len - n, "%s%s", count ? ", " : "", f[i].name);
+            if (m > 0 && (size_t)m < len - n) {
+                n += (size_t)m;
+            }
+            count++;
+        }
+    }
+    return count;
 }
 
 const tg_tier_conf *
@@ -695,6 +766,9 @@ tg_conf_defaults(tg_conf *conf)
     conf->auth.anonymous_tier = NULL;           /* keyless requests get 401 */
     conf->auth.redis_keys = 0;
     conf->auth.cache_ttl_ms = 30000;
+    conf->auth.anonymous_ipv6_prefix = 64;
+    conf->auth.unknown_key_limit.requests_per_minute = 60;
+    conf->auth.unknown_key_limit.burst_limit = 20;
 
     conf->routes = NULL;                        /* route defaults: see below */
     conf->nroutes = 0;

@@ -582,11 +582,10 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
     size_t i;
     int same = old->nlisten == nc->nlisten
                && old->upstream.nservers == nc->upstream.nservers
-               && old->workers == nc->workers && old->store == nc->store
+               && old->workers == nc->workers
                && old->admin_enabled == nc->admin_enabled
-               && addr_eq(&old->admin, &nc->admin)
-               && strcmp(old->redis.url, nc->redis.url) == 0
-               && strcmp(old->redis.prefix, nc->redis.prefix) == 0;
+               && addr_eq(&old->admin, &nc->admin);
+    char store[256];
 
     for (i = 0; same && i < old->nlisten; i++) {
         same = addr_eq(&old->listen[i].addr, &nc->listen[i].addr)
@@ -596,8 +595,12 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
         same = addr_eq(&old->upstream.servers[i], &nc->upstream.servers[i]);
     }
     if (!same) {
-        tg_warn("SIGHUP: listen, admin, workers, upstream servers, store and redis "
-                "url/prefix changes take effect at the next restart");
+        tg_warn("SIGHUP: listen, admin, workers and upstream servers changes "
+                "take effect at the next restart");
+    }
+    if (tg_conf_store_diff(old, nc, store, sizeof(store)) > 0) {
+        tg_warn("SIGHUP: %s changed: the store keeps its settings as started "
+                "until the next restart", store);
     }
 }
 

@@ -92,6 +92,15 @@ struct tg_redis_op *tg_redis_charge(struct tg_redis *r, const char *const *keys,
                                     const tg_gcra_limit *lim, size_t n, uint32_t cost,
                                     tg_redis_charge_cb cb, void *arg);
 
+/*
+ * Bring op's deadline forward to deadline_us (tg_now_us() clock; it is
+ * never moved later).  An op's deadline is redis.timeout_ms after it was
+ * queued unless set here; the caller sets it right after queueing, so one
+ * deadline covers all the Redis calls of one request (key lookup, charge,
+ * Cluster's second call).  Past it, cb gets TG_ERR.
+ */
+void tg_redis_op_deadline(struct tg_redis_op *op, uint64_t deadline_us);
+
 /* The requester is gone: cb will not be called; op is invalid after. */
 void tg_redis_cancel(struct tg_redis_op *op);
 

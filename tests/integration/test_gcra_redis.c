@@ -191,6 +191,8 @@ TestSuite(gcra_redis, .init = redis_start, .fini = redis_stop, .timeout = 120);
 
 /* ---- script calls ------------------------------------------------------ */
 
+static uint64_t last_now;        /* the script's clock in the last reply */
+
 /* Run reqs[0..nreq) as one EVAL (or EVALSHA sha), results into out. */
 static void
 run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
@@ -235,18 +237,25 @@ run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
     cr_assert_not_null(r, "redis: %s", rc->errstr);
     cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "reply type %d: %s", r->type,
                  r->type == REDIS_REPLY_ERROR ? r->str : "");
-    cr_assert_eq(r->elements, 5 * nreq);
-    for (i = 0; i < nreq; i++) {
-        for (b = 0; b < 5; b++) {
-            cr_assert_eq(r->element[5 * i + b]->type, REDIS_REPLY_INTEGER);
+    cr_assert_eq(r->elements, 5 * nreq + nkeys + 1);
+    for (i = 0, argc = 0; i < nreq; i++) {
+        redisReply **e = r->element + argc;
+        for (b = 0; b < 5 + reqs[i].n; b++) {
+            cr_assert_eq(e[b]->type, REDIS_REPLY_INTEGER);
         }
-        out[i].allowed = (int)r->element[5 * i]->integer;
-        out[i].remaining = (uint32_t)r->element[5 * i + 1]->integer;
-        out[i].retry_us = (uint64_t)r->element[5 * i + 2]->integer;
-        out[i].reset_us = (uint64_t)r->element[5 * i + 3]->integer;
-        out[i].limiting = (int)r->element[5 * i + 4]->integer;
+        out[i].allowed = (int)e[0]->integer;
+        out[i].remaining = (uint32_t)e[1]->integer;
+        out[i].retry_us = (uint64_t)e[2]->integer;
+        out[i].reset_us = (uint64_t)e[3]->integer;
+        out[i].limiting = (int)e[4]->integer;
+        for (b = 0; b < reqs[i].n; b++) {
+            out[i].held_us[b] = (uint64_t)e[5 + b]->integer;
+        }
         cr_assert(out[i].allowed == 0 || out[i].allowed == 1);
+        argc += 5 + reqs[i].n;
     }
+    cr_assert_eq(r->element[argc]->type, REDIS_REPLY_INTEGER);
+    last_now = (uint64_t)r->element[argc]->integer;
     freeReplyObject(r);
     for (i = 0; i < nowned; i++) {
         free(owned[i]);
