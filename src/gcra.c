@@ -81,6 +81,21 @@ tg_gcra_per_second(uint32_t requests_per_second, uint32_t burst)
     return l;
 }
 
+tg_gcra_limit
+tg_gcra_share(tg_gcra_limit l, unsigned instances, uint32_t max_cost)
+{
+    tg_gcra_limit s;
+    uint32_t k = instances ? instances : 1;
+    uint32_t floor = max_cost < l.burst ? max_cost : l.burst;
+
+    s.interval_us = l.interval_us * k;
+    s.burst = l.burst / k > floor ? l.burst / k : floor;
+    if (s.burst == 0) {
+        s.burst = 1;
+    }
+    return s;
+}
+
 /* ---- the pure step ---------------------------------------------------- */
 
 /*

@@ -657,16 +657,11 @@ fallback(tg_limit_ctx *ctx)
          * never below the largest cost that could pass the bucket (a
          * smaller share would refuse that route for good). */
         unsigned k = lim->sconf->redis.instances;
-        uint32_t floor;
         tg_gcra_limit shared[TG_LIMIT_MAX_BUCKETS];
 
         for (i = 0; i < ctx->n; i++) {
             keys[i] = ctx->keys[i];
-            floor = lim->max_cost < ctx->limits[i].burst ? lim->max_cost
-                                                         : ctx->limits[i].burst;
-            shared[i].interval_us = ctx->limits[i].interval_us * k;
-            shared[i].burst = ctx->limits[i].burst / k > floor
-                              ? ctx->limits[i].burst / k : floor;
+            shared[i] = tg_gcra_share(ctx->limits[i], k, lim->max_cost);
         }
         local_charge(keys, shared, ctx->n, ctx->cost, &res);
         if (k > 1) {

@@ -35,6 +35,14 @@ typedef struct tg_gcra_limit {
 tg_gcra_limit tg_gcra_per_minute(uint32_t requests_per_minute, uint32_t burst);
 tg_gcra_limit tg_gcra_per_second(uint32_t requests_per_second, uint32_t burst);
 
+/*
+ * One instance's share of l when `instances` share it on local buckets
+ * (the Redis fallback, redis.instances): T * instances, burst / instances
+ * - but never below the largest cost that could pass l (max_cost, capped
+ * at l.burst), since a smaller burst would refuse that cost for good.
+ */
+tg_gcra_limit tg_gcra_share(tg_gcra_limit l, unsigned instances, uint32_t max_cost);
+
 /* The outcome of charging one request to all of its buckets. */
 typedef struct tg_gcra_result {
     int      allowed;             /* 1: every bucket had room; all charged */

@@ -292,9 +292,17 @@ Test(exact, readyz_under_deny_follows_the_breaker)
             break;
         tgh_sleep_ms(20);
     }
-    TGH_CHECK(admin_status("/readyz", NULL) == 503,
-              "ready while every request gets 503 (%d of them)", got503);
-    TGH_CHECK(admin_status("/status", "\"mode\":\"deny\"") == 200, "status mode not deny");
+    /* ... and stays so while Redis is frozen (its port still accepts
+     * connections: the workers reconnect, their breakers stay open) */
+    for (int i = 0; i < 40; i++) {
+        int st = get("rd", "GET", "/", NULL);
+        TGH_CHECK(st == 503, "status %d under deny with Redis frozen", st);
+        TGH_CHECK(admin_status("/readyz", NULL) == 503,
+                  "ready while every request gets 503 (check %d)", i);
+        TGH_CHECK(admin_status("/status", "\"mode\":\"deny\"") == 200,
+                  "status mode not deny while requests get 503 (check %d)", i);
+        tgh_sleep_ms(50);
+    }
 
     tgh_proc_signal(rds.proc, SIGCONT, 0);
     /* no traffic at all: the breaker must probe by itself */
