@@ -298,6 +298,16 @@ tg_lstore_raise(struct tg_lstore *st, const char *key, uint64_t tat, uint64_t no
     }
 }
 
+uint64_t
+tg_lstore_held(const struct tg_lstore *st, const char *key, uint64_t now_us)
+{
+    size_t len;
+    uint64_t h64 = ls_hash(key, &len);
+    long at = ls_find(st, key, len, (uint32_t)(h64 ^ (h64 >> 32)));
+
+    return at >= 0 && st->slots[at].tat > now_us ? st->slots[at].tat - now_us : 0;
+}
+
 size_t
 tg_lstore_size(const struct tg_lstore *st)
 {
@@ -570,6 +580,10 @@ ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
  * would depend on that lag.  The shebang flag lets one call span several
  * Cluster slots of one node (Redis >= 7).
  *
+ * Each bucket comes with a floor: it holds at least that debt (time until
+ * full), whatever is stored - the debt the caller's local fallback store
+ * knows of (0: none).
+ *
  * A stored value that is not a bucket (another type: GET fails with
  * WRONGTYPE, caught by pcall; not a number; nan, inf, negative, or beyond
  * 2^53) is treated as no bucket, i.e. full, and is overwritten by the next
@@ -598,8 +612,10 @@ const char tg_gcra_lua[] =
     "  for i = 1, nb do\n"
     "    local t = tonumber(ARGV[a])\n"
     "    local l = tonumber(ARGV[a + 1]) * t\n"
-    "    a = a + 2\n"
     "    local held = tat(KEYS[k + i]) - now\n"
+    "    local f = tonumber(ARGV[a + 2])\n"
+    "    a = a + 3\n"
+    "    if held < f then held = f end\n"
     "    if held < 0 then held = 0 end\n"
     "    hd[i] = held\n"
     "    local d = held + cost * t\n"

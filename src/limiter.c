@@ -89,19 +89,41 @@ local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
     pthread_mutex_unlock(&local_mu);
 }
 
-/* Redis answered: the fallback store follows (time until full, measured
- * on Redis's clock, from our now), so a fault starts the fallback where
- * Redis left off instead of from full buckets. */
+/*
+ * The local store and Redis exchange debts (on_failure: local):
+ *   local_follow  each Redis answer raises the local buckets (time until
+ *                 full, measured from when the charge was sent: never
+ *                 later than Redis's own clock read), so a fault starts
+ *                 the fallback where Redis left off, not from full buckets;
+ *   local_floors  each charge tells Redis what the local buckets hold, so
+ *                 what the fallback admitted (this worker's during a fault,
+ *                 or another worker's that lost its connection) is not
+ *                 admitted again by Redis.
+ * Both are maxima, never sums: a bucket is never charged twice for one
+ * request.
+ */
 static void
 local_follow(const tg_limit_ctx *ctx, const tg_gcra_result *res)
+{
+    uint64_t sent = ctx->started_us, now = tg_now_us();
+
+    pthread_mutex_lock(&local_mu);
+    for (size_t i = 0; i < ctx->n; i++) {
+        if (res->held_us[i] > 0) {
+            tg_lstore_raise(local_store, ctx->keys[i], sent + res->held_us[i], now);
+        }
+    }
+    pthread_mutex_unlock(&local_mu);
+}
+
+static void
+local_floors(const tg_limit_ctx *ctx, uint64_t *held)
 {
     uint64_t now = tg_now_us();
 
     pthread_mutex_lock(&local_mu);
     for (size_t i = 0; i < ctx->n; i++) {
-        if (res->held_us[i] > 0) {
-            tg_lstore_raise(local_store, ctx->keys[i], now + res->held_us[i], now);
-        }
+        held[i] = tg_lstore_held(local_store, ctx->keys[i], now);
     }
     pthread_mutex_unlock(&local_mu);
 }
@@ -520,6 +542,12 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
                                   redis_done, ctx);
         if (ctx->op != NULL) {
             tg_redis_op_deadline(ctx->op, ctx->deadline_us);
+            if (lim->sconf->redis.on_failure == TG_FAIL_LOCAL) {
+                uint64_t held[TG_LIMIT_MAX_BUCKETS];
+
+                local_floors(ctx, held);
+                tg_redis_op_floor(ctx->op, held, n);
+            }
             return TG_AGAIN;
         }
         tg_breaker_failure(&lim->breaker, tg_now_ms());

@@ -120,6 +120,7 @@ struct tg_redis_op {
     uint64_t            deadline_us;  /* answered TG_ERR at this tg_now_us() */
     tg_gcra_result      res1;     /* phase 1 answer (indices mapped) */
     tg_gcra_limit       lim[TG_CHARGE_MAX_BUCKETS];
+    uint64_t            floor_us[TG_CHARGE_MAX_BUCKETS];  /* held at least (0) */
     uint32_t            len[TG_CHARGE_MAX_BUCKETS];   /* of each string */
     char                str[];    /* n NUL-terminated strings back to back */
 };
@@ -755,6 +756,14 @@ tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
     op->deadline_us = tg_now_us() + (uint64_t)r->opts.timeout_ms * 1000;
     queue_op(r, op);
     return op;
+}
+
+void
+tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n)
+{
+    if (op != NULL && op->kind == TG_OP_CHARGE && n <= op->n) {
+        memcpy(op->floor_us, held_us, n * sizeof(*held_us));
+    }
 }
 
 void
@@ -1771,8 +1780,8 @@ batch_send(struct tg_redis_batch *b)
         argc = 3;
         nnum = 0;
     } else {
-        argc = 3 + b->nkeys + 1 + 2 * b->nops + 2 * b->nkeys;
-        nnum = 1 + 1 + 2 * b->nops + 2 * b->nkeys;
+        argc = 3 + b->nkeys + 1 + 2 * b->nops + 3 * b->nkeys;
+        nnum = 1 + 1 + 2 * b->nops + 3 * b->nkeys;
     }
     if (argc > r->argcap) {
         r->argcap = argc * 2;
@@ -1823,6 +1832,7 @@ batch_send(struct tg_redis_batch *b)
                 if (op->mask & (1u << k)) {
                     TG_NUM(op->lim[k].interval_us);
                     TG_NUM(op->lim[k].burst);
+                    TG_NUM(op->floor_us[k]);
                 }
             }
         }

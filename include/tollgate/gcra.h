@@ -110,6 +110,9 @@ void tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
 void tg_lstore_raise(struct tg_lstore *st, const char *key, uint64_t tat,
                      uint64_t now_us);
 
+/* Time until key's bucket is full again (0: full or absent). */
+uint64_t tg_lstore_held(const struct tg_lstore *st, const char *key, uint64_t now_us);
+
 /* Buckets held now (tests, metrics). */
 size_t tg_lstore_size(const struct tg_lstore *st);
 
@@ -121,7 +124,8 @@ size_t tg_lstore_entry_bytes(void);
  * requests in one call, with Redis TIME as the clock.
  *   KEYS: every bucket key of every request, in order.
  *   ARGV: nreq, then per request: nbuckets, cost, then per bucket:
- *         interval_us, burst.
+ *         interval_us, burst, floor_us (the bucket holds at least this
+ *         much debt - time until full - whatever is stored; 0 = none).
  *   Reply: flat array; per request 5 + nbuckets integers:
  *         allowed (0/1), remaining, retry_us, reset_us, limiting index,
  *         then held_us of each bucket (as tg_gcra_result); after the last

@@ -101,6 +101,14 @@ struct tg_redis_op *tg_redis_charge(struct tg_redis *r, const char *const *keys,
  */
 void tg_redis_op_deadline(struct tg_redis_op *op, uint64_t deadline_us);
 
+/*
+ * Charge op's buckets as if each held at least held_us[i] (time until
+ * full, 0 = no floor): the debt the local fallback store knows of, so
+ * that what the fallback admitted is not admitted again by Redis.  Call
+ * right after tg_redis_charge.
+ */
+void tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n);
+
 /* The requester is gone: cb will not be called; op is invalid after. */
 void tg_redis_cancel(struct tg_redis_op *op);
 
