@@ -650,3 +650,35 @@ const char tg_gcra_lua[] =
     "end\n"
     "out[o + 1] = now\n"
     "return out\n";
+
+/*
+ * Give back a charge whose answer came too late to count (the request was
+ * decided without it).  KEYS: its buckets; ARGV per key: cost*T and P, the
+ * TAT that charge wrote.  Each bucket loses at most cost*T and never more
+ * than the debt still ahead of P (P - now): what a later charge by someone
+ * else added stays (that charge can only have shrunk our share of the
+ * debt to no less than P - now).  Cluster: the keys of one call share a
+ * slot.
+ */
+const char tg_gcra_refund_lua[] =
+    "local tm = redis.call('TIME')\n"
+    "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
+    "for i = 1, #KEYS do\n"
+    "  local ok, v = pcall(redis.call, 'GET', KEYS[i])\n"
+    "  local tat = ok and tonumber(v) or nil\n"
+    "  local amount, p = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])\n"
+    "  if tat and tat == tat and tat > now and tat <= 9007199254740991 then\n"
+    "    local r = p - now\n"
+    "    if r > amount then r = amount end\n"
+    "    if r > 0 then\n"
+    "      local t = tat - r\n"
+    "      if t <= now then\n"
+    "        redis.call('DEL', KEYS[i])\n"
+    "      else\n"
+    "        redis.call('SET', KEYS[i], string.format('%d', t), 'PXAT',\n"
+    "                   string.format('%d', math.ceil(t / 1000)))\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return 0\n";

@@ -326,6 +326,8 @@ static void deliver_charges(struct tg_redis_batch *b, const redisReply *reply);
 static void deliver_hget(struct tg_redis_batch *b, const redisReply *reply);
 static void op_fail(struct tg_redis *r, struct tg_redis_op *op);
 static void op_refund(struct tg_redis *r, struct tg_redis_op *op);
+static void late_refund(struct tg_redis *r, struct tg_rnode *nd, const struct tg_redis_op *op,
+                        const tg_gcra_result *part, uint64_t script_now);
 static int op_live(const struct tg_redis_op *op);
 static struct tg_redis_op *op_new(enum tg_redis_kind kind, const char *const *s, size_t n);
 static const char *op_key(const struct tg_redis_op *op, size_t k);
@@ -1912,6 +1914,9 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply *rep = reply;
 
     if (b->done || rep == NULL) {
+        if (rep != NULL && b->kind == TG_OP_CHARGE && rep->type == REDIS_REPLY_ARRAY) {
+            deliver_charges(b, rep);    /* late: what it charged is given back */
+        }
         batch_fail(b);          /* no-op if done */
         batch_free(b);
         return;
@@ -2135,6 +2140,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     struct tg_redis *r = b->r;
     struct tg_redis_op *op, **link, *again = NULL, **again_tail = &again;
     tg_gcra_result res, part;
+    uint64_t script_now = 0;
     size_t i, nb;
 
     if (rep->type == REDIS_REPLY_ERROR) {
@@ -2147,6 +2153,10 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
                 rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
                 5 * b->nops + b->nkeys + 1);
         goto fail;
+    }
+    if (rep->element[rep->elements - 1]->type == REDIS_REPLY_INTEGER
+        && rep->element[rep->elements - 1]->integer > 0) {
+        script_now = (uint64_t)rep->element[rep->elements - 1]->integer;
     }
 
     b->done = 1;
@@ -2195,6 +2205,11 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         link = &op->next;
         cb = op->charge_cb;
         if (cb == NULL) {
+            /* Answered after its deadline (or cancelled): the request was
+             * decided without this charge, so give it back. */
+            if (part.allowed && script_now > 0) {
+                late_refund(r, b->node, op, &part, script_now);
+            }
             continue;
         }
         op->charge_cb = NULL;
@@ -2323,6 +2338,55 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
             argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
                                              (unsigned long long)op->lim[k].interval_us);
             argv[argc++] = num[j++];
+        }
+    }
+    if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {
+        r->stats.refunds++;
+    }
+}
+
+/*
+ * Give back what a charge answered too late added (tg_gcra_refund_lua):
+ * for each bucket sent, at most cost*T and never more than its debt left
+ * (P - now, P = the TAT this charge wrote), and only while that debt is
+ * still there.  Fire and forget on the node that answered: a lost refund
+ * only makes that consumer wait longer.
+ */
+static void
+late_refund(struct tg_redis *r, struct tg_rnode *nd, const struct tg_redis_op *op,
+            const tg_gcra_result *part, uint64_t script_now)
+{
+    const char *argv[3 + 3 * TG_CHARGE_MAX_BUCKETS];
+    size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nk = 0;
+    char num[1 + 2 * TG_CHARGE_MAX_BUCKETS][TG_REDIS_NUMLEN];
+    size_t nn = 0;
+
+    if (r->destroying || op->cost == 0 || !node_usable(nd)) {
+        return;
+    }
+    argv[argc] = "EVAL";
+    argvlen[argc++] = 4;
+    argv[argc] = tg_gcra_refund_lua;
+    argvlen[argc++] = strlen(tg_gcra_refund_lua);
+    argv[argc++] = num[nn++];                       /* numkeys: below */
+    for (size_t k = 0; k < op->n; k++) {
+        if (op->mask & (1u << k)) {
+            argv[argc] = op_key(op, k);
+            argvlen[argc++] = op->len[k];
+            nk++;
+        }
+    }
+    argvlen[2] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
+    for (size_t k = 0; k < op->n; k++) {
+        if (op->mask & (1u << k)) {
+            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
+                                             (unsigned long long)op->cost
+                                             * op->lim[k].interval_us);
+            argv[argc++] = num[nn++];
+            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
+                                             (unsigned long long)(script_now
+                                                                  + part->held_us[k]));
+            argv[argc++] = num[nn++];
         }
     }
     if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {

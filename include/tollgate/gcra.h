@@ -141,4 +141,12 @@ size_t tg_lstore_entry_bytes(void);
  */
 extern const char tg_gcra_lua[];
 
+/*
+ * Give back a charge answered after its deadline (the request was decided
+ * without it).  KEYS: the buckets; ARGV per key: cost*T, then P (the TAT
+ * that charge wrote).  Each loses at most cost*T, never more than its
+ * debt beyond now (P - now).
+ */
+extern const char tg_gcra_refund_lua[];
+
 #endif

@@ -525,3 +525,51 @@ Test(exact, fallback_burst_is_never_below_a_cost)
               "says when");
     tgh_resp_free(&r);
 }
+
+/* ---- late answers are given back ------------------------------------------- */
+
+/*
+ * on_failure: deny, deadline 50 ms.  Redis pauses writes for 400 ms: two
+ * charges wait there, miss their deadline (503) and are applied when the
+ * pause ends.  Those requests were refused: their tokens come back (the
+ * late answers are refunded), so the key still has its whole burst.  (Two:
+ * a third missed deadline in a row would drop that connection, and with
+ * it the late answers.)
+ */
+Test(exact, late_answers_consume_nothing)
+{
+    static const char *const names[] = { "la" };
+    static char extra[1024];
+    char out[64];
+    int ok = 0;
+
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 5 }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 50, on_failure: deny }\n",
+             keys_file(names, 1), rds.port);
+    start_tollgate(extra);
+    await_admin("/readyz", 200, NULL, 15000);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "CLIENT PAUSE 400 WRITE") == 0,
+              "CLIENT PAUSE");
+    for (int i = 0; i < 2; i++) {
+        int st = get("la", "GET", "/", NULL);
+        TGH_CHECK(st == 503, "request %d during the pause: %d", i, st);
+    }
+    /* the pause ends (a write of ours waits for it, behind the charges);
+     * the charges run, their late answers are refunded */
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "SET sync 1") == 0, "SET");
+    await_admin("/readyz", 200, NULL, 15000);
+    {
+        uint64_t end = tgh_now_ms() + 5000;
+        while (tgh_now_ms() < end && redis_int("EXISTS %s", "tg:{id-la}:t") != 0)
+            tgh_sleep_ms(20);
+    }
+    for (int i = 0; i < 7; i++) {
+        int st = get("la", "GET", "/", NULL);
+        TGH_CHECK(st == 200 || st == 429, "after the pause: %d", st);
+        ok += st == 200;
+    }
+    TGH_CHECK(ok == 5, "%d admitted after 2 refused requests, burst 5", ok);
+}

@@ -694,10 +694,13 @@ Test(gcra_redis, floor_raises_the_debt)
 
 /* ---- property: admitted <= burst + rate * t over every window ------------ */
 
+static void refund(const char *key, uint64_t amount, uint64_t p);
+
 /*
  * Three connections (three instances) pipeline random batches: random
  * buckets (limits, bursts), random costs (0 .. above the burst), random
- * floors, replies read late and out of order.  Every answer carries the
+ * floors, replies read late and out of order, some allowed answers given
+ * back (late: tg_gcra_refund_lua) and then not counted.  Every answer carries the
  * script's clock; per bucket, the admitted costs in every window [t_i,
  * t_j] of admitted requests must be <= burst + floor((t_j - t_i) / T).
  */
@@ -726,7 +729,7 @@ Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
     struct pend { int nreq; prop_ev ev[MAXREQ]; } pend[NCONN][MAXPEND];
     int npend[NCONN] = { 0 };
     prop_ev *all = calloc(ROUNDS * MAXREQ, sizeof(*all));
-    size_t nall = 0, admitted = 0, denied = 0, impossible = 0;
+    size_t nall = 0, admitted = 0, denied = 0, impossible = 0, refunded = 0;
     uint64_t rng = 0x9e3779b97f4a7c15ull;
 
 #define RND(n) (rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17, rng % (n))
@@ -768,6 +771,23 @@ Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
                 if (!allowed) {
                     cr_assert_gt(r->element[e + 2]->integer, 0, "denied, retry 0");
                     denied++;
+                }
+                if (allowed && RND(8) == 0) {
+                    /* answered "late": given back, not admitted */
+                    uint64_t now_s = (uint64_t)r->element[r->elements - 1]->integer;
+                    for (int b = 0; b < p->ev[q].nb; b++) {
+                        int dup = 0;
+                        for (int b2 = 0; b2 < b; b2++) {
+                            dup |= p->ev[q].b[b2] == p->ev[q].b[b];
+                        }
+                        if (!dup) {
+                            const tg_gcra_limit *l = &lk[p->ev[q].b[b]];
+                            refund(names[p->ev[q].b[b]], (uint64_t)p->ev[q].cost * l->interval_us,
+                                   now_s + (uint64_t)r->element[e + 5 + b]->integer);
+                        }
+                    }
+                    refunded++;
+                    allowed = 0;
                 }
                 e += 5 + p->ev[q].nb;
                 if (allowed) {
@@ -865,11 +885,58 @@ Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
             }
         }
     }
-    cr_log_info("property: %zu admitted, %zu denied (%zu with a cost above a burst) "
-                "over %d batches on %d connections", admitted, denied, impossible,
-                ROUNDS, NCONN);
+    cr_log_info("property: %zu admitted, %zu denied (%zu with a cost above a burst), "
+                "%zu given back as late, over %d batches on %d connections", admitted,
+                denied, impossible, refunded, ROUNDS, NCONN);
     cr_assert_gt(admitted, 200);
     cr_assert_gt(denied, 200);
     free(all);
 #undef RND
+}
+
+/* ---- the late refund -------------------------------------------------------- */
+
+static void
+refund(const char *key, uint64_t amount, uint64_t p)
+{
+    redisReply *r = redisCommand(rc, "EVAL %s 1 %s %llu %llu", tg_gcra_refund_lua, key,
+                                 (unsigned long long)amount, (unsigned long long)p);
+    cr_assert_not_null(r);
+    cr_assert_eq(r->type, REDIS_REPLY_INTEGER, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
+    freeReplyObject(r);
+}
+
+/* A charge answered too late is given back, but only its own debt: a
+ * charge by someone else after it keeps its tokens. */
+Test(gcra_redis, late_refund_gives_back_only_its_own)
+{
+    tg_gcra_limit l = tg_gcra_per_second(1, 10);    /* T = 1 s */
+    tg_gcra_result a, b;
+    uint64_t pa;
+
+    a = charge("tg:{lr}:t", l, 3);
+    cr_assert(a.allowed);
+    pa = last_now + a.held_us[0];
+    refund("tg:{lr}:t", 3 * l.interval_us, pa);
+    cr_assert_eq(int_cmd("EXISTS %s", "tg:{lr}:t"), 0, "a full bucket is no key");
+
+    a = charge("tg:{lr}:t", l, 3);                  /* ours: 3 */
+    pa = last_now + a.held_us[0];
+    b = charge("tg:{lr}:t", l, 2);                  /* someone else's: 2 */
+    cr_assert(b.allowed);
+    refund("tg:{lr}:t", 3 * l.interval_us, pa);
+    b = charge("tg:{lr}:t", l, 0);                  /* a look */
+    cr_assert(b.remaining >= 7 && b.remaining <= 8, "remaining %u: only ours back",
+              b.remaining);
+    /* two late charges given back in either order: nothing is left */
+    for (int order = 0; order < 2; order++) {
+        uint64_t p1, p2;
+        a = charge("tg:{lr2}:t", l, 2);
+        p1 = last_now + a.held_us[0];
+        a = charge("tg:{lr2}:t", l, 3);
+        p2 = last_now + a.held_us[0];
+        refund("tg:{lr2}:t", (order ? 3 : 2) * l.interval_us, order ? p2 : p1);
+        refund("tg:{lr2}:t", (order ? 2 : 3) * l.interval_us, order ? p1 : p2);
+        cr_assert_eq(int_cmd("EXISTS %s", "tg:{lr2}:t"), 0, "order %d", order);
+    }
 }
