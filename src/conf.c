@@ -104,6 +104,7 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
 static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
 static tg_rc tg_conf_check_costs(tg_conf_ctx *ctx);
+static tg_rc tg_conf_check_rates(tg_conf_ctx *ctx);
 
 /* Every setter has the tg_conf_set_pt signature. */
 #define TG_CONF_SETTER(name) \
@@ -907,7 +908,7 @@ tg_conf_validate(tg_conf_ctx *ctx)
                              conf->ntiers ? "" : "no tiers", names);
     }
 
-    if (tg_conf_check_costs(ctx) != TG_OK) {
+    if (tg_conf_check_costs(ctx) != TG_OK || tg_conf_check_rates(ctx) != TG_OK) {
         return TG_ERR;
     }
 
@@ -982,6 +983,62 @@ tg_conf_check_costs(tg_conf_ctx *ctx)
         }
     }
     return TG_OK;
+}
+
+/*
+ * A bucket earns a token every T microseconds, T a whole number rounded up
+ * (never above the rate).  Past 10,000 per second (100 us) that rounding
+ * can cost more than 1% of the rate (400,000/s would keep 333,333/s):
+ * such a rate is refused, naming the two nearest rates kept exactly.
+ */
+static tg_rc
+tg_conf_check_rate(tg_conf_ctx *ctx, const uint32_t *field, uint64_t per_us)
+{
+    const tg_conf_mark *m = tg_conf_find_mark(ctx, field);
+    uint64_t r = *field, t_up, t_down;
+
+    if (m == NULL || r == 0) {
+        return TG_OK;                       /* a default: fine */
+    }
+    t_up = (per_us + r - 1) / r;
+    if (per_us * 100 >= r * t_up * 99) {
+        return TG_OK;                       /* kept to within 1% */
+    }
+    t_down = per_us / r;
+    return tg_conf_error(ctx, m->mark, m->path, "%llu cannot be kept: a token "
+                         "comes every whole microsecond, so it would be %llu; "
+                         "the nearest rates kept exactly are %llu and %llu",
+                         (unsigned long long)r, (unsigned long long)(per_us / t_up),
+                         (unsigned long long)(per_us / t_up),
+                         (unsigned long long)(per_us / (t_down ? t_down : 1)));
+}
+
+static tg_rc
+tg_conf_check_rates(tg_conf_ctx *ctx)
+{
+    const tg_conf *conf = ctx->conf;
+    size_t i;
+
+    for (i = 0; i < conf->ntiers; i++) {
+        if (tg_conf_check_rate(ctx, &conf->tiers[i].requests_per_minute, 60000000)
+            != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    for (i = 0; i < conf->nroutes; i++) {
+        if (conf->routes[i].has_limit
+            && tg_conf_check_rate(ctx, &conf->routes[i].requests_per_minute, 60000000)
+               != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    if (conf->global_limit.enabled
+        && tg_conf_check_rate(ctx, &conf->global_limit.requests_per_second, 1000000)
+           != TG_OK) {
+        return TG_ERR;
+    }
+    return tg_conf_check_rate(ctx, &conf->auth.unknown_key_limit.requests_per_minute,
+                              60000000);
 }
 
 static const tg_conf_mark *

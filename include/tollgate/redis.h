@@ -109,7 +109,9 @@ void tg_redis_op_deadline(struct tg_redis_op *op, uint64_t deadline_us);
  */
 void tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n);
 
-/* The requester is gone: cb will not be called; op is invalid after. */
+/* The requester is gone: cb will not be called; op is invalid after.  A
+ * charge already sent is given back when its answer says it was applied
+ * (as is any charge answered after its deadline). */
 void tg_redis_cancel(struct tg_redis_op *op);
 
 /*
@@ -134,7 +136,8 @@ typedef struct tg_redis_stats {
     uint64_t switches;             /* Sentinel: +switch-master seen for us */
     uint64_t redirects;            /* Cluster: MOVED/ASK followed */
     uint64_t map_refreshes;        /* Cluster: CLUSTER SLOTS answered */
-    uint64_t refunds;              /* Cluster: first part given back */
+    uint64_t refunds;              /* given back: Cluster first parts, and
+                                      charges answered late or cancelled */
 } tg_redis_stats;
 void tg_redis_get_stats(const struct tg_redis *r, tg_redis_stats *st);
 

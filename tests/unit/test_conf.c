@@ -602,6 +602,23 @@ Test(conf_errors, route_cost_above_a_burst)
                             "    limit: { requests_per_minute: 60, burst_limit: 6 }\n"));
 }
 
+/* Token intervals are whole microseconds: a rate that rounding would cut
+ * by more than 1% is refused, with the nearest exact ones. */
+Test(conf_errors, rate_that_whole_microseconds_cannot_keep)
+{
+    expect_error(MIN "global_limit: { requests_per_second: 400000, burst: 1000 }\n",
+                 "5:38", "global_limit.requests_per_second: 400000 cannot be kept: "
+                 "a token comes every whole microsecond, so it would be 333333; the "
+                 "nearest rates kept exactly are 333333 and 500000");
+    expect_error(MIN "rate_limits:\n  t: { requests_per_minute: 45000000, burst_limit: 5 }\n",
+                 "6:29", "rate_limits.t.requests_per_minute: 45000000 cannot be kept");
+    tg_conf_unref(expect_ok(MIN "global_limit: { requests_per_second: 500000, burst: 9 }\n"
+                            "rate_limits:\n"
+                            "  a: { requests_per_minute: 600000, burst_limit: 5 }\n"
+                            "  b: { requests_per_minute: 60000000, burst_limit: 5 }\n"
+                            "  c: { requests_per_minute: 123457, burst_limit: 5 }\n"));
+}
+
 Test(conf_errors, route_missing_required)
 {
     expect_error(MIN "routes:\n  - name: leads\n    cost: 2\n", "6:5",
@@ -864,7 +881,7 @@ Test(conf, auth_and_routes)
         "  - name: leads_read\n"
         "    method: GET\n"
         "    path: /leads\n"
-        "    limit: { requests_per_minute: 100000000, burst_limit: 1 }\n"
+        "    limit: { requests_per_minute: 60000000, burst_limit: 1 }\n"
         "  - { name: v2, path: \"/v2/~x%20y\" }\n");
     const tg_route_conf *r;
 
@@ -897,7 +914,7 @@ Test(conf, auth_and_routes)
     cr_assert_str_eq(r->method, "GET");
     cr_assert_eq(r->cost, 1);
     cr_assert_eq(r->has_limit, 1);
-    cr_assert_eq(r->requests_per_minute, 100000000);
+    cr_assert_eq(r->requests_per_minute, 60000000);
     cr_assert_eq(r->burst_limit, 1);
     r = &conf->routes[3];
     cr_assert_str_eq(r->name, "v2");
