@@ -1380,3 +1380,25 @@ Test(conf_errors, metrics_access_log_instances)
     expect_error(MIN "access_log: {}\n", "5:13", "missing required key \"path\"");
     expect_error(MIN "redis: { instances: 0 }\n", "5:21", "out of range (1..1000)");
 }
+
+/* What a reload would change in the store section, field by field (the
+ * running process keeps its store as started and names each one). */
+Test(conf, store_diff_names_every_changed_field)
+{
+    tg_conf *a = expect_ok(MIN "redis: { url: \"redis://127.0.0.1:6379/0\" }\n");
+    tg_conf *b = expect_ok(MIN "redis: { url: \"redis://127.0.0.1:6379/0\" }\n");
+    tg_conf *c = expect_ok(MIN "store: local\n"
+                           "redis: { url: \"redis://127.0.0.1:6380/0\", timeout_ms: 9, "
+                           "on_failure: deny, prefix: \"x:\", max_batch: 4, instances: 2,"
+                           " cluster: { nodes: [127.0.0.1:7000] } }\n");
+    char buf[256];
+
+    cr_assert_eq(tg_conf_store_diff(a, b, buf, sizeof(buf)), 0);
+    cr_assert_str_eq(buf, "");
+    cr_assert_eq(tg_conf_store_diff(a, c, buf, sizeof(buf)), 8);
+    cr_assert_str_eq(buf, "store, redis.url, redis.timeout_ms, redis.on_failure, "
+                     "redis.prefix, redis.max_batch, redis.instances, redis.cluster");
+    tg_conf_unref(a);
+    tg_conf_unref(b);
+    tg_conf_unref(c);
+}

@@ -886,3 +886,42 @@ Test(gcra, share_never_below_a_cost)
     /* the production sample: cost 10, burst 20, 3 instances -> 10, not 6 */
     cr_assert_eq(tg_gcra_share(tg_gcra_per_minute(100, 20), 3, 10).burst, 10);
 }
+
+/* A full store drops a full bucket wherever it is in the table before any
+ * bucket that still holds debt (forgetting debt admits extra requests). */
+Test(lstore, eviction_finds_the_full_bucket_anywhere)
+{
+    enum { MAX = 256 };
+    struct tg_lstore *st = tg_lstore_create(MAX);
+    tg_gcra_limit longl = { 60000000, 10 }, shortl = { 1000, 5 };
+    char name[32];
+    const char *k = name;
+    tg_gcra_result r;
+    int i, round;
+
+    for (round = 0; round < 20; round++) {
+        uint64_t now = T0 + (uint64_t)round * 10000000;
+
+        /* one bucket that is full again 1 ms later, among live ones */
+        snprintf(name, sizeof(name), "short%d", round);
+        tg_lstore_charge(st, &k, &shortl, 1, 1, now, &r);
+        cr_assert(r.allowed);
+        for (i = 0; tg_lstore_size(st) < MAX; i++) {
+            snprintf(name, sizeof(name), "live%d_%d", round, i);
+            tg_lstore_charge(st, &k, &longl, 1, 1, now, &r);
+        }
+        snprintf(name, sizeof(name), "new%d", round);
+        tg_lstore_charge(st, &k, &longl, 1, 1, now + 1000, &r);
+        cr_assert(r.allowed);
+        cr_assert_eq(tg_lstore_size(st), MAX);
+        for (int j = 0; j < i; j++) {
+            snprintf(name, sizeof(name), "live%d_%d", round, j);
+            cr_assert_eq(probe_remaining(st, name, longl, now + 1000), 9,
+                         "round %d: %s (not full) was dropped", round, name);
+        }
+        /* make room for the next round: everything ages out */
+        tg_lstore_destroy(st);
+        st = tg_lstore_create(MAX);
+    }
+    tg_lstore_destroy(st);
+}
