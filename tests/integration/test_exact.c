@@ -573,3 +573,67 @@ Test(exact, late_answers_consume_nothing)
     }
     TGH_CHECK(ok == 5, "%d admitted after 2 refused requests, burst 5", ok);
 }
+
+/* ---- the store stays as started ------------------------------------------- */
+
+static int
+log_has(const char *needle)
+{
+    static char buf[262144];
+    FILE *f = fopen(tg.proc->log_path, "r");
+    size_t n;
+
+    if (f == NULL)
+        return 0;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return strstr(buf, needle) != NULL;
+}
+
+/* A reload that changes the prefix and the timeout: both named in the
+ * log, neither applied (a new prefix would hand every consumer fresh
+ * buckets). */
+Test(exact, reload_keeps_the_store_as_started)
+{
+    static const char *const names[] = { "sp" };
+    static char extra[1024], text[8192];
+    char *p;
+    FILE *f;
+    size_t n;
+    uint64_t end;
+    tgh_resp r;
+
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 60, burst_limit: 10 }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: local }\n",
+             keys_file(names, 1), rds.port);
+    start_tollgate(extra);
+    await_admin("/status", 200, "\"mode\":\"redis\"", 15000);
+
+    f = fopen(tg.conf_path, "r");
+    cr_assert_not_null(f);
+    n = fread(text, 1, sizeof text - 1, f);
+    text[n] = '\0';
+    fclose(f);
+    p = strstr(text, "timeout_ms: 500, on_failure: local }");
+    cr_assert_not_null(p);
+    f = fopen(tg.conf_path, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "%.*stimeout_ms: 400, prefix: \"new:\", on_failure: local }%s",
+            (int)(p - text), text, p + strlen("timeout_ms: 500, on_failure: local }"));
+    fclose(f);
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && !log_has("configuration reloaded"))
+        tgh_sleep_ms(20);
+    TGH_CHECK(log_has("SIGHUP: redis.timeout_ms, redis.prefix changed: the store keeps "
+                      "its settings as started until the next restart"),
+              "no warning naming the changed store keys");
+    TGH_CHECK(get("sp", "GET", "/", &r) == 200, "a request after the reload");
+    tgh_resp_free(&r);
+    TGH_CHECK(redis_int("EXISTS %s", "tg:{id-sp}:t") == 1, "not charged under the old prefix");
+    TGH_CHECK(redis_int("EXISTS %s", "new:{id-sp}:t") == 0, "charged under the new prefix");
+}
