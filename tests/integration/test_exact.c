@@ -637,3 +637,55 @@ Test(exact, reload_keeps_the_store_as_started)
     TGH_CHECK(redis_int("EXISTS %s", "tg:{id-sp}:t") == 1, "not charged under the old prefix");
     TGH_CHECK(redis_int("EXISTS %s", "new:{id-sp}:t") == 0, "charged under the new prefix");
 }
+
+/* ---- one deadline per request ---------------------------------------------- */
+
+/*
+ * A key that must be looked up in Redis, then charged: redis.timeout_ms
+ * covers both.  Redis is made slow for the lookup (a read-only script
+ * busy for 150 ms ahead of it) and stuck for the charge (writes paused):
+ * the answer (the local fallback) comes at the one deadline, 200 ms after
+ * the request reached the limiter - not 150 + 200.
+ */
+Test(exact, one_deadline_covers_lookup_and_charge)
+{
+    static const char busy[] =
+        "#!lua flags=no-writes\n"
+        "local t0 = redis.call('TIME')\n"
+        "local s = t0[1] * 1000000 + t0[2]\n"
+        "repeat local t = redis.call('TIME') until t[1] * 1000000 + t[2] - s >= 150000\n"
+        "return 1\n";
+    static char extra[1024];
+    char hex[65], out[64], *cmd;
+    tgh_conn *rc;
+    uint64_t t0;
+    long ms;
+    int st;
+
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 60, burst_limit: 10 }\n"
+             "auth: { redis_keys: true }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 200, on_failure: local }\n",
+             rds.port);
+    start_tollgate(extra);
+    await_admin("/readyz", 200, NULL, 15000);
+    sha_hex("dk", hex);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "HSET tg:keys %s id-dk:basic", hex) == 0,
+              "HSET");
+
+    rc = tgh_conn_open(rds.port, 5000);
+    TGH_CHECK(rc != NULL, "connect to redis");
+    cmd = tgh_strf("*4\r\n$6\r\nCLIENT\r\n$5\r\nPAUSE\r\n$4\r\n2000\r\n$5\r\nWRITE\r\n"
+                   "*3\r\n$4\r\nEVAL\r\n$%zu\r\n%s\r\n$1\r\n0\r\n", strlen(busy), busy);
+    TGH_CHECK(tgh_conn_sendstr(rc, cmd) == 0, "send");
+    free(cmd);
+    t0 = tgh_now_ms();
+    st = get("dk", "GET", "/", NULL);
+    ms = (long)(tgh_now_ms() - t0);
+    cr_log_info("lookup 150 ms slow, charge stuck, timeout_ms 200: answered %d in %ld ms",
+                st, ms);
+    TGH_CHECK(st == 200, "status %d (the local fallback)", st);
+    TGH_CHECK(ms < 300, "answered after %ld ms: more than one deadline (200 ms)", ms);
+    tgh_conn_close(rc);
+}
