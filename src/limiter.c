@@ -73,6 +73,7 @@ typedef struct kpend {
 static pthread_once_t    local_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t   local_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct tg_lstore *local_store;
+static uint64_t          local_fallback_us;   /* last fallback charge (atomic) */
 
 static void
 local_init(void)
@@ -116,11 +117,24 @@ local_follow(const tg_limit_ctx *ctx, const tg_gcra_result *res)
     pthread_mutex_unlock(&local_mu);
 }
 
+/* The local debts of ctx's buckets, as floors for Redis; 0 without a
+ * look (no lock) when no fallback charge happened within the longest
+ * time a bucket of this request could stay in debt: then the local store
+ * holds only what it copied from Redis answers, which Redis has anyway. */
 static void
-local_floors(const tg_limit_ctx *ctx, uint64_t *held)
+local_floors(const tg_limit_ctx *ctx, unsigned instances, uint64_t *held)
 {
-    uint64_t now = tg_now_us();
+    uint64_t now = tg_now_us(), last, span = 0;
 
+    for (size_t i = 0; i < ctx->n; i++) {
+        uint64_t l = (uint64_t)ctx->limits[i].burst * ctx->limits[i].interval_us * instances;
+        span = l > span ? l : span;
+        held[i] = 0;
+    }
+    last = __atomic_load_n(&local_fallback_us, __ATOMIC_RELAXED);
+    if (last == 0 || now > last + span) {
+        return;
+    }
     pthread_mutex_lock(&local_mu);
     for (size_t i = 0; i < ctx->n; i++) {
         held[i] = tg_lstore_held(local_store, ctx->keys[i], now);
@@ -545,7 +559,7 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
             if (lim->sconf->redis.on_failure == TG_FAIL_LOCAL) {
                 uint64_t held[TG_LIMIT_MAX_BUCKETS];
 
-                local_floors(ctx, held);
+                local_floors(ctx, lim->sconf->redis.instances, held);
                 tg_redis_op_floor(ctx->op, held, n);
             }
             return TG_AGAIN;
@@ -691,6 +705,7 @@ fallback(tg_limit_ctx *ctx)
             keys[i] = ctx->keys[i];
             shared[i] = tg_gcra_share(ctx->limits[i], k, lim->max_cost);
         }
+        __atomic_store_n(&local_fallback_us, tg_now_us(), __ATOMIC_RELAXED);
         local_charge(keys, shared, ctx->n, ctx->cost, &res);
         if (k > 1) {
             memcpy(ctx->limits, shared, sizeof(shared[0]) * ctx->n);   /* headers */
