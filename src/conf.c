@@ -104,6 +104,8 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
                           const char *section);
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
 static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
+static tg_rc tg_conf_check_costs(tg_conf_ctx *ctx);
+static tg_rc tg_conf_check_rates(tg_conf_ctx *ctx);
 
 /* Every setter has the tg_conf_set_pt signature. */
 #define TG_CONF_SETTER(name) \
@@ -316,6 +318,17 @@ static const tg_conf_cmd tg_conf_redis_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* Lookups of keys the worker does not know, per client IP (both fields
+ * optional: the defaults are in tg_conf_defaults). */
+static const tg_conf_cmd tg_conf_unknown_key_cmds[] = {
+    { "requests_per_minute", tg_conf_set_uint,
+      TG_FIELD(tg_conf, auth.unknown_key_limit.requests_per_minute), 1, 100000000,
+      0, NULL },
+    { "burst_limit", tg_conf_set_uint,
+      TG_FIELD(tg_conf, auth.unknown_key_limit.burst_limit), 1, 100000000, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 /* anonymous_tier is checked against rate_limits in phase 3: the sections
  * may come in any order. */
 static const tg_conf_cmd tg_conf_auth_cmds[] = {
@@ -329,6 +342,10 @@ static const tg_conf_cmd tg_conf_auth_cmds[] = {
       TG_FIELD(tg_conf, auth.redis_keys), 0, 1, 0, NULL },
     { "cache_ttl_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, auth.cache_ttl_ms), 0, TG_MS_MAX, 0, NULL },
+    { "anonymous_ipv6_prefix", tg_conf_set_uint,
+      TG_FIELD(tg_conf, auth.anonymous_ipv6_prefix), 1, 128, 0, NULL },
+    { "unknown_key_limit", tg_conf_set_section, TG_NOFIELD, 0, 0, 0,
+      tg_conf_unknown_key_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -586,6 +603,62 @@ tg_conf_unref(tg_conf *conf)
     if (__atomic_sub_fetch(&conf->refcnt, 1, __ATOMIC_ACQ_REL) == 0) {
         tg_conf_free(conf);
     }
+}
+
+static int
+tg_conf_addrs_differ(const tg_addr *a, size_t na, const tg_addr *b, size_t nb)
+{
+    if (na != nb) {
+        return 1;
+    }
+    for (size_t i = 0; i < na; i++) {
+        if (strcmp(a[i].text, b[i].text) != 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int
+tg_conf_str_differ(const char *a, const char *b)
+{
+    return (a == NULL) != (b == NULL) || (a != NULL && strcmp(a, b) != 0);
+}
+
+size_t
+tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t len)
+{
+    const struct { int differ; const char *name; } f[] = {
+        { a->store != b->store, "store" },
+        { tg_conf_str_differ(a->redis.url, b->redis.url), "redis.url" },
+        { a->redis.timeout_ms != b->redis.timeout_ms, "redis.timeout_ms" },
+        { a->redis.on_failure != b->redis.on_failure, "redis.on_failure" },
+        { tg_conf_str_differ(a->redis.prefix, b->redis.prefix), "redis.prefix" },
+        { a->redis.max_batch != b->redis.max_batch, "redis.max_batch" },
+        { a->redis.instances != b->redis.instances, "redis.instances" },
+        { tg_conf_str_differ(a->redis.sentinel_master, b->redis.sentinel_master)
+          || tg_conf_addrs_differ(a->redis.sentinels, a->redis.nsentinels,
+                                  b->redis.sentinels, b->redis.nsentinels),
+          "redis.sentinel" },
+        { tg_conf_addrs_differ(a->redis.cluster_nodes, a->redis.ncluster_nodes,
+                               b->redis.cluster_nodes, b->redis.ncluster_nodes),
+          "redis.cluster" },
+    };
+    size_t n = 0, count = 0;
+
+    if (len > 0) {
+        buf[0] = '\0';
+    }
+    for (size_t i = 0; i < TG_ARRAY_LEN(f); i++) {
+        if (f[i].differ) {
+            int m = snprintf(buf + n, len - n, "%s%s", count ? ", " : "", f[i].name);
+            if (m > 0 && (size_t)m < len - n) {
+                n += (size_t)m;
+            }
+            count++;
+        }
+    }
+    return count;
 }
 
 const tg_tier_conf *
@@ -858,6 +931,9 @@ tg_conf_defaults(tg_conf *conf)
     conf->auth.anonymous_tier = NULL;           /* keyless requests get 401 */
     conf->auth.redis_keys = 0;
     conf->auth.cache_ttl_ms = 30000;
+    conf->auth.anonymous_ipv6_prefix = 64;
+    conf->auth.unknown_key_limit.requests_per_minute = 60;
+    conf->auth.unknown_key_limit.burst_limit = 20;
 
     conf->alerts.enabled = 0;                   /* no alerts: section */
     conf->alerts.channel[TG_ALERT_PAGERDUTY].url =
@@ -1030,6 +1106,10 @@ tg_conf_validate(tg_conf_ctx *ctx)
                              conf->ntiers ? "" : "no tiers", names);
     }
 
+    if (tg_conf_check_costs(ctx) != TG_OK || tg_conf_check_rates(ctx) != TG_OK) {
+        return TG_ERR;
+    }
+
     /* Cluster has database 0 only; url still gives the db for Sentinel. */
     if (conf->redis.ncluster_nodes > 0) {
         const char *db = strrchr(conf->redis.url + 8, '/');
@@ -1051,6 +1131,116 @@ tg_conf_validate(tg_conf_ctx *ctx)
         conf->workers = ncpu < 1 ? 1 : ncpu > 256 ? 256 : (unsigned)ncpu;
     }
     return TG_OK;
+}
+
+/*
+ * A route's cost is charged to every bucket its requests meet: any tier
+ * (a key of the keys file or of Redis may name any of them, and keyless
+ * requests the anonymous tier), the route's own bucket and the global
+ * bucket.  A cost above one of those capacities could never pass, and its
+ * 429 could name no honest retry time: refuse it here, at the cost.
+ */
+static tg_rc
+tg_conf_check_costs(tg_conf_ctx *ctx)
+{
+    const tg_conf *conf = ctx->conf;
+    const tg_conf_mark *m;
+    const char *what = NULL;
+    char name[TG_CONF_PATHLEN];
+    uint32_t burst = 0;
+    size_t i, j;
+
+    for (i = 0; i < conf->nroutes; i++) {
+        const tg_route_conf *r = &conf->routes[i];
+
+        what = NULL;
+        if (r->has_limit && r->cost > r->burst_limit) {
+            snprintf(name, sizeof(name), "its own limit.burst_limit");
+            burst = r->burst_limit;
+            what = name;
+        }
+        for (j = 0; what == NULL && j < conf->ntiers; j++) {
+            if (r->cost > conf->tiers[j].burst_limit) {
+                snprintf(name, sizeof(name), "rate_limits.%s.burst_limit%s",
+                         conf->tiers[j].name,
+                         conf->auth.anonymous_tier != NULL
+                         && strcmp(conf->auth.anonymous_tier, conf->tiers[j].name) == 0
+                         ? " (the anonymous tier)" : "");
+                burst = conf->tiers[j].burst_limit;
+                what = name;
+            }
+        }
+        if (what == NULL && conf->global_limit.enabled
+            && r->cost > conf->global_limit.burst) {
+            snprintf(name, sizeof(name), "global_limit.burst");
+            burst = conf->global_limit.burst;
+            what = name;
+        }
+        if (what != NULL) {
+            m = tg_conf_find_mark(ctx, &r->cost);
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : "routes", "cost %u of route \"%s\" "
+                                 "is above %s (%u): no such request could ever pass",
+                                 r->cost, r->name, what, burst);
+        }
+    }
+    return TG_OK;
+}
+
+/*
+ * A bucket earns a token every T microseconds, T a whole number rounded up
+ * (never above the rate).  Past 10,000 per second (100 us) that rounding
+ * can cost more than 1% of the rate (400,000/s would keep 333,333/s):
+ * such a rate is refused, naming the two nearest rates kept exactly.
+ */
+static tg_rc
+tg_conf_check_rate(tg_conf_ctx *ctx, const uint32_t *field, uint64_t per_us)
+{
+    const tg_conf_mark *m = tg_conf_find_mark(ctx, field);
+    uint64_t r = *field, t_up, t_down;
+
+    if (m == NULL || r == 0) {
+        return TG_OK;                       /* a default: fine */
+    }
+    t_up = (per_us + r - 1) / r;
+    if (per_us * 100 >= r * t_up * 99) {
+        return TG_OK;                       /* kept to within 1% */
+    }
+    t_down = per_us / r;
+    return tg_conf_error(ctx, m->mark, m->path, "%llu cannot be kept: a token "
+                         "comes every whole microsecond, so it would be %llu; "
+                         "the nearest rates kept exactly are %llu and %llu",
+                         (unsigned long long)r, (unsigned long long)(per_us / t_up),
+                         (unsigned long long)(per_us / t_up),
+                         (unsigned long long)(per_us / (t_down ? t_down : 1)));
+}
+
+static tg_rc
+tg_conf_check_rates(tg_conf_ctx *ctx)
+{
+    const tg_conf *conf = ctx->conf;
+    size_t i;
+
+    for (i = 0; i < conf->ntiers; i++) {
+        if (tg_conf_check_rate(ctx, &conf->tiers[i].requests_per_minute, 60000000)
+            != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    for (i = 0; i < conf->nroutes; i++) {
+        if (conf->routes[i].has_limit
+            && tg_conf_check_rate(ctx, &conf->routes[i].requests_per_minute, 60000000)
+               != TG_OK) {
+            return TG_ERR;
+        }
+    }
+    if (conf->global_limit.enabled
+        && tg_conf_check_rate(ctx, &conf->global_limit.requests_per_second, 1000000)
+           != TG_OK) {
+        return TG_ERR;
+    }
+    return tg_conf_check_rate(ctx, &conf->auth.unknown_key_limit.requests_per_minute,
+                              60000000);
 }
 
 static const tg_conf_mark *

@@ -37,6 +37,8 @@ struct tg_lstore {
     size_t   size;                /* occupied slots */
     size_t   max_entries;         /* bound on size */
     size_t   cursor;              /* where the next sweep/eviction scan starts */
+    uint64_t none_full_until;     /* a full scan found no bucket full before
+                                     this time: no need to scan again */
 };
 
 static uint64_t ls_hash(const char *key, size_t *len);
@@ -77,6 +79,21 @@ tg_gcra_per_second(uint32_t requests_per_second, uint32_t burst)
     l.interval_us = (1000000u + rps - 1) / rps;
     l.burst = burst ? burst : 1;
     return l;
+}
+
+tg_gcra_limit
+tg_gcra_share(tg_gcra_limit l, unsigned instances, uint32_t max_cost)
+{
+    tg_gcra_limit s;
+    uint32_t k = instances ? instances : 1;
+    uint32_t floor = max_cost < l.burst ? max_cost : l.burst;
+
+    s.interval_us = l.interval_us * k;
+    s.burst = l.burst / k > floor ? l.burst / k : floor;
+    if (s.burst == 0) {
+        s.burst = 1;
+    }
+    return s;
 }
 
 /* ---- the pure step ---------------------------------------------------- */
@@ -146,6 +163,7 @@ tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
     if (ok) {
         for (i = 0; i < n; i++) {
             tat[i] = now_us + d[i];
+            res->held_us[i] = d[i];
             if (ttl_us != NULL) {
                 ttl_us[i] = d[i];
             }
@@ -156,8 +174,9 @@ tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
         res->reset_us = areset;
         res->limiting = aidx;
     } else {
-        if (ttl_us != NULL) {
-            for (i = 0; i < n; i++) {
+        for (i = 0; i < n; i++) {
+            res->held_us[i] = held[i];
+            if (ttl_us != NULL) {
                 ttl_us[i] = held[i];
             }
         }
@@ -260,6 +279,33 @@ tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
             }
         }
     }
+}
+
+void
+tg_lstore_raise(struct tg_lstore *st, const char *key, uint64_t tat, uint64_t now_us)
+{
+    size_t len;
+    uint64_t h64 = ls_hash(key, &len);
+    uint32_t h = (uint32_t)(h64 ^ (h64 >> 32));
+    long at = ls_find(st, key, len, h);
+
+    if (at >= 0) {
+        if (st->slots[at].tat < tat) {
+            st->slots[at].tat = tat;
+        }
+    } else if (tat > now_us) {
+        ls_insert(st, key, len, h, tat, now_us, &h, 1);
+    }
+}
+
+uint64_t
+tg_lstore_held(const struct tg_lstore *st, const char *key, uint64_t now_us)
+{
+    size_t len;
+    uint64_t h64 = ls_hash(key, &len);
+    long at = ls_find(st, key, len, (uint32_t)(h64 ^ (h64 >> 32)));
+
+    return at >= 0 && st->slots[at].tat > now_us ? st->slots[at].tat - now_us : 0;
 }
 
 size_t
@@ -450,11 +496,15 @@ ls_sweep(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
 
 /*
  * The table is full: examine up to LS_EVICT_SCAN occupied slots from the
- * cursor, dropping every expired bucket; if none was expired, drop the one
- * with the smallest TAT among them (closest to full).  Dropping a bucket
- * that is not full forgets its debt and admits up to (burst - its tokens)
- * extra requests: size max_entries for the live keys.  If every candidate
- * is protected (hash collisions only) the table exceeds its bound by one.
+ * cursor, dropping every expired bucket; if none was expired, scan the
+ * whole table for full buckets (a bucket not yet full is never dropped
+ * while a full one exists: forgetting its debt would admit extra
+ * requests); only when none is full, drop the one with the smallest TAT
+ * (closest to full).  A scan that finds no full bucket remembers the
+ * earliest TAT it saw: no whole scan again before then, so a store full
+ * of live buckets costs one scan per expiry, not one per insert.  If
+ * every candidate is protected (hash collisions only) the table exceeds
+ * its bound by one.
  */
 static void
 ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
@@ -482,7 +532,35 @@ ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
         pos = (pos + 1) & st->mask;
     }
     st->cursor = pos;
-    if (dropped == 0 && best >= 0) {
+    if (dropped > 0) {
+        return;
+    }
+    if (now_us >= st->none_full_until) {
+        uint64_t least = UINT64_MAX;
+
+        best = -1;
+        for (pos = 0; pos <= st->mask; pos++) {
+            ls_slot *s = &st->slots[pos];
+            if (s->klen1 == 0 || ls_protected(s->hash, protect, nprotect)) {
+                continue;
+            }
+            if (s->tat <= now_us) {
+                ls_delete(st, pos);
+                dropped++;
+                pos--;                  /* the shifted entry is examined too */
+                continue;
+            }
+            if (s->tat < least) {
+                least = s->tat;
+                best = (long)pos;
+            }
+        }
+        if (dropped > 0) {
+            return;
+        }
+        st->none_full_until = least;
+    }
+    if (best >= 0) {
         ls_delete(st, (size_t)best);
     }
 }
@@ -494,20 +572,37 @@ ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
  * number is an integer held in a double: timestamps ~1.8e15 < 2^53 are
  * exact, and the only division is floored (or ceiled for PX).  One TIME,
  * one GET per bucket, one SET per bucket of an allowed request (none for
- * cost 0, which changes no bucket); nd is reused across requests.  Numbers are written with %d: Redis would
- * otherwise format them with %.17g.  The expiry is PXAT ceil(TAT / 1 ms),
- * an absolute time on the clock TIME reads, so a key provably outlives its
- * debt; a relative PX would count from Redis's cached millisecond clock,
- * which lags TIME, and the bound would depend on that lag.  The shebang flag lets one call span
- * several Cluster slots of one node (Redis >= 7).
+ * cost 0, which changes no bucket); nd is reused across requests.  Numbers
+ * are written with %d: Redis would otherwise format them with %.17g.  The
+ * expiry is PXAT ceil(TAT / 1 ms), an absolute time on the clock TIME
+ * reads, so a key provably outlives its debt; a relative PX would count
+ * from Redis's cached millisecond clock, which lags TIME, and the bound
+ * would depend on that lag.  The shebang flag lets one call span several
+ * Cluster slots of one node (Redis >= 7).
+ *
+ * Each bucket comes with a floor: it holds at least that debt (time until
+ * full), whatever is stored - the debt the caller's local fallback store
+ * knows of (0: none).
+ *
+ * A stored value that is not a bucket (another type: GET fails with
+ * WRONGTYPE, caught by pcall; not a number; nan, inf, negative, or beyond
+ * 2^53) is treated as no bucket, i.e. full, and is overwritten by the next
+ * allowed charge: one bad key never fails the batch of other consumers.
  */
 const char tg_gcra_lua[] =
     "#!lua flags=allow-cross-slot-keys\n"
-    "local call, floor, ceil, fmt = redis.call, math.floor, math.ceil, string.format\n"
+    "local call, pcall, floor, ceil, fmt = redis.call, pcall, math.floor, math.ceil, string.format\n"
     "local tm = call('TIME')\n"
     "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
-    "local out, nd = {}, {}\n"
+    "local out, nd, hd = {}, {}, {}\n"
     "local a, k, o = 2, 0, 0\n"
+    "local function tat(key)\n"
+    "  local ok, v = pcall(call, 'GET', key)\n"
+    "  if not ok or type(v) ~= 'string' then return 0 end\n"
+    "  v = tonumber(v)\n"
+    "  if v == nil or v ~= v or v < 0 or v > 9007199254740991 then return 0 end\n"
+    "  return floor(v)\n"
+    "end\n"
     "for r = 1, tonumber(ARGV[1]) do\n"
     "  local nb, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
     "  a = a + 2\n"
@@ -517,9 +612,12 @@ const char tg_gcra_lua[] =
     "  for i = 1, nb do\n"
     "    local t = tonumber(ARGV[a])\n"
     "    local l = tonumber(ARGV[a + 1]) * t\n"
-    "    a = a + 2\n"
-    "    local held = (tonumber(call('GET', KEYS[k + i])) or 0) - now\n"
+    "    local held = tat(KEYS[k + i]) - now\n"
+    "    local f = tonumber(ARGV[a + 2])\n"
+    "    a = a + 3\n"
+    "    if held < f then held = f end\n"
     "    if held < 0 then held = 0 end\n"
+    "    hd[i] = held\n"
     "    local d = held + cost * t\n"
     "    nd[i] = d\n"
     "    local rem = 0\n"
@@ -542,10 +640,45 @@ const char tg_gcra_lua[] =
     "      end\n"
     "    end\n"
     "    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = 1, arem, 0, areset, aidx\n"
+    "    for i = 1, nb do out[o + 5 + i] = nd[i] end\n"
     "  else\n"
     "    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = 0, drem, retry, dreset, didx\n"
+    "    for i = 1, nb do out[o + 5 + i] = hd[i] end\n"
     "  end\n"
     "  k = k + nb\n"
-    "  o = o + 5\n"
+    "  o = o + 5 + nb\n"
     "end\n"
+    "out[o + 1] = now\n"
     "return out\n";
+
+/*
+ * Give back a charge whose answer came too late to count (the request was
+ * decided without it).  KEYS: its buckets; ARGV per key: cost*T and P, the
+ * TAT that charge wrote.  Each bucket loses at most cost*T and never more
+ * than the debt still ahead of P (P - now): what a later charge by someone
+ * else added stays (that charge can only have shrunk our share of the
+ * debt to no less than P - now).  Cluster: the keys of one call share a
+ * slot.
+ */
+const char tg_gcra_refund_lua[] =
+    "local tm = redis.call('TIME')\n"
+    "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
+    "for i = 1, #KEYS do\n"
+    "  local ok, v = pcall(redis.call, 'GET', KEYS[i])\n"
+    "  local tat = ok and tonumber(v) or nil\n"
+    "  local amount, p = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])\n"
+    "  if tat and tat == tat and tat > now and tat <= 9007199254740991 then\n"
+    "    local r = p - now\n"
+    "    if r > amount then r = amount end\n"
+    "    if r > 0 then\n"
+    "      local t = tat - r\n"
+    "      if t <= now then\n"
+    "        redis.call('DEL', KEYS[i])\n"
+    "      else\n"
+    "        redis.call('SET', KEYS[i], string.format('%d', t), 'PXAT',\n"
+    "                   string.format('%d', math.ceil(t / 1000)))\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return 0\n";

@@ -9,6 +9,7 @@
  */
 #include "tollgate/limiter.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -22,19 +23,46 @@
 #include "tollgate/target.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
-#define KCACHE_SLOTS       4096        /* key-store cache entries per worker */
+#define KCACHE_SETS        1024        /* key-store cache: sets per worker, */
+#define KCACHE_WAYS        4           /* ... of this many keys each */
+#define KNEG_SLOTS         4096        /* unknown keys remembered per worker */
+#define KPEND_SLOTS        1024        /* lookups in flight, per worker */
 
-/* A key learned from the Redis key store (auth.redis_keys), cached for
- * auth.cache_ttl_ms: a revoked key stops working within that time.
- * Misses are cached too, so unknown keys cannot hammer Redis. */
+/*
+ * The Redis key store (auth.redis_keys), per worker:
+ *   kcache  keys that exist (enabled or not), 4-way set associative,
+ *           trusted for auth.cache_ttl_ms; an expired entry is kept (and
+ *           speaks for its key while Redis cannot answer) until another
+ *           existing key needs its way.  Only existing keys enter it, so
+ *           a flood of random keys cannot push a valid key out;
+ *   kneg    keys Redis does not know, direct-mapped, same TTL: a miss
+ *           evicts only another miss;
+ *   kpend   lookups in flight: a second request for the same key waits for
+ *           the first one's HGET (one HGET per key per worker at a time).
+ * A lookup (a key in neither cache) is charged to a bucket of the client's
+ * address first (auth.unknown_key_limit): a flood of random keys costs
+ * Redis at most that many lookups per address per tollgate process.
+ */
 typedef struct kcache_entry {
     uint8_t  digest[32];
-    uint64_t expires_ms;          /* 0 = empty slot */
-    int      exists;
+    uint64_t expires_ms;          /* 0 = empty way */
+    int      exists;              /* 1 (kcache); 0 (kneg and malformed) */
     int      enabled;
     char     id[TG_KEY_ID_MAX + 1];
     char     tier[TG_TIER_MAX + 1];
 } kcache_entry;
+
+typedef struct kneg_entry {
+    uint8_t  digest[32];
+    uint64_t expires_ms;          /* 0 = empty */
+} kneg_entry;
+
+typedef struct kpend {
+    struct tg_limiter  *lim;
+    uint8_t             digest[32];
+    struct tg_redis_op *op;       /* NULL = free slot */
+    tg_limit_ctx       *waiters;  /* linked by ctx->kwait_next, in arrival order */
+} kpend;
 
 /*
  * The in-process store (store: local, and the Redis fallback) is ONE per
@@ -46,6 +74,7 @@ typedef struct kcache_entry {
 static pthread_once_t    local_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t   local_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct tg_lstore *local_store;
+static uint64_t          local_fallback_us;   /* last fallback charge (atomic) */
 
 static void
 local_init(void)
@@ -62,14 +91,72 @@ local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
     pthread_mutex_unlock(&local_mu);
 }
 
+/*
+ * The local store and Redis exchange debts (on_failure: local):
+ *   local_follow  each Redis answer raises the local buckets (time until
+ *                 full, measured from when the charge was sent: never
+ *                 later than Redis's own clock read), so a fault starts
+ *                 the fallback where Redis left off, not from full buckets;
+ *   local_floors  each charge tells Redis what the local buckets hold, so
+ *                 what the fallback admitted (this worker's during a fault,
+ *                 or another worker's that lost its connection) is not
+ *                 admitted again by Redis.
+ * Both are maxima, never sums: a bucket is never charged twice for one
+ * request.
+ */
+static void
+local_follow(const tg_limit_ctx *ctx, const tg_gcra_result *res)
+{
+    uint64_t sent = ctx->started_us, now = tg_now_us();
+
+    pthread_mutex_lock(&local_mu);
+    for (size_t i = 0; i < ctx->n; i++) {
+        if (res->held_us[i] > 0) {
+            tg_lstore_raise(local_store, ctx->keys[i], sent + res->held_us[i], now);
+        }
+    }
+    pthread_mutex_unlock(&local_mu);
+}
+
+/* The local debts of ctx's buckets, as floors for Redis; 0 without a
+ * look (no lock) when no fallback charge happened within the longest
+ * time a bucket of this request could stay in debt: then the local store
+ * holds only what it copied from Redis answers, which Redis has anyway. */
+static void
+local_floors(const tg_limit_ctx *ctx, unsigned instances, uint64_t *held)
+{
+    uint64_t now = tg_now_us(), last, span = 0;
+
+    for (size_t i = 0; i < ctx->n; i++) {
+        uint64_t l = (uint64_t)ctx->limits[i].burst * ctx->limits[i].interval_us * instances;
+        span = l > span ? l : span;
+        held[i] = 0;
+    }
+    last = __atomic_load_n(&local_fallback_us, __ATOMIC_RELAXED);
+    if (last == 0 || now > last + span) {
+        return;
+    }
+    pthread_mutex_lock(&local_mu);
+    for (size_t i = 0; i < ctx->n; i++) {
+        held[i] = tg_lstore_held(local_store, ctx->keys[i], now);
+    }
+    pthread_mutex_unlock(&local_mu);
+}
+
 struct tg_limiter {
     tg_conf            *conf;
+    tg_conf            *sconf;      /* as started: store and redis.* (a reload
+                                       changes them only at restart) */
     struct tg_keys     *keys;
     int                 enabled;
+    uint32_t            max_cost;   /* largest route cost (>= 1) */
     struct tg_redis    *redis;      /* store: redis */
+    struct tg_redis_op *probe;      /* breaker probe in flight (no traffic) */
     struct event_base  *base;
     tg_breaker          breaker;    /* over the Redis calls of this worker */
-    kcache_entry       *kcache;     /* auth.redis_keys, KCACHE_SLOTS entries */
+    kcache_entry       *kcache;     /* auth.redis_keys: KCACHE_SETS * WAYS */
+    kneg_entry         *kneg;       /* KNEG_SLOTS */
+    kpend              *kpend;      /* KPEND_SLOTS */
     struct tg_metrics_shard *shard; /* may be NULL */
     uint64_t            last_fail_ms;   /* a batch fails all its charges at once */
     uint64_t            seen_timeouts;  /* tg_redis_stats already counted */
@@ -98,13 +185,17 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
 static const tg_route_conf *route_for(const tg_conf *conf, const tg_http_req *req);
 static tg_rc charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req);
 static int use_key_store(const struct tg_limiter *lim);
-static tg_rc key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx,
-                              const tg_http_req *req);
+static tg_rc key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx);
 static const tg_http_hdr *find_header(const tg_http_req *req, const char *name);
 static void finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
+static void finish_impossible(tg_limit_ctx *ctx, size_t i);
 static void redis_done(void *arg, tg_rc rc, const tg_gcra_result *res);
 static void fallback(tg_limit_ctx *ctx);
+static void store_down(tg_limit_ctx *ctx, const char *why);
 static uint32_t ceil_s(uint64_t us);
+static uint32_t max_cost(const tg_conf *conf);
+static void client_net(const tg_conf *conf, const char *ip, char *out, size_t len);
+static void kpend_cancel(tg_limit_ctx *ctx);
 
 struct tg_limiter *
 tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
@@ -113,14 +204,18 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
     struct tg_limiter *lim = tg_xcalloc(1, sizeof(*lim));
 
     lim->conf = tg_conf_ref(conf);
+    lim->sconf = tg_conf_ref(conf);
     lim->keys = tg_keys_ref(keys);
     lim->base = base;
+    lim->max_cost = max_cost(conf);
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
                    || (conf->auth.redis_keys && conf->store == TG_STORE_REDIS);
     tg_breaker_init(&lim->breaker, &redis_breaker_conf);
     tg_breaker_set_hook(&lim->breaker, breaker_hook, lim);
     pthread_once(&local_once, local_init);
-    if (lim->enabled && conf->store == TG_STORE_REDIS) {
+    /* Whenever the store is Redis, even with no keys yet: a reload may
+     * turn auth on, and must then charge Redis, not local buckets. */
+    if (conf->store == TG_STORE_REDIS) {
         tg_redis_opts opts;
         struct addrinfo hints, *ai = NULL;
         int rc;
@@ -172,6 +267,7 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
 fail:
     tg_keys_unref(lim->keys);
     tg_conf_unref(lim->conf);
+    tg_conf_unref(lim->sconf);
     free(lim);
     return NULL;
 }
@@ -187,7 +283,10 @@ tg_limiter_destroy(struct tg_limiter *lim)
     }
     tg_keys_unref(lim->keys);
     tg_conf_unref(lim->conf);
+    tg_conf_unref(lim->sconf);
     free(lim->kcache);
+    free(lim->kneg);
+    free(lim->kpend);
     free(lim);
 }
 
@@ -199,10 +298,45 @@ tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
 
     lim->conf = tg_conf_ref(conf);
     lim->keys = tg_keys_ref(keys);
+    lim->max_cost = max_cost(conf);
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
                    || (conf->auth.redis_keys && lim->redis != NULL);
     tg_keys_unref(old_keys);
     tg_conf_unref(old_conf);
+}
+
+static void
+probe_done(void *arg, tg_rc rc, const tg_gcra_result *res)
+{
+    struct tg_limiter *lim = arg;
+
+    TG_UNUSED(res);
+    lim->probe = NULL;
+    if (rc == TG_OK) {
+        tg_breaker_success(&lim->breaker, tg_now_ms());
+    } else {
+        tg_breaker_failure(&lim->breaker, tg_now_ms());
+    }
+}
+
+/* An open breaker whose time is over is probed here, not only by the next
+ * request: a worker that gets no traffic (taken out of rotation by
+ * /readyz) must still find out that Redis is back. */
+static void
+probe(struct tg_limiter *lim)
+{
+    static const tg_gcra_limit one = { 1000000, 1 };
+    char key[TG_LIMIT_KEY_MAX];
+    const char *keys[1] = { key };
+    uint64_t now = tg_now_ms();
+
+    if (lim->probe != NULL || !tg_redis_ready(lim->redis)
+        || tg_breaker_state(&lim->breaker, now) != TG_BREAKER_HALF_OPEN
+        || !tg_breaker_allow(&lim->breaker, now)) {
+        return;
+    }
+    snprintf(key, sizeof(key), "%s{probe}:p", lim->sconf->redis.prefix);
+    lim->probe = tg_redis_charge(lim->redis, keys, &one, 1, 0, probe_done, lim);
 }
 
 void
@@ -210,6 +344,9 @@ tg_limiter_sample(struct tg_limiter *lim)
 {
     tg_redis_stats st;
 
+    if (lim->redis != NULL) {
+        probe(lim);
+    }
     if (lim->redis == NULL || lim->shard == NULL) {
         return;
     }
@@ -238,7 +375,9 @@ tg_limiter_breaker_state(struct tg_limiter *lim)
 int
 tg_limiter_store_ready(const struct tg_limiter *lim)
 {
-    return lim->redis == NULL || tg_redis_ready(lim->redis);
+    return lim->redis == NULL
+           || (tg_redis_ready(lim->redis)
+               && tg_breaker_state(&lim->breaker, tg_now_ms()) == TG_BREAKER_CLOSED);
 }
 
 int
@@ -293,9 +432,12 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     ctx->cb = cb;
     ctx->arg = arg;
     ctx->op = NULL;
+    ctx->kwait = NULL;
     if (!lim->enabled) {
         return TG_OK;
     }
+    /* One deadline for every Redis call of this request. */
+    ctx->deadline_us = tg_now_us() + (uint64_t)lim->sconf->redis.timeout_ms * 1000;
 
     /* identify */
     h = find_header(req, conf->auth.header ? conf->auth.header : "x-api-key");
@@ -317,7 +459,9 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
         tg_keys_hash(kv, klen, ctx->digest);
         key = tg_keys_find(lim->keys, ctx->digest);
         if (key == NULL && use_key_store(lim)) {
-            return key_store_lookup(lim, ctx, req);
+            ctx->req = req;
+            ctx->ip = client_ip;
+            return key_store_lookup(lim, ctx);
         }
         if (key == NULL) {
             deny(out, 401, "unknown API key");
@@ -332,7 +476,10 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
         snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
         snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
     } else if (kv == NULL && conf->auth.anonymous_tier != NULL) {
-        snprintf(out->consumer, sizeof(out->consumer), "anon:%s", client_ip);
+        char net[INET6_ADDRSTRLEN + 8];
+
+        client_net(conf, client_ip, net, sizeof(net));
+        snprintf(out->consumer, sizeof(out->consumer), "anon:%s", net);
         snprintf(out->tier, sizeof(out->tier), "%s", conf->auth.anonymous_tier);
     } else {
         deny(out, 401, kv == NULL ? "missing API key" : "unknown API key");
@@ -346,7 +493,7 @@ static tg_rc
 charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
 {
     const tg_conf *conf = lim->conf;
-    const char *prefix = conf->redis.prefix ? conf->redis.prefix : "tg:";
+    const char *prefix = lim->sconf->redis.prefix;
     tg_limit_outcome *out = ctx->out;
     const tg_tier_conf *tier;
     const tg_route_conf *route;
@@ -381,6 +528,16 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
     }
     ctx->n = n;
 
+    /* A cost above a capacity could never pass: refuse it without a
+     * Retry-After, which would be a lie (the config check makes this
+     * unreachable; kept as the last guard). */
+    for (size_t i = 0; i < n; i++) {
+        if (ctx->cost > ctx->limits[i].burst) {
+            finish_impossible(ctx, i);
+            return TG_OK;
+        }
+    }
+
     /* charge */
     if (lim->redis != NULL) {
         const char *keys[TG_LIMIT_MAX_BUCKETS];
@@ -388,6 +545,11 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
 
         if (!tg_breaker_allow(&lim->breaker, tg_now_ms())) {
             fallback(ctx);             /* open: no waiting on a dead store */
+            return TG_OK;
+        }
+        if (tg_now_us() >= ctx->deadline_us) {
+            tg_breaker_abandon(&lim->breaker, tg_now_ms());
+            fallback(ctx);             /* the key lookup used all the time */
             return TG_OK;
         }
         for (i = 0; i < n; i++) {
@@ -398,6 +560,13 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
         ctx->op = tg_redis_charge(lim->redis, keys, ctx->limits, n, ctx->cost,
                                   redis_done, ctx);
         if (ctx->op != NULL) {
+            tg_redis_op_deadline(ctx->op, ctx->deadline_us);
+            if (lim->sconf->redis.on_failure == TG_FAIL_LOCAL) {
+                uint64_t held[TG_LIMIT_MAX_BUCKETS];
+
+                local_floors(ctx, lim->sconf->redis.instances, held);
+                tg_redis_op_floor(ctx->op, held, n);
+            }
             return TG_AGAIN;
         }
         tg_breaker_failure(&lim->breaker, tg_now_ms());
@@ -420,13 +589,32 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
 void
 tg_limiter_cancel(tg_limit_ctx *ctx)
 {
+    kpend_cancel(ctx);
     if (ctx->op != NULL) {
         tg_redis_cancel(ctx->op);
         ctx->op = NULL;
-        if (ctx->op_charge) {
-            tg_breaker_abandon(&ctx->lim->breaker, tg_now_ms());
-        }
+        tg_breaker_abandon(&ctx->lim->breaker, tg_now_ms());
     }
+}
+
+/* The request costs more than bucket i can ever hold: 429 that says so,
+ * and no Retry-After (no wait would help). */
+static void
+finish_impossible(tg_limit_ctx *ctx, size_t i)
+{
+    tg_limit_outcome *out = ctx->out;
+    const tg_gcra_limit *l = &ctx->limits[i];
+
+    out->limited = 1;
+    memcpy(out->policy, ctx->names[i], sizeof(out->policy));
+    out->quota = l->burst;
+    out->window_s = ceil_s(l->interval_us * l->burst);
+    out->remaining = 0;
+    out->reset_s = 0;
+    out->status = 429;
+    out->error = "this request costs more tokens than the bucket can hold: "
+                 "it can never pass";
+    out->retry_s = 0;
 }
 
 /* Fill the outcome from a store result. */
@@ -470,6 +658,9 @@ redis_done(void *arg, tg_rc rc, const tg_gcra_result *res)
     }
     if (rc == TG_OK && res != NULL) {
         tg_breaker_success(&lim->breaker, now / 1000);
+        if (lim->sconf->redis.on_failure == TG_FAIL_LOCAL) {
+            local_follow(ctx, res);
+        }
         finish(ctx, res);
     } else {
         /* A batch that misses its deadline fails all its charges in one
@@ -497,29 +688,29 @@ fallback(tg_limit_ctx *ctx)
     size_t i;
 
     out->fallback = 1;
-    switch (lim->conf->redis.on_failure) {
+    switch (lim->sconf->redis.on_failure) {
     case TG_FAIL_ALLOW:
         out->status = 0;
         out->limited = 0;
         return;
     case TG_FAIL_DENY:
-        out->status = 503;
-        out->error = "rate limit store unavailable";
         out->limited = 0;
-        out->retry_s = 1;
+        store_down(ctx, "rate limit store unavailable");
         return;
     case TG_FAIL_LOCAL:
     default: {
         /* redis.instances: each instance keeps its share of every limit,
-         * so a fleet on local buckets stays near the global limit. */
-        unsigned k = lim->conf->redis.instances ? lim->conf->redis.instances : 1;
+         * so a fleet on local buckets stays near the global limit - but
+         * never below the largest cost that could pass the bucket (a
+         * smaller share would refuse that route for good). */
+        unsigned k = lim->sconf->redis.instances;
         tg_gcra_limit shared[TG_LIMIT_MAX_BUCKETS];
 
         for (i = 0; i < ctx->n; i++) {
             keys[i] = ctx->keys[i];
-            shared[i].interval_us = ctx->limits[i].interval_us * k;
-            shared[i].burst = ctx->limits[i].burst / k ? ctx->limits[i].burst / k : 1;
+            shared[i] = tg_gcra_share(ctx->limits[i], k, lim->max_cost);
         }
+        __atomic_store_n(&local_fallback_us, tg_now_us(), __ATOMIC_RELAXED);
         local_charge(keys, shared, ctx->n, ctx->cost, &res);
         if (k > 1) {
             memcpy(ctx->limits, shared, sizeof(shared[0]) * ctx->n);   /* headers */
@@ -552,7 +743,7 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
             return 0;
         }
     }
-    if (o->status == 429 || o->status == 503) {
+    if ((o->status == 429 || o->status == 503) && o->retry_s > 0) {
         m = snprintf(buf + n, len - (size_t)n, "Retry-After: %u\r\n", o->retry_s);
         if (m < 0 || (size_t)m >= len - (size_t)n) {
             return (size_t)n;
@@ -563,6 +754,67 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
 }
 
 /* ---- helpers ---------------------------------------------------------- */
+
+/* 503 while Redis cannot be asked: Retry-After is when this worker's
+ * breaker lets the next call through (1 s while it is closed or probing). */
+static void
+store_down(tg_limit_ctx *ctx, const char *why)
+{
+    tg_limit_outcome *out = ctx->out;
+    uint32_t s = ceil_s(tg_breaker_retry_ms(&ctx->lim->breaker, tg_now_ms()) * 1000);
+
+    out->status = 503;
+    out->error = why;
+    out->retry_s = s > 0 ? s : 1;
+}
+
+static uint32_t
+max_cost(const tg_conf *conf)
+{
+    uint32_t m = 1;
+
+    for (size_t i = 0; i < conf->nroutes; i++) {
+        if (conf->routes[i].cost > m) {
+            m = conf->routes[i].cost;
+        }
+    }
+    return m;
+}
+
+/*
+ * The network a client's own buckets are keyed by: an IPv4 address as
+ * is (IPv4-mapped IPv6 too: "::ffff:1.2.3.4" is 1.2.3.4), an IPv6 address
+ * by its first auth.anonymous_ipv6_prefix bits ("2001:db8:1:2::/64"):
+ * one holder of a /64 gets one bucket, not 2^64.
+ */
+static void
+client_net(const tg_conf *conf, const char *ip, char *out, size_t len)
+{
+    struct in6_addr a;
+    unsigned bits = conf->auth.anonymous_ipv6_prefix;
+    char txt[INET6_ADDRSTRLEN];
+
+    if (inet_pton(AF_INET6, ip, &a) != 1) {
+        snprintf(out, len, "%s", ip);
+        return;
+    }
+    if (IN6_IS_ADDR_V4MAPPED(&a)) {
+        if (inet_ntop(AF_INET, &a.s6_addr[12], txt, sizeof(txt)) != NULL) {
+            snprintf(out, len, "%s", txt);
+            return;
+        }
+    }
+    if (bits < 128) {
+        for (unsigned b = bits; b < 128; b++) {
+            a.s6_addr[b / 8] &= (uint8_t)~(0x80u >> (b % 8));
+        }
+    }
+    if (inet_ntop(AF_INET6, &a, txt, sizeof(txt)) == NULL) {
+        snprintf(out, len, "%s", ip);
+        return;
+    }
+    snprintf(out, len, "%s/%u", txt, bits);
+}
 
 static uint32_t
 ceil_s(uint64_t us)
@@ -615,16 +867,60 @@ use_key_store(const struct tg_limiter *lim)
     return lim->conf->auth.redis_keys && lim->redis != NULL;
 }
 
+/* The set of 4 ways where digest lives. */
 static kcache_entry *
-kcache_slot(struct tg_limiter *lim, const uint8_t digest[32])
+kcache_set(struct tg_limiter *lim, const uint8_t digest[32])
 {
     uint64_t h;
 
     if (lim->kcache == NULL) {
-        lim->kcache = tg_xcalloc(KCACHE_SLOTS, sizeof(*lim->kcache));
+        lim->kcache = tg_xcalloc((size_t)KCACHE_SETS * KCACHE_WAYS, sizeof(*lim->kcache));
+        lim->kneg = tg_xcalloc(KNEG_SLOTS, sizeof(*lim->kneg));
+        lim->kpend = tg_xcalloc(KPEND_SLOTS, sizeof(*lim->kpend));
     }
     memcpy(&h, digest, sizeof(h));            /* a SHA-256 is already uniform */
-    return &lim->kcache[h & (KCACHE_SLOTS - 1)];
+    return &lim->kcache[(h & (KCACHE_SETS - 1)) * KCACHE_WAYS];
+}
+
+/* digest's entry in the positive cache (fresh or not), or NULL. */
+static kcache_entry *
+kcache_find(struct tg_limiter *lim, const uint8_t digest[32])
+{
+    kcache_entry *set = kcache_set(lim, digest);
+
+    for (int w = 0; w < KCACHE_WAYS; w++) {
+        if (set[w].expires_ms != 0 && memcmp(set[w].digest, digest, 32) == 0) {
+            return &set[w];
+        }
+    }
+    return NULL;
+}
+
+/* A way for digest: its own, else an empty one, else the stalest. */
+static kcache_entry *
+kcache_way(struct tg_limiter *lim, const uint8_t digest[32])
+{
+    kcache_entry *set = kcache_set(lim, digest), *e = kcache_find(lim, digest);
+
+    if (e != NULL) {
+        return e;
+    }
+    e = &set[0];
+    for (int w = 1; w < KCACHE_WAYS && e->expires_ms != 0; w++) {
+        if (set[w].expires_ms < e->expires_ms) {
+            e = &set[w];
+        }
+    }
+    return e;
+}
+
+static kneg_entry *
+kneg_slot(struct tg_limiter *lim, const uint8_t digest[32])
+{
+    uint64_t h;
+
+    memcpy(&h, digest + 8, sizeof(h));
+    return &lim->kneg[h & (KNEG_SLOTS - 1)];
 }
 
 /* Who the key is, from a cache entry; TG_OK (decided or charged at once)
@@ -634,7 +930,7 @@ identify_cached(struct tg_limiter *lim, tg_limit_ctx *ctx, const kcache_entry *e
 {
     tg_limit_outcome *out = ctx->out;
 
-    if (!e->exists) {
+    if (e == NULL || !e->exists) {
         deny(out, 401, "unknown API key");
         return TG_OK;
     }
@@ -693,62 +989,186 @@ parse_key_value(const char *v, size_t len, kcache_entry *e)
     return 1;
 }
 
+/* A lookup of digest ended (rc, value): fill the caches, tell the breaker. */
 static void
-key_store_done(void *arg, tg_rc rc, const char *value, size_t len)
+key_store_fill(struct tg_limiter *lim, const uint8_t digest[32], tg_rc rc,
+               const char *value, size_t len)
 {
-    tg_limit_ctx *ctx = arg;
-    struct tg_limiter *lim = ctx->lim;
-    kcache_entry *e = kcache_slot(lim, ctx->digest);
+    uint64_t now = tg_now_ms();
+    kcache_entry tmp, *e;
+    kneg_entry *n;
 
-    ctx->op = NULL;
     if (rc != TG_OK) {
-        /* Unverifiable: a stale entry for this very key still speaks for
-         * it; otherwise nobody is let in unidentified. */
-        if (e->expires_ms != 0 && memcmp(e->digest, ctx->digest, 32) == 0) {
-            if (identify_cached(lim, ctx, e) == TG_AGAIN) {
-                return;
-            }
-        } else {
-            ctx->out->status = 503;
-            ctx->out->error = "API key store unavailable";
-            ctx->out->retry_s = 1;
-        }
+        tg_breaker_failure(&lim->breaker, now);
+        return;
+    }
+    tg_breaker_success(&lim->breaker, now);
+    memset(&tmp, 0, sizeof(tmp));
+    if (value != NULL && !parse_key_value(value, len, &tmp)) {
+        tg_warn("auth.redis_keys: a malformed entry in %skeys (expected "
+                "id:tier[:disabled])", lim->sconf->redis.prefix);
+    }
+    if (tmp.exists) {
+        e = kcache_way(lim, digest);
+        *e = tmp;
+        memcpy(e->digest, digest, 32);
+        e->expires_ms = now + lim->conf->auth.cache_ttl_ms;
+        return;
+    }
+    if ((e = kcache_find(lim, digest)) != NULL) {
+        e->expires_ms = 0;             /* gone from Redis: forget it */
+    }
+    n = kneg_slot(lim, digest);
+    memcpy(n->digest, digest, 32);
+    n->expires_ms = now + lim->conf->auth.cache_ttl_ms;
+}
+
+/* Decide one request from the cache after its lookup ended (rc: the
+ * lookup's), and call it back unless it is now charging in Redis. */
+static void
+key_store_resume(struct tg_limiter *lim, tg_limit_ctx *ctx, tg_rc rc)
+{
+    kcache_entry *e = kcache_find(lim, ctx->digest);
+
+    if (rc != TG_OK && e == NULL) {
+        /* Unverifiable and never seen: nobody is let in unidentified. */
+        store_down(ctx, "API key store unavailable");
         ctx->cb(ctx->arg);
         return;
     }
-    memset(e, 0, sizeof(*e));
-    memcpy(e->digest, ctx->digest, 32);
-    e->expires_ms = tg_now_ms() + lim->conf->auth.cache_ttl_ms;
-    if (value != NULL && !parse_key_value(value, len, e)) {
-        tg_warn("auth.redis_keys: a malformed entry in %skeys (expected id:tier[:disabled])",
-                lim->conf->redis.prefix);
-        e->exists = 0;
-    }
+    /* A stale entry of this very key speaks for it while Redis cannot. */
     if (identify_cached(lim, ctx, e) == TG_AGAIN) {
         return;                        /* charging: redis_done calls back */
     }
     ctx->cb(ctx->arg);
 }
 
-static tg_rc
-key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
+/* The lookup of a kpend slot: every request waiting on it resumes. */
+static void
+key_store_done(void *arg, tg_rc rc, const char *value, size_t len)
 {
-    kcache_entry *e = kcache_slot(lim, ctx->digest);
-    char field[65], key[TG_LIMIT_KEY_MAX];
+    kpend *p = arg;
+    struct tg_limiter *lim = p->lim;
+    tg_limit_ctx *ctx, *next;
 
-    ctx->req = req;
-    if (e->expires_ms > tg_now_ms() && memcmp(e->digest, ctx->digest, 32) == 0) {
+    ctx = p->waiters;
+    p->waiters = NULL;
+    p->op = NULL;
+    key_store_fill(lim, p->digest, rc, value, len);
+    for (; ctx != NULL; ctx = next) {
+        next = ctx->kwait_next;
+        ctx->kwait = NULL;
+        ctx->kwait_next = NULL;
+        key_store_resume(lim, ctx, rc);
+    }
+}
+
+/* A lookup of one request's own (its kpend slot was busy with another key). */
+static void
+key_store_single(void *arg, tg_rc rc, const char *value, size_t len)
+{
+    tg_limit_ctx *ctx = arg;
+
+    ctx->op = NULL;
+    key_store_fill(ctx->lim, ctx->digest, rc, value, len);
+    key_store_resume(ctx->lim, ctx, rc);
+}
+
+/* The request is gone while waiting for a lookup: leave the waiters
+ * (the lookup itself goes on and fills the cache). */
+static void
+kpend_cancel(tg_limit_ctx *ctx)
+{
+    kpend *p = ctx->kwait;
+    tg_limit_ctx **link;
+
+    if (p == NULL) {
+        return;
+    }
+    for (link = &p->waiters; *link != NULL; link = &(*link)->kwait_next) {
+        if (*link == ctx) {
+            *link = ctx->kwait_next;
+            break;
+        }
+    }
+    ctx->kwait = NULL;
+    ctx->kwait_next = NULL;
+}
+
+/* Join the lookup of this key in flight, or start one (after charging the
+ * client's address for it).  TG_OK: decided now; TG_AGAIN: cb later. */
+static tg_rc
+key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx)
+{
+    const tg_conf *conf = lim->conf;
+    kcache_entry *e = kcache_find(lim, ctx->digest);
+    kneg_entry *n = kneg_slot(lim, ctx->digest);
+    uint64_t now = tg_now_ms(), h;
+    char field[65], key[TG_LIMIT_KEY_MAX], net[INET6_ADDRSTRLEN + 8];
+    const char *keys[1] = { key };
+    tg_gcra_limit ul;
+    tg_gcra_result res;
+    kpend *p;
+
+    if (e != NULL && e->expires_ms > now) {
         return identify_cached(lim, ctx, e);
     }
-    tg_keys_hex(ctx->digest, field);
-    snprintf(key, sizeof(key), "%skeys", lim->conf->redis.prefix);
-    ctx->op_charge = 0;
-    ctx->op = tg_redis_hget(lim->redis, key, field, key_store_done, ctx);
-    if (ctx->op == NULL) {
-        ctx->out->status = 503;
-        ctx->out->error = "API key store unavailable";
-        ctx->out->retry_s = 1;
+    if (e == NULL && n->expires_ms > now && memcmp(n->digest, ctx->digest, 32) == 0) {
+        deny(ctx->out, 401, "unknown API key");
         return TG_OK;
     }
+    memcpy(&h, ctx->digest + 16, sizeof(h));
+    p = &lim->kpend[h & (KPEND_SLOTS - 1)];
+    if (p->op != NULL && memcmp(p->digest, ctx->digest, 32) == 0) {
+        tg_limit_ctx **link = &p->waiters;       /* one HGET per key */
+
+        while (*link != NULL) {
+            link = &(*link)->kwait_next;
+        }
+        *link = ctx;
+        ctx->kwait = p;
+        ctx->kwait_next = NULL;
+        return TG_AGAIN;
+    }
+    if (!tg_breaker_allow(&lim->breaker, now)) {
+        /* Redis is out: a stale entry speaks for its key, else 503. */
+        if (e != NULL) {
+            return identify_cached(lim, ctx, e);
+        }
+        store_down(ctx, "API key store unavailable");
+        return TG_OK;
+    }
+    /* Lookups per client address (auth.unknown_key_limit). */
+    client_net(conf, ctx->ip, net, sizeof(net));
+    snprintf(key, sizeof(key), "%s{lookup:%s}:u", lim->sconf->redis.prefix, net);
+    ul = tg_gcra_per_minute(conf->auth.unknown_key_limit.requests_per_minute,
+                            conf->auth.unknown_key_limit.burst_limit);
+    local_charge(keys, &ul, 1, 1, &res);
+    if (!res.allowed) {
+        tg_breaker_abandon(&lim->breaker, now);
+        if (e != NULL) {
+            return identify_cached(lim, ctx, e);  /* known, if not fresh */
+        }
+        ctx->out->status = 429;
+        ctx->out->error = "too many unknown API keys from this address";
+        ctx->out->retry_s = ceil_s(res.retry_us) ? ceil_s(res.retry_us) : 1;
+        return TG_OK;
+    }
+    tg_keys_hex(ctx->digest, field);
+    snprintf(key, sizeof(key), "%skeys", lim->sconf->redis.prefix);
+    if (p->op != NULL) {
+        /* The slot serves another key: this one is looked up on its own. */
+        ctx->op_charge = 0;
+        ctx->op = tg_redis_hget(lim->redis, key, field, key_store_single, ctx);
+        tg_redis_op_deadline(ctx->op, ctx->deadline_us);
+        return TG_AGAIN;
+    }
+    p->lim = lim;
+    memcpy(p->digest, ctx->digest, 32);
+    p->waiters = ctx;
+    ctx->kwait = p;
+    ctx->kwait_next = NULL;
+    p->op = tg_redis_hget(lim->redis, key, field, key_store_done, p);
+    tg_redis_op_deadline(p->op, ctx->deadline_us);
     return TG_AGAIN;
 }

@@ -727,6 +727,7 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
     char keys[512] = "";
     size_t i, n = 0;
     int listen_same = old->nlisten == nc->nlisten;
+    char store[256];
 
 #define RESTART_ONLY(differs, name)                                           \
     do {                                                                      \
@@ -761,18 +762,6 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
                  || old->upstream.health_check.healthy != nc->upstream.health_check.healthy
                  || old->upstream.health_check.unhealthy != nc->upstream.health_check.unhealthy,
                  "upstream.health_check");
-    RESTART_ONLY(old->store != nc->store, "store");
-    RESTART_ONLY(!str_eq(old->redis.url, nc->redis.url), "redis.url");
-    RESTART_ONLY(!str_eq(old->redis.prefix, nc->redis.prefix), "redis.prefix");
-    RESTART_ONLY(old->redis.timeout_ms != nc->redis.timeout_ms, "redis.timeout_ms");
-    RESTART_ONLY(old->redis.max_batch != nc->redis.max_batch, "redis.max_batch");
-    RESTART_ONLY(!str_eq(old->redis.sentinel_master, nc->redis.sentinel_master)
-                 || !addrs_eq(old->redis.sentinels, old->redis.nsentinels,
-                              nc->redis.sentinels, nc->redis.nsentinels),
-                 "redis.sentinel");
-    RESTART_ONLY(!addrs_eq(old->redis.cluster_nodes, old->redis.ncluster_nodes,
-                           nc->redis.cluster_nodes, nc->redis.ncluster_nodes),
-                 "redis.cluster");
     RESTART_ONLY(old->metrics.statsd_enabled != nc->metrics.statsd_enabled
                  || (nc->metrics.statsd_enabled
                      && (!addr_eq(&old->metrics.statsd, &nc->metrics.statsd)
@@ -784,6 +773,10 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
 #undef RESTART_ONLY
     if (n != 0) {
         tg_warn("SIGHUP: kept until the next restart (changed in the file): %s", keys);
+    }
+    if (tg_conf_store_diff(old, nc, store, sizeof(store)) > 0) {
+        tg_warn("SIGHUP: %s changed: the store keeps its settings as started "
+                "until the next restart", store);
     }
 }
 

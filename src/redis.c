@@ -117,8 +117,10 @@ struct tg_redis_op {
     uint16_t            slot1;    /* Cluster slot of the current call's keys */
     uint16_t            slot2;    /* ... of phase 2 */
     uint32_t            cost;
+    uint64_t            deadline_us;  /* answered TG_ERR at this tg_now_us() */
     tg_gcra_result      res1;     /* phase 1 answer (indices mapped) */
     tg_gcra_limit       lim[TG_CHARGE_MAX_BUCKETS];
+    uint64_t            floor_us[TG_CHARGE_MAX_BUCKETS];  /* held at least (0) */
     uint32_t            len[TG_CHARGE_MAX_BUCKETS];   /* of each string */
     char                str[];    /* n NUL-terminated strings back to back */
 };
@@ -318,11 +320,14 @@ static void batch_fail(struct tg_redis_batch *b);
 static void batch_free(struct tg_redis_batch *b);
 static void batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata);
 static void batch_timeout_cb(evutil_socket_t fd, short what, void *arg);
+static int batch_arm(struct tg_redis_batch *b, uint64_t now);
 static int batch_redirect(struct tg_redis_batch *b, const redisReply *rep);
 static void deliver_charges(struct tg_redis_batch *b, const redisReply *reply);
 static void deliver_hget(struct tg_redis_batch *b, const redisReply *reply);
 static void op_fail(struct tg_redis *r, struct tg_redis_op *op);
 static void op_refund(struct tg_redis *r, struct tg_redis_op *op);
+static void late_refund(struct tg_redis *r, struct tg_rnode *nd, const struct tg_redis_op *op,
+                        const tg_gcra_result *part, uint64_t script_now);
 static int op_live(const struct tg_redis_op *op);
 static struct tg_redis_op *op_new(enum tg_redis_kind kind, const char *const *s, size_t n);
 static const char *op_key(const struct tg_redis_op *op, size_t k);
@@ -734,6 +739,7 @@ tg_redis_charge(struct tg_redis *r, const char *const *keys, const tg_gcra_limit
     op->cost = cost;
     op->charge_cb = cb;
     op->arg = arg;
+    op->deadline_us = tg_now_us() + (uint64_t)r->opts.timeout_ms * 1000;
     queue_op(r, op);
     return op;
 }
@@ -749,8 +755,25 @@ tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
     op->slot1 = (uint16_t)tg_redis_key_slot(op->str, op->len[0]);
     op->str_cb = cb;
     op->arg = arg;
+    op->deadline_us = tg_now_us() + (uint64_t)r->opts.timeout_ms * 1000;
     queue_op(r, op);
     return op;
+}
+
+void
+tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n)
+{
+    if (op != NULL && op->kind == TG_OP_CHARGE && n <= op->n) {
+        memcpy(op->floor_us, held_us, n * sizeof(*held_us));
+    }
+}
+
+void
+tg_redis_op_deadline(struct tg_redis_op *op, uint64_t deadline_us)
+{
+    if (op != NULL && deadline_us < op->deadline_us) {
+        op->deadline_us = deadline_us;
+    }
 }
 
 void
@@ -1632,7 +1655,7 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
             free(op);
             continue;
         }
-        if (op->kind == TG_OP_CHARGE && op->n == 0) {
+        if ((op->kind == TG_OP_CHARGE && op->n == 0) || op->deadline_us <= tg_now_us()) {
             op_fail(r, op);
             free(op);
             continue;
@@ -1729,8 +1752,7 @@ batch_start(struct tg_redis_batch *b)
     }
     r->inflight = b;
     event_assign(b->timer, r->base, -1, 0, batch_timeout_cb, b);
-    event_add(b->timer, r->call_tv);
-    b->timer_set = 1;
+    batch_arm(b, tg_now_us());
     if (batch_send(b) != TG_OK) {
         batch_fail(b);
         batch_free(b);
@@ -1760,8 +1782,8 @@ batch_send(struct tg_redis_batch *b)
         argc = 3;
         nnum = 0;
     } else {
-        argc = 3 + b->nkeys + 1 + 2 * b->nops + 2 * b->nkeys;
-        nnum = 1 + 1 + 2 * b->nops + 2 * b->nkeys;
+        argc = 3 + b->nkeys + 1 + 2 * b->nops + 3 * b->nkeys;
+        nnum = 1 + 1 + 2 * b->nops + 3 * b->nkeys;
     }
     if (argc > r->argcap) {
         r->argcap = argc * 2;
@@ -1812,6 +1834,7 @@ batch_send(struct tg_redis_batch *b)
                 if (op->mask & (1u << k)) {
                     TG_NUM(op->lim[k].interval_us);
                     TG_NUM(op->lim[k].burst);
+                    TG_NUM(op->floor_us[k]);
                 }
             }
         }
@@ -1891,6 +1914,9 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply *rep = reply;
 
     if (b->done || rep == NULL) {
+        if (rep != NULL && b->kind == TG_OP_CHARGE && rep->type == REDIS_REPLY_ARRAY) {
+            deliver_charges(b, rep);    /* late: what it charged is given back */
+        }
         batch_fail(b);          /* no-op if done */
         batch_free(b);
         return;
@@ -1986,15 +2012,57 @@ batch_redirect(struct tg_redis_batch *b, const redisReply *rep)
     return 1;
 }
 
+/* Arm the batch's timer for the earliest deadline of its live ops (each
+ * request has one deadline for all its Redis calls); 0 if none is left. */
+static int
+batch_arm(struct tg_redis_batch *b, uint64_t now)
+{
+    uint64_t next = UINT64_MAX, us;
+    struct timeval tv;
+
+    for (struct tg_redis_op *op = b->ops; op != NULL; op = op->next) {
+        if (op_live(op) && op->deadline_us < next) {
+            next = op->deadline_us;
+        }
+    }
+    if (next == UINT64_MAX) {
+        return 0;
+    }
+    us = next > now ? next - now : 0;
+    tv.tv_sec = (time_t)(us / 1000000);
+    tv.tv_usec = (suseconds_t)(us % 1000000);
+    event_add(b->timer, &tv);
+    b->timer_set = 1;
+    return 1;
+}
+
 static void
 batch_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_redis_batch *b = arg;
     struct tg_redis *r = b->r;
+    uint64_t now = tg_now_us();
+    int later = 0;
 
     b->timer_set = 0;
     if (b->done) {
         return;
+    }
+    /* Ops whose deadline is still ahead (a request that came with more
+     * time left) keep waiting for the reply. */
+    for (struct tg_redis_op *op = b->ops; op != NULL; op = op->next) {
+        later |= op_live(op) && op->deadline_us > now + 500;
+    }
+    if (later) {
+        for (struct tg_redis_op *op = b->ops; op != NULL; op = op->next) {
+            if (op_live(op) && op->deadline_us <= now + 500) {
+                r->stats.timeouts++;
+                op_fail(r, op);
+            }
+        }
+        if (batch_arm(b, now)) {
+            return;
+        }
     }
     r->stats.timeouts++;
     batch_fail(b);              /* the batch waits for its reply or NULL */
@@ -2039,52 +2107,71 @@ combine(const tg_gcra_result *a, const tg_gcra_result *b, uint32_t cost,
     }
 }
 
+/* One request's answer, elements e[0..5+nb) of the script's reply, into
+ * res (bucket indices mapped through op->mask); 0 if it is not a valid
+ * answer (then only this request fails). */
+static int
+charge_answer(redisReply *const *e, const struct tg_redis_op *op, tg_gcra_result *res)
+{
+    int nb = __builtin_popcount(op->mask);
+
+    for (int k = 0; k < 5 + nb; k++) {
+        if (e[k]->type != REDIS_REPLY_INTEGER || e[k]->integer < 0) {
+            return 0;
+        }
+    }
+    if (e[0]->integer > 1 || e[4]->integer >= nb) {
+        return 0;
+    }
+    res->allowed = (int)e[0]->integer;
+    res->remaining = e[1]->integer > UINT32_MAX ? UINT32_MAX : (uint32_t)e[1]->integer;
+    res->retry_us = (uint64_t)e[2]->integer;
+    res->reset_us = (uint64_t)e[3]->integer;
+    res->limiting = mask_index(op->mask, e[4]->integer);
+    for (int j = 0; j < nb; j++) {
+        res->held_us[mask_index(op->mask, j)] = (uint64_t)e[5 + j]->integer;
+    }
+    return 1;
+}
+
 static void
 deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
 {
     struct tg_redis *r = b->r;
     struct tg_redis_op *op, **link, *again = NULL, **again_tail = &again;
     tg_gcra_result res, part;
-    size_t i;
+    uint64_t script_now = 0;
+    size_t i, nb;
 
     if (rep->type == REDIS_REPLY_ERROR) {
         tg_warn("redis: charge script failed: %.200s", rep->str);
         goto fail;
     }
-    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops) {
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops + b->nkeys + 1) {
         tg_warn("redis: charge script reply: type %d with %zu elements, "
                 "expected an array of %zu", rep->type,
                 rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
-                5 * b->nops);
+                5 * b->nops + b->nkeys + 1);
         goto fail;
     }
-    for (i = 0, op = b->ops; op != NULL; op = op->next, i += 5) {
-        redisReply *const *e = rep->element + i;
-        for (size_t k = 0; k < 5; k++) {
-            if (e[k]->type != REDIS_REPLY_INTEGER || e[k]->integer < 0) {
-                tg_warn("redis: charge script reply: element %zu is not a "
-                        "non-negative integer", i + k);
-                goto fail;
-            }
-        }
-        if (e[0]->integer > 1 || e[4]->integer >= __builtin_popcount(op->mask)) {
-            tg_warn("redis: charge script reply: request %zu out of range", i / 5);
-            goto fail;
-        }
+    if (rep->element[rep->elements - 1]->type == REDIS_REPLY_INTEGER
+        && rep->element[rep->elements - 1]->integer > 0) {
+        script_now = (uint64_t)rep->element[rep->elements - 1]->integer;
     }
 
     b->done = 1;
     /* Phase 1 parts that passed leave the batch for phase 2 (requeued
      * after the loop, so a callback's new ops keep their order). */
-    for (i = 0, link = &b->ops; (op = *link) != NULL; i += 5) {
-        redisReply *const *e = rep->element + i;
+    for (i = 0, link = &b->ops; (op = *link) != NULL; i += 5 + nb) {
         tg_redis_charge_cb cb;
 
-        part.allowed = (int)e[0]->integer;
-        part.remaining = e[1]->integer > UINT32_MAX ? UINT32_MAX : (uint32_t)e[1]->integer;
-        part.retry_us = (uint64_t)e[2]->integer;
-        part.reset_us = (uint64_t)e[3]->integer;
-        part.limiting = mask_index(op->mask, e[4]->integer);
+        nb = (size_t)__builtin_popcount(op->mask);
+        if (!charge_answer(rep->element + i, op, &part)) {
+            tg_warn("redis: charge script reply: request %zu out of range", i);
+            link = &op->next;
+            op_fail(r, op);
+            continue;
+        }
 
         if (op->phase == 1 && part.allowed) {
             op->res1 = part;
@@ -2104,6 +2191,10 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         }
         if (op->phase == 2) {
             combine(&op->res1, &part, op->cost, &res);
+            for (size_t k = 0; k < op->n; k++) {
+                res.held_us[k] = op->mask1 & (1u << k) ? op->res1.held_us[k]
+                                                       : part.held_us[k];
+            }
             if (!res.allowed) {
                 op_refund(r, op);
             }
@@ -2114,6 +2205,11 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         link = &op->next;
         cb = op->charge_cb;
         if (cb == NULL) {
+            /* Answered after its deadline (or cancelled): the request was
+             * decided without this charge, so give it back. */
+            if (part.allowed && script_now > 0) {
+                late_refund(r, b->node, op, &part, script_now);
+            }
             continue;
         }
         op->charge_cb = NULL;
@@ -2242,6 +2338,55 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
             argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
                                              (unsigned long long)op->lim[k].interval_us);
             argv[argc++] = num[j++];
+        }
+    }
+    if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {
+        r->stats.refunds++;
+    }
+}
+
+/*
+ * Give back what a charge answered too late added (tg_gcra_refund_lua):
+ * for each bucket sent, at most cost*T and never more than its debt left
+ * (P - now, P = the TAT this charge wrote), and only while that debt is
+ * still there.  Fire and forget on the node that answered: a lost refund
+ * only makes that consumer wait longer.
+ */
+static void
+late_refund(struct tg_redis *r, struct tg_rnode *nd, const struct tg_redis_op *op,
+            const tg_gcra_result *part, uint64_t script_now)
+{
+    const char *argv[3 + 3 * TG_CHARGE_MAX_BUCKETS];
+    size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nk = 0;
+    char num[1 + 2 * TG_CHARGE_MAX_BUCKETS][TG_REDIS_NUMLEN];
+    size_t nn = 0;
+
+    if (r->destroying || op->cost == 0 || !node_usable(nd)) {
+        return;
+    }
+    argv[argc] = "EVAL";
+    argvlen[argc++] = 4;
+    argv[argc] = tg_gcra_refund_lua;
+    argvlen[argc++] = strlen(tg_gcra_refund_lua);
+    argv[argc++] = num[nn++];                       /* numkeys: below */
+    for (size_t k = 0; k < op->n; k++) {
+        if (op->mask & (1u << k)) {
+            argv[argc] = op_key(op, k);
+            argvlen[argc++] = op->len[k];
+            nk++;
+        }
+    }
+    argvlen[2] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
+    for (size_t k = 0; k < op->n; k++) {
+        if (op->mask & (1u << k)) {
+            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
+                                             (unsigned long long)op->cost
+                                             * op->lim[k].interval_us);
+            argv[argc++] = num[nn++];
+            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
+                                             (unsigned long long)(script_now
+                                                                  + part->held_us[k]));
+            argv[argc++] = num[nn++];
         }
     }
     if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {

@@ -174,6 +174,12 @@ typedef struct tg_conf {
                                          client IP; NULL = keyless gets 401 */
         int       redis_keys;         /* also HGET <prefix>keys <sha256>; default 0 */
         unsigned  cache_ttl_ms;       /* Redis key lookups cached this long; 30000 */
+        unsigned  anonymous_ipv6_prefix;   /* anonymous buckets per IPv6 /N; 64 */
+        struct {                      /* Redis lookups of keys this worker does
+                                         not know, per client IP: a bucket */
+            uint32_t requests_per_minute;   /* 60 */
+            uint32_t burst_limit;           /* 20 */
+        } unknown_key_limit;
     } auth;
 
     tg_route_conf   *routes;          /* routes:, in file order (first match wins) */
@@ -228,6 +234,11 @@ tg_conf *tg_conf_load_string(const char *name, const char *text, size_t len,
 
 tg_conf *tg_conf_ref(tg_conf *conf);
 void     tg_conf_unref(tg_conf *conf);
+
+/* The store settings (store, redis.*) that differ between a and b, as
+ * "redis.prefix, redis.timeout_ms" into buf (truncated to len); returns
+ * how many differ.  A running process keeps its store as started. */
+size_t tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t len);
 
 /* Find a tier by name; NULL if none. */
 const tg_tier_conf *tg_conf_tier(const tg_conf *conf, const char *name);

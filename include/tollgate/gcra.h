@@ -24,6 +24,8 @@
 
 #include "tollgate/common.h"
 
+#define TG_GCRA_MAX_BUCKETS 8     /* buckets per request */
+
 typedef struct tg_gcra_limit {
     uint64_t interval_us;         /* T: microseconds per token, >= 1 */
     uint32_t burst;               /* capacity, >= 1 */
@@ -33,6 +35,14 @@ typedef struct tg_gcra_limit {
 tg_gcra_limit tg_gcra_per_minute(uint32_t requests_per_minute, uint32_t burst);
 tg_gcra_limit tg_gcra_per_second(uint32_t requests_per_second, uint32_t burst);
 
+/*
+ * One instance's share of l when `instances` share it on local buckets
+ * (the Redis fallback, redis.instances): T * instances, burst / instances
+ * - but never below the largest cost that could pass l (max_cost, capped
+ * at l.burst), since a smaller burst would refuse that cost for good.
+ */
+tg_gcra_limit tg_gcra_share(tg_gcra_limit l, unsigned instances, uint32_t max_cost);
+
 /* The outcome of charging one request to all of its buckets. */
 typedef struct tg_gcra_result {
     int      allowed;             /* 1: every bucket had room; all charged */
@@ -40,6 +50,10 @@ typedef struct tg_gcra_result {
     uint64_t retry_us;            /* denied: wait at least this long (0 if allowed) */
     uint64_t reset_us;            /* until the tightest bucket is full again */
     int      limiting;            /* index of the tightest bucket (for headers) */
+    uint64_t held_us[TG_GCRA_MAX_BUCKETS];   /* per bucket: time until full again,
+                                    after this request (allowed) or now (denied);
+                                    lets the local store continue where Redis
+                                    left off (the fallback) */
 } tg_gcra_result;
 
 /*
@@ -74,9 +88,10 @@ struct tg_lstore;
 
 /* A store for one worker thread (no locks).  max_entries bounds memory
  * (values below 16 are raised to 16): when full, expired buckets are
- * evicted first, then the one closest to full among a few scanned -
- * forgetting a bucket that is not full admits extra requests, so size
- * max_entries for the live keys.  tg_lstore_destroy(NULL) is a no-op. */
+ * evicted first (the whole table is searched for them before a bucket
+ * that is not full is dropped), then the one closest to full - forgetting
+ * a bucket that is not full admits extra requests, so size max_entries
+ * for the live keys.  tg_lstore_destroy(NULL) is a no-op. */
 struct tg_lstore *tg_lstore_create(size_t max_entries);
 void tg_lstore_destroy(struct tg_lstore *st);
 
@@ -89,6 +104,15 @@ void tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
                       const tg_gcra_limit *lim, size_t n, uint32_t cost,
                       uint64_t now_us, tg_gcra_result *res);
 
+/* Raise key's TAT to at least tat (insert it when absent and tat > now):
+ * the fallback store follows the answers of Redis, so that a fault does
+ * not hand every active key a fresh burst. */
+void tg_lstore_raise(struct tg_lstore *st, const char *key, uint64_t tat,
+                     uint64_t now_us);
+
+/* Time until key's bucket is full again (0: full or absent). */
+uint64_t tg_lstore_held(const struct tg_lstore *st, const char *key, uint64_t now_us);
+
 /* Buckets held now (tests, metrics). */
 size_t tg_lstore_size(const struct tg_lstore *st);
 
@@ -100,9 +124,15 @@ size_t tg_lstore_entry_bytes(void);
  * requests in one call, with Redis TIME as the clock.
  *   KEYS: every bucket key of every request, in order.
  *   ARGV: nreq, then per request: nbuckets, cost, then per bucket:
- *         interval_us, burst.
- *   Reply: flat array, 5 integers per request:
- *         allowed (0/1), remaining, retry_us, reset_us, limiting index.
+ *         interval_us, burst, floor_us (the bucket holds at least this
+ *         much debt - time until full - whatever is stored; 0 = none).
+ *   Reply: flat array; per request 5 + nbuckets integers:
+ *         allowed (0/1), remaining, retry_us, reset_us, limiting index,
+ *         then held_us of each bucket (as tg_gcra_result); after the last
+ *         request one more integer: the script's now (Redis TIME, us).
+ *   A stored value that is not a bucket (another type, not a finite
+ *   number in 0..2^53) counts as no bucket (full) and is overwritten by
+ *   the next allowed charge.
  * Each request is all-or-nothing over its own buckets; requests of one
  * batch are independent and applied in order.  Keys are written with
  * PXAT = the first millisecond at or after their TAT (when the bucket is
@@ -110,5 +140,13 @@ size_t tg_lstore_entry_bytes(void);
  * request (a look) writes nothing.  Needs Redis >= 7 (script flags).
  */
 extern const char tg_gcra_lua[];
+
+/*
+ * Give back a charge answered after its deadline (the request was decided
+ * without it).  KEYS: the buckets; ARGV per key: cost*T, then P (the TAT
+ * that charge wrote).  Each loses at most cost*T, never more than its
+ * debt beyond now (P - now).
+ */
+extern const char tg_gcra_refund_lua[];
 
 #endif

@@ -58,7 +58,11 @@ typedef struct tg_limit_ctx {
     struct tg_redis_op *op;                        /* pending Redis call */
     int                 op_charge;                 /* op is a charge (breaker) */
     uint64_t            started_us;                /* for the Redis latency */
+    uint64_t            deadline_us;               /* of all its Redis calls */
+    void               *kwait;                     /* key lookup waited on */
+    struct tg_limit_ctx *kwait_next;               /* ... its next waiter */
     const tg_http_req  *req;                       /* during a key-store lookup */
+    const char         *ip;                        /* ... and the client's address */
     uint8_t             digest[32];                /* the key, hashed */
     size_t              n;
     uint32_t            cost;
@@ -85,8 +89,9 @@ struct tg_limiter *tg_limiter_create(struct event_base *base, tg_conf *conf,
 void tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys);
 void tg_limiter_destroy(struct tg_limiter *lim);
 
-/* 1 when the bucket store can answer (always, unless store: redis and
- * the worker's connection is not up). */
+/* 1 when the bucket store answers requests (always, unless store: redis
+ * and the worker's connection is not up or its breaker is not closed:
+ * then requests get the on_failure policy). */
 int tg_limiter_store_ready(const struct tg_limiter *lim);
 
 /* 1 when requests are identified and charged at all (keys file or an
@@ -110,7 +115,9 @@ struct tg_metrics_shard;
 void tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard);
 
 /* Worker's periodic sample (every 50 ms): Redis client counters that are
- * per call (deadlines missed, NOSCRIPT recoveries) into the shard. */
+ * per call (deadlines missed, NOSCRIPT recoveries) into the shard; and a
+ * breaker whose open time is over is probed (a cost-0 charge) even
+ * without traffic, so readiness comes back by itself. */
 void tg_limiter_sample(struct tg_limiter *lim);
 
 /* State of the Redis breaker: 0 closed, 1 open, 2 half-open (-1: no Redis). */

@@ -92,7 +92,26 @@ struct tg_redis_op *tg_redis_charge(struct tg_redis *r, const char *const *keys,
                                     const tg_gcra_limit *lim, size_t n, uint32_t cost,
                                     tg_redis_charge_cb cb, void *arg);
 
-/* The requester is gone: cb will not be called; op is invalid after. */
+/*
+ * Bring op's deadline forward to deadline_us (tg_now_us() clock; it is
+ * never moved later).  An op's deadline is redis.timeout_ms after it was
+ * queued unless set here; the caller sets it right after queueing, so one
+ * deadline covers all the Redis calls of one request (key lookup, charge,
+ * Cluster's second call).  Past it, cb gets TG_ERR.
+ */
+void tg_redis_op_deadline(struct tg_redis_op *op, uint64_t deadline_us);
+
+/*
+ * Charge op's buckets as if each held at least held_us[i] (time until
+ * full, 0 = no floor): the debt the local fallback store knows of, so
+ * that what the fallback admitted is not admitted again by Redis.  Call
+ * right after tg_redis_charge.
+ */
+void tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n);
+
+/* The requester is gone: cb will not be called; op is invalid after.  A
+ * charge already sent is given back when its answer says it was applied
+ * (as is any charge answered after its deadline). */
 void tg_redis_cancel(struct tg_redis_op *op);
 
 /*
@@ -117,7 +136,8 @@ typedef struct tg_redis_stats {
     uint64_t switches;             /* Sentinel: +switch-master seen for us */
     uint64_t redirects;            /* Cluster: MOVED/ASK followed */
     uint64_t map_refreshes;        /* Cluster: CLUSTER SLOTS answered */
-    uint64_t refunds;              /* Cluster: first part given back */
+    uint64_t refunds;              /* given back: Cluster first parts, and
+                                      charges answered late or cancelled */
 } tg_redis_stats;
 void tg_redis_get_stats(const struct tg_redis *r, tg_redis_stats *st);
 

@@ -7,7 +7,7 @@ TG_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TG_PACKAGES=(
     meson ninja-build pkg-config gcc
     libevent-dev libevhtp-dev libhiredis-dev libssl-dev libyaml-dev
-    libcurl4-openssl-dev libcriterion-dev libsystemd-dev clang
+    libcurl4-openssl-dev libcriterion-dev libsystemd-dev clang libclang-rt-14-dev
     redis-server python3-fastapi python3-uvicorn curl openssl
 )
 

@@ -176,3 +176,43 @@ Test(cli, every_shipped_config_passes, .init = mktmp, .fini = rmtmp)
     closedir(d);
     cr_assert(n >= 2, "expected conf/tollgate.yaml and conf/demo.yaml, found %d", n);
 }
+
+/* Every bucket a route's requests meet: a cost above its capacity could
+ * never pass, so -t refuses it at the cost, with FILE:LINE:COL. */
+Test(cli, impossible_cost_is_refused, .init = mktmp, .fini = rmtmp)
+{
+    static const struct { const char *yaml, *pos, *what; } cases[] = {
+        { "rate_limits:\n  basic: { requests_per_minute: 100, burst_limit: 20 }\n"
+          "  free:  { requests_per_minute: 10, burst_limit: 5 }\n"
+          "routes:\n  - { name: export, path: /export, cost: 6 }\n",
+          "c0.yaml:7:42", "rate_limits.free.burst_limit (5)" },
+        { "auth: { anonymous_tier: anon }\n"
+          "rate_limits:\n  anon: { requests_per_minute: 60, burst_limit: 1 }\n"
+          "routes:\n  - { name: w, method: POST, path: /w, cost: 2 }\n",
+          "c1.yaml:7:46", "the anonymous tier" },
+        { "routes:\n  - name: export\n    path: /export\n    cost: 10\n"
+          "    limit: { requests_per_minute: 60, burst_limit: 6 }\n",
+          "c2.yaml:6:11", "its own limit.burst_limit (6)" },
+        { "global_limit: { requests_per_second: 10, burst: 3 }\n"
+          "routes:\n  - { name: export, path: /export, cost: 4 }\n",
+          "c3.yaml:5:42", "global_limit.burst (3)" },
+    };
+    char name[32];
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char *text = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&text, &len);
+
+        fprintf(f, "listen: [ { address: 127.0.0.1:18080 } ]\n"
+                   "upstream: { servers: [127.0.0.1:18000] }\n%s", cases[i].yaml);
+        fclose(f);
+        snprintf(name, sizeof(name), "c%zu.yaml", i);
+        write_file(name, text);
+        free(text);
+        cr_assert_eq(sh("%s -t -c %s/%s", bin(), tmpdir, name), 1, "%s", out);
+        cr_assert(strstr(out, cases[i].pos) != NULL, "case %zu: %s", i, out);
+        cr_assert(strstr(out, cases[i].what) != NULL, "case %zu: %s", i, out);
+        cr_assert(strstr(out, "could ever pass") != NULL, "case %zu: %s", i, out);
+    }
+}

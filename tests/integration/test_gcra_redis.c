@@ -39,8 +39,12 @@ typedef struct req {
     tg_gcra_limit lim[MAX_REQ_BUCKETS];
 } req;
 
+/* Floors of the next run_batch, one per key in order (NULL: all 0). */
+static const uint64_t *batch_floor;
+
 static pid_t redis_pid = -1;
 static redisContext *rc;
+static int redis_port;
 
 /* ---- process ------------------------------------------------------------ */
 
@@ -145,6 +149,7 @@ try_start(int port)
                     return -1;
                 }
                 redisSetTimeout(rc, (struct timeval){ 10, 0 });
+                redis_port = port;
                 return 0;
             }
         }
@@ -191,6 +196,8 @@ TestSuite(gcra_redis, .init = redis_start, .fini = redis_stop, .timeout = 120);
 
 /* ---- script calls ------------------------------------------------------ */
 
+static uint64_t last_now;        /* the script's clock in the last reply */
+
 /* Run reqs[0..nreq) as one EVAL (or EVALSHA sha), results into out. */
 static void
 run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
@@ -204,7 +211,7 @@ run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
 
     for (i = 0; i < nreq; i++) {
         nkeys += reqs[i].n;
-        nargs += 2 + 2 * reqs[i].n;
+        nargs += 2 + 3 * reqs[i].n;
     }
     argv = calloc(3 + nkeys + nargs, sizeof(*argv));
     owned = calloc(2 + nargs, sizeof(*owned));
@@ -227,6 +234,7 @@ run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
         for (b = 0; b < reqs[i].n; b++) {
             argv[argc++] = OWN("%" PRIu64, reqs[i].lim[b].interval_us);
             argv[argc++] = OWN("%" PRIu32, reqs[i].lim[b].burst);
+            argv[argc++] = OWN("%" PRIu64, batch_floor ? *batch_floor++ : 0);
         }
     }
 #undef OWN
@@ -235,18 +243,25 @@ run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
     cr_assert_not_null(r, "redis: %s", rc->errstr);
     cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "reply type %d: %s", r->type,
                  r->type == REDIS_REPLY_ERROR ? r->str : "");
-    cr_assert_eq(r->elements, 5 * nreq);
-    for (i = 0; i < nreq; i++) {
-        for (b = 0; b < 5; b++) {
-            cr_assert_eq(r->element[5 * i + b]->type, REDIS_REPLY_INTEGER);
+    cr_assert_eq(r->elements, 5 * nreq + nkeys + 1);
+    for (i = 0, argc = 0; i < nreq; i++) {
+        redisReply **e = r->element + argc;
+        for (b = 0; b < 5 + reqs[i].n; b++) {
+            cr_assert_eq(e[b]->type, REDIS_REPLY_INTEGER);
         }
-        out[i].allowed = (int)r->element[5 * i]->integer;
-        out[i].remaining = (uint32_t)r->element[5 * i + 1]->integer;
-        out[i].retry_us = (uint64_t)r->element[5 * i + 2]->integer;
-        out[i].reset_us = (uint64_t)r->element[5 * i + 3]->integer;
-        out[i].limiting = (int)r->element[5 * i + 4]->integer;
+        out[i].allowed = (int)e[0]->integer;
+        out[i].remaining = (uint32_t)e[1]->integer;
+        out[i].retry_us = (uint64_t)e[2]->integer;
+        out[i].reset_us = (uint64_t)e[3]->integer;
+        out[i].limiting = (int)e[4]->integer;
+        for (b = 0; b < reqs[i].n; b++) {
+            out[i].held_us[b] = (uint64_t)e[5 + b]->integer;
+        }
         cr_assert(out[i].allowed == 0 || out[i].allowed == 1);
+        argc += 5 + reqs[i].n;
     }
+    cr_assert_eq(r->element[argc]->type, REDIS_REPLY_INTEGER);
+    last_now = (uint64_t)r->element[argc]->integer;
     freeReplyObject(r);
     for (i = 0; i < nowned; i++) {
         free(owned[i]);
@@ -610,4 +625,318 @@ Test(gcra_redis, memory_per_bucket, .timeout = 240)
                 "like tg:{ak_00000000}:tier, with expiry); MEMORY USAGE of one: "
                 "%lld", (after - before) / N, N, one);
     cr_assert_lt((after - before) / N, 200);
+}
+
+/* ---- bad values and floors ------------------------------------------------ */
+
+/* A stored value that is not a bucket (another type, not a finite number
+ * in 0..2^53) is no bucket: the request passes as on a full bucket, the
+ * others of the batch are untouched, and the value is replaced. */
+Test(gcra_redis, bad_values_are_no_bucket)
+{
+    static const char *const bad[] = {
+        "tg:{nan}:t", "tg:{inf}:t", "tg:{big}:t", "tg:{neg}:t", "tg:{abc}:t",
+        "tg:{lst}:t", "tg:{hsh}:t", "tg:{ok}:t",
+    };
+    tg_gcra_limit l = tg_gcra_per_second(1, 10);
+    req q[8];
+    tg_gcra_result res[8];
+    redisReply *r;
+
+    freeReplyObject(redisCommand(rc, "SET %s nan", bad[0]));
+    freeReplyObject(redisCommand(rc, "SET %s inf", bad[1]));
+    freeReplyObject(redisCommand(rc, "SET %s 1e300", bad[2]));
+    freeReplyObject(redisCommand(rc, "SET %s -5", bad[3]));
+    freeReplyObject(redisCommand(rc, "SET %s abc", bad[4]));
+    freeReplyObject(redisCommand(rc, "RPUSH %s x", bad[5]));
+    freeReplyObject(redisCommand(rc, "HSET %s f v", bad[6]));
+    for (int i = 0; i < 8; i++) {
+        q[i] = (req){ 1, 3, { bad[i] }, { l } };
+    }
+    run_batch(NULL, q, 8, res);
+    for (int i = 0; i < 8; i++) {
+        cr_assert(res[i].allowed, "%s", bad[i]);
+        cr_assert_eq(res[i].remaining, 7, "%s: %u", bad[i], res[i].remaining);
+        cr_assert_eq(res[i].held_us[0], 3000000, "%s", bad[i]);
+        r = redisCommand(rc, "TYPE %s", bad[i]);
+        cr_assert_str_eq(r->str, "string", "%s", bad[i]);
+        freeReplyObject(r);
+        cr_assert_eq(get_u64(bad[i]), last_now + 3000000, "%s", bad[i]);
+    }
+}
+
+/* A floor is debt the bucket holds at least; 0 is none. */
+Test(gcra_redis, floor_raises_the_debt)
+{
+    tg_gcra_limit l = tg_gcra_per_second(1, 10);    /* L = 10 s */
+    req q = { 1, 1, { "tg:{fl}:t" }, { l } };
+    static const uint64_t f1[] = { 9000000 }, f2[] = { 9500000 }, f3[] = { 1 };
+    tg_gcra_result res;
+
+    batch_floor = f1;                   /* 9 s held: one token left */
+    run_batch(NULL, &q, 1, &res);
+    batch_floor = NULL;
+    cr_assert(res.allowed);
+    cr_assert_eq(res.remaining, 0);
+    cr_assert_eq(res.held_us[0], 10000000);
+    batch_floor = f2;                   /* below what is stored: no effect */
+    run_batch(NULL, &q, 1, &res);
+    batch_floor = NULL;
+    cr_assert(!res.allowed);
+    cr_assert(res.retry_us > 900000 && res.retry_us <= 1000000, "%" PRIu64, res.retry_us);
+    batch_floor = f3;
+    q.keys[0] = "tg:{fl2}:t";
+    run_batch(NULL, &q, 1, &res);
+    batch_floor = NULL;
+    cr_assert(res.allowed);
+    cr_assert_eq(res.held_us[0], 1000001);
+}
+
+/* ---- property: admitted <= burst + rate * t over every window ------------ */
+
+static void refund(const char *key, uint64_t amount, uint64_t p);
+
+/*
+ * Three connections (three instances) pipeline random batches: random
+ * buckets (limits, bursts), random costs (0 .. above the burst), random
+ * floors, replies read late and out of order, some allowed answers given
+ * back (late: tg_gcra_refund_lua) and then not counted.  Every answer carries the
+ * script's clock; per bucket, the admitted costs in every window [t_i,
+ * t_j] of admitted requests must be <= burst + floor((t_j - t_i) / T).
+ */
+typedef struct prop_ev {
+    uint64_t t;
+    uint32_t cost;
+    uint8_t  nb, b[3];
+} prop_ev;
+
+static int
+prop_cmp(const void *a, const void *b)
+{
+    const prop_ev *x = a, *y = b;
+    return x->t < y->t ? -1 : x->t > y->t;
+}
+
+Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
+{
+    enum { NB = 6, NCONN = 3, ROUNDS = 600, MAXREQ = 8, MAXPEND = 4 };
+    static const char *names[NB] = {
+        "tg:{p1}:t", "tg:{p1}:r:x", "tg:{p2}:t", "tg:{p3}:t", "tg:{global}:g", "tg:{p4}:t",
+    };
+    tg_gcra_limit lk[NB];
+    redisContext *c[NCONN];
+    /* per connection: the batches sent, not yet read */
+    struct pend { int nreq; prop_ev ev[MAXREQ]; } pend[NCONN][MAXPEND];
+    int npend[NCONN] = { 0 };
+    prop_ev *all = calloc(ROUNDS * MAXREQ, sizeof(*all));
+    size_t nall = 0, admitted = 0, denied = 0, impossible = 0, refunded = 0;
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
+
+#define RND(n) (rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17, rng % (n))
+    cr_assert_not_null(all);
+    for (int i = 0; i < NB; i++) {
+        lk[i].interval_us = 500 + RND(20000);
+        lk[i].burst = 1 + (uint32_t)RND(12);
+    }
+    for (int i = 0; i < NCONN; i++) {
+        c[i] = redisConnect("127.0.0.1", redis_port);
+        cr_assert(c[i] != NULL && !c[i]->err);
+    }
+    for (int round = 0; round < ROUNDS; round++) {
+        int k = (int)RND(NCONN);
+
+        if (npend[k] == MAXPEND || (npend[k] > 0 && RND(3) == 0)) {
+            /* read this connection's oldest reply (late, out of order) */
+            struct pend *p = &pend[k][0];
+            redisReply *r;
+            size_t e = 0;
+
+            cr_assert_eq(redisGetReply(c[k], (void **)&r), REDIS_OK);
+            cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "%s",
+                         r->type == REDIS_REPLY_ERROR ? r->str : "");
+            for (int q = 0; q < p->nreq; q++) {
+                int allowed = (int)r->element[e]->integer;
+                uint32_t maxb = 0;
+                for (int b = 0; b < p->ev[q].nb; b++) {
+                    if (lk[p->ev[q].b[b]].burst > maxb)
+                        maxb = lk[p->ev[q].b[b]].burst;
+                }
+                for (int b = 0; b < p->ev[q].nb; b++) {
+                    if (p->ev[q].cost > lk[p->ev[q].b[b]].burst) {
+                        cr_assert(!allowed, "a cost above a burst passed");
+                        impossible++;
+                        break;
+                    }
+                }
+                if (!allowed) {
+                    cr_assert_gt(r->element[e + 2]->integer, 0, "denied, retry 0");
+                    denied++;
+                }
+                if (allowed && RND(8) == 0) {
+                    /* answered "late": given back, not admitted */
+                    uint64_t now_s = (uint64_t)r->element[r->elements - 1]->integer;
+                    for (int b = 0; b < p->ev[q].nb; b++) {
+                        int dup = 0;
+                        for (int b2 = 0; b2 < b; b2++) {
+                            dup |= p->ev[q].b[b2] == p->ev[q].b[b];
+                        }
+                        if (!dup) {
+                            const tg_gcra_limit *l = &lk[p->ev[q].b[b]];
+                            refund(names[p->ev[q].b[b]], (uint64_t)p->ev[q].cost * l->interval_us,
+                                   now_s + (uint64_t)r->element[e + 5 + b]->integer);
+                        }
+                    }
+                    refunded++;
+                    allowed = 0;
+                }
+                e += 5 + p->ev[q].nb;
+                if (allowed) {
+                    p->ev[q].t = 0;     /* filled below */
+                    all[nall] = p->ev[q];
+                    all[nall++].t = 1;  /* mark */
+                    admitted++;
+                }
+            }
+            /* the script's clock: the last element */
+            for (size_t j = nall; j > 0 && all[j - 1].t == 1; j--) {
+                all[j - 1].t = (uint64_t)r->element[e]->integer;
+            }
+            freeReplyObject(r);
+            memmove(&pend[k][0], &pend[k][1], (size_t)(npend[k] - 1) * sizeof(pend[k][0]));
+            npend[k]--;
+        } else {
+            struct pend *p = &pend[k][npend[k]++];
+            const char *argv[3 + MAXREQ * 3 + 1 + MAXREQ * 11];
+            size_t argvlen[TG_ARRAY_LEN(argv)];
+            char nums[1 + MAXREQ * 11][24];
+            int argc = 0, nn = 0, nkeys = 0;
+
+            p->nreq = 1 + (int)RND(MAXREQ);
+            for (int q = 0; q < p->nreq; q++) {
+                prop_ev *ev = &p->ev[q];
+                ev->nb = (uint8_t)(1 + RND(3));
+                for (int b = 0; b < ev->nb; b++) {
+                    ev->b[b] = (uint8_t)RND(NB);
+                }
+                ev->cost = RND(10) == 0 ? (uint32_t)RND(15) : 1;
+                nkeys += ev->nb;
+            }
+#define NUM(v) (snprintf(nums[nn], 24, "%llu", (unsigned long long)(v)), \
+                argv[argc] = nums[nn], argvlen[argc++] = strlen(nums[nn++]))
+            argv[argc] = "EVAL"; argvlen[argc++] = 4;
+            argv[argc] = tg_gcra_lua; argvlen[argc++] = strlen(tg_gcra_lua);
+            NUM(nkeys);
+            for (int q = 0; q < p->nreq; q++) {
+                for (int b = 0; b < p->ev[q].nb; b++) {
+                    argv[argc] = names[p->ev[q].b[b]];
+                    argvlen[argc++] = strlen(names[p->ev[q].b[b]]);
+                }
+            }
+            NUM(p->nreq);
+            for (int q = 0; q < p->nreq; q++) {
+                NUM(p->ev[q].nb);
+                NUM(p->ev[q].cost);
+                for (int b = 0; b < p->ev[q].nb; b++) {
+                    const tg_gcra_limit *l = &lk[p->ev[q].b[b]];
+                    NUM(l->interval_us);
+                    NUM(l->burst);
+                    /* a floor now and then: debt a local store knew of */
+                    NUM(RND(8) == 0 ? RND(l->interval_us * l->burst + 1) : 0);
+                }
+            }
+#undef NUM
+            cr_assert_eq(redisAppendCommandArgv(c[k], argc, argv, argvlen), REDIS_OK);
+            cr_assert_eq(redisBufferWrite(c[k], &(int){ 0 }), REDIS_OK);
+        }
+        if (RND(4) == 0) {
+            sleep_us(RND(3000));
+        }
+    }
+    for (int k = 0; k < NCONN; k++) {
+        redisFree(c[k]);                /* unread replies: applied anyway... */
+    }
+    /* ... so the bound below covers only what we read: it must hold for a
+     * subset too, since every admitted request only adds debt. */
+    qsort(all, nall, sizeof(*all), prop_cmp);
+    for (int bk = 0; bk < NB; bk++) {
+        uint64_t t = lk[bk].interval_us;
+        for (size_t i = 0; i < nall; i++) {
+            uint64_t sum = 0;
+            int in_i = 0;
+            for (int b = 0; b < all[i].nb; b++) {
+                in_i |= all[i].b[b] == bk;
+            }
+            if (!in_i) {
+                continue;
+            }
+            for (size_t j = i; j < nall; j++) {
+                int in = 0;
+                for (int b = 0; b < all[j].nb; b++) {
+                    in += all[j].b[b] == bk;
+                }
+                if (!in) {
+                    continue;
+                }
+                sum += all[j].cost;     /* a key twice in one request: once */
+                cr_assert_leq(sum, lk[bk].burst + (all[j].t - all[i].t) / t,
+                              "bucket %d: %" PRIu64 " tokens admitted in %" PRIu64
+                              " us (burst %u, T %" PRIu64 ")", bk, sum,
+                              all[j].t - all[i].t, lk[bk].burst, t);
+            }
+        }
+    }
+    cr_log_info("property: %zu admitted, %zu denied (%zu with a cost above a burst), "
+                "%zu given back as late, over %d batches on %d connections", admitted,
+                denied, impossible, refunded, ROUNDS, NCONN);
+    cr_assert_gt(admitted, 200);
+    cr_assert_gt(denied, 200);
+    free(all);
+#undef RND
+}
+
+/* ---- the late refund -------------------------------------------------------- */
+
+static void
+refund(const char *key, uint64_t amount, uint64_t p)
+{
+    redisReply *r = redisCommand(rc, "EVAL %s 1 %s %llu %llu", tg_gcra_refund_lua, key,
+                                 (unsigned long long)amount, (unsigned long long)p);
+    cr_assert_not_null(r);
+    cr_assert_eq(r->type, REDIS_REPLY_INTEGER, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
+    freeReplyObject(r);
+}
+
+/* A charge answered too late is given back, but only its own debt: a
+ * charge by someone else after it keeps its tokens. */
+Test(gcra_redis, late_refund_gives_back_only_its_own)
+{
+    tg_gcra_limit l = tg_gcra_per_second(1, 10);    /* T = 1 s */
+    tg_gcra_result a, b;
+    uint64_t pa;
+
+    a = charge("tg:{lr}:t", l, 3);
+    cr_assert(a.allowed);
+    pa = last_now + a.held_us[0];
+    refund("tg:{lr}:t", 3 * l.interval_us, pa);
+    cr_assert_eq(int_cmd("EXISTS %s", "tg:{lr}:t"), 0, "a full bucket is no key");
+
+    a = charge("tg:{lr}:t", l, 3);                  /* ours: 3 */
+    pa = last_now + a.held_us[0];
+    b = charge("tg:{lr}:t", l, 2);                  /* someone else's: 2 */
+    cr_assert(b.allowed);
+    refund("tg:{lr}:t", 3 * l.interval_us, pa);
+    b = charge("tg:{lr}:t", l, 0);                  /* a look */
+    cr_assert(b.remaining >= 7 && b.remaining <= 8, "remaining %u: only ours back",
+              b.remaining);
+    /* two late charges given back in either order: nothing is left */
+    for (int order = 0; order < 2; order++) {
+        uint64_t p1, p2;
+        a = charge("tg:{lr2}:t", l, 2);
+        p1 = last_now + a.held_us[0];
+        a = charge("tg:{lr2}:t", l, 3);
+        p2 = last_now + a.held_us[0];
+        refund("tg:{lr2}:t", (order ? 3 : 2) * l.interval_us, order ? p2 : p1);
+        refund("tg:{lr2}:t", (order ? 2 : 3) * l.interval_us, order ? p1 : p2);
+        cr_assert_eq(int_cmd("EXISTS %s", "tg:{lr2}:t"), 0, "order %d", order);
+    }
 }

@@ -602,6 +602,56 @@ Test(conf_errors, duplicate_route_name)
                  "routes[2].name: duplicate route name \"leads\" (first at 6:13)");
 }
 
+/* A cost above any bucket a route's requests meet could never pass: the
+ * cost is the error, wherever the smaller capacity was written. */
+Test(conf_errors, route_cost_above_a_burst)
+{
+    /* a tier (keys may name any tier) */
+    expect_error(MIN "rate_limits:\n"
+                 "  basic: { requests_per_minute: 100, burst_limit: 20 }\n"
+                 "  tiny:  { requests_per_minute: 10, burst_limit: 3 }\n"
+                 "routes:\n  - { name: exp, path: /x, cost: 4 }\n", "9:34",
+                 "routes[0].cost: cost 4 of route \"exp\" is above "
+                 "rate_limits.tiny.burst_limit (3): no such request could ever pass");
+    /* the anonymous tier */
+    expect_error(MIN "auth: { anonymous_tier: anon }\n"
+                 "rate_limits:\n  anon: { requests_per_minute: 60, burst_limit: 2 }\n"
+                 "routes:\n  - name: exp\n    path: /x\n    cost: 3\n", "11:11",
+                 "rate_limits.anon.burst_limit (the anonymous tier) (2)");
+    /* the route's own bucket, written before the cost */
+    expect_error(MIN "routes:\n  - name: exp\n    path: /x\n"
+                 "    limit: { requests_per_minute: 60, burst_limit: 9 }\n"
+                 "    cost: 10\n", "9:11",
+                 "cost 10 of route \"exp\" is above its own limit.burst_limit (9)");
+    /* the global bucket */
+    expect_error(MIN "global_limit: { requests_per_second: 100, burst: 5 }\n"
+                 "routes:\n  - { name: exp, path: /x, cost: 6 }\n", "7:34",
+                 "is above global_limit.burst (5)");
+    /* equal is fine: one such request passes a full bucket */
+    tg_conf_unref(expect_ok(MIN "rate_limits:\n"
+                            "  t: { requests_per_minute: 10, burst_limit: 6 }\n"
+                            "global_limit: { requests_per_second: 100, burst: 6 }\n"
+                            "routes:\n  - name: exp\n    path: /x\n    cost: 6\n"
+                            "    limit: { requests_per_minute: 60, burst_limit: 6 }\n"));
+}
+
+/* Token intervals are whole microseconds: a rate that rounding would cut
+ * by more than 1% is refused, with the nearest exact ones. */
+Test(conf_errors, rate_that_whole_microseconds_cannot_keep)
+{
+    expect_error(MIN "global_limit: { requests_per_second: 400000, burst: 1000 }\n",
+                 "5:38", "global_limit.requests_per_second: 400000 cannot be kept: "
+                 "a token comes every whole microsecond, so it would be 333333; the "
+                 "nearest rates kept exactly are 333333 and 500000");
+    expect_error(MIN "rate_limits:\n  t: { requests_per_minute: 45000000, burst_limit: 5 }\n",
+                 "6:29", "rate_limits.t.requests_per_minute: 45000000 cannot be kept");
+    tg_conf_unref(expect_ok(MIN "global_limit: { requests_per_second: 500000, burst: 9 }\n"
+                            "rate_limits:\n"
+                            "  a: { requests_per_minute: 600000, burst_limit: 5 }\n"
+                            "  b: { requests_per_minute: 60000000, burst_limit: 5 }\n"
+                            "  c: { requests_per_minute: 123457, burst_limit: 5 }\n"));
+}
+
 Test(conf_errors, route_missing_required)
 {
     expect_error(MIN "routes:\n  - name: leads\n    cost: 2\n", "6:5",
@@ -872,13 +922,13 @@ Test(conf, auth_and_routes)
         "  - name: leads_export\n"
         "    method: POST\n"
         "    path: /leads/export\n"
-        "    cost: 1000\n"
+        "    cost: 5\n"
         "    limit: { requests_per_minute: 6000, burst_limit: 2000 }\n"
         "  - { name: leads-write, method: POST, path: /leads, cost: 2 }\n"
         "  - name: leads_read\n"
         "    method: GET\n"
         "    path: /leads\n"
-        "    limit: { requests_per_minute: 100000000, burst_limit: 1 }\n"
+        "    limit: { requests_per_minute: 60000000, burst_limit: 1 }\n"
         "  - { name: v2, path: \"/v2/~x%20y\" }\n");
     const tg_route_conf *r;
 
@@ -896,7 +946,7 @@ Test(conf, auth_and_routes)
     cr_assert_str_eq(r->name, "leads_export");
     cr_assert_str_eq(r->method, "POST");
     cr_assert_str_eq(r->path, "/leads/export");
-    cr_assert_eq(r->cost, 1000);
+    cr_assert_eq(r->cost, 5);
     cr_assert_eq(r->has_limit, 1);
     cr_assert_eq(r->requests_per_minute, 6000);
     cr_assert_eq(r->burst_limit, 2000);
@@ -911,7 +961,7 @@ Test(conf, auth_and_routes)
     cr_assert_str_eq(r->method, "GET");
     cr_assert_eq(r->cost, 1);
     cr_assert_eq(r->has_limit, 1);
-    cr_assert_eq(r->requests_per_minute, 100000000);
+    cr_assert_eq(r->requests_per_minute, 60000000);
     cr_assert_eq(r->burst_limit, 1);
     r = &conf->routes[3];
     cr_assert_str_eq(r->name, "v2");
@@ -1521,4 +1571,26 @@ Test(conf_alerts, errors)
     expect_error(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
                  "  rules:\n    redis_down: { after: 5 }\n", "8:19",
                  "unknown key \"after\"");
+}
+
+/* What a reload would change in the store section, field by field (the
+ * running process keeps its store as started and names each one). */
+Test(conf, store_diff_names_every_changed_field)
+{
+    tg_conf *a = expect_ok(MIN "redis: { url: \"redis://127.0.0.1:6379/0\" }\n");
+    tg_conf *b = expect_ok(MIN "redis: { url: \"redis://127.0.0.1:6379/0\" }\n");
+    tg_conf *c = expect_ok(MIN "store: local\n"
+                           "redis: { url: \"redis://127.0.0.1:6380/0\", timeout_ms: 9, "
+                           "on_failure: deny, prefix: \"x:\", max_batch: 4, instances: 2,"
+                           " cluster: { nodes: [127.0.0.1:7000] } }\n");
+    char buf[256];
+
+    cr_assert_eq(tg_conf_store_diff(a, b, buf, sizeof(buf)), 0);
+    cr_assert_str_eq(buf, "");
+    cr_assert_eq(tg_conf_store_diff(a, c, buf, sizeof(buf)), 8);
+    cr_assert_str_eq(buf, "store, redis.url, redis.timeout_ms, redis.on_failure, "
+                     "redis.prefix, redis.max_batch, redis.instances, redis.cluster");
+    tg_conf_unref(a);
+    tg_conf_unref(b);
+    tg_conf_unref(c);
 }

@@ -772,3 +772,156 @@ Test(lstore, many_keys_bounded)
     tg_lstore_destroy(big);
     tg_lstore_destroy(small);
 }
+
+/* ---- the Redis fallback: local buckets following Redis --------------------- */
+
+/*
+ * A model of one worker: Redis (the pure step on its own TATs) answers
+ * while it is up; during faults the local store decides.  Each answer
+ * raises the local buckets (tg_lstore_raise), each charge carries the
+ * local debt to Redis as a floor; some answers are lost after Redis
+ * applied them (late replies: the request goes to the fallback too).
+ * Whatever the interleaving, the admitted requests keep the bound over
+ * every window; without lost answers every decision is that of ONE
+ * bucket (the exact reference): no fault hands out an extra burst.
+ */
+static void
+fallback_run(uint64_t seed, int lost_answers)
+{
+    enum { N = 3000 };
+    static const char *names[2] = { "tg:{k}:t", "tg:{global}:g" };
+    tg_gcra_limit l[2];
+    uint64_t tat_r[2] = { 0, 0 }, tat_ref[2] = { 0, 0 }, now = T0;
+    struct tg_lstore *st = tg_lstore_create(64);
+    arrival *arr = calloc(N, sizeof(*arr));
+    size_t nb, i, j, b, exact = 0;
+    int up = 1;
+
+    cr_assert_not_null(arr);
+    rng_state = seed;
+    nb = 1 + seed % 2;
+    l[0] = (tg_gcra_limit){ 1000 + rng_below(50000), 1 + (uint32_t)rng_below(20) };
+    l[1] = (tg_gcra_limit){ 100 + rng_below(5000), 1 + (uint32_t)rng_below(40) };
+    for (i = 0; i < N; i++) {
+        uint32_t cost = rng_below(6) == 0 ? 1 + (uint32_t)rng_below(l[0].burst) : 1;
+        tg_gcra_result res, ref;
+        int admitted;
+
+        now += rng_below(3) == 0 ? rng_below(l[0].interval_us * 3) : rng_below(200);
+        if (rng_below(40) == 0) {
+            up = !up;                           /* a fault starts or ends */
+        }
+        if (up) {
+            for (b = 0; b < nb; b++) {          /* the floor */
+                uint64_t held = tg_lstore_held(st, names[b], now);
+                if (tat_r[b] < now + held) {
+                    tat_r[b] = now + held;
+                }
+            }
+            tg_gcra_charge(l, tat_r, NULL, nb, cost, now, &res);
+            if (lost_answers && rng_below(8) == 0) {
+                tg_lstore_charge(st, names, l, nb, cost, now, &res);
+            } else {
+                for (b = 0; b < nb; b++) {
+                    tg_lstore_raise(st, names[b], now + res.held_us[b], now);
+                }
+            }
+        } else {
+            tg_lstore_charge(st, names, l, nb, cost, now, &res);
+        }
+        admitted = res.allowed;
+        tg_gcra_charge(l, tat_ref, NULL, nb, cost, now, &ref);
+        if (!lost_answers) {
+            cr_assert_eq(admitted, ref.allowed, "seed %" PRIu64 " #%zu (%s): %d, one "
+                         "bucket says %d", seed, i, up ? "redis" : "fallback",
+                         admitted, ref.allowed);
+            exact++;
+        }
+        arr[i] = (arrival){ now, cost, admitted };
+    }
+    for (b = 0; b < nb; b++) {
+        uint64_t t = l[b].interval_us;
+        for (i = 0; i < N; i++) {
+            uint64_t sum = 0;
+            if (!arr[i].allowed) {
+                continue;
+            }
+            for (j = i; j < N; j++) {
+                sum += arr[j].allowed ? arr[j].cost : 0;
+                cr_assert_leq(sum, l[b].burst + (arr[j].t - arr[i].t) / t,
+                              "seed %" PRIu64 " bucket %zu: %" PRIu64 " in %" PRIu64 " us",
+                              seed, b, sum, arr[j].t - arr[i].t);
+            }
+        }
+    }
+    TG_UNUSED(exact);
+    free(arr);
+    tg_lstore_destroy(st);
+}
+
+Test(lstore, property_fallback_follows_redis)
+{
+    for (uint64_t seed = 1; seed <= 6; seed++) {
+        fallback_run(seed * 31337, 0);
+        fallback_run(seed * 7777, 1);
+    }
+}
+
+/* The fallback's share of a limit across instances never drops below the
+ * largest cost that could pass it (else that route could never pass). */
+Test(gcra, share_never_below_a_cost)
+{
+    rng_state = 42;
+    for (int i = 0; i < 100000; i++) {
+        tg_gcra_limit l = { 1 + rng_below(1000000), 1 + (uint32_t)rng_below(1000) };
+        unsigned k = 1 + (unsigned)rng_below(1000);
+        uint32_t maxcost = 1 + (uint32_t)rng_below(1200);
+        tg_gcra_limit s = tg_gcra_share(l, k, maxcost);
+
+        cr_assert_eq(s.interval_us, l.interval_us * k);
+        cr_assert_geq(s.burst, maxcost < l.burst ? maxcost : l.burst);
+        cr_assert_geq(s.burst, l.burst / k);
+        cr_assert_leq(s.burst, l.burst);
+    }
+    /* the production sample: cost 10, burst 20, 3 instances -> 10, not 6 */
+    cr_assert_eq(tg_gcra_share(tg_gcra_per_minute(100, 20), 3, 10).burst, 10);
+}
+
+/* A full store drops a full bucket wherever it is in the table before any
+ * bucket that still holds debt (forgetting debt admits extra requests). */
+Test(lstore, eviction_finds_the_full_bucket_anywhere)
+{
+    enum { MAX = 256 };
+    struct tg_lstore *st = tg_lstore_create(MAX);
+    tg_gcra_limit longl = { 60000000, 10 }, shortl = { 1000, 5 };
+    char name[32];
+    const char *k = name;
+    tg_gcra_result r;
+    int i, round;
+
+    for (round = 0; round < 20; round++) {
+        uint64_t now = T0 + (uint64_t)round * 10000000;
+
+        /* one bucket that is full again 1 ms later, among live ones */
+        snprintf(name, sizeof(name), "short%d", round);
+        tg_lstore_charge(st, &k, &shortl, 1, 1, now, &r);
+        cr_assert(r.allowed);
+        for (i = 0; tg_lstore_size(st) < MAX; i++) {
+            snprintf(name, sizeof(name), "live%d_%d", round, i);
+            tg_lstore_charge(st, &k, &longl, 1, 1, now, &r);
+        }
+        snprintf(name, sizeof(name), "new%d", round);
+        tg_lstore_charge(st, &k, &longl, 1, 1, now + 1000, &r);
+        cr_assert(r.allowed);
+        cr_assert_eq(tg_lstore_size(st), MAX);
+        for (int j = 0; j < i; j++) {
+            snprintf(name, sizeof(name), "live%d_%d", round, j);
+            cr_assert_eq(probe_remaining(st, name, longl, now + 1000), 9,
+                         "round %d: %s (not full) was dropped", round, name);
+        }
+        /* make room for the next round: everything ages out */
+        tg_lstore_destroy(st);
+        st = tg_lstore_create(MAX);
+    }
+    tg_lstore_destroy(st);
+}
