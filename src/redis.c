@@ -75,7 +75,10 @@
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
 #include <hiredis/adapters/libevent.h>
+#include <event2/dns.h>
 #include <openssl/sha.h>
+#include <pthread.h>
+#include <stdarg.h>
 
 #define TG_REDIS_BACKOFF_MIN_MS    100
 #define TG_REDIS_BACKOFF_MAX_MS    5000
@@ -91,6 +94,10 @@
 #define TG_REDIS_REFRESH_RETRY_MS  1000     /* ... after every seed failed */
 #define TG_REDIS_SUB_RETRY_MS      1000     /* Sentinel: resubscribe */
 #define TG_REDIS_HOSTLEN           256
+#define TG_REDIS_MAX_ELEMENTS      65536    /* per array in one reply */
+#define TG_REDIS_MAX_OBJECTS       (1 << 20)   /* objects in one reply */
+#define TG_REDIS_MAX_READBUF       (4u << 20)  /* unparsed reply bytes */
+#define TG_REDIS_WARN_MS           1000     /* connection warnings per node */
 
 enum tg_redis_mode { TG_MODE_SINGLE, TG_MODE_SENTINEL, TG_MODE_CLUSTER };
 
@@ -125,8 +132,13 @@ struct tg_redis_op {
 
 struct tg_rnode {
     struct tg_redis     *r;
-    char                 host[TG_REDIS_HOSTLEN];
+    char                 host[TG_REDIS_HOSTLEN];   /* as announced (may be a name) */
     int                  port;
+    char                 ip[INET6_ADDRSTRLEN];     /* numeric, what we connect to */
+    struct evdns_getaddrinfo_request *dns_req;     /* resolving host */
+    int                  resolving;   /* dns_cb not yet run */
+    uint64_t             warn_ms;     /* last connection warning */
+    unsigned             warn_quiet;  /* warnings suppressed since */
     redisAsyncContext   *ac;          /* NULL while down */
     redisAsyncContext   *drop_ac;     /* to drop on a clean stack */
     enum tg_redis_state  state;
@@ -187,6 +199,7 @@ struct tg_redis {
     struct tg_redis_batch  *inflight;    /* sent, reply callback not yet run */
 
     struct event           *flush_ev;    /* no fd, activated by hand */
+    struct evdns_base      *dns;         /* names learnt from Redis; lazy */
     const struct timeval   *call_tv;     /* common timeout: timeout_ms */
     uint64_t                rng;         /* xorshift64 state, for jitter */
 
@@ -279,7 +292,10 @@ static void node_free(struct tg_rnode *nd);
 static struct tg_rnode *node_get(struct tg_redis *r, const char *host, int port,
                                  size_t *idx);
 static void node_kick(struct tg_rnode *nd);
+static int is_numeric_host(const char *host);
+static void node_good(struct tg_rnode *nd);
 static void conn_start(struct tg_rnode *nd);
+static void conn_connect(struct tg_rnode *nd);
 static void conn_drop(struct tg_rnode *nd);
 static void schedule_reconnect(struct tg_rnode *nd);
 static void schedule_drop(struct tg_rnode *nd);
@@ -492,8 +508,6 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
 {
     struct tg_redis *r;
     unsigned char md[SHA_DIGEST_LENGTH];
-    struct in6_addr a6;
-    struct in_addr a4;
     struct timeval tv;
 
     r = tg_xcalloc(1, sizeof(*r));
@@ -530,9 +544,13 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         }
     } else {
         r->mode = TG_MODE_SINGLE;
-        if (inet_pton(AF_INET, r->opts.host, &a4) != 1
-            && inet_pton(AF_INET6, r->opts.host, &a6) != 1) {
-            tg_warn("redis: host is not a numeric address: resolving it blocks the loop");
+    }
+    if (r->mode != TG_MODE_SINGLE || !is_numeric_host(r->opts.host)) {
+        /* names may come from Redis itself: resolve them without blocking */
+        r->dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS
+                                      | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+        if (r->dns == NULL) {
+            tg_warn("redis: no resolver (evdns): only numeric addresses will work");
         }
     }
     r->pending_tail = &r->pending;
@@ -632,6 +650,15 @@ tg_redis_destroy(struct tg_redis *r)
     for (op = r->pending; op != NULL; op = next) {
         next = op->next;
         free(op);
+    }
+    for (size_t i = 0; i < r->nnodes; i++) {
+        if (r->nodes[i]->resolving) {
+            r->nodes[i]->resolving = 0;
+            evdns_getaddrinfo_cancel(r->nodes[i]->dns_req);
+        }
+    }
+    if (r->dns != NULL) {
+        evdns_base_free(r->dns, 0);
     }
     for (size_t i = 0; i < r->nnodes; i++) {
         node_free(r->nodes[i]);
@@ -763,6 +790,331 @@ tg_redis_cancel(struct tg_redis_op *op)
 }
 
 /* ------------------------------------------------------------------ */
+/* contexts: a bounded reply reader, our own libevent adapter, AUTH    */
+
+/*
+ * hiredis 0.14 accepts arrays of up to INT_MAX elements (allocated, then
+ * freed one by one) and keeps reading a bulk reply of any announced size
+ * into its buffer.  A broken or hostile server must cost us neither the
+ * loop nor the memory: an array above TG_REDIS_MAX_ELEMENTS elements or a
+ * reply above TG_REDIS_MAX_OBJECTS objects fails the reader (hiredis then
+ * drops the connection), and our read event drops the connection when
+ * more than TG_REDIS_MAX_READBUF bytes of replies wait unparsed.
+ *
+ * The adapter is hiredis's libevent one plus that check; since the
+ * context can be freed inside redisAsyncHandleRead, its cleanup only
+ * marks the events dead while a read is running (ENTERED/DELETED).
+ */
+struct tg_rctx {                  /* ac->ev.data and reader privdata */
+    redisAsyncContext *ac;
+    struct tg_redis   *r;
+    struct event      *rev, *wev;
+    size_t             objects;   /* in the reply being read */
+    uint8_t            reading;   /* inside redisAsyncHandleRead */
+    uint8_t            dead;      /* cleaned up meanwhile: free after */
+};
+
+static pthread_mutex_t tg_redis_err_mu = PTHREAD_MUTEX_INITIALIZER;
+static char tg_redis_err[256];
+
+static void
+set_last_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    pthread_mutex_lock(&tg_redis_err_mu);
+    va_start(ap, fmt);
+    vsnprintf(tg_redis_err, sizeof(tg_redis_err), fmt, ap);
+    va_end(ap);
+    pthread_mutex_unlock(&tg_redis_err_mu);
+}
+
+void
+tg_redis_last_error(char *buf, size_t len)
+{
+    pthread_mutex_lock(&tg_redis_err_mu);
+    snprintf(buf, len, "%s", tg_redis_err);
+    pthread_mutex_unlock(&tg_redis_err_mu);
+}
+
+/* One more object of the reply being read; NULL (reader error) past the
+ * limit.  hiredis passes the reader's privdata: our tg_rctx. */
+static redisReply *
+reply_new(const redisReadTask *task, int type)
+{
+    struct tg_rctx *e = task->privdata;
+    redisReply *rep;
+
+    if (task->parent == NULL) {
+        e->objects = 0;
+    }
+    if (++e->objects > TG_REDIS_MAX_OBJECTS) {
+        e->r->stats.oversized++;
+        tg_warn("redis: a reply of more than %d objects: dropping the connection",
+                TG_REDIS_MAX_OBJECTS);
+        return NULL;
+    }
+    rep = calloc(1, sizeof(*rep));
+    if (rep != NULL) {
+        rep->type = type;
+    }
+    return rep;
+}
+
+static void *
+reply_link(const redisReadTask *task, redisReply *rep)
+{
+    if (rep != NULL && task->parent != NULL) {
+        redisReply *parent = task->parent->obj;
+        parent->element[task->idx] = rep;
+    }
+    return rep;
+}
+
+static void *
+reply_string(const redisReadTask *task, char *str, size_t len)
+{
+    redisReply *rep = reply_new(task, task->type);
+
+    if (rep == NULL) {
+        return NULL;
+    }
+    rep->str = malloc(len + 1);
+    if (rep->str == NULL) {
+        free(rep);
+        return NULL;
+    }
+    memcpy(rep->str, str, len);
+    rep->str[len] = '\0';
+    rep->len = len;
+    return reply_link(task, rep);
+}
+
+static void *
+reply_array(const redisReadTask *task, int elements)
+{
+    struct tg_rctx *e = task->privdata;
+    redisReply *rep;
+
+    if (elements > TG_REDIS_MAX_ELEMENTS) {
+        e->r->stats.oversized++;
+        tg_warn("redis: a reply announced %d elements (at most %d): dropping the "
+                "connection", elements, TG_REDIS_MAX_ELEMENTS);
+        return NULL;
+    }
+    rep = reply_new(task, REDIS_REPLY_ARRAY);
+    if (rep == NULL) {
+        return NULL;
+    }
+    if (elements > 0) {
+        rep->element = calloc((size_t)elements, sizeof(*rep->element));
+        if (rep->element == NULL) {
+            free(rep);
+            return NULL;
+        }
+    }
+    rep->elements = (size_t)elements;
+    return reply_link(task, rep);
+}
+
+static void *
+reply_integer(const redisReadTask *task, long long value)
+{
+    redisReply *rep = reply_new(task, REDIS_REPLY_INTEGER);
+
+    if (rep != NULL) {
+        rep->integer = value;
+    }
+    return reply_link(task, rep);
+}
+
+static void *
+reply_nil(const redisReadTask *task)
+{
+    return reply_link(task, reply_new(task, REDIS_REPLY_NIL));
+}
+
+static redisReplyObjectFunctions tg_reply_fns = {
+    reply_string, reply_array, reply_integer, reply_nil, freeReplyObject,
+};
+
+static void
+rctx_free(struct tg_rctx *e)
+{
+    event_free(e->rev);
+    event_free(e->wev);
+    free(e);
+}
+
+static void
+rctx_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_rctx *e = arg;
+    redisReader *rd;
+
+    e->reading = 1;
+    redisAsyncHandleRead(e->ac);
+    e->reading = 0;
+    if (e->dead) {
+        rctx_free(e);
+        return;
+    }
+    rd = e->ac->c.reader;
+    if (rd != NULL && rd->len - rd->pos > TG_REDIS_MAX_READBUF) {
+        e->r->stats.oversized++;
+        tg_warn("redis: %s:%d: more than %u bytes of reply unparsed: dropping the "
+                "connection", e->ac->c.tcp.host, e->ac->c.tcp.port, TG_REDIS_MAX_READBUF);
+        redisAsyncFree(e->ac);  /* our event: callbacks see NULL replies */
+    }
+}
+
+static void
+rctx_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_rctx *e = arg;
+
+    redisAsyncHandleWrite(e->ac);
+}
+
+static void rctx_add_read(void *p)  { event_add(((struct tg_rctx *)p)->rev, NULL); }
+static void rctx_del_read(void *p)  { event_del(((struct tg_rctx *)p)->rev); }
+static void rctx_add_write(void *p) { event_add(((struct tg_rctx *)p)->wev, NULL); }
+static void rctx_del_write(void *p) { event_del(((struct tg_rctx *)p)->wev); }
+
+static void
+rctx_cleanup(void *p)
+{
+    struct tg_rctx *e = p;
+    redisAsyncContext *ac = e->ac;
+
+    /* never called twice, never called back into */
+    memset(&ac->ev, 0, sizeof(ac->ev));
+    ac->c.reader->privdata = NULL;
+    event_del(e->rev);
+    event_del(e->wev);
+    if (e->reading) {
+        e->dead = 1;
+    } else {
+        rctx_free(e);
+    }
+}
+
+static int
+is_numeric_host(const char *host)
+{
+    struct in6_addr a6;
+    struct in_addr a4;
+
+    return inet_pton(AF_INET, host, &a4) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
+}
+
+/*
+ * A new context to host:port (numeric: never resolves), with our reader
+ * limits and adapter, data in ac->data.  NULL (logged) on failure.  When
+ * a password is configured (the sentinels' when sentinel is set), AUTH
+ * goes first, answered to cb(privdata).
+ */
+static redisAsyncContext *
+ctx_open(struct tg_redis *r, const char *host, int port, void *data, int sentinel,
+         redisCallbackFn *auth_cb, void *privdata)
+{
+    const char *user = sentinel ? r->opts.sentinel_username : r->opts.username;
+    const char *pass = sentinel ? r->opts.sentinel_password : r->opts.password;
+    redisAsyncContext *ac;
+    struct tg_rctx *e;
+
+    if (!is_numeric_host(host)) {
+        tg_warn("redis: %s:%d is not a numeric address", host, port);
+        return NULL;
+    }
+    ac = redisAsyncConnect(host, port);
+    if (ac == NULL || ac->err) {
+        tg_warn("redis: connect to %s:%d: %s", host, port,
+                ac != NULL ? ac->errstr : "cannot create a context");
+        if (ac != NULL) {
+            redisAsyncFree(ac);
+        }
+        return NULL;
+    }
+    e = tg_xcalloc(1, sizeof(*e));
+    e->ac = ac;
+    e->r = r;
+    e->rev = event_new(r->base, ac->c.fd, EV_READ, rctx_read_cb, e);
+    e->wev = event_new(r->base, ac->c.fd, EV_WRITE, rctx_write_cb, e);
+    if (e->rev == NULL || e->wev == NULL) {
+        tg_error("redis: cannot create events");
+        if (e->rev) event_free(e->rev);
+        if (e->wev) event_free(e->wev);
+        free(e);
+        redisAsyncFree(ac);
+        return NULL;
+    }
+    ac->c.reader->fn = &tg_reply_fns;
+    ac->c.reader->privdata = e;
+    ac->ev.addRead = rctx_add_read;
+    ac->ev.delRead = rctx_del_read;
+    ac->ev.addWrite = rctx_add_write;
+    ac->ev.delWrite = rctx_del_write;
+    ac->ev.cleanup = rctx_cleanup;
+    ac->ev.data = e;
+    event_add(e->rev, NULL);
+    event_add(e->wev, NULL);
+    ac->data = data;
+
+    if (pass[0] != '\0') {
+        const char *argv[3] = { "AUTH", user, pass };
+        int argc = 3;
+        if (user[0] == '\0') {
+            argv[1] = pass;
+            argc = 2;
+        }
+        redisAsyncCommandArgv(ac, auth_cb, privdata, argc, argv, NULL);
+    }
+    return ac;
+}
+
+/* An AUTH answer: 1 when accepted; else the error is logged and kept for
+ * /status (without the secret). */
+static int
+auth_ok(struct tg_redis *r, const redisAsyncContext *ac, const redisReply *rep,
+        int sentinel)
+{
+    const char *user = sentinel ? r->opts.sentinel_username : r->opts.username;
+
+    if (rep->type == REDIS_REPLY_STATUS) {
+        char last[8];
+        tg_redis_last_error(last, sizeof(last));
+        if (last[0] != '\0') {
+            set_last_error("%s", "");
+        }
+        return 1;
+    }
+    r->stats.auth_failures++;
+    tg_error("redis: AUTH to %s %s:%d%s%s%s refused: %.200s (check redis.%spassword)",
+             sentinel ? "sentinel" : "server", ac->c.tcp.host, ac->c.tcp.port,
+             user[0] ? " as user \"" : "", user, user[0] ? "\"" : "",
+             rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply",
+             sentinel ? "sentinel." : "");
+    set_last_error("AUTH to %s %s:%d%s%s%s refused: %.150s",
+                   sentinel ? "sentinel" : "server", ac->c.tcp.host, ac->c.tcp.port,
+                   user[0] ? " as user \"" : "", user, user[0] ? "\"" : "",
+                   rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply");
+    return 0;
+}
+
+/* AUTH on a sentinel or CLUSTER SLOTS connection: the command behind it
+ * fails with NOAUTH by itself; only log and keep the error. */
+static void
+aux_auth_cb(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct tg_redis *r = privdata;
+
+    if (reply != NULL && !r->destroying) {
+        auth_ok(r, ac, reply, ac->data == &r->disc || ac->data == r);
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* nodes and their connections                                         */
 
 static struct tg_rnode *
@@ -839,11 +1191,94 @@ node_kick(struct tg_rnode *nd)
     }
 }
 
+/* Connection warnings of a node: at most one per TG_REDIS_WARN_MS (a
+ * Redis refusing every connection would flood the log). */
+static void
+node_warn(struct tg_rnode *nd, const char *fmt, ...)
+{
+    uint64_t now = tg_now_ms();
+    char msg[512];
+    va_list ap;
+
+    if (nd->warn_ms != 0 && now - nd->warn_ms < TG_REDIS_WARN_MS) {
+        nd->warn_quiet++;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (nd->warn_quiet > 0) {
+        tg_warn("%s (%u similar message(s) suppressed)", msg, nd->warn_quiet);
+    } else {
+        tg_warn("%s", msg);
+    }
+    nd->warn_ms = now;
+    nd->warn_quiet = 0;
+}
+
+/* A good reply on the node's connection: the backoff starts over (not
+ * at TCP connect: a Redis at maxclients accepts, then refuses). */
+static void
+node_good(struct tg_rnode *nd)
+{
+    nd->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
+}
+
+static void
+node_auth_cb(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct tg_rnode *nd = privdata;
+
+    if (reply == NULL || nd->r->destroying || nd->ac != ac) {
+        return;
+    }
+    if (auth_ok(nd->r, ac, reply, 0)) {
+        gate_pass(nd);
+        return;
+    }
+    schedule_drop(nd);
+}
+
+static void
+dns_cb(int result, struct evutil_addrinfo *res, void *arg)
+{
+    struct tg_rnode *nd = arg;
+
+    nd->dns_req = NULL;
+    nd->resolving = 0;
+    if (result == EVUTIL_EAI_CANCEL || nd->r->destroying) {
+        if (res != NULL) {
+            evutil_freeaddrinfo(res);
+        }
+        return;
+    }
+    if (result != 0 || res == NULL
+        || evutil_inet_ntop(res->ai_family,
+                            res->ai_family == AF_INET
+                            ? (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr
+                            : (const void *)&((struct sockaddr_in6 *)res->ai_addr)->sin6_addr,
+                            nd->ip, sizeof(nd->ip)) == NULL) {
+        node_warn(nd, "redis: cannot resolve %s: %s", nd->host,
+                  result != 0 ? evutil_gai_strerror(result) : "no address");
+        nd->ip[0] = '\0';
+        if (res != NULL) {
+            evutil_freeaddrinfo(res);
+        }
+        schedule_reconnect(nd);
+        return;
+    }
+    evutil_freeaddrinfo(res);
+    conn_connect(nd);
+}
+
+/* Connect to the node: its host when numeric, else resolved off the loop
+ * first (evdns; the connect deadline covers the resolution). */
 static void
 conn_start(struct tg_rnode *nd)
 {
     struct tg_redis *r = nd->r;
-    redisAsyncContext *ac;
+    struct evutil_addrinfo hints;
+    struct evdns_getaddrinfo_request *req;
     struct timeval tv;
     unsigned ms;
 
@@ -851,22 +1286,45 @@ conn_start(struct tg_rnode *nd)
         schedule_reconnect(nd);
         return;
     }
-    ac = redisAsyncConnect(nd->host, nd->port);
+    if (is_numeric_host(nd->host)) {
+        memcpy(nd->ip, nd->host, strlen(nd->host) + 1);    /* < INET6_ADDRSTRLEN */
+        conn_connect(nd);
+        return;
+    }
+    if (r->dns == NULL) {
+        node_warn(nd, "redis: %s is a name and no resolver is available", nd->host);
+        schedule_reconnect(nd);
+        return;
+    }
+    nd->state = TG_REDIS_CONNECTING;
+    ms = r->opts.timeout_ms > TG_REDIS_CONNECT_MIN_MS ? r->opts.timeout_ms
+                                                      : TG_REDIS_CONNECT_MIN_MS;
+    tv.tv_sec = ms / 1000;
+    tv.tv_usec = (ms % 1000) * 1000;
+    evtimer_add(nd->connect_ev, &tv);
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    nd->resolving = 1;              /* dns_cb may run before this returns */
+    req = evdns_getaddrinfo(r->dns, nd->host, NULL, &hints, dns_cb, nd);
+    if (nd->resolving) {
+        nd->dns_req = req;
+    }
+}
+
+/* Open the context to nd->ip (numeric) and queue AUTH, SELECT, ROLE and
+ * SCRIPT LOAD behind the connect. */
+static void
+conn_connect(struct tg_rnode *nd)
+{
+    struct tg_redis *r = nd->r;
+    redisAsyncContext *ac;
+    struct timeval tv;
+    unsigned ms;
+
+    nd->gates = 0;
+    ac = ctx_open(r, nd->ip, nd->port, nd, 0, node_auth_cb, nd);
     if (ac == NULL) {
-        tg_warn("redis: cannot create a context for %s:%d", nd->host, nd->port);
-        schedule_reconnect(nd);
-        return;
-    }
-    if (ac->err) {
-        tg_warn("redis: connect to %s:%d: %s", nd->host, nd->port, ac->errstr);
-        redisAsyncFree(ac);
-        schedule_reconnect(nd);
-        return;
-    }
-    ac->data = nd;
-    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
-        tg_error("redis: cannot attach to the event base");
-        redisAsyncFree(ac);
         schedule_reconnect(nd);
         return;
     }
@@ -875,12 +1333,14 @@ conn_start(struct tg_rnode *nd)
     nd->ac = ac;
     nd->state = TG_REDIS_CONNECTING;
     nd->consec_tmo = 0;
-    nd->gates = 0;
 
     /* Queued now, written as soon as the socket connects, ahead of any
      * charge; nobody waits for the SCRIPT LOAD (EVALSHA falls back).
      * Sentinel: never trust the sentinels' answer blindly (it may be
      * stale during a failover): ROLE must say master. */
+    if (r->opts.password[0] != '\0') {
+        nd->gates++;            /* AUTH, queued by ctx_open */
+    }
     if (r->opts.db != 0) {
         nd->gates++;
         redisAsyncCommand(ac, select_cb, nd, "SELECT %d", r->opts.db);
@@ -896,6 +1356,7 @@ conn_start(struct tg_rnode *nd)
                                                       : TG_REDIS_CONNECT_MIN_MS;
     tv.tv_sec = ms / 1000;
     tv.tv_usec = (ms % 1000) * 1000;
+    evtimer_del(nd->connect_ev);
     evtimer_add(nd->connect_ev, &tv);
 }
 
@@ -923,7 +1384,6 @@ static void
 set_ready(struct tg_rnode *nd)
 {
     nd->state = TG_REDIS_READY;
-    nd->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
     nd->consec_tmo = 0;
     evtimer_del(nd->connect_ev);
     tg_info("redis: connected to %s:%d", nd->host, nd->port);
@@ -933,6 +1393,7 @@ set_ready(struct tg_rnode *nd)
 static void
 gate_pass(struct tg_rnode *nd)
 {
+    node_good(nd);
     if (nd->gates > 0 && --nd->gates == 0 && nd->state == TG_REDIS_CONNECTING) {
         set_ready(nd);
     }
@@ -987,7 +1448,8 @@ connect_cb(const redisAsyncContext *ac, int status)
 
     if (status != REDIS_OK) {
         /* hiredis frees ac after we return (and fails its commands) */
-        tg_warn("redis: connect to %s:%d failed: %s", nd->host, nd->port, ac->errstr);
+        node_warn(nd, "redis: connect to %s:%d failed: %s", nd->host, nd->port,
+                  ac->errstr);
         if (nd->ac == ac) {
             nd->ac = NULL;
         }
@@ -1012,9 +1474,10 @@ disconnect_cb(const redisAsyncContext *ac, int status)
         return;
     }
     if (status != REDIS_OK) {
-        tg_warn("redis: connection to %s:%d lost: %s", nd->host, nd->port, ac->errstr);
+        node_warn(nd, "redis: connection to %s:%d lost: %s", nd->host, nd->port,
+                  ac->errstr);
     } else {
-        tg_warn("redis: connection to %s:%d closed", nd->host, nd->port);
+        node_warn(nd, "redis: connection to %s:%d closed", nd->host, nd->port);
     }
     schedule_reconnect(nd);
 }
@@ -1071,8 +1534,17 @@ script_load_cb(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     }
     if (rep->type == REDIS_REPLY_ERROR) {
-        tg_warn("redis: SCRIPT LOAD failed: %s", rep->str);
-    } else if (rep->type != REDIS_REPLY_STRING || rep->len != 40
+        node_warn(nd, "redis: SCRIPT LOAD failed: %.200s", rep->str);
+        if (strncmp(rep->str, "NOAUTH", 6) == 0) {
+            tg_error("redis: %s:%d requires a password: set redis.password "
+                     "(or redis.password_file)", nd->host, nd->port);
+            set_last_error("%s:%d requires a password (NOAUTH): set redis.password",
+                           nd->host, nd->port);
+        }
+        return;
+    }
+    node_good(nd);
+    if (rep->type != REDIS_REPLY_STRING || rep->len != 40
                || strncasecmp(rep->str, nd->r->sha, 40) != 0) {
         tg_warn("redis: SCRIPT LOAD answered an unexpected digest");
     }
@@ -1084,7 +1556,7 @@ drop_cb(evutil_socket_t fd, short what, void *arg)
     struct tg_rnode *nd = arg;
 
     if (nd->ac != NULL && nd->ac == nd->drop_ac) {
-        tg_warn("redis: dropping the connection to %s:%d", nd->host, nd->port);
+        node_warn(nd, "redis: dropping the connection to %s:%d", nd->host, nd->port);
         conn_drop(nd);
     }
     nd->drop_ac = NULL;
@@ -1096,7 +1568,7 @@ reconnect_cb(evutil_socket_t fd, short what, void *arg)
     struct tg_rnode *nd = arg;
     struct tg_redis *r = nd->r;
 
-    if (nd->ac != NULL) {
+    if (nd->ac != NULL || nd->resolving) {
         return;
     }
     r->stats.reconnects++;
@@ -1112,8 +1584,14 @@ connect_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_rnode *nd = arg;
 
-    if (nd->ac != NULL && nd->state != TG_REDIS_READY) {
-        tg_warn("redis: connect to %s:%d timed out", nd->host, nd->port);
+    if (nd->resolving) {
+        node_warn(nd, "redis: resolving %s timed out", nd->host);
+        evdns_getaddrinfo_cancel(nd->dns_req);      /* dns_cb: cancelled */
+        nd->resolving = 0;
+        nd->dns_req = NULL;
+        schedule_reconnect(nd);
+    } else if (nd->ac != NULL && nd->state != TG_REDIS_READY) {
+        node_warn(nd, "redis: connect to %s:%d timed out", nd->host, nd->port);
         conn_drop(nd);
     }
 }
@@ -1217,19 +1695,8 @@ aux_start(struct tg_raux *aux, const char *host, int port, int argc, const char 
     aux_cancel(aux);
     snprintf(aux->host, sizeof(aux->host), "%s", host);
     aux->port = port;
-    ac = redisAsyncConnect(host, port);
-    if (ac == NULL || ac->err) {
-        tg_warn("redis: connect to %s:%d: %s", host, port,
-                ac != NULL ? ac->errstr : "cannot create a context");
-        if (ac != NULL) {
-            redisAsyncFree(ac);
-        }
-        aux_fail_later(aux);
-        return;
-    }
-    ac->data = aux;
-    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
-        redisAsyncFree(ac);
+    ac = ctx_open(r, host, port, aux, aux == &r->disc, aux_auth_cb, r);
+    if (ac == NULL) {
         aux_fail_later(aux);
         return;
     }
@@ -1396,18 +1863,9 @@ static void
 sub_start(struct tg_redis *r)
 {
     const tg_redis_addr *s = &r->opts.sentinels[r->sub_idx];
-    redisAsyncContext *ac = redisAsyncConnect(s->host, s->port);
+    redisAsyncContext *ac = ctx_open(r, s->host, s->port, r, 1, aux_auth_cb, r);
 
-    if (ac == NULL || ac->err) {
-        if (ac != NULL) {
-            redisAsyncFree(ac);
-        }
-        sub_fail(r);
-        return;
-    }
-    ac->data = r;
-    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
-        redisAsyncFree(ac);
+    if (ac == NULL) {
         sub_fail(r);
         return;
     }
@@ -1466,7 +1924,7 @@ cluster_ask(struct tg_redis *r)
                   r->opts.cluster_nodes[i].port, 2, argv);
     } else {
         struct tg_rnode *nd = r->nodes[i - r->opts.ncluster];
-        aux_start(&r->slots, nd->host, nd->port, 2, argv);
+        aux_start(&r->slots, nd->ip[0] != '\0' ? nd->ip : nd->host, nd->port, 2, argv);
     }
 }
 
@@ -1896,6 +2354,9 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     }
     b->node->consec_tmo = 0;
+    if (rep->type != REDIS_REPLY_ERROR) {
+        node_good(b->node);
+    }
     if (rep->type == REDIS_REPLY_ERROR) {
         if (b->kind == TG_OP_CHARGE && !b->eval && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
             r->stats.noscript++;
@@ -1991,6 +2452,7 @@ batch_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_redis_batch *b = arg;
     struct tg_redis *r = b->r;
+    redisReader *rd;
 
     b->timer_set = 0;
     if (b->done) {
@@ -1998,7 +2460,15 @@ batch_timeout_cb(evutil_socket_t fd, short what, void *arg)
     }
     r->stats.timeouts++;
     batch_fail(b);              /* the batch waits for its reply or NULL */
-    if (++b->node->consec_tmo >= TG_REDIS_MAX_CONSEC_TMO) {
+    rd = b->node->ac != NULL ? b->node->ac->c.reader : NULL;
+    if (rd != NULL && (rd->len > rd->pos || rd->ridx > 0)) {
+        /* a reply is still arriving past a deadline: a huge or endless
+         * one; the connection is not worth keeping */
+        node_warn(b->node, "redis: %s:%d: reply still arriving at the deadline: "
+                  "dropping the connection", b->node->host, b->node->port);
+        b->node->consec_tmo = 0;
+        schedule_drop(b->node);
+    } else if (++b->node->consec_tmo >= TG_REDIS_MAX_CONSEC_TMO) {
         b->node->consec_tmo = 0;
         schedule_drop(b->node);
     }
