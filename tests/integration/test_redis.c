@@ -34,6 +34,7 @@
 static struct event_base *g_base;
 static pid_t g_redis = -1;           /* the real server */
 static pid_t g_fake = -1;            /* the fake one */
+static pid_t g_redis_alt = -1;       /* a real one where the fake was */
 static int g_port;
 
 /* ------------------------------------------------------------------ */
@@ -156,6 +157,19 @@ resp_command_len(const char *buf, size_t len)
     return p - buf;
 }
 
+static int g_fake_stream;           /* after the answer: bytes forever */
+
+/* Write filler until the peer goes away (a bulk that never ends). */
+static void
+fake_stream(int fd)
+{
+    static char fill[1 << 16];
+
+    memset(fill, 'x', sizeof(fill));
+    while (write(fd, fill, sizeof(fill)) > 0) {
+    }
+}
+
 static void
 fake_serve(int lfd, const char *answer)
 {
@@ -172,6 +186,7 @@ fake_serve(int lfd, const char *answer)
             have += (size_t)got;
             while ((used = resp_command_len(buf, have)) > 0) {
                 if (write(fd, answer, strlen(answer)) < 0) break;
+                if (g_fake_stream) fake_stream(fd);
                 memmove(buf, buf + used, have - (size_t)used);
                 have -= (size_t)used;
             }
@@ -390,6 +405,7 @@ teardown(void)
 {
     proc_kill(&g_redis);
     proc_kill(&g_fake);
+    proc_kill(&g_redis_alt);
     if (g_base) {
         event_base_free(g_base);
         g_base = NULL;
@@ -704,6 +720,87 @@ Test(redis, garbage_noscript_forever)
 {
     /* EVAL after NOSCRIPT answers NOSCRIPT too: TG_ERR, no loop */
     garbage("-NOSCRIPT No matching script\r\n");
+}
+
+/* Resident memory of this process, KiB. */
+static long
+rss_kib(void)
+{
+    char line[256];
+    long kib = -1;
+    FILE *f = fopen("/proc/self/status", "r");
+
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strncmp(line, "VmRSS:", 6) == 0) {
+            kib = strtol(line + 6, NULL, 10);
+        }
+    }
+    fclose(f);
+    return kib;
+}
+
+/*
+ * A server that answers every command with `answer` (then, with stream,
+ * endless filler): for 2 s, charges of a 100 ms deadline are each answered
+ * TG_ERR within the deadline + a margin, memory stays bounded, and the
+ * reply was refused; then a real Redis on that port works again.
+ */
+static void
+unbounded(const char *answer, int stream)
+{
+    enum { TMO = 100, MARGIN = 150 };
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    long rss0 = rss_kib(), worst = 0;
+    tg_redis_stats st;
+    struct tg_redis *r;
+    uint64_t end;
+    int port, n = 0;
+
+    g_fake_stream = stream;
+    port = fake_start(answer);
+    r = client(port, TMO, 4, 0);
+    end = tg_now_ms() + 2000;
+    while (tg_now_ms() < end) {
+        charge_res c = { 0 };
+        uint64_t t0 = tg_now_ms();
+        charge1(r, "t:{u}:tier", lim, &c);
+        cr_assert(wait_count(&c.called, 1, 5000));
+        cr_assert_eq(c.rc, TG_ERR);
+        cr_assert_leq(tg_now_ms() - t0, TMO + MARGIN, "charge %d took %llu ms", n,
+                      (unsigned long long)(tg_now_ms() - t0));
+        if (rss_kib() - rss0 > worst) {
+            worst = rss_kib() - rss0;
+        }
+        n++;
+    }
+    tg_redis_get_stats(r, &st);
+    cr_log_info("%s: %d charges, rss growth %ld KiB, %llu refused replies", answer, n,
+                worst, (unsigned long long)st.oversized);
+    cr_assert_lt(worst, 32 * 1024, "memory grew by %ld KiB", worst);
+    cr_assert_geq(st.oversized, 1);
+
+    /* the real one is back on that port */
+    proc_kill(&g_fake);
+    g_redis_alt = redis_start(port);
+    cr_assert(charge_ok_eventually(r, 10000), "charges work again with a real Redis");
+    tg_redis_destroy(r);
+    proc_kill(&g_redis_alt);
+}
+
+Test(redis, huge_array_header)
+{
+    unbounded("*2000000000\r\n", 0);
+}
+
+Test(redis, array_of_100000_elements)
+{
+    unbounded("*100000\r\n", 1);
+}
+
+Test(redis, huge_bulk_reply)
+{
+    unbounded("$1000000000\r\n", 1);
 }
 
 Test(redis, garbage_bad_range)
