@@ -102,6 +102,9 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
                           const tg_conf_cmd *cmds, void *base, const char *path,
                           const char *section);
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
+static void tg_conf_free_secret(char *s);
+static tg_rc tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
+                             const char *section);
 static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
 
 /* Every setter has the tg_conf_set_pt signature. */
@@ -117,6 +120,7 @@ TG_CONF_SETTER(tg_conf_set_addr);
 TG_CONF_SETTER(tg_conf_set_url);
 TG_CONF_SETTER(tg_conf_set_prefix);
 TG_CONF_SETTER(tg_conf_set_string);
+TG_CONF_SETTER(tg_conf_set_secret);
 TG_CONF_SETTER(tg_conf_set_token);
 TG_CONF_SETTER(tg_conf_set_name);
 TG_CONF_SETTER(tg_conf_set_method);
@@ -275,6 +279,12 @@ static const tg_conf_cmd tg_conf_sentinel_cmds[] = {
     { "master", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.sentinel_master), 1, 63,
       TG_CONF_REQUIRED, NULL },
     { "addresses", tg_conf_set_sentinel_addrs, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
+    { "username", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.sentinel_username), 1, 127,
+      0, NULL },
+    { "password", tg_conf_set_secret, TG_FIELD(tg_conf, redis.sentinel_password), 1, 511,
+      0, NULL },
+    { "password_file", tg_conf_set_path,
+      TG_FIELD(tg_conf, redis.sentinel_password_file), 0, 0, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -296,6 +306,10 @@ static const tg_conf_cmd tg_conf_redis_cmds[] = {
       TG_FIELD(tg_conf, redis.instances), 1, 1000, 0, NULL },
     { "sentinel", tg_conf_set_sentinel, TG_NOFIELD, 0, 0, 0, tg_conf_sentinel_cmds },
     { "cluster", tg_conf_set_cluster, TG_NOFIELD, 0, 0, 0, tg_conf_cluster_cmds },
+    { "username", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.username), 1, 127, 0, NULL },
+    { "password", tg_conf_set_secret, TG_FIELD(tg_conf, redis.password), 1, 511, 0, NULL },
+    { "password_file", tg_conf_set_path, TG_FIELD(tg_conf, redis.password_file), 0, 0, 0,
+      NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -734,6 +748,12 @@ tg_conf_free(tg_conf *conf)
     free(conf->redis.sentinel_master);
     free(conf->redis.sentinels);
     free(conf->redis.cluster_nodes);
+    free(conf->redis.username);
+    tg_conf_free_secret(conf->redis.password);
+    free(conf->redis.password_file);
+    free(conf->redis.sentinel_username);
+    tg_conf_free_secret(conf->redis.sentinel_password);
+    free(conf->redis.sentinel_password_file);
     free(conf->metrics.statsd_prefix);
     free(conf->access_log.path);
     free(conf->auth.keys_file);
@@ -769,6 +789,65 @@ tg_conf_structure(tg_conf_ctx *ctx)
         return tg_conf_error(ctx, zero, "", "empty configuration: "
                              "expected a mapping with at least \"listen\" "
                              "and \"upstream\"");
+    }
+    return TG_OK;
+}
+
+static void
+tg_conf_free_secret(char *s)
+{
+    if (s != NULL) {
+        explicit_bzero(s, strlen(s));
+        free(s);
+    }
+}
+
+/*
+ * password or password_file (one line, read now: systemd
+ * LoadCredential=), never both; a username needs a password.  The
+ * secret itself never appears in an error.
+ */
+static tg_rc
+tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
+                 const char *section)
+{
+    const tg_conf_mark *m;
+    char err[256];
+    size_t len, i;
+    char *text;
+
+    if (*pass != NULL && *file != NULL) {
+        m = tg_conf_find_mark(ctx, file);
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : section, "%s.password and %s.password_file "
+                             "cannot be used together", section, section);
+    }
+    if (*file != NULL) {
+        m = tg_conf_find_mark(ctx, file);
+        text = tg_yaml_read_file(*file, 4096, &len, err, sizeof(err));
+        if (text == NULL) {
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : section, "%s", err);
+        }
+        while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == '\r')) {
+            text[--len] = '\0';
+        }
+        for (i = 0; i < len && isgraph((unsigned char)text[i]); i++) {
+        }
+        if (len == 0 || len > 511 || i != len) {
+            tg_conf_free_secret(text);
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : section, "%s: the password must be "
+                                 "one line of 1..511 printable characters without "
+                                 "spaces", *file);
+        }
+        *pass = text;
+    }
+    if (*user != NULL && *pass == NULL) {
+        m = tg_conf_find_mark(ctx, user);
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : section, "%s.username needs %s.password "
+                             "or %s.password_file", section, section, section);
     }
     return TG_OK;
 }
@@ -842,6 +921,14 @@ tg_conf_validate(tg_conf_ctx *ctx)
                                  "only database 0, got \"%s\" with redis.cluster",
                                  conf->redis.url);
         }
+    }
+
+    if (tg_conf_password(ctx, &conf->redis.password, &conf->redis.password_file,
+                         &conf->redis.username, "redis") != TG_OK
+        || tg_conf_password(ctx, &conf->redis.sentinel_password,
+                            &conf->redis.sentinel_password_file,
+                            &conf->redis.sentinel_username, "redis.sentinel") != TG_OK) {
+        return TG_ERR;
     }
 
     if (conf->workers == 0) {
@@ -1506,6 +1593,34 @@ tg_conf_set_string(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* A password: printable, no spaces (it goes into AUTH as one argument
+ * and is never echoed in an error). */
+static tg_rc
+tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    size_t i, len;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    len = strlen(s);
+    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
+        return TG_ERR;
+    }
+    for (i = 0; i < len; i++) {
+        if (!isgraph((unsigned char)s[i])) {
+            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
+                                 "spaces or control characters");
+        }
+    }
+    tg_conf_free_secret(*field);
     *field = tg_xstrdup(s);
     return TG_OK;
 }

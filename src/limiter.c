@@ -160,7 +160,15 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
                 opts.ncluster++;
             }
         }
+#define TG_COPY(dst, src) snprintf(dst, sizeof(dst), "%s", (src) ? (src) : "")
+        TG_COPY(opts.username, conf->redis.username);
+        TG_COPY(opts.password, conf->redis.password);
+        TG_COPY(opts.sentinel_username, conf->redis.sentinel_username);
+        TG_COPY(opts.sentinel_password, conf->redis.sentinel_password);
+#undef TG_COPY
         lim->redis = tg_redis_create(base, &opts);
+        explicit_bzero(opts.password, sizeof(opts.password));
+        explicit_bzero(opts.sentinel_password, sizeof(opts.sentinel_password));
         if (lim->redis == NULL) {
             snprintf(err, errlen, "redis: cannot create the client");
             goto fail;

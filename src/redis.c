@@ -228,6 +228,7 @@ struct tg_redis {
     int                     map_ok;
     struct event           *refresh_ev;
 
+    uint64_t                auth_log_ms; /* last AUTH error logged */
     tg_redis_stats          stats;
 };
 
@@ -1090,6 +1091,10 @@ auth_ok(struct tg_redis *r, const redisAsyncContext *ac, const redisReply *rep,
         return 1;
     }
     r->stats.auth_failures++;
+    if (r->auth_log_ms != 0 && tg_now_ms() - r->auth_log_ms < TG_REDIS_WARN_MS) {
+        return 0;
+    }
+    r->auth_log_ms = tg_now_ms();
     tg_error("redis: AUTH to %s %s:%d%s%s%s refused: %.200s (check redis.%spassword)",
              sentinel ? "sentinel" : "server", ac->c.tcp.host, ac->c.tcp.port,
              user[0] ? " as user \"" : "", user, user[0] ? "\"" : "",
@@ -1535,7 +1540,7 @@ script_load_cb(redisAsyncContext *ac, void *reply, void *privdata)
     }
     if (rep->type == REDIS_REPLY_ERROR) {
         node_warn(nd, "redis: SCRIPT LOAD failed: %.200s", rep->str);
-        if (strncmp(rep->str, "NOAUTH", 6) == 0) {
+        if (strncmp(rep->str, "NOAUTH", 6) == 0 && nd->r->opts.password[0] == '\0') {
             tg_error("redis: %s:%d requires a password: set redis.password "
                      "(or redis.password_file)", nd->host, nd->port);
             set_last_error("%s:%d requires a password (NOAUTH): set redis.password",

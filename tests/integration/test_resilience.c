@@ -205,3 +205,113 @@ Test(resilience, allow_policy_lets_everything_through)
         TGH_CHECK(timed("r-a", &ms, NULL) == 200, "allow policy: request %d refused", i);
     }
 }
+
+/* ------------------------------------------------------------------ */
+/* AUTH: requirepass, an ACL user, a wrong password                    */
+
+/* Redis with a password for the default user and an ACL user "tg" (only
+ * our keys and commands); tollgate with `auth` (YAML for redis:), policy
+ * deny so that exact counts prove Redis did the charging. */
+static void
+start_auth(const char *auth)
+{
+    static char extra[1024];
+    char out[256];
+    tgh_tg_opts o;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "ACL SETUSER tg on '>tg-pass' "
+                            "'~tg:*' '+@all'") == 0 && strcmp(out, "OK") == 0,
+              "ACL SETUSER: %s", out);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "CONFIG SET requirepass "
+                            "s3cret-default") == 0 && strcmp(out, "OK") == 0,
+              "requirepass: %s", out);
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20 }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: %d, on_failure: deny, "
+             "%s }\n", keys_file(), rds.port, TIMEOUT_MS, auth);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+}
+
+static int
+count_200(const char *key, int n)
+{
+    int i, ok = 0;
+
+    for (i = 0; i < n; i++) {
+        long ms;
+        int st = timed(key, &ms, NULL);
+        TGH_CHECK(st == 200 || st == 429, "request %d: status %d", i, st);
+        ok += st == 200;
+    }
+    return ok;
+}
+
+Test(resilience, redis_requirepass)
+{
+    start_auth("password: s3cret-default");
+    wait_ready();
+    TGH_CHECK(count_200("r-a", 30) == 20, "requirepass: exact burst on Redis");
+}
+
+Test(resilience, redis_acl_user_with_password_file)
+{
+    char *file = tgh_strf("%s/redis-pass", tgh_tmpdir()), *yaml;
+    FILE *f = fopen(file, "w");
+
+    cr_assert_not_null(f);
+    fputs("tg-pass\n", f);
+    fclose(f);
+    yaml = tgh_strf("username: tg, password_file: %s", file);
+    start_auth(yaml);
+    wait_ready();
+    TGH_CHECK(count_200("r-b", 30) == 20, "ACL user: exact burst on Redis");
+    free(yaml);
+    free(file);
+}
+
+/* A wrong password: a clear error in the log at start and in /status,
+ * neither showing the password; requests get the on_failure answer. */
+Test(resilience, redis_wrong_password_is_a_clear_error)
+{
+    uint64_t end;
+    char log[65536];
+    int found = 0;
+    FILE *f;
+    size_t n;
+
+    start_auth("username: tg, password: not-the-pass");
+    end = tgh_now_ms() + 10000;
+    while (!found && tgh_now_ms() < end) {
+        tgh_resp r;
+        long ms;
+        timed("r-c", &ms, NULL);
+        if (tgh_http(tg.admin_port, "GET", "/status", NULL, NULL, 0, &r, 5000) == 0) {
+            const char *b = (const char *)r.body;
+            found = b != NULL && strstr(b, "\"error\":\"AUTH to server 127.0.0.1:") != NULL
+                    && strstr(b, "as user \\\"tg\\\" refused: WRONGPASS") != NULL;
+            TGH_CHECK(b == NULL || strstr(b, "not-the-pass") == NULL,
+                      "/status shows the password");
+            if (found)
+                cr_log_info("/status: %s", b);
+            tgh_resp_free(&r);
+        }
+        if (!found)
+            tgh_sleep_ms(50);
+    }
+    TGH_CHECK(found, "/status never named the AUTH failure");
+    f = fopen(tg.proc->log_path, "r");
+    cr_assert_not_null(f);
+    n = fread(log, 1, sizeof log - 1, f);
+    log[n] = '\0';
+    fclose(f);
+    TGH_CHECK(strstr(log, "[error] redis: AUTH to server 127.0.0.1:") != NULL
+              && strstr(log, "(check redis.password)") != NULL,
+              "no clear AUTH error in the log");
+    TGH_CHECK(strstr(log, "not-the-pass") == NULL, "the log shows the password");
+}
