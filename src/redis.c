@@ -139,6 +139,7 @@ struct tg_rnode {
     int                  resolving;   /* dns_cb not yet run */
     uint64_t             warn_ms;     /* last connection warning */
     unsigned             warn_quiet;  /* warnings suppressed since */
+    int                  tried;       /* Sentinel: a named master being tried */
     redisAsyncContext   *ac;          /* NULL while down */
     redisAsyncContext   *drop_ac;     /* to drop on a clean stack */
     enum tg_redis_state  state;
@@ -215,6 +216,9 @@ struct tg_redis {
     /* Sentinel */
     struct tg_raux          disc;        /* get-master-addr-by-name */
     size_t                  disc_idx;    /* sentinel asked now */
+    size_t                  disc_tries;  /* sentinels asked in this round */
+    size_t                  disc_pref;   /* asked first: last answered well */
+    size_t                  disc_from;   /* whose answer nodes[0] uses */
     redisAsyncContext      *sub_ac;      /* SUBSCRIBE +switch-master */
     size_t                  sub_idx;
     struct event           *sub_ev;      /* resubscribe timer */
@@ -315,6 +319,7 @@ static void aux_start(struct tg_raux *aux, const char *host, int port, int argc,
                       const char **argv);
 static void aux_cancel(struct tg_raux *aux);
 static void sentinel_discover(struct tg_redis *r);
+static void sentinel_distrust(struct tg_redis *r);
 static void sentinel_ask(struct tg_redis *r);
 static void sentinel_done(struct tg_redis *r, const redisReply *rep,
                           const struct tg_raux *aux);
@@ -1390,6 +1395,10 @@ set_ready(struct tg_rnode *nd)
 {
     nd->state = TG_REDIS_READY;
     nd->consec_tmo = 0;
+    if (nd->tried) {
+        nd->tried = 0;
+        nd->r->disc_pref = nd->r->disc_from;    /* Sentinel: it answered well */
+    }
     evtimer_del(nd->connect_ev);
     tg_info("redis: connected to %s:%d", nd->host, nd->port);
 }
@@ -1413,6 +1422,10 @@ schedule_reconnect(struct tg_rnode *nd)
 
     nd->state = TG_REDIS_DOWN;
     evtimer_del(nd->connect_ev);
+    if (nd->tried) {
+        nd->tried = 0;
+        sentinel_distrust(r);
+    }
     if (r->destroying || evtimer_pending(nd->reconnect_ev, NULL)) {
         return;
     }
@@ -1738,13 +1751,26 @@ aux_cancel(struct tg_raux *aux)
 /* ------------------------------------------------------------------ */
 /* Sentinel                                                            */
 
-/* Learn the master again: sentinels in order, first good answer wins. */
+/* Learn the master again: first the sentinel whose master last worked,
+ * then the others in order; the first good answer wins. */
 static void
 sentinel_discover(struct tg_redis *r)
 {
     r->stats.rediscoveries++;
-    r->disc_idx = 0;
+    r->disc_idx = r->disc_pref;
+    r->disc_tries = 0;
     sentinel_ask(r);
+}
+
+/* The master a sentinel named failed (connect, ROLE) before it worked:
+ * that sentinel may be partitioned with a stale view; ask the next one
+ * first from now on. */
+static void
+sentinel_distrust(struct tg_redis *r)
+{
+    if (r->disc_pref == r->disc_from) {
+        r->disc_pref = (r->disc_from + 1) % r->opts.nsentinels;
+    }
 }
 
 static void
@@ -1773,9 +1799,11 @@ sentinel_done(struct tg_redis *r, const redisReply *rep, const struct tg_raux *a
             tg_info("redis: sentinel %s:%d: master \"%s\" is %s:%lu", aux->host,
                     aux->port, r->opts.sentinel_master, rep->element[0]->str, port);
         }
-        if (nd->ac == NULL) {
+        if (nd->ac == NULL && !nd->resolving) {
             snprintf(nd->host, sizeof(nd->host), "%s", rep->element[0]->str);
             nd->port = (int)port;
+            r->disc_from = r->disc_idx;
+            nd->tried = 1;
             evtimer_del(nd->reconnect_ev);
             conn_start(nd);
         }
@@ -1790,7 +1818,8 @@ sentinel_done(struct tg_redis *r, const redisReply *rep, const struct tg_raux *a
     if (nd->ac != NULL) {
         return;                 /* connected meanwhile */
     }
-    if (++r->disc_idx < r->opts.nsentinels) {
+    if (++r->disc_tries < r->opts.nsentinels) {
+        r->disc_idx = (r->disc_idx + 1) % r->opts.nsentinels;
         sentinel_ask(r);        /* a new context: fine inside the old one's callback */
         return;
     }

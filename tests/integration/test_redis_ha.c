@@ -546,6 +546,139 @@ Test(redis_sentinel, failover_after_kill_9)
     tg_redis_destroy(r);
 }
 
+/* A partitioned "sentinel": answers every command (one RESP command at a
+ * time) with the master it last knew, port mport, forever.  Its port. */
+static int
+stale_sentinel_start(int mport)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    socklen_t len = sizeof(sa);
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    char answer[64];
+    pid_t pid;
+
+    snprintf(answer, sizeof(answer), "*2\r\n$9\r\n127.0.0.1\r\n$%d\r\n%d\r\n",
+             snprintf(NULL, 0, "%d", mport), mport);
+    cr_assert(lfd >= 0);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+    cr_assert(listen(lfd, 16) == 0);
+    cr_assert(getsockname(lfd, (struct sockaddr *)&sa, &len) == 0);
+    cr_assert(g_nprocs < MAX_PROCS);
+    pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        for (;;) {
+            int fd = accept(lfd, NULL, NULL);
+            char buf[4096];
+            ssize_t n;
+            if (fd < 0) continue;
+            if (fork() == 0) {          /* one process per connection */
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
+                /* every read that ends a command line gets the answer:
+                 * the client sends one command and waits */
+                while ((n = read(fd, buf, sizeof(buf))) > 0) {
+                    if (buf[n - 1] == '\n' && write(fd, answer, strlen(answer)) < 0) break;
+                }
+                _exit(0);
+            }
+            close(fd);
+            while (waitpid(-1, NULL, WNOHANG) > 0) {
+            }
+        }
+    }
+    close(lfd);
+    g_procs[g_nprocs++] = pid;
+    return ntohs(sa.sin_port);
+}
+
+/*
+ * Sentinel 0 is partitioned and keeps naming the old master; sentinel 1
+ * is frozen (SIGSTOP); sentinels 2 and 3 fail over after the master's
+ * kill -9.  The client must leave the stale and the frozen one behind:
+ * the promoted master is used within 5 s of the promotion.
+ */
+Test(redis_sentinel, stale_and_frozen_sentinels_are_left_behind)
+{
+    int mport = free_port(), rport = free_port(), sport[3];
+    char mportstr[16], conf[512], name[32], log[32];
+    const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+    pid_t master, sent[3];
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    uint64_t t_promo, took;
+    tally t = { 0 };
+
+    snprintf(mportstr, sizeof(mportstr), "%d", mport);
+    master = redis_start(mport, NULL, NULL);
+    redis_start(rport, "127.0.0.1", mportstr);
+    cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
+    for (int i = 0; i < 3; i++) {
+        char *argv[4];
+        sport[i] = free_port();
+        snprintf(name, sizeof(name), "sentinel-%d.conf", i);
+        snprintf(log, sizeof(log), "sentinel-%d.log", i);
+        snprintf(conf, sizeof(conf),
+                 "port %d\nbind 127.0.0.1\ndir %s\n"
+                 "sentinel resolve-hostnames no\n"
+                 "sentinel monitor mymaster 127.0.0.1 %d 2\n"
+                 "sentinel down-after-milliseconds mymaster 1000\n"
+                 "sentinel failover-timeout mymaster 5000\n",
+                 sport[i], g_dir, mport);
+        write_file(name, conf);
+        argv[0] = REDIS_BIN;
+        argv[1] = name;
+        argv[2] = "--sentinel";
+        argv[3] = NULL;
+        sent[i] = spawn(log, argv);
+    }
+    for (int i = 0; i < 3; i++) {
+        cr_assert(poll_until(sentinel_settled, sport[i], NULL, 20000),
+                  "sentinel %d never saw the others and the replica", i);
+    }
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
+    o.sentinels[0].port = stale_sentinel_start(mport);
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.sentinels[i + 1].host, sizeof(o.sentinels[i + 1].host), "127.0.0.1");
+        o.sentinels[i + 1].port = sport[i];
+    }
+    o.nsentinels = 4;
+    o.timeout_ms = 200;
+    o.max_batch = 16;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never found the master");
+    charge_many(r, "tg:{before}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.allowed, 20, "before failover: %d of 40 allowed", t.allowed);
+
+    kill(sent[0], SIGSTOP);             /* frozen: connects, never answers */
+    proc_kill(master);
+    /* keep the client busy while the others fail over */
+    t_promo = tg_now_ms() + 30000;
+    while (!master_port_is(sport[1], &rport) && tg_now_ms() < t_promo) {
+        charge_ok_eventually(r, "tg:{probe}:t", 100);
+    }
+    cr_assert(master_port_is(sport[1], &rport), "the replica was not promoted");
+    t_promo = tg_now_ms();
+    cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 5000),
+              "the promoted master was not used within 5 s");
+    took = tg_now_ms() - t_promo;
+    cr_log_info("stale sentinel 0, frozen sentinel 1: charges on the promoted master "
+                "%llu ms after the promotion", (unsigned long long)took);
+    memset(&t, 0, sizeof(t));
+    charge_many(r, "tg:{after}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.allowed, 20, "after failover: %d of 40 allowed", t.allowed);
+    cr_assert(sync_int(rport, "EXISTS %s", "tg:{after}:t") == 1,
+              "not written to the promoted replica");
+    kill(sent[0], SIGCONT);
+    tg_redis_destroy(r);
+}
+
 /* A master the sentinels name but which is a replica (stale answer, or
  * demoted): ROLE says so, the client never becomes ready on it. */
 Test(redis_sentinel, replica_is_never_used)
