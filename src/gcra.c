@@ -506,7 +506,7 @@ const char tg_gcra_lua[] =
     "local call, floor, ceil, fmt = redis.call, math.floor, math.ceil, string.format\n"
     "local tm = call('TIME')\n"
     "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
-    "local out, nd = {}, {}\n"
+    "local out, nd, ps = {}, {}, {}\n"
     "local a, k, o = 2, 0, 0\n"
     "for r = 1, tonumber(ARGV[1]) do\n"
     "  local nb, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
@@ -536,6 +536,7 @@ const char tg_gcra_lua[] =
     "    end\n"
     "  end\n"
     "  if ok then\n"
+    "    for i = 1, nb do ps[k + i] = now + nd[i] end\n"
     "    if cost > 0 then\n"
     "      for i = 1, nb do\n"
     "        call('SET', KEYS[k + i], fmt('%d', now + nd[i]), 'PXAT', fmt('%d', ceil((now + nd[i]) / 1000)))\n"
@@ -548,4 +549,5 @@ const char tg_gcra_lua[] =
     "  k = k + nb\n"
     "  o = o + 5\n"
     "end\n"
+    "for i = 1, k do out[o + i] = ps[i] or 0 end\n"
     "return out\n";

@@ -38,7 +38,7 @@
  * its first key, except the global bucket.  Such a request is charged in
  * two calls, one after the other: first its first key's slot (phase 1); if
  * allowed, the rest (phase 2); when phase 2 denies or fails, phase 1 is
- * refunded by a small script (tg_refund_lua).  Sequential rather than
+ * refunded by a small script (tg_redis_refund_lua).  Sequential rather than
  * parallel so that requests a consumer's own bucket denies - the common
  * case under abuse - never touch the shared global bucket.
  *
@@ -125,6 +125,7 @@ struct tg_redis_op {
     uint16_t            slot2;    /* ... of phase 2 */
     uint32_t            cost;
     tg_gcra_result      res1;     /* phase 1 answer (indices mapped) */
+    uint64_t            p1[TG_CHARGE_MAX_BUCKETS];  /* phase 1: each key's new TAT */
     tg_gcra_limit       lim[TG_CHARGE_MAX_BUCKETS];
     uint32_t            len[TG_CHARGE_MAX_BUCKETS];   /* of each string */
     char                str[];    /* n NUL-terminated strings back to back */
@@ -236,16 +237,20 @@ struct tg_redis {
     tg_redis_stats          stats;
 };
 
-/* Gives back cost*T of each key's TAT (never below now): the first part
- * of a split request whose second part denied or failed.  Rare: EVAL. */
-static const char tg_refund_lua[] =
+/* Gives back what the first part of a split request added to each key,
+ * as far as it is still owed: min(cost*T, P - now), P the TAT that charge
+ * wrote (the script returns it).  A late refund after the debt has run
+ * out gives nothing back, so it never removes a later charge of another
+ * request or instance.  ARGV: cost, then per key T, P.  Rare: EVAL. */
+const char tg_redis_refund_lua[] =
     "local tm = redis.call('TIME')\n"
     "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
     "local cost = tonumber(ARGV[1])\n"
     "for i = 1, #KEYS do\n"
-    "  local tat = tonumber(redis.call('GET', KEYS[i]))\n"
-    "  if tat then\n"
-    "    local t = tat - cost * tonumber(ARGV[i + 1])\n"
+    "  local tat = tonumber(redis.pcall('GET', KEYS[i]))\n"
+    "  local give = math.min(cost * tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]) - now)\n"
+    "  if tat and give > 0 then\n"
+    "    local t = tat - give\n"
     "    if t <= now then\n"
     "      redis.call('DEL', KEYS[i])\n"
     "    else\n"
@@ -2549,17 +2554,17 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     struct tg_redis *r = b->r;
     struct tg_redis_op *op, **link, *again = NULL, **again_tail = &again;
     tg_gcra_result res, part;
-    size_t i;
+    size_t i, kp;
 
     if (rep->type == REDIS_REPLY_ERROR) {
         tg_warn("redis: charge script failed: %.200s", rep->str);
         goto fail;
     }
-    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops) {
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops + b->nkeys) {
         tg_warn("redis: charge script reply: type %d with %zu elements, "
                 "expected an array of %zu", rep->type,
                 rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
-                5 * b->nops);
+                5 * b->nops + b->nkeys);
         goto fail;
     }
     for (i = 0, op = b->ops; op != NULL; op = op->next, i += 5) {
@@ -2580,9 +2585,19 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     b->done = 1;
     /* Phase 1 parts that passed leave the batch for phase 2 (requeued
      * after the loop, so a callback's new ops keep their order). */
-    for (i = 0, link = &b->ops; (op = *link) != NULL; i += 5) {
+    for (i = 0, kp = 5 * b->nops, link = &b->ops; (op = *link) != NULL; i += 5) {
         redisReply *const *e = rep->element + i;
         tg_redis_charge_cb cb;
+        size_t sent = (size_t)__builtin_popcount(op->mask);
+
+        if (op->phase == 1) {
+            for (size_t j = 0; j < sent; j++) {
+                const redisReply *pe = rep->element[kp + j];
+                op->p1[j] = pe->type == REDIS_REPLY_INTEGER && pe->integer > 0
+                            ? (uint64_t)pe->integer : 0;
+            }
+        }
+        kp += sent;
 
         part.allowed = (int)e[0]->integer;
         part.remaining = e[1]->integer > UINT32_MAX ? UINT32_MAX : (uint32_t)e[1]->integer;
@@ -2678,14 +2693,19 @@ op_key(const struct tg_redis_op *op, size_t k)
     return s;
 }
 
-/* Answer TG_ERR once (the op is not freed here); a charged first part
- * is given back first. */
+/* Answer TG_ERR once (the op is not freed here).  A charged first part
+ * is kept when the requester is told: the fallback may admit it, and a
+ * request admitted without any Redis charge would let the consumer past
+ * its limit; it is given back only when nobody waits (cancelled). */
 static void
 op_fail(struct tg_redis *r, struct tg_redis_op *op)
 {
     if (op->kind == TG_OP_CHARGE) {
         tg_redis_charge_cb cb = op->charge_cb;
-        op_refund(r, op);
+        if (cb == NULL) {
+            op_refund(r, op);
+        }
+        op->refund_due = 0;
         if (cb != NULL) {
             op->charge_cb = NULL;
             r->stats.errors++;
@@ -2708,9 +2728,9 @@ op_fail(struct tg_redis *r, struct tg_redis_op *op)
 static void
 op_refund(struct tg_redis *r, struct tg_redis_op *op)
 {
-    const char *argv[3 + 2 * TG_CHARGE_MAX_BUCKETS + 1];
+    const char *argv[3 + 3 * TG_CHARGE_MAX_BUCKETS + 1];
     size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nk = 0;
-    char num[1 + TG_CHARGE_MAX_BUCKETS + 1][TG_REDIS_NUMLEN];
+    char num[2 + 2 * TG_CHARGE_MAX_BUCKETS][TG_REDIS_NUMLEN];
     struct tg_rnode *nd;
 
     if (op->kind != TG_OP_CHARGE || !op->refund_due) {
@@ -2729,8 +2749,8 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
     }
     argv[argc] = "EVAL";
     argvlen[argc++] = 4;
-    argv[argc] = tg_refund_lua;
-    argvlen[argc++] = sizeof(tg_refund_lua) - 1;
+    argv[argc] = tg_redis_refund_lua;
+    argvlen[argc++] = strlen(tg_redis_refund_lua);
     argvlen[argc] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
     argv[argc++] = num[0];
     for (size_t k = 0; k < op->n; k++) {
@@ -2741,10 +2761,13 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
     }
     argvlen[argc] = (size_t)snprintf(num[1], sizeof(num[1]), "%u", op->cost);
     argv[argc++] = num[1];
-    for (size_t k = 0, j = 2; k < op->n; k++) {
+    for (size_t k = 0, j = 2, sent = 0; k < op->n; k++) {
         if (op->mask1 & (1u << k)) {
             argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
                                              (unsigned long long)op->lim[k].interval_us);
+            argv[argc++] = num[j++];
+            argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
+                                             (unsigned long long)op->p1[sent++]);
             argv[argc++] = num[j++];
         }
     }

@@ -102,7 +102,10 @@ size_t tg_lstore_entry_bytes(void);
  *   ARGV: nreq, then per request: nbuckets, cost, then per bucket:
  *         interval_us, burst.
  *   Reply: flat array, 5 integers per request:
- *         allowed (0/1), remaining, retry_us, reset_us, limiting index.
+ *         allowed (0/1), remaining, retry_us, reset_us, limiting index;
+ *         then one per key: its new TAT (Redis time, us) for an allowed
+ *         request, 0 for a denied one (a Cluster refund gives back at
+ *         most what its request added: see redis.c).
  * Each request is all-or-nothing over its own buckets; requests of one
  * batch are independent and applied in order.  Keys are written with
  * PXAT = the first millisecond at or after their TAT (when the bucket is

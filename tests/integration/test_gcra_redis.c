@@ -235,7 +235,7 @@ run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
     cr_assert_not_null(r, "redis: %s", rc->errstr);
     cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "reply type %d: %s", r->type,
                  r->type == REDIS_REPLY_ERROR ? r->str : "");
-    cr_assert_eq(r->elements, 5 * nreq);
+    cr_assert_eq(r->elements, 5 * nreq + nkeys);   /* then each key's new TAT */
     for (i = 0; i < nreq; i++) {
         for (b = 0; b < 5; b++) {
             cr_assert_eq(r->element[5 * i + b]->type, REDIS_REPLY_INTEGER);

@@ -996,6 +996,104 @@ Test(redis, select_db)
     tg_redis_destroy(r);
 }
 
+/* One request of cost 1 on one bucket through the charge script: its
+ * 6 integers (allowed, remaining, retry, reset, index, new TAT). */
+static void
+script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
+{
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 1 1 %llu %u", tg_gcra_lua, key,
+                               (unsigned long long)t_us, burst);
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 6,
+              "charge script: %s", rep && rep->str ? rep->str : "bad reply");
+    for (int i = 0; i < 6; i++) {
+        out[i] = rep->element[i]->integer;
+    }
+    freeReplyObject(rep);
+}
+
+static void
+script_refund(const char *key, uint64_t t_us, long long p)
+{
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 %llu %lld", tg_redis_refund_lua,
+                               key, (unsigned long long)t_us, p);
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER, "refund script: %s",
+              rep && rep->str ? rep->str : "bad reply");
+    freeReplyObject(rep);
+}
+
+static long long
+redis_now_us(void)
+{
+    redisReply *rep = sync_cmd(g_port, "TIME");
+    long long now;
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2);
+    now = atoll(rep->element[0]->str) * 1000000 + atoll(rep->element[1]->str);
+    freeReplyObject(rep);
+    return now;
+}
+
+static long long
+redis_get_ll(const char *key)
+{
+    redisReply *rep = sync_cmd(g_port, "GET %s", key);
+    long long v = -1;
+
+    cr_assert_not_null(rep);
+    if (rep->type == REDIS_REPLY_STRING) {
+        v = atoll(rep->str);
+    }
+    freeReplyObject(rep);
+    return v;
+}
+
+/*
+ * The Cluster refund at the script level: a refund that arrives after its
+ * charge's debt has run out (and another instance charged the bucket
+ * since) gives nothing back; one that arrives in time gives back at most
+ * what its charge still holds, never another request's charge.
+ */
+Test(redis, late_refund_never_removes_another_charge)
+{
+    enum { T = 200000, T2 = 2000000 };  /* 5 tokens/s; 0.5 tokens/s */
+    long long a[6], b[6], c[6], before, after;
+    uint64_t end = tg_now_ms() + 5000;
+
+    cr_assert_gt(strlen(tg_redis_refund_lua), 0);
+    /* A charges; its debt runs out; B (another instance) charges */
+    script_charge("t:{late}:g", T, 1, a);
+    cr_assert_eq(a[0], 1);
+    cr_assert_gt(a[5], 0, "the script returns the new TAT");
+    while (redis_now_us() <= a[5]) {
+        cr_assert(tg_now_ms() < end, "Redis time never passed A's TAT");
+        usleep(10000);
+    }
+    script_charge("t:{late}:g", T, 1, b);
+    cr_assert_eq(b[0], 1);
+    /* A's refund arrives late: B's charge stays, C is denied */
+    script_refund("t:{late}:g", T, a[5]);
+    cr_assert_eq(redis_get_ll("t:{late}:g"), b[5], "the late refund changed the bucket");
+    script_charge("t:{late}:g", T, 1, c);
+    cr_assert_eq(c[0], 0, "a late refund gave B's token to C");
+
+    /* in time: A then B on a bucket of 2; A's refund takes back only A's
+     * part, B's charge stays */
+    script_charge("t:{soon}:g", T2, 2, a);
+    script_charge("t:{soon}:g", T2, 2, b);
+    cr_assert(a[0] == 1 && b[0] == 1);
+    before = redis_get_ll("t:{soon}:g");
+    script_refund("t:{soon}:g", T2, a[5]);
+    after = redis_get_ll("t:{soon}:g");
+    cr_assert_lt(after, before, "an in-time refund gives something back");
+    cr_assert_geq(after, before - T2, "a refund gave back more than its charge");
+    script_charge("t:{soon}:g", T2, 2, c);
+    cr_assert_eq(c[0], 1, "the refunded token is usable");
+    script_charge("t:{soon}:g", T2, 2, c);
+    cr_assert_eq(c[0], 0, "B's token was given away too");
+}
+
 Test(redis, invalid_charge_is_an_error)
 {
     struct tg_redis *r = client(g_port, 1000, 32, 1);
