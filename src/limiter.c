@@ -9,6 +9,7 @@
  */
 #include "tollgate/limiter.h"
 
+#include <limits.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -172,6 +173,13 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
         if (lim->redis == NULL) {
             snprintf(err, errlen, "redis: cannot create the client");
             goto fail;
+        }
+        if (tg_redis_node_breakers(lim->redis)) {
+            /* Cluster: a breaker per node inside the client; one over all
+             * nodes would send every slot to the fallback for one node */
+            static const tg_breaker_conf never = { .failures = UINT_MAX,
+                                                   .open_ms = 1000, .probes = 1 };
+            tg_breaker_init(&lim->breaker, &never);
         }
     }
     return lim;

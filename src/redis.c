@@ -61,6 +61,7 @@
  * redisAsyncDisconnect the context (hiredis defers that itself).
  */
 #include "tollgate/redis.h"
+#include "tollgate/breaker.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -92,6 +93,7 @@
 #define TG_REDIS_MAX_REDIRECTS     2        /* MOVED/ASK per batch */
 #define TG_REDIS_REFRESH_MS        30000    /* Cluster: slot map refresh */
 #define TG_REDIS_REFRESH_RETRY_MS  1000     /* ... after every seed failed */
+#define TG_REDIS_KICK_MS           250      /* ... after a node failed, at most */
 #define TG_REDIS_SUB_RETRY_MS      1000     /* Sentinel: resubscribe */
 #define TG_REDIS_HOSTLEN           256
 #define TG_REDIS_MAX_ELEMENTS      65536    /* per array in one reply */
@@ -141,6 +143,8 @@ struct tg_rnode {
     uint64_t             warn_ms;     /* last connection warning */
     unsigned             warn_quiet;  /* warnings suppressed since */
     int                  tried;       /* Sentinel: a named master being tried */
+    int                  failed;      /* Cluster: down since its last success */
+    tg_breaker           brk;         /* Cluster: over this node's calls */
     redisAsyncContext   *ac;          /* NULL while down */
     redisAsyncContext   *drop_ac;     /* to drop on a clean stack */
     enum tg_redis_state  state;
@@ -168,6 +172,7 @@ struct tg_redis_batch {
     uint8_t                timer_set;
     uint8_t                asking;        /* ASK: ASKING before the command */
     uint8_t                redirects;     /* MOVED/ASK followed so far */
+    uint8_t                brk;           /* Cluster: node breaker awaits the outcome */
     struct event          *timer;         /* in the same allocation */
 };
 
@@ -232,6 +237,7 @@ struct tg_redis {
     struct tg_redis_batch **slot_batch;  /* [16384]: batch of this flush */
     int                     map_ok;
     struct event           *refresh_ev;
+    uint64_t                slots_asked_ms;  /* last CLUSTER SLOTS round started */
 
     uint64_t                auth_log_ms; /* last AUTH error logged */
     tg_redis_stats          stats;
@@ -331,6 +337,7 @@ static void sentinel_done(struct tg_redis *r, const redisReply *rep,
 static void sub_start(struct tg_redis *r);
 static void sub_retry_cb(evutil_socket_t fd, short what, void *arg);
 static void cluster_refresh(struct tg_redis *r);
+static void cluster_kick(struct tg_redis *r, const struct tg_rnode *nd);
 static void cluster_ask(struct tg_redis *r);
 static void slots_done(struct tg_redis *r, const redisReply *rep,
                        const struct tg_raux *aux);
@@ -343,6 +350,7 @@ static void batch_start(struct tg_redis_batch *b);
 static tg_rc batch_send(struct tg_redis_batch *b);
 static void batch_fail(struct tg_redis_batch *b);
 static void batch_free(struct tg_redis_batch *b);
+static void batch_outcome(struct tg_redis_batch *b, int ok);
 static void batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata);
 static void batch_timeout_cb(evutil_socket_t fd, short what, void *arg);
 static int batch_redirect(struct tg_redis_batch *b, const redisReply *rep);
@@ -706,6 +714,12 @@ tg_redis_ready(const struct tg_redis *r)
         }
     }
     return 0;
+}
+
+int
+tg_redis_node_breakers(const struct tg_redis *r)
+{
+    return r != NULL && r->mode == TG_MODE_CLUSTER;
 }
 
 void
@@ -1132,10 +1146,20 @@ aux_auth_cb(redisAsyncContext *ac, void *reply, void *privdata)
 /* ------------------------------------------------------------------ */
 /* nodes and their connections                                         */
 
+/* Cluster: one breaker per node (a dead master must not send the other
+ * masters' slots to the fallback): a few failed calls in a row open it;
+ * then that node's calls fail at once, one probe per second. */
+static const tg_breaker_conf tg_node_breaker_conf = {
+    .failures = 3, .window_ms = 0, .min_requests = 0, .error_pct = 0,
+    .open_ms = 1000, .max_open_ms = 5000, .probes = 1,
+};
+
 static struct tg_rnode *
 node_new(struct tg_redis *r, const char *host, int port)
 {
     struct tg_rnode *nd = tg_xcalloc(1, sizeof(*nd));
+
+    tg_breaker_init(&nd->brk, &tg_node_breaker_conf);
 
     nd->r = r;
     snprintf(nd->host, sizeof(nd->host), "%s", host);
@@ -1404,6 +1428,7 @@ set_ready(struct tg_rnode *nd)
         nd->tried = 0;
         nd->r->disc_pref = nd->r->disc_from;    /* Sentinel: it answered well */
     }
+    nd->failed = 0;
     evtimer_del(nd->connect_ev);
     tg_info("redis: connected to %s:%d", nd->host, nd->port);
 }
@@ -1430,6 +1455,10 @@ schedule_reconnect(struct tg_rnode *nd)
     if (nd->tried) {
         nd->tried = 0;
         sentinel_distrust(r);
+    }
+    if (r->mode == TG_MODE_CLUSTER && !r->destroying) {
+        nd->failed = 1;
+        cluster_kick(r, nd);
     }
     if (r->destroying || evtimer_pending(nd->reconnect_ev, NULL)) {
         return;
@@ -1947,7 +1976,54 @@ cluster_refresh(struct tg_redis *r)
         return;
     }
     r->slots_tries = 0;
+    r->slots_asked_ms = tg_now_ms();
     cluster_ask(r);
+}
+
+/* A node failed: if it serves slots, ask for the map again now (another
+ * node answers: cluster_ask skips failed ones), at most every
+ * TG_REDIS_KICK_MS; slots_done keeps asking while a failed node still
+ * serves slots, so a promotion is seen within about that time. */
+static void
+cluster_kick(struct tg_redis *r, const struct tg_rnode *nd)
+{
+    uint16_t want = 0;
+    uint64_t since;
+
+    if (r->slot_node == NULL || !r->map_ok) {
+        return;
+    }
+    for (size_t i = 0; i < r->nnodes; i++) {
+        if (r->nodes[i] == nd) {
+            want = (uint16_t)(i + 1);
+        }
+    }
+    for (size_t s = 0; want != 0 && s < TG_REDIS_CLUSTER_SLOTS; s++) {
+        if (r->slot_node[s] == want) {
+            r->stats.map_kicks++;
+            since = tg_now_ms() - r->slots_asked_ms;
+            if (since >= TG_REDIS_KICK_MS) {
+                cluster_refresh(r);
+            } else {
+                refresh_in(r, (unsigned)(TG_REDIS_KICK_MS - since));
+            }
+            return;
+        }
+    }
+}
+
+/* A candidate for CLUSTER SLOTS that is known to have failed. */
+static int
+cluster_failed_addr(const struct tg_redis *r, const char *host, int port)
+{
+    for (size_t i = 0; i < r->nnodes; i++) {
+        const struct tg_rnode *nd = r->nodes[i];
+        if (nd->failed && nd->port == port
+            && (strcmp(nd->ip, host) == 0 || strcmp(nd->host, host) == 0)) {
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* Candidates: the configured seeds, then every node learnt so far. */
@@ -1958,6 +2034,18 @@ cluster_ask(struct tg_redis *r)
     size_t total = r->opts.ncluster + r->nnodes;
     size_t i = r->slots_idx % total;
 
+    /* skip failed candidates, unless every one has failed */
+    for (size_t n = 0; n < total; n++, i = (i + 1) % total) {
+        const char *h = i < r->opts.ncluster ? r->opts.cluster_nodes[i].host
+                        : r->nodes[i - r->opts.ncluster]->ip;
+        int p = i < r->opts.ncluster ? r->opts.cluster_nodes[i].port
+                : r->nodes[i - r->opts.ncluster]->port;
+        if (!cluster_failed_addr(r, h, p)) {
+            r->slots_idx = i;
+            break;
+        }
+    }
+    i = r->slots_idx % total;
     if (i < r->opts.ncluster) {
         aux_start(&r->slots, r->opts.cluster_nodes[i].host,
                   r->opts.cluster_nodes[i].port, 2, argv);
@@ -2034,6 +2122,13 @@ slots_done(struct tg_redis *r, const redisReply *rep, const struct tg_raux *aux)
             r->map_ok = 1;
             r->stats.map_refreshes++;
             refresh_in(r, TG_REDIS_REFRESH_MS);
+            for (size_t s = 0; s < TG_REDIS_CLUSTER_SLOTS; s++) {
+                if (r->slot_node[s] != 0 && r->nodes[r->slot_node[s] - 1]->failed) {
+                    /* a failed node still serves slots: ask again soon */
+                    refresh_in(r, 2 * TG_REDIS_KICK_MS);
+                    break;
+                }
+            }
             return;
         }
         free(map);
@@ -2228,6 +2323,14 @@ batch_start(struct tg_redis_batch *b)
     event_assign(b->timer, r->base, -1, 0, batch_timeout_cb, b);
     event_add(b->timer, r->call_tv);
     b->timer_set = 1;
+    if (r->mode == TG_MODE_CLUSTER) {
+        if (!tg_breaker_allow(&b->node->brk, tg_now_ms())) {
+            batch_fail(b);      /* that node's breaker is open: at once */
+            batch_free(b);
+            return;
+        }
+        b->brk = 1;
+    }
     if (batch_send(b) != TG_OK) {
         batch_fail(b);
         batch_free(b);
@@ -2327,6 +2430,23 @@ batch_send(struct tg_redis_batch *b)
     return TG_OK;
 }
 
+/* Cluster: the node's breaker learns the outcome of this call, once. */
+static void
+batch_outcome(struct tg_redis_batch *b, int ok)
+{
+    if (!b->brk) {
+        return;
+    }
+    b->brk = 0;
+    if (ok > 0) {
+        tg_breaker_success(&b->node->brk, tg_now_ms());
+    } else if (ok == 0) {
+        tg_breaker_failure(&b->node->brk, tg_now_ms());
+    } else {
+        tg_breaker_abandon(&b->node->brk, tg_now_ms());
+    }
+}
+
 /* Answer every live op TG_ERR (no-op once done, or while destroying). */
 static void
 batch_fail(struct tg_redis_batch *b)
@@ -2353,6 +2473,9 @@ batch_free(struct tg_redis_batch *b)
 
     if (b->timer_set) {
         event_del(b->timer);
+    }
+    if (!r->destroying) {
+        batch_outcome(b, -1);
     }
     if (b->prev != NULL) {
         b->prev->next = b->next;
@@ -2388,10 +2511,12 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply *rep = reply;
 
     if (b->done || rep == NULL) {
+        batch_outcome(b, rep != NULL);
         batch_fail(b);          /* no-op if done */
         batch_free(b);
         return;
     }
+    batch_outcome(b, 1);        /* the node answered */
     b->node->consec_tmo = 0;
     if (rep->type != REDIS_REPLY_ERROR) {
         node_good(b->node);
@@ -2498,6 +2623,7 @@ batch_timeout_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     r->stats.timeouts++;
+    batch_outcome(b, 0);
     batch_fail(b);              /* the batch waits for its reply or NULL */
     rd = b->node->ac != NULL ? b->node->ac->c.reader : NULL;
     if (rd != NULL && (rd->len > rd->pos || rd->ridx > 0)) {
@@ -2557,7 +2683,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     size_t i, kp;
 
     if (rep->type == REDIS_REPLY_ERROR) {
-        tg_warn("redis: charge script failed: %.200s", rep->str);
+        node_warn(b->node, "redis: charge script failed: %.200s", rep->str);
         goto fail;
     }
     if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops + b->nkeys) {

@@ -93,6 +93,11 @@ unsigned tg_redis_key_slot(const char *key, size_t len);
  * known and at least one master is connected). */
 int tg_redis_ready(const struct tg_redis *r);
 
+/* 1 when the client keeps a breaker per node (Cluster): a failing node
+ * fails its own calls at once, the others go on; the caller should then
+ * not open a breaker of its own over all of them. */
+int tg_redis_node_breakers(const struct tg_redis *r);
+
 /*
  * Queue one charge: keys[0..n) (copied), limits lim[0..n), cost.
  * cb(arg, TG_OK, &result) with the script's answer, or cb(arg, TG_ERR,

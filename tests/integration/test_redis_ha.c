@@ -742,7 +742,7 @@ Test(redis_sentinel, replica_is_never_used)
 /* ------------------------------------------------------------------ */
 /* Cluster                                                             */
 
-static int g_cport[3];
+static int g_cport[6];
 
 static int
 cluster_ok(int port, const void *arg)
@@ -750,17 +750,19 @@ cluster_ok(int port, const void *arg)
     return reply_has(port, "cluster_state:ok", "CLUSTER INFO");
 }
 
+/* n nodes (3 masters, then a replica each when n == 6), a node timeout
+ * of 1 s (failover within a few seconds). */
 static void
-cluster_start(void)
+cluster_start_n(int nnodes)
 {
-    char ports[3][16], addrs[3][32], confs[3][128], logs[3][32];
-    char *cli[12];
+    char ports[6][16], addrs[6][32], confs[6][128], logs[6][32];
+    char *cli[16];
     pid_t pid;
     uint64_t deadline;
     int st = 0, n = 0;
 
-    for (int i = 0; i < 3; i++) {
-        char *argv[16];
+    for (int i = 0; i < nnodes; i++) {
+        char *argv[20];
         g_cport[i] = free_cluster_port();
         snprintf(ports[i], sizeof(ports[i]), "%d", g_cport[i]);
         snprintf(addrs[i], sizeof(addrs[i]), "127.0.0.1:%d", g_cport[i]);
@@ -779,20 +781,28 @@ cluster_start(void)
         argv[10] = "";
         argv[11] = "--appendonly";
         argv[12] = "no";
-        argv[13] = NULL;
+        argv[13] = "--cluster-node-timeout";
+        argv[14] = "1000";
+        /* with replicas: the live masters keep serving their slots while
+         * one is failing over (else CLUSTERDOWN everywhere meanwhile) */
+        argv[15] = nnodes == 6 ? "--cluster-require-full-coverage" : NULL;
+        argv[16] = "no";
+        argv[17] = "--repl-diskless-sync-delay";
+        argv[18] = "0";
+        argv[19] = NULL;
         spawn(logs[i], argv);
     }
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < nnodes; i++) {
         cr_assert(poll_until(pings, g_cport[i], NULL, 10000), "cluster node did not start");
     }
     cli[n++] = CLI_BIN;
     cli[n++] = "--cluster";
     cli[n++] = "create";
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < nnodes; i++) {
         cli[n++] = addrs[i];
     }
     cli[n++] = "--cluster-replicas";
-    cli[n++] = "0";
+    cli[n++] = nnodes == 6 ? "1" : "0";
     cli[n++] = "--cluster-yes";
     cli[n] = NULL;
     pid = spawn("cluster-create.log", cli);
@@ -805,9 +815,22 @@ cluster_start(void)
         if (g_procs[i] == pid) g_procs[i] = -1;
     }
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "redis-cli --cluster create failed");
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < nnodes; i++) {
         cr_assert(poll_until(cluster_ok, g_cport[i], NULL, 30000), "cluster_state is not ok");
     }
+    for (int i = 0; i < nnodes; i++) {     /* replicas synced: able to fail over */
+        const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+        if (!reply_has(g_cport[i], "role:master", "INFO replication")) {
+            cr_assert(poll_until(has_text, g_cport[i], link_up, 30000),
+                      "replica %d never synced", g_cport[i]);
+        }
+    }
+}
+
+static void
+cluster_start(void)
+{
+    cluster_start_n(3);
 }
 
 static struct tg_redis *
@@ -1059,5 +1082,140 @@ Test(redis_cluster, slot_migration_under_a_live_key)
                 (unsigned long long)st.redirects, (unsigned long long)st.map_refreshes);
     free(src_id);
     free(dst_id);
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* Cluster with replicas: a master dies                                */
+
+/* The master of port (a replica), or 0. */
+static int
+master_of(int port)
+{
+    redisReply *rep = sync_cmd(port, "ROLE");
+    int m = 0;
+
+    if (rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 3
+        && rep->element[0]->type == REDIS_REPLY_STRING
+        && strcmp(rep->element[0]->str, "slave") == 0
+        && rep->element[2]->type == REDIS_REPLY_INTEGER) {
+        m = (int)rep->element[2]->integer;
+    }
+    if (rep) freeReplyObject(rep);
+    return m;
+}
+
+static int
+cond_never(const void *arg)
+{
+    return 0;
+}
+
+static int
+is_master(int port, const void *arg)
+{
+    return reply_has(port, "role:master", "INFO replication");
+}
+
+/*
+ * kill -9 of the master owning {global}, with a replica each: consumers
+ * whose slots live on the other masters never see an error (a breaker
+ * per node), and charges of {global} work again within 3 s of the
+ * promotion (the slot map is asked again as soon as the node drops, not
+ * after the 30 s refresh).
+ */
+Test(redis_cluster, master_killed_others_unaffected_back_within_3s)
+{
+    enum { NC = 24 };
+    struct tg_redis *r;
+    tg_redis_opts o;
+    tg_gcra_limit lim = tg_gcra_per_second(100000, 100000);
+    tg_gcra_limit slow = tg_gcra_per_minute(1, 1000000);
+    tally t0;
+    int gport = 0, gidx = -1, replica = 0, cnode[NC], other_errors = 0, dead_errors = 0;
+    char ckey[NC][32];
+    uint64_t t_kill, t_promo = 0, t_back = 0, end;
+    tg_redis_stats st;
+
+    cluster_start_n(6);
+    memset(&o, 0, sizeof(o));
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.cluster_nodes[i].host, sizeof(o.cluster_nodes[i].host), "127.0.0.1");
+        o.cluster_nodes[i].port = g_cport[i];
+    }
+    o.ncluster = 3;
+    o.timeout_ms = 100;
+    o.max_batch = 32;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    cr_assert(charge_ok_eventually(r, "tg:{global}:g", 10000));
+    memset(&t0, 0, sizeof(t0));          /* a key that lives a minute: EXISTS finds it */
+    charge_many(r, "tg:{global}:probe", slow, NULL, slow, 1, &t0);
+    cr_assert_eq(t0.allowed, 1);
+    for (int i = 0; i < 6; i++) {
+        long long e = sync_int(g_cport[i], "EXISTS %s", "tg:{global}:probe");
+        if (e == 1 && master_of(g_cport[i]) == 0) {
+            gport = g_cport[i];
+            gidx = i;
+        }
+    }
+    cr_assert(gidx >= 0, "no master holds {global}");
+    for (int i = 0; i < 6; i++) {
+        if (master_of(g_cport[i]) == gport) {
+            replica = g_cport[i];
+        }
+    }
+    cr_assert(replica != 0, "the master of {global} has no replica");
+    for (int i = 0; i < NC; i++) {
+        snprintf(ckey[i], sizeof(ckey[i]), "tg:{c-%02d}:t", i);
+        char probe[32];
+        snprintf(probe, sizeof(probe), "tg:{c-%02d}:probe", i);
+        memset(&t0, 0, sizeof(t0));
+        charge_many(r, probe, slow, NULL, slow, 1, &t0);
+        cr_assert_eq(t0.allowed, 1);
+        cnode[i] = sync_int(gport, "EXISTS %s", probe) == 1;   /* on the victim */
+    }
+
+    proc_kill(g_procs[gidx] > 0 ? g_procs[gidx] : -1);
+    t_kill = tg_now_ms();
+    end = t_kill + 30000;
+    while (tg_now_ms() < end && t_back == 0) {
+        tally t[NC + 1];
+        memset(t, 0, sizeof(t));
+        for (int i = 0; i < NC; i++) {
+            charge_many(r, ckey[i], lim, NULL, lim, 1, &t[i]);
+            if (t[i].errors > 0) {
+                if (cnode[i]) dead_errors++;
+                else other_errors++;
+            }
+        }
+        charge_many(r, "tg:{global}:g", lim, NULL, lim, 1, &t[NC]);
+        if (t_promo == 0 && is_master(replica, NULL)) {
+            t_promo = tg_now_ms();
+        }
+        if (t_promo != 0 && t[NC].allowed == 1) {
+            t_back = tg_now_ms();
+        }
+        run_until(cond_never, NULL, 20);      /* a round every ~20 ms */
+    }
+    tg_redis_get_stats(r, &st);
+    cr_log_info("cluster kill -9: promotion after %llu ms, {global} back on Redis %llu ms "
+                "after it; errors: %d on the dead node's consumers, %d on the others; "
+                "%llu map refreshes (%llu asked by node failures)",
+                (unsigned long long)(t_promo - t_kill),
+                (unsigned long long)(t_back - t_promo), dead_errors, other_errors,
+                (unsigned long long)st.map_refreshes, (unsigned long long)st.map_kicks);
+    if (t_promo == 0) {
+        redisReply *rep = sync_cmd(replica, "CLUSTER NODES");
+        cr_log_error("victim %d replica %d: %s", gport, replica,
+                     rep && rep->str ? rep->str : "?");
+        if (rep) freeReplyObject(rep);
+    }
+    cr_assert(t_promo != 0, "the replica was never promoted");
+    cr_assert(t_back != 0, "{global} never came back");
+    cr_assert_leq(t_back - t_promo, 3000, "{global} back on Redis %llu ms after the "
+                  "promotion", (unsigned long long)(t_back - t_promo));
+    cr_assert_eq(other_errors, 0, "consumers on live masters got %d errors", other_errors);
     tg_redis_destroy(r);
 }
