@@ -15,6 +15,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -743,6 +744,7 @@ Test(redis_sentinel, replica_is_never_used)
 /* Cluster                                                             */
 
 static int g_cport[6];
+static const char *g_announce;          /* cluster-announce-hostname, or NULL */
 
 static int
 cluster_ok(int port, const void *arg)
@@ -762,7 +764,7 @@ cluster_start_n(int nnodes)
     int st = 0, n = 0;
 
     for (int i = 0; i < nnodes; i++) {
-        char *argv[20];
+        char *argv[24];
         g_cport[i] = free_cluster_port();
         snprintf(ports[i], sizeof(ports[i]), "%d", g_cport[i]);
         snprintf(addrs[i], sizeof(addrs[i]), "127.0.0.1:%d", g_cport[i]);
@@ -785,11 +787,21 @@ cluster_start_n(int nnodes)
         argv[14] = "1000";
         /* with replicas: the live masters keep serving their slots while
          * one is failing over (else CLUSTERDOWN everywhere meanwhile) */
-        argv[15] = nnodes == 6 ? "--cluster-require-full-coverage" : NULL;
-        argv[16] = "no";
-        argv[17] = "--repl-diskless-sync-delay";
-        argv[18] = "0";
-        argv[19] = NULL;
+        argv[15] = "--repl-diskless-sync-delay";
+        argv[16] = "0";
+        argv[17] = NULL;
+        if (nnodes == 6) {
+            argv[17] = "--cluster-require-full-coverage";
+            argv[18] = "no";
+            argv[19] = NULL;
+        } else if (g_announce != NULL) {
+            /* nodes known by name: CLUSTER SLOTS and MOVED say "localhost" */
+            argv[17] = "--cluster-announce-hostname";
+            argv[18] = (char *)g_announce;
+            argv[19] = "--cluster-preferred-endpoint-type";
+            argv[20] = "hostname";
+            argv[21] = NULL;
+        }
         spawn(logs[i], argv);
     }
     for (int i = 0; i < nnodes; i++) {
@@ -1217,5 +1229,51 @@ Test(redis_cluster, master_killed_others_unaffected_back_within_3s)
     cr_assert_leq(t_back - t_promo, 3000, "{global} back on Redis %llu ms after the "
                   "promotion", (unsigned long long)(t_back - t_promo));
     cr_assert_eq(other_errors, 0, "consumers on live masters got %d errors", other_errors);
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* names from Redis: resolved off the loop                             */
+
+/*
+ * Cluster nodes that announce themselves by name (CLUSTER SLOTS says
+ * "localhost"): the client resolves the name with evdns, without blocking
+ * its loop, and charges work on every node.  Skipped where "localhost"
+ * does not resolve.
+ */
+Test(redis_cluster, nodes_announced_by_hostname)
+{
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *ai = NULL;
+    struct tg_redis *r;
+    tg_redis_opts o;
+    redisReply *rep;
+    int named;
+
+    if (getaddrinfo("localhost", NULL, &hints, &ai) != 0) {
+        cr_skip_test("localhost does not resolve here");
+    }
+    freeaddrinfo(ai);
+    g_announce = "localhost";
+    cluster_start_n(3);
+    g_announce = NULL;
+    rep = sync_cmd(g_cport[0], "CLUSTER SLOTS");
+    named = rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements > 0
+            && strcmp(rep->element[0]->element[2]->element[0]->str, "localhost") == 0;
+    if (rep) freeReplyObject(rep);
+    cr_assert(named, "CLUSTER SLOTS does not name the nodes \"localhost\"");
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.cluster_nodes[0].host, sizeof(o.cluster_nodes[0].host), "127.0.0.1");
+    o.cluster_nodes[0].port = g_cport[0];
+    o.ncluster = 1;
+    o.timeout_ms = 1000;
+    o.max_batch = 32;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    /* {a}, {b}, {d}: one key per node, each node reached by its name */
+    cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
     tg_redis_destroy(r);
 }
