@@ -376,6 +376,14 @@ fake_redis_start(int port, enum fake_mode mode)
     }
 }
 
+/* ASan (the build-asan tollgate) keeps freed memory in quarantine,
+ * 256 MB by default: its bound is that much looser. */
+#ifdef __SANITIZE_ADDRESS__
+#define RSS_BOUND_KIB ((256 + 64) * 1024)
+#else
+#define RSS_BOUND_KIB (64 * 1024)
+#endif
+
 static long
 tollgate_rss_kib(void)
 {
@@ -422,10 +430,11 @@ broken_redis(enum fake_mode mode)
         if (tollgate_rss_kib() - rss0 > worst)
             worst = tollgate_rss_kib() - rss0;
         n++;
+        tgh_sleep_ms(2);                /* paced: the point is memory, not rate */
     }
     cr_log_info("broken Redis (mode %d): %d requests in 2 s, tollgate RSS grew %ld KiB",
                 (int)mode, n, worst);
-    TGH_CHECK(worst < 64 * 1024, "tollgate's RSS grew by %ld KiB", worst);
+    TGH_CHECK(worst < RSS_BOUND_KIB, "tollgate's RSS grew by %ld KiB", worst);
     kill(fake, SIGKILL);
     waitpid(fake, NULL, 0);
     TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server back on port %d", rds.port);
