@@ -158,6 +158,7 @@ resp_command_len(const char *buf, size_t len)
 }
 
 static int g_fake_stream;           /* after the answer: bytes forever */
+static int g_fake_close;            /* after the answer: close */
 
 /* Write filler until the peer goes away (a bulk that never ends). */
 static void
@@ -187,10 +188,11 @@ fake_serve(int lfd, const char *answer)
             while ((used = resp_command_len(buf, have)) > 0) {
                 if (write(fd, answer, strlen(answer)) < 0) break;
                 if (g_fake_stream) fake_stream(fd);
+                if (g_fake_close) break;
                 memmove(buf, buf + used, have - (size_t)used);
                 have -= (size_t)used;
             }
-            if (used < 0 || have == sizeof(buf)) break;
+            if (used < 0 || have == sizeof(buf) || (g_fake_close && used > 0)) break;
         }
         close(fd);
     }
@@ -816,6 +818,30 @@ Test(redis, array_of_100000_elements)
 Test(redis, huge_bulk_reply)
 {
     unbounded("$1000000000\r\n", 1);
+}
+
+/*
+ * A Redis at maxclients accepts the TCP connection, answers an error and
+ * closes it.  The reconnect backoff must keep growing (it restarts only
+ * after a good reply): 100 ms doubling, so about 5 attempts in 3 s, not
+ * one every 100 ms.
+ */
+Test(redis, maxclients_backoff_keeps_growing)
+{
+    struct tg_redis *r;
+    tg_redis_stats st;
+    int port;
+
+    g_fake_close = 1;
+    port = fake_start("-ERR max number of clients reached\r\n");
+    r = client(port, 100, 4, 0);
+    run_until(cond_never, NULL, 3000);
+    tg_redis_get_stats(r, &st);
+    cr_log_info("maxclients: %llu reconnects in 3 s", (unsigned long long)st.reconnects);
+    cr_assert_geq(st.reconnects, 3, "it does try again");
+    cr_assert_leq(st.reconnects, 8, "%llu reconnects in 3 s: the backoff was reset",
+                  (unsigned long long)st.reconnects);
+    tg_redis_destroy(r);
 }
 
 Test(redis, garbage_bad_range)
