@@ -813,13 +813,14 @@ bucket_tat(int port, const char *id, long long *now_us)
 Test(ha_tollgate, cluster_master_of_global_killed_under_load)
 {
     char out[256], id[32], gkey[] = "tg:{global}:g", seeds[256];
-    const char *x = NULL;
+    const char *x = NULL, *w = NULL, *z = NULL;
+    static char xid[32], wid[32], zid[32];
     long gslot;
     int gport = -1, gidx = -1, replica = -1, xport = -1;
     long long v0, v, now, tat;
     uint64_t t_start, t_kill, t_promo = 0, t_back = 0, end;
     counts cx = { 0 };
-    loader ld = { .id = "c-heavy" };
+    loader ld = { .id = "c-heavy" }, lw = { 0 }, lz = { 0 };
     double minutes;
     int allowed;
 
@@ -843,21 +844,31 @@ Test(ha_tollgate, cluster_master_of_global_killed_under_load)
             replica = g_cport[i];
     }
     TGH_CHECK(gidx >= 0 && replica > 0, "the master of {global} (%d) or its replica", gport);
-    /* X: a consumer whose bucket lives on another master */
-    for (int i = 1; i < NCLUSTER_KEYS && x == NULL; i++) {
+    /* X, W: consumers whose buckets live on other masters (X checked in
+     * Redis, W hammered); Z: one on the dying master (hammered) */
+    for (int i = 1; i < NCLUSTER_KEYS; i++) {
         char key[64];
+        int owner;
         cluster_id(i, id, sizeof id);
         bucket(id, key, sizeof key);
         TGH_CHECK(tgh_redis_cli(g_cport[0], out, sizeof out, "CLUSTER KEYSLOT %s", key) == 0,
                   "KEYSLOT");
-        if (g_slot_owner[atol(out)] != gport) {
-            static char xid[32];
+        owner = g_slot_owner[atol(out)];
+        if (owner != gport && x == NULL) {
             snprintf(xid, sizeof xid, "%s", id);
             x = xid;
-            xport = g_slot_owner[atol(out)];
+            xport = owner;
+        } else if (owner != gport && w == NULL) {
+            snprintf(wid, sizeof wid, "%s", id);
+            w = wid;
+        } else if (owner == gport && z == NULL) {
+            snprintf(zid, sizeof zid, "%s", id);
+            z = zid;
         }
     }
-    TGH_CHECK(x != NULL, "no consumer on another master");
+    TGH_CHECK(x != NULL && w != NULL && z != NULL, "consumers on each side");
+    lw.id = w;
+    lz.id = z;
     snprintf(seeds, sizeof seeds, "cluster: { nodes: [127.0.0.1:%d, 127.0.0.1:%d, "
              "127.0.0.1:%d] }", g_cport[0], g_cport[1], g_cport[2]);
     start_tollgate(seeds);
@@ -867,7 +878,9 @@ Test(ha_tollgate, cluster_master_of_global_killed_under_load)
     TGH_CHECK(all_workers_on_redis(), "tollgate is not on Redis");
 
     t_start = tgh_now_ms();
-    TGH_CHECK(pthread_create(&ld.tid, NULL, load_main, &ld) == 0, "load thread");
+    TGH_CHECK(pthread_create(&ld.tid, NULL, load_main, &ld) == 0
+              && pthread_create(&lw.tid, NULL, load_main, &lw) == 0
+              && pthread_create(&lz.tid, NULL, load_main, &lz) == 0, "load threads");
     while (ld.c.ok < 3000 && tgh_now_ms() < t_start + 20000)
         tgh_sleep_ms(10);
 
@@ -890,8 +903,10 @@ Test(ha_tollgate, cluster_master_of_global_killed_under_load)
         else
             tgh_sleep_ms(20);
     }
-    ld.stop = 1;
+    ld.stop = lw.stop = lz.stop = 1;
     pthread_join(ld.tid, NULL);
+    pthread_join(lw.tid, NULL);
+    pthread_join(lz.tid, NULL);
     minutes = (double)(tgh_now_ms() - t_start) / 60000.0;
     allowed = 100 + (int)(minutes * 600000) + 1;   /* burst + rate*t, rounded up */
 
@@ -910,7 +925,13 @@ Test(ha_tollgate, cluster_master_of_global_killed_under_load)
               "promotion (want <= 3000)", (unsigned long long)(t_back - t_promo));
     TGH_CHECK(ld.c.unavailable == 0 && ld.c.other == 0 && cx.unavailable == 0
               && cx.other == 0, "errors under on_failure: local");
+    cr_log_info("basic tier (burst 20, 1/min; allowed <= %d): W on a live master admitted "
+                "%d (%d x 429), Z on the killed master admitted %d (%d x 429)",
+                20 + (int)minutes + 1, lw.c.ok, lw.c.limited, lz.c.ok, lz.c.limited);
     TGH_CHECK(ld.c.ok <= allowed, "load key admitted %d, allowed %d", ld.c.ok, allowed);
+    TGH_CHECK(lw.c.unavailable + lw.c.other + lz.c.unavailable + lz.c.other == 0,
+              "errors under on_failure: local (W, Z)");
+    TGH_CHECK(lw.c.ok <= 20 + (int)minutes + 1, "W on a live master admitted %d", lw.c.ok);
     TGH_CHECK(cx.ok == 10, "X: %d of 10 admitted", cx.ok);
     /* X's 10 charges are in its Redis bucket: its node's traffic stayed on
      * Redis (10 x 60 s of debt, minus the time since) */
