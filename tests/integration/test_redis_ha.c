@@ -140,19 +140,37 @@ write_file(const char *name, const char *text)
     fclose(f);
 }
 
-/* A blocking command on a fresh connection (test setup only). */
-static redisReply *
-sync_argv(int port, int argc, const char **argv)
+static const char *g_auth;              /* AUTH on every setup connection, or NULL */
+
+/* A fresh blocking connection, authenticated when g_auth is set. */
+static redisContext *
+sync_connect(int port)
 {
     struct timeval tv = { 2, 0 };
     redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
-    redisReply *rep;
 
     if (c == NULL || c->err) {
         if (c) redisFree(c);
         return NULL;
     }
     redisSetTimeout(c, tv);
+    if (g_auth != NULL) {
+        redisReply *rep = redisCommand(c, "AUTH %s", g_auth);
+        if (rep) freeReplyObject(rep);
+    }
+    return c;
+}
+
+/* A blocking command on a fresh connection (test setup only). */
+static redisReply *
+sync_argv(int port, int argc, const char **argv)
+{
+    redisContext *c = sync_connect(port);
+    redisReply *rep;
+
+    if (c == NULL) {
+        return NULL;
+    }
     rep = redisCommandArgv(c, argc, argv, NULL);
     redisFree(c);
     return rep;
@@ -161,16 +179,13 @@ sync_argv(int port, int argc, const char **argv)
 static redisReply *
 sync_cmd(int port, const char *fmt, ...)
 {
-    struct timeval tv = { 2, 0 };
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisContext *c = sync_connect(port);
     redisReply *rep;
     va_list ap;
 
-    if (c == NULL || c->err) {
-        if (c) redisFree(c);
+    if (c == NULL) {
         return NULL;
     }
-    redisSetTimeout(c, tv);
     va_start(ap, fmt);
     rep = redisvCommand(c, fmt, ap);
     va_end(ap);
@@ -182,17 +197,14 @@ sync_cmd(int port, const char *fmt, ...)
 static int
 reply_has(int port, const char *needle, const char *fmt, ...)
 {
-    struct timeval tv = { 2, 0 };
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisContext *c = sync_connect(port);
     redisReply *rep;
     va_list ap;
     int ok;
 
-    if (c == NULL || c->err) {
-        if (c) redisFree(c);
+    if (c == NULL) {
         return 0;
     }
-    redisSetTimeout(c, tv);
     va_start(ap, fmt);
     rep = redisvCommand(c, fmt, ap);
     va_end(ap);
@@ -758,7 +770,7 @@ static void
 cluster_start_n(int nnodes)
 {
     char ports[6][16], addrs[6][32], confs[6][128], logs[6][32];
-    char *cli[16];
+    char *cli[20];
     pid_t pid;
     uint64_t deadline;
     int st = 0, n = 0;
@@ -794,6 +806,12 @@ cluster_start_n(int nnodes)
             argv[17] = "--cluster-require-full-coverage";
             argv[18] = "no";
             argv[19] = NULL;
+        } else if (g_auth != NULL) {
+            argv[17] = "--requirepass";
+            argv[18] = (char *)g_auth;
+            argv[19] = "--masterauth";
+            argv[20] = (char *)g_auth;
+            argv[21] = NULL;
         } else if (g_announce != NULL) {
             /* nodes known by name: CLUSTER SLOTS and MOVED say "localhost" */
             argv[17] = "--cluster-announce-hostname";
@@ -815,6 +833,11 @@ cluster_start_n(int nnodes)
     }
     cli[n++] = "--cluster-replicas";
     cli[n++] = nnodes == 6 ? "1" : "0";
+    if (g_auth != NULL) {
+        cli[n++] = "-a";
+        cli[n++] = (char *)g_auth;
+        cli[n++] = "--no-auth-warning";
+    }
     cli[n++] = "--cluster-yes";
     cli[n] = NULL;
     pid = spawn("cluster-create.log", cli);
@@ -1275,5 +1298,118 @@ Test(redis_cluster, nodes_announced_by_hostname)
     cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
     cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
     cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* AUTH on Cluster nodes and on sentinels                              */
+
+/* Every node has requirepass: the client authenticates on its node
+ * connections and its CLUSTER SLOTS questions; charges work on every
+ * node.  A wrong password: nothing works, the failure is counted. */
+Test(redis_cluster, nodes_with_a_password)
+{
+    struct tg_redis *r;
+    tg_redis_opts o;
+    tg_redis_stats st;
+    char last[256];
+
+    g_auth = "cluster-secret";
+    cluster_start_n(3);
+    memset(&o, 0, sizeof(o));
+    snprintf(o.cluster_nodes[0].host, sizeof(o.cluster_nodes[0].host), "127.0.0.1");
+    o.cluster_nodes[0].port = g_cport[0];
+    o.ncluster = 1;
+    o.timeout_ms = 1000;
+    o.max_batch = 32;
+    snprintf(o.password, sizeof(o.password), "cluster-secret");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    tg_redis_destroy(r);
+
+    snprintf(o.password, sizeof(o.password), "wrong");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(!run_until(cond_ready, r, 1500), "ready with a wrong password");
+    tg_redis_get_stats(r, &st);
+    cr_assert_geq(st.auth_failures, 1);
+    tg_redis_last_error(last, sizeof(last));
+    cr_assert(strstr(last, "AUTH to server 127.0.0.1:") != NULL
+              && strstr(last, "WRONGPASS") != NULL, "last error: %s", last);
+    cr_assert_null(strstr(last, "wrong"), "the password shows: %s", last);
+    tg_redis_destroy(r);
+    g_auth = NULL;
+}
+
+/* A master with a password and a sentinel with another one: the client
+ * authenticates to each with its own; a wrong sentinel password is an
+ * error that names the sentinel. */
+Test(redis_sentinel, master_and_sentinel_passwords_differ)
+{
+    int mport = free_port(), sport = free_port();
+    char portstr[16], conf[512];
+    char *argv[12];
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tally t = { 0 };
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    char last[256];
+
+    snprintf(portstr, sizeof(portstr), "%d", mport);
+    argv[0] = REDIS_BIN;
+    argv[1] = "--port";
+    argv[2] = portstr;
+    argv[3] = "--bind";
+    argv[4] = "127.0.0.1";
+    argv[5] = "--save";
+    argv[6] = "";
+    argv[7] = "--requirepass";
+    argv[8] = "m-pass";
+    argv[9] = NULL;
+    spawn("master.log", argv);
+    g_auth = "m-pass";
+    cr_assert(poll_until(pings, mport, NULL, 10000), "master did not start");
+    snprintf(conf, sizeof(conf),
+             "port %d\nbind 127.0.0.1\ndir %s\nrequirepass s-pass\n"
+             "sentinel resolve-hostnames no\n"
+             "sentinel monitor mymaster 127.0.0.1 %d 1\n"
+             "sentinel auth-pass mymaster m-pass\n", sport, g_dir, mport);
+    write_file("auth-sentinel.conf", conf);
+    argv[0] = REDIS_BIN;
+    argv[1] = "auth-sentinel.conf";
+    argv[2] = "--sentinel";
+    argv[3] = NULL;
+    spawn("auth-sentinel.log", argv);
+    g_auth = "s-pass";
+    cr_assert(poll_until(pings, sport, NULL, 10000), "sentinel did not start");
+    g_auth = NULL;
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
+    o.sentinels[0].port = sport;
+    o.nsentinels = 1;
+    o.timeout_ms = 200;
+    snprintf(o.password, sizeof(o.password), "m-pass");
+    snprintf(o.sentinel_password, sizeof(o.sentinel_password), "s-pass");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never found the master");
+    charge_many(r, "tg:{auth}:t", lim, NULL, lim, 30, &t);
+    cr_assert_eq(t.allowed, 20, "%d of 30 allowed", t.allowed);
+    tg_redis_destroy(r);
+
+    snprintf(o.sentinel_password, sizeof(o.sentinel_password), "not-s-pass");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(!run_until(cond_ready, r, 1500), "ready with a wrong sentinel password");
+    tg_redis_last_error(last, sizeof(last));
+    cr_assert(strstr(last, "AUTH to sentinel 127.0.0.1:") != NULL
+              && strstr(last, "WRONGPASS") != NULL, "last error: %s", last);
+    cr_assert_null(strstr(last, "not-s-pass"), "the password shows: %s", last);
     tg_redis_destroy(r);
 }
