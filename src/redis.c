@@ -26,19 +26,26 @@
  * Connections are nodes (struct tg_rnode), each with its own reconnect
  * backoff.  Single mode has one node at redis.url.  Sentinel mode has one
  * node whose address is learnt from the sentinels (a short-lived "aux"
- * connection per question) and checked with ROLE; its reconnect timer asks
- * the sentinels again, and a dedicated connection SUBSCRIBEd to
- * +switch-master kicks it.  Cluster mode has one node per master, a slot
- * map from CLUSTER SLOTS (aux connection, refreshed every 30 s and after
- * MOVED), one call per slot per batch (Redis refuses declared keys of
- * several slots: CROSSSLOT, even with allow-cross-slot-keys), MOVED and ASK
- * followed by resending the batch, at most twice, within its deadline.
+ * connection per question, the sentinel whose master last worked first)
+ * and checked with ROLE; its reconnect timer asks the sentinels again, and
+ * a dedicated connection SUBSCRIBEd to +switch-master kicks it.  Cluster
+ * mode has one node (and one breaker) per master, a slot map from CLUSTER
+ * SLOTS (aux connection, refreshed every 30 s, after MOVED, and as soon as
+ * a node serving slots fails), one call per slot per batch (Redis refuses
+ * declared keys of several slots: CROSSSLOT, even with
+ * allow-cross-slot-keys), MOVED and ASK followed by resending the batch, at
+ * most twice, within its deadline.
+ *
+ * Every context is opened by ctx_open: numeric addresses only (names from
+ * Redis are resolved with evdns first), AUTH first when configured, our
+ * reply functions and libevent adapter (bounded replies: see "contexts").
  *
  * Split requests (Cluster): the keys of one request live in the slot of
  * its first key, except the global bucket.  Such a request is charged in
  * two calls, one after the other: first its first key's slot (phase 1); if
- * allowed, the rest (phase 2); when phase 2 denies or fails, phase 1 is
- * refunded by a small script (tg_redis_refund_lua).  Sequential rather than
+ * allowed, the rest (phase 2); when phase 2 denies, phase 1 is refunded by
+ * a small script (tg_redis_refund_lua) - at most what it still holds; when
+ * phase 2 fails, phase 1 is kept (the requester falls back).  Sequential rather than
  * parallel so that requests a consumer's own bucket denies - the common
  * case under abuse - never touch the shared global bucket.
  *
@@ -51,7 +58,8 @@
  *     ROLE master); until then (and while reconnecting) charges fail fast
  *     on the next loop turn;
  *   - stats.errors counts charges only (not HGET); stats.reconnects counts
- *     reconnect attempts (timer firings), successful or not.
+ *     reconnect attempts (timer firings), successful or not; the backoff
+ *     restarts only after a good reply on the connection.
  *
  * Context ownership (hiredis 0.14 async.c): after a failed connect callback
  * or after the disconnect callback, hiredis frees the context itself; we

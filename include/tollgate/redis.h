@@ -14,13 +14,14 @@
  *   Sentinel  opts.sentinel_master set: the master is asked of the
  *             sentinels, checked with ROLE, re-learned on connection loss,
  *             READONLY/LOADING/MASTERDOWN replies and +switch-master;
- *   Cluster   opts.ncluster > 0: slot map from CLUSTER SLOTS, one
- *             connection per master, one script call per slot (Redis
- *             rejects declared keys of several slots even with
- *             allow-cross-slot-keys), MOVED/ASK followed once.  A request
- *             whose keys span two slots (the global bucket) is charged in
- *             two calls: its first key's slot, then the rest, with a refund
- *             of the first part when the second denies or fails.
+ *   Cluster   opts.ncluster > 0: slot map from CLUSTER SLOTS (asked again
+ *             at once when a master fails), one connection and one breaker
+ *             per master, one script call per slot (Redis rejects declared
+ *             keys of several slots even with allow-cross-slot-keys),
+ *             MOVED/ASK followed.  A request whose keys span two slots (the
+ *             global bucket) is charged in two calls: its first key's slot,
+ *             then the rest, with a refund of the first part (at most what
+ *             it still holds) when the second denies.
  */
 #ifndef TOLLGATE_REDIS_H
 #define TOLLGATE_REDIS_H
