@@ -318,6 +318,8 @@ static struct tg_rnode *node_get(struct tg_redis *r, const char *host, int port,
 static void node_kick(struct tg_rnode *nd);
 static int is_numeric_host(const char *host);
 static void node_good(struct tg_rnode *nd);
+static void node_warn(struct tg_rnode *nd, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 static void conn_start(struct tg_rnode *nd);
 static void conn_connect(struct tg_rnode *nd);
 static void conn_drop(struct tg_rnode *nd);
@@ -1576,7 +1578,7 @@ role_cb(redisAsyncContext *ac, void *reply, void *privdata)
         gate_pass(nd);
         return;
     }
-    tg_warn("redis: %s:%d is not a master (%s): asking the sentinels again",
+    node_warn(nd, "redis: %s:%d is not a master (%s): asking the sentinels again",
             nd->host, nd->port,
             rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1
             && rep->element[0]->type == REDIS_REPLY_STRING ? rep->element[0]->str
@@ -2544,7 +2546,7 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
             return;
         }
         if (is_failover_error(rep)) {
-            tg_warn("redis: %s:%d: %.200s", b->node->host, b->node->port, rep->str);
+            node_warn(b->node, "redis: %s:%d: %.200s", b->node->host, b->node->port, rep->str);
             if (r->mode == TG_MODE_SENTINEL) {
                 node_kick(b->node);     /* never keep writing to a replica */
             } else if (r->mode == TG_MODE_CLUSTER) {
@@ -2695,7 +2697,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         goto fail;
     }
     if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops + b->nkeys) {
-        tg_warn("redis: charge script reply: type %d with %zu elements, "
+        node_warn(b->node, "redis: charge script reply: type %d with %zu elements, "
                 "expected an array of %zu", rep->type,
                 rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
                 5 * b->nops + b->nkeys);
@@ -2705,13 +2707,13 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         redisReply *const *e = rep->element + i;
         for (size_t k = 0; k < 5; k++) {
             if (e[k]->type != REDIS_REPLY_INTEGER || e[k]->integer < 0) {
-                tg_warn("redis: charge script reply: element %zu is not a "
+                node_warn(b->node, "redis: charge script reply: element %zu is not a "
                         "non-negative integer", i + k);
                 goto fail;
             }
         }
         if (e[0]->integer > 1 || e[4]->integer >= __builtin_popcount(op->mask)) {
-            tg_warn("redis: charge script reply: request %zu out of range", i / 5);
+            node_warn(b->node, "redis: charge script reply: request %zu out of range", i / 5);
             goto fail;
         }
     }
@@ -2799,7 +2801,7 @@ deliver_hget(struct tg_redis_batch *b, const redisReply *rep)
     } else if (rep->type == REDIS_REPLY_NIL) {
         cb(op->arg, TG_OK, NULL, 0);
     } else {
-        tg_warn("redis: HGET answered type %d%s%.200s", rep->type,
+        node_warn(b->node, "redis: HGET answered type %d%s%.200s", rep->type,
                 rep->type == REDIS_REPLY_ERROR ? ": " : "",
                 rep->type == REDIS_REPLY_ERROR ? rep->str : "");
         cb(op->arg, TG_ERR, NULL, 0);
