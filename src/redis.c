@@ -880,6 +880,9 @@ reply_new(const redisReadTask *task, int type)
     struct tg_rctx *e = task->privdata;
     redisReply *rep;
 
+    if (e == NULL) {
+        return NULL;            /* the context is being freed */
+    }
     if (task->parent == NULL) {
         e->objects = 0;
     }
@@ -931,7 +934,7 @@ reply_array(const redisReadTask *task, int elements)
     struct tg_rctx *e = task->privdata;
     redisReply *rep;
 
-    if (elements > TG_REDIS_MAX_ELEMENTS) {
+    if (e != NULL && elements > TG_REDIS_MAX_ELEMENTS) {
         e->r->stats.oversized++;
         tg_warn("redis: a reply announced %d elements (at most %d): dropping the "
                 "connection", elements, TG_REDIS_MAX_ELEMENTS);
