@@ -1495,7 +1495,8 @@ tg_conf_set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     } else {
         p = h + strcspn(h, ":/");
         if (strchr(h, '@') != NULL) {
-            why = "credentials in the URL are not supported";
+            why = "credentials in the URL are not supported: use redis.username "
+                  "and redis.password";
             goto bad;
         }
         if (p == h) {

@@ -402,7 +402,7 @@ tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errle
     p = url + sizeof(scheme) - 1;
     end = p + strlen(p);
     if (strpbrk(p, "@") != NULL) {
-        snprintf(err, errlen, "redis url: user/password is not supported");
+        snprintf(err, errlen, "redis url: credentials go in redis.username and redis.password");
         return TG_ERR;
     }
     if (strpbrk(p, "?#") != NULL) {
