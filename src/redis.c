@@ -141,13 +141,20 @@ struct tg_redis_op {
     char                str[];    /* n NUL-terminated strings back to back */
 };
 
+/* A resolution's link to its node.  evdns delivers a cancellation later
+ * (deferred), possibly after the node has moved on or is gone: the ticket
+ * is freed by dns_cb, and a node that gives up only clears ticket->nd. */
+struct tg_rdns {
+    struct tg_rnode     *nd;          /* NULL: given up */
+};
+
 struct tg_rnode {
     struct tg_redis     *r;
     char                 host[TG_REDIS_HOSTLEN];   /* as announced (may be a name) */
     int                  port;
     char                 ip[INET6_ADDRSTRLEN];     /* numeric, what we connect to */
     struct evdns_getaddrinfo_request *dns_req;     /* resolving host */
-    int                  resolving;   /* dns_cb not yet run */
+    struct tg_rdns      *resolving;   /* its ticket; NULL: not resolving */
     uint64_t             warn_ms;     /* last connection warning */
     unsigned             warn_quiet;  /* warnings suppressed since */
     int                  tried;       /* Sentinel: a named master being tried */
@@ -262,7 +269,8 @@ const char tg_redis_refund_lua[] =
     "local cost = tonumber(ARGV[1])\n"
     "for i = 1, #KEYS do\n"
     "  local tat = tonumber(redis.pcall('GET', KEYS[i]))\n"
-    "  local give = math.min(cost * tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]) - now)\n"
+    "  local give = math.min(cost * tonumber(ARGV[2 * i]),\n"
+    "                        tonumber(ARGV[2 * i + 1]) - now)\n"
     "  if tat and give > 0 then\n"
     "    local t = tat - give\n"
     "    if t <= now then\n"
@@ -321,6 +329,7 @@ static void node_good(struct tg_rnode *nd);
 static void node_warn(struct tg_rnode *nd, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 static void conn_start(struct tg_rnode *nd);
+static void dns_give_up(struct tg_rnode *nd);
 static void conn_connect(struct tg_rnode *nd);
 static void conn_drop(struct tg_rnode *nd);
 static void schedule_reconnect(struct tg_rnode *nd);
@@ -402,7 +411,8 @@ tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errle
     p = url + sizeof(scheme) - 1;
     end = p + strlen(p);
     if (strpbrk(p, "@") != NULL) {
-        snprintf(err, errlen, "redis url: credentials go in redis.username and redis.password");
+        snprintf(err, errlen, "redis url: credentials go in redis.username and "
+                 "redis.password");
         return TG_ERR;
     }
     if (strpbrk(p, "?#") != NULL) {
@@ -682,8 +692,7 @@ tg_redis_destroy(struct tg_redis *r)
     }
     for (size_t i = 0; i < r->nnodes; i++) {
         if (r->nodes[i]->resolving) {
-            r->nodes[i]->resolving = 0;
-            evdns_getaddrinfo_cancel(r->nodes[i]->dns_req);
+            dns_give_up(r->nodes[i]);
         }
     }
     if (r->dns != NULL) {
@@ -1291,34 +1300,47 @@ node_auth_cb(redisAsyncContext *ac, void *reply, void *privdata)
     schedule_drop(nd);
 }
 
+/* Stop waiting for the node's resolution (deadline, destroy). */
+static void
+dns_give_up(struct tg_rnode *nd)
+{
+    struct evdns_getaddrinfo_request *req = nd->dns_req;
+
+    nd->resolving->nd = NULL;
+    nd->resolving = NULL;
+    nd->dns_req = NULL;
+    if (req != NULL) {
+        evdns_getaddrinfo_cancel(req);      /* dns_cb later: ticket freed */
+    }
+}
+
 static void
 dns_cb(int result, struct evutil_addrinfo *res, void *arg)
 {
-    struct tg_rnode *nd = arg;
+    struct tg_rdns *t = arg;
+    struct tg_rnode *nd = t->nd;
+    tg_redis_addr a;
 
-    nd->dns_req = NULL;
-    nd->resolving = 0;
-    if (result == EVUTIL_EAI_CANCEL || nd->r->destroying) {
+    free(t);
+    if (nd == NULL || nd->r->destroying) {
         if (res != NULL) {
             evutil_freeaddrinfo(res);
         }
         return;
     }
-    if (result != 0 || res == NULL
-        || evutil_inet_ntop(res->ai_family,
-                            res->ai_family == AF_INET
-                            ? (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr
-                            : (const void *)&((struct sockaddr_in6 *)res->ai_addr)->sin6_addr,
-                            nd->ip, sizeof(nd->ip)) == NULL) {
+    nd->dns_req = NULL;
+    nd->resolving = NULL;
+    if (result != 0 || res == NULL || tg_redis_addr_from_sockaddr(res->ai_addr, &a) != TG_OK
+        || strlen(a.host) >= sizeof(nd->ip)) {
         node_warn(nd, "redis: cannot resolve %s: %s", nd->host,
                   result != 0 ? evutil_gai_strerror(result) : "no address");
-        nd->ip[0] = '\0';
         if (res != NULL) {
             evutil_freeaddrinfo(res);
         }
         schedule_reconnect(nd);
         return;
     }
+    memcpy(nd->ip, a.host, strlen(a.host) + 1);
     evutil_freeaddrinfo(res);
     conn_connect(nd);
 }
@@ -1331,6 +1353,7 @@ conn_start(struct tg_rnode *nd)
     struct tg_redis *r = nd->r;
     struct evutil_addrinfo hints;
     struct evdns_getaddrinfo_request *req;
+    struct tg_rdns *t;
     struct timeval tv;
     unsigned ms;
 
@@ -1357,9 +1380,11 @@ conn_start(struct tg_rnode *nd)
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    nd->resolving = 1;              /* dns_cb may run before this returns */
-    req = evdns_getaddrinfo(r->dns, nd->host, NULL, &hints, dns_cb, nd);
-    if (nd->resolving) {
+    t = tg_xcalloc(1, sizeof(*t));
+    t->nd = nd;
+    nd->resolving = t;
+    req = evdns_getaddrinfo(r->dns, nd->host, NULL, &hints, dns_cb, t);
+    if (nd->resolving == t) {       /* dns_cb may have run already */
         nd->dns_req = req;
     }
 }
@@ -1651,9 +1676,7 @@ connect_timeout_cb(evutil_socket_t fd, short what, void *arg)
 
     if (nd->resolving) {
         node_warn(nd, "redis: resolving %s timed out", nd->host);
-        evdns_getaddrinfo_cancel(nd->dns_req);      /* dns_cb: cancelled */
-        nd->resolving = 0;
-        nd->dns_req = NULL;
+        dns_give_up(nd);
         schedule_reconnect(nd);
     } else if (nd->ac != NULL && nd->state != TG_REDIS_READY) {
         node_warn(nd, "redis: connect to %s:%d timed out", nd->host, nd->port);
@@ -2549,7 +2572,8 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
             return;
         }
         if (is_failover_error(rep)) {
-            node_warn(b->node, "redis: %s:%d: %.200s", b->node->host, b->node->port, rep->str);
+            node_warn(b->node, "redis: %s:%d: %.200s", b->node->host, b->node->port,
+                      rep->str);
             if (r->mode == TG_MODE_SENTINEL) {
                 node_kick(b->node);     /* never keep writing to a replica */
             } else if (r->mode == TG_MODE_CLUSTER) {
@@ -2716,7 +2740,8 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
             }
         }
         if (e[0]->integer > 1 || e[4]->integer >= __builtin_popcount(op->mask)) {
-            node_warn(b->node, "redis: charge script reply: request %zu out of range", i / 5);
+            node_warn(b->node, "redis: charge script reply: request %zu out of range",
+                      i / 5);
             goto fail;
         }
     }
