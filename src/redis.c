@@ -354,6 +354,7 @@ static void sentinel_ask(struct tg_redis *r);
 static void sentinel_done(struct tg_redis *r, const redisReply *rep,
                           const struct tg_raux *aux);
 static void sub_start(struct tg_redis *r);
+static void sub_follow(struct tg_redis *r);
 static void sub_retry_cb(evutil_socket_t fd, short what, void *arg);
 static void cluster_refresh(struct tg_redis *r);
 static void cluster_kick(struct tg_redis *r, const struct tg_rnode *nd);
@@ -1465,6 +1466,7 @@ set_ready(struct tg_rnode *nd)
     if (nd->tried) {
         nd->tried = 0;
         nd->r->disc_pref = nd->r->disc_from;    /* Sentinel: it answered well */
+        sub_follow(nd->r);
     }
     nd->failed = 0;
     evtimer_del(nd->connect_ev);
@@ -1961,6 +1963,26 @@ sub_msg_cb(redisAsyncContext *ac, void *reply, void *privdata)
         return;                 /* already there */
     }
     node_kick(nd);
+}
+
+/* Sentinel: listen for +switch-master on the sentinel that answered well
+ * (a frozen or partitioned one would keep the subscription silent).  Not
+ * called from the subscription's own callbacks. */
+static void
+sub_follow(struct tg_redis *r)
+{
+    redisAsyncContext *ac = r->sub_ac;
+
+    if (r->sub_idx == r->disc_pref || r->destroying) {
+        return;
+    }
+    r->sub_idx = r->disc_pref;
+    if (ac != NULL) {
+        r->sub_ac = NULL;       /* its callbacks now see a stale context */
+        redisAsyncFree(ac);
+    }
+    evtimer_del(r->sub_ev);
+    sub_start(r);
 }
 
 static void
