@@ -103,6 +103,9 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
                           const tg_conf_cmd *cmds, void *base, const char *path,
                           const char *section);
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
+static void tg_conf_free_secret(char *s);
+static tg_rc tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
+                             const char *section);
 static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
 static tg_rc tg_conf_check_costs(tg_conf_ctx *ctx);
 static tg_rc tg_conf_check_rates(tg_conf_ctx *ctx);
@@ -120,6 +123,7 @@ TG_CONF_SETTER(tg_conf_set_addr);
 TG_CONF_SETTER(tg_conf_set_url);
 TG_CONF_SETTER(tg_conf_set_prefix);
 TG_CONF_SETTER(tg_conf_set_string);
+TG_CONF_SETTER(tg_conf_set_secret);
 TG_CONF_SETTER(tg_conf_set_token);
 TG_CONF_SETTER(tg_conf_set_name);
 TG_CONF_SETTER(tg_conf_set_method);
@@ -142,7 +146,7 @@ TG_CONF_SETTER(tg_conf_set_routes);
 TG_CONF_SETTER(tg_conf_set_route_limit);
 TG_CONF_SETTER(tg_conf_set_alerts);
 TG_CONF_SETTER(tg_conf_set_channel);
-TG_CONF_SETTER(tg_conf_set_secret);
+TG_CONF_SETTER(tg_conf_set_alert_secret);
 TG_CONF_SETTER(tg_conf_set_rule);
 TG_CONF_SETTER(tg_conf_set_to);
 TG_CONF_SETTER(tg_conf_set_ratio);
@@ -294,6 +298,12 @@ static const tg_conf_cmd tg_conf_sentinel_cmds[] = {
     { "master", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.sentinel_master), 1, 63,
       TG_CONF_REQUIRED, NULL },
     { "addresses", tg_conf_set_sentinel_addrs, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
+    { "username", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.sentinel_username), 1, 127,
+      0, NULL },
+    { "password", tg_conf_set_secret, TG_FIELD(tg_conf, redis.sentinel_password), 1, 511,
+      0, NULL },
+    { "password_file", tg_conf_set_path,
+      TG_FIELD(tg_conf, redis.sentinel_password_file), 0, 0, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -315,6 +325,10 @@ static const tg_conf_cmd tg_conf_redis_cmds[] = {
       TG_FIELD(tg_conf, redis.instances), 1, 1000, 0, NULL },
     { "sentinel", tg_conf_set_sentinel, TG_NOFIELD, 0, 0, 0, tg_conf_sentinel_cmds },
     { "cluster", tg_conf_set_cluster, TG_NOFIELD, 0, 0, 0, tg_conf_cluster_cmds },
+    { "username", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.username), 1, 127, 0, NULL },
+    { "password", tg_conf_set_secret, TG_FIELD(tg_conf, redis.password), 1, 511, 0, NULL },
+    { "password_file", tg_conf_set_path, TG_FIELD(tg_conf, redis.password_file), 0, 0, 0,
+      NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -410,7 +424,7 @@ static const tg_conf_cmd tg_conf_access_log_cmds[] = {
 #define TG_SECRET_MAX 4096
 
 static const tg_conf_cmd tg_conf_slack_cmds[] = {
-    { "webhook_url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "webhook_url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { "webhook_url_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
@@ -418,17 +432,17 @@ static const tg_conf_cmd tg_conf_slack_cmds[] = {
 };
 
 static const tg_conf_cmd tg_conf_pagerduty_cmds[] = {
-    { "routing_key", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, key),
+    { "routing_key", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, key),
       1, 256, 0, NULL },
     { "routing_key_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, key_file), 0, 0, 0, NULL },
-    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
 static const tg_conf_cmd tg_conf_webhook_cmds[] = {
-    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { "url_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
@@ -643,6 +657,12 @@ tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t len)
         { tg_conf_addrs_differ(a->redis.cluster_nodes, a->redis.ncluster_nodes,
                                b->redis.cluster_nodes, b->redis.ncluster_nodes),
           "redis.cluster" },
+        { tg_conf_str_differ(a->redis.username, b->redis.username)
+          || tg_conf_str_differ(a->redis.password, b->redis.password),
+          "redis.username/password" },
+        { tg_conf_str_differ(a->redis.sentinel_username, b->redis.sentinel_username)
+          || tg_conf_str_differ(a->redis.sentinel_password, b->redis.sentinel_password),
+          "redis.sentinel.username/password" },
     };
     size_t n = 0, count = 0;
 
@@ -1000,6 +1020,12 @@ tg_conf_free(tg_conf *conf)
     free(conf->redis.sentinel_master);
     free(conf->redis.sentinels);
     free(conf->redis.cluster_nodes);
+    free(conf->redis.username);
+    tg_conf_free_secret(conf->redis.password);
+    free(conf->redis.password_file);
+    free(conf->redis.sentinel_username);
+    tg_conf_free_secret(conf->redis.sentinel_password);
+    free(conf->redis.sentinel_password_file);
     free(conf->metrics.statsd_prefix);
     free(conf->access_log.path);
     free(conf->auth.keys_file);
@@ -1043,6 +1069,65 @@ tg_conf_structure(tg_conf_ctx *ctx)
         return tg_conf_error(ctx, zero, "", "empty configuration: "
                              "expected a mapping with at least \"listen\" "
                              "and \"upstream\"");
+    }
+    return TG_OK;
+}
+
+static void
+tg_conf_free_secret(char *s)
+{
+    if (s != NULL) {
+        explicit_bzero(s, strlen(s));
+        free(s);
+    }
+}
+
+/*
+ * password or password_file (one line, read now: systemd
+ * LoadCredential=), never both; a username needs a password.  The
+ * secret itself never appears in an error.
+ */
+static tg_rc
+tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
+                 const char *section)
+{
+    const tg_conf_mark *m;
+    char err[256];
+    size_t len, i;
+    char *text;
+
+    if (*pass != NULL && *file != NULL) {
+        m = tg_conf_find_mark(ctx, file);
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : section, "%s.password and %s.password_file "
+                             "cannot be used together", section, section);
+    }
+    if (*file != NULL) {
+        m = tg_conf_find_mark(ctx, file);
+        text = tg_yaml_read_file(*file, 4096, &len, err, sizeof(err));
+        if (text == NULL) {
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : section, "%s", err);
+        }
+        while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == '\r')) {
+            text[--len] = '\0';
+        }
+        for (i = 0; i < len && isgraph((unsigned char)text[i]); i++) {
+        }
+        if (len == 0 || len > 511 || i != len) {
+            tg_conf_free_secret(text);
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : section, "%s: the password must be "
+                                 "one line of 1..511 printable characters without "
+                                 "spaces", *file);
+        }
+        *pass = text;
+    }
+    if (*user != NULL && *pass == NULL) {
+        m = tg_conf_find_mark(ctx, user);
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : section, "%s.username needs %s.password "
+                             "or %s.password_file", section, section, section);
     }
     return TG_OK;
 }
@@ -1123,6 +1208,14 @@ tg_conf_validate(tg_conf_ctx *ctx)
     }
 
     if (conf->alerts.enabled && tg_conf_validate_alerts(ctx) != TG_OK) {
+        return TG_ERR;
+    }
+
+    if (tg_conf_password(ctx, &conf->redis.password, &conf->redis.password_file,
+                         &conf->redis.username, "redis") != TG_OK
+        || tg_conf_password(ctx, &conf->redis.sentinel_password,
+                            &conf->redis.sentinel_password_file,
+                            &conf->redis.sentinel_username, "redis.sentinel") != TG_OK) {
         return TG_ERR;
     }
 
@@ -1800,7 +1893,8 @@ tg_conf_set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     } else {
         p = h + strcspn(h, ":/");
         if (strchr(h, '@') != NULL) {
-            why = "credentials in the URL are not supported";
+            why = "credentials in the URL are not supported: use redis.username "
+                  "and redis.password";
             goto bad;
         }
         if (p == h) {
@@ -1898,6 +1992,34 @@ tg_conf_set_string(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     free(*field);
+    *field = tg_xstrdup(s);
+    return TG_OK;
+}
+
+/* A password: printable, no spaces (it goes into AUTH as one argument
+ * and is never echoed in an error). */
+static tg_rc
+tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    char **field = (char **)((char *)base + cmd->offset);
+    const char *s = tg_conf_string(ctx, node, path);
+    size_t i, len;
+
+    if (s == NULL) {
+        return TG_ERR;
+    }
+    len = strlen(s);
+    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
+        return TG_ERR;
+    }
+    for (i = 0; i < len; i++) {
+        if (!isgraph((unsigned char)s[i])) {
+            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
+                                 "spaces or control characters");
+        }
+    }
+    tg_conf_free_secret(*field);
     *field = tg_xstrdup(s);
     return TG_OK;
 }
@@ -2584,8 +2706,8 @@ tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
 }
 
 static tg_rc
-tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
+tg_conf_set_alert_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                         void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     const char *s;

@@ -10,6 +10,7 @@
 #include "tollgate/limiter.h"
 
 #include <arpa/inet.h>
+#include <limits.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -256,10 +257,25 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
                 opts.ncluster++;
             }
         }
+#define TG_COPY(dst, src) snprintf(dst, sizeof(dst), "%s", (src) ? (src) : "")
+        TG_COPY(opts.username, conf->redis.username);
+        TG_COPY(opts.password, conf->redis.password);
+        TG_COPY(opts.sentinel_username, conf->redis.sentinel_username);
+        TG_COPY(opts.sentinel_password, conf->redis.sentinel_password);
+#undef TG_COPY
         lim->redis = tg_redis_create(base, &opts);
+        explicit_bzero(opts.password, sizeof(opts.password));
+        explicit_bzero(opts.sentinel_password, sizeof(opts.sentinel_password));
         if (lim->redis == NULL) {
             snprintf(err, errlen, "redis: cannot create the client");
             goto fail;
+        }
+        if (tg_redis_node_breakers(lim->redis)) {
+            /* Cluster: a breaker per node inside the client; one over all
+             * nodes would send every slot to the fallback for one node */
+            static const tg_breaker_conf never = { .failures = UINT_MAX,
+                                                   .open_ms = 1000, .probes = 1 };
+            tg_breaker_init(&lim->breaker, &never);
         }
     }
     return lim;

@@ -33,6 +33,7 @@
 #include "tollgate/health.h"
 #include "tollgate/keys.h"
 #include "tollgate/metrics.h"
+#include "tollgate/redis.h"
 #include "tollgate/tls.h"
 #include "tollgate/upstream.h"
 #include "tollgate/worker.h"
@@ -1069,7 +1070,21 @@ status_page(void *arg, struct evbuffer *out, const char **ctype)
         evbuffer_add_printf(out, "%s\"%s\"", i ? "," : "",
                             st >= 0 && st <= 2 ? states[st] : "none");
     }
-    evbuffer_add_printf(out, "]},\"upstream\":[");
+    evbuffer_add_printf(out, "]");
+    if (g.conf->store == TG_STORE_REDIS) {
+        char rerr[256], esc[512];
+        size_t k = 0;
+        tg_redis_last_error(rerr, sizeof(rerr));
+        for (const char *c = rerr; *c != '\0' && k + 3 < sizeof(esc); c++) {
+            if (*c == '"' || *c == '\\') {
+                esc[k++] = '\\';
+            }
+            esc[k++] = (unsigned char)*c < 0x20 ? ' ' : *c;
+        }
+        esc[k] = '\0';
+        evbuffer_add_printf(out, ",\"error\":\"%s\"", esc);
+    }
+    evbuffer_add_printf(out, "},\"upstream\":[");
     for (s = 0; s < g.conf->upstream.nservers; s++) {
         evbuffer_add_printf(out, "%s{\"server\":\"%s\",\"health\":\"%s\","
                             "\"breaker\":\"%s\"}", s ? "," : "",

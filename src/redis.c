@@ -26,19 +26,26 @@
  * Connections are nodes (struct tg_rnode), each with its own reconnect
  * backoff.  Single mode has one node at redis.url.  Sentinel mode has one
  * node whose address is learnt from the sentinels (a short-lived "aux"
- * connection per question) and checked with ROLE; its reconnect timer asks
- * the sentinels again, and a dedicated connection SUBSCRIBEd to
- * +switch-master kicks it.  Cluster mode has one node per master, a slot
- * map from CLUSTER SLOTS (aux connection, refreshed every 30 s and after
- * MOVED), one call per slot per batch (Redis refuses declared keys of
- * several slots: CROSSSLOT, even with allow-cross-slot-keys), MOVED and ASK
- * followed by resending the batch, at most twice, within its deadline.
+ * connection per question, the sentinel whose master last worked first)
+ * and checked with ROLE; its reconnect timer asks the sentinels again, and
+ * a dedicated connection SUBSCRIBEd to +switch-master kicks it.  Cluster
+ * mode has one node (and one breaker) per master, a slot map from CLUSTER
+ * SLOTS (aux connection, refreshed every 30 s, after MOVED, and as soon as
+ * a node serving slots fails), one call per slot per batch (Redis refuses
+ * declared keys of several slots: CROSSSLOT, even with
+ * allow-cross-slot-keys), MOVED and ASK followed by resending the batch, at
+ * most twice, within its deadline.
+ *
+ * Every context is opened by ctx_open: numeric addresses only (names from
+ * Redis are resolved with evdns first), AUTH first when configured, our
+ * reply functions and libevent adapter (bounded replies: see "contexts").
  *
  * Split requests (Cluster): the keys of one request live in the slot of
  * its first key, except the global bucket.  Such a request is charged in
  * two calls, one after the other: first its first key's slot (phase 1); if
- * allowed, the rest (phase 2); when phase 2 denies or fails, phase 1 is
- * refunded by a small script (tg_refund_lua).  Sequential rather than
+ * allowed, the rest (phase 2); when phase 2 denies, phase 1 is refunded by
+ * a small script (tg_redis_refund_lua) - at most what it still holds; when
+ * phase 2 fails, phase 1 is kept (the requester falls back).  Sequential rather than
  * parallel so that requests a consumer's own bucket denies - the common
  * case under abuse - never touch the shared global bucket.
  *
@@ -51,7 +58,8 @@
  *     ROLE master); until then (and while reconnecting) charges fail fast
  *     on the next loop turn;
  *   - stats.errors counts charges only (not HGET); stats.reconnects counts
- *     reconnect attempts (timer firings), successful or not.
+ *     reconnect attempts (timer firings), successful or not; the backoff
+ *     restarts only after a good reply on the connection.
  *
  * Context ownership (hiredis 0.14 async.c): after a failed connect callback
  * or after the disconnect callback, hiredis frees the context itself; we
@@ -61,6 +69,7 @@
  * redisAsyncDisconnect the context (hiredis defers that itself).
  */
 #include "tollgate/redis.h"
+#include "tollgate/breaker.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -75,7 +84,10 @@
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
 #include <hiredis/adapters/libevent.h>
+#include <event2/dns.h>
 #include <openssl/sha.h>
+#include <pthread.h>
+#include <stdarg.h>
 
 #define TG_REDIS_BACKOFF_MIN_MS    100
 #define TG_REDIS_BACKOFF_MAX_MS    5000
@@ -89,8 +101,13 @@
 #define TG_REDIS_MAX_REDIRECTS     2        /* MOVED/ASK per batch */
 #define TG_REDIS_REFRESH_MS        30000    /* Cluster: slot map refresh */
 #define TG_REDIS_REFRESH_RETRY_MS  1000     /* ... after every seed failed */
+#define TG_REDIS_KICK_MS           250      /* ... after a node failed, at most */
 #define TG_REDIS_SUB_RETRY_MS      1000     /* Sentinel: resubscribe */
 #define TG_REDIS_HOSTLEN           256
+#define TG_REDIS_MAX_ELEMENTS      65536    /* per array in one reply */
+#define TG_REDIS_MAX_OBJECTS       (1 << 20)   /* objects in one reply */
+#define TG_REDIS_MAX_READBUF       (4u << 20)  /* unparsed reply bytes */
+#define TG_REDIS_WARN_MS           1000     /* connection warnings per node */
 
 enum tg_redis_mode { TG_MODE_SINGLE, TG_MODE_SENTINEL, TG_MODE_CLUSTER };
 
@@ -119,16 +136,32 @@ struct tg_redis_op {
     uint32_t            cost;
     uint64_t            deadline_us;  /* answered TG_ERR at this tg_now_us() */
     tg_gcra_result      res1;     /* phase 1 answer (indices mapped) */
+    uint64_t            p1[TG_CHARGE_MAX_BUCKETS];  /* phase 1: each key's new TAT */
     tg_gcra_limit       lim[TG_CHARGE_MAX_BUCKETS];
     uint64_t            floor_us[TG_CHARGE_MAX_BUCKETS];  /* held at least (0) */
     uint32_t            len[TG_CHARGE_MAX_BUCKETS];   /* of each string */
     char                str[];    /* n NUL-terminated strings back to back */
 };
 
+/* A resolution's link to its node.  evdns delivers a cancellation later
+ * (deferred), possibly after the node has moved on or is gone: the ticket
+ * is freed by dns_cb, and a node that gives up only clears ticket->nd. */
+struct tg_rdns {
+    struct tg_rnode     *nd;          /* NULL: given up */
+};
+
 struct tg_rnode {
     struct tg_redis     *r;
-    char                 host[TG_REDIS_HOSTLEN];
+    char                 host[TG_REDIS_HOSTLEN];   /* as announced (may be a name) */
     int                  port;
+    char                 ip[INET6_ADDRSTRLEN];     /* numeric, what we connect to */
+    struct evdns_getaddrinfo_request *dns_req;     /* resolving host */
+    struct tg_rdns      *resolving;   /* its ticket; NULL: not resolving */
+    uint64_t             warn_ms;     /* last connection warning */
+    unsigned             warn_quiet;  /* warnings suppressed since */
+    int                  tried;       /* Sentinel: a named master being tried */
+    int                  failed;      /* Cluster: down since its last success */
+    tg_breaker           brk;         /* Cluster: over this node's calls */
     redisAsyncContext   *ac;          /* NULL while down */
     redisAsyncContext   *drop_ac;     /* to drop on a clean stack */
     enum tg_redis_state  state;
@@ -156,6 +189,7 @@ struct tg_redis_batch {
     uint8_t                timer_set;
     uint8_t                asking;        /* ASK: ASKING before the command */
     uint8_t                redirects;     /* MOVED/ASK followed so far */
+    uint8_t                brk;           /* Cluster: node breaker awaits the outcome */
     struct event          *timer;         /* in the same allocation */
 };
 
@@ -189,6 +223,7 @@ struct tg_redis {
     struct tg_redis_batch  *inflight;    /* sent, reply callback not yet run */
 
     struct event           *flush_ev;    /* no fd, activated by hand */
+    struct evdns_base      *dns;         /* names learnt from Redis; lazy */
     const struct timeval   *call_tv;     /* common timeout: timeout_ms */
     uint64_t                rng;         /* xorshift64 state, for jitter */
 
@@ -204,6 +239,9 @@ struct tg_redis {
     /* Sentinel */
     struct tg_raux          disc;        /* get-master-addr-by-name */
     size_t                  disc_idx;    /* sentinel asked now */
+    size_t                  disc_tries;  /* sentinels asked in this round */
+    size_t                  disc_pref;   /* asked first: last answered well */
+    size_t                  disc_from;   /* whose answer nodes[0] uses */
     redisAsyncContext      *sub_ac;      /* SUBSCRIBE +switch-master */
     size_t                  sub_idx;
     struct event           *sub_ev;      /* resubscribe timer */
@@ -216,20 +254,27 @@ struct tg_redis {
     struct tg_redis_batch **slot_batch;  /* [16384]: batch of this flush */
     int                     map_ok;
     struct event           *refresh_ev;
+    uint64_t                slots_asked_ms;  /* last CLUSTER SLOTS round started */
 
+    uint64_t                auth_log_ms; /* last AUTH error logged */
     tg_redis_stats          stats;
 };
 
-/* Gives back cost*T of each key's TAT (never below now): the first part
- * of a split request whose second part denied or failed.  Rare: EVAL. */
-static const char tg_refund_lua[] =
+/* Gives back what the first part of a split request added to each key,
+ * as far as it is still owed: min(cost*T, P - now), P the TAT that charge
+ * wrote (the script returns it).  A late refund after the debt has run
+ * out gives nothing back, so it never removes a later charge of another
+ * request or instance.  ARGV: cost, then per key T, P.  Rare: EVAL. */
+const char tg_redis_refund_lua[] =
     "local tm = redis.call('TIME')\n"
     "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
     "local cost = tonumber(ARGV[1])\n"
     "for i = 1, #KEYS do\n"
-    "  local tat = tonumber(redis.call('GET', KEYS[i]))\n"
-    "  if tat then\n"
-    "    local t = tat - cost * tonumber(ARGV[i + 1])\n"
+    "  local tat = tonumber(redis.pcall('GET', KEYS[i]))\n"
+    "  local give = math.min(cost * tonumber(ARGV[2 * i]),\n"
+    "                        tonumber(ARGV[2 * i + 1]) - now)\n"
+    "  if tat and give > 0 then\n"
+    "    local t = tat - give\n"
     "    if t <= now then\n"
     "      redis.call('DEL', KEYS[i])\n"
     "    else\n"
@@ -281,7 +326,13 @@ static void node_free(struct tg_rnode *nd);
 static struct tg_rnode *node_get(struct tg_redis *r, const char *host, int port,
                                  size_t *idx);
 static void node_kick(struct tg_rnode *nd);
+static int is_numeric_host(const char *host);
+static void node_good(struct tg_rnode *nd);
+static void node_warn(struct tg_rnode *nd, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 static void conn_start(struct tg_rnode *nd);
+static void dns_give_up(struct tg_rnode *nd);
+static void conn_connect(struct tg_rnode *nd);
 static void conn_drop(struct tg_rnode *nd);
 static void schedule_reconnect(struct tg_rnode *nd);
 static void schedule_drop(struct tg_rnode *nd);
@@ -300,12 +351,15 @@ static void aux_start(struct tg_raux *aux, const char *host, int port, int argc,
                       const char **argv);
 static void aux_cancel(struct tg_raux *aux);
 static void sentinel_discover(struct tg_redis *r);
+static void sentinel_distrust(struct tg_redis *r);
 static void sentinel_ask(struct tg_redis *r);
 static void sentinel_done(struct tg_redis *r, const redisReply *rep,
                           const struct tg_raux *aux);
 static void sub_start(struct tg_redis *r);
+static void sub_follow(struct tg_redis *r);
 static void sub_retry_cb(evutil_socket_t fd, short what, void *arg);
 static void cluster_refresh(struct tg_redis *r);
+static void cluster_kick(struct tg_redis *r, const struct tg_rnode *nd);
 static void cluster_ask(struct tg_redis *r);
 static void slots_done(struct tg_redis *r, const redisReply *rep,
                        const struct tg_raux *aux);
@@ -318,6 +372,7 @@ static void batch_start(struct tg_redis_batch *b);
 static tg_rc batch_send(struct tg_redis_batch *b);
 static void batch_fail(struct tg_redis_batch *b);
 static void batch_free(struct tg_redis_batch *b);
+static void batch_outcome(struct tg_redis_batch *b, int ok);
 static void batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata);
 static void batch_timeout_cb(evutil_socket_t fd, short what, void *arg);
 static int batch_arm(struct tg_redis_batch *b, uint64_t now);
@@ -362,7 +417,8 @@ tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errle
     p = url + sizeof(scheme) - 1;
     end = p + strlen(p);
     if (strpbrk(p, "@") != NULL) {
-        snprintf(err, errlen, "redis url: user/password is not supported");
+        snprintf(err, errlen, "redis url: credentials go in redis.username and "
+                 "redis.password");
         return TG_ERR;
     }
     if (strpbrk(p, "?#") != NULL) {
@@ -497,8 +553,6 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
 {
     struct tg_redis *r;
     unsigned char md[SHA_DIGEST_LENGTH];
-    struct in6_addr a6;
-    struct in_addr a4;
     struct timeval tv;
 
     r = tg_xcalloc(1, sizeof(*r));
@@ -535,9 +589,13 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         }
     } else {
         r->mode = TG_MODE_SINGLE;
-        if (inet_pton(AF_INET, r->opts.host, &a4) != 1
-            && inet_pton(AF_INET6, r->opts.host, &a6) != 1) {
-            tg_warn("redis: host is not a numeric address: resolving it blocks the loop");
+    }
+    if (r->mode != TG_MODE_SINGLE || !is_numeric_host(r->opts.host)) {
+        /* names may come from Redis itself: resolve them without blocking */
+        r->dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS
+                                      | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+        if (r->dns == NULL) {
+            tg_warn("redis: no resolver (evdns): only numeric addresses will work");
         }
     }
     r->pending_tail = &r->pending;
@@ -639,6 +697,14 @@ tg_redis_destroy(struct tg_redis *r)
         free(op);
     }
     for (size_t i = 0; i < r->nnodes; i++) {
+        if (r->nodes[i]->resolving) {
+            dns_give_up(r->nodes[i]);
+        }
+    }
+    if (r->dns != NULL) {
+        evdns_base_free(r->dns, 0);
+    }
+    for (size_t i = 0; i < r->nnodes; i++) {
         node_free(r->nodes[i]);
     }
     free(r->nodes);
@@ -673,6 +739,12 @@ tg_redis_ready(const struct tg_redis *r)
         }
     }
     return 0;
+}
+
+int
+tg_redis_node_breakers(const struct tg_redis *r)
+{
+    return r != NULL && r->mode == TG_MODE_CLUSTER;
 }
 
 void
@@ -786,12 +858,354 @@ tg_redis_cancel(struct tg_redis_op *op)
 }
 
 /* ------------------------------------------------------------------ */
+/* contexts: a bounded reply reader, our own libevent adapter, AUTH    */
+
+/*
+ * hiredis 0.14 accepts arrays of up to INT_MAX elements (allocated, then
+ * freed one by one) and keeps reading a bulk reply of any announced size
+ * into its buffer.  A broken or hostile server must cost us neither the
+ * loop nor the memory: an array above TG_REDIS_MAX_ELEMENTS elements or a
+ * reply above TG_REDIS_MAX_OBJECTS objects fails the reader (hiredis then
+ * drops the connection), and our read event drops the connection when
+ * more than TG_REDIS_MAX_READBUF bytes of replies wait unparsed.
+ *
+ * The adapter is hiredis's libevent one plus that check; since the
+ * context can be freed inside redisAsyncHandleRead, its cleanup only
+ * marks the events dead while a read is running (ENTERED/DELETED).
+ */
+struct tg_rctx {                  /* ac->ev.data and reader privdata */
+    redisAsyncContext *ac;
+    struct tg_redis   *r;
+    struct event      *rev, *wev;
+    size_t             objects;   /* in the reply being read */
+    uint8_t            reading;   /* inside redisAsyncHandleRead */
+    uint8_t            dead;      /* cleaned up meanwhile: free after */
+};
+
+static pthread_mutex_t tg_redis_err_mu = PTHREAD_MUTEX_INITIALIZER;
+static char tg_redis_err[256];
+
+static void
+set_last_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    pthread_mutex_lock(&tg_redis_err_mu);
+    va_start(ap, fmt);
+    vsnprintf(tg_redis_err, sizeof(tg_redis_err), fmt, ap);
+    va_end(ap);
+    pthread_mutex_unlock(&tg_redis_err_mu);
+}
+
+void
+tg_redis_last_error(char *buf, size_t len)
+{
+    pthread_mutex_lock(&tg_redis_err_mu);
+    snprintf(buf, len, "%s", tg_redis_err);
+    pthread_mutex_unlock(&tg_redis_err_mu);
+}
+
+/* One more object of the reply being read; NULL (reader error) past the
+ * limit.  hiredis passes the reader's privdata: our tg_rctx. */
+static redisReply *
+reply_new(const redisReadTask *task, int type)
+{
+    struct tg_rctx *e = task->privdata;
+    redisReply *rep;
+
+    if (e == NULL) {
+        return NULL;            /* the context is being freed */
+    }
+    if (task->parent == NULL) {
+        e->objects = 0;
+    }
+    if (++e->objects > TG_REDIS_MAX_OBJECTS) {
+        e->r->stats.oversized++;
+        tg_warn("redis: a reply of more than %d objects: dropping the connection",
+                TG_REDIS_MAX_OBJECTS);
+        return NULL;
+    }
+    rep = calloc(1, sizeof(*rep));
+    if (rep != NULL) {
+        rep->type = type;
+    }
+    return rep;
+}
+
+static void *
+reply_link(const redisReadTask *task, redisReply *rep)
+{
+    if (rep != NULL && task->parent != NULL) {
+        redisReply *parent = task->parent->obj;
+        parent->element[task->idx] = rep;
+    }
+    return rep;
+}
+
+static void *
+reply_string(const redisReadTask *task, char *str, size_t len)
+{
+    redisReply *rep = reply_new(task, task->type);
+
+    if (rep == NULL) {
+        return NULL;
+    }
+    rep->str = malloc(len + 1);
+    if (rep->str == NULL) {
+        free(rep);
+        return NULL;
+    }
+    memcpy(rep->str, str, len);
+    rep->str[len] = '\0';
+    rep->len = len;
+    return reply_link(task, rep);
+}
+
+static void *
+reply_array(const redisReadTask *task, int elements)
+{
+    struct tg_rctx *e = task->privdata;
+    redisReply *rep;
+
+    if (e != NULL && elements > TG_REDIS_MAX_ELEMENTS) {
+        e->r->stats.oversized++;
+        tg_warn("redis: a reply announced %d elements (at most %d): dropping the "
+                "connection", elements, TG_REDIS_MAX_ELEMENTS);
+        return NULL;
+    }
+    rep = reply_new(task, REDIS_REPLY_ARRAY);
+    if (rep == NULL) {
+        return NULL;
+    }
+    if (elements > 0) {
+        rep->element = calloc((size_t)elements, sizeof(*rep->element));
+        if (rep->element == NULL) {
+            free(rep);
+            return NULL;
+        }
+    }
+    rep->elements = (size_t)elements;
+    return reply_link(task, rep);
+}
+
+static void *
+reply_integer(const redisReadTask *task, long long value)
+{
+    redisReply *rep = reply_new(task, REDIS_REPLY_INTEGER);
+
+    if (rep != NULL) {
+        rep->integer = value;
+    }
+    return reply_link(task, rep);
+}
+
+static void *
+reply_nil(const redisReadTask *task)
+{
+    return reply_link(task, reply_new(task, REDIS_REPLY_NIL));
+}
+
+static redisReplyObjectFunctions tg_reply_fns = {
+    reply_string, reply_array, reply_integer, reply_nil, freeReplyObject,
+};
+
+static void
+rctx_free(struct tg_rctx *e)
+{
+    event_free(e->rev);
+    event_free(e->wev);
+    free(e);
+}
+
+static void
+rctx_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_rctx *e = arg;
+    redisReader *rd;
+
+    e->reading = 1;
+    redisAsyncHandleRead(e->ac);
+    e->reading = 0;
+    if (e->dead) {
+        rctx_free(e);
+        return;
+    }
+    rd = e->ac->c.reader;
+    if (rd != NULL && rd->len - rd->pos > TG_REDIS_MAX_READBUF) {
+        e->r->stats.oversized++;
+        tg_warn("redis: %s:%d: more than %u bytes of reply unparsed: dropping the "
+                "connection", e->ac->c.tcp.host, e->ac->c.tcp.port, TG_REDIS_MAX_READBUF);
+        redisAsyncFree(e->ac);  /* our event: callbacks see NULL replies */
+    }
+}
+
+static void
+rctx_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_rctx *e = arg;
+
+    redisAsyncHandleWrite(e->ac);
+}
+
+static void rctx_add_read(void *p)  { event_add(((struct tg_rctx *)p)->rev, NULL); }
+static void rctx_del_read(void *p)  { event_del(((struct tg_rctx *)p)->rev); }
+static void rctx_add_write(void *p) { event_add(((struct tg_rctx *)p)->wev, NULL); }
+static void rctx_del_write(void *p) { event_del(((struct tg_rctx *)p)->wev); }
+
+static void
+rctx_cleanup(void *p)
+{
+    struct tg_rctx *e = p;
+    redisAsyncContext *ac = e->ac;
+
+    /* never called twice, never called back into */
+    memset(&ac->ev, 0, sizeof(ac->ev));
+    ac->c.reader->privdata = NULL;
+    event_del(e->rev);
+    event_del(e->wev);
+    if (e->reading) {
+        e->dead = 1;
+    } else {
+        rctx_free(e);
+    }
+}
+
+static int
+is_numeric_host(const char *host)
+{
+    struct in6_addr a6;
+    struct in_addr a4;
+
+    return inet_pton(AF_INET, host, &a4) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
+}
+
+/*
+ * A new context to host:port (numeric: never resolves), with our reader
+ * limits and adapter, data in ac->data.  NULL (logged) on failure.  When
+ * a password is configured (the sentinels' when sentinel is set), AUTH
+ * goes first, answered to cb(privdata).
+ */
+static redisAsyncContext *
+ctx_open(struct tg_redis *r, const char *host, int port, void *data, int sentinel,
+         redisCallbackFn *auth_cb, void *privdata)
+{
+    const char *user = sentinel ? r->opts.sentinel_username : r->opts.username;
+    const char *pass = sentinel ? r->opts.sentinel_password : r->opts.password;
+    redisAsyncContext *ac;
+    struct tg_rctx *e;
+
+    if (!is_numeric_host(host)) {
+        tg_warn("redis: %s:%d is not a numeric address", host, port);
+        return NULL;
+    }
+    ac = redisAsyncConnect(host, port);
+    if (ac == NULL || ac->err) {
+        tg_warn("redis: connect to %s:%d: %s", host, port,
+                ac != NULL ? ac->errstr : "cannot create a context");
+        if (ac != NULL) {
+            redisAsyncFree(ac);
+        }
+        return NULL;
+    }
+    e = tg_xcalloc(1, sizeof(*e));
+    e->ac = ac;
+    e->r = r;
+    e->rev = event_new(r->base, ac->c.fd, EV_READ, rctx_read_cb, e);
+    e->wev = event_new(r->base, ac->c.fd, EV_WRITE, rctx_write_cb, e);
+    if (e->rev == NULL || e->wev == NULL) {
+        tg_error("redis: cannot create events");
+        if (e->rev) event_free(e->rev);
+        if (e->wev) event_free(e->wev);
+        free(e);
+        redisAsyncFree(ac);
+        return NULL;
+    }
+    ac->c.reader->fn = &tg_reply_fns;
+    ac->c.reader->privdata = e;
+    ac->ev.addRead = rctx_add_read;
+    ac->ev.delRead = rctx_del_read;
+    ac->ev.addWrite = rctx_add_write;
+    ac->ev.delWrite = rctx_del_write;
+    ac->ev.cleanup = rctx_cleanup;
+    ac->ev.data = e;
+    event_add(e->rev, NULL);
+    event_add(e->wev, NULL);
+    ac->data = data;
+
+    if (pass[0] != '\0') {
+        const char *argv[3] = { "AUTH", user, pass };
+        int argc = 3;
+        if (user[0] == '\0') {
+            argv[1] = pass;
+            argc = 2;
+        }
+        redisAsyncCommandArgv(ac, auth_cb, privdata, argc, argv, NULL);
+    }
+    return ac;
+}
+
+/* An AUTH answer: 1 when accepted; else the error is logged and kept for
+ * /status (without the secret). */
+static int
+auth_ok(struct tg_redis *r, const redisAsyncContext *ac, const redisReply *rep,
+        int sentinel)
+{
+    const char *user = sentinel ? r->opts.sentinel_username : r->opts.username;
+
+    if (rep->type == REDIS_REPLY_STATUS) {
+        char last[8];
+        tg_redis_last_error(last, sizeof(last));
+        if (last[0] != '\0') {
+            set_last_error("%s", "");
+        }
+        return 1;
+    }
+    r->stats.auth_failures++;
+    if (r->auth_log_ms != 0 && tg_now_ms() - r->auth_log_ms < TG_REDIS_WARN_MS) {
+        return 0;
+    }
+    r->auth_log_ms = tg_now_ms();
+    tg_error("redis: AUTH to %s %s:%d%s%s%s refused: %.200s (check redis.%spassword)",
+             sentinel ? "sentinel" : "server", ac->c.tcp.host, ac->c.tcp.port,
+             user[0] ? " as user \"" : "", user, user[0] ? "\"" : "",
+             rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply",
+             sentinel ? "sentinel." : "");
+    set_last_error("AUTH to %s %s:%d%s%s%s refused: %.150s",
+                   sentinel ? "sentinel" : "server", ac->c.tcp.host, ac->c.tcp.port,
+                   user[0] ? " as user \"" : "", user, user[0] ? "\"" : "",
+                   rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply");
+    return 0;
+}
+
+/* AUTH on a sentinel or CLUSTER SLOTS connection: the command behind it
+ * fails with NOAUTH by itself; only log and keep the error. */
+static void
+aux_auth_cb(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct tg_redis *r = privdata;
+
+    if (reply != NULL && !r->destroying) {
+        auth_ok(r, ac, reply, ac->data == &r->disc || ac->data == r);
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* nodes and their connections                                         */
+
+/* Cluster: one breaker per node (a dead master must not send the other
+ * masters' slots to the fallback): a few failed calls in a row open it;
+ * then that node's calls fail at once, one probe per second. */
+static const tg_breaker_conf tg_node_breaker_conf = {
+    .failures = 3, .window_ms = 0, .min_requests = 0, .error_pct = 0,
+    .open_ms = 1000, .max_open_ms = 5000, .probes = 1,
+};
 
 static struct tg_rnode *
 node_new(struct tg_redis *r, const char *host, int port)
 {
     struct tg_rnode *nd = tg_xcalloc(1, sizeof(*nd));
+
+    tg_breaker_init(&nd->brk, &tg_node_breaker_conf);
 
     nd->r = r;
     snprintf(nd->host, sizeof(nd->host), "%s", host);
@@ -862,11 +1276,108 @@ node_kick(struct tg_rnode *nd)
     }
 }
 
+/* Connection warnings of a node: at most one per TG_REDIS_WARN_MS (a
+ * Redis refusing every connection would flood the log). */
+static void
+node_warn(struct tg_rnode *nd, const char *fmt, ...)
+{
+    uint64_t now = tg_now_ms();
+    char msg[512];
+    va_list ap;
+
+    if (nd->warn_ms != 0 && now - nd->warn_ms < TG_REDIS_WARN_MS) {
+        nd->warn_quiet++;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (nd->warn_quiet > 0) {
+        tg_warn("%s (%u similar message(s) suppressed)", msg, nd->warn_quiet);
+    } else {
+        tg_warn("%s", msg);
+    }
+    nd->warn_ms = now;
+    nd->warn_quiet = 0;
+}
+
+/* A good reply on the node's connection: the backoff starts over (not
+ * at TCP connect: a Redis at maxclients accepts, then refuses). */
+static void
+node_good(struct tg_rnode *nd)
+{
+    nd->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
+}
+
+static void
+node_auth_cb(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct tg_rnode *nd = privdata;
+
+    if (reply == NULL || nd->r->destroying || nd->ac != ac) {
+        return;
+    }
+    if (auth_ok(nd->r, ac, reply, 0)) {
+        gate_pass(nd);
+        return;
+    }
+    schedule_drop(nd);
+}
+
+/* Stop waiting for the node's resolution (deadline, destroy). */
+static void
+dns_give_up(struct tg_rnode *nd)
+{
+    struct evdns_getaddrinfo_request *req = nd->dns_req;
+
+    nd->resolving->nd = NULL;
+    nd->resolving = NULL;
+    nd->dns_req = NULL;
+    if (req != NULL) {
+        evdns_getaddrinfo_cancel(req);      /* dns_cb later: ticket freed */
+    }
+}
+
+static void
+dns_cb(int result, struct evutil_addrinfo *res, void *arg)
+{
+    struct tg_rdns *t = arg;
+    struct tg_rnode *nd = t->nd;
+    tg_redis_addr a;
+
+    free(t);
+    if (nd == NULL || nd->r->destroying) {
+        if (res != NULL) {
+            evutil_freeaddrinfo(res);
+        }
+        return;
+    }
+    nd->dns_req = NULL;
+    nd->resolving = NULL;
+    if (result != 0 || res == NULL || tg_redis_addr_from_sockaddr(res->ai_addr, &a) != TG_OK
+        || strlen(a.host) >= sizeof(nd->ip)) {
+        node_warn(nd, "redis: cannot resolve %s: %s", nd->host,
+                  result != 0 ? evutil_gai_strerror(result) : "no address");
+        if (res != NULL) {
+            evutil_freeaddrinfo(res);
+        }
+        schedule_reconnect(nd);
+        return;
+    }
+    memcpy(nd->ip, a.host, strlen(a.host) + 1);
+    evutil_freeaddrinfo(res);
+    conn_connect(nd);
+}
+
+/* Connect to the node: its host when numeric, else resolved off the loop
+ * first (evdns; the connect deadline covers the resolution). */
 static void
 conn_start(struct tg_rnode *nd)
 {
     struct tg_redis *r = nd->r;
-    redisAsyncContext *ac;
+    struct evutil_addrinfo hints;
+    struct evdns_getaddrinfo_request *req;
+    struct tg_rdns *t;
     struct timeval tv;
     unsigned ms;
 
@@ -874,22 +1385,47 @@ conn_start(struct tg_rnode *nd)
         schedule_reconnect(nd);
         return;
     }
-    ac = redisAsyncConnect(nd->host, nd->port);
+    if (is_numeric_host(nd->host)) {
+        memcpy(nd->ip, nd->host, strlen(nd->host) + 1);    /* < INET6_ADDRSTRLEN */
+        conn_connect(nd);
+        return;
+    }
+    if (r->dns == NULL) {
+        node_warn(nd, "redis: %s is a name and no resolver is available", nd->host);
+        schedule_reconnect(nd);
+        return;
+    }
+    nd->state = TG_REDIS_CONNECTING;
+    ms = r->opts.timeout_ms > TG_REDIS_CONNECT_MIN_MS ? r->opts.timeout_ms
+                                                      : TG_REDIS_CONNECT_MIN_MS;
+    tv.tv_sec = ms / 1000;
+    tv.tv_usec = (ms % 1000) * 1000;
+    evtimer_add(nd->connect_ev, &tv);
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    t = tg_xcalloc(1, sizeof(*t));
+    t->nd = nd;
+    nd->resolving = t;
+    req = evdns_getaddrinfo(r->dns, nd->host, NULL, &hints, dns_cb, t);
+    if (nd->resolving == t) {       /* dns_cb may have run already */
+        nd->dns_req = req;
+    }
+}
+
+/* Open the context to nd->ip (numeric) and queue AUTH, SELECT, ROLE and
+ * SCRIPT LOAD behind the connect. */
+static void
+conn_connect(struct tg_rnode *nd)
+{
+    struct tg_redis *r = nd->r;
+    redisAsyncContext *ac;
+    struct timeval tv;
+    unsigned ms;
+
+    nd->gates = 0;
+    ac = ctx_open(r, nd->ip, nd->port, nd, 0, node_auth_cb, nd);
     if (ac == NULL) {
-        tg_warn("redis: cannot create a context for %s:%d", nd->host, nd->port);
-        schedule_reconnect(nd);
-        return;
-    }
-    if (ac->err) {
-        tg_warn("redis: connect to %s:%d: %s", nd->host, nd->port, ac->errstr);
-        redisAsyncFree(ac);
-        schedule_reconnect(nd);
-        return;
-    }
-    ac->data = nd;
-    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
-        tg_error("redis: cannot attach to the event base");
-        redisAsyncFree(ac);
         schedule_reconnect(nd);
         return;
     }
@@ -898,12 +1434,14 @@ conn_start(struct tg_rnode *nd)
     nd->ac = ac;
     nd->state = TG_REDIS_CONNECTING;
     nd->consec_tmo = 0;
-    nd->gates = 0;
 
     /* Queued now, written as soon as the socket connects, ahead of any
      * charge; nobody waits for the SCRIPT LOAD (EVALSHA falls back).
      * Sentinel: never trust the sentinels' answer blindly (it may be
      * stale during a failover): ROLE must say master. */
+    if (r->opts.password[0] != '\0') {
+        nd->gates++;            /* AUTH, queued by ctx_open */
+    }
     if (r->opts.db != 0) {
         nd->gates++;
         redisAsyncCommand(ac, select_cb, nd, "SELECT %d", r->opts.db);
@@ -919,6 +1457,7 @@ conn_start(struct tg_rnode *nd)
                                                       : TG_REDIS_CONNECT_MIN_MS;
     tv.tv_sec = ms / 1000;
     tv.tv_usec = (ms % 1000) * 1000;
+    evtimer_del(nd->connect_ev);
     evtimer_add(nd->connect_ev, &tv);
 }
 
@@ -946,8 +1485,13 @@ static void
 set_ready(struct tg_rnode *nd)
 {
     nd->state = TG_REDIS_READY;
-    nd->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
     nd->consec_tmo = 0;
+    if (nd->tried) {
+        nd->tried = 0;
+        nd->r->disc_pref = nd->r->disc_from;    /* Sentinel: it answered well */
+        sub_follow(nd->r);
+    }
+    nd->failed = 0;
     evtimer_del(nd->connect_ev);
     tg_info("redis: connected to %s:%d", nd->host, nd->port);
 }
@@ -956,6 +1500,7 @@ set_ready(struct tg_rnode *nd)
 static void
 gate_pass(struct tg_rnode *nd)
 {
+    node_good(nd);
     if (nd->gates > 0 && --nd->gates == 0 && nd->state == TG_REDIS_CONNECTING) {
         set_ready(nd);
     }
@@ -970,6 +1515,14 @@ schedule_reconnect(struct tg_rnode *nd)
 
     nd->state = TG_REDIS_DOWN;
     evtimer_del(nd->connect_ev);
+    if (nd->tried) {
+        nd->tried = 0;
+        sentinel_distrust(r);
+    }
+    if (r->mode == TG_MODE_CLUSTER && !r->destroying) {
+        nd->failed = 1;
+        cluster_kick(r, nd);
+    }
     if (r->destroying || evtimer_pending(nd->reconnect_ev, NULL)) {
         return;
     }
@@ -1010,7 +1563,8 @@ connect_cb(const redisAsyncContext *ac, int status)
 
     if (status != REDIS_OK) {
         /* hiredis frees ac after we return (and fails its commands) */
-        tg_warn("redis: connect to %s:%d failed: %s", nd->host, nd->port, ac->errstr);
+        node_warn(nd, "redis: connect to %s:%d failed: %s", nd->host, nd->port,
+                  ac->errstr);
         if (nd->ac == ac) {
             nd->ac = NULL;
         }
@@ -1035,9 +1589,10 @@ disconnect_cb(const redisAsyncContext *ac, int status)
         return;
     }
     if (status != REDIS_OK) {
-        tg_warn("redis: connection to %s:%d lost: %s", nd->host, nd->port, ac->errstr);
+        node_warn(nd, "redis: connection to %s:%d lost: %s", nd->host, nd->port,
+                  ac->errstr);
     } else {
-        tg_warn("redis: connection to %s:%d closed", nd->host, nd->port);
+        node_warn(nd, "redis: connection to %s:%d closed", nd->host, nd->port);
     }
     schedule_reconnect(nd);
 }
@@ -1076,7 +1631,7 @@ role_cb(redisAsyncContext *ac, void *reply, void *privdata)
         gate_pass(nd);
         return;
     }
-    tg_warn("redis: %s:%d is not a master (%s): asking the sentinels again",
+    node_warn(nd, "redis: %s:%d is not a master (%s): asking the sentinels again",
             nd->host, nd->port,
             rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1
             && rep->element[0]->type == REDIS_REPLY_STRING ? rep->element[0]->str
@@ -1094,8 +1649,17 @@ script_load_cb(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     }
     if (rep->type == REDIS_REPLY_ERROR) {
-        tg_warn("redis: SCRIPT LOAD failed: %s", rep->str);
-    } else if (rep->type != REDIS_REPLY_STRING || rep->len != 40
+        node_warn(nd, "redis: SCRIPT LOAD failed: %.200s", rep->str);
+        if (strncmp(rep->str, "NOAUTH", 6) == 0 && nd->r->opts.password[0] == '\0') {
+            tg_error("redis: %s:%d requires a password: set redis.password "
+                     "(or redis.password_file)", nd->host, nd->port);
+            set_last_error("%s:%d requires a password (NOAUTH): set redis.password",
+                           nd->host, nd->port);
+        }
+        return;
+    }
+    node_good(nd);
+    if (rep->type != REDIS_REPLY_STRING || rep->len != 40
                || strncasecmp(rep->str, nd->r->sha, 40) != 0) {
         tg_warn("redis: SCRIPT LOAD answered an unexpected digest");
     }
@@ -1107,7 +1671,7 @@ drop_cb(evutil_socket_t fd, short what, void *arg)
     struct tg_rnode *nd = arg;
 
     if (nd->ac != NULL && nd->ac == nd->drop_ac) {
-        tg_warn("redis: dropping the connection to %s:%d", nd->host, nd->port);
+        node_warn(nd, "redis: dropping the connection to %s:%d", nd->host, nd->port);
         conn_drop(nd);
     }
     nd->drop_ac = NULL;
@@ -1119,7 +1683,7 @@ reconnect_cb(evutil_socket_t fd, short what, void *arg)
     struct tg_rnode *nd = arg;
     struct tg_redis *r = nd->r;
 
-    if (nd->ac != NULL) {
+    if (nd->ac != NULL || nd->resolving) {
         return;
     }
     r->stats.reconnects++;
@@ -1135,8 +1699,12 @@ connect_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_rnode *nd = arg;
 
-    if (nd->ac != NULL && nd->state != TG_REDIS_READY) {
-        tg_warn("redis: connect to %s:%d timed out", nd->host, nd->port);
+    if (nd->resolving) {
+        node_warn(nd, "redis: resolving %s timed out", nd->host);
+        dns_give_up(nd);
+        schedule_reconnect(nd);
+    } else if (nd->ac != NULL && nd->state != TG_REDIS_READY) {
+        node_warn(nd, "redis: connect to %s:%d timed out", nd->host, nd->port);
         conn_drop(nd);
     }
 }
@@ -1240,19 +1808,8 @@ aux_start(struct tg_raux *aux, const char *host, int port, int argc, const char 
     aux_cancel(aux);
     snprintf(aux->host, sizeof(aux->host), "%s", host);
     aux->port = port;
-    ac = redisAsyncConnect(host, port);
-    if (ac == NULL || ac->err) {
-        tg_warn("redis: connect to %s:%d: %s", host, port,
-                ac != NULL ? ac->errstr : "cannot create a context");
-        if (ac != NULL) {
-            redisAsyncFree(ac);
-        }
-        aux_fail_later(aux);
-        return;
-    }
-    ac->data = aux;
-    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
-        redisAsyncFree(ac);
+    ac = ctx_open(r, host, port, aux, aux == &r->disc, aux_auth_cb, r);
+    if (ac == NULL) {
         aux_fail_later(aux);
         return;
     }
@@ -1289,13 +1846,26 @@ aux_cancel(struct tg_raux *aux)
 /* ------------------------------------------------------------------ */
 /* Sentinel                                                            */
 
-/* Learn the master again: sentinels in order, first good answer wins. */
+/* Learn the master again: first the sentinel whose master last worked,
+ * then the others in order; the first good answer wins. */
 static void
 sentinel_discover(struct tg_redis *r)
 {
     r->stats.rediscoveries++;
-    r->disc_idx = 0;
+    r->disc_idx = r->disc_pref;
+    r->disc_tries = 0;
     sentinel_ask(r);
+}
+
+/* The master a sentinel named failed (connect, ROLE) before it worked:
+ * that sentinel may be partitioned with a stale view; ask the next one
+ * first from now on. */
+static void
+sentinel_distrust(struct tg_redis *r)
+{
+    if (r->disc_pref == r->disc_from) {
+        r->disc_pref = (r->disc_from + 1) % r->opts.nsentinels;
+    }
 }
 
 static void
@@ -1324,9 +1894,11 @@ sentinel_done(struct tg_redis *r, const redisReply *rep, const struct tg_raux *a
             tg_info("redis: sentinel %s:%d: master \"%s\" is %s:%lu", aux->host,
                     aux->port, r->opts.sentinel_master, rep->element[0]->str, port);
         }
-        if (nd->ac == NULL) {
+        if (nd->ac == NULL && !nd->resolving) {
             snprintf(nd->host, sizeof(nd->host), "%s", rep->element[0]->str);
             nd->port = (int)port;
+            r->disc_from = r->disc_idx;
+            nd->tried = 1;
             evtimer_del(nd->reconnect_ev);
             conn_start(nd);
         }
@@ -1341,7 +1913,8 @@ sentinel_done(struct tg_redis *r, const redisReply *rep, const struct tg_raux *a
     if (nd->ac != NULL) {
         return;                 /* connected meanwhile */
     }
-    if (++r->disc_idx < r->opts.nsentinels) {
+    if (++r->disc_tries < r->opts.nsentinels) {
+        r->disc_idx = (r->disc_idx + 1) % r->opts.nsentinels;
         sentinel_ask(r);        /* a new context: fine inside the old one's callback */
         return;
     }
@@ -1415,22 +1988,33 @@ sub_msg_cb(redisAsyncContext *ac, void *reply, void *privdata)
     node_kick(nd);
 }
 
+/* Sentinel: listen for +switch-master on the sentinel that answered well
+ * (a frozen or partitioned one would keep the subscription silent).  Not
+ * called from the subscription's own callbacks. */
+static void
+sub_follow(struct tg_redis *r)
+{
+    redisAsyncContext *ac = r->sub_ac;
+
+    if (r->sub_idx == r->disc_pref || r->destroying) {
+        return;
+    }
+    r->sub_idx = r->disc_pref;
+    if (ac != NULL) {
+        r->sub_ac = NULL;       /* its callbacks now see a stale context */
+        redisAsyncFree(ac);
+    }
+    evtimer_del(r->sub_ev);
+    sub_start(r);
+}
+
 static void
 sub_start(struct tg_redis *r)
 {
     const tg_redis_addr *s = &r->opts.sentinels[r->sub_idx];
-    redisAsyncContext *ac = redisAsyncConnect(s->host, s->port);
+    redisAsyncContext *ac = ctx_open(r, s->host, s->port, r, 1, aux_auth_cb, r);
 
-    if (ac == NULL || ac->err) {
-        if (ac != NULL) {
-            redisAsyncFree(ac);
-        }
-        sub_fail(r);
-        return;
-    }
-    ac->data = r;
-    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
-        redisAsyncFree(ac);
+    if (ac == NULL) {
         sub_fail(r);
         return;
     }
@@ -1473,7 +2057,54 @@ cluster_refresh(struct tg_redis *r)
         return;
     }
     r->slots_tries = 0;
+    r->slots_asked_ms = tg_now_ms();
     cluster_ask(r);
+}
+
+/* A node failed: if it serves slots, ask for the map again now (another
+ * node answers: cluster_ask skips failed ones), at most every
+ * TG_REDIS_KICK_MS; slots_done keeps asking while a failed node still
+ * serves slots, so a promotion is seen within about that time. */
+static void
+cluster_kick(struct tg_redis *r, const struct tg_rnode *nd)
+{
+    uint16_t want = 0;
+    uint64_t since;
+
+    if (r->slot_node == NULL || !r->map_ok) {
+        return;
+    }
+    for (size_t i = 0; i < r->nnodes; i++) {
+        if (r->nodes[i] == nd) {
+            want = (uint16_t)(i + 1);
+        }
+    }
+    for (size_t s = 0; want != 0 && s < TG_REDIS_CLUSTER_SLOTS; s++) {
+        if (r->slot_node[s] == want) {
+            r->stats.map_kicks++;
+            since = tg_now_ms() - r->slots_asked_ms;
+            if (since >= TG_REDIS_KICK_MS) {
+                cluster_refresh(r);
+            } else {
+                refresh_in(r, (unsigned)(TG_REDIS_KICK_MS - since));
+            }
+            return;
+        }
+    }
+}
+
+/* A candidate for CLUSTER SLOTS that is known to have failed. */
+static int
+cluster_failed_addr(const struct tg_redis *r, const char *host, int port)
+{
+    for (size_t i = 0; i < r->nnodes; i++) {
+        const struct tg_rnode *nd = r->nodes[i];
+        if (nd->failed && nd->port == port
+            && (strcmp(nd->ip, host) == 0 || strcmp(nd->host, host) == 0)) {
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* Candidates: the configured seeds, then every node learnt so far. */
@@ -1484,12 +2115,24 @@ cluster_ask(struct tg_redis *r)
     size_t total = r->opts.ncluster + r->nnodes;
     size_t i = r->slots_idx % total;
 
+    /* skip failed candidates, unless every one has failed */
+    for (size_t n = 0; n < total; n++, i = (i + 1) % total) {
+        const char *h = i < r->opts.ncluster ? r->opts.cluster_nodes[i].host
+                        : r->nodes[i - r->opts.ncluster]->ip;
+        int p = i < r->opts.ncluster ? r->opts.cluster_nodes[i].port
+                : r->nodes[i - r->opts.ncluster]->port;
+        if (!cluster_failed_addr(r, h, p)) {
+            r->slots_idx = i;
+            break;
+        }
+    }
+    i = r->slots_idx % total;
     if (i < r->opts.ncluster) {
         aux_start(&r->slots, r->opts.cluster_nodes[i].host,
                   r->opts.cluster_nodes[i].port, 2, argv);
     } else {
         struct tg_rnode *nd = r->nodes[i - r->opts.ncluster];
-        aux_start(&r->slots, nd->host, nd->port, 2, argv);
+        aux_start(&r->slots, nd->ip[0] != '\0' ? nd->ip : nd->host, nd->port, 2, argv);
     }
 }
 
@@ -1560,6 +2203,13 @@ slots_done(struct tg_redis *r, const redisReply *rep, const struct tg_raux *aux)
             r->map_ok = 1;
             r->stats.map_refreshes++;
             refresh_in(r, TG_REDIS_REFRESH_MS);
+            for (size_t s = 0; s < TG_REDIS_CLUSTER_SLOTS; s++) {
+                if (r->slot_node[s] != 0 && r->nodes[r->slot_node[s] - 1]->failed) {
+                    /* a failed node still serves slots: ask again soon */
+                    refresh_in(r, 2 * TG_REDIS_KICK_MS);
+                    break;
+                }
+            }
             return;
         }
         free(map);
@@ -1753,6 +2403,14 @@ batch_start(struct tg_redis_batch *b)
     r->inflight = b;
     event_assign(b->timer, r->base, -1, 0, batch_timeout_cb, b);
     batch_arm(b, tg_now_us());
+    if (r->mode == TG_MODE_CLUSTER) {
+        if (!tg_breaker_allow(&b->node->brk, tg_now_ms())) {
+            batch_fail(b);      /* that node's breaker is open: at once */
+            batch_free(b);
+            return;
+        }
+        b->brk = 1;
+    }
     if (batch_send(b) != TG_OK) {
         batch_fail(b);
         batch_free(b);
@@ -1853,6 +2511,23 @@ batch_send(struct tg_redis_batch *b)
     return TG_OK;
 }
 
+/* Cluster: the node's breaker learns the outcome of this call, once. */
+static void
+batch_outcome(struct tg_redis_batch *b, int ok)
+{
+    if (!b->brk) {
+        return;
+    }
+    b->brk = 0;
+    if (ok > 0) {
+        tg_breaker_success(&b->node->brk, tg_now_ms());
+    } else if (ok == 0) {
+        tg_breaker_failure(&b->node->brk, tg_now_ms());
+    } else {
+        tg_breaker_abandon(&b->node->brk, tg_now_ms());
+    }
+}
+
 /* Answer every live op TG_ERR (no-op once done, or while destroying). */
 static void
 batch_fail(struct tg_redis_batch *b)
@@ -1879,6 +2554,9 @@ batch_free(struct tg_redis_batch *b)
 
     if (b->timer_set) {
         event_del(b->timer);
+    }
+    if (!r->destroying) {
+        batch_outcome(b, -1);
     }
     if (b->prev != NULL) {
         b->prev->next = b->next;
@@ -1914,6 +2592,7 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply *rep = reply;
 
     if (b->done || rep == NULL) {
+        batch_outcome(b, rep != NULL);
         if (rep != NULL && b->kind == TG_OP_CHARGE && rep->type == REDIS_REPLY_ARRAY) {
             deliver_charges(b, rep);    /* late: what it charged is given back */
         }
@@ -1921,7 +2600,11 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
         batch_free(b);
         return;
     }
+    batch_outcome(b, 1);        /* the node answered */
     b->node->consec_tmo = 0;
+    if (rep->type != REDIS_REPLY_ERROR) {
+        node_good(b->node);
+    }
     if (rep->type == REDIS_REPLY_ERROR) {
         if (b->kind == TG_OP_CHARGE && !b->eval && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
             r->stats.noscript++;
@@ -1937,7 +2620,8 @@ batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
             return;
         }
         if (is_failover_error(rep)) {
-            tg_warn("redis: %s:%d: %.200s", b->node->host, b->node->port, rep->str);
+            node_warn(b->node, "redis: %s:%d: %.200s", b->node->host, b->node->port,
+                      rep->str);
             if (r->mode == TG_MODE_SENTINEL) {
                 node_kick(b->node);     /* never keep writing to a replica */
             } else if (r->mode == TG_MODE_CLUSTER) {
@@ -2043,6 +2727,7 @@ batch_timeout_cb(evutil_socket_t fd, short what, void *arg)
     struct tg_redis *r = b->r;
     uint64_t now = tg_now_us();
     int later = 0;
+    redisReader *rd;
 
     b->timer_set = 0;
     if (b->done) {
@@ -2065,8 +2750,17 @@ batch_timeout_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     r->stats.timeouts++;
+    batch_outcome(b, 0);
     batch_fail(b);              /* the batch waits for its reply or NULL */
-    if (++b->node->consec_tmo >= TG_REDIS_MAX_CONSEC_TMO) {
+    rd = b->node->ac != NULL ? b->node->ac->c.reader : NULL;
+    if (rd != NULL && (rd->len > rd->pos || rd->ridx > 0)) {
+        /* a reply is still arriving past a deadline: a huge or endless
+         * one; the connection is not worth keeping */
+        node_warn(b->node, "redis: %s:%d: reply still arriving at the deadline: "
+                  "dropping the connection", b->node->host, b->node->port);
+        b->node->consec_tmo = 0;
+        schedule_drop(b->node);
+    } else if (++b->node->consec_tmo >= TG_REDIS_MAX_CONSEC_TMO) {
         b->node->consec_tmo = 0;
         schedule_drop(b->node);
     }
@@ -2115,6 +2809,9 @@ charge_answer(redisReply *const *e, const struct tg_redis_op *op, tg_gcra_result
 {
     int nb = __builtin_popcount(op->mask);
 
+    /* buckets not in this call (the other part of a Cluster split) hold
+     * nothing we know of: 0, never stack garbage */
+    memset(res->held_us, 0, sizeof(res->held_us));
     for (int k = 0; k < 5 + nb; k++) {
         if (e[k]->type != REDIS_REPLY_INTEGER || e[k]->integer < 0) {
             return 0;
@@ -2144,11 +2841,11 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     size_t i, nb;
 
     if (rep->type == REDIS_REPLY_ERROR) {
-        tg_warn("redis: charge script failed: %.200s", rep->str);
+        node_warn(b->node, "redis: charge script failed: %.200s", rep->str);
         goto fail;
     }
     if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops + b->nkeys + 1) {
-        tg_warn("redis: charge script reply: type %d with %zu elements, "
+        node_warn(b->node, "redis: charge script reply: type %d with %zu elements, "
                 "expected an array of %zu", rep->type,
                 rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
                 5 * b->nops + b->nkeys + 1);
@@ -2164,13 +2861,22 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
      * after the loop, so a callback's new ops keep their order). */
     for (i = 0, link = &b->ops; (op = *link) != NULL; i += 5 + nb) {
         tg_redis_charge_cb cb;
+        size_t sent = (size_t)__builtin_popcount(op->mask);
 
-        nb = (size_t)__builtin_popcount(op->mask);
+        nb = sent;
         if (!charge_answer(rep->element + i, op, &part)) {
-            tg_warn("redis: charge script reply: request %zu out of range", i);
+            node_warn(b->node, "redis: charge script reply: request %zu out of range", i);
             link = &op->next;
             op_fail(r, op);
             continue;
+        }
+        if (op->phase == 1) {
+            /* each key's new TAT P = now + its debt after the charge: a
+             * Cluster refund gives back at most what this request added */
+            for (size_t j = 0; j < sent; j++) {
+                op->p1[j] = part.allowed && script_now > 0
+                            ? script_now + (uint64_t)rep->element[i + 5 + j]->integer : 0;
+            }
         }
 
         if (op->phase == 1 && part.allowed) {
@@ -2242,7 +2948,7 @@ deliver_hget(struct tg_redis_batch *b, const redisReply *rep)
     } else if (rep->type == REDIS_REPLY_NIL) {
         cb(op->arg, TG_OK, NULL, 0);
     } else {
-        tg_warn("redis: HGET answered type %d%s%.200s", rep->type,
+        node_warn(b->node, "redis: HGET answered type %d%s%.200s", rep->type,
                 rep->type == REDIS_REPLY_ERROR ? ": " : "",
                 rep->type == REDIS_REPLY_ERROR ? rep->str : "");
         cb(op->arg, TG_ERR, NULL, 0);
@@ -2270,14 +2976,19 @@ op_key(const struct tg_redis_op *op, size_t k)
     return s;
 }
 
-/* Answer TG_ERR once (the op is not freed here); a charged first part
- * is given back first. */
+/* Answer TG_ERR once (the op is not freed here).  A charged first part
+ * is kept when the requester is told: the fallback may admit it, and a
+ * request admitted without any Redis charge would let the consumer past
+ * its limit; it is given back only when nobody waits (cancelled). */
 static void
 op_fail(struct tg_redis *r, struct tg_redis_op *op)
 {
     if (op->kind == TG_OP_CHARGE) {
         tg_redis_charge_cb cb = op->charge_cb;
-        op_refund(r, op);
+        if (cb == NULL) {
+            op_refund(r, op);
+        }
+        op->refund_due = 0;
         if (cb != NULL) {
             op->charge_cb = NULL;
             r->stats.errors++;
@@ -2300,9 +3011,9 @@ op_fail(struct tg_redis *r, struct tg_redis_op *op)
 static void
 op_refund(struct tg_redis *r, struct tg_redis_op *op)
 {
-    const char *argv[3 + 2 * TG_CHARGE_MAX_BUCKETS + 1];
+    const char *argv[3 + 3 * TG_CHARGE_MAX_BUCKETS + 1];
     size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nk = 0;
-    char num[1 + TG_CHARGE_MAX_BUCKETS + 1][TG_REDIS_NUMLEN];
+    char num[2 + 2 * TG_CHARGE_MAX_BUCKETS][TG_REDIS_NUMLEN];
     struct tg_rnode *nd;
 
     if (op->kind != TG_OP_CHARGE || !op->refund_due) {
@@ -2321,8 +3032,8 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
     }
     argv[argc] = "EVAL";
     argvlen[argc++] = 4;
-    argv[argc] = tg_refund_lua;
-    argvlen[argc++] = sizeof(tg_refund_lua) - 1;
+    argv[argc] = tg_redis_refund_lua;
+    argvlen[argc++] = strlen(tg_redis_refund_lua);
     argvlen[argc] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
     argv[argc++] = num[0];
     for (size_t k = 0; k < op->n; k++) {
@@ -2333,10 +3044,13 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
     }
     argvlen[argc] = (size_t)snprintf(num[1], sizeof(num[1]), "%u", op->cost);
     argv[argc++] = num[1];
-    for (size_t k = 0, j = 2; k < op->n; k++) {
+    for (size_t k = 0, j = 2, sent = 0; k < op->n; k++) {
         if (op->mask1 & (1u << k)) {
             argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
                                              (unsigned long long)op->lim[k].interval_us);
+            argv[argc++] = num[j++];
+            argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
+                                             (unsigned long long)op->p1[sent++]);
             argv[argc++] = num[j++];
         }
     }

@@ -163,6 +163,13 @@ typedef struct tg_conf {
         size_t             nsentinels;
         tg_addr           *cluster_nodes;    /* cluster.nodes (seeds); 0 = no Cluster */
         size_t             ncluster_nodes;   /* (Cluster: the url's db must be 0) */
+        char              *username;         /* AUTH (ACL user); NULL = default user */
+        char              *password;         /* AUTH; NULL = none; from password or
+                                                password_file (read at load) */
+        char              *password_file;    /* absolute path, or NULL */
+        char              *sentinel_username;      /* sentinel.username, .password, */
+        char              *sentinel_password;      /* .password_file: the sentinels' */
+        char              *sentinel_password_file; /* own AUTH (may differ) */
     } redis;
 
     struct {

@@ -133,6 +133,8 @@ size_t tg_lstore_entry_bytes(void);
  *   A stored value that is not a bucket (another type, not a finite
  *   number in 0..2^53) counts as no bucket (full) and is overwritten by
  *   the next allowed charge.
+ *   A charge's new TAT P (now + its held_us) bounds what a Cluster refund
+ *   may give back (see redis.c).
  * Each request is all-or-nothing over its own buckets; requests of one
  * batch are independent and applied in order.  Keys are written with
  * PXAT = the first millisecond at or after their TAT (when the bucket is

@@ -14,13 +14,14 @@
  *   Sentinel  opts.sentinel_master set: the master is asked of the
  *             sentinels, checked with ROLE, re-learned on connection loss,
  *             READONLY/LOADING/MASTERDOWN replies and +switch-master;
- *   Cluster   opts.ncluster > 0: slot map from CLUSTER SLOTS, one
- *             connection per master, one script call per slot (Redis
- *             rejects declared keys of several slots even with
- *             allow-cross-slot-keys), MOVED/ASK followed once.  A request
- *             whose keys span two slots (the global bucket) is charged in
- *             two calls: its first key's slot, then the rest, with a refund
- *             of the first part when the second denies or fails.
+ *   Cluster   opts.ncluster > 0: slot map from CLUSTER SLOTS (asked again
+ *             at once when a master fails), one connection and one breaker
+ *             per master, one script call per slot (Redis rejects declared
+ *             keys of several slots even with allow-cross-slot-keys),
+ *             MOVED/ASK followed.  A request whose keys span two slots (the
+ *             global bucket) is charged in two calls: its first key's slot,
+ *             then the rest, with a refund of the first part (at most what
+ *             it still holds) when the second denies.
  */
 #ifndef TOLLGATE_REDIS_H
 #define TOLLGATE_REDIS_H
@@ -33,6 +34,8 @@
 #define TG_CHARGE_MAX_BUCKETS 8
 #define TG_REDIS_MAX_ADDRS    16      /* sentinels / cluster seed nodes */
 #define TG_REDIS_CLUSTER_SLOTS 16384
+#define TG_REDIS_USER_MAX     128     /* ACL user name, with its NUL */
+#define TG_REDIS_PASS_MAX     512     /* password, with its NUL */
 
 struct tg_redis;
 struct tg_redis_op;
@@ -54,6 +57,13 @@ typedef struct tg_redis_opts {
     size_t    nsentinels;
     tg_redis_addr cluster_nodes[TG_REDIS_MAX_ADDRS]; /* seeds; > 0: Cluster */
     size_t    ncluster;            /* (Cluster needs db 0) */
+    /* AUTH, sent first on every connection; "" = none.  The server's
+     * (and every Cluster node's), and the sentinels' (may differ).
+     * Never logged. */
+    char      username[TG_REDIS_USER_MAX];
+    char      password[TG_REDIS_PASS_MAX];
+    char      sentinel_username[TG_REDIS_USER_MAX];
+    char      sentinel_password[TG_REDIS_PASS_MAX];
 } tg_redis_opts;
 
 /* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default).
@@ -61,10 +71,14 @@ typedef struct tg_redis_opts {
 tg_rc tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errlen);
 
 /*
- * Create the client of one worker and start connecting (non-blocking;
- * numeric addresses or names resolved by... the caller passes a numeric
- * host: resolve at config load, never on the loop).  Reconnects by itself
- * with backoff (100 ms doubling to 5 s, with jitter) after any failure.
+ * Create the client of one worker and start connecting (non-blocking).
+ * opts.host, the sentinels and the seeds should be numeric (resolved at
+ * config load); names learnt later (CLUSTER SLOTS, MOVED, Sentinel with
+ * announce-hostnames) are resolved with evdns, never blocking the loop.
+ * Reconnects by itself with backoff (100 ms doubling to 5 s, with jitter)
+ * after any failure; the backoff restarts after the first good reply.
+ * Call on the thread that will run base, before it runs (reads
+ * /etc/resolv.conf and /etc/hosts).
  */
 struct tg_redis *tg_redis_create(struct event_base *base, const tg_redis_opts *opts);
 void tg_redis_destroy(struct tg_redis *r);
@@ -79,6 +93,11 @@ unsigned tg_redis_key_slot(const char *key, size_t len);
 /* 1 while connected and the script is usable (Cluster: the slot map is
  * known and at least one master is connected). */
 int tg_redis_ready(const struct tg_redis *r);
+
+/* 1 when the client keeps a breaker per node (Cluster): a failing node
+ * fails its own calls at once, the others go on; the caller should then
+ * not open a breaker of its own over all of them. */
+int tg_redis_node_breakers(const struct tg_redis *r);
 
 /*
  * Queue one charge: keys[0..n) (copied), limits lim[0..n), cost.
@@ -124,6 +143,16 @@ typedef void (*tg_redis_str_cb)(void *arg, tg_rc rc, const char *value, size_t l
 struct tg_redis_op *tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
                                   tg_redis_str_cb cb, void *arg);
 
+/* The Cluster refund script: KEYS the buckets of a split request's first
+ * part; ARGV cost, then per key its interval T (us) and the TAT P that
+ * part wrote.  Gives back min(cost*T, P - now) of each key, never more. */
+extern const char tg_redis_refund_lua[];
+
+/* The last authentication problem of any client of this process (wrong
+ * password, NOAUTH), "" when the last AUTH succeeded: for /status.  Never
+ * holds a secret.  Thread-safe. */
+void tg_redis_last_error(char *buf, size_t len);
+
 /* Counters since creation (tests, metrics). */
 typedef struct tg_redis_stats {
     uint64_t calls;                /* EVALSHA/EVAL/HGET sent */
@@ -138,6 +167,9 @@ typedef struct tg_redis_stats {
     uint64_t map_refreshes;        /* Cluster: CLUSTER SLOTS answered */
     uint64_t refunds;              /* given back: Cluster first parts, and
                                       charges answered late or cancelled */
+    uint64_t map_kicks;            /* Cluster: refresh asked by a node failure */
+    uint64_t oversized;            /* replies refused (too many elements/bytes) */
+    uint64_t auth_failures;        /* AUTH refused */
 } tg_redis_stats;
 void tg_redis_get_stats(const struct tg_redis *r, tg_redis_stats *st);
 

@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/sha.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,17 +59,23 @@ secret_of(const char *id, char *buf, size_t len)
 }
 
 static void
-key_line(FILE *f, const char *id)
+key_line_tier(FILE *f, const char *id, const char *tier)
 {
     char secret[64];
     unsigned char d[32];
 
     secret_of(id, secret, sizeof secret);
     SHA256((const unsigned char *)secret, strlen(secret), d);
-    fprintf(f, "  - { id: %s, tier: basic, sha256: \"", id);
+    fprintf(f, "  - { id: %s, tier: %s, sha256: \"", id, tier);
     for (int j = 0; j < 32; j++)
         fprintf(f, "%02x", d[j]);
     fputs("\" }\n", f);
+}
+
+static void
+key_line(FILE *f, const char *id)
+{
+    key_line_tier(f, id, "basic");
 }
 
 /* keys.yaml with every id used here; returns its absolute path. */
@@ -91,6 +98,7 @@ keys_file(void)
     }
     key_line(f, "c-live");
     key_line(f, "c-other");
+    key_line_tier(f, "c-heavy", "heavy");
     cr_assert_eq(fclose(f), 0);
     return path;
 }
@@ -201,6 +209,9 @@ all_workers_on_redis(void)
     return 1;
 }
 
+static const char *g_policy = "deny";  /* redis.on_failure */
+static const char *g_more = "";         /* more top-level YAML */
+
 static void
 start_tollgate(const char *redis_extra)
 {
@@ -210,11 +221,12 @@ start_tollgate(const char *redis_extra)
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     /* basic refills a token a minute: the counts are exact */
     snprintf(extra, sizeof extra,
-             "rate_limits: { basic: { requests_per_minute: 1, burst_limit: 20 } }\n"
+             "rate_limits: { basic: { requests_per_minute: 1, burst_limit: 20 },\n"
+             "               heavy: { requests_per_minute: 600000, burst_limit: 100 } }\n"
              "auth: { keys_file: %s }\n"
              "redis: { url: \"redis://127.0.0.1:6379/0\", timeout_ms: 500, "
-             "on_failure: deny, %s }\n",
-             keys_file(), redis_extra);
+             "on_failure: %s, %s }\n%s",
+             keys_file(), g_policy, redis_extra, g_more);
     tgh_tg_opts_default(&o, up.port);
     o.store = "redis";
     o.extra_yaml = extra;
@@ -293,13 +305,15 @@ free_cluster_port(void)
     return -1;
 }
 
+static int g_ha6;                       /* Cluster of 3 masters + 3 replicas */
+
 /* redis-server on port with its files in the temp dir; replicaof_port > 0
  * makes it a replica, cluster != 0 a cluster node.  Waits for PING. */
 static tgh_proc *
 redis_start(int port, int replicaof_port, int cluster)
 {
     char portstr[16], rofstr[16], conf[600], name[32];
-    char *argv[24];
+    char *argv[32];
     int n = 0;
     tgh_proc *p;
 
@@ -328,6 +342,16 @@ redis_start(int port, int replicaof_port, int cluster)
         argv[n++] = "yes";
         argv[n++] = "--cluster-config-file";
         argv[n++] = conf;
+    }
+    if (cluster && g_ha6) {
+        /* replicas: fail over within seconds; the live masters keep
+         * serving while one fails over */
+        argv[n++] = "--cluster-node-timeout";
+        argv[n++] = "1000";
+        argv[n++] = "--cluster-require-full-coverage";
+        argv[n++] = "no";
+        argv[n++] = "--repl-diskless-sync-delay";
+        argv[n++] = "0";
     }
     argv[n] = NULL;
     p = tgh_spawn(name, argv);
@@ -490,29 +514,30 @@ Test(ha_tollgate, sentinel_failover_after_kill_9)
 /* ------------------------------------------------------------------ */
 /* Cluster                                                             */
 
-static int g_cport[3];
+static int g_cport[6];
+static tgh_proc *g_cproc[6];
 static int g_slot_owner[NSLOTS];        /* port of the master serving a slot */
 
 static void
 cluster_start(void)
 {
-    char addrs[3][32];
-    char *cli[12];
-    int n = 0, status;
+    char addrs[6][32];
+    char *cli[16];
+    int n = 0, status, nn = g_ha6 ? 6 : 3;
     tgh_proc *p;
 
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < nn; i++) {
         g_cport[i] = free_cluster_port();
         snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", g_cport[i]);
-        redis_start(g_cport[i], 0, 1);
+        g_cproc[i] = redis_start(g_cport[i], 0, 1);
     }
     cli[n++] = CLI_BIN;
     cli[n++] = "--cluster";
     cli[n++] = "create";
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < nn; i++)
         cli[n++] = addrs[i];
     cli[n++] = "--cluster-replicas";
-    cli[n++] = "0";
+    cli[n++] = g_ha6 ? "1" : "0";
     cli[n++] = "--cluster-yes";
     cli[n] = NULL;
     p = tgh_spawn("cluster-create", cli);
@@ -521,9 +546,13 @@ cluster_start(void)
     status = p->status;
     TGH_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0,
               "redis-cli --cluster create failed");
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < nn; i++)
         TGH_CHECK(poll_cli(g_cport[i], "cluster_state:ok", "CLUSTER INFO", 30000),
                   "cluster_state is not ok on node %d", i);
+    for (int i = 0; i < nn; i++)         /* replicas synced: able to fail over */
+        if (!cli_has(g_cport[i], "role:master", "INFO replication"))
+            TGH_CHECK(poll_cli(g_cport[i], "master_link_status:up", "INFO replication",
+                               30000), "replica %d never synced", g_cport[i]);
 }
 
 /* Fill g_slot_owner from CLUSTER NODES as node `port` sees it. */
@@ -729,4 +758,183 @@ Test(ha_tollgate, cluster_slot_migration_under_a_live_key)
     TGH_CHECK(holders(live) == 1 << dst, "the live bucket is not (only) on the new owner");
     cr_log_info("cluster: slot %ld moved from port %d to %d under the live key",
                 slot, g_cport[src], g_cport[dst]);
+}
+
+/* ------------------------------------------------------------------ */
+/* Cluster with replicas: kill -9 of the master owning {global}        */
+
+typedef struct loader {
+    pthread_t tid;
+    const char *id;
+    volatile int stop;
+    counts c;
+    long worst_ms;
+} loader;
+
+static void *
+load_main(void *arg)
+{
+    loader *l = arg;
+
+    while (!l->stop) {
+        uint64_t t0 = tgh_now_ms();
+        count(&l->c, request(l->id));
+        if ((long)(tgh_now_ms() - t0) > l->worst_ms)
+            l->worst_ms = (long)(tgh_now_ms() - t0);
+    }
+    return NULL;
+}
+
+/* A Redis bucket's TAT on port (-1 when absent) and that node's TIME, us. */
+static long long
+bucket_tat(int port, const char *id, long long *now_us)
+{
+    char key[64], out[256];
+    long long tat;
+
+    bucket(id, key, sizeof key);
+    tat = cli_long(port, "GET %s", key);
+    if (now_us != NULL) {
+        TGH_CHECK(tgh_redis_cli(port, out, sizeof out, "TIME") == 0, "TIME");
+        *now_us = atoll(out) * 1000000 + atoll(strchr(out, '\n') + 1);
+    }
+    return tat;
+}
+
+/*
+ * Under load (on_failure: local), the master owning {global} dies
+ * (kill -9) and its replica is promoted: no request gets an error, a
+ * consumer whose bucket lives on a live master keeps being charged in
+ * Redis all along (its node's traffic never went to the fallback), the
+ * global bucket is charged on the promoted replica within 3 s of the
+ * promotion, and the loaded consumer is admitted no more than its
+ * bucket allows.
+ */
+Test(ha_tollgate, cluster_master_of_global_killed_under_load)
+{
+    char out[256], id[32], gkey[] = "tg:{global}:g", seeds[256];
+    const char *x = NULL, *w = NULL, *z = NULL;
+    static char xid[32], wid[32], zid[32];
+    long gslot;
+    int gport = -1, gidx = -1, replica = -1, xport = -1;
+    long long v0, v, now, tat;
+    uint64_t t_start, t_kill, t_promo = 0, t_back = 0, end;
+    counts cx = { 0 };
+    loader ld = { .id = "c-heavy" }, lw = { 0 }, lz = { 0 };
+    double minutes;
+    int allowed;
+
+    g_ha6 = 1;
+    g_policy = "local";
+    /* 1 ms of global debt per request, never binding here: the global
+     * bucket's value changes with every charge and outlives the outage */
+    g_more = "global_limit: { requests_per_second: 1000, burst: 1000000 }\n";
+    cluster_start();
+    load_slot_map(g_cport[0]);
+    TGH_CHECK(tgh_redis_cli(g_cport[0], out, sizeof out, "CLUSTER KEYSLOT %s", gkey) == 0,
+              "KEYSLOT");
+    gslot = atol(out);
+    gport = g_slot_owner[gslot];
+    for (int i = 0; i < 6; i++) {
+        char want[32];
+        snprintf(want, sizeof want, "master_port:%d", gport);
+        if (g_cport[i] == gport)
+            gidx = i;
+        else if (cli_has(g_cport[i], want, "INFO replication"))
+            replica = g_cport[i];
+    }
+    TGH_CHECK(gidx >= 0 && replica > 0, "the master of {global} (%d) or its replica", gport);
+    /* X, W: consumers whose buckets live on other masters (X checked in
+     * Redis, W hammered); Z: one on the dying master (hammered) */
+    for (int i = 1; i < NCLUSTER_KEYS; i++) {
+        char key[64];
+        int owner;
+        cluster_id(i, id, sizeof id);
+        bucket(id, key, sizeof key);
+        TGH_CHECK(tgh_redis_cli(g_cport[0], out, sizeof out, "CLUSTER KEYSLOT %s", key) == 0,
+                  "KEYSLOT");
+        owner = g_slot_owner[atol(out)];
+        if (owner != gport && x == NULL) {
+            snprintf(xid, sizeof xid, "%s", id);
+            x = xid;
+            xport = owner;
+        } else if (owner != gport && w == NULL) {
+            snprintf(wid, sizeof wid, "%s", id);
+            w = wid;
+        } else if (owner == gport && z == NULL) {
+            snprintf(zid, sizeof zid, "%s", id);
+            z = zid;
+        }
+    }
+    TGH_CHECK(x != NULL && w != NULL && z != NULL, "consumers on each side");
+    lw.id = w;
+    lz.id = z;
+    snprintf(seeds, sizeof seeds, "cluster: { nodes: [127.0.0.1:%d, 127.0.0.1:%d, "
+             "127.0.0.1:%d] }", g_cport[0], g_cport[1], g_cport[2]);
+    start_tollgate(seeds);
+    end = tgh_now_ms() + 15000;
+    while (!all_workers_on_redis() && tgh_now_ms() < end)
+        tgh_sleep_ms(20);
+    TGH_CHECK(all_workers_on_redis(), "tollgate is not on Redis");
+
+    t_start = tgh_now_ms();
+    TGH_CHECK(pthread_create(&ld.tid, NULL, load_main, &ld) == 0
+              && pthread_create(&lw.tid, NULL, load_main, &lw) == 0
+              && pthread_create(&lz.tid, NULL, load_main, &lz) == 0, "load threads");
+    while (ld.c.ok < 3000 && tgh_now_ms() < t_start + 20000)
+        tgh_sleep_ms(10);
+
+    tgh_proc_signal(g_cproc[gidx], SIGKILL, 0);
+    t_kill = tgh_now_ms();
+    run(x, 10, &cx);                    /* during the outage, within X's burst */
+    end = t_kill + 30000;
+    while (t_promo == 0 && tgh_now_ms() < end) {
+        if (cli_has(replica, "role:master", "INFO replication"))
+            t_promo = tgh_now_ms();
+        else
+            tgh_sleep_ms(20);
+    }
+    TGH_CHECK(t_promo != 0, "the replica of {global}'s master was never promoted");
+    v0 = cli_long(replica, "GET %s", gkey);
+    while (t_back == 0 && tgh_now_ms() < t_promo + 10000) {
+        v = cli_long(replica, "GET %s", gkey);
+        if (v != v0)
+            t_back = tgh_now_ms();
+        else
+            tgh_sleep_ms(20);
+    }
+    ld.stop = lw.stop = lz.stop = 1;
+    pthread_join(ld.tid, NULL);
+    pthread_join(lw.tid, NULL);
+    pthread_join(lz.tid, NULL);
+    minutes = (double)(tgh_now_ms() - t_start) / 60000.0;
+    allowed = 100 + (int)(minutes * 600000) + 1;   /* burst + rate*t, rounded up */
+
+    tat = bucket_tat(xport, x, &now);
+    cr_log_info("cluster kill -9 of {global}'s master under load: promoted %llu ms after "
+                "the kill, {global} charged on the new master %llu ms after the promotion; "
+                "load key: %d x 200, %d x 429, %d x 503, %d other in %.1f s (allowed <= %d), "
+                "slowest %ld ms; X on a live master: %d x 200, Redis holds %.1f of its "
+                "charges", (unsigned long long)(t_promo - t_kill),
+                (unsigned long long)(t_back ? t_back - t_promo : 0), ld.c.ok, ld.c.limited,
+                ld.c.unavailable, ld.c.other, minutes * 60, allowed, ld.worst_ms, cx.ok,
+                (double)(tat - now) / 60e6);
+    TGH_CHECK(t_back != 0, "{global} not charged on the new master within 10 s of the "
+              "promotion");
+    TGH_CHECK(t_back - t_promo <= 3000, "{global} back on Redis %llu ms after the "
+              "promotion (want <= 3000)", (unsigned long long)(t_back - t_promo));
+    TGH_CHECK(ld.c.unavailable == 0 && ld.c.other == 0 && cx.unavailable == 0
+              && cx.other == 0, "errors under on_failure: local");
+    cr_log_info("basic tier (burst 20, 1/min; allowed <= %d): W on a live master admitted "
+                "%d (%d x 429), Z on the killed master admitted %d (%d x 429)",
+                20 + (int)minutes + 1, lw.c.ok, lw.c.limited, lz.c.ok, lz.c.limited);
+    TGH_CHECK(ld.c.ok <= allowed, "load key admitted %d, allowed %d", ld.c.ok, allowed);
+    TGH_CHECK(lw.c.unavailable + lw.c.other + lz.c.unavailable + lz.c.other == 0,
+              "errors under on_failure: local (W, Z)");
+    TGH_CHECK(lw.c.ok <= 20 + (int)minutes + 1, "W on a live master admitted %d", lw.c.ok);
+    TGH_CHECK(cx.ok == 10, "X: %d of 10 admitted", cx.ok);
+    /* X's 10 charges are in its Redis bucket: its node's traffic stayed on
+     * Redis (10 x 60 s of debt, minus the time since) */
+    TGH_CHECK(tat > now && (tat - now + 59999999) / 60000000 == 10,
+              "X's Redis bucket holds %.2f charges, want 10", (double)(tat - now) / 60e6);
 }

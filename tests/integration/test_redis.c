@@ -34,6 +34,7 @@
 static struct event_base *g_base;
 static pid_t g_redis = -1;           /* the real server */
 static pid_t g_fake = -1;            /* the fake one */
+static pid_t g_redis_alt = -1;       /* a real one where the fake was */
 static int g_port;
 
 /* ------------------------------------------------------------------ */
@@ -156,6 +157,20 @@ resp_command_len(const char *buf, size_t len)
     return p - buf;
 }
 
+static int g_fake_stream;           /* after the answer: bytes forever */
+static int g_fake_close;            /* after the answer: close */
+
+/* Write filler until the peer goes away (a bulk that never ends). */
+static void
+fake_stream(int fd)
+{
+    static char fill[1 << 16];
+
+    memset(fill, 'x', sizeof(fill));
+    while (write(fd, fill, sizeof(fill)) > 0) {
+    }
+}
+
 static void
 fake_serve(int lfd, const char *answer)
 {
@@ -172,10 +187,12 @@ fake_serve(int lfd, const char *answer)
             have += (size_t)got;
             while ((used = resp_command_len(buf, have)) > 0) {
                 if (write(fd, answer, strlen(answer)) < 0) break;
+                if (g_fake_stream) fake_stream(fd);
+                if (g_fake_close) break;
                 memmove(buf, buf + used, have - (size_t)used);
                 have -= (size_t)used;
             }
-            if (used < 0 || have == sizeof(buf)) break;
+            if (used < 0 || have == sizeof(buf) || (g_fake_close && used > 0)) break;
         }
         close(fd);
     }
@@ -390,6 +407,7 @@ teardown(void)
 {
     proc_kill(&g_redis);
     proc_kill(&g_fake);
+    proc_kill(&g_redis_alt);
     if (g_base) {
         event_base_free(g_base);
         g_base = NULL;
@@ -706,6 +724,126 @@ Test(redis, garbage_noscript_forever)
     garbage("-NOSCRIPT No matching script\r\n");
 }
 
+/* What a bounded reader may cost: ASan keeps freed memory in quarantine
+ * (256 MB by default), so its bound is that much looser. */
+#ifdef __SANITIZE_ADDRESS__
+#define RSS_BOUND_KIB ((256 + 32) * 1024)
+#else
+#define RSS_BOUND_KIB (32 * 1024)
+#endif
+
+static int
+cond_never(const void *arg)
+{
+    return 0;
+}
+
+/* Resident memory of this process, KiB. */
+static long
+rss_kib(void)
+{
+    char line[256];
+    long kib = -1;
+    FILE *f = fopen("/proc/self/status", "r");
+
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strncmp(line, "VmRSS:", 6) == 0) {
+            kib = strtol(line + 6, NULL, 10);
+        }
+    }
+    fclose(f);
+    return kib;
+}
+
+/*
+ * A server that answers every command with `answer` (then, with stream,
+ * endless filler): for 2 s, charges of a 100 ms deadline are each answered
+ * TG_ERR within the deadline + a margin, memory stays bounded, and the
+ * reply was refused; then a real Redis on that port works again.
+ */
+static void
+unbounded(const char *answer, int stream)
+{
+    enum { TMO = 100, MARGIN = 150 };
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    long rss0 = rss_kib(), worst = 0;
+    tg_redis_stats st;
+    struct tg_redis *r;
+    uint64_t end;
+    int port, n = 0;
+
+    g_fake_stream = stream;
+    port = fake_start(answer);
+    r = client(port, TMO, 4, 0);
+    end = tg_now_ms() + 2000;
+    while (tg_now_ms() < end) {
+        charge_res c = { 0 };
+        uint64_t t0 = tg_now_ms();
+        charge1(r, "t:{u}:tier", lim, &c);
+        cr_assert(wait_count(&c.called, 1, 5000));
+        cr_assert_eq(c.rc, TG_ERR);
+        cr_assert_leq(tg_now_ms() - t0, TMO + MARGIN, "charge %d took %llu ms", n,
+                      (unsigned long long)(tg_now_ms() - t0));
+        if (rss_kib() - rss0 > worst) {
+            worst = rss_kib() - rss0;
+        }
+        n++;
+        run_until(cond_never, NULL, 5);     /* a charge every ~5 ms */
+    }
+    tg_redis_get_stats(r, &st);
+    cr_log_info("%s: %d charges, rss growth %ld KiB, %llu refused replies", answer, n,
+                worst, (unsigned long long)st.oversized);
+    cr_assert_lt(worst, RSS_BOUND_KIB, "memory grew by %ld KiB", worst);
+    cr_assert_geq(st.oversized, 1);
+
+    /* the real one is back on that port */
+    proc_kill(&g_fake);
+    g_redis_alt = redis_start(port);
+    cr_assert(charge_ok_eventually(r, 10000), "charges work again with a real Redis");
+    tg_redis_destroy(r);
+    proc_kill(&g_redis_alt);
+}
+
+Test(redis, huge_array_header)
+{
+    unbounded("*2000000000\r\n", 0);
+}
+
+Test(redis, array_of_100000_elements)
+{
+    unbounded("*100000\r\n", 1);
+}
+
+Test(redis, huge_bulk_reply)
+{
+    unbounded("$1000000000\r\n", 1);
+}
+
+/*
+ * A Redis at maxclients accepts the TCP connection, answers an error and
+ * closes it.  The reconnect backoff must keep growing (it restarts only
+ * after a good reply): 100 ms doubling, so about 5 attempts in 3 s, not
+ * one every 100 ms.
+ */
+Test(redis, maxclients_backoff_keeps_growing)
+{
+    struct tg_redis *r;
+    tg_redis_stats st;
+    int port;
+
+    g_fake_close = 1;
+    port = fake_start("-ERR max number of clients reached\r\n");
+    r = client(port, 100, 4, 0);
+    run_until(cond_never, NULL, 3000);
+    tg_redis_get_stats(r, &st);
+    cr_log_info("maxclients: %llu reconnects in 3 s", (unsigned long long)st.reconnects);
+    cr_assert_geq(st.reconnects, 3, "it does try again");
+    cr_assert_leq(st.reconnects, 8, "%llu reconnects in 3 s: the backoff was reset",
+                  (unsigned long long)st.reconnects);
+    tg_redis_destroy(r);
+}
+
 Test(redis, garbage_bad_range)
 {
     /* allowed = 7 is not a boolean */
@@ -898,6 +1036,106 @@ Test(redis, select_db)
     freeReplyObject(rep);
     redisFree(sc);
     tg_redis_destroy(r);
+}
+
+/* One request of cost 1 on one bucket through the charge script: out[0..5)
+ * as the script answers (allowed, remaining, retry, reset, index), out[5]
+ * the new TAT P = now + held for an allowed request, else 0. */
+static void
+script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
+{
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 1 1 %llu %u 0", tg_gcra_lua, key,
+                               (unsigned long long)t_us, burst);
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 7,
+              "charge script: %s", rep && rep->str ? rep->str : "bad reply");
+    for (int i = 0; i < 5; i++) {
+        out[i] = rep->element[i]->integer;
+    }
+    out[5] = out[0] == 1 ? rep->element[6]->integer + rep->element[5]->integer : 0;
+    freeReplyObject(rep);
+}
+
+static void
+script_refund(const char *key, uint64_t t_us, long long p)
+{
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 %llu %lld", tg_redis_refund_lua,
+                               key, (unsigned long long)t_us, p);
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER, "refund script: %s",
+              rep && rep->str ? rep->str : "bad reply");
+    freeReplyObject(rep);
+}
+
+static long long
+redis_now_us(void)
+{
+    redisReply *rep = sync_cmd(g_port, "TIME");
+    long long now;
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2);
+    now = atoll(rep->element[0]->str) * 1000000 + atoll(rep->element[1]->str);
+    freeReplyObject(rep);
+    return now;
+}
+
+static long long
+redis_get_ll(const char *key)
+{
+    redisReply *rep = sync_cmd(g_port, "GET %s", key);
+    long long v = -1;
+
+    cr_assert_not_null(rep);
+    if (rep->type == REDIS_REPLY_STRING) {
+        v = atoll(rep->str);
+    }
+    freeReplyObject(rep);
+    return v;
+}
+
+/*
+ * The Cluster refund at the script level: a refund that arrives after its
+ * charge's debt has run out (and another instance charged the bucket
+ * since) gives nothing back; one that arrives in time gives back at most
+ * what its charge still holds, never another request's charge.
+ */
+Test(redis, late_refund_never_removes_another_charge)
+{
+    enum { T = 200000, T2 = 2000000 };  /* 5 tokens/s; 0.5 tokens/s */
+    long long a[6], b[6], c[6], before, after;
+    uint64_t end = tg_now_ms() + 5000;
+
+    cr_assert_gt(strlen(tg_redis_refund_lua), 0);
+    /* A charges; its debt runs out; B (another instance) charges */
+    script_charge("t:{late}:g", T, 1, a);
+    cr_assert_eq(a[0], 1);
+    cr_assert_gt(a[5], 0, "the script returns the new TAT");
+    while (redis_now_us() <= a[5]) {
+        cr_assert(tg_now_ms() < end, "Redis time never passed A's TAT");
+        usleep(10000);
+    }
+    script_charge("t:{late}:g", T, 1, b);
+    cr_assert_eq(b[0], 1);
+    /* A's refund arrives late: B's charge stays, C is denied */
+    script_refund("t:{late}:g", T, a[5]);
+    cr_assert_eq(redis_get_ll("t:{late}:g"), b[5], "the late refund changed the bucket");
+    script_charge("t:{late}:g", T, 1, c);
+    cr_assert_eq(c[0], 0, "a late refund gave B's token to C");
+
+    /* in time: A then B on a bucket of 2; A's refund takes back only A's
+     * part, B's charge stays */
+    script_charge("t:{soon}:g", T2, 2, a);
+    script_charge("t:{soon}:g", T2, 2, b);
+    cr_assert(a[0] == 1 && b[0] == 1);
+    before = redis_get_ll("t:{soon}:g");
+    script_refund("t:{soon}:g", T2, a[5]);
+    after = redis_get_ll("t:{soon}:g");
+    cr_assert_lt(after, before, "an in-time refund gives something back");
+    cr_assert_geq(after, before - T2, "a refund gave back more than its charge");
+    script_charge("t:{soon}:g", T2, 2, c);
+    cr_assert_eq(c[0], 1, "the refunded token is usable");
+    script_charge("t:{soon}:g", T2, 2, c);
+    cr_assert_eq(c[0], 0, "B's token was given away too");
 }
 
 Test(redis, invalid_charge_is_an_error)

@@ -15,6 +15,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -139,19 +140,37 @@ write_file(const char *name, const char *text)
     fclose(f);
 }
 
-/* A blocking command on a fresh connection (test setup only). */
-static redisReply *
-sync_argv(int port, int argc, const char **argv)
+static const char *g_auth;              /* AUTH on every setup connection, or NULL */
+
+/* A fresh blocking connection, authenticated when g_auth is set. */
+static redisContext *
+sync_connect(int port)
 {
     struct timeval tv = { 2, 0 };
     redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
-    redisReply *rep;
 
     if (c == NULL || c->err) {
         if (c) redisFree(c);
         return NULL;
     }
     redisSetTimeout(c, tv);
+    if (g_auth != NULL) {
+        redisReply *rep = redisCommand(c, "AUTH %s", g_auth);
+        if (rep) freeReplyObject(rep);
+    }
+    return c;
+}
+
+/* A blocking command on a fresh connection (test setup only). */
+static redisReply *
+sync_argv(int port, int argc, const char **argv)
+{
+    redisContext *c = sync_connect(port);
+    redisReply *rep;
+
+    if (c == NULL) {
+        return NULL;
+    }
     rep = redisCommandArgv(c, argc, argv, NULL);
     redisFree(c);
     return rep;
@@ -160,16 +179,13 @@ sync_argv(int port, int argc, const char **argv)
 static redisReply *
 sync_cmd(int port, const char *fmt, ...)
 {
-    struct timeval tv = { 2, 0 };
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisContext *c = sync_connect(port);
     redisReply *rep;
     va_list ap;
 
-    if (c == NULL || c->err) {
-        if (c) redisFree(c);
+    if (c == NULL) {
         return NULL;
     }
-    redisSetTimeout(c, tv);
     va_start(ap, fmt);
     rep = redisvCommand(c, fmt, ap);
     va_end(ap);
@@ -181,17 +197,14 @@ sync_cmd(int port, const char *fmt, ...)
 static int
 reply_has(int port, const char *needle, const char *fmt, ...)
 {
-    struct timeval tv = { 2, 0 };
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
+    redisContext *c = sync_connect(port);
     redisReply *rep;
     va_list ap;
     int ok;
 
-    if (c == NULL || c->err) {
-        if (c) redisFree(c);
+    if (c == NULL) {
         return 0;
     }
-    redisSetTimeout(c, tv);
     va_start(ap, fmt);
     rep = redisvCommand(c, fmt, ap);
     va_end(ap);
@@ -546,6 +559,139 @@ Test(redis_sentinel, failover_after_kill_9)
     tg_redis_destroy(r);
 }
 
+/* A partitioned "sentinel": answers every command (one RESP command at a
+ * time) with the master it last knew, port mport, forever.  Its port. */
+static int
+stale_sentinel_start(int mport)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    socklen_t len = sizeof(sa);
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    char answer[64];
+    pid_t pid;
+
+    snprintf(answer, sizeof(answer), "*2\r\n$9\r\n127.0.0.1\r\n$%d\r\n%d\r\n",
+             snprintf(NULL, 0, "%d", mport), mport);
+    cr_assert(lfd >= 0);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+    cr_assert(listen(lfd, 16) == 0);
+    cr_assert(getsockname(lfd, (struct sockaddr *)&sa, &len) == 0);
+    cr_assert(g_nprocs < MAX_PROCS);
+    pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        for (;;) {
+            int fd = accept(lfd, NULL, NULL);
+            char buf[4096];
+            ssize_t n;
+            if (fd < 0) continue;
+            if (fork() == 0) {          /* one process per connection */
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
+                /* every read that ends a command line gets the answer:
+                 * the client sends one command and waits */
+                while ((n = read(fd, buf, sizeof(buf))) > 0) {
+                    if (buf[n - 1] == '\n' && write(fd, answer, strlen(answer)) < 0) break;
+                }
+                _exit(0);
+            }
+            close(fd);
+            while (waitpid(-1, NULL, WNOHANG) > 0) {
+            }
+        }
+    }
+    close(lfd);
+    g_procs[g_nprocs++] = pid;
+    return ntohs(sa.sin_port);
+}
+
+/*
+ * Sentinel 0 is partitioned and keeps naming the old master; sentinel 1
+ * is frozen (SIGSTOP); sentinels 2 and 3 fail over after the master's
+ * kill -9.  The client must leave the stale and the frozen one behind:
+ * the promoted master is used within 5 s of the promotion.
+ */
+Test(redis_sentinel, stale_and_frozen_sentinels_are_left_behind)
+{
+    int mport = free_port(), rport = free_port(), sport[3];
+    char mportstr[16], conf[512], name[32], log[32];
+    const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+    pid_t master, sent[3];
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    uint64_t t_promo, took;
+    tally t = { 0 };
+
+    snprintf(mportstr, sizeof(mportstr), "%d", mport);
+    master = redis_start(mport, NULL, NULL);
+    redis_start(rport, "127.0.0.1", mportstr);
+    cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
+    for (int i = 0; i < 3; i++) {
+        char *argv[4];
+        sport[i] = free_port();
+        snprintf(name, sizeof(name), "sentinel-%d.conf", i);
+        snprintf(log, sizeof(log), "sentinel-%d.log", i);
+        snprintf(conf, sizeof(conf),
+                 "port %d\nbind 127.0.0.1\ndir %s\n"
+                 "sentinel resolve-hostnames no\n"
+                 "sentinel monitor mymaster 127.0.0.1 %d 2\n"
+                 "sentinel down-after-milliseconds mymaster 1000\n"
+                 "sentinel failover-timeout mymaster 5000\n",
+                 sport[i], g_dir, mport);
+        write_file(name, conf);
+        argv[0] = REDIS_BIN;
+        argv[1] = name;
+        argv[2] = "--sentinel";
+        argv[3] = NULL;
+        sent[i] = spawn(log, argv);
+    }
+    for (int i = 0; i < 3; i++) {
+        cr_assert(poll_until(sentinel_settled, sport[i], NULL, 20000),
+                  "sentinel %d never saw the others and the replica", i);
+    }
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
+    o.sentinels[0].port = stale_sentinel_start(mport);
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.sentinels[i + 1].host, sizeof(o.sentinels[i + 1].host), "127.0.0.1");
+        o.sentinels[i + 1].port = sport[i];
+    }
+    o.nsentinels = 4;
+    o.timeout_ms = 200;
+    o.max_batch = 16;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never found the master");
+    charge_many(r, "tg:{before}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.allowed, 20, "before failover: %d of 40 allowed", t.allowed);
+
+    kill(sent[0], SIGSTOP);             /* frozen: connects, never answers */
+    proc_kill(master);
+    /* keep the client busy while the others fail over */
+    t_promo = tg_now_ms() + 30000;
+    while (!master_port_is(sport[1], &rport) && tg_now_ms() < t_promo) {
+        charge_ok_eventually(r, "tg:{probe}:t", 100);
+    }
+    cr_assert(master_port_is(sport[1], &rport), "the replica was not promoted");
+    t_promo = tg_now_ms();
+    cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 5000),
+              "the promoted master was not used within 5 s");
+    took = tg_now_ms() - t_promo;
+    cr_log_info("stale sentinel 0, frozen sentinel 1: charges on the promoted master "
+                "%llu ms after the promotion", (unsigned long long)took);
+    memset(&t, 0, sizeof(t));
+    charge_many(r, "tg:{after}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.allowed, 20, "after failover: %d of 40 allowed", t.allowed);
+    cr_assert(sync_int(rport, "EXISTS %s", "tg:{after}:t") == 1,
+              "not written to the promoted replica");
+    kill(sent[0], SIGCONT);
+    tg_redis_destroy(r);
+}
+
 /* A master the sentinels name but which is a replica (stale answer, or
  * demoted): ROLE says so, the client never becomes ready on it. */
 Test(redis_sentinel, replica_is_never_used)
@@ -609,7 +755,8 @@ Test(redis_sentinel, replica_is_never_used)
 /* ------------------------------------------------------------------ */
 /* Cluster                                                             */
 
-static int g_cport[3];
+static int g_cport[6];
+static const char *g_announce;          /* cluster-announce-hostname, or NULL */
 
 static int
 cluster_ok(int port, const void *arg)
@@ -617,17 +764,19 @@ cluster_ok(int port, const void *arg)
     return reply_has(port, "cluster_state:ok", "CLUSTER INFO");
 }
 
+/* n nodes (3 masters, then a replica each when n == 6), a node timeout
+ * of 1 s (failover within a few seconds). */
 static void
-cluster_start(void)
+cluster_start_n(int nnodes)
 {
-    char ports[3][16], addrs[3][32], confs[3][128], logs[3][32];
-    char *cli[12];
+    char ports[6][16], addrs[6][32], confs[6][128], logs[6][32];
+    char *cli[20];
     pid_t pid;
     uint64_t deadline;
     int st = 0, n = 0;
 
-    for (int i = 0; i < 3; i++) {
-        char *argv[16];
+    for (int i = 0; i < nnodes; i++) {
+        char *argv[24];
         g_cport[i] = free_cluster_port();
         snprintf(ports[i], sizeof(ports[i]), "%d", g_cport[i]);
         snprintf(addrs[i], sizeof(addrs[i]), "127.0.0.1:%d", g_cport[i]);
@@ -646,20 +795,49 @@ cluster_start(void)
         argv[10] = "";
         argv[11] = "--appendonly";
         argv[12] = "no";
-        argv[13] = NULL;
+        argv[13] = "--cluster-node-timeout";
+        argv[14] = "1000";
+        /* with replicas: the live masters keep serving their slots while
+         * one is failing over (else CLUSTERDOWN everywhere meanwhile) */
+        argv[15] = "--repl-diskless-sync-delay";
+        argv[16] = "0";
+        argv[17] = NULL;
+        if (nnodes == 6) {
+            argv[17] = "--cluster-require-full-coverage";
+            argv[18] = "no";
+            argv[19] = NULL;
+        } else if (g_auth != NULL) {
+            argv[17] = "--requirepass";
+            argv[18] = (char *)g_auth;
+            argv[19] = "--masterauth";
+            argv[20] = (char *)g_auth;
+            argv[21] = NULL;
+        } else if (g_announce != NULL) {
+            /* nodes known by name: CLUSTER SLOTS and MOVED say "localhost" */
+            argv[17] = "--cluster-announce-hostname";
+            argv[18] = (char *)g_announce;
+            argv[19] = "--cluster-preferred-endpoint-type";
+            argv[20] = "hostname";
+            argv[21] = NULL;
+        }
         spawn(logs[i], argv);
     }
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < nnodes; i++) {
         cr_assert(poll_until(pings, g_cport[i], NULL, 10000), "cluster node did not start");
     }
     cli[n++] = CLI_BIN;
     cli[n++] = "--cluster";
     cli[n++] = "create";
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < nnodes; i++) {
         cli[n++] = addrs[i];
     }
     cli[n++] = "--cluster-replicas";
-    cli[n++] = "0";
+    cli[n++] = nnodes == 6 ? "1" : "0";
+    if (g_auth != NULL) {
+        cli[n++] = "-a";
+        cli[n++] = (char *)g_auth;
+        cli[n++] = "--no-auth-warning";
+    }
     cli[n++] = "--cluster-yes";
     cli[n] = NULL;
     pid = spawn("cluster-create.log", cli);
@@ -672,9 +850,22 @@ cluster_start(void)
         if (g_procs[i] == pid) g_procs[i] = -1;
     }
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "redis-cli --cluster create failed");
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < nnodes; i++) {
         cr_assert(poll_until(cluster_ok, g_cport[i], NULL, 30000), "cluster_state is not ok");
     }
+    for (int i = 0; i < nnodes; i++) {     /* replicas synced: able to fail over */
+        const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+        if (!reply_has(g_cport[i], "role:master", "INFO replication")) {
+            cr_assert(poll_until(has_text, g_cport[i], link_up, 30000),
+                      "replica %d never synced", g_cport[i]);
+        }
+    }
+}
+
+static void
+cluster_start(void)
+{
+    cluster_start_n(3);
 }
 
 static struct tg_redis *
@@ -926,5 +1117,299 @@ Test(redis_cluster, slot_migration_under_a_live_key)
                 (unsigned long long)st.redirects, (unsigned long long)st.map_refreshes);
     free(src_id);
     free(dst_id);
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* Cluster with replicas: a master dies                                */
+
+/* The master of port (a replica), or 0. */
+static int
+master_of(int port)
+{
+    redisReply *rep = sync_cmd(port, "ROLE");
+    int m = 0;
+
+    if (rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 3
+        && rep->element[0]->type == REDIS_REPLY_STRING
+        && strcmp(rep->element[0]->str, "slave") == 0
+        && rep->element[2]->type == REDIS_REPLY_INTEGER) {
+        m = (int)rep->element[2]->integer;
+    }
+    if (rep) freeReplyObject(rep);
+    return m;
+}
+
+static int
+cond_never(const void *arg)
+{
+    return 0;
+}
+
+static int
+is_master(int port, const void *arg)
+{
+    return reply_has(port, "role:master", "INFO replication");
+}
+
+/*
+ * kill -9 of the master owning {global}, with a replica each: consumers
+ * whose slots live on the other masters never see an error (a breaker
+ * per node), and charges of {global} work again within 3 s of the
+ * promotion (the slot map is asked again as soon as the node drops, not
+ * after the 30 s refresh).
+ */
+Test(redis_cluster, master_killed_others_unaffected_back_within_3s)
+{
+    enum { NC = 24 };
+    struct tg_redis *r;
+    tg_redis_opts o;
+    tg_gcra_limit lim = tg_gcra_per_second(100000, 100000);
+    tg_gcra_limit slow = tg_gcra_per_minute(1, 1000000);
+    tally t0;
+    int gport = 0, gidx = -1, replica = 0, cnode[NC], other_errors = 0, dead_errors = 0;
+    char ckey[NC][32];
+    uint64_t t_kill, t_promo = 0, t_back = 0, end;
+    tg_redis_stats st;
+
+    cluster_start_n(6);
+    memset(&o, 0, sizeof(o));
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.cluster_nodes[i].host, sizeof(o.cluster_nodes[i].host), "127.0.0.1");
+        o.cluster_nodes[i].port = g_cport[i];
+    }
+    o.ncluster = 3;
+    o.timeout_ms = 100;
+    o.max_batch = 32;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    cr_assert(charge_ok_eventually(r, "tg:{global}:g", 10000));
+    memset(&t0, 0, sizeof(t0));          /* a key that lives a minute: EXISTS finds it */
+    charge_many(r, "tg:{global}:probe", slow, NULL, slow, 1, &t0);
+    cr_assert_eq(t0.allowed, 1);
+    for (int i = 0; i < 6; i++) {
+        long long e = sync_int(g_cport[i], "EXISTS %s", "tg:{global}:probe");
+        if (e == 1 && master_of(g_cport[i]) == 0) {
+            gport = g_cport[i];
+            gidx = i;
+        }
+    }
+    cr_assert(gidx >= 0, "no master holds {global}");
+    for (int i = 0; i < 6; i++) {
+        if (master_of(g_cport[i]) == gport) {
+            replica = g_cport[i];
+        }
+    }
+    cr_assert(replica != 0, "the master of {global} has no replica");
+    for (int i = 0; i < NC; i++) {
+        snprintf(ckey[i], sizeof(ckey[i]), "tg:{c-%02d}:t", i);
+        char probe[32];
+        snprintf(probe, sizeof(probe), "tg:{c-%02d}:probe", i);
+        memset(&t0, 0, sizeof(t0));
+        charge_many(r, probe, slow, NULL, slow, 1, &t0);
+        cr_assert_eq(t0.allowed, 1);
+        cnode[i] = sync_int(gport, "EXISTS %s", probe) == 1;   /* on the victim */
+    }
+
+    proc_kill(g_procs[gidx] > 0 ? g_procs[gidx] : -1);
+    t_kill = tg_now_ms();
+    end = t_kill + 30000;
+    while (tg_now_ms() < end && t_back == 0) {
+        tally t[NC + 1];
+        memset(t, 0, sizeof(t));
+        for (int i = 0; i < NC; i++) {
+            charge_many(r, ckey[i], lim, NULL, lim, 1, &t[i]);
+            if (t[i].errors > 0) {
+                if (cnode[i]) dead_errors++;
+                else other_errors++;
+            }
+        }
+        charge_many(r, "tg:{global}:g", lim, NULL, lim, 1, &t[NC]);
+        if (t_promo == 0 && is_master(replica, NULL)) {
+            t_promo = tg_now_ms();
+        }
+        if (t_promo != 0 && t[NC].allowed == 1) {
+            t_back = tg_now_ms();
+        }
+        run_until(cond_never, NULL, 20);      /* a round every ~20 ms */
+    }
+    tg_redis_get_stats(r, &st);
+    cr_log_info("cluster kill -9: promotion after %llu ms, {global} back on Redis %llu ms "
+                "after it; errors: %d on the dead node's consumers, %d on the others; "
+                "%llu map refreshes (%llu asked by node failures)",
+                (unsigned long long)(t_promo - t_kill),
+                (unsigned long long)(t_back - t_promo), dead_errors, other_errors,
+                (unsigned long long)st.map_refreshes, (unsigned long long)st.map_kicks);
+    if (t_promo == 0) {
+        redisReply *rep = sync_cmd(replica, "CLUSTER NODES");
+        cr_log_error("victim %d replica %d: %s", gport, replica,
+                     rep && rep->str ? rep->str : "?");
+        if (rep) freeReplyObject(rep);
+    }
+    cr_assert(t_promo != 0, "the replica was never promoted");
+    cr_assert(t_back != 0, "{global} never came back");
+    cr_assert_leq(t_back - t_promo, 3000, "{global} back on Redis %llu ms after the "
+                  "promotion", (unsigned long long)(t_back - t_promo));
+    cr_assert_eq(other_errors, 0, "consumers on live masters got %d errors", other_errors);
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* names from Redis: resolved off the loop                             */
+
+/*
+ * Cluster nodes that announce themselves by name (CLUSTER SLOTS says
+ * "localhost"): the client resolves the name with evdns, without blocking
+ * its loop, and charges work on every node.  Skipped where "localhost"
+ * does not resolve.
+ */
+Test(redis_cluster, nodes_announced_by_hostname)
+{
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *ai = NULL;
+    struct tg_redis *r;
+    tg_redis_opts o;
+    redisReply *rep;
+    int named;
+
+    if (getaddrinfo("localhost", NULL, &hints, &ai) != 0) {
+        cr_skip_test("localhost does not resolve here");
+    }
+    freeaddrinfo(ai);
+    g_announce = "localhost";
+    cluster_start_n(3);
+    g_announce = NULL;
+    rep = sync_cmd(g_cport[0], "CLUSTER SLOTS");
+    named = rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements > 0
+            && strcmp(rep->element[0]->element[2]->element[0]->str, "localhost") == 0;
+    if (rep) freeReplyObject(rep);
+    cr_assert(named, "CLUSTER SLOTS does not name the nodes \"localhost\"");
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.cluster_nodes[0].host, sizeof(o.cluster_nodes[0].host), "127.0.0.1");
+    o.cluster_nodes[0].port = g_cport[0];
+    o.ncluster = 1;
+    o.timeout_ms = 1000;
+    o.max_batch = 32;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    /* {a}, {b}, {d}: one key per node, each node reached by its name */
+    cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* AUTH on Cluster nodes and on sentinels                              */
+
+/* Every node has requirepass: the client authenticates on its node
+ * connections and its CLUSTER SLOTS questions; charges work on every
+ * node.  A wrong password: nothing works, the failure is counted. */
+Test(redis_cluster, nodes_with_a_password)
+{
+    struct tg_redis *r;
+    tg_redis_opts o;
+    tg_redis_stats st;
+    char last[256];
+
+    g_auth = "cluster-secret";
+    cluster_start_n(3);
+    memset(&o, 0, sizeof(o));
+    snprintf(o.cluster_nodes[0].host, sizeof(o.cluster_nodes[0].host), "127.0.0.1");
+    o.cluster_nodes[0].port = g_cport[0];
+    o.ncluster = 1;
+    o.timeout_ms = 1000;
+    o.max_batch = 32;
+    snprintf(o.password, sizeof(o.password), "cluster-secret");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    tg_redis_destroy(r);
+
+    snprintf(o.password, sizeof(o.password), "wrong");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(!run_until(cond_ready, r, 1500), "ready with a wrong password");
+    tg_redis_get_stats(r, &st);
+    cr_assert_geq(st.auth_failures, 1);
+    tg_redis_last_error(last, sizeof(last));
+    cr_assert(strstr(last, "AUTH to server 127.0.0.1:") != NULL
+              && strstr(last, "WRONGPASS") != NULL, "last error: %s", last);
+    cr_assert_null(strstr(last, "wrong"), "the password shows: %s", last);
+    tg_redis_destroy(r);
+    g_auth = NULL;
+}
+
+/* A master with a password and a sentinel with another one: the client
+ * authenticates to each with its own; a wrong sentinel password is an
+ * error that names the sentinel. */
+Test(redis_sentinel, master_and_sentinel_passwords_differ)
+{
+    int mport = free_port(), sport = free_port();
+    char portstr[16], conf[512];
+    char *argv[12];
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tally t = { 0 };
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    char last[256];
+
+    snprintf(portstr, sizeof(portstr), "%d", mport);
+    argv[0] = REDIS_BIN;
+    argv[1] = "--port";
+    argv[2] = portstr;
+    argv[3] = "--bind";
+    argv[4] = "127.0.0.1";
+    argv[5] = "--save";
+    argv[6] = "";
+    argv[7] = "--requirepass";
+    argv[8] = "m-pass";
+    argv[9] = NULL;
+    spawn("master.log", argv);
+    g_auth = "m-pass";
+    cr_assert(poll_until(pings, mport, NULL, 10000), "master did not start");
+    snprintf(conf, sizeof(conf),
+             "port %d\nbind 127.0.0.1\ndir %s\nrequirepass s-pass\n"
+             "sentinel resolve-hostnames no\n"
+             "sentinel monitor mymaster 127.0.0.1 %d 1\n"
+             "sentinel auth-pass mymaster m-pass\n", sport, g_dir, mport);
+    write_file("auth-sentinel.conf", conf);
+    argv[0] = REDIS_BIN;
+    argv[1] = "auth-sentinel.conf";
+    argv[2] = "--sentinel";
+    argv[3] = NULL;
+    spawn("auth-sentinel.log", argv);
+    g_auth = "s-pass";
+    cr_assert(poll_until(pings, sport, NULL, 10000), "sentinel did not start");
+    g_auth = NULL;
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
+    o.sentinels[0].port = sport;
+    o.nsentinels = 1;
+    o.timeout_ms = 200;
+    snprintf(o.password, sizeof(o.password), "m-pass");
+    snprintf(o.sentinel_password, sizeof(o.sentinel_password), "s-pass");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never found the master");
+    charge_many(r, "tg:{auth}:t", lim, NULL, lim, 30, &t);
+    cr_assert_eq(t.allowed, 20, "%d of 30 allowed", t.allowed);
+    tg_redis_destroy(r);
+
+    snprintf(o.sentinel_password, sizeof(o.sentinel_password), "not-s-pass");
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(!run_until(cond_ready, r, 1500), "ready with a wrong sentinel password");
+    tg_redis_last_error(last, sizeof(last));
+    cr_assert(strstr(last, "AUTH to sentinel 127.0.0.1:") != NULL
+              && strstr(last, "WRONGPASS") != NULL, "last error: %s", last);
+    cr_assert_null(strstr(last, "not-s-pass"), "the password shows: %s", last);
     tg_redis_destroy(r);
 }

@@ -5,11 +5,17 @@
  */
 #include <criterion/criterion.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <openssl/sha.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "harness.h"
 
@@ -204,4 +210,254 @@ Test(resilience, allow_policy_lets_everything_through)
         long ms;
         TGH_CHECK(timed("r-a", &ms, NULL) == 200, "allow policy: request %d refused", i);
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* AUTH: requirepass, an ACL user, a wrong password                    */
+
+/* Redis with a password for the default user and an ACL user "tg" (only
+ * our keys and commands); tollgate with `auth` (YAML for redis:), policy
+ * deny so that exact counts prove Redis did the charging. */
+static void
+start_auth(const char *auth)
+{
+    static char extra[1024];
+    char out[256];
+    tgh_tg_opts o;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "ACL SETUSER tg on '>tg-pass' "
+                            "'~tg:*' '+@all'") == 0 && strcmp(out, "OK") == 0,
+              "ACL SETUSER: %s", out);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "CONFIG SET requirepass "
+                            "s3cret-default") == 0 && strcmp(out, "OK") == 0,
+              "requirepass: %s", out);
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20 }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: %d, on_failure: deny, "
+             "%s }\n", keys_file(), rds.port, TIMEOUT_MS, auth);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+}
+
+static int
+count_200(const char *key, int n)
+{
+    int i, ok = 0;
+
+    for (i = 0; i < n; i++) {
+        long ms;
+        int st = timed(key, &ms, NULL);
+        TGH_CHECK(st == 200 || st == 429, "request %d: status %d", i, st);
+        ok += st == 200;
+    }
+    return ok;
+}
+
+Test(resilience, redis_requirepass)
+{
+    start_auth("password: s3cret-default");
+    wait_ready();
+    TGH_CHECK(count_200("r-a", 30) == 20, "requirepass: exact burst on Redis");
+}
+
+Test(resilience, redis_acl_user_with_password_file)
+{
+    char *file = tgh_strf("%s/redis-pass", tgh_tmpdir()), *yaml;
+    FILE *f = fopen(file, "w");
+
+    cr_assert_not_null(f);
+    fputs("tg-pass\n", f);
+    fclose(f);
+    yaml = tgh_strf("username: tg, password_file: %s", file);
+    start_auth(yaml);
+    wait_ready();
+    TGH_CHECK(count_200("r-b", 30) == 20, "ACL user: exact burst on Redis");
+    free(yaml);
+    free(file);
+}
+
+/* A wrong password: a clear error in the log at start and in /status,
+ * neither showing the password; requests get the on_failure answer. */
+Test(resilience, redis_wrong_password_is_a_clear_error)
+{
+    uint64_t end;
+    char log[65536];
+    int found = 0;
+    FILE *f;
+    size_t n;
+
+    start_auth("username: tg, password: not-the-pass");
+    end = tgh_now_ms() + 10000;
+    while (!found && tgh_now_ms() < end) {
+        tgh_resp r;
+        long ms;
+        timed("r-c", &ms, NULL);
+        if (tgh_http(tg.admin_port, "GET", "/status", NULL, NULL, 0, &r, 5000) == 0) {
+            const char *b = (const char *)r.body;
+            found = b != NULL && strstr(b, "\"error\":\"AUTH to server 127.0.0.1:") != NULL
+                    && strstr(b, "as user \\\"tg\\\" refused: WRONGPASS") != NULL;
+            TGH_CHECK(b == NULL || strstr(b, "not-the-pass") == NULL,
+                      "/status shows the password");
+            if (found)
+                cr_log_info("/status: %s", b);
+            tgh_resp_free(&r);
+        }
+        if (!found)
+            tgh_sleep_ms(50);
+    }
+    TGH_CHECK(found, "/status never named the AUTH failure");
+    f = fopen(tg.proc->log_path, "r");
+    cr_assert_not_null(f);
+    n = fread(log, 1, sizeof log - 1, f);
+    log[n] = '\0';
+    fclose(f);
+    TGH_CHECK(strstr(log, "[error] redis: AUTH to server 127.0.0.1:") != NULL
+              && strstr(log, "(check redis.password)") != NULL,
+              "no clear AUTH error in the log");
+    TGH_CHECK(strstr(log, "not-the-pass") == NULL, "the log shows the password");
+}
+
+/* ------------------------------------------------------------------ */
+/* a broken Redis: huge replies, garbage, silence                      */
+
+enum fake_mode { FAKE_HUGE_ARRAY, FAKE_HUGE_BULK, FAKE_GARBAGE, FAKE_SILENT };
+
+/* A server on 127.0.0.1:port answering every read with the mode's reply
+ * (a process per connection); killed with the test. */
+static pid_t
+fake_redis_start(int port, enum fake_mode mode)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    pid_t pid;
+
+    cr_assert(lfd >= 0);
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sa.sin_port = htons((uint16_t)port);
+    cr_assert(bind(lfd, (struct sockaddr *)&sa, sizeof sa) == 0, "bind %d", port);
+    cr_assert(listen(lfd, 64) == 0);
+    pid = fork();
+    cr_assert(pid >= 0);
+    if (pid != 0) {
+        close(lfd);
+        return pid;
+    }
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    for (;;) {
+        int fd = accept(lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        if (fork() == 0) {
+            static char buf[1 << 16], fill[1 << 16];
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            memset(fill, 'x', sizeof fill);
+            while (read(fd, buf, sizeof buf) > 0) {
+                const char *a = mode == FAKE_HUGE_ARRAY ? "*2000000000\r\n"
+                                : mode == FAKE_HUGE_BULK ? "$1000000000\r\n"
+                                : mode == FAKE_GARBAGE ? "garbage\r\n" : NULL;
+                if (a == NULL)
+                    continue;                   /* silent */
+                if (write(fd, a, strlen(a)) < 0)
+                    break;
+                while (mode == FAKE_HUGE_BULK && write(fd, fill, sizeof fill) > 0) {
+                }
+            }
+            _exit(0);
+        }
+        close(fd);
+        while (waitpid(-1, NULL, WNOHANG) > 0) {
+        }
+    }
+}
+
+/* ASan (the build-asan tollgate) keeps freed memory in quarantine,
+ * 256 MB by default: its bound is that much looser. */
+#ifdef __SANITIZE_ADDRESS__
+#define RSS_BOUND_KIB ((256 + 64) * 1024)
+#else
+#define RSS_BOUND_KIB (64 * 1024)
+#endif
+
+static long
+tollgate_rss_kib(void)
+{
+    char path[64], line[256];
+    long kib = -1;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tg.proc->pid);
+    f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (strncmp(line, "VmRSS:", 6) == 0)
+            kib = strtol(line + 6, NULL, 10);
+    fclose(f);
+    return kib;
+}
+
+/*
+ * tollgate's Redis answers nonsense (or nothing) for 2 s: every request is
+ * answered within the deadline + margin, none is a 5xx (policy local),
+ * tollgate's memory stays bounded; then a real Redis takes the port and
+ * tollgate is back on it.
+ */
+static void
+broken_redis(enum fake_mode mode)
+{
+    pid_t fake;
+    long rss0, worst = 0;
+    uint64_t end;
+    int n = 0, st;
+
+    start("local");
+    rss0 = tollgate_rss_kib();
+    tgh_proc_signal(rds.proc, SIGKILL, 0);
+    tgh_proc_wait(rds.proc, 5000);
+    fake = fake_redis_start(rds.port, mode);
+    end = tgh_now_ms() + 2000;
+    while (tgh_now_ms() < end) {
+        long ms;
+        st = timed("r-b", &ms, NULL);
+        TGH_CHECK(st == 200 || st == 429, "request %d: status %d", n, st);
+        TGH_CHECK(ms <= TIMEOUT_MS + MARGIN_MS, "request %d took %ld ms", n, ms);
+        if (tollgate_rss_kib() - rss0 > worst)
+            worst = tollgate_rss_kib() - rss0;
+        n++;
+        tgh_sleep_ms(2);                /* paced: the point is memory, not rate */
+    }
+    cr_log_info("broken Redis (mode %d): %d requests in 2 s, tollgate RSS grew %ld KiB",
+                (int)mode, n, worst);
+    TGH_CHECK(worst < RSS_BOUND_KIB, "tollgate's RSS grew by %ld KiB", worst);
+    kill(fake, SIGKILL);
+    waitpid(fake, NULL, 0);
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server back on port %d", rds.port);
+    await_mode("redis", 15000);
+    TGH_CHECK(run("r-c", 3, 2000) == 3, "back on the real Redis");
+}
+
+Test(resilience, redis_answers_a_huge_array_header)
+{
+    broken_redis(FAKE_HUGE_ARRAY);
+}
+
+Test(resilience, redis_answers_an_endless_bulk)
+{
+    broken_redis(FAKE_HUGE_BULK);
+}
+
+Test(resilience, redis_answers_garbage)
+{
+    broken_redis(FAKE_GARBAGE);
+}
+
+Test(resilience, redis_answers_nothing)
+{
+    broken_redis(FAKE_SILENT);
 }

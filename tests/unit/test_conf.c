@@ -1397,6 +1397,60 @@ Test(conf_errors, redis_sentinel_and_cluster)
                  "redis.url: Redis Cluster has only database 0");
 }
 
+/* ---- redis AUTH --------------------------------------------------------------- */
+
+Test(conf, redis_auth)
+{
+    char path[] = "/tmp/tg_test_pass_XXXXXX", yaml[512];
+    int fd = mkstemp(path);
+    tg_conf *conf;
+
+    cr_assert(fd >= 0);
+    cr_assert_eq(write(fd, "from-file\n", 10), 10);
+    close(fd);
+    conf = expect_ok(MIN "redis: { username: tg, password: s3cret }\n");
+    cr_assert_str_eq(conf->redis.username, "tg");
+    cr_assert_str_eq(conf->redis.password, "s3cret");
+    cr_assert_null(conf->redis.sentinel_password);
+    tg_conf_unref(conf);
+
+    snprintf(yaml, sizeof(yaml), MIN "redis:\n  password_file: %s\n  sentinel:\n"
+             "    master: m\n    addresses: [127.0.0.1:26379]\n    password: other\n", path);
+    conf = expect_ok(yaml);
+    cr_assert_str_eq(conf->redis.password, "from-file", "read once, newline stripped");
+    cr_assert_null(conf->redis.username);
+    cr_assert_str_eq(conf->redis.sentinel_password, "other");
+    tg_conf_unref(conf);
+    unlink(path);
+}
+
+Test(conf_errors, redis_auth)
+{
+    char path[] = "/tmp/tg_test_pass_XXXXXX", yaml[512];
+    int fd = mkstemp(path);
+
+    cr_assert(fd >= 0);
+    cr_assert_eq(write(fd, "two words\n", 10), 10);
+    close(fd);
+    expect_error(MIN "redis: { username: tg }\n", "5:20",
+                 "redis.username: redis.username needs redis.password or "
+                 "redis.password_file");
+    expect_error(MIN "redis: { password: a, password_file: /x }\n", "5:38",
+                 "redis.password and redis.password_file cannot be used together");
+    expect_error(MIN "redis: { password: \"a b\" }\n", "5:20",
+                 "redis.password: must not contain spaces or control characters");
+    expect_error(MIN "redis: { password: \"\" }\n", "5:20", "redis.password: length 0");
+    expect_error(MIN "redis: { password_file: /nonexistent/tg-pass }\n", "5:25",
+                 "/nonexistent/tg-pass: cannot open");
+    snprintf(yaml, sizeof(yaml), MIN "redis: { password_file: %s }\n", path);
+    expect_error(yaml, "5:25", "the password must be one line");
+    cr_assert_null(strstr(err, "two words"), "the secret is never echoed: %s", err);
+    expect_error(MIN "redis:\n  sentinel: { master: m, addresses: [127.0.0.1:1], "
+                 "username: u }\n", "6:62", "redis.sentinel.username needs "
+                 "redis.sentinel.password");
+    unlink(path);
+}
+
 Test(conf, metrics_access_log_instances)
 {
     tg_conf *conf = expect_ok(MIN
