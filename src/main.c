@@ -342,8 +342,9 @@ run(const char *path)
     }
     tg_admin_set_check(g.admin, store_ready, NULL);
     tg_admin_route(g.admin, "/metrics", metrics_page, NULL);
-    tg_admin_route(g.admin, "/status", status_page, NULL);
+    /* before /status: libevhtp matches a path by its prefix, first wins */
     tg_admin_route(g.admin, "/status/top", top_page, NULL);
+    tg_admin_route(g.admin, "/status", status_page, NULL);
     tg_metrics_set_scrape_hook(scrape_hook, NULL);
     tg_admin_set_ready(g.admin, 1);
     for (i = 0; i < g.conf->nlisten; i++) {
