@@ -365,3 +365,84 @@ Test(engine, merged_windows_find_the_spike, .init = engine_setup, .fini = engine
     window(t0, w++, 15, 20, 8);
     cr_assert(!tg_anomaly_is_hit(an, "acme"), "subsided");
 }
+
+/* The number after "key": in the first object of consumer id in j. */
+static long
+field(const char *j, const char *id, const char *key)
+{
+    char want[96];
+    const char *p;
+
+    snprintf(want, sizeof want, "{\"consumer\":\"%s\"", id);
+    p = strstr(j, want);
+    cr_assert_not_null(p, "%s not in %s", id, j);
+    snprintf(want, sizeof want, "\"%s\":", key);
+    p = strstr(p, want);
+    cr_assert_not_null(p);
+    return atol(p + strlen(want));
+}
+
+/* A worker whose sketch is full (its floor above 0): the merged count of
+ * a key it lost is an upper bound, and count - error a lower one. */
+Test(engine, merge_keeps_the_error_bound, .init = engine_setup, .fini = engine_teardown)
+{
+    uint64_t t0 = (tg_now_ms() / 1000 + 1) * 1000;
+    struct tg_anomaly_shard *s0 = tg_anomaly_shard(an, 0), *s1 = tg_anomaly_shard(an, 1);
+    char id[32], *j;
+    long req, err;
+
+    tg_anomaly_shard_tick(s0, t0);
+    tg_anomaly_shard_tick(s1, t0);
+    for (int i = 0; i < 100; i++)
+        tg_anomaly_count(s0, "acme");
+    for (int i = 0; i < 7; i++)
+        tg_anomaly_count(s1, "acme");
+    for (int i = 0; i < 300; i++) {                 /* 12 counters: churn */
+        snprintf(id, sizeof id, "anon:10.1.%d.%d", i / 250, i % 250);
+        tg_anomaly_count(s1, id);
+    }
+    tg_anomaly_shard_tick(s0, t0 + 1000);
+    tg_anomaly_shard_tick(s1, t0 + 1000);
+    event_base_loop(base, EVLOOP_ONCE);
+    j = top_json();
+    req = field(j, "acme", "requests");
+    err = field(j, "acme", "error");
+    cr_assert(req >= 107 && req - err <= 107 && err > 0, "acme %ld (error %ld): %s", req,
+              err, j);
+    cr_assert_leq(err, 307 / 12 + 1, "error above N/m: %s", j);
+    cr_assert(strstr(j, "\"requests\":407,") != NULL, "%s", j);
+    free(j);
+}
+
+/* SIGHUP without the section: off, baselines and hits gone. */
+Test(engine, reload_without_the_section, .init = engine_setup, .fini = engine_teardown)
+{
+    static const char text[] =
+        "listen: [ { address: 127.0.0.1:0 } ]\n"
+        "upstream: { servers: [127.0.0.1:1] }\n"
+        "workers: 2\n";
+    uint64_t t0 = (tg_now_ms() / 1000 + 1) * 1000;
+    char err[TG_CONF_ERRLEN], *j;
+    tg_conf *off;
+    int w;
+
+    for (w = 0; w < 6; w++)
+        window(t0, w, 15, 20, 8);
+    window(t0, w++, 150, 20, 8);
+    cr_assert(tg_anomaly_is_hit(an, "acme"));
+    off = tg_conf_load_string("t.yaml", text, sizeof text - 1, err, sizeof err);
+    cr_assert_not_null(off, "%s", err);
+    tg_anomaly_reload(an, off);
+    cr_assert(!tg_anomaly_is_hit(an, "acme"));
+    j = top_json();
+    cr_assert_str_eq(j, "{\"enabled\":false,\"top\":[]}\n");
+    free(j);
+    /* workers stop counting at their next tick */
+    tg_anomaly_shard_tick(tg_anomaly_shard(an, 0), t0 + (uint64_t)w * 1000 + 5);
+    tg_anomaly_count(tg_anomaly_shard(an, 0), "acme");
+    tg_anomaly_reload(an, conf);                    /* and back on: learning again */
+    j = top_json();
+    cr_assert(strstr(j, "\"enabled\":true,") && strstr(j, "\"windows\":0,"), "%s", j);
+    free(j);
+    tg_conf_unref(off);
+}
