@@ -168,6 +168,7 @@ Test(sketch, memory_bound)
     cr_assert_eq(tg_sketch_bytes(s), bytes);
     cr_assert_eq(tg_sketch_size(s), 64);
     cr_assert_eq(tg_sketch_total(s), 1000000);
+    tg_sketch_destroy(s);
 }
 
 /* Ids are cut at TG_ANOMALY_ID_MAX: one long id is one key. */
