@@ -27,6 +27,7 @@
 #include <event2/event.h>
 
 #include "tollgate/alert_send.h"
+#include "tollgate/anomaly.h"
 #include "tollgate/metrics.h"
 #include "tollgate/worker.h"
 
@@ -71,16 +72,18 @@ struct tg_alerts {
     size_t                      ntiers;
     size_t                      nsamples, newest;
     uint64_t                    redis_down_since;  /* monotonic ms, 0 = up */
+    const struct tg_anomaly    *anomaly;   /* rule anomaly's source, or NULL */
+    uint64_t                    eval_now;  /* anomaly_hit: this evaluation's time */
 };
 
 static const char *const rule_names[TG_MA_RULES] = {
-    "breaches", "redis_down", "breaker_open", "upstream_errors", "test",
+    "breaches", "redis_down", "breaker_open", "upstream_errors", "anomaly", "test",
 };
 static const char *const channel_names[TG_ALERT__NCHANNELS] = {
     "slack", "pagerduty", "webhook",
 };
 static const char *const severities[TG_MA_RULES] = {
-    "warning", "critical", "error", "error", "info",
+    "warning", "critical", "error", "error", "warning", "info",
 };
 
 static void tick_cb(evutil_socket_t fd, short what, void *arg);
@@ -89,6 +92,7 @@ static void sample(struct tg_alerts *a, uint64_t now);
 static uint64_t window_delta(const struct tg_alerts *a, size_t v, unsigned window_ms,
                              uint64_t now);
 static void evaluate(struct tg_alerts *a, uint64_t now);
+static void evaluate_anomaly(struct tg_alerts *a, uint64_t now);
 static tg_incident *find(struct tg_alerts *a, unsigned rule, const char *subject);
 static void update(struct tg_alerts *a, tg_incident *fresh, int active, uint64_t now);
 static void close_incident(struct tg_alerts *a, tg_incident *inc);
@@ -162,6 +166,14 @@ tg_alerts_reload(struct tg_alerts *a, tg_conf *conf)
     tg_alert_send_configure(a->send, &o);
     make_source(conf, a->source, sizeof(a->source));
     arm(a);
+}
+
+void
+tg_alerts_set_anomaly(struct tg_alerts *a, const struct tg_anomaly *an)
+{
+    if (a != NULL) {
+        a->anomaly = an;
+    }
 }
 
 void
@@ -447,11 +459,64 @@ evaluate(struct tg_alerts *a, uint64_t now)
         update(a, &fresh, n >= ue->min_requests && (double)e > ue->ratio * (double)n,
                now);
     }
+    evaluate_anomaly(a, now);
     for (inc = a->open; inc != NULL; inc = inc->next) {
         counts[inc->rule]++;
     }
     for (t = 0; t < TG_RULE__COUNT; t++) {
         tg_metrics_set_gauge(TG_M_ALERTS_OPEN, t, counts[t]);
+    }
+}
+
+/* One unusual consumer (tg_anomaly_foreach_hit): open or refresh its
+ * incident. */
+static void
+anomaly_hit(void *arg, const tg_anomaly_hit *h)
+{
+    struct tg_alerts *a = arg;
+    tg_incident fresh;
+
+    memset(&fresh, 0, sizeof(fresh));
+    fresh.rule = TG_RULE_ANOMALY;
+    snprintf(fresh.subject, sizeof(fresh.subject), "consumer %s", h->consumer);
+    fresh.value = (double)h->requests;
+    fresh.limit = h->baseline;
+    fresh.requests = h->total;
+    fresh.window_ms = h->window_ms;
+    if (h->state == TG_AN_SPIKE) {
+        snprintf(fresh.numbers, sizeof(fresh.numbers), "%llu requests in %u ms, "
+                 "%.1fx its baseline of %.1f (spike_factor %g)",
+                 (unsigned long long)h->requests, h->window_ms,
+                 h->baseline > 0 ? (double)h->requests / h->baseline : 0.0,
+                 h->baseline, h->spike_factor);
+    } else {
+        snprintf(fresh.numbers, sizeof(fresh.numbers), "new consumer: %llu of "
+                 "%llu requests in %u ms", (unsigned long long)h->requests,
+                 (unsigned long long)h->total, h->window_ms);
+    }
+    snprintf(fresh.summary, sizeof(fresh.summary), "consumer %s: %s", h->consumer,
+             fresh.numbers);
+    update(a, &fresh, 1, a->eval_now);
+}
+
+/* Rule anomaly: an incident per unusual consumer; those that are no
+ * longer unusual (or the rule or the detector is off) resolve. */
+static void
+evaluate_anomaly(struct tg_alerts *a, uint64_t now)
+{
+    int on = a->conf->alerts.rule[TG_RULE_ANOMALY].enabled && a->anomaly != NULL;
+    tg_incident *inc, *next;
+
+    for (inc = a->open; inc != NULL; inc = next) {
+        next = inc->next;
+        if (inc->rule == TG_RULE_ANOMALY
+            && (!on || !tg_anomaly_is_hit(a->anomaly, inc->subject + 9))) {
+            close_incident(a, inc);
+        }
+    }
+    if (on) {
+        a->eval_now = now;
+        tg_anomaly_foreach_hit(a->anomaly, anomaly_hit, a);
     }
 }
 
@@ -593,6 +658,12 @@ details(struct evbuffer *b, const tg_incident *inc, const char *since)
     case TG_RULE_UPSTREAM_ERRORS:
         evbuffer_add_printf(b, ",\"share\":%.4f,\"ratio\":%g,\"requests\":%llu,"
                             "\"window_ms\":%u", inc->value, inc->limit,
+                            (unsigned long long)inc->requests, inc->window_ms);
+        break;
+    case TG_RULE_ANOMALY:
+        evbuffer_add_printf(b, ",\"requests\":%.0f,\"baseline\":%.1f,"
+                            "\"window_requests\":%llu,\"window_ms\":%u",
+                            inc->value, inc->limit,
                             (unsigned long long)inc->requests, inc->window_ms);
         break;
     default:

@@ -150,6 +150,8 @@ TG_CONF_SETTER(tg_conf_set_alert_secret);
 TG_CONF_SETTER(tg_conf_set_rule);
 TG_CONF_SETTER(tg_conf_set_to);
 TG_CONF_SETTER(tg_conf_set_ratio);
+TG_CONF_SETTER(tg_conf_set_anomaly);
+TG_CONF_SETTER(tg_conf_set_factor);
 static tg_rc tg_conf_validate_alerts(tg_conf_ctx *ctx);
 
 static tg_rc tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node,
@@ -480,6 +482,11 @@ static const tg_conf_cmd tg_conf_rule_errors_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+static const tg_conf_cmd tg_conf_rule_anomaly_cmds[] = {
+    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_rules_cmds[] = {
     { "breaches", tg_conf_set_rule, TG_RULE(TG_RULE_BREACHES), 0, 0, 0,
       tg_conf_rule_breaches_cmds },
@@ -489,6 +496,8 @@ static const tg_conf_cmd tg_conf_rules_cmds[] = {
       tg_conf_rule_breaker_cmds },
     { "upstream_errors", tg_conf_set_rule, TG_RULE(TG_RULE_UPSTREAM_ERRORS), 0, 0, 0,
       tg_conf_rule_errors_cmds },
+    { "anomaly", tg_conf_set_rule, TG_RULE(TG_RULE_ANOMALY), 0, 0, 0,
+      tg_conf_rule_anomaly_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -523,6 +532,20 @@ static const tg_conf_cmd tg_conf_alerts_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* Section anomaly: (see anomaly.h). */
+static const tg_conf_cmd tg_conf_anomaly_cmds[] = {
+    { "window_ms", tg_conf_set_uint, TG_FIELD(tg_conf, anomaly.window_ms),
+      100, 86400000, 0, NULL },
+    { "top_k", tg_conf_set_uint, TG_FIELD(tg_conf, anomaly.top_k), 1, 1000, 0, NULL },
+    { "spike_factor", tg_conf_set_factor, TG_FIELD(tg_conf, anomaly.spike_factor),
+      1, 1000, 0, NULL },
+    { "min_requests", tg_conf_set_uint, TG_FIELD(tg_conf, anomaly.min_requests),
+      1, 1000000000, 0, NULL },
+    { "new_key_share", tg_conf_set_ratio, TG_FIELD(tg_conf, anomaly.new_key_share),
+      0, 0, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "listen", tg_conf_set_listen, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
     { "admin", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_admin_cmds },
@@ -544,6 +567,7 @@ static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "metrics", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_metrics_cmds },
     { "access_log", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_access_log_cmds },
     { "alerts", tg_conf_set_alerts, TG_NOFIELD, 0, 0, 0, tg_conf_alerts_cmds },
+    { "anomaly", tg_conf_set_anomaly, TG_NOFIELD, 0, 0, 0, tg_conf_anomaly_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -979,6 +1003,14 @@ tg_conf_defaults(tg_conf *conf)
     conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].ratio = 0.05;
     conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].window_ms = 60000;
     conf->alerts.rule[TG_RULE_UPSTREAM_ERRORS].min_requests = 100;
+    conf->alerts.rule[TG_RULE_ANOMALY].to = 1u << TG_ALERT_SLACK;
+
+    conf->anomaly.enabled = 0;                  /* no anomaly: section */
+    conf->anomaly.window_ms = 60000;
+    conf->anomaly.top_k = 20;
+    conf->anomaly.spike_factor = 10;
+    conf->anomaly.min_requests = 100;
+    conf->anomaly.new_key_share = 0.5;
 
     conf->routes = NULL;                        /* route defaults: see below */
     conf->nroutes = 0;
@@ -2681,6 +2713,45 @@ tg_conf_set_ratio(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
+/* ---- section anomaly ------------------------------------------------------ */
+
+static tg_rc
+tg_conf_set_anomaly(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                    void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_conf *)base)->anomaly.enabled = 1;
+    return TG_OK;
+}
+
+/* A number in (min, max], e.g. 10 or 2.5 (a factor above min). */
+static tg_rc
+tg_conf_set_factor(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    const char *s;
+    char *end;
+    double v;
+
+    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
+        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
+        return tg_conf_type_error(ctx, node, path, "a number");
+    }
+    s = (const char *)node->data.scalar.value;
+    errno = 0;
+    v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno != 0
+        || !(v > (double)cmd->min && v <= (double)cmd->max)) {
+        return tg_conf_error(ctx, node->start_mark, path, "expected a number "
+                             "above %lld and at most %lld, got \"%s\"",
+                             (long long)cmd->min, (long long)cmd->max, s);
+    }
+    memcpy((char *)base + cmd->offset, &v, sizeof(v));
+    return TG_OK;
+}
+
 /* An http(s) URL (is_url) or a key, kept as written.  The value is a
  * secret: messages never show it. */
 static tg_rc
@@ -2776,7 +2847,7 @@ tg_conf_validate_alerts(tg_conf_ctx *ctx)
         "webhook_url", "url", "url",
     };
     static const char *const rule_names[TG_RULE__COUNT] = {
-        "breaches", "redis_down", "breaker_open", "upstream_errors",
+        "breaches", "redis_down", "breaker_open", "upstream_errors", "anomaly",
     };
     tg_conf *conf = ctx->conf;
     int rules_written = tg_conf_find_mark(ctx, conf->alerts.rule) != NULL;

@@ -27,6 +27,7 @@
 #include "tollgate/accesslog.h"
 #include "tollgate/admin.h"
 #include "tollgate/alerts.h"
+#include "tollgate/anomaly.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
 #include "tollgate/connlimit.h"
@@ -61,6 +62,7 @@ static struct {
     struct tg_health        *health;        /* upstream.health_check, or NULL */
     struct tg_admin         *admin;
     struct tg_alerts        *alerts;        /* the alert engine (curl multi) */
+    struct tg_anomaly       *anomaly;       /* heavy hitters and baselines */
     int                      draining;
     uint64_t                 drain_deadline;
     struct event            *signals[4];
@@ -95,6 +97,7 @@ static void start_drain(void);
 static int  store_ready(void *arg);
 static int  metrics_page(void *arg, struct evbuffer *out, const char **ctype);
 static int  status_page(void *arg, struct evbuffer *out, const char **ctype);
+static int  top_page(void *arg, struct evbuffer *out, const char **ctype);
 static void scrape_hook(void *arg);
 static tg_rc metrics_init(const tg_conf *conf);
 static tg_rc statsd_start(void);
@@ -296,6 +299,7 @@ run(const char *path)
     g.nworkers = g.conf->workers;
     g.workers = tg_xcalloc(g.nworkers, sizeof(*g.workers));
     g.shards = tg_xcalloc(g.nworkers, sizeof(*g.shards));
+    g.anomaly = tg_anomaly_create(g.base, g.conf, g.nworkers);
     for (i = 0; i < g.nworkers; i++) {
         g.workers[i] = tg_worker_create(i, g.conf, g.keys, g.ssl_ctxs, err, sizeof(err));
         if (g.workers[i] == NULL) {
@@ -303,6 +307,7 @@ run(const char *path)
             goto out;
         }
         g.shards[i] = tg_worker_shard(g.workers[i]);
+        tg_worker_set_anomaly(g.workers[i], tg_anomaly_shard(g.anomaly, i));
         if (g.alog != NULL) {
             tg_worker_set_access_log(g.workers[i], g.alog);
         }
@@ -316,6 +321,7 @@ run(const char *path)
     if (g.alerts == NULL) {
         goto out;
     }
+    tg_alerts_set_anomaly(g.alerts, g.anomaly);
 
     g.signals[0] = evsignal_new(g.base, SIGTERM, signal_cb, NULL);
     g.signals[1] = evsignal_new(g.base, SIGINT, signal_cb, NULL);
@@ -337,6 +343,8 @@ run(const char *path)
     }
     tg_admin_set_check(g.admin, store_ready, NULL);
     tg_admin_route(g.admin, "/metrics", metrics_page, NULL);
+    /* before /status: libevhtp matches a path by its prefix, first wins */
+    tg_admin_route(g.admin, "/status/top", top_page, NULL);
     tg_admin_route(g.admin, "/status", status_page, NULL);
     tg_metrics_set_scrape_hook(scrape_hook, NULL);
     tg_admin_set_ready(g.admin, 1);
@@ -389,6 +397,7 @@ out:
     }
     tg_admin_destroy(g.admin);
     tg_alerts_destroy(g.alerts);
+    tg_anomaly_destroy(g.anomaly);       /* after the workers and the alerts */
     curl_global_cleanup();
     tg_metrics_deinit();
     for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
@@ -868,6 +877,7 @@ reload(const char *path)
     g.generation++;
     tg_info("SIGHUP: configuration reloaded (%zu key(s), %zu tier(s), %zu route(s))",
             tg_keys_count(keys), conf->ntiers, conf->nroutes);
+    tg_anomaly_reload(g.anomaly, conf);  /* baselines stay */
     tg_alerts_reload(g.alerts, conf);    /* open incidents stay open */
     tg_keys_unref(g.keys);
     g.keys = keys;                       /* our reference */
@@ -1095,6 +1105,16 @@ status_page(void *arg, struct evbuffer *out, const char **ctype)
     evbuffer_add_printf(out, "],\"alerts\":{\"open\":");
     tg_alerts_status_json(g.alerts, out);
     evbuffer_add_printf(out, "}}\n");
+    return 200;
+}
+
+/* /status/top: the top consumers of the last anomaly window. */
+static int
+top_page(void *arg, struct evbuffer *out, const char **ctype)
+{
+    TG_UNUSED(arg);
+    *ctype = "application/json";
+    tg_anomaly_status_json(g.anomaly, out);
     return 200;
 }
 

@@ -96,7 +96,7 @@ static const char *const alert_channel_values[TG_MA_CHANNELS] = {
     "slack", "pagerduty", "webhook",
 };
 static const char *const alert_rule_values[TG_MA_RULES] = {
-    "breaches", "redis_down", "breaker_open", "upstream_errors", "test",
+    "breaches", "redis_down", "breaker_open", "upstream_errors", "anomaly", "test",
 };
 static const char *const alert_outcome_values[TG_MAO__COUNT] = {
     "sent", "retried", "dropped",

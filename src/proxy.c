@@ -40,6 +40,7 @@
 #include <openssl/ssl.h>
 
 #include "tollgate/accesslog.h"
+#include "tollgate/anomaly.h"
 #include "tollgate/cidr.h"
 #include "tollgate/connlimit.h"
 #include "tollgate/http.h"
@@ -79,6 +80,7 @@ struct tg_proxy {
     struct tg_limiter     *limiter;
     struct tg_metrics_shard *shard;      /* this worker's counters */
     struct tg_alog_buf    *alog;         /* access log, or NULL */
+    struct tg_anomaly_shard *anomaly;    /* heavy hitters, or NULL */
     time_t                 alog_sec;     /* second of alog_time */
     char                   alog_time[24];   /* "2026-11-28T14:32:10" */
     tg_http_limits         lim;
@@ -311,6 +313,12 @@ void
 tg_proxy_set_access_log(struct tg_proxy *px, struct tg_alog *log)
 {
     px->alog = tg_alog_buf_create(log, px->base);
+}
+
+void
+tg_proxy_set_anomaly(struct tg_proxy *px, struct tg_anomaly_shard *sh)
+{
+    px->anomaly = sh;
 }
 
 int
@@ -953,6 +961,7 @@ limit_apply(struct tg_client *c)
     char extra[512];
     size_t n;
 
+    tg_anomaly_count(c->px->anomaly, c->lo.consumer);   /* allowed or refused */
     if (c->lo.status == 0) {
         forward(c);
         return;

@@ -18,6 +18,7 @@
 
 #include <event2/event.h>
 
+#include "tollgate/anomaly.h"
 #include "tollgate/keys.h"
 #include "tollgate/proxy.h"
 
@@ -49,6 +50,7 @@ struct tg_worker {
     tg_conf           *conf;
     SSL_CTX          **ssl_ctxs;
     struct tg_proxy   *px;
+    struct tg_anomaly_shard *anomaly;  /* heavy hitters, or NULL */
 };
 
 static void *worker_main(void *arg);
@@ -190,6 +192,7 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
     for (size_t i = 0; i < w->nservers; i++) {
         __atomic_store_n(&w->upstate[i], tg_proxy_upstream_state(w->px, i), __ATOMIC_RELAXED);
     }
+    tg_anomaly_shard_tick(w->anomaly, tg_now_ms());
 }
 
 int
@@ -202,6 +205,14 @@ void
 tg_worker_set_access_log(struct tg_worker *w, struct tg_alog *log)
 {
     tg_proxy_set_access_log(w->px, log);
+}
+
+void
+tg_worker_set_anomaly(struct tg_worker *w, struct tg_anomaly_shard *sh)
+{
+    w->anomaly = sh;
+    tg_proxy_set_anomaly(w->px, sh);
+    tg_anomaly_shard_tick(sh, tg_now_ms());
 }
 
 struct tg_metrics_shard *

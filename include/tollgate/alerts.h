@@ -48,6 +48,11 @@ struct tg_alerts *tg_alerts_create(struct event_base *base, tg_conf *conf,
                                    struct tg_metrics_shard *const *shards,
                                    unsigned nworkers);
 
+struct tg_anomaly;
+/* Rule anomaly reads its unusual consumers from an (NULL: none); an must
+ * outlive a. */
+void tg_alerts_set_anomaly(struct tg_alerts *a, const struct tg_anomaly *an);
+
 /* SIGHUP: channels, rules and timings from conf (a reference is taken);
  * open incidents stay open. */
 void tg_alerts_reload(struct tg_alerts *a, tg_conf *conf);

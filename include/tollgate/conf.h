@@ -61,7 +61,7 @@ enum tg_alert_channel {
 };
 enum tg_alert_rule {
     TG_RULE_BREACHES, TG_RULE_REDIS_DOWN, TG_RULE_BREAKER_OPEN,
-    TG_RULE_UPSTREAM_ERRORS, TG_RULE__COUNT
+    TG_RULE_UPSTREAM_ERRORS, TG_RULE_ANOMALY, TG_RULE__COUNT
 };
 
 typedef struct tg_alert_rule_conf {
@@ -219,6 +219,16 @@ typedef struct tg_conf {
         unsigned queue;               /* messages queued at most; 256 */
         char    *instance;            /* "source" name; default hostname/listen[0] */
     } alerts;
+
+    struct {                          /* section anomaly: (see anomaly.h) */
+        int      enabled;             /* anomaly: present */
+        unsigned window_ms;           /* heavy-hitter window; 60000 */
+        unsigned top_k;               /* consumers tracked per window; 20 */
+        double   spike_factor;        /* unusual at this x its baseline; 10 */
+        uint64_t min_requests;        /* ... with at least this many; 100 */
+        double   new_key_share;       /* a new key with this share of a
+                                         window is unusual too; 0.5 */
+    } anomaly;
 
     struct {
         int      enabled;             /* global_limit: present */

@@ -183,7 +183,7 @@ enum tg_metric_decision {
  * order: slack pagerduty webhook), rule (tg_alert_rule order, then
  * "test" for tollgate alert-test), outcome */
 #define TG_MA_CHANNELS 3
-#define TG_MA_RULES    5
+#define TG_MA_RULES    6
 enum tg_metric_alert_outcome {
     TG_MAO_SENT, TG_MAO_RETRIED, TG_MAO_DROPPED, TG_MAO__COUNT
 };

@@ -62,6 +62,11 @@ struct tg_alog;
 /* Log every request of this worker to log (before the worker starts). */
 void tg_proxy_set_access_log(struct tg_proxy *px, struct tg_alog *log);
 
+struct tg_anomaly_shard;
+/* Count every identified request into sh (heavy hitters; before the
+ * worker starts). */
+void tg_proxy_set_anomaly(struct tg_proxy *px, struct tg_anomaly_shard *sh);
+
 /* 1 when this worker's bucket store can answer (see tg_limiter_store_ready). */
 int tg_proxy_store_ready(const struct tg_proxy *px);
 

@@ -52,6 +52,11 @@ struct tg_alog;
 /* Before tg_worker_start: log this worker's requests to log. */
 void tg_worker_set_access_log(struct tg_worker *w, struct tg_alog *log);
 
+struct tg_anomaly_shard;
+/* Before tg_worker_start: count this worker's consumers into sh (which
+ * must outlive the worker). */
+void tg_worker_set_anomaly(struct tg_worker *w, struct tg_anomaly_shard *sh);
+
 /* 1 once the worker's loop has ended (any thread may ask). */
 int tg_worker_finished(struct tg_worker *w);
 

@@ -501,6 +501,105 @@ Test(limits, sighup_reloads_keys_and_refuses_a_bad_file)
     TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died on a bad reload");
 }
 
+/* ---- a tier change (subscription) applies to the next request ------------ */
+
+/* The RateLimit-Policy of one request of key (static buffer; "" if none);
+ * *remaining gets the r= of its RateLimit (may be NULL). */
+static const char *
+policy_of(const char *key, int *status, int *remaining)
+{
+    static char policy[128];
+    tgh_resp r;
+    const char *h;
+
+    *status = get(tg.port, key, "/", &r);
+    h = tgh_resp_header(&r, "RateLimit-Policy");
+    snprintf(policy, sizeof policy, "%s", h ? h : "");
+    h = tgh_resp_header(&r, "RateLimit");
+    if (remaining != NULL)
+        *remaining = h && strstr(h, ";r=") ? atoi(strstr(h, ";r=") + 3) : -1;
+    tgh_resp_free(&r);
+    return policy;
+}
+
+/* Poll until key's answers carry policy want, 8 in a row (every worker);
+ * returns the milliseconds it took.  Polls slowly while it differs, so
+ * that the old tier's bucket is not drained meanwhile. */
+static long
+await_policy(const char *key, const char *want, int timeout_ms)
+{
+    uint64_t t0 = tgh_now_ms();
+    const char *got = "";
+    int row = 0, st;
+
+    while (tgh_now_ms() - t0 < (uint64_t)timeout_ms) {
+        got = policy_of(key, &st, NULL);
+        row = strcmp(got, want) == 0 ? row + 1 : 0;
+        if (row == 8)
+            return (long)(tgh_now_ms() - t0);
+        if (row == 0)
+            tgh_sleep_ms(100);
+    }
+    TGH_CHECK(0, "key %s: RateLimit-Policy %s, expected %s", key, got, want);
+    return -1;
+}
+
+/*
+ * After a change of key's tier: one request is charged at the new tier
+ * (its policy; R tokens left, at least min_left), then a burst of n gets
+ * exactly what the new tier's bucket holds: R, plus what it earned
+ * meanwhile at the new tier's rate (interval_ms a token).  The bucket
+ * keeps its state as time, so what was used before the change stays used,
+ * as the same share of the new bucket.
+ */
+static void
+check_new_tier(const char *key, const char *policy, int min_left, int n, long interval_ms)
+{
+    uint64_t t0 = tgh_now_ms();
+    const char *got;
+    long earned;
+    int st, left;
+    burst b;
+
+    got = policy_of(key, &st, &left);
+    TGH_CHECK(st == 200 && strcmp(got, policy) == 0, "%s: %d, %s", key, st, got);
+    TGH_CHECK(left >= min_left, "%s: %d tokens left, expected at least %d", key, left,
+              min_left);
+    b = fire(tg.port, key, n);
+    earned = (long)(tgh_now_ms() - t0) / interval_ms + 1;
+    TGH_CHECK(b.other == 0, "%d answers neither 200 nor 429", b.other);
+    TGH_CHECK(b.ok >= left && b.ok <= left + earned, "%s: %d allowed of %d, expected "
+              "%d..%ld at the new tier", key, b.ok, n, left, left + earned);
+    TGH_CHECK(b.limited > 0, "%s: nothing refused", key);
+}
+
+/* basic -> enterprise and enterprise -> basic in the keys file: the next
+ * requests after SIGHUP are charged at the new tier, on the same bucket. */
+static void
+tier_change_sighup(const char *store)
+{
+    static const char *const tiers2[] = { "enterprise", "pro", "basic", "basic" };
+    static const int enabled[] = { 1, 1, 1, 0 };
+    int st;
+
+    start(store, 1);
+    TGH_CHECK(strcmp(policy_of("k-basic", &st, NULL), "\"basic\";q=20;w=12") == 0
+              && st == 200, "k-basic before");
+    TGH_CHECK(strcmp(policy_of("k-ent", &st, NULL), "\"enterprise\";q=200;w=12") == 0
+              && st == 200, "k-ent before");
+    write_keys_list(key_names, tiers2, enabled, 4);
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    await_policy("k-basic", "\"enterprise\";q=200;w=12", 10000);
+    await_policy("k-ent", "\"basic\";q=20;w=12", 10000);
+    /* upgraded: more than basic's whole bucket, at enterprise's rate;
+     * downgraded: basic's bucket and rate */
+    check_new_tier("k-basic", "\"enterprise\";q=200;w=12", 21, 300, 60);
+    check_new_tier("k-ent", "\"basic\";q=20;w=12", 1, 40, 600);
+}
+
+Test(limits, tier_change_sighup_local) { tier_change_sighup("local"); }
+Test(limits, tier_change_sighup_redis) { tier_change_sighup("redis"); }
+
 /* ---- keys in Redis ---------------------------------------------------------- */
 
 static void
@@ -568,6 +667,36 @@ Test(limits, redis_key_store_and_revocation_within_ttl)
     /* the file's keys still work beside the store */
     TGH_CHECK(get(tg.port, "k-pro", "/", &r) == 200, "file key");
     tgh_resp_free(&r);
+    auth_extra = "";
+}
+
+/* A tier changed in the Redis key store applies within auth.cache_ttl_ms
+ * (each worker's cached entry expires), to the same bucket. */
+Test(limits, tier_change_in_redis_key_store_within_ttl)
+{
+    char hex[65], out[128];
+    int st, left;
+    long ms;
+
+    auth_extra = ", redis_keys: true, cache_ttl_ms: 300";
+    start("redis", 1);
+    sha_hex("rk-2", hex);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "HSET tg:keys %s rk2:basic", hex) == 0,
+              "HSET");
+    await_policy("rk-2", "\"basic\";q=20;w=12", 5000);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "HSET tg:keys %s rk2:enterprise",
+                            hex) == 0, "HSET enterprise");
+    ms = await_policy("rk-2", "\"enterprise\";q=200;w=12", 5000);
+    TGH_CHECK(ms <= 300 + 700, "the upgrade took %ld ms (cache TTL 300 ms)", ms);
+    check_new_tier("rk-2", "\"enterprise\";q=200;w=12", 21, 300, 60);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "HSET tg:keys %s rk2:basic", hex) == 0,
+              "HSET basic");
+    ms = await_policy("rk-2", "\"basic\";q=20;w=12", 5000);
+    TGH_CHECK(ms <= 300 + 700, "the downgrade took %ld ms (cache TTL 300 ms)", ms);
+    /* the bucket was emptied as enterprise (12 s of debt): as basic it
+     * is just as empty, and refills at basic's rate */
+    TGH_CHECK(strcmp(policy_of("rk-2", &st, &left), "\"basic\";q=20;w=12") == 0
+              && left <= 1, "right after the downgrade: %d, %d left", st, left);
     auth_extra = "";
 }
 

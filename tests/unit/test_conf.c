@@ -1648,3 +1648,61 @@ Test(conf, store_diff_names_every_changed_field)
     tg_conf_unref(b);
     tg_conf_unref(c);
 }
+
+/* ---- anomaly ------------------------------------------------------------ */
+
+Test(conf_anomaly, absent_is_off_and_defaults)
+{
+    tg_conf *conf = expect_ok(MIN);
+
+    cr_assert_eq(conf->anomaly.enabled, 0);
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN "anomaly: {}\n");
+    cr_assert_eq(conf->anomaly.enabled, 1);
+    cr_assert_eq(conf->anomaly.window_ms, 60000);
+    cr_assert_eq(conf->anomaly.top_k, 20);
+    cr_assert_float_eq(conf->anomaly.spike_factor, 10.0, 1e-12);
+    cr_assert_eq(conf->anomaly.min_requests, 100);
+    cr_assert_float_eq(conf->anomaly.new_key_share, 0.5, 1e-12);
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN "anomaly: { window_ms: 500, top_k: 5, spike_factor: 2.5, "
+                     "min_requests: 7, new_key_share: 0.3 }\n");
+    cr_assert_eq(conf->anomaly.window_ms, 500);
+    cr_assert_eq(conf->anomaly.top_k, 5);
+    cr_assert_float_eq(conf->anomaly.spike_factor, 2.5, 1e-12);
+    cr_assert_eq(conf->anomaly.min_requests, 7);
+    cr_assert_float_eq(conf->anomaly.new_key_share, 0.3, 1e-12);
+    tg_conf_unref(conf);
+}
+
+Test(conf_anomaly, rule_goes_to_slack_by_default)
+{
+    tg_conf *conf = expect_ok(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n");
+
+    cr_assert(conf->alerts.rule[TG_RULE_ANOMALY].enabled);
+    cr_assert_eq(conf->alerts.rule[TG_RULE_ANOMALY].to, 1u << TG_ALERT_SLACK);
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
+                     "  webhook: { url: http://127.0.0.1:1/h }\n"
+                     "  rules:\n    anomaly: { to: [webhook] }\n");
+    cr_assert(conf->alerts.rule[TG_RULE_ANOMALY].enabled);
+    cr_assert_eq(conf->alerts.rule[TG_RULE_ANOMALY].to, 1u << TG_ALERT_WEBHOOK);
+    cr_assert(!conf->alerts.rule[TG_RULE_BREACHES].enabled, "rules: lists what runs");
+    tg_conf_unref(conf);
+}
+
+Test(conf_anomaly, errors)
+{
+    expect_error(MIN "anomaly: { window_ms: 50 }\n", "5:23", "anomaly.window_ms");
+    expect_error(MIN "anomaly: { top_k: 0 }\n", "5:19", "anomaly.top_k");
+    expect_error(MIN "anomaly: { top_k: 1001 }\n", "5:19", "(1..1000)");
+    expect_error(MIN "anomaly: { spike_factor: 1 }\n", "5:26",
+                 "expected a number above 1 and at most 1000, got \"1\"");
+    expect_error(MIN "anomaly: { spike_factor: ten }\n", "5:26", "above 1");
+    expect_error(MIN "anomaly: { min_requests: 0 }\n", "5:26", "anomaly.min_requests");
+    expect_error(MIN "anomaly: { new_key_share: 0 }\n", "5:27", "in (0, 1]");
+    expect_error(MIN "anomaly: { spike: 10 }\n", "5:12", "unknown key \"spike\"");
+    expect_error(MIN "alerts:\n  slack: { webhook_url: https://h.example/x }\n"
+                 "  rules:\n    anomaly: { to: [pagerduty] }\n", "8:20",
+                 "alerts.rules.anomaly.to: channel \"pagerduty\" is not configured");
+}

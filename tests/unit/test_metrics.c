@@ -621,10 +621,11 @@ Test(prometheus, alert_series, .init = setup3, .fini = teardown)
 {
     char *text;
 
-    cr_assert_eq(tg_metrics_series(TG_M_ALERTS), 3 * 5 * 3);
-    cr_assert_eq(tg_metrics_series(TG_M_ALERTS_OPEN), 4);
+    cr_assert_eq(tg_metrics_series(TG_M_ALERTS), 3 * 6 * 3);
+    cr_assert_eq(tg_metrics_series(TG_M_ALERTS_OPEN), 5);
     tg_metrics_global_inc(TG_M_ALERTS, tg_metrics_alert(1, 2, TG_MAO_SENT));
-    tg_metrics_global_add(TG_M_ALERTS, tg_metrics_alert(2, 4, TG_MAO_DROPPED), 3);
+    tg_metrics_global_add(TG_M_ALERTS, tg_metrics_alert(2, 5, TG_MAO_DROPPED), 3);
+    tg_metrics_global_inc(TG_M_ALERTS, tg_metrics_alert(0, 4, TG_MAO_SENT));
     tg_metrics_set_gauge(TG_M_ALERTS_OPEN, 3, 2);
     text = render(NULL, 0);
     assert_valid(text);
@@ -634,6 +635,8 @@ Test(prometheus, alert_series, .init = setup3, .fini = teardown)
                 "outcome=\"dropped\"} 3");
     assert_line(text, "tollgate_alerts_total{channel=\"slack\",rule=\"breaches\","
                 "outcome=\"retried\"} 0");
+    assert_line(text, "tollgate_alerts_total{channel=\"slack\",rule=\"anomaly\","
+                "outcome=\"sent\"} 1");
     assert_line(text, "tollgate_alerts_open_incidents{rule=\"upstream_errors\"} 2");
     free(text);
 }
@@ -1059,8 +1062,8 @@ many_labels(int tags)
     dg = tg_metrics_statsd_delta(sh, 2, snap, "tollgate", tags, collect, &d);
     got = count_lines_ok(&d);
     /* + gauges: redis latency, 2 health, 2 breaker, 4 store modes,
-     * connections, build info, 4 open-incident rules */
-    cr_assert_eq(got, expect + 15, "lines %zu, expected %zu", got, expect + 15);
+     * connections, build info, 5 open-incident rules */
+    cr_assert_eq(got, expect + 16, "lines %zu, expected %zu", got, expect + 16);
     cr_assert_eq(dg, d.n);
     cr_assert(d.n >= got * 30 / TG_METRICS_STATSD_MAX, "too many datagrams? %zu", d.n);
     cr_assert(d.maxlen <= TG_METRICS_STATSD_MAX);
