@@ -55,7 +55,8 @@
 #define TG_LINGER_MS         2000           /* lingering close bound */
 #define TG_LINGER_BYTES      (64u << 20)    /* ... and bytes discarded */
 #define TG_REQID_MAX         128
-#define TG_HEADBUF_KEEP      1024           /* an idle connection keeps this much */
+#define TG_HEADBUF_KEEP      1024           /* head copies of this size are cached */
+#define TG_REQ_CACHE         256            /* cached header arrays, head copies */
 
 enum cstate {
     C_HEAD,        /* waiting for (more of) a request head */
@@ -92,6 +93,14 @@ struct tg_proxy {
     uint64_t               rng[2];        /* xorshift128+ for request ids */
     struct timeval         body_tv;       /* client read timeout, body */
     struct timeval         send_tv;       /* client write timeout */
+    /* What a request needs and an idle connection does not hold: header
+     * arrays and TG_HEADBUF_KEEP-byte head copies given back by
+     * connections going idle, for the next head (no malloc per request
+     * in the steady state).  Lists linked through their first bytes. */
+    void                  *free_hdrs;
+    unsigned               nfree_hdrs;
+    void                  *free_heads;
+    unsigned               nfree_heads;
 };
 
 struct tg_client {
@@ -164,6 +173,9 @@ static void client_event_cb(struct bufferevent *bev, short what, void *arg);
 static void client_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void client_defer_cb(evutil_socket_t fd, short what, void *arg);
 static void client_free(struct tg_client *c);
+static void *cache_get(void **list, unsigned *n, size_t size);
+static void cache_put(void **list, unsigned *n, void *p);
+static void cache_drain(void **list, unsigned *n);
 static void client_kill(struct tg_client *c);
 static void client_close_after_flush(struct tg_client *c);
 static void client_next_request(struct tg_client *c);
@@ -257,6 +269,8 @@ tg_proxy_destroy(struct tg_proxy *px)
     }
     tg_conf_unref(px->conf);
     tg_conf_unref(px->conf0);
+    cache_drain(&px->free_hdrs, &px->nfree_hdrs);
+    cache_drain(&px->free_heads, &px->nfree_heads);
     free(px);
 }
 
@@ -464,7 +478,7 @@ client_free(struct tg_client *c)
     event_free(c->defer);
     event_free(c->up_timer);
     bufferevent_free(c->bev);
-    free(c->headbuf);
+    head_release(c);
     tg_connlimit_release(c->slot);
     TAILQ_REMOVE(&px->clients, c, link);
     free(c);
@@ -626,23 +640,74 @@ client_next_request(struct tg_client *c)
     } else {
         c->head_timer_on = 0;
         arm_timer(c, px->conf->http.idle_timeout_ms);
-        if (c->headcap > TG_HEADBUF_KEEP) {
-            head_release(c);             /* an idle connection stays small */
-        }
+        head_release(c);                 /* an idle connection stays small */
     }
 }
 
-/* Free the copy of the last head; the request that pointed into it is
- * over, so its pointers are cleared too. */
+/* Give back the copy of the last head and the header array (to the
+ * worker's cache); the request that pointed into them is over, so its
+ * pointers are cleared too. */
 static void
 head_release(struct tg_client *c)
 {
-    free(c->headbuf);
+    struct tg_proxy *px = c->px;
+
+    if (c->headcap == TG_HEADBUF_KEEP) {
+        cache_put(&px->free_heads, &px->nfree_heads, c->headbuf);
+    } else {
+        free(c->headbuf);
+    }
     c->headbuf = NULL;
     c->headcap = 0;
+    if (c->req.hdr != NULL) {
+        cache_put(&px->free_hdrs, &px->nfree_hdrs, c->req.hdr);
+        c->req.hdr = NULL;
+    }
     c->req.method = c->req.target = c->req.path = c->req.host = NULL;
     c->req.method_len = c->req.target_len = c->req.path_len = c->req.host_len = 0;
     c->req.nhdr = 0;
+}
+
+static void *
+cache_get(void **list, unsigned *n, size_t size)
+{
+    void *p = *list;
+
+    if (p == NULL) {
+        return tg_xmalloc(size);
+    }
+    memcpy(list, p, sizeof(void *));
+    (*n)--;
+    return p;
+}
+
+/* p (a block of the list's size) onto the list, or freed when the list
+ * is full.  NULL is ignored. */
+static void
+cache_put(void **list, unsigned *n, void *p)
+{
+    if (p == NULL) {
+        return;
+    }
+    if (*n >= TG_REQ_CACHE) {
+        free(p);
+        return;
+    }
+    memcpy(p, list, sizeof(void *));
+    *list = p;
+    (*n)++;
+}
+
+static void
+cache_drain(void **list, unsigned *n)
+{
+    void *p;
+
+    while ((p = *list) != NULL) {
+        memcpy(list, p, sizeof(void *));
+        free(p);
+    }
+    *n = 0;
 }
 
 /* ---- client callbacks ---------------------------------------------- */
@@ -782,6 +847,10 @@ handle_head(struct tg_client *c)
         }
     }
     p = (const char *)evbuffer_pullup(in, (ssize_t)n);
+    if (c->req.hdr == NULL) {
+        c->req.hdr = cache_get(&px->free_hdrs, &px->nfree_hdrs,
+                               TG_HTTP_MAX_HEADERS * sizeof(tg_http_hdr));
+    }
     rc = tg_http_parse_request(p, n, &px->lim, &c->req);
     if (rc == TG_AGAIN) {
         c->head_scan = n;
@@ -796,9 +865,15 @@ handle_head(struct tg_client *c)
         return;
     }
     if (c->headcap < c->req.head_len) {
-        free(c->headbuf);
+        if (c->headcap == TG_HEADBUF_KEEP) {
+            cache_put(&px->free_heads, &px->nfree_heads, c->headbuf);
+        } else {
+            free(c->headbuf);
+        }
         c->headcap = (c->req.head_len + 1023) & ~(size_t)1023;
-        c->headbuf = tg_xmalloc(c->headcap);
+        c->headbuf = c->headcap == TG_HEADBUF_KEEP
+                     ? cache_get(&px->free_heads, &px->nfree_heads, TG_HEADBUF_KEEP)
+                     : tg_xmalloc(c->headcap);
     }
     memcpy(c->headbuf, p, c->req.head_len);
     rebase(&c->req.method, p, n, c->headbuf);

@@ -49,7 +49,9 @@ typedef struct tg_http_req {
     size_t       path_len;
     int          minor;           /* 0: HTTP/1.0, 1: HTTP/1.1 */
     int          is_head;         /* method is HEAD */
-    tg_http_hdr  hdr[TG_HTTP_MAX_HEADERS];
+    tg_http_hdr *hdr;             /* the caller's array of TG_HTTP_MAX_HEADERS
+                                     entries (set before parsing; an idle
+                                     connection holds none) */
     size_t       nhdr;
     const char  *host;            /* Host value (or authority of absolute-form) */
     size_t       host_len;
@@ -80,7 +82,8 @@ typedef struct tg_http_resp {
  * Parse the request head at the start of buf[0..len).
  * Returns TG_OK (req filled, req->head_len set), TG_AGAIN (head incomplete
  * and still within the limits: read more), or TG_ERR (req->status and
- * req->error set; the caller answers and closes).
+ * req->error set; the caller answers and closes).  req->hdr must point to
+ * TG_HTTP_MAX_HEADERS entries.
  */
 tg_rc tg_http_parse_request(const char *buf, size_t len,
                             const tg_http_limits *lim, tg_http_req *req);

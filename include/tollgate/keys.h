@@ -16,11 +16,13 @@
 #define TG_KEY_ID_MAX   64
 #define TG_TIER_MAX     32
 
+/* One key of a loaded set (56 bytes): id and tier point into the set,
+ * valid as long as it is. */
 typedef struct tg_key {
-    uint8_t  sha256[32];
-    char     id[TG_KEY_ID_MAX + 1];    /* consumer id: [A-Za-z0-9._-], 1..64 */
-    char     tier[TG_TIER_MAX + 1];    /* a tier name of rate_limits */
-    int      enabled;
+    uint8_t     sha256[32];
+    const char *id;                    /* consumer id: [A-Za-z0-9._-], 1..64 */
+    const char *tier;                  /* a tier name of rate_limits (interned) */
+    int         enabled;
 } tg_key;
 
 struct tg_keys;   /* immutable once loaded; shared by threads read-only */
@@ -29,7 +31,8 @@ struct tg_keys;   /* immutable once loaded; shared by threads read-only */
  * Load a keys file:
  *   keys:
  *     - { id: acme, tier: pro, sha256: "<64 hex>", enabled: true }
- * enabled defaults to true.  Errors are "FILE:LINE:COL: what" (unknown key,
+ * enabled defaults to true.  Files up to 512 MiB (about 4M keys in the
+ * one-line form above, which loads fastest).  Errors are "FILE:LINE:COL: what" (unknown key,
  * duplicate key, wrong type, bad hex, duplicate id or sha256, missing field).
  * Tier names are NOT checked here (tg_keys_check_tiers does it).
  */
@@ -42,6 +45,9 @@ void tg_keys_destroy(struct tg_keys *keys);
 struct tg_keys *tg_keys_ref(struct tg_keys *keys);
 void tg_keys_unref(struct tg_keys *keys);
 size_t tg_keys_count(const struct tg_keys *keys);
+/* Bytes held by a loaded set (entries, index, ids, tiers): what resident
+ * memory grows by when it is loaded, and shrinks by when it is freed. */
+size_t tg_keys_memory(const struct tg_keys *keys);
 
 /* Every key's tier must be one of names[0..n); else TG_ERR and a message
  * naming the key id and its tier. */

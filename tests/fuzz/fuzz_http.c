@@ -31,7 +31,8 @@ static const tg_http_limits fuzz_limits[4] = {
     { 4096, 4096, TG_HTTP_MAX_HEADERS },
 };
 
-static tg_http_req  fz_req, fz_req2;
+static tg_http_hdr  fz_hdr[TG_HTTP_MAX_HEADERS], fz_hdr2[TG_HTTP_MAX_HEADERS];
+static tg_http_req  fz_req = { .hdr = fz_hdr }, fz_req2 = { .hdr = fz_hdr2 };
 static tg_http_resp fz_resp, fz_resp2;
 
 static int

@@ -18,7 +18,8 @@ static const tg_http_limits lim = {
 };
 
 /* Large structures live here, not on Criterion's stack. */
-static tg_http_req req;
+static tg_http_hdr req_hdr[TG_HTTP_MAX_HEADERS];
+static tg_http_req req = { .hdr = req_hdr };
 static tg_http_resp resp;
 
 static tg_rc
