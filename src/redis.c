@@ -2214,6 +2214,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         }
         op->charge_cb = NULL;
         r->stats.charges++;
+        res.now_us = script_now;
         cb(op->arg, TG_OK, &res);
     }
     while ((op = again) != NULL) {
@@ -2476,4 +2477,50 @@ parse_uint(const char *s, size_t len, unsigned long max, unsigned long *out)
     }
     *out = v;
     return TG_OK;
+}
+
+/*
+ * Give back amount_us of key's debt (a lease's unused tokens), never more
+ * than what is still ahead of p_us (the TAT the take wrote, Redis clock):
+ * tg_gcra_refund_lua.  Fire and forget on the node serving key's slot; the
+ * bytes are written at once (a give-back at shutdown must not wait for a
+ * loop turn that never comes).  A lost give-back only leaves the bucket
+ * that much fuller in debt: under-use, never an extra admission.
+ */
+void
+tg_redis_give_back(struct tg_redis *r, const char *key, uint64_t amount_us, uint64_t p_us)
+{
+    const char *argv[6];
+    size_t argvlen[6], len = strlen(key);
+    char num[3][TG_REDIS_NUMLEN];
+    struct tg_rnode *nd = NULL;
+
+    if (r == NULL || r->destroying || amount_us == 0 || p_us == 0) {
+        return;
+    }
+    if (r->mode != TG_MODE_CLUSTER) {
+        nd = r->nodes[0];
+    } else if (r->map_ok && r->slot_node != NULL) {
+        unsigned slot = tg_redis_key_slot(key, len);
+        nd = r->slot_node[slot] != 0 ? r->nodes[r->slot_node[slot] - 1] : NULL;
+    }
+    if (!node_usable(nd)) {
+        return;
+    }
+    argv[0] = "EVAL";
+    argvlen[0] = 4;
+    argv[1] = tg_gcra_refund_lua;
+    argvlen[1] = strlen(tg_gcra_refund_lua);
+    argv[2] = "1";
+    argvlen[2] = 1;
+    argv[3] = key;
+    argvlen[3] = len;
+    argvlen[4] = (size_t)snprintf(num[0], sizeof(num[0]), "%llu", (unsigned long long)amount_us);
+    argv[4] = num[0];
+    argvlen[5] = (size_t)snprintf(num[1], sizeof(num[1]), "%llu", (unsigned long long)p_us);
+    argv[5] = num[1];
+    if (redisAsyncCommandArgv(nd->ac, NULL, NULL, 6, argv, argvlen) == REDIS_OK) {
+        r->stats.refunds++;
+        redisAsyncHandleWrite(nd->ac);
+    }
 }

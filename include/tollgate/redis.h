@@ -124,6 +124,15 @@ typedef void (*tg_redis_str_cb)(void *arg, tg_rc rc, const char *value, size_t l
 struct tg_redis_op *tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
                                   tg_redis_str_cb cb, void *arg);
 
+/*
+ * Give back amount_us of key's debt, at most what is still ahead of p_us
+ * (the TAT a charge wrote, on the clock of tg_gcra_result.now_us): a
+ * lease's unused tokens.  Fire and forget, written at once (also from a
+ * worker that is shutting down).
+ */
+void tg_redis_give_back(struct tg_redis *r, const char *key, uint64_t amount_us,
+                        uint64_t p_us);
+
 /* Counters since creation (tests, metrics). */
 typedef struct tg_redis_stats {
     uint64_t calls;                /* EVALSHA/EVAL/HGET sent */
