@@ -100,6 +100,15 @@ typedef struct lease_entry {
     char          keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
 } lease_entry;
 
+/* Unused lease tokens on their way back to Redis: sent together, at the
+ * worker's next sample (50 ms) or when full. */
+typedef struct give_buf {
+    size_t   n;
+    uint64_t amount_us[TG_REDIS_GIVE_MAX];
+    uint64_t p_us[TG_REDIS_GIVE_MAX];
+    char     keys[TG_REDIS_GIVE_MAX][TG_LIMIT_KEY_MAX];
+} give_buf;
+
 /*
  * The in-process store (store: local, and the Redis fallback) is ONE per
  * process, shared by the workers behind a mutex: per-worker buckets would
@@ -195,6 +204,7 @@ struct tg_limiter {
     kpend              *kpend;      /* KPEND_SLOTS */
     dcache_entry       *dcache;     /* store: redis: DCACHE_SLOTS, lazily */
     lease_entry        *leases;     /* LEASE_SLOTS, lazily (a tier with a lease) */
+    give_buf           *give;       /* ... and its give-backs not sent yet */
     uint64_t            local_denies;   /* 429s from the deny cache */
     uint64_t            lease_taken;    /* tokens taken as leases */
     uint64_t            lease_returned; /* ... given back unused */
@@ -345,6 +355,7 @@ tg_limiter_destroy(struct tg_limiter *lim)
     free(lim->kpend);
     free(lim->dcache);
     free(lim->leases);
+    free(lim->give);
     free(lim);
 }
 
@@ -1465,6 +1476,7 @@ lease_slot(struct tg_limiter *lim, const tg_limit_ctx *ctx, uint64_t h)
     TG_UNUSED(ctx);
     if (lim->leases == NULL) {
         lim->leases = tg_xcalloc(LEASE_SLOTS, sizeof(*lim->leases));
+        lim->give = tg_xcalloc(1, sizeof(*lim->give));
     }
     return &lim->leases[h & (LEASE_SLOTS - 1)];
 }
@@ -1484,6 +1496,42 @@ lease_match(const lease_entry *e, const tg_limit_ctx *ctx, uint64_t h)
     return 1;
 }
 
+/* Send the give-backs queued (one call for all, Cluster: per key). */
+static void
+give_flush(struct tg_limiter *lim)
+{
+    const char *keys[TG_REDIS_GIVE_MAX];
+    give_buf *g = lim->give;
+
+    if (g == NULL || g->n == 0) {
+        return;
+    }
+    for (size_t i = 0; i < g->n; i++) {
+        keys[i] = g->keys[i];
+    }
+    tg_redis_give_back(lim->redis, keys, g->amount_us, g->p_us, g->n);
+    g->n = 0;
+}
+
+/* Queue amount_us of key's debt to go back (p_us: the TAT the take wrote;
+ * 0 = unknown: nothing can go back safely). */
+static void
+give_add(struct tg_limiter *lim, const char *key, uint64_t amount_us, uint64_t p_us)
+{
+    give_buf *g = lim->give;
+
+    if (g == NULL || amount_us == 0 || p_us == 0) {
+        return;
+    }
+    if (g->n == TG_REDIS_GIVE_MAX) {
+        give_flush(lim);
+    }
+    snprintf(g->keys[g->n], sizeof(g->keys[0]), "%s", key);
+    g->amount_us[g->n] = amount_us;
+    g->p_us[g->n] = p_us;
+    g->n++;
+}
+
 /* Give e's unused tokens back to Redis and empty it (a take in flight
  * for it stays marked).  Our own deny cache forgets those buckets: the
  * give-back makes them fuller than it knows. */
@@ -1492,8 +1540,8 @@ lease_give_back(struct tg_limiter *lim, lease_entry *e)
 {
     if (e->expires_us != 0 && e->tokens > 0) {
         for (size_t i = 0; i < e->n; i++) {
-            tg_redis_give_back(lim->redis, e->keys[i],
-                               (uint64_t)e->tokens * e->limits[i].interval_us, e->p_us[i]);
+            give_add(lim, e->keys[i], (uint64_t)e->tokens * e->limits[i].interval_us,
+                     e->p_us[i]);
             dcache_forget(lim, e->keys[i]);
         }
         lim->lease_returned += e->tokens;
@@ -1516,6 +1564,7 @@ lease_give_back_all(struct tg_limiter *lim, uint64_t now)
             lease_give_back(lim, e);
         }
     }
+    give_flush(lim);
 }
 
 /* 1 (out filled: allowed) when ctx's cost is spent from a live lease. */

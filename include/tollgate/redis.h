@@ -125,13 +125,15 @@ struct tg_redis_op *tg_redis_hget(struct tg_redis *r, const char *key, const cha
                                   tg_redis_str_cb cb, void *arg);
 
 /*
- * Give back amount_us of key's debt, at most what is still ahead of p_us
- * (the TAT a charge wrote, on the clock of tg_gcra_result.now_us): a
- * lease's unused tokens.  Fire and forget, written at once (also from a
- * worker that is shutting down).
+ * Give back amount_us[i] of keys[i]'s debt for i < n, each at most what is
+ * still ahead of p_us[i] (the TAT a charge wrote, on the clock of
+ * tg_gcra_result.now_us): a lease's unused tokens.  One call per
+ * TG_REDIS_GIVE_MAX keys (Cluster: per key).  Fire and forget, written at
+ * once (also from a worker that is shutting down).
  */
-void tg_redis_give_back(struct tg_redis *r, const char *key, uint64_t amount_us,
-                        uint64_t p_us);
+#define TG_REDIS_GIVE_MAX 64
+void tg_redis_give_back(struct tg_redis *r, const char *const *keys,
+                        const uint64_t *amount_us, const uint64_t *p_us, size_t n);
 
 /* Counters since creation (tests, metrics). */
 typedef struct tg_redis_stats {
