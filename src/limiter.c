@@ -205,9 +205,6 @@ struct tg_limiter {
     dcache_entry       *dcache;     /* store: redis: DCACHE_SLOTS, lazily */
     lease_entry        *leases;     /* LEASE_SLOTS, lazily (a tier with a lease) */
     give_buf           *give;       /* ... and its give-backs not sent yet */
-    uint64_t            local_denies;   /* 429s from the deny cache */
-    uint64_t            lease_taken;    /* tokens taken as leases */
-    uint64_t            lease_returned; /* ... given back unused */
     struct tg_metrics_shard *shard; /* may be NULL */
     uint64_t            last_fail_ms;   /* a batch fails all its charges at once */
     uint64_t            seen_timeouts;  /* tg_redis_stats already counted */
@@ -1452,7 +1449,6 @@ dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx)
         return 0;
     }
     finish(ctx, &res);
-    lim->local_denies++;
     return 1;
 }
 
@@ -1544,7 +1540,6 @@ lease_give_back(struct tg_limiter *lim, lease_entry *e)
                      e->p_us[i]);
             dcache_forget(lim, e->keys[i]);
         }
-        lim->lease_returned += e->tokens;
     }
     e->expires_us = 0;
     e->tokens = 0;
@@ -1659,7 +1654,6 @@ lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result *r
     e->limiting = res->limiting;
     e->taken_us = ctx->started_us;
     e->expires_us = tg_now_us() + (uint64_t)ctx->lease_ttl_ms * 1000;
-    lim->lease_taken += ln;
 }
 
 /* The lease size for ctx under tier: tier's lease.size, at most the
