@@ -101,7 +101,7 @@ typedef struct lease_entry {
 } lease_entry;
 
 /* Unused lease tokens on their way back to Redis: sent together, at the
- * worker's next sample (50 ms) or when full. */
+ * worker's next sample (50 ms), before its next charge, or when full. */
 typedef struct give_buf {
     size_t   n;
     uint64_t amount_us[TG_REDIS_GIVE_MAX];
@@ -245,6 +245,7 @@ static uint32_t max_cost(const tg_conf *conf);
 static void client_net(const tg_conf *conf, const char *ip, char *out, size_t len);
 static void kpend_cancel(tg_limit_ctx *ctx);
 static tg_rc send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost);
+static void give_flush(struct tg_limiter *lim);
 static void dcache_learn(struct tg_limiter *lim, const tg_limit_ctx *ctx,
                          const tg_gcra_result *res);
 static void dcache_forget(struct tg_limiter *lim, const char *key);
@@ -666,6 +667,9 @@ send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost)
 {
     const char *keys[TG_LIMIT_MAX_BUCKETS];
 
+    /* Tokens given back (a slice of this key just expired) go first: on
+     * the same connection, Redis applies them before this charge. */
+    give_flush(lim);
     for (size_t i = 0; i < ctx->n; i++) {
         keys[i] = ctx->keys[i];
     }
