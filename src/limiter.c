@@ -245,12 +245,12 @@ static uint32_t max_cost(const tg_conf *conf);
 static void client_net(const tg_conf *conf, const char *ip, char *out, size_t len);
 static void kpend_cancel(tg_limit_ctx *ctx);
 static tg_rc send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost);
-static void give_flush(struct tg_limiter *lim);
+static void give_flush(struct tg_limiter *lim, int now);
 static void dcache_learn(struct tg_limiter *lim, const tg_limit_ctx *ctx,
                          const tg_gcra_result *res);
 static void dcache_forget(struct tg_limiter *lim, const char *key);
 static int dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx);
-static void lease_give_back_all(struct tg_limiter *lim, uint64_t now);
+static void lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit);
 static int lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx);
 static int lease_begin(struct tg_limiter *lim, tg_limit_ctx *ctx);
 static void lease_end(struct tg_limiter *lim, tg_limit_ctx *ctx);
@@ -342,7 +342,7 @@ tg_limiter_destroy(struct tg_limiter *lim)
         return;
     }
     if (lim->redis != NULL) {
-        lease_give_back_all(lim, 0);   /* unused slices go back */
+        lease_give_back_all(lim, 0, 1);    /* unused slices go back */
         tg_redis_destroy(lim->redis);
     }
     tg_keys_unref(lim->keys);
@@ -369,7 +369,7 @@ tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
                    || (conf->auth.redis_keys && lim->redis != NULL);
     /* Leases go back; the deny cache starts empty (limits may change). */
-    lease_give_back_all(lim, 0);
+    lease_give_back_all(lim, 0, 0);
     if (lim->dcache != NULL) {
         memset(lim->dcache, 0, DCACHE_SLOTS * sizeof(*lim->dcache));
     }
@@ -418,7 +418,7 @@ tg_limiter_sample(struct tg_limiter *lim)
 
     if (lim->redis != NULL) {
         probe(lim);
-        lease_give_back_all(lim, tg_now_us());    /* expired slices */
+        lease_give_back_all(lim, tg_now_us(), 0);    /* expired slices */
     }
     if (lim->redis == NULL || lim->shard == NULL) {
         return;
@@ -669,7 +669,7 @@ send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost)
 
     /* Tokens given back (a slice of this key just expired) go first: on
      * the same connection, Redis applies them before this charge. */
-    give_flush(lim);
+    give_flush(lim, 0);
     for (size_t i = 0; i < ctx->n; i++) {
         keys[i] = ctx->keys[i];
     }
@@ -1496,9 +1496,10 @@ lease_match(const lease_entry *e, const tg_limit_ctx *ctx, uint64_t h)
     return 1;
 }
 
-/* Send the give-backs queued (one call for all, Cluster: per key). */
+/* Send the give-backs queued (one call for all, Cluster: per key); now:
+ * write them at once (shutdown). */
 static void
-give_flush(struct tg_limiter *lim)
+give_flush(struct tg_limiter *lim, int now)
 {
     const char *keys[TG_REDIS_GIVE_MAX];
     give_buf *g = lim->give;
@@ -1509,7 +1510,7 @@ give_flush(struct tg_limiter *lim)
     for (size_t i = 0; i < g->n; i++) {
         keys[i] = g->keys[i];
     }
-    tg_redis_give_back(lim->redis, keys, g->amount_us, g->p_us, g->n);
+    tg_redis_give_back(lim->redis, keys, g->amount_us, g->p_us, g->n, now);
     g->n = 0;
 }
 
@@ -1524,7 +1525,7 @@ give_add(struct tg_limiter *lim, const char *key, uint64_t amount_us, uint64_t p
         return;
     }
     if (g->n == TG_REDIS_GIVE_MAX) {
-        give_flush(lim);
+        give_flush(lim, 0);
     }
     snprintf(g->keys[g->n], sizeof(g->keys[0]), "%s", key);
     g->amount_us[g->n] = amount_us;
@@ -1549,9 +1550,10 @@ lease_give_back(struct tg_limiter *lim, lease_entry *e)
     e->tokens = 0;
 }
 
-/* Every lease back to Redis (reload, shutdown; expired ones: now != 0). */
+/* Every lease back to Redis (reload, shutdown; only the expired ones when
+ * now != 0); at_exit: written at once (the loop has stopped). */
 static void
-lease_give_back_all(struct tg_limiter *lim, uint64_t now)
+lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit)
 {
     if (lim->leases == NULL || lim->redis == NULL) {
         return;
@@ -1563,7 +1565,7 @@ lease_give_back_all(struct tg_limiter *lim, uint64_t now)
             lease_give_back(lim, e);
         }
     }
-    give_flush(lim);
+    give_flush(lim, at_exit);
 }
 
 /* 1 (out filled: allowed) when ctx's cost is spent from a live lease. */

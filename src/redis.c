@@ -2483,14 +2483,15 @@ parse_uint(const char *s, size_t len, unsigned long max, unsigned long *out)
  * Give back amount_us[i] of keys[i]'s debt (a lease's unused tokens), each
  * never more than what is still ahead of p_us[i] (the TAT the take wrote,
  * Redis clock): tg_gcra_refund_lua, one call for all n keys (Cluster: one
- * per key, each on the node serving its slot).  Fire and forget; the bytes
- * are written at once (a give-back at shutdown must not wait for a loop
- * turn that never comes).  A lost give-back only leaves the bucket that
- * much deeper in debt: under-use, never an extra admission.
+ * per key, each on the node serving its slot).  Fire and forget, behind
+ * what is already queued on that connection; with now, the bytes are
+ * written at once (shutdown: no loop turn will come).  A lost give-back
+ * only leaves the bucket that much deeper in debt: under-use, never an
+ * extra admission.
  */
 void
 tg_redis_give_back(struct tg_redis *r, const char *const *keys, const uint64_t *amount_us,
-                   const uint64_t *p_us, size_t n)
+                   const uint64_t *p_us, size_t n, int now)
 {
     const char *argv[3 + 3 * TG_REDIS_GIVE_MAX];
     size_t argvlen[TG_ARRAY_LEN(argv)], argc, nk;
@@ -2538,7 +2539,9 @@ tg_redis_give_back(struct tg_redis *r, const char *const *keys, const uint64_t *
         }
         if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {
             r->stats.refunds++;
-            redisAsyncHandleWrite(nd->ac);
+            if (now) {
+                redisAsyncHandleWrite(nd->ac);
+            }
         }
     }
 }
