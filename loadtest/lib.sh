@@ -229,7 +229,8 @@ EOF
 # tiers; local/redis: $TMP/keys.yaml, tier bench (RPM, BURST), buckets in
 # process memory or in the Redis of lt_start_redis (on_failure: deny, so a
 # Redis problem shows as errors). EXTRA: a YAML file appended to the
-# config (TG_CONF_EXTRA is appended to every one). Waits for /readyz 200.
+# config (TG_CONF_EXTRA is appended to every one); TIER_EXTRA: more keys
+# of tier bench (e.g. "lease: { size: 64 }"). Waits for /readyz 200.
 lt_start_tollgate() {
     local name=$1 kind=$2 extra=${3:-} port admin conf
     [[ -x $TOLLGATE ]] || lt_die "tollgate not found at $TOLLGATE (meson compile -C build)"
@@ -247,7 +248,7 @@ EOF
         case $kind in
         proxy) echo "store: local" ;;
         local | redis)
-            echo "rate_limits: { bench: { requests_per_minute: ${RPM:-6000000}, burst_limit: ${BURST:-100000} } }"
+            echo "rate_limits: { bench: { requests_per_minute: ${RPM:-6000000}, burst_limit: ${BURST:-100000}${TIER_EXTRA:+, $TIER_EXTRA} } }"
             echo "auth: { keys_file: $TMP/keys.yaml }"
             echo "store: $kind"
             ;;

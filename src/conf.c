@@ -286,12 +286,21 @@ static const tg_conf_cmd tg_conf_upstream_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+static const tg_conf_cmd tg_conf_lease_cmds[] = {
+    { "size", tg_conf_set_uint, TG_FIELD(tg_tier_conf, lease_size), 1, 100000000,
+      TG_CONF_REQUIRED, NULL },
+    { "ttl_ms", tg_conf_set_uint, TG_FIELD(tg_tier_conf, lease_ttl_ms), 1, 3600000,
+      0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_tier_cmds[] = {
     { "requests_per_minute", tg_conf_set_uint,
       TG_FIELD(tg_tier_conf, requests_per_minute), 1, 100000000,
       TG_CONF_REQUIRED, NULL },
     { "burst_limit", tg_conf_set_uint,
       TG_FIELD(tg_tier_conf, burst_limit), 1, 100000000, TG_CONF_REQUIRED, NULL },
+    { "lease", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_lease_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -2534,8 +2543,14 @@ tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         }
         tier = &conf->tiers[conf->ntiers++];
         tier->name = tg_xstrdup(name);
+        tier->lease_ttl_ms = 1000;
         if (tg_conf_walk(ctx, val, cmd->arg, tier, child, child) != TG_OK) {
             return TG_ERR;
+        }
+        if (tier->lease_size > tier->burst_limit) {
+            return tg_conf_error(ctx, key->start_mark, child, "lease.size %u is above "
+                                 "burst_limit %u: a lease that large could never be "
+                                 "taken", tier->lease_size, tier->burst_limit);
         }
     }
     return TG_OK;

@@ -117,6 +117,7 @@ tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
     int aidx = -1, didx = -1, ok = 1;
     size_t i;
 
+    res->now_us = 0;
     if (n > GCRA_MAX_BUCKETS) {
         tg_error("gcra: %zu buckets in one request (max %d): denied",
                  n, GCRA_MAX_BUCKETS);

@@ -2920,6 +2920,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         }
         op->charge_cb = NULL;
         r->stats.charges++;
+        res.now_us = script_now;
         cb(op->arg, TG_OK, &res);
     }
     while ((op = again) != NULL) {
@@ -3190,4 +3191,71 @@ parse_uint(const char *s, size_t len, unsigned long max, unsigned long *out)
     }
     *out = v;
     return TG_OK;
+}
+
+/*
+ * Give back amount_us[i] of keys[i]'s debt (a lease's unused tokens), each
+ * never more than what is still ahead of p_us[i] (the TAT the take wrote,
+ * Redis clock): tg_gcra_refund_lua, one call for all n keys (Cluster: one
+ * per key, each on the node serving its slot).  Fire and forget, behind
+ * what is already queued on that connection; with now, the bytes are
+ * written at once (shutdown: no loop turn will come).  A lost give-back
+ * only leaves the bucket that much deeper in debt: under-use, never an
+ * extra admission.
+ */
+void
+tg_redis_give_back(struct tg_redis *r, const char *const *keys, const uint64_t *amount_us,
+                   const uint64_t *p_us, size_t n, int now)
+{
+    const char *argv[3 + 3 * TG_REDIS_GIVE_MAX];
+    size_t argvlen[TG_ARRAY_LEN(argv)], argc, nk;
+    char num[1 + 2 * TG_REDIS_GIVE_MAX][TG_REDIS_NUMLEN];
+    struct tg_rnode *nd = NULL;
+    size_t i = 0;
+
+    if (r == NULL || r->destroying) {
+        return;
+    }
+    while (i < n) {
+        size_t first = i, nn = 1;
+
+        if (r->mode != TG_MODE_CLUSTER) {
+            nd = r->nodes[0];
+            nk = n - i < TG_REDIS_GIVE_MAX ? n - i : TG_REDIS_GIVE_MAX;
+        } else {
+            unsigned slot = tg_redis_key_slot(keys[i], strlen(keys[i]));
+            nd = r->map_ok && r->slot_node != NULL && r->slot_node[slot] != 0
+                 ? r->nodes[r->slot_node[slot] - 1] : NULL;
+            nk = 1;
+        }
+        i += nk;
+        if (!node_usable(nd)) {
+            continue;
+        }
+        argc = 0;
+        argv[argc] = "EVAL";
+        argvlen[argc++] = 4;
+        argv[argc] = tg_gcra_refund_lua;
+        argvlen[argc++] = strlen(tg_gcra_refund_lua);
+        argvlen[argc] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
+        argv[argc++] = num[0];
+        for (size_t k = first; k < first + nk; k++) {
+            argv[argc] = keys[k];
+            argvlen[argc++] = strlen(keys[k]);
+        }
+        for (size_t k = first; k < first + nk; k++) {
+            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
+                                             (unsigned long long)amount_us[k]);
+            argv[argc++] = num[nn++];
+            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
+                                             (unsigned long long)p_us[k]);
+            argv[argc++] = num[nn++];
+        }
+        if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {
+            r->stats.refunds++;
+            if (now) {
+                redisAsyncHandleWrite(nd->ac);
+            }
+        }
+    }
 }

@@ -37,6 +37,10 @@ typedef struct tg_tier_conf {
     char     *name;
     uint32_t  requests_per_minute;  /* refill: rpm/60 tokens per second */
     uint32_t  burst_limit;          /* bucket capacity */
+    uint32_t  lease_size;           /* lease.size: tokens a worker takes from
+                                       Redis at once (0 = off: exact) */
+    uint32_t  lease_ttl_ms;         /* lease.ttl_ms: unused tokens go back
+                                       after this long (1000) */
 } tg_tier_conf;
 
 /* A per-endpoint rule: method (NULL = any) + path prefix (segment-wise:

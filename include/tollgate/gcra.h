@@ -54,6 +54,9 @@ typedef struct tg_gcra_result {
                                     after this request (allowed) or now (denied);
                                     lets the local store continue where Redis
                                     left off (the fallback) */
+    uint64_t now_us;              /* Redis answers: the script's clock (Redis
+                                    TIME, us), so now_us + held_us[i] is the
+                                    TAT it wrote; 0 = unknown (local store) */
 } tg_gcra_result;
 
 /*

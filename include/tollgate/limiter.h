@@ -66,6 +66,9 @@ typedef struct tg_limit_ctx {
     uint8_t             digest[32];                /* the key, hashed */
     size_t              n;
     uint32_t            cost;
+    uint32_t            lease_n;                   /* a lease take in flight:
+                                                      tokens asked (0: exact) */
+    uint32_t            lease_ttl_ms;              /* ... kept this long */
     tg_gcra_limit       limits[TG_LIMIT_MAX_BUCKETS];
     char                names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1];
     char                keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];

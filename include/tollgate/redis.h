@@ -153,6 +153,19 @@ extern const char tg_redis_refund_lua[];
  * holds a secret.  Thread-safe. */
 void tg_redis_last_error(char *buf, size_t len);
 
+/*
+ * Give back amount_us[i] of keys[i]'s debt for i < n, each at most what is
+ * still ahead of p_us[i] (the TAT a charge wrote, on the clock of
+ * tg_gcra_result.now_us): a lease's unused tokens.  One call per
+ * TG_REDIS_GIVE_MAX keys (Cluster: per key).  Fire and forget, sent after
+ * what is queued on the connection already.  now: write at once, for a
+ * worker that is shutting down (no loop turn will come) - never on a
+ * request's path (a failed write runs the connection's callbacks).
+ */
+#define TG_REDIS_GIVE_MAX 64
+void tg_redis_give_back(struct tg_redis *r, const char *const *keys,
+                        const uint64_t *amount_us, const uint64_t *p_us, size_t n, int now);
+
 /* Counters since creation (tests, metrics). */
 typedef struct tg_redis_stats {
     uint64_t calls;                /* EVALSHA/EVAL/HGET sent */

@@ -1706,3 +1706,40 @@ Test(conf_anomaly, errors)
                  "  rules:\n    anomaly: { to: [pagerduty] }\n", "8:20",
                  "alerts.rules.anomaly.to: channel \"pagerduty\" is not configured");
 }
+
+/* ---- leases ------------------------------------------------------------------ */
+
+Test(conf, tier_lease)
+{
+    tg_conf *conf = expect_ok(MIN "rate_limits:\n"
+                              "  a: { requests_per_minute: 60, burst_limit: 20 }\n"
+                              "  b: { requests_per_minute: 60, burst_limit: 20, "
+                              "lease: { size: 5 } }\n"
+                              "  c: { requests_per_minute: 60, burst_limit: 20, "
+                              "lease: { size: 20, ttl_ms: 250 } }\n");
+
+    cr_assert_eq(conf->tiers[0].lease_size, 0u, "off by default");
+    cr_assert_eq(conf->tiers[1].lease_size, 5u);
+    cr_assert_eq(conf->tiers[1].lease_ttl_ms, 1000u, "ttl default");
+    cr_assert_eq(conf->tiers[2].lease_size, 20u);
+    cr_assert_eq(conf->tiers[2].lease_ttl_ms, 250u);
+    tg_conf_unref(conf);
+}
+
+Test(conf_errors, lease_above_burst)
+{
+    expect_error(MIN "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 4, "
+                 "lease: { size: 5 } }\n", "6:3", "lease.size 5 is above burst_limit 4");
+}
+
+Test(conf_errors, lease_needs_size)
+{
+    expect_error(MIN "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 4, "
+                 "lease: { ttl_ms: 5 } }\n", "6:59", "lease: missing required key \"size\"");
+}
+
+Test(conf_errors, lease_zero)
+{
+    expect_error(MIN "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 4, "
+                 "lease: { size: 0 } }\n", "6:67", "lease.size: 0 is out of range");
+}

@@ -925,3 +925,43 @@ Test(lstore, eviction_finds_the_full_bucket_anywhere)
     }
     tg_lstore_destroy(st);
 }
+
+/*
+ * The deny cache and a refused lease take decide from the buckets' held
+ * times (time until full) in a Redis answer, on a clock of their own: the
+ * step must give the same result at (tat = base + held, now = base) as at
+ * Redis's own (tat, now), every field; and a TAT known no later than the
+ * true one never refuses what the true one admits.
+ */
+Test(gcra, decision_from_held_times)
+{
+    const tg_gcra_limit lim[3] = { { 600000, 20 }, { 60000000, 2 }, { 100, 1000 } };
+    uint64_t seed = 12345;
+
+    for (int it = 0; it < 20000; it++) {
+        uint64_t now = 1700000000000000ull + (seed % 1000000), base = 1ull << 40;
+        uint64_t tat[3], rel[3], lo[3];
+        uint32_t cost = 1 + (uint32_t)(seed % 3);
+        tg_gcra_result a, b, c;
+
+        for (int i = 0; i < 3; i++) {
+            uint64_t l = (uint64_t)lim[i].burst * lim[i].interval_us;
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            tat[i] = (seed >> 33) % 3 == 0 ? 0 : now - l / 4 + (seed >> 20) % (l + l / 2);
+            rel[i] = base + (tat[i] > now ? tat[i] - now : 0);
+            lo[i] = tat[i] > 1000 ? tat[i] - (seed >> 40) % 1000 : tat[i];
+        }
+        tg_gcra_charge(lim, tat, NULL, 3, cost, now, &a);
+        tg_gcra_charge(lim, rel, NULL, 3, cost, base, &b);
+        cr_assert_eq(a.allowed, b.allowed);
+        cr_assert_eq(a.remaining, b.remaining);
+        cr_assert_eq(a.retry_us, b.retry_us);
+        cr_assert_eq(a.reset_us, b.reset_us);
+        cr_assert_eq(a.limiting, b.limiting);
+        for (int i = 0; i < 3; i++)
+            cr_assert_eq(a.held_us[i], b.held_us[i]);
+        tg_gcra_charge(lim, lo, NULL, 3, cost, now, &c);
+        if (!c.allowed)
+            cr_assert(!a.allowed, "a lower TAT refused what the true one admits");
+    }
+}
