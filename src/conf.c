@@ -1341,12 +1341,19 @@ tg_conf_check_rate(tg_conf_ctx *ctx, const uint32_t *field, uint64_t per_us)
         return TG_OK;                       /* kept to within 1% */
     }
     t_down = per_us / r;
+    if (t_down == 0) {
+        /* above one token per microsecond: there is no faster exact rate */
+        return tg_conf_error(ctx, m->mark, m->path, "%llu cannot be kept: a token "
+                             "comes every whole microsecond at most, so the "
+                             "highest rate is %llu", (unsigned long long)r,
+                             (unsigned long long)per_us);
+    }
     return tg_conf_error(ctx, m->mark, m->path, "%llu cannot be kept: a token "
                          "comes every whole microsecond, so it would be %llu; "
                          "the nearest rates kept exactly are %llu and %llu",
                          (unsigned long long)r, (unsigned long long)(per_us / t_up),
                          (unsigned long long)(per_us / t_up),
-                         (unsigned long long)(per_us / (t_down ? t_down : 1)));
+                         (unsigned long long)(per_us / t_down));
 }
 
 static tg_rc

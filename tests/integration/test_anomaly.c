@@ -167,7 +167,7 @@ Test(anomaly, spike_alerts_once_tops_the_list_and_resolves)
     sink_start(&snk, NULL);
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     extra = tgh_strf(
-        "rate_limits: { basic: { requests_per_minute: 100000000, burst_limit: 100000000 } }\n"
+        "rate_limits: { basic: { requests_per_minute: 60000000, burst_limit: 100000000 } }\n"
         "auth: { keys_file: %s }\n"
         "anomaly: { window_ms: 500, top_k: 5, spike_factor: 10, min_requests: 50 }\n"
         "alerts:\n"
