@@ -138,7 +138,7 @@ usage(FILE *out)
         "  -t, --test         check the configuration (and TLS files), then exit 0 or 1\n"
         "  -v, --version      print the version and exit\n"
         "  -h, --help         print this help and exit\n"
-        "signals: SIGTERM/SIGINT drain and exit, SIGHUP checks the configuration\n");
+        "signals: SIGTERM/SIGINT drain and exit, SIGHUP reloads the configuration\n");
 }
 
 /* Make a new API key: print it once, and the keys file entry holding only
