@@ -211,6 +211,17 @@ check_config(const char *path)
     SSL_CTX **ctxs;
     tg_conf *conf = tg_conf_load(path, err, sizeof(err));
 
+    if (conf == NULL && strstr(err, "unknown key \"keys\" at top level") != NULL) {
+        /* a keys file (auth.keys_file) given to -t: check it as one */
+        struct tg_keys *keys = tg_keys_load(path, err, sizeof(err));
+        if (keys == NULL) {
+            fprintf(stderr, "tollgate: %s\ntollgate: keys file %s test failed\n", err, path);
+            return 1;
+        }
+        tg_keys_unref(keys);
+        fprintf(stderr, "tollgate: keys file %s test is successful\n", path);
+        return 0;
+    }
     if (conf == NULL) {
         fprintf(stderr, "tollgate: %s\ntollgate: configuration file %s test failed\n",
                 err, path);

@@ -11,7 +11,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TG_VERSION "0.1.0"
+#ifndef TG_VERSION               /* set by meson from project(version:) */
+#define TG_VERSION "0.0.0-unknown"
+#endif
 
 typedef int tg_rc;
 #define TG_OK     0

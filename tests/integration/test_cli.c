@@ -1,7 +1,7 @@
 /*
  * test_cli.c - the command line a sysadmin uses: -t, --version, -h, exit
- * codes, and every shipped conf/<name>.yaml passing -t (with TLS files made for
- * the test, since the production sample names certificate paths).
+ * codes, and every shipped conf/<name>.yaml passing -t as shipped and as
+ * installed (with the production keys file), with no file made for it.
  */
 #include <criterion/criterion.h>
 
@@ -152,29 +152,31 @@ Test(cli, every_shipped_config_passes, .init = mktmp, .fini = rmtmp)
     DIR *d;
     int n = 0;
 
-    /* The production sample names tls/cert.pem and tls/key.pem relative to
-     * itself: give the copies real ones. */
-    cr_assert_eq(sh("mkdir -p %s/tls && cd %s/tls && openssl req -x509 -newkey "
-                    "rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out cert.pem "
-                    "-days 2", tmpdir, tmpdir), 0, "%s", out);
+    /* As shipped: each sample in place, nothing made for it (no TLS files). */
     snprintf(confdir, sizeof(confdir), "%s/conf", root());
-    /* the samples name keys.yaml beside themselves */
-    cr_assert_eq(sh("cp %s/keys.yaml %s/", confdir, tmpdir), 0, "%s", out);
     d = opendir(confdir);
     cr_assert_not_null(d);
     while ((de = readdir(d)) != NULL) {
         size_t len = strlen(de->d_name);
-        if (len < 6 || strcmp(de->d_name + len - 5, ".yaml") != 0
-            || strncmp(de->d_name, "keys", 4) == 0) {
+        if (len < 6 || strcmp(de->d_name + len - 5, ".yaml") != 0) {
             continue;
         }
-        cr_assert_eq(sh("cp %s/%s %s/", confdir, de->d_name, tmpdir), 0);
-        cr_assert_eq(sh("%s -t -c %s/%s", bin(), tmpdir, de->d_name), 0,
+        /* keys files too: -t checks a keys file as one */
+        cr_assert_eq(sh("%s -t -c %s/%s", bin(), confdir, de->d_name), 0,
                      "%s: %s", de->d_name, out);
+        cr_assert(strstr(out, strncmp(de->d_name, "keys", 4) == 0 ? "keys file"
+                                                                  : "configuration file"),
+                  "%s: %s", de->d_name, out);
         n++;
     }
     closedir(d);
-    cr_assert(n >= 2, "expected conf/tollgate.yaml and conf/demo.yaml, found %d", n);
+    cr_assert(n >= 4, "expected conf/tollgate.yaml, demo.yaml and two keys files, found %d", n);
+
+    /* As installed (meson install, the .deb): /etc/tollgate/tollgate.yaml
+     * beside the production keys file, which holds no key. */
+    cr_assert_eq(sh("cp %s/tollgate.yaml %s/ && cp %s/keys.production.yaml %s/keys.yaml",
+                    confdir, tmpdir, confdir, tmpdir), 0, "%s", out);
+    cr_assert_eq(sh("%s -t -c %s/tollgate.yaml", bin(), tmpdir), 0, "%s", out);
 }
 
 /* Every bucket a route's requests meet: a cost above its capacity could

@@ -1277,7 +1277,7 @@ Test(conf, shipped_configs_load)
     while ((de = readdir(d)) != NULL) {
         len = strlen(de->d_name);
         if (len < 5 || strcmp(de->d_name + len - 5, ".yaml") != 0 ||
-            strcmp(de->d_name, "keys.yaml") == 0) {
+            strncmp(de->d_name, "keys", 4) == 0) {
             continue;
         }
         snprintf(path, sizeof(path), "%s/%s", dirpath, de->d_name);
@@ -1296,10 +1296,10 @@ Test(conf, shipped_configs_load)
             cr_assert_str_eq(conf->auth.keys_file, path);
         }
         if (strcmp(de->d_name, "tollgate.yaml") == 0) {
-            cr_assert_eq(conf->nlisten, 2);
-            cr_assert_eq(conf->listen[1].tls, 1);
-            snprintf(path, sizeof(path), "%s/tls/cert.pem", conf->dir);
-            cr_assert_str_eq(conf->listen[1].cert, path);
+            /* the TLS listener is commented out: it names files that a
+             * fresh install does not have */
+            cr_assert_eq(conf->nlisten, 1);
+            cr_assert_eq(conf->listen[0].tls, 0);
             cr_assert_eq(conf->store, TG_STORE_REDIS);
             cr_assert_eq(conf->global_limit.enabled, 1);
             cr_assert_str_eq(conf->auth.header, "X-API-Key");
