@@ -25,6 +25,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
@@ -1039,6 +1040,415 @@ Test(redis_cluster, global_deny_refunds_the_consumer)
                      key_node(key[i]) >= 0, t[i].allowed);
     }
     tg_redis_destroy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* Cluster property: the bound holds across instances and slots        */
+
+/*
+ * The property of the Cluster code path (the split request, its refund,
+ * late answers, cancels), checked against a reference built from what the
+ * test observed.  Redis TIME and CLOCK_REALTIME are the same clock here
+ * (every node runs on this host), so times are taken with it.
+ */
+enum { PB_CONS = 3, PB_ROUTE = 3, PB_GLOBAL = 4, PB_N = 5 };
+enum { PS_PENDING, PS_ADMITTED, PS_DENIED, PS_ERROR, PS_CANCELLED };
+
+typedef struct prop_rec {
+    struct tg_redis_op *op;     /* while pending */
+    uint64_t send, ans;         /* wall clock, us: queued, answered */
+    uint32_t cost;
+    uint8_t  inst, st, nb;
+    uint8_t  b[3];              /* bucket indices, consumer first */
+} prop_rec;
+
+static int g_prop_pending;
+
+static uint64_t
+wall_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void
+prop_on_charge(void *arg, tg_rc rc, const tg_gcra_result *res)
+{
+    prop_rec *p = arg;
+
+    p->ans = wall_us();
+    p->op = NULL;
+    p->st = rc != TG_OK ? PS_ERROR : res->allowed ? PS_ADMITTED : PS_DENIED;
+    g_prop_pending--;
+}
+
+static int g_prop_barrier;
+
+static void
+prop_on_hget(void *arg, tg_rc rc, const char *value, size_t len)
+{
+    g_prop_barrier--;
+}
+
+static int
+prop_has(const prop_rec *p, int bk)
+{
+    for (int i = 0; i < p->nb; i++) {
+        if (p->b[i] == bk) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Whether p may have left debt in bucket bk: admitted; or failed after
+ * its phase 1 passed, which is kept (the requester falls back), so bk in
+ * phase 1 of a split request; any failure after a dropped connection
+ * (its answer, and so its refund, is lost). */
+static int
+prop_counts(const prop_rec *p, int bk, uint64_t reconnects)
+{
+    if (p->st == PS_ADMITTED) {
+        return 1;
+    }
+    if (p->st != PS_ERROR) {
+        return 0;
+    }
+    return reconnects > 0 || (bk != PB_GLOBAL && prop_has(p, PB_GLOBAL));
+}
+
+/* GET key on the master serving its slot (the others answer MOVED):
+ * the TAT as stored (us on the Redis clock), 0 when absent; *owner: the
+ * node's index in g_cport. */
+static uint64_t
+prop_get(const char *key, int *owner)
+{
+    uint64_t tat = 0;
+    int owners = 0;
+
+    for (int i = 0; i < 3; i++) {
+        redisReply *rep = sync_cmd(g_cport[i], "GET %s", key);
+        cr_assert_not_null(rep, "GET %s", key);
+        if (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_NIL) {
+            if (rep->type == REDIS_REPLY_STRING) {
+                tat = strtoull(rep->str, NULL, 10);
+            }
+            owners++;
+            *owner = i;
+        }
+        freeReplyObject(rep);
+    }
+    cr_assert_eq(owners, 1, "%s: %d nodes answer GET (not MOVED)", key, owners);
+    return tat;
+}
+
+static uint64_t
+prop_tat(const char *key)
+{
+    int owner;
+
+    return prop_get(key, &owner);
+}
+
+static int
+prop_owner(const char *key)
+{
+    int owner = -1;
+
+    prop_get(key, &owner);
+    return owner;
+}
+
+/*
+ * Three instances (three clients, each on its own event base, driven in
+ * turns by this thread) charge three consumers on different masters (one
+ * with a route bucket in its slot) and, for most requests, the global
+ * bucket in a slot of its own: split requests, phase 1 the consumer's
+ * slot, phase 2 {global}, phase 1 given back when phase 2 denies.  Costs
+ * are random up to the smallest burst of the request's buckets (often
+ * above what is left), some requests get a deadline of a few hundred us
+ * (answered late: given back), some are cancelled while in flight.
+ * TG_PROP_SEED=n replays a seed (the interleaving still depends on timing).
+ *
+ * Checks, per bucket:
+ *  1. admitted ≤ burst + rate·(t2 − t1) + 1 over every window.  The true
+ *     time a request was charged lies in [send, ans] (queued, answered);
+ *     the requests with send ≥ send_i and ans ≤ ans_j were all charged
+ *     inside [send_i, ans_j], so their cost is bounded by burst +
+ *     (ans_j − send_i)/T.  Widening every window to the outer times can
+ *     only loosen the bound: it never produces a false failure.  + 1: the
+ *     same clock allowance as the script's own property test rounds to
+ *     (Redis TIME in us vs our clock read a moment apart).
+ *  2. denied requests consumed nothing: after a barrier (every refund
+ *     applied), the TAT left in Redis lies between the GCRA of the
+ *     admitted requests alone at their earliest possible times (lower
+ *     bound: max over k of send_k + T·(c_k + Σ c_j, send_j ≥ ans_k)) and
+ *     the GCRA of the requests that may hold debt (prop_counts: admitted,
+ *     plus failed split requests in their phase-1 buckets, kept by
+ *     design) at their latest possible times (upper: max over k of ans_k
+ *     + T·Σ c_j, ans_j ≥ send_k).  Both are the conservative side of the
+ *     unknown true times.  Allowance: one interval, plus the time a
+ *     refund takes to land (it gives back what its charge still holds
+ *     then, so requests charged meanwhile keep up to that long of its
+ *     debt), taken as 2 × the longest answer seen.  Bursts last 0.3-1 s
+ *     against answers of a few ms, so a denied request that kept its
+ *     phase 1 shows far above the upper bound; a refund of more than its
+ *     own debt shows below the lower bound (or in check 1).
+ */
+Test(redis_cluster, property_window_bound_split_requests, .timeout = 240)
+{
+    enum { NI = 3, NREQ = 3000, BATCH = 4 };
+    static const char *const names[PB_N] = {
+        "tg:{a}:t", "tg:{b}:t", "tg:{c}:t", "tg:{a}:r:x", "tg:{global}:g",
+    };
+    static const char *const tags[4] = { "tg:{a}:z", "tg:{b}:z", "tg:{c}:z", "tg:{global}:z" };
+    struct event_base *bases[NI], *saved = g_base;
+    struct tg_redis *r[NI];
+    tg_gcra_limit lk[PB_N];
+    prop_rec *rec = calloc(NREQ, sizeof(*rec));
+    int *idx = calloc(NREQ, sizeof(*idx));
+    size_t issued = 0, nadm = 0, nden = 0, nerr = 0, ncan = 0, nlate = 0;
+    uint64_t seed, rng, max_rtt = 0, t_start, deadline;
+    const char *env = getenv("TG_PROP_SEED");
+    tg_redis_stats st;
+    uint64_t refunds = 0, reconnects = 0;
+    int node_of[PB_N];
+
+    cr_assert(rec != NULL && idx != NULL);
+    seed = env != NULL ? strtoull(env, NULL, 10) : (wall_us() ^ ((uint64_t)getpid() << 32));
+    seed |= 1;
+    rng = seed;
+    fprintf(stderr, "property_window_bound_split_requests: TG_PROP_SEED=%llu\n",
+            (unsigned long long)seed);
+    cr_log_info("seed %llu (replay: TG_PROP_SEED=%llu)", (unsigned long long)seed,
+                (unsigned long long)seed);
+#define RND(n) (rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17, rng % (n))
+    /* Bursts long in time (burst·T of 0.3 to 1 s) against answers of a
+     * few ms: a denied request that kept its tokens shows in the state
+     * left in Redis well beyond the allowance.  The global bucket is the
+     * tightest: many requests pass their consumer and are denied by it. */
+    for (int i = 0; i < PB_CONS; i++) {
+        lk[i].interval_us = 10000 + RND(10000);
+        lk[i].burst = 30 + (uint32_t)RND(21);
+    }
+    lk[PB_ROUTE].interval_us = 20000 + RND(10000);
+    lk[PB_ROUTE].burst = 20 + (uint32_t)RND(11);
+    lk[PB_GLOBAL].interval_us = 15000 + RND(15000);
+    lk[PB_GLOBAL].burst = 20 + (uint32_t)RND(21);
+
+    cluster_start();
+    for (int i = 0; i < NI; i++) {
+        bases[i] = event_base_new();
+        cr_assert_not_null(bases[i]);
+        g_base = bases[i];
+        r[i] = cluster_client(3);       /* every master reached once */
+    }
+    g_base = saved;
+    /* the consumers live on three different masters ({a}, {b}, {c}: slots
+     * 15495, 3300, 7365), the global bucket in a slot of its own */
+    for (int i = 0; i < PB_N; i++) {
+        node_of[i] = prop_owner(names[i]);
+    }
+    cr_assert(node_of[0] != node_of[1] && node_of[1] != node_of[2]
+              && node_of[0] != node_of[2], "consumers not on three masters: %d %d %d",
+              node_of[0], node_of[1], node_of[2]);
+    cr_assert_neq(tg_redis_key_slot(names[PB_GLOBAL], strlen(names[PB_GLOBAL])),
+                  tg_redis_key_slot(names[0], strlen(names[0])));
+
+    t_start = tg_now_ms();
+    g_prop_pending = 0;
+    while (issued < NREQ || g_prop_pending > 0) {
+        int k = (int)RND(NI);
+
+        cr_assert(tg_now_ms() - t_start < 60000, "run not finished in 60 s: %d pending",
+                  g_prop_pending);
+        for (int q = 0; issued < NREQ && q < 1 + (int)RND(BATCH); q++) {
+            prop_rec *p = &rec[issued++];
+            const char *keys[3];
+            tg_gcra_limit lims[3];
+            uint32_t maxc = UINT32_MAX;
+            int short_dl;
+
+            p->inst = (uint8_t)k;
+            if (q > 0 && RND(3) == 0) {
+                /* little time left: often answered late.  Same buckets as
+                 * the request before it, so it shares that one's calls
+                 * (whose deadline is ahead): a late answer, not a
+                 * dropped connection */
+                p->nb = p[-1].nb;
+                memcpy(p->b, p[-1].b, sizeof(p->b));
+                short_dl = 1;
+            } else {
+                short_dl = 0;
+                p->b[p->nb++] = (uint8_t)RND(PB_CONS);
+                if (p->b[0] == 0 && RND(2) == 0) {
+                    p->b[p->nb++] = PB_ROUTE;       /* same slot: phase 1 */
+                }
+                if (RND(5) < 3) {
+                    p->b[p->nb++] = PB_GLOBAL;      /* another slot: phase 2 */
+                }
+            }
+            for (int i = 0; i < p->nb; i++) {
+                keys[i] = names[p->b[i]];
+                lims[i] = lk[p->b[i]];
+                if (lims[i].burst < maxc) maxc = lims[i].burst;
+            }
+            /* mostly small, now and then up to the smallest burst */
+            p->cost = 1 + (uint32_t)(RND(8) == 0 ? RND(maxc) : RND(4));
+            p->send = wall_us();
+            p->op = tg_redis_charge(r[k], keys, lims, p->nb, p->cost, prop_on_charge, p);
+            cr_assert_not_null(p->op);
+            g_prop_pending++;
+            if (short_dl) {
+                tg_redis_op_deadline(p->op, tg_now_us() + 200 + RND(2500));
+            }
+        }
+        if (issued > 0 && RND(30) == 0) {
+            /* the requester goes away: a recent request still in flight */
+            prop_rec *p = &rec[issued - 1 - RND(issued < 16 ? issued : 16)];
+            if (p->st == PS_PENDING && p->op != NULL) {
+                tg_redis_cancel(p->op);
+                p->op = NULL;
+                p->st = PS_CANCELLED;
+                g_prop_pending--;
+            }
+        }
+        for (int i = 0; i < NI; i++) {              /* each instance a turn */
+            event_base_loop(bases[(k + i) % NI], EVLOOP_NONBLOCK);
+        }
+        usleep((useconds_t)(issued == NREQ ? 500 : 300 + RND(1500)));   /* pacing */
+    }
+
+    /* Barrier: a lookup in each bucket's slot, twice in a row on every
+     * instance: refunds written when an answer arrived go out before the
+     * next call on that connection, so after the second round every
+     * refund has been applied. */
+    for (int round = 0; round < 2; round++) {
+        g_prop_barrier = 0;
+        for (int i = 0; i < NI; i++) {
+            for (int j = 0; j < 4; j++) {
+                cr_assert_not_null(tg_redis_hget(r[i], tags[j], "f", prop_on_hget, NULL));
+                g_prop_barrier++;
+            }
+        }
+        deadline = tg_now_ms() + 10000;
+        while (g_prop_barrier > 0 && tg_now_ms() < deadline) {
+            for (int i = 0; i < NI; i++) {
+                event_base_loop(bases[i], EVLOOP_NONBLOCK);
+            }
+            usleep(500);
+        }
+        cr_assert_eq(g_prop_barrier, 0, "barrier lookups not answered");
+    }
+    for (int i = 0; i < NI; i++) {
+        tg_redis_get_stats(r[i], &st);
+        refunds += st.refunds;
+        reconnects += st.reconnects;
+    }
+
+    for (size_t i = 0; i < issued; i++) {
+        nadm += rec[i].st == PS_ADMITTED;
+        nden += rec[i].st == PS_DENIED;
+        nerr += rec[i].st == PS_ERROR;
+        ncan += rec[i].st == PS_CANCELLED;
+        if (rec[i].st == PS_ADMITTED || rec[i].st == PS_DENIED) {
+            if (rec[i].ans - rec[i].send > max_rtt) max_rtt = rec[i].ans - rec[i].send;
+        }
+    }
+    nlate = nerr;
+
+    for (int bk = 0; bk < PB_N; bk++) {
+        const uint64_t T = lk[bk].interval_us;
+        size_t n = 0;
+        uint64_t ub = 0, lb = 0, tat, now0, allow;
+        uint64_t sum_adm = 0;
+
+        /* admitted requests of bk, by answer time */
+        for (size_t i = 0; i < issued; i++) {
+            if (rec[i].st == PS_ADMITTED && prop_has(&rec[i], bk)) {
+                size_t j = n++;
+                while (j > 0 && rec[idx[j - 1]].ans > rec[i].ans) {
+                    idx[j] = idx[j - 1];
+                    j--;
+                }
+                idx[j] = (int)i;
+                sum_adm += rec[i].cost;
+            }
+        }
+        /* 1. every window */
+        for (size_t a = 0; a < n; a++) {
+            uint64_t lo = rec[idx[a]].send, sum = 0;
+            for (size_t b = 0; b < n; b++) {
+                const prop_rec *p = &rec[idx[b]];
+                if (p->send < lo) continue;
+                sum += p->cost;
+                cr_assert_leq(sum, lk[bk].burst + (p->ans - lo) / T + 1,
+                              "seed %llu, %s: %llu tokens admitted within %llu us "
+                              "(burst %u, T %llu us)", (unsigned long long)seed, names[bk],
+                              (unsigned long long)sum, (unsigned long long)(p->ans - lo),
+                              lk[bk].burst, (unsigned long long)T);
+            }
+        }
+        /* 2. the state left in Redis */
+        for (size_t a = 0; a < issued; a++) {
+            const prop_rec *pk = &rec[a];
+            uint64_t up = 0, low = pk->cost;
+            if (!prop_has(pk, bk) || !prop_counts(pk, bk, reconnects)) {
+                continue;
+            }
+            for (size_t b = 0; b < issued; b++) {
+                const prop_rec *pj = &rec[b];
+                if (!prop_has(pj, bk)) continue;
+                if (prop_counts(pj, bk, reconnects) && pj->ans >= pk->send) {
+                    up += pj->cost;
+                }
+                if (pk->st == PS_ADMITTED && pj->st == PS_ADMITTED && b != a
+                    && pj->send >= pk->ans) {
+                    low += pj->cost;
+                }
+            }
+            if (pk->ans + T * up > ub) ub = pk->ans + T * up;
+            if (pk->st == PS_ADMITTED && pk->send + T * low > lb) lb = pk->send + T * low;
+        }
+        now0 = wall_us();
+        tat = prop_tat(names[bk]);
+        if (tat == 0) {
+            tat = now0;                 /* absent: full, TAT <= now */
+        }
+        allow = T + 2 * max_rtt;
+        cr_log_info("%s: burst %u, T %llu us: %zu admitted (%llu tokens); TAT - now "
+                    "%lld us, reference [%lld, %lld] us, allowance %llu us", names[bk],
+                    lk[bk].burst, (unsigned long long)T, n, (unsigned long long)sum_adm,
+                    (long long)(tat - now0), (long long)(lb - now0), (long long)(ub - now0),
+                    (unsigned long long)allow);
+        cr_assert_leq(tat, (ub > now0 ? ub : now0) + allow,
+                      "seed %llu, %s: TAT %lld us ahead, the admitted and failed requests "
+                      "explain at most %lld (+%llu): something denied kept its tokens",
+                      (unsigned long long)seed, names[bk], (long long)(tat - now0),
+                      (long long)(ub - now0), (unsigned long long)allow);
+        cr_assert_geq(tat + T, lb,
+                      "seed %llu, %s: TAT %lld us ahead, the admitted requests alone need "
+                      "%lld: tokens given back that were not owed", (unsigned long long)seed,
+                      names[bk], (long long)(tat - now0), (long long)(lb - now0));
+    }
+    cr_log_info("cluster property: %zu requests on %d instances in %llu ms: %zu admitted, "
+                "%zu denied, %zu failed (deadline), %zu cancelled; %llu refunds; "
+                "longest answer %llu us; %llu reconnects", issued, NI,
+                (unsigned long long)(tg_now_ms() - t_start), nadm, nden, nlate, ncan,
+                (unsigned long long)refunds, (unsigned long long)max_rtt,
+                (unsigned long long)reconnects);
+    cr_assert_gt(nadm, 150, "too few admitted to mean anything");
+    cr_assert_gt(nden, 300, "too few denied to mean anything");
+    cr_assert_gt(refunds, 30, "the refund paths were hardly taken");
+    for (int i = 0; i < NI; i++) {
+        tg_redis_destroy(r[i]);
+        event_base_free(bases[i]);
+    }
+    free(rec);
+    free(idx);
+#undef RND
 }
 
 static char *
