@@ -49,7 +49,7 @@
  * its first key, except the global bucket.  Such a request is charged in
  * two calls, one after the other: first its first key's slot (phase 1); if
  * allowed, the rest (phase 2); when phase 2 denies, phase 1 is refunded by
- * a small script (tg_redis_refund_lua) - at most what it still holds; when
+ * the refund script (tg_gcra_refund_lua) - at most what it still holds; when
  * phase 2 fails, phase 1 is kept (the requester falls back).  Sequential rather than
  * parallel so that requests a consumer's own bucket denies - the common
  * case under abuse - never touch the shared global bucket.
@@ -95,33 +95,11 @@ static void op_refund(struct tg_redis *r, struct tg_redis_op *op);
 static void late_refund(struct tg_redis *r, struct tg_rnode *nd,
                         const struct tg_redis_op *op, const tg_gcra_result *part,
                         uint64_t script_now);
+static int refund_send(struct tg_redis *r, struct tg_rnode *nd, const char *const *keys,
+                       const size_t *lens, const uint64_t *amount, const uint64_t *p,
+                       size_t nk);
 static struct tg_redis_op *op_new(enum tg_redis_kind kind, const char *const *s,
                                   size_t n);
-
-/* Gives back what the first part of a split request added to each key,
- * as far as it is still owed: min(cost*T, P - now), P the TAT that charge
- * wrote (the script returns it).  A late refund after the debt has run
- * out gives nothing back, so it never removes a later charge of another
- * request or instance.  ARGV: cost, then per key T, P.  Rare: EVAL. */
-const char tg_redis_refund_lua[] =
-    "local tm = redis.call('TIME')\n"
-    "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
-    "local cost = tonumber(ARGV[1])\n"
-    "for i = 1, #KEYS do\n"
-    "  local tat = tonumber(redis.pcall('GET', KEYS[i]))\n"
-    "  local give = math.min(cost * tonumber(ARGV[2 * i]),\n"
-    "                        tonumber(ARGV[2 * i + 1]) - now)\n"
-    "  if tat and give > 0 then\n"
-    "    local t = tat - give\n"
-    "    if t <= now then\n"
-    "      redis.call('DEL', KEYS[i])\n"
-    "    else\n"
-    "      redis.call('SET', KEYS[i], string.format('%d', t), 'PXAT',\n"
-    "                 string.format('%d', math.ceil(t / 1000)))\n"
-    "    end\n"
-    "  end\n"
-    "end\n"
-    "return 0\n";
 
 /* ------------------------------------------------------------------ */
 /* create / destroy                                                    */
@@ -652,14 +630,11 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         }
         TG_NUM(b->nops);
         for (op = b->ops; op != NULL; op = op->next) {
-            TG_NUM(__builtin_popcount(op->mask));
-            TG_NUM(op->cost);
-            for (size_t k = 0; k < op->n; k++) {
-                if (op->mask & (1u << k)) {
-                    TG_NUM(op->lim[k].interval_us);
-                    TG_NUM(op->lim[k].burst);
-                    TG_NUM(op->floor_us[k]);
-                }
+            uint64_t a[TG_GCRA_SCRIPT_ARGS];
+            size_t na = tg_gcra_script_args(op->lim, op->floor_us, op->n, op->mask,
+                                            op->cost, a);
+            for (size_t j = 0; j < na; j++) {
+                TG_NUM(a[j]);
             }
         }
     }
@@ -873,18 +848,6 @@ batch_timeout_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-/* Bucket index of the j-th bucket sent (bit j set in mask). */
-static int
-mask_index(uint8_t mask, long long j)
-{
-    for (int k = 0; k < TG_CHARGE_MAX_BUCKETS; k++) {
-        if ((mask & (1u << k)) && j-- == 0) {
-            return k;
-        }
-    }
-    return -1;
-}
-
 /* A split request's answer from its two parts (a: phase 1, allowed; b:
  * phase 2), with the rules of tg_gcra_charge as far as two answers allow. */
 static void
@@ -909,33 +872,18 @@ combine(const tg_gcra_result *a, const tg_gcra_result *b, uint32_t cost,
 }
 
 /* One request's answer, elements e[0..5+nb) of the script's reply, into
- * res (bucket indices mapped through op->mask); 0 if it is not a valid
- * answer (then only this request fails). */
+ * res (tg_gcra_script_answer: bucket indices mapped through op->mask); 0
+ * if it is not a valid answer (then only this request fails). */
 static int
 charge_answer(redisReply *const *e, const struct tg_redis_op *op, tg_gcra_result *res)
 {
+    long long v[5 + TG_CHARGE_MAX_BUCKETS];
     int nb = __builtin_popcount(op->mask);
 
-    /* buckets not in this call (the other part of a Cluster split) hold
-     * nothing we know of: 0, never stack garbage */
-    memset(res->held_us, 0, sizeof(res->held_us));
     for (int k = 0; k < 5 + nb; k++) {
-        if (e[k]->type != REDIS_REPLY_INTEGER || e[k]->integer < 0) {
-            return 0;
-        }
+        v[k] = e[k]->type == REDIS_REPLY_INTEGER ? e[k]->integer : -1;
     }
-    if (e[0]->integer > 1 || e[4]->integer >= nb) {
-        return 0;
-    }
-    res->allowed = (int)e[0]->integer;
-    res->remaining = e[1]->integer > UINT32_MAX ? UINT32_MAX : (uint32_t)e[1]->integer;
-    res->retry_us = (uint64_t)e[2]->integer;
-    res->reset_us = (uint64_t)e[3]->integer;
-    res->limiting = mask_index(op->mask, e[4]->integer);
-    for (int j = 0; j < nb; j++) {
-        res->held_us[mask_index(op->mask, j)] = (uint64_t)e[5 + j]->integer;
-    }
-    return 1;
+    return tg_gcra_script_answer(v, op->mask, res);
 }
 
 static void
@@ -951,11 +899,12 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         tg_redis_node_warn(b->node, "redis: charge script failed: %.200s", rep->str);
         goto fail;
     }
-    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 * b->nops + b->nkeys + 1) {
-        tg_redis_node_warn(b->node, "redis: charge script reply: type %d with %zu elements, "
-                "expected an array of %zu", rep->type,
+    if (rep->type != REDIS_REPLY_ARRAY
+        || rep->elements != tg_gcra_script_reply_len(b->nops, b->nkeys)) {
+        tg_redis_node_warn(b->node, "redis: charge script reply: type %d with %zu "
+                "elements, expected an array of %zu", rep->type,
                 rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
-                5 * b->nops + b->nkeys + 1);
+                tg_gcra_script_reply_len(b->nops, b->nkeys));
         goto fail;
     }
     if (rep->element[rep->elements - 1]->type == REDIS_REPLY_INTEGER
@@ -1120,9 +1069,9 @@ tg_redis_op_fail(struct tg_redis *r, struct tg_redis_op *op)
 static void
 op_refund(struct tg_redis *r, struct tg_redis_op *op)
 {
-    const char *argv[3 + 3 * TG_CHARGE_MAX_BUCKETS + 1];
-    size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nk = 0;
-    char num[2 + 2 * TG_CHARGE_MAX_BUCKETS][TG_REDIS_NUMLEN];
+    const char *keys[TG_CHARGE_MAX_BUCKETS];
+    size_t lens[TG_CHARGE_MAX_BUCKETS], nk = 0;
+    uint64_t amount[TG_CHARGE_MAX_BUCKETS];
     struct tg_rnode *nd;
 
     if (op->kind != TG_OP_CHARGE || !op->refund_due) {
@@ -1137,35 +1086,13 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
         return;
     }
     for (size_t k = 0; k < op->n; k++) {
-        nk += (op->mask1 >> k) & 1u;
-    }
-    argv[argc] = "EVAL";
-    argvlen[argc++] = 4;
-    argv[argc] = tg_redis_refund_lua;
-    argvlen[argc++] = strlen(tg_redis_refund_lua);
-    argvlen[argc] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
-    argv[argc++] = num[0];
-    for (size_t k = 0; k < op->n; k++) {
         if (op->mask1 & (1u << k)) {
-            argv[argc] = tg_redis_op_key(op, k);
-            argvlen[argc++] = op->len[k];
+            keys[nk] = tg_redis_op_key(op, k);
+            lens[nk] = op->len[k];
+            amount[nk++] = (uint64_t)op->cost * op->lim[k].interval_us;
         }
     }
-    argvlen[argc] = (size_t)snprintf(num[1], sizeof(num[1]), "%u", op->cost);
-    argv[argc++] = num[1];
-    for (size_t k = 0, j = 2, sent = 0; k < op->n; k++) {
-        if (op->mask1 & (1u << k)) {
-            argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
-                                             (unsigned long long)op->lim[k].interval_us);
-            argv[argc++] = num[j++];
-            argvlen[argc] = (size_t)snprintf(num[j], sizeof(num[j]), "%llu",
-                                             (unsigned long long)op->p1[sent++]);
-            argv[argc++] = num[j++];
-        }
-    }
-    if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {
-        r->stats.refunds++;
-    }
+    refund_send(r, nd, keys, lens, amount, op->p1, nk);    /* p1: in mask1 order */
 }
 
 /*
@@ -1179,42 +1106,65 @@ static void
 late_refund(struct tg_redis *r, struct tg_rnode *nd, const struct tg_redis_op *op,
             const tg_gcra_result *part, uint64_t script_now)
 {
-    const char *argv[3 + 3 * TG_CHARGE_MAX_BUCKETS];
-    size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nk = 0;
-    char num[1 + 2 * TG_CHARGE_MAX_BUCKETS][TG_REDIS_NUMLEN];
-    size_t nn = 0;
+    const char *keys[TG_CHARGE_MAX_BUCKETS];
+    size_t lens[TG_CHARGE_MAX_BUCKETS], nk = 0;
+    uint64_t amount[TG_CHARGE_MAX_BUCKETS], p[TG_CHARGE_MAX_BUCKETS];
 
     if (r->destroying || op->cost == 0 || !tg_redis_node_usable(nd)) {
         return;
     }
+    for (size_t k = 0; k < op->n; k++) {
+        if (op->mask & (1u << k)) {
+            keys[nk] = tg_redis_op_key(op, k);
+            lens[nk] = op->len[k];
+            amount[nk] = (uint64_t)op->cost * op->lim[k].interval_us;
+            p[nk++] = script_now + part->held_us[k];
+        }
+    }
+    refund_send(r, nd, keys, lens, amount, p, nk);
+}
+
+_Static_assert(TG_REDIS_REFUND_MAX >= TG_CHARGE_MAX_BUCKETS, "a charge's keys fit a refund");
+
+/*
+ * One call of the refund script (tg_gcra_refund_lua) on nd: keys[j]
+ * (lens[j] bytes) gives back at most amount[j], never beyond p[j] - now.
+ * Fire and forget, behind what is queued on that connection; counted in
+ * stats.refunds.  nk <= TG_REDIS_REFUND_MAX, keys of one slot (Cluster).
+ * 1 if queued.
+ */
+static int
+refund_send(struct tg_redis *r, struct tg_rnode *nd, const char *const *keys,
+            const size_t *lens, const uint64_t *amount, const uint64_t *p, size_t nk)
+{
+    const char *argv[3 + 3 * TG_REDIS_REFUND_MAX];
+    size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nn = 1;
+    char num[1 + 2 * TG_REDIS_REFUND_MAX][TG_REDIS_NUMLEN];
+    uint64_t a[2];
+
     argv[argc] = "EVAL";
     argvlen[argc++] = 4;
     argv[argc] = tg_gcra_refund_lua;
     argvlen[argc++] = strlen(tg_gcra_refund_lua);
-    argv[argc++] = num[nn++];                       /* numkeys: below */
-    for (size_t k = 0; k < op->n; k++) {
-        if (op->mask & (1u << k)) {
-            argv[argc] = tg_redis_op_key(op, k);
-            argvlen[argc++] = op->len[k];
-            nk++;
-        }
+    argvlen[argc] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
+    argv[argc++] = num[0];
+    for (size_t k = 0; k < nk; k++) {
+        argv[argc] = keys[k];
+        argvlen[argc++] = lens[k];
     }
-    argvlen[2] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
-    for (size_t k = 0; k < op->n; k++) {
-        if (op->mask & (1u << k)) {
+    for (size_t k = 0; k < nk; k++) {
+        size_t na = tg_gcra_refund_args(amount[k], p[k], a);
+        for (size_t j = 0; j < na; j++) {
             argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
-                                             (unsigned long long)op->cost
-                                             * op->lim[k].interval_us);
-            argv[argc++] = num[nn++];
-            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
-                                             (unsigned long long)(script_now
-                                                                  + part->held_us[k]));
+                                             (unsigned long long)a[j]);
             argv[argc++] = num[nn++];
         }
     }
-    if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {
-        r->stats.refunds++;
+    if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) != REDIS_OK) {
+        return 0;
     }
+    r->stats.refunds++;
+    return 1;
 }
 
 /* One allocation: the op and copies of its n strings. */
@@ -1261,9 +1211,7 @@ void
 tg_redis_give_back(struct tg_redis *r, const char *const *keys, const uint64_t *amount_us,
                    const uint64_t *p_us, size_t n, int now)
 {
-    const char *argv[3 + 3 * TG_REDIS_GIVE_MAX];
-    size_t argvlen[TG_ARRAY_LEN(argv)], argc, nk;
-    char num[1 + 2 * TG_REDIS_GIVE_MAX][TG_REDIS_NUMLEN];
+    size_t lens[TG_REDIS_GIVE_MAX], nk;
     struct tg_rnode *nd = NULL;
     size_t i = 0;
 
@@ -1271,7 +1219,7 @@ tg_redis_give_back(struct tg_redis *r, const char *const *keys, const uint64_t *
         return;
     }
     while (i < n) {
-        size_t first = i, nn = 1;
+        size_t first = i;
 
         if (r->mode != TG_MODE_CLUSTER) {
             nd = r->nodes[0];
@@ -1286,30 +1234,12 @@ tg_redis_give_back(struct tg_redis *r, const char *const *keys, const uint64_t *
         if (!tg_redis_node_usable(nd)) {
             continue;
         }
-        argc = 0;
-        argv[argc] = "EVAL";
-        argvlen[argc++] = 4;
-        argv[argc] = tg_gcra_refund_lua;
-        argvlen[argc++] = strlen(tg_gcra_refund_lua);
-        argvlen[argc] = (size_t)snprintf(num[0], sizeof(num[0]), "%zu", nk);
-        argv[argc++] = num[0];
-        for (size_t k = first; k < first + nk; k++) {
-            argv[argc] = keys[k];
-            argvlen[argc++] = strlen(keys[k]);
+        for (size_t k = 0; k < nk; k++) {
+            lens[k] = strlen(keys[first + k]);
         }
-        for (size_t k = first; k < first + nk; k++) {
-            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
-                                             (unsigned long long)amount_us[k]);
-            argv[argc++] = num[nn++];
-            argvlen[argc] = (size_t)snprintf(num[nn], sizeof(num[nn]), "%llu",
-                                             (unsigned long long)p_us[k]);
-            argv[argc++] = num[nn++];
-        }
-        if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) == REDIS_OK) {
-            r->stats.refunds++;
-            if (now) {
-                redisAsyncHandleWrite(nd->ac);
-            }
+        if (refund_send(r, nd, keys + first, lens, amount_us + first, p_us + first, nk)
+            && now) {
+            redisAsyncHandleWrite(nd->ac);
         }
     }
 }

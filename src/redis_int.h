@@ -41,6 +41,7 @@
 #define TG_REDIS_MAX_OBJECTS       (1 << 20)   /* objects in one reply */
 #define TG_REDIS_MAX_READBUF       (4u << 20)  /* unparsed reply bytes */
 #define TG_REDIS_WARN_MS           1000     /* connection warnings per node */
+#define TG_REDIS_REFUND_MAX        TG_REDIS_GIVE_MAX   /* keys per refund call */
 
 enum tg_redis_mode { TG_MODE_SINGLE, TG_MODE_SENTINEL, TG_MODE_CLUSTER };
 
