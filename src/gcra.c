@@ -653,13 +653,13 @@ const char tg_gcra_lua[] =
     "return out\n";
 
 /*
- * Give back a charge whose answer came too late to count (the request was
- * decided without it).  KEYS: its buckets; ARGV per key: cost*T and P, the
- * TAT that charge wrote.  Each bucket loses at most cost*T and never more
- * than the debt still ahead of P (P - now): what a later charge by someone
- * else added stays (that charge can only have shrunk our share of the
- * debt to no less than P - now).  Cluster: the keys of one call share a
- * slot.
+ * Give back part of a charge (a late answer, a Cluster split's first part,
+ * a lease's unused tokens).  KEYS: its buckets; ARGV per key: the amount
+ * (cost*T, or unused*T) and P, the TAT that charge wrote.  Each bucket
+ * loses at most the amount and never more than the debt still ahead of P
+ * (P - now): what a later charge by someone else added stays (that charge
+ * can only have shrunk our share of the debt to no less than P - now).
+ * Cluster: the keys of one call share a slot.
  */
 const char tg_gcra_refund_lua[] =
     "local tm = redis.call('TIME')\n"
@@ -683,3 +683,76 @@ const char tg_gcra_refund_lua[] =
     "  end\n"
     "end\n"
     "return 0\n";
+
+/* ---- the scripts' layout ---------------------------------------------- */
+
+size_t
+tg_gcra_script_args(const tg_gcra_limit *lim, const uint64_t *floor_us, size_t n,
+                    unsigned mask, uint32_t cost, uint64_t *out)
+{
+    size_t i = 2;
+
+    for (size_t k = 0; k < n && k < TG_GCRA_MAX_BUCKETS; k++) {
+        if (mask & (1u << k)) {
+            out[i++] = lim[k].interval_us;
+            out[i++] = lim[k].burst;
+            out[i++] = floor_us != NULL ? floor_us[k] : 0;
+        }
+    }
+    out[0] = (i - 2) / 3;
+    out[1] = cost;
+    return i;
+}
+
+size_t
+tg_gcra_script_reply_len(size_t nreq, size_t nkeys)
+{
+    return 5 * nreq + nkeys + 1;
+}
+
+/* Bucket index of the j-th bucket sent (bit j set in mask); -1 if none. */
+static int
+mask_index(unsigned mask, long long j)
+{
+    for (int k = 0; k < TG_GCRA_MAX_BUCKETS; k++) {
+        if ((mask & (1u << k)) && j-- == 0) {
+            return k;
+        }
+    }
+    return -1;
+}
+
+int
+tg_gcra_script_answer(const long long *v, unsigned mask, tg_gcra_result *res)
+{
+    int nb = __builtin_popcount(mask & ((1u << TG_GCRA_MAX_BUCKETS) - 1));
+
+    /* buckets not in this call (the other part of a Cluster split) hold
+     * nothing we know of: 0, never stack garbage */
+    memset(res->held_us, 0, sizeof(res->held_us));
+    for (int k = 0; k < 5 + nb; k++) {
+        if (v[k] < 0) {
+            return 0;
+        }
+    }
+    if (v[0] > 1 || v[4] >= nb) {
+        return 0;
+    }
+    res->allowed = (int)v[0];
+    res->remaining = v[1] > UINT32_MAX ? UINT32_MAX : (uint32_t)v[1];
+    res->retry_us = (uint64_t)v[2];
+    res->reset_us = (uint64_t)v[3];
+    res->limiting = mask_index(mask, v[4]);
+    for (int j = 0; j < nb; j++) {
+        res->held_us[mask_index(mask, j)] = (uint64_t)v[5 + j];
+    }
+    return 1;
+}
+
+size_t
+tg_gcra_refund_args(uint64_t amount_us, uint64_t p_us, uint64_t *out)
+{
+    out[0] = amount_us;
+    out[1] = p_us;
+    return 2;
+}

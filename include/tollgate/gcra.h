@@ -136,8 +136,8 @@ size_t tg_lstore_entry_bytes(void);
  *   A stored value that is not a bucket (another type, not a finite
  *   number in 0..2^53) counts as no bucket (full) and is overwritten by
  *   the next allowed charge.
- *   A charge's new TAT P (now + its held_us) bounds what a Cluster refund
- *   may give back (see redis.c).
+ *   A charge's new TAT P (now + its held_us) bounds what a refund
+ *   (tg_gcra_refund_lua) may give back.
  * Each request is all-or-nothing over its own buckets; requests of one
  * batch are independent and applied in order.  Keys are written with
  * PXAT = the first millisecond at or after their TAT (when the bucket is
@@ -147,11 +147,47 @@ size_t tg_lstore_entry_bytes(void);
 extern const char tg_gcra_lua[];
 
 /*
- * Give back a charge answered after its deadline (the request was decided
- * without it).  KEYS: the buckets; ARGV per key: cost*T, then P (the TAT
- * that charge wrote).  Each loses at most cost*T, never more than its
- * debt beyond now (P - now).
+ * The one refund script: give back part of what a charge added.  KEYS:
+ * the buckets (Cluster: of one slot); ARGV per key: the amount (us), then
+ * P (the TAT that charge wrote).  Each key loses at most the amount,
+ * never more than its debt beyond now (P - now), so a refund that comes
+ * after its charge's debt ran out gives nothing back and never removes a
+ * later charge of someone else.  Used for a charge answered after its
+ * deadline (amount cost*T), the first part of a Cluster split whose
+ * second part denied (idem), and a lease's unused tokens (unused*T).
  */
 extern const char tg_gcra_refund_lua[];
+
+/* ---- the scripts' argument and reply layout (pure) ------------------- */
+
+#define TG_GCRA_SCRIPT_ARGS (2 + 3 * TG_GCRA_MAX_BUCKETS)  /* per request, at most */
+
+/*
+ * The charge script's ARGV numbers of one request into out[] (room for
+ * TG_GCRA_SCRIPT_ARGS): nbuckets, cost, then interval_us, burst, floor_us
+ * of each bucket k < n whose bit is set in mask, in index order.
+ * floor_us may be NULL (no floors).  Returns how many numbers.
+ */
+size_t tg_gcra_script_args(const tg_gcra_limit *lim, const uint64_t *floor_us,
+                           size_t n, unsigned mask, uint32_t cost, uint64_t *out);
+
+/* Elements of the charge script's reply to nreq requests over nkeys bucket
+ * keys in all: 5 per request, one per key, and the script's now. */
+size_t tg_gcra_script_reply_len(size_t nreq, size_t nkeys);
+
+/*
+ * One request's answer from its 5 + popcount(mask) reply integers v[]
+ * (allowed, remaining, retry_us, reset_us, limiting index, then held_us of
+ * each bucket sent; pass -1 for an element that is not an integer) into
+ * res, bucket indices mapped back through mask; the buckets not sent hold
+ * 0.  Returns 1, or 0 when v is not a valid answer (a negative number,
+ * allowed above 1, an index beyond the buckets sent).  res->now_us is
+ * left alone.
+ */
+int tg_gcra_script_answer(const long long *v, unsigned mask, tg_gcra_result *res);
+
+/* The refund script's ARGV numbers of one key into out[0..2): amount_us,
+ * p_us.  Returns 2. */
+size_t tg_gcra_refund_args(uint64_t amount_us, uint64_t p_us, uint64_t *out);
 
 #endif

@@ -143,11 +143,6 @@ typedef void (*tg_redis_str_cb)(void *arg, tg_rc rc, const char *value, size_t l
 struct tg_redis_op *tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
                                   tg_redis_str_cb cb, void *arg);
 
-/* The Cluster refund script: KEYS the buckets of a split request's first
- * part; ARGV cost, then per key its interval T (us) and the TAT P that
- * part wrote.  Gives back min(cost*T, P - now) of each key, never more. */
-extern const char tg_redis_refund_lua[];
-
 /* The last authentication problem of any client of this process (wrong
  * password, NOAUTH), "" when the last AUTH succeeded: for /status.  Never
  * holds a secret.  Thread-safe. */

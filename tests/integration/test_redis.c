@@ -1059,7 +1059,7 @@ script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
 static void
 script_refund(const char *key, uint64_t t_us, long long p)
 {
-    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 %llu %lld", tg_redis_refund_lua,
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s %llu %lld", tg_gcra_refund_lua,
                                key, (unsigned long long)t_us, p);
 
     cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER, "refund script: %s",
@@ -1105,7 +1105,7 @@ Test(redis, late_refund_never_removes_another_charge)
     long long a[6], b[6], c[6], before, after;
     uint64_t end = tg_now_ms() + 5000;
 
-    cr_assert_gt(strlen(tg_redis_refund_lua), 0);
+    cr_assert_gt(strlen(tg_gcra_refund_lua), 0);
     /* A charges; its debt runs out; B (another instance) charges */
     script_charge("t:{late}:g", T, 1, a);
     cr_assert_eq(a[0], 1);
