@@ -1,11 +1,9 @@
 /*
  * limiter.c - identify, route and charge one request.
  *
- * Bucket keys: <prefix>{<consumer>}:t for the tier bucket,
- * <prefix>{<consumer>}:r:<route> for a route bucket, <prefix>{global}:g for
- * the global bucket.  The hash tag keeps all of one consumer's buckets in
- * one Redis Cluster slot.  Limits travel with every call, so a changed tier
- * applies at once to existing buckets.
+ * The buckets of a request and their keys are the route stage's
+ * (route.c).  Limits travel with every call, so a changed tier applies
+ * at once to existing buckets.
  */
 #include "tollgate/limiter.h"
 
@@ -21,7 +19,7 @@
 #include "tollgate/breaker.h"
 #include "tollgate/metrics.h"
 #include "tollgate/redis.h"
-#include "tollgate/target.h"
+#include "tollgate/route.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
 #define KCACHE_SETS        1024        /* key-store cache: sets per worker, */
@@ -231,7 +229,6 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
     }
 }
 
-static const tg_route_conf *route_for(const tg_conf *conf, const tg_http_req *req);
 static tg_rc charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req);
 static int use_key_store(const struct tg_limiter *lim);
 static tg_rc key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx);
@@ -242,7 +239,6 @@ static void redis_done(void *arg, tg_rc rc, const tg_gcra_result *res);
 static void fallback(tg_limit_ctx *ctx);
 static void store_down(tg_limit_ctx *ctx, const char *why);
 static uint32_t ceil_s(uint64_t us);
-static uint32_t max_cost(const tg_conf *conf);
 static void client_net(const tg_conf *conf, const char *ip, char *out, size_t len);
 static void kpend_cancel(tg_limit_ctx *ctx);
 static tg_rc send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost);
@@ -271,7 +267,7 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
     lim->sconf = tg_conf_ref(conf);
     lim->keys = tg_keys_ref(keys);
     lim->base = base;
-    lim->max_cost = max_cost(conf);
+    lim->max_cost = tg_route_max_cost(conf);
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
                    || (conf->auth.redis_keys && conf->store == TG_STORE_REDIS);
     tg_breaker_init(&lim->breaker, &redis_breaker_conf);
@@ -381,7 +377,7 @@ tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
 
     lim->conf = tg_conf_ref(conf);
     lim->keys = tg_keys_ref(keys);
-    lim->max_cost = max_cost(conf);
+    lim->max_cost = tg_route_max_cost(conf);
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
                    || (conf->auth.redis_keys && lim->redis != NULL);
     /* Leases go back; the deny cache starts empty (limits may change). */
@@ -587,7 +583,7 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
     tg_limit_outcome *out = ctx->out;
     const tg_tier_conf *tier;
     const tg_route_conf *route;
-    size_t n = 0;
+    size_t n;
     tg_gcra_result res;
 
     tier = tg_conf_tier(conf, out->tier);
@@ -597,25 +593,12 @@ charge_stage(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req)
     }
 
     /* route, and the buckets of this request */
-    route = route_for(conf, req);
+    route = tg_route_find(conf, req);
     ctx->cost = route != NULL ? route->cost : 1;
     out->route = route != NULL ? (int)(route - conf->routes) : -1;
     out->cost = ctx->cost;
-    snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:t", prefix, out->consumer);
-    ctx->limits[n] = tg_gcra_per_minute(tier->requests_per_minute, tier->burst_limit);
-    snprintf(ctx->names[n++], sizeof(ctx->names[0]), "%s", tier->name);
-    if (route != NULL && route->has_limit) {
-        snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:r:%s", prefix, out->consumer,
-                 route->name);
-        ctx->limits[n] = tg_gcra_per_minute(route->requests_per_minute, route->burst_limit);
-        snprintf(ctx->names[n++], sizeof(ctx->names[0]), "%s", route->name);
-    }
-    if (conf->global_limit.enabled) {
-        snprintf(ctx->keys[n], TG_LIMIT_KEY_MAX, "%s{global}:g", prefix);
-        ctx->limits[n] = tg_gcra_per_second(conf->global_limit.requests_per_second,
-                                            conf->global_limit.burst);
-        snprintf(ctx->names[n++], sizeof(ctx->names[0]), "%s", "global");
-    }
+    n = tg_route_buckets(conf, tier, route, prefix, out->consumer,
+                         ctx->limits, ctx->names, ctx->keys);
     ctx->n = n;
 
     /* A cost above a capacity could never pass: refuse it without a
@@ -947,19 +930,6 @@ store_down(tg_limit_ctx *ctx, const char *why)
     out->retry_s = s > 0 ? s : 1;
 }
 
-static uint32_t
-max_cost(const tg_conf *conf)
-{
-    uint32_t m = 1;
-
-    for (size_t i = 0; i < conf->nroutes; i++) {
-        if (conf->routes[i].cost > m) {
-            m = conf->routes[i].cost;
-        }
-    }
-    return m;
-}
-
 /*
  * The network a client's own buckets are keyed by: an IPv4 address as
  * is (IPv4-mapped IPv6 too: "::ffff:1.2.3.4" is 1.2.3.4), an IPv6 address
@@ -1010,29 +980,6 @@ find_header(const tg_http_req *req, const char *name)
     for (i = 0; i < req->nhdr; i++) {
         if (tg_http_name_is(req->hdr[i].name, req->hdr[i].name_len, name)) {
             return &req->hdr[i];
-        }
-    }
-    return NULL;
-}
-
-/* First rule whose method matches (or any; a GET rule also takes HEAD,
- * which is GET without the body, RFC 9110 9.3.2) and whose path is a
- * prefix of the normalised request path on a segment boundary. */
-static const tg_route_conf *
-route_for(const tg_conf *conf, const tg_http_req *req)
-{
-    size_t i;
-
-    for (i = 0; i < conf->nroutes; i++) {
-        const tg_route_conf *r = &conf->routes[i];
-
-        if (r->method != NULL && (strlen(r->method) != req->method_len
-                                  || memcmp(r->method, req->method, req->method_len) != 0)
-            && !(req->is_head && strcmp(r->method, "GET") == 0)) {
-            continue;
-        }
-        if (tg_target_match_prefix(req->path, req->path_len, r->path)) {
-            return r;
         }
     }
     return NULL;

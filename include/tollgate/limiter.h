@@ -22,9 +22,7 @@
 #include "tollgate/gcra.h"
 #include "tollgate/http.h"
 #include "tollgate/keys.h"
-
-#define TG_LIMIT_MAX_BUCKETS 3
-#define TG_LIMIT_KEY_MAX     192
+#include "tollgate/route.h"
 
 struct tg_limiter;
 struct tg_redis_op;
