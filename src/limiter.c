@@ -1,13 +1,19 @@
 /*
- * limiter.c - identify, route and charge one request.
+ * limiter.c - the limiter of one worker, and the charge stage.
  *
- * The buckets of a request and their keys are the route stage's
- * (route.c).  Limits travel with every call, so a changed tier applies
- * at once to existing buckets.
+ * A request goes through it in this order (docs/ARCHITECTURE-limiter.md):
+ *   tg_limiter_check    starts it: its context and its one Redis deadline;
+ *   tg_identify         who sends it, at which tier (identify.c);
+ *   tg_limiter_charge   its route and buckets (route.c), then the charge:
+ *                       a lease's tokens (lease.c), the deny cache
+ *                       (deny_cache.c), Redis (send_charge, redis_done) or
+ *                       the in-process store, and the on_failure fallback;
+ *   tg_limiter_headers  the rate-limit headers of its answer.
+ * Limits travel with every call, so a changed tier applies at once to
+ * existing buckets.
  */
 #include "limiter_int.h"
 
-#include <arpa/inet.h>
 #include <limits.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -22,51 +28,6 @@
 #include "tollgate/route.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
-#define DCACHE_SLOTS       2048        /* deny cache: buckets per worker */
-#define LEASE_SLOTS        256         /* leases held per worker */
-
-/*
- * The deny cache (store: redis), per worker, direct-mapped: the TAT of a
- * bucket as a Redis answer showed it (never later than the TAT Redis
- * holds).  Only consumption moves a TAT later; what moves it earlier is
- * handled in docs/DESIGN-NOTES.md ("The deny cache").  A request one of
- * whose buckets is known empty for its cost is answered 429 here.
- */
-typedef struct dcache_entry {
-    uint64_t      tat_us;         /* local clock; 0 = empty */
-    tg_gcra_limit lim;            /* the limits it was learnt under */
-    char          key[TG_LIMIT_KEY_MAX];
-} dcache_entry;
-
-/*
- * A lease (rate_limits.<tier>.lease), per worker: a slice of `size` tokens
- * charged to every bucket of one bucket set (tier + route + global of one
- * consumer and route) in Redis, spent here without a call; what is left
- * at its ttl (or a reload, or shutdown) is given back.
- */
-typedef struct lease_entry {
-    uint64_t      hash;           /* of the set: lease_hash() */
-    uint64_t      expires_us;     /* 0 = no slice */
-    uint64_t      taken_us;       /* when its take was sent */
-    uint64_t      reset_us;       /* the take's answer: until full, from taken_us */
-    uint64_t      p_us[TG_LIMIT_MAX_BUCKETS];   /* TATs the take wrote (Redis clock) */
-    uint32_t      tokens;         /* left to spend */
-    uint32_t      remaining;      /* the take's answer: tokens left in Redis */
-    int           limiting;       /* ... its tightest bucket */
-    int           taking;         /* a take for this set is in flight */
-    size_t        n;
-    tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS];
-    char          keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
-} lease_entry;
-
-/* Unused lease tokens on their way back to Redis: sent together, at the
- * worker's next sample (50 ms), before its next charge, or when full. */
-typedef struct give_buf {
-    size_t   n;
-    uint64_t amount_us[TG_REDIS_GIVE_MAX];
-    uint64_t p_us[TG_REDIS_GIVE_MAX];
-    char     keys[TG_REDIS_GIVE_MAX][TG_LIMIT_KEY_MAX];
-} give_buf;
 
 /*
  * The in-process store (store: local, and the Redis fallback) is ONE per
@@ -166,23 +127,10 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
     }
 }
 
-static void finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
 static void finish_impossible(tg_limit_ctx *ctx, size_t i);
 static void redis_done(void *arg, tg_rc rc, const tg_gcra_result *res);
 static void fallback(tg_limit_ctx *ctx);
 static tg_rc send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost);
-static void give_flush(struct tg_limiter *lim, int now);
-static void dcache_learn(struct tg_limiter *lim, const tg_limit_ctx *ctx,
-                         const tg_gcra_result *res);
-static void dcache_forget(struct tg_limiter *lim, const char *key);
-static int dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx);
-static void lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit);
-static int lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx);
-static int lease_begin(struct tg_limiter *lim, tg_limit_ctx *ctx);
-static void lease_end(struct tg_limiter *lim, tg_limit_ctx *ctx);
-static void lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx,
-                          const tg_gcra_result *res, uint32_t ln);
-static uint32_t lease_size(const tg_tier_conf *tier, const tg_limit_ctx *ctx);
 static tg_rc lease_taken(struct tg_limiter *lim, tg_limit_ctx *ctx,
                          const tg_gcra_result *res);
 
@@ -283,7 +231,7 @@ tg_limiter_destroy(struct tg_limiter *lim)
         return;
     }
     if (lim->redis != NULL) {
-        lease_give_back_all(lim, 0, 1);    /* unused slices go back */
+        tg_lease_give_back_all(lim, 0, 1);    /* unused slices go back */
         tg_redis_destroy(lim->redis);
     }
     tg_keys_unref(lim->keys);
@@ -310,10 +258,8 @@ tg_limiter_reload(struct tg_limiter *lim, tg_conf *conf, struct tg_keys *keys)
     lim->enabled = keys != NULL || conf->auth.anonymous_tier != NULL
                    || (conf->auth.redis_keys && lim->redis != NULL);
     /* Leases go back; the deny cache starts empty (limits may change). */
-    lease_give_back_all(lim, 0, 0);
-    if (lim->dcache != NULL) {
-        memset(lim->dcache, 0, DCACHE_SLOTS * sizeof(*lim->dcache));
-    }
+    tg_lease_give_back_all(lim, 0, 0);
+    tg_dcache_clear(lim);
     tg_keys_unref(old_keys);
     tg_conf_unref(old_conf);
 }
@@ -359,7 +305,7 @@ tg_limiter_sample(struct tg_limiter *lim)
 
     if (lim->redis != NULL) {
         probe(lim);
-        lease_give_back_all(lim, tg_now_us(), 0);    /* expired slices */
+        tg_lease_give_back_all(lim, tg_now_us(), 0);    /* expired slices */
     }
     if (lim->redis == NULL || lim->shard == NULL) {
         return;
@@ -400,7 +346,7 @@ tg_limiter_enabled(const struct tg_limiter *lim)
     return lim->enabled;
 }
 
-/* ---- the decision -------------------------------------------------- */
+/* ---- the request path ---------------------------------------------- */
 
 tg_rc
 tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
@@ -424,6 +370,8 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     /* identify -> route -> charge (tg_limiter_charge) */
     return tg_identify(lim, ctx, req, client_ip);
 }
+
+/* ---- charge ---------------------------------------------------------- */
 
 /* Route, buckets and charge, once the consumer and tier are known. */
 tg_rc
@@ -464,13 +412,13 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
 
     /* charge */
     if (lim->redis != NULL) {
-        uint32_t ln = lease_size(tier, ctx);
+        uint32_t ln = tg_lease_size(tier, ctx);
 
         /* A slice in hand, then a bucket known empty: no Redis call. */
-        if (ln > 0 && lease_spend(lim, ctx)) {
+        if (ln > 0 && tg_lease_spend(lim, ctx)) {
             return TG_OK;
         }
-        if (dcache_deny(lim, ctx)) {
+        if (tg_dcache_deny(lim, ctx)) {
             return TG_OK;
         }
         if (!tg_breaker_allow(&lim->breaker, tg_now_ms())) {
@@ -483,7 +431,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
             return TG_OK;
         }
         ctx->lease_n = 0;
-        if (ln > 0 && lease_begin(lim, ctx)) {
+        if (ln > 0 && tg_lease_begin(lim, ctx)) {
             ctx->lease_n = ln;         /* take a slice: charge ln, spend cost */
             ctx->lease_ttl_ms = tier->lease_ttl_ms;
         }
@@ -491,7 +439,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
             return TG_AGAIN;
         }
         if (ctx->lease_n > 0) {
-            lease_end(lim, ctx);
+            tg_lease_end(lim, ctx);
         }
         tg_breaker_failure(&lim->breaker, tg_now_ms());
         fallback(ctx);
@@ -506,7 +454,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
         }
         local_charge(keys, ctx->limits, n, ctx->cost, &res);
     }
-    finish(ctx, &res);
+    tg_limiter_finish(ctx, &res);
     return TG_OK;
 }
 
@@ -519,7 +467,7 @@ send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost)
 
     /* Tokens given back (a slice of this key just expired) go first: on
      * the same connection, Redis applies them before this charge. */
-    give_flush(lim, 0);
+    tg_lease_give_flush(lim, 0);
     for (size_t i = 0; i < ctx->n; i++) {
         keys[i] = ctx->keys[i];
     }
@@ -547,10 +495,10 @@ tg_limiter_cancel(tg_limit_ctx *ctx)
         if (ctx->op_charge) {
             /* redis.c gives the charge back if it was applied */
             if (ctx->lease_n > 0) {
-                lease_end(ctx->lim, ctx);
+                tg_lease_end(ctx->lim, ctx);
             }
             for (size_t i = 0; i < ctx->n; i++) {
-                dcache_forget(ctx->lim, ctx->keys[i]);
+                tg_dcache_forget(ctx->lim, ctx->keys[i]);
             }
         }
         tg_redis_cancel(ctx->op);
@@ -580,8 +528,8 @@ finish_impossible(tg_limit_ctx *ctx, size_t i)
 }
 
 /* Fill the outcome from a store result. */
-static void
-finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
+void
+tg_limiter_finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
 {
     tg_limit_outcome *out = ctx->out;
     int i = res->limiting >= 0 && (size_t)res->limiting < ctx->n ? res->limiting : 0;
@@ -623,18 +571,18 @@ redis_done(void *arg, tg_rc rc, const tg_gcra_result *res)
         if (lim->sconf->redis.on_failure == TG_FAIL_LOCAL) {
             local_follow(ctx, res);
         }
-        dcache_learn(lim, ctx, res);
+        tg_dcache_learn(lim, ctx, res);
         if (ctx->lease_n == 0) {
-            finish(ctx, res);
+            tg_limiter_finish(ctx, res);
         } else if (lease_taken(lim, ctx, res) == TG_AGAIN) {
             return;                    /* charged exactly now: called again */
         }
     } else {
         if (ctx->lease_n > 0) {
-            lease_end(lim, ctx);
+            tg_lease_end(lim, ctx);
         }
         for (size_t i = 0; i < ctx->n; i++) {
-            dcache_forget(lim, ctx->keys[i]);   /* it may be given back late */
+            tg_dcache_forget(lim, ctx->keys[i]);   /* it may be given back late */
         }
         /* A batch that misses its deadline fails all its charges in one
          * callback run: that is one failure of Redis, not one per charge
@@ -666,21 +614,21 @@ lease_taken(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result *res
     uint32_t ln = ctx->lease_n;
 
     if (res->allowed) {
-        lease_install(lim, ctx, res, ln);
-        lease_end(lim, ctx);
-        finish(ctx, res);
+        tg_lease_install(lim, ctx, res, ln);
+        tg_lease_end(lim, ctx);
+        tg_limiter_finish(ctx, res);
         ctx->out->remaining = res->remaining + (ln - ctx->cost) < ctx->out->quota
                               ? res->remaining + (ln - ctx->cost) : ctx->out->quota;
         return TG_OK;
     }
-    lease_end(lim, ctx);
+    tg_lease_end(lim, ctx);
     /* The buckets as Redis read them (held), on a clock of our own. */
     for (size_t i = 0; i < ctx->n; i++) {
         tat[i] = base + res->held_us[i];
     }
     tg_gcra_charge(ctx->limits, tat, NULL, ctx->n, ctx->cost, base, &own);
     if (!own.allowed) {
-        finish(ctx, &own);
+        tg_limiter_finish(ctx, &own);
         return TG_OK;
     }
     if (tg_now_us() < ctx->deadline_us && send_charge(lim, ctx, ctx->cost) == TG_AGAIN) {
@@ -728,7 +676,7 @@ fallback(tg_limit_ctx *ctx)
         if (k > 1) {
             memcpy(ctx->limits, shared, sizeof(shared[0]) * ctx->n);   /* headers */
         }
-        finish(ctx, &res);
+        tg_limiter_finish(ctx, &res);
         return;
     }
     }
@@ -786,345 +734,4 @@ tg_limiter_local_charge(const char *const *keys, const tg_gcra_limit *lim, size_
                         uint32_t cost, tg_gcra_result *res)
 {
     local_charge(keys, lim, n, cost, res);
-}
-
-/* ---- the deny cache ------------------------------------------------------ */
-
-/* FNV-1a: bucket keys are ours (prefix + consumer id), a collision only
- * costs a Redis call (an entry is checked by its whole key). */
-static uint64_t
-key_hash(const char *s, uint64_t h)
-{
-    for (; *s != '\0'; s++) {
-        h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    }
-    return h;
-}
-
-static int
-limit_eq(const tg_gcra_limit *a, const tg_gcra_limit *b)
-{
-    return a->interval_us == b->interval_us && a->burst == b->burst;
-}
-
-static dcache_entry *
-dcache_slot(struct tg_limiter *lim, const char *key)
-{
-    if (lim->dcache == NULL) {
-        lim->dcache = tg_xcalloc(DCACHE_SLOTS, sizeof(*lim->dcache));
-    }
-    return &lim->dcache[key_hash(key, 14695981039346656037ull) & (DCACHE_SLOTS - 1)];
-}
-
-/* The TAT known for key under limit l (0: none). */
-static uint64_t
-dcache_tat(struct tg_limiter *lim, const char *key, const tg_gcra_limit *l)
-{
-    const dcache_entry *e = dcache_slot(lim, key);
-
-    if (e->tat_us == 0 || !limit_eq(&e->lim, l) || strcmp(e->key, key) != 0) {
-        return 0;
-    }
-    return e->tat_us;
-}
-
-/*
- * Learn from a Redis answer to ctx: each bucket's TAT, as sent + held
- * (Redis read its clock after we sent, so this is never later than the
- * TAT Redis holds).  A bucket already known is updated; a new one enters
- * only from a refusal, when it is a bucket that refused (a flood's key:
- * its first 429 per worker and refill is Redis's, the rest are ours).  In
- * Cluster, a denied answer may count a first part that redis.c refunds:
- * only its limiting bucket (the one that denied) is learnt then.
- */
-static void
-dcache_learn(struct tg_limiter *lim, const tg_limit_ctx *ctx, const tg_gcra_result *res)
-{
-    int cluster = lim->sconf->redis.ncluster_nodes > 0;
-
-    for (size_t i = 0; i < ctx->n; i++) {
-        const tg_gcra_limit *l = &ctx->limits[i];
-        dcache_entry *e;
-        int known;
-
-        if (!res->allowed && cluster && (int)i != res->limiting) {
-            continue;
-        }
-        e = dcache_slot(lim, ctx->keys[i]);
-        known = e->tat_us != 0 && strcmp(e->key, ctx->keys[i]) == 0;
-        if (!known && (res->allowed
-                       || res->held_us[i] + (uint64_t)ctx->cost * l->interval_us
-                          <= (uint64_t)l->burst * l->interval_us)) {
-            continue;
-        }
-        if (!known) {
-            snprintf(e->key, sizeof(e->key), "%s", ctx->keys[i]);
-        }
-        e->lim = *l;
-        e->tat_us = res->held_us[i] > 0 ? ctx->started_us + res->held_us[i] : 0;
-    }
-}
-
-/* Forget ctx's buckets (a charge of it may be given back by redis.c). */
-static void
-dcache_forget(struct tg_limiter *lim, const char *key)
-{
-    dcache_entry *e;
-
-    if (lim->dcache == NULL) {
-        return;
-    }
-    e = dcache_slot(lim, key);
-    if (strcmp(e->key, key) == 0) {
-        e->tat_us = 0;
-    }
-}
-
-/* 1 (out filled: 429) when a bucket of ctx is known empty for its cost:
- * the same arithmetic as the script over the TATs known (unknown buckets
- * count as full), so the headers are those Redis would give. */
-static int
-dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx)
-{
-    uint64_t tat[TG_LIMIT_MAX_BUCKETS], now = tg_now_us();
-    tg_gcra_result res;
-    int hit = 0;
-
-    if (lim->dcache == NULL) {
-        return 0;
-    }
-    for (size_t i = 0; i < ctx->n; i++) {
-        tat[i] = dcache_tat(lim, ctx->keys[i], &ctx->limits[i]);
-        hit |= tat[i] > now;
-    }
-    if (!hit) {
-        return 0;
-    }
-    tg_gcra_charge(ctx->limits, tat, NULL, ctx->n, ctx->cost, now, &res);
-    if (res.allowed) {
-        return 0;
-    }
-    finish(ctx, &res);
-    return 1;
-}
-
-/* ---- leases --------------------------------------------------------------- */
-
-static uint64_t
-lease_hash(const tg_limit_ctx *ctx)
-{
-    uint64_t h = 14695981039346656037ull;
-
-    for (size_t i = 0; i < ctx->n; i++) {
-        h = key_hash(ctx->keys[i], h) * 31 + ctx->limits[i].interval_us;
-        h = h * 31 + ctx->limits[i].burst;
-    }
-    return h;
-}
-
-static lease_entry *
-lease_slot(struct tg_limiter *lim, const tg_limit_ctx *ctx, uint64_t h)
-{
-    TG_UNUSED(ctx);
-    if (lim->leases == NULL) {
-        lim->leases = tg_xcalloc(LEASE_SLOTS, sizeof(*lim->leases));
-        lim->give = tg_xcalloc(1, sizeof(*lim->give));
-    }
-    return &lim->leases[h & (LEASE_SLOTS - 1)];
-}
-
-/* 1 when e is the lease of ctx's bucket set. */
-static int
-lease_match(const lease_entry *e, const tg_limit_ctx *ctx, uint64_t h)
-{
-    if (e->hash != h || e->n != ctx->n) {
-        return 0;
-    }
-    for (size_t i = 0; i < ctx->n; i++) {
-        if (!limit_eq(&e->limits[i], &ctx->limits[i]) || strcmp(e->keys[i], ctx->keys[i]) != 0) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
-/* Send the give-backs queued (one call for all, Cluster: per key); now:
- * write them at once (shutdown). */
-static void
-give_flush(struct tg_limiter *lim, int now)
-{
-    const char *keys[TG_REDIS_GIVE_MAX];
-    give_buf *g = lim->give;
-
-    if (g == NULL || g->n == 0) {
-        return;
-    }
-    for (size_t i = 0; i < g->n; i++) {
-        keys[i] = g->keys[i];
-    }
-    tg_redis_give_back(lim->redis, keys, g->amount_us, g->p_us, g->n, now);
-    g->n = 0;
-}
-
-/* Queue amount_us of key's debt to go back (p_us: the TAT the take wrote;
- * 0 = unknown: nothing can go back safely). */
-static void
-give_add(struct tg_limiter *lim, const char *key, uint64_t amount_us, uint64_t p_us)
-{
-    give_buf *g = lim->give;
-
-    if (g == NULL || amount_us == 0 || p_us == 0) {
-        return;
-    }
-    if (g->n == TG_REDIS_GIVE_MAX) {
-        give_flush(lim, 0);
-    }
-    snprintf(g->keys[g->n], sizeof(g->keys[0]), "%s", key);
-    g->amount_us[g->n] = amount_us;
-    g->p_us[g->n] = p_us;
-    g->n++;
-}
-
-/* Give e's unused tokens back to Redis and empty it (a take in flight
- * for it stays marked).  Our own deny cache forgets those buckets: the
- * give-back makes them fuller than it knows. */
-static void
-lease_give_back(struct tg_limiter *lim, lease_entry *e)
-{
-    if (e->expires_us != 0 && e->tokens > 0) {
-        for (size_t i = 0; i < e->n; i++) {
-            give_add(lim, e->keys[i], (uint64_t)e->tokens * e->limits[i].interval_us,
-                     e->p_us[i]);
-            dcache_forget(lim, e->keys[i]);
-        }
-    }
-    e->expires_us = 0;
-    e->tokens = 0;
-}
-
-/* Every lease back to Redis (reload, shutdown; only the expired ones when
- * now != 0); at_exit: written at once (the loop has stopped). */
-static void
-lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit)
-{
-    if (lim->leases == NULL || lim->redis == NULL) {
-        return;
-    }
-    for (size_t i = 0; i < LEASE_SLOTS; i++) {
-        lease_entry *e = &lim->leases[i];
-
-        if (e->expires_us != 0 && (now == 0 || now >= e->expires_us)) {
-            lease_give_back(lim, e);
-        }
-    }
-    give_flush(lim, at_exit);
-}
-
-/* 1 (out filled: allowed) when ctx's cost is spent from a live lease. */
-static int
-lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
-{
-    uint64_t h = lease_hash(ctx), now = tg_now_us(), reset;
-    lease_entry *e = lease_slot(lim, ctx, h);
-    tg_limit_outcome *out = ctx->out;
-    const tg_gcra_limit *l;
-    int i;
-
-    if (e->expires_us == 0 || !lease_match(e, ctx, h)) {
-        return 0;
-    }
-    if (now >= e->expires_us || e->tokens < ctx->cost) {
-        lease_give_back(lim, e);
-        return 0;
-    }
-    e->tokens -= ctx->cost;
-    /* Headers: the bucket as the take left it, plus the slice in hand. */
-    i = e->limiting >= 0 && (size_t)e->limiting < ctx->n ? e->limiting : 0;
-    l = &ctx->limits[i];
-    reset = e->taken_us + e->reset_us;
-    out->limited = 1;
-    memcpy(out->policy, ctx->names[i], sizeof(out->policy));
-    out->quota = l->burst;
-    out->window_s = ceil_s(l->interval_us * l->burst);
-    out->remaining = e->remaining + e->tokens < l->burst ? e->remaining + e->tokens : l->burst;
-    out->reset_s = ceil_s(reset > now ? reset - now : 0);
-    out->status = 0;
-    out->retry_s = 0;
-    return 1;
-}
-
-/* Mark a take for ctx's set; 0 when one is in flight already (then this
- * request is charged exactly) or the slot holds another set's take. */
-static int
-lease_begin(struct tg_limiter *lim, tg_limit_ctx *ctx)
-{
-    uint64_t h = lease_hash(ctx);
-    lease_entry *e = lease_slot(lim, ctx, h);
-
-    if (e->taking) {
-        return 0;
-    }
-    if (!lease_match(e, ctx, h)) {
-        lease_give_back(lim, e);       /* a collision: the older set goes */
-        e->hash = h;
-        e->n = ctx->n;
-        for (size_t i = 0; i < ctx->n; i++) {
-            e->limits[i] = ctx->limits[i];
-            snprintf(e->keys[i], sizeof(e->keys[i]), "%s", ctx->keys[i]);
-        }
-    }
-    e->taking = 1;
-    return 1;
-}
-
-/* The take of ctx ended (answered or not). */
-static void
-lease_end(struct tg_limiter *lim, tg_limit_ctx *ctx)
-{
-    uint64_t h = lease_hash(ctx);
-    lease_entry *e = lease_slot(lim, ctx, h);
-
-    if (lease_match(e, ctx, h)) {
-        e->taking = 0;
-    }
-    ctx->lease_n = 0;
-}
-
-/* A take of ln tokens passed: the slice minus this request's cost is
- * spendable here until the lease's ttl. */
-static void
-lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result *res,
-              uint32_t ln)
-{
-    uint64_t h = lease_hash(ctx);
-    lease_entry *e = lease_slot(lim, ctx, h);
-
-    if (!lease_match(e, ctx, h)) {
-        return;                        /* cannot happen: the slot was marked */
-    }
-    lease_give_back(lim, e);           /* leftovers of an older slice */
-    for (size_t i = 0; i < ctx->n; i++) {
-        e->p_us[i] = res->now_us > 0 ? res->now_us + res->held_us[i] : 0;
-    }
-    e->tokens = ln - ctx->cost;
-    e->remaining = res->remaining;
-    e->reset_us = res->reset_us;
-    e->limiting = res->limiting;
-    e->taken_us = ctx->started_us;
-    e->expires_us = tg_now_us() + (uint64_t)ctx->lease_ttl_ms * 1000;
-}
-
-/* The lease size for ctx under tier: tier's lease.size, at most the
- * smallest burst of its buckets; 0 (exact) when off or not above cost. */
-static uint32_t
-lease_size(const tg_tier_conf *tier, const tg_limit_ctx *ctx)
-{
-    uint32_t ln = tier->lease_size;
-
-    for (size_t i = 0; i < ctx->n && ln > 0; i++) {
-        if (ctx->limits[i].burst < ln) {
-            ln = ctx->limits[i].burst;
-        }
-    }
-    return ln > ctx->cost ? ln : 0;
 }

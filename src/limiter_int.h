@@ -1,13 +1,14 @@
 /*
  * limiter_int.h - what the stages of the limiter share (private to
- * limiter.c, identify.c; not for other modules).
+ * limiter.c, identify.c, deny_cache.c, lease.c; not for other modules).
  *
  * The limiter of one worker is ONE object, struct tg_limiter, created,
  * reloaded and destroyed by limiter.c on the worker's thread; every stage
  * runs on that thread and reads or writes its part of it:
  *   identify.c  the key store caches (kcache, kneg, kpend);
  *   route.c     nothing (pure: conf in, buckets out);
- *   limiter.c   the rest: breaker, Redis client, deny cache, leases.
+ *   limiter.c   the charge: breaker, Redis client, local store, fallback;
+ *   deny_cache.c  and lease.c  their tables (dcache; leases and give).
  */
 #ifndef TOLLGATE_LIMITER_INT_H
 #define TOLLGATE_LIMITER_INT_H
@@ -75,6 +76,50 @@ void tg_limiter_store_down(tg_limit_ctx *ctx, const char *why);
 void tg_limiter_local_charge(const char *const *keys, const tg_gcra_limit *lim,
                              size_t n, uint32_t cost, tg_gcra_result *res);
 
+/* Fill ctx->out from a store result (allowed or 429 + Retry-After). */
+void tg_limiter_finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
+
+/* ---- deny_cache.c ---------------------------------------------------- */
+
+/* Learn the TATs of ctx's buckets from a Redis answer res to it. */
+void tg_dcache_learn(struct tg_limiter *lim, const tg_limit_ctx *ctx,
+                     const tg_gcra_result *res);
+
+/* Forget key's bucket (a charge of it may be given back by redis.c). */
+void tg_dcache_forget(struct tg_limiter *lim, const char *key);
+
+/* 1 (ctx->out filled: 429) when a bucket of ctx is known empty for its
+ * cost; 0: ask Redis. */
+int tg_dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx);
+
+/* Forget everything (a reload: limits may change). */
+void tg_dcache_clear(struct tg_limiter *lim);
+
+/* ---- lease.c --------------------------------------------------------- */
+
+/* The lease size for ctx under tier: 0 (exact) when off or not above cost. */
+uint32_t tg_lease_size(const tg_tier_conf *tier, const tg_limit_ctx *ctx);
+
+/* 1 (ctx->out filled: allowed) when ctx's cost is spent from a live lease. */
+int tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx);
+
+/* Mark a take for ctx's bucket set; 0: charge ctx exactly instead. */
+int tg_lease_begin(struct tg_limiter *lim, tg_limit_ctx *ctx);
+
+/* The take of ctx ended (answered or not); ctx->lease_n = 0. */
+void tg_lease_end(struct tg_limiter *lim, tg_limit_ctx *ctx);
+
+/* A take of ln tokens passed (res): the rest is spendable until its ttl. */
+void tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx,
+                      const tg_gcra_result *res, uint32_t ln);
+
+/* Every lease back to Redis (only the expired ones when now != 0);
+ * at_exit: written at once (the loop has stopped). */
+void tg_lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit);
+
+/* Send the give-backs queued; now: write them at once (shutdown). */
+void tg_lease_give_flush(struct tg_limiter *lim, int now);
+
 /* ---- shared helpers -------------------------------------------------- */
 
 /* Decided without the rate-limit headers: status, why. */
@@ -92,6 +137,23 @@ ceil_s(uint64_t us)
 {
     uint64_t s = (us + 999999) / 1000000;
     return s > UINT32_MAX ? UINT32_MAX : (uint32_t)s;
+}
+
+/* FNV-1a: bucket keys are ours (prefix + consumer id), a collision only
+ * costs a Redis call (an entry is checked by its whole key). */
+static inline uint64_t
+key_hash(const char *s, uint64_t h)
+{
+    for (; *s != '\0'; s++) {
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    }
+    return h;
+}
+
+static inline int
+limit_eq(const tg_gcra_limit *a, const tg_gcra_limit *b)
+{
+    return a->interval_us == b->interval_us && a->burst == b->burst;
 }
 
 #endif
