@@ -97,14 +97,13 @@ tg_dcache_forget(struct tg_limiter *lim, const char *key)
     }
 }
 
-/* 1 (out filled: 429) when a bucket of ctx is known empty for its cost:
- * the same arithmetic as the script over the TATs known (unknown buckets
- * count as full), so the headers are those Redis would give. */
+/* 1 (res filled: refused) when a bucket of ctx is known empty for its
+ * cost: the same arithmetic as the script over the TATs known (unknown
+ * buckets count as full), so the headers are those Redis would give. */
 int
-tg_dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx)
+tg_dcache_deny(struct tg_limiter *lim, const tg_limit_ctx *ctx, tg_gcra_result *res)
 {
     uint64_t tat[TG_LIMIT_MAX_BUCKETS], now = tg_now_us();
-    tg_gcra_result res;
     int hit = 0;
 
     if (lim->dcache == NULL) {
@@ -117,12 +116,8 @@ tg_dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx)
     if (!hit) {
         return 0;
     }
-    tg_gcra_charge(ctx->limits, tat, NULL, ctx->n, ctx->cost, now, &res);
-    if (res.allowed) {
-        return 0;
-    }
-    tg_limiter_finish(ctx, &res);
-    return 1;
+    tg_gcra_charge(ctx->limits, tat, NULL, ctx->n, ctx->cost, now, res);
+    return !res->allowed;
 }
 
 

@@ -128,6 +128,7 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
 }
 
 static void finish_impossible(tg_limit_ctx *ctx, size_t i);
+static void finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
 static void redis_done(void *arg, tg_rc rc, const tg_gcra_result *res);
 static void fallback(tg_limit_ctx *ctx);
 static tg_rc send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost);
@@ -418,7 +419,8 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
         if (ln > 0 && tg_lease_spend(lim, ctx)) {
             return TG_OK;
         }
-        if (tg_dcache_deny(lim, ctx)) {
+        if (tg_dcache_deny(lim, ctx, &res)) {
+            finish(ctx, &res);
             return TG_OK;
         }
         if (!tg_breaker_allow(&lim->breaker, tg_now_ms())) {
@@ -454,7 +456,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
         }
         local_charge(keys, ctx->limits, n, ctx->cost, &res);
     }
-    tg_limiter_finish(ctx, &res);
+    finish(ctx, &res);
     return TG_OK;
 }
 
@@ -528,8 +530,8 @@ finish_impossible(tg_limit_ctx *ctx, size_t i)
 }
 
 /* Fill the outcome from a store result. */
-void
-tg_limiter_finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
+static void
+finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
 {
     tg_limit_outcome *out = ctx->out;
     int i = res->limiting >= 0 && (size_t)res->limiting < ctx->n ? res->limiting : 0;
@@ -573,7 +575,7 @@ redis_done(void *arg, tg_rc rc, const tg_gcra_result *res)
         }
         tg_dcache_learn(lim, ctx, res);
         if (ctx->lease_n == 0) {
-            tg_limiter_finish(ctx, res);
+            finish(ctx, res);
         } else if (lease_taken(lim, ctx, res) == TG_AGAIN) {
             return;                    /* charged exactly now: called again */
         }
@@ -616,7 +618,7 @@ lease_taken(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result *res
     if (res->allowed) {
         tg_lease_install(lim, ctx, res, ln);
         tg_lease_end(lim, ctx);
-        tg_limiter_finish(ctx, res);
+        finish(ctx, res);
         ctx->out->remaining = res->remaining + (ln - ctx->cost) < ctx->out->quota
                               ? res->remaining + (ln - ctx->cost) : ctx->out->quota;
         return TG_OK;
@@ -628,7 +630,7 @@ lease_taken(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result *res
     }
     tg_gcra_charge(ctx->limits, tat, NULL, ctx->n, ctx->cost, base, &own);
     if (!own.allowed) {
-        tg_limiter_finish(ctx, &own);
+        finish(ctx, &own);
         return TG_OK;
     }
     if (tg_now_us() < ctx->deadline_us && send_charge(lim, ctx, ctx->cost) == TG_AGAIN) {
@@ -676,7 +678,7 @@ fallback(tg_limit_ctx *ctx)
         if (k > 1) {
             memcpy(ctx->limits, shared, sizeof(shared[0]) * ctx->n);   /* headers */
         }
-        tg_limiter_finish(ctx, &res);
+        finish(ctx, &res);
         return;
     }
     }

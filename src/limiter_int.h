@@ -76,9 +76,6 @@ void tg_limiter_store_down(tg_limit_ctx *ctx, const char *why);
 void tg_limiter_local_charge(const char *const *keys, const tg_gcra_limit *lim,
                              size_t n, uint32_t cost, tg_gcra_result *res);
 
-/* Fill ctx->out from a store result (allowed or 429 + Retry-After). */
-void tg_limiter_finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
-
 /* ---- deny_cache.c ---------------------------------------------------- */
 
 /* Learn the TATs of ctx's buckets from a Redis answer res to it. */
@@ -88,9 +85,9 @@ void tg_dcache_learn(struct tg_limiter *lim, const tg_limit_ctx *ctx,
 /* Forget key's bucket (a charge of it may be given back by redis.c). */
 void tg_dcache_forget(struct tg_limiter *lim, const char *key);
 
-/* 1 (ctx->out filled: 429) when a bucket of ctx is known empty for its
- * cost; 0: ask Redis. */
-int tg_dcache_deny(struct tg_limiter *lim, tg_limit_ctx *ctx);
+/* 1 (res filled: refused, as Redis would answer) when a bucket of ctx is
+ * known empty for its cost; 0: ask Redis. */
+int tg_dcache_deny(struct tg_limiter *lim, const tg_limit_ctx *ctx, tg_gcra_result *res);
 
 /* Forget everything (a reload: limits may change). */
 void tg_dcache_clear(struct tg_limiter *lim);
