@@ -2,9 +2,9 @@
  * limiter_int.h - what the stages of the limiter share (private to
  * limiter.c, identify.c, deny_cache.c, lease.c; not for other modules).
  *
- * The limiter of one worker is ONE object, struct tg_limiter, created,
- * reloaded and destroyed by limiter.c on the worker's thread; every stage
- * runs on that thread and reads or writes its part of it:
+ * The limiter of one worker is ONE object, struct tg_limiter, created by
+ * limiter.c while the worker is set up, then used and reloaded only on
+ * the worker's thread; every stage reads or writes its part of it:
  *   identify.c  the key store caches (kcache, kneg, kpend);
  *   route.c     nothing (pure: conf in, buckets out);
  *   limiter.c   the charge: breaker, Redis client, local store, fallback;
