@@ -11,6 +11,10 @@
  *
  * The caller owns a tg_limit_ctx per in-flight request (embedded in its
  * connection object): no allocation per request.
+ *
+ * One module, one stage per file: limiter.c (this API and the charge),
+ * identify.c, route.c (route.h: pure), deny_cache.c and lease.c; what they
+ * share is src/limiter_int.h (docs/ARCHITECTURE-limiter.md).
  */
 #ifndef TOLLGATE_LIMITER_H
 #define TOLLGATE_LIMITER_H
@@ -22,9 +26,7 @@
 #include "tollgate/gcra.h"
 #include "tollgate/http.h"
 #include "tollgate/keys.h"
-
-#define TG_LIMIT_MAX_BUCKETS 3
-#define TG_LIMIT_KEY_MAX     192
+#include "tollgate/route.h"
 
 struct tg_limiter;
 struct tg_redis_op;
@@ -133,8 +135,8 @@ int tg_limiter_breaker_state(struct tg_limiter *lim);
  */
 size_t tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len);
 
-/* 1 if header h of req carried the API key and must not reach the
- * upstream: the key header, or the Authorization: Bearer it came from
+/* (identify.c) 1 if header h of req carried the API key and must not
+ * reach the upstream: the key header, or the Authorization: Bearer it came from
  * (never when the limiter is off or auth.forward_key is set). */
 int tg_limiter_strip_header(const struct tg_limiter *lim, const tg_http_req *req,
                             const tg_http_hdr *h);
