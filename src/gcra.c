@@ -5,6 +5,8 @@
  */
 #include "tollgate/gcra.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,6 +41,9 @@ struct tg_lstore {
     size_t   cursor;              /* where the next sweep/eviction scan starts */
     uint64_t none_full_until;     /* a full scan found no bucket full before
                                      this time: no need to scan again */
+    size_t  *total;               /* a stripe of a tg_lshared: the buckets of
+                                     all its stripes (atomic); else NULL */
+    size_t   total_max;           /* bound on *total */
 };
 
 static uint64_t ls_hash(const char *key, size_t *len);
@@ -48,6 +53,9 @@ static long ls_find(const struct tg_lstore *st, const char *key, size_t len,
 static void ls_insert(struct tg_lstore *st, const char *key, size_t len,
                       uint32_t h, uint64_t tat, uint64_t now_us,
                       const uint32_t *protect, size_t nprotect);
+static void ls_store_back(struct tg_lstore *const *tab, const char *const *keys,
+                          const size_t *len, const uint32_t *h, long *at,
+                          const uint64_t *tat, size_t n, uint64_t now_us);
 static void ls_delete(struct tg_lstore *st, size_t i);
 static void ls_grow(struct tg_lstore *st);
 static int ls_protected(uint32_t h, const uint32_t *protect, size_t nprotect);
@@ -235,11 +243,12 @@ tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
                  const tg_gcra_limit *lim, size_t n, uint32_t cost,
                  uint64_t now_us, tg_gcra_result *res)
 {
+    struct tg_lstore *tab[GCRA_MAX_BUCKETS];
     uint64_t tat[GCRA_MAX_BUCKETS];
     uint32_t h[GCRA_MAX_BUCKETS];
     size_t len[GCRA_MAX_BUCKETS];
     long at[GCRA_MAX_BUCKETS];
-    size_t i, missing = 0;
+    size_t i;
 
     if (n > GCRA_MAX_BUCKETS) {
         tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res); /* denies */
@@ -256,30 +265,10 @@ tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
     if (!res->allowed) {
         return;
     }
-
     for (i = 0; i < n; i++) {
-        if (at[i] >= 0) {
-            st->slots[at[i]].tat = tat[i];
-        } else if (tat[i] > now_us) {
-            missing++;
-        } else {
-            at[i] = 0;          /* cost 0 on a full bucket: keep nothing */
-        }
+        tab[i] = st;
     }
-    if (missing == 0) {
-        return;
-    }
-    for (i = 0; i < n; i++) {
-        if (at[i] < 0) {
-            /* Look again: the same key may appear twice in one request. */
-            long j = ls_find(st, keys[i], len[i], h[i]);
-            if (j >= 0) {
-                st->slots[j].tat = tat[i];
-            } else {
-                ls_insert(st, keys[i], len[i], h[i], tat[i], now_us, h, n);
-            }
-        }
-    }
+    ls_store_back(tab, keys, len, h, at, tat, n, now_us);
 }
 
 void
@@ -387,7 +376,9 @@ ls_insert(struct tg_lstore *st, const char *key, size_t len, uint32_t h,
     size_t i;
 
     ls_sweep(st, now_us, protect, nprotect);
-    if (st->size >= st->max_entries) {
+    if (st->size >= st->max_entries
+        || (st->total != NULL
+            && __atomic_load_n(st->total, __ATOMIC_RELAXED) >= st->total_max)) {
         ls_evict(st, now_us, protect, nprotect);
     }
     if ((st->size + 1) * 4 > (st->mask + 1) * 3) {
@@ -409,6 +400,52 @@ ls_insert(struct tg_lstore *st, const char *key, size_t len, uint32_t h,
         memcpy(s->k.ext, key, len);
     }
     st->size++;
+    if (st->total != NULL) {
+        __atomic_add_fetch(st->total, 1, __ATOMIC_RELAXED);
+    }
+}
+
+/*
+ * Write back the TATs of an allowed charge: key i lives in table tab[i]
+ * (NULL: not in a table - a cell of the shared store) at slot at[i] (-1:
+ * missing).  Found keys first, in place (their slots are still where the
+ * lookup saw them), then the missing ones, whose insertion may sweep,
+ * evict or grow - never evicting a key of this request (protected by
+ * hash).  A bucket left full (cost 0) is not stored.
+ */
+static void
+ls_store_back(struct tg_lstore *const *tab, const char *const *keys,
+              const size_t *len, const uint32_t *h, long *at,
+              const uint64_t *tat, size_t n, uint64_t now_us)
+{
+    size_t i, missing = 0;
+
+    for (i = 0; i < n; i++) {
+        if (tab[i] == NULL) {
+            continue;
+        }
+        if (at[i] >= 0) {
+            tab[i]->slots[at[i]].tat = tat[i];
+        } else if (tat[i] > now_us) {
+            missing++;
+        } else {
+            at[i] = 0;          /* cost 0 on a full bucket: keep nothing */
+        }
+    }
+    if (missing == 0) {
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        if (tab[i] != NULL && at[i] < 0) {
+            /* Look again: the same key may appear twice in one request. */
+            long j = ls_find(tab[i], keys[i], len[i], h[i]);
+            if (j >= 0) {
+                tab[i]->slots[j].tat = tat[i];
+            } else {
+                ls_insert(tab[i], keys[i], len[i], h[i], tat[i], now_us, h, n);
+            }
+        }
+    }
 }
 
 /* Empty slot i and shift the rest of its cluster back so that every key
@@ -437,6 +474,9 @@ ls_delete(struct tg_lstore *st, size_t i)
     }
     memset(&st->slots[i], 0, sizeof(ls_slot));
     st->size--;
+    if (st->total != NULL) {
+        __atomic_sub_fetch(st->total, 1, __ATOMIC_RELAXED);
+    }
 }
 
 static void
