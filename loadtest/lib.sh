@@ -225,7 +225,7 @@ EOF
 }
 
 # lt_start_tollgate NAME proxy|local|redis [EXTRA]: tollgate (WORKERS
-# workers, upstream keep-alive 64) in front of UP_PORT. proxy: no keys, no
+# workers, upstream keep-alive TG_KEEPALIVE: 64, or auto, 32, ...) in front of UP_PORT. proxy: no keys, no
 # tiers; local/redis: $TMP/keys.yaml, tier bench (RPM, BURST), buckets in
 # process memory or in the Redis of lt_start_redis (on_failure: deny, so a
 # Redis problem shows as errors). EXTRA: a YAML file appended to the
@@ -243,7 +243,7 @@ listen: [ { address: 127.0.0.1:$port } ]
 admin: { address: 127.0.0.1:$admin }
 workers: ${WORKERS:-2}
 log_level: warn
-upstream: { servers: [127.0.0.1:$UP_PORT], keepalive: 64 }
+upstream: { servers: [127.0.0.1:$UP_PORT], keepalive: ${TG_KEEPALIVE:-64} }
 EOF
         case $kind in
         proxy) echo "store: local" ;;
