@@ -273,12 +273,14 @@ EOF
 # ---------------------------------------------------------------- wrk
 
 # lt_run_wrk URL SECONDS LOG [KEYS_FILE]: wrk -t WRK_THREADS -c CONNS
-# --latency, with loadtest/keys.lua over KEYS_FILE if given (ORDER in the
+# --latency (and -H WRK_HEADER if set, e.g. "Connection: close": a new
+# connection per request), with loadtest/keys.lua over KEYS_FILE if given (ORDER in the
 # environment: roundrobin or random). Prints
 # "rps p50_ms p99_ms non2xx errors requests".
 lt_run_wrk() {
     local url=$1 secs=$2 logf=$3 keys=${4:-} out th=${WRK_THREADS:-2}
     local args=(-t"$th" -c"${CONNS:-64}" -d"${secs}s" --latency)
+    if [[ -n ${WRK_HEADER:-} ]]; then args+=(-H "$WRK_HEADER"); fi
     if [[ -n $keys ]]; then
         out=$(wrk "${args[@]}" -s "$LT_HERE/keys.lua" "$url" -- "$keys" "$th" 2>&1) ||
             lt_die "wrk failed on $url: $out"
