@@ -62,7 +62,8 @@ struct tg_lstore {
  */
 typedef struct lsh_stripe {
     pthread_mutex_t   mu;
-    struct tg_lstore *st;
+    struct tg_lstore  st;         /* in line: the lock and the table header
+                                     share the stripe's lines */
 } __attribute__((aligned(64))) lsh_stripe;
 
 typedef struct lsh_cell {
@@ -81,6 +82,8 @@ struct tg_lshared {
     size_t          total;        /* buckets in all tables (atomic) */
 };
 
+static void ls_init(struct tg_lstore *st, size_t max_entries);
+static void ls_deinit(struct tg_lstore *st);
 static uint64_t ls_hash(const char *key, size_t *len);
 static const char *ls_key(const ls_slot *s);
 static long ls_find(const struct tg_lstore *st, const char *key, size_t len,
@@ -237,31 +240,19 @@ tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
 struct tg_lstore *
 tg_lstore_create(size_t max_entries)
 {
-    struct tg_lstore *st = tg_xcalloc(1, sizeof(*st));
+    struct tg_lstore *st = tg_xmalloc(sizeof(*st));
 
-    /* A request may bring GCRA_MAX_BUCKETS new keys while protecting its
-     * own; below that the bound could not be kept. */
-    st->max_entries = max_entries < GCRA_MAX_BUCKETS * 2
-                      ? GCRA_MAX_BUCKETS * 2 : max_entries;
-    st->slots = tg_xcalloc(LS_MIN_CAP, sizeof(ls_slot));
-    st->mask = LS_MIN_CAP - 1;
+    ls_init(st, max_entries);
     return st;
 }
 
 void
 tg_lstore_destroy(struct tg_lstore *st)
 {
-    size_t i;
-
     if (st == NULL) {
         return;
     }
-    for (i = 0; i <= st->mask; i++) {
-        if (st->slots[i].klen1 > LS_INLINE_KEY + 1) {
-            free(st->slots[i].k.ext);
-        }
-    }
-    free(st->slots);
+    ls_deinit(st);
     free(st);
 }
 
@@ -377,10 +368,10 @@ tg_lshared_create(size_t max_entries)
     share = max_entries / LSH_STRIPES + 1;
     for (i = 0; i < LSH_STRIPES; i++) {
         pthread_mutex_init(&sh->stripes[i].mu, NULL);
-        sh->stripes[i].st = tg_lstore_create(share + share / 4);
-        sh->stripes[i].st->total = &sh->total;
-        sh->stripes[i].st->total_max = max_entries < GCRA_MAX_BUCKETS * 2
-                                       ? GCRA_MAX_BUCKETS * 2 : max_entries;
+        ls_init(&sh->stripes[i].st, share + share / 4);
+        sh->stripes[i].st.total = &sh->total;
+        sh->stripes[i].st.total_max = max_entries < GCRA_MAX_BUCKETS * 2
+                                      ? GCRA_MAX_BUCKETS * 2 : max_entries;
     }
     pthread_mutex_init(&sh->cells_mu, NULL);
     return sh;
@@ -395,7 +386,7 @@ tg_lshared_destroy(struct tg_lshared *sh)
         return;
     }
     for (i = 0; i < LSH_STRIPES; i++) {
-        tg_lstore_destroy(sh->stripes[i].st);
+        ls_deinit(&sh->stripes[i].st);
         pthread_mutex_destroy(&sh->stripes[i].mu);
     }
     for (i = 0; i < sh->ncells; i++) {
@@ -429,7 +420,8 @@ tg_lshared_charge(struct tg_lshared *sh, const char *const *keys,
     int cell[GCRA_MAX_BUCKETS];
     unsigned stripe[GCRA_MAX_BUCKETS], locked[GCRA_MAX_BUCKETS], cmask = 0;
     size_t i, j, nlocked = 0, ncell = 0;
-    int one = -1;
+    unsigned seen_cells;
+    int one = -1, recheck;
 
     if (n > GCRA_MAX_BUCKETS) {
         tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res); /* denies */
@@ -437,6 +429,7 @@ tg_lshared_charge(struct tg_lshared *sh, const char *const *keys,
     }
 
     /* Cells are never removed: a key found among them stays there. */
+    seen_cells = __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE);
     for (i = 0; i < n; i++) {
         uint64_t h64 = ls_hash(keys[i], &len[i]);
         h[i] = (uint32_t)(h64 ^ (h64 >> 32));
@@ -464,9 +457,10 @@ tg_lshared_charge(struct tg_lshared *sh, const char *const *keys,
     /* Under the locks: a cell made since the look above moved its key out
      * of a table we now hold; the hot bucket becomes a cell if there is
      * room (its debt moves with it). */
+    recheck = __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE) != seen_cells;
     for (i = 0; i < n; i++) {
-        struct tg_lstore *st = sh->stripes[stripe[i]].st;
-        if (cell[i] < 0) {
+        struct tg_lstore *st = &sh->stripes[stripe[i]].st;
+        if (cell[i] < 0 && recheck) {
             cell[i] = lsh_cell_find(sh, keys[i], len[i], h[i]);
         }
         if (cell[i] < 0 && (int)i == hot) {
@@ -580,7 +574,7 @@ tg_lshared_raise(struct tg_lshared *sh, const char *key, uint64_t tat,
         pthread_mutex_lock(&sp->mu);
         c = lsh_cell_find(sh, key, len, h);
         if (c < 0) {
-            tg_lstore_raise(sp->st, key, tat, now_us);
+            tg_lstore_raise(&sp->st, key, tat, now_us);
         }
         pthread_mutex_unlock(&sp->mu);
         if (c < 0) {
@@ -610,7 +604,7 @@ tg_lshared_held(struct tg_lshared *sh, const char *key, uint64_t now_us)
         sp = &sh->stripes[lsh_stripe_of(key, len)];
         pthread_mutex_lock(&sp->mu);
         c = lsh_cell_find(sh, key, len, h);
-        v = c < 0 ? tg_lstore_held(sp->st, key, now_us) : 0;
+        v = c < 0 ? tg_lstore_held(&sp->st, key, now_us) : 0;
         pthread_mutex_unlock(&sp->mu);
         if (c < 0) {
             return v;
@@ -713,6 +707,31 @@ lsh_cell_load(lsh_cell *c)
 }
 
 /* ---- store internals -------------------------------------------------- */
+
+static void
+ls_init(struct tg_lstore *st, size_t max_entries)
+{
+    memset(st, 0, sizeof(*st));
+    /* A request may bring GCRA_MAX_BUCKETS new keys while protecting its
+     * own; below that the bound could not be kept. */
+    st->max_entries = max_entries < GCRA_MAX_BUCKETS * 2
+                      ? GCRA_MAX_BUCKETS * 2 : max_entries;
+    st->slots = tg_xcalloc(LS_MIN_CAP, sizeof(ls_slot));
+    st->mask = LS_MIN_CAP - 1;
+}
+
+static void
+ls_deinit(struct tg_lstore *st)
+{
+    size_t i;
+
+    for (i = 0; i <= st->mask; i++) {
+        if (st->slots[i].klen1 > LS_INLINE_KEY + 1) {
+            free(st->slots[i].k.ext);
+        }
+    }
+    free(st->slots);
+}
 
 /* FNV-1a over the key (computing its length on the way), then the
  * murmur3 finalizer so the low bits used for the home slot are mixed. */
