@@ -46,9 +46,6 @@ struct tg_lstore {
     size_t   cursor;              /* where the next sweep/eviction scan starts */
     uint64_t none_full_until;     /* a full scan found no bucket full before
                                      this time: no need to scan again */
-    size_t  *total;               /* a stripe of a tg_lshared: the buckets of
-                                     all its stripes (atomic); else NULL */
-    size_t   total_max;           /* bound on *total */
 };
 
 /*
@@ -79,7 +76,6 @@ struct tg_lshared {
     lsh_cell        cells[LSH_CELLS];
     unsigned        ncells;       /* published cells (atomic, release) */
     pthread_mutex_t cells_mu;     /* creates cells */
-    size_t          total;        /* buckets in all tables (atomic) */
 };
 
 static void ls_init(struct tg_lstore *st, size_t max_entries);
@@ -363,15 +359,16 @@ tg_lshared_create(size_t max_entries)
         abort();                                              /* of common.h */
     }
     memset(sh, 0, sizeof(*sh));
-    /* Each table may hold a quarter more than its share (hashing is not
-     * perfectly even); the total stays within max_entries. */
-    share = max_entries / LSH_STRIPES + 1;
+    /* Each table holds at most 5/4 of its share: hashing is not perfectly
+     * even, and a table's slots are a power of two anyway - for 2^20
+     * buckets, 64 tables of at most 20,480 need 2^15 slots each, the
+     * 2^21 slots (128 MiB) one table of 2^20 needs.  No count is shared
+     * between tables (it would be one more cache line every worker
+     * writes). */
+    share = (max_entries + LSH_STRIPES - 1) / LSH_STRIPES;
     for (i = 0; i < LSH_STRIPES; i++) {
         pthread_mutex_init(&sh->stripes[i].mu, NULL);
         ls_init(&sh->stripes[i].st, share + share / 4);
-        sh->stripes[i].st.total = &sh->total;
-        sh->stripes[i].st.total_max = max_entries < GCRA_MAX_BUCKETS * 2
-                                      ? GCRA_MAX_BUCKETS * 2 : max_entries;
     }
     pthread_mutex_init(&sh->cells_mu, NULL);
     return sh;
@@ -617,8 +614,14 @@ tg_lshared_held(struct tg_lshared *sh, const char *key, uint64_t now_us)
 size_t
 tg_lshared_size(struct tg_lshared *sh)
 {
-    return __atomic_load_n(&sh->total, __ATOMIC_RELAXED)
-           + __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE);
+    size_t n = __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE), i;
+
+    for (i = 0; i < LSH_STRIPES; i++) {
+        pthread_mutex_lock(&sh->stripes[i].mu);
+        n += sh->stripes[i].st.size;
+        pthread_mutex_unlock(&sh->stripes[i].mu);
+    }
+    return n;
 }
 
 /* The table of a key: by its hash tag - the bytes between the first '{'
@@ -790,9 +793,7 @@ ls_insert(struct tg_lstore *st, const char *key, size_t len, uint32_t h,
     size_t i;
 
     ls_sweep(st, now_us, protect, nprotect);
-    if (st->size >= st->max_entries
-        || (st->total != NULL
-            && __atomic_load_n(st->total, __ATOMIC_RELAXED) >= st->total_max)) {
+    if (st->size >= st->max_entries) {
         ls_evict(st, now_us, protect, nprotect);
     }
     if ((st->size + 1) * 4 > (st->mask + 1) * 3) {
@@ -814,9 +815,6 @@ ls_insert(struct tg_lstore *st, const char *key, size_t len, uint32_t h,
         memcpy(s->k.ext, key, len);
     }
     st->size++;
-    if (st->total != NULL) {
-        __atomic_add_fetch(st->total, 1, __ATOMIC_RELAXED);
-    }
 }
 
 /*
@@ -888,9 +886,6 @@ ls_delete(struct tg_lstore *st, size_t i)
     }
     memset(&st->slots[i], 0, sizeof(ls_slot));
     st->size--;
-    if (st->total != NULL) {
-        __atomic_sub_fetch(st->total, 1, __ATOMIC_RELAXED);
-    }
 }
 
 static void

@@ -127,9 +127,10 @@ size_t tg_lstore_entry_bytes(void);
  * (store: local, the Redis fallback).  The same buckets and rules as
  * tg_lstore, in 64 tables chosen by the key's hash tag ({...}), each with
  * its own lock, so requests of different consumers do not wait for each
- * other.  max_entries bounds the buckets of all tables together (each
- * table also holds at most 5/4 of its share); eviction (expired first,
- * then closest to full) runs within the table that needs room.
+ * other.  Each table holds at most 5/4 of max_entries / 64 buckets (the
+ * same memory as one table of max_entries: slots come in powers of two);
+ * eviction (expired first, then closest to full) runs within the table
+ * that needs room.  Up to 8 hot buckets live in cells, outside the tables.
  */
 struct tg_lshared;
 
@@ -150,7 +151,8 @@ void tg_lshared_charge(struct tg_lshared *sh, const char *const *keys,
                        const tg_gcra_limit *lim, size_t n, uint32_t cost,
                        int hot, uint64_t now_us, tg_gcra_result *res);
 
-/* As tg_lstore_raise / tg_lstore_held / tg_lstore_size, thread-safe. */
+/* As tg_lstore_raise / tg_lstore_held / tg_lstore_size, thread-safe
+ * (size locks each table in turn: for tests and metrics). */
 void tg_lshared_raise(struct tg_lshared *sh, const char *key, uint64_t tat,
                       uint64_t now_us);
 uint64_t tg_lshared_held(struct tg_lshared *sh, const char *key, uint64_t now_us);
