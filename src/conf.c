@@ -236,6 +236,7 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
       TG_FIELD(tg_conf, http.max_connections), 0, 10000000, 0, NULL },
     { "max_connections_per_ip", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.max_connections_per_ip), 0, 10000000, 0, NULL },
+    { "reuseport", tg_conf_set_bool, TG_FIELD(tg_conf, http.reuseport), 0, 1, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 

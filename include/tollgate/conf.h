@@ -122,6 +122,8 @@ typedef struct tg_conf {
         unsigned max_connections;     /* open client connections per process;
                                          0 = unlimited; 10000 */
         unsigned max_connections_per_ip;   /* per client address; 0 = unlimited; 1024 */
+        int      reuseport;           /* each worker accepts on its own
+                                         SO_REUSEPORT sockets; 0 */
     } http;
 
     struct {                          /* section upstream: */

@@ -29,6 +29,14 @@ struct tg_connslot;
 tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
                          struct tg_connslot *slot);
 
+struct tg_connlimit;
+/* Before tg_worker_start (http.reuseport): w accepts on its own listening
+ * socket fd (listener idx; w takes it, also on TG_ERR), counting each
+ * connection in cl (which must outlive the worker).  The worker closes
+ * its listeners when told to drain. */
+tg_rc tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
+                       struct tg_connlimit *cl);
+
 /* Main thread: hand w a reloaded snapshot; w takes its own references
  * (the caller keeps its own). */
 tg_rc tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys);

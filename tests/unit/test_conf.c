@@ -1760,3 +1760,16 @@ Test(conf, upstream_keepalive_auto_or_number)
     expect_error(MIN_LISTEN MIN_UPSTREAM "  keepalive: 70000\n", "5:14",
                  "out of range");
 }
+
+/* http.reuseport: off by default, a bool. */
+Test(conf, http_reuseport)
+{
+    tg_conf *conf = expect_ok(MIN);
+
+    cr_assert_eq(conf->http.reuseport, 0);
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN "http:\n  reuseport: true\n");
+    cr_assert_eq(conf->http.reuseport, 1);
+    tg_conf_unref(conf);
+    expect_error(MIN "http:\n  reuseport: yes\n", "6:14", "http.reuseport: expected a bool");
+}
