@@ -2,7 +2,9 @@
  * main.c - command line, start-up, signals and shutdown.
  *
  * The main thread owns the listening sockets (accept, then hand the socket
- * to a worker), the admin listener, signals and the systemd protocol.
+ * to a worker; with http.reuseport it only opens one per worker, which
+ * the workers accept on), the admin listener, signals and the systemd
+ * protocol.
  */
 #include <errno.h>
 #include <getopt.h>

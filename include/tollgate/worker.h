@@ -1,7 +1,8 @@
 /*
  * worker.h - worker threads.  Each owns an event base and a tg_proxy; the
  * main thread accepts connections and hands each socket to a worker
- * through the worker's notification pipe (one atomic write, no lock).
+ * through the worker's notification pipe (one atomic write, no lock), or
+ * (http.reuseport) each worker accepts on its own sockets.
  */
 #ifndef TOLLGATE_WORKER_H
 #define TOLLGATE_WORKER_H
