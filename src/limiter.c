@@ -119,9 +119,9 @@ typedef struct give_buf {
  * which every request shares, is a lock-free cell charged by
  * compare-and-swap (docs/DESIGN-NOTES.md).
  */
-static pthread_once_t      local_once = PTHREAD_ONCE_INIT;
-static struct tg_lshared  *local_store;
-static uint64_t            local_fallback_us;   /* last fallback charge (atomic) */
+static pthread_once_t    local_once = PTHREAD_ONCE_INIT;
+static struct tg_lshared *local_store;
+static uint64_t          local_fallback_us;   /* last fallback charge (atomic) */
 
 static void
 local_init(void)
