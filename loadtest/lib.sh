@@ -225,7 +225,7 @@ EOF
 }
 
 # lt_start_tollgate NAME proxy|local|redis [EXTRA]: tollgate (WORKERS
-# workers, upstream keep-alive 64) in front of UP_PORT. proxy: no keys, no
+# workers, upstream keep-alive TG_KEEPALIVE: 64, or auto, 32, ...) in front of UP_PORT. proxy: no keys, no
 # tiers; local/redis: $TMP/keys.yaml, tier bench (RPM, BURST), buckets in
 # process memory or in the Redis of lt_start_redis (on_failure: deny, so a
 # Redis problem shows as errors). EXTRA: a YAML file appended to the
@@ -243,7 +243,7 @@ listen: [ { address: 127.0.0.1:$port } ]
 admin: { address: 127.0.0.1:$admin }
 workers: ${WORKERS:-2}
 log_level: warn
-upstream: { servers: [127.0.0.1:$UP_PORT], keepalive: 64 }
+upstream: { servers: [127.0.0.1:$UP_PORT], keepalive: ${TG_KEEPALIVE:-64} }
 EOF
         case $kind in
         proxy) echo "store: local" ;;
@@ -273,12 +273,14 @@ EOF
 # ---------------------------------------------------------------- wrk
 
 # lt_run_wrk URL SECONDS LOG [KEYS_FILE]: wrk -t WRK_THREADS -c CONNS
-# --latency, with loadtest/keys.lua over KEYS_FILE if given (ORDER in the
+# --latency (and -H WRK_HEADER if set, e.g. "Connection: close": a new
+# connection per request), with loadtest/keys.lua over KEYS_FILE if given (ORDER in the
 # environment: roundrobin or random). Prints
 # "rps p50_ms p99_ms non2xx errors requests".
 lt_run_wrk() {
     local url=$1 secs=$2 logf=$3 keys=${4:-} out th=${WRK_THREADS:-2}
     local args=(-t"$th" -c"${CONNS:-64}" -d"${secs}s" --latency)
+    if [[ -n ${WRK_HEADER:-} ]]; then args+=(-H "$WRK_HEADER"); fi
     if [[ -n $keys ]]; then
         out=$(wrk "${args[@]}" -s "$LT_HERE/keys.lua" "$url" -- "$keys" "$th" 2>&1) ||
             lt_die "wrk failed on $url: $out"

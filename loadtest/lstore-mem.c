@@ -1,6 +1,6 @@
 /*
  * lstore-mem.c - resident memory of the local bucket store (store: local)
- * with N distinct keys, and after they expire and N other keys arrive.
+ * (the striped tg_lshared the limiter uses) with N distinct keys, and after they expire and N other keys arrive.
  * Built and run by loadtest/bench-scale (part "lstore"):
  *
  *   cc -O2 -Iinclude loadtest/lstore-mem.c build/libtgcore.a -o lstore-mem
@@ -38,7 +38,7 @@ rss_kib(void)
 }
 
 static void
-fill(struct tg_lstore *st, const tg_gcra_limit *lim, size_t from, size_t n,
+fill(struct tg_lshared *st, const tg_gcra_limit *lim, size_t from, size_t n,
      uint64_t now_us)
 {
     char key[32];
@@ -48,7 +48,7 @@ fill(struct tg_lstore *st, const tg_gcra_limit *lim, size_t from, size_t n,
 
     for (i = from; i < from + n; i++) {
         snprintf(key, sizeof(key), "tg:{k%07zu}:t", i);
-        tg_lstore_charge(st, keys, lim, 1, 1, now_us, &res);
+        tg_lshared_charge(st, keys, lim, 1, 1, -1, now_us, &res);
     }
 }
 
@@ -59,21 +59,21 @@ main(int argc, char **argv)
     size_t max = argc > 2 ? strtoul(argv[2], NULL, 10) : (1u << 20);
     tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
     uint64_t t0 = 1000000000000ULL;
-    struct tg_lstore *st;
+    struct tg_lshared *st;
     long r0, r1, r2;
 
     r0 = rss_kib();
-    st = tg_lstore_create(max);
+    st = tg_lshared_create(max);
     fill(st, &lim, 0, n, t0);
     r1 = rss_kib();
     printf("lstore: %zu keys (max_entries %zu): size %zu, VmRSS +%ld KiB, "
            "%ld bytes per key (bound: tg_lstore_entry_bytes() = %zu)\n", n, max,
-           tg_lstore_size(st), r1 - r0, n ? (r1 - r0) * 1024 / (long)n : 0,
+           tg_lshared_size(st), r1 - r0, n ? (r1 - r0) * 1024 / (long)n : 0,
            tg_lstore_entry_bytes());
     fill(st, &lim, n, n, t0 + 2000000);
     r2 = rss_kib();
     printf("lstore: %zu other keys 2 s later (the first %zu expired): size %zu, "
-           "VmRSS +%ld KiB\n", n, n, tg_lstore_size(st), r2 - r0);
-    tg_lstore_destroy(st);
+           "VmRSS +%ld KiB\n", n, n, tg_lshared_size(st), r2 - r0);
+    tg_lshared_destroy(st);
     return 0;
 }

@@ -117,6 +117,7 @@ static tg_rc tg_conf_check_rates(tg_conf_ctx *ctx);
 TG_CONF_SETTER(tg_conf_set_uint);
 TG_CONF_SETTER(tg_conf_set_size);
 TG_CONF_SETTER(tg_conf_set_bool);
+TG_CONF_SETTER(tg_conf_set_keepalive);
 TG_CONF_SETTER(tg_conf_set_enum);
 TG_CONF_SETTER(tg_conf_set_path);
 TG_CONF_SETTER(tg_conf_set_addr);
@@ -235,6 +236,7 @@ static const tg_conf_cmd tg_conf_http_cmds[] = {
       TG_FIELD(tg_conf, http.max_connections), 0, 10000000, 0, NULL },
     { "max_connections_per_ip", tg_conf_set_uint,
       TG_FIELD(tg_conf, http.max_connections_per_ip), 0, 10000000, 0, NULL },
+    { "reuseport", tg_conf_set_bool, TG_FIELD(tg_conf, http.reuseport), 0, 1, 0, NULL },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -277,7 +279,7 @@ static const tg_conf_cmd tg_conf_upstream_cmds[] = {
       TG_FIELD(tg_conf, upstream.first_byte_timeout_ms), 1, TG_MS_MAX, 0, NULL },
     { "total_timeout_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, upstream.total_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "keepalive", tg_conf_set_uint,
+    { "keepalive", tg_conf_set_keepalive,
       TG_FIELD(tg_conf, upstream.keepalive), 0, 65535, 0, NULL },
     { "keepalive_timeout_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, upstream.keepalive_timeout_ms), 1, TG_MS_MAX, 0, NULL },
@@ -949,7 +951,7 @@ tg_conf_defaults(tg_conf *conf)
     conf->upstream.connect_timeout_ms = 2000;
     conf->upstream.first_byte_timeout_ms = 30000;
     conf->upstream.total_timeout_ms = 60000;
-    conf->upstream.keepalive = 32;
+    conf->upstream.keepalive = TG_UPSTREAM_KEEPALIVE_AUTO;
     conf->upstream.keepalive_timeout_ms = 30000;
     conf->upstream.breaker.failures = 5;
     conf->upstream.breaker.window_ms = 10000;
@@ -1802,6 +1804,25 @@ tg_conf_set_size(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                  void *base, const char *path)
 {
     return tg_conf_int(ctx, cmd, node, base, path, 1);
+}
+
+/* upstream.keepalive: an integer, or `auto` (TG_UPSTREAM_KEEPALIVE_AUTO). */
+static tg_rc
+tg_conf_set_keepalive(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
+                      yaml_node_t *node, void *base, const char *path)
+{
+    if (node->type == YAML_SCALAR_NODE
+        && node->data.scalar.style == YAML_PLAIN_SCALAR_STYLE
+        && strcmp((const char *)node->data.scalar.value, "auto") == 0) {
+        tg_conf_store((char *)base + cmd->offset, cmd->size,
+                      TG_UPSTREAM_KEEPALIVE_AUTO);
+        return TG_OK;
+    }
+    if (node->type == YAML_SCALAR_NODE
+        && !isdigit((unsigned char)node->data.scalar.value[0])) {
+        return tg_conf_type_error(ctx, node, path, "an integer or auto");
+    }
+    return tg_conf_int(ctx, cmd, node, base, path, 0);
 }
 
 /* YAML 1.2 core booleans only: "yes"/"no"/"on" are strings, not a guess. */

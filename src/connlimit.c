@@ -2,16 +2,20 @@
  * connlimit.c - caps on open client connections, per process and per
  * client address.
  *
- * Ownership.  The table and its entries belong to the main thread: only
- * it inserts, increments and frees.  A worker only decrements, through
- * the slot (entry) it was handed with the connection.  An entry whose
- * count is zero is referenced by no connection, so the main thread may
- * free it: it does so lazily, when it walks the entry's chain, and in a
- * sweep of the whole table when the entries outnumber the buckets.
+ * Ownership.  The table and its entries belong to the acceptors (the
+ * main thread, or every worker with http.reuseport), one at a time under
+ * the table's mutex: only they insert, increment and free, so a check
+ * never races another increment and the caps are exact.  The thread that
+ * owns a connection only decrements, through the slot (entry) it was
+ * handed with it.  An entry whose count is zero is referenced by no
+ * connection, so an acceptor may free it: it does so lazily, when it
+ * walks the entry's chain, and in a sweep of the whole table when the
+ * entries outnumber the buckets.
  */
 #include "tollgate/connlimit.h"
 
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -34,10 +38,15 @@ struct tg_connlimit {
     unsigned             max_total;   /* 0 = no cap */
     unsigned             max_per_ip;  /* 0 = no cap */
     uint64_t             seed;        /* hash seed: chains cannot be aimed at */
+    pthread_mutex_t      mu;          /* acquire (one per connection, not
+                                         per request) */
 };
 
 static uint64_t hash_key(const struct tg_connlimit *cl, int family, const uint8_t *addr);
 static void key_of(const struct sockaddr *sa, uint8_t *family, uint8_t addr[16]);
+static enum tg_connlimit_verdict acquire_locked(struct tg_connlimit *cl,
+                                                const struct sockaddr *sa,
+                                                struct tg_connslot **slot);
 static void sweep(struct tg_connlimit *cl);
 static void grow(struct tg_connlimit *cl);
 
@@ -46,6 +55,7 @@ tg_connlimit_create(unsigned max_total, unsigned max_per_ip)
 {
     struct tg_connlimit *cl = tg_xcalloc(1, sizeof(*cl));
 
+    pthread_mutex_init(&cl->mu, NULL);
     cl->nbuckets = CL_MIN_BUCKETS;
     cl->buckets = tg_xcalloc(cl->nbuckets, sizeof(*cl->buckets));
     if (getrandom(&cl->seed, sizeof(cl->seed), 0) != (ssize_t)sizeof(cl->seed)) {
@@ -71,19 +81,34 @@ tg_connlimit_destroy(struct tg_connlimit *cl)
         }
     }
     free(cl->buckets);
+    pthread_mutex_destroy(&cl->mu);
     free(cl);
 }
 
 void
 tg_connlimit_set(struct tg_connlimit *cl, unsigned max_total, unsigned max_per_ip)
 {
+    pthread_mutex_lock(&cl->mu);
     cl->max_total = max_total;
     cl->max_per_ip = max_per_ip;
+    pthread_mutex_unlock(&cl->mu);
 }
 
 enum tg_connlimit_verdict
 tg_connlimit_acquire(struct tg_connlimit *cl, const struct sockaddr *sa,
                      struct tg_connslot **slot)
+{
+    enum tg_connlimit_verdict v;
+
+    pthread_mutex_lock(&cl->mu);
+    v = acquire_locked(cl, sa, slot);
+    pthread_mutex_unlock(&cl->mu);
+    return v;
+}
+
+static enum tg_connlimit_verdict
+acquire_locked(struct tg_connlimit *cl, const struct sockaddr *sa,
+               struct tg_connslot **slot)
 {
     struct tg_connslot **pp, *e, *found = NULL;
     uint8_t family, addr[16];

@@ -5,6 +5,8 @@
  */
 #include "tollgate/gcra.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +16,11 @@
 #define LS_MIN_CAP         256   /* initial slots (power of two) */
 #define LS_SWEEP_SLOTS     4     /* slots examined for expiry on each insert */
 #define LS_EVICT_SCAN      16    /* occupied slots examined when full */
+
+#define LSH_STRIPES        64    /* shared store: tables, each with a lock */
+#define LSH_CELLS          8     /* shared store: lock-free hot buckets */
+#define LSH_BUSY           (1ULL << 63)  /* a cell's TAT held by a charge
+                                            of several cells */
 
 /*
  * One slot of the open-addressing table (linear probing, backward-shift
@@ -41,6 +48,38 @@ struct tg_lstore {
                                      this time: no need to scan again */
 };
 
+/*
+ * The shared store: LSH_STRIPES tables, a key's table chosen by its hash
+ * tag ({...}, the Redis Cluster rule) so that one consumer's buckets share
+ * one table and one lock.  A bucket every request shares (the global one)
+ * would make its table's lock the one everybody waits for: the caller
+ * names it "hot" and it moves to a cell, a TAT charged with a
+ * compare-and-swap while the request's other buckets are held under their
+ * tables' locks.  Cells are never evicted (at most LSH_CELLS of them).
+ */
+typedef struct lsh_stripe {
+    pthread_mutex_t   mu;
+    struct tg_lstore  st;         /* in line: the lock and the table header
+                                     share the stripe's lines */
+} __attribute__((aligned(64))) lsh_stripe;
+
+typedef struct lsh_cell {
+    uint64_t tat;                 /* atomic; LSH_BUSY while a charge of
+                                     several cells holds it */
+    uint32_t hash;                /* as ls_hash, folded */
+    size_t   len;
+    char    *key;                 /* owned copy */
+} __attribute__((aligned(64))) lsh_cell;
+
+struct tg_lshared {
+    lsh_stripe      stripes[LSH_STRIPES];
+    lsh_cell        cells[LSH_CELLS];
+    unsigned        ncells;       /* published cells (atomic, release) */
+    pthread_mutex_t cells_mu;     /* creates cells */
+};
+
+static void ls_init(struct tg_lstore *st, size_t max_entries);
+static void ls_deinit(struct tg_lstore *st);
 static uint64_t ls_hash(const char *key, size_t *len);
 static const char *ls_key(const ls_slot *s);
 static long ls_find(const struct tg_lstore *st, const char *key, size_t len,
@@ -48,6 +87,9 @@ static long ls_find(const struct tg_lstore *st, const char *key, size_t len,
 static void ls_insert(struct tg_lstore *st, const char *key, size_t len,
                       uint32_t h, uint64_t tat, uint64_t now_us,
                       const uint32_t *protect, size_t nprotect);
+static void ls_store_back(struct tg_lstore *const *tab, const char *const *keys,
+                          const size_t *len, const uint32_t *h, long *at,
+                          const uint64_t *tat, size_t n, uint64_t now_us);
 static void ls_delete(struct tg_lstore *st, size_t i);
 static void ls_grow(struct tg_lstore *st);
 static int ls_protected(uint32_t h, const uint32_t *protect, size_t nprotect);
@@ -194,31 +236,19 @@ tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
 struct tg_lstore *
 tg_lstore_create(size_t max_entries)
 {
-    struct tg_lstore *st = tg_xcalloc(1, sizeof(*st));
+    struct tg_lstore *st = tg_xmalloc(sizeof(*st));
 
-    /* A request may bring GCRA_MAX_BUCKETS new keys while protecting its
-     * own; below that the bound could not be kept. */
-    st->max_entries = max_entries < GCRA_MAX_BUCKETS * 2
-                      ? GCRA_MAX_BUCKETS * 2 : max_entries;
-    st->slots = tg_xcalloc(LS_MIN_CAP, sizeof(ls_slot));
-    st->mask = LS_MIN_CAP - 1;
+    ls_init(st, max_entries);
     return st;
 }
 
 void
 tg_lstore_destroy(struct tg_lstore *st)
 {
-    size_t i;
-
     if (st == NULL) {
         return;
     }
-    for (i = 0; i <= st->mask; i++) {
-        if (st->slots[i].klen1 > LS_INLINE_KEY + 1) {
-            free(st->slots[i].k.ext);
-        }
-    }
-    free(st->slots);
+    ls_deinit(st);
     free(st);
 }
 
@@ -235,11 +265,12 @@ tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
                  const tg_gcra_limit *lim, size_t n, uint32_t cost,
                  uint64_t now_us, tg_gcra_result *res)
 {
+    struct tg_lstore *tab[GCRA_MAX_BUCKETS];
     uint64_t tat[GCRA_MAX_BUCKETS];
     uint32_t h[GCRA_MAX_BUCKETS];
     size_t len[GCRA_MAX_BUCKETS];
     long at[GCRA_MAX_BUCKETS];
-    size_t i, missing = 0;
+    size_t i;
 
     if (n > GCRA_MAX_BUCKETS) {
         tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res); /* denies */
@@ -256,30 +287,10 @@ tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
     if (!res->allowed) {
         return;
     }
-
     for (i = 0; i < n; i++) {
-        if (at[i] >= 0) {
-            st->slots[at[i]].tat = tat[i];
-        } else if (tat[i] > now_us) {
-            missing++;
-        } else {
-            at[i] = 0;          /* cost 0 on a full bucket: keep nothing */
-        }
+        tab[i] = st;
     }
-    if (missing == 0) {
-        return;
-    }
-    for (i = 0; i < n; i++) {
-        if (at[i] < 0) {
-            /* Look again: the same key may appear twice in one request. */
-            long j = ls_find(st, keys[i], len[i], h[i]);
-            if (j >= 0) {
-                st->slots[j].tat = tat[i];
-            } else {
-                ls_insert(st, keys[i], len[i], h[i], tat[i], now_us, h, n);
-            }
-        }
-    }
+    ls_store_back(tab, keys, len, h, at, tat, n, now_us);
 }
 
 void
@@ -328,7 +339,402 @@ tg_lstore_entry_bytes(void)
     return (sizeof(ls_slot) * 8 + 2) / 3;
 }
 
+/* ---- shared store ----------------------------------------------------- */
+
+static unsigned lsh_stripe_of(const char *key, size_t len);
+static int lsh_cell_find(struct tg_lshared *sh, const char *key, size_t len,
+                         uint32_t h);
+static int lsh_cell_make(struct tg_lshared *sh, struct tg_lstore *st,
+                         const char *key, size_t len, uint32_t h);
+static uint64_t lsh_cell_load(lsh_cell *c);
+
+struct tg_lshared *
+tg_lshared_create(size_t max_entries)
+{
+    struct tg_lshared *sh;
+    size_t share, i;
+
+    if (posix_memalign((void **)&sh, 64, sizeof(*sh)) != 0) {
+        tg_error("out of memory (%zu bytes)", sizeof(*sh));  /* the policy */
+        abort();                                              /* of common.h */
+    }
+    memset(sh, 0, sizeof(*sh));
+    /* Each table holds at most 5/4 of its share: hashing is not perfectly
+     * even, and a table's slots are a power of two anyway - for 2^20
+     * buckets, 64 tables of at most 20,480 need 2^15 slots each, the
+     * 2^21 slots (128 MiB) one table of 2^20 needs.  No count is shared
+     * between tables (it would be one more cache line every worker
+     * writes). */
+    share = (max_entries + LSH_STRIPES - 1) / LSH_STRIPES;
+    for (i = 0; i < LSH_STRIPES; i++) {
+        pthread_mutex_init(&sh->stripes[i].mu, NULL);
+        ls_init(&sh->stripes[i].st, share + share / 4);
+    }
+    pthread_mutex_init(&sh->cells_mu, NULL);
+    return sh;
+}
+
+void
+tg_lshared_destroy(struct tg_lshared *sh)
+{
+    size_t i;
+
+    if (sh == NULL) {
+        return;
+    }
+    for (i = 0; i < LSH_STRIPES; i++) {
+        ls_deinit(&sh->stripes[i].st);
+        pthread_mutex_destroy(&sh->stripes[i].mu);
+    }
+    for (i = 0; i < sh->ncells; i++) {
+        free(sh->cells[i].key);
+    }
+    pthread_mutex_destroy(&sh->cells_mu);
+    free(sh);
+}
+
+/*
+ * As tg_lstore_charge, from any thread.  The tables of the request's
+ * buckets are locked in index order (no deadlock), then every cell bucket
+ * is read; the charge is decided on that snapshot and written with one
+ * compare-and-swap of the single cell (retried on a change: the decision
+ * is taken again on the new value), or, with several cells, under their
+ * LSH_BUSY bits (taken in cell order).  While the tables are locked only
+ * the cells move, so the request is atomic: it takes effect at its
+ * successful CAS (denied: at its read), as if the whole store were
+ * locked.
+ */
+void
+tg_lshared_charge(struct tg_lshared *sh, const char *const *keys,
+                  const tg_gcra_limit *lim, size_t n, uint32_t cost, int hot,
+                  uint64_t now_us, tg_gcra_result *res)
+{
+    struct tg_lstore *tab[GCRA_MAX_BUCKETS];
+    uint64_t tat[GCRA_MAX_BUCKETS], seen[LSH_CELLS];
+    uint32_t h[GCRA_MAX_BUCKETS];
+    size_t len[GCRA_MAX_BUCKETS];
+    long at[GCRA_MAX_BUCKETS];
+    int cell[GCRA_MAX_BUCKETS];
+    unsigned stripe[GCRA_MAX_BUCKETS], locked[GCRA_MAX_BUCKETS], cmask = 0;
+    size_t i, j, nlocked = 0, ncell = 0;
+    unsigned seen_cells;
+    int one = -1, recheck;
+
+    if (n > GCRA_MAX_BUCKETS) {
+        tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res); /* denies */
+        return;
+    }
+
+    /* Cells are never removed: a key found among them stays there. */
+    seen_cells = __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE);
+    for (i = 0; i < n; i++) {
+        uint64_t h64 = ls_hash(keys[i], &len[i]);
+        h[i] = (uint32_t)(h64 ^ (h64 >> 32));
+        cell[i] = lsh_cell_find(sh, keys[i], len[i], h[i]);
+        stripe[i] = lsh_stripe_of(keys[i], len[i]);
+        if (cell[i] < 0) {
+            for (j = 0; j < nlocked && locked[j] != stripe[i]; j++) {
+            }
+            if (j == nlocked) {
+                locked[nlocked++] = stripe[i];
+            }
+        }
+    }
+    for (i = 1; i < nlocked; i++) {           /* insertion sort, <= 8 */
+        unsigned v = locked[i];
+        for (j = i; j > 0 && locked[j - 1] > v; j--) {
+            locked[j] = locked[j - 1];
+        }
+        locked[j] = v;
+    }
+    for (i = 0; i < nlocked; i++) {
+        pthread_mutex_lock(&sh->stripes[locked[i]].mu);
+    }
+
+    /* Under the locks: a cell made since the look above moved its key out
+     * of a table we now hold; the hot bucket becomes a cell if there is
+     * room (its debt moves with it). */
+    recheck = __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE) != seen_cells;
+    for (i = 0; i < n; i++) {
+        struct tg_lstore *st = &sh->stripes[stripe[i]].st;
+        if (cell[i] < 0 && recheck) {
+            cell[i] = lsh_cell_find(sh, keys[i], len[i], h[i]);
+        }
+        if (cell[i] < 0 && (int)i == hot) {
+            cell[i] = lsh_cell_make(sh, st, keys[i], len[i], h[i]);
+        }
+        if (cell[i] >= 0) {
+            tab[i] = NULL;
+            at[i] = -1;
+            if (!(cmask & (1u << cell[i]))) {
+                cmask |= 1u << cell[i];
+                ncell++;
+                one = cell[i];
+            }
+        } else {
+            tab[i] = st;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        if (tab[i] != NULL) {
+            at[i] = ls_find(tab[i], keys[i], len[i], h[i]);
+            tat[i] = at[i] >= 0 ? tab[i]->slots[at[i]].tat : 0;
+        }
+    }
+
+    if (ncell <= 1) {
+        uint64_t c = 0, want;
+        for (;;) {
+            if (ncell == 1) {
+                c = lsh_cell_load(&sh->cells[one]);
+                for (i = 0; i < n; i++) {
+                    if (cell[i] == one) {
+                        tat[i] = c;
+                    }
+                }
+            }
+            tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res);
+            if (!res->allowed || ncell == 0) {
+                break;
+            }
+            for (i = 0, want = c; i < n; i++) {   /* the last copy wins, */
+                if (cell[i] == one) {             /* as in a table */
+                    want = tat[i];
+                }
+            }
+            if (__atomic_compare_exchange_n(&sh->cells[one].tat, &c, want, 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                break;
+            }
+            for (i = 0; i < n; i++) {             /* undo the step's */
+                if (tab[i] != NULL) {             /* in-place update */
+                    tat[i] = at[i] >= 0 ? tab[i]->slots[at[i]].tat : 0;
+                }
+            }
+        }
+    } else {
+        for (j = 0; j < LSH_CELLS; j++) {         /* take in cell order */
+            uint64_t v;
+            if (!(cmask & (1u << j))) {
+                continue;
+            }
+            for (;;) {
+                v = lsh_cell_load(&sh->cells[j]);
+                if (__atomic_compare_exchange_n(&sh->cells[j].tat, &v, v | LSH_BUSY,
+                                                0, __ATOMIC_ACQUIRE,
+                                                __ATOMIC_RELAXED)) {
+                    break;
+                }
+            }
+            seen[j] = v;
+        }
+        for (i = 0; i < n; i++) {
+            if (cell[i] >= 0) {
+                tat[i] = seen[cell[i]];
+            }
+        }
+        tg_gcra_charge(lim, tat, NULL, n, cost, now_us, res);
+        if (res->allowed) {
+            for (i = 0; i < n; i++) {
+                if (cell[i] >= 0) {
+                    seen[cell[i]] = tat[i];
+                }
+            }
+        }
+        for (j = 0; j < LSH_CELLS; j++) {
+            if (cmask & (1u << j)) {
+                __atomic_store_n(&sh->cells[j].tat, seen[j], __ATOMIC_RELEASE);
+            }
+        }
+    }
+
+    if (res->allowed) {
+        ls_store_back(tab, keys, len, h, at, tat, n, now_us);
+    }
+    for (i = nlocked; i > 0; i--) {
+        pthread_mutex_unlock(&sh->stripes[locked[i - 1]].mu);
+    }
+}
+
+void
+tg_lshared_raise(struct tg_lshared *sh, const char *key, uint64_t tat,
+                 uint64_t now_us)
+{
+    size_t len;
+    uint64_t h64 = ls_hash(key, &len);
+    uint32_t h = (uint32_t)(h64 ^ (h64 >> 32));
+    int c = lsh_cell_find(sh, key, len, h);
+    lsh_stripe *sp;
+
+    if (c < 0) {
+        sp = &sh->stripes[lsh_stripe_of(key, len)];
+        pthread_mutex_lock(&sp->mu);
+        c = lsh_cell_find(sh, key, len, h);
+        if (c < 0) {
+            tg_lstore_raise(&sp->st, key, tat, now_us);
+        }
+        pthread_mutex_unlock(&sp->mu);
+        if (c < 0) {
+            return;
+        }
+    }
+    for (;;) {
+        uint64_t v = lsh_cell_load(&sh->cells[c]);
+        if (v >= tat || __atomic_compare_exchange_n(&sh->cells[c].tat, &v, tat, 0,
+                                                    __ATOMIC_ACQ_REL,
+                                                    __ATOMIC_RELAXED)) {
+            return;
+        }
+    }
+}
+
+uint64_t
+tg_lshared_held(struct tg_lshared *sh, const char *key, uint64_t now_us)
+{
+    size_t len;
+    uint64_t h64 = ls_hash(key, &len), v;
+    uint32_t h = (uint32_t)(h64 ^ (h64 >> 32));
+    int c = lsh_cell_find(sh, key, len, h);
+    lsh_stripe *sp;
+
+    if (c < 0) {
+        sp = &sh->stripes[lsh_stripe_of(key, len)];
+        pthread_mutex_lock(&sp->mu);
+        c = lsh_cell_find(sh, key, len, h);
+        v = c < 0 ? tg_lstore_held(&sp->st, key, now_us) : 0;
+        pthread_mutex_unlock(&sp->mu);
+        if (c < 0) {
+            return v;
+        }
+    }
+    v = lsh_cell_load(&sh->cells[c]);
+    return v > now_us ? v - now_us : 0;
+}
+
+size_t
+tg_lshared_size(struct tg_lshared *sh)
+{
+    size_t n = __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE), i;
+
+    for (i = 0; i < LSH_STRIPES; i++) {
+        pthread_mutex_lock(&sh->stripes[i].mu);
+        n += sh->stripes[i].st.size;
+        pthread_mutex_unlock(&sh->stripes[i].mu);
+    }
+    return n;
+}
+
+/* The table of a key: by its hash tag - the bytes between the first '{'
+ * and the next '}' when not empty (Redis Cluster's rule) - else by the
+ * whole key. */
+static unsigned
+lsh_stripe_of(const char *key, size_t len)
+{
+    const char *o = memchr(key, '{', len), *c;
+    const unsigned char *p, *e;
+    uint64_t x = 0xcbf29ce484222325ULL;
+
+    p = (const unsigned char *)key;
+    e = p + len;
+    if (o != NULL && (c = memchr(o + 1, '}', (size_t)(key + len - o - 1))) != NULL
+        && c > o + 1) {
+        p = (const unsigned char *)o + 1;
+        e = (const unsigned char *)c;
+    }
+    while (p < e) {
+        x ^= *p++;
+        x *= 0x100000001b3ULL;
+    }
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return (unsigned)(x & (LSH_STRIPES - 1));
+}
+
+static int
+lsh_cell_find(struct tg_lshared *sh, const char *key, size_t len, uint32_t h)
+{
+    unsigned n = __atomic_load_n(&sh->ncells, __ATOMIC_ACQUIRE), i;
+
+    for (i = 0; i < n; i++) {
+        if (sh->cells[i].hash == h && sh->cells[i].len == len
+            && memcmp(sh->cells[i].key, key, len) == 0) {
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+/* Make key a cell, moving its bucket out of st (whose lock the caller
+ * holds: nobody else can be reading it there); -1 when all cells are
+ * taken (the key stays in its table). */
+static int
+lsh_cell_make(struct tg_lshared *sh, struct tg_lstore *st, const char *key,
+              size_t len, uint32_t h)
+{
+    unsigned n;
+    long at;
+    lsh_cell *c;
+
+    pthread_mutex_lock(&sh->cells_mu);
+    n = sh->ncells;
+    if (n == LSH_CELLS) {
+        pthread_mutex_unlock(&sh->cells_mu);
+        return -1;
+    }
+    c = &sh->cells[n];
+    at = ls_find(st, key, len, h);
+    c->tat = at >= 0 ? st->slots[at].tat : 0;
+    if (at >= 0) {
+        ls_delete(st, (size_t)at);
+    }
+    c->hash = h;
+    c->len = len;
+    c->key = tg_xmalloc(len + 1);
+    memcpy(c->key, key, len + 1);
+    __atomic_store_n(&sh->ncells, n + 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&sh->cells_mu);
+    return (int)n;
+}
+
+/* A cell's TAT, waiting out a charge of several cells that holds it. */
+static uint64_t
+lsh_cell_load(lsh_cell *c)
+{
+    uint64_t v;
+
+    while ((v = __atomic_load_n(&c->tat, __ATOMIC_ACQUIRE)) & LSH_BUSY) {
+        sched_yield();
+    }
+    return v;
+}
+
 /* ---- store internals -------------------------------------------------- */
+
+static void
+ls_init(struct tg_lstore *st, size_t max_entries)
+{
+    memset(st, 0, sizeof(*st));
+    /* A request may bring GCRA_MAX_BUCKETS new keys while protecting its
+     * own; below that the bound could not be kept. */
+    st->max_entries = max_entries < GCRA_MAX_BUCKETS * 2
+                      ? GCRA_MAX_BUCKETS * 2 : max_entries;
+    st->slots = tg_xcalloc(LS_MIN_CAP, sizeof(ls_slot));
+    st->mask = LS_MIN_CAP - 1;
+}
+
+static void
+ls_deinit(struct tg_lstore *st)
+{
+    size_t i;
+
+    for (i = 0; i <= st->mask; i++) {
+        if (st->slots[i].klen1 > LS_INLINE_KEY + 1) {
+            free(st->slots[i].k.ext);
+        }
+    }
+    free(st->slots);
+}
 
 /* FNV-1a over the key (computing its length on the way), then the
  * murmur3 finalizer so the low bits used for the home slot are mixed. */
@@ -409,6 +815,49 @@ ls_insert(struct tg_lstore *st, const char *key, size_t len, uint32_t h,
         memcpy(s->k.ext, key, len);
     }
     st->size++;
+}
+
+/*
+ * Write back the TATs of an allowed charge: key i lives in table tab[i]
+ * (NULL: not in a table - a cell of the shared store) at slot at[i] (-1:
+ * missing).  Found keys first, in place (their slots are still where the
+ * lookup saw them), then the missing ones, whose insertion may sweep,
+ * evict or grow - never evicting a key of this request (protected by
+ * hash).  A bucket left full (cost 0) is not stored.
+ */
+static void
+ls_store_back(struct tg_lstore *const *tab, const char *const *keys,
+              const size_t *len, const uint32_t *h, long *at,
+              const uint64_t *tat, size_t n, uint64_t now_us)
+{
+    size_t i, missing = 0;
+
+    for (i = 0; i < n; i++) {
+        if (tab[i] == NULL) {
+            continue;
+        }
+        if (at[i] >= 0) {
+            tab[i]->slots[at[i]].tat = tat[i];
+        } else if (tat[i] > now_us) {
+            missing++;
+        } else {
+            at[i] = 0;          /* cost 0 on a full bucket: keep nothing */
+        }
+    }
+    if (missing == 0) {
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        if (tab[i] != NULL && at[i] < 0) {
+            /* Look again: the same key may appear twice in one request. */
+            long j = ls_find(tab[i], keys[i], len[i], h[i]);
+            if (j >= 0) {
+                tab[i]->slots[j].tat = tat[i];
+            } else {
+                ls_insert(tab[i], keys[i], len[i], h[i], tat[i], now_us, h, n);
+            }
+        }
+    }
 }
 
 /* Empty slot i and shift the rest of its cluster back so that every key

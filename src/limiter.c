@@ -31,29 +31,39 @@
 
 /*
  * The in-process store (store: local, and the Redis fallback) is ONE per
- * process, shared by the workers behind a mutex: per-worker buckets would
- * let a key have `workers` times its burst.  It is the only lock a request
- * can meet, held for one hash lookup and a few integer operations, and
- * only when Redis is not the store (docs/DESIGN-NOTES.md).
+ * process, shared by the workers: per-worker buckets would let a key have
+ * `workers` times its burst.  It is striped (gcra.c, tg_lshared): one
+ * consumer's buckets share a table and its lock, so workers serving
+ * different consumers do not wait for each other, and the global bucket,
+ * which every request shares, is a lock-free cell charged by
+ * compare-and-swap (docs/DESIGN-NOTES.md).
  */
 static pthread_once_t    local_once = PTHREAD_ONCE_INIT;
-static pthread_mutex_t   local_mu = PTHREAD_MUTEX_INITIALIZER;
-static struct tg_lstore *local_store;
+static struct tg_lshared *local_store;
 static uint64_t          local_fallback_us;   /* last fallback charge (atomic) */
 
 static void
 local_init(void)
 {
-    local_store = tg_lstore_create(LSTORE_MAX_ENTRIES);
+    local_store = tg_lshared_create(LSTORE_MAX_ENTRIES);
 }
 
 static void
 local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
              uint32_t cost, tg_gcra_result *res)
 {
-    pthread_mutex_lock(&local_mu);
-    tg_lstore_charge(local_store, keys, lim, n, cost, tg_now_us(), res);
-    pthread_mutex_unlock(&local_mu);
+    static const char gsuffix[] = "{global}:g";   /* as charge_stage builds it */
+    int hot = -1;
+
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(keys[i]);
+        if (len >= sizeof(gsuffix) - 1
+            && memcmp(keys[i] + len - (sizeof(gsuffix) - 1), gsuffix,
+                      sizeof(gsuffix) - 1) == 0) {
+            hot = (int)i;
+        }
+    }
+    tg_lshared_charge(local_store, keys, lim, n, cost, hot, tg_now_us(), res);
 }
 
 /*
@@ -74,13 +84,11 @@ local_follow(const tg_limit_ctx *ctx, const tg_gcra_result *res)
 {
     uint64_t sent = ctx->started_us, now = tg_now_us();
 
-    pthread_mutex_lock(&local_mu);
     for (size_t i = 0; i < ctx->n; i++) {
         if (res->held_us[i] > 0) {
-            tg_lstore_raise(local_store, ctx->keys[i], sent + res->held_us[i], now);
+            tg_lshared_raise(local_store, ctx->keys[i], sent + res->held_us[i], now);
         }
     }
-    pthread_mutex_unlock(&local_mu);
 }
 
 /* The local debts of ctx's buckets, as floors for Redis; 0 without a
@@ -101,11 +109,9 @@ local_floors(const tg_limit_ctx *ctx, unsigned instances, uint64_t *held)
     if (last == 0 || now > last + span) {
         return;
     }
-    pthread_mutex_lock(&local_mu);
     for (size_t i = 0; i < ctx->n; i++) {
-        held[i] = tg_lstore_held(local_store, ctx->keys[i], now);
+        held[i] = tg_lshared_held(local_store, ctx->keys[i], now);
     }
-    pthread_mutex_unlock(&local_mu);
 }
 
 /* Redis breaker: a handful of failed calls (each already bounded by

@@ -2,7 +2,9 @@
  * main.c - command line, start-up, signals and shutdown.
  *
  * The main thread owns the listening sockets (accept, then hand the socket
- * to a worker), the admin listener, signals and the systemd protocol.
+ * to a worker; with http.reuseport it only opens one per worker, which
+ * the workers accept on), the admin listener, signals and the systemd
+ * protocol.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -50,7 +52,10 @@ static struct {
     struct tg_worker       **workers;
     unsigned                 nworkers;
     unsigned                 next;          /* round-robin dispatch */
-    struct evconnlistener  **listeners;
+    struct evconnlistener  **listeners;     /* NULL each with http.reuseport */
+    int                     *rp_fds;        /* http.reuseport: [listener *
+                                               workers], until the workers
+                                               take them (-1) */
     struct tg_connlimit     *connlimit;     /* http.max_connections{,_per_ip} */
     struct event            *accept_resume; /* accept paused (EMFILE) until it fires */
     uint64_t                 refused_logged;   /* last "over a cap" warning, ms */
@@ -85,6 +90,7 @@ static tg_rc build_tls(const tg_conf *conf, SSL_CTX ***out, char *err, size_t er
 static tg_rc load_keys(const tg_conf *conf, struct tg_keys **out, char *err, size_t errlen);
 static void free_tls(SSL_CTX **ctxs, size_t n);
 static tg_rc open_listeners(void);
+static tg_rc open_reuseport(void);
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
                       struct sockaddr *sa, int salen, void *arg);
 static void accept_error_cb(struct evconnlistener *l, void *arg);
@@ -322,6 +328,13 @@ run(const char *path)
         if (g.alog != NULL) {
             tg_worker_set_access_log(g.workers[i], g.alog);
         }
+        for (size_t l = 0; g.rp_fds != NULL && l < g.conf->nlisten; l++) {
+            int fd = g.rp_fds[l * g.nworkers + i];
+            g.rp_fds[l * g.nworkers + i] = -1;
+            if (tg_worker_listen(g.workers[i], fd, (unsigned)l, g.connlimit) != TG_OK) {
+                goto out;
+            }
+        }
         if (tg_worker_start(g.workers[i]) != TG_OK) {
             tg_error("cannot start worker %u", i);
             goto out;
@@ -378,6 +391,12 @@ out:
         }
     }
     free(g.listeners);
+    for (i = 0; g.rp_fds != NULL && i < g.conf->nlisten * g.conf->workers; i++) {
+        if (g.rp_fds[i] >= 0) {
+            close(g.rp_fds[i]);
+        }
+    }
+    free(g.rp_fds);
     if (g.statsd_timer != NULL) {
         /* what the last interval counted (the workers have stopped) */
         if (rc == 0) {
@@ -504,6 +523,9 @@ open_listeners(void)
     int one = 1;
 
     g.listeners = tg_xcalloc(g.conf->nlisten, sizeof(*g.listeners));
+    if (g.conf->http.reuseport) {
+        return open_reuseport();
+    }
     for (i = 0; i < g.conf->nlisten; i++) {
         const tg_addr *a = &g.conf->listen[i].addr;
         int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -530,6 +552,53 @@ open_listeners(void)
             return TG_ERR;
         }
         evconnlistener_set_error_cb(g.listeners[i], accept_error_cb);
+    }
+    return TG_OK;
+}
+
+/*
+ * http.reuseport: `workers` sockets per listener, bound to the same
+ * address with SO_REUSEPORT (the kernel spreads new connections over
+ * them), each for one worker's own loop to accept on; the first one's
+ * bound address is used for the others (a port 0 resolves once).
+ */
+static tg_rc
+open_reuseport(void)
+{
+    size_t i, k, n = g.conf->workers;
+    int one = 1;
+
+    g.rp_fds = tg_xmalloc(g.conf->nlisten * n * sizeof(int));
+    for (i = 0; i < g.conf->nlisten * n; i++) {
+        g.rp_fds[i] = -1;
+    }
+    for (i = 0; i < g.conf->nlisten; i++) {
+        const tg_addr *a = &g.conf->listen[i].addr;
+        struct sockaddr_storage ss = a->sa;
+        socklen_t sl = a->salen;
+
+        for (k = 0; k < n; k++) {
+            int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+            if (fd < 0) {
+                tg_error("listen %s: socket: %s", a->text, strerror(errno));
+                return TG_ERR;
+            }
+            g.rp_fds[i * n + k] = fd;
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+            if (a->sa.ss_family == AF_INET6) {
+                setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+            }
+            if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0
+                || bind(fd, (const struct sockaddr *)&ss, sl) != 0
+                || listen(fd, 1024) != 0) {
+                tg_error("listen %s (reuseport): %s", a->text, strerror(errno));
+                return TG_ERR;
+            }
+            if (k == 0) {
+                sl = sizeof(ss);
+                getsockname(fd, (struct sockaddr *)&ss, &sl);
+            }
+        }
     }
     return TG_OK;
 }
@@ -681,7 +750,9 @@ start_drain(void)
     sd_notify(0, "STOPPING=1\nSTATUS=draining");
     tg_admin_set_ready(g.admin, 0);
     for (i = 0; i < g.conf->nlisten; i++) {
-        evconnlistener_free(g.listeners[i]);   /* new connections are refused */
+        if (g.listeners[i] != NULL) {
+            evconnlistener_free(g.listeners[i]);   /* new connections are refused */
+        }
         g.listeners[i] = NULL;
     }
     for (i = 0; i < g.nworkers; i++) {
@@ -767,6 +838,7 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
     RESTART_ONLY(old->admin_enabled != nc->admin_enabled
                  || !addr_eq(&old->admin, &nc->admin), "admin");
     RESTART_ONLY(old->workers != nc->workers, "workers");
+    RESTART_ONLY(old->http.reuseport != nc->http.reuseport, "http.reuseport");
     RESTART_ONLY(!addrs_eq(old->upstream.servers, old->upstream.nservers,
                            nc->upstream.servers, nc->upstream.nservers),
                  "upstream.servers");

@@ -19,6 +19,7 @@
 #include "tollgate/upstream.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -96,7 +97,14 @@ tg_upstream_pool_create(struct event_base *base, const tg_conf *conf)
     pool->conf = tg_conf_ref((tg_conf *)conf);
     pool->nservers = conf->upstream.nservers;
     pool->servers = tg_xcalloc(pool->nservers, sizeof(tg_userver));
-    pool->keepalive = conf->upstream.keepalive;
+    /* auto: keep every connection that was in use.  One client connection
+     * holds at most one upstream connection at a time, so the idle list
+     * never outgrows the concurrency actually seen, and http.max_connections
+     * bounds it; idle ones still expire after keepalive_timeout_ms. */
+    pool->keepalive = conf->upstream.keepalive != TG_UPSTREAM_KEEPALIVE_AUTO
+                      ? conf->upstream.keepalive
+                      : conf->http.max_connections != 0
+                      ? conf->http.max_connections : UINT_MAX;
     pool->idle_tv.tv_sec = conf->upstream.keepalive_timeout_ms / 1000;
     pool->idle_tv.tv_usec = (conf->upstream.keepalive_timeout_ms % 1000) * 1000;
     pool->now_ms = tg_now_ms;

@@ -17,12 +17,25 @@
 #include <unistd.h>
 
 #include <event2/event.h>
+#include <event2/listener.h>
 
 #include "tollgate/anomaly.h"
+#include "tollgate/connlimit.h"
 #include "tollgate/keys.h"
+#include "tollgate/metrics.h"
 #include "tollgate/proxy.h"
 
+#define WORKER_MAX_LISTEN 64       /* own listeners (http.reuseport) */
+#define ACCEPT_PAUSE_MS   100      /* accept off this long when fds run out */
+
 enum { MSG_CONN, MSG_DRAIN, MSG_RELOAD };
+
+/* One listening socket of this worker (http.reuseport). */
+typedef struct worker_listener {
+    struct tg_worker       *w;
+    unsigned                idx;      /* listener index in the config */
+    struct evconnlistener  *l;
+} worker_listener;
 
 typedef struct tg_worker_msg {
     uint32_t        type;
@@ -51,6 +64,12 @@ struct tg_worker {
     SSL_CTX          **ssl_ctxs;
     struct tg_proxy   *px;
     struct tg_anomaly_shard *anomaly;  /* heavy hitters, or NULL */
+    worker_listener    listeners[WORKER_MAX_LISTEN];   /* http.reuseport */
+    size_t             nlisteners;
+    struct tg_connlimit *connlimit;  /* http.reuseport: counted here */
+    struct event      *accept_resume;  /* accept paused (EMFILE) until it fires */
+    int                draining;
+    uint64_t           refused_logged;  /* ms: one line a second */
 };
 
 static void *worker_main(void *arg);
@@ -58,6 +77,11 @@ static void notify_cb(evutil_socket_t fd, short what, void *arg);
 static void deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void on_empty(void *arg);
 static void sampler_cb(evutil_socket_t fd, short what, void *arg);
+static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
+                      struct sockaddr *sa, int salen, void *arg);
+static void accept_error_cb(struct evconnlistener *l, void *arg);
+static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
+static void close_listeners(struct tg_worker *w);
 
 struct tg_worker *
 tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
@@ -153,6 +177,36 @@ tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
     return send_msg(w, &m);
 }
 
+tg_rc
+tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
+                 struct tg_connlimit *cl)
+{
+    worker_listener *wl;
+
+    if (w->nlisteners == WORKER_MAX_LISTEN) {
+        tg_error("worker %u: more than %d listeners", w->id, WORKER_MAX_LISTEN);
+        close(fd);
+        return TG_ERR;
+    }
+    if (w->accept_resume == NULL) {
+        w->accept_resume = evtimer_new(w->base, accept_resume_cb, w);
+    }
+    wl = &w->listeners[w->nlisteners];
+    wl->w = w;
+    wl->idx = listener_idx;
+    wl->l = evconnlistener_new(w->base, accept_cb, wl,
+                               LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+    if (wl->l == NULL) {
+        tg_error("worker %u: cannot create a listener", w->id);
+        close(fd);
+        return TG_ERR;
+    }
+    evconnlistener_set_error_cb(wl->l, accept_error_cb);
+    w->connlimit = cl;
+    w->nlisteners++;
+    return TG_OK;
+}
+
 void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
@@ -242,6 +296,10 @@ tg_worker_join_destroy(struct tg_worker *w)
     if (w->started) {
         pthread_join(w->thread, NULL);
     }
+    close_listeners(w);
+    if (w->accept_resume != NULL) {
+        event_free(w->accept_resume);
+    }
     tg_proxy_destroy(w->px);
     event_free(w->sampler);
     event_free(w->notify);
@@ -293,6 +351,8 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
             struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
             evtimer_add(w->deadline, &tv);
             event_del(w->sampler);     /* lets the loop end when idle */
+            w->draining = 1;
+            close_listeners(w);        /* new connections are refused */
             tg_proxy_drain(w->px);
         }
     }
@@ -315,4 +375,95 @@ on_empty(void *arg)
 {
     struct tg_worker *w = arg;
     event_base_loopexit(w->base, NULL);
+}
+
+/* ---- own listeners (http.reuseport) ---------------------------------- */
+
+/*
+ * As the main thread's accept: a connection over a cap is closed before
+ * a byte of it is read (the table is shared, so the caps are the
+ * process's, exact); the others are this worker's.
+ */
+static void
+accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+          int salen, void *arg)
+{
+    worker_listener *wl = arg;
+    struct tg_worker *w = wl->w;
+    enum tg_connlimit_verdict v;
+    struct tg_connslot *slot;
+
+    TG_UNUSED(l);
+    TG_UNUSED(salen);
+    v = tg_connlimit_acquire(w->connlimit, sa, &slot);
+    if (v != TG_CONN_OK) {
+        close(fd);
+        tg_metrics_global_inc(TG_M_CONNS_REFUSED, 0);
+        if (tg_now_ms() - w->refused_logged >= 1000) {
+            w->refused_logged = tg_now_ms();
+            tg_warn("worker %u: a connection closed: over %s", w->id,
+                    v == TG_CONN_OVER_IP ? "http.max_connections_per_ip"
+                                         : "http.max_connections");
+        }
+        return;
+    }
+    tg_proxy_accept(w->px, fd, __atomic_load_n(&w->ssl_ctxs[wl->idx], __ATOMIC_ACQUIRE),
+                    slot);
+}
+
+/* Out of descriptors: stop accepting for ACCEPT_PAUSE_MS rather than spin
+ * (the pending connections wait in the kernel's backlog). */
+static void
+accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    worker_listener *wl = arg;
+    struct tg_worker *w = wl->w;
+    struct timeval tv = { 0, ACCEPT_PAUSE_MS * 1000 };
+    int err = EVUTIL_SOCKET_ERROR();
+    size_t i;
+
+    TG_UNUSED(l);
+    if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
+        tg_error("worker %u: accept: %s", w->id, evutil_socket_error_to_string(err));
+        return;
+    }
+    if (evtimer_pending(w->accept_resume, NULL)) {
+        return;
+    }
+    for (i = 0; i < w->nlisteners; i++) {
+        evconnlistener_disable(w->listeners[i].l);
+    }
+    evtimer_add(w->accept_resume, &tv);
+    if (tg_now_ms() - w->refused_logged >= 1000) {
+        w->refused_logged = tg_now_ms();
+        tg_warn("worker %u: accept: %s: not accepting for %d ms", w->id,
+                evutil_socket_error_to_string(err), ACCEPT_PAUSE_MS);
+    }
+}
+
+static void
+accept_resume_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_worker *w = arg;
+    size_t i;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    for (i = 0; !w->draining && i < w->nlisteners; i++) {
+        evconnlistener_enable(w->listeners[i].l);
+    }
+}
+
+static void
+close_listeners(struct tg_worker *w)
+{
+    size_t i;
+
+    for (i = 0; i < w->nlisteners; i++) {
+        evconnlistener_free(w->listeners[i].l);
+    }
+    w->nlisteners = 0;
+    if (w->accept_resume != NULL) {
+        evtimer_del(w->accept_resume);
+    }
 }

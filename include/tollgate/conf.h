@@ -17,6 +17,7 @@
 #include "tollgate/common.h"
 
 #define TG_CONF_ERRLEN 512
+#define TG_UPSTREAM_KEEPALIVE_AUTO 0xffffffffu  /* upstream.keepalive: auto */
 
 /* A resolved numeric socket address ("127.0.0.1:8080", "[::1]:8080",
  * "localhost:8000").  Host names are resolved once, at load time. */
@@ -121,6 +122,8 @@ typedef struct tg_conf {
         unsigned max_connections;     /* open client connections per process;
                                          0 = unlimited; 10000 */
         unsigned max_connections_per_ip;   /* per client address; 0 = unlimited; 1024 */
+        int      reuseport;           /* each worker accepts on its own
+                                         SO_REUSEPORT sockets; 0 */
     } http;
 
     struct {                          /* section upstream: */
@@ -129,7 +132,10 @@ typedef struct tg_conf {
         unsigned connect_timeout_ms;     /* 2000 -> 502 */
         unsigned first_byte_timeout_ms;  /* 30000 -> 504 */
         unsigned total_timeout_ms;       /* 60000 -> 504 */
-        unsigned keepalive;              /* idle conns per server per worker; 32 */
+        unsigned keepalive;              /* idle conns per server per worker;
+                                            TG_UPSTREAM_KEEPALIVE_AUTO (default):
+                                            every conn that was in use, up to
+                                            http.max_connections */
         unsigned keepalive_timeout_ms;   /* idle upstream conn closed after; 30000 */
         struct {                         /* upstream.breaker: one per server per worker */
             unsigned failures;           /* consecutive failures that open it; 5 */

@@ -2,10 +2,11 @@
  * connlimit.h - caps on open client connections: per process and per
  * client address (http.max_connections, http.max_connections_per_ip).
  *
- * Counting is exact across threads: the main thread takes a slot at
- * accept (the only place that increments, so no check can race another
- * increment) and the worker that owns the connection gives the slot back
- * when it closes it, with one atomic decrement per counter.  An IPv4
+ * Counting is exact across threads: the acceptor takes a slot at accept
+ * (the only place that increments, under the table's mutex, so no check
+ * can race another increment) - the main thread, or each worker with
+ * http.reuseport - and the worker that owns the connection gives the slot
+ * back when it closes it, with one atomic decrement per counter.  An IPv4
  * address counts as itself, an IPv6 address as its whole 128 bits.
  */
 #ifndef TOLLGATE_CONNLIMIT_H
@@ -27,7 +28,7 @@ void tg_connlimit_set(struct tg_connlimit *cl, unsigned max_total, unsigned max_
 
 enum tg_connlimit_verdict { TG_CONN_OK, TG_CONN_OVER_TOTAL, TG_CONN_OVER_IP };
 
-/* Main thread: count a connection from sa.  TG_CONN_OK sets *slot, which
+/* The acceptor (any thread): count a connection from sa.  TG_CONN_OK sets *slot, which
  * the caller (or whoever it hands the connection to) must release once;
  * otherwise the connection is over a cap and nothing is counted. */
 enum tg_connlimit_verdict tg_connlimit_acquire(struct tg_connlimit *cl,

@@ -123,6 +123,42 @@ size_t tg_lstore_size(const struct tg_lstore *st);
 size_t tg_lstore_entry_bytes(void);
 
 /*
+ * The shared store: one per process, used by every worker thread at once
+ * (store: local, the Redis fallback).  The same buckets and rules as
+ * tg_lstore, in 64 tables chosen by the key's hash tag ({...}), each with
+ * its own lock, so requests of different consumers do not wait for each
+ * other.  Each table holds at most 5/4 of max_entries / 64 buckets (the
+ * same memory as one table of max_entries: slots come in powers of two);
+ * eviction (expired first, then closest to full) runs within the table
+ * that needs room.  Up to 8 hot buckets live in cells, outside the tables.
+ */
+struct tg_lshared;
+
+struct tg_lshared *tg_lshared_create(size_t max_entries);
+void tg_lshared_destroy(struct tg_lshared *sh);
+
+/*
+ * As tg_lstore_charge, thread-safe, atomic across all n buckets.  hot:
+ * index of the bucket every request shares (the global bucket), or -1.
+ * A hot bucket moves (for good, up to 8 of them) to a lock-free cell
+ * charged by compare-and-swap; it is then found as a cell by every call,
+ * hot or not.  now_us may differ slightly between threads (each reads its
+ * own clock): a request charged with an older now is judged no less
+ * strictly, so over any interval of length t a bucket still admits at most
+ * burst + t/T.
+ */
+void tg_lshared_charge(struct tg_lshared *sh, const char *const *keys,
+                       const tg_gcra_limit *lim, size_t n, uint32_t cost,
+                       int hot, uint64_t now_us, tg_gcra_result *res);
+
+/* As tg_lstore_raise / tg_lstore_held / tg_lstore_size, thread-safe
+ * (size locks each table in turn: for tests and metrics). */
+void tg_lshared_raise(struct tg_lshared *sh, const char *key, uint64_t tat,
+                      uint64_t now_us);
+uint64_t tg_lshared_held(struct tg_lshared *sh, const char *key, uint64_t now_us);
+size_t tg_lshared_size(struct tg_lshared *sh);
+
+/*
  * The Redis side: a Lua script doing tg_gcra_charge for a BATCH of
  * requests in one call, with Redis TIME as the clock.
  *   KEYS: every bucket key of every request, in order.

@@ -1,7 +1,8 @@
 /*
  * worker.h - worker threads.  Each owns an event base and a tg_proxy; the
  * main thread accepts connections and hands each socket to a worker
- * through the worker's notification pipe (one atomic write, no lock).
+ * through the worker's notification pipe (one atomic write, no lock), or
+ * (http.reuseport) each worker accepts on its own sockets.
  */
 #ifndef TOLLGATE_WORKER_H
 #define TOLLGATE_WORKER_H
@@ -28,6 +29,14 @@ struct tg_connslot;
  * TG_ERR the caller still owns both. */
 tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
                          struct tg_connslot *slot);
+
+struct tg_connlimit;
+/* Before tg_worker_start (http.reuseport): w accepts on its own listening
+ * socket fd (listener idx; w takes it, also on TG_ERR), counting each
+ * connection in cl (which must outlive the worker).  The worker closes
+ * its listeners when told to drain. */
+tg_rc tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
+                       struct tg_connlimit *cl);
 
 /* Main thread: hand w a reloaded snapshot; w takes its own references
  * (the caller keeps its own). */

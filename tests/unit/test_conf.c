@@ -789,7 +789,7 @@ Test(conf, defaults_filled)
     cr_assert_eq(conf->upstream.connect_timeout_ms, 2000);
     cr_assert_eq(conf->upstream.first_byte_timeout_ms, 30000);
     cr_assert_eq(conf->upstream.total_timeout_ms, 60000);
-    cr_assert_eq(conf->upstream.keepalive, 32);
+    cr_assert_eq(conf->upstream.keepalive, TG_UPSTREAM_KEEPALIVE_AUTO);
     cr_assert_eq(conf->upstream.keepalive_timeout_ms, 30000);
 
     cr_assert_eq(conf->ntiers, 0);
@@ -1742,4 +1742,34 @@ Test(conf_errors, lease_zero)
 {
     expect_error(MIN "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 4, "
                  "lease: { size: 0 } }\n", "6:67", "lease.size: 0 is out of range");
+}
+
+/* upstream.keepalive: auto (the default) or a number; anything else is a
+ * clear error. */
+Test(conf, upstream_keepalive_auto_or_number)
+{
+    tg_conf *conf = expect_ok(MIN_LISTEN MIN_UPSTREAM "  keepalive: auto\n");
+
+    cr_assert_eq(conf->upstream.keepalive, TG_UPSTREAM_KEEPALIVE_AUTO);
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN_LISTEN MIN_UPSTREAM "  keepalive: 64\n");
+    cr_assert_eq(conf->upstream.keepalive, 64);
+    tg_conf_unref(conf);
+    expect_error(MIN_LISTEN MIN_UPSTREAM "  keepalive: lots\n", "5:14",
+                 "upstream.keepalive: expected an integer or auto");
+    expect_error(MIN_LISTEN MIN_UPSTREAM "  keepalive: 70000\n", "5:14",
+                 "out of range");
+}
+
+/* http.reuseport: off by default, a bool. */
+Test(conf, http_reuseport)
+{
+    tg_conf *conf = expect_ok(MIN);
+
+    cr_assert_eq(conf->http.reuseport, 0);
+    tg_conf_unref(conf);
+    conf = expect_ok(MIN "http:\n  reuseport: true\n");
+    cr_assert_eq(conf->http.reuseport, 1);
+    tg_conf_unref(conf);
+    expect_error(MIN "http:\n  reuseport: yes\n", "6:14", "http.reuseport: expected a bool");
 }

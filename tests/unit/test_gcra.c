@@ -10,6 +10,7 @@
 #include <criterion/logging.h>
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1087,4 +1088,203 @@ Test(gcra_script, refund_args)
     cr_assert_eq(tg_gcra_refund_args(300000, 1700000000123456ull, a), 2);
     cr_assert_eq(a[0], 300000);
     cr_assert_eq(a[1], 1700000000123456ull);
+}
+
+/* ---- shared (striped) store ------------------------------------------- */
+
+/* One thread: the shared store is exactly the pure step on remembered
+ * TATs, the hot key (a cell) included. */
+Test(lshared, same_as_pure_step)
+{
+    enum { NKEYS = 2000, STEPS = 200000 };
+    struct tg_lshared *sh = tg_lshared_create(1000000);
+    static uint64_t model[NKEYS];
+    static char names[NKEYS][80];
+    tg_gcra_limit lk[NKEYS];
+    uint64_t now = T0;
+    size_t i;
+
+    rng_state = 7;
+    for (i = 0; i < NKEYS; i++) {
+        size_t len = 1 + rng_below(60);
+        if (i < 2) {       /* 0: the hot (global) key; 1: a second cell */
+            snprintf(names[i], sizeof(names[i]), "tg:{global%zu}:g", i);
+        } else {
+            snprintf(names[i], sizeof(names[i]), "tg:{%zu}:%zu:%.*s", i % 500, i,
+                     (int)len, "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz0123456789");
+        }
+        lk[i] = (tg_gcra_limit){ 1 + rng_below(20000), 1 + (uint32_t)rng_below(5) };
+    }
+    for (i = 0; i < STEPS; i++) {
+        size_t n = 1 + rng_below(3), b, idx[3];
+        const char *keys[3];
+        tg_gcra_limit l[3];
+        uint64_t tat[3];
+        uint32_t cost = (uint32_t)rng_below(3);
+        int hot = -1;
+        tg_gcra_result rs, rp;
+
+        now += rng_below(50);
+        for (b = 0; b < n; b++) {
+            idx[b] = rng_below(8) == 0 ? rng_below(2) : rng_below(NKEYS);
+            keys[b] = names[idx[b]];
+            l[b] = lk[idx[b]];
+            tat[b] = model[idx[b]];
+            if (idx[b] < 2 && (i > 1000 || idx[b] == 0)) {
+                hot = (int)b;          /* key 1 becomes a cell later */
+            }
+        }
+        tg_lshared_charge(sh, keys, l, n, cost, hot, now, &rs);
+        tg_gcra_charge(l, tat, NULL, n, cost, now, &rp);
+        assert_same(&rs, &rp, i);
+        if (rp.allowed) {
+            for (b = 0; b < n; b++) {
+                model[idx[b]] = tat[b];
+            }
+        }
+    }
+    for (i = 0; i < NKEYS; i++) {
+        uint64_t held = model[i] > now ? model[i] - now : 0;
+        cr_assert_eq(tg_lshared_held(sh, names[i], now), held, "key %zu", i);
+    }
+    tg_lshared_raise(sh, names[0], now + 5000000, now);
+    tg_lshared_raise(sh, names[5], now + 5000000, now);
+    cr_assert_eq(tg_lshared_held(sh, names[0], now), 5000000);
+    cr_assert_eq(tg_lshared_held(sh, names[5], now), 5000000);
+    tg_lshared_destroy(sh);
+    tg_lshared_destroy(NULL);
+}
+
+/* The bound holds over all tables together: 5/4 of each table's share. */
+Test(lshared, memory_bound)
+{
+    struct tg_lshared *sh = tg_lshared_create(1024);
+    tg_gcra_limit l = { 1000000, 10 };
+    char key[64];
+    const char *k = key;
+    tg_gcra_result r;
+    size_t i;
+
+    for (i = 0; i < 20000; i++) {
+        snprintf(key, sizeof(key), "tg:{c%zu}:t", i);
+        tg_lshared_charge(sh, &k, &l, 1, 1, -1, T0 + i, &r);
+        cr_assert(r.allowed);
+        cr_assert_leq(tg_lshared_size(sh), 64 * 20, "after %zu", i);
+    }
+    cr_assert_geq(tg_lshared_size(sh), 1024);
+    tg_lshared_destroy(sh);
+}
+
+/*
+ * Four threads on the real clock charge shared keys as fast as they can:
+ * each request is a consumer bucket (4 consumers, shared by all threads)
+ * plus the global bucket (hot: a lock-free cell), or both global buckets
+ * (two cells: the LSH_BUSY path).  Exact reference: for every bucket, the
+ * times of its admitted requests, sorted, must all pass a serial GCRA of
+ * the same limit - i.e. no window of length t holds more than
+ * burst + t/T of them - and the global bucket, which binds, must admit
+ * close to that bound.
+ */
+#define SH_THREADS 4
+#define SH_KEYS    6             /* 4 consumers, 2 globals */
+#define SH_MAXLOG  200000
+
+static struct tg_lshared *sh_store;
+static const char *sh_names[SH_KEYS] = {
+    "tg:{c0}:t", "tg:{c1}:t", "tg:{c2}:t", "tg:{c3}:t",
+    "tg:{global}:g", "tg:{global2}:g",
+};
+static tg_gcra_limit sh_lim[SH_KEYS];
+static uint64_t *sh_log[SH_KEYS];      /* admitted nows */
+static size_t sh_nlog[SH_KEYS];        /* atomic */
+static uint64_t sh_until;
+
+static void *
+sh_worker(void *arg)
+{
+    uint64_t seed = (uintptr_t)arg * 0x9E3779B97F4A7C15ULL + 1, now;
+
+    while ((now = tg_now_us()) < sh_until) {
+        const char *keys[2];
+        tg_gcra_limit l[2];
+        size_t idx[2], b;
+        int hot;
+        tg_gcra_result r;
+
+        seed ^= seed >> 12; seed ^= seed << 25; seed ^= seed >> 27;
+        if (seed % 8 == 0) {
+            idx[0] = 4, idx[1] = 5, hot = 1;
+        } else {
+            idx[0] = (seed >> 8) % 4, idx[1] = 4, hot = 1;
+        }
+        for (b = 0; b < 2; b++) {
+            keys[b] = sh_names[idx[b]];
+            l[b] = sh_lim[idx[b]];
+        }
+        tg_lshared_charge(sh_store, keys, l, 2, 1, hot, now, &r);
+        if (r.allowed) {
+            for (b = 0; b < 2; b++) {
+                size_t at = __atomic_fetch_add(&sh_nlog[idx[b]], 1, __ATOMIC_RELAXED);
+                cr_assert_lt(at, SH_MAXLOG);
+                sh_log[idx[b]][at] = now;
+            }
+        }
+    }
+    return NULL;
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+Test(lshared, threads_never_exceed_the_rate, .timeout = 60)
+{
+    pthread_t th[SH_THREADS];
+    uint64_t start, end;
+    size_t i, k;
+
+    sh_store = tg_lshared_create(1 << 16);
+    for (k = 0; k < 4; k++) {
+        sh_lim[k] = (tg_gcra_limit){ 700, 20 };      /* ~1430/s each */
+    }
+    sh_lim[4] = (tg_gcra_limit){ 400, 50 };          /* 2500/s: binds */
+    sh_lim[5] = (tg_gcra_limit){ 3000, 10 };
+    tg_lshared_raise(sh_store, sh_names[5], 1, 0);   /* warm the path */
+    for (k = 0; k < SH_KEYS; k++) {
+        sh_log[k] = calloc(SH_MAXLOG, sizeof(uint64_t));
+        sh_nlog[k] = 0;
+    }
+    start = tg_now_us();
+    sh_until = start + 400000;
+    for (i = 0; i < SH_THREADS; i++) {
+        cr_assert_eq(pthread_create(&th[i], NULL, sh_worker, (void *)(uintptr_t)i), 0);
+    }
+    for (i = 0; i < SH_THREADS; i++) {
+        pthread_join(th[i], NULL);
+    }
+    end = tg_now_us();
+
+    for (k = 0; k < SH_KEYS; k++) {
+        uint64_t tat = 0, bound = sh_lim[k].burst
+                                  + (end - start) / sh_lim[k].interval_us + 1;
+        tg_gcra_result r;
+
+        qsort(sh_log[k], sh_nlog[k], sizeof(uint64_t), cmp_u64);
+        for (i = 0; i < sh_nlog[k]; i++) {
+            tg_gcra_charge(&sh_lim[k], &tat, NULL, 1, 1, sh_log[k][i], &r);
+            cr_assert(r.allowed, "%s: admitted #%zu at +%" PRIu64 " us exceeds "
+                      "burst + rate*t", sh_names[k], i, sh_log[k][i] - start);
+        }
+        cr_assert_leq(sh_nlog[k], bound, "%s", sh_names[k]);
+        cr_log_info("%s: %zu admitted, bound %" PRIu64, sh_names[k], sh_nlog[k], bound);
+        if (k == 4) {
+            cr_assert_geq(sh_nlog[k] * 2, bound, "global bucket: %zu of %" PRIu64,
+                          sh_nlog[k], bound);
+        }
+        free(sh_log[k]);
+    }
+    tg_lshared_destroy(sh_store);
 }

@@ -33,6 +33,7 @@ static struct tg_upstream_pool *pool;
 static struct tg_health *health;
 static int lfd[MAXS];
 static size_t nlfd;
+static const char *keepalive_line = "  keepalive: 4\n";   /* setup's */
 
 static uint64_t
 clock_ms(void)
@@ -73,10 +74,10 @@ setup(size_t n, int with_health)
     }
     snprintf(yaml, sizeof(yaml),
              "listen:\n  - address: 127.0.0.1:0\n"
-             "upstream:\n  servers: [%s]\n  keepalive: 4\n"
+             "upstream:\n  servers: [%s]\n%s"
              "  breaker: { failures: 2, window_ms: 0, open_ms: 1000, max_open_ms: 8000 }\n"
              "%s",
-             servers, with_health ? "  health_check: { interval_ms: 1000 }\n" : "");
+             servers, keepalive_line, with_health ? "  health_check: { interval_ms: 1000 }\n" : "");
     conf = tg_conf_load_string("t.yaml", yaml, strlen(yaml), err, sizeof(err));
     cr_assert_not_null(conf, "%s", err);
     base = event_base_new();
@@ -457,4 +458,47 @@ Test(upstream, idle_connection_waits_while_open)
     tg_upstream_report(uc, 1);
     tg_upstream_release(uc, 0);
     cr_assert_eq(tg_upstream_server_state(pool, 0), TG_BREAKER_CLOSED);
+}
+
+/* Lend 64 connections at once, give them all back clean, lend 64 again:
+ * how many of the second round were reused. */
+static int
+reused_after_64(void)
+{
+    struct tg_uconn *uc[64];
+    int i, reused, n = 0;
+
+    for (i = 0; i < 64; i++) {
+        take(&uc[i], NULL);
+    }
+    for (i = 0; i < 64; i++) {
+        tg_upstream_release(uc[i], 1);
+    }
+    for (i = 0; i < 64; i++) {
+        uc[i] = tg_upstream_acquire(pool, &reused, NULL, NULL);
+        cr_assert_not_null(uc[i]);
+        n += reused;
+    }
+    for (i = 0; i < 64; i++) {
+        tg_upstream_release(uc[i], 0);
+    }
+    return n;
+}
+
+/* The default (keepalive: auto) keeps every connection that was in use:
+ * 64 concurrent exchanges leave 64 idle connections, none churns. */
+Test(upstream, default_pool_keeps_what_the_concurrency_used)
+{
+    keepalive_line = "";
+    setup(1, 0);
+    cr_assert_eq(conf->upstream.keepalive, TG_UPSTREAM_KEEPALIVE_AUTO);
+    cr_assert_eq(reused_after_64(), 64);
+}
+
+/* An explicit number still caps the idle list. */
+Test(upstream, explicit_keepalive_caps_the_idle_list)
+{
+    keepalive_line = "  keepalive: 32\n";
+    setup(1, 0);
+    cr_assert_eq(reused_after_64(), 32);
 }
