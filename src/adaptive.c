@@ -94,6 +94,7 @@ window_close(tg_adapt_limit *l)
 {
     double avg = (double)l->win_sum_us / l->win_n, target = l->limit, g;
     uint64_t noload = tg_adapt_limit_noload_us(l);
+    int idle = 0;
 
     if (l->win_failed) {
         target = l->limit / 2;
@@ -106,10 +107,13 @@ window_close(tg_adapt_limit *l)
             target = l->limit + root(l->limit);
         } else if (l->limit < l->initial) {
             target = l->limit + root(l->limit);
-            target = target > l->initial ? l->initial : target;
+            idle = 1;
         }
     }
     l->limit += TG_ADAPT_SMOOTHING * (target - l->limit);
+    if (idle && l->limit > l->initial) {
+        l->limit = l->initial;           /* idle growth stops at initial */
+    }
     if (l->limit < l->min) {
         l->limit = l->min;
     } else if (l->limit > l->max) {
