@@ -110,7 +110,10 @@ window_close(tg_adapt_limit *l)
             idle = 1;
         }
     }
-    l->limit += TG_ADAPT_SMOOTHING * (target - l->limit);
+    /* Down faster than up: a queue building upstream costs every
+     * request in it, a slot left unused costs only throughput. */
+    l->limit += (target < l->limit ? TG_ADAPT_SMOOTHING_DOWN : TG_ADAPT_SMOOTHING)
+                * (target - l->limit);
     if (idle && l->limit > l->initial) {
         l->limit = l->initial;           /* idle growth stops at initial */
     }

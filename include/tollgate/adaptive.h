@@ -20,7 +20,8 @@
  *     gradient 1, busy (in flight >= limit/2) -> target = limit + sqrt(limit)
  *     gradient 1, idle, below initial    -> target = limit + sqrt(limit),
  *                                           at most initial
- *     limit = limit + TG_ADAPT_SMOOTHING * (target - limit), in [min, max]
+ *     limit = limit + s * (target - limit), in [min, max], where s is
+ *     TG_ADAPT_SMOOTHING going up, TG_ADAPT_SMOOTHING_DOWN going down
  *
  * so the limit settles where the upstream's own queue stays short (its
  * latency within the tolerance of the no-load one): the knee.
@@ -38,7 +39,8 @@
 #define TG_ADAPT_WIN_MAX_US   1000000    /* a window never lasts longer */
 #define TG_ADAPT_MIN_HALF_US  15000000   /* no-load RTT: min of 2 halves */
 #define TG_ADAPT_TOLERANCE    1.25       /* latency allowed over no-load */
-#define TG_ADAPT_SMOOTHING    0.2        /* share of the target per window */
+#define TG_ADAPT_SMOOTHING    0.2        /* share of a higher target per window */
+#define TG_ADAPT_SMOOTHING_DOWN 0.5      /* ... of a lower one */
 
 /* ---- the limit ---------------------------------------------------------- */
 
