@@ -347,6 +347,9 @@ run(const char *path)
     }
     tg_info("tollgate %s started: %u worker(s), %zu upstream server(s)",
             TG_VERSION, g.nworkers, g.conf->upstream.nservers);
+    if (g.conf->adaptive.throttle.enabled) {
+        tg_warn("adaptive.throttle is accepted but not applied yet (docs/CONFIG.md)");
+    }
     sd_notify(0, "READY=1\nSTATUS=serving");
 
     event_base_dispatch(g.base);
