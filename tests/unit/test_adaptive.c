@@ -5,11 +5,19 @@
  */
 #include <criterion/criterion.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
 
 #include "tollgate/adaptive.h"
 #include "tollgate/conf.h"
+#include "tollgate/upstream.h"
 
 /* ---- the limit ---------------------------------------------------------- */
 
@@ -316,4 +324,130 @@ Test(adaptive_conf, errors)
         cr_assert(strstr(err, bad[i].msg) != NULL, "case %zu: \"%s\" lacks \"%s\"",
                   i, err, bad[i].msg);
     }
+}
+
+/* ---- the pool's admission (upstream.c), no traffic ----------------------
+ *
+ * One server that listens and never accepts; the event base runs only to
+ * deliver the pool's own events (wake, queue timer); the queue's clock is
+ * the test's. */
+
+static uint64_t fake_now = 1000000;
+static uint64_t clock_ms(void) { return fake_now; }
+
+typedef struct waiting {
+    struct tg_upstream_waiter *w;
+    int      got;                /* results delivered */
+    enum tg_upstream_admit result;
+    struct tg_uconn *uc;         /* acquired on TG_ADMIT_GO, as the proxy does */
+} waiting;
+static int delivered;
+static struct event_base *tbase;
+static struct tg_upstream_pool *tpool;
+
+static void
+on_admit(void *arg, enum tg_upstream_admit result)
+{
+    waiting *x = arg;
+    int reused;
+
+    x->got++;
+    x->result = result;
+    x->w = NULL;
+    delivered++;
+    if (result == TG_ADMIT_GO) {
+        x->uc = tg_upstream_acquire(tpool, &reused, NULL, NULL);
+        cr_assert_not_null(x->uc);
+    }
+}
+
+/* Run the loop until n results in all were delivered (2 s at most). */
+static void
+run_until(int n)
+{
+    struct timespec ts = { 0, 2000000 };
+    int i;
+
+    for (i = 0; i < 1000 && delivered < n; i++) {
+        event_base_loop(tbase, EVLOOP_NONBLOCK);
+        nanosleep(&ts, NULL);
+    }
+    event_base_loop(tbase, EVLOOP_NONBLOCK);
+    cr_assert_eq(delivered, n, "delivered %d, wanted %d", delivered, n);
+}
+
+Test(adaptive_pool, admit_queue_evict_timeout_cancel)
+{
+    struct sockaddr_in sin;
+    socklen_t len = sizeof(sin);
+    char yaml[1024];
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), reused;
+    struct tg_uconn *u1, *u2;
+    waiting a = { 0 }, b = { 0 }, c = { 0 }, e = { 0 }, p = { 0 }, t = { 0 };
+    tg_conf *conf;
+
+    memset(&sin, 0, sizeof(sin));
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert_eq(bind(lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    cr_assert_eq(listen(lfd, 16), 0);
+    cr_assert_eq(getsockname(lfd, (struct sockaddr *)&sin, &len), 0);
+    snprintf(yaml, sizeof(yaml), "listen: [ { address: 127.0.0.1:0 } ]\n"
+             "workers: 1\n"
+             "upstream: { servers: [127.0.0.1:%d] }\n" TIERS
+             "adaptive: { concurrency: { initial: 2, min: 1, max: 4, queue: 2, "
+             "queue_timeout_ms: 50 } }\n", ntohs(sin.sin_port));
+    conf = load(yaml);
+    cr_assert_not_null(conf, "%s", err);
+    tbase = event_base_new();
+    tpool = tg_upstream_pool_create(tbase, conf);
+    tg_upstream_pool_set_clock(tpool, clock_ms);
+
+    /* Two slots: go, go. */
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &a.w, on_admit, &a), TG_ADMIT_GO);
+    cr_assert_null(a.w);
+    cr_assert_not_null(u1 = tg_upstream_acquire(tpool, &reused, NULL, NULL));
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &a.w, on_admit, &a), TG_ADMIT_GO);
+    cr_assert_not_null(u2 = tg_upstream_acquire(tpool, &reused, NULL, NULL));
+
+    /* Full: two basic wait, a third is refused, an enterprise request
+     * takes the newest basic's place (b is told, from the loop). */
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &a.w, on_admit, &a), TG_ADMIT_WAIT);
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &b.w, on_admit, &b), TG_ADMIT_WAIT);
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &c.w, on_admit, &c), TG_ADMIT_FULL);
+    cr_assert_null(c.w);
+    cr_assert_eq(tg_upstream_admit(tpool, "enterprise", &e.w, on_admit, &e), TG_ADMIT_WAIT);
+    cr_assert_eq(b.got, 0, "never inside the caller's call");
+    run_until(1);
+    cr_assert_eq(b.result, TG_ADMIT_EVICTED);
+
+    /* A pro request queues (in b's place); a is cancelled (client gone). */
+    cr_assert_eq(tg_upstream_admit(tpool, "pro", &p.w, on_admit, &p), TG_ADMIT_WAIT);
+    tg_upstream_admit_cancel(a.w);
+
+    /* A slot frees: enterprise first (it takes the slot), pro waits. */
+    tg_upstream_release(u1, 0);
+    run_until(2);
+    cr_assert_eq(e.result, TG_ADMIT_GO);
+    cr_assert_eq(p.got, 0, "one slot, one waiter");
+    tg_upstream_release(u2, 0);
+    run_until(3);
+    cr_assert_eq(p.result, TG_ADMIT_GO);
+    cr_assert_eq(a.got, 0, "a cancelled waiter is never called");
+
+    /* No slot within queue_timeout_ms: shed. */
+    cr_assert_eq(tg_upstream_admit(tpool, "enterprise", &t.w, on_admit, &t), TG_ADMIT_WAIT);
+    fake_now += 100;
+    run_until(4);
+    cr_assert_eq(t.result, TG_ADMIT_TIMEOUT);
+
+    /* Destroy with a waiter still queued: the pool frees it. */
+    cr_assert_eq(tg_upstream_admit(tpool, NULL, &c.w, on_admit, &c), TG_ADMIT_WAIT);
+    tg_upstream_release(e.uc, 0);
+    tg_upstream_release(p.uc, 0);
+    cr_assert_eq(c.got, 0);
+    tg_upstream_pool_destroy(tpool);
+    event_base_free(tbase);
+    tg_conf_unref(conf);
+    close(lfd);
 }
