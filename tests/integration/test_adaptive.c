@@ -146,6 +146,7 @@ typedef struct client {
     size_t      nlat;
     char        shed_body[512];   /* the first 503's body */
     char        retry_after[16];  /* ... and its Retry-After */
+    char        other_body[256];  /* the last body of another status */
 } client;
 
 /* One GET WORK on the client's keep-alive connection (reopened when
@@ -170,6 +171,8 @@ one(client *c, uint64_t *ms)
     }
     *ms = tgh_now_ms() - t0;
     st = r.status;
+    if (st != 200 && st != 503)
+        snprintf(c->other_body, sizeof c->other_body, "%s", (const char *)r.body);
     if (st == 503 && c->shed_body[0] == '\0') {
         const char *ra = tgh_resp_header(&r, "Retry-After");
         snprintf(c->shed_body, sizeof c->shed_body, "%s", (const char *)r.body);
@@ -317,14 +320,16 @@ Test(adaptive, enterprise_flows_while_basic_is_shed)
         etotal += ent[i].n200 + ent[i].n503 + ent[i].nother + ent[i].nfail;
         TGH_CHECK(ent[i].nfail == 0, "enterprise: %ld timeouts or broken connections",
                   ent[i].nfail);
+        TGH_CHECK(ent[i].nother == 0, "enterprise: %ld answers %d (%s)", ent[i].nother,
+                  ent[i].other_status, ent[i].other_body);
     }
     for (i = 0; i < NBASIC; i++) {
         b200 += basic[i].n200;
         b503 += basic[i].n503;
         TGH_CHECK(basic[i].nfail == 0, "basic: %ld timeouts or broken connections",
                   basic[i].nfail);
-        TGH_CHECK(basic[i].nother == 0, "basic: %ld answers %d", basic[i].nother,
-                  basic[i].other_status);
+        TGH_CHECK(basic[i].nother == 0, "basic: %ld answers %d (%s)", basic[i].nother,
+                  basic[i].other_status, basic[i].other_body);
         if (body == NULL && basic[i].shed_body[0] != '\0') {
             body = basic[i].shed_body;
             ra = basic[i].retry_after;
