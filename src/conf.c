@@ -153,6 +153,10 @@ TG_CONF_SETTER(tg_conf_set_to);
 TG_CONF_SETTER(tg_conf_set_ratio);
 TG_CONF_SETTER(tg_conf_set_anomaly);
 TG_CONF_SETTER(tg_conf_set_factor);
+TG_CONF_SETTER(tg_conf_set_adaptive);
+TG_CONF_SETTER(tg_conf_set_throttle);
+TG_CONF_SETTER(tg_conf_set_shed_order);
+static tg_rc tg_conf_validate_adaptive(tg_conf_ctx *ctx);
 static tg_rc tg_conf_validate_alerts(tg_conf_ctx *ctx);
 
 static tg_rc tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node,
@@ -557,6 +561,40 @@ static const tg_conf_cmd tg_conf_anomaly_cmds[] = {
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
+/* Section adaptive: (see adaptive.h).  The numbers of concurrency: are
+ * per upstream server for the whole process (each worker takes its share). */
+static const tg_conf_cmd tg_conf_concurrency_cmds[] = {
+    { "initial", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.initial),
+      1, 1000000, 0, NULL },
+    { "min", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.min), 1, 1000000, 0, NULL },
+    { "max", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.max), 1, 1000000, 0, NULL },
+    { "queue", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.queue), 0, 1000000, 0, NULL },
+    { "queue_timeout_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, adaptive.queue_timeout_ms), 1, TG_MS_MAX, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_throttle_cmds[] = {
+    { "target_p99_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, adaptive.throttle.target_p99_ms), 1, TG_MS_MAX, 0, NULL },
+    { "max_error_ratio", tg_conf_set_ratio,
+      TG_FIELD(tg_conf, adaptive.throttle.max_error_ratio), 0, 0, 0, NULL },
+    { "min_factor", tg_conf_set_ratio,
+      TG_FIELD(tg_conf, adaptive.throttle.min_factor), 0, 0, 0, NULL },
+    { "window_ms", tg_conf_set_uint,
+      TG_FIELD(tg_conf, adaptive.throttle.window_ms), 100, TG_MS_MAX, 0, NULL },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
+static const tg_conf_cmd tg_conf_adaptive_cmds[] = {
+    { "concurrency", tg_conf_set_section, TG_NOFIELD, 0, 0, 0,
+      tg_conf_concurrency_cmds },
+    { "shed_order", tg_conf_set_shed_order, TG_FIELD(tg_conf, adaptive.shed_order),
+      0, 0, 0, NULL },
+    { "throttle", tg_conf_set_throttle, TG_NOFIELD, 0, 0, 0, tg_conf_throttle_cmds },
+    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
+};
+
 static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "listen", tg_conf_set_listen, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
     { "admin", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_admin_cmds },
@@ -579,6 +617,7 @@ static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "access_log", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_access_log_cmds },
     { "alerts", tg_conf_set_alerts, TG_NOFIELD, 0, 0, 0, tg_conf_alerts_cmds },
     { "anomaly", tg_conf_set_anomaly, TG_NOFIELD, 0, 0, 0, tg_conf_anomaly_cmds },
+    { "adaptive", tg_conf_set_adaptive, TG_NOFIELD, 0, 0, 0, tg_conf_adaptive_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -1026,6 +1065,20 @@ tg_conf_defaults(tg_conf *conf)
     conf->routes = NULL;                        /* route defaults: see below */
     conf->nroutes = 0;
     conf->global_limit.enabled = 0;
+
+    conf->adaptive.enabled = 0;                 /* no adaptive: section */
+    conf->adaptive.initial = 64;
+    conf->adaptive.min = 4;
+    conf->adaptive.max = 1024;
+    conf->adaptive.queue = 128;
+    conf->adaptive.queue_timeout_ms = 1000;
+    conf->adaptive.shed_order = NULL;           /* phase 3: basic, pro, enterprise */
+    conf->adaptive.nshed_order = 0;
+    conf->adaptive.throttle.enabled = 0;
+    conf->adaptive.throttle.target_p99_ms = 500;
+    conf->adaptive.throttle.max_error_ratio = 0.05;
+    conf->adaptive.throttle.min_factor = 0.25;
+    conf->adaptive.throttle.window_ms = 5000;
 }
 
 /* The defaults of one routes: item, set before its keys are walked (an
@@ -1074,6 +1127,10 @@ tg_conf_free(tg_conf *conf)
     free(conf->auth.keys_file);
     free(conf->auth.header);
     free(conf->auth.anonymous_tier);
+    for (i = 0; i < conf->adaptive.nshed_order; i++) {
+        free(conf->adaptive.shed_order[i]);
+    }
+    free(conf->adaptive.shed_order);
     for (i = 0; i < conf->nroutes; i++) {
         free(conf->routes[i].name);
         free(conf->routes[i].method);
@@ -1251,6 +1308,9 @@ tg_conf_validate(tg_conf_ctx *ctx)
     }
 
     if (conf->alerts.enabled && tg_conf_validate_alerts(ctx) != TG_OK) {
+        return TG_ERR;
+    }
+    if (tg_conf_validate_adaptive(ctx) != TG_OK) {
         return TG_ERR;
     }
 
@@ -2954,6 +3014,117 @@ tg_conf_validate_alerts(tg_conf_ctx *ctx)
                              "(add alerts.%s%s)", tg_conf_channel_names[c],
                              tg_conf_channel_names[c],
                              m == tg_conf_find_mark(ctx, rule) ? ", or write to:" : "");
+    }
+    return TG_OK;
+}
+
+/* ---- section adaptive ---------------------------------------------------- */
+
+static tg_rc
+tg_conf_set_adaptive(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                     void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_conf *)base)->adaptive.enabled = 1;
+    return TG_OK;
+}
+
+static tg_rc
+tg_conf_set_throttle(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                     void *base, const char *path)
+{
+    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
+        return TG_ERR;
+    }
+    ((tg_conf *)base)->adaptive.throttle.enabled = 1;
+    return TG_OK;
+}
+
+/* shed_order: [basic, pro, enterprise] -> names; checked against
+ * rate_limits in phase 3 (the sections may come in any order). */
+static tg_rc
+tg_conf_set_shed_order(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                       void *base, const char *path)
+{
+    tg_conf *conf = base;
+    yaml_node_item_t *it;
+    yaml_node_t *item;
+    const char *s;
+    size_t n, i;
+
+    TG_UNUSED(cmd);
+    if (node->type != YAML_SEQUENCE_NODE) {
+        return tg_conf_type_error(ctx, node, path, "a sequence of tier names");
+    }
+    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+    conf->adaptive.shed_order = tg_xcalloc(n ? n : 1, sizeof(char *));
+    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
+         it++) {
+        item = yaml_document_get_node(&ctx->doc, *it);
+        s = tg_conf_string(ctx, item, path);
+        if (s == NULL) {
+            return TG_ERR;
+        }
+        for (i = 0; i < conf->adaptive.nshed_order; i++) {
+            if (strcmp(conf->adaptive.shed_order[i], s) == 0) {
+                return tg_conf_error(ctx, item->start_mark, path, "tier \"%s\" "
+                                     "is listed twice", s);
+            }
+        }
+        conf->adaptive.shed_order[conf->adaptive.nshed_order++] = tg_xstrdup(s);
+    }
+    return TG_OK;
+}
+
+/* Bounds in order; shed_order names tiers of rate_limits (by default the
+ * ones of basic, pro, enterprise it has). */
+static tg_rc
+tg_conf_validate_adaptive(tg_conf_ctx *ctx)
+{
+    static const char *const def[] = { "basic", "pro", "enterprise" };
+    tg_conf *conf = ctx->conf;
+    const tg_conf_mark *m;
+    size_t i;
+
+    if (!conf->adaptive.enabled) {
+        return TG_OK;
+    }
+    if (conf->adaptive.min > conf->adaptive.max
+        || conf->adaptive.initial < conf->adaptive.min
+        || conf->adaptive.initial > conf->adaptive.max) {
+        m = tg_conf_find_mark(ctx, &conf->adaptive.initial);
+        if (m == NULL) {
+            m = tg_conf_find_mark(ctx, &conf->adaptive.max);
+        }
+        if (m == NULL) {
+            m = tg_conf_find_mark(ctx, &conf->adaptive.min);
+        }
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : "adaptive.concurrency",
+                             "needs min <= initial <= max, got min %u, "
+                             "initial %u, max %u", conf->adaptive.min,
+                             conf->adaptive.initial, conf->adaptive.max);
+    }
+    if (conf->adaptive.shed_order == NULL) {
+        conf->adaptive.shed_order = tg_xcalloc(TG_ARRAY_LEN(def), sizeof(char *));
+        for (i = 0; i < TG_ARRAY_LEN(def); i++) {
+            if (tg_conf_tier(conf, def[i]) != NULL) {
+                conf->adaptive.shed_order[conf->adaptive.nshed_order++] =
+                    tg_xstrdup(def[i]);
+            }
+        }
+        return TG_OK;
+    }
+    for (i = 0; i < conf->adaptive.nshed_order; i++) {
+        if (tg_conf_tier(conf, conf->adaptive.shed_order[i]) == NULL) {
+            m = tg_conf_find_mark(ctx, &conf->adaptive.shed_order);
+            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                                 m ? m->path : "adaptive.shed_order",
+                                 "unknown tier \"%s\" (not in rate_limits)",
+                                 conf->adaptive.shed_order[i]);
+        }
     }
     return TG_OK;
 }

@@ -104,6 +104,8 @@ static int  store_ready(void *arg);
 static int  metrics_page(void *arg, struct evbuffer *out, const char **ctype);
 static int  status_page(void *arg, struct evbuffer *out, const char **ctype);
 static int  top_page(void *arg, struct evbuffer *out, const char **ctype);
+static void status_adaptive(struct evbuffer *out);
+static int  adaptive_eq(const tg_conf *a, const tg_conf *b);
 static void scrape_hook(void *arg);
 static tg_rc metrics_init(const tg_conf *conf);
 static tg_rc statsd_start(void);
@@ -378,6 +380,9 @@ run(const char *path)
     }
     tg_info("tollgate %s started: %u worker(s), %zu upstream server(s)",
             TG_VERSION, g.nworkers, g.conf->upstream.nservers);
+    if (g.conf->adaptive.throttle.enabled) {
+        tg_warn("adaptive.throttle is accepted but not applied yet (docs/CONFIG.md)");
+    }
     sd_notify(0, "READY=1\nSTATUS=serving");
 
     event_base_dispatch(g.base);
@@ -808,6 +813,31 @@ addrs_eq(const tg_addr *a, size_t na, const tg_addr *b, size_t nb)
     return na == nb;
 }
 
+/* The adaptive: section is read by the pools at start only (the throttle
+ * block, not applied yet, included). */
+static int
+adaptive_eq(const tg_conf *a, const tg_conf *b)
+{
+    size_t i;
+
+    if (a->adaptive.enabled != b->adaptive.enabled
+        || a->adaptive.initial != b->adaptive.initial
+        || a->adaptive.min != b->adaptive.min || a->adaptive.max != b->adaptive.max
+        || a->adaptive.queue != b->adaptive.queue
+        || a->adaptive.queue_timeout_ms != b->adaptive.queue_timeout_ms
+        || a->adaptive.nshed_order != b->adaptive.nshed_order
+        || memcmp(&a->adaptive.throttle, &b->adaptive.throttle,
+                  sizeof(a->adaptive.throttle)) != 0) {
+        return 0;
+    }
+    for (i = 0; i < a->adaptive.nshed_order; i++) {
+        if (strcmp(a->adaptive.shed_order[i], b->adaptive.shed_order[i]) != 0) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /*
  * What a reload cannot change in a running process: each key that differs
  * from the running one is named in one warning.  Every other key is
@@ -855,6 +885,7 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
                  || old->upstream.health_check.healthy != nc->upstream.health_check.healthy
                  || old->upstream.health_check.unhealthy != nc->upstream.health_check.unhealthy,
                  "upstream.health_check");
+    RESTART_ONLY(!adaptive_eq(old, nc), "adaptive");
     RESTART_ONLY(old->metrics.statsd_enabled != nc->metrics.statsd_enabled
                  || (nc->metrics.statsd_enabled
                      && (!addr_eq(&old->metrics.statsd, &nc->metrics.statsd)
@@ -1180,12 +1211,22 @@ status_page(void *arg, struct evbuffer *out, const char **ctype)
     evbuffer_add_printf(out, "},\"upstream\":[");
     for (s = 0; s < g.conf->upstream.nservers; s++) {
         evbuffer_add_printf(out, "%s{\"server\":\"%s\",\"health\":\"%s\","
-                            "\"breaker\":\"%s\"}", s ? "," : "",
+                            "\"breaker\":\"%s\"", s ? "," : "",
                             g.conf->upstream.servers[s].text,
                             tg_health_up(g.health, s) ? "up" : "down",
                             states[upstream_state(s)]);
+        if (g.conf->adaptive.enabled) {
+            evbuffer_add_printf(out, ",\"adaptive\":{\"limit\":%.0f,\"inflight\":%.0f}",
+                tg_metrics_value(g.shards, g.nworkers, TG_M_ADAPTIVE_LIMIT, s),
+                tg_metrics_value(g.shards, g.nworkers, TG_M_ADAPTIVE_INFLIGHT, s));
+        }
+        evbuffer_add_printf(out, "}");
     }
-    evbuffer_add_printf(out, "],\"alerts\":{\"open\":");
+    evbuffer_add_printf(out, "],");
+    if (g.conf->adaptive.enabled) {
+        status_adaptive(out);
+    }
+    evbuffer_add_printf(out, "\"alerts\":{\"open\":");
     tg_alerts_status_json(g.alerts, out);
     evbuffer_add_printf(out, "}}\n");
     return 200;
@@ -1199,6 +1240,23 @@ top_page(void *arg, struct evbuffer *out, const char **ctype)
     *ctype = "application/json";
     tg_anomaly_status_json(g.anomaly, out);
     return 200;
+}
+
+/* "adaptive":{"queued":N,"shed":{"basic":N,...,"none":N}}, (the tier
+ * labels of the metrics: the tiers at start). */
+static void
+status_adaptive(struct evbuffer *out)
+{
+    size_t t;
+
+    evbuffer_add_printf(out, "\"adaptive\":{\"queued\":%.0f,\"shed\":{",
+                        tg_metrics_value(g.shards, g.nworkers, TG_M_ADAPTIVE_QUEUED, 0));
+    for (t = 0; t <= g.conf->ntiers; t++) {
+        evbuffer_add_printf(out, "%s\"%s\":%.0f", t ? "," : "",
+                            t < g.conf->ntiers ? g.conf->tiers[t].name : "none",
+                            tg_metrics_value(g.shards, g.nworkers, TG_M_SHED, t));
+    }
+    evbuffer_add_printf(out, "}},");
 }
 
 static void

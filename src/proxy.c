@@ -148,6 +148,7 @@ struct tg_client {
     /* the upstream exchange */
     struct tg_uconn    *uc;
     struct tg_uconn    *avoid;          /* retry: the connection that failed */
+    struct tg_upstream_waiter *waiter;  /* waiting for an upstream slot */
     int                 reported;       /* outcome given to the server's breaker */
     int                 uc_reused;
     int                 uc_connected;
@@ -195,6 +196,9 @@ static void account(struct tg_client *c);
 static void access_log(struct tg_client *c, uint64_t now_us);
 static int idempotent(const tg_http_req *r);
 static void limit_apply(struct tg_client *c);
+static void admit(struct tg_client *c);
+static void admitted(void *arg, enum tg_upstream_admit result);
+static size_t tier_label(const struct tg_client *c);
 static void up_read_cb(struct bufferevent *bev, void *arg);
 static void up_write_cb(struct bufferevent *bev, void *arg);
 static void up_event_cb(struct bufferevent *bev, short what, void *arg);
@@ -238,6 +242,7 @@ tg_proxy_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
     px->pool = tg_upstream_pool_create(base, conf);
     px->shard = tg_metrics_shard_create();
     tg_limiter_set_shard(px->limiter, px->shard);
+    tg_upstream_pool_set_shard(px->pool, px->shard);
     set_limits(px);
     px->on_empty = on_empty;
     px->on_empty_arg = arg;
@@ -470,6 +475,7 @@ client_free(struct tg_client *c)
     if (c->charging) {
         tg_limiter_cancel(&c->lctx);
     }
+    tg_upstream_admit_cancel(c->waiter);
     if (c->rev != NULL) {
         event_free(c->rev);
     }
@@ -508,6 +514,8 @@ client_kill(struct tg_client *c)
         tg_limiter_cancel(&c->lctx);
         c->charging = 0;
     }
+    tg_upstream_admit_cancel(c->waiter);
+    c->waiter = NULL;
     event_del(c->timer);
     event_active(c->defer, EV_TIMEOUT, 1);
 }
@@ -1038,7 +1046,7 @@ limit_apply(struct tg_client *c)
 
     tg_anomaly_count(c->px->anomaly, c->lo.consumer);   /* allowed or refused */
     if (c->lo.status == 0) {
-        forward(c);
+        admit(c);
         return;
     }
     if (!c->rq_done) {
@@ -1059,6 +1067,43 @@ limit_apply(struct tg_client *c)
         respond(c, 503, "unavailable", c->lo.error, extra, n);
         return;
     }
+}
+
+/* Adaptive concurrency: forward now, wait for a slot (by tier), or shed
+ * with 503 (see upstream.h).  Without adaptive: forward now. */
+static void
+admit(struct tg_client *c)
+{
+    admitted(c, tg_upstream_admit(c->px->pool, c->lo.tier, &c->waiter, admitted, c));
+}
+
+static void
+admitted(void *arg, enum tg_upstream_admit result)
+{
+    static const char *const why[] = {
+        [TG_ADMIT_FULL] = "the upstream is at its concurrency limit and the "
+                          "queue is full of requests of the same or a higher tier",
+        [TG_ADMIT_EVICTED] = "the upstream is at its concurrency limit: a request "
+                             "of a higher tier took this one's place in the queue",
+        [TG_ADMIT_TIMEOUT] = "the upstream is at its concurrency limit: no slot "
+                             "freed within adaptive.concurrency.queue_timeout_ms",
+    };
+    static const char retry[] = "Retry-After: 1\r\n";
+    struct tg_client *c = arg;
+
+    if (result == TG_ADMIT_WAIT) {
+        return;                                 /* admitted() comes back */
+    }
+    c->waiter = NULL;
+    if (result == TG_ADMIT_GO) {
+        forward(c);
+        return;
+    }
+    tg_metric_inc(c->px->shard, TG_M_SHED, tier_label(c));
+    if (!c->rq_done) {
+        c->close_after = 1;
+    }
+    respond(c, 503, "overloaded", why[result], retry, sizeof(retry) - 1);
 }
 
 /* ---- forwarding ----------------------------------------------------- */

@@ -15,6 +15,16 @@
  * A result from before the breaker opened therefore cannot be taken for
  * the half-open probe's, and releasing such a lending cannot free the
  * probe's slot.
+ *
+ * Adaptive concurrency (adaptive: in the config).  Each server also has
+ * an in-flight count and a limit learned from the time to the response
+ * head of its exchanges (adaptive.h); acquire prefers servers under
+ * their limit.  A request that finds every server at its limit waits in
+ * the pool's queue (tg_upstream_admit), by tier; a release wakes the
+ * queue through the pool's own `wake` event, which also delivers the
+ * sheds (evicted, timed out), so no admission callback ever runs inside
+ * a call of the proxy.  A waiter is freed by the pool just before its
+ * callback runs, or by tg_upstream_admit_cancel.
  */
 #include "tollgate/upstream.h"
 
@@ -30,10 +40,14 @@
 
 #include <event2/buffer.h>
 
+#include "tollgate/adaptive.h"
 #include "tollgate/health.h"
+#include "tollgate/metrics.h"
 
 struct tg_uconn;
 TAILQ_HEAD(tg_uconn_list, tg_uconn);
+struct tg_upstream_waiter;
+TAILQ_HEAD(tg_waiter_list, tg_upstream_waiter);
 
 typedef struct tg_userver {
     struct tg_upstream_pool *pool;
@@ -42,6 +56,9 @@ typedef struct tg_userver {
     unsigned              nidle;
     tg_breaker            breaker;     /* this worker's breaker for the server */
     unsigned              gen;         /* bumped on every breaker change */
+    unsigned              inflight;    /* lent now */
+    tg_adapt_limit        alim;        /* adaptive: the learned limit */
+    unsigned              shown;       /* limit last added to the shard gauge */
 } tg_userver;
 
 struct tg_upstream_pool {
@@ -53,6 +70,23 @@ struct tg_upstream_pool {
     struct timeval     idle_tv;
     tg_conf           *conf;           /* reference: addresses live there */
     uint64_t         (*now_ms)(void);  /* breaker clock: tg_now_ms or a test's */
+    int                adaptive;       /* adaptive: configured */
+    tg_adapt_queue     queue;          /* requests waiting for a slot */
+    unsigned           queue_ms;       /* their wait at most */
+    struct tg_waiter_list shed;        /* shed, callback not run yet */
+    struct event      *wake;           /* serve the queue, deliver sheds */
+    struct event      *qtimer;         /* the earliest queue deadline */
+    struct tg_metrics_shard *shard;    /* adaptive gauges, or NULL */
+};
+
+struct tg_upstream_waiter {
+    tg_adapt_entry     e;              /* first: the queue's entry */
+    TAILQ_ENTRY(tg_upstream_waiter) link;   /* in pool->shed */
+    struct tg_upstream_pool *pool;
+    tg_upstream_admit_cb cb;
+    void              *arg;
+    enum tg_upstream_admit result;     /* in pool->shed: why */
+    int                shed;           /* in pool->shed */
 };
 
 struct tg_uconn {
@@ -63,6 +97,7 @@ struct tg_uconn {
     int                 idle;          /* in the idle list */
     int                 reported;      /* outcome given for this lending */
     unsigned            gen;           /* server->gen when lent */
+    uint64_t            lent_us;       /* when lent: the adaptive RTT */
 };
 
 /* Written once by main before the workers start; atomic all the same. */
@@ -79,6 +114,13 @@ static void breaker_hook(void *arg, enum tg_breaker_state from,
 static void uconn_free(struct tg_uconn *uc);
 static void idle_read_cb(struct bufferevent *bev, void *arg);
 static void idle_event_cb(struct bufferevent *bev, short what, void *arg);
+static void adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf);
+static int has_room(struct tg_upstream_pool *pool);
+static void limit_shown(tg_userver *srv);
+static void waiter_shed(struct tg_upstream_waiter *w, enum tg_upstream_admit why);
+static void queue_arm(struct tg_upstream_pool *pool);
+static void wake_cb(evutil_socket_t fd, short what, void *arg);
+static void qtimer_cb(evutil_socket_t fd, short what, void *arg);
 
 void
 tg_upstream_set_health(const struct tg_health *health)
@@ -124,6 +166,7 @@ tg_upstream_pool_create(struct event_base *base, const tg_conf *conf)
         tg_breaker_set_hook(&pool->servers[i].breaker, breaker_hook,
                             &pool->servers[i]);
     }
+    adaptive_init(pool, conf);
     return pool;
 }
 
@@ -147,6 +190,21 @@ tg_upstream_pool_destroy(struct tg_upstream_pool *pool)
         return;
     }
     tg_upstream_pool_close_idle(pool);
+    if (pool->adaptive) {
+        struct tg_upstream_waiter *w;
+        tg_adapt_entry *e;
+
+        while ((e = tg_adapt_queue_pop(&pool->queue)) != NULL) {
+            free(e);
+        }
+        while ((w = TAILQ_FIRST(&pool->shed)) != NULL) {
+            TAILQ_REMOVE(&pool->shed, w, link);
+            free(w);
+        }
+        tg_adapt_queue_deinit(&pool->queue);
+        event_free(pool->wake);
+        event_free(pool->qtimer);
+    }
     free(pool->servers);
     tg_conf_unref(pool->conf);
     free(pool);
@@ -168,7 +226,17 @@ tg_upstream_acquire(struct tg_upstream_pool *pool, int *reused,
     if (avoid != NULL && avoid->pool == pool && pool->nservers > 1) {
         skip = avoid->server;
     }
-    for (k = 0; k < pool->nservers; k++) {
+    /* Adaptive: a server under its limit first (a retry replaces its
+     * own lending: any); at the limit everywhere, one past it. */
+    for (k = 0; pool->adaptive && avoid == NULL && k < pool->nservers; k++) {
+        s = &pool->servers[(pool->next + k) % pool->nservers];
+        if (s->inflight < tg_adapt_limit_get(&s->alim)
+            && server_usable(s, health, now)) {
+            srv = s;
+            break;
+        }
+    }
+    for (k = 0; srv == NULL && k < pool->nservers; k++) {
         s = &pool->servers[(pool->next + k) % pool->nservers];
         if (s != skip && server_usable(s, health, now)) {
             srv = s;
@@ -210,6 +278,11 @@ tg_upstream_report(struct tg_uconn *uc, int ok)
         return;
     }
     uc->reported = 1;
+    if (uc->pool->adaptive) {
+        uint64_t now = tg_now_us();
+        tg_adapt_limit_sample(&srv->alim, now, now - uc->lent_us, srv->inflight, ok);
+        limit_shown(srv);
+    }
     if (uc->gen != srv->gen) {
         return;                        /* late: lent before the last change */
     }
@@ -252,6 +325,14 @@ tg_upstream_release(struct tg_uconn *uc, int reusable)
         tg_breaker_abandon(&srv->breaker, pool->now_ms());
     }
     uc->reported = 1;
+    srv->inflight--;
+    if (pool->adaptive) {
+        tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_INFLIGHT,
+                            (size_t)(srv - pool->servers), -1);
+        if (tg_adapt_queue_len(&pool->queue) != 0) {
+            event_active(pool->wake, EV_TIMEOUT, 1);
+        }
+    }
     if (!reusable || srv->nidle >= pool->keepalive
         || evbuffer_get_length(bufferevent_get_input(uc->bev)) != 0
         || evbuffer_get_length(bufferevent_get_output(uc->bev)) != 0) {
@@ -351,6 +432,12 @@ lend(struct tg_upstream_pool *pool, tg_userver *srv, int *reused, uint64_t now)
 lent:
     uc->reported = 0;
     uc->gen = srv->gen;              /* after allow(): it may have bumped it */
+    uc->lent_us = tg_now_us();
+    srv->inflight++;
+    if (pool->adaptive) {
+        tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_INFLIGHT,
+                            (size_t)(srv - pool->servers), 1);
+    }
     return uc;
 
 fail:
@@ -413,4 +500,231 @@ idle_event_cb(struct bufferevent *bev, short what, void *arg)
     TG_UNUSED(bev);
     TG_UNUSED(what);
     uconn_free(arg);
+}
+
+/* ---- adaptive concurrency ---------------------------------------------- */
+
+/* The config's numbers are per server for the process: this worker
+ * takes its share, rounded up (at least 1). */
+static unsigned
+share(unsigned v, unsigned workers)
+{
+    return workers <= 1 ? v : (v + workers - 1) / workers;
+}
+
+static void
+adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf)
+{
+    unsigned w = conf->workers;
+    size_t i;
+
+    TAILQ_INIT(&pool->shed);
+    if (!conf->adaptive.enabled) {
+        return;
+    }
+    pool->adaptive = 1;
+    pool->queue_ms = conf->adaptive.queue_timeout_ms;
+    tg_adapt_queue_init(&pool->queue, (unsigned)conf->adaptive.nshed_order + 1,
+                        share(conf->adaptive.queue * (unsigned)pool->nservers, w));
+    for (i = 0; i < pool->nservers; i++) {
+        tg_adapt_limit_init(&pool->servers[i].alim, share(conf->adaptive.initial, w),
+                            share(conf->adaptive.min, w), share(conf->adaptive.max, w));
+    }
+    pool->wake = event_new(pool->base, -1, 0, wake_cb, pool);
+    pool->qtimer = evtimer_new(pool->base, qtimer_cb, pool);
+}
+
+void
+tg_upstream_pool_set_shard(struct tg_upstream_pool *pool, struct tg_metrics_shard *shard)
+{
+    size_t i;
+
+    pool->shard = shard;
+    for (i = 0; pool->adaptive && i < pool->nservers; i++) {
+        limit_shown(&pool->servers[i]);
+    }
+}
+
+/* The shard's limit gauge follows the integer limit (a per-shard delta:
+ * the process total is the sum over the workers). */
+static void
+limit_shown(tg_userver *srv)
+{
+    unsigned v = tg_adapt_limit_get(&srv->alim);
+
+    if (v != srv->shown && srv->pool->shard != NULL) {
+        tg_metric_gauge_add(srv->pool->shard, TG_M_ADAPTIVE_LIMIT,
+                            (size_t)(srv - srv->pool->servers),
+                            (int64_t)v - (int64_t)srv->shown);
+        srv->shown = v;
+    }
+}
+
+/* A slot now: a server under its limit that could take a call (health
+ * up, breaker not open; the breaker's own verdict comes at acquire). */
+static int
+has_room(struct tg_upstream_pool *pool)
+{
+    const struct tg_health *health = __atomic_load_n(&upstream_health,
+                                                     __ATOMIC_ACQUIRE);
+    uint64_t now = pool->now_ms();
+    tg_userver *s;
+    size_t i;
+
+    for (i = 0; i < pool->nservers; i++) {
+        s = &pool->servers[i];
+        if (s->inflight < tg_adapt_limit_get(&s->alim) && tg_health_up(health, i)
+            && tg_breaker_state(&s->breaker, now) != TG_BREAKER_OPEN) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Priority of a tier: its place in shed_order + 1; 0 for the others. */
+static unsigned
+priority(const struct tg_upstream_pool *pool, const char *tier)
+{
+    size_t i;
+
+    if (tier == NULL || tier[0] == '\0') {
+        return 0;
+    }
+    for (i = 0; i < pool->conf->adaptive.nshed_order; i++) {
+        if (strcmp(pool->conf->adaptive.shed_order[i], tier) == 0) {
+            return (unsigned)i + 1;
+        }
+    }
+    return 0;
+}
+
+enum tg_upstream_admit
+tg_upstream_admit(struct tg_upstream_pool *pool, const char *tier,
+                  struct tg_upstream_waiter **waiter, tg_upstream_admit_cb cb,
+                  void *arg)
+{
+    struct tg_upstream_waiter *w;
+    tg_adapt_entry *out;
+
+    *waiter = NULL;
+    if (!pool->adaptive
+        || (tg_adapt_queue_len(&pool->queue) == 0 && has_room(pool))) {
+        return TG_ADMIT_GO;
+    }
+    w = tg_xcalloc(1, sizeof(*w));
+    w->pool = pool;
+    w->cb = cb;
+    w->arg = arg;
+    out = tg_adapt_queue_push(&pool->queue, &w->e, priority(pool, tier),
+                              pool->now_ms() + pool->queue_ms);
+    if (out == &w->e) {
+        free(w);
+        return TG_ADMIT_FULL;
+    }
+    if (out != NULL) {
+        waiter_shed((struct tg_upstream_waiter *)out, TG_ADMIT_EVICTED);
+    }
+    tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_QUEUED, 0, 1);
+    queue_arm(pool);
+    *waiter = w;
+    return TG_ADMIT_WAIT;
+}
+
+void
+tg_upstream_admit_cancel(struct tg_upstream_waiter *w)
+{
+    struct tg_upstream_pool *pool;
+
+    if (w == NULL) {
+        return;
+    }
+    pool = w->pool;
+    if (w->shed) {
+        TAILQ_REMOVE(&pool->shed, w, link);
+    } else {
+        tg_adapt_queue_remove(&pool->queue, &w->e);
+        tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_QUEUED, 0, -1);
+        queue_arm(pool);
+    }
+    free(w);
+}
+
+/* Out of the queue (already removed) with a shed verdict, delivered by
+ * the wake event. */
+static void
+waiter_shed(struct tg_upstream_waiter *w, enum tg_upstream_admit why)
+{
+    struct tg_upstream_pool *pool = w->pool;
+
+    tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_QUEUED, 0, -1);
+    w->shed = 1;
+    w->result = why;
+    TAILQ_INSERT_TAIL(&pool->shed, w, link);
+    event_active(pool->wake, EV_TIMEOUT, 1);
+}
+
+static void
+queue_arm(struct tg_upstream_pool *pool)
+{
+    uint64_t when = tg_adapt_queue_next_deadline(&pool->queue), now, ms;
+    struct timeval tv;
+
+    if (when == 0) {
+        event_del(pool->qtimer);
+        return;
+    }
+    now = pool->now_ms();
+    ms = when > now ? when - now : 0;
+    tv.tv_sec = (time_t)(ms / 1000);
+    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    evtimer_add(pool->qtimer, &tv);
+}
+
+/* Run one waiter's callback; the waiter is freed first (the callback
+ * may admit the same request again, or end its owner). */
+static void
+deliver(struct tg_upstream_waiter *w, enum tg_upstream_admit result)
+{
+    tg_upstream_admit_cb cb = w->cb;
+    void *arg = w->arg;
+
+    free(w);
+    cb(arg, result);
+}
+
+/* Sheds first (their answers are due), then as many waiters as there
+ * are slots, highest tier first; each callback acquires at once. */
+static void
+wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_upstream_pool *pool = arg;
+    struct tg_upstream_waiter *w;
+    tg_adapt_entry *e;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    while ((w = TAILQ_FIRST(&pool->shed)) != NULL) {
+        TAILQ_REMOVE(&pool->shed, w, link);
+        deliver(w, w->result);
+    }
+    while (tg_adapt_queue_len(&pool->queue) != 0 && has_room(pool)) {
+        e = tg_adapt_queue_pop(&pool->queue);
+        tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_QUEUED, 0, -1);
+        deliver((struct tg_upstream_waiter *)e, TG_ADMIT_GO);
+    }
+    queue_arm(pool);
+}
+
+static void
+qtimer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_upstream_pool *pool = arg;
+    tg_adapt_entry *e;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    while ((e = tg_adapt_queue_expired(&pool->queue, pool->now_ms())) != NULL) {
+        waiter_shed((struct tg_upstream_waiter *)e, TG_ADMIT_TIMEOUT);
+    }
+    queue_arm(pool);
 }

@@ -245,6 +245,26 @@ typedef struct tg_conf {
         uint32_t requests_per_second;
         uint32_t burst;
     } global_limit;
+
+    struct {                          /* section adaptive: (see adaptive.h) */
+        int      enabled;             /* adaptive: present; off = as before */
+        unsigned initial;             /* concurrency.initial, per server; 64 */
+        unsigned min;                 /* concurrency.min; 4 */
+        unsigned max;                 /* concurrency.max; 1024 */
+        unsigned queue;               /* concurrency.queue, per server; 128 */
+        unsigned queue_timeout_ms;    /* concurrency.queue_timeout_ms; 1000 */
+        char   **shed_order;          /* tier names, the first shed first;
+                                         default the tiers of basic, pro,
+                                         enterprise that rate_limits has */
+        size_t   nshed_order;
+        struct {                      /* throttle: parsed, not applied yet */
+            int      enabled;
+            unsigned target_p99_ms;   /* 500 */
+            double   max_error_ratio; /* 0.05 */
+            double   min_factor;      /* 0.25 */
+            unsigned window_ms;       /* 5000 */
+        } throttle;
+    } adaptive;
 } tg_conf;
 
 /*

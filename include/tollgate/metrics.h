@@ -78,6 +78,18 @@ struct evbuffer;
     X(UPSTREAM_BREAKER, GAUGE, "tollgate_upstream_breaker_state",              \
       "Circuit breaker of the upstream server: 0 closed, 1 open, 2 half-open.",\
       SERVER, NOBUCKETS)                                                       \
+    X(ADAPTIVE_LIMIT, GAUGE, "tollgate_adaptive_limit",                        \
+      "Adaptive in-flight limit of the upstream server (sum of the workers').",\
+      SERVER, NOBUCKETS)                                                       \
+    X(ADAPTIVE_INFLIGHT, GAUGE, "tollgate_adaptive_inflight",                  \
+      "Exchanges in flight to the upstream server (adaptive concurrency).",    \
+      SERVER, NOBUCKETS)                                                       \
+    X(ADAPTIVE_QUEUED, GAUGE, "tollgate_adaptive_queued",                      \
+      "Requests waiting for an upstream slot (adaptive concurrency).",         \
+      NONE, NOBUCKETS)                                                         \
+    X(SHED, COUNTER, "tollgate_shed_total",                                    \
+      "Requests refused with 503 by adaptive concurrency, by tier.",           \
+      TIER, NOBUCKETS)                                                         \
     X(STORE_MODE, GAUGE, "tollgate_store_mode",                                \
       "Bucket store in use: 1 for the active mode, 0 for the others.",         \
       STORE_MODE, NOBUCKETS)                                                   \

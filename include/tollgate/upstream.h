@@ -104,4 +104,50 @@ const char *tg_uconn_server(const struct tg_uconn *uc);
  */
 void tg_upstream_release(struct tg_uconn *uc, int reusable);
 
+/*
+ * Adaptive concurrency (section adaptive:, see adaptive.h).  Without it
+ * tg_upstream_admit() always answers TG_ADMIT_GO and nothing changes.
+ * With it each server of the pool has an in-flight limit learned from
+ * the latency of its exchanges (this worker's share of the process
+ * limit), and a request asks for admission before tg_upstream_acquire():
+ * go now, wait in the pool's queue (ordered by tier), or be shed.
+ */
+enum tg_upstream_admit {
+    TG_ADMIT_GO,          /* a server has room: acquire now */
+    TG_ADMIT_WAIT,        /* queued: the callback will say */
+    TG_ADMIT_FULL,        /* shed: the queue is full of the same or higher tiers */
+    TG_ADMIT_EVICTED,     /* shed: a higher tier took its place in the queue */
+    TG_ADMIT_TIMEOUT      /* shed: no slot within queue_timeout_ms */
+};
+
+struct tg_upstream_waiter;
+/* A queued request's answer: TG_ADMIT_GO (acquire now, in this call) or a
+ * shed reason.  The waiter is already freed when it runs. */
+typedef void (*tg_upstream_admit_cb)(void *arg, enum tg_upstream_admit result);
+
+/*
+ * Ask to start an exchange for a request of tier (NULL or "" for none;
+ * its priority is its place in adaptive.shed_order, unlisted tiers
+ * first to go).  TG_ADMIT_GO: call tg_upstream_acquire() now.
+ * TG_ADMIT_WAIT: *waiter is set; cb(arg, ...) runs later from the
+ * pool's own event, never inside a call of the caller, unless
+ * tg_upstream_admit_cancel(*waiter) comes first.  A shed result: answer
+ * 503.  A request arriving while others wait queues behind them (by
+ * tier): it does not overtake.  A retry (tg_upstream_acquire with
+ * avoid) needs no admission: it replaces its own lending.
+ */
+enum tg_upstream_admit tg_upstream_admit(struct tg_upstream_pool *pool,
+                                         const char *tier,
+                                         struct tg_upstream_waiter **waiter,
+                                         tg_upstream_admit_cb cb, void *arg);
+
+/* The request gave up (client gone): forget it; its callback never runs. */
+void tg_upstream_admit_cancel(struct tg_upstream_waiter *waiter);
+
+struct tg_metrics_shard;
+/* The shard the pool reports its adaptive gauges to (limit, in flight,
+ * queued): the worker's.  Call once, before the first acquire. */
+void tg_upstream_pool_set_shard(struct tg_upstream_pool *pool,
+                                struct tg_metrics_shard *shard);
+
 #endif

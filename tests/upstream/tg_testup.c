@@ -71,6 +71,17 @@ struct tu_chunked {
     struct timeval         delay;
 };
 
+/* A /work request: queued until one of the thread's k workers is free,
+ * then served for ms milliseconds (a capacity-bound server: a fixed
+ * worker pool with a fixed service time, like a FastAPI app). */
+struct tu_work {
+    TAILQ_ENTRY(tu_work)   link;    /* in tu_work_queue while waiting */
+    struct evhttp_request *req;
+    struct event          *timer;
+    struct timeval         service;
+};
+TAILQ_HEAD(tu_work_list, tu_work);
+
 /* A /slow response waiting for its timer. */
 struct tu_slow {
     struct evhttp_request *req;
@@ -99,6 +110,8 @@ static void tu_h_headers(struct evhttp_request *req);
 static void tu_h_bytes(struct evhttp_request *req);
 static void tu_h_chunked(struct evhttp_request *req, struct event_base *base);
 static void tu_h_slow(struct evhttp_request *req, struct event_base *base);
+static void tu_h_work(struct evhttp_request *req, struct event_base *base);
+static void tu_work_done(evutil_socket_t fd, short what, void *arg);
 static void tu_h_status(struct evhttp_request *req);
 static void tu_h_stats(struct evhttp_request *req);
 static void tu_h_reset(struct evhttp_request *req);
@@ -112,6 +125,12 @@ static void tu_slow_fire(evutil_socket_t fd, short what, void *arg);
 
 static atomic_uint_fast64_t tu_connections;
 static atomic_uint_fast64_t tu_requests;
+
+/* /work: per event-loop thread (use -t 1 for an exact k). */
+static _Thread_local struct tu_work_list tu_work_queue;   /* TAILQ_INIT'ed */
+static _Thread_local int tu_work_ready;          /* ... once, lazily */
+static _Thread_local unsigned tu_work_busy;      /* requests in service */
+static _Thread_local uint64_t tu_work_k;         /* workers (last k seen) */
 
 /* TU_PATTERN_BLOCK bytes of the pattern plus 256 so that a slice of up to
  * one block can start at any phase (offset mod 256) and stay contiguous. */
@@ -221,6 +240,8 @@ tu_usage(FILE *out)
         "  /bytes?n=N         N pattern bytes, Content-Length framed\n"
         "  /chunked?n=N&chunks=K&delay_ms=D   chunked, K chunks, D ms apart\n"
         "  /slow?ms=M         200 \"slow\\n\" after M ms\n"
+        "  /work?ms=M&k=K     200 \"work\\n\" after M ms of service by one of K\n"
+        "                     workers (per thread); the rest wait in line\n"
         "  /status?code=C     reply with status C\n"
         "  /close             200, then close the connection\n"
         "  /raw?kind=K        raw bytes no server should send (K: 600, 999,\n"
@@ -357,6 +378,8 @@ tu_on_request(struct evhttp_request *req, void *arg)
         tu_h_chunked(req, base);
     else if (strcmp(path, "/slow") == 0)
         tu_h_slow(req, base);
+    else if (strcmp(path, "/work") == 0)
+        tu_h_work(req, base);
     else if (strcmp(path, "/status") == 0)
         tu_h_status(req);
     else if (strcmp(path, "/close") == 0)
@@ -527,6 +550,60 @@ tu_h_slow(struct evhttp_request *req, struct event_base *base)
     s->req = req;
     tu_timeval_ms(&tv, ms);
     evtimer_add(s->timer, &tv);
+}
+
+static void
+tu_work_start(struct tu_work *w)
+{
+    tu_work_busy++;
+    evtimer_add(w->timer, &w->service);
+}
+
+static void
+tu_h_work(struct evhttp_request *req, struct event_base *base)
+{
+    struct tu_work *w;
+    uint64_t ms, k;
+
+    if (tu_query_u64(req, "ms", 20, TU_MAX_DELAY_MS, &ms) != 0 ||
+        tu_query_u64(req, "k", 4, 100000, &k) != 0 || k == 0) {
+        tu_reply_text(req, 400, "Bad Request", "bad ms or k\n");
+        return;
+    }
+    w = calloc(1, sizeof(*w));
+    if (w == NULL || (w->timer = evtimer_new(base, tu_work_done, w)) == NULL) {
+        free(w);
+        tu_reply_text(req, 500, "Internal Server Error", "oom\n");
+        return;
+    }
+    w->req = req;
+    tu_timeval_ms(&w->service, ms);
+    tu_work_k = k;
+    if (!tu_work_ready) {
+        TAILQ_INIT(&tu_work_queue);
+        tu_work_ready = 1;
+    }
+    if (tu_work_busy < tu_work_k)
+        tu_work_start(w);
+    else
+        TAILQ_INSERT_TAIL(&tu_work_queue, w, link);
+}
+
+/* One worker done: answer, then the next in line.  A client gone
+ * meanwhile: evhttp_send_reply frees the request. */
+static void
+tu_work_done(evutil_socket_t fd, short what, void *arg)
+{
+    struct tu_work *w = arg, *next;
+
+    tu_reply_text(w->req, 200, "OK", "work\n");
+    event_free(w->timer);
+    free(w);
+    tu_work_busy--;
+    while (tu_work_busy < tu_work_k && (next = TAILQ_FIRST(&tu_work_queue)) != NULL) {
+        TAILQ_REMOVE(&tu_work_queue, next, link);
+        tu_work_start(next);
+    }
 }
 
 /* If the client left meanwhile, evhttp_send_reply just frees the request. */

@@ -1,0 +1,133 @@
+/*
+ * adaptive.h - adaptive concurrency: the in-flight limit of one upstream
+ * server learned from latency, and the tier-ordered queue of requests
+ * waiting for a slot.
+ *
+ * Pure logic: no I/O, no clock, no allocation on the request path (the
+ * caller passes the times and owns the queue entries), so both are tested
+ * without sockets (tests/unit/test_adaptive.c).  The upstream pool
+ * (upstream.c) keeps one limit per server and one queue per worker.
+ *
+ * The limit (a gradient, after Netflix concurrency-limits' Gradient):
+ * exchanges are sampled (time to the response head) in windows of at
+ * least TG_ADAPT_WIN_SAMPLES samples and one no-load RTT (or one second,
+ * whichever first).  The no-load RTT is the smallest sample of the last
+ * 15 to 30 s.  At the end of a window
+ *
+ *     gradient = clamp(TG_ADAPT_TOLERANCE * rtt_noload / rtt_window, 0.5, 1)
+ *     gradient < 1 (queueing upstream)  -> target = limit * gradient
+ *     a failure in the window (5xx, timeout) -> target = limit / 2
+ *     gradient 1, busy (in flight >= limit/2) -> target = limit + sqrt(limit)
+ *     gradient 1, idle, below initial    -> target = limit + sqrt(limit),
+ *                                           at most initial
+ *     limit = limit + s * (target - limit), in [min, max], where s is
+ *     TG_ADAPT_SMOOTHING going up, TG_ADAPT_SMOOTHING_DOWN going down
+ *
+ * so the limit settles where the upstream's own queue stays short (its
+ * latency within the tolerance of the no-load one): the knee.
+ */
+#ifndef TOLLGATE_ADAPTIVE_H
+#define TOLLGATE_ADAPTIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/queue.h>
+
+#include "tollgate/common.h"
+
+#define TG_ADAPT_WIN_SAMPLES  8          /* samples per window, at least */
+#define TG_ADAPT_WIN_MAX_US   1000000    /* a window never lasts longer */
+#define TG_ADAPT_MIN_HALF_US  15000000   /* no-load RTT: min of 2 halves */
+#define TG_ADAPT_TOLERANCE    1.25       /* latency allowed over no-load */
+#define TG_ADAPT_SMOOTHING    0.2        /* share of a higher target per window */
+#define TG_ADAPT_SMOOTHING_DOWN 0.5      /* ... of a lower one */
+
+/* ---- the limit ---------------------------------------------------------- */
+
+typedef struct tg_adapt_limit {
+    double   limit;          /* the estimate, in [min, max] */
+    unsigned initial, min, max;
+    uint64_t min_cur_us;     /* smallest RTT of the current half (0 = none) */
+    uint64_t min_prev_us;    /* ... of the previous half (0 = none) */
+    uint64_t half_start_us;  /* start of the current half */
+    uint64_t win_start_us;   /* start of the current window (0 = none yet) */
+    uint64_t win_sum_us;     /* RTTs of the window */
+    unsigned win_n;          /* samples in the window */
+    unsigned win_inflight;   /* most in flight seen in the window */
+    int      win_failed;     /* a failure in the window */
+} tg_adapt_limit;
+
+/* Start at initial, bounded by [min, max] (min >= 1, min <= initial <= max). */
+void tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
+                         unsigned max);
+
+/*
+ * One finished exchange: rtt_us from lending to the response head (or
+ * the failure), now_us any monotonic clock in microseconds, inflight the
+ * exchanges in flight to the server when it ended (itself included),
+ * ok 0 for a failure (connect error, timeout, 502-504).  Returns the
+ * limit, as tg_adapt_limit_get().
+ */
+unsigned tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
+                               unsigned inflight, int ok);
+
+/* The current limit: exchanges that may be in flight, in [min, max]. */
+unsigned tg_adapt_limit_get(const tg_adapt_limit *l);
+
+/* The no-load RTT in use, microseconds (0 before the first sample). */
+uint64_t tg_adapt_limit_noload_us(const tg_adapt_limit *l);
+
+/* ---- the queue ---------------------------------------------------------- */
+
+/* A waiting request: embedded in the caller's object, which owns it. */
+typedef struct tg_adapt_entry {
+    TAILQ_ENTRY(tg_adapt_entry) link;
+    unsigned prio;           /* 0 = shed first; higher is served first */
+    uint64_t deadline;       /* any clock unit the caller uses */
+    int      queued;         /* in a queue now */
+} tg_adapt_entry;
+
+TAILQ_HEAD(tg_adapt_list, tg_adapt_entry);
+
+/* A bounded queue: by priority (highest first), then arrival (FIFO). */
+typedef struct tg_adapt_queue {
+    struct tg_adapt_list *cls;   /* nprio lists, indexed by priority */
+    unsigned nprio;
+    unsigned len;
+    unsigned cap;                /* 0: nobody waits */
+} tg_adapt_queue;
+
+/* nprio >= 1 priorities (0 .. nprio-1), at most cap waiting. */
+void tg_adapt_queue_init(tg_adapt_queue *q, unsigned nprio, unsigned cap);
+/* Forget every entry (they stay the callers'); free the lists. */
+void tg_adapt_queue_deinit(tg_adapt_queue *q);
+
+/*
+ * Queue e with priority prio (clamped to nprio-1) and deadline.
+ * Returns NULL: queued.  Returns e itself: refused, the queue is full of
+ * waiters of the same or a higher priority.  Returns another entry:
+ * e is queued and that one, the newest of the lowest priority present
+ * (lower than prio), was evicted to make room; it is out of the queue.
+ */
+tg_adapt_entry *tg_adapt_queue_push(tg_adapt_queue *q, tg_adapt_entry *e,
+                                    unsigned prio, uint64_t deadline);
+
+/* Take the next to serve (highest priority, oldest), or NULL if empty. */
+tg_adapt_entry *tg_adapt_queue_pop(tg_adapt_queue *q);
+
+/* Take e out (it gave up); no-op if it is not queued. */
+void tg_adapt_queue_remove(tg_adapt_queue *q, tg_adapt_entry *e);
+
+/* Take one entry whose deadline is <= now, or NULL if none. */
+tg_adapt_entry *tg_adapt_queue_expired(tg_adapt_queue *q, uint64_t now);
+
+/* The earliest deadline of a queued entry, 0 when empty. */
+uint64_t tg_adapt_queue_next_deadline(const tg_adapt_queue *q);
+
+static inline unsigned
+tg_adapt_queue_len(const tg_adapt_queue *q)
+{
+    return q->len;
+}
+
+#endif

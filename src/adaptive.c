@@ -1,0 +1,265 @@
+/*
+ * adaptive.c - the learned in-flight limit and the tier-ordered queue
+ * (see adaptive.h for the rule).  Pure: the callers own the clock, the
+ * entries and the events.
+ */
+#include "tollgate/adaptive.h"
+
+#include <stdlib.h>
+
+static void window_close(tg_adapt_limit *l);
+static double root(double x);
+
+/* ---- the limit ---------------------------------------------------------- */
+
+void
+tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
+                    unsigned max)
+{
+    l->min = min < 1 ? 1 : min;
+    l->max = max < l->min ? l->min : max;
+    l->initial = initial < l->min ? l->min : initial > l->max ? l->max : initial;
+    l->limit = l->initial;
+    l->min_cur_us = 0;
+    l->min_prev_us = 0;
+    l->half_start_us = 0;
+    l->win_start_us = 0;
+    l->win_sum_us = 0;
+    l->win_n = 0;
+    l->win_inflight = 0;
+    l->win_failed = 0;
+}
+
+unsigned
+tg_adapt_limit_get(const tg_adapt_limit *l)
+{
+    unsigned v = (unsigned)l->limit;
+
+    return v < l->min ? l->min : v > l->max ? l->max : v;
+}
+
+uint64_t
+tg_adapt_limit_noload_us(const tg_adapt_limit *l)
+{
+    if (l->min_prev_us != 0 && (l->min_cur_us == 0 || l->min_prev_us < l->min_cur_us)) {
+        return l->min_prev_us;
+    }
+    return l->min_cur_us;
+}
+
+unsigned
+tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
+                      unsigned inflight, int ok)
+{
+    uint64_t noload;
+
+    if (rtt_us == 0) {
+        rtt_us = 1;
+    }
+    /* The no-load RTT: the minimum of two sliding halves, so that an
+     * upstream that became slower for good is believed within 30 s. */
+    if (l->half_start_us == 0) {
+        l->half_start_us = now_us;
+    } else if (now_us - l->half_start_us >= TG_ADAPT_MIN_HALF_US) {
+        l->min_prev_us = l->min_cur_us;
+        l->min_cur_us = 0;
+        l->half_start_us = now_us;
+    }
+    if (ok && (l->min_cur_us == 0 || rtt_us < l->min_cur_us)) {
+        l->min_cur_us = rtt_us;
+    }
+
+    if (l->win_n == 0) {
+        l->win_start_us = now_us;
+    }
+    l->win_n++;
+    l->win_sum_us += rtt_us;
+    if (inflight > l->win_inflight) {
+        l->win_inflight = inflight;
+    }
+    if (!ok) {
+        l->win_failed = 1;
+    }
+    noload = tg_adapt_limit_noload_us(l);
+    if ((l->win_n >= TG_ADAPT_WIN_SAMPLES && now_us - l->win_start_us >= noload)
+        || now_us - l->win_start_us >= TG_ADAPT_WIN_MAX_US) {
+        window_close(l);
+    }
+    return tg_adapt_limit_get(l);
+}
+
+/* One window's verdict (the rule in adaptive.h). */
+static void
+window_close(tg_adapt_limit *l)
+{
+    double avg = (double)l->win_sum_us / l->win_n, target = l->limit, g;
+    uint64_t noload = tg_adapt_limit_noload_us(l);
+    int idle = 0;
+
+    if (l->win_failed) {
+        target = l->limit / 2;
+    } else if (noload != 0) {
+        g = TG_ADAPT_TOLERANCE * (double)noload / avg;
+        g = g < 0.5 ? 0.5 : g;
+        if (g < 1.0) {
+            target = l->limit * g;
+        } else if (l->win_inflight * 2 >= l->limit) {
+            target = l->limit + root(l->limit);
+        } else if (l->limit < l->initial) {
+            target = l->limit + root(l->limit);
+            idle = 1;
+        }
+    }
+    /* Down faster than up: a queue building upstream costs every
+     * request in it, a slot left unused costs only throughput. */
+    l->limit += (target < l->limit ? TG_ADAPT_SMOOTHING_DOWN : TG_ADAPT_SMOOTHING)
+                * (target - l->limit);
+    if (idle && l->limit > l->initial) {
+        l->limit = l->initial;           /* idle growth stops at initial */
+    }
+    if (l->limit < l->min) {
+        l->limit = l->min;
+    } else if (l->limit > l->max) {
+        l->limit = l->max;
+    }
+    l->win_n = 0;
+    l->win_sum_us = 0;
+    l->win_inflight = 0;
+    l->win_failed = 0;
+}
+
+/* ---- the queue ---------------------------------------------------------- */
+
+void
+tg_adapt_queue_init(tg_adapt_queue *q, unsigned nprio, unsigned cap)
+{
+    unsigned i;
+
+    q->nprio = nprio < 1 ? 1 : nprio;
+    q->cls = tg_xcalloc(q->nprio, sizeof(*q->cls));
+    for (i = 0; i < q->nprio; i++) {
+        TAILQ_INIT(&q->cls[i]);
+    }
+    q->len = 0;
+    q->cap = cap;
+}
+
+void
+tg_adapt_queue_deinit(tg_adapt_queue *q)
+{
+    tg_adapt_entry *e;
+    unsigned i;
+
+    for (i = 0; q->cls != NULL && i < q->nprio; i++) {
+        while ((e = TAILQ_FIRST(&q->cls[i])) != NULL) {
+            TAILQ_REMOVE(&q->cls[i], e, link);
+            e->queued = 0;
+        }
+    }
+    free(q->cls);
+    q->cls = NULL;
+    q->len = 0;
+}
+
+tg_adapt_entry *
+tg_adapt_queue_push(tg_adapt_queue *q, tg_adapt_entry *e, unsigned prio,
+                    uint64_t deadline)
+{
+    tg_adapt_entry *victim = NULL;
+    unsigned i;
+
+    e->prio = prio >= q->nprio ? q->nprio - 1 : prio;
+    e->deadline = deadline;
+    e->queued = 0;
+    if (q->len >= q->cap) {
+        /* Full: the lowest tier present goes, if it is below e's. */
+        for (i = 0; i < e->prio; i++) {
+            victim = TAILQ_LAST(&q->cls[i], tg_adapt_list);
+            if (victim != NULL) {
+                break;
+            }
+        }
+        if (victim == NULL) {
+            return e;
+        }
+        tg_adapt_queue_remove(q, victim);
+    }
+    TAILQ_INSERT_TAIL(&q->cls[e->prio], e, link);
+    e->queued = 1;
+    q->len++;
+    return victim;
+}
+
+tg_adapt_entry *
+tg_adapt_queue_pop(tg_adapt_queue *q)
+{
+    tg_adapt_entry *e;
+    unsigned i;
+
+    for (i = q->nprio; i-- > 0;) {
+        e = TAILQ_FIRST(&q->cls[i]);
+        if (e != NULL) {
+            tg_adapt_queue_remove(q, e);
+            return e;
+        }
+    }
+    return NULL;
+}
+
+void
+tg_adapt_queue_remove(tg_adapt_queue *q, tg_adapt_entry *e)
+{
+    if (!e->queued) {
+        return;
+    }
+    TAILQ_REMOVE(&q->cls[e->prio], e, link);
+    e->queued = 0;
+    q->len--;
+}
+
+/* Within a priority the oldest is first and every entry of a queue is
+ * given the same wait: the heads hold the earliest deadlines. */
+tg_adapt_entry *
+tg_adapt_queue_expired(tg_adapt_queue *q, uint64_t now)
+{
+    tg_adapt_entry *e;
+    unsigned i;
+
+    for (i = 0; i < q->nprio; i++) {
+        e = TAILQ_FIRST(&q->cls[i]);
+        if (e != NULL && e->deadline <= now) {
+            tg_adapt_queue_remove(q, e);
+            return e;
+        }
+    }
+    return NULL;
+}
+
+uint64_t
+tg_adapt_queue_next_deadline(const tg_adapt_queue *q)
+{
+    const tg_adapt_entry *e;
+    uint64_t best = 0;
+    unsigned i;
+
+    for (i = 0; i < q->nprio; i++) {
+        e = TAILQ_FIRST(&q->cls[i]);
+        if (e != NULL && (best == 0 || e->deadline < best)) {
+            best = e->deadline;
+        }
+    }
+    return best;
+}
+
+/* Square root of x >= 1 by Newton's method (no libm for one call). */
+static double
+root(double x)
+{
+    double r = x;
+    int i;
+
+    for (i = 0; i < 32 && r * r - x > 1e-6 * x; i++) {
+        r = (r + x / r) / 2;
+    }
+    return r;
+}

@@ -1,0 +1,379 @@
+/*
+ * test_adaptive.c - adaptive concurrency and tier-priority shedding end to
+ * end: the real tollgate binary in front of a capacity-bound tg-testup
+ * (/work: k = 4 workers, 20 ms of service each, the rest wait in line, so
+ * latency climbs past 4 in flight), driven past capacity by many basic
+ * keys while two enterprise keys send a steady load.
+ *
+ * Small on purpose (the machine is shared): 16 + 2 client threads for
+ * about three seconds; every wait is on a condition, with generous bounds.
+ */
+#include <criterion/criterion.h>
+
+#include <openssl/sha.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+
+TestSuite(adaptive, .fini = tgh_cleanup, .timeout = 150);
+
+#define WORK      "/work?ms=20&k=4"
+#define NBASIC    16                 /* client threads on 8 basic keys */
+#define NENT      2                  /* client threads on 2 enterprise keys */
+#define INITIAL   8                  /* adaptive.concurrency.initial */
+#define MAXLAT    4096               /* latencies kept per thread */
+
+static tgh_upstream up;
+static tgh_tollgate tg;
+
+/* keys.yaml: b0..b7 basic, e0 e1 enterprise (the key is its own name). */
+static const char *
+write_keys(void)
+{
+    static char path[512];
+    static const char *const names[] = { "b0", "b1", "b2", "b3", "b4", "b5",
+                                         "b6", "b7", "e0", "e1" };
+    FILE *f;
+    size_t i, j;
+
+    snprintf(path, sizeof path, "%s/keys.yaml", tgh_tmpdir());
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs("keys:\n", f);
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        unsigned char d[32];
+        SHA256((const unsigned char *)names[i], strlen(names[i]), d);
+        fprintf(f, "  - { id: id-%s, tier: %s, sha256: \"", names[i],
+                names[i][0] == 'b' ? "basic" : "enterprise");
+        for (j = 0; j < 32; j++)
+            fprintf(f, "%02x", d[j]);
+        fputs("\" }\n", f);
+    }
+    cr_assert_eq(fclose(f), 0);
+    return path;
+}
+
+static void
+start(void)
+{
+    static char extra[1024];
+    tgh_tg_opts o;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n"
+             "  basic:      { requests_per_minute: 10000000, burst_limit: 1000000 }\n"
+             "  pro:        { requests_per_minute: 10000000, burst_limit: 1000000 }\n"
+             "  enterprise: { requests_per_minute: 10000000, burst_limit: 1000000 }\n"
+             "auth: { keys_file: %s }\n"
+             "adaptive:\n"
+             "  concurrency: { initial: %d, min: 2, max: 64, queue: 8, "
+             "queue_timeout_ms: 1000 }\n"
+             "  shed_order: [basic, pro, enterprise]\n",
+             write_keys(), INITIAL);
+    tgh_tg_opts_default(&o, up.port);
+    o.workers = 1;
+    o.first_byte_timeout_ms = 5000;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+}
+
+static char *
+admin_get(const char *path)
+{
+    tgh_resp r;
+    char *body;
+
+    TGH_CHECK(tgh_http(tg.admin_port, "GET", path, NULL, NULL, 0, &r, 10000) == 0,
+              "GET %s", path);
+    TGH_CHECK(r.status == 200, "GET %s: %d", path, r.status);
+    body = strdup((const char *)r.body);
+    tgh_resp_free(&r);
+    return body;
+}
+
+/* The number after "key": in /status (the first one), or -1. */
+static long
+status_num(const char *key)
+{
+    char *s = admin_get("/status"), pat[64];
+    const char *p;
+    long v = -1;
+
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    p = strstr(s, pat);
+    if (p != NULL)
+        v = atol(p + strlen(pat));
+    free(s);
+    return v;
+}
+
+/* The value of the sample line "series value" on /metrics, or -1. */
+static double
+metric(const char *series)
+{
+    char *text = admin_get("/metrics");
+    size_t n = strlen(series);
+    const char *p = text;
+    double v = -1;
+
+    while ((p = strstr(p, series)) != NULL) {
+        if ((p == text || p[-1] == '\n') && p[n] == ' ') {
+            v = atof(p + n + 1);
+            break;
+        }
+        p += n;
+    }
+    free(text);
+    return v;
+}
+
+/* ---- clients ------------------------------------------------------------ */
+
+typedef struct client {
+    pthread_t   th;
+    const char *key;
+    int         think_ms;         /* pause after every response */
+    int         shed_pause_ms;    /* pause after a 503 */
+    volatile int *stop;
+    tgh_conn   *conn;
+    long        n200, n503, nother, nfail;
+    int         other_status;
+    uint64_t    lat[MAXLAT];      /* ms, of the 200s */
+    size_t      nlat;
+    char        shed_body[512];   /* the first 503's body */
+    char        retry_after[16];  /* ... and its Retry-After */
+    char        other_body[256];  /* the last body of another status */
+} client;
+
+/* One GET WORK on the client's keep-alive connection (reopened when
+ * needed); the status, or -1 on a timeout or broken connection. */
+static int
+one(client *c, uint64_t *ms)
+{
+    char req[256];
+    tgh_resp r;
+    uint64_t t0 = tgh_now_ms();
+    int n, st;
+
+    if (c->conn == NULL && (c->conn = tgh_conn_open(tg.port, 5000)) == NULL)
+        return -1;
+    n = snprintf(req, sizeof req, "GET " WORK " HTTP/1.1\r\nHost: t\r\n"
+                 "X-API-Key: %s\r\n\r\n", c->key);
+    if (tgh_conn_send(c->conn, req, (size_t)n, 5000) != 0
+        || tgh_conn_read_response(c->conn, &r, 0, 10000) != 0) {
+        tgh_conn_close(c->conn);
+        c->conn = NULL;
+        return -1;
+    }
+    *ms = tgh_now_ms() - t0;
+    st = r.status;
+    if (st != 200 && st != 503)
+        snprintf(c->other_body, sizeof c->other_body, "%s", (const char *)r.body);
+    if (st == 503 && c->shed_body[0] == '\0') {
+        const char *ra = tgh_resp_header(&r, "Retry-After");
+        snprintf(c->shed_body, sizeof c->shed_body, "%s", (const char *)r.body);
+        snprintf(c->retry_after, sizeof c->retry_after, "%s", ra ? ra : "");
+    }
+    if (tgh_resp_header(&r, "Connection") != NULL
+        && strcmp(tgh_resp_header(&r, "Connection"), "close") == 0) {
+        tgh_conn_close(c->conn);
+        c->conn = NULL;
+    }
+    tgh_resp_free(&r);
+    return st;
+}
+
+static void *
+client_main(void *arg)
+{
+    client *c = arg;
+    uint64_t ms;
+    int st;
+
+    while (!*c->stop) {
+        st = one(c, &ms);
+        if (st == 200) {
+            c->n200++;
+            if (c->nlat < MAXLAT)
+                c->lat[c->nlat++] = ms;
+        } else if (st == 503) {
+            c->n503++;
+            tgh_sleep_ms(c->shed_pause_ms);
+        } else if (st < 0) {
+            c->nfail++;
+        } else {
+            c->nother++;
+            c->other_status = st;
+        }
+        if (c->think_ms > 0)
+            tgh_sleep_ms(c->think_ms);
+    }
+    if (c->conn != NULL)
+        tgh_conn_close(c->conn);
+    return NULL;
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Percentile p (0..100) of the 200 latencies of n clients. */
+static uint64_t
+pct(client *cs, int n, int p)
+{
+    uint64_t *all;
+    size_t k = 0, i;
+    uint64_t v;
+    int j;
+
+    for (j = 0; j < n; j++)
+        k += cs[j].nlat;
+    if (k == 0)
+        return 0;
+    all = malloc(k * sizeof(*all));
+    k = 0;
+    for (j = 0; j < n; j++)
+        for (i = 0; i < cs[j].nlat; i++)
+            all[k++] = cs[j].lat[i];
+    qsort(all, k, sizeof(*all), cmp_u64);
+    v = all[(k - 1) * (size_t)p / 100];
+    free(all);
+    return v;
+}
+
+/* n sequential requests with key; the median latency of the 200s, and
+ * every status must be 200. */
+static uint64_t
+sequential(const char *key, int n)
+{
+    static client c;
+    volatile int stop = 0;
+    uint64_t ms;
+    int i, st;
+
+    memset(&c, 0, sizeof c);
+    c.key = key;
+    c.stop = &stop;
+    for (i = 0; i < n; i++) {
+        st = one(&c, &ms);
+        TGH_CHECK(st == 200, "%s: request %d answered %d", key, i, st);
+        c.lat[c.nlat++] = ms;
+    }
+    if (c.conn != NULL)
+        tgh_conn_close(c.conn);
+    return pct(&c, 1, 50);
+}
+
+/* ---- the test ----------------------------------------------------------- */
+
+Test(adaptive, enterprise_flows_while_basic_is_shed)
+{
+    static client basic[NBASIC], ent[NENT];
+    static const char *const bkeys[] = { "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7" };
+    volatile int stop = 0;
+    uint64_t unloaded, t_end, ent_p50, ent_p99;
+    long lim, min_lim = 1000000, eok = 0, etotal = 0, b200 = 0, b503 = 0, shed_before;
+    const char *body = NULL, *ra = NULL;
+    int i;
+
+    start();
+    TGH_CHECK(status_num("limit") == INITIAL, "limit at start: %ld", status_num("limit"));
+
+    /* Unloaded: the latency enterprise should keep. */
+    unloaded = sequential("e0", 20);
+
+    /* Overload for about three seconds. */
+    for (i = 0; i < NBASIC; i++) {
+        basic[i].key = bkeys[i % 8];
+        basic[i].stop = &stop;
+        basic[i].shed_pause_ms = 20;          /* a client honouring Retry-After, a bit */
+        pthread_create(&basic[i].th, NULL, client_main, &basic[i]);
+    }
+    for (i = 0; i < NENT; i++) {
+        ent[i].key = i ? "e1" : "e0";
+        ent[i].stop = &stop;
+        ent[i].think_ms = 10;                 /* a steady load */
+        pthread_create(&ent[i].th, NULL, client_main, &ent[i]);
+    }
+    t_end = tgh_now_ms() + 3000;
+    while (tgh_now_ms() < t_end) {
+        lim = status_num("limit");
+        if (lim >= 0 && lim < min_lim)
+            min_lim = lim;
+        tgh_sleep_ms(100);
+    }
+    stop = 1;
+    for (i = 0; i < NBASIC; i++)
+        pthread_join(basic[i].th, NULL);
+    for (i = 0; i < NENT; i++)
+        pthread_join(ent[i].th, NULL);
+
+    for (i = 0; i < NENT; i++) {
+        eok += ent[i].n200;
+        etotal += ent[i].n200 + ent[i].n503 + ent[i].nother + ent[i].nfail;
+        TGH_CHECK(ent[i].nfail == 0, "enterprise: %ld timeouts or broken connections",
+                  ent[i].nfail);
+        TGH_CHECK(ent[i].nother == 0, "enterprise: %ld answers %d (%s)", ent[i].nother,
+                  ent[i].other_status, ent[i].other_body);
+    }
+    for (i = 0; i < NBASIC; i++) {
+        b200 += basic[i].n200;
+        b503 += basic[i].n503;
+        TGH_CHECK(basic[i].nfail == 0, "basic: %ld timeouts or broken connections",
+                  basic[i].nfail);
+        TGH_CHECK(basic[i].nother == 0, "basic: %ld answers %d (%s)", basic[i].nother,
+                  basic[i].other_status, basic[i].other_body);
+        if (body == NULL && basic[i].shed_body[0] != '\0') {
+            body = basic[i].shed_body;
+            ra = basic[i].retry_after;
+        }
+    }
+    ent_p50 = pct(ent, NENT, 50);
+    ent_p99 = pct(ent, NENT, 99);
+    cr_log_info("unloaded p50 %llu ms; overload: enterprise %ld/%ld ok, p50 %llu ms, "
+                "p99 %llu ms; basic %ld ok, %ld shed; lowest limit %ld",
+                (unsigned long long)unloaded, eok, etotal,
+                (unsigned long long)ent_p50, (unsigned long long)ent_p99,
+                b200, b503, min_lim);
+
+    TGH_CHECK(etotal >= 20, "enterprise sent only %ld requests", etotal);
+    TGH_CHECK(eok * 100 >= etotal * 95, "enterprise: %ld of %ld were 200", eok, etotal);
+    TGH_CHECK(ent_p50 <= 3 * unloaded + 10, "enterprise p50 %llu ms under load, "
+              "%llu ms unloaded", (unsigned long long)ent_p50,
+              (unsigned long long)unloaded);
+    TGH_CHECK(b503 > 0, "no basic request was shed");
+    TGH_CHECK(b200 > 0, "basic got nothing through");
+    TGH_CHECK(min_lim < INITIAL, "the limit never went below initial (%ld)", min_lim);
+    TGH_CHECK(body != NULL && strstr(body, "\"error\":\"overloaded\"") != NULL,
+              "503 body: %s", body ? body : "(none)");
+    TGH_CHECK(strcmp(ra, "1") == 0, "Retry-After: \"%s\"", ra);
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") >= (double)b503,
+              "tollgate_shed_total{basic} %g < %ld", 
+              metric("tollgate_shed_total{tier=\"basic\"}"), b503);
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"enterprise\"}") == 0,
+              "enterprise was shed");
+    TGH_CHECK(metric("tollgate_requests_total{tier=\"basic\",status=\"503\"}")
+              == (double)b503, "503s counted");
+
+    /* After: light traffic, no shedding, and the limit climbs back to
+     * initial. */
+    shed_before = (long)metric("tollgate_shed_total{tier=\"basic\"}");
+    t_end = tgh_now_ms() + 20000;
+    while ((lim = status_num("limit")) < INITIAL && tgh_now_ms() < t_end) {
+        sequential("b1", 5);
+        sequential("e1", 5);
+    }
+    TGH_CHECK(lim >= INITIAL, "the limit stayed at %ld after the overload", lim);
+    sequential("b2", 10);
+    TGH_CHECK((long)metric("tollgate_shed_total{tier=\"basic\"}") == shed_before,
+              "shedding went on after the overload");
+    TGH_CHECK(status_num("queued") == 0, "requests still queued");
+    TGH_CHECK(status_num("inflight") == 0, "requests still in flight");
+}

@@ -1,0 +1,453 @@
+/*
+ * test_adaptive.c - adaptive concurrency without sockets: the learned
+ * limit fed RTT samples on an injected clock, the tier-ordered queue,
+ * and the adaptive: section of the config.
+ */
+#include <criterion/criterion.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "tollgate/adaptive.h"
+#include "tollgate/conf.h"
+#include "tollgate/upstream.h"
+
+/* ---- the limit ---------------------------------------------------------- */
+
+/* n samples of rtt_us, 1 ms apart, with inflight in flight; returns the
+ * clock after them. */
+static uint64_t
+feed(tg_adapt_limit *l, uint64_t now, unsigned n, uint64_t rtt_us,
+     unsigned inflight, int ok)
+{
+    unsigned i, lim;
+
+    for (i = 0; i < n; i++) {
+        now += 1000;
+        lim = tg_adapt_limit_sample(l, now, rtt_us, inflight, ok);
+        cr_assert(lim >= l->min && lim <= l->max, "limit %u out of [%u, %u]",
+                  lim, l->min, l->max);
+    }
+    return now;
+}
+
+Test(adaptive_limit, init_clamps)
+{
+    tg_adapt_limit l;
+
+    tg_adapt_limit_init(&l, 64, 4, 1024);
+    cr_assert_eq(tg_adapt_limit_get(&l), 64);
+    tg_adapt_limit_init(&l, 1, 4, 16);
+    cr_assert_eq(tg_adapt_limit_get(&l), 4);
+    tg_adapt_limit_init(&l, 100, 4, 16);
+    cr_assert_eq(tg_adapt_limit_get(&l), 16);
+    tg_adapt_limit_init(&l, 0, 0, 0);
+    cr_assert_eq(tg_adapt_limit_get(&l), 1, "min is at least 1");
+    cr_assert_eq(tg_adapt_limit_noload_us(&l), 0);
+}
+
+/* Busy at the no-load latency: the limit grows, up to max and no further. */
+Test(adaptive_limit, grows_when_busy_and_fast)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+
+    tg_adapt_limit_init(&l, 8, 2, 40);
+    now = feed(&l, now, 40, 2000, 8, 1);
+    cr_assert_gt(tg_adapt_limit_get(&l), 8, "got %u", tg_adapt_limit_get(&l));
+    now = feed(&l, now, 5000, 2000, 40, 1);
+    cr_assert_eq(tg_adapt_limit_get(&l), 40);
+    cr_assert_eq(tg_adapt_limit_noload_us(&l), 2000);
+}
+
+/* Latency three times the no-load one: the limit falls, to min at worst. */
+Test(adaptive_limit, shrinks_when_latency_rises)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned before;
+
+    tg_adapt_limit_init(&l, 64, 4, 1024);
+    now = feed(&l, now, 32, 20000, 64, 1);       /* no-load RTT: 20 ms */
+    before = tg_adapt_limit_get(&l);
+    now = feed(&l, now, 64, 60000, 64, 1);
+    cr_assert_lt(tg_adapt_limit_get(&l), before, "%u -> %u", before,
+                 tg_adapt_limit_get(&l));
+    now = feed(&l, now, 5000, 60000, 64, 1);
+    cr_assert_eq(tg_adapt_limit_get(&l), 4, "bounded by min");
+}
+
+/* Within the tolerance (1.25x) the limit does not shrink. */
+Test(adaptive_limit, tolerates_noise)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+
+    tg_adapt_limit_init(&l, 16, 4, 1024);
+    now = feed(&l, now, 16, 10000, 16, 1);
+    now = feed(&l, now, 200, 12000, 16, 1);
+    cr_assert_geq(tg_adapt_limit_get(&l), 16);
+}
+
+/* A failure (5xx, timeout) in a window halves the target. */
+Test(adaptive_limit, failures_back_off)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+
+    tg_adapt_limit_init(&l, 100, 4, 1024);
+    now = feed(&l, now, 400, 10000, 100, 0);
+    cr_assert_lt(tg_adapt_limit_get(&l), 20, "got %u", tg_adapt_limit_get(&l));
+}
+
+/* Idle (few in flight) at a good latency: back to initial, not above. */
+Test(adaptive_limit, idle_returns_to_initial)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+
+    tg_adapt_limit_init(&l, 32, 2, 1024);
+    now = feed(&l, now, 16, 5000, 32, 1);
+    now = feed(&l, now, 2000, 15000, 32, 1);     /* overload */
+    cr_assert_lt(tg_adapt_limit_get(&l), 10);
+    now = feed(&l, now, 2000, 5000, 1, 1);       /* light traffic after */
+    cr_assert_eq(tg_adapt_limit_get(&l), 32);
+    now = feed(&l, now, 2000, 5000, 1, 1);
+    cr_assert_eq(tg_adapt_limit_get(&l), 32, "idle never grows past initial");
+}
+
+/* The no-load RTT slides: an upstream that got slower for good is
+ * believed after two halves (30 s), and the limit recovers. */
+Test(adaptive_limit, noload_rtt_slides)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    now = feed(&l, now, 16, 1000, 16, 1);
+    cr_assert_eq(tg_adapt_limit_noload_us(&l), 1000);
+    now = feed(&l, now, 31000, 5000, 16, 1);     /* 31 s at 5 ms */
+    cr_assert_eq(tg_adapt_limit_noload_us(&l), 5000);
+    now = feed(&l, now, 2000, 5000, 64, 1);
+    cr_assert_gt(tg_adapt_limit_get(&l), 16);
+}
+
+/* ---- the queue ---------------------------------------------------------- */
+
+Test(adaptive_queue, priority_then_fifo)
+{
+    tg_adapt_queue q;
+    tg_adapt_entry e[6];
+    unsigned prio[6] = { 1, 0, 2, 1, 2, 0 };
+    int want[6] = { 2, 4, 0, 3, 1, 5 };
+    int i;
+
+    tg_adapt_queue_init(&q, 3, 10);
+    for (i = 0; i < 6; i++) {
+        cr_assert_null(tg_adapt_queue_push(&q, &e[i], prio[i], 100 + (uint64_t)i));
+    }
+    cr_assert_eq(tg_adapt_queue_len(&q), 6);
+    for (i = 0; i < 6; i++) {
+        cr_assert_eq(tg_adapt_queue_pop(&q), &e[want[i]], "pop %d", i);
+    }
+    cr_assert_null(tg_adapt_queue_pop(&q));
+    tg_adapt_queue_deinit(&q);
+}
+
+/* Full: a higher tier evicts the newest of the lowest tier present; the
+ * same tier is refused (no overtaking inside a tier). */
+Test(adaptive_queue, full_evicts_lowest_or_refuses)
+{
+    tg_adapt_queue q;
+    tg_adapt_entry b1, b2, p1, e1, e2, e3, b3;
+
+    tg_adapt_queue_init(&q, 4, 3);             /* 0 none, 1 basic, 2 pro, 3 ent */
+    cr_assert_null(tg_adapt_queue_push(&q, &b1, 1, 10));
+    cr_assert_null(tg_adapt_queue_push(&q, &b2, 1, 11));
+    cr_assert_null(tg_adapt_queue_push(&q, &p1, 2, 12));
+    cr_assert_eq(tg_adapt_queue_push(&q, &b3, 1, 13), &b3, "basic refused");
+    cr_assert_eq(tg_adapt_queue_push(&q, &e1, 3, 14), &b2, "newest basic out");
+    cr_assert_eq(b2.queued, 0);
+    cr_assert_eq(tg_adapt_queue_push(&q, &e2, 3, 15), &b1);
+    cr_assert_eq(tg_adapt_queue_push(&q, &e3, 3, 16), &p1, "then pro");
+    cr_assert_eq(tg_adapt_queue_len(&q), 3);
+    cr_assert_eq(tg_adapt_queue_pop(&q), &e1);
+    tg_adapt_queue_deinit(&q);
+}
+
+Test(adaptive_queue, zero_capacity_and_clamped_priority)
+{
+    tg_adapt_queue q;
+    tg_adapt_entry a;
+
+    tg_adapt_queue_init(&q, 2, 0);
+    cr_assert_eq(tg_adapt_queue_push(&q, &a, 1, 5), &a);
+    cr_assert_eq(tg_adapt_queue_len(&q), 0);
+    tg_adapt_queue_deinit(&q);
+    tg_adapt_queue_init(&q, 2, 1);
+    cr_assert_null(tg_adapt_queue_push(&q, &a, 99, 5));
+    cr_assert_eq(a.prio, 1);
+    tg_adapt_queue_deinit(&q);
+}
+
+Test(adaptive_queue, remove_and_expire)
+{
+    tg_adapt_queue q;
+    tg_adapt_entry a, b, c;
+
+    tg_adapt_queue_init(&q, 2, 8);
+    cr_assert_eq(tg_adapt_queue_next_deadline(&q), 0);
+    tg_adapt_queue_push(&q, &a, 0, 100);
+    tg_adapt_queue_push(&q, &b, 1, 150);
+    tg_adapt_queue_push(&q, &c, 0, 200);
+    cr_assert_eq(tg_adapt_queue_next_deadline(&q), 100);
+    tg_adapt_queue_remove(&q, &a);
+    tg_adapt_queue_remove(&q, &a);              /* twice: no-op */
+    cr_assert_eq(tg_adapt_queue_len(&q), 2);
+    cr_assert_eq(tg_adapt_queue_next_deadline(&q), 150);
+    cr_assert_null(tg_adapt_queue_expired(&q, 149));
+    cr_assert_eq(tg_adapt_queue_expired(&q, 160), &b);
+    cr_assert_null(tg_adapt_queue_expired(&q, 160));
+    cr_assert_eq(tg_adapt_queue_expired(&q, 1000), &c);
+    cr_assert_eq(tg_adapt_queue_len(&q), 0);
+    tg_adapt_queue_deinit(&q);
+}
+
+/* ---- the adaptive: section ---------------------------------------------- */
+
+#define MIN "listen: [ { address: 127.0.0.1:8080 } ]\n" \
+            "upstream: { servers: [127.0.0.1:8000] }\n"
+#define TIERS "rate_limits:\n" \
+              "  basic: { requests_per_minute: 60, burst_limit: 10 }\n" \
+              "  pro: { requests_per_minute: 600, burst_limit: 10 }\n" \
+              "  enterprise: { requests_per_minute: 6000, burst_limit: 10 }\n"
+
+static char err[TG_CONF_ERRLEN];
+
+static tg_conf *
+load(const char *yaml)
+{
+    return tg_conf_load_string("t.yaml", yaml, strlen(yaml), err, sizeof(err));
+}
+
+Test(adaptive_conf, absent_is_off)
+{
+    tg_conf *c = load(MIN TIERS);
+
+    cr_assert_not_null(c, "%s", err);
+    cr_assert_eq(c->adaptive.enabled, 0);
+    tg_conf_unref(c);
+}
+
+Test(adaptive_conf, defaults)
+{
+    tg_conf *c = load(MIN TIERS "adaptive: {}\n");
+
+    cr_assert_not_null(c, "%s", err);
+    cr_assert_eq(c->adaptive.enabled, 1);
+    cr_assert_eq(c->adaptive.initial, 64);
+    cr_assert_eq(c->adaptive.min, 4);
+    cr_assert_eq(c->adaptive.max, 1024);
+    cr_assert_eq(c->adaptive.queue, 128);
+    cr_assert_eq(c->adaptive.queue_timeout_ms, 1000);
+    cr_assert_eq(c->adaptive.nshed_order, 3);
+    cr_assert_str_eq(c->adaptive.shed_order[0], "basic");
+    cr_assert_str_eq(c->adaptive.shed_order[2], "enterprise");
+    cr_assert_eq(c->adaptive.throttle.enabled, 0);
+    tg_conf_unref(c);
+}
+
+Test(adaptive_conf, contract_shape)
+{
+    tg_conf *c = load(MIN TIERS
+        "adaptive:\n"
+        "  concurrency: { initial: 32, min: 2, max: 256, queue: 16 }\n"
+        "  shed_order: [pro, basic, enterprise]\n"
+        "  throttle: { target_p99_ms: 500, max_error_ratio: 0.05, "
+        "min_factor: 0.25, window_ms: 5000 }\n");
+
+    cr_assert_not_null(c, "%s", err);
+    cr_assert_eq(c->adaptive.initial, 32);
+    cr_assert_eq(c->adaptive.queue, 16);
+    cr_assert_str_eq(c->adaptive.shed_order[0], "pro");
+    cr_assert_eq(c->adaptive.throttle.enabled, 1);
+    cr_assert_eq(c->adaptive.throttle.window_ms, 5000);
+    tg_conf_unref(c);
+}
+
+/* The default order keeps only the tiers rate_limits has. */
+Test(adaptive_conf, default_order_filters_tiers)
+{
+    tg_conf *c = load(MIN "rate_limits:\n"
+                      "  free: { requests_per_minute: 60, burst_limit: 10 }\n"
+                      "  enterprise: { requests_per_minute: 60, burst_limit: 10 }\n"
+                      "adaptive: { concurrency: { initial: 8 } }\n");
+
+    cr_assert_not_null(c, "%s", err);
+    cr_assert_eq(c->adaptive.nshed_order, 1);
+    cr_assert_str_eq(c->adaptive.shed_order[0], "enterprise");
+    tg_conf_unref(c);
+}
+
+Test(adaptive_conf, errors)
+{
+    static const struct { const char *yaml, *msg; } bad[] = {
+        { MIN TIERS "adaptive: { shed_order: [basic, gold] }\n",
+          "t.yaml:7:25: adaptive.shed_order: unknown tier \"gold\"" },
+        { MIN TIERS "adaptive: { shed_order: [basic, basic] }\n",
+          "t.yaml:7:33: adaptive.shed_order: tier \"basic\" is listed twice" },
+        { MIN TIERS "adaptive: { shed_order: basic }\n",
+          "t.yaml:7:25: adaptive.shed_order: expected a sequence" },
+        { MIN TIERS "adaptive: { concurrency: { min: 10, initial: 5 } }\n",
+          "adaptive.concurrency.initial: needs min <= initial <= max" },
+        { MIN TIERS "adaptive: { concurrency: { max: 0 } }\n",
+          "adaptive.concurrency.max" },
+        { MIN TIERS "adaptive: { concurrency: { queue_timout_ms: 5 } }\n",
+          "did you mean \"queue_timeout_ms\"" },
+        { MIN TIERS "adaptive: { throttle: { min_factor: 2 } }\n",
+          "adaptive.throttle.min_factor: expected a number in (0, 1]" },
+        { MIN TIERS "adaptive: { concurency: {} }\n",
+          "did you mean \"concurrency\"" },
+    };
+    size_t i;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        tg_conf *c = load(bad[i].yaml);
+        cr_assert_null(c, "case %zu loaded", i);
+        cr_assert(strstr(err, bad[i].msg) != NULL, "case %zu: \"%s\" lacks \"%s\"",
+                  i, err, bad[i].msg);
+    }
+}
+
+/* ---- the pool's admission (upstream.c), no traffic ----------------------
+ *
+ * One server that listens and never accepts; the event base runs only to
+ * deliver the pool's own events (wake, queue timer); the queue's clock is
+ * the test's. */
+
+static uint64_t fake_now = 1000000;
+static uint64_t clock_ms(void) { return fake_now; }
+
+typedef struct waiting {
+    struct tg_upstream_waiter *w;
+    int      got;                /* results delivered */
+    enum tg_upstream_admit result;
+    struct tg_uconn *uc;         /* acquired on TG_ADMIT_GO, as the proxy does */
+} waiting;
+static int delivered;
+static struct event_base *tbase;
+static struct tg_upstream_pool *tpool;
+
+static void
+on_admit(void *arg, enum tg_upstream_admit result)
+{
+    waiting *x = arg;
+    int reused;
+
+    x->got++;
+    x->result = result;
+    x->w = NULL;
+    delivered++;
+    if (result == TG_ADMIT_GO) {
+        x->uc = tg_upstream_acquire(tpool, &reused, NULL, NULL);
+        cr_assert_not_null(x->uc);
+    }
+}
+
+/* Run the loop until n results in all were delivered (2 s at most). */
+static void
+run_until(int n)
+{
+    struct timespec ts = { 0, 2000000 };
+    int i;
+
+    for (i = 0; i < 1000 && delivered < n; i++) {
+        event_base_loop(tbase, EVLOOP_NONBLOCK);
+        nanosleep(&ts, NULL);
+    }
+    event_base_loop(tbase, EVLOOP_NONBLOCK);
+    cr_assert_eq(delivered, n, "delivered %d, wanted %d", delivered, n);
+}
+
+Test(adaptive_pool, admit_queue_evict_timeout_cancel)
+{
+    struct sockaddr_in sin;
+    socklen_t len = sizeof(sin);
+    char yaml[1024];
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), reused;
+    struct tg_uconn *u1, *u2;
+    waiting a = { 0 }, b = { 0 }, c = { 0 }, e = { 0 }, p = { 0 }, t = { 0 };
+    tg_conf *conf;
+
+    memset(&sin, 0, sizeof(sin));
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert_eq(bind(lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    cr_assert_eq(listen(lfd, 16), 0);
+    cr_assert_eq(getsockname(lfd, (struct sockaddr *)&sin, &len), 0);
+    snprintf(yaml, sizeof(yaml), "listen: [ { address: 127.0.0.1:0 } ]\n"
+             "workers: 1\n"
+             "upstream: { servers: [127.0.0.1:%d] }\n" TIERS
+             "adaptive: { concurrency: { initial: 2, min: 1, max: 4, queue: 2, "
+             "queue_timeout_ms: 50 } }\n", ntohs(sin.sin_port));
+    conf = load(yaml);
+    cr_assert_not_null(conf, "%s", err);
+    tbase = event_base_new();
+    tpool = tg_upstream_pool_create(tbase, conf);
+    tg_upstream_pool_set_clock(tpool, clock_ms);
+
+    /* Two slots: go, go. */
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &a.w, on_admit, &a), TG_ADMIT_GO);
+    cr_assert_null(a.w);
+    cr_assert_not_null(u1 = tg_upstream_acquire(tpool, &reused, NULL, NULL));
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &a.w, on_admit, &a), TG_ADMIT_GO);
+    cr_assert_not_null(u2 = tg_upstream_acquire(tpool, &reused, NULL, NULL));
+
+    /* Full: two basic wait, a third is refused, an enterprise request
+     * takes the newest basic's place (b is told, from the loop). */
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &a.w, on_admit, &a), TG_ADMIT_WAIT);
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &b.w, on_admit, &b), TG_ADMIT_WAIT);
+    cr_assert_eq(tg_upstream_admit(tpool, "basic", &c.w, on_admit, &c), TG_ADMIT_FULL);
+    cr_assert_null(c.w);
+    cr_assert_eq(tg_upstream_admit(tpool, "enterprise", &e.w, on_admit, &e), TG_ADMIT_WAIT);
+    cr_assert_eq(b.got, 0, "never inside the caller's call");
+    run_until(1);
+    cr_assert_eq(b.result, TG_ADMIT_EVICTED);
+
+    /* A pro request queues (in b's place); a is cancelled (client gone). */
+    cr_assert_eq(tg_upstream_admit(tpool, "pro", &p.w, on_admit, &p), TG_ADMIT_WAIT);
+    tg_upstream_admit_cancel(a.w);
+
+    /* A slot frees: enterprise first (it takes the slot), pro waits. */
+    tg_upstream_release(u1, 0);
+    run_until(2);
+    cr_assert_eq(e.result, TG_ADMIT_GO);
+    cr_assert_eq(p.got, 0, "one slot, one waiter");
+    tg_upstream_release(u2, 0);
+    run_until(3);
+    cr_assert_eq(p.result, TG_ADMIT_GO);
+    cr_assert_eq(a.got, 0, "a cancelled waiter is never called");
+
+    /* No slot within queue_timeout_ms: shed. */
+    cr_assert_eq(tg_upstream_admit(tpool, "enterprise", &t.w, on_admit, &t), TG_ADMIT_WAIT);
+    fake_now += 100;
+    run_until(4);
+    cr_assert_eq(t.result, TG_ADMIT_TIMEOUT);
+
+    /* Destroy with a waiter still queued: the pool frees it. */
+    cr_assert_eq(tg_upstream_admit(tpool, NULL, &c.w, on_admit, &c), TG_ADMIT_WAIT);
+    tg_upstream_release(e.uc, 0);
+    tg_upstream_release(p.uc, 0);
+    cr_assert_eq(c.got, 0);
+    tg_upstream_pool_destroy(tpool);
+    event_base_free(tbase);
+    tg_conf_unref(conf);
+    close(lfd);
+}
