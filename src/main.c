@@ -164,10 +164,12 @@ usage(FILE *out)
         "       tollgate keygen --id ID --tier TIER   new API key + its keys.yaml entry\n"
         "       tollgate alert-test -c FILE [--channel NAME]   one test alert per channel\n"
         "  -c, --config FILE  configuration file (default " DEFAULT_CONF ")\n"
-        "  -t, --test         check the configuration (and TLS files), then exit 0 or 1\n"
+        "  -t, --test         check the configuration (its keys and TLS files), or a\n"
+        "                     keys file given as FILE, then exit 0 or 1\n"
         "  -v, --version      print the version and exit\n"
         "  -h, --help         print this help and exit\n"
-        "signals: SIGTERM/SIGINT drain and exit, SIGHUP reloads the configuration\n");
+        "signals: SIGTERM/SIGINT drain and exit; SIGHUP reloads the configuration,\n"
+        "keys and TLS certificates (restart-only keys are named in the log)\n");
 }
 
 /* Make a new API key: print it once, and the keys file entry holding only

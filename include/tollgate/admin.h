@@ -1,6 +1,8 @@
 /*
- * admin.h - the admin listener (main thread, libevhtp): /healthz, /readyz.
- * Low traffic and loopback-only by default, so libevhtp's own server fits
+ * admin.h - the admin listener (main thread, libevhtp): /healthz and
+ * /readyz here; /metrics, /status and /status/top are routed in by main.c
+ * (tg_admin_route).  Bodies are refused (413), heads and connections
+ * bounded (docs/DESIGN-NOTES.md).  Low traffic and loopback-only by default, so libevhtp's own server fits
  * here; the data path has its own strict HTTP/1.1 framing (docs/DESIGN-NOTES.md).
  */
 #ifndef TOLLGATE_ADMIN_H

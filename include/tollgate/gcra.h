@@ -89,7 +89,8 @@ void tg_gcra_charge(const tg_gcra_limit *lim, uint64_t *tat, uint64_t *ttl_us,
 
 struct tg_lstore;
 
-/* A store for one worker thread (no locks).  max_entries bounds memory
+/* A single-threaded store (no locks of its own: the caller serialises;
+ * tg_lshared below is the striped store the workers share).  max_entries bounds memory
  * (values below 16 are raised to 16): when full, expired buckets are
  * evicted first (the whole table is searched for them before a bucket
  * that is not full is dropped), then the one closest to full - forgetting

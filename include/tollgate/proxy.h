@@ -3,9 +3,13 @@
  * strict request framing, forwarding to the upstream pool and streaming
  * both ways with backpressure.
  *
- * Pipeline per request: read head -> parse (tg_http) -> identify/charge
- * (later stages plug in here) -> forward -> relay response -> next request
- * or close.  Everything runs on the worker's event base; no locks.
+ * Pipeline per request (docs/ARCHITECTURE.md, "The request path"): read
+ * head -> parse (tg_http) -> normal form of the target (tg_target) ->
+ * limit (tg_limiter: identify, route, charge) -> admission (adaptive, when
+ * configured) -> forward -> relay response -> account -> next request or
+ * close.  Everything runs on the worker's event base; the only shared
+ * state it touches is the in-process bucket store (striped locks, see
+ * gcra.h) and the per-IP connection table (one atomic release).
  */
 #ifndef TOLLGATE_PROXY_H
 #define TOLLGATE_PROXY_H
