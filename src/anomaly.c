@@ -323,7 +323,11 @@ learn(tg_anomaly_baseline *b, double c)
     if (b->nwin < TG_ANOMALY_LEARN) {
         b->mean += (c - b->mean) / (double)(b->nwin + 1);   /* plain mean */
     } else {
-        b->mean += TG_ANOMALY_ALPHA * (c - b->mean);
+        /* A window counts at most TG_ANOMALY_CAP x the baseline: a spike
+         * that starts mid-window (its first window under spike_factor)
+         * cannot lift the baseline out of reach of the next full one. */
+        double cap = TG_ANOMALY_CAP * (b->mean > 1.0 ? b->mean : 1.0);
+        b->mean += TG_ANOMALY_ALPHA * ((c > cap ? cap : c) - b->mean);
     }
     if (b->nwin < UINT32_MAX) {
         b->nwin++;

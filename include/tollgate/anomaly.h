@@ -85,6 +85,7 @@ typedef struct tg_anomaly_baseline {
 
 #define TG_ANOMALY_ALPHA  0.2    /* EWMA weight of the newest window */
 #define TG_ANOMALY_LEARN  3      /* windows before the spike test applies */
+#define TG_ANOMALY_CAP    2.0    /* a window teaches at most 2x the baseline */
 
 /*
  * One window of one key: count requests (guaranteed, i.e. count - err)

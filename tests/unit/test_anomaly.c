@@ -228,6 +228,23 @@ Test(baseline, spike_opens_holds_and_subsides)
                        "learning again");
 }
 
+/* A spike that starts mid-window: its first window is under spike_factor
+ * (here 8x); learnt in full it would lift the baseline so far that the
+ * next, full window (15x) is no longer 10x of it.  Capped, it is. */
+Test(baseline, spike_starting_mid_window_is_still_reported)
+{
+    tg_anomaly_baseline b = { 0, 0, TG_AN_NONE };
+
+    for (int i = 0; i < 8; i++) {
+        tg_anomaly_observe(&b, 100, 100000, &P);
+    }
+    cr_assert_eq(tg_anomaly_observe(&b, 800, 100000, &P), TG_AN_NONE, "8x: not yet");
+    cr_assert_float_eq(b.mean, 100 + TG_ANOMALY_ALPHA * (200 - 100), 1e-9,
+                       "the partial window taught as 2x");
+    cr_assert_eq(tg_anomaly_observe(&b, 1500, 100000, &P), TG_AN_SPIKE,
+                 "15x of the old baseline is a spike");
+}
+
 Test(baseline, min_requests_and_young_keys)
 {
     tg_anomaly_baseline b = { 0, 0, TG_AN_NONE };
