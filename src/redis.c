@@ -958,7 +958,10 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
                 res.held_us[k] = op->mask1 & (1u << k) ? op->res1.held_us[k]
                                                        : part.held_us[k];
             }
-            if (!res.allowed) {
+            if (!res.allowed || op->charge_cb == NULL) {
+                /* denied, or cancelled meanwhile (nobody is served): phase
+                 * 1 goes back (a request failed by its deadline already
+                 * kept it, refund_due 0: the fallback decided it) */
                 op_refund(r, op);
             }
             op->refund_due = 0;
