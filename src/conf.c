@@ -131,9 +131,6 @@ TG_CONF_SETTER(tg_conf_set_method);
 TG_CONF_SETTER(tg_conf_set_route_path);
 TG_CONF_SETTER(tg_conf_set_route_prefix);
 TG_CONF_SETTER(tg_conf_set_section);
-TG_CONF_SETTER(tg_conf_set_global);
-TG_CONF_SETTER(tg_conf_set_health);
-TG_CONF_SETTER(tg_conf_set_statsd);
 TG_CONF_SETTER(tg_conf_set_listen);
 TG_CONF_SETTER(tg_conf_set_tls);
 TG_CONF_SETTER(tg_conf_set_servers);
@@ -142,6 +139,7 @@ TG_CONF_SETTER(tg_conf_set_sentinel);
 TG_CONF_SETTER(tg_conf_set_sentinel_addrs);
 TG_CONF_SETTER(tg_conf_set_cluster);
 TG_CONF_SETTER(tg_conf_set_cluster_nodes);
+TG_CONF_SETTER(tg_conf_set_present);
 TG_CONF_SETTER(tg_conf_set_tiers);
 TG_CONF_SETTER(tg_conf_set_routes);
 TG_CONF_SETTER(tg_conf_set_route_limit);
@@ -151,10 +149,7 @@ TG_CONF_SETTER(tg_conf_set_alert_secret);
 TG_CONF_SETTER(tg_conf_set_rule);
 TG_CONF_SETTER(tg_conf_set_to);
 TG_CONF_SETTER(tg_conf_set_ratio);
-TG_CONF_SETTER(tg_conf_set_anomaly);
 TG_CONF_SETTER(tg_conf_set_factor);
-TG_CONF_SETTER(tg_conf_set_adaptive);
-TG_CONF_SETTER(tg_conf_set_throttle);
 TG_CONF_SETTER(tg_conf_set_shed_order);
 static tg_rc tg_conf_validate_adaptive(tg_conf_ctx *ctx);
 static tg_rc tg_conf_validate_alerts(tg_conf_ctx *ctx);
@@ -288,7 +283,8 @@ static const tg_conf_cmd tg_conf_upstream_cmds[] = {
     { "keepalive_timeout_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, upstream.keepalive_timeout_ms), 1, TG_MS_MAX, 0, NULL },
     { "breaker", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_breaker_cmds },
-    { "health_check", tg_conf_set_health, TG_NOFIELD, 0, 0, 0, tg_conf_health_cmds },
+    { "health_check", tg_conf_set_present, TG_FIELD(tg_conf, upstream.health_check.enabled),
+      0, 0, 0, tg_conf_health_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -424,7 +420,8 @@ static const tg_conf_cmd tg_conf_statsd_cmds[] = {
 };
 
 static const tg_conf_cmd tg_conf_metrics_cmds[] = {
-    { "statsd", tg_conf_set_statsd, TG_NOFIELD, 0, 0, 0, tg_conf_statsd_cmds },
+    { "statsd", tg_conf_set_present, TG_FIELD(tg_conf, metrics.statsd_enabled),
+      0, 0, 0, tg_conf_statsd_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -591,7 +588,8 @@ static const tg_conf_cmd tg_conf_adaptive_cmds[] = {
       tg_conf_concurrency_cmds },
     { "shed_order", tg_conf_set_shed_order, TG_FIELD(tg_conf, adaptive.shed_order),
       0, 0, 0, NULL },
-    { "throttle", tg_conf_set_throttle, TG_NOFIELD, 0, 0, 0, tg_conf_throttle_cmds },
+    { "throttle", tg_conf_set_present, TG_FIELD(tg_conf, adaptive.throttle.enabled),
+      0, 0, 0, tg_conf_throttle_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -612,12 +610,15 @@ static const tg_conf_cmd tg_conf_top_cmds[] = {
     { "redis", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_redis_cmds },
     { "auth", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_auth_cmds },
     { "routes", tg_conf_set_routes, TG_NOFIELD, 0, 0, 0, tg_conf_route_cmds },
-    { "global_limit", tg_conf_set_global, TG_NOFIELD, 0, 0, 0, tg_conf_global_cmds },
+    { "global_limit", tg_conf_set_present, TG_FIELD(tg_conf, global_limit.enabled),
+      0, 0, 0, tg_conf_global_cmds },
     { "metrics", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_metrics_cmds },
     { "access_log", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_access_log_cmds },
     { "alerts", tg_conf_set_alerts, TG_NOFIELD, 0, 0, 0, tg_conf_alerts_cmds },
-    { "anomaly", tg_conf_set_anomaly, TG_NOFIELD, 0, 0, 0, tg_conf_anomaly_cmds },
-    { "adaptive", tg_conf_set_adaptive, TG_NOFIELD, 0, 0, 0, tg_conf_adaptive_cmds },
+    { "anomaly", tg_conf_set_present, TG_FIELD(tg_conf, anomaly.enabled),
+      0, 0, 0, tg_conf_anomaly_cmds },
+    { "adaptive", tg_conf_set_present, TG_FIELD(tg_conf, adaptive.enabled),
+      0, 0, 0, tg_conf_adaptive_cmds },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
@@ -2314,36 +2315,20 @@ tg_conf_set_section(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
 }
 
-static tg_rc
-tg_conf_set_global(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_conf *)base)->global_limit.enabled = 1;
-    return TG_OK;
-}
 
-static tg_rc
-tg_conf_set_statsd(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_conf *)base)->metrics.statsd_enabled = 1;
-    return TG_OK;
-}
 
+
+/* A section whose presence turns something on (global_limit, statsd,
+ * health_check, anomaly, adaptive, throttle): its keys, then the int
+ * flag at cmd->offset. */
 static tg_rc
-tg_conf_set_health(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
+tg_conf_set_present(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                    void *base, const char *path)
 {
     if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
         return TG_ERR;
     }
-    ((tg_conf *)base)->upstream.health_check.enabled = 1;
+    *(int *)(void *)((char *)base + cmd->offset) = 1;
     return TG_OK;
 }
 
@@ -2818,16 +2803,6 @@ tg_conf_set_ratio(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
 /* ---- section anomaly ------------------------------------------------------ */
 
-static tg_rc
-tg_conf_set_anomaly(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_conf *)base)->anomaly.enabled = 1;
-    return TG_OK;
-}
 
 /* A number in (min, max], e.g. 10 or 2.5 (a factor above min). */
 static tg_rc
@@ -3020,27 +2995,7 @@ tg_conf_validate_alerts(tg_conf_ctx *ctx)
 
 /* ---- section adaptive ---------------------------------------------------- */
 
-static tg_rc
-tg_conf_set_adaptive(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                     void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_conf *)base)->adaptive.enabled = 1;
-    return TG_OK;
-}
 
-static tg_rc
-tg_conf_set_throttle(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                     void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_conf *)base)->adaptive.throttle.enabled = 1;
-    return TG_OK;
-}
 
 /* shed_order: [basic, pro, enterprise] -> names; checked against
  * rate_limits in phase 3 (the sections may come in any order). */
