@@ -39,6 +39,7 @@ typedef struct lease_entry {
  * worker's next sample (50 ms), before its next charge, or when full. */
 typedef struct give_buf {
     size_t   n;
+    uint64_t hash[TG_REDIS_GIVE_MAX];         /* key_hash of keys[i] */
     uint64_t amount_us[TG_REDIS_GIVE_MAX];
     uint64_t p_us[TG_REDIS_GIVE_MAX];
     char     keys[TG_REDIS_GIVE_MAX][TG_LIMIT_KEY_MAX];
@@ -100,6 +101,35 @@ tg_lease_give_flush(struct tg_limiter *lim, int now)
     g->n = 0;
 }
 
+/*
+ * Before a charge of ctx goes out: the give-backs queued for any of its
+ * buckets go first, on the same connection, so Redis applies them before
+ * the charge.  Give-backs for other buckets wait for the worker's next
+ * sample (50 ms) or a full buffer and go in one call: flushing them
+ * before every charge made nearly one extra script call per request
+ * when many keys each met a lease once (loadtest/bench, 10,000 keys).
+ * Waiting only delays tokens coming back: never more admitted.
+ */
+void
+tg_lease_give_flush_for(struct tg_limiter *lim, const tg_limit_ctx *ctx)
+{
+    const give_buf *g = lim->give;
+
+    if (g == NULL || g->n == 0) {
+        return;
+    }
+    for (size_t i = 0; i < ctx->n; i++) {
+        uint64_t h = key_hash(ctx->keys[i], 0);
+
+        for (size_t j = 0; j < g->n; j++) {
+            if (g->hash[j] == h && strcmp(g->keys[j], ctx->keys[i]) == 0) {
+                tg_lease_give_flush(lim, 0);
+                return;
+            }
+        }
+    }
+}
+
 /* Queue amount_us of key's debt to go back (p_us: the TAT the take wrote;
  * 0 = unknown: nothing can go back safely). */
 static void
@@ -114,6 +144,7 @@ give_add(struct tg_limiter *lim, const char *key, uint64_t amount_us, uint64_t p
         tg_lease_give_flush(lim, 0);
     }
     snprintf(g->keys[g->n], sizeof(g->keys[0]), "%s", key);
+    g->hash[g->n] = key_hash(g->keys[g->n], 0);
     g->amount_us[g->n] = amount_us;
     g->p_us[g->n] = p_us;
     g->n++;

@@ -473,9 +473,9 @@ send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost)
 {
     const char *keys[TG_LIMIT_MAX_BUCKETS];
 
-    /* Tokens given back (a slice of this key just expired) go first: on
-     * the same connection, Redis applies them before this charge. */
-    tg_lease_give_flush(lim, 0);
+    /* Tokens given back to these buckets (a slice just expired) go
+     * first: on the same connection, Redis applies them before this. */
+    tg_lease_give_flush_for(lim, ctx);
     for (size_t i = 0; i < ctx->n; i++) {
         keys[i] = ctx->keys[i];
     }

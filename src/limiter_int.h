@@ -116,6 +116,7 @@ void tg_lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit);
 
 /* Send the give-backs queued; now: write them at once (shutdown). */
 void tg_lease_give_flush(struct tg_limiter *lim, int now);
+void tg_lease_give_flush_for(struct tg_limiter *lim, const tg_limit_ctx *ctx);
 
 /* ---- shared helpers -------------------------------------------------- */
 
