@@ -9,13 +9,14 @@
 #include <string.h>
 #include <time.h>
 
-static enum tg_log_level min_level = TG_LOG_INFO;
+static int min_level = TG_LOG_INFO;       /* atomic: a reload sets it while
+                                             workers log */
 static const char *const level_names[] = { "debug", "info", "warn", "error" };
 
 void
 tg_log_set_level(enum tg_log_level level)
 {
-    min_level = level;
+    __atomic_store_n(&min_level, (int)level, __ATOMIC_RELAXED);
 }
 
 /* One write(2) per line through a stack buffer, so lines from several
@@ -29,7 +30,7 @@ tg_log(enum tg_log_level level, const char *fmt, ...)
     va_list ap;
     int n, m;
 
-    if (level < min_level) {
+    if ((int)level < __atomic_load_n(&min_level, __ATOMIC_RELAXED)) {
         return;
     }
     clock_gettime(CLOCK_REALTIME, &ts);
