@@ -37,6 +37,7 @@
 #include "tollgate/keys.h"
 #include "tollgate/metrics.h"
 #include "tollgate/redis.h"
+#include "tollgate/statsd.h"
 #include "tollgate/tls.h"
 #include "tollgate/upstream.h"
 #include "tollgate/worker.h"
@@ -74,9 +75,7 @@ static struct {
     struct event            *drain_timer;
     struct event            *watchdog;
     struct tg_metrics_shard **shards;       /* one per worker, for scrapes */
-    int                      statsd_fd;     /* connected UDP socket, or -1 */
-    struct event            *statsd_timer;
-    struct tg_metrics_snapshot *statsd_prev; /* counters at the last flush */
+    struct tg_statsd        *statsd;        /* metrics.statsd, or NULL */
     time_t                   started;       /* wall clock, for /status */
     time_t                   loaded;        /* last (re)load of the config */
     unsigned                 generation;    /* config version: 1, +1 per reload */
@@ -108,8 +107,6 @@ static void status_adaptive(struct evbuffer *out);
 static int  adaptive_eq(const tg_conf *a, const tg_conf *b);
 static void scrape_hook(void *arg);
 static tg_rc metrics_init(const tg_conf *conf);
-static tg_rc statsd_start(void);
-static void statsd_flush(evutil_socket_t fd, short what, void *arg);
 static void reload(const char *path);
 static tg_rc reload_tls(const tg_conf *conf, char *err, size_t errlen);
 
@@ -366,8 +363,11 @@ run(const char *path)
         event_add(g.watchdog, &tv);
     }
 
-    if (statsd_start() != TG_OK) {
-        goto out;
+    if (g.conf->metrics.statsd_enabled) {
+        g.statsd = tg_statsd_create(g.base, g.conf, g.shards, g.nworkers);
+        if (g.statsd == NULL) {
+            goto out;
+        }
     }
     tg_admin_set_check(g.admin, store_ready, NULL);
     tg_admin_route(g.admin, "/metrics", metrics_page, NULL);
@@ -404,15 +404,10 @@ out:
         }
     }
     free(g.rp_fds);
-    if (g.statsd_timer != NULL) {
-        /* what the last interval counted (the workers have stopped) */
-        if (rc == 0) {
-            statsd_flush(-1, 0, NULL);
-        }
-        event_free(g.statsd_timer);
-        tg_metrics_snapshot_destroy(g.statsd_prev);
-        close(g.statsd_fd);
+    if (g.statsd != NULL && rc == 0) {
+        tg_statsd_flush(g.statsd);       /* the last interval (the workers have stopped) */
     }
+    tg_statsd_destroy(g.statsd);
     for (i = 0; i < g.nworkers; i++) {
         if (g.workers[i] != NULL) {
             if (rc != 0) {
@@ -1107,58 +1102,6 @@ scrape_hook(void *arg)
         tg_metrics_set_gauge(TG_M_UPSTREAM_HEALTH, s, tg_health_up(g.health, s) ? 1 : 0);
         tg_metrics_set_gauge(TG_M_UPSTREAM_BREAKER, s, upstream_state(s));
     }
-}
-
-/* StatsD: counters are aggregated in the shards and sent as deltas every
- * flush_ms, packed into datagrams of at most 1432 bytes: never a packet
- * per request.  UDP, non-blocking: a full socket drops a datagram. */
-static tg_rc
-statsd_start(void)
-{
-    const tg_addr *a = &g.conf->metrics.statsd;
-    struct timeval tv;
-
-    g.statsd_fd = -1;
-    if (!g.conf->metrics.statsd_enabled) {
-        return TG_OK;
-    }
-    g.statsd_fd = socket(a->sa.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (g.statsd_fd < 0 || connect(g.statsd_fd, (const struct sockaddr *)&a->sa, a->salen) != 0) {
-        tg_error("metrics.statsd: %s: %s", a->text, strerror(errno));
-        if (g.statsd_fd >= 0) {
-            close(g.statsd_fd);
-        }
-        g.statsd_fd = -1;
-        return TG_ERR;
-    }
-    g.statsd_prev = tg_metrics_snapshot_create();
-    g.statsd_timer = event_new(g.base, -1, EV_PERSIST, statsd_flush, NULL);
-    tv.tv_sec = g.conf->metrics.statsd_flush_ms / 1000;
-    tv.tv_usec = (g.conf->metrics.statsd_flush_ms % 1000) * 1000;
-    event_add(g.statsd_timer, &tv);
-    tg_info("statsd: sending to %s every %u ms", a->text, g.conf->metrics.statsd_flush_ms);
-    return TG_OK;
-}
-
-static void
-statsd_emit(void *arg, const char *datagram, size_t len)
-{
-    TG_UNUSED(arg);
-    if (send(g.statsd_fd, datagram, len, 0) < 0 && errno != EAGAIN && errno != ECONNREFUSED) {
-        tg_debug("statsd: send: %s", strerror(errno));
-    }
-}
-
-static void
-statsd_flush(evutil_socket_t fd, short what, void *arg)
-{
-    TG_UNUSED(fd);
-    TG_UNUSED(what);
-    TG_UNUSED(arg);
-    tg_metrics_tick(g.shards, g.nworkers);
-    tg_metrics_statsd_delta(g.shards, g.nworkers, g.statsd_prev,
-                            g.conf->metrics.statsd_prefix, g.conf->metrics.statsd_tags,
-                            statsd_emit, NULL);
 }
 
 static int
