@@ -69,16 +69,14 @@ static struct {
     struct tg_admin         *admin;
     struct tg_alerts        *alerts;        /* the alert engine (curl multi) */
     struct tg_anomaly       *anomaly;       /* heavy hitters and baselines */
-    int                      draining;
     uint64_t                 drain_deadline;
     struct event            *signals[4];
     struct event            *drain_timer;
     struct event            *watchdog;
     struct tg_metrics_shard **shards;       /* one per worker, for scrapes */
     struct tg_statsd        *statsd;        /* metrics.statsd, or NULL */
-    time_t                   started;       /* wall clock, for /status */
-    time_t                   loaded;        /* last (re)load of the config */
-    unsigned                 generation;    /* config version: 1, +1 per reload */
+    tg_admin_view            view;          /* what the admin pages read; draining,
+                                               loaded, generation live here */
 } g;
 
 static void usage(FILE *out);
@@ -99,11 +97,6 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg);
 static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
 static void start_drain(void);
-static int  store_ready(void *arg);
-static int  metrics_page(void *arg, struct evbuffer *out, const char **ctype);
-static int  status_page(void *arg, struct evbuffer *out, const char **ctype);
-static int  top_page(void *arg, struct evbuffer *out, const char **ctype);
-static void status_adaptive(struct evbuffer *out);
 static int  adaptive_eq(const tg_conf *a, const tg_conf *b);
 static void scrape_hook(void *arg);
 static tg_rc metrics_init(const tg_conf *conf);
@@ -304,8 +297,8 @@ run(const char *path)
         tg_error("cannot set up the metrics");
         goto out;
     }
-    g.started = g.loaded = time(NULL);
-    g.generation = 1;
+    g.view.started = g.view.loaded = time(NULL);
+    g.view.generation = 1;
     curl_global_init(CURL_GLOBAL_DEFAULT);      /* before any other thread */
     if (g.conf->access_log.path != NULL) {
         g.alog = tg_alog_create(g.conf->access_log.path, err, sizeof(err));
@@ -347,6 +340,13 @@ run(const char *path)
         goto out;
     }
     tg_alerts_set_anomaly(g.alerts, g.anomaly);
+    g.view.conf = g.conf;
+    g.view.workers = g.workers;
+    g.view.shards = g.shards;
+    g.view.nworkers = g.nworkers;
+    g.view.health = g.health;
+    g.view.alerts = g.alerts;
+    g.view.anomaly = g.anomaly;
 
     g.signals[0] = evsignal_new(g.base, SIGTERM, signal_cb, NULL);
     g.signals[1] = evsignal_new(g.base, SIGINT, signal_cb, NULL);
@@ -369,11 +369,7 @@ run(const char *path)
             goto out;
         }
     }
-    tg_admin_set_check(g.admin, store_ready, NULL);
-    tg_admin_route(g.admin, "/metrics", metrics_page, NULL);
-    /* before /status: libevhtp matches a path by its prefix, first wins */
-    tg_admin_route(g.admin, "/status/top", top_page, NULL);
-    tg_admin_route(g.admin, "/status", status_page, NULL);
+    tg_admin_serve(g.admin, &g.view);
     tg_metrics_set_scrape_hook(scrape_hook, NULL);
     tg_admin_set_ready(g.admin, 1);
     for (i = 0; i < g.conf->nlisten; i++) {
@@ -692,7 +688,7 @@ accept_resume_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(fd);
     TG_UNUSED(what);
     TG_UNUSED(arg);
-    for (i = 0; !g.draining && i < g.conf->nlisten; i++) {
+    for (i = 0; !g.view.draining && i < g.conf->nlisten; i++) {
         if (g.listeners[i] != NULL) {
             evconnlistener_enable(g.listeners[i]);
         }
@@ -726,12 +722,12 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
 {
     TG_UNUSED(what);
     if (sig == SIGHUP) {
-        if (!g.draining) {
+        if (!g.view.draining) {
             reload((const char *)arg);
         }
         return;
     }
-    if (g.draining) {
+    if (g.view.draining) {
         if (sig == SIGINT || sig == SIGQUIT) {
             tg_warn("second signal: stopping at once");
             event_base_loopbreak(g.base);
@@ -748,7 +744,7 @@ start_drain(void)
     struct timeval tv = { 0, 50 * 1000 };
     unsigned i;
 
-    g.draining = 1;
+    g.view.draining = 1;
     sd_notify(0, "STOPPING=1\nSTATUS=draining");
     tg_admin_set_ready(g.admin, 0);
     for (i = 0; i < g.conf->nlisten; i++) {
@@ -984,8 +980,8 @@ reload(const char *path)
         }
     }
     tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_OK);
-    g.loaded = time(NULL);
-    g.generation++;
+    g.view.loaded = time(NULL);
+    g.view.generation++;
     tg_info("SIGHUP: configuration reloaded (%zu key(s), %zu tier(s), %zu route(s))",
             tg_keys_count(keys), conf->ntiers, conf->nroutes);
     tg_anomaly_reload(g.anomaly, conf);  /* baselines stay */
@@ -994,25 +990,6 @@ reload(const char *path)
     g.keys = keys;                       /* our reference */
     tg_conf_unref(conf);                 /* the workers hold theirs */
     sd_notify(0, "READY=1");
-}
-
-/* /readyz: with store redis and on_failure deny, a worker without its
- * Redis connection would refuse every request: not ready. */
-static int
-store_ready(void *arg)
-{
-    unsigned i;
-
-    TG_UNUSED(arg);
-    if (g.conf->store != TG_STORE_REDIS || g.conf->redis.on_failure != TG_FAIL_DENY) {
-        return 1;
-    }
-    for (i = 0; i < g.nworkers; i++) {
-        if (!tg_worker_store_ready(g.workers[i])) {
-            return 0;
-        }
-    }
-    return 1;
 }
 
 /* ---- metrics and status ------------------------------------------------ */
@@ -1046,162 +1023,16 @@ metrics_init(const tg_conf *conf)
     return rc;
 }
 
-/* The store mode now: Redis while every worker's breaker is closed, else
- * the on_failure policy some worker is using. */
-static enum tg_metric_store_mode
-store_mode(void)
-{
-    unsigned i;
-
-    if (g.conf->store == TG_STORE_LOCAL) {
-        return TG_MSM_LOCAL;
-    }
-    for (i = 0; i < g.nworkers; i++) {
-        int st = tg_worker_redis_breaker(g.workers[i]);
-        if (st == 1 || !tg_worker_store_ready(g.workers[i])) {
-            switch (g.conf->redis.on_failure) {
-            case TG_FAIL_ALLOW: return TG_MSM_ALLOW;
-            case TG_FAIL_DENY:  return TG_MSM_DENY;
-            default:            return TG_MSM_LOCAL;
-            }
-        }
-    }
-    return TG_MSM_REDIS;
-}
-
-/* A server's breaker as the process sees it: open if any worker's is,
- * else half-open if any, else closed. */
-static int
-upstream_state(size_t s)
-{
-    int worst = 0;
-    unsigned i;
-
-    for (i = 0; i < g.nworkers; i++) {
-        int st = tg_worker_upstream_state(g.workers[i], s);
-        if (st == 1 || (st == 2 && worst == 0)) {
-            worst = st;
-        }
-    }
-    return worst;
-}
-
 static void
 scrape_hook(void *arg)
 {
-    size_t s;
-
     TG_UNUSED(arg);
-    tg_metrics_set_store_mode(store_mode());
     if (g.alog != NULL) {
         uint64_t dropped = tg_alog_dropped(g.alog);
         tg_metrics_global_add(TG_M_ALOG_DROPPED, 0, dropped - g.alog_counted);
         g.alog_counted = dropped;
     }
-    for (s = 0; s < g.conf->upstream.nservers; s++) {
-        tg_metrics_set_gauge(TG_M_UPSTREAM_HEALTH, s, tg_health_up(g.health, s) ? 1 : 0);
-        tg_metrics_set_gauge(TG_M_UPSTREAM_BREAKER, s, upstream_state(s));
-    }
-}
-
-static int
-metrics_page(void *arg, struct evbuffer *out, const char **ctype)
-{
-    TG_UNUSED(arg);
-    *ctype = "text/plain; version=0.0.4; charset=utf-8";
-    tg_metrics_tick(g.shards, g.nworkers);
-    return tg_metrics_render_prometheus(g.shards, g.nworkers, out) == TG_OK ? 200 : 500;
-}
-
-static int
-status_page(void *arg, struct evbuffer *out, const char **ctype)
-{
-    static const char *const modes[] = { "redis", "local", "allow", "deny" };
-    static const char *const states[] = { "closed", "open", "half-open" };
-    char when[32];
-    struct tm tm;
-    unsigned i;
-    size_t s;
-
-    TG_UNUSED(arg);
-    *ctype = "application/json";
-    gmtime_r(&g.loaded, &tm);
-    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
-    evbuffer_add_printf(out,
-        "{\"version\":\"%s\",\"uptime_s\":%ld,\"draining\":%s,"
-        "\"config\":{\"path\":\"%s\",\"version\":%u,\"loaded_at\":\"%s\"},"
-        "\"workers\":%u,\"store\":{\"kind\":\"%s\",\"mode\":\"%s\",\"breakers\":[",
-        TG_VERSION, (long)(time(NULL) - g.started), g.draining ? "true" : "false",
-        g.conf->path, g.generation, when, g.nworkers,
-        g.conf->store == TG_STORE_REDIS ? "redis" : "local", modes[store_mode()]);
-    for (i = 0; i < g.nworkers; i++) {
-        int st = tg_worker_redis_breaker(g.workers[i]);
-        evbuffer_add_printf(out, "%s\"%s\"", i ? "," : "",
-                            st >= 0 && st <= 2 ? states[st] : "none");
-    }
-    evbuffer_add_printf(out, "]");
-    if (g.conf->store == TG_STORE_REDIS) {
-        char rerr[256], esc[512];
-        size_t k = 0;
-        tg_redis_last_error(rerr, sizeof(rerr));
-        for (const char *c = rerr; *c != '\0' && k + 3 < sizeof(esc); c++) {
-            if (*c == '"' || *c == '\\') {
-                esc[k++] = '\\';
-            }
-            esc[k++] = (unsigned char)*c < 0x20 ? ' ' : *c;
-        }
-        esc[k] = '\0';
-        evbuffer_add_printf(out, ",\"error\":\"%s\"", esc);
-    }
-    evbuffer_add_printf(out, "},\"upstream\":[");
-    for (s = 0; s < g.conf->upstream.nservers; s++) {
-        evbuffer_add_printf(out, "%s{\"server\":\"%s\",\"health\":\"%s\","
-                            "\"breaker\":\"%s\"", s ? "," : "",
-                            g.conf->upstream.servers[s].text,
-                            tg_health_up(g.health, s) ? "up" : "down",
-                            states[upstream_state(s)]);
-        if (g.conf->adaptive.enabled) {
-            evbuffer_add_printf(out, ",\"adaptive\":{\"limit\":%.0f,\"inflight\":%.0f}",
-                tg_metrics_value(g.shards, g.nworkers, TG_M_ADAPTIVE_LIMIT, s),
-                tg_metrics_value(g.shards, g.nworkers, TG_M_ADAPTIVE_INFLIGHT, s));
-        }
-        evbuffer_add_printf(out, "}");
-    }
-    evbuffer_add_printf(out, "],");
-    if (g.conf->adaptive.enabled) {
-        status_adaptive(out);
-    }
-    evbuffer_add_printf(out, "\"alerts\":{\"open\":");
-    tg_alerts_status_json(g.alerts, out);
-    evbuffer_add_printf(out, "}}\n");
-    return 200;
-}
-
-/* /status/top: the top consumers of the last anomaly window. */
-static int
-top_page(void *arg, struct evbuffer *out, const char **ctype)
-{
-    TG_UNUSED(arg);
-    *ctype = "application/json";
-    tg_anomaly_status_json(g.anomaly, out);
-    return 200;
-}
-
-/* "adaptive":{"queued":N,"shed":{"basic":N,...,"none":N}}, (the tier
- * labels of the metrics: the tiers at start). */
-static void
-status_adaptive(struct evbuffer *out)
-{
-    size_t t;
-
-    evbuffer_add_printf(out, "\"adaptive\":{\"queued\":%.0f,\"shed\":{",
-                        tg_metrics_value(g.shards, g.nworkers, TG_M_ADAPTIVE_QUEUED, 0));
-    for (t = 0; t <= g.conf->ntiers; t++) {
-        evbuffer_add_printf(out, "%s\"%s\":%.0f", t ? "," : "",
-                            t < g.conf->ntiers ? g.conf->tiers[t].name : "none",
-                            tg_metrics_value(g.shards, g.nworkers, TG_M_SHED, t));
-    }
-    evbuffer_add_printf(out, "}},");
+    tg_admin_refresh_gauges(&g.view);
 }
 
 static void
