@@ -22,7 +22,6 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 #include <event2/thread.h>
-#include <openssl/ssl.h>
 #include <systemd/sd-daemon.h>
 #include <curl/curl.h>
 
@@ -60,8 +59,8 @@ static struct {
     struct tg_connlimit     *connlimit;     /* http.max_connections{,_per_ip} */
     struct event            *accept_resume; /* accept paused (EMFILE) until it fires */
     uint64_t                 refused_logged;   /* last "over a cap" warning, ms */
-    SSL_CTX                **ssl_ctxs;      /* per listener, NULL if plain */
-    SSL_CTX                **retired;       /* replaced by the last reload */
+    struct tg_tls_set       *tls;           /* the latest TLS contexts (our reference;
+                                               each worker holds its own) */
     struct tg_keys          *keys;          /* auth.keys_file, or NULL */
     struct tg_alog          *alog;          /* access_log.path, or NULL */
     uint64_t                 alog_counted;  /* drops already in the metric */
@@ -83,9 +82,7 @@ static void usage(FILE *out);
 static int  keygen(int argc, char **argv);
 static int  check_config(const char *path);
 static int  run(const char *path);
-static tg_rc build_tls(const tg_conf *conf, SSL_CTX ***out, char *err, size_t errlen);
 static tg_rc load_keys(const tg_conf *conf, struct tg_keys **out, char *err, size_t errlen);
-static void free_tls(SSL_CTX **ctxs, size_t n);
 static tg_rc open_listeners(void);
 static tg_rc open_reuseport(void);
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
@@ -101,7 +98,6 @@ static int  adaptive_eq(const tg_conf *a, const tg_conf *b);
 static void scrape_hook(void *arg);
 static tg_rc metrics_init(const tg_conf *conf);
 static void reload(const char *path);
-static tg_rc reload_tls(const tg_conf *conf, char *err, size_t errlen);
 
 int
 main(int argc, char **argv)
@@ -208,7 +204,7 @@ static int
 check_config(const char *path)
 {
     char err[TG_CONF_ERRLEN];
-    SSL_CTX **ctxs;
+    struct tg_tls_set *tls;
     tg_conf *conf = tg_conf_load(path, err, sizeof(err));
 
     if (conf == NULL && strstr(err, "unknown key \"keys\" at top level") != NULL) {
@@ -227,13 +223,14 @@ check_config(const char *path)
                 err, path);
         return 1;
     }
-    if (build_tls(conf, &ctxs, err, sizeof(err)) != TG_OK) {
+    tls = tg_tls_set_create(conf, err, sizeof(err));
+    if (tls == NULL) {
         fprintf(stderr, "tollgate: %s\ntollgate: configuration file %s test failed\n",
                 err, path);
         tg_conf_unref(conf);
         return 1;
     }
-    free_tls(ctxs, conf->nlisten);
+    tg_tls_set_unref(tls);
     {
         struct tg_keys *keys = NULL;
         if (load_keys(conf, &keys, err, sizeof(err)) != TG_OK) {
@@ -265,8 +262,8 @@ run(const char *path)
     }
     g.live = tg_conf_ref(g.conf);
     tg_log_set_level(g.conf->log_level);
-    if (build_tls(g.conf, &g.ssl_ctxs, err, sizeof(err)) != TG_OK
-        || load_keys(g.conf, &g.keys, err, sizeof(err)) != TG_OK) {
+    g.tls = tg_tls_set_create(g.conf, err, sizeof(err));
+    if (g.tls == NULL || load_keys(g.conf, &g.keys, err, sizeof(err)) != TG_OK) {
         tg_error("%s", err);
         goto out;
     }
@@ -312,7 +309,7 @@ run(const char *path)
     g.shards = tg_xcalloc(g.nworkers, sizeof(*g.shards));
     g.anomaly = tg_anomaly_create(g.base, g.conf, g.nworkers);
     for (i = 0; i < g.nworkers; i++) {
-        g.workers[i] = tg_worker_create(i, g.conf, g.keys, g.ssl_ctxs, err, sizeof(err));
+        g.workers[i] = tg_worker_create(i, g.conf, g.keys, g.tls, err, sizeof(err));
         if (g.workers[i] == NULL) {
             tg_error("%s", err);
             goto out;
@@ -442,8 +439,7 @@ out:
     if (g.base != NULL) {
         event_base_free(g.base);
     }
-    free_tls(g.ssl_ctxs, g.conf->nlisten);
-    free_tls(g.retired, g.conf->nlisten);
+    tg_tls_set_unref(g.tls);             /* after the workers: the last reference */
     tg_keys_unref(g.keys);
     tg_conf_unref(g.live);
     tg_conf_unref(g.conf);
@@ -477,42 +473,7 @@ load_keys(const tg_conf *conf, struct tg_keys **out, char *err, size_t errlen)
     return TG_OK;
 }
 
-/* ---- TLS and listeners ---------------------------------------------- */
-
-static tg_rc
-build_tls(const tg_conf *conf, SSL_CTX ***out, char *err, size_t errlen)
-{
-    SSL_CTX **ctxs = tg_xcalloc(conf->nlisten, sizeof(*ctxs));
-    size_t i;
-
-    for (i = 0; i < conf->nlisten; i++) {
-        if (!conf->listen[i].tls) {
-            continue;
-        }
-        ctxs[i] = tg_tls_server_ctx(conf->listen[i].cert, conf->listen[i].key,
-                                    err, errlen);
-        if (ctxs[i] == NULL) {
-            free_tls(ctxs, conf->nlisten);
-            return TG_ERR;
-        }
-    }
-    *out = ctxs;
-    return TG_OK;
-}
-
-static void
-free_tls(SSL_CTX **ctxs, size_t n)
-{
-    size_t i;
-
-    if (ctxs == NULL) {
-        return;
-    }
-    for (i = 0; i < n; i++) {
-        SSL_CTX_free(ctxs[i]);
-    }
-    free(ctxs);
-}
+/* ---- listeners ---------------------------------------------------- */
 
 static tg_rc
 open_listeners(void)
@@ -898,50 +859,11 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
 }
 
 /*
- * New certificates for the TLS listeners that are still where they were.
- * All contexts are built first (a bad certificate refuses the reload);
- * then each is swapped in atomically.  A context replaced now is freed at
- * the next reload or at exit, not now: a worker may have just read the
- * old pointer and not yet made its SSL (which takes its own reference).
- */
-static tg_rc
-reload_tls(const tg_conf *conf, char *err, size_t errlen)
-{
-    SSL_CTX **fresh;
-    size_t i, n = g.conf->nlisten;
-
-    if (conf->nlisten != n) {
-        return TG_OK;                    /* listeners change at restart */
-    }
-    fresh = tg_xcalloc(n, sizeof(*fresh));
-    for (i = 0; i < n; i++) {
-        if (!g.conf->listen[i].tls || !conf->listen[i].tls) {
-            continue;
-        }
-        fresh[i] = tg_tls_server_ctx(conf->listen[i].cert, conf->listen[i].key, err, errlen);
-        if (fresh[i] == NULL) {
-            free_tls(fresh, n);
-            return TG_ERR;
-        }
-    }
-    if (g.retired == NULL) {
-        g.retired = tg_xcalloc(n, sizeof(*g.retired));
-    }
-    for (i = 0; i < n; i++) {
-        if (fresh[i] != NULL) {
-            SSL_CTX_free(g.retired[i]);
-            g.retired[i] = __atomic_exchange_n(&g.ssl_ctxs[i], fresh[i], __ATOMIC_ACQ_REL);
-        }
-    }
-    free(fresh);
-    return TG_OK;
-}
-
-/*
- * SIGHUP: load and check the file and its keys; if both are good, every
- * worker switches to them for its next request (keys, tiers, routes,
- * auth, global limit, http.*, upstream timeouts), and so does this thread
- * (connection caps, log level, drain time).  What cannot change without a
+ * SIGHUP: load and check the file, its keys and its TLS certificates; if
+ * all are good, every worker switches to them for its next request (keys,
+ * tiers, routes, auth, global limit, http.*, upstream timeouts) or TLS
+ * handshake, each through its pipe with its own references, and so does
+ * this thread (connection caps, log level, drain time).  What cannot change without a
  * restart is named in a warning.  A bad file changes nothing.
  */
 static void
@@ -949,6 +871,7 @@ reload(const char *path)
 {
     char err[TG_CONF_ERRLEN];
     struct tg_keys *keys = NULL;
+    struct tg_tls_set *tls = NULL;
     tg_conf *conf;
     unsigned i;
 
@@ -958,7 +881,7 @@ reload(const char *path)
     }
     conf = tg_conf_load(path, err, sizeof(err));
     if (conf == NULL || load_keys(conf, &keys, err, sizeof(err)) != TG_OK
-        || reload_tls(conf, err, sizeof(err)) != TG_OK) {
+        || (tls = tg_tls_set_renew(g.tls, conf, err, sizeof(err))) == NULL) {
         tg_keys_unref(keys);
         tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);
         tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
@@ -975,7 +898,7 @@ reload(const char *path)
     tg_conf_unref(g.live);
     g.live = tg_conf_ref(conf);
     for (i = 0; i < g.nworkers; i++) {
-        if (tg_worker_reload(g.workers[i], conf, keys) != TG_OK) {
+        if (tg_worker_reload(g.workers[i], conf, keys, tls) != TG_OK) {
             tg_error("SIGHUP: worker %u did not take the new configuration", i);
         }
     }
@@ -988,6 +911,8 @@ reload(const char *path)
     tg_alerts_reload(g.alerts, conf);    /* open incidents stay open */
     tg_keys_unref(g.keys);
     g.keys = keys;                       /* our reference */
+    tg_tls_set_unref(g.tls);             /* each worker drops the old as it takes the new */
+    g.tls = tls;                         /* our reference */
     tg_conf_unref(conf);                 /* the workers hold theirs */
     sd_notify(0, "READY=1");
 }
