@@ -361,6 +361,8 @@ Test(tls, sighup_while_tls_requests_flow)
               "answered %u of %u and %u of %u", short_conns.ok, short_conns.sent,
               long_conn.ok, long_conn.sent);
     TGH_CHECK(log_count("new configuration refused") == 0, "a reload was refused");
+    cr_log_info("%u + %u requests answered; handshakes: %u alpha, %u beta",
+                short_conns.ok, long_conn.ok, short_conns.alpha, short_conns.beta);
 
     tgh_proc_signal(tg.proc, SIGTERM, 0);
     TGH_CHECK(tgh_proc_wait(tg.proc, 20000) == 0, "tollgate still running 20 s after SIGTERM");
