@@ -24,6 +24,7 @@
 #include "tollgate/keys.h"
 #include "tollgate/metrics.h"
 #include "tollgate/proxy.h"
+#include "tollgate/tls.h"
 
 #define WORKER_MAX_LISTEN 64       /* own listeners (http.reuseport) */
 #define ACCEPT_PAUSE_MS   100      /* accept off this long when fds run out */
@@ -43,6 +44,7 @@ typedef struct tg_worker_msg {
     uint32_t        arg;      /* MSG_CONN: listener index; MSG_DRAIN: timeout ms */
     tg_conf        *conf;     /* MSG_RELOAD: a reference, given to the worker */
     struct tg_keys *keys;     /* MSG_RELOAD: a reference, given to the worker */
+    struct tg_tls_set *tls;   /* MSG_RELOAD: a reference, given to the worker */
     struct tg_connslot *slot; /* MSG_CONN: its count, released at close */
 } tg_worker_msg;
 
@@ -61,7 +63,7 @@ struct tg_worker {
     struct event      *deadline;   /* drain time limit */
     int                pipefd[2];
     tg_conf           *conf;
-    SSL_CTX          **ssl_ctxs;
+    struct tg_tls_set *tls;        /* listeners' TLS contexts: our reference */
     struct tg_proxy   *px;
     struct tg_anomaly_shard *anomaly;  /* heavy hitters, or NULL */
     worker_listener    listeners[WORKER_MAX_LISTEN];   /* http.reuseport */
@@ -85,13 +87,12 @@ static void close_listeners(struct tg_worker *w);
 
 struct tg_worker *
 tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
-                 SSL_CTX **ssl_ctxs, char *err, size_t errlen)
+                 struct tg_tls_set *tls, char *err, size_t errlen)
 {
     struct tg_worker *w = tg_xcalloc(1, sizeof(*w));
     struct event_config *cfg;
 
     w->id = id;
-    w->ssl_ctxs = ssl_ctxs;
     w->pipefd[0] = w->pipefd[1] = -1;
     if (pipe2(w->pipefd, O_CLOEXEC) != 0) {
         snprintf(err, errlen, "worker %u: pipe: %s", id, strerror(errno));
@@ -119,6 +120,7 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         goto fail;
     }
     w->conf = tg_conf_ref(conf);
+    w->tls = tg_tls_set_ref(tls);
     w->nservers = conf->upstream.nservers;
     w->upstate = tg_xcalloc(w->nservers, sizeof(*w->upstate));
     {
@@ -173,7 +175,7 @@ tg_rc
 tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
                    struct tg_connslot *slot)
 {
-    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, slot };
+    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, NULL, slot };
     return send_msg(w, &m);
 }
 
@@ -210,18 +212,21 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
 void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
-    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL };
+    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL };
     send_msg(w, &m);
 }
 
 tg_rc
-tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys)
+tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
+                 struct tg_tls_set *tls)
 {
-    tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys), NULL };
+    tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys),
+                        tg_tls_set_ref(tls), NULL };
 
     if (send_msg(w, &m) != TG_OK) {
         tg_conf_unref(conf);
         tg_keys_unref(keys);
+        tg_tls_set_unref(tls);
         return TG_ERR;
     }
     return TG_OK;
@@ -308,6 +313,7 @@ tg_worker_join_destroy(struct tg_worker *w)
     close(w->pipefd[0]);
     close(w->pipefd[1]);
     tg_conf_unref(w->conf);
+    tg_tls_set_unref(w->tls);
     free(w->upstate);
     free(w);
 }
@@ -339,14 +345,13 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
     }
     for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
         if (m[i].type == MSG_CONN) {
-            /* the main thread swaps contexts on reload (certificates) */
-            tg_proxy_accept(w->px, m[i].fd,
-                            __atomic_load_n(&w->ssl_ctxs[m[i].arg], __ATOMIC_ACQUIRE),
-                            m[i].slot);
+            tg_proxy_accept(w->px, m[i].fd, tg_tls_set_ctx(w->tls, m[i].arg), m[i].slot);
         } else if (m[i].type == MSG_RELOAD) {
             tg_proxy_reload(w->px, m[i].conf, m[i].keys);
             tg_conf_unref(m[i].conf);
             tg_keys_unref(m[i].keys);
+            tg_tls_set_unref(w->tls);  /* freed here if the last: its SSLs hold theirs */
+            w->tls = m[i].tls;         /* certificates for the next handshakes */
         } else if (m[i].type == MSG_DRAIN) {
             struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
             evtimer_add(w->deadline, &tv);
@@ -407,8 +412,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
         }
         return;
     }
-    tg_proxy_accept(w->px, fd, __atomic_load_n(&w->ssl_ctxs[wl->idx], __ATOMIC_ACQUIRE),
-                    slot);
+    tg_proxy_accept(w->px, fd, tg_tls_set_ctx(w->tls, wl->idx), slot);
 }
 
 /* Out of descriptors: stop accepting for ACCEPT_PAUSE_MS rather than spin
