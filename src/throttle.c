@@ -57,6 +57,7 @@ static struct {
     unsigned           logged;       /* the factor last logged */
     uint64_t           logged_ms;
     uint64_t           warned_ms;    /* last odd reply logged */
+    int                failing;      /* reports fail (logged once) */
     char               id[TG_THROTTLE_ID_MAX];
 } thr = { .applied = TG_THROTTLE_ONE, .lock = PTHREAD_MUTEX_INITIALIZER };
 
@@ -260,6 +261,7 @@ tg_throttle_init(const tg_conf *conf)
     thr.close_ms = 0;
     thr.reporters = 0;
     thr.reporting = 0;
+    thr.failing = 0;
     memset(&thr.last, 0, sizeof(thr.last));
     thr.last_p99_us = 0;
     /* host:pid:random - unique per process, readable in the hash */
@@ -434,9 +436,19 @@ report_done(void *arg, tg_rc rc, const char *value, size_t len)
     pthread_mutex_lock(&thr.lock);
     thr.reporting = 0;
     if (rc == TG_OK && tg_throttle_parse_reply(value, len, &min, &reports, &why) == TG_OK) {
+        if (thr.failing) {
+            tg_info("throttle: Redis answers the reports again: applying the "
+                    "smallest of %u instance(s)", reports);
+            thr.failing = 0;
+        }
         thr.reporters = reports;
         apply(min < thr.local ? min : thr.local, now);
     } else {
+        if (rc != TG_OK && !thr.failing) {
+            tg_warn("throttle: the report to Redis failed (the Redis client's "
+                    "log says why): applying this instance's factor only");
+        }
+        thr.failing = 1;
         if (rc == TG_OK && now - thr.warned_ms >= THR_LOG_MS) {
             tg_warn("throttle: Redis answered the report with \"%.*s\" (%s): "
                     "applying this instance's factor only",

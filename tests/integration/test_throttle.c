@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "harness.h"
 
@@ -155,6 +156,24 @@ wait_factor(const tgh_tollgate *tg, double lo, double hi)
         tgh_sleep_ms(50);
     }
     return f;
+}
+
+/* SIGTERM: a clean exit, status 0 and no sanitizer report in its log (the
+ * ASan build: no leak, no undefined behaviour on the way). */
+static void
+stop_clean(tgh_tollgate *tg)
+{
+    int st = tgh_proc_stop(tg->proc, 20000);
+    FILE *f = fopen(tg->proc->log_path, "r");
+    char line[1024];
+
+    TGH_CHECK(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+              "tollgate did not exit cleanly (wait status %d)", st);
+    TGH_CHECK(f != NULL, "log %s", tg->proc->log_path);
+    while (fgets(line, sizeof line, f) != NULL)
+        TGH_CHECK(strstr(line, "runtime error") == NULL && strstr(line, "Sanitizer") == NULL,
+                  "tollgate log: %s", line);
+    fclose(f);
 }
 
 /* ---- the driver ------------------------------------------------------------- */
@@ -387,6 +406,7 @@ Test(throttle, local_slow_upstream_throttles_and_recovers)
     TGH_CHECK(f == 1.0, "factor %g: it did not recover", f);
     TGH_CHECK(metric(&tg, "tollgate_throttle_factor") == 1.0, "gauge after recovery");
     check_unthrottled(&tg, "b3");
+    stop_clean(&tg);
 }
 
 /*
@@ -445,6 +465,7 @@ Test(throttle, two_instances_share_the_factor_in_redis)
     TGH_CHECK(f == 1.0, "B: factor %g after A died: A's report must expire", f);
     TGH_CHECK(thr_status(&b, "reports") == 1, "B sees %g reports after A died",
               thr_status(&b, "reports"));
+    stop_clean(&b);
 }
 
 /* Errors: the upstream answers 500 (not a breaker failure): the error
@@ -466,4 +487,71 @@ Test(throttle, upstream_errors_throttle)
     drive_stop(&d);
     f = wait_factor(&tg, 1.0, 1.0);
     TGH_CHECK(f == 1.0, "factor %g after the errors stopped", f);
+    stop_clean(&tg);
+}
+
+/* 1 if the log of p has a line containing s. */
+static int
+log_has(const tgh_proc *p, const char *s)
+{
+    FILE *f = fopen(p->log_path, "r");
+    char line[1024];
+    int found = 0;
+
+    if (f == NULL)
+        return 0;
+    while (!found && fgets(line, sizeof line, f) != NULL)
+        found = strstr(line, s) != NULL;
+    fclose(f);
+    return found;
+}
+
+/*
+ * What others wrote in the reports hash: a malformed field and a factor of
+ * 0 are dropped by the script (they never hold anybody down); a key of the
+ * wrong type makes every report fail - one clear log line, and the
+ * instance goes on with its own factor (it still throttles).
+ */
+Test(throttle, bad_reports_in_redis)
+{
+    tgh_tollgate tg;
+    driver d;
+    char out[4096];
+    uint64_t end;
+    double f;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    start_tg(&tg, rds.port);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out,
+                            "HSET tg:{throttle} junk 'not a report' ghost "
+                            "'0 99999999999999'") == 0, "HSET: %s", out);
+    end = tgh_now_ms() + WAIT_MS;
+    do {
+        TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "HKEYS tg:{throttle}") == 0,
+                  "HKEYS: %s", out);
+        if (strstr(out, "junk") == NULL && strstr(out, "ghost") == NULL)
+            break;
+        tgh_sleep_ms(50);
+    } while (tgh_now_ms() < end);
+    TGH_CHECK(strstr(out, "junk") == NULL && strstr(out, "ghost") == NULL,
+              "bad reports kept: %s", out);
+    TGH_CHECK(factor(&tg) == 1.0, "factor %g: a bad report was applied", factor(&tg));
+
+    /* The key is a string now: every report fails. */
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "SET tg:{throttle} x") == 0,
+              "SET: %s", out);
+    end = tgh_now_ms() + WAIT_MS;
+    while (!log_has(tg.proc, "throttle: the report to Redis failed") && tgh_now_ms() < end)
+        tgh_sleep_ms(50);
+    TGH_CHECK(log_has(tg.proc, "throttle: the report to Redis failed"),
+              "no log line says the report failed");
+    TGH_CHECK(log_has(tg.proc, "WRONGTYPE"), "no log line says why the report failed");
+    drive_start(&d, tg.port, "/slow?ms=100");
+    f = wait_factor(&tg, 0.25, 0.25);
+    drive_stop(&d);
+    TGH_CHECK(f == 0.25, "factor %g: the local factor must apply when Redis "
+              "refuses the report", f);
+    TGH_CHECK(thr_status(&tg, "reports") == 0, "reports %g", thr_status(&tg, "reports"));
+    stop_clean(&tg);
 }
