@@ -555,3 +555,49 @@ Test(throttle, bad_reports_in_redis)
     TGH_CHECK(thr_status(&tg, "reports") == 0, "reports %g", thr_status(&tg, "reports"));
     stop_clean(&tg);
 }
+
+/* Replace the first from in tg's config file by to. */
+static void
+conf_replace(const tgh_tollgate *tg, const char *from, const char *to)
+{
+    static char text[16384];
+    char *p;
+    FILE *f = fopen(tg->conf_path, "r");
+    size_t n;
+
+    TGH_CHECK(f != NULL, "%s", tg->conf_path);
+    n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    p = strstr(text, from);
+    TGH_CHECK(p != NULL, "no \"%s\" in the config", from);
+    f = fopen(tg->conf_path, "w");
+    TGH_CHECK(f != NULL, "%s", tg->conf_path);
+    fwrite(text, 1, (size_t)(p - text), f);
+    fputs(to, f);
+    fputs(p + strlen(from), f);
+    TGH_CHECK(fclose(f) == 0, "write %s", tg->conf_path);
+}
+
+/* SIGHUP applies throttle: while the upstream stays slow, a target raised
+ * above its latency lets the factor recover; no restart warning. */
+Test(throttle, reload_applies_the_target)
+{
+    tgh_tollgate tg;
+    driver d;
+    double f;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    start_tg(&tg, 0);
+    drive_start(&d, tg.port, "/slow?ms=100");
+    f = wait_factor(&tg, 0.25, 0.25);
+    TGH_CHECK(f == 0.25, "factor %g before the reload", f);
+    conf_replace(&tg, "target_p99_ms: 40", "target_p99_ms: 1000");
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    f = wait_factor(&tg, 1.0, 1.0);
+    drive_stop(&d);
+    TGH_CHECK(f == 1.0, "factor %g: the raised target was not applied", f);
+    TGH_CHECK(!log_has(tg.proc, "kept until the next restart"),
+              "the reload warned that something needs a restart");
+    stop_clean(&tg);
+}
