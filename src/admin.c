@@ -36,6 +36,7 @@
 #include "tollgate/health.h"
 #include "tollgate/metrics.h"
 #include "tollgate/redis.h"
+#include "tollgate/throttle.h"
 #include "tollgate/worker.h"
 
 #define ADMIN_MAX_ROUTES  8
@@ -425,6 +426,7 @@ status_page(void *arg, struct evbuffer *out, const char **ctype)
     status_store(v, out);
     status_upstream(v, out);
     status_adaptive(v, out);
+    tg_throttle_status_json(out);
     status_alerts(v, out);
     evbuffer_add_printf(out, "}\n");
     return 200;

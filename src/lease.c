@@ -209,8 +209,7 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     reset = e->taken_us + e->reset_us;
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
-    out->quota = l->burst;
-    out->window_s = ceil_s(l->interval_us * l->burst);
+    tg_limit_policy(out, l, ctx->factor);
     out->remaining = e->remaining + e->tokens < l->burst ? e->remaining + e->tokens : l->burst;
     out->reset_s = ceil_s(reset > now ? reset - now : 0);
     out->status = 0;

@@ -26,8 +26,11 @@
 #include "tollgate/metrics.h"
 #include "tollgate/redis.h"
 #include "tollgate/route.h"
+#include "tollgate/throttle.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
+#define THROTTLE_SPAN_MAX  (1ull << 52)   /* interval * burst, throttled: below
+                                             the scripts' 2^53 */
 
 /*
  * The in-process store (store: local, and the Redis fallback) is ONE per
@@ -140,6 +143,7 @@ static void fallback(tg_limit_ctx *ctx);
 static tg_rc send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost);
 static tg_rc lease_taken(struct tg_limiter *lim, tg_limit_ctx *ctx,
                          const tg_gcra_result *res);
+static void throttle(tg_limit_ctx *ctx);
 
 struct tg_limiter *
 tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
@@ -310,6 +314,7 @@ tg_limiter_sample(struct tg_limiter *lim)
 {
     tg_redis_stats st;
 
+    tg_throttle_tick(lim->conf, lim->redis, lim->sconf->redis.prefix, tg_now_ms());
     if (lim->redis != NULL) {
         probe(lim);
         tg_lease_give_back_all(lim, tg_now_us(), 0);    /* expired slices */
@@ -368,6 +373,7 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     ctx->op = NULL;
     ctx->kwait = NULL;
     ctx->lease_n = 0;
+    ctx->factor = TG_THROTTLE_ONE;
     if (!lim->enabled) {
         return TG_OK;
     }
@@ -406,6 +412,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
     n = tg_route_buckets(conf, tier, route, prefix, out->consumer,
                          ctx->limits, ctx->names, ctx->keys);
     ctx->n = n;
+    throttle(ctx);
 
     /* A cost above a capacity could never pass: refuse it without a
      * Retry-After, which would be a lie (the config check makes this
@@ -525,8 +532,7 @@ finish_impossible(tg_limit_ctx *ctx, size_t i)
 
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
-    out->quota = l->burst;
-    out->window_s = ceil_s(l->interval_us * l->burst);
+    tg_limit_policy(out, l, ctx->factor);
     out->remaining = 0;
     out->reset_s = 0;
     out->status = 429;
@@ -545,8 +551,7 @@ finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
 
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
-    out->quota = l->burst;
-    out->window_s = ceil_s(l->interval_us * l->burst);
+    tg_limit_policy(out, l, ctx->factor);
     out->remaining = res->remaining;
     out->reset_s = ceil_s(res->reset_us);
     if (res->allowed) {
@@ -696,6 +701,8 @@ size_t
 tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
 {
     int n = 0, m;
+    /* a throttled quota is below the burst: never show more left than it */
+    uint32_t left = o->remaining < o->quota ? o->remaining : o->quota;
 
     if (o->limited) {
         /* draft-ietf-httpapi-ratelimit-headers: policy (quota q over window
@@ -706,8 +713,8 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
                      "X-RateLimit-Limit: %u\r\n"
                      "X-RateLimit-Remaining: %u\r\n"
                      "X-RateLimit-Reset: %u\r\n",
-                     o->policy, o->quota, o->window_s, o->policy, o->remaining,
-                     o->reset_s, o->quota, o->remaining, o->reset_s);
+                     o->policy, o->quota, o->window_s, o->policy, left,
+                     o->reset_s, o->quota, left, o->reset_s);
         if (n < 0 || (size_t)n >= len) {
             return 0;
         }
@@ -723,6 +730,33 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
 }
 
 /* ---- helpers ---------------------------------------------------------- */
+
+/* The throttle's factor (throttle.h) on ctx's buckets: each interval
+ * divided by it, rounded up (refill x factor; burst unchanged), before
+ * the store, the fallback, the leases and the deny cache see them - all
+ * of which match a bucket by its limits, so nothing learnt under another
+ * factor is used under this one. */
+static void
+throttle(tg_limit_ctx *ctx)
+{
+    uint32_t f = tg_throttle_factor();
+
+    ctx->factor = f;
+    if (f >= TG_THROTTLE_ONE || f == 0) {
+        ctx->factor = TG_THROTTLE_ONE;
+        return;
+    }
+    for (size_t i = 0; i < ctx->n; i++) {
+        tg_gcra_limit *l = &ctx->limits[i];
+        uint64_t t = (l->interval_us * TG_THROTTLE_ONE + f - 1) / f;
+
+        if (t * l->burst > THROTTLE_SPAN_MAX) {
+            t = THROTTLE_SPAN_MAX / l->burst > l->interval_us
+                ? THROTTLE_SPAN_MAX / l->burst : l->interval_us;
+        }
+        l->interval_us = t;
+    }
+}
 
 /* 503 while Redis cannot be asked: Retry-After is when this worker's
  * breaker lets the next call through (1 s while it is closed or probing). */

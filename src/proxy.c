@@ -1756,7 +1756,7 @@ up_read_cb(struct bufferevent *bev, void *arg)
     c->phase_deadline = 0;
     up_arm(c);
     if (!c->reported) {
-        tg_upstream_report(c->uc, rs.status < 502 || rs.status > 504);
+        tg_upstream_report_status(c->uc, rs.status);
         c->reported = 1;
     }
     c->rs_status = rs.status;

@@ -388,6 +388,30 @@ tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
     return op;
 }
 
+struct tg_redis_op *
+tg_redis_eval(struct tg_redis *r, const char *script, const char *key,
+              const char *const *args, size_t nargs, tg_redis_str_cb cb, void *arg)
+{
+    const char *s[2 + TG_REDIS_EVAL_ARGS] = { key, script };
+    struct tg_redis_op *op;
+
+    if (nargs > TG_REDIS_EVAL_ARGS) {
+        tg_error("redis: EVAL with %zu arguments (at most %d)", nargs, TG_REDIS_EVAL_ARGS);
+        nargs = 0;
+        s[1] = "return redis.error_reply('too many arguments')";
+    }
+    for (size_t i = 0; i < nargs; i++) {
+        s[2 + i] = args[i];
+    }
+    op = op_new(TG_OP_EVAL, s, 2 + nargs);
+    op->slot1 = (uint16_t)tg_redis_key_slot(op->str, op->len[0]);
+    op->str_cb = cb;
+    op->arg = arg;
+    op->deadline_us = tg_now_us() + (uint64_t)r->opts.timeout_ms * 1000;
+    queue_op(r, op);
+    return op;
+}
+
 void
 tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n)
 {
@@ -463,8 +487,8 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
             free(op);
             continue;
         }
-        if (op->kind == TG_OP_HGET) {
-            b = tg_redis_batch_new(r, nd, TG_OP_HGET);
+        if (op->kind != TG_OP_CHARGE) {
+            b = tg_redis_batch_new(r, nd, (enum tg_redis_kind)op->kind);
             tg_redis_batch_add(b, op);
             batch_start(b);
             continue;
@@ -564,7 +588,8 @@ batch_start(struct tg_redis_batch *b)
 /*
  * One command for the batch into r's scratch arrays, then to hiredis (which
  * copies it): EVALSHA sha numkeys KEYS... nreq (nbuckets cost (T burst)...)...
- * or EVAL script ... after NOSCRIPT; HGET key field.  Only the buckets in
+ * or EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
+ * (tg_redis_eval, one op per batch).  Only the buckets in
  * each op's mask are sent.  After ASK, ASKING goes first.
  */
 tg_rc
@@ -583,6 +608,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     if (b->kind == TG_OP_HGET) {
         argc = 3;
         nnum = 0;
+    } else if (b->kind == TG_OP_EVAL) {
+        argc = 2 + (size_t)op->n;      /* EVAL script 1 key args... */
+        nnum = 1;
     } else {
         argc = 3 + b->nkeys + 1 + 2 * b->nops + 3 * b->nkeys;
         nnum = 1 + 1 + 2 * b->nops + 3 * b->nkeys;
@@ -610,6 +638,14 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         TG_ARG("HGET", 4);
         TG_ARG(op->str, op->len[0]);
         TG_ARG(op->str + op->len[0] + 1, op->len[1]);
+    } else if (b->kind == TG_OP_EVAL) {
+        TG_ARG("EVAL", 4);
+        TG_ARG(tg_redis_op_key(op, 1), op->len[1]);
+        TG_NUM(1);
+        TG_ARG(op->str, op->len[0]);
+        for (size_t k = 2; k < op->n; k++) {
+            TG_ARG(tg_redis_op_key(op, k), op->len[k]);
+        }
     } else {
         if (b->eval) {
             TG_ARG("EVAL", 4);
@@ -1004,12 +1040,14 @@ deliver_hget(struct tg_redis_batch *b, const redisReply *rep)
         return;
     }
     op->str_cb = NULL;
-    if (rep->type == REDIS_REPLY_STRING) {
+    if (rep->type == REDIS_REPLY_STRING
+        || (rep->type == REDIS_REPLY_STATUS && b->kind == TG_OP_EVAL)) {
         cb(op->arg, TG_OK, rep->str, rep->len);
     } else if (rep->type == REDIS_REPLY_NIL) {
         cb(op->arg, TG_OK, NULL, 0);
     } else {
-        tg_redis_node_warn(b->node, "redis: HGET answered type %d%s%.200s", rep->type,
+        tg_redis_node_warn(b->node, "redis: %s answered type %d%s%.200s",
+                b->kind == TG_OP_EVAL ? "EVAL" : "HGET", rep->type,
                 rep->type == REDIS_REPLY_ERROR ? ": " : "",
                 rep->type == REDIS_REPLY_ERROR ? rep->str : "");
         cb(op->arg, TG_ERR, NULL, 0);

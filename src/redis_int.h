@@ -51,15 +51,16 @@ enum tg_redis_state {
     TG_REDIS_READY,               /* connected (and SELECTed, and a master) */
 };
 
-enum tg_redis_kind { TG_OP_CHARGE, TG_OP_HGET };
+enum tg_redis_kind { TG_OP_CHARGE, TG_OP_HGET, TG_OP_EVAL };
 
 struct tg_redis_op {
     struct tg_redis_op *next;     /* r->pending, then the batch's list */
     tg_redis_charge_cb  charge_cb;  /* NULL once delivered or cancelled */
-    tg_redis_str_cb     str_cb;     /* (HGET) idem */
+    tg_redis_str_cb     str_cb;     /* (HGET, EVAL) idem */
     void               *arg;
     uint8_t             kind;     /* enum tg_redis_kind */
-    uint8_t             n;        /* buckets (charge) / 2 strings (HGET) */
+    uint8_t             n;        /* buckets (charge) / 2 strings (HGET) /
+                                     key, script, args (EVAL) */
     uint8_t             mask;     /* buckets sent by the current call */
     uint8_t             mask1;    /* Cluster split: phase 1 buckets */
     uint8_t             mask2;    /* ... phase 2 buckets; 0: not split */

@@ -38,6 +38,7 @@
 #include "tollgate/keys.h"
 #include "tollgate/metrics.h"
 #include "tollgate/statsd.h"
+#include "tollgate/throttle.h"
 #include "tollgate/tls.h"
 #include "tollgate/upstream.h"
 #include "tollgate/worker.h"
@@ -144,6 +145,7 @@ tg_server_run(const char *path)
         tg_error("cannot set up the metrics");
         goto out;
     }
+    tg_throttle_init(g.conf);
     g.view.started = g.view.loaded = time(NULL);
     g.view.generation = 1;
     curl_global_init(CURL_GLOBAL_DEFAULT);      /* before any other thread */
@@ -225,9 +227,6 @@ tg_server_run(const char *path)
     }
     tg_info("tollgate %s started: %u worker(s), %zu upstream server(s)",
             TG_VERSION, g.nworkers, g.conf->upstream.nservers);
-    if (g.conf->adaptive.throttle.enabled) {
-        tg_warn("adaptive.throttle is accepted but not applied yet (docs/CONFIG.md)");
-    }
     sd_notify(0, "READY=1\nSTATUS=serving");
 
     event_base_dispatch(g.base);
@@ -273,6 +272,7 @@ out:
     tg_admin_destroy(g.admin);
     tg_alerts_destroy(g.alerts);
     tg_anomaly_destroy(g.anomaly);       /* after the workers and the alerts */
+    tg_throttle_deinit();
     curl_global_cleanup();
     tg_metrics_deinit();
     for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
@@ -618,8 +618,8 @@ addrs_eq(const tg_addr *a, size_t na, const tg_addr *b, size_t nb)
     return na == nb;
 }
 
-/* The adaptive: section is read by the pools at start only (the throttle
- * block, not applied yet, included). */
+/* The adaptive: section is read by the pools at start only (throttle:
+ * reloads: the throttle reads the workers' configuration every window). */
 static int
 adaptive_eq(const tg_conf *a, const tg_conf *b)
 {
@@ -630,9 +630,7 @@ adaptive_eq(const tg_conf *a, const tg_conf *b)
         || a->adaptive.min != b->adaptive.min || a->adaptive.max != b->adaptive.max
         || a->adaptive.queue != b->adaptive.queue
         || a->adaptive.queue_timeout_ms != b->adaptive.queue_timeout_ms
-        || a->adaptive.nshed_order != b->adaptive.nshed_order
-        || memcmp(&a->adaptive.throttle, &b->adaptive.throttle,
-                  sizeof(a->adaptive.throttle)) != 0) {
+        || a->adaptive.nshed_order != b->adaptive.nshed_order) {
         return 0;
     }
     for (i = 0; i < a->adaptive.nshed_order; i++) {

@@ -43,6 +43,7 @@
 #include "tollgate/adaptive.h"
 #include "tollgate/health.h"
 #include "tollgate/metrics.h"
+#include "tollgate/throttle.h"
 
 struct tg_uconn;
 TAILQ_HEAD(tg_uconn_list, tg_uconn);
@@ -97,7 +98,7 @@ struct tg_uconn {
     int                 idle;          /* in the idle list */
     int                 reported;      /* outcome given for this lending */
     unsigned            gen;           /* server->gen when lent */
-    uint64_t            lent_us;       /* when lent: the adaptive RTT */
+    uint64_t            lent_us;       /* when lent: the adaptive and throttle RTT */
 };
 
 /* Written once by main before the workers start; atomic all the same. */
@@ -114,6 +115,7 @@ static void breaker_hook(void *arg, enum tg_breaker_state from,
 static void uconn_free(struct tg_uconn *uc);
 static void idle_read_cb(struct bufferevent *bev, void *arg);
 static void idle_event_cb(struct bufferevent *bev, short what, void *arg);
+static void report(struct tg_uconn *uc, int ok, int error);
 static void adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf);
 static int has_room(struct tg_upstream_pool *pool);
 static void limit_shown(tg_userver *srv);
@@ -272,14 +274,30 @@ tg_uconn_server_index(const struct tg_uconn *uc)
 void
 tg_upstream_report(struct tg_uconn *uc, int ok)
 {
+    report(uc, ok, !ok);
+}
+
+void
+tg_upstream_report_status(struct tg_uconn *uc, int status)
+{
+    report(uc, status < 502 || status > 504, status >= 500);
+}
+
+/* The outcome of uc's exchange: ok for the breaker and the adaptive limit,
+ * error (a failure or any 5xx) for the throttle. */
+static void
+report(struct tg_uconn *uc, int ok, int error)
+{
     tg_userver *srv = uc->server;
+    uint64_t now;
 
     if (uc->reported) {
         return;
     }
     uc->reported = 1;
+    now = tg_now_us();
+    tg_throttle_record(now - uc->lent_us, error);
     if (uc->pool->adaptive) {
-        uint64_t now = tg_now_us();
         tg_adapt_limit_sample(&srv->alim, now, now - uc->lent_us, srv->inflight, ok);
         limit_shown(srv);
     }

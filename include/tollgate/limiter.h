@@ -71,6 +71,8 @@ typedef struct tg_limit_ctx {
     uint32_t            lease_n;                   /* a lease take in flight:
                                                       tokens asked (0: exact) */
     uint32_t            lease_ttl_ms;              /* ... kept this long */
+    uint32_t            factor;                    /* throttle factor in limits[]
+                                                      (permille, throttle.h) */
     tg_gcra_limit       limits[TG_LIMIT_MAX_BUCKETS];
     char                names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1];
     char                keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];

@@ -143,6 +143,20 @@ typedef void (*tg_redis_str_cb)(void *arg, tg_rc rc, const char *value, size_t l
 struct tg_redis_op *tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
                                   tg_redis_str_cb cb, void *arg);
 
+/*
+ * EVAL script 1 key args[0..nargs) - a small script of another module
+ * (the throttle's report), sent as its text every time: for rare calls
+ * only.  cb(arg, TG_OK, value, len) when the script returns a string or
+ * status (NULL, 0 for nil), cb(arg, TG_ERR, NULL, 0) on an error reply
+ * (logged), any other reply type (logged), a timeout or no connection.
+ * script, key and args are copied.  Same once-only and cancellation rules
+ * as tg_redis_charge.
+ */
+#define TG_REDIS_EVAL_ARGS 6
+struct tg_redis_op *tg_redis_eval(struct tg_redis *r, const char *script, const char *key,
+                                  const char *const *args, size_t nargs,
+                                  tg_redis_str_cb cb, void *arg);
+
 /* The last authentication problem of any client of this process (wrong
  * password, NOAUTH), "" when the last AUTH succeeded: for /status.  Never
  * holds a secret.  Thread-safe. */
