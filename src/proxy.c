@@ -41,8 +41,8 @@
 
 #include "tollgate/accesslog.h"
 #include "tollgate/anomaly.h"
-#include "tollgate/cidr.h"
 #include "tollgate/connlimit.h"
+#include "tollgate/headers.h"
 #include "tollgate/http.h"
 #include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
@@ -1116,157 +1116,30 @@ add_str(struct evbuffer *b, const char *s, size_t n)
 
 #define ADD_LIT(b, lit) add_str((b), (lit), sizeof(lit) - 1)
 
-/* A message head is built here and handed to the bufferevent with ONE
+static int
+strip_key(const void *lim, const tg_http_req *r, const tg_http_hdr *h)
+{
+    return tg_limiter_strip_header(lim, r, h);
+}
+
+/* The request head for the upstream (headers.c), handed to out with ONE
  * evbuffer_add (each add runs the buffer's callbacks). */
-typedef struct hbuf {
-    char  *p;
-    size_t len, cap;
-    char   stack[4096];
-} hbuf;
-
-static void
-hb_init(hbuf *b)
-{
-    b->p = b->stack;
-    b->len = 0;
-    b->cap = sizeof(b->stack);
-}
-
-static void
-hb_add(hbuf *b, const char *s, size_t n)
-{
-    if (n == 0) {
-        return;                 /* s may be NULL (no Host in HTTP/1.0) */
-    }
-    if (b->len + n > b->cap) {
-        size_t cap = (b->len + n) * 2;
-        char *q = tg_xmalloc(cap);
-        memcpy(q, b->p, b->len);
-        if (b->p != b->stack) {
-            free(b->p);
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-}
-
-/* Hand the head to out and release the builder. */
-static void
-hb_flush(hbuf *b, struct evbuffer *out)
-{
-    evbuffer_add(out, b->p, b->len);
-    if (b->p != b->stack) {
-        free(b->p);
-    }
-}
-
-#define HB_LIT(b, lit) hb_add((b), (lit), sizeof(lit) - 1)
-
-/* 1 if any header is a Connection header (then its tokens name more
- * hop-by-hop headers); lets the common case skip the per-header scan. */
-static int
-has_connection(const tg_http_hdr *hdr, size_t n)
-{
-    size_t i;
-
-    for (i = 0; i < n; i++) {
-        if (hdr[i].name_len == 10 && tg_http_name_is(hdr[i].name, 10, "connection")) {
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* 1 for the headers the edge owns: who the client and consumer are and
- * how they came in is said by tollgate alone (X-Forwarded-For apart, see
- * write_upstream_head), and X-Request-ID is re-sent as c->reqid. */
-static int
-edge_owned(const char *name, size_t len)
-{
-    return (len > 11 && tg_http_name_is(name, 11, "x-consumer-"))
-           || (len > 12 && tg_http_name_is(name, 12, "x-forwarded-"))
-           || tg_http_name_is(name, len, "forwarded")
-           || tg_http_name_is(name, len, "x-real-ip")
-           || tg_http_name_is(name, len, "x-request-id");
-}
-
-/* The request head for the upstream: the normalised target, the client's
- * end-to-end headers, then ours.  X-Forwarded-For is the peer address,
- * appended to the client's own only when the peer is a trusted proxy. */
 static void
 write_upstream_head(struct tg_client *c, struct evbuffer *out)
 {
     const tg_conf *conf = c->px->conf;
-    const tg_http_req *r = &c->req;
-    const tg_http_hdr *h;
-    const tg_http_hdr *xff[8];
-    size_t nxff = 0, i;
-    char num[48];                 /* "\r\nContent-Length: " + 20 digits */
-    int had_cl = 0, conn = has_connection(r->hdr, r->nhdr);
-    hbuf hb;
+    tg_headers_up f = {
+        .ip = c->ip, .tls = c->tls, .reqid = c->reqid, .reqid_len = c->reqid_len,
+        .consumer = c->lo.consumer, .tier = c->lo.tier,
+        .trusted = conf->http.trusted_proxies, .ntrusted = conf->http.ntrusted_proxies,
+        .strip = strip_key, .strip_arg = c->px->limiter,
+    };
+    tg_hbuf hb;
 
-    hb_init(&hb);
-    hb_add(&hb, r->method, r->method_len);
-    HB_LIT(&hb, " ");
-    hb_add(&hb, r->path, r->path_len);
-    HB_LIT(&hb, " HTTP/1.1\r\nHost: ");
-    hb_add(&hb, r->host, r->host_len);
-    HB_LIT(&hb, "\r\n");
-    for (i = 0; i < r->nhdr; i++) {
-        h = &r->hdr[i];
-        if (h->name_len == 14 && tg_http_name_is(h->name, h->name_len, "content-length")) {
-            had_cl = 1;
-            continue;
-        }
-        if (tg_http_name_is(h->name, h->name_len, "x-forwarded-for")) {
-            if (nxff < TG_ARRAY_LEN(xff) && tg_cidr_match(conf->http.trusted_proxies,
-                                                          conf->http.ntrusted_proxies, c->ip)) {
-                xff[nxff++] = h;
-            }
-            continue;
-        }
-        if (tg_http_is_hop_by_hop(h->name, h->name_len)
-            || tg_http_name_is(h->name, h->name_len, "host")
-            || edge_owned(h->name, h->name_len)
-            || tg_limiter_strip_header(c->px->limiter, r, h)
-            || (conn && tg_http_connection_lists(r->hdr, r->nhdr, h->name, h->name_len))) {
-            continue;
-        }
-        hb_add(&hb, h->name, h->name_len);
-        HB_LIT(&hb, ": ");
-        hb_add(&hb, h->value, h->value_len);
-        HB_LIT(&hb, "\r\n");
-    }
-    HB_LIT(&hb, "X-Forwarded-For: ");
-    for (i = 0; i < nxff; i++) {
-        hb_add(&hb, xff[i]->value, xff[i]->value_len);
-        HB_LIT(&hb, ", ");
-    }
-    hb_add(&hb, c->ip, strlen(c->ip));
-    if (c->tls) {
-        HB_LIT(&hb, "\r\nX-Forwarded-Proto: https\r\nX-Request-ID: ");
-    } else {
-        HB_LIT(&hb, "\r\nX-Forwarded-Proto: http\r\nX-Request-ID: ");
-    }
-    hb_add(&hb, c->reqid, c->reqid_len);
-    if (c->lo.consumer[0] != '\0') {
-        HB_LIT(&hb, "\r\nX-Consumer-ID: ");
-        hb_add(&hb, c->lo.consumer, strlen(c->lo.consumer));
-        HB_LIT(&hb, "\r\nX-Consumer-Tier: ");
-        hb_add(&hb, c->lo.tier, strlen(c->lo.tier));
-    }
-    if (r->body == TG_BODY_LENGTH) {
-        hb_add(&hb, num, tg_fmt(num, sizeof(num), "\r\nContent-Length: %llu",
-                                (unsigned long long)r->content_length));
-    } else if (r->body == TG_BODY_CHUNKED) {
-        HB_LIT(&hb, "\r\nTransfer-Encoding: chunked");
-    } else if (had_cl) {
-        HB_LIT(&hb, "\r\nContent-Length: 0");   /* an empty POST stays framed */
-    }
-    HB_LIT(&hb, "\r\n\r\n");
-    hb_flush(&hb, out);
+    tg_hbuf_init(&hb);
+    tg_headers_request(&hb, &c->req, &f);
+    evbuffer_add(out, hb.p, hb.len);
+    tg_hbuf_free(&hb);
 }
 
 static void
@@ -1628,81 +1501,27 @@ exchange_end(struct tg_client *c, int reusable)
     c->ustate = U_NONE;
 }
 
+/* The response head for the client (headers.c); sets rs_chunked_out and
+ * close_after from it. */
 static void
 write_response_head(struct tg_client *c, const tg_http_resp *rs)
 {
-    struct evbuffer *out = bufferevent_get_output(c->bev);
-    const tg_http_hdr *h;
-    char line[64];
-    size_t i;
-    int n, conn = has_connection(rs->hdr, rs->nhdr);
-    hbuf hb;
+    char rl[512];
+    tg_headers_down f = {
+        .is_head = c->req.is_head, .minor = c->req.minor, .rq_done = c->rq_done,
+        .close_after = c->close_after, .reqid = c->reqid, .reqid_len = c->reqid_len,
+        .extra = rl,
+        .extra_len = c->lo.limited ? tg_limiter_headers(&c->lo, rl, sizeof(rl)) : 0,
+    };
+    tg_hbuf hb;
+    unsigned out;
 
-    hb_init(&hb);
-    n = (int)tg_fmt(line, sizeof(line), "HTTP/1.1 %d ", rs->status);
-    hb_add(&hb, line, (size_t)n);
-    hb_add(&hb, rs->reason, rs->reason_len);
-    HB_LIT(&hb, "\r\n");
-    for (i = 0; i < rs->nhdr; i++) {
-        h = &rs->hdr[i];
-        if (tg_http_name_is(h->name, h->name_len, "content-length")) {
-            /* HEAD and 304 describe the body they do not carry. */
-            if (rs->body == TG_BODY_NONE && (c->req.is_head || rs->status == 304)) {
-                hb_add(&hb, h->name, h->name_len);
-                HB_LIT(&hb, ": ");
-                hb_add(&hb, h->value, h->value_len);
-                HB_LIT(&hb, "\r\n");
-            }
-            continue;
-        }
-        if (tg_http_is_hop_by_hop(h->name, h->name_len)
-            || tg_http_name_is(h->name, h->name_len, "x-request-id")
-            || (conn && tg_http_connection_lists(rs->hdr, rs->nhdr, h->name, h->name_len))) {
-            continue;
-        }
-        hb_add(&hb, h->name, h->name_len);
-        HB_LIT(&hb, ": ");
-        hb_add(&hb, h->value, h->value_len);
-        HB_LIT(&hb, "\r\n");
-    }
-    HB_LIT(&hb, "X-Request-ID: ");
-    hb_add(&hb, c->reqid, c->reqid_len);
-    HB_LIT(&hb, "\r\n");
-    if (c->lo.limited) {
-        char rl[512];
-        size_t rn = tg_limiter_headers(&c->lo, rl, sizeof(rl));
-        hb_add(&hb, rl, rn);
-    }
-
-    c->rs_chunked_out = 0;
-    if (rs->body == TG_BODY_NONE) {
-        /* An empty body the client cannot see the end of, unless told. */
-        if (!c->req.is_head && rs->status != 204 && rs->status != 304) {
-            HB_LIT(&hb, "Content-Length: 0\r\n");
-        }
-    } else if (rs->body == TG_BODY_LENGTH) {
-        n = (int)tg_fmt(line, sizeof(line), "Content-Length: %llu\r\n",
-                        (unsigned long long)rs->content_length);
-        hb_add(&hb, line, (size_t)n);
-    } else if (rs->body == TG_BODY_CHUNKED || rs->body == TG_BODY_CLOSE) {
-        if (c->req.minor >= 1) {
-            c->rs_chunked_out = 1;
-            HB_LIT(&hb, "Transfer-Encoding: chunked\r\n");
-        } else {
-            c->close_after = 1;      /* HTTP/1.0: the body ends at close */
-        }
-    }
-    if (!c->rq_done) {
-        c->close_after = 1;          /* the rest of the body is not read */
-    }
-    if (c->close_after) {
-        HB_LIT(&hb, "Connection: close\r\n\r\n");
-    } else if (c->req.minor == 0) {
-        HB_LIT(&hb, "Connection: keep-alive\r\n\r\n");
-    } else {
-        HB_LIT(&hb, "\r\n");
-    }
-    hb_flush(&hb, out);
+    tg_hbuf_init(&hb);
+    out = tg_headers_response(&hb, rs, &f);
+    c->rs_chunked_out = (out & TG_HEADERS_CHUNKED) != 0;
+    c->close_after = (out & TG_HEADERS_CLOSE) != 0;
+    evbuffer_add(bufferevent_get_output(c->bev), hb.p, hb.len);
+    tg_hbuf_free(&hb);
 }
 
 static void
