@@ -48,136 +48,15 @@
 #include "tollgate/metrics.h"
 #include "tollgate/target.h"
 #include "tollgate/upstream.h"
+#include "proxy_int.h"
 
-#define TG_HIGH_WATER        (256 * 1024)
-#define TG_LOW_WATER         (64 * 1024)
-#define TG_UP_HEAD_MAX       (64 * 1024)    /* upstream response head limit */
-#define TG_LINGER_MS         2000           /* lingering close bound */
-#define TG_LINGER_BYTES      (64u << 20)    /* ... and bytes discarded */
-#define TG_REQID_MAX         128
-#define TG_HEADBUF_KEEP      1024           /* head copies of this size are cached */
-#define TG_REQ_CACHE         256            /* cached header arrays, head copies */
-
-enum cstate {
-    C_HEAD,        /* waiting for (more of) a request head */
-    C_BUSY,        /* a request is being served */
-    C_CLOSING,     /* flushing the last response, then linger or free */
-    C_LINGER,      /* write side shut; discarding input until EOF or timer */
-    C_DEAD         /* to be freed by the defer event */
-};
-
-enum ustate { U_NONE, U_HEAD, U_BODY };
-
-struct tg_client;
-TAILQ_HEAD(tg_client_list, tg_client);
-
-struct tg_proxy {
-    struct event_base     *base;
-    tg_conf               *conf;         /* the latest snapshot (reload): http.*,
-                                            upstream timeouts */
-    tg_conf               *conf0;        /* the one at start: metric labels,
-                                            upstream servers (the pool's) */
-    struct tg_upstream_pool *pool;
-    struct tg_limiter     *limiter;
-    struct tg_metrics_shard *shard;      /* this worker's counters */
-    struct tg_alog_buf    *alog;         /* access log, or NULL */
-    struct tg_anomaly_shard *anomaly;    /* heavy hitters, or NULL */
-    time_t                 alog_sec;     /* second of alog_time */
-    char                   alog_time[24];   /* "2026-11-28T14:32:10" */
-    tg_http_limits         lim;
-    struct tg_client_list  clients;
-    unsigned               nclients;
-    int                    draining;
-    void                 (*on_empty)(void *arg);
-    void                  *on_empty_arg;
-    uint64_t               rng[2];        /* xorshift128+ for request ids */
-    struct timeval         body_tv;       /* client read timeout, body */
-    struct timeval         send_tv;       /* client write timeout */
-    /* What a request needs and an idle connection does not hold: header
-     * arrays and TG_HEADBUF_KEEP-byte head copies given back by
-     * connections going idle, for the next head (no malloc per request
-     * in the steady state).  Lists linked through their first bytes. */
-    void                  *free_hdrs;
-    unsigned               nfree_hdrs;
-    void                  *free_heads;
-    unsigned               nfree_heads;
-};
-
-struct tg_client {
-    TAILQ_ENTRY(tg_client) link;
-    struct tg_proxy    *px;
-    struct bufferevent *bev;
-    int                 fd;
-    int                 tls;
-    int                 tls_ready;      /* handshake done */
-    size_t              linger_bytes;   /* discarded while lingering */
-    enum cstate         state;
-    unsigned            nreq;           /* requests begun on this connection */
-    int                 close_after;    /* close once this response is sent */
-    int                 head_timer_on;  /* timer is the header deadline */
-    size_t              head_scan;      /* head bytes searched for its end */
-    int                 out_wait;       /* output above high water: no new request */
-    struct event       *timer;          /* idle / header / linger deadline */
-    struct event       *defer;          /* free, or serve a pipelined request */
-    struct event       *rev;            /* plain sockets: our own read event */
-    struct event       *urev;           /* our read event on the lent upstream */
-    struct tg_connslot *slot;           /* connection count, released at free */
-    char                ip[INET6_ADDRSTRLEN];
-
-    /* the current request */
-    char               *headbuf;        /* copy of the head; req points in;
-                                           allocated when a head is complete */
-    size_t              headcap;
-    tg_http_req         req;
-    char                reqid[TG_REQID_MAX + 1];
-    size_t              reqid_len;
-    int                 rq_done;        /* body fully passed upstream */
-    int                 rq_paused;      /* client reads off: upstream full */
-    uint64_t            rq_left;        /* Content-Length bytes still due */
-    uint64_t            rq_total;       /* body bytes so far (limit check) */
-    int                 rq_bad;         /* body error found inside a callback */
-    tg_chunked          rq_chunk;
-    int                 charging;       /* waiting for the limiter's answer */
-    uint64_t            t_start_us;     /* request head complete */
-    uint64_t            t_up_us;        /* forwarded upstream (0: not) */
-    size_t              up_server;      /* index of the server it went to */
-    uint64_t            rs_bytes;       /* response body bytes relayed */
-    tg_limit_ctx        lctx;
-    tg_limit_outcome    lo;
-
-    /* the upstream exchange */
-    struct tg_uconn    *uc;
-    struct tg_uconn    *avoid;          /* retry: the connection that failed */
-    struct tg_upstream_waiter *waiter;  /* waiting for an upstream slot */
-    int                 reported;       /* outcome given to the server's breaker */
-    int                 uc_reused;
-    int                 uc_connected;
-    int                 retried;
-    enum ustate         ustate;
-    struct event       *up_timer;
-    uint64_t            phase_deadline; /* connect or first byte; 0 = none */
-    uint64_t            total_deadline;
-    int                 phase_is_connect;
-    int                 rs_started;     /* response head sent to client */
-    int                 rs_status;
-    enum tg_http_body   rs_body;
-    uint64_t            rs_left;
-    int                 rs_keep;        /* upstream allows reuse */
-    int                 rs_chunked_out; /* re-chunk towards the client */
-    int                 rs_paused;      /* upstream reads off: client full */
-    tg_chunked          rs_chunk;
-};
-
-static void client_read_cb(struct bufferevent *bev, void *arg);
 static void client_write_cb(struct bufferevent *bev, void *arg);
-static void client_event_cb(struct bufferevent *bev, short what, void *arg);
 static void client_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void client_defer_cb(evutil_socket_t fd, short what, void *arg);
 static void client_free(struct tg_client *c);
 static void *cache_get(void **list, unsigned *n, size_t size);
 static void cache_put(void **list, unsigned *n, void *p);
 static void cache_drain(void **list, unsigned *n);
-static void client_kill(struct tg_client *c);
 static void client_close_after_flush(struct tg_client *c);
 static void client_next_request(struct tg_client *c);
 static void arm_timer(struct tg_client *c, unsigned ms);
@@ -199,9 +78,7 @@ static void limit_apply(struct tg_client *c);
 static void admit(struct tg_client *c);
 static void admitted(void *arg, enum tg_upstream_admit result);
 static size_t tier_label(const struct tg_client *c);
-static void up_read_cb(struct bufferevent *bev, void *arg);
 static void up_write_cb(struct bufferevent *bev, void *arg);
-static void up_event_cb(struct bufferevent *bev, short what, void *arg);
 static void up_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void up_arm(struct tg_client *c);
 static void up_failed(struct tg_client *c, int status, const char *code,
@@ -211,15 +88,6 @@ static void exchange_end(struct tg_client *c, int reusable);
 static void response_done(struct tg_client *c);
 static void make_request_id(struct tg_client *c);
 static tg_rc normalize_target(struct tg_client *c);
-static void client_flush(struct tg_client *c);
-static void tls_close_notify(struct tg_client *c);
-static void rd_on(struct tg_client *c, const struct timeval *timeout);
-static void rd_off(struct tg_client *c);
-static void client_rd_cb(evutil_socket_t fd, short what, void *arg);
-static void up_rd_cb(evutil_socket_t fd, short what, void *arg);
-static void urd_start(struct tg_client *c);
-static ssize_t read_into(evutil_socket_t fd, struct evbuffer *in);
-static void up_flush(struct tg_client *c);
 static void set_limits(struct tg_proxy *px);
 static void head_release(struct tg_client *c);
 
@@ -407,12 +275,12 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
     c->timer = evtimer_new(px->base, client_timer_cb, c);
     c->defer = event_new(px->base, -1, 0, client_defer_cb, c);
     c->up_timer = evtimer_new(px->base, up_timer_cb, c);
-    c->urev = event_new(px->base, -1, 0, up_rd_cb, c);   /* assigned per exchange */
+    c->urev = event_new(px->base, -1, 0, tg_bev_up_rd_cb, c);   /* assigned per exchange */
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
     tg_metric_gauge_add(px->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
 
-    bufferevent_setcb(c->bev, client_read_cb, client_write_cb, client_event_cb, c);
+    bufferevent_setcb(c->bev, tg_client_read_cb, client_write_cb, tg_client_event_cb, c);
     bufferevent_setwatermark(c->bev, EV_WRITE, TG_LOW_WATER, 0);
     /* Pipelined requests wait in the input while one is served; past
      * this much the bufferevent stops reading by itself. */
@@ -422,8 +290,8 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
         bufferevent_enable(c->bev, EV_READ | EV_WRITE);
     } else {
         bufferevent_disable(c->bev, EV_WRITE);   /* on by default: write-through */
-        c->rev = event_new(px->base, fd, EV_READ | EV_PERSIST, client_rd_cb, c);
-        rd_on(c, NULL);
+        c->rev = event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
+        tg_bev_rd_on(c, NULL);
     }
     c->state = C_HEAD;
     if (c->tls) {
@@ -449,8 +317,8 @@ tg_proxy_drain(struct tg_proxy *px)
             if (evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
                 client_close_after_flush(c);    /* answers still queued */
             } else {
-                tls_close_notify(c);
-                client_kill(c);
+                tg_bev_close_notify(c);
+                tg_client_kill(c);
             }
         } else {
             c->close_after = 1;
@@ -497,14 +365,14 @@ client_free(struct tg_client *c)
 
 /* End the connection now (error, reset, timeout): freed on the next loop
  * turn by the defer event, never inside the caller's callback. */
-static void
-client_kill(struct tg_client *c)
+void
+tg_client_kill(struct tg_client *c)
 {
     if (c->state == C_DEAD) {
         return;
     }
     c->state = C_DEAD;
-    rd_off(c);
+    tg_bev_rd_off(c);
     bufferevent_disable(c->bev, EV_READ | EV_WRITE);
     bufferevent_setcb(c->bev, NULL, NULL, NULL, NULL);
     if (c->uc != NULL) {
@@ -527,10 +395,10 @@ static void
 client_close_after_flush(struct tg_client *c)
 {
     c->state = C_CLOSING;
-    rd_off(c);
+    tg_bev_rd_off(c);
     bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
     arm_timer(c, c->px->conf->http.send_timeout_ms);
-    client_flush(c);
+    tg_bev_client_flush(c);
     if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
         event_active(c->defer, EV_TIMEOUT, 1);
     }
@@ -551,7 +419,7 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
         if (evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
             return;   /* the write callback comes back here */
         }
-        tls_close_notify(c);
+        tg_bev_close_notify(c);
         if (shutdown(c->fd, SHUT_WR) != 0) {
             client_free(c);
             return;
@@ -565,9 +433,9 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
              * records, with our own read event */
             bufferevent_disable(c->bev, EV_READ | EV_WRITE);
             c->rev = event_new(c->px->base, c->fd, EV_READ | EV_PERSIST,
-                               client_rd_cb, c);
+                               tg_bev_client_rd_cb, c);
         }
-        rd_on(c, NULL);
+        tg_bev_rd_on(c, NULL);
         arm_timer(c, TG_LINGER_MS);
         return;
     case C_HEAD:
@@ -597,8 +465,8 @@ client_timer_cb(evutil_socket_t fd, short what, void *arg)
     switch (c->state) {
     case C_HEAD:
         if (evbuffer_get_length(bufferevent_get_input(c->bev)) == 0) {
-            tls_close_notify(c);      /* idle keep-alive, or handshake timeout */
-            client_kill(c);
+            tg_bev_close_notify(c);      /* idle keep-alive, or handshake timeout */
+            tg_client_kill(c);
         } else {
             /* no request of its own yet: no id, method or path of the
              * last one; it began when the header deadline was armed */
@@ -613,7 +481,7 @@ client_timer_cb(evutil_socket_t fd, short what, void *arg)
         return;
     case C_CLOSING:
     case C_LINGER:
-        client_kill(c);
+        tg_client_kill(c);
         return;
     default:
         return;
@@ -628,18 +496,18 @@ client_next_request(struct tg_client *c)
 
     c->state = C_HEAD;
     c->rq_paused = 0;
-    client_flush(c);
+    tg_bev_client_flush(c);
     if (evbuffer_get_length(bufferevent_get_output(c->bev)) > TG_HIGH_WATER) {
         /* A client that does not read its answers (pipelining) gets no
          * new request parsed until they drain: the write callback (low
          * water) comes back here; the send timeout bounds the wait. */
         c->out_wait = 1;
-        rd_off(c);
+        tg_bev_rd_off(c);
         event_del(c->timer);
         return;
     }
     c->out_wait = 0;
-    rd_on(c, NULL);
+    tg_bev_rd_on(c, NULL);
     if (evbuffer_get_length(bufferevent_get_input(c->bev)) != 0) {
         /* pipelined: serve it from the loop, not by recursion */
         c->head_timer_on = 1;
@@ -720,8 +588,8 @@ cache_drain(void **list, unsigned *n)
 
 /* ---- client callbacks ---------------------------------------------- */
 
-static void
-client_read_cb(struct bufferevent *bev, void *arg)
+void
+tg_client_read_cb(struct bufferevent *bev, void *arg)
 {
     struct tg_client *c = arg;
 
@@ -766,8 +634,8 @@ client_write_cb(struct bufferevent *bev, void *arg)
     }
 }
 
-static void
-client_event_cb(struct bufferevent *bev, short what, void *arg)
+void
+tg_client_event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct tg_client *c = arg;
 
@@ -782,7 +650,7 @@ client_event_cb(struct bufferevent *bev, short what, void *arg)
         return;
     }
     if (c->state == C_LINGER || c->state == C_CLOSING || c->state == C_DEAD) {
-        client_kill(c);
+        tg_client_kill(c);
         return;
     }
     if ((what & BEV_EVENT_TIMEOUT) && (what & BEV_EVENT_READING)
@@ -806,7 +674,7 @@ client_event_cb(struct bufferevent *bev, short what, void *arg)
             account(c);
         }
     }
-    client_kill(c);
+    tg_client_kill(c);
 }
 
 /* ---- request head --------------------------------------------------- */
@@ -1178,14 +1046,14 @@ forward(struct tg_client *c)
     c->up_server = tg_uconn_server_index(c->uc);
     c->rs_paused = 0;
     ub = tg_uconn_bev(c->uc);
-    bufferevent_setcb(ub, up_read_cb, up_write_cb, up_event_cb, c);
+    bufferevent_setcb(ub, tg_exchange_read_cb, up_write_cb, tg_exchange_event_cb, c);
     bufferevent_setwatermark(ub, EV_WRITE, TG_LOW_WATER, 0);
     /* A new connection writes when the connect completes; a reused one
-     * is written through at once (up_flush). */
+     * is written through at once (tg_bev_up_flush). */
     if (c->uc_connected) {
         /* ours while lent; added before the pool's is removed, so the fd
          * never stops being watched for reading: no epoll_ctl */
-        urd_start(c);
+        tg_bev_up_read_start(c);
         bufferevent_disable(ub, EV_READ);
     } else {
         bufferevent_enable(ub, EV_WRITE);      /* the connect; reads after it */
@@ -1206,14 +1074,14 @@ forward(struct tg_client *c)
     up_arm(c);
 
     if (c->rq_done) {
-        up_flush(c);
+        tg_bev_up_flush(c);
         return;
     }
     if (c->req.expect_continue && !c->retried) {
         ADD_LIT(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n");
-        client_flush(c);
+        tg_bev_client_flush(c);
     }
-    rd_on(c, &px->body_tv);
+    tg_bev_rd_on(c, &px->body_tv);
     relay_request_body(c);
 }
 
@@ -1248,12 +1116,12 @@ relay_request_body(struct tg_client *c)
 
     while (!c->rq_done && (len = evbuffer_get_length(in)) != 0) {
         if (evbuffer_get_length(out) >= TG_HIGH_WATER) {
-            up_flush(c);
+            tg_bev_up_flush(c);
             if (evbuffer_get_length(out) < TG_HIGH_WATER) {
                 continue;
             }
             c->rq_paused = 1;
-            rd_off(c);
+            tg_bev_rd_off(c);
             return;
         }
         if (c->req.body == TG_BODY_LENGTH) {
@@ -1288,7 +1156,7 @@ relay_request_body(struct tg_client *c)
                 c->close_after = 1;
                 exchange_end(c, 0);
                 if (c->rs_started) {
-                    client_kill(c);    /* an answer is already under way */
+                    tg_client_kill(c);    /* an answer is already under way */
                 } else if (st == 413) {
                     respond_error(c, 413, "payload_too_large",
                                   "the request body exceeds the configured limit");
@@ -1304,14 +1172,14 @@ relay_request_body(struct tg_client *c)
             }
         }
     }
-    up_flush(c);
+    tg_bev_up_flush(c);
 }
 
 static void
 request_body_done(struct tg_client *c)
 {
     c->rq_done = 1;
-    rd_on(c, NULL);                         /* may have been paused */
+    tg_bev_rd_on(c, NULL);                         /* may have been paused */
     if (c->uc_connected && c->ustate == U_HEAD) {
         c->phase_is_connect = 0;
         c->phase_deadline = tg_now_ms() + c->px->conf->upstream.first_byte_timeout_ms;
@@ -1362,15 +1230,15 @@ up_timer_cb(evutil_socket_t fd, short what, void *arg)
     up_arm(c);   /* early wake-up (clock granularity) */
 }
 
-static void
-up_event_cb(struct bufferevent *bev, short what, void *arg)
+void
+tg_exchange_event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct tg_client *c = arg;
     char msg[160];
 
     if (what & BEV_EVENT_CONNECTED) {
         c->uc_connected = 1;
-        urd_start(c);
+        tg_bev_up_read_start(c);
         c->phase_deadline = 0;
         c->phase_is_connect = 0;
         if (c->rq_done && c->ustate == U_HEAD) {
@@ -1422,7 +1290,7 @@ up_write_cb(struct bufferevent *bev, void *arg)
     }
     if (c->rq_paused && !c->rq_done && c->state == C_BUSY) {
         c->rq_paused = 0;
-        rd_on(c, &c->px->body_tv);
+        tg_bev_rd_on(c, &c->px->body_tv);
         relay_request_body(c);
     }
 }
@@ -1459,7 +1327,7 @@ up_failed(struct tg_client *c, int status, const char *code, const char *msg)
     }
     exchange_end(c, 0);
     if (c->rs_started) {
-        client_kill(c);            /* the response is cut: the client sees it */
+        tg_client_kill(c);            /* the response is cut: the client sees it */
         return;
     }
     if (!c->rq_done) {
@@ -1524,8 +1392,8 @@ write_response_head(struct tg_client *c, const tg_http_resp *rs)
     tg_hbuf_free(&hb);
 }
 
-static void
-up_read_cb(struct bufferevent *bev, void *arg)
+void
+tg_exchange_read_cb(struct bufferevent *bev, void *arg)
 {
     struct tg_client *c = arg;
     struct evbuffer *in = bufferevent_get_input(bev);
@@ -1630,7 +1498,7 @@ relay_response_body(struct tg_client *c)
     in = bufferevent_get_input(tg_uconn_bev(c->uc));
     while ((len = evbuffer_get_length(in)) != 0) {
         if (evbuffer_get_length(out) >= TG_HIGH_WATER) {
-            client_flush(c);
+            tg_bev_client_flush(c);
             if (evbuffer_get_length(out) < TG_HIGH_WATER) {
                 continue;
             }
@@ -1685,223 +1553,7 @@ relay_response_body(struct tg_client *c)
             }
         }
     }
-    client_flush(c);
-}
-
-/* ---- reading the client ------------------------------------------------- */
-
-/*
- * Plain sockets are read by our own event, straight into the bufferevent's
- * input (its tail thawed around the read, as libevent's own read callback
- * does).  libevent's read path asks the kernel how much is readable
- * (ioctl FIONREAD) before every read: one system call per read that we do
- * without.  TLS connections are read by their bufferevent.  timeout is the
- * body timeout while a body is expected, else NULL (the head and idle
- * deadlines are c->timer's).
- */
-static void
-rd_on(struct tg_client *c, const struct timeval *timeout)
-{
-    if (c->rev != NULL) {
-        /* event_add with NULL keeps a pending timeout: remove it, so a
-         * body timeout never outlives the body */
-        event_add(c->rev, timeout);
-        if (timeout == NULL) {
-            event_remove_timer(c->rev);
-        }
-    } else {
-        bufferevent_set_timeouts(c->bev, timeout, &c->px->send_tv);
-        bufferevent_enable(c->bev, EV_READ);
-    }
-}
-
-static void
-rd_off(struct tg_client *c)
-{
-    if (c->rev != NULL) {
-        event_del(c->rev);
-    } else {
-        bufferevent_disable(c->bev, EV_READ);
-    }
-}
-
-static void
-client_rd_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct tg_client *c = arg;
-    struct evbuffer *in = bufferevent_get_input(c->bev);
-    ssize_t n;
-
-    if (what & EV_TIMEOUT) {
-        client_event_cb(c->bev, BEV_EVENT_TIMEOUT | BEV_EVENT_READING, c);
-        return;
-    }
-    if (c->state == C_LINGER) {
-        char junk[16384];
-
-        n = read(fd, junk, sizeof(junk));
-        if (n > 0) {
-            c->linger_bytes += (size_t)n;
-        }
-        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)
-            || c->linger_bytes > TG_LINGER_BYTES) {
-            client_kill(c);
-        }
-        return;
-    }
-    if (evbuffer_get_length(in) >= TG_HIGH_WATER) {
-        /* pipelined requests pile up: wait until they are served */
-        rd_off(c);
-        return;
-    }
-    n = read_into(fd, in);
-    if (n > 0) {
-        client_read_cb(c->bev, c);
-    } else if (n == 0) {
-        rd_off(c);                 /* level-triggered: EOF would fire forever */
-        client_event_cb(c->bev, BEV_EVENT_EOF | BEV_EVENT_READING, c);
-    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        rd_off(c);
-        client_event_cb(c->bev, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
-    }
-}
-
-/* ---- reading the upstream ---------------------------------------------- */
-
-/* Read fd into in (its tail thawed as libevent does): one readv of up to
- * 16 KiB, no FIONREAD.  Returns what readv returned. */
-static ssize_t
-read_into(evutil_socket_t fd, struct evbuffer *in)
-{
-    struct evbuffer_iovec v[2];
-    struct iovec iov[2];
-    ssize_t n;
-    int nv, i;
-
-    evbuffer_unfreeze(in, 0);
-    nv = evbuffer_reserve_space(in, 16384, v, 2);
-    for (i = 0; i < nv; i++) {
-        iov[i].iov_base = v[i].iov_base;
-        iov[i].iov_len = v[i].iov_len;
-    }
-    do {
-        n = readv(fd, iov, nv);
-    } while (n < 0 && errno == EINTR);
-    if (n > 0) {
-        size_t left = (size_t)n;
-        for (i = 0; i < nv; i++) {
-            if (v[i].iov_len > left) {
-                v[i].iov_len = left;
-            }
-            left -= v[i].iov_len;
-        }
-        evbuffer_commit_space(in, v, nv);
-    }
-    evbuffer_freeze(in, 0);
-    return n;
-}
-
-/* While an upstream connection is lent to us (and connected), we read it
- * with our own event instead of its bufferevent's (no FIONREAD per read);
- * the pool's idle watcher gets the bufferevent back on release. */
-static void
-urd_start(struct tg_client *c)
-{
-    evutil_socket_t fd = bufferevent_getfd(tg_uconn_bev(c->uc));
-
-    event_del(c->urev);
-    event_assign(c->urev, c->px->base, fd, EV_READ | EV_PERSIST, up_rd_cb, c);
-    event_add(c->urev, NULL);
-}
-
-static void
-up_rd_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct tg_client *c = arg;
-    struct bufferevent *ub;
-    ssize_t n;
-
-    TG_UNUSED(what);
-    if (c->uc == NULL) {
-        event_del(c->urev);
-        return;
-    }
-    ub = tg_uconn_bev(c->uc);
-    n = read_into(fd, bufferevent_get_input(ub));
-    if (n > 0) {
-        up_read_cb(ub, c);
-    } else if (n == 0) {
-        event_del(c->urev);
-        up_event_cb(ub, BEV_EVENT_EOF | BEV_EVENT_READING, c);
-    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        event_del(c->urev);
-        up_event_cb(ub, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
-    }
-}
-
-/* ---- write-through ---------------------------------------------------- */
-
-/*
- * Write buffered output now rather than a loop turn later.  A plain
- * socket's bufferevent keeps EV_WRITE off while the kernel takes all we
- * give it, which saves two epoll_ctl calls and a wake-up per write; only
- * when the socket is full does EV_WRITE go on (and the write callback,
- * which also times out a stuck peer, turns it off again once drained).
- * TLS connections always go through their bufferevent.
- */
-static void
-bev_flush(struct bufferevent *bev)
-{
-    struct evbuffer *out = bufferevent_get_output(bev);
-    evutil_socket_t fd = bufferevent_getfd(bev);
-
-    /* A socket bufferevent keeps the head of its output frozen and thaws
-     * it around its own writes; do as it does. */
-    evbuffer_unfreeze(out, 1);
-    while (evbuffer_get_length(out) != 0) {
-        if (evbuffer_write(out, fd) <= 0) {
-            break;    /* EAGAIN, or an error the write event will report */
-        }
-    }
-    evbuffer_freeze(out, 1);
-    if (evbuffer_get_length(out) != 0) {
-        bufferevent_enable(bev, EV_WRITE);
-    }
-}
-
-/* TLS: end the session with close_notify, written straight to the
- * socket.  Only between records (nothing queued) and after the handshake;
- * a failure changes nothing (the TCP close follows anyway). */
-static void
-tls_close_notify(struct tg_client *c)
-{
-    SSL *ssl;
-
-    if (!c->tls || !c->tls_ready
-        || evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
-        return;
-    }
-    ssl = bufferevent_openssl_get_ssl(c->bev);
-    if (ssl != NULL) {
-        (void)SSL_shutdown(ssl);
-    }
-    ERR_clear_error();
-}
-
-static void
-client_flush(struct tg_client *c)
-{
-    if (!c->tls) {
-        bev_flush(c->bev);
-    }
-}
-
-static void
-up_flush(struct tg_client *c)
-{
-    if (c->uc != NULL && c->uc_connected) {
-        bev_flush(tg_uconn_bev(c->uc));
-    }
+    tg_bev_client_flush(c);
 }
 
 /* The response is fully queued to the client. */
