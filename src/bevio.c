@@ -31,22 +31,22 @@ void
 tg_bev_client_rd_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_client *c = arg;
-    struct evbuffer *in = bufferevent_get_input(c->bev);
+    struct evbuffer *in = bufferevent_get_input(c->conn.bev);
     ssize_t n;
 
     if (what & EV_TIMEOUT) {
-        tg_client_event_cb(c->bev, BEV_EVENT_TIMEOUT | BEV_EVENT_READING, c);
+        tg_client_event_cb(c->conn.bev, BEV_EVENT_TIMEOUT | BEV_EVENT_READING, c);
         return;
     }
-    if (c->state == C_LINGER) {
+    if (c->conn.state == C_LINGER) {
         char junk[16384];
 
         n = read(fd, junk, sizeof(junk));
         if (n > 0) {
-            c->linger_bytes += (size_t)n;
+            c->conn.linger_bytes += (size_t)n;
         }
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)
-            || c->linger_bytes > TG_LINGER_BYTES) {
+            || c->conn.linger_bytes > TG_LINGER_BYTES) {
             tg_client_kill(c);
         }
         return;
@@ -58,13 +58,13 @@ tg_bev_client_rd_cb(evutil_socket_t fd, short what, void *arg)
     }
     n = read_into(fd, in);
     if (n > 0) {
-        tg_client_read_cb(c->bev, c);
+        tg_client_read_cb(c->conn.bev, c);
     } else if (n == 0) {
         tg_bev_rd_off(c);                 /* level-triggered: EOF would fire forever */
-        tg_client_event_cb(c->bev, BEV_EVENT_EOF | BEV_EVENT_READING, c);
+        tg_client_event_cb(c->conn.bev, BEV_EVENT_EOF | BEV_EVENT_READING, c);
     } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
         tg_bev_rd_off(c);
-        tg_client_event_cb(c->bev, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
+        tg_client_event_cb(c->conn.bev, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
     }
 }
 
@@ -76,11 +76,11 @@ tg_bev_client_rd_cb(evutil_socket_t fd, short what, void *arg)
 void
 tg_bev_up_read_start(struct tg_client *c)
 {
-    evutil_socket_t fd = bufferevent_getfd(tg_uconn_bev(c->uc));
+    evutil_socket_t fd = bufferevent_getfd(tg_uconn_bev(c->up.uc));
 
-    event_del(c->urev);
-    event_assign(c->urev, c->px->base, fd, EV_READ | EV_PERSIST, tg_bev_up_rd_cb, c);
-    event_add(c->urev, NULL);
+    event_del(c->io.urev);
+    event_assign(c->io.urev, c->px->base, fd, EV_READ | EV_PERSIST, tg_bev_up_rd_cb, c);
+    event_add(c->io.urev, NULL);
 }
 
 void
@@ -91,19 +91,19 @@ tg_bev_up_rd_cb(evutil_socket_t fd, short what, void *arg)
     ssize_t n;
 
     TG_UNUSED(what);
-    if (c->uc == NULL) {
-        event_del(c->urev);
+    if (c->up.uc == NULL) {
+        event_del(c->io.urev);
         return;
     }
-    ub = tg_uconn_bev(c->uc);
+    ub = tg_uconn_bev(c->up.uc);
     n = read_into(fd, bufferevent_get_input(ub));
     if (n > 0) {
         tg_exchange_read_cb(ub, c);
     } else if (n == 0) {
-        event_del(c->urev);
+        event_del(c->io.urev);
         tg_exchange_event_cb(ub, BEV_EVENT_EOF | BEV_EVENT_READING, c);
     } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        event_del(c->urev);
+        event_del(c->io.urev);
         tg_exchange_event_cb(ub, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
     }
 }
@@ -146,11 +146,11 @@ tg_bev_close_notify(struct tg_client *c)
 {
     SSL *ssl;
 
-    if (!c->tls || !c->tls_ready
-        || evbuffer_get_length(bufferevent_get_output(c->bev)) != 0) {
+    if (!c->conn.tls || !c->conn.tls_ready
+        || evbuffer_get_length(bufferevent_get_output(c->conn.bev)) != 0) {
         return;
     }
-    ssl = bufferevent_openssl_get_ssl(c->bev);
+    ssl = bufferevent_openssl_get_ssl(c->conn.bev);
     if (ssl != NULL) {
         (void)SSL_shutdown(ssl);
     }
