@@ -834,44 +834,25 @@ limit_outcome(const tg_limit_outcome *lo)
     }
 }
 
-/* One JSON line per request: who (the consumer id, never the key), what,
- * the outcome, sizes and durations.  Handed to the worker's log buffer:
- * the write to the file happens on the log's own thread. */
+/* The request's access-log line (accesslog.c), handed to the worker's
+ * log buffer: the write to the file happens on the log's own thread. */
 static void
 access_log(struct tg_client *c, uint64_t now_us)
 {
-    struct tg_proxy *px = c->px;
-    char line[2048], path[6 * 256 + 1], method[6 * 16 + 1];
-    struct timespec ts;
-    uint64_t in = c->rq.req.body == TG_BODY_LENGTH ? c->rq.req.content_length : c->rq.total;
-    int n;
+    const tg_http_req *r = &c->rq.req;
+    tg_alog_req a = {
+        .request_id = c->rq.reqid, .consumer = c->rq.lo.consumer, .tier = c->rq.lo.tier,
+        .method = r->method, .method_len = r->method_len,
+        .path = r->path, .path_len = r->path_len,
+        .status = c->rs.status,
+        .bytes_in = r->body == TG_BODY_LENGTH ? r->content_length : c->rq.total,
+        .bytes_out = c->rs.bytes,
+        .now_us = now_us, .start_us = c->rq.t_start_us, .upstream_us = c->up.t_up_us,
+        .upstream = c->up.t_up_us ? c->px->conf0->upstream.servers[c->up.server].text : "",
+        .limit = limit_outcome(&c->rq.lo),
+    };
 
-    clock_gettime(CLOCK_REALTIME, &ts);
-    if (ts.tv_sec != px->alog_sec) {
-        struct tm tm;
-        gmtime_r(&ts.tv_sec, &tm);
-        strftime(px->alog_time, sizeof(px->alog_time), "%Y-%m-%dT%H:%M:%S", &tm);
-        px->alog_sec = ts.tv_sec;
-    }
-    tg_alog_json_escape(method, c->rq.req.method ? c->rq.req.method : "", c->rq.req.method
-                        ? c->rq.req.method_len : 0, 16);
-    tg_alog_json_escape(path, c->rq.req.path ? c->rq.req.path : "", c->rq.req.path
-                        ? c->rq.req.path_len : 0, 256);
-    n = (int)tg_fmt(line, sizeof(line),
-                 "{\"time\":\"%s.%03ldZ\",\"request_id\":\"%s\",\"consumer\":\"%s\","
-                 "\"tier\":\"%s\",\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,"
-                 "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f,"
-                 "\"upstream_ms\":%.3f,\"upstream\":\"%s\",\"limit\":\"%s\"}",
-                 px->alog_time, ts.tv_nsec / 1000000, c->rq.reqid, c->rq.lo.consumer, c->rq.lo.tier,
-                 method, path, c->rs.status, (unsigned long long)in,
-                 (unsigned long long)c->rs.bytes,
-                 c->rq.t_start_us ? (double)(now_us - c->rq.t_start_us) / 1000.0 : 0.0,
-                 c->up.t_up_us ? (double)(now_us - c->up.t_up_us) / 1000.0 : 0.0,
-                 c->up.t_up_us ? px->conf0->upstream.servers[c->up.server].text : "",
-                 limit_outcome(&c->rq.lo));
-    if (n > 0) {
-        tg_alog_write(px->alog, line, (size_t)n);
-    }
+    tg_alog_request(c->px->alog, &a);
 }
 
 /* One finished request: counted once, when its response is queued. */

@@ -63,8 +63,6 @@ struct tg_proxy {
     struct tg_metrics_shard *shard;      /* this worker's counters */
     struct tg_alog_buf    *alog;         /* access log, or NULL */
     struct tg_anomaly_shard *anomaly;    /* heavy hitters, or NULL */
-    time_t                 alog_sec;     /* second of alog_time */
-    char                   alog_time[24];   /* "2026-11-28T14:32:10" */
     tg_http_limits         lim;
     struct tg_client_list  clients;
     unsigned               nclients;
