@@ -124,7 +124,7 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
     c->io.urev = event_new(px->base, -1, 0, tg_bev_up_rd_cb, c);   /* assigned per exchange */
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
-    tg_metric_gauge_add(px->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
+    tg_metric_gauge_add(px->env->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
 
     bufferevent_setcb(c->conn.bev, tg_client_read_cb, client_write_cb, tg_client_event_cb, c);
     bufferevent_setwatermark(c->conn.bev, EV_WRITE, TG_LOW_WATER, 0);
@@ -177,7 +177,7 @@ tg_client_free(struct tg_client *c)
     TAILQ_REMOVE(&px->clients, c, link);
     free(c);
     px->nclients--;
-    tg_metric_gauge_add(px->shard, TG_M_CONNECTIONS_OPEN, 0, -1);
+    tg_metric_gauge_add(px->env->shard, TG_M_CONNECTIONS_OPEN, 0, -1);
     if (px->draining && px->nclients == 0 && px->on_empty != NULL) {
         px->on_empty(px->on_empty_arg);
     }
@@ -664,7 +664,7 @@ start_request(struct tg_client *c)
         return;
     }
     /* identify -> route -> charge; the answer may come later (Redis) */
-    if (tg_limiter_check(px->limiter, &c->rq.lctx, &c->rq.req, c->conn.ip, &c->rq.lo,
+    if (tg_limiter_check(px->env->limiter, &c->rq.lctx, &c->rq.req, c->conn.ip, &c->rq.lo,
                          limit_decided, c) == TG_AGAIN) {
         c->rq.charging = 1;
         return;
@@ -690,7 +690,7 @@ limit_apply(struct tg_client *c)
     char extra[512];
     size_t n;
 
-    tg_anomaly_count(c->px->anomaly, c->rq.lo.consumer);   /* allowed or refused */
+    tg_anomaly_count(c->px->env->anomaly, c->rq.lo.consumer);   /* allowed or refused */
     if (c->rq.lo.status == 0) {
         admit(c);
         return;
@@ -720,7 +720,7 @@ limit_apply(struct tg_client *c)
 static void
 admit(struct tg_client *c)
 {
-    admitted(c, tg_upstream_admit(c->px->pool, c->rq.lo.tier, &c->up.waiter, admitted, c));
+    admitted(c, tg_upstream_admit(c->px->env->pool, c->rq.lo.tier, &c->up.waiter, admitted, c));
 }
 
 static void
@@ -745,7 +745,7 @@ admitted(void *arg, enum tg_upstream_admit result)
         tg_exchange_forward(c);
         return;
     }
-    tg_metric_inc(c->px->shard, TG_M_SHED, tier_label(c));
+    tg_metric_inc(c->px->env->shard, TG_M_SHED, tier_label(c));
     if (!c->rq.done) {
         c->conn.close_after = 1;
     }
@@ -852,14 +852,14 @@ access_log(struct tg_client *c, uint64_t now_us)
         .limit = limit_outcome(&c->rq.lo),
     };
 
-    tg_alog_request(c->px->alog, &a);
+    tg_alog_request(c->px->env->alog, &a);
 }
 
 /* One finished request: counted once, when its response is queued. */
 void
 tg_client_account(struct tg_client *c)
 {
-    struct tg_metrics_shard *m = c->px->shard;
+    struct tg_metrics_shard *m = c->px->env->shard;
     size_t tier = tier_label(c);
     uint64_t now = tg_now_us();
 
@@ -873,7 +873,7 @@ tg_client_account(struct tg_client *c)
     if (c->rq.lo.route >= 0) {
         tg_metric_inc(m, TG_M_ROUTE_REQUESTS, (size_t)c->rq.lo.route);
     }
-    if (c->px->alog != NULL) {
+    if (c->px->env->alog != NULL) {
         access_log(c, now);
     }
     if (c->rq.lo.consumer[0] == '\0' && c->rq.lo.status == 0) {

@@ -60,7 +60,7 @@ write_upstream_head(struct tg_client *c, struct evbuffer *out)
         .ip = c->conn.ip, .tls = c->conn.tls, .reqid = c->rq.reqid, .reqid_len = c->rq.reqid_len,
         .consumer = c->rq.lo.consumer, .tier = c->rq.lo.tier,
         .trusted = conf->http.trusted_proxies, .ntrusted = conf->http.ntrusted_proxies,
-        .strip = strip_key, .strip_arg = c->px->limiter,
+        .strip = strip_key, .strip_arg = c->px->env->limiter,
     };
     tg_hbuf hb;
 
@@ -80,7 +80,7 @@ tg_exchange_forward(struct tg_client *c)
 
     uint64_t retry_ms = 0;
 
-    c->up.uc = tg_upstream_acquire(px->pool, &c->up.reused, c->up.avoid, &retry_ms);
+    c->up.uc = tg_upstream_acquire(px->env->pool, &c->up.reused, c->up.avoid, &retry_ms);
     if (c->up.uc == NULL) {
         if (retry_ms != 0) {
             /* every server's breaker is open or its health check failing:

@@ -58,11 +58,8 @@ struct tg_proxy {
                                             upstream timeouts */
     tg_conf               *conf0;        /* the one at start: metric labels,
                                             upstream servers (the pool's) */
-    struct tg_upstream_pool *pool;
-    struct tg_limiter     *limiter;
-    struct tg_metrics_shard *shard;      /* this worker's counters */
-    struct tg_alog_buf    *alog;         /* access log, or NULL */
-    struct tg_anomaly_shard *anomaly;    /* heavy hitters, or NULL */
+    const tg_proxy_env    *env;          /* the worker's limiter, pool, shard,
+                                            log buffer, anomaly shard */
     tg_http_limits         lim;
     struct tg_client_list  clients;
     unsigned               nclients;
