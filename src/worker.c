@@ -1,5 +1,8 @@
 /*
- * worker.c - worker threads: one event base and one tg_proxy each.
+ * worker.c - worker threads: one event base and one tg_proxy each.  The
+ * worker owns what its proxy uses (tg_proxy_env: limiter, upstream pool,
+ * metric shard, access-log buffer) and reads its state from them for the
+ * main thread (sampler_cb).
  *
  * The main thread talks to a worker only through its pipe, with fixed-size
  * messages of fewer than PIPE_BUF bytes (so each write is atomic and needs
@@ -19,12 +22,15 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "tollgate/accesslog.h"
 #include "tollgate/anomaly.h"
 #include "tollgate/connlimit.h"
 #include "tollgate/keys.h"
+#include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
 #include "tollgate/proxy.h"
 #include "tollgate/tls.h"
+#include "tollgate/upstream.h"
 
 #define WORKER_MAX_LISTEN 64       /* own listeners (http.reuseport) */
 #define ACCEPT_PAUSE_MS   100      /* accept off this long when fds run out */
@@ -53,8 +59,8 @@ struct tg_worker {
     pthread_t          thread;
     int                started;
     int                finished;   /* atomic: loop ended */
-    int                store_ready;  /* atomic: tg_proxy_store_ready, sampled */
-    int                breaker;      /* atomic: tg_proxy_redis_breaker, sampled */
+    int                store_ready;  /* atomic: tg_limiter_store_ready, sampled */
+    int                breaker;      /* atomic: tg_limiter_breaker_state, sampled */
     int               *upstate;      /* atomic each: upstream breakers, sampled */
     size_t             nservers;
     struct event      *sampler;    /* refreshes store_ready */
@@ -65,7 +71,8 @@ struct tg_worker {
     tg_conf           *conf;
     struct tg_tls_set *tls;        /* listeners' TLS contexts: our reference */
     struct tg_proxy   *px;
-    struct tg_anomaly_shard *anomaly;  /* heavy hitters, or NULL */
+    tg_proxy_env       env;        /* owned: limiter, pool, shard, log buffer;
+                                      borrowed: anomaly shard (or NULL) */
     worker_listener    listeners[WORKER_MAX_LISTEN];   /* http.reuseport */
     size_t             nlisteners;
     struct tg_connlimit *connlimit;  /* http.reuseport: counted here */
@@ -112,13 +119,18 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
     w->notify = event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
     w->deadline = evtimer_new(w->base, deadline_cb, w);
     event_add(w->notify, NULL);
-    w->px = tg_proxy_create(w->base, conf, keys, on_empty, w, err, errlen);
-    if (w->px == NULL) {
+    w->env.limiter = tg_limiter_create(w->base, conf, keys, err, errlen);
+    if (w->env.limiter == NULL) {
         event_free(w->notify);
         event_free(w->deadline);
         event_base_free(w->base);
         goto fail;
     }
+    w->env.pool = tg_upstream_pool_create(w->base, conf);
+    w->env.shard = tg_metrics_shard_create();
+    tg_limiter_set_shard(w->env.limiter, w->env.shard);
+    tg_upstream_pool_set_shard(w->env.pool, w->env.shard);
+    w->px = tg_proxy_create(w->base, conf, &w->env, on_empty, w);
     w->conf = tg_conf_ref(conf);
     w->tls = tg_tls_set_ref(tls);
     w->nservers = conf->upstream.nservers;
@@ -127,8 +139,8 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         struct timeval tv = { 0, 50 * 1000 };
         w->sampler = event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
         event_add(w->sampler, &tv);
-        w->store_ready = tg_proxy_store_ready(w->px);
-        w->breaker = tg_proxy_redis_breaker(w->px);
+        w->store_ready = tg_limiter_store_ready(w->env.limiter);
+        w->breaker = tg_limiter_breaker_state(w->env.limiter);
     }
     return w;
 
@@ -245,13 +257,15 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
 
     TG_UNUSED(fd);
     TG_UNUSED(what);
-    __atomic_store_n(&w->store_ready, tg_proxy_store_ready(w->px), __ATOMIC_RELAXED);
-    __atomic_store_n(&w->breaker, tg_proxy_redis_breaker(w->px), __ATOMIC_RELAXED);
-    tg_proxy_sample(w->px);
+    __atomic_store_n(&w->store_ready, tg_limiter_store_ready(w->env.limiter),
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&w->breaker, tg_limiter_breaker_state(w->env.limiter), __ATOMIC_RELAXED);
+    tg_limiter_sample(w->env.limiter);
     for (size_t i = 0; i < w->nservers; i++) {
-        __atomic_store_n(&w->upstate[i], tg_proxy_upstream_state(w->px, i), __ATOMIC_RELAXED);
+        __atomic_store_n(&w->upstate[i], (int)tg_upstream_server_state(w->env.pool, i),
+                         __ATOMIC_RELAXED);
     }
-    tg_anomaly_shard_tick(w->anomaly, tg_now_ms());
+    tg_anomaly_shard_tick(w->env.anomaly, tg_now_ms());
 }
 
 int
@@ -263,21 +277,20 @@ tg_worker_upstream_state(struct tg_worker *w, size_t server)
 void
 tg_worker_set_access_log(struct tg_worker *w, struct tg_alog *log)
 {
-    tg_proxy_set_access_log(w->px, log);
+    w->env.alog = tg_alog_buf_create(log, w->base);
 }
 
 void
 tg_worker_set_anomaly(struct tg_worker *w, struct tg_anomaly_shard *sh)
 {
-    w->anomaly = sh;
-    tg_proxy_set_anomaly(w->px, sh);
+    w->env.anomaly = sh;
     tg_anomaly_shard_tick(sh, tg_now_ms());
 }
 
 struct tg_metrics_shard *
 tg_worker_shard(struct tg_worker *w)
 {
-    return tg_proxy_shard(w->px);
+    return w->env.shard;
 }
 
 int
@@ -305,7 +318,13 @@ tg_worker_join_destroy(struct tg_worker *w)
     if (w->accept_resume != NULL) {
         event_free(w->accept_resume);
     }
-    tg_proxy_destroy(w->px);
+    tg_proxy_destroy(w->px);          /* its clients first: they hold the rest */
+    tg_upstream_pool_destroy(w->env.pool);
+    tg_limiter_destroy(w->env.limiter);
+    tg_metrics_shard_destroy(w->env.shard);
+    if (w->env.alog != NULL) {
+        tg_alog_buf_destroy(w->env.alog);
+    }
     event_free(w->sampler);
     event_free(w->notify);
     event_free(w->deadline);
@@ -347,7 +366,8 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
         if (m[i].type == MSG_CONN) {
             tg_proxy_accept(w->px, m[i].fd, tg_tls_set_ctx(w->tls, m[i].arg), m[i].slot);
         } else if (m[i].type == MSG_RELOAD) {
-            tg_proxy_reload(w->px, m[i].conf, m[i].keys);
+            tg_limiter_reload(w->env.limiter, m[i].conf, m[i].keys);
+            tg_proxy_reload(w->px, m[i].conf);
             tg_conf_unref(m[i].conf);
             tg_keys_unref(m[i].keys);
             tg_tls_set_unref(w->tls);  /* freed here if the last: its SSLs hold theirs */
