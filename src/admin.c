@@ -265,7 +265,7 @@ linger_event_cb(struct bufferevent *bev, short what, void *arg)
 static evhtp_res
 refuse(struct admin_conn_ *ac, evhtp_request_t *req, int status, const char *text)
 {
-    struct timeval tv = { ADMIN_LINGER_MS / 1000, (ADMIN_LINGER_MS % 1000) * 1000 };
+    struct timeval tv = tg_ms_tv(ADMIN_LINGER_MS);
     struct bufferevent *bev = evhtp_connection_take_ownership(evhtp_request_get_connection(req));
 
     ac->bev = bev;

@@ -74,7 +74,6 @@ static void start(struct tg_alert_send *s, unsigned channel);
 static void settle(struct tg_alert_send *s, unsigned channel, int delivered,
                    const char *reason);
 static void count(unsigned channel, unsigned rule, enum tg_metric_alert_outcome o);
-static void ms_tv(unsigned ms, struct timeval *tv);
 static size_t discard(char *p, size_t size, size_t n, void *arg);
 
 /* ---- public functions -------------------------------------------------- */
@@ -253,7 +252,7 @@ timer_cb(CURLM *multi, long timeout_ms, void *userp)
         evtimer_del(s->timer);
         return 0;
     }
-    ms_tv((unsigned)(timeout_ms > 3600000 ? 3600000 : timeout_ms), &tv);
+    tv = tg_ms_tv((unsigned)(timeout_ms > 3600000 ? 3600000 : timeout_ms));
     evtimer_add(s->timer, &tv);
     return 0;
 }
@@ -382,8 +381,7 @@ after_action(struct tg_alert_send *s)
                 tg_asend_channel_names[m->channel], m->tries, s->opts.max_tries,
                 reason, (unsigned long long)delay);
         {
-            struct timeval tv;
-            ms_tv((unsigned)delay, &tv);
+            struct timeval tv = tg_ms_tv((unsigned)delay);
             evtimer_add(s->fifo[m->channel].retry, &tv);
         }
     }
@@ -471,13 +469,6 @@ static void
 count(unsigned channel, unsigned rule, enum tg_metric_alert_outcome o)
 {
     tg_metrics_global_inc(TG_M_ALERTS, tg_metrics_alert(channel, rule, o));
-}
-
-static void
-ms_tv(unsigned ms, struct timeval *tv)
-{
-    tv->tv_sec = ms / 1000;
-    tv->tv_usec = (ms % 1000) * 1000;
 }
 
 static size_t

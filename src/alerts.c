@@ -244,8 +244,7 @@ arm(struct tg_alerts *a)
         return;
     }
     a->tick_ms = ms;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     event_add(a->tick, &tv);
 }
 

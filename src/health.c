@@ -64,7 +64,6 @@ static void check_event_cb(struct bufferevent *bev, short what, void *arg);
 static void check_start(tg_hserver *s);
 static void check_done(tg_hserver *s, int ok);
 static void set_up(tg_hserver *s, int up);
-static void ms_to_tv(unsigned ms, struct timeval *tv);
 
 /* ---- public ----------------------------------------------------------- */
 
@@ -86,8 +85,8 @@ tg_health_create(struct event_base *main_base, const tg_conf *conf)
     h->timeout_ms = conf->upstream.health_check.timeout_ms;
     h->healthy = conf->upstream.health_check.healthy;
     h->unhealthy = conf->upstream.health_check.unhealthy;
-    ms_to_tv(conf->upstream.health_check.interval_ms, &h->interval_tv);
-    ms_to_tv(h->timeout_ms, &h->timeout_tv);
+    h->interval_tv = tg_ms_tv(conf->upstream.health_check.interval_ms);
+    h->timeout_tv = tg_ms_tv(h->timeout_ms);
     h->lim.max_request_line = 1024;
     h->lim.max_header_bytes = 16384;
     h->lim.max_headers = 100;
@@ -355,11 +354,4 @@ set_up(tg_hserver *s, int up)
 {
     s->up = up;
     __atomic_store_n(&s->h->up[s->idx], up, __ATOMIC_RELEASE);
-}
-
-static void
-ms_to_tv(unsigned ms, struct timeval *tv)
-{
-    tv->tv_sec = ms / 1000;
-    tv->tv_usec = (ms % 1000) * 1000;
 }

@@ -163,8 +163,7 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         snprintf(r->sha + 2 * i, 3, "%02x", md[i]);
     }
 
-    tv.tv_sec = r->opts.timeout_ms / 1000;
-    tv.tv_usec = (r->opts.timeout_ms % 1000) * 1000;
+    tv = tg_ms_tv(r->opts.timeout_ms);
     r->call_tv = event_base_init_common_timeout(base, &tv);
     r->flush_ev = event_new(base, -1, 0, flush_cb, r);
     if (r->call_tv == NULL || r->flush_ev == NULL
@@ -795,8 +794,7 @@ batch_arm(struct tg_redis_batch *b, uint64_t now)
         return 0;
     }
     us = next > now ? next - now : 0;
-    tv.tv_sec = (time_t)(us / 1000000);
-    tv.tv_usec = (suseconds_t)(us % 1000000);
+    tv = tg_us_tv(us);
     event_add(b->timer, &tv);
     b->timer_set = 1;
     return 1;

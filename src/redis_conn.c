@@ -760,8 +760,7 @@ tg_redis_conn_start(struct tg_rnode *nd)
     nd->state = TG_REDIS_CONNECTING;
     ms = r->opts.timeout_ms > TG_REDIS_CONNECT_MIN_MS ? r->opts.timeout_ms
                                                       : TG_REDIS_CONNECT_MIN_MS;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_add(nd->connect_ev, &tv);
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
@@ -817,8 +816,7 @@ conn_connect(struct tg_rnode *nd)
 
     ms = r->opts.timeout_ms > TG_REDIS_CONNECT_MIN_MS ? r->opts.timeout_ms
                                                       : TG_REDIS_CONNECT_MIN_MS;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_del(nd->connect_ev);
     evtimer_add(nd->connect_ev, &tv);
 }
@@ -901,8 +899,7 @@ tg_redis_schedule_reconnect(struct tg_rnode *nd)
             nd->backoff_ms = TG_REDIS_BACKOFF_MAX_MS;
         }
     }
-    tv.tv_sec = (time_t)(ms / 1000);
-    tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_add(nd->reconnect_ev, &tv);
 }
 
@@ -1187,8 +1184,7 @@ tg_redis_aux_start(struct tg_raux *aux, const char *host, int port, int argc,
     aux->ac = ac;
     ms = r->opts.timeout_ms > TG_REDIS_AUX_MIN_MS ? r->opts.timeout_ms
                                                   : TG_REDIS_AUX_MIN_MS;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_add(aux->timer, &tv);
 }
 

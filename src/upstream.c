@@ -147,8 +147,7 @@ tg_upstream_pool_create(struct event_base *base, const tg_conf *conf)
                       ? conf->upstream.keepalive
                       : conf->http.max_connections != 0
                       ? conf->http.max_connections : UINT_MAX;
-    pool->idle_tv.tv_sec = conf->upstream.keepalive_timeout_ms / 1000;
-    pool->idle_tv.tv_usec = (conf->upstream.keepalive_timeout_ms % 1000) * 1000;
+    pool->idle_tv = tg_ms_tv(conf->upstream.keepalive_timeout_ms);
     pool->now_ms = tg_now_ms;
     memset(&bc, 0, sizeof(bc));
     bc.failures = conf->upstream.breaker.failures;
@@ -675,8 +674,7 @@ queue_arm(struct tg_upstream_pool *pool)
     }
     now = pool->now_ms();
     ms = when > now ? when - now : 0;
-    tv.tv_sec = (time_t)(ms / 1000);
-    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    tv = tg_ms_tv(ms);
     evtimer_add(pool->qtimer, &tv);
 }
 

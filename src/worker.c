@@ -348,7 +348,7 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
             tg_conf_unref(m[i].conf);
             tg_keys_unref(m[i].keys);
         } else if (m[i].type == MSG_DRAIN) {
-            struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
+            struct timeval tv = tg_ms_tv(m[i].arg);
             evtimer_add(w->deadline, &tv);
             event_del(w->sampler);     /* lets the loop end when idle */
             w->draining = 1;

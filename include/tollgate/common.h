@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/time.h>
 
 #ifndef TG_VERSION               /* set by meson from project(version:) */
 #define TG_VERSION "0.0.0-unknown"
@@ -49,6 +50,28 @@ char *tg_xstrndup(const char *s, size_t n);
 /* Monotonic clock in milliseconds / microseconds. */
 uint64_t tg_now_ms(void);
 uint64_t tg_now_us(void);
+
+/* A duration in milliseconds / microseconds as the struct timeval that
+ * event_add() and friends take: the one conversion in the tree. */
+static inline struct timeval
+tg_ms_tv(uint64_t ms)
+{
+    struct timeval tv;
+
+    tv.tv_sec = (time_t)(ms / 1000);
+    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    return tv;
+}
+
+static inline struct timeval
+tg_us_tv(uint64_t us)
+{
+    struct timeval tv;
+
+    tv.tv_sec = (time_t)(us / 1000000);
+    tv.tv_usec = (suseconds_t)(us % 1000000);
+    return tv;
+}
 
 #define TG_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define TG_UNUSED(x) ((void)(x))
