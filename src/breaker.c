@@ -10,6 +10,8 @@
 
 #include <string.h>
 
+#include "tollgate/common.h"
+
 static void set_state(tg_breaker *b, enum tg_breaker_state to);
 static void trip(tg_breaker *b, uint64_t now_ms, uint64_t duration_ms);
 static void reset_counters(tg_breaker *b);
@@ -172,6 +174,9 @@ set_state(tg_breaker *b, enum tg_breaker_state to)
 
     if (from == to)
         return;
+    TG_ASSERT((from == TG_BREAKER_CLOSED && to == TG_BREAKER_OPEN)
+              || (from == TG_BREAKER_OPEN && to == TG_BREAKER_HALF_OPEN)
+              || from == TG_BREAKER_HALF_OPEN);
     b->state = to;
     if (b->hook != NULL)
         b->hook(b->hook_arg, from, to);

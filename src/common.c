@@ -58,6 +58,14 @@ oom(size_t n)
     abort();
 }
 
+void
+tg_assert_fail(const char *cond, const char *file, int line, const char *func)
+{
+    fprintf(stderr, "tollgate: assertion failed: %s (%s:%d, %s)\n", cond, file,
+            line, func);
+    abort();
+}
+
 size_t
 tg_fmt(char *buf, size_t size, const char *fmt, ...)
 {

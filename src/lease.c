@@ -236,6 +236,7 @@ tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result
     if (!lease_match(e, ctx, h)) {
         return;                        /* cannot happen: the slot was marked */
     }
+    TG_ASSERT(e->taking && ln > ctx->cost);
     lease_give_back(lim, e);           /* leftovers of an older slice */
     for (size_t i = 0; i < ctx->n; i++) {
         e->p_us[i] = res->now_us > 0 ? res->now_us + res->held_us[i] : 0;

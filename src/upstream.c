@@ -323,6 +323,7 @@ tg_upstream_release(struct tg_uconn *uc, int reusable)
     if (!uc->reported && uc->gen == srv->gen) {
         tg_breaker_abandon(&srv->breaker, pool->now_ms());
     }
+    TG_ASSERT(!uc->idle && srv->inflight > 0);
     uc->reported = 1;
     srv->inflight--;
     if (pool->adaptive) {
@@ -393,6 +394,7 @@ lend(struct tg_upstream_pool *pool, tg_userver *srv, int *reused, uint64_t now)
     int one = 1;
 
     if (uc != NULL) {
+        TG_ASSERT(uc->idle && srv->nidle > 0);
         TAILQ_REMOVE(&srv->idle, uc, link);
         srv->nidle--;
         uc->idle = 0;

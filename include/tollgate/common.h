@@ -73,6 +73,22 @@ tg_us_tv(uint64_t us)
     return tv;
 }
 
+/*
+ * TG_ASSERT(cond): an invariant of a state machine (breaker, upstream
+ * connection, lease, adaptive queue).  On in debug and sanitized builds
+ * (meson defines TG_DEBUG for buildtype=debug or b_sanitize set): a false
+ * cond aborts with its text and place.  Off in release builds, where cond
+ * is not evaluated; so it must have no side effects.
+ */
+#ifdef TG_DEBUG
+#define TG_ASSERT(cond) \
+    ((cond) ? (void)0 : tg_assert_fail(#cond, __FILE__, __LINE__, __func__))
+#else
+#define TG_ASSERT(cond) ((void)sizeof(!(cond)))
+#endif
+void tg_assert_fail(const char *cond, const char *file, int line, const char *func)
+    __attribute__((noreturn));
+
 #define TG_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define TG_UNUSED(x) ((void)(x))
 
