@@ -12,6 +12,7 @@
  * than a reset.
  */
 #include "tollgate/admin.h"
+#include "tollgate/common_ev.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -276,7 +277,7 @@ refuse(struct admin_conn_ *ac, evhtp_request_t *req, int status, const char *tex
                         status, status == 413 ? "Payload Too Large"
                                               : "Request Header Fields Too Large",
                         strlen(text), text);
-    ac->timer = evtimer_new(bufferevent_get_base(bev), linger_timer_cb, ac);
+    ac->timer = tg_evtimer_new(bufferevent_get_base(bev), linger_timer_cb, ac);
     evtimer_add(ac->timer, &tv);
     bufferevent_set_timeouts(bev, NULL, NULL);
     bufferevent_setcb(bev, linger_read_cb, linger_write_cb, linger_event_cb, ac);

@@ -23,6 +23,7 @@
 #include <curl/curl.h>
 #include <event2/event.h>
 
+#include "tollgate/common_ev.h"
 #include "tollgate/conf.h"
 #include "tollgate/metrics.h"
 
@@ -86,14 +87,14 @@ tg_alert_send_create(struct event_base *base, const tg_alert_send_opts *opts)
 
     s->base = base;
     s->multi = curl_multi_init();
-    s->timer = evtimer_new(base, timeout_cb, s);
-    if (s->multi == NULL || s->timer == NULL) {
+    s->timer = tg_evtimer_new(base, timeout_cb, s);
+    if (s->multi == NULL) {
         tg_error("alerts: cannot set up libcurl multi");
         tg_alert_send_destroy(s);
         return NULL;
     }
     for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
-        s->fifo[c].retry = evtimer_new(base, retry_cb, s);
+        s->fifo[c].retry = tg_evtimer_new(base, retry_cb, s);
     }
     curl_multi_setopt(s->multi, CURLMOPT_SOCKETFUNCTION, sock_cb);
     curl_multi_setopt(s->multi, CURLMOPT_SOCKETDATA, s);
@@ -226,10 +227,7 @@ sock_cb(CURL *e, curl_socket_t fd, int what, void *userp, void *sockp)
     kind = (short)(EV_PERSIST | ((what & CURL_POLL_IN) ? EV_READ : 0)
                    | ((what & CURL_POLL_OUT) ? EV_WRITE : 0));
     if (ev == NULL) {
-        ev = event_new(s->base, fd, kind, event_cb, s);
-        if (ev == NULL) {
-            return -1;
-        }
+        ev = tg_event_new(s->base, fd, kind, event_cb, s);
         curl_multi_assign(s->multi, fd, ev);
     } else {
         event_del(ev);

@@ -28,6 +28,7 @@
 
 #include "tollgate/alert_send.h"
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/metrics.h"
 #include "tollgate/worker.h"
 
@@ -129,8 +130,8 @@ tg_alerts_create(struct event_base *base, tg_conf *conf,
     a->ring = tg_xcalloc(TG_ALERTS_RING * (1 + a->nv), sizeof(uint64_t));
     send_opts(conf, &o);
     a->send = tg_alert_send_create(base, &o);
-    a->tick = event_new(base, -1, EV_PERSIST, tick_cb, a);
-    if (a->send == NULL || a->tick == NULL) {
+    a->tick = tg_event_new(base, -1, EV_PERSIST, tick_cb, a);
+    if (a->send == NULL) {
         tg_alerts_destroy(a);
         return NULL;
     }
@@ -688,7 +689,7 @@ render(unsigned channel, const tg_conf *conf, const char *source,
        const tg_incident *inc, enum tg_alerts_kind kind, size_t *len)
 {
     static const char *const tags[] = { "FIRING", "STILL FIRING", "RESOLVED" };
-    struct evbuffer *b = evbuffer_new();
+    struct evbuffer *b = tg_evbuffer_new();
     uint64_t now = wall_ms();
     char since[40], at[40], line[640], head[256], lasted[64];
     const char *rule = rule_names[inc->rule];

@@ -66,6 +66,13 @@ tg_assert_fail(const char *cond, const char *file, int line, const char *func)
     abort();
 }
 
+void
+tg_oom(const char *what)
+{
+    fprintf(stderr, "tollgate: out of memory in %s\n", what);
+    abort();
+}
+
 size_t
 tg_fmt(char *buf, size_t size, const char *fmt, ...)
 {

@@ -24,6 +24,7 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 
+#include "tollgate/common_ev.h"
 #include "tollgate/http.h"
 
 #define TG_HEALTH_REASON 128       /* last failure, for the transition log */
@@ -111,21 +112,14 @@ tg_health_create(struct event_base *main_base, const tg_conf *conf)
                  "User-Agent: tollgate-health/" TG_VERSION "\r\n"
                  "Connection: close\r\n\r\n", path, s->addr.text);
         s->req_len = (size_t)n;
-        s->deadline = evtimer_new(main_base, deadline_cb, s);
-        if (s->deadline == NULL) {
-            goto fail;
-        }
+        s->deadline = tg_evtimer_new(main_base, deadline_cb, s);
     }
-    h->tick = evtimer_new(main_base, tick_cb, h);
-    if (h->tick == NULL) {
-        goto fail;
-    }
+    h->tick = tg_evtimer_new(main_base, tick_cb, h);
     evtimer_add(h->tick, &now);     /* the first round as soon as possible */
     return h;
 
 fail:
-    /* Out of memory in libevent: the project's policy is to abort. */
-    tg_error("health: cannot create timers");
+    tg_error("health: cannot format the check request");
     abort();
 }
 
@@ -218,13 +212,7 @@ check_start(tg_hserver *s)
     if (s->addr.sa.ss_family != AF_UNIX) {
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     }
-    s->bev = bufferevent_socket_new(h->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    if (s->bev == NULL) {
-        evutil_closesocket(fd);
-        snprintf(s->reason, sizeof(s->reason), "cannot create a bufferevent");
-        check_done(s, 0);
-        return;
-    }
+    s->bev = tg_bufferevent_socket_new(h->base, fd, BEV_OPT_CLOSE_ON_FREE);
     bufferevent_setcb(s->bev, check_read_cb, NULL, check_event_cb, s);
     evtimer_add(s->deadline, &h->timeout_tv);
     if (bufferevent_socket_connect(s->bev, (struct sockaddr *)&s->addr.sa,

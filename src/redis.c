@@ -165,13 +165,13 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
 
     tv = tg_ms_tv(r->opts.timeout_ms);
     r->call_tv = event_base_init_common_timeout(base, &tv);
-    r->flush_ev = event_new(base, -1, 0, flush_cb, r);
-    if (r->call_tv == NULL || r->flush_ev == NULL
-        || tg_redis_aux_init(r, &r->disc, tg_redis_sentinel_done) != TG_OK
-        || tg_redis_aux_init(r, &r->slots, tg_redis_slots_done) != TG_OK) {
+    r->flush_ev = tg_event_new(base, -1, 0, flush_cb, r);
+    if (r->call_tv == NULL) {
         tg_error("redis: cannot create events");
         goto fail;
     }
+    tg_redis_aux_init(r, &r->disc, tg_redis_sentinel_done);
+    tg_redis_aux_init(r, &r->slots, tg_redis_slots_done);
 
     switch (r->mode) {
     case TG_MODE_SINGLE:
@@ -181,8 +181,8 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         tg_redis_conn_start(r->nodes[0]);
         break;
     case TG_MODE_SENTINEL:
-        r->sub_ev = evtimer_new(base, tg_redis_sub_retry_cb, r);
-        if (r->sub_ev == NULL || tg_redis_node_new(r, "", 0) == NULL) {
+        r->sub_ev = tg_evtimer_new(base, tg_redis_sub_retry_cb, r);
+        if (tg_redis_node_new(r, "", 0) == NULL) {
             tg_error("redis: cannot create events");
             goto fail;
         }
@@ -192,11 +192,7 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     case TG_MODE_CLUSTER:
         r->slot_node = tg_xcalloc(TG_REDIS_CLUSTER_SLOTS, sizeof(*r->slot_node));
         r->slot_batch = tg_xcalloc(TG_REDIS_CLUSTER_SLOTS, sizeof(*r->slot_batch));
-        r->refresh_ev = evtimer_new(base, tg_redis_refresh_cb, r);
-        if (r->refresh_ev == NULL) {
-            tg_error("redis: cannot create events");
-            goto fail;
-        }
+        r->refresh_ev = tg_evtimer_new(base, tg_redis_refresh_cb, r);
         tg_redis_cluster_refresh(r);
         break;
     }

@@ -473,16 +473,8 @@ tg_redis_ctx_open(struct tg_redis *r, const char *host, int port, void *data, in
     e = tg_xcalloc(1, sizeof(*e));
     e->ac = ac;
     e->r = r;
-    e->rev = event_new(r->base, ac->c.fd, EV_READ, rctx_read_cb, e);
-    e->wev = event_new(r->base, ac->c.fd, EV_WRITE, rctx_write_cb, e);
-    if (e->rev == NULL || e->wev == NULL) {
-        tg_error("redis: cannot create events");
-        if (e->rev) event_free(e->rev);
-        if (e->wev) event_free(e->wev);
-        free(e);
-        redisAsyncFree(ac);
-        return NULL;
-    }
+    e->rev = tg_event_new(r->base, ac->c.fd, EV_READ, rctx_read_cb, e);
+    e->wev = tg_event_new(r->base, ac->c.fd, EV_WRITE, rctx_write_cb, e);
     ac->c.reader->fn = &tg_reply_fns;
     ac->c.reader->privdata = e;
     ac->ev.addRead = rctx_add_read;
@@ -567,14 +559,9 @@ tg_redis_node_new(struct tg_redis *r, const char *host, int port)
     nd->port = port;
     nd->state = TG_REDIS_DOWN;
     nd->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
-    nd->drop_ev = event_new(r->base, -1, 0, drop_cb, nd);
-    nd->reconnect_ev = evtimer_new(r->base, reconnect_cb, nd);
-    nd->connect_ev = evtimer_new(r->base, connect_timeout_cb, nd);
-    if (nd->drop_ev == NULL || nd->reconnect_ev == NULL || nd->connect_ev == NULL) {
-        tg_error("redis: cannot create events");
-        tg_redis_node_free(nd);
-        return NULL;
-    }
+    nd->drop_ev = tg_event_new(r->base, -1, 0, drop_cb, nd);
+    nd->reconnect_ev = tg_evtimer_new(r->base, reconnect_cb, nd);
+    nd->connect_ev = tg_evtimer_new(r->base, connect_timeout_cb, nd);
     r->nodes = tg_xrealloc(r->nodes, (r->nnodes + 1) * sizeof(*r->nodes));
     r->nodes[r->nnodes++] = nd;
     return nd;
@@ -1074,13 +1061,12 @@ connect_timeout_cb(evutil_socket_t fd, short what, void *arg)
 
 static void aux_timer_cb(evutil_socket_t fd, short what, void *arg);
 
-tg_rc
+void
 tg_redis_aux_init(struct tg_redis *r, struct tg_raux *aux, tg_raux_done done)
 {
     aux->r = r;
     aux->done = done;
-    aux->timer = evtimer_new(r->base, aux_timer_cb, aux);
-    return aux->timer != NULL ? TG_OK : TG_ERR;
+    aux->timer = tg_evtimer_new(r->base, aux_timer_cb, aux);
 }
 
 /* Report the failure from our timer, on a clean stack. */

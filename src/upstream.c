@@ -41,6 +41,7 @@
 #include <event2/buffer.h>
 
 #include "tollgate/adaptive.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/health.h"
 #include "tollgate/metrics.h"
 
@@ -415,12 +416,7 @@ lend(struct tg_upstream_pool *pool, tg_userver *srv, int *reused, uint64_t now)
     uc = tg_xcalloc(1, sizeof(*uc));
     uc->pool = pool;
     uc->server = srv;
-    uc->bev = bufferevent_socket_new(pool->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    if (uc->bev == NULL) {
-        close(fd);
-        free(uc);
-        goto fail;
-    }
+    uc->bev = tg_bufferevent_socket_new(pool->base, fd, BEV_OPT_CLOSE_ON_FREE);
     /* A refused or failed connect is reported through the event callback
      * the borrower installs; only immediate errors show here. */
     if (bufferevent_socket_connect(uc->bev, (struct sockaddr *)&srv->addr->sa,
@@ -531,8 +527,8 @@ adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf)
         tg_adapt_limit_init(&pool->servers[i].alim, share(conf->adaptive.initial, w),
                             share(conf->adaptive.min, w), share(conf->adaptive.max, w));
     }
-    pool->wake = event_new(pool->base, -1, 0, wake_cb, pool);
-    pool->qtimer = evtimer_new(pool->base, qtimer_cb, pool);
+    pool->wake = tg_event_new(pool->base, -1, 0, wake_cb, pool);
+    pool->qtimer = tg_evtimer_new(pool->base, qtimer_cb, pool);
 }
 
 void

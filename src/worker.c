@@ -20,6 +20,7 @@
 #include <event2/listener.h>
 
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/connlimit.h"
 #include "tollgate/keys.h"
 #include "tollgate/metrics.h"
@@ -108,8 +109,8 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         snprintf(err, errlen, "worker %u: cannot create an event base", id);
         goto fail;
     }
-    w->notify = event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
-    w->deadline = evtimer_new(w->base, deadline_cb, w);
+    w->notify = tg_event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
+    w->deadline = tg_evtimer_new(w->base, deadline_cb, w);
     event_add(w->notify, NULL);
     w->px = tg_proxy_create(w->base, conf, keys, on_empty, w, err, errlen);
     if (w->px == NULL) {
@@ -123,7 +124,7 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
     w->upstate = tg_xcalloc(w->nservers, sizeof(*w->upstate));
     {
         struct timeval tv = { 0, 50 * 1000 };
-        w->sampler = event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
+        w->sampler = tg_event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
         event_add(w->sampler, &tv);
         w->store_ready = tg_proxy_store_ready(w->px);
         w->breaker = tg_proxy_redis_breaker(w->px);
@@ -189,7 +190,7 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
         return TG_ERR;
     }
     if (w->accept_resume == NULL) {
-        w->accept_resume = evtimer_new(w->base, accept_resume_cb, w);
+        w->accept_resume = tg_evtimer_new(w->base, accept_resume_cb, w);
     }
     wl = &w->listeners[w->nlisteners];
     wl->w = w;

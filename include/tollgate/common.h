@@ -41,6 +41,10 @@ void tg_log(enum tg_log_level level, const char *fmt, ...)
 size_t tg_fmt(char *buf, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* The out-of-memory exit: "tollgate: out of memory in WHAT", then abort.
+ * For allocators other than tg_x* (libevent: common_ev.h). */
+void tg_oom(const char *what) __attribute__((noreturn));
+
 void *tg_xmalloc(size_t n);
 void *tg_xcalloc(size_t n, size_t size);
 void *tg_xrealloc(void *p, size_t n);
