@@ -201,8 +201,7 @@ tg_yaml_offset_mark(const tg_yaml_src *src, size_t offset)
 char *
 tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t errlen)
 {
-    char *text = NULL;
-    size_t len = 0, cap;
+    tg_buf text = TG_BUF_INIT;
     ssize_t n;
     struct stat st;
     int fd;
@@ -224,19 +223,17 @@ tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t 
         snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes", path, max);
         goto fail;
     }
-    cap = (size_t)st.st_size + 1;
-    text = tg_xmalloc(cap);
+    tg_buf_reserve(&text, (size_t)st.st_size);
     for (;;) {
-        if (len + 1 >= cap) {
-            if (cap > max) {
+        if (text.len + 1 >= text.cap) {
+            if (text.cap > max) {
                 snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes",
                          path, max);
                 goto fail;
             }
-            cap *= 2;
-            text = tg_xrealloc(text, cap);
+            tg_buf_reserve(&text, text.cap - text.len);     /* doubles */
         }
-        n = read(fd, text + len, cap - len - 1);
+        n = read(fd, text.p + text.len, text.cap - text.len - 1);
         if (n < 0) {
             if (errno == EINTR) {
                 continue;
@@ -247,15 +244,15 @@ tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t 
         if (n == 0) {
             break;
         }
-        len += (size_t)n;
+        text.len += (size_t)n;
     }
-    text[len] = '\0';
+    text.p[text.len] = '\0';
     close(fd);
-    *lenp = len;
-    return text;
+    *lenp = text.len;
+    return text.p;
 
 fail:
-    free(text);
+    tg_buf_free(&text);
     close(fd);
     return NULL;
 }

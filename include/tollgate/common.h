@@ -51,6 +51,32 @@ void *tg_xrealloc(void *p, size_t n);
 char *tg_xstrdup(const char *s);
 char *tg_xstrndup(const char *s, size_t n);
 
+/*
+ * tg_buf: the one growable byte string (exporters, message bodies, file
+ * reads).  TG_BUF_INIT (or zeroed memory) is empty with nothing allocated;
+ * after any append p is NUL-terminated (len does not count the NUL).
+ * Growth at least doubles; out of memory aborts (tg_xrealloc).  The owner
+ * frees p (tg_buf_free) or takes it.
+ */
+typedef struct tg_buf {
+    char   *p;
+    size_t  len;
+    size_t  cap;                  /* bytes allocated, the NUL included */
+} tg_buf;
+
+#define TG_BUF_INIT { NULL, 0, 0 }
+
+/* Room for `more` bytes after len, plus the NUL. */
+void tg_buf_reserve(tg_buf *b, size_t more);
+void tg_buf_add(tg_buf *b, const void *s, size_t n);
+void tg_buf_str(tg_buf *b, const char *s);
+void tg_buf_printf(tg_buf *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Empty again, keeping the memory. */
+void tg_buf_reset(tg_buf *b);
+/* Free p; empty again. */
+void tg_buf_free(tg_buf *b);
+
 /* Monotonic clock in milliseconds / microseconds. */
 uint64_t tg_now_ms(void);
 uint64_t tg_now_us(void);
