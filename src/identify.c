@@ -72,7 +72,7 @@ tg_identify(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
     const char *kv = NULL;
     size_t klen = 0;
 
-    h = find_header(req, conf->auth.header ? conf->auth.header : "x-api-key");
+    h = find_header(req, conf->auth.header);
     if (h != NULL) {
         kv = h->value;
         klen = h->value_len;
@@ -125,7 +125,7 @@ tg_limiter_strip_header(const struct tg_limiter *lim, const tg_http_req *req,
                         const tg_http_hdr *h)
 {
     const tg_conf *conf = lim->conf;
-    const char *kh = conf->auth.header ? conf->auth.header : "x-api-key";
+    const char *kh = conf->auth.header;
 
     if (!lim->enabled || conf->auth.forward_key) {
         return 0;

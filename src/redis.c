@@ -122,13 +122,13 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     if (r->opts.ncluster > TG_REDIS_MAX_ADDRS) {
         r->opts.ncluster = TG_REDIS_MAX_ADDRS;
     }
+    /* The config sets both within its bounds (redis.timeout_ms,
+     * redis.max_batch); 0 is only from callers without one (tests). */
     if (r->opts.timeout_ms == 0) {
         r->opts.timeout_ms = TG_REDIS_DEFAULT_TIMEOUT;
     }
     if (r->opts.max_batch == 0) {
         r->opts.max_batch = TG_REDIS_DEFAULT_BATCH;
-    } else if (r->opts.max_batch > TG_REDIS_MAX_BATCH) {
-        r->opts.max_batch = TG_REDIS_MAX_BATCH;
     }
     if (r->opts.ncluster > 0) {
         r->mode = TG_MODE_CLUSTER;

@@ -30,7 +30,6 @@
 #define TG_REDIS_MAX_CONSEC_TMO    3        /* deadlines in a row: reconnect */
 #define TG_REDIS_DEFAULT_TIMEOUT   25
 #define TG_REDIS_DEFAULT_BATCH     32
-#define TG_REDIS_MAX_BATCH         512
 #define TG_REDIS_NUMLEN            21       /* "18446744073709551615" + NUL */
 #define TG_REDIS_MAX_REDIRECTS     2        /* MOVED/ASK per batch */
 #define TG_REDIS_REFRESH_MS        30000    /* Cluster: slot map refresh */
