@@ -64,6 +64,8 @@ tg_breaker_allow(tg_breaker *b, uint64_t now_ms)
             return 0;
         b->probe_inflight = 1;
         return 1;
+    case TG_BREAKER_NONE:
+        break;
     }
     return 0;
 }
@@ -87,6 +89,8 @@ tg_breaker_success(tg_breaker *b, uint64_t now_ms)
         reset_counters(b);
         b->open_ms = b->conf.open_ms;
         set_state(b, TG_BREAKER_CLOSED);
+        return;
+    case TG_BREAKER_NONE:
         return;
     }
 }
@@ -124,6 +128,8 @@ tg_breaker_failure(tg_breaker *b, uint64_t now_ms)
             next = b->conf.max_open_ms;
         trip(b, now_ms, next);
         return;
+    case TG_BREAKER_NONE:
+        return;
     }
 }
 
@@ -160,6 +166,7 @@ tg_breaker_state_name(enum tg_breaker_state s)
     case TG_BREAKER_CLOSED:    return "closed";
     case TG_BREAKER_OPEN:      return "open";
     case TG_BREAKER_HALF_OPEN: return "half-open";
+    case TG_BREAKER_NONE:      return "none";
     }
     return "?";
 }

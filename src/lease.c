@@ -182,7 +182,7 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     out->window_s = ceil_s(l->interval_us * l->burst);
     out->remaining = e->remaining + e->tokens < l->burst ? e->remaining + e->tokens : l->burst;
     out->reset_s = ceil_s(reset > now ? reset - now : 0);
-    out->status = 0;
+    out->status = TG_LIMIT_ALLOWED;
     out->retry_s = 0;
     return 1;
 }

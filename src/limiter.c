@@ -330,13 +330,13 @@ tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard)
     lim->shard = shard;
 }
 
-int
+enum tg_breaker_state
 tg_limiter_breaker_state(struct tg_limiter *lim)
 {
     if (lim->redis == NULL) {
-        return -1;
+        return TG_BREAKER_NONE;
     }
-    return (int)tg_breaker_state(&lim->breaker, tg_now_ms());
+    return tg_breaker_state(&lim->breaker, tg_now_ms());
 }
 
 int
@@ -394,7 +394,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
 
     tier = tg_conf_tier(conf, out->tier);
     if (tier == NULL) {
-        tg_limit_deny(out, 403, "the key's tier is not configured");
+        tg_limit_deny(out, TG_LIMIT_FORBIDDEN, "the key's tier is not configured");
         return TG_OK;
     }
 
@@ -529,7 +529,7 @@ finish_impossible(tg_limit_ctx *ctx, size_t i)
     out->window_s = ceil_s(l->interval_us * l->burst);
     out->remaining = 0;
     out->reset_s = 0;
-    out->status = 429;
+    out->status = TG_LIMIT_LIMITED;
     out->error = "this request costs more tokens than the bucket can hold: "
                  "it can never pass";
     out->retry_s = 0;
@@ -550,10 +550,10 @@ finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
     out->remaining = res->remaining;
     out->reset_s = ceil_s(res->reset_us);
     if (res->allowed) {
-        out->status = 0;
+        out->status = TG_LIMIT_ALLOWED;
         out->retry_s = 0;
     } else {
-        out->status = 429;
+        out->status = TG_LIMIT_LIMITED;
         out->error = "rate limit exceeded";
         out->retry_s = ceil_s(res->retry_us);
         if (out->retry_s == 0) {
@@ -659,7 +659,7 @@ fallback(tg_limit_ctx *ctx)
     out->fallback = 1;
     switch (lim->sconf->redis.on_failure) {
     case TG_FAIL_ALLOW:
-        out->status = 0;
+        out->status = TG_LIMIT_ALLOWED;
         out->limited = 0;
         return;
     case TG_FAIL_DENY:
@@ -712,7 +712,8 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
             return 0;
         }
     }
-    if ((o->status == 429 || o->status == 503) && o->retry_s > 0) {
+    if ((o->status == TG_LIMIT_LIMITED || o->status == TG_LIMIT_UNAVAILABLE)
+        && o->retry_s > 0) {
         m = snprintf(buf + n, len - (size_t)n, "Retry-After: %u\r\n", o->retry_s);
         if (m < 0 || (size_t)m >= len - (size_t)n) {
             return (size_t)n;
@@ -732,7 +733,7 @@ tg_limiter_store_down(tg_limit_ctx *ctx, const char *why)
     tg_limit_outcome *out = ctx->out;
     uint32_t s = ceil_s(tg_breaker_retry_ms(&ctx->lim->breaker, tg_now_ms()) * 1000);
 
-    out->status = 503;
+    out->status = TG_LIMIT_UNAVAILABLE;
     out->error = why;
     out->retry_s = s > 0 ? s : 1;
 }

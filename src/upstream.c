@@ -466,6 +466,8 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
         tg_info("upstream %s: breaker %s -> closed, back in rotation",
                 srv->addr->text, tg_breaker_state_name(from));
         break;
+    case TG_BREAKER_NONE:
+        break;
     }
 }
 

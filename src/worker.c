@@ -53,8 +53,9 @@ struct tg_worker {
     int                started;
     int                finished;   /* atomic: loop ended */
     int                store_ready;  /* atomic: tg_proxy_store_ready, sampled */
-    int                breaker;      /* atomic: tg_proxy_redis_breaker, sampled */
-    int               *upstate;      /* atomic each: upstream breakers, sampled */
+    int                breaker;      /* atomic: enum tg_breaker_state, sampled */
+    int               *upstate;      /* atomic each: upstream breakers (enum
+                                        tg_breaker_state), sampled */
     size_t             nservers;
     struct event      *sampler;    /* refreshes store_ready */
     struct event_base *base;
@@ -250,10 +251,12 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
     tg_anomaly_shard_tick(w->anomaly, tg_now_ms());
 }
 
-int
+enum tg_breaker_state
 tg_worker_upstream_state(struct tg_worker *w, size_t server)
 {
-    return server < w->nservers ? __atomic_load_n(&w->upstate[server], __ATOMIC_RELAXED) : 0;
+    return server < w->nservers
+           ? (enum tg_breaker_state)__atomic_load_n(&w->upstate[server], __ATOMIC_RELAXED)
+           : TG_BREAKER_CLOSED;
 }
 
 void
@@ -276,10 +279,10 @@ tg_worker_shard(struct tg_worker *w)
     return tg_proxy_shard(w->px);
 }
 
-int
+enum tg_breaker_state
 tg_worker_redis_breaker(struct tg_worker *w)
 {
-    return __atomic_load_n(&w->breaker, __ATOMIC_RELAXED);
+    return (enum tg_breaker_state)__atomic_load_n(&w->breaker, __ATOMIC_RELAXED);
 }
 
 int
