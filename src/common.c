@@ -135,6 +135,34 @@ tg_xstrndup(const char *s, size_t n)
     return p;
 }
 
+/* [a-z0-9_-]: 3 (tier and id), [A-Z.]: 2 (id only); 0x80.. are 0. */
+const unsigned char tg_name_chars[256] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 0,
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0,
+    0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 3,
+    0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3,
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0,
+};
+
+int
+tg_name_ok(enum tg_name_kind kind, const char *s, size_t len)
+{
+    size_t i, max = kind == TG_NAME_ID ? TG_KEY_ID_MAX : TG_TIER_MAX;
+
+    if (len < 1 || len > max) {
+        return 0;
+    }
+    for (i = 0; i < len; i++) {
+        if (!tg_name_char(kind, (unsigned char)s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* ---- tg_buf ------------------------------------------------------------ */
 
 void

@@ -40,7 +40,6 @@
 #define TG_CONF_REQUIRED   0x1u
 #define TG_CONF_PORT0      0x2u                 /* address may use port 0 */
 #define TG_CONF_MAX_CMDS   32                   /* directives per table */
-#define TG_CONF_TIER_NAME  32                   /* tier and route names */
 #define TG_CONF_METHOD_MAX 16
 #define TG_CONF_ROUTE_PATH 256
 #define TG_CONF_MAX_REDIS_ADDRS 16             /* = TG_REDIS_MAX_ADDRS */
@@ -161,7 +160,6 @@ static tg_rc tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
     __attribute__((format(printf, 4, 5)));
 static const tg_conf_mark *tg_conf_find_mark(const tg_conf_ctx *ctx,
                                              const void *field);
-static int tg_conf_tier_name_ok(const char *s);
 
 /* ---- tables ------------------------------------------------------------ */
 
@@ -388,7 +386,7 @@ static const tg_conf_cmd tg_conf_route_limit_cmds[] = {
 
 static const tg_conf_cmd tg_conf_route_cmds[] = {
     { "name", tg_conf_set_name, TG_FIELD(tg_route_conf, name), 1,
-      TG_CONF_TIER_NAME, TG_CONF_REQUIRED, NULL },
+      TG_TIER_MAX, TG_CONF_REQUIRED, NULL },
     { "method", tg_conf_set_method, TG_FIELD(tg_route_conf, method), 1,
       TG_CONF_METHOD_MAX, 0, NULL },
     { "path", tg_conf_set_route_prefix, TG_FIELD(tg_route_conf, path), 1,
@@ -2199,10 +2197,10 @@ tg_conf_set_name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     if (s == NULL) {
         return TG_ERR;
     }
-    if (!tg_conf_tier_name_ok(s)) {
+    if (!tg_name_ok(TG_NAME_TIER, s, strlen(s))) {
         return tg_conf_error(ctx, node->start_mark, path, "bad route name "
                              "\"%s\": 1..%d characters of [a-z0-9_-]", s,
-                             TG_CONF_TIER_NAME);
+                             TG_TIER_MAX);
     }
     free(*field);
     *field = tg_xstrdup(s);
@@ -2552,23 +2550,6 @@ tg_conf_set_cluster_nodes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
                              &conf->redis.ncluster_nodes, "cluster nodes");
 }
 
-static int
-tg_conf_tier_name_ok(const char *s)
-{
-    size_t i, len = strlen(s);
-
-    if (len < 1 || len > TG_CONF_TIER_NAME) {
-        return 0;
-    }
-    for (i = 0; i < len; i++) {
-        if (!(islower((unsigned char)s[i]) || isdigit((unsigned char)s[i]) ||
-              s[i] == '_' || s[i] == '-')) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
 /* rate_limits: tier name -> { requests_per_minute, burst_limit }.  The
  * names are data, not directives, so this walks the mapping itself and
  * checks each name; duplicates are caught like any key. */
@@ -2609,10 +2590,10 @@ tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                                      pkey->start_mark.column + 1);
             }
         }
-        if (!tg_conf_tier_name_ok(name)) {
+        if (!tg_name_ok(TG_NAME_TIER, name, strlen(name))) {
             return tg_conf_error(ctx, key->start_mark, child, "bad tier name "
                                  "\"%s\": 1..%d characters of [a-z0-9_-]", name,
-                                 TG_CONF_TIER_NAME);
+                                 TG_TIER_MAX);
         }
         tier = &conf->tiers[conf->ntiers++];
         tier->name = tg_xstrdup(name);

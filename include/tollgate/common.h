@@ -77,6 +77,30 @@ void tg_buf_reset(tg_buf *b);
 /* Free p; empty again. */
 void tg_buf_free(tg_buf *b);
 
+/*
+ * Identifiers: the one check for names that end up in bucket keys, metric
+ * labels and log lines.
+ *   TG_NAME_TIER  tier and route names: 1..TG_TIER_MAX of [a-z0-9_-]
+ *   TG_NAME_ID    consumer ids (keys file): 1..TG_KEY_ID_MAX of [A-Za-z0-9._-]
+ */
+#define TG_TIER_MAX     32
+#define TG_KEY_ID_MAX   64
+
+enum tg_name_kind { TG_NAME_TIER, TG_NAME_ID };
+
+/* By byte value: bit TG_NAME_TIER, bit TG_NAME_ID (a table: the keys
+ * file's fast path reads every byte of a million lines through it). */
+extern const unsigned char tg_name_chars[256];
+
+static inline int
+tg_name_char(enum tg_name_kind kind, unsigned char c)
+{
+    return (tg_name_chars[c] >> kind) & 1;
+}
+
+/* 1 when s[0..len) is a name of kind (length and characters). */
+int tg_name_ok(enum tg_name_kind kind, const char *s, size_t len);
+
 /* Monotonic clock in milliseconds / microseconds. */
 uint64_t tg_now_ms(void);
 uint64_t tg_now_us(void);

@@ -1,6 +1,7 @@
 /*
  * test_common.c - the small shared helpers of common.h: the growable
- * buffer (tg_buf), the ms/us -> timeval conversions, tg_fmt.
+ * buffer (tg_buf), the ms/us -> timeval conversions, tg_fmt, the
+ * identifier check (tg_name_ok).
  */
 #include <criterion/criterion.h>
 
@@ -133,4 +134,36 @@ Test(tg_fmt, cuts_and_returns_the_length_really_written)
     cr_assert_str_eq(buf, "abc");
     cr_assert_eq(tg_fmt(buf, sizeof(buf), "%s", "0123456789"), 7);
     cr_assert_str_eq(buf, "0123456");
+}
+
+Test(tg_name, tier_and_route_names)
+{
+    char longest[TG_TIER_MAX + 2];
+
+    cr_assert(tg_name_ok(TG_NAME_TIER, "pro", 3));
+    cr_assert(tg_name_ok(TG_NAME_TIER, "free_tier-2", 11));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "", 0));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "Pro", 3));        /* upper case */
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "a.b", 3));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "a b", 3));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "caf\xc3\xa9", 5));
+    memset(longest, 'a', sizeof(longest));
+    cr_assert(tg_name_ok(TG_NAME_TIER, longest, TG_TIER_MAX));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, longest, TG_TIER_MAX + 1));
+}
+
+Test(tg_name, consumer_ids)
+{
+    char longest[TG_KEY_ID_MAX + 2];
+
+    cr_assert(tg_name_ok(TG_NAME_ID, "Acme.Corp_1-x", 13));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, "", 0));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, "a:b", 3));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, "a/b", 3));
+    cr_assert(tg_name_char(TG_NAME_ID, 'Z') && !tg_name_char(TG_NAME_TIER, 'Z'));
+    cr_assert(tg_name_char(TG_NAME_ID, '.') && !tg_name_char(TG_NAME_TIER, '.'));
+    cr_assert_not(tg_name_char(TG_NAME_ID, 0x80));
+    memset(longest, 'A', sizeof(longest));
+    cr_assert(tg_name_ok(TG_NAME_ID, longest, TG_KEY_ID_MAX));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, longest, TG_KEY_ID_MAX + 1));
 }
