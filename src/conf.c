@@ -103,6 +103,8 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
                           const char *section);
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
 static void tg_conf_free_secret(char *s);
+static tg_rc tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
+                                  const char *s, int is_url);
 static tg_rc tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
                              const char *section);
 static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
@@ -144,7 +146,6 @@ TG_CONF_SETTER(tg_conf_set_routes);
 TG_CONF_SETTER(tg_conf_set_route_limit);
 TG_CONF_SETTER(tg_conf_set_alerts);
 TG_CONF_SETTER(tg_conf_set_channel);
-TG_CONF_SETTER(tg_conf_set_alert_secret);
 TG_CONF_SETTER(tg_conf_set_rule);
 TG_CONF_SETTER(tg_conf_set_to);
 TG_CONF_SETTER(tg_conf_set_ratio);
@@ -430,13 +431,13 @@ static const tg_conf_cmd tg_conf_access_log_cmds[] = {
 };
 
 /* Section alerts: (see alerts.h).  A channel's url and key are secrets:
- * their setters never echo the value in a message. */
+ * tg_conf_set_secret never echoes the value in a message. */
 #define TG_CHAN(i) TG_FIELD(tg_conf, alerts.channel[i])
 #define TG_RULE(i) TG_FIELD(tg_conf, alerts.rule[i])
 #define TG_SECRET_MAX 4096
 
 static const tg_conf_cmd tg_conf_slack_cmds[] = {
-    { "webhook_url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "webhook_url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { "webhook_url_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
@@ -444,17 +445,17 @@ static const tg_conf_cmd tg_conf_slack_cmds[] = {
 };
 
 static const tg_conf_cmd tg_conf_pagerduty_cmds[] = {
-    { "routing_key", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, key),
+    { "routing_key", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, key),
       1, 256, 0, NULL },
     { "routing_key_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, key_file), 0, 0, 0, NULL },
-    { "url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
 static const tg_conf_cmd tg_conf_webhook_cmds[] = {
-    { "url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { "url_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
@@ -2124,28 +2125,24 @@ tg_conf_set_string(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* A password: printable, no spaces (it goes into AUTH as one argument
- * and is never echoed in an error). */
+/* Every secret written in the file: a Redis password (it goes into AUTH
+ * as one argument), an alert channel's key, or its URL (cmd->arg "url":
+ * http:// or https://).  Printable, no spaces, cmd->min..max long, and
+ * never echoed in an error.  The *_file forms are read in phase 3. */
 static tg_rc
 tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                    void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     const char *s = tg_conf_string(ctx, node, path);
-    size_t i, len;
 
     if (s == NULL) {
         return TG_ERR;
     }
-    len = strlen(s);
-    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
+    if (tg_conf_check_len(ctx, cmd, node, path, strlen(s)) != TG_OK
+        || tg_conf_check_secret(ctx, node->start_mark, path, s, cmd->arg != NULL)
+           != TG_OK) {
         return TG_ERR;
-    }
-    for (i = 0; i < len; i++) {
-        if (!isgraph((unsigned char)s[i])) {
-            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
-                                 "spaces or control characters");
-        }
     }
     tg_conf_free_secret(*field);
     *field = tg_xstrdup(s);
@@ -2832,31 +2829,6 @@ tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
         return tg_conf_error(ctx, mark, path, "must be an http:// or https:// "
                              "URL (value not shown: a secret)");
     }
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_alert_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                         void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s;
-
-    /* cmd->arg: "url" for a URL, NULL for a key */
-    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node)) {
-        return tg_conf_error(ctx, node->start_mark, path, "expected a string");
-    }
-    s = (const char *)node->data.scalar.value;
-    if (strlen(s) != node->data.scalar.length || (int64_t)strlen(s) > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "NUL byte, or longer "
-                             "than %lld characters", (long long)cmd->max);
-    }
-    if (tg_conf_check_secret(ctx, node->start_mark, path, s, cmd->arg != NULL)
-        != TG_OK) {
-        return TG_ERR;
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
     return TG_OK;
 }
 
