@@ -103,6 +103,8 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
                           const char *section);
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
 static void tg_conf_free_secret(char *s);
+static tg_rc tg_conf_parse_ulong(const char *s, size_t len, unsigned long max,
+                                 unsigned long *out);
 static tg_rc tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
                                   const char *s, int is_url);
 static tg_rc tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
@@ -902,6 +904,113 @@ bad_port:
     return TG_ERR;
 }
 
+tg_rc
+tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
+                        size_t whylen)
+{
+    static const char scheme[] = "redis://";
+    const char *p, *host, *hend, *end;
+    unsigned long port = 6379, db = 0;
+    size_t hlen;
+
+    if (url == NULL || *url == '\0') {
+        snprintf(why, whylen, "empty");
+        return TG_ERR;
+    }
+    if (strncmp(url, "rediss://", 9) == 0) {
+        snprintf(why, whylen, "TLS (rediss://) is not supported");
+        return TG_ERR;
+    }
+    if (strncmp(url, scheme, sizeof(scheme) - 1) != 0) {
+        snprintf(why, whylen, "scheme must be redis://");
+        return TG_ERR;
+    }
+    p = url + sizeof(scheme) - 1;
+    end = p + strlen(p);
+    if (strchr(p, '@') != NULL) {
+        snprintf(why, whylen, "credentials in the URL are not supported: use "
+                 "redis.username and redis.password");
+        return TG_ERR;
+    }
+    if (strpbrk(p, "?#") != NULL) {
+        snprintf(why, whylen, "query or fragment is not supported");
+        return TG_ERR;
+    }
+
+    if (*p == '[') {
+        host = p + 1;
+        hend = strchr(host, ']');
+        if (hend == NULL) {
+            snprintf(why, whylen, "missing ']' after IPv6 address");
+            return TG_ERR;
+        }
+        p = hend + 1;
+        if (hend == host || memchr(host, ':', (size_t)(hend - host)) == NULL) {
+            snprintf(why, whylen, "bad IPv6 address in brackets");
+            return TG_ERR;
+        }
+        for (const char *q = host; q < hend; q++) {
+            if (!isxdigit((unsigned char)*q) && *q != ':' && *q != '.') {
+                snprintf(why, whylen, "bad IPv6 address in brackets");
+                return TG_ERR;
+            }
+        }
+    } else {
+        const char *c1 = strchr(p, ':');
+        if (c1 != NULL && strchr(c1 + 1, ':') != NULL) {
+            snprintf(why, whylen, "IPv6 addresses go in brackets");
+            return TG_ERR;
+        }
+        host = p;
+        hend = p + strcspn(p, ":/");
+        p = hend;
+        if (hend == host) {
+            snprintf(why, whylen, "missing host");
+            return TG_ERR;
+        }
+        for (const char *q = host; q < hend; q++) {
+            if (!isalnum((unsigned char)*q) && *q != '.' && *q != '-' && *q != '_') {
+                snprintf(why, whylen, "bad character in host (IPv6 addresses go "
+                         "in brackets)");
+                return TG_ERR;
+            }
+        }
+    }
+    hlen = (size_t)(hend - host);
+    if (hlen >= sizeof(out->host)) {
+        snprintf(why, whylen, "host longer than %zu bytes", sizeof(out->host) - 1);
+        return TG_ERR;
+    }
+
+    if (*p == ':') {
+        const char *ps = p + 1, *pe = ps + strcspn(ps, "/");
+        if (tg_conf_parse_ulong(ps, (size_t)(pe - ps), 65535, &port) != TG_OK
+            || port == 0) {
+            snprintf(why, whylen, "port must be a number 1..65535");
+            return TG_ERR;
+        }
+        p = pe;
+    }
+    if (*p == '/') {
+        const char *ds = p + 1;
+        if (tg_conf_parse_ulong(ds, (size_t)(end - ds), 15, &db) != TG_OK) {
+            snprintf(why, whylen, "database must be a number 0..15");
+            return TG_ERR;
+        }
+        p = end;
+    }
+    if (p != end) {
+        snprintf(why, whylen, "unexpected text after the host");
+        return TG_ERR;
+    }
+
+    memcpy(out->host, host, hlen);
+    out->host[hlen] = '\0';
+    out->port = (int)port;
+    out->db = (int)db;
+    return TG_OK;
+}
+
 /* ---- build: the four phases -------------------------------------------- */
 
 /*
@@ -1007,6 +1116,9 @@ tg_conf_defaults(tg_conf *conf)
 
     conf->store = TG_STORE_REDIS;
     conf->redis.url = tg_xstrdup("redis://127.0.0.1:6379/0");
+    snprintf(conf->redis.server.host, sizeof(conf->redis.server.host), "127.0.0.1");
+    conf->redis.server.port = 6379;
+    conf->redis.server.db = 0;
     conf->redis.timeout_ms = 25;
     conf->redis.on_failure = TG_FAIL_LOCAL;
     conf->redis.prefix = tg_xstrdup("tg:");
@@ -1296,15 +1408,12 @@ tg_conf_validate(tg_conf_ctx *ctx)
     }
 
     /* Cluster has database 0 only; url still gives the db for Sentinel. */
-    if (conf->redis.ncluster_nodes > 0) {
-        const char *db = strrchr(conf->redis.url + 8, '/');
-        if (db != NULL && db[1] != '\0' && strtol(db + 1, NULL, 10) != 0) {
-            m = tg_conf_find_mark(ctx, &conf->redis.url);
-            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                                 m ? m->path : "redis.url", "Redis Cluster has "
-                                 "only database 0, got \"%s\" with redis.cluster",
-                                 conf->redis.url);
-        }
+    if (conf->redis.ncluster_nodes > 0 && conf->redis.server.db != 0) {
+        m = tg_conf_find_mark(ctx, &conf->redis.url);
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : "redis.url", "Redis Cluster has "
+                             "only database 0, got \"%s\" with redis.cluster",
+                             conf->redis.url);
     }
 
     if (conf->alerts.enabled && tg_conf_validate_alerts(ctx) != TG_OK) {
@@ -1992,81 +2101,49 @@ tg_conf_set_addr(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* redis://host[:port][/db] with db 0..15: the form the redis module
- * connects to.  Host may be a [v6] literal. */
+/* redis.url: kept as written, and parsed once into redis.server, which
+ * is what the Redis client connects to. */
 static tg_rc
 tg_conf_set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                 void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
+    tg_conf *conf = base;                       /* the redis table's base */
     const char *s = tg_conf_string(ctx, node, path);
-    const char *p, *h, *why;
-    int64_t v;
-    size_t n;
+    char why[128];
 
     if (s == NULL) {
         return TG_ERR;
     }
-    if (strncmp(s, "redis://", 8) != 0) {
-        why = "scheme must be redis://";
-        goto bad;
-    }
-    h = s + 8;
-    if (*h == '[') {
-        p = strchr(h, ']');
-        if (p == NULL || p == h + 1) {
-            why = "bad [ipv6] host";
-            goto bad;
-        }
-        p++;
-    } else {
-        p = h + strcspn(h, ":/");
-        if (strchr(h, '@') != NULL) {
-            why = "credentials in the URL are not supported: use redis.username "
-                  "and redis.password";
-            goto bad;
-        }
-        if (p == h) {
-            why = "missing host";
-            goto bad;
-        }
-    }
-    if (*p == ':') {
-        p++;
-        n = strspn(p, "0123456789");
-        if (n == 0 || n > 5) {
-            why = "port must be a number 1..65535";
-            goto bad;
-        }
-        v = strtol(p, NULL, 10);
-        if (v < 1 || v > 65535) {
-            why = "port must be a number 1..65535";
-            goto bad;
-        }
-        p += n;
-    }
-    if (*p == '/') {
-        p++;
-        if (*p != '\0') {
-            n = strspn(p, "0123456789");
-            if (n == 0 || n > 2 || p[n] != '\0' || (v = strtol(p, NULL, 10)) > 15) {
-                why = "database must be a number 0..15";
-                goto bad;
-            }
-            p += n;
-        }
-    }
-    if (*p != '\0') {
-        why = "expected redis://host:port/db";
-        goto bad;
+    if (tg_conf_parse_redis_url(s, &conf->redis.server, why, sizeof(why)) != TG_OK) {
+        return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL \"%s\": %s",
+                             s, why);
     }
     free(*field);
     *field = tg_xstrdup(s);
     return TG_OK;
+}
 
-bad:
-    return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL \"%s\": %s",
-                         s, why);
+/* A decimal number of 1..10 digits, at most max (no sign, no spaces). */
+static tg_rc
+tg_conf_parse_ulong(const char *s, size_t len, unsigned long max, unsigned long *out)
+{
+    unsigned long v = 0;
+
+    if (len == 0 || len > 10) {
+        return TG_ERR;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return TG_ERR;
+        }
+        v = v * 10 + (unsigned long)(s[i] - '0');
+    }
+    if (v > max) {
+        return TG_ERR;
+    }
+    *out = v;
+    return TG_OK;
 }
 
 /* The length of a string value against the directive's min..max. */

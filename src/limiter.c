@@ -164,9 +164,11 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
         struct addrinfo hints, *ai = NULL;
         int rc;
 
-        if (tg_redis_parse_url(conf->redis.url, &opts, err, errlen) != TG_OK) {
-            goto fail;
-        }
+        /* redis.url as the config parsed it (redis.server). */
+        memset(&opts, 0, sizeof(opts));
+        snprintf(opts.host, sizeof(opts.host), "%s", conf->redis.server.host);
+        opts.port = conf->redis.server.port;
+        opts.db = conf->redis.server.db;
         /* Resolve once, here (start-up, main thread): never on a loop. */
         memset(&hints, 0, sizeof(hints));
         hints.ai_socktype = SOCK_STREAM;

@@ -6,6 +6,7 @@
  * See redis.c for the life of a charge and the context ownership rules.
  */
 #include "redis_int.h"
+#include "tollgate/conf.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -34,110 +35,22 @@ static void connect_timeout_cb(evutil_socket_t fd, short what, void *arg);
 /* ------------------------------------------------------------------ */
 /* addresses: the URL, numbers, host:port                             */
 
+/* The URL is parsed by the config's parser (one place); this fills opts
+ * from it for callers that hold a URL (tests). */
 tg_rc
 tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errlen)
 {
-    static const char scheme[] = "redis://";
-    const char *p, *host, *hend, *end;
-    unsigned long port = 6379, db = 0;
-    size_t hlen;
+    tg_conf_redis_url u;
+    char why[128];
 
-    if (url == NULL || *url == '\0') {
-        snprintf(err, errlen, "redis url: empty");
+    _Static_assert(sizeof(u.host) == sizeof(opts->host), "host sizes");
+    if (tg_conf_parse_redis_url(url, &u, why, sizeof(why)) != TG_OK) {
+        snprintf(err, errlen, "redis url: %s", why);
         return TG_ERR;
     }
-    if (strncmp(url, "rediss://", 9) == 0) {
-        snprintf(err, errlen, "redis url: TLS (rediss://) is not supported");
-        return TG_ERR;
-    }
-    if (strncmp(url, scheme, sizeof(scheme) - 1) != 0) {
-        snprintf(err, errlen, "redis url: must start with \"redis://\"");
-        return TG_ERR;
-    }
-    p = url + sizeof(scheme) - 1;
-    end = p + strlen(p);
-    if (strpbrk(p, "@") != NULL) {
-        snprintf(err, errlen, "redis url: credentials go in redis.username and "
-                 "redis.password");
-        return TG_ERR;
-    }
-    if (strpbrk(p, "?#") != NULL) {
-        snprintf(err, errlen, "redis url: query or fragment is not supported");
-        return TG_ERR;
-    }
-
-    if (*p == '[') {
-        host = p + 1;
-        hend = strchr(host, ']');
-        if (hend == NULL) {
-            snprintf(err, errlen, "redis url: missing ']' after IPv6 address");
-            return TG_ERR;
-        }
-        p = hend + 1;
-        if (hend == host || memchr(host, ':', (size_t)(hend - host)) == NULL) {
-            snprintf(err, errlen, "redis url: bad IPv6 address in brackets");
-            return TG_ERR;
-        }
-        for (const char *q = host; q < hend; q++) {
-            if (!isxdigit((unsigned char)*q) && *q != ':' && *q != '.') {
-                snprintf(err, errlen, "redis url: bad IPv6 address in brackets");
-                return TG_ERR;
-            }
-        }
-    } else {
-        const char *c1 = strchr(p, ':');
-        if (c1 != NULL && strchr(c1 + 1, ':') != NULL) {
-            snprintf(err, errlen, "redis url: IPv6 addresses go in brackets");
-            return TG_ERR;
-        }
-        host = p;
-        hend = p + strcspn(p, ":/");
-        p = hend;
-        if (hend == host) {
-            snprintf(err, errlen, "redis url: missing host");
-            return TG_ERR;
-        }
-        for (const char *q = host; q < hend; q++) {
-            if (!isalnum((unsigned char)*q) && *q != '.' && *q != '-' && *q != '_') {
-                snprintf(err, errlen, "redis url: bad character in host "
-                         "(IPv6 addresses go in brackets)");
-                return TG_ERR;
-            }
-        }
-    }
-    hlen = (size_t)(hend - host);
-    if (hlen >= sizeof(opts->host)) {
-        snprintf(err, errlen, "redis url: host longer than %zu bytes",
-                 sizeof(opts->host) - 1);
-        return TG_ERR;
-    }
-
-    if (*p == ':') {
-        const char *ps = p + 1, *pe = ps + strcspn(ps, "/");
-        if (tg_redis_parse_uint(ps, (size_t)(pe - ps), 65535, &port) != TG_OK
-            || port == 0) {
-            snprintf(err, errlen, "redis url: port must be a number in 1..65535");
-            return TG_ERR;
-        }
-        p = pe;
-    }
-    if (*p == '/') {
-        const char *ds = p + 1;
-        if (tg_redis_parse_uint(ds, (size_t)(end - ds), 15, &db) != TG_OK) {
-            snprintf(err, errlen, "redis url: database must be a number in 0..15");
-            return TG_ERR;
-        }
-        p = end;
-    }
-    if (p != end) {
-        snprintf(err, errlen, "redis url: unexpected text after the host");
-        return TG_ERR;
-    }
-
-    memcpy(opts->host, host, hlen);
-    opts->host[hlen] = '\0';
-    opts->port = (int)port;
-    opts->db = (int)db;
+    memcpy(opts->host, u.host, sizeof(opts->host));
+    opts->port = u.port;
+    opts->db = u.db;
     opts->sentinel_master[0] = '\0';
     opts->nsentinels = 0;
     opts->ncluster = 0;

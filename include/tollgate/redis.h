@@ -66,8 +66,10 @@ typedef struct tg_redis_opts {
     char      sentinel_password[TG_REDIS_PASS_MAX];
 } tg_redis_opts;
 
-/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default).
- * Also clears the Sentinel and Cluster fields: fill them afterwards. */
+/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default)
+ * with the config's parser (tg_conf_parse_redis_url; the limiter takes
+ * conf->redis.server instead).  Also clears the Sentinel and Cluster
+ * fields: fill them afterwards. */
 tg_rc tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errlen);
 
 /*
