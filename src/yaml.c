@@ -28,9 +28,9 @@ typedef struct tg_yaml_src {
 
 /* ---- static prototypes ------------------------------------------------- */
 
-static tg_rc tg_yaml_scan(const tg_yaml_src *src, const char *what);
-static tg_rc tg_yaml_syntax_error(const tg_yaml_src *src, yaml_parser_t *parser);
-static yaml_mark_t tg_yaml_offset_mark(const tg_yaml_src *src, size_t offset);
+static tg_rc scan_events(const tg_yaml_src *src, const char *what);
+static tg_rc syntax_error(const tg_yaml_src *src, yaml_parser_t *parser);
+static yaml_mark_t offset_mark(const tg_yaml_src *src, size_t offset);
 
 /* ---- public functions -------------------------------------------------- */
 
@@ -41,14 +41,14 @@ tg_yaml_load(yaml_document_t *doc, const char *name, const char *text,
     tg_yaml_src src = { name, text, len, err, errlen };
     yaml_parser_t parser;
 
-    if (tg_yaml_scan(&src, what) != TG_OK) {
+    if (scan_events(&src, what) != TG_OK) {
         return TG_ERR;
     }
 
     yaml_parser_initialize(&parser);
     yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
     if (!yaml_parser_load(&parser, doc)) {
-        tg_yaml_syntax_error(&src, &parser);
+        syntax_error(&src, &parser);
         yaml_parser_delete(&parser);
         return TG_ERR;
     }
@@ -94,7 +94,7 @@ tg_yaml_verror(char *err, size_t errlen, const char *name, yaml_mark_t mark,
  * means the same thing read by a person top to bottom.
  */
 static tg_rc
-tg_yaml_scan(const tg_yaml_src *src, const char *what)
+scan_events(const tg_yaml_src *src, const char *what)
 {
     yaml_parser_t parser;
     yaml_event_t ev;
@@ -106,7 +106,7 @@ tg_yaml_scan(const tg_yaml_src *src, const char *what)
                                  src->len);
     while (!done) {
         if (!yaml_parser_parse(&parser, &ev)) {
-            tg_yaml_syntax_error(src, &parser);
+            syntax_error(src, &parser);
             yaml_parser_delete(&parser);
             return TG_ERR;
         }
@@ -158,13 +158,13 @@ fail:
 }
 
 static tg_rc
-tg_yaml_syntax_error(const tg_yaml_src *src, yaml_parser_t *parser)
+syntax_error(const tg_yaml_src *src, yaml_parser_t *parser)
 {
     const char *problem = parser->problem ? parser->problem : "unknown error";
 
     if (parser->error == YAML_READER_ERROR) {
         return tg_yaml_error(src->err, src->errlen, src->name,
-                             tg_yaml_offset_mark(src, parser->problem_offset),
+                             offset_mark(src, parser->problem_offset),
                              "", "YAML syntax error: %s", problem);
     }
     if (parser->context != NULL) {
@@ -180,7 +180,7 @@ tg_yaml_syntax_error(const tg_yaml_src *src, yaml_parser_t *parser)
 
 /* Line and column of a byte offset, for reader errors that carry no mark. */
 static yaml_mark_t
-tg_yaml_offset_mark(const tg_yaml_src *src, size_t offset)
+offset_mark(const tg_yaml_src *src, size_t offset)
 {
     yaml_mark_t m;
     size_t i;
