@@ -1747,8 +1747,7 @@ static tg_rc
 tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
              void *base, const char *path, const char *section)
 {
-    static const char *const what[] = { "", "a scalar", "a sequence", "a mapping" };
-    yaml_node_pair_t *pair, *prev;
+    yaml_node_pair_t *pair;
     yaml_node_t *key, *val, *pkey;
     const tg_conf_cmd *cmd, *best;
     const char *kname;
@@ -1759,7 +1758,7 @@ tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
     if (map->type != YAML_MAPPING_NODE) {
         if (path[0] == '\0') {
             return tg_conf_error(ctx, map->start_mark, "", "top level: expected "
-                                 "a mapping of sections, got %s", what[map->type]);
+                                 "a mapping of sections, got %s", tg_yaml_kind(map));
         }
         return tg_conf_type_error(ctx, map, path, "a mapping");
     }
@@ -1770,20 +1769,16 @@ tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
         val = yaml_document_get_node(&ctx->doc, pair->value);
         if (key->type != YAML_SCALAR_NODE) {
             return tg_conf_error(ctx, key->start_mark, path, "keys must be plain "
-                                 "names, got %s", what[key->type]);
+                                 "names, got %s", tg_yaml_kind(key));
         }
         kname = (const char *)key->data.scalar.value;
         tg_conf_child(child, path, kname);
 
-        for (prev = map->data.mapping.pairs.start; prev < pair; prev++) {
-            pkey = yaml_document_get_node(&ctx->doc, prev->key);
-            if (pkey->type == YAML_SCALAR_NODE &&
-                strcmp((const char *)pkey->data.scalar.value, kname) == 0) {
-                return tg_conf_error(ctx, key->start_mark, child, "duplicate key "
-                                     "\"%s\" (first at %zu:%zu)", kname,
-                                     pkey->start_mark.line + 1,
-                                     pkey->start_mark.column + 1);
-            }
+        pkey = tg_yaml_pair_dup(&ctx->doc, map, pair);
+        if (pkey != NULL) {
+            return tg_conf_error(ctx, key->start_mark, child, "duplicate key "
+                                 "\"%s\" (first at %zu:%zu)", kname,
+                                 pkey->start_mark.line + 1, pkey->start_mark.column + 1);
         }
 
         best = NULL;
@@ -2632,7 +2627,7 @@ tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                   void *base, const char *path)
 {
     tg_conf *conf = base;
-    yaml_node_pair_t *pair, *prev;
+    yaml_node_pair_t *pair;
     yaml_node_t *key, *val, *pkey;
     tg_tier_conf *tier;
     const char *name;
@@ -2655,14 +2650,11 @@ tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         }
         name = (const char *)key->data.scalar.value;
         tg_conf_child(child, path, name);
-        for (prev = node->data.mapping.pairs.start; prev < pair; prev++) {
-            pkey = yaml_document_get_node(&ctx->doc, prev->key);
-            if (strcmp((const char *)pkey->data.scalar.value, name) == 0) {
-                return tg_conf_error(ctx, key->start_mark, child, "duplicate "
-                                     "key \"%s\" (first at %zu:%zu)", name,
-                                     pkey->start_mark.line + 1,
-                                     pkey->start_mark.column + 1);
-            }
+        pkey = tg_yaml_pair_dup(&ctx->doc, node, pair);
+        if (pkey != NULL) {
+            return tg_conf_error(ctx, key->start_mark, child, "duplicate "
+                                 "key \"%s\" (first at %zu:%zu)", name,
+                                 pkey->start_mark.line + 1, pkey->start_mark.column + 1);
         }
         if (!tg_name_ok(TG_NAME_TIER, name, strlen(name))) {
             return tg_conf_error(ctx, key->start_mark, child, "bad tier name "

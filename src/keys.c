@@ -459,35 +459,29 @@ static const char *
 tg_keys_map_key(tg_keys_ctx *ctx, yaml_node_t *map, yaml_node_pair_t *pair,
                 const char *path, char *child)
 {
-    static const char *const what[] = { "", "a scalar", "a sequence", "a mapping" };
-    yaml_node_pair_t *prev;
     yaml_node_t *key, *pkey;
     const char *kname;
 
     key = yaml_document_get_node(&ctx->doc, pair->key);
     if (key->type != YAML_SCALAR_NODE) {
         tg_keys_error(ctx, key->start_mark, path, "keys must be plain names, "
-                      "got %s", what[key->type]);
+                      "got %s", tg_yaml_kind(key));
         return NULL;
     }
     kname = (const char *)key->data.scalar.value;
     tg_keys_child(child, path, kname);
-    for (prev = map->data.mapping.pairs.start; prev < pair; prev++) {
-        pkey = yaml_document_get_node(&ctx->doc, prev->key);
-        if (pkey->type == YAML_SCALAR_NODE &&
-            strcmp((const char *)pkey->data.scalar.value, kname) == 0) {
-            if (strlen(kname) > TG_KEYS_ECHO_MAX) {
-                tg_keys_error(ctx, key->start_mark, child, "duplicate key "
-                              "(first at %zu:%zu)", pkey->start_mark.line + 1,
-                              pkey->start_mark.column + 1);
-            } else {
-                tg_keys_error(ctx, key->start_mark, child, "duplicate key \"%s\" "
-                              "(first at %zu:%zu)", kname,
-                              pkey->start_mark.line + 1,
-                              pkey->start_mark.column + 1);
-            }
-            return NULL;
+    pkey = tg_yaml_pair_dup(&ctx->doc, map, pair);
+    if (pkey != NULL) {
+        if (strlen(kname) > TG_KEYS_ECHO_MAX) {
+            tg_keys_error(ctx, key->start_mark, child, "duplicate key "
+                          "(first at %zu:%zu)", pkey->start_mark.line + 1,
+                          pkey->start_mark.column + 1);
+        } else {
+            tg_keys_error(ctx, key->start_mark, child, "duplicate key \"%s\" "
+                          "(first at %zu:%zu)", kname, pkey->start_mark.line + 1,
+                          pkey->start_mark.column + 1);
         }
+        return NULL;
     }
     return kname;
 }
@@ -513,7 +507,6 @@ tg_keys_unknown(tg_keys_ctx *ctx, yaml_node_pair_t *pair, const char *child,
 static tg_rc
 tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
 {
-    static const char *const what[] = { "", "a scalar", "a sequence", "a mapping" };
     yaml_node_pair_t *pair;
     yaml_node_t *seq = NULL;
     const char *kname;
@@ -522,7 +515,7 @@ tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
 
     if (root->type != YAML_MAPPING_NODE) {
         return tg_keys_error(ctx, root->start_mark, "", "top level: expected a "
-                             "mapping with \"keys\", got %s", what[root->type]);
+                             "mapping with \"keys\", got %s", tg_yaml_kind(root));
     }
     for (pair = root->data.mapping.pairs.start; pair < root->data.mapping.pairs.top;
          pair++) {

@@ -257,6 +257,36 @@ fail:
     return NULL;
 }
 
+yaml_node_t *
+tg_yaml_pair_dup(yaml_document_t *doc, const yaml_node_t *map,
+                 const yaml_node_pair_t *pair)
+{
+    const yaml_node_t *key = yaml_document_get_node(doc, pair->key);
+    const char *name = (const char *)key->data.scalar.value;
+    const yaml_node_pair_t *prev;
+    yaml_node_t *pkey;
+
+    for (prev = map->data.mapping.pairs.start; prev < pair; prev++) {
+        pkey = yaml_document_get_node(doc, prev->key);
+        if (pkey->type == YAML_SCALAR_NODE &&
+            strcmp((const char *)pkey->data.scalar.value, name) == 0) {
+            return pkey;
+        }
+    }
+    return NULL;
+}
+
+const char *
+tg_yaml_kind(const yaml_node_t *node)
+{
+    switch (node->type) {
+    case YAML_SCALAR_NODE:   return "a scalar";
+    case YAML_SEQUENCE_NODE: return "a sequence";
+    case YAML_MAPPING_NODE:  return "a mapping";
+    default:                 return "";
+    }
+}
+
 int
 tg_yaml_is_null(const yaml_node_t *node)
 {
