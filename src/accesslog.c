@@ -13,6 +13,7 @@
 #include "tollgate/accesslog.h"
 
 #include "tollgate/common.h"
+#include "tollgate/common_ev.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -234,12 +235,8 @@ tg_alog_buf_create(struct tg_alog *log, struct event_base *base)
     struct tg_alog_buf *b = tg_xcalloc(1, sizeof(*b));
 
     b->log = log;
-    b->timer = evtimer_new(base, on_timer, b);
-    b->wev = event_new(base, log->pipe_w, EV_WRITE, on_writable, b);
-    if (b->timer == NULL || b->wev == NULL) {
-        tg_error("access_log: cannot create buffer events");
-        abort();                        /* libevent failing here is OOM */
-    }
+    b->timer = tg_evtimer_new(base, on_timer, b);
+    b->wev = tg_event_new(base, log->pipe_w, EV_WRITE, on_writable, b);
     b->cap = ALOG_BUF_INIT;
     b->data = tg_xmalloc(b->cap);
     return b;

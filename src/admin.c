@@ -17,6 +17,7 @@
  * merged here from the workers' samples.
  */
 #include "tollgate/admin.h"
+#include "tollgate/common_ev.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -514,7 +515,7 @@ linger_event_cb(struct bufferevent *bev, short what, void *arg)
 static evhtp_res
 refuse(struct admin_conn_ *ac, evhtp_request_t *req, int status, const char *text)
 {
-    struct timeval tv = { ADMIN_LINGER_MS / 1000, (ADMIN_LINGER_MS % 1000) * 1000 };
+    struct timeval tv = tg_ms_tv(ADMIN_LINGER_MS);
     struct bufferevent *bev = evhtp_connection_take_ownership(evhtp_request_get_connection(req));
 
     ac->bev = bev;
@@ -525,7 +526,7 @@ refuse(struct admin_conn_ *ac, evhtp_request_t *req, int status, const char *tex
                         status, status == 413 ? "Payload Too Large"
                                               : "Request Header Fields Too Large",
                         strlen(text), text);
-    ac->timer = evtimer_new(bufferevent_get_base(bev), linger_timer_cb, ac);
+    ac->timer = tg_evtimer_new(bufferevent_get_base(bev), linger_timer_cb, ac);
     evtimer_add(ac->timer, &tv);
     bufferevent_set_timeouts(bev, NULL, NULL);
     bufferevent_setcb(bev, linger_read_cb, linger_write_cb, linger_event_cb, ac);

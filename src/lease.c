@@ -212,7 +212,7 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     tg_limit_policy(out, l, ctx->factor);
     out->remaining = e->remaining + e->tokens < l->burst ? e->remaining + e->tokens : l->burst;
     out->reset_s = ceil_s(reset > now ? reset - now : 0);
-    out->status = 0;
+    out->status = TG_LIMIT_ALLOWED;
     out->retry_s = 0;
     return 1;
 }
@@ -266,6 +266,7 @@ tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result
     if (!lease_match(e, ctx, h)) {
         return;                        /* cannot happen: the slot was marked */
     }
+    TG_ASSERT(e->taking && ln > ctx->cost);
     lease_give_back(lim, e);           /* leftovers of an older slice */
     for (size_t i = 0; i < ctx->n; i++) {
         e->p_us[i] = res->now_us > 0 ? res->now_us + res->held_us[i] : 0;

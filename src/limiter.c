@@ -168,9 +168,11 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
         struct addrinfo hints, *ai = NULL;
         int rc;
 
-        if (tg_redis_parse_url(conf->redis.url, &opts, err, errlen) != TG_OK) {
-            goto fail;
-        }
+        /* redis.url as the config parsed it (redis.server). */
+        memset(&opts, 0, sizeof(opts));
+        snprintf(opts.host, sizeof(opts.host), "%s", conf->redis.server.host);
+        opts.port = conf->redis.server.port;
+        opts.db = conf->redis.server.db;
         /* Resolve once, here (start-up, main thread): never on a loop. */
         memset(&hints, 0, sizeof(hints));
         hints.ai_socktype = SOCK_STREAM;
@@ -184,7 +186,7 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
                     NULL, 0, NI_NUMERICHOST);
         freeaddrinfo(ai);
         opts.timeout_ms = conf->redis.timeout_ms;
-        opts.max_batch = conf->redis.max_batch ? conf->redis.max_batch : 32;
+        opts.max_batch = conf->redis.max_batch;
         /* Sentinel / Cluster: addresses resolved at config load. */
         if (conf->redis.sentinel_master != NULL) {
             snprintf(opts.sentinel_master, sizeof(opts.sentinel_master), "%s",
@@ -335,13 +337,13 @@ tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard)
     lim->shard = shard;
 }
 
-int
+enum tg_breaker_state
 tg_limiter_breaker_state(struct tg_limiter *lim)
 {
     if (lim->redis == NULL) {
-        return -1;
+        return TG_BREAKER_NONE;
     }
-    return (int)tg_breaker_state(&lim->breaker, tg_now_ms());
+    return tg_breaker_state(&lim->breaker, tg_now_ms());
 }
 
 int
@@ -400,7 +402,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
 
     tier = tg_conf_tier(conf, out->tier);
     if (tier == NULL) {
-        tg_limit_deny(out, 403, "the key's tier is not configured");
+        tg_limit_deny(out, TG_LIMIT_FORBIDDEN, "the key's tier is not configured");
         return TG_OK;
     }
 
@@ -535,7 +537,7 @@ finish_impossible(tg_limit_ctx *ctx, size_t i)
     tg_limit_policy(out, l, ctx->factor);
     out->remaining = 0;
     out->reset_s = 0;
-    out->status = 429;
+    out->status = TG_LIMIT_LIMITED;
     out->error = "this request costs more tokens than the bucket can hold: "
                  "it can never pass";
     out->retry_s = 0;
@@ -555,10 +557,10 @@ finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
     out->remaining = res->remaining;
     out->reset_s = ceil_s(res->reset_us);
     if (res->allowed) {
-        out->status = 0;
+        out->status = TG_LIMIT_ALLOWED;
         out->retry_s = 0;
     } else {
-        out->status = 429;
+        out->status = TG_LIMIT_LIMITED;
         out->error = "rate limit exceeded";
         out->retry_s = ceil_s(res->retry_us);
         if (out->retry_s == 0) {
@@ -664,7 +666,7 @@ fallback(tg_limit_ctx *ctx)
     out->fallback = 1;
     switch (lim->sconf->redis.on_failure) {
     case TG_FAIL_ALLOW:
-        out->status = 0;
+        out->status = TG_LIMIT_ALLOWED;
         out->limited = 0;
         return;
     case TG_FAIL_DENY:
@@ -719,7 +721,8 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
             return 0;
         }
     }
-    if ((o->status == 429 || o->status == 503) && o->retry_s > 0) {
+    if ((o->status == TG_LIMIT_LIMITED || o->status == TG_LIMIT_UNAVAILABLE)
+        && o->retry_s > 0) {
         m = snprintf(buf + n, len - (size_t)n, "Retry-After: %u\r\n", o->retry_s);
         if (m < 0 || (size_t)m >= len - (size_t)n) {
             return (size_t)n;
@@ -766,7 +769,7 @@ tg_limiter_store_down(tg_limit_ctx *ctx, const char *why)
     tg_limit_outcome *out = ctx->out;
     uint32_t s = ceil_s(tg_breaker_retry_ms(&ctx->lim->breaker, tg_now_ms()) * 1000);
 
-    out->status = 503;
+    out->status = TG_LIMIT_UNAVAILABLE;
     out->error = why;
     out->retry_s = s > 0 ? s : 1;
 }

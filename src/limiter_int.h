@@ -123,7 +123,7 @@ void tg_lease_give_flush_for(struct tg_limiter *lim, const tg_limit_ctx *ctx);
 
 /* Decided without the rate-limit headers: status, why. */
 static inline void
-tg_limit_deny(tg_limit_outcome *out, int status, const char *why)
+tg_limit_deny(tg_limit_outcome *out, enum tg_limit_status status, const char *why)
 {
     out->status = status;
     out->error = why;

@@ -122,13 +122,13 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     if (r->opts.ncluster > TG_REDIS_MAX_ADDRS) {
         r->opts.ncluster = TG_REDIS_MAX_ADDRS;
     }
+    /* The config sets both within its bounds (redis.timeout_ms,
+     * redis.max_batch); 0 is only from callers without one (tests). */
     if (r->opts.timeout_ms == 0) {
         r->opts.timeout_ms = TG_REDIS_DEFAULT_TIMEOUT;
     }
     if (r->opts.max_batch == 0) {
         r->opts.max_batch = TG_REDIS_DEFAULT_BATCH;
-    } else if (r->opts.max_batch > TG_REDIS_MAX_BATCH) {
-        r->opts.max_batch = TG_REDIS_MAX_BATCH;
     }
     if (r->opts.ncluster > 0) {
         r->mode = TG_MODE_CLUSTER;
@@ -163,16 +163,15 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         snprintf(r->sha + 2 * i, 3, "%02x", md[i]);
     }
 
-    tv.tv_sec = r->opts.timeout_ms / 1000;
-    tv.tv_usec = (r->opts.timeout_ms % 1000) * 1000;
+    tv = tg_ms_tv(r->opts.timeout_ms);
     r->call_tv = event_base_init_common_timeout(base, &tv);
-    r->flush_ev = event_new(base, -1, 0, flush_cb, r);
-    if (r->call_tv == NULL || r->flush_ev == NULL
-        || tg_redis_aux_init(r, &r->disc, tg_redis_sentinel_done) != TG_OK
-        || tg_redis_aux_init(r, &r->slots, tg_redis_slots_done) != TG_OK) {
+    r->flush_ev = tg_event_new(base, -1, 0, flush_cb, r);
+    if (r->call_tv == NULL) {
         tg_error("redis: cannot create events");
         goto fail;
     }
+    tg_redis_aux_init(r, &r->disc, tg_redis_sentinel_done);
+    tg_redis_aux_init(r, &r->slots, tg_redis_slots_done);
 
     switch (r->mode) {
     case TG_MODE_SINGLE:
@@ -182,8 +181,8 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         tg_redis_conn_start(r->nodes[0]);
         break;
     case TG_MODE_SENTINEL:
-        r->sub_ev = evtimer_new(base, tg_redis_sub_retry_cb, r);
-        if (r->sub_ev == NULL || tg_redis_node_new(r, "", 0) == NULL) {
+        r->sub_ev = tg_evtimer_new(base, tg_redis_sub_retry_cb, r);
+        if (tg_redis_node_new(r, "", 0) == NULL) {
             tg_error("redis: cannot create events");
             goto fail;
         }
@@ -193,11 +192,7 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     case TG_MODE_CLUSTER:
         r->slot_node = tg_xcalloc(TG_REDIS_CLUSTER_SLOTS, sizeof(*r->slot_node));
         r->slot_batch = tg_xcalloc(TG_REDIS_CLUSTER_SLOTS, sizeof(*r->slot_batch));
-        r->refresh_ev = evtimer_new(base, tg_redis_refresh_cb, r);
-        if (r->refresh_ev == NULL) {
-            tg_error("redis: cannot create events");
-            goto fail;
-        }
+        r->refresh_ev = tg_evtimer_new(base, tg_redis_refresh_cb, r);
         tg_redis_cluster_refresh(r);
         break;
     }
@@ -831,8 +826,7 @@ batch_arm(struct tg_redis_batch *b, uint64_t now)
         return 0;
     }
     us = next > now ? next - now : 0;
-    tv.tv_sec = (time_t)(us / 1000000);
-    tv.tv_usec = (suseconds_t)(us % 1000000);
+    tv = tg_us_tv(us);
     event_add(b->timer, &tv);
     b->timer_set = 1;
     return 1;

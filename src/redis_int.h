@@ -15,6 +15,7 @@
 
 #include "tollgate/redis.h"
 #include "tollgate/breaker.h"
+#include "tollgate/common_ev.h"
 
 #include <netinet/in.h>
 #include <stdint.h>
@@ -29,7 +30,6 @@
 #define TG_REDIS_MAX_CONSEC_TMO    3        /* deadlines in a row: reconnect */
 #define TG_REDIS_DEFAULT_TIMEOUT   25
 #define TG_REDIS_DEFAULT_BATCH     32
-#define TG_REDIS_MAX_BATCH         512
 #define TG_REDIS_NUMLEN            21       /* "18446744073709551615" + NUL */
 #define TG_REDIS_MAX_REDIRECTS     2        /* MOVED/ASK per batch */
 #define TG_REDIS_REFRESH_MS        30000    /* Cluster: slot map refresh */
@@ -216,7 +216,7 @@ redisAsyncContext *tg_redis_ctx_open(struct tg_redis *r, const char *host, int p
                                      void *data, int sentinel, redisCallbackFn *auth_cb,
                                      void *privdata);
 void tg_redis_aux_auth_cb(redisAsyncContext *ac, void *reply, void *privdata);
-tg_rc tg_redis_aux_init(struct tg_redis *r, struct tg_raux *aux, tg_raux_done done);
+void tg_redis_aux_init(struct tg_redis *r, struct tg_raux *aux, tg_raux_done done);
 void tg_redis_aux_start(struct tg_raux *aux, const char *host, int port, int argc,
                         const char **argv);
 void tg_redis_aux_cancel(struct tg_raux *aux);

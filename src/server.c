@@ -33,6 +33,7 @@
 #include "tollgate/admin.h"
 #include "tollgate/alerts.h"
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/connlimit.h"
 #include "tollgate/health.h"
 #include "tollgate/keys.h"
@@ -126,7 +127,7 @@ tg_server_run(const char *path)
     }
     g.connlimit = tg_connlimit_create(g.conf->http.max_connections,
                                       g.conf->http.max_connections_per_ip);
-    g.accept_resume = evtimer_new(g.base, accept_resume_cb, NULL);
+    g.accept_resume = tg_evtimer_new(g.base, accept_resume_cb, NULL);
     check_nofile(g.conf);
     if (open_listeners() != TG_OK) {
         goto out;
@@ -197,18 +198,18 @@ tg_server_run(const char *path)
     g.view.alerts = g.alerts;
     g.view.anomaly = g.anomaly;
 
-    g.signals[0] = evsignal_new(g.base, SIGTERM, signal_cb, NULL);
-    g.signals[1] = evsignal_new(g.base, SIGINT, signal_cb, NULL);
-    g.signals[2] = evsignal_new(g.base, SIGHUP, signal_cb, (void *)path);
-    g.signals[3] = evsignal_new(g.base, SIGQUIT, signal_cb, NULL);
+    g.signals[0] = tg_event_new(g.base, SIGTERM, EV_SIGNAL | EV_PERSIST, signal_cb, NULL);
+    g.signals[1] = tg_event_new(g.base, SIGINT, EV_SIGNAL | EV_PERSIST, signal_cb, NULL);
+    g.signals[2] = tg_event_new(g.base, SIGHUP, EV_SIGNAL | EV_PERSIST, signal_cb, (void *)path);
+    g.signals[3] = tg_event_new(g.base, SIGQUIT, EV_SIGNAL | EV_PERSIST, signal_cb, NULL);
     for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
         evsignal_add(g.signals[i], NULL);
     }
     wd = getenv("WATCHDOG_USEC");
     if (wd != NULL && atol(wd) > 0) {
         long us = atol(wd) / 2;
-        struct timeval tv = { us / 1000000, us % 1000000 };
-        g.watchdog = event_new(g.base, -1, EV_PERSIST, watchdog_cb, NULL);
+        struct timeval tv = tg_us_tv((uint64_t)us);
+        g.watchdog = tg_event_new(g.base, -1, EV_PERSIST, watchdog_cb, NULL);
         event_add(g.watchdog, &tv);
     }
 
@@ -567,7 +568,7 @@ start_drain(void)
         tg_worker_drain(g.workers[i], g.live->drain_timeout_ms);
     }
     g.drain_deadline = tg_now_ms() + g.live->drain_timeout_ms + 1000;
-    g.drain_timer = event_new(g.base, -1, EV_PERSIST, drain_timer_cb, NULL);
+    g.drain_timer = tg_event_new(g.base, -1, EV_PERSIST, drain_timer_cb, NULL);
     event_add(g.drain_timer, &tv);
 }
 

@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "tollgate/common_ev.h"
 #include "tollgate/metrics.h"
 
 struct tg_statsd {
@@ -36,7 +37,7 @@ tg_statsd_create(struct event_base *base, tg_conf *conf,
 {
     const tg_addr *a = &conf->metrics.statsd;
     unsigned ms = conf->metrics.statsd_flush_ms;
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    struct timeval tv = tg_ms_tv(ms);
     struct tg_statsd *sd;
     int fd;
 
@@ -54,7 +55,7 @@ tg_statsd_create(struct event_base *base, tg_conf *conf,
     sd->nshards = n;
     sd->fd = fd;
     sd->prev = tg_metrics_snapshot_create();
-    sd->timer = event_new(base, -1, EV_PERSIST, flush_cb, sd);
+    sd->timer = tg_event_new(base, -1, EV_PERSIST, flush_cb, sd);
     event_add(sd->timer, &tv);
     tg_info("statsd: sending to %s every %u ms", a->text, ms);
     return sd;

@@ -24,6 +24,7 @@
 
 #include "tollgate/accesslog.h"
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/connlimit.h"
 #include "tollgate/keys.h"
 #include "tollgate/limiter.h"
@@ -60,8 +61,9 @@ struct tg_worker {
     int                started;
     int                finished;   /* atomic: loop ended */
     int                store_ready;  /* atomic: tg_limiter_store_ready, sampled */
-    int                breaker;      /* atomic: tg_limiter_breaker_state, sampled */
-    int               *upstate;      /* atomic each: upstream breakers, sampled */
+    int                breaker;      /* atomic: enum tg_breaker_state, sampled */
+    int               *upstate;      /* atomic each: upstream breakers (enum
+                                        tg_breaker_state), sampled */
     size_t             nservers;
     struct event      *sampler;    /* refreshes store_ready */
     struct event_base *base;
@@ -116,8 +118,8 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         snprintf(err, errlen, "worker %u: cannot create an event base", id);
         goto fail;
     }
-    w->notify = event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
-    w->deadline = evtimer_new(w->base, deadline_cb, w);
+    w->notify = tg_event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
+    w->deadline = tg_evtimer_new(w->base, deadline_cb, w);
     event_add(w->notify, NULL);
     w->env.limiter = tg_limiter_create(w->base, conf, keys, err, errlen);
     if (w->env.limiter == NULL) {
@@ -137,7 +139,7 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
     w->upstate = tg_xcalloc(w->nservers, sizeof(*w->upstate));
     {
         struct timeval tv = { 0, 50 * 1000 };
-        w->sampler = event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
+        w->sampler = tg_event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
         event_add(w->sampler, &tv);
         w->store_ready = tg_limiter_store_ready(w->env.limiter);
         w->breaker = tg_limiter_breaker_state(w->env.limiter);
@@ -203,7 +205,7 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
         return TG_ERR;
     }
     if (w->accept_resume == NULL) {
-        w->accept_resume = evtimer_new(w->base, accept_resume_cb, w);
+        w->accept_resume = tg_evtimer_new(w->base, accept_resume_cb, w);
     }
     wl = &w->listeners[w->nlisteners];
     wl->w = w;
@@ -268,10 +270,12 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
     tg_anomaly_shard_tick(w->env.anomaly, tg_now_ms());
 }
 
-int
+enum tg_breaker_state
 tg_worker_upstream_state(struct tg_worker *w, size_t server)
 {
-    return server < w->nservers ? __atomic_load_n(&w->upstate[server], __ATOMIC_RELAXED) : 0;
+    return server < w->nservers
+           ? (enum tg_breaker_state)__atomic_load_n(&w->upstate[server], __ATOMIC_RELAXED)
+           : TG_BREAKER_CLOSED;
 }
 
 void
@@ -293,10 +297,10 @@ tg_worker_shard(struct tg_worker *w)
     return w->env.shard;
 }
 
-int
+enum tg_breaker_state
 tg_worker_redis_breaker(struct tg_worker *w)
 {
-    return __atomic_load_n(&w->breaker, __ATOMIC_RELAXED);
+    return (enum tg_breaker_state)__atomic_load_n(&w->breaker, __ATOMIC_RELAXED);
 }
 
 int
@@ -373,7 +377,7 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
             tg_tls_set_unref(w->tls);  /* freed here if the last: its SSLs hold theirs */
             w->tls = m[i].tls;         /* certificates for the next handshakes */
         } else if (m[i].type == MSG_DRAIN) {
-            struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
+            struct timeval tv = tg_ms_tv(m[i].arg);
             evtimer_add(w->deadline, &tv);
             event_del(w->sampler);     /* lets the loop end when idle */
             w->draining = 1;

@@ -50,8 +50,8 @@ typedef struct tg_redis_opts {
     char      host[256];           /* from redis.url (single mode) */
     int       port;
     int       db;                  /* SELECT db after connecting when != 0 */
-    unsigned  timeout_ms;          /* per call */
-    unsigned  max_batch;           /* requests per EVALSHA */
+    unsigned  timeout_ms;          /* per call (redis.timeout_ms; 0: 25) */
+    unsigned  max_batch;           /* requests per EVALSHA (redis.max_batch; 0: 32) */
     char      sentinel_master[64]; /* non-empty: Sentinel mode */
     tg_redis_addr sentinels[TG_REDIS_MAX_ADDRS];    /* asked in order */
     size_t    nsentinels;
@@ -66,8 +66,10 @@ typedef struct tg_redis_opts {
     char      sentinel_password[TG_REDIS_PASS_MAX];
 } tg_redis_opts;
 
-/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default).
- * Also clears the Sentinel and Cluster fields: fill them afterwards. */
+/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default)
+ * with the config's parser (tg_conf_parse_redis_url; the limiter takes
+ * conf->redis.server instead).  Also clears the Sentinel and Cluster
+ * fields: fill them afterwards. */
 tg_rc tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errlen);
 
 /*

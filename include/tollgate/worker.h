@@ -7,6 +7,7 @@
 #ifndef TOLLGATE_WORKER_H
 #define TOLLGATE_WORKER_H
 
+#include "tollgate/breaker.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
 
@@ -52,11 +53,12 @@ void tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
 int tg_worker_store_ready(struct tg_worker *w);
 
 struct tg_metrics_shard;
-/* The worker's metric shard, and its Redis breaker state (-1: none). */
+/* The worker's metric shard, and its Redis breaker state (TG_BREAKER_NONE
+ * without Redis); sampled every 50 ms. */
 struct tg_metrics_shard *tg_worker_shard(struct tg_worker *w);
-int tg_worker_redis_breaker(struct tg_worker *w);
-/* Upstream server i's breaker in this worker: 0 closed, 1 open, 2 half-open. */
-int tg_worker_upstream_state(struct tg_worker *w, size_t server);
+enum tg_breaker_state tg_worker_redis_breaker(struct tg_worker *w);
+/* Upstream server i's breaker in this worker (sampled every 50 ms). */
+enum tg_breaker_state tg_worker_upstream_state(struct tg_worker *w, size_t server);
 
 struct tg_alog;
 /* Before tg_worker_start: log this worker's requests to log. */
