@@ -48,21 +48,12 @@ local_init(void)
     local_store = tg_lshared_create(LSTORE_MAX_ENTRIES);
 }
 
+/* hot: the index of the bucket every request shares (the global one, as
+ * the route stage said), or -1. */
 static void
 local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
-             uint32_t cost, tg_gcra_result *res)
+             uint32_t cost, int hot, tg_gcra_result *res)
 {
-    static const char gsuffix[] = "{global}:g";   /* as charge_stage builds it */
-    int hot = -1;
-
-    for (size_t i = 0; i < n; i++) {
-        size_t len = strlen(keys[i]);
-        if (len >= sizeof(gsuffix) - 1
-            && memcmp(keys[i] + len - (sizeof(gsuffix) - 1), gsuffix,
-                      sizeof(gsuffix) - 1) == 0) {
-            hot = (int)i;
-        }
-    }
     tg_lshared_charge(local_store, keys, lim, n, cost, hot, tg_now_us(), res);
 }
 
@@ -368,6 +359,7 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     ctx->op = NULL;
     ctx->kwait = NULL;
     ctx->lease_n = 0;
+    ctx->global = -1;
     if (!lim->enabled) {
         return TG_OK;
     }
@@ -404,7 +396,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
     out->route = route != NULL ? (int)(route - conf->routes) : -1;
     out->cost = ctx->cost;
     n = tg_route_buckets(conf, tier, route, prefix, out->consumer,
-                         ctx->limits, ctx->names, ctx->keys);
+                         ctx->limits, ctx->names, ctx->keys, &ctx->global);
     ctx->n = n;
 
     /* A cost above a capacity could never pass: refuse it without a
@@ -460,7 +452,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
         for (i = 0; i < n; i++) {
             keys[i] = ctx->keys[i];
         }
-        local_charge(keys, ctx->limits, n, ctx->cost, &res);
+        local_charge(keys, ctx->limits, n, ctx->cost, ctx->global, &res);
     }
     finish(ctx, &res);
     return TG_OK;
@@ -680,7 +672,7 @@ fallback(tg_limit_ctx *ctx)
             shared[i] = tg_gcra_share(ctx->limits[i], k, lim->max_cost);
         }
         __atomic_store_n(&local_fallback_us, tg_now_us(), __ATOMIC_RELAXED);
-        local_charge(keys, shared, ctx->n, ctx->cost, &res);
+        local_charge(keys, shared, ctx->n, ctx->cost, ctx->global, &res);
         if (k > 1) {
             memcpy(ctx->limits, shared, sizeof(shared[0]) * ctx->n);   /* headers */
         }
@@ -741,5 +733,5 @@ void
 tg_limiter_local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
                         uint32_t cost, tg_gcra_result *res)
 {
-    local_charge(keys, lim, n, cost, res);
+    local_charge(keys, lim, n, cost, -1, res);
 }

@@ -55,9 +55,12 @@ tg_route_buckets(const tg_conf *conf, const tg_tier_conf *tier,
                  const tg_route_conf *route, const char *prefix, const char *consumer,
                  tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS],
                  char names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1],
-                 char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX])
+                 char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX],
+                 int *global)
 {
     size_t n = 0;
+
+    *global = -1;
 
     snprintf(keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:t", prefix, consumer);
     limits[n] = tg_gcra_per_minute(tier->requests_per_minute, tier->burst_limit);
@@ -69,6 +72,7 @@ tg_route_buckets(const tg_conf *conf, const tg_tier_conf *tier,
         snprintf(names[n++], sizeof(names[0]), "%s", route->name);
     }
     if (conf->global_limit.enabled) {
+        *global = (int)n;
         snprintf(keys[n], TG_LIMIT_KEY_MAX, "%s{global}:g", prefix);
         limits[n] = tg_gcra_per_second(conf->global_limit.requests_per_second,
                                        conf->global_limit.burst);
