@@ -73,13 +73,15 @@ local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
 static void
 local_follow(const tg_limit_ctx *ctx, const tg_gcra_result *res)
 {
-    uint64_t sent = ctx->started_us, now = tg_now_us();
+    uint64_t sent = ctx->started_us, tat[TG_LIMIT_MAX_BUCKETS];
+    const char *keys[TG_LIMIT_MAX_BUCKETS];
 
     for (size_t i = 0; i < ctx->n; i++) {
-        if (res->held_us[i] > 0) {
-            tg_lshared_raise(local_store, ctx->keys[i], sent + res->held_us[i], now);
-        }
+        keys[i] = ctx->keys[i];
+        tat[i] = res->held_us[i] > 0 ? sent + res->held_us[i] : 0;   /* 0: none */
     }
+    /* one lock for the consumer's buckets (one table), none for global */
+    tg_lshared_raise_n(local_store, keys, tat, ctx->n, tg_now_us());
 }
 
 /* The local debts of ctx's buckets, as floors for Redis; 0 without a
