@@ -66,14 +66,16 @@ static void
 evmem_init(void)
 {
 #if defined(__SANITIZE_ADDRESS__)
-    return;                                    /* ASan must see every free */
+    const int wanted = 0;                      /* ASan must see every free */
 #else
-    if (pthread_key_create(&evmem_key, evmem_thread_exit) != 0) {
+    const int wanted = 1;
+#endif
+
+    if (!wanted || pthread_key_create(&evmem_key, evmem_thread_exit) != 0) {
         return;
     }
     event_set_mem_functions(evmem_malloc, evmem_realloc, evmem_free);
     evmem_on = 1;
-#endif
 }
 
 void

@@ -764,7 +764,7 @@ tg_redis_batch_free(struct tg_redis_batch *b)
         next = op->next;
         tg_redis_op_release(r, op);
     }
-    if (r->nbatch_pool < TG_REDIS_POOL_MAX && !r->destroying) {
+    if (TG_REDIS_POOLING && r->nbatch_pool < TG_REDIS_POOL_MAX && !r->destroying) {
         b->next = r->batch_pool;         /* its timer is deleted above */
         r->batch_pool = b;
         r->nbatch_pool++;
@@ -1274,7 +1274,8 @@ op_new(struct tg_redis *r, enum tg_redis_kind kind, const char *const *s, size_t
 void
 tg_redis_op_release(struct tg_redis *r, struct tg_redis_op *op)
 {
-    if (op->pooled && r->nop_pool < TG_REDIS_POOL_MAX && !r->destroying) {
+    if (TG_REDIS_POOLING && op->pooled && r->nop_pool < TG_REDIS_POOL_MAX
+        && !r->destroying) {
         op->next = r->op_pool;
         r->op_pool = op;
         r->nop_pool++;

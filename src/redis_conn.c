@@ -331,10 +331,10 @@ reply_free(void *p)
         for (size_t i = 0; i < w->rep.elements; i++) {
             reply_free(w->rep.element[i]);
         }
-        if (r->elem_cache == NULL && TG_REDIS_POOL_MAX > 0) {
+        if (r->elem_cache == NULL && TG_REDIS_POOLING) {
             r->elem_cache = (void **)w->rep.element;
             r->elem_cache_cap = w->ecap;
-        } else if (w->ecap > r->elem_cache_cap && TG_REDIS_POOL_MAX > 0) {
+        } else if (w->ecap > r->elem_cache_cap && TG_REDIS_POOLING) {
             free(r->elem_cache);
             r->elem_cache = (void **)w->rep.element;
             r->elem_cache_cap = w->ecap;
@@ -342,7 +342,7 @@ reply_free(void *p)
             free(w->rep.element);
         }
     }
-    if (r->nreply_pool < TG_REDIS_POOL_MAX && !r->destroying) {
+    if (TG_REDIS_POOLING && r->nreply_pool < TG_REDIS_POOL_MAX && !r->destroying) {
         w->next = r->reply_pool;
         r->reply_pool = w;
         r->nreply_pool++;

@@ -216,10 +216,11 @@ extern const tg_breaker_conf tg_redis_node_breaker_conf;
 
 /* Free-list bounds: past them a block is freed as before. */
 #define TG_REDIS_OP_POOLED   (3 * 192)   /* string bytes of a pooled op */
-#if defined(__SANITIZE_ADDRESS__)
-#define TG_REDIS_POOL_MAX    0           /* ASan sees every free: no reuse */
-#else
 #define TG_REDIS_POOL_MAX    1024        /* ops, batches, replies kept each */
+#if defined(__SANITIZE_ADDRESS__)
+#define TG_REDIS_POOLING     0           /* ASan sees every free: no reuse */
+#else
+#define TG_REDIS_POOLING     1
 #endif
 
 /* redis.c: op back to r's free list (or freed). */
