@@ -686,34 +686,60 @@ fallback(tg_limit_ctx *ctx)
 
 /* ---- headers --------------------------------------------------------- */
 
+/* Appenders of tg_limiter_headers: a literal, a string, a number. */
+#define HDR_LIT(p, end, lit) tg_cat((p), (end), (lit), sizeof(lit) - 1)
+
+static int
+hdr_u32(char **p, const char *end, uint32_t v)
+{
+    char d[20];
+
+    return tg_cat(p, end, d, tg_u64_dec(d, v));
+}
+
 size_t
 tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
 {
-    int n = 0, m;
+    /* built by hand, not snprintf (once per request: docs/PERFORMANCE.md);
+     * the text is exactly what the format below says */
+    char *p = buf, *end, *mark;
+    size_t pl;
 
+    if (len == 0) {
+        return 0;
+    }
+    end = buf + len - 1;                 /* room for the NUL */
     if (o->limited) {
         /* draft-ietf-httpapi-ratelimit-headers: policy (quota q over window
-         * w seconds) and current state (r remaining, t seconds to reset). */
-        n = snprintf(buf, len,
-                     "RateLimit-Policy: \"%s\";q=%u;w=%u\r\n"
-                     "RateLimit: \"%s\";r=%u;t=%u\r\n"
-                     "X-RateLimit-Limit: %u\r\n"
-                     "X-RateLimit-Remaining: %u\r\n"
-                     "X-RateLimit-Reset: %u\r\n",
-                     o->policy, o->quota, o->window_s, o->policy, o->remaining,
-                     o->reset_s, o->quota, o->remaining, o->reset_s);
-        if (n < 0 || (size_t)n >= len) {
+         * w seconds) and current state (r remaining, t seconds to reset):
+         *   RateLimit-Policy: "%s";q=%u;w=%u  RateLimit: "%s";r=%u;t=%u
+         *   X-RateLimit-Limit: %u  X-RateLimit-Remaining: %u
+         *   X-RateLimit-Reset: %u  (each line ending in CRLF) */
+        pl = strnlen(o->policy, sizeof(o->policy));
+        if (!(HDR_LIT(&p, end, "RateLimit-Policy: \"") && tg_cat(&p, end, o->policy, pl)
+              && HDR_LIT(&p, end, "\";q=") && hdr_u32(&p, end, o->quota)
+              && HDR_LIT(&p, end, ";w=") && hdr_u32(&p, end, o->window_s)
+              && HDR_LIT(&p, end, "\r\nRateLimit: \"") && tg_cat(&p, end, o->policy, pl)
+              && HDR_LIT(&p, end, "\";r=") && hdr_u32(&p, end, o->remaining)
+              && HDR_LIT(&p, end, ";t=") && hdr_u32(&p, end, o->reset_s)
+              && HDR_LIT(&p, end, "\r\nX-RateLimit-Limit: ") && hdr_u32(&p, end, o->quota)
+              && HDR_LIT(&p, end, "\r\nX-RateLimit-Remaining: ")
+              && hdr_u32(&p, end, o->remaining)
+              && HDR_LIT(&p, end, "\r\nX-RateLimit-Reset: ") && hdr_u32(&p, end, o->reset_s)
+              && HDR_LIT(&p, end, "\r\n"))) {
+            buf[0] = '\0';
             return 0;
         }
     }
     if ((o->status == 429 || o->status == 503) && o->retry_s > 0) {
-        m = snprintf(buf + n, len - (size_t)n, "Retry-After: %u\r\n", o->retry_s);
-        if (m < 0 || (size_t)m >= len - (size_t)n) {
-            return (size_t)n;
+        mark = p;
+        if (!(HDR_LIT(&p, end, "Retry-After: ") && hdr_u32(&p, end, o->retry_s)
+              && HDR_LIT(&p, end, "\r\n"))) {
+            p = mark;                    /* as before: the rest, without it */
         }
-        n += m;
     }
-    return (size_t)n;
+    *p = '\0';
+    return (size_t)(p - buf);
 }
 
 /* ---- helpers ---------------------------------------------------------- */

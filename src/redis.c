@@ -654,9 +654,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     np = r->num;
 
 #define TG_ARG(p, l) do { r->argv[i] = (p); r->argvlen[i] = (l); i++; } while (0)
-#define TG_NUM(v) do { int l_ = snprintf(np, TG_REDIS_NUMLEN, "%llu",           \
-                                         (unsigned long long)(v));              \
-                       TG_ARG(np, (size_t)l_); np += l_ + 1; } while (0)
+#define TG_NUM(v) do { size_t l_ = tg_u64_dec(np, (uint64_t)(v));              \
+                       np[l_] = '\0';                                          \
+                       TG_ARG(np, l_); np += l_ + 1; } while (0)
 
     if (b->kind == TG_OP_HGET) {
         TG_ARG("HGET", 4);
