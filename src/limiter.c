@@ -126,6 +126,7 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
     }
 }
 
+static void give_preflush(void *arg);
 static void finish_impossible(tg_limit_ctx *ctx, size_t i);
 static void finish(tg_limit_ctx *ctx, const tg_gcra_result *res);
 static void redis_done(void *arg, tg_rc rc, const tg_gcra_result *res);
@@ -206,6 +207,7 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
             snprintf(err, errlen, "redis: cannot create the client");
             goto fail;
         }
+        tg_redis_set_preflush(lim->redis, give_preflush, lim);
         if (tg_redis_node_breakers(lim->redis)) {
             /* Cluster: a breaker per node inside the client; one over all
              * nodes would send every slot to the fallback for one node */
@@ -467,9 +469,9 @@ send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost)
 {
     const char *keys[TG_LIMIT_MAX_BUCKETS];
 
-    /* Tokens given back (a slice of this key just expired) go first: on
-     * the same connection, Redis applies them before this charge. */
-    tg_lease_give_flush(lim, 0);
+    /* Tokens given back (a slice of this key just expired) go first: they
+     * are sent when the charges of this loop turn are (give_preflush),
+     * one call ahead of them on the same connection. */
     for (size_t i = 0; i < ctx->n; i++) {
         keys[i] = ctx->keys[i];
     }
@@ -507,6 +509,15 @@ tg_limiter_cancel(tg_limit_ctx *ctx)
         ctx->op = NULL;
         tg_breaker_abandon(&ctx->lim->breaker, tg_now_ms());
     }
+}
+
+/* The give-backs queued this loop turn, sent ahead of its charges (one
+ * call for all: before, one per charge sent, about one a request with
+ * keys at random). */
+static void
+give_preflush(void *arg)
+{
+    tg_lease_give_flush(arg, 0);
 }
 
 /* The request costs more than bucket i can ever hold: 429 that says so,

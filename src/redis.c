@@ -401,6 +401,13 @@ tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
 }
 
 void
+tg_redis_set_preflush(struct tg_redis *r, void (*cb)(void *arg), void *arg)
+{
+    r->preflush = cb;
+    r->preflush_arg = arg;
+}
+
+void
 tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n)
 {
     if (op != NULL && op->kind == TG_OP_CHARGE && n <= op->n) {
@@ -447,6 +454,9 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
     struct tg_redis_batch *cur = NULL, *b, *built = NULL;
     struct tg_rnode *nd = r->mode != TG_MODE_CLUSTER ? r->nodes[0] : NULL;
 
+    if (r->preflush != NULL) {
+        r->preflush(r->preflush_arg);    /* ahead of this turn's charges */
+    }
     /* Take the list first: callbacks below may queue new ops, which go
      * out on the next run of this event. */
     list = r->pending;

@@ -173,6 +173,8 @@ struct tg_redis {
     size_t                  argcap;
     char                   *num;         /* number strings */
     size_t                  numcap;
+    void                  (*preflush)(void *arg);   /* tg_redis_set_preflush */
+    void                   *preflush_arg;
     char                   *cmd;         /* the command in RESP, for */
     size_t                  cmdcap;      /* redisAsyncFormattedCommand */
 

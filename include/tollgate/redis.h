@@ -100,6 +100,14 @@ int tg_redis_ready(const struct tg_redis *r);
 int tg_redis_node_breakers(const struct tg_redis *r);
 
 /*
+ * cb(arg) runs at the start of every flush of queued charges (once per
+ * loop turn that queued any), before they are sent: what it sends with
+ * tg_redis_give_back goes ahead of them on the connection.  The limiter
+ * sends its queued give-backs there, one call for the whole turn.
+ */
+void tg_redis_set_preflush(struct tg_redis *r, void (*cb)(void *arg), void *arg);
+
+/*
  * Queue one charge: keys[0..n) (copied), limits lim[0..n), cost.
  * cb(arg, TG_OK, &result) with the script's answer, or cb(arg, TG_ERR,
  * NULL) on error, timeout or no connection.  cb is called exactly once,
