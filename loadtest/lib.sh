@@ -12,6 +12,9 @@
 #   lt_start_nginx NAME proxy|limit_req   # -> PORT[NAME]
 #   lt_start_haproxy NAME         # -> PORT[NAME]
 #   lt_start_tollgate NAME proxy|local|redis [EXTRA_YAML_FILE]  # -> PORT[NAME] ADMIN[NAME]
+#   lt_gen_cert                   # -> $TMP/tls-cert.pem, $TMP/tls-key.pem (P-256)
+#   LT_TLS=1 lt_start_nginx|lt_start_tollgate ...   # the listener speaks TLS
+#   LT_BIN=other/tollgate lt_start_tollgate ...     # another tollgate binary
 #   lt_run_wrk URL SECONDS LOGFILE  # -> "rps p50_ms p99_ms non2xx errors requests"
 # shellcheck shell=bash
 
@@ -19,7 +22,7 @@ LT_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LT_PY=/usr/bin/python3
 LT_NAME=loadtest
 LT_PIDS=()
-declare -A PORT ADMIN PID
+declare -A PORT ADMIN PID SCHEME
 
 lt_die() { echo "$LT_NAME: $*" >&2; exit 1; }
 lt_log() { echo "$LT_NAME: $*" >&2; }
@@ -67,7 +70,7 @@ lt_spawn() {
 lt_wait_http() {
     local name=$1 url=$2 pid=$3 want=${4:-} i code=
     for ((i = 0; i < 100; i++)); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' -m 1 "$url" || true)
+        code=$(curl -sk -o /dev/null -w '%{http_code}' -m 1 "$url" || true)
         if [[ $code != 000 && ( -z $want || $code == "$want" ) ]]; then
             return 0
         fi
@@ -112,6 +115,17 @@ with open(txt, "w") as t, open(yml, "w") as y:
 EOF
 }
 
+# lt_gen_cert: a self-signed ECDSA P-256 certificate for 127.0.0.1 (one
+# day) in $TMP/tls-cert.pem, its key in $TMP/tls-key.pem: what LT_TLS=1
+# listeners serve (the same pair for nginx and tollgate).
+lt_gen_cert() {
+    [[ -f $TMP/tls-cert.pem ]] && return 0
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$TMP/tls-key.pem" -out "$TMP/tls-cert.pem" -days 1 \
+        -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+        >"$TMP/openssl.log" 2>&1 || lt_die "openssl req failed: $(cat "$TMP/openssl.log")"
+}
+
 # lt_start_redis: a private redis-server without persistence -> REDIS_PORT.
 lt_start_redis() {
     local i
@@ -131,8 +145,10 @@ lt_rcli() { "${REDIS_CLI:-redis-cli}" -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 # lt_start_nginx NAME proxy|limit_req: nginx with WORKERS workers in front
 # of UP_PORT, keep-alive both sides, own prefix; limit_req: one state per
 # X-API-Key value (no key check), rate and burst far above any load.
+# LT_TLS=1: the listener speaks TLS 1.3 only (lt_gen_cert's pair,
+# nginx's default session settings), SCHEME[NAME]=https.
 lt_start_nginx() {
-    local name=$1 kind=$2 port dir limit_zone='' limit=''
+    local name=$1 kind=$2 port dir limit_zone='' limit='' ssl='' sslconf=''
     [[ -x ${NGINX:=/usr/sbin/nginx} ]] || lt_die "nginx not found at $NGINX (apt-get install nginx-light)"
     port=$(lt_free_port)
     dir=$TMP/$name
@@ -140,6 +156,13 @@ lt_start_nginx() {
     if [[ $kind == limit_req ]]; then
         limit_zone="limit_req_zone \$http_x_api_key zone=k:20m rate=100000r/s;"
         limit="limit_req zone=k burst=100000 nodelay;"
+    fi
+    SCHEME[$name]=http
+    if [[ ${LT_TLS:-0} == 1 ]]; then
+        lt_gen_cert
+        ssl=" ssl"
+        sslconf="ssl_certificate $TMP/tls-cert.pem; ssl_certificate_key $TMP/tls-key.pem; ssl_protocols TLSv1.3;"
+        SCHEME[$name]=https
     fi
     {
         # As root nginx would drop its workers to "nobody": stay root so
@@ -166,7 +189,8 @@ http {
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$port$ssl;
+        $sslconf
         location / {
             $limit
             proxy_pass http://testup;
@@ -182,7 +206,7 @@ EOF
     lt_spawn "$name" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
     PID[$name]=$LAST_PID
     PORT[$name]=$port
-    lt_wait_http "$name" "http://127.0.0.1:$port/" "$LAST_PID"
+    lt_wait_http "$name" "${SCHEME[$name]}://127.0.0.1:$port/" "$LAST_PID"
 }
 
 # lt_start_haproxy NAME: HAProxy (WORKERS threads) in front of UP_PORT with a
@@ -221,6 +245,7 @@ EOF
     lt_spawn "$name" "$HAPROXY" -db -f "$dir/haproxy.cfg"
     PID[$name]=$LAST_PID
     PORT[$name]=$port
+    SCHEME[$name]=http
     lt_wait_http "$name" "http://127.0.0.1:$port/" "$LAST_PID"
 }
 
@@ -230,16 +255,25 @@ EOF
 # process memory or in the Redis of lt_start_redis (on_failure: deny, so a
 # Redis problem shows as errors). EXTRA: a YAML file appended to the
 # config (TG_CONF_EXTRA is appended to every one); TIER_EXTRA: more keys
-# of tier bench (e.g. "lease: { size: 64 }"). Waits for /readyz 200.
+# of tier bench (e.g. "lease: { size: 64 }"). LT_TLS=1: the listener
+# speaks TLS (lt_gen_cert's pair), SCHEME[NAME]=https. LT_BIN: run that
+# tollgate binary instead of TOLLGATE (an A/B against another build).
+# Waits for /readyz 200.
 lt_start_tollgate() {
-    local name=$1 kind=$2 extra=${3:-} port admin conf
-    [[ -x $TOLLGATE ]] || lt_die "tollgate not found at $TOLLGATE (meson compile -C build)"
+    local name=$1 kind=$2 extra=${3:-} port admin conf tls='' bin=${LT_BIN:-$TOLLGATE}
+    [[ -x $bin ]] || lt_die "tollgate not found at $bin (meson compile -C build)"
     port=$(lt_free_port)
     admin=$(lt_free_port)
     conf=$TMP/$name.yaml
+    SCHEME[$name]=http
+    if [[ ${LT_TLS:-0} == 1 ]]; then
+        lt_gen_cert
+        tls=", tls: { cert: $TMP/tls-cert.pem, key: $TMP/tls-key.pem }"
+        SCHEME[$name]=https
+    fi
     {
         cat <<EOF
-listen: [ { address: 127.0.0.1:$port } ]
+listen: [ { address: 127.0.0.1:$port$tls } ]
 admin: { address: 127.0.0.1:$admin }
 workers: ${WORKERS:-2}
 log_level: warn
@@ -260,13 +294,13 @@ EOF
         if [[ -n $extra ]]; then cat "$extra"; fi
         if [[ -n ${TG_CONF_EXTRA:-} ]]; then cat "$TG_CONF_EXTRA"; fi
     } >"$conf"
-    "$TOLLGATE" -t -c "$conf" >"$TMP/$name-check.log" 2>&1 ||
+    "$bin" -t -c "$conf" >"$TMP/$name-check.log" 2>&1 ||
         lt_die "tollgate rejected $name's config: $(cat "$TMP/$name-check.log")"
-    lt_spawn "$name" "$TOLLGATE" -c "$conf"
+    lt_spawn "$name" "$bin" -c "$conf"
     PID[$name]=$LAST_PID
     PORT[$name]=$port
     ADMIN[$name]=$admin
-    lt_wait_http "$name" "http://127.0.0.1:$port/" "$LAST_PID"
+    lt_wait_http "$name" "${SCHEME[$name]}://127.0.0.1:$port/" "$LAST_PID"
     lt_wait_http "$name /readyz" "http://127.0.0.1:$admin/readyz" "$LAST_PID" 200
 }
 

@@ -91,6 +91,32 @@ tg_fmt(char *buf, size_t size, const char *fmt, ...)
     return (size_t)n < size ? (size_t)n : size - 1;
 }
 
+size_t
+tg_copy(char *dst, const char *src, size_t size)
+{
+    size_t n = strnlen(src, size - 1);
+
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+    return n;
+}
+
+size_t
+tg_u64_dec(char *p, uint64_t v)
+{
+    char tmp[20];
+    size_t n = 0, i;
+
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    for (i = 0; i < n; i++) {
+        p[i] = tmp[n - 1 - i];
+    }
+    return n;
+}
+
 void *
 tg_xmalloc(size_t n)
 {

@@ -293,12 +293,12 @@ tg_lstore_charge(struct tg_lstore *st, const char *const *keys,
     ls_store_back(tab, keys, len, h, at, tat, n, now_us);
 }
 
-void
-tg_lstore_raise(struct tg_lstore *st, const char *key, uint64_t tat, uint64_t now_us)
+/* key (len, folded hash h) up to tat; a missing key is inserted only if
+ * tat is in the future (else it is full: as absent). */
+static void
+ls_raise(struct tg_lstore *st, const char *key, size_t len, uint32_t h, uint64_t tat,
+         uint64_t now_us)
 {
-    size_t len;
-    uint64_t h64 = ls_hash(key, &len);
-    uint32_t h = (uint32_t)(h64 ^ (h64 >> 32));
     long at = ls_find(st, key, len, h);
 
     if (at >= 0) {
@@ -308,6 +308,15 @@ tg_lstore_raise(struct tg_lstore *st, const char *key, uint64_t tat, uint64_t no
     } else if (tat > now_us) {
         ls_insert(st, key, len, h, tat, now_us, &h, 1);
     }
+}
+
+void
+tg_lstore_raise(struct tg_lstore *st, const char *key, uint64_t tat, uint64_t now_us)
+{
+    size_t len;
+    uint64_t h64 = ls_hash(key, &len);
+
+    ls_raise(st, key, len, (uint32_t)(h64 ^ (h64 >> 32)), tat, now_us);
 }
 
 uint64_t
@@ -584,6 +593,72 @@ tg_lshared_raise(struct tg_lshared *sh, const char *key, uint64_t tat,
                                                     __ATOMIC_ACQ_REL,
                                                     __ATOMIC_RELAXED)) {
             return;
+        }
+    }
+}
+
+/* A cell's TAT up to tat (never down). */
+static void
+lsh_cell_raise(lsh_cell *c, uint64_t tat)
+{
+    for (;;) {
+        uint64_t v = lsh_cell_load(c);
+        if (v >= tat || __atomic_compare_exchange_n(&c->tat, &v, tat, 0,
+                                                    __ATOMIC_ACQ_REL,
+                                                    __ATOMIC_RELAXED)) {
+            return;
+        }
+    }
+}
+
+/*
+ * As tg_lshared_raise per key, grouped by table: the keys of a table are
+ * raised under one hold of its lock (one table at a time: no lock order
+ * needed), the cells by compare-and-swap.  A key that became a cell since
+ * the look without the lock is found again under it, as in
+ * tg_lshared_raise.
+ */
+void
+tg_lshared_raise_n(struct tg_lshared *sh, const char *const *keys,
+                   const uint64_t *tat, size_t n, uint64_t now_us)
+{
+    size_t len[GCRA_MAX_BUCKETS], i, j;
+    uint32_t h[GCRA_MAX_BUCKETS];
+    unsigned stripe[GCRA_MAX_BUCKETS];
+    int cell[GCRA_MAX_BUCKETS], done[GCRA_MAX_BUCKETS];
+
+    if (n > GCRA_MAX_BUCKETS) {
+        n = GCRA_MAX_BUCKETS;            /* the limiter never has more */
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t h64 = ls_hash(keys[i], &len[i]);
+        h[i] = (uint32_t)(h64 ^ (h64 >> 32));
+        cell[i] = tat[i] != 0 ? lsh_cell_find(sh, keys[i], len[i], h[i]) : -1;
+        stripe[i] = lsh_stripe_of(keys[i], len[i]);
+        done[i] = tat[i] == 0 || cell[i] >= 0;
+    }
+    for (i = 0; i < n; i++) {
+        lsh_stripe *sp;
+        if (done[i]) {
+            continue;
+        }
+        sp = &sh->stripes[stripe[i]];
+        pthread_mutex_lock(&sp->mu);
+        for (j = i; j < n; j++) {
+            if (done[j] || stripe[j] != stripe[i]) {
+                continue;
+            }
+            done[j] = 1;
+            cell[j] = lsh_cell_find(sh, keys[j], len[j], h[j]);
+            if (cell[j] < 0) {
+                ls_raise(&sp->st, keys[j], len[j], h[j], tat[j], now_us);
+            }
+        }
+        pthread_mutex_unlock(&sp->mu);
+    }
+    for (i = 0; i < n; i++) {
+        if (tat[i] != 0 && cell[i] >= 0) {
+            lsh_cell_raise(&sh->cells[cell[i]], tat[i]);
         }
     }
 }

@@ -99,14 +99,12 @@ tg_identify(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
             tg_limit_deny(out, TG_LIMIT_UNAUTHORIZED, "unknown API key");
             return TG_OK;
         }
+        tg_copy(out->consumer, key->id, sizeof(out->consumer));
+        tg_copy(out->tier, key->tier, sizeof(out->tier));
         if (!key->enabled) {
-            snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
-            snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
             tg_limit_deny(out, TG_LIMIT_FORBIDDEN, "API key disabled");
             return TG_OK;
         }
-        snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
-        snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
     } else if (kv == NULL && conf->auth.anonymous_tier != NULL) {
         char net[INET6_ADDRSTRLEN + 8];
 
@@ -266,8 +264,8 @@ identify_cached(struct tg_limiter *lim, tg_limit_ctx *ctx, const kcache_entry *e
         tg_limit_deny(out, TG_LIMIT_UNAUTHORIZED, "unknown API key");
         return TG_OK;
     }
-    snprintf(out->consumer, sizeof(out->consumer), "%s", e->id);
-    snprintf(out->tier, sizeof(out->tier), "%s", e->tier);
+    tg_copy(out->consumer, e->id, sizeof(out->consumer));
+    tg_copy(out->tier, e->tier, sizeof(out->tier));
     if (!e->enabled) {
         tg_limit_deny(out, TG_LIMIT_FORBIDDEN, "API key disabled");
         return TG_OK;

@@ -51,21 +51,12 @@ local_init(void)
     local_store = tg_lshared_create(LSTORE_MAX_ENTRIES);
 }
 
+/* hot: the index of the bucket every request shares (the global one, as
+ * the route stage said), or -1. */
 static void
 local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
-             uint32_t cost, tg_gcra_result *res)
+             uint32_t cost, int hot, tg_gcra_result *res)
 {
-    static const char gsuffix[] = "{global}:g";   /* as charge_stage builds it */
-    int hot = -1;
-
-    for (size_t i = 0; i < n; i++) {
-        size_t len = strlen(keys[i]);
-        if (len >= sizeof(gsuffix) - 1
-            && memcmp(keys[i] + len - (sizeof(gsuffix) - 1), gsuffix,
-                      sizeof(gsuffix) - 1) == 0) {
-            hot = (int)i;
-        }
-    }
     tg_lshared_charge(local_store, keys, lim, n, cost, hot, tg_now_us(), res);
 }
 
@@ -85,13 +76,15 @@ local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
 static void
 local_follow(const tg_limit_ctx *ctx, const tg_gcra_result *res)
 {
-    uint64_t sent = ctx->started_us, now = tg_now_us();
+    uint64_t sent = ctx->started_us, tat[TG_LIMIT_MAX_BUCKETS];
+    const char *keys[TG_LIMIT_MAX_BUCKETS];
 
     for (size_t i = 0; i < ctx->n; i++) {
-        if (res->held_us[i] > 0) {
-            tg_lshared_raise(local_store, ctx->keys[i], sent + res->held_us[i], now);
-        }
+        keys[i] = ctx->keys[i];
+        tat[i] = res->held_us[i] > 0 ? sent + res->held_us[i] : 0;   /* 0: none */
     }
+    /* one lock for the consumer's buckets (one table), none for global */
+    tg_lshared_raise_n(local_store, keys, tat, ctx->n, tg_now_us());
 }
 
 /* The local debts of ctx's buckets, as floors for Redis; 0 without a
@@ -376,6 +369,7 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     ctx->kwait = NULL;
     ctx->lease_n = 0;
     ctx->factor = TG_THROTTLE_ONE;
+    ctx->global = -1;
     if (!lim->enabled) {
         return TG_OK;
     }
@@ -412,7 +406,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
     out->route = route != NULL ? (int)(route - conf->routes) : -1;
     out->cost = ctx->cost;
     n = tg_route_buckets(conf, tier, route, prefix, out->consumer,
-                         ctx->limits, ctx->names, ctx->keys);
+                         ctx->limits, ctx->names, ctx->keys, &ctx->global);
     ctx->n = n;
     throttle(ctx);
 
@@ -469,7 +463,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
         for (i = 0; i < n; i++) {
             keys[i] = ctx->keys[i];
         }
-        local_charge(keys, ctx->limits, n, ctx->cost, &res);
+        local_charge(keys, ctx->limits, n, ctx->cost, ctx->global, &res);
     }
     finish(ctx, &res);
     return TG_OK;
@@ -687,7 +681,7 @@ fallback(tg_limit_ctx *ctx)
             shared[i] = tg_gcra_share(ctx->limits[i], k, lim->max_cost);
         }
         __atomic_store_n(&local_fallback_us, tg_now_us(), __ATOMIC_RELAXED);
-        local_charge(keys, shared, ctx->n, ctx->cost, &res);
+        local_charge(keys, shared, ctx->n, ctx->cost, ctx->global, &res);
         if (k > 1) {
             memcpy(ctx->limits, shared, sizeof(shared[0]) * ctx->n);   /* headers */
         }
@@ -699,37 +693,62 @@ fallback(tg_limit_ctx *ctx)
 
 /* ---- headers --------------------------------------------------------- */
 
+/* Appenders of tg_limiter_headers: a literal, a string, a number. */
+#define HDR_LIT(p, end, lit) tg_cat((p), (end), (lit), sizeof(lit) - 1)
+
+static int
+hdr_u32(char **p, const char *end, uint32_t v)
+{
+    char d[20];
+
+    return tg_cat(p, end, d, tg_u64_dec(d, v));
+}
+
 size_t
 tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
 {
-    int n = 0, m;
+    /* built by hand, not snprintf (once per request: docs/PERFORMANCE.md);
+     * the text is exactly what the format below says */
+    char *p = buf, *end, *mark;
+    size_t pl;
     /* a throttled quota is below the burst: never show more left than it */
     uint32_t left = o->remaining < o->quota ? o->remaining : o->quota;
 
+    if (len == 0) {
+        return 0;
+    }
+    end = buf + len - 1;                 /* room for the NUL */
     if (o->limited) {
         /* draft-ietf-httpapi-ratelimit-headers: policy (quota q over window
-         * w seconds) and current state (r remaining, t seconds to reset). */
-        n = snprintf(buf, len,
-                     "RateLimit-Policy: \"%s\";q=%u;w=%u\r\n"
-                     "RateLimit: \"%s\";r=%u;t=%u\r\n"
-                     "X-RateLimit-Limit: %u\r\n"
-                     "X-RateLimit-Remaining: %u\r\n"
-                     "X-RateLimit-Reset: %u\r\n",
-                     o->policy, o->quota, o->window_s, o->policy, left,
-                     o->reset_s, o->quota, left, o->reset_s);
-        if (n < 0 || (size_t)n >= len) {
+         * w seconds) and current state (r remaining, t seconds to reset):
+         *   RateLimit-Policy: "%s";q=%u;w=%u  RateLimit: "%s";r=%u;t=%u
+         *   X-RateLimit-Limit: %u  X-RateLimit-Remaining: %u
+         *   X-RateLimit-Reset: %u  (each line ending in CRLF) */
+        pl = strnlen(o->policy, sizeof(o->policy));
+        if (!(HDR_LIT(&p, end, "RateLimit-Policy: \"") && tg_cat(&p, end, o->policy, pl)
+              && HDR_LIT(&p, end, "\";q=") && hdr_u32(&p, end, o->quota)
+              && HDR_LIT(&p, end, ";w=") && hdr_u32(&p, end, o->window_s)
+              && HDR_LIT(&p, end, "\r\nRateLimit: \"") && tg_cat(&p, end, o->policy, pl)
+              && HDR_LIT(&p, end, "\";r=") && hdr_u32(&p, end, left)
+              && HDR_LIT(&p, end, ";t=") && hdr_u32(&p, end, o->reset_s)
+              && HDR_LIT(&p, end, "\r\nX-RateLimit-Limit: ") && hdr_u32(&p, end, o->quota)
+              && HDR_LIT(&p, end, "\r\nX-RateLimit-Remaining: ")
+              && hdr_u32(&p, end, left)
+              && HDR_LIT(&p, end, "\r\nX-RateLimit-Reset: ") && hdr_u32(&p, end, o->reset_s)
+              && HDR_LIT(&p, end, "\r\n"))) {
+            buf[0] = '\0';
             return 0;
         }
     }
-    if ((o->status == TG_LIMIT_LIMITED || o->status == TG_LIMIT_UNAVAILABLE)
-        && o->retry_s > 0) {
-        m = snprintf(buf + n, len - (size_t)n, "Retry-After: %u\r\n", o->retry_s);
-        if (m < 0 || (size_t)m >= len - (size_t)n) {
-            return (size_t)n;
+    if ((o->status == TG_LIMIT_LIMITED || o->status == TG_LIMIT_UNAVAILABLE) && o->retry_s > 0) {
+        mark = p;
+        if (!(HDR_LIT(&p, end, "Retry-After: ") && hdr_u32(&p, end, o->retry_s)
+              && HDR_LIT(&p, end, "\r\n"))) {
+            p = mark;                    /* as before: the rest, without it */
         }
-        n += m;
     }
-    return (size_t)n;
+    *p = '\0';
+    return (size_t)(p - buf);
 }
 
 /* ---- helpers ---------------------------------------------------------- */
@@ -778,5 +797,5 @@ void
 tg_limiter_local_charge(const char *const *keys, const tg_gcra_limit *lim, size_t n,
                         uint32_t cost, tg_gcra_result *res)
 {
-    local_charge(keys, lim, n, cost, res);
+    local_charge(keys, lim, n, cost, -1, res);
 }

@@ -73,7 +73,8 @@ tg_rc tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http
 /* 503 + Retry-After into ctx->out: the store cannot be asked (why). */
 void tg_limiter_store_down(tg_limit_ctx *ctx, const char *why);
 
-/* Charge n buckets of the process's in-process store (never Redis). */
+/* Charge n buckets of the process's in-process store (never Redis); none
+ * of them is the global bucket. */
 void tg_limiter_local_charge(const char *const *keys, const tg_gcra_limit *lim,
                              size_t n, uint32_t cost, tg_gcra_result *res);
 

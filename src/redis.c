@@ -98,8 +98,9 @@ static void late_refund(struct tg_redis *r, struct tg_rnode *nd,
 static int refund_send(struct tg_redis *r, struct tg_rnode *nd, const char *const *keys,
                        const size_t *lens, const uint64_t *amount, const uint64_t *p,
                        size_t nk);
-static struct tg_redis_op *op_new(enum tg_redis_kind kind, const char *const *s,
-                                  size_t n);
+static struct tg_redis_op *op_new(struct tg_redis *r, enum tg_redis_kind kind,
+                                  const char *const *s, size_t n);
+static size_t format_resp(struct tg_redis *r, size_t argc);
 
 /* ------------------------------------------------------------------ */
 /* create / destroy                                                    */
@@ -269,6 +270,17 @@ tg_redis_destroy(struct tg_redis *r)
     free(r->argv);
     free(r->argvlen);
     free(r->num);
+    free(r->cmd);
+    while ((op = r->op_pool) != NULL) {
+        r->op_pool = op->next;
+        free(op);
+    }
+    while (r->batch_pool != NULL) {
+        struct tg_redis_batch *b = r->batch_pool;
+        r->batch_pool = b->next;
+        free(b);
+    }
+    tg_redis_reply_pool_free(r);
     free(r);
 }
 
@@ -347,10 +359,10 @@ tg_redis_charge(struct tg_redis *r, const char *const *keys, const tg_gcra_limit
     if (bad) {
         /* a caller bug: answered TG_ERR like any failure, never sent */
         tg_error("redis: invalid charge (%zu buckets)", n);
-        op = op_new(TG_OP_CHARGE, NULL, 0);
+        op = op_new(r, TG_OP_CHARGE, NULL, 0);
         op->n = 0;
     } else {
-        op = op_new(TG_OP_CHARGE, keys, n);
+        op = op_new(r, TG_OP_CHARGE, keys, n);
         memcpy(op->lim, lim, n * sizeof(*lim));
         op->mask = (uint8_t)((1u << n) - 1);
         if (r->mode == TG_MODE_CLUSTER && op_split(op) != TG_OK) {
@@ -374,7 +386,7 @@ tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
     const char *s[2] = { key, field };
     struct tg_redis_op *op;
 
-    op = op_new(TG_OP_HGET, s, 2);
+    op = op_new(r, TG_OP_HGET, s, 2);
     op->slot1 = (uint16_t)tg_redis_key_slot(op->str, op->len[0]);
     op->str_cb = cb;
     op->arg = arg;
@@ -398,7 +410,7 @@ tg_redis_eval(struct tg_redis *r, const char *script, const char *key,
     for (size_t i = 0; i < nargs; i++) {
         s[2 + i] = args[i];
     }
-    op = op_new(TG_OP_EVAL, s, 2 + nargs);
+    op = op_new(r, TG_OP_EVAL, s, 2 + nargs);
     op->slot1 = (uint16_t)tg_redis_key_slot(op->str, op->len[0]);
     op->str_cb = cb;
     op->arg = arg;
@@ -465,12 +477,12 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
         op->next = NULL;
         if (!op_live(op)) {
             op_refund(r, op);   /* phase 2 of a cancelled request */
-            free(op);
+            tg_redis_op_release(r, op);
             continue;
         }
         if ((op->kind == TG_OP_CHARGE && op->n == 0) || op->deadline_us <= tg_now_us()) {
             tg_redis_op_fail(r, op);
-            free(op);
+            tg_redis_op_release(r, op);
             continue;
         }
         if (r->mode == TG_MODE_CLUSTER) {
@@ -479,7 +491,7 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
         }
         if (!tg_redis_node_usable(nd)) {
             tg_redis_op_fail(r, op);
-            free(op);
+            tg_redis_op_release(r, op);
             continue;
         }
         if (op->kind != TG_OP_CHARGE) {
@@ -528,8 +540,16 @@ batch_ev_offset(void)
 struct tg_redis_batch *
 tg_redis_batch_new(struct tg_redis *r, struct tg_rnode *nd, enum tg_redis_kind kind)
 {
-    size_t off = batch_ev_offset();
-    struct tg_redis_batch *b = tg_xcalloc(1, off + event_get_struct_event_size());
+    size_t off = batch_ev_offset(), size = off + event_get_struct_event_size();
+    struct tg_redis_batch *b = r->batch_pool;
+
+    if (b != NULL) {
+        r->batch_pool = b->next;
+        r->nbatch_pool--;
+        memset(b, 0, size);              /* as new: the timer is assigned at start */
+    } else {
+        b = tg_xcalloc(1, size);
+    }
 
     b->r = r;
     b->node = nd;
@@ -581,6 +601,38 @@ batch_start(struct tg_redis_batch *b)
 }
 
 /*
+ * r's argc arguments (r->argv, r->argvlen) as one RESP command in r->cmd
+ * (grown when needed, kept): hiredis's redisAsyncCommandArgv would format
+ * it into two fresh allocations per call.  Returns its length.
+ */
+static size_t
+format_resp(struct tg_redis *r, size_t argc)
+{
+    size_t need = 24, n;
+    char *p;
+
+    for (size_t k = 0; k < argc; k++) {
+        need += 24 + r->argvlen[k];          /* "$<len>\r\n" <arg> "\r\n" */
+    }
+    if (need > r->cmdcap) {
+        r->cmdcap = need * 2;
+        free(r->cmd);
+        r->cmd = tg_xmalloc(r->cmdcap);
+    }
+    p = r->cmd;
+    p += snprintf(p, 24, "*%zu\r\n", argc);
+    for (size_t k = 0; k < argc; k++) {
+        n = r->argvlen[k];
+        p += snprintf(p, 24, "$%zu\r\n", n);
+        memcpy(p, r->argv[k], n);
+        p += n;
+        *p++ = '\r';
+        *p++ = '\n';
+    }
+    return (size_t)(p - r->cmd);
+}
+
+/*
  * One command for the batch into r's scratch arrays, then to hiredis (which
  * copies it): EVALSHA sha numkeys KEYS... nreq (nbuckets cost (T burst)...)...
  * or EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
@@ -593,7 +645,7 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     struct tg_redis *r = b->r;
     redisAsyncContext *ac = b->node != NULL ? b->node->ac : NULL;
     struct tg_redis_op *op = b->ops;
-    size_t argc, nnum, i = 0;
+    size_t argc, nnum, i = 0, len;
     char *np;
     int rc;
 
@@ -625,9 +677,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     np = r->num;
 
 #define TG_ARG(p, l) do { r->argv[i] = (p); r->argvlen[i] = (l); i++; } while (0)
-#define TG_NUM(v) do { int l_ = snprintf(np, TG_REDIS_NUMLEN, "%llu",           \
-                                         (unsigned long long)(v));              \
-                       TG_ARG(np, (size_t)l_); np += l_ + 1; } while (0)
+#define TG_NUM(v) do { size_t l_ = tg_u64_dec(np, (uint64_t)(v));              \
+                       np[l_] = '\0';                                          \
+                       TG_ARG(np, l_); np += l_ + 1; } while (0)
 
     if (b->kind == TG_OP_HGET) {
         TG_ARG("HGET", 4);
@@ -675,7 +727,8 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     if (b->asking && redisAsyncCommand(ac, NULL, NULL, "ASKING") != REDIS_OK) {
         return TG_ERR;
     }
-    rc = redisAsyncCommandArgv(ac, batch_reply_cb, b, (int)i, r->argv, r->argvlen);
+    len = format_resp(r, i);
+    rc = redisAsyncFormattedCommand(ac, batch_reply_cb, b, r->cmd, len);
     if (rc != REDIS_OK) {
         return TG_ERR;
     }
@@ -740,9 +793,15 @@ tg_redis_batch_free(struct tg_redis_batch *b)
     }
     for (op = b->ops; op != NULL; op = next) {
         next = op->next;
-        free(op);
+        tg_redis_op_release(r, op);
     }
-    free(b);
+    if (TG_REDIS_POOLING && r->nbatch_pool < TG_REDIS_POOL_MAX && !r->destroying) {
+        b->next = r->batch_pool;         /* its timer is deleted above */
+        r->batch_pool = b;
+        r->nbatch_pool++;
+    } else {
+        free(b);
+    }
 }
 
 /* Errors that mean "this is no longer the master" (Sentinel). */
@@ -1202,9 +1261,11 @@ refund_send(struct tg_redis *r, struct tg_rnode *nd, const char *const *keys,
     return 1;
 }
 
-/* One allocation: the op and copies of its n strings. */
+/* One allocation: the op and copies of its n strings; from r's free list
+ * when they fit in TG_REDIS_OP_POOLED bytes (every charge of the limiter:
+ * at most 3 keys of at most 191 bytes). */
 static struct tg_redis_op *
-op_new(enum tg_redis_kind kind, const char *const *s, size_t n)
+op_new(struct tg_redis *r, enum tg_redis_kind kind, const char *const *s, size_t n)
 {
     struct tg_redis_op *op;
     size_t total = 0, len[TG_CHARGE_MAX_BUCKETS];
@@ -1217,7 +1278,17 @@ op_new(enum tg_redis_kind kind, const char *const *s, size_t n)
         }
         total += len[i] + 1;
     }
-    op = tg_xcalloc(1, sizeof(*op) + total);
+    if (total > TG_REDIS_OP_POOLED) {
+        op = tg_xcalloc(1, sizeof(*op) + total);
+    } else if ((op = r->op_pool) != NULL) {
+        r->op_pool = op->next;
+        r->nop_pool--;
+        memset(op, 0, sizeof(*op));
+        op->pooled = 1;
+    } else {
+        op = tg_xcalloc(1, sizeof(*op) + TG_REDIS_OP_POOLED);
+        op->pooled = 1;
+    }
     op->kind = (uint8_t)kind;
     op->n = (uint8_t)n;
     p = op->str;
@@ -1230,6 +1301,19 @@ op_new(enum tg_redis_kind kind, const char *const *s, size_t n)
         p += len[i] + 1;
     }
     return op;
+}
+
+void
+tg_redis_op_release(struct tg_redis *r, struct tg_redis_op *op)
+{
+    if (TG_REDIS_POOLING && op->pooled && r->nop_pool < TG_REDIS_POOL_MAX
+        && !r->destroying) {
+        op->next = r->op_pool;
+        r->op_pool = op;
+        r->nop_pool++;
+    } else {
+        free(op);
+    }
 }
 
 /*

@@ -297,7 +297,7 @@ tg_redis_route_cluster(struct tg_redis *r, struct tg_redis_op *op,
     }
     if (!tg_redis_node_usable(nd)) {
         tg_redis_op_fail(r, op);
-        free(op);
+        tg_redis_op_release(r, op);
         return;
     }
     b = op->kind == TG_OP_CHARGE ? r->slot_batch[slot] : NULL;

@@ -181,13 +181,27 @@ tg_redis_last_error(char *buf, size_t len)
     pthread_mutex_unlock(&tg_redis_err_mu);
 }
 
+/*
+ * Reply objects come from r's free list and go back to it (reply_free):
+ * the batch reply of a charge is an array of integers, which hiredis would
+ * otherwise allocate one by one.  The wrapper remembers its pool and the
+ * capacity of its element array (r keeps one array, the largest seen).
+ */
+typedef struct tg_reply {
+    redisReply       rep;         /* first: hiredis sees a redisReply * */
+    struct tg_redis *r;           /* whose free lists */
+    size_t           ecap;        /* rep.element's capacity (0: none) */
+    struct tg_reply *next;        /* on r->reply_pool */
+} tg_reply;
+
 /* One more object of the reply being read; NULL (reader error) past the
  * limit.  hiredis passes the reader's privdata: our tg_rctx. */
 static redisReply *
 reply_new(const redisReadTask *task, int type)
 {
     struct tg_rctx *e = task->privdata;
-    redisReply *rep;
+    struct tg_redis *r;
+    tg_reply *w;
 
     if (e == NULL) {
         return NULL;            /* the context is being freed */
@@ -201,11 +215,68 @@ reply_new(const redisReadTask *task, int type)
                 TG_REDIS_MAX_OBJECTS);
         return NULL;
     }
-    rep = calloc(1, sizeof(*rep));
-    if (rep != NULL) {
-        rep->type = type;
+    r = e->r;
+    if ((w = r->reply_pool) != NULL) {
+        r->reply_pool = w->next;
+        r->nreply_pool--;
+        memset(w, 0, sizeof(*w));
+    } else if ((w = calloc(1, sizeof(*w))) == NULL) {
+        return NULL;
     }
-    return rep;
+    w->r = r;
+    w->rep.type = type;
+    return &w->rep;
+}
+
+/* rep and everything under it back to its pool (hiredis's freeObject). */
+static void
+reply_free(void *p)
+{
+    tg_reply *w = p;
+    struct tg_redis *r;
+
+    if (w == NULL) {
+        return;
+    }
+    r = w->r;
+    free(w->rep.str);
+    if (w->rep.element != NULL) {
+        for (size_t i = 0; i < w->rep.elements; i++) {
+            reply_free(w->rep.element[i]);
+        }
+        if (r->elem_cache == NULL && TG_REDIS_POOLING) {
+            r->elem_cache = (void **)w->rep.element;
+            r->elem_cache_cap = w->ecap;
+        } else if (w->ecap > r->elem_cache_cap && TG_REDIS_POOLING) {
+            free(r->elem_cache);
+            r->elem_cache = (void **)w->rep.element;
+            r->elem_cache_cap = w->ecap;
+        } else {
+            free(w->rep.element);
+        }
+    }
+    if (TG_REDIS_POOLING && r->nreply_pool < TG_REDIS_POOL_MAX && !r->destroying) {
+        w->next = r->reply_pool;
+        r->reply_pool = w;
+        r->nreply_pool++;
+    } else {
+        free(w);
+    }
+}
+
+void
+tg_redis_reply_pool_free(struct tg_redis *r)
+{
+    tg_reply *w;
+
+    while ((w = r->reply_pool) != NULL) {
+        r->reply_pool = w->next;
+        free(w);
+    }
+    r->nreply_pool = 0;
+    free(r->elem_cache);
+    r->elem_cache = NULL;
+    r->elem_cache_cap = 0;
 }
 
 static void *
@@ -228,7 +299,7 @@ reply_string(const redisReadTask *task, char *str, size_t len)
     }
     rep->str = malloc(len + 1);
     if (rep->str == NULL) {
-        free(rep);
+        reply_free(rep);
         return NULL;
     }
     memcpy(rep->str, str, len);
@@ -242,6 +313,7 @@ reply_array(const redisReadTask *task, int elements)
 {
     struct tg_rctx *e = task->privdata;
     redisReply *rep;
+    tg_reply *w;
 
     if (e != NULL && elements > TG_REDIS_MAX_ELEMENTS) {
         e->r->stats.oversized++;
@@ -253,11 +325,22 @@ reply_array(const redisReadTask *task, int elements)
     if (rep == NULL) {
         return NULL;
     }
+    w = (tg_reply *)rep;
     if (elements > 0) {
-        rep->element = calloc((size_t)elements, sizeof(*rep->element));
-        if (rep->element == NULL) {
-            free(rep);
-            return NULL;
+        struct tg_redis *r = w->r;
+        if (r->elem_cache != NULL && r->elem_cache_cap >= (size_t)elements) {
+            rep->element = (redisReply **)r->elem_cache;
+            w->ecap = r->elem_cache_cap;
+            r->elem_cache = NULL;
+            r->elem_cache_cap = 0;
+            memset(rep->element, 0, (size_t)elements * sizeof(*rep->element));
+        } else {
+            rep->element = calloc((size_t)elements, sizeof(*rep->element));
+            if (rep->element == NULL) {
+                reply_free(rep);
+                return NULL;
+            }
+            w->ecap = (size_t)elements;
         }
     }
     rep->elements = (size_t)elements;
@@ -282,7 +365,7 @@ reply_nil(const redisReadTask *task)
 }
 
 static redisReplyObjectFunctions tg_reply_fns = {
-    reply_string, reply_array, reply_integer, reply_nil, freeReplyObject,
+    reply_string, reply_array, reply_integer, reply_nil, reply_free,
 };
 
 static void

@@ -75,6 +75,8 @@ struct tg_redis_op {
     tg_gcra_limit       lim[TG_CHARGE_MAX_BUCKETS];
     uint64_t            floor_us[TG_CHARGE_MAX_BUCKETS];  /* held at least (0) */
     uint32_t            len[TG_CHARGE_MAX_BUCKETS];   /* of each string */
+    uint8_t             pooled;   /* str has TG_REDIS_OP_POOLED bytes: the
+                                     op may go back to r->op_pool */
     char                str[];    /* n NUL-terminated strings back to back */
 };
 
@@ -144,6 +146,8 @@ struct tg_raux {
     int                  port;
 };
 
+struct tg_reply;
+
 struct tg_redis {
     struct event_base      *base;
     tg_redis_opts           opts;
@@ -170,6 +174,20 @@ struct tg_redis {
     size_t                  argcap;
     char                   *num;         /* number strings */
     size_t                  numcap;
+    char                   *cmd;         /* the command in RESP, for */
+    size_t                  cmdcap;      /* redisAsyncFormattedCommand */
+
+    /* Free lists, so a charge in the steady state allocates nothing of
+     * ours: ops (of TG_REDIS_OP_POOLED string bytes), batches, reply
+     * objects and one reply element array (redis_conn.c). */
+    struct tg_redis_op     *op_pool;
+    unsigned                nop_pool;
+    struct tg_redis_batch  *batch_pool;
+    unsigned                nbatch_pool;
+    struct tg_reply        *reply_pool;
+    unsigned                nreply_pool;
+    void                  **elem_cache;
+    size_t                  elem_cache_cap;
 
     /* Sentinel */
     struct tg_raux          disc;        /* get-master-addr-by-name */
@@ -197,7 +215,21 @@ struct tg_redis {
 
 extern const tg_breaker_conf tg_redis_node_breaker_conf;
 
+/* Free-list bounds: past them a block is freed as before. */
+#define TG_REDIS_OP_POOLED   (3 * 192)   /* string bytes of a pooled op */
+#define TG_REDIS_POOL_MAX    1024        /* ops, batches, replies kept each */
+#if defined(__SANITIZE_ADDRESS__)
+#define TG_REDIS_POOLING     0           /* ASan sees every free: no reuse */
+#else
+#define TG_REDIS_POOLING     1
+#endif
+
+/* redis.c: op back to r's free list (or freed). */
+void tg_redis_op_release(struct tg_redis *r, struct tg_redis_op *op);
+
 /* redis_conn.c */
+/* Free r's reply objects kept for reuse (tg_redis_destroy, last). */
+void tg_redis_reply_pool_free(struct tg_redis *r);
 struct tg_rnode *tg_redis_node_new(struct tg_redis *r, const char *host, int port);
 void tg_redis_node_free(struct tg_rnode *nd);
 struct tg_rnode *tg_redis_node_get(struct tg_redis *r, const char *host, int port,

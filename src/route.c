@@ -50,29 +50,52 @@ tg_route_max_cost(const tg_conf *conf)
     return m;
 }
 
+/* key = <prefix>{<tag>}<suffix>, cut to TG_LIMIT_KEY_MAX - 1 bytes as
+ * snprintf would (the config keeps every key well below). */
+static void
+bucket_key(char *key, const char *prefix, const char *tag, const char *suffix,
+           const char *suffix2)
+{
+    char *p = key, *end = key + TG_LIMIT_KEY_MAX - 1;
+    const char *part[6] = { prefix, "{", tag, "}", suffix, suffix2 };
+
+    for (size_t i = 0; i < 6 && part[i] != NULL; i++) {
+        size_t n = strlen(part[i]);
+        if (n > (size_t)(end - p)) {
+            n = (size_t)(end - p);
+        }
+        memcpy(p, part[i], n);
+        p += n;
+    }
+    *p = '\0';
+}
+
 size_t
 tg_route_buckets(const tg_conf *conf, const tg_tier_conf *tier,
                  const tg_route_conf *route, const char *prefix, const char *consumer,
                  tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS],
                  char names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1],
-                 char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX])
+                 char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX],
+                 int *global)
 {
     size_t n = 0;
 
-    snprintf(keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:t", prefix, consumer);
+    *global = -1;
+
+    bucket_key(keys[n], prefix, consumer, ":t", NULL);
     limits[n] = tg_gcra_per_minute(tier->requests_per_minute, tier->burst_limit);
-    snprintf(names[n++], sizeof(names[0]), "%s", tier->name);
+    tg_copy(names[n++], tier->name, sizeof(names[0]));
     if (route != NULL && route->has_limit) {
-        snprintf(keys[n], TG_LIMIT_KEY_MAX, "%s{%s}:r:%s", prefix, consumer,
-                 route->name);
+        bucket_key(keys[n], prefix, consumer, ":r:", route->name);
         limits[n] = tg_gcra_per_minute(route->requests_per_minute, route->burst_limit);
-        snprintf(names[n++], sizeof(names[0]), "%s", route->name);
+        tg_copy(names[n++], route->name, sizeof(names[0]));
     }
     if (conf->global_limit.enabled) {
-        snprintf(keys[n], TG_LIMIT_KEY_MAX, "%s{global}:g", prefix);
+        *global = (int)n;
+        bucket_key(keys[n], prefix, "global", ":g", NULL);
         limits[n] = tg_gcra_per_second(conf->global_limit.requests_per_second,
                                        conf->global_limit.burst);
-        snprintf(names[n++], sizeof(names[0]), "%s", "global");
+        tg_copy(names[n++], "global", sizeof(names[0]));
     }
     return n;
 }

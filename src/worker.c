@@ -26,6 +26,7 @@
 #include "tollgate/anomaly.h"
 #include "tollgate/common_ev.h"
 #include "tollgate/connlimit.h"
+#include "tollgate/evmem.h"
 #include "tollgate/keys.h"
 #include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
@@ -108,6 +109,9 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         goto fail;
     }
     evutil_make_socket_nonblocking(w->pipefd[0]);
+    /* libevent's blocks from a per-thread cache (no malloc per request);
+     * here, on the main thread, before any worker thread runs. */
+    tg_evmem_install();
     /* Only this thread touches its base: no locks; and let epoll batch
      * the enable/disable pairs of one loop turn. */
     cfg = event_config_new();

@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/time.h>
 
 #ifndef TG_VERSION               /* set by meson from project(version:) */
@@ -44,6 +45,30 @@ size_t tg_fmt(char *buf, size_t size, const char *fmt, ...)
 /* The out-of-memory exit: "tollgate: out of memory in WHAT", then abort.
  * For allocators other than tg_x* (libevent: common_ev.h). */
 void tg_oom(const char *what) __attribute__((noreturn));
+
+/*
+ * The request path's formatting without printf (snprintf was 3-5 % of a
+ * request's CPU: docs/PERFORMANCE.md, "CPU profiles").
+ *   tg_copy    src into dst (size > 0), cut to size - 1, NUL-terminated;
+ *              returns the length copied.
+ *   tg_u64_dec v in decimal at p (room for 20 digits), no NUL; returns the
+ *              digits written.
+ *   tg_cat     appends n bytes at *p if they fit before end (*p moves);
+ *              0 when they do not (nothing written), else 1.
+ */
+size_t tg_copy(char *dst, const char *src, size_t size);
+size_t tg_u64_dec(char *p, uint64_t v);
+
+static inline int
+tg_cat(char **p, const char *end, const void *s, size_t n)
+{
+    if ((size_t)(end - *p) < n) {
+        return 0;
+    }
+    memcpy(*p, s, n);
+    *p += n;
+    return 1;
+}
 
 void *tg_xmalloc(size_t n);
 void *tg_xcalloc(size_t n, size_t size);

@@ -157,6 +157,12 @@ void tg_lshared_charge(struct tg_lshared *sh, const char *const *keys,
 void tg_lshared_raise(struct tg_lshared *sh, const char *key, uint64_t tat,
                       uint64_t now_us);
 uint64_t tg_lshared_held(struct tg_lshared *sh, const char *key, uint64_t now_us);
+
+/* tg_lshared_raise of n (<= 8) keys, key i to tat[i] (0: left alone),
+ * taking each table's lock once: one lock for the buckets of one
+ * consumer (they share a table), none for a cell. */
+void tg_lshared_raise_n(struct tg_lshared *sh, const char *const *keys,
+                        const uint64_t *tat, size_t n, uint64_t now_us);
 size_t tg_lshared_size(struct tg_lshared *sh);
 
 /*

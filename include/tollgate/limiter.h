@@ -78,6 +78,8 @@ typedef struct tg_limit_ctx {
     const char         *ip;                        /* ... and the client's address */
     uint8_t             digest[32];                /* the key, hashed */
     size_t              n;
+    int                 global;                    /* index of the global
+                                                      bucket in keys, or -1 */
     uint32_t            cost;
     uint32_t            lease_n;                   /* a lease take in flight:
                                                       tokens asked (0: exact) */

@@ -38,13 +38,16 @@ uint32_t tg_route_max_cost(const tg_conf *conf);
  *   <prefix>{<consumer>}:r:<route>    the route's own, if it has a limit;
  *   <prefix>{global}:g                the global bucket, if enabled.
  * Fills limits[i], names[i] (the policy name in headers) and keys[i] of
- * each; returns how many (1..TG_LIMIT_MAX_BUCKETS).
+ * each, and *global: the index of the global bucket (the one every
+ * request shares: the local store keeps it lock-free), or -1; returns how
+ * many (1..TG_LIMIT_MAX_BUCKETS).
  */
 size_t tg_route_buckets(const tg_conf *conf, const tg_tier_conf *tier,
                         const tg_route_conf *route, const char *prefix,
                         const char *consumer,
                         tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS],
                         char names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1],
-                        char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX]);
+                        char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX],
+                        int *global);
 
 #endif

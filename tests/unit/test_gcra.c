@@ -1155,6 +1155,39 @@ Test(lshared, same_as_pure_step)
     tg_lshared_destroy(NULL);
 }
 
+/* raise_n is raise per key: a table key and a route key of one consumer
+ * (one table), a cell, a key left alone (tat 0); never lowers a bucket,
+ * a past TAT makes no entry. */
+Test(lshared, raise_n_as_raise_each)
+{
+    struct tg_lshared *sh = tg_lshared_create(1024);
+    const char *g = "tg:{global}:g";
+    const char *keys[4] = { "tg:{acme}:t", "tg:{acme}:r:export", "tg:{global}:g",
+                            "tg:{other}:t" };
+    uint64_t tat[4] = { 1000 + 300, 1000 + 700, 1000 + 500, 0 };
+    tg_gcra_limit l = { 100, 10 };
+    tg_gcra_result r;
+
+    tg_lshared_charge(sh, &g, &l, 1, 1, 0, 1000, &r);     /* global: a cell */
+    cr_assert(r.allowed);
+    tg_lshared_raise_n(sh, keys, tat, 4, 1000);
+    cr_expect_eq(tg_lshared_held(sh, keys[0], 1000), 300);
+    cr_expect_eq(tg_lshared_held(sh, keys[1], 1000), 700);
+    cr_expect_eq(tg_lshared_held(sh, keys[2], 1000), 500);
+    cr_expect_eq(tg_lshared_held(sh, keys[3], 1000), 0);
+    cr_expect_eq(tg_lshared_size(sh), 3);                  /* 2 table keys + the cell */
+    tat[0] = 1000 + 100;                                    /* lower: kept */
+    tat[1] = 1000 + 900;                                    /* higher: raised */
+    tat[2] = 0;
+    tat[3] = 900;                                           /* past: no entry */
+    tg_lshared_raise_n(sh, keys, tat, 4, 1000);
+    cr_expect_eq(tg_lshared_held(sh, keys[0], 1000), 300);
+    cr_expect_eq(tg_lshared_held(sh, keys[1], 1000), 900);
+    cr_expect_eq(tg_lshared_held(sh, keys[2], 1000), 500);
+    cr_expect_eq(tg_lshared_size(sh), 3);
+    tg_lshared_destroy(sh);
+}
+
 /* The bound holds over all tables together: 5/4 of each table's share. */
 Test(lshared, memory_bound)
 {

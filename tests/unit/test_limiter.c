@@ -398,3 +398,38 @@ Test(limiter, fallback_one_instance_keeps_the_limits)
     tg_limiter_destroy(lim);
     event_base_free(base);
 }
+
+/* The headers are built by hand: the same text as the printf format for
+ * the largest numbers, nothing (0) when the state lines do not fit, and
+ * the state lines without Retry-After when only that does not fit. */
+Test(limiter, headers_by_hand_as_printf)
+{
+    tg_limit_outcome o = outcome(429, 1, UINT32_MAX, 4000000000u, UINT32_MAX);
+    char buf[512], want[512];
+    size_t n, state;
+
+    o.quota = UINT32_MAX;
+    o.window_s = 0;
+    snprintf(o.policy, sizeof(o.policy), "%.*s", (int)sizeof(o.policy) - 1,
+             "a-policy-name-of-the-longest-length-a-tier-may-have");
+    state = (size_t)snprintf(want, sizeof(want),
+                             "RateLimit-Policy: \"%s\";q=%u;w=%u\r\n"
+                             "RateLimit: \"%s\";r=%u;t=%u\r\n"
+                             "X-RateLimit-Limit: %u\r\n"
+                             "X-RateLimit-Remaining: %u\r\n"
+                             "X-RateLimit-Reset: %u\r\n",
+                             o.policy, o.quota, o.window_s, o.policy, o.remaining,
+                             o.reset_s, o.quota, o.remaining, o.reset_s);
+    snprintf(want + state, sizeof(want) - state, "Retry-After: %u\r\n", o.retry_s);
+    n = tg_limiter_headers(&o, buf, sizeof(buf));
+    cr_assert_eq(n, strlen(want));
+    cr_expect_str_eq(buf, want);
+    /* room for the state lines and their NUL, not for Retry-After */
+    n = tg_limiter_headers(&o, buf, state + 1);
+    cr_assert_eq(n, state);
+    cr_expect_eq(strncmp(buf, want, state), 0);
+    cr_expect_eq(buf[state], '\0');
+    /* one byte short of the state lines: nothing */
+    cr_expect_eq(tg_limiter_headers(&o, buf, state), 0);
+    cr_expect_eq(tg_limiter_headers(&o, buf, 1), 0);
+}

@@ -138,11 +138,14 @@ Test(route, buckets)
     char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
     const tg_tier_conf *tier = tg_conf_tier(r, "basic");
     size_t n;
+    int global;
 
     cr_assert_not_null(tier);
     /* a route with a limit, no global */
-    n = tg_route_buckets(r, tier, &r->routes[0], "tg:", "acme", limits, names, keys);
+    n = tg_route_buckets(r, tier, &r->routes[0], "tg:", "acme", limits, names, keys,
+                         &global);
     cr_assert_eq(n, 2);
+    cr_expect_eq(global, -1);
     cr_expect_str_eq(keys[0], "tg:{acme}:t");
     cr_expect_str_eq(names[0], "basic");
     cr_expect_eq(limits[0].burst, 20);
@@ -153,13 +156,15 @@ Test(route, buckets)
     cr_expect_eq(limits[1].interval_us, 1000000);      /* 60/min */
     /* a route without a limit: the tier bucket alone */
     n = tg_route_buckets(r, tier, &r->routes[1], "tg:", "anon:10.0.0.1", limits, names,
-                         keys);
+                         keys, &global);
     cr_assert_eq(n, 1);
+    cr_expect_eq(global, -1);
     cr_expect_str_eq(keys[0], "tg:{anon:10.0.0.1}:t");
     /* no route, global on */
     tier = tg_conf_tier(c, "basic");
-    n = tg_route_buckets(c, tier, NULL, "p:", "acme", limits, names, keys);
+    n = tg_route_buckets(c, tier, NULL, "p:", "acme", limits, names, keys, &global);
     cr_assert_eq(n, 2);
+    cr_expect_eq(global, 1);              /* the local store's hot bucket */
     cr_expect_str_eq(keys[0], "p:{acme}:t");
     cr_expect_str_eq(keys[1], "p:{global}:g");
     cr_expect_str_eq(names[1], "global");
@@ -167,4 +172,33 @@ Test(route, buckets)
     cr_expect_eq(limits[1].interval_us, 20000);        /* 50/s */
     tg_conf_unref(c);
     tg_conf_unref(r);
+}
+
+/* The global bucket's index is the route stage's word, not a guess from a
+ * key: after a route bucket it is the third. */
+Test(route, global_index)
+{
+    char text[1024];
+    tg_conf *c;
+    tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS];
+    char names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1];
+    char keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
+    size_t n;
+    int global = 7;
+
+    snprintf(text, sizeof(text), "%sglobal_limit: { requests_per_second: 50, burst: 70 }\n",
+             routes);
+    c = conf_with(text);
+    n = tg_route_buckets(c, tg_conf_tier(c, "basic"), &c->routes[0], "tg:", "acme",
+                         limits, names, keys, &global);
+    cr_assert_eq(n, 3);
+    cr_expect_eq(global, 2);
+    cr_expect_str_eq(keys[2], "tg:{global}:g");
+    cr_expect_str_eq(names[2], "global");
+    /* the same consumer without the route's bucket: second */
+    n = tg_route_buckets(c, tg_conf_tier(c, "basic"), NULL, "tg:", "acme", limits, names,
+                         keys, &global);
+    cr_assert_eq(n, 2);
+    cr_expect_eq(global, 1);
+    tg_conf_unref(c);
 }
