@@ -13,6 +13,7 @@
 #include "tollgate/accesslog.h"
 
 #include "tollgate/common.h"
+#include "tollgate/common_ev.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -24,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -56,6 +58,8 @@ struct tg_alog_buf {
     size_t tail;                /* one past the last pending byte */
     size_t unflushed;           /* bytes appended since the last flush attempt */
     int failed;                 /* last write hit an unexpected error (logged once) */
+    time_t sec;                 /* the second of sec_text */
+    char sec_text[24];          /* "2026-11-28T14:32:10" */
 };
 
 void (*tg_alog_test_before_write)(void);
@@ -231,12 +235,8 @@ tg_alog_buf_create(struct tg_alog *log, struct event_base *base)
     struct tg_alog_buf *b = tg_xcalloc(1, sizeof(*b));
 
     b->log = log;
-    b->timer = evtimer_new(base, on_timer, b);
-    b->wev = event_new(base, log->pipe_w, EV_WRITE, on_writable, b);
-    if (b->timer == NULL || b->wev == NULL) {
-        tg_error("access_log: cannot create buffer events");
-        abort();                        /* libevent failing here is OOM */
-    }
+    b->timer = tg_evtimer_new(base, on_timer, b);
+    b->wev = tg_event_new(base, log->pipe_w, EV_WRITE, on_writable, b);
     b->cap = ALOG_BUF_INIT;
     b->data = tg_xmalloc(b->cap);
     return b;
@@ -408,6 +408,49 @@ static void
 on_writable(evutil_socket_t fd, short what, void *arg)
 {
     buf_flush(arg);
+}
+
+/* ---- request lines ---------------------------------------------------- */
+
+/* One JSON line per request: who (the consumer id, never the key), what,
+ * the outcome, sizes and durations. */
+size_t
+tg_alog_format(char *out, size_t len, const char *time_s, long ms, const tg_alog_req *r)
+{
+    char path[6 * 256 + 1], method[6 * 16 + 1];
+
+    tg_alog_json_escape(method, r->method ? r->method : "", r->method ? r->method_len : 0, 16);
+    tg_alog_json_escape(path, r->path ? r->path : "", r->path ? r->path_len : 0, 256);
+    return tg_fmt(out, len,
+                  "{\"time\":\"%s.%03ldZ\",\"request_id\":\"%s\",\"consumer\":\"%s\","
+                  "\"tier\":\"%s\",\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,"
+                  "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f,"
+                  "\"upstream_ms\":%.3f,\"upstream\":\"%s\",\"limit\":\"%s\"}",
+                  time_s, ms, r->request_id, r->consumer, r->tier,
+                  method, path, r->status, (unsigned long long)r->bytes_in,
+                  (unsigned long long)r->bytes_out,
+                  r->start_us ? (double)(r->now_us - r->start_us) / 1000.0 : 0.0,
+                  r->upstream_us ? (double)(r->now_us - r->upstream_us) / 1000.0 : 0.0,
+                  r->upstream, r->limit);
+}
+
+void
+tg_alog_request(struct tg_alog_buf *b, const tg_alog_req *r)
+{
+    char line[2048];
+    struct timespec ts;
+    size_t n;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (ts.tv_sec != b->sec) {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        strftime(b->sec_text, sizeof(b->sec_text), "%Y-%m-%dT%H:%M:%S", &tm);
+        b->sec = ts.tv_sec;
+    }
+    n = tg_alog_format(line, sizeof(line), b->sec_text, ts.tv_nsec / 1000000, r);
+    if (n > 0)
+        tg_alog_write(b, line, n);
 }
 
 /* ---- JSON escaping ---------------------------------------------------- */

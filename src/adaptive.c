@@ -187,6 +187,7 @@ tg_adapt_queue_push(tg_adapt_queue *q, tg_adapt_entry *e, unsigned prio,
     TAILQ_INSERT_TAIL(&q->cls[e->prio], e, link);
     e->queued = 1;
     q->len++;
+    TG_ASSERT(q->len <= q->cap);
     return victim;
 }
 
@@ -212,6 +213,7 @@ tg_adapt_queue_remove(tg_adapt_queue *q, tg_adapt_entry *e)
     if (!e->queued) {
         return;
     }
+    TG_ASSERT(q->len > 0 && e->prio < q->nprio);
     TAILQ_REMOVE(&q->cls[e->prio], e, link);
     e->queued = 0;
     q->len--;

@@ -10,8 +10,14 @@
  * taken from libevhtp, answered, and closed with a short linger (input
  * discarded), so that a client still uploading reads the answer rather
  * than a reset.
+ *
+ * The pages (/metrics, /status, /status/top, the /readyz store check) read
+ * the objects server.c lends through a tg_admin_view; the process-wide
+ * states they show (store mode, each upstream server's breaker) are
+ * merged here from the workers' samples.
  */
 #include "tollgate/admin.h"
+#include "tollgate/common_ev.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -19,11 +25,20 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/listener.h>
 #include <evhtp.h>
+
+#include "tollgate/alerts.h"
+#include "tollgate/anomaly.h"
+#include "tollgate/health.h"
+#include "tollgate/metrics.h"
+#include "tollgate/redis.h"
+#include "tollgate/throttle.h"
+#include "tollgate/worker.h"
 
 #define ADMIN_MAX_ROUTES  8
 #define ADMIN_MAX_CONNS   64
@@ -68,6 +83,10 @@ static evhtp_res pre_accept_cb(evhtp_connection_t *conn, void *arg);
 static evhtp_res post_accept_cb(evhtp_connection_t *conn, void *arg);
 static void accept_error_cb(struct evconnlistener *l, void *arg);
 static void conn_free(struct admin_conn_ *ac);
+static int  store_ready(void *arg);
+static int  metrics_page(void *arg, struct evbuffer *out, const char **ctype);
+static int  status_page(void *arg, struct evbuffer *out, const char **ctype);
+static int  top_page(void *arg, struct evbuffer *out, const char **ctype);
 
 struct tg_admin *
 tg_admin_create(struct event_base *base, const tg_addr *addr, char *err, size_t errlen)
@@ -194,6 +213,237 @@ notfound_cb(evhtp_request_t *req, void *arg)
     reply(req, EVHTP_RES_NOTFOUND, "not found\n");
 }
 
+/* ---- pages: /metrics, /status, /status/top ------------------------------ */
+
+void
+tg_admin_serve(struct tg_admin *adm, const tg_admin_view *v)
+{
+    void *arg = (void *)v;              /* the routes' argument, read only */
+
+    tg_admin_set_check(adm, store_ready, arg);
+    tg_admin_route(adm, "/metrics", metrics_page, arg);
+    /* before /status: libevhtp matches a path by its prefix, first wins */
+    tg_admin_route(adm, "/status/top", top_page, arg);
+    tg_admin_route(adm, "/status", status_page, arg);
+}
+
+/* /readyz: with store redis and on_failure deny, a worker without its
+ * Redis connection would refuse every request: not ready. */
+static int
+store_ready(void *arg)
+{
+    const tg_admin_view *v = arg;
+    unsigned i;
+
+    if (v->conf->store != TG_STORE_REDIS || v->conf->redis.on_failure != TG_FAIL_DENY) {
+        return 1;
+    }
+    for (i = 0; i < v->nworkers; i++) {
+        if (!tg_worker_store_ready(v->workers[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The store mode now: Redis while every worker's breaker is closed, else
+ * the on_failure policy some worker is using. */
+static enum tg_metric_store_mode
+store_mode(const tg_admin_view *v)
+{
+    unsigned i;
+
+    if (v->conf->store == TG_STORE_LOCAL) {
+        return TG_MSM_LOCAL;
+    }
+    for (i = 0; i < v->nworkers; i++) {
+        int st = tg_worker_redis_breaker(v->workers[i]);
+        if (st == 1 || !tg_worker_store_ready(v->workers[i])) {
+            switch (v->conf->redis.on_failure) {
+            case TG_FAIL_ALLOW: return TG_MSM_ALLOW;
+            case TG_FAIL_DENY:  return TG_MSM_DENY;
+            default:            return TG_MSM_LOCAL;
+            }
+        }
+    }
+    return TG_MSM_REDIS;
+}
+
+/* A server's breaker as the process sees it: open if any worker's is,
+ * else half-open if any, else closed. */
+static int
+upstream_state(const tg_admin_view *v, size_t s)
+{
+    int worst = 0;
+    unsigned i;
+
+    for (i = 0; i < v->nworkers; i++) {
+        int st = tg_worker_upstream_state(v->workers[i], s);
+        if (st == 1 || (st == 2 && worst == 0)) {
+            worst = st;
+        }
+    }
+    return worst;
+}
+
+void
+tg_admin_refresh_gauges(const tg_admin_view *v)
+{
+    size_t s;
+
+    tg_metrics_set_store_mode(store_mode(v));
+    for (s = 0; s < v->conf->upstream.nservers; s++) {
+        tg_metrics_set_gauge(TG_M_UPSTREAM_HEALTH, s, tg_health_up(v->health, s) ? 1 : 0);
+        tg_metrics_set_gauge(TG_M_UPSTREAM_BREAKER, s, upstream_state(v, s));
+    }
+}
+
+static int
+metrics_page(void *arg, struct evbuffer *out, const char **ctype)
+{
+    const tg_admin_view *v = arg;
+
+    *ctype = "text/plain; version=0.0.4; charset=utf-8";
+    tg_metrics_tick(v->shards, v->nworkers);
+    return tg_metrics_render_prometheus(v->shards, v->nworkers, out) == TG_OK ? 200 : 500;
+}
+
+/*
+ * /status, one JSON object built in parts.  Each part appends
+ * "name":value followed by a comma; "alerts" comes last and closes the
+ * object.  A new part is one more call before status_alerts.
+ */
+static const char *const breaker_states[] = { "closed", "open", "half-open" };
+
+/* "version", "uptime_s", "draining", "config", "workers" */
+static void
+status_process(const tg_admin_view *v, struct evbuffer *out)
+{
+    char when[32];
+    struct tm tm;
+
+    gmtime_r(&v->loaded, &tm);
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    evbuffer_add_printf(out,
+        "\"version\":\"%s\",\"uptime_s\":%ld,\"draining\":%s,"
+        "\"config\":{\"path\":\"%s\",\"version\":%u,\"loaded_at\":\"%s\"},"
+        "\"workers\":%u,",
+        TG_VERSION, (long)(time(NULL) - v->started), v->draining ? "true" : "false",
+        v->conf->path, v->generation, when, v->nworkers);
+}
+
+/* "store":{"kind":...,"mode":...,"breakers":[one per worker],"error":...} */
+static void
+status_store(const tg_admin_view *v, struct evbuffer *out)
+{
+    static const char *const modes[] = { "redis", "local", "allow", "deny" };
+    unsigned i;
+
+    evbuffer_add_printf(out, "\"store\":{\"kind\":\"%s\",\"mode\":\"%s\",\"breakers\":[",
+                        v->conf->store == TG_STORE_REDIS ? "redis" : "local",
+                        modes[store_mode(v)]);
+    for (i = 0; i < v->nworkers; i++) {
+        int st = tg_worker_redis_breaker(v->workers[i]);
+        evbuffer_add_printf(out, "%s\"%s\"", i ? "," : "",
+                            st >= 0 && st <= 2 ? breaker_states[st] : "none");
+    }
+    evbuffer_add_printf(out, "]");
+    if (v->conf->store == TG_STORE_REDIS) {
+        char rerr[256], esc[512];
+        size_t k = 0;
+        tg_redis_last_error(rerr, sizeof(rerr));
+        for (const char *c = rerr; *c != '\0' && k + 3 < sizeof(esc); c++) {
+            if (*c == '"' || *c == '\\') {
+                esc[k++] = '\\';
+            }
+            esc[k++] = (unsigned char)*c < 0x20 ? ' ' : *c;
+        }
+        esc[k] = '\0';
+        evbuffer_add_printf(out, ",\"error\":\"%s\"", esc);
+    }
+    evbuffer_add_printf(out, "},");
+}
+
+/* "upstream":[{"server":...,"health":...,"breaker":...,"adaptive":{...}},...] */
+static void
+status_upstream(const tg_admin_view *v, struct evbuffer *out)
+{
+    size_t s;
+
+    evbuffer_add_printf(out, "\"upstream\":[");
+    for (s = 0; s < v->conf->upstream.nservers; s++) {
+        evbuffer_add_printf(out, "%s{\"server\":\"%s\",\"health\":\"%s\","
+                            "\"breaker\":\"%s\"", s ? "," : "",
+                            v->conf->upstream.servers[s].text,
+                            tg_health_up(v->health, s) ? "up" : "down",
+                            breaker_states[upstream_state(v, s)]);
+        if (v->conf->adaptive.enabled) {
+            evbuffer_add_printf(out, ",\"adaptive\":{\"limit\":%.0f,\"inflight\":%.0f}",
+                tg_metrics_value(v->shards, v->nworkers, TG_M_ADAPTIVE_LIMIT, s),
+                tg_metrics_value(v->shards, v->nworkers, TG_M_ADAPTIVE_INFLIGHT, s));
+        }
+        evbuffer_add_printf(out, "}");
+    }
+    evbuffer_add_printf(out, "],");
+}
+
+/* "adaptive":{"queued":N,"shed":{"basic":N,...,"none":N}} (the tier
+ * labels of the metrics: the tiers at start); only with adaptive on. */
+static void
+status_adaptive(const tg_admin_view *v, struct evbuffer *out)
+{
+    size_t t;
+
+    if (!v->conf->adaptive.enabled) {
+        return;
+    }
+    evbuffer_add_printf(out, "\"adaptive\":{\"queued\":%.0f,\"shed\":{",
+                        tg_metrics_value(v->shards, v->nworkers, TG_M_ADAPTIVE_QUEUED, 0));
+    for (t = 0; t <= v->conf->ntiers; t++) {
+        evbuffer_add_printf(out, "%s\"%s\":%.0f", t ? "," : "",
+                            t < v->conf->ntiers ? v->conf->tiers[t].name : "none",
+                            tg_metrics_value(v->shards, v->nworkers, TG_M_SHED, t));
+    }
+    evbuffer_add_printf(out, "}},");
+}
+
+/* "alerts":{"open":[...]}, the last part */
+static void
+status_alerts(const tg_admin_view *v, struct evbuffer *out)
+{
+    evbuffer_add_printf(out, "\"alerts\":{\"open\":");
+    tg_alerts_status_json(v->alerts, out);
+    evbuffer_add_printf(out, "}");
+}
+
+static int
+status_page(void *arg, struct evbuffer *out, const char **ctype)
+{
+    const tg_admin_view *v = arg;
+
+    *ctype = "application/json";
+    evbuffer_add_printf(out, "{");
+    status_process(v, out);
+    status_store(v, out);
+    status_upstream(v, out);
+    status_adaptive(v, out);
+    tg_throttle_status_json(out);
+    status_alerts(v, out);
+    evbuffer_add_printf(out, "}\n");
+    return 200;
+}
+
+/* /status/top: the top consumers of the last anomaly window. */
+static int
+top_page(void *arg, struct evbuffer *out, const char **ctype)
+{
+    const tg_admin_view *v = arg;
+
+    *ctype = "application/json";
+    tg_anomaly_status_json(v->anomaly, out);
+    return 200;
+}
+
 /* ---- bounds ------------------------------------------------------------ */
 
 static evhtp_res
@@ -265,7 +515,7 @@ linger_event_cb(struct bufferevent *bev, short what, void *arg)
 static evhtp_res
 refuse(struct admin_conn_ *ac, evhtp_request_t *req, int status, const char *text)
 {
-    struct timeval tv = { ADMIN_LINGER_MS / 1000, (ADMIN_LINGER_MS % 1000) * 1000 };
+    struct timeval tv = tg_ms_tv(ADMIN_LINGER_MS);
     struct bufferevent *bev = evhtp_connection_take_ownership(evhtp_request_get_connection(req));
 
     ac->bev = bev;
@@ -276,7 +526,7 @@ refuse(struct admin_conn_ *ac, evhtp_request_t *req, int status, const char *tex
                         status, status == 413 ? "Payload Too Large"
                                               : "Request Header Fields Too Large",
                         strlen(text), text);
-    ac->timer = evtimer_new(bufferevent_get_base(bev), linger_timer_cb, ac);
+    ac->timer = tg_evtimer_new(bufferevent_get_base(bev), linger_timer_cb, ac);
     evtimer_add(ac->timer, &tv);
     bufferevent_set_timeouts(bev, NULL, NULL);
     bufferevent_setcb(bev, linger_read_cb, linger_write_cb, linger_event_cb, ac);

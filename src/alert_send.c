@@ -23,6 +23,7 @@
 #include <curl/curl.h>
 #include <event2/event.h>
 
+#include "tollgate/common_ev.h"
 #include "tollgate/conf.h"
 #include "tollgate/metrics.h"
 
@@ -74,7 +75,6 @@ static void start(struct tg_alert_send *s, unsigned channel);
 static void settle(struct tg_alert_send *s, unsigned channel, int delivered,
                    const char *reason);
 static void count(unsigned channel, unsigned rule, enum tg_metric_alert_outcome o);
-static void ms_tv(unsigned ms, struct timeval *tv);
 static size_t discard(char *p, size_t size, size_t n, void *arg);
 
 /* ---- public functions -------------------------------------------------- */
@@ -87,14 +87,14 @@ tg_alert_send_create(struct event_base *base, const tg_alert_send_opts *opts)
 
     s->base = base;
     s->multi = curl_multi_init();
-    s->timer = evtimer_new(base, timeout_cb, s);
-    if (s->multi == NULL || s->timer == NULL) {
+    s->timer = tg_evtimer_new(base, timeout_cb, s);
+    if (s->multi == NULL) {
         tg_error("alerts: cannot set up libcurl multi");
         tg_alert_send_destroy(s);
         return NULL;
     }
     for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
-        s->fifo[c].retry = evtimer_new(base, retry_cb, s);
+        s->fifo[c].retry = tg_evtimer_new(base, retry_cb, s);
     }
     curl_multi_setopt(s->multi, CURLMOPT_SOCKETFUNCTION, sock_cb);
     curl_multi_setopt(s->multi, CURLMOPT_SOCKETDATA, s);
@@ -227,10 +227,7 @@ sock_cb(CURL *e, curl_socket_t fd, int what, void *userp, void *sockp)
     kind = (short)(EV_PERSIST | ((what & CURL_POLL_IN) ? EV_READ : 0)
                    | ((what & CURL_POLL_OUT) ? EV_WRITE : 0));
     if (ev == NULL) {
-        ev = event_new(s->base, fd, kind, event_cb, s);
-        if (ev == NULL) {
-            return -1;
-        }
+        ev = tg_event_new(s->base, fd, kind, event_cb, s);
         curl_multi_assign(s->multi, fd, ev);
     } else {
         event_del(ev);
@@ -253,7 +250,7 @@ timer_cb(CURLM *multi, long timeout_ms, void *userp)
         evtimer_del(s->timer);
         return 0;
     }
-    ms_tv((unsigned)(timeout_ms > 3600000 ? 3600000 : timeout_ms), &tv);
+    tv = tg_ms_tv((unsigned)(timeout_ms > 3600000 ? 3600000 : timeout_ms));
     evtimer_add(s->timer, &tv);
     return 0;
 }
@@ -382,8 +379,7 @@ after_action(struct tg_alert_send *s)
                 tg_asend_channel_names[m->channel], m->tries, s->opts.max_tries,
                 reason, (unsigned long long)delay);
         {
-            struct timeval tv;
-            ms_tv((unsigned)delay, &tv);
+            struct timeval tv = tg_ms_tv((unsigned)delay);
             evtimer_add(s->fifo[m->channel].retry, &tv);
         }
     }
@@ -471,13 +467,6 @@ static void
 count(unsigned channel, unsigned rule, enum tg_metric_alert_outcome o)
 {
     tg_metrics_global_inc(TG_M_ALERTS, tg_metrics_alert(channel, rule, o));
-}
-
-static void
-ms_tv(unsigned ms, struct timeval *tv)
-{
-    tv->tv_sec = ms / 1000;
-    tv->tv_usec = (ms % 1000) * 1000;
 }
 
 static size_t

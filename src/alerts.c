@@ -28,6 +28,7 @@
 
 #include "tollgate/alert_send.h"
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/metrics.h"
 #include "tollgate/worker.h"
 
@@ -129,8 +130,8 @@ tg_alerts_create(struct event_base *base, tg_conf *conf,
     a->ring = tg_xcalloc(TG_ALERTS_RING * (1 + a->nv), sizeof(uint64_t));
     send_opts(conf, &o);
     a->send = tg_alert_send_create(base, &o);
-    a->tick = event_new(base, -1, EV_PERSIST, tick_cb, a);
-    if (a->send == NULL || a->tick == NULL) {
+    a->tick = tg_event_new(base, -1, EV_PERSIST, tick_cb, a);
+    if (a->send == NULL) {
         tg_alerts_destroy(a);
         return NULL;
     }
@@ -244,8 +245,7 @@ arm(struct tg_alerts *a)
         return;
     }
     a->tick_ms = ms;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     event_add(a->tick, &tv);
 }
 
@@ -329,44 +329,45 @@ window_delta(const struct tg_alerts *a, size_t v, unsigned window_ms, uint64_t n
 }
 
 static void
-redis_states(const struct tg_alerts *a, int *unavailable, int *breaker)
+redis_states(const struct tg_alerts *a, int *unavailable, enum tg_breaker_state *breaker)
 {
     unsigned i;
     int open = 0, closed = 1;
 
     *unavailable = 0;
     for (i = 0; i < a->nworkers; i++) {
-        int st = tg_worker_redis_breaker(a->workers[i]);
-        if (st == 1 || !tg_worker_store_ready(a->workers[i])) {
+        enum tg_breaker_state st = tg_worker_redis_breaker(a->workers[i]);
+        if (st == TG_BREAKER_OPEN || !tg_worker_store_ready(a->workers[i])) {
             *unavailable = 1;
         }
-        open |= st == 1;
-        closed &= st <= 0;
+        open |= st == TG_BREAKER_OPEN;
+        closed &= st == TG_BREAKER_CLOSED || st == TG_BREAKER_NONE;
     }
-    *breaker = open ? 1 : closed ? 0 : 2;
+    *breaker = open ? TG_BREAKER_OPEN : closed ? TG_BREAKER_CLOSED : TG_BREAKER_HALF_OPEN;
 }
 
 /* A server's breaker for the process: open if any worker's is, closed
  * if all are, else half-open. */
-static int
+static enum tg_breaker_state
 upstream_breaker(const struct tg_alerts *a, size_t s)
 {
     unsigned i;
     int open = 0, closed = 1;
 
     for (i = 0; i < a->nworkers; i++) {
-        int st = tg_worker_upstream_state(a->workers[i], s);
-        open |= st == 1;
-        closed &= st == 0;
+        enum tg_breaker_state st = tg_worker_upstream_state(a->workers[i], s);
+        open |= st == TG_BREAKER_OPEN;
+        closed &= st == TG_BREAKER_CLOSED;
     }
-    return open ? 1 : closed ? 0 : 2;
+    return open ? TG_BREAKER_OPEN : closed ? TG_BREAKER_CLOSED : TG_BREAKER_HALF_OPEN;
 }
 
 static void
 evaluate(struct tg_alerts *a, uint64_t now)
 {
     const tg_alert_rule_conf *r = a->conf->alerts.rule;
-    int enabled = a->conf->alerts.enabled, down, breaker;
+    int enabled = a->conf->alerts.enabled, down;
+    enum tg_breaker_state breaker;
     tg_incident fresh, *inc;
     unsigned counts[TG_RULE__COUNT] = { 0 };
     size_t t, s;
@@ -396,7 +397,7 @@ evaluate(struct tg_alerts *a, uint64_t now)
     redis_states(a, &down, &breaker);
     if (a->start->store != TG_STORE_REDIS) {
         down = 0;
-        breaker = 0;
+        breaker = TG_BREAKER_CLOSED;
     }
     if (!down) {
         a->redis_down_since = 0;
@@ -424,18 +425,18 @@ evaluate(struct tg_alerts *a, uint64_t now)
         snprintf(fresh.subject, sizeof(fresh.subject), "redis");
         snprintf(fresh.numbers, sizeof(fresh.numbers), "circuit breaker open");
         snprintf(fresh.summary, sizeof(fresh.summary), "Redis circuit breaker open");
-        if (breaker != 2) {              /* half-open: no change */
-            update(a, &fresh, breaker == 1, now);
+        if (breaker != TG_BREAKER_HALF_OPEN) {      /* half-open: no change */
+            update(a, &fresh, breaker == TG_BREAKER_OPEN, now);
         }
         for (s = 0; s < a->start->upstream.nservers; s++) {
-            int st = upstream_breaker(a, s);
+            enum tg_breaker_state st = upstream_breaker(a, s);
 
             snprintf(fresh.subject, sizeof(fresh.subject), "upstream %s",
                      a->start->upstream.servers[s].text);
             snprintf(fresh.summary, sizeof(fresh.summary), "upstream %s: circuit "
                      "breaker open", a->start->upstream.servers[s].text);
-            if (st != 2) {
-                update(a, &fresh, st == 1, now);
+            if (st != TG_BREAKER_HALF_OPEN) {
+                update(a, &fresh, st == TG_BREAKER_OPEN, now);
             }
         }
     }
@@ -689,7 +690,7 @@ render(unsigned channel, const tg_conf *conf, const char *source,
        const tg_incident *inc, enum tg_alerts_kind kind, size_t *len)
 {
     static const char *const tags[] = { "FIRING", "STILL FIRING", "RESOLVED" };
-    struct evbuffer *b = evbuffer_new();
+    struct evbuffer *b = tg_evbuffer_new();
     uint64_t now = wall_ms();
     char since[40], at[40], line[640], head[256], lasted[64];
     const char *rule = rule_names[inc->rule];

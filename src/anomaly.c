@@ -17,6 +17,7 @@
  * are kept.
  */
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -433,7 +434,7 @@ tg_anomaly_create(struct event_base *base, const tg_conf *conf, unsigned nworker
     an->nworkers = nworkers;
     an->shards = tg_xcalloc(nworkers ? nworkers : 1, sizeof(*an->shards));
     an->pend = tg_xcalloc(nworkers ? nworkers : 1, sizeof(*an->pend));
-    an->tick = event_new(base, -1, EV_PERSIST, tick_cb, an);
+    an->tick = tg_event_new(base, -1, EV_PERSIST, tick_cb, an);
     configure(an, conf);
     return an;
 }

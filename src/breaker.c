@@ -10,6 +10,8 @@
 
 #include <string.h>
 
+#include "tollgate/common.h"
+
 static void set_state(tg_breaker *b, enum tg_breaker_state to);
 static void trip(tg_breaker *b, uint64_t now_ms, uint64_t duration_ms);
 static void reset_counters(tg_breaker *b);
@@ -62,6 +64,8 @@ tg_breaker_allow(tg_breaker *b, uint64_t now_ms)
             return 0;
         b->probe_inflight = 1;
         return 1;
+    case TG_BREAKER_NONE:
+        break;
     }
     return 0;
 }
@@ -85,6 +89,8 @@ tg_breaker_success(tg_breaker *b, uint64_t now_ms)
         reset_counters(b);
         b->open_ms = b->conf.open_ms;
         set_state(b, TG_BREAKER_CLOSED);
+        return;
+    case TG_BREAKER_NONE:
         return;
     }
 }
@@ -122,6 +128,8 @@ tg_breaker_failure(tg_breaker *b, uint64_t now_ms)
             next = b->conf.max_open_ms;
         trip(b, now_ms, next);
         return;
+    case TG_BREAKER_NONE:
+        return;
     }
 }
 
@@ -158,6 +166,7 @@ tg_breaker_state_name(enum tg_breaker_state s)
     case TG_BREAKER_CLOSED:    return "closed";
     case TG_BREAKER_OPEN:      return "open";
     case TG_BREAKER_HALF_OPEN: return "half-open";
+    case TG_BREAKER_NONE:      return "none";
     }
     return "?";
 }
@@ -172,6 +181,9 @@ set_state(tg_breaker *b, enum tg_breaker_state to)
 
     if (from == to)
         return;
+    TG_ASSERT((from == TG_BREAKER_CLOSED && to == TG_BREAKER_OPEN)
+              || (from == TG_BREAKER_OPEN && to == TG_BREAKER_HALF_OPEN)
+              || from == TG_BREAKER_HALF_OPEN);
     b->state = to;
     if (b->hook != NULL)
         b->hook(b->hook_arg, from, to);

@@ -4,18 +4,20 @@
 #include "tollgate/common.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-static enum tg_log_level min_level = TG_LOG_INFO;
+static int min_level = TG_LOG_INFO;       /* atomic: a reload sets it while
+                                             workers log */
 static const char *const level_names[] = { "debug", "info", "warn", "error" };
 
 void
 tg_log_set_level(enum tg_log_level level)
 {
-    min_level = level;
+    __atomic_store_n(&min_level, (int)level, __ATOMIC_RELAXED);
 }
 
 /* One write(2) per line through a stack buffer, so lines from several
@@ -29,7 +31,7 @@ tg_log(enum tg_log_level level, const char *fmt, ...)
     va_list ap;
     int n, m;
 
-    if (level < min_level) {
+    if ((int)level < __atomic_load_n(&min_level, __ATOMIC_RELAXED)) {
         return;
     }
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -55,6 +57,21 @@ static void
 oom(size_t n)
 {
     fprintf(stderr, "tollgate: out of memory allocating %zu bytes\n", n);
+    abort();
+}
+
+void
+tg_assert_fail(const char *cond, const char *file, int line, const char *func)
+{
+    fprintf(stderr, "tollgate: assertion failed: %s (%s:%d, %s)\n", cond, file,
+            line, func);
+    abort();
+}
+
+void
+tg_oom(const char *what)
+{
+    fprintf(stderr, "tollgate: out of memory in %s\n", what);
     abort();
 }
 
@@ -118,6 +135,115 @@ tg_xstrndup(const char *s, size_t n)
     p[n] = '\0';
     return p;
 }
+
+/* [a-z0-9_-]: 3 (tier and id), [A-Z.]: 2 (id only); 0x80.. are 0. */
+const unsigned char tg_name_chars[256] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 0,
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0,
+    0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 3,
+    0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3,
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0,
+};
+
+int
+tg_name_ok(enum tg_name_kind kind, const char *s, size_t len)
+{
+    size_t i, max = kind == TG_NAME_ID ? TG_KEY_ID_MAX : TG_TIER_MAX;
+
+    if (len < 1 || len > max) {
+        return 0;
+    }
+    for (i = 0; i < len; i++) {
+        if (!tg_name_char(kind, (unsigned char)s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* ---- tg_buf ------------------------------------------------------------ */
+
+void
+tg_buf_reserve(tg_buf *b, size_t more)
+{
+    size_t need, cap;
+
+    if (more > SIZE_MAX - b->len - 1) {
+        tg_oom("tg_buf");
+    }
+    need = b->len + more + 1;
+    if (need <= b->cap) {
+        return;
+    }
+    cap = b->cap > SIZE_MAX / 2 ? need : 2 * b->cap;
+    if (cap < need) {
+        cap = need;
+    }
+    if (cap < 256) {
+        cap = 256;
+    }
+    b->p = tg_xrealloc(b->p, cap);
+    b->cap = cap;
+}
+
+void
+tg_buf_add(tg_buf *b, const void *s, size_t n)
+{
+    tg_buf_reserve(b, n);
+    if (n > 0) {
+        memcpy(b->p + b->len, s, n);
+    }
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+void
+tg_buf_str(tg_buf *b, const char *s)
+{
+    tg_buf_add(b, s, strlen(s));
+}
+
+void
+tg_buf_printf(tg_buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n <= 0) {
+        return;
+    }
+    tg_buf_reserve(b, (size_t)n);
+    va_start(ap, fmt);
+    vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+void
+tg_buf_reset(tg_buf *b)
+{
+    b->len = 0;
+    if (b->p != NULL) {
+        b->p[0] = '\0';
+    }
+}
+
+void
+tg_buf_free(tg_buf *b)
+{
+    free(b->p);
+    b->p = NULL;
+    b->len = 0;
+    b->cap = 0;
+}
+
+/* ---- clocks -------------------------------------------------------------- */
 
 uint64_t
 tg_now_ms(void)

@@ -40,7 +40,6 @@
 #define TG_CONF_REQUIRED   0x1u
 #define TG_CONF_PORT0      0x2u                 /* address may use port 0 */
 #define TG_CONF_MAX_CMDS   32                   /* directives per table */
-#define TG_CONF_TIER_NAME  32                   /* tier and route names */
 #define TG_CONF_METHOD_MAX 16
 #define TG_CONF_ROUTE_PATH 256
 #define TG_CONF_MAX_REDIS_ADDRS 16             /* = TG_REDIS_MAX_ADDRS */
@@ -104,6 +103,10 @@ static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
                           const char *section);
 static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
 static void tg_conf_free_secret(char *s);
+static tg_rc tg_conf_parse_ulong(const char *s, size_t len, unsigned long max,
+                                 unsigned long *out);
+static tg_rc tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
+                                  const char *s, int is_url);
 static tg_rc tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
                              const char *section);
 static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
@@ -145,7 +148,6 @@ TG_CONF_SETTER(tg_conf_set_routes);
 TG_CONF_SETTER(tg_conf_set_route_limit);
 TG_CONF_SETTER(tg_conf_set_alerts);
 TG_CONF_SETTER(tg_conf_set_channel);
-TG_CONF_SETTER(tg_conf_set_alert_secret);
 TG_CONF_SETTER(tg_conf_set_rule);
 TG_CONF_SETTER(tg_conf_set_to);
 TG_CONF_SETTER(tg_conf_set_ratio);
@@ -161,7 +163,6 @@ static tg_rc tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
     __attribute__((format(printf, 4, 5)));
 static const tg_conf_mark *tg_conf_find_mark(const tg_conf_ctx *ctx,
                                              const void *field);
-static int tg_conf_tier_name_ok(const char *s);
 
 /* ---- tables ------------------------------------------------------------ */
 
@@ -388,7 +389,7 @@ static const tg_conf_cmd tg_conf_route_limit_cmds[] = {
 
 static const tg_conf_cmd tg_conf_route_cmds[] = {
     { "name", tg_conf_set_name, TG_FIELD(tg_route_conf, name), 1,
-      TG_CONF_TIER_NAME, TG_CONF_REQUIRED, NULL },
+      TG_TIER_MAX, TG_CONF_REQUIRED, NULL },
     { "method", tg_conf_set_method, TG_FIELD(tg_route_conf, method), 1,
       TG_CONF_METHOD_MAX, 0, NULL },
     { "path", tg_conf_set_route_prefix, TG_FIELD(tg_route_conf, path), 1,
@@ -432,13 +433,13 @@ static const tg_conf_cmd tg_conf_access_log_cmds[] = {
 };
 
 /* Section alerts: (see alerts.h).  A channel's url and key are secrets:
- * their setters never echo the value in a message. */
+ * tg_conf_set_secret never echoes the value in a message. */
 #define TG_CHAN(i) TG_FIELD(tg_conf, alerts.channel[i])
 #define TG_RULE(i) TG_FIELD(tg_conf, alerts.rule[i])
 #define TG_SECRET_MAX 4096
 
 static const tg_conf_cmd tg_conf_slack_cmds[] = {
-    { "webhook_url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "webhook_url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { "webhook_url_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
@@ -446,17 +447,17 @@ static const tg_conf_cmd tg_conf_slack_cmds[] = {
 };
 
 static const tg_conf_cmd tg_conf_pagerduty_cmds[] = {
-    { "routing_key", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, key),
+    { "routing_key", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, key),
       1, 256, 0, NULL },
     { "routing_key_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, key_file), 0, 0, 0, NULL },
-    { "url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { NULL, NULL, 0, 0, 0, 0, 0, NULL },
 };
 
 static const tg_conf_cmd tg_conf_webhook_cmds[] = {
-    { "url", tg_conf_set_alert_secret, TG_FIELD(tg_alert_channel_conf, url),
+    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
       1, TG_SECRET_MAX, 0, "url" },
     { "url_file", tg_conf_set_path,
       TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
@@ -903,6 +904,113 @@ bad_port:
     return TG_ERR;
 }
 
+tg_rc
+tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
+                        size_t whylen)
+{
+    static const char scheme[] = "redis://";
+    const char *p, *host, *hend, *end;
+    unsigned long port = 6379, db = 0;
+    size_t hlen;
+
+    if (url == NULL || *url == '\0') {
+        snprintf(why, whylen, "empty");
+        return TG_ERR;
+    }
+    if (strncmp(url, "rediss://", 9) == 0) {
+        snprintf(why, whylen, "TLS (rediss://) is not supported");
+        return TG_ERR;
+    }
+    if (strncmp(url, scheme, sizeof(scheme) - 1) != 0) {
+        snprintf(why, whylen, "scheme must be redis://");
+        return TG_ERR;
+    }
+    p = url + sizeof(scheme) - 1;
+    end = p + strlen(p);
+    if (strchr(p, '@') != NULL) {
+        snprintf(why, whylen, "credentials in the URL are not supported: use "
+                 "redis.username and redis.password");
+        return TG_ERR;
+    }
+    if (strpbrk(p, "?#") != NULL) {
+        snprintf(why, whylen, "query or fragment is not supported");
+        return TG_ERR;
+    }
+
+    if (*p == '[') {
+        host = p + 1;
+        hend = strchr(host, ']');
+        if (hend == NULL) {
+            snprintf(why, whylen, "missing ']' after IPv6 address");
+            return TG_ERR;
+        }
+        p = hend + 1;
+        if (hend == host || memchr(host, ':', (size_t)(hend - host)) == NULL) {
+            snprintf(why, whylen, "bad IPv6 address in brackets");
+            return TG_ERR;
+        }
+        for (const char *q = host; q < hend; q++) {
+            if (!isxdigit((unsigned char)*q) && *q != ':' && *q != '.') {
+                snprintf(why, whylen, "bad IPv6 address in brackets");
+                return TG_ERR;
+            }
+        }
+    } else {
+        const char *c1 = strchr(p, ':');
+        if (c1 != NULL && strchr(c1 + 1, ':') != NULL) {
+            snprintf(why, whylen, "IPv6 addresses go in brackets");
+            return TG_ERR;
+        }
+        host = p;
+        hend = p + strcspn(p, ":/");
+        p = hend;
+        if (hend == host) {
+            snprintf(why, whylen, "missing host");
+            return TG_ERR;
+        }
+        for (const char *q = host; q < hend; q++) {
+            if (!isalnum((unsigned char)*q) && *q != '.' && *q != '-' && *q != '_') {
+                snprintf(why, whylen, "bad character in host (IPv6 addresses go "
+                         "in brackets)");
+                return TG_ERR;
+            }
+        }
+    }
+    hlen = (size_t)(hend - host);
+    if (hlen >= sizeof(out->host)) {
+        snprintf(why, whylen, "host longer than %zu bytes", sizeof(out->host) - 1);
+        return TG_ERR;
+    }
+
+    if (*p == ':') {
+        const char *ps = p + 1, *pe = ps + strcspn(ps, "/");
+        if (tg_conf_parse_ulong(ps, (size_t)(pe - ps), 65535, &port) != TG_OK
+            || port == 0) {
+            snprintf(why, whylen, "port must be a number 1..65535");
+            return TG_ERR;
+        }
+        p = pe;
+    }
+    if (*p == '/') {
+        const char *ds = p + 1;
+        if (tg_conf_parse_ulong(ds, (size_t)(end - ds), 15, &db) != TG_OK) {
+            snprintf(why, whylen, "database must be a number 0..15");
+            return TG_ERR;
+        }
+        p = end;
+    }
+    if (p != end) {
+        snprintf(why, whylen, "unexpected text after the host");
+        return TG_ERR;
+    }
+
+    memcpy(out->host, host, hlen);
+    out->host[hlen] = '\0';
+    out->port = (int)port;
+    out->db = (int)db;
+    return TG_OK;
+}
+
 /* ---- build: the four phases -------------------------------------------- */
 
 /*
@@ -1008,6 +1116,9 @@ tg_conf_defaults(tg_conf *conf)
 
     conf->store = TG_STORE_REDIS;
     conf->redis.url = tg_xstrdup("redis://127.0.0.1:6379/0");
+    snprintf(conf->redis.server.host, sizeof(conf->redis.server.host), "127.0.0.1");
+    conf->redis.server.port = 6379;
+    conf->redis.server.db = 0;
     conf->redis.timeout_ms = 25;
     conf->redis.on_failure = TG_FAIL_LOCAL;
     conf->redis.prefix = tg_xstrdup("tg:");
@@ -1297,15 +1408,12 @@ tg_conf_validate(tg_conf_ctx *ctx)
     }
 
     /* Cluster has database 0 only; url still gives the db for Sentinel. */
-    if (conf->redis.ncluster_nodes > 0) {
-        const char *db = strrchr(conf->redis.url + 8, '/');
-        if (db != NULL && db[1] != '\0' && strtol(db + 1, NULL, 10) != 0) {
-            m = tg_conf_find_mark(ctx, &conf->redis.url);
-            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                                 m ? m->path : "redis.url", "Redis Cluster has "
-                                 "only database 0, got \"%s\" with redis.cluster",
-                                 conf->redis.url);
-        }
+    if (conf->redis.ncluster_nodes > 0 && conf->redis.server.db != 0) {
+        m = tg_conf_find_mark(ctx, &conf->redis.url);
+        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
+                             m ? m->path : "redis.url", "Redis Cluster has "
+                             "only database 0, got \"%s\" with redis.cluster",
+                             conf->redis.url);
     }
 
     if (conf->alerts.enabled && tg_conf_validate_alerts(ctx) != TG_OK) {
@@ -1639,8 +1747,7 @@ static tg_rc
 tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
              void *base, const char *path, const char *section)
 {
-    static const char *const what[] = { "", "a scalar", "a sequence", "a mapping" };
-    yaml_node_pair_t *pair, *prev;
+    yaml_node_pair_t *pair;
     yaml_node_t *key, *val, *pkey;
     const tg_conf_cmd *cmd, *best;
     const char *kname;
@@ -1651,7 +1758,7 @@ tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
     if (map->type != YAML_MAPPING_NODE) {
         if (path[0] == '\0') {
             return tg_conf_error(ctx, map->start_mark, "", "top level: expected "
-                                 "a mapping of sections, got %s", what[map->type]);
+                                 "a mapping of sections, got %s", tg_yaml_kind(map));
         }
         return tg_conf_type_error(ctx, map, path, "a mapping");
     }
@@ -1662,20 +1769,16 @@ tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
         val = yaml_document_get_node(&ctx->doc, pair->value);
         if (key->type != YAML_SCALAR_NODE) {
             return tg_conf_error(ctx, key->start_mark, path, "keys must be plain "
-                                 "names, got %s", what[key->type]);
+                                 "names, got %s", tg_yaml_kind(key));
         }
         kname = (const char *)key->data.scalar.value;
         tg_conf_child(child, path, kname);
 
-        for (prev = map->data.mapping.pairs.start; prev < pair; prev++) {
-            pkey = yaml_document_get_node(&ctx->doc, prev->key);
-            if (pkey->type == YAML_SCALAR_NODE &&
-                strcmp((const char *)pkey->data.scalar.value, kname) == 0) {
-                return tg_conf_error(ctx, key->start_mark, child, "duplicate key "
-                                     "\"%s\" (first at %zu:%zu)", kname,
-                                     pkey->start_mark.line + 1,
-                                     pkey->start_mark.column + 1);
-            }
+        pkey = tg_yaml_pair_dup(&ctx->doc, map, pair);
+        if (pkey != NULL) {
+            return tg_conf_error(ctx, key->start_mark, child, "duplicate key "
+                                 "\"%s\" (first at %zu:%zu)", kname,
+                                 pkey->start_mark.line + 1, pkey->start_mark.column + 1);
         }
 
         best = NULL;
@@ -1993,81 +2096,49 @@ tg_conf_set_addr(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* redis://host[:port][/db] with db 0..15: the form the redis module
- * connects to.  Host may be a [v6] literal. */
+/* redis.url: kept as written, and parsed once into redis.server, which
+ * is what the Redis client connects to. */
 static tg_rc
 tg_conf_set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                 void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
+    tg_conf *conf = base;                       /* the redis table's base */
     const char *s = tg_conf_string(ctx, node, path);
-    const char *p, *h, *why;
-    int64_t v;
-    size_t n;
+    char why[128];
 
     if (s == NULL) {
         return TG_ERR;
     }
-    if (strncmp(s, "redis://", 8) != 0) {
-        why = "scheme must be redis://";
-        goto bad;
-    }
-    h = s + 8;
-    if (*h == '[') {
-        p = strchr(h, ']');
-        if (p == NULL || p == h + 1) {
-            why = "bad [ipv6] host";
-            goto bad;
-        }
-        p++;
-    } else {
-        p = h + strcspn(h, ":/");
-        if (strchr(h, '@') != NULL) {
-            why = "credentials in the URL are not supported: use redis.username "
-                  "and redis.password";
-            goto bad;
-        }
-        if (p == h) {
-            why = "missing host";
-            goto bad;
-        }
-    }
-    if (*p == ':') {
-        p++;
-        n = strspn(p, "0123456789");
-        if (n == 0 || n > 5) {
-            why = "port must be a number 1..65535";
-            goto bad;
-        }
-        v = strtol(p, NULL, 10);
-        if (v < 1 || v > 65535) {
-            why = "port must be a number 1..65535";
-            goto bad;
-        }
-        p += n;
-    }
-    if (*p == '/') {
-        p++;
-        if (*p != '\0') {
-            n = strspn(p, "0123456789");
-            if (n == 0 || n > 2 || p[n] != '\0' || (v = strtol(p, NULL, 10)) > 15) {
-                why = "database must be a number 0..15";
-                goto bad;
-            }
-            p += n;
-        }
-    }
-    if (*p != '\0') {
-        why = "expected redis://host:port/db";
-        goto bad;
+    if (tg_conf_parse_redis_url(s, &conf->redis.server, why, sizeof(why)) != TG_OK) {
+        return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL \"%s\": %s",
+                             s, why);
     }
     free(*field);
     *field = tg_xstrdup(s);
     return TG_OK;
+}
 
-bad:
-    return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL \"%s\": %s",
-                         s, why);
+/* A decimal number of 1..10 digits, at most max (no sign, no spaces). */
+static tg_rc
+tg_conf_parse_ulong(const char *s, size_t len, unsigned long max, unsigned long *out)
+{
+    unsigned long v = 0;
+
+    if (len == 0 || len > 10) {
+        return TG_ERR;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return TG_ERR;
+        }
+        v = v * 10 + (unsigned long)(s[i] - '0');
+    }
+    if (v > max) {
+        return TG_ERR;
+    }
+    *out = v;
+    return TG_OK;
 }
 
 /* The length of a string value against the directive's min..max. */
@@ -2126,28 +2197,24 @@ tg_conf_set_string(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* A password: printable, no spaces (it goes into AUTH as one argument
- * and is never echoed in an error). */
+/* Every secret written in the file: a Redis password (it goes into AUTH
+ * as one argument), an alert channel's key, or its URL (cmd->arg "url":
+ * http:// or https://).  Printable, no spaces, cmd->min..max long, and
+ * never echoed in an error.  The *_file forms are read in phase 3. */
 static tg_rc
 tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                    void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     const char *s = tg_conf_string(ctx, node, path);
-    size_t i, len;
 
     if (s == NULL) {
         return TG_ERR;
     }
-    len = strlen(s);
-    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
+    if (tg_conf_check_len(ctx, cmd, node, path, strlen(s)) != TG_OK
+        || tg_conf_check_secret(ctx, node->start_mark, path, s, cmd->arg != NULL)
+           != TG_OK) {
         return TG_ERR;
-    }
-    for (i = 0; i < len; i++) {
-        if (!isgraph((unsigned char)s[i])) {
-            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
-                                 "spaces or control characters");
-        }
     }
     tg_conf_free_secret(*field);
     *field = tg_xstrdup(s);
@@ -2199,10 +2266,10 @@ tg_conf_set_name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     if (s == NULL) {
         return TG_ERR;
     }
-    if (!tg_conf_tier_name_ok(s)) {
+    if (!tg_name_ok(TG_NAME_TIER, s, strlen(s))) {
         return tg_conf_error(ctx, node->start_mark, path, "bad route name "
                              "\"%s\": 1..%d characters of [a-z0-9_-]", s,
-                             TG_CONF_TIER_NAME);
+                             TG_TIER_MAX);
     }
     free(*field);
     *field = tg_xstrdup(s);
@@ -2552,23 +2619,6 @@ tg_conf_set_cluster_nodes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
                              &conf->redis.ncluster_nodes, "cluster nodes");
 }
 
-static int
-tg_conf_tier_name_ok(const char *s)
-{
-    size_t i, len = strlen(s);
-
-    if (len < 1 || len > TG_CONF_TIER_NAME) {
-        return 0;
-    }
-    for (i = 0; i < len; i++) {
-        if (!(islower((unsigned char)s[i]) || isdigit((unsigned char)s[i]) ||
-              s[i] == '_' || s[i] == '-')) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
 /* rate_limits: tier name -> { requests_per_minute, burst_limit }.  The
  * names are data, not directives, so this walks the mapping itself and
  * checks each name; duplicates are caught like any key. */
@@ -2577,7 +2627,7 @@ tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                   void *base, const char *path)
 {
     tg_conf *conf = base;
-    yaml_node_pair_t *pair, *prev;
+    yaml_node_pair_t *pair;
     yaml_node_t *key, *val, *pkey;
     tg_tier_conf *tier;
     const char *name;
@@ -2600,19 +2650,16 @@ tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         }
         name = (const char *)key->data.scalar.value;
         tg_conf_child(child, path, name);
-        for (prev = node->data.mapping.pairs.start; prev < pair; prev++) {
-            pkey = yaml_document_get_node(&ctx->doc, prev->key);
-            if (strcmp((const char *)pkey->data.scalar.value, name) == 0) {
-                return tg_conf_error(ctx, key->start_mark, child, "duplicate "
-                                     "key \"%s\" (first at %zu:%zu)", name,
-                                     pkey->start_mark.line + 1,
-                                     pkey->start_mark.column + 1);
-            }
+        pkey = tg_yaml_pair_dup(&ctx->doc, node, pair);
+        if (pkey != NULL) {
+            return tg_conf_error(ctx, key->start_mark, child, "duplicate "
+                                 "key \"%s\" (first at %zu:%zu)", name,
+                                 pkey->start_mark.line + 1, pkey->start_mark.column + 1);
         }
-        if (!tg_conf_tier_name_ok(name)) {
+        if (!tg_name_ok(TG_NAME_TIER, name, strlen(name))) {
             return tg_conf_error(ctx, key->start_mark, child, "bad tier name "
                                  "\"%s\": 1..%d characters of [a-z0-9_-]", name,
-                                 TG_CONF_TIER_NAME);
+                                 TG_TIER_MAX);
         }
         tier = &conf->tiers[conf->ntiers++];
         tier->name = tg_xstrdup(name);
@@ -2851,31 +2898,6 @@ tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
         return tg_conf_error(ctx, mark, path, "must be an http:// or https:// "
                              "URL (value not shown: a secret)");
     }
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_alert_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                         void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s;
-
-    /* cmd->arg: "url" for a URL, NULL for a key */
-    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node)) {
-        return tg_conf_error(ctx, node->start_mark, path, "expected a string");
-    }
-    s = (const char *)node->data.scalar.value;
-    if (strlen(s) != node->data.scalar.length || (int64_t)strlen(s) > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "NUL byte, or longer "
-                             "than %lld characters", (long long)cmd->max);
-    }
-    if (tg_conf_check_secret(ctx, node->start_mark, path, s, cmd->arg != NULL)
-        != TG_OK) {
-        return TG_ERR;
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
     return TG_OK;
 }
 

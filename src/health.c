@@ -24,6 +24,7 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 
+#include "tollgate/common_ev.h"
 #include "tollgate/http.h"
 
 #define TG_HEALTH_REASON 128       /* last failure, for the transition log */
@@ -64,7 +65,6 @@ static void check_event_cb(struct bufferevent *bev, short what, void *arg);
 static void check_start(tg_hserver *s);
 static void check_done(tg_hserver *s, int ok);
 static void set_up(tg_hserver *s, int up);
-static void ms_to_tv(unsigned ms, struct timeval *tv);
 
 /* ---- public ----------------------------------------------------------- */
 
@@ -86,8 +86,8 @@ tg_health_create(struct event_base *main_base, const tg_conf *conf)
     h->timeout_ms = conf->upstream.health_check.timeout_ms;
     h->healthy = conf->upstream.health_check.healthy;
     h->unhealthy = conf->upstream.health_check.unhealthy;
-    ms_to_tv(conf->upstream.health_check.interval_ms, &h->interval_tv);
-    ms_to_tv(h->timeout_ms, &h->timeout_tv);
+    h->interval_tv = tg_ms_tv(conf->upstream.health_check.interval_ms);
+    h->timeout_tv = tg_ms_tv(h->timeout_ms);
     h->lim.max_request_line = 1024;
     h->lim.max_header_bytes = 16384;
     h->lim.max_headers = 100;
@@ -112,21 +112,14 @@ tg_health_create(struct event_base *main_base, const tg_conf *conf)
                  "User-Agent: tollgate-health/" TG_VERSION "\r\n"
                  "Connection: close\r\n\r\n", path, s->addr.text);
         s->req_len = (size_t)n;
-        s->deadline = evtimer_new(main_base, deadline_cb, s);
-        if (s->deadline == NULL) {
-            goto fail;
-        }
+        s->deadline = tg_evtimer_new(main_base, deadline_cb, s);
     }
-    h->tick = evtimer_new(main_base, tick_cb, h);
-    if (h->tick == NULL) {
-        goto fail;
-    }
+    h->tick = tg_evtimer_new(main_base, tick_cb, h);
     evtimer_add(h->tick, &now);     /* the first round as soon as possible */
     return h;
 
 fail:
-    /* Out of memory in libevent: the project's policy is to abort. */
-    tg_error("health: cannot create timers");
+    tg_error("health: cannot format the check request");
     abort();
 }
 
@@ -219,13 +212,7 @@ check_start(tg_hserver *s)
     if (s->addr.sa.ss_family != AF_UNIX) {
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     }
-    s->bev = bufferevent_socket_new(h->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    if (s->bev == NULL) {
-        evutil_closesocket(fd);
-        snprintf(s->reason, sizeof(s->reason), "cannot create a bufferevent");
-        check_done(s, 0);
-        return;
-    }
+    s->bev = tg_bufferevent_socket_new(h->base, fd, BEV_OPT_CLOSE_ON_FREE);
     bufferevent_setcb(s->bev, check_read_cb, NULL, check_event_cb, s);
     evtimer_add(s->deadline, &h->timeout_tv);
     if (bufferevent_socket_connect(s->bev, (struct sockaddr *)&s->addr.sa,
@@ -355,11 +342,4 @@ set_up(tg_hserver *s, int up)
 {
     s->up = up;
     __atomic_store_n(&s->h->up[s->idx], up, __ATOMIC_RELEASE);
-}
-
-static void
-ms_to_tv(unsigned ms, struct timeval *tv)
-{
-    tv->tv_sec = ms / 1000;
-    tv->tv_usec = (ms % 1000) * 1000;
 }

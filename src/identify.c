@@ -72,7 +72,7 @@ tg_identify(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
     const char *kv = NULL;
     size_t klen = 0;
 
-    h = find_header(req, conf->auth.header ? conf->auth.header : "x-api-key");
+    h = find_header(req, conf->auth.header);
     if (h != NULL) {
         kv = h->value;
         klen = h->value_len;
@@ -96,13 +96,13 @@ tg_identify(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
             return key_store_lookup(lim, ctx);
         }
         if (key == NULL) {
-            tg_limit_deny(out, 401, "unknown API key");
+            tg_limit_deny(out, TG_LIMIT_UNAUTHORIZED, "unknown API key");
             return TG_OK;
         }
         if (!key->enabled) {
             snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
             snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
-            tg_limit_deny(out, 403, "API key disabled");
+            tg_limit_deny(out, TG_LIMIT_FORBIDDEN, "API key disabled");
             return TG_OK;
         }
         snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
@@ -114,7 +114,8 @@ tg_identify(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
         snprintf(out->consumer, sizeof(out->consumer), "anon:%s", net);
         snprintf(out->tier, sizeof(out->tier), "%s", conf->auth.anonymous_tier);
     } else {
-        tg_limit_deny(out, 401, kv == NULL ? "missing API key" : "unknown API key");
+        tg_limit_deny(out, TG_LIMIT_UNAUTHORIZED,
+                      kv == NULL ? "missing API key" : "unknown API key");
         return TG_OK;
     }
     return tg_limiter_charge(lim, ctx, req);
@@ -125,7 +126,7 @@ tg_limiter_strip_header(const struct tg_limiter *lim, const tg_http_req *req,
                         const tg_http_hdr *h)
 {
     const tg_conf *conf = lim->conf;
-    const char *kh = conf->auth.header ? conf->auth.header : "x-api-key";
+    const char *kh = conf->auth.header;
 
     if (!lim->enabled || conf->auth.forward_key) {
         return 0;
@@ -262,13 +263,13 @@ identify_cached(struct tg_limiter *lim, tg_limit_ctx *ctx, const kcache_entry *e
     tg_limit_outcome *out = ctx->out;
 
     if (e == NULL || !e->exists) {
-        tg_limit_deny(out, 401, "unknown API key");
+        tg_limit_deny(out, TG_LIMIT_UNAUTHORIZED, "unknown API key");
         return TG_OK;
     }
     snprintf(out->consumer, sizeof(out->consumer), "%s", e->id);
     snprintf(out->tier, sizeof(out->tier), "%s", e->tier);
     if (!e->enabled) {
-        tg_limit_deny(out, 403, "API key disabled");
+        tg_limit_deny(out, TG_LIMIT_FORBIDDEN, "API key disabled");
         return TG_OK;
     }
     return tg_limiter_charge(lim, ctx, ctx->req);
@@ -445,7 +446,7 @@ key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx)
         return identify_cached(lim, ctx, e);
     }
     if (e == NULL && n->expires_ms > now && memcmp(n->digest, ctx->digest, 32) == 0) {
-        tg_limit_deny(ctx->out, 401, "unknown API key");
+        tg_limit_deny(ctx->out, TG_LIMIT_UNAUTHORIZED, "unknown API key");
         return TG_OK;
     }
     memcpy(&h, ctx->digest + 16, sizeof(h));
@@ -480,7 +481,7 @@ key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx)
         if (e != NULL) {
             return identify_cached(lim, ctx, e);  /* known, if not fresh */
         }
-        ctx->out->status = 429;
+        ctx->out->status = TG_LIMIT_LIMITED;
         ctx->out->error = "too many unknown API keys from this address";
         ctx->out->retry_s = ceil_s(res.retry_us) ? ceil_s(res.retry_us) : 1;
         return TG_OK;

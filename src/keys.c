@@ -119,9 +119,7 @@ static const char *tg_keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node,
                                   const char *path, const char *expected);
 static tg_rc tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
                           const char *what, const char *charset, size_t max,
-                          int (*ok)(unsigned char), char *out);
-static int tg_keys_id_char(unsigned char c);
-static int tg_keys_tier_char(unsigned char c);
+                          enum tg_name_kind kind, char *out);
 static void tg_keys_reserve(tg_keys_ctx *ctx, size_t n);
 static tg_rc tg_keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32],
                          const char *id, size_t idlen, const char *tier,
@@ -147,18 +145,6 @@ enum { TG_KEYS_F_ID, TG_KEYS_F_TIER, TG_KEYS_F_SHA256, TG_KEYS_F_ENABLED,
 /* Fields of one entry, in the order "missing" is reported. */
 static const char *const tg_keys_fields[TG_KEYS_NFIELDS] = {
     "id", "tier", "sha256", "enabled",
-};
-
-/* Characters of an id ([A-Za-z0-9._-]), by byte value (0x80.. are 0). */
-static const unsigned char tg_keys_id_chars[128] = {
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0,
-    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0,
-    0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1,
-    0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0,
 };
 
 static const char tg_keys_b64url[] =
@@ -473,35 +459,29 @@ static const char *
 tg_keys_map_key(tg_keys_ctx *ctx, yaml_node_t *map, yaml_node_pair_t *pair,
                 const char *path, char *child)
 {
-    static const char *const what[] = { "", "a scalar", "a sequence", "a mapping" };
-    yaml_node_pair_t *prev;
     yaml_node_t *key, *pkey;
     const char *kname;
 
     key = yaml_document_get_node(&ctx->doc, pair->key);
     if (key->type != YAML_SCALAR_NODE) {
         tg_keys_error(ctx, key->start_mark, path, "keys must be plain names, "
-                      "got %s", what[key->type]);
+                      "got %s", tg_yaml_kind(key));
         return NULL;
     }
     kname = (const char *)key->data.scalar.value;
     tg_keys_child(child, path, kname);
-    for (prev = map->data.mapping.pairs.start; prev < pair; prev++) {
-        pkey = yaml_document_get_node(&ctx->doc, prev->key);
-        if (pkey->type == YAML_SCALAR_NODE &&
-            strcmp((const char *)pkey->data.scalar.value, kname) == 0) {
-            if (strlen(kname) > TG_KEYS_ECHO_MAX) {
-                tg_keys_error(ctx, key->start_mark, child, "duplicate key "
-                              "(first at %zu:%zu)", pkey->start_mark.line + 1,
-                              pkey->start_mark.column + 1);
-            } else {
-                tg_keys_error(ctx, key->start_mark, child, "duplicate key \"%s\" "
-                              "(first at %zu:%zu)", kname,
-                              pkey->start_mark.line + 1,
-                              pkey->start_mark.column + 1);
-            }
-            return NULL;
+    pkey = tg_yaml_pair_dup(&ctx->doc, map, pair);
+    if (pkey != NULL) {
+        if (strlen(kname) > TG_KEYS_ECHO_MAX) {
+            tg_keys_error(ctx, key->start_mark, child, "duplicate key "
+                          "(first at %zu:%zu)", pkey->start_mark.line + 1,
+                          pkey->start_mark.column + 1);
+        } else {
+            tg_keys_error(ctx, key->start_mark, child, "duplicate key \"%s\" "
+                          "(first at %zu:%zu)", kname, pkey->start_mark.line + 1,
+                          pkey->start_mark.column + 1);
         }
+        return NULL;
     }
     return kname;
 }
@@ -527,7 +507,6 @@ tg_keys_unknown(tg_keys_ctx *ctx, yaml_node_pair_t *pair, const char *child,
 static tg_rc
 tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
 {
-    static const char *const what[] = { "", "a scalar", "a sequence", "a mapping" };
     yaml_node_pair_t *pair;
     yaml_node_t *seq = NULL;
     const char *kname;
@@ -536,7 +515,7 @@ tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
 
     if (root->type != YAML_MAPPING_NODE) {
         return tg_keys_error(ctx, root->start_mark, "", "top level: expected a "
-                             "mapping with \"keys\", got %s", what[root->type]);
+                             "mapping with \"keys\", got %s", tg_yaml_kind(root));
     }
     for (pair = root->data.mapping.pairs.start; pair < root->data.mapping.pairs.top;
          pair++) {
@@ -625,14 +604,14 @@ tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
             pos->id_line = (uint32_t)val->start_mark.line;
             pos->id_col = (uint32_t)val->start_mark.column;
             if (tg_keys_name(ctx, val, child, "id", "A-Za-z0-9._-",
-                             TG_KEY_ID_MAX, tg_keys_id_char, id) != TG_OK) {
+                             TG_KEY_ID_MAX, TG_NAME_ID, id) != TG_OK) {
                 return TG_ERR;
             }
             break;
         case TG_KEYS_F_TIER:
             tmark = val->start_mark;
             if (tg_keys_name(ctx, val, child, "tier", "a-z0-9_-",
-                             TG_TIER_MAX, tg_keys_tier_char, tier) != TG_OK) {
+                             TG_TIER_MAX, TG_NAME_TIER, tier) != TG_OK) {
                 return TG_ERR;
             }
             break;
@@ -773,7 +752,7 @@ tg_keys_fast_value(const char **pp, const char *eol, const char *bol,
 
     tok->col = (uint32_t)(p - bol);
     if (p < eol && *p == '"') {
-        for (q = ++p; p < eol && tg_keys_id_char((unsigned char)*p); p++) {
+        for (q = ++p; p < eol && tg_name_char(TG_NAME_ID, (unsigned char)*p); p++) {
         }
         if (p == eol || *p != '"') {
             return 0;
@@ -788,7 +767,7 @@ tg_keys_fast_value(const char **pp, const char *eol, const char *bol,
                       (*p >= 'A' && *p <= 'Z'))) {
         return 0;
     }
-    for (q = p; p < eol && tg_keys_id_char((unsigned char)*p); p++) {
+    for (q = p; p < eol && tg_name_char(TG_NAME_ID, (unsigned char)*p); p++) {
     }
     tok->plain = 1;
     tok->s = q;
@@ -822,7 +801,7 @@ tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
     int seen[TG_KEYS_NFIELDS] = { 0 }, enabled = 1;
     uint8_t sha256[32];
     const char *q;
-    size_t f, i;
+    size_t f;
 
     if (eol - p < 2 || p[0] != '-' || p[1] != ' ') {
         return TG_AGAIN;
@@ -872,13 +851,8 @@ tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
         return TG_AGAIN;
     }
     t = &v[TG_KEYS_F_TIER];
-    if (t->len == 0 || t->len > TG_TIER_MAX || tg_keys_fast_null(t)) {
+    if (tg_keys_fast_null(t) || !tg_name_ok(TG_NAME_TIER, t->s, t->len)) {
         return TG_AGAIN;
-    }
-    for (i = 0; i < t->len; i++) {
-        if (!tg_keys_tier_char((unsigned char)t->s[i])) {
-            return TG_AGAIN;
-        }
     }
     t = &v[TG_KEYS_F_SHA256];
     if (tg_keys_unhex(t->s, t->len, sha256) != TG_OK) {
@@ -1189,12 +1163,13 @@ tg_keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
     return (const char *)node->data.scalar.value;
 }
 
-/* An id or tier: 1..max characters for which ok() holds, into out[max+1].
- * The value is not quoted back whole (it may be a misplaced secret). */
+/* An id or tier: 1..max characters of kind (tg_name_char), into
+ * out[max+1].  The value is not quoted back whole (it may be a misplaced
+ * secret). */
 static tg_rc
 tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
              const char *what, const char *charset, size_t max,
-             int (*ok)(unsigned char), char *out)
+             enum tg_name_kind kind, char *out)
 {
     const char *s = tg_keys_scalar(ctx, node, path, "a string");
     size_t len, i;
@@ -1209,7 +1184,7 @@ tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
                              charset, len);
     }
     for (i = 0; i < len; i++) {
-        if (!ok((unsigned char)s[i])) {
+        if (!tg_name_char(kind, (unsigned char)s[i])) {
             if ((unsigned char)s[i] > 0x20 && (unsigned char)s[i] < 0x7f) {
                 return tg_keys_error(ctx, node->start_mark, path, "%s may only "
                                      "contain [%s], got '%c' at character %zu",
@@ -1222,18 +1197,6 @@ tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
     }
     memcpy(out, s, len + 1);
     return TG_OK;
-}
-
-static int
-tg_keys_id_char(unsigned char c)
-{
-    return c < 128 && tg_keys_id_chars[c];
-}
-
-static int
-tg_keys_tier_char(unsigned char c)
-{
-    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
 }
 
 static uint64_t

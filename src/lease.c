@@ -39,6 +39,7 @@ typedef struct lease_entry {
  * worker's next sample (50 ms), before its next charge, or when full. */
 typedef struct give_buf {
     size_t   n;
+    uint64_t hash[TG_REDIS_GIVE_MAX];         /* key_hash of keys[i] */
     uint64_t amount_us[TG_REDIS_GIVE_MAX];
     uint64_t p_us[TG_REDIS_GIVE_MAX];
     char     keys[TG_REDIS_GIVE_MAX][TG_LIMIT_KEY_MAX];
@@ -100,6 +101,35 @@ tg_lease_give_flush(struct tg_limiter *lim, int now)
     g->n = 0;
 }
 
+/*
+ * Before a charge of ctx goes out: the give-backs queued for any of its
+ * buckets go first, on the same connection, so Redis applies them before
+ * the charge.  Give-backs for other buckets wait for the worker's next
+ * sample (50 ms) or a full buffer and go in one call: flushing them
+ * before every charge made nearly one extra script call per request
+ * when many keys each met a lease once (loadtest/bench, 10,000 keys).
+ * Waiting only delays tokens coming back: never more admitted.
+ */
+void
+tg_lease_give_flush_for(struct tg_limiter *lim, const tg_limit_ctx *ctx)
+{
+    const give_buf *g = lim->give;
+
+    if (g == NULL || g->n == 0) {
+        return;
+    }
+    for (size_t i = 0; i < ctx->n; i++) {
+        uint64_t h = key_hash(ctx->keys[i], 0);
+
+        for (size_t j = 0; j < g->n; j++) {
+            if (g->hash[j] == h && strcmp(g->keys[j], ctx->keys[i]) == 0) {
+                tg_lease_give_flush(lim, 0);
+                return;
+            }
+        }
+    }
+}
+
 /* Queue amount_us of key's debt to go back (p_us: the TAT the take wrote;
  * 0 = unknown: nothing can go back safely). */
 static void
@@ -114,6 +144,7 @@ give_add(struct tg_limiter *lim, const char *key, uint64_t amount_us, uint64_t p
         tg_lease_give_flush(lim, 0);
     }
     snprintf(g->keys[g->n], sizeof(g->keys[0]), "%s", key);
+    g->hash[g->n] = key_hash(g->keys[g->n], 0);
     g->amount_us[g->n] = amount_us;
     g->p_us[g->n] = p_us;
     g->n++;
@@ -178,11 +209,10 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     reset = e->taken_us + e->reset_us;
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
-    out->quota = l->burst;
-    out->window_s = ceil_s(l->interval_us * l->burst);
+    tg_limit_policy(out, l, ctx->factor);
     out->remaining = e->remaining + e->tokens < l->burst ? e->remaining + e->tokens : l->burst;
     out->reset_s = ceil_s(reset > now ? reset - now : 0);
-    out->status = 0;
+    out->status = TG_LIMIT_ALLOWED;
     out->retry_s = 0;
     return 1;
 }
@@ -236,6 +266,7 @@ tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result
     if (!lease_match(e, ctx, h)) {
         return;                        /* cannot happen: the slot was marked */
     }
+    TG_ASSERT(e->taking && ln > ctx->cost);
     lease_give_back(lim, e);           /* leftovers of an older slice */
     for (size_t i = 0; i < ctx->n; i++) {
         e->p_us[i] = res->now_us > 0 ? res->now_us + res->held_us[i] : 0;

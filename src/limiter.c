@@ -26,8 +26,11 @@
 #include "tollgate/metrics.h"
 #include "tollgate/redis.h"
 #include "tollgate/route.h"
+#include "tollgate/throttle.h"
 
 #define LSTORE_MAX_ENTRIES (1u << 20)
+#define THROTTLE_SPAN_MAX  (1ull << 52)   /* interval * burst, throttled: below
+                                             the scripts' 2^53 */
 
 /*
  * The in-process store (store: local, and the Redis fallback) is ONE per
@@ -140,6 +143,7 @@ static void fallback(tg_limit_ctx *ctx);
 static tg_rc send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost);
 static tg_rc lease_taken(struct tg_limiter *lim, tg_limit_ctx *ctx,
                          const tg_gcra_result *res);
+static void throttle(tg_limit_ctx *ctx);
 
 struct tg_limiter *
 tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
@@ -164,9 +168,11 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
         struct addrinfo hints, *ai = NULL;
         int rc;
 
-        if (tg_redis_parse_url(conf->redis.url, &opts, err, errlen) != TG_OK) {
-            goto fail;
-        }
+        /* redis.url as the config parsed it (redis.server). */
+        memset(&opts, 0, sizeof(opts));
+        snprintf(opts.host, sizeof(opts.host), "%s", conf->redis.server.host);
+        opts.port = conf->redis.server.port;
+        opts.db = conf->redis.server.db;
         /* Resolve once, here (start-up, main thread): never on a loop. */
         memset(&hints, 0, sizeof(hints));
         hints.ai_socktype = SOCK_STREAM;
@@ -180,7 +186,7 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
                     NULL, 0, NI_NUMERICHOST);
         freeaddrinfo(ai);
         opts.timeout_ms = conf->redis.timeout_ms;
-        opts.max_batch = conf->redis.max_batch ? conf->redis.max_batch : 32;
+        opts.max_batch = conf->redis.max_batch;
         /* Sentinel / Cluster: addresses resolved at config load. */
         if (conf->redis.sentinel_master != NULL) {
             snprintf(opts.sentinel_master, sizeof(opts.sentinel_master), "%s",
@@ -310,6 +316,7 @@ tg_limiter_sample(struct tg_limiter *lim)
 {
     tg_redis_stats st;
 
+    tg_throttle_tick(lim->conf, lim->redis, lim->sconf->redis.prefix, tg_now_ms());
     if (lim->redis != NULL) {
         probe(lim);
         tg_lease_give_back_all(lim, tg_now_us(), 0);    /* expired slices */
@@ -330,13 +337,13 @@ tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard)
     lim->shard = shard;
 }
 
-int
+enum tg_breaker_state
 tg_limiter_breaker_state(struct tg_limiter *lim)
 {
     if (lim->redis == NULL) {
-        return -1;
+        return TG_BREAKER_NONE;
     }
-    return (int)tg_breaker_state(&lim->breaker, tg_now_ms());
+    return tg_breaker_state(&lim->breaker, tg_now_ms());
 }
 
 int
@@ -368,6 +375,7 @@ tg_limiter_check(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *r
     ctx->op = NULL;
     ctx->kwait = NULL;
     ctx->lease_n = 0;
+    ctx->factor = TG_THROTTLE_ONE;
     if (!lim->enabled) {
         return TG_OK;
     }
@@ -394,7 +402,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
 
     tier = tg_conf_tier(conf, out->tier);
     if (tier == NULL) {
-        tg_limit_deny(out, 403, "the key's tier is not configured");
+        tg_limit_deny(out, TG_LIMIT_FORBIDDEN, "the key's tier is not configured");
         return TG_OK;
     }
 
@@ -406,6 +414,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
     n = tg_route_buckets(conf, tier, route, prefix, out->consumer,
                          ctx->limits, ctx->names, ctx->keys);
     ctx->n = n;
+    throttle(ctx);
 
     /* A cost above a capacity could never pass: refuse it without a
      * Retry-After, which would be a lie (the config check makes this
@@ -473,9 +482,9 @@ send_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, uint32_t cost)
 {
     const char *keys[TG_LIMIT_MAX_BUCKETS];
 
-    /* Tokens given back (a slice of this key just expired) go first: on
-     * the same connection, Redis applies them before this charge. */
-    tg_lease_give_flush(lim, 0);
+    /* Tokens given back to these buckets (a slice just expired) go
+     * first: on the same connection, Redis applies them before this. */
+    tg_lease_give_flush_for(lim, ctx);
     for (size_t i = 0; i < ctx->n; i++) {
         keys[i] = ctx->keys[i];
     }
@@ -525,11 +534,10 @@ finish_impossible(tg_limit_ctx *ctx, size_t i)
 
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
-    out->quota = l->burst;
-    out->window_s = ceil_s(l->interval_us * l->burst);
+    tg_limit_policy(out, l, ctx->factor);
     out->remaining = 0;
     out->reset_s = 0;
-    out->status = 429;
+    out->status = TG_LIMIT_LIMITED;
     out->error = "this request costs more tokens than the bucket can hold: "
                  "it can never pass";
     out->retry_s = 0;
@@ -545,15 +553,14 @@ finish(tg_limit_ctx *ctx, const tg_gcra_result *res)
 
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
-    out->quota = l->burst;
-    out->window_s = ceil_s(l->interval_us * l->burst);
+    tg_limit_policy(out, l, ctx->factor);
     out->remaining = res->remaining;
     out->reset_s = ceil_s(res->reset_us);
     if (res->allowed) {
-        out->status = 0;
+        out->status = TG_LIMIT_ALLOWED;
         out->retry_s = 0;
     } else {
-        out->status = 429;
+        out->status = TG_LIMIT_LIMITED;
         out->error = "rate limit exceeded";
         out->retry_s = ceil_s(res->retry_us);
         if (out->retry_s == 0) {
@@ -659,7 +666,7 @@ fallback(tg_limit_ctx *ctx)
     out->fallback = 1;
     switch (lim->sconf->redis.on_failure) {
     case TG_FAIL_ALLOW:
-        out->status = 0;
+        out->status = TG_LIMIT_ALLOWED;
         out->limited = 0;
         return;
     case TG_FAIL_DENY:
@@ -696,6 +703,8 @@ size_t
 tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
 {
     int n = 0, m;
+    /* a throttled quota is below the burst: never show more left than it */
+    uint32_t left = o->remaining < o->quota ? o->remaining : o->quota;
 
     if (o->limited) {
         /* draft-ietf-httpapi-ratelimit-headers: policy (quota q over window
@@ -706,13 +715,14 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
                      "X-RateLimit-Limit: %u\r\n"
                      "X-RateLimit-Remaining: %u\r\n"
                      "X-RateLimit-Reset: %u\r\n",
-                     o->policy, o->quota, o->window_s, o->policy, o->remaining,
-                     o->reset_s, o->quota, o->remaining, o->reset_s);
+                     o->policy, o->quota, o->window_s, o->policy, left,
+                     o->reset_s, o->quota, left, o->reset_s);
         if (n < 0 || (size_t)n >= len) {
             return 0;
         }
     }
-    if ((o->status == 429 || o->status == 503) && o->retry_s > 0) {
+    if ((o->status == TG_LIMIT_LIMITED || o->status == TG_LIMIT_UNAVAILABLE)
+        && o->retry_s > 0) {
         m = snprintf(buf + n, len - (size_t)n, "Retry-After: %u\r\n", o->retry_s);
         if (m < 0 || (size_t)m >= len - (size_t)n) {
             return (size_t)n;
@@ -724,6 +734,33 @@ tg_limiter_headers(const tg_limit_outcome *o, char *buf, size_t len)
 
 /* ---- helpers ---------------------------------------------------------- */
 
+/* The throttle's factor (throttle.h) on ctx's buckets: each interval
+ * divided by it, rounded up (refill x factor; burst unchanged), before
+ * the store, the fallback, the leases and the deny cache see them - all
+ * of which match a bucket by its limits, so nothing learnt under another
+ * factor is used under this one. */
+static void
+throttle(tg_limit_ctx *ctx)
+{
+    uint32_t f = tg_throttle_factor();
+
+    ctx->factor = f;
+    if (f >= TG_THROTTLE_ONE || f == 0) {
+        ctx->factor = TG_THROTTLE_ONE;
+        return;
+    }
+    for (size_t i = 0; i < ctx->n; i++) {
+        tg_gcra_limit *l = &ctx->limits[i];
+        uint64_t t = (l->interval_us * TG_THROTTLE_ONE + f - 1) / f;
+
+        if (t * l->burst > THROTTLE_SPAN_MAX) {
+            t = THROTTLE_SPAN_MAX / l->burst > l->interval_us
+                ? THROTTLE_SPAN_MAX / l->burst : l->interval_us;
+        }
+        l->interval_us = t;
+    }
+}
+
 /* 503 while Redis cannot be asked: Retry-After is when this worker's
  * breaker lets the next call through (1 s while it is closed or probing). */
 void
@@ -732,7 +769,7 @@ tg_limiter_store_down(tg_limit_ctx *ctx, const char *why)
     tg_limit_outcome *out = ctx->out;
     uint32_t s = ceil_s(tg_breaker_retry_ms(&ctx->lim->breaker, tg_now_ms()) * 1000);
 
-    out->status = 503;
+    out->status = TG_LIMIT_UNAVAILABLE;
     out->error = why;
     out->retry_s = s > 0 ? s : 1;
 }

@@ -17,6 +17,7 @@
 
 #include "tollgate/breaker.h"
 #include "tollgate/limiter.h"
+#include "tollgate/throttle.h"
 
 struct kcache_entry;
 struct kneg_entry;
@@ -116,12 +117,13 @@ void tg_lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit);
 
 /* Send the give-backs queued; now: write them at once (shutdown). */
 void tg_lease_give_flush(struct tg_limiter *lim, int now);
+void tg_lease_give_flush_for(struct tg_limiter *lim, const tg_limit_ctx *ctx);
 
 /* ---- shared helpers -------------------------------------------------- */
 
 /* Decided without the rate-limit headers: status, why. */
 static inline void
-tg_limit_deny(tg_limit_outcome *out, int status, const char *why)
+tg_limit_deny(tg_limit_outcome *out, enum tg_limit_status status, const char *why)
 {
     out->status = status;
     out->error = why;
@@ -145,6 +147,28 @@ key_hash(const char *s, uint64_t h)
         h = (h ^ (unsigned char)*s) * 1099511628211ull;
     }
     return h;
+}
+
+/*
+ * The policy of bucket l in the headers, into out: quota and window.  l
+ * holds the interval throttled by factor (permille; limiter.c divides it,
+ * rounding up, so multiplying back and rounding down gives the configured
+ * one exactly): the window stays the configured one and the quota is what
+ * a client gets over it now, burst * factor rounded down, at least 1.
+ */
+static inline void
+tg_limit_policy(tg_limit_outcome *out, const tg_gcra_limit *l, uint32_t factor)
+{
+    uint64_t t = l->interval_us;
+    uint64_t q = l->burst;
+
+    if (factor > 0 && factor < TG_THROTTLE_ONE) {
+        t = t * factor / TG_THROTTLE_ONE;
+        q = q * factor / TG_THROTTLE_ONE;
+        q = q > 0 ? q : 1;
+    }
+    out->quota = (uint32_t)q;
+    out->window_s = ceil_s(t * l->burst);
 }
 
 static inline int

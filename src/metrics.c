@@ -14,19 +14,8 @@
 
 #include <event2/buffer.h>
 
-/* A growable byte string; the exporters build into one of these. */
-struct sbuf {
-    char   *p;
-    size_t  len;
-    size_t  cap;
-};
-
-static void sb_add(struct sbuf *b, const char *s, size_t n);
-static void sb_str(struct sbuf *b, const char *s);
-static void sb_printf(struct sbuf *b, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void sb_seconds_us(struct sbuf *b, uint64_t us);
-static void sb_double(struct sbuf *b, double v);
+static void sb_seconds_us(tg_buf *b, uint64_t us);
+static void sb_double(tg_buf *b, double v);
 static size_t label_pairs(tg_metric_labelset ls, size_t idx,
                           const char *names[3], const char *values[3]);
 static uint64_t *merge(struct tg_metrics_shard *const *shards, size_t n);
@@ -426,62 +415,62 @@ tg_metrics_value(struct tg_metrics_shard *const *shards, size_t n,
 
 /* Label value escaping of the text format: \ " and newline. */
 static void
-sb_prom_escaped(struct sbuf *b, const char *s, int quote)
+sb_prom_escaped(tg_buf *b, const char *s, int quote)
 {
     for (; *s; s++) {
         switch (*s) {
-        case '\\': sb_add(b, "\\\\", 2); break;
-        case '\n': sb_add(b, "\\n", 2); break;
+        case '\\': tg_buf_add(b, "\\\\", 2); break;
+        case '\n': tg_buf_add(b, "\\n", 2); break;
         case '"':
             if (quote) {
-                sb_add(b, "\\\"", 2);
+                tg_buf_add(b, "\\\"", 2);
                 break;
             }
             /* fall through */
-        default:   sb_add(b, s, 1); break;
+        default:   tg_buf_add(b, s, 1); break;
         }
     }
 }
 
 /* name{l1="v1",l2="v2",le="x"} — extra_le NULL for no le. */
 static void
-sb_prom_series(struct sbuf *b, const char *name, const char *suffix,
+sb_prom_series(tg_buf *b, const char *name, const char *suffix,
                tg_metric_labelset ls, size_t idx, const char *le)
 {
     const char *ln[3], *lv[3];
     size_t np = label_pairs(ls, idx, ln, lv);
 
-    sb_str(b, name);
-    sb_str(b, suffix);
+    tg_buf_str(b, name);
+    tg_buf_str(b, suffix);
     if (np == 0 && le == NULL) {
         return;
     }
-    sb_add(b, "{", 1);
+    tg_buf_add(b, "{", 1);
     for (size_t i = 0; i < np; i++) {
         if (i > 0) {
-            sb_add(b, ",", 1);
+            tg_buf_add(b, ",", 1);
         }
-        sb_str(b, ln[i]);
-        sb_add(b, "=\"", 2);
+        tg_buf_str(b, ln[i]);
+        tg_buf_add(b, "=\"", 2);
         sb_prom_escaped(b, lv[i], 1);
-        sb_add(b, "\"", 1);
+        tg_buf_add(b, "\"", 1);
     }
     if (le != NULL) {
         if (np > 0) {
-            sb_add(b, ",", 1);
+            tg_buf_add(b, ",", 1);
         }
-        sb_str(b, "le=\"");
-        sb_str(b, le);
-        sb_add(b, "\"", 1);
+        tg_buf_str(b, "le=\"");
+        tg_buf_str(b, le);
+        tg_buf_add(b, "\"", 1);
     }
-    sb_add(b, "}", 1);
+    tg_buf_add(b, "}", 1);
 }
 
 tg_rc
 tg_metrics_render_prometheus(struct tg_metrics_shard *const *shards, size_t n,
                              struct evbuffer *out)
 {
-    struct sbuf b = { NULL, 0, 0 };
+    tg_buf b = TG_BUF_INIT;
     uint64_t *m;
     int rc;
 
@@ -497,50 +486,50 @@ tg_metrics_render_prometheus(struct tg_metrics_shard *const *shards, size_t n,
         const struct tg_metrics_layout_ *l = &tg_metrics_layout_[id];
         const char *name = decl[id].name;
 
-        sb_printf(&b, "# HELP %s ", name);
+        tg_buf_printf(&b, "# HELP %s ", name);
         sb_prom_escaped(&b, decl[id].help, 0);
-        sb_printf(&b, "\n# TYPE %s %s\n", name, type_names[decl[id].type]);
+        tg_buf_printf(&b, "\n# TYPE %s %s\n", name, type_names[decl[id].type]);
 
         for (size_t s = 0; s < l->n; s++) {
             size_t base = l->off + s * l->stride;
 
             if (decl[id].type == TG_MT_COUNTER) {
                 sb_prom_series(&b, name, "", decl[id].ls, s, NULL);
-                sb_printf(&b, " %" PRIu64 "\n", m[base] +
+                tg_buf_printf(&b, " %" PRIu64 "\n", m[base] +
                           __atomic_load_n(&reg.global[base], __ATOMIC_RELAXED));
             } else if (decl[id].type == TG_MT_GAUGE) {
                 sb_prom_series(&b, name, "", decl[id].ls, s, NULL);
-                sb_add(&b, " ", 1);
+                tg_buf_add(&b, " ", 1);
                 sb_double(&b, global_gauge(base) + (double)(int64_t)m[base]);
-                sb_add(&b, "\n", 1);
+                tg_buf_add(&b, "\n", 1);
             } else {
-                struct sbuf le = { NULL, 0, 0 };
+                tg_buf le = TG_BUF_INIT;
                 uint64_t cum = 0;
 
                 for (uint32_t k = 0; k <= l->nb; k++) {
-                    le.len = 0;
+                    tg_buf_reset(&le);
                     if (k < l->nb) {
                         sb_seconds_us(&le, l->bounds_us[k]);
                     } else {
-                        sb_str(&le, "+Inf");
+                        tg_buf_str(&le, "+Inf");
                     }
                     cum += m[base + k];
                     sb_prom_series(&b, name, "_bucket", decl[id].ls, s, le.p);
-                    sb_printf(&b, " %" PRIu64 "\n", cum);
+                    tg_buf_printf(&b, " %" PRIu64 "\n", cum);
                 }
-                free(le.p);
+                tg_buf_free(&le);
                 sb_prom_series(&b, name, "_sum", decl[id].ls, s, NULL);
-                sb_add(&b, " ", 1);
+                tg_buf_add(&b, " ", 1);
                 sb_seconds_us(&b, m[base + l->nb + 1]);
-                sb_add(&b, "\n", 1);
+                tg_buf_add(&b, "\n", 1);
                 sb_prom_series(&b, name, "_count", decl[id].ls, s, NULL);
-                sb_printf(&b, " %" PRIu64 "\n", cum);
+                tg_buf_printf(&b, " %" PRIu64 "\n", cum);
             }
         }
     }
     free(m);
     rc = evbuffer_add(out, b.p, b.len);
-    free(b.p);
+    tg_buf_free(&b);
     return rc == 0 ? TG_OK : TG_ERR;
 }
 
@@ -567,8 +556,8 @@ tg_metrics_snapshot_destroy(struct tg_metrics_snapshot *snap)
 }
 
 struct statsd {
-    struct sbuf        dg;          /* datagram being packed */
-    struct sbuf        line;        /* line being built */
+    tg_buf             dg;          /* datagram being packed */
+    tg_buf             line;        /* line being built */
     const char        *prefix;
     int                tags;
     tg_metrics_emit_fn emit;
@@ -583,7 +572,7 @@ statsd_flush(struct statsd *st)
     if (st->dg.len > 0) {
         st->emit(st->arg, st->dg.p, st->dg.len);
         st->emitted++;
-        st->dg.len = 0;
+        tg_buf_reset(&st->dg);
     }
 }
 
@@ -600,30 +589,30 @@ statsd_push(struct statsd *st)
         statsd_flush(st);
     }
     if (st->dg.len > 0) {
-        sb_add(&st->dg, "\n", 1);
+        tg_buf_add(&st->dg, "\n", 1);
     }
-    sb_add(&st->dg, st->line.p, len);
+    tg_buf_add(&st->dg, st->line.p, len);
 }
 
 /* Bytes a StatsD name or tag may not carry, replaced by '_'.  In a name
  * only [A-Za-z0-9_-] survive (a '.' would add a path level); a tag value
  * keeps '.' ':' '/' as DogStatsD allows. */
 static void
-sb_statsd_clean(struct sbuf *b, const char *s, int tag)
+sb_statsd_clean(tg_buf *b, const char *s, int tag)
 {
     for (; *s; s++) {
         char c = *s;
         int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
                  (c >= '0' && c <= '9') || c == '_' || c == '-' ||
                  (tag && (c == '.' || c == ':' || c == '/'));
-        sb_add(b, ok ? &c : "_", 1);
+        tg_buf_add(b, ok ? &c : "_", 1);
     }
 }
 
 /* Short StatsD name: "tollgate_" prefix, "_total" and (histograms)
  * "_seconds" suffixes removed. */
 static void
-sb_statsd_base(struct sbuf *b, tg_metric_id id)
+sb_statsd_base(tg_buf *b, tg_metric_id id)
 {
     const char *nm = decl[id].name;
     size_t len = strlen(nm);
@@ -638,7 +627,7 @@ sb_statsd_base(struct sbuf *b, tg_metric_id id)
                strcmp(nm + len - 8, "_seconds") == 0) {
         len -= 8;
     }
-    sb_add(b, nm, len);
+    tg_buf_add(b, nm, len);
 }
 
 /* Start a line: prefix.base[.labels][.suffix]: */
@@ -648,20 +637,20 @@ statsd_begin(struct statsd *st, tg_metric_id id, size_t idx, const char *suffix)
     const char *ln[3], *lv[3];
     size_t np = label_pairs(decl[id].ls, idx, ln, lv);
 
-    st->line.len = 0;
+    tg_buf_reset(&st->line);
     if (st->prefix != NULL && st->prefix[0] != '\0') {
-        sb_str(&st->line, st->prefix);
-        sb_add(&st->line, ".", 1);
+        tg_buf_str(&st->line, st->prefix);
+        tg_buf_add(&st->line, ".", 1);
     }
     sb_statsd_base(&st->line, id);
     if (!st->tags) {
         for (size_t i = 0; i < np; i++) {
-            sb_add(&st->line, ".", 1);
+            tg_buf_add(&st->line, ".", 1);
             sb_statsd_clean(&st->line, lv[i], 0);
         }
     }
-    sb_str(&st->line, suffix);
-    sb_add(&st->line, ":", 1);
+    tg_buf_str(&st->line, suffix);
+    tg_buf_add(&st->line, ":", 1);
 }
 
 /* End a line: value is already in; add |type and tags, then pack it. */
@@ -671,15 +660,15 @@ statsd_end(struct statsd *st, tg_metric_id id, size_t idx, const char *type)
     const char *ln[3], *lv[3];
     size_t np = label_pairs(decl[id].ls, idx, ln, lv);
 
-    sb_str(&st->line, type);
+    tg_buf_str(&st->line, type);
     if (st->tags && np > 0) {
-        sb_add(&st->line, "|#", 2);
+        tg_buf_add(&st->line, "|#", 2);
         for (size_t i = 0; i < np; i++) {
             if (i > 0) {
-                sb_add(&st->line, ",", 1);
+                tg_buf_add(&st->line, ",", 1);
             }
-            sb_str(&st->line, ln[i]);
-            sb_add(&st->line, ":", 1);
+            tg_buf_str(&st->line, ln[i]);
+            tg_buf_add(&st->line, ":", 1);
             sb_statsd_clean(&st->line, lv[i], 1);
         }
     }
@@ -711,8 +700,7 @@ tg_metrics_statsd_delta(struct tg_metrics_shard *const *shards, size_t n,
     st.tags = dogstatsd_tags;
     st.emit = emit;
     st.arg = arg;
-    st.dg.p = tg_xmalloc(TG_METRICS_STATSD_MAX + 1);
-    st.dg.cap = TG_METRICS_STATSD_MAX + 1;
+    tg_buf_reserve(&st.dg, TG_METRICS_STATSD_MAX);
 
     m = merge(shards, n);
     for (int id = 0; id < TG_M__COUNT; id++) {
@@ -731,7 +719,7 @@ tg_metrics_statsd_delta(struct tg_metrics_shard *const *shards, size_t n,
                     continue;
                 }
                 statsd_begin(&st, id, s, "");
-                sb_printf(&st.line, "%" PRIu64, d);
+                tg_buf_printf(&st.line, "%" PRIu64, d);
                 statsd_end(&st, id, s, "|c");
             } else if (decl[id].type == TG_MT_GAUGE) {
                 double v = global_gauge(base) + (double)(int64_t)m[base];
@@ -742,7 +730,7 @@ tg_metrics_statsd_delta(struct tg_metrics_shard *const *shards, size_t n,
                 if (v < 0) {
                     /* "-x|g" is a relative change in StatsD: set 0 first. */
                     statsd_begin(&st, id, s, "");
-                    sb_str(&st.line, "0");
+                    tg_buf_str(&st.line, "0");
                     statsd_end(&st, id, s, "|g");
                 }
                 statsd_begin(&st, id, s, "");
@@ -761,10 +749,10 @@ tg_metrics_statsd_delta(struct tg_metrics_shard *const *shards, size_t n,
                     continue;
                 }
                 statsd_begin(&st, id, s, ".count");
-                sb_printf(&st.line, "%" PRIu64, cnt);
+                tg_buf_printf(&st.line, "%" PRIu64, cnt);
                 statsd_end(&st, id, s, "|c");
                 statsd_begin(&st, id, s, ".sum_ms");
-                sb_printf(&st.line, "%" PRIu64, dsum / 1000);
+                tg_buf_printf(&st.line, "%" PRIu64, dsum / 1000);
                 if (dsum % 1000 != 0) {
                     char frac[8];
                     size_t fl;
@@ -774,7 +762,7 @@ tg_metrics_statsd_delta(struct tg_metrics_shard *const *shards, size_t n,
                     while (frac[fl - 1] == '0') {
                         fl--;
                     }
-                    sb_add(&st.line, frac, fl);
+                    tg_buf_add(&st.line, frac, fl);
                 }
                 statsd_end(&st, id, s, "|c");
             }
@@ -782,8 +770,8 @@ tg_metrics_statsd_delta(struct tg_metrics_shard *const *shards, size_t n,
     }
     statsd_flush(&st);
     free(m);
-    free(st.dg.p);
-    free(st.line.p);
+    tg_buf_free(&st.dg);
+    tg_buf_free(&st.line);
     if (st.dropped > 0) {
         tg_warn("metrics: %" PRIu64 " StatsD line(s) over %d bytes dropped",
                 st.dropped, TG_METRICS_STATSD_MAX);
@@ -880,62 +868,14 @@ merge(struct tg_metrics_shard *const *shards, size_t n)
     return m;
 }
 
-static void
-sb_reserve(struct sbuf *b, size_t more)
-{
-    if (b->len + more + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-
-        while (cap < b->len + more + 1) {
-            cap *= 2;
-        }
-        b->p = tg_xrealloc(b->p, cap);
-        b->cap = cap;
-    }
-}
-
-static void
-sb_add(struct sbuf *b, const char *s, size_t n)
-{
-    sb_reserve(b, n);
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void
-sb_str(struct sbuf *b, const char *s)
-{
-    sb_add(b, s, strlen(s));
-}
-
-static void
-sb_printf(struct sbuf *b, const char *fmt, ...)
-{
-    va_list ap;
-    int n;
-
-    va_start(ap, fmt);
-    n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (n <= 0) {
-        return;
-    }
-    sb_reserve(b, (size_t)n);
-    va_start(ap, fmt);
-    vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
-}
-
 /* Microseconds as decimal seconds, exact, no trailing zeros ("0.0025"). */
 static void
-sb_seconds_us(struct sbuf *b, uint64_t us)
+sb_seconds_us(tg_buf *b, uint64_t us)
 {
     char frac[8];
     size_t fl;
 
-    sb_printf(b, "%" PRIu64, us / 1000000);
+    tg_buf_printf(b, "%" PRIu64, us / 1000000);
     if (us % 1000000 == 0) {
         return;
     }
@@ -944,21 +884,21 @@ sb_seconds_us(struct sbuf *b, uint64_t us)
     while (frac[fl - 1] == '0') {
         fl--;
     }
-    sb_add(b, frac, fl);
+    tg_buf_add(b, frac, fl);
 }
 
 /* A sample value: shortest round-trip-ish form; NaN and infinities as the
  * text format spells them. */
 static void
-sb_double(struct sbuf *b, double v)
+sb_double(tg_buf *b, double v)
 {
     if (isnan(v)) {
-        sb_str(b, "NaN");
+        tg_buf_str(b, "NaN");
     } else if (isinf(v)) {
-        sb_str(b, v > 0 ? "+Inf" : "-Inf");
+        tg_buf_str(b, v > 0 ? "+Inf" : "-Inf");
     } else if (v == 0) {
-        sb_str(b, "0");
+        tg_buf_str(b, "0");
     } else {
-        sb_printf(b, "%.15g", v);
+        tg_buf_printf(b, "%.15g", v);
     }
 }

@@ -122,13 +122,13 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     if (r->opts.ncluster > TG_REDIS_MAX_ADDRS) {
         r->opts.ncluster = TG_REDIS_MAX_ADDRS;
     }
+    /* The config sets both within its bounds (redis.timeout_ms,
+     * redis.max_batch); 0 is only from callers without one (tests). */
     if (r->opts.timeout_ms == 0) {
         r->opts.timeout_ms = TG_REDIS_DEFAULT_TIMEOUT;
     }
     if (r->opts.max_batch == 0) {
         r->opts.max_batch = TG_REDIS_DEFAULT_BATCH;
-    } else if (r->opts.max_batch > TG_REDIS_MAX_BATCH) {
-        r->opts.max_batch = TG_REDIS_MAX_BATCH;
     }
     if (r->opts.ncluster > 0) {
         r->mode = TG_MODE_CLUSTER;
@@ -163,16 +163,15 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         snprintf(r->sha + 2 * i, 3, "%02x", md[i]);
     }
 
-    tv.tv_sec = r->opts.timeout_ms / 1000;
-    tv.tv_usec = (r->opts.timeout_ms % 1000) * 1000;
+    tv = tg_ms_tv(r->opts.timeout_ms);
     r->call_tv = event_base_init_common_timeout(base, &tv);
-    r->flush_ev = event_new(base, -1, 0, flush_cb, r);
-    if (r->call_tv == NULL || r->flush_ev == NULL
-        || tg_redis_aux_init(r, &r->disc, tg_redis_sentinel_done) != TG_OK
-        || tg_redis_aux_init(r, &r->slots, tg_redis_slots_done) != TG_OK) {
+    r->flush_ev = tg_event_new(base, -1, 0, flush_cb, r);
+    if (r->call_tv == NULL) {
         tg_error("redis: cannot create events");
         goto fail;
     }
+    tg_redis_aux_init(r, &r->disc, tg_redis_sentinel_done);
+    tg_redis_aux_init(r, &r->slots, tg_redis_slots_done);
 
     switch (r->mode) {
     case TG_MODE_SINGLE:
@@ -182,8 +181,8 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
         tg_redis_conn_start(r->nodes[0]);
         break;
     case TG_MODE_SENTINEL:
-        r->sub_ev = evtimer_new(base, tg_redis_sub_retry_cb, r);
-        if (r->sub_ev == NULL || tg_redis_node_new(r, "", 0) == NULL) {
+        r->sub_ev = tg_evtimer_new(base, tg_redis_sub_retry_cb, r);
+        if (tg_redis_node_new(r, "", 0) == NULL) {
             tg_error("redis: cannot create events");
             goto fail;
         }
@@ -193,11 +192,7 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     case TG_MODE_CLUSTER:
         r->slot_node = tg_xcalloc(TG_REDIS_CLUSTER_SLOTS, sizeof(*r->slot_node));
         r->slot_batch = tg_xcalloc(TG_REDIS_CLUSTER_SLOTS, sizeof(*r->slot_batch));
-        r->refresh_ev = evtimer_new(base, tg_redis_refresh_cb, r);
-        if (r->refresh_ev == NULL) {
-            tg_error("redis: cannot create events");
-            goto fail;
-        }
+        r->refresh_ev = tg_evtimer_new(base, tg_redis_refresh_cb, r);
         tg_redis_cluster_refresh(r);
         break;
     }
@@ -388,6 +383,30 @@ tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
     return op;
 }
 
+struct tg_redis_op *
+tg_redis_eval(struct tg_redis *r, const char *script, const char *key,
+              const char *const *args, size_t nargs, tg_redis_str_cb cb, void *arg)
+{
+    const char *s[2 + TG_REDIS_EVAL_ARGS] = { key, script };
+    struct tg_redis_op *op;
+
+    if (nargs > TG_REDIS_EVAL_ARGS) {
+        tg_error("redis: EVAL with %zu arguments (at most %d)", nargs, TG_REDIS_EVAL_ARGS);
+        nargs = 0;
+        s[1] = "return redis.error_reply('too many arguments')";
+    }
+    for (size_t i = 0; i < nargs; i++) {
+        s[2 + i] = args[i];
+    }
+    op = op_new(TG_OP_EVAL, s, 2 + nargs);
+    op->slot1 = (uint16_t)tg_redis_key_slot(op->str, op->len[0]);
+    op->str_cb = cb;
+    op->arg = arg;
+    op->deadline_us = tg_now_us() + (uint64_t)r->opts.timeout_ms * 1000;
+    queue_op(r, op);
+    return op;
+}
+
 void
 tg_redis_op_floor(struct tg_redis_op *op, const uint64_t *held_us, size_t n)
 {
@@ -463,8 +482,8 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
             free(op);
             continue;
         }
-        if (op->kind == TG_OP_HGET) {
-            b = tg_redis_batch_new(r, nd, TG_OP_HGET);
+        if (op->kind != TG_OP_CHARGE) {
+            b = tg_redis_batch_new(r, nd, (enum tg_redis_kind)op->kind);
             tg_redis_batch_add(b, op);
             batch_start(b);
             continue;
@@ -564,7 +583,8 @@ batch_start(struct tg_redis_batch *b)
 /*
  * One command for the batch into r's scratch arrays, then to hiredis (which
  * copies it): EVALSHA sha numkeys KEYS... nreq (nbuckets cost (T burst)...)...
- * or EVAL script ... after NOSCRIPT; HGET key field.  Only the buckets in
+ * or EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
+ * (tg_redis_eval, one op per batch).  Only the buckets in
  * each op's mask are sent.  After ASK, ASKING goes first.
  */
 tg_rc
@@ -583,6 +603,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     if (b->kind == TG_OP_HGET) {
         argc = 3;
         nnum = 0;
+    } else if (b->kind == TG_OP_EVAL) {
+        argc = 2 + (size_t)op->n;      /* EVAL script 1 key args... */
+        nnum = 1;
     } else {
         argc = 3 + b->nkeys + 1 + 2 * b->nops + 3 * b->nkeys;
         nnum = 1 + 1 + 2 * b->nops + 3 * b->nkeys;
@@ -610,6 +633,14 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         TG_ARG("HGET", 4);
         TG_ARG(op->str, op->len[0]);
         TG_ARG(op->str + op->len[0] + 1, op->len[1]);
+    } else if (b->kind == TG_OP_EVAL) {
+        TG_ARG("EVAL", 4);
+        TG_ARG(tg_redis_op_key(op, 1), op->len[1]);
+        TG_NUM(1);
+        TG_ARG(op->str, op->len[0]);
+        for (size_t k = 2; k < op->n; k++) {
+            TG_ARG(tg_redis_op_key(op, k), op->len[k]);
+        }
     } else {
         if (b->eval) {
             TG_ARG("EVAL", 4);
@@ -795,8 +826,7 @@ batch_arm(struct tg_redis_batch *b, uint64_t now)
         return 0;
     }
     us = next > now ? next - now : 0;
-    tv.tv_sec = (time_t)(us / 1000000);
-    tv.tv_usec = (suseconds_t)(us % 1000000);
+    tv = tg_us_tv(us);
     event_add(b->timer, &tv);
     b->timer_set = 1;
     return 1;
@@ -1004,12 +1034,14 @@ deliver_hget(struct tg_redis_batch *b, const redisReply *rep)
         return;
     }
     op->str_cb = NULL;
-    if (rep->type == REDIS_REPLY_STRING) {
+    if (rep->type == REDIS_REPLY_STRING
+        || (rep->type == REDIS_REPLY_STATUS && b->kind == TG_OP_EVAL)) {
         cb(op->arg, TG_OK, rep->str, rep->len);
     } else if (rep->type == REDIS_REPLY_NIL) {
         cb(op->arg, TG_OK, NULL, 0);
     } else {
-        tg_redis_node_warn(b->node, "redis: HGET answered type %d%s%.200s", rep->type,
+        tg_redis_node_warn(b->node, "redis: %s answered type %d%s%.200s",
+                b->kind == TG_OP_EVAL ? "EVAL" : "HGET", rep->type,
                 rep->type == REDIS_REPLY_ERROR ? ": " : "",
                 rep->type == REDIS_REPLY_ERROR ? rep->str : "");
         cb(op->arg, TG_ERR, NULL, 0);

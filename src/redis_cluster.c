@@ -85,7 +85,7 @@ const tg_breaker_conf tg_redis_node_breaker_conf = {
 static void
 refresh_in(struct tg_redis *r, unsigned ms)
 {
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    struct timeval tv = tg_ms_tv(ms);
 
     if (r->destroying) {
         return;

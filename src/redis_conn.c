@@ -6,6 +6,7 @@
  * See redis.c for the life of a charge and the context ownership rules.
  */
 #include "redis_int.h"
+#include "tollgate/conf.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -34,110 +35,22 @@ static void connect_timeout_cb(evutil_socket_t fd, short what, void *arg);
 /* ------------------------------------------------------------------ */
 /* addresses: the URL, numbers, host:port                             */
 
+/* The URL is parsed by the config's parser (one place); this fills opts
+ * from it for callers that hold a URL (tests). */
 tg_rc
 tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errlen)
 {
-    static const char scheme[] = "redis://";
-    const char *p, *host, *hend, *end;
-    unsigned long port = 6379, db = 0;
-    size_t hlen;
+    tg_conf_redis_url u;
+    char why[128];
 
-    if (url == NULL || *url == '\0') {
-        snprintf(err, errlen, "redis url: empty");
+    _Static_assert(sizeof(u.host) == sizeof(opts->host), "host sizes");
+    if (tg_conf_parse_redis_url(url, &u, why, sizeof(why)) != TG_OK) {
+        snprintf(err, errlen, "redis url: %s", why);
         return TG_ERR;
     }
-    if (strncmp(url, "rediss://", 9) == 0) {
-        snprintf(err, errlen, "redis url: TLS (rediss://) is not supported");
-        return TG_ERR;
-    }
-    if (strncmp(url, scheme, sizeof(scheme) - 1) != 0) {
-        snprintf(err, errlen, "redis url: must start with \"redis://\"");
-        return TG_ERR;
-    }
-    p = url + sizeof(scheme) - 1;
-    end = p + strlen(p);
-    if (strpbrk(p, "@") != NULL) {
-        snprintf(err, errlen, "redis url: credentials go in redis.username and "
-                 "redis.password");
-        return TG_ERR;
-    }
-    if (strpbrk(p, "?#") != NULL) {
-        snprintf(err, errlen, "redis url: query or fragment is not supported");
-        return TG_ERR;
-    }
-
-    if (*p == '[') {
-        host = p + 1;
-        hend = strchr(host, ']');
-        if (hend == NULL) {
-            snprintf(err, errlen, "redis url: missing ']' after IPv6 address");
-            return TG_ERR;
-        }
-        p = hend + 1;
-        if (hend == host || memchr(host, ':', (size_t)(hend - host)) == NULL) {
-            snprintf(err, errlen, "redis url: bad IPv6 address in brackets");
-            return TG_ERR;
-        }
-        for (const char *q = host; q < hend; q++) {
-            if (!isxdigit((unsigned char)*q) && *q != ':' && *q != '.') {
-                snprintf(err, errlen, "redis url: bad IPv6 address in brackets");
-                return TG_ERR;
-            }
-        }
-    } else {
-        const char *c1 = strchr(p, ':');
-        if (c1 != NULL && strchr(c1 + 1, ':') != NULL) {
-            snprintf(err, errlen, "redis url: IPv6 addresses go in brackets");
-            return TG_ERR;
-        }
-        host = p;
-        hend = p + strcspn(p, ":/");
-        p = hend;
-        if (hend == host) {
-            snprintf(err, errlen, "redis url: missing host");
-            return TG_ERR;
-        }
-        for (const char *q = host; q < hend; q++) {
-            if (!isalnum((unsigned char)*q) && *q != '.' && *q != '-' && *q != '_') {
-                snprintf(err, errlen, "redis url: bad character in host "
-                         "(IPv6 addresses go in brackets)");
-                return TG_ERR;
-            }
-        }
-    }
-    hlen = (size_t)(hend - host);
-    if (hlen >= sizeof(opts->host)) {
-        snprintf(err, errlen, "redis url: host longer than %zu bytes",
-                 sizeof(opts->host) - 1);
-        return TG_ERR;
-    }
-
-    if (*p == ':') {
-        const char *ps = p + 1, *pe = ps + strcspn(ps, "/");
-        if (tg_redis_parse_uint(ps, (size_t)(pe - ps), 65535, &port) != TG_OK
-            || port == 0) {
-            snprintf(err, errlen, "redis url: port must be a number in 1..65535");
-            return TG_ERR;
-        }
-        p = pe;
-    }
-    if (*p == '/') {
-        const char *ds = p + 1;
-        if (tg_redis_parse_uint(ds, (size_t)(end - ds), 15, &db) != TG_OK) {
-            snprintf(err, errlen, "redis url: database must be a number in 0..15");
-            return TG_ERR;
-        }
-        p = end;
-    }
-    if (p != end) {
-        snprintf(err, errlen, "redis url: unexpected text after the host");
-        return TG_ERR;
-    }
-
-    memcpy(opts->host, host, hlen);
-    opts->host[hlen] = '\0';
-    opts->port = (int)port;
-    opts->db = (int)db;
+    memcpy(opts->host, u.host, sizeof(opts->host));
+    opts->port = u.port;
+    opts->db = u.db;
     opts->sentinel_master[0] = '\0';
     opts->nsentinels = 0;
     opts->ncluster = 0;
@@ -473,16 +386,8 @@ tg_redis_ctx_open(struct tg_redis *r, const char *host, int port, void *data, in
     e = tg_xcalloc(1, sizeof(*e));
     e->ac = ac;
     e->r = r;
-    e->rev = event_new(r->base, ac->c.fd, EV_READ, rctx_read_cb, e);
-    e->wev = event_new(r->base, ac->c.fd, EV_WRITE, rctx_write_cb, e);
-    if (e->rev == NULL || e->wev == NULL) {
-        tg_error("redis: cannot create events");
-        if (e->rev) event_free(e->rev);
-        if (e->wev) event_free(e->wev);
-        free(e);
-        redisAsyncFree(ac);
-        return NULL;
-    }
+    e->rev = tg_event_new(r->base, ac->c.fd, EV_READ, rctx_read_cb, e);
+    e->wev = tg_event_new(r->base, ac->c.fd, EV_WRITE, rctx_write_cb, e);
     ac->c.reader->fn = &tg_reply_fns;
     ac->c.reader->privdata = e;
     ac->ev.addRead = rctx_add_read;
@@ -567,14 +472,9 @@ tg_redis_node_new(struct tg_redis *r, const char *host, int port)
     nd->port = port;
     nd->state = TG_REDIS_DOWN;
     nd->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
-    nd->drop_ev = event_new(r->base, -1, 0, drop_cb, nd);
-    nd->reconnect_ev = evtimer_new(r->base, reconnect_cb, nd);
-    nd->connect_ev = evtimer_new(r->base, connect_timeout_cb, nd);
-    if (nd->drop_ev == NULL || nd->reconnect_ev == NULL || nd->connect_ev == NULL) {
-        tg_error("redis: cannot create events");
-        tg_redis_node_free(nd);
-        return NULL;
-    }
+    nd->drop_ev = tg_event_new(r->base, -1, 0, drop_cb, nd);
+    nd->reconnect_ev = tg_evtimer_new(r->base, reconnect_cb, nd);
+    nd->connect_ev = tg_evtimer_new(r->base, connect_timeout_cb, nd);
     r->nodes = tg_xrealloc(r->nodes, (r->nnodes + 1) * sizeof(*r->nodes));
     r->nodes[r->nnodes++] = nd;
     return nd;
@@ -760,8 +660,7 @@ tg_redis_conn_start(struct tg_rnode *nd)
     nd->state = TG_REDIS_CONNECTING;
     ms = r->opts.timeout_ms > TG_REDIS_CONNECT_MIN_MS ? r->opts.timeout_ms
                                                       : TG_REDIS_CONNECT_MIN_MS;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_add(nd->connect_ev, &tv);
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
@@ -817,8 +716,7 @@ conn_connect(struct tg_rnode *nd)
 
     ms = r->opts.timeout_ms > TG_REDIS_CONNECT_MIN_MS ? r->opts.timeout_ms
                                                       : TG_REDIS_CONNECT_MIN_MS;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_del(nd->connect_ev);
     evtimer_add(nd->connect_ev, &tv);
 }
@@ -901,8 +799,7 @@ tg_redis_schedule_reconnect(struct tg_rnode *nd)
             nd->backoff_ms = TG_REDIS_BACKOFF_MAX_MS;
         }
     }
-    tv.tv_sec = (time_t)(ms / 1000);
-    tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_add(nd->reconnect_ev, &tv);
 }
 
@@ -1077,13 +974,12 @@ connect_timeout_cb(evutil_socket_t fd, short what, void *arg)
 
 static void aux_timer_cb(evutil_socket_t fd, short what, void *arg);
 
-tg_rc
+void
 tg_redis_aux_init(struct tg_redis *r, struct tg_raux *aux, tg_raux_done done)
 {
     aux->r = r;
     aux->done = done;
-    aux->timer = evtimer_new(r->base, aux_timer_cb, aux);
-    return aux->timer != NULL ? TG_OK : TG_ERR;
+    aux->timer = tg_evtimer_new(r->base, aux_timer_cb, aux);
 }
 
 /* Report the failure from our timer, on a clean stack. */
@@ -1187,8 +1083,7 @@ tg_redis_aux_start(struct tg_raux *aux, const char *host, int port, int argc,
     aux->ac = ac;
     ms = r->opts.timeout_ms > TG_REDIS_AUX_MIN_MS ? r->opts.timeout_ms
                                                   : TG_REDIS_AUX_MIN_MS;
-    tv.tv_sec = ms / 1000;
-    tv.tv_usec = (ms % 1000) * 1000;
+    tv = tg_ms_tv(ms);
     evtimer_add(aux->timer, &tv);
 }
 

@@ -15,6 +15,7 @@
 
 #include "tollgate/redis.h"
 #include "tollgate/breaker.h"
+#include "tollgate/common_ev.h"
 
 #include <netinet/in.h>
 #include <stdint.h>
@@ -29,7 +30,6 @@
 #define TG_REDIS_MAX_CONSEC_TMO    3        /* deadlines in a row: reconnect */
 #define TG_REDIS_DEFAULT_TIMEOUT   25
 #define TG_REDIS_DEFAULT_BATCH     32
-#define TG_REDIS_MAX_BATCH         512
 #define TG_REDIS_NUMLEN            21       /* "18446744073709551615" + NUL */
 #define TG_REDIS_MAX_REDIRECTS     2        /* MOVED/ASK per batch */
 #define TG_REDIS_REFRESH_MS        30000    /* Cluster: slot map refresh */
@@ -51,15 +51,16 @@ enum tg_redis_state {
     TG_REDIS_READY,               /* connected (and SELECTed, and a master) */
 };
 
-enum tg_redis_kind { TG_OP_CHARGE, TG_OP_HGET };
+enum tg_redis_kind { TG_OP_CHARGE, TG_OP_HGET, TG_OP_EVAL };
 
 struct tg_redis_op {
     struct tg_redis_op *next;     /* r->pending, then the batch's list */
     tg_redis_charge_cb  charge_cb;  /* NULL once delivered or cancelled */
-    tg_redis_str_cb     str_cb;     /* (HGET) idem */
+    tg_redis_str_cb     str_cb;     /* (HGET, EVAL) idem */
     void               *arg;
     uint8_t             kind;     /* enum tg_redis_kind */
-    uint8_t             n;        /* buckets (charge) / 2 strings (HGET) */
+    uint8_t             n;        /* buckets (charge) / 2 strings (HGET) /
+                                     key, script, args (EVAL) */
     uint8_t             mask;     /* buckets sent by the current call */
     uint8_t             mask1;    /* Cluster split: phase 1 buckets */
     uint8_t             mask2;    /* ... phase 2 buckets; 0: not split */
@@ -215,7 +216,7 @@ redisAsyncContext *tg_redis_ctx_open(struct tg_redis *r, const char *host, int p
                                      void *data, int sentinel, redisCallbackFn *auth_cb,
                                      void *privdata);
 void tg_redis_aux_auth_cb(redisAsyncContext *ac, void *reply, void *privdata);
-tg_rc tg_redis_aux_init(struct tg_redis *r, struct tg_raux *aux, tg_raux_done done);
+void tg_redis_aux_init(struct tg_redis *r, struct tg_raux *aux, tg_raux_done done);
 void tg_redis_aux_start(struct tg_raux *aux, const char *host, int port, int argc,
                         const char **argv);
 void tg_redis_aux_cancel(struct tg_raux *aux);

@@ -93,8 +93,7 @@ tg_redis_sentinel_done(struct tg_redis *r, const redisReply *rep, const struct t
 static void
 sub_fail(struct tg_redis *r)
 {
-    struct timeval tv = { TG_REDIS_SUB_RETRY_MS / 1000,
-                          (TG_REDIS_SUB_RETRY_MS % 1000) * 1000 };
+    struct timeval tv = tg_ms_tv(TG_REDIS_SUB_RETRY_MS);
 
     if (r->destroying) {
         return;

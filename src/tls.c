@@ -1,5 +1,6 @@
 /*
- * tls.c - server TLS contexts.
+ * tls.c - server TLS contexts, and the refcounted set of the listeners'
+ * contexts that reaches the workers by reference (tls.h).
  */
 #include "tollgate/tls.h"
 
@@ -9,8 +10,15 @@
 
 #include <openssl/err.h>
 
+struct tg_tls_set {
+    unsigned  refcnt;       /* atomic */
+    size_t    n;            /* listeners */
+    SSL_CTX  *ctx[];        /* one reference each, or NULL (plain) */
+};
+
 static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
                        const unsigned char *in, unsigned int inlen, void *arg);
+static struct tg_tls_set *set_new(size_t n);
 
 static void
 ssl_err(char *err, size_t errlen, const char *what, const char *path)
@@ -60,6 +68,94 @@ tg_tls_server_ctx(const char *cert, const char *key, char *err, size_t errlen)
 fail:
     SSL_CTX_free(ctx);
     return NULL;
+}
+
+struct tg_tls_set *
+tg_tls_set_create(const tg_conf *conf, char *err, size_t errlen)
+{
+    struct tg_tls_set *set = set_new(conf->nlisten);
+    size_t i;
+
+    for (i = 0; i < conf->nlisten; i++) {
+        if (!conf->listen[i].tls) {
+            continue;
+        }
+        set->ctx[i] = tg_tls_server_ctx(conf->listen[i].cert, conf->listen[i].key,
+                                        err, errlen);
+        if (set->ctx[i] == NULL) {
+            tg_tls_set_unref(set);
+            return NULL;
+        }
+    }
+    return set;
+}
+
+struct tg_tls_set *
+tg_tls_set_renew(struct tg_tls_set *cur, const tg_conf *conf, char *err, size_t errlen)
+{
+    struct tg_tls_set *set;
+    size_t i;
+
+    if (cur == NULL || conf->nlisten != cur->n) {
+        return tg_tls_set_ref(cur);
+    }
+    set = set_new(cur->n);
+    for (i = 0; i < cur->n; i++) {
+        if (cur->ctx[i] == NULL) {
+            continue;
+        }
+        if (!conf->listen[i].tls) {
+            SSL_CTX_up_ref(cur->ctx[i]);
+            set->ctx[i] = cur->ctx[i];
+            continue;
+        }
+        set->ctx[i] = tg_tls_server_ctx(conf->listen[i].cert, conf->listen[i].key,
+                                        err, errlen);
+        if (set->ctx[i] == NULL) {
+            tg_tls_set_unref(set);
+            return NULL;
+        }
+    }
+    return set;
+}
+
+struct tg_tls_set *
+tg_tls_set_ref(struct tg_tls_set *set)
+{
+    if (set != NULL) {
+        __atomic_add_fetch(&set->refcnt, 1, __ATOMIC_RELAXED);
+    }
+    return set;
+}
+
+void
+tg_tls_set_unref(struct tg_tls_set *set)
+{
+    size_t i;
+
+    if (set == NULL || __atomic_sub_fetch(&set->refcnt, 1, __ATOMIC_ACQ_REL) != 0) {
+        return;
+    }
+    for (i = 0; i < set->n; i++) {
+        SSL_CTX_free(set->ctx[i]);
+    }
+    free(set);
+}
+
+SSL_CTX *
+tg_tls_set_ctx(const struct tg_tls_set *set, size_t i)
+{
+    return set != NULL && i < set->n ? set->ctx[i] : NULL;
+}
+
+static struct tg_tls_set *
+set_new(size_t n)
+{
+    struct tg_tls_set *set = tg_xcalloc(1, sizeof(*set) + n * sizeof(set->ctx[0]));
+
+    set->refcnt = 1;
+    set->n = n;
+    return set;
 }
 
 /* Only http/1.1 is spoken; a client offering only h2 gets no ALPN answer

@@ -41,8 +41,10 @@
 #include <event2/buffer.h>
 
 #include "tollgate/adaptive.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/health.h"
 #include "tollgate/metrics.h"
+#include "tollgate/throttle.h"
 
 struct tg_uconn;
 TAILQ_HEAD(tg_uconn_list, tg_uconn);
@@ -97,7 +99,7 @@ struct tg_uconn {
     int                 idle;          /* in the idle list */
     int                 reported;      /* outcome given for this lending */
     unsigned            gen;           /* server->gen when lent */
-    uint64_t            lent_us;       /* when lent: the adaptive RTT */
+    uint64_t            lent_us;       /* when lent: the adaptive and throttle RTT */
 };
 
 /* Written once by main before the workers start; atomic all the same. */
@@ -114,6 +116,7 @@ static void breaker_hook(void *arg, enum tg_breaker_state from,
 static void uconn_free(struct tg_uconn *uc);
 static void idle_read_cb(struct bufferevent *bev, void *arg);
 static void idle_event_cb(struct bufferevent *bev, short what, void *arg);
+static void report(struct tg_uconn *uc, int ok, int error);
 static void adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf);
 static int has_room(struct tg_upstream_pool *pool);
 static void limit_shown(tg_userver *srv);
@@ -147,8 +150,7 @@ tg_upstream_pool_create(struct event_base *base, const tg_conf *conf)
                       ? conf->upstream.keepalive
                       : conf->http.max_connections != 0
                       ? conf->http.max_connections : UINT_MAX;
-    pool->idle_tv.tv_sec = conf->upstream.keepalive_timeout_ms / 1000;
-    pool->idle_tv.tv_usec = (conf->upstream.keepalive_timeout_ms % 1000) * 1000;
+    pool->idle_tv = tg_ms_tv(conf->upstream.keepalive_timeout_ms);
     pool->now_ms = tg_now_ms;
     memset(&bc, 0, sizeof(bc));
     bc.failures = conf->upstream.breaker.failures;
@@ -272,14 +274,30 @@ tg_uconn_server_index(const struct tg_uconn *uc)
 void
 tg_upstream_report(struct tg_uconn *uc, int ok)
 {
+    report(uc, ok, !ok);
+}
+
+void
+tg_upstream_report_status(struct tg_uconn *uc, int status)
+{
+    report(uc, status < 502 || status > 504, status >= 500);
+}
+
+/* The outcome of uc's exchange: ok for the breaker and the adaptive limit,
+ * error (a failure or any 5xx) for the throttle. */
+static void
+report(struct tg_uconn *uc, int ok, int error)
+{
     tg_userver *srv = uc->server;
+    uint64_t now;
 
     if (uc->reported) {
         return;
     }
     uc->reported = 1;
+    now = tg_now_us();
+    tg_throttle_record(now - uc->lent_us, error);
     if (uc->pool->adaptive) {
-        uint64_t now = tg_now_us();
         tg_adapt_limit_sample(&srv->alim, now, now - uc->lent_us, srv->inflight, ok);
         limit_shown(srv);
     }
@@ -324,6 +342,7 @@ tg_upstream_release(struct tg_uconn *uc, int reusable)
     if (!uc->reported && uc->gen == srv->gen) {
         tg_breaker_abandon(&srv->breaker, pool->now_ms());
     }
+    TG_ASSERT(!uc->idle && srv->inflight > 0);
     uc->reported = 1;
     srv->inflight--;
     if (pool->adaptive) {
@@ -394,6 +413,7 @@ lend(struct tg_upstream_pool *pool, tg_userver *srv, int *reused, uint64_t now)
     int one = 1;
 
     if (uc != NULL) {
+        TG_ASSERT(uc->idle && srv->nidle > 0);
         TAILQ_REMOVE(&srv->idle, uc, link);
         srv->nidle--;
         uc->idle = 0;
@@ -414,12 +434,7 @@ lend(struct tg_upstream_pool *pool, tg_userver *srv, int *reused, uint64_t now)
     uc = tg_xcalloc(1, sizeof(*uc));
     uc->pool = pool;
     uc->server = srv;
-    uc->bev = bufferevent_socket_new(pool->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    if (uc->bev == NULL) {
-        close(fd);
-        free(uc);
-        goto fail;
-    }
+    uc->bev = tg_bufferevent_socket_new(pool->base, fd, BEV_OPT_CLOSE_ON_FREE);
     /* A refused or failed connect is reported through the event callback
      * the borrower installs; only immediate errors show here. */
     if (bufferevent_socket_connect(uc->bev, (struct sockaddr *)&srv->addr->sa,
@@ -468,6 +483,8 @@ breaker_hook(void *arg, enum tg_breaker_state from, enum tg_breaker_state to)
     case TG_BREAKER_CLOSED:
         tg_info("upstream %s: breaker %s -> closed, back in rotation",
                 srv->addr->text, tg_breaker_state_name(from));
+        break;
+    case TG_BREAKER_NONE:
         break;
     }
 }
@@ -530,8 +547,8 @@ adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf)
         tg_adapt_limit_init(&pool->servers[i].alim, share(conf->adaptive.initial, w),
                             share(conf->adaptive.min, w), share(conf->adaptive.max, w));
     }
-    pool->wake = event_new(pool->base, -1, 0, wake_cb, pool);
-    pool->qtimer = evtimer_new(pool->base, qtimer_cb, pool);
+    pool->wake = tg_event_new(pool->base, -1, 0, wake_cb, pool);
+    pool->qtimer = tg_evtimer_new(pool->base, qtimer_cb, pool);
 }
 
 void
@@ -675,8 +692,7 @@ queue_arm(struct tg_upstream_pool *pool)
     }
     now = pool->now_ms();
     ms = when > now ? when - now : 0;
-    tv.tv_sec = (time_t)(ms / 1000);
-    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    tv = tg_ms_tv(ms);
     evtimer_add(pool->qtimer, &tv);
 }
 

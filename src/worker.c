@@ -1,5 +1,8 @@
 /*
- * worker.c - worker threads: one event base and one tg_proxy each.
+ * worker.c - worker threads: one event base and one tg_proxy each.  The
+ * worker owns what its proxy uses (tg_proxy_env: limiter, upstream pool,
+ * metric shard, access-log buffer) and reads its state from them for the
+ * main thread (sampler_cb).
  *
  * The main thread talks to a worker only through its pipe, with fixed-size
  * messages of fewer than PIPE_BUF bytes (so each write is atomic and needs
@@ -19,11 +22,16 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "tollgate/accesslog.h"
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/connlimit.h"
 #include "tollgate/keys.h"
+#include "tollgate/limiter.h"
 #include "tollgate/metrics.h"
 #include "tollgate/proxy.h"
+#include "tollgate/tls.h"
+#include "tollgate/upstream.h"
 
 #define WORKER_MAX_LISTEN 64       /* own listeners (http.reuseport) */
 #define ACCEPT_PAUSE_MS   100      /* accept off this long when fds run out */
@@ -43,6 +51,7 @@ typedef struct tg_worker_msg {
     uint32_t        arg;      /* MSG_CONN: listener index; MSG_DRAIN: timeout ms */
     tg_conf        *conf;     /* MSG_RELOAD: a reference, given to the worker */
     struct tg_keys *keys;     /* MSG_RELOAD: a reference, given to the worker */
+    struct tg_tls_set *tls;   /* MSG_RELOAD: a reference, given to the worker */
     struct tg_connslot *slot; /* MSG_CONN: its count, released at close */
 } tg_worker_msg;
 
@@ -51,9 +60,10 @@ struct tg_worker {
     pthread_t          thread;
     int                started;
     int                finished;   /* atomic: loop ended */
-    int                store_ready;  /* atomic: tg_proxy_store_ready, sampled */
-    int                breaker;      /* atomic: tg_proxy_redis_breaker, sampled */
-    int               *upstate;      /* atomic each: upstream breakers, sampled */
+    int                store_ready;  /* atomic: tg_limiter_store_ready, sampled */
+    int                breaker;      /* atomic: enum tg_breaker_state, sampled */
+    int               *upstate;      /* atomic each: upstream breakers (enum
+                                        tg_breaker_state), sampled */
     size_t             nservers;
     struct event      *sampler;    /* refreshes store_ready */
     struct event_base *base;
@@ -61,9 +71,10 @@ struct tg_worker {
     struct event      *deadline;   /* drain time limit */
     int                pipefd[2];
     tg_conf           *conf;
-    SSL_CTX          **ssl_ctxs;
+    struct tg_tls_set *tls;        /* listeners' TLS contexts: our reference */
     struct tg_proxy   *px;
-    struct tg_anomaly_shard *anomaly;  /* heavy hitters, or NULL */
+    tg_proxy_env       env;        /* owned: limiter, pool, shard, log buffer;
+                                      borrowed: anomaly shard (or NULL) */
     worker_listener    listeners[WORKER_MAX_LISTEN];   /* http.reuseport */
     size_t             nlisteners;
     struct tg_connlimit *connlimit;  /* http.reuseport: counted here */
@@ -85,13 +96,12 @@ static void close_listeners(struct tg_worker *w);
 
 struct tg_worker *
 tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
-                 SSL_CTX **ssl_ctxs, char *err, size_t errlen)
+                 struct tg_tls_set *tls, char *err, size_t errlen)
 {
     struct tg_worker *w = tg_xcalloc(1, sizeof(*w));
     struct event_config *cfg;
 
     w->id = id;
-    w->ssl_ctxs = ssl_ctxs;
     w->pipefd[0] = w->pipefd[1] = -1;
     if (pipe2(w->pipefd, O_CLOEXEC) != 0) {
         snprintf(err, errlen, "worker %u: pipe: %s", id, strerror(errno));
@@ -108,25 +118,31 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         snprintf(err, errlen, "worker %u: cannot create an event base", id);
         goto fail;
     }
-    w->notify = event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
-    w->deadline = evtimer_new(w->base, deadline_cb, w);
+    w->notify = tg_event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
+    w->deadline = tg_evtimer_new(w->base, deadline_cb, w);
     event_add(w->notify, NULL);
-    w->px = tg_proxy_create(w->base, conf, keys, on_empty, w, err, errlen);
-    if (w->px == NULL) {
+    w->env.limiter = tg_limiter_create(w->base, conf, keys, err, errlen);
+    if (w->env.limiter == NULL) {
         event_free(w->notify);
         event_free(w->deadline);
         event_base_free(w->base);
         goto fail;
     }
+    w->env.pool = tg_upstream_pool_create(w->base, conf);
+    w->env.shard = tg_metrics_shard_create();
+    tg_limiter_set_shard(w->env.limiter, w->env.shard);
+    tg_upstream_pool_set_shard(w->env.pool, w->env.shard);
+    w->px = tg_proxy_create(w->base, conf, &w->env, on_empty, w);
     w->conf = tg_conf_ref(conf);
+    w->tls = tg_tls_set_ref(tls);
     w->nservers = conf->upstream.nservers;
     w->upstate = tg_xcalloc(w->nservers, sizeof(*w->upstate));
     {
         struct timeval tv = { 0, 50 * 1000 };
-        w->sampler = event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
+        w->sampler = tg_event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
         event_add(w->sampler, &tv);
-        w->store_ready = tg_proxy_store_ready(w->px);
-        w->breaker = tg_proxy_redis_breaker(w->px);
+        w->store_ready = tg_limiter_store_ready(w->env.limiter);
+        w->breaker = tg_limiter_breaker_state(w->env.limiter);
     }
     return w;
 
@@ -173,7 +189,7 @@ tg_rc
 tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
                    struct tg_connslot *slot)
 {
-    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, slot };
+    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, NULL, slot };
     return send_msg(w, &m);
 }
 
@@ -189,7 +205,7 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
         return TG_ERR;
     }
     if (w->accept_resume == NULL) {
-        w->accept_resume = evtimer_new(w->base, accept_resume_cb, w);
+        w->accept_resume = tg_evtimer_new(w->base, accept_resume_cb, w);
     }
     wl = &w->listeners[w->nlisteners];
     wl->w = w;
@@ -210,18 +226,21 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
 void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
-    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL };
+    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL };
     send_msg(w, &m);
 }
 
 tg_rc
-tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys)
+tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
+                 struct tg_tls_set *tls)
 {
-    tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys), NULL };
+    tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys),
+                        tg_tls_set_ref(tls), NULL };
 
     if (send_msg(w, &m) != TG_OK) {
         tg_conf_unref(conf);
         tg_keys_unref(keys);
+        tg_tls_set_unref(tls);
         return TG_ERR;
     }
     return TG_OK;
@@ -240,45 +259,48 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
 
     TG_UNUSED(fd);
     TG_UNUSED(what);
-    __atomic_store_n(&w->store_ready, tg_proxy_store_ready(w->px), __ATOMIC_RELAXED);
-    __atomic_store_n(&w->breaker, tg_proxy_redis_breaker(w->px), __ATOMIC_RELAXED);
-    tg_proxy_sample(w->px);
+    __atomic_store_n(&w->store_ready, tg_limiter_store_ready(w->env.limiter),
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&w->breaker, tg_limiter_breaker_state(w->env.limiter), __ATOMIC_RELAXED);
+    tg_limiter_sample(w->env.limiter);
     for (size_t i = 0; i < w->nservers; i++) {
-        __atomic_store_n(&w->upstate[i], tg_proxy_upstream_state(w->px, i), __ATOMIC_RELAXED);
+        __atomic_store_n(&w->upstate[i], (int)tg_upstream_server_state(w->env.pool, i),
+                         __ATOMIC_RELAXED);
     }
-    tg_anomaly_shard_tick(w->anomaly, tg_now_ms());
+    tg_anomaly_shard_tick(w->env.anomaly, tg_now_ms());
 }
 
-int
+enum tg_breaker_state
 tg_worker_upstream_state(struct tg_worker *w, size_t server)
 {
-    return server < w->nservers ? __atomic_load_n(&w->upstate[server], __ATOMIC_RELAXED) : 0;
+    return server < w->nservers
+           ? (enum tg_breaker_state)__atomic_load_n(&w->upstate[server], __ATOMIC_RELAXED)
+           : TG_BREAKER_CLOSED;
 }
 
 void
 tg_worker_set_access_log(struct tg_worker *w, struct tg_alog *log)
 {
-    tg_proxy_set_access_log(w->px, log);
+    w->env.alog = tg_alog_buf_create(log, w->base);
 }
 
 void
 tg_worker_set_anomaly(struct tg_worker *w, struct tg_anomaly_shard *sh)
 {
-    w->anomaly = sh;
-    tg_proxy_set_anomaly(w->px, sh);
+    w->env.anomaly = sh;
     tg_anomaly_shard_tick(sh, tg_now_ms());
 }
 
 struct tg_metrics_shard *
 tg_worker_shard(struct tg_worker *w)
 {
-    return tg_proxy_shard(w->px);
+    return w->env.shard;
 }
 
-int
+enum tg_breaker_state
 tg_worker_redis_breaker(struct tg_worker *w)
 {
-    return __atomic_load_n(&w->breaker, __ATOMIC_RELAXED);
+    return (enum tg_breaker_state)__atomic_load_n(&w->breaker, __ATOMIC_RELAXED);
 }
 
 int
@@ -300,7 +322,13 @@ tg_worker_join_destroy(struct tg_worker *w)
     if (w->accept_resume != NULL) {
         event_free(w->accept_resume);
     }
-    tg_proxy_destroy(w->px);
+    tg_proxy_destroy(w->px);          /* its clients first: they hold the rest */
+    tg_upstream_pool_destroy(w->env.pool);
+    tg_limiter_destroy(w->env.limiter);
+    tg_metrics_shard_destroy(w->env.shard);
+    if (w->env.alog != NULL) {
+        tg_alog_buf_destroy(w->env.alog);
+    }
     event_free(w->sampler);
     event_free(w->notify);
     event_free(w->deadline);
@@ -308,6 +336,7 @@ tg_worker_join_destroy(struct tg_worker *w)
     close(w->pipefd[0]);
     close(w->pipefd[1]);
     tg_conf_unref(w->conf);
+    tg_tls_set_unref(w->tls);
     free(w->upstate);
     free(w);
 }
@@ -339,16 +368,16 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
     }
     for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
         if (m[i].type == MSG_CONN) {
-            /* the main thread swaps contexts on reload (certificates) */
-            tg_proxy_accept(w->px, m[i].fd,
-                            __atomic_load_n(&w->ssl_ctxs[m[i].arg], __ATOMIC_ACQUIRE),
-                            m[i].slot);
+            tg_proxy_accept(w->px, m[i].fd, tg_tls_set_ctx(w->tls, m[i].arg), m[i].slot);
         } else if (m[i].type == MSG_RELOAD) {
-            tg_proxy_reload(w->px, m[i].conf, m[i].keys);
+            tg_limiter_reload(w->env.limiter, m[i].conf, m[i].keys);
+            tg_proxy_reload(w->px, m[i].conf);
             tg_conf_unref(m[i].conf);
             tg_keys_unref(m[i].keys);
+            tg_tls_set_unref(w->tls);  /* freed here if the last: its SSLs hold theirs */
+            w->tls = m[i].tls;         /* certificates for the next handshakes */
         } else if (m[i].type == MSG_DRAIN) {
-            struct timeval tv = { m[i].arg / 1000, (m[i].arg % 1000) * 1000 };
+            struct timeval tv = tg_ms_tv(m[i].arg);
             evtimer_add(w->deadline, &tv);
             event_del(w->sampler);     /* lets the loop end when idle */
             w->draining = 1;
@@ -407,8 +436,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
         }
         return;
     }
-    tg_proxy_accept(w->px, fd, __atomic_load_n(&w->ssl_ctxs[wl->idx], __ATOMIC_ACQUIRE),
-                    slot);
+    tg_proxy_accept(w->px, fd, tg_tls_set_ctx(w->tls, wl->idx), slot);
 }
 
 /* Out of descriptors: stop accepting for ACCEPT_PAUSE_MS rather than spin

@@ -32,9 +32,9 @@ typedef struct tg_yaml_src {
 
 /* ---- static prototypes ------------------------------------------------- */
 
-static tg_rc tg_yaml_scan(const tg_yaml_src *src, const char *what);
-static tg_rc tg_yaml_syntax_error(const tg_yaml_src *src, yaml_parser_t *parser);
-static yaml_mark_t tg_yaml_offset_mark(const tg_yaml_src *src, size_t offset);
+static tg_rc scan_events(const tg_yaml_src *src, const char *what);
+static tg_rc syntax_error(const tg_yaml_src *src, yaml_parser_t *parser);
+static yaml_mark_t offset_mark(const tg_yaml_src *src, size_t offset);
 
 /* ---- public functions -------------------------------------------------- */
 
@@ -45,14 +45,14 @@ tg_yaml_load(yaml_document_t *doc, const char *name, const char *text,
     tg_yaml_src src = { name, text, len, err, errlen };
     yaml_parser_t parser;
 
-    if (tg_yaml_scan(&src, what) != TG_OK) {
+    if (scan_events(&src, what) != TG_OK) {
         return TG_ERR;
     }
 
     yaml_parser_initialize(&parser);
     yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
     if (!yaml_parser_load(&parser, doc)) {
-        tg_yaml_syntax_error(&src, &parser);
+        syntax_error(&src, &parser);
         yaml_parser_delete(&parser);
         return TG_ERR;
     }
@@ -98,7 +98,7 @@ tg_yaml_verror(char *err, size_t errlen, const char *name, yaml_mark_t mark,
  * means the same thing read by a person top to bottom.
  */
 static tg_rc
-tg_yaml_scan(const tg_yaml_src *src, const char *what)
+scan_events(const tg_yaml_src *src, const char *what)
 {
     yaml_parser_t parser;
     yaml_event_t ev;
@@ -110,7 +110,7 @@ tg_yaml_scan(const tg_yaml_src *src, const char *what)
                                  src->len);
     while (!done) {
         if (!yaml_parser_parse(&parser, &ev)) {
-            tg_yaml_syntax_error(src, &parser);
+            syntax_error(src, &parser);
             yaml_parser_delete(&parser);
             return TG_ERR;
         }
@@ -171,13 +171,13 @@ fail:
 }
 
 static tg_rc
-tg_yaml_syntax_error(const tg_yaml_src *src, yaml_parser_t *parser)
+syntax_error(const tg_yaml_src *src, yaml_parser_t *parser)
 {
     const char *problem = parser->problem ? parser->problem : "unknown error";
 
     if (parser->error == YAML_READER_ERROR) {
         return tg_yaml_error(src->err, src->errlen, src->name,
-                             tg_yaml_offset_mark(src, parser->problem_offset),
+                             offset_mark(src, parser->problem_offset),
                              "", "YAML syntax error: %s", problem);
     }
     if (parser->context != NULL) {
@@ -193,7 +193,7 @@ tg_yaml_syntax_error(const tg_yaml_src *src, yaml_parser_t *parser)
 
 /* Line and column of a byte offset, for reader errors that carry no mark. */
 static yaml_mark_t
-tg_yaml_offset_mark(const tg_yaml_src *src, size_t offset)
+offset_mark(const tg_yaml_src *src, size_t offset)
 {
     yaml_mark_t m;
     size_t i;
@@ -214,8 +214,7 @@ tg_yaml_offset_mark(const tg_yaml_src *src, size_t offset)
 char *
 tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t errlen)
 {
-    char *text = NULL;
-    size_t len = 0, cap;
+    tg_buf text = TG_BUF_INIT;
     ssize_t n;
     struct stat st;
     int fd;
@@ -237,14 +236,12 @@ tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t 
         snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes", path, max);
         goto fail;
     }
-    cap = (size_t)st.st_size + 1;
-    text = tg_xmalloc(cap);
+    tg_buf_reserve(&text, (size_t)st.st_size);
     for (;;) {
-        if (len + 1 >= cap) {
-            cap *= 2;
-            text = tg_xrealloc(text, cap);
+        if (text.len + 1 >= text.cap) {
+            tg_buf_reserve(&text, text.cap - text.len);     /* doubles */
         }
-        n = read(fd, text + len, cap - len - 1);
+        n = read(fd, text.p + text.len, text.cap - text.len - 1);
         if (n < 0) {
             if (errno == EINTR) {
                 continue;
@@ -255,21 +252,51 @@ tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t 
         if (n == 0) {
             break;
         }
-        len += (size_t)n;
-        if (len > max) {        /* it grew since fstat; max bytes are fine */
+        text.len += (size_t)n;
+        if (text.len > max) {   /* it grew since fstat; max bytes are fine */
             snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes", path, max);
             goto fail;
         }
     }
-    text[len] = '\0';
+    text.p[text.len] = '\0';
     close(fd);
-    *lenp = len;
-    return text;
+    *lenp = text.len;
+    return text.p;
 
 fail:
-    free(text);
+    tg_buf_free(&text);
     close(fd);
     return NULL;
+}
+
+yaml_node_t *
+tg_yaml_pair_dup(yaml_document_t *doc, const yaml_node_t *map,
+                 const yaml_node_pair_t *pair)
+{
+    const yaml_node_t *key = yaml_document_get_node(doc, pair->key);
+    const char *name = (const char *)key->data.scalar.value;
+    const yaml_node_pair_t *prev;
+    yaml_node_t *pkey;
+
+    for (prev = map->data.mapping.pairs.start; prev < pair; prev++) {
+        pkey = yaml_document_get_node(doc, prev->key);
+        if (pkey->type == YAML_SCALAR_NODE &&
+            strcmp((const char *)pkey->data.scalar.value, name) == 0) {
+            return pkey;
+        }
+    }
+    return NULL;
+}
+
+const char *
+tg_yaml_kind(const yaml_node_t *node)
+{
+    switch (node->type) {
+    case YAML_SCALAR_NODE:   return "a scalar";
+    case YAML_SEQUENCE_NODE: return "a sequence";
+    case YAML_MAPPING_NODE:  return "a mapping";
+    default:                 return "";
+    }
 }
 
 int

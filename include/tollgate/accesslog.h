@@ -85,6 +85,38 @@ void tg_alog_write(struct tg_alog_buf *b, const char *line, size_t len);
  * NUL-terminated.  Returns the bytes written, not counting the NUL. */
 size_t tg_alog_json_escape(char *out, const char *s, size_t len, size_t max);
 
+/* The facts of one finished request, for its access-log line. */
+typedef struct tg_alog_req {
+    const char *request_id;
+    const char *consumer;         /* the consumer id (never the key); "" when none */
+    const char *tier;             /* "" when none */
+    const char *method;           /* method_len bytes, or NULL (no request line) */
+    size_t      method_len;
+    const char *path;             /* path_len bytes, or NULL */
+    size_t      path_len;
+    int         status;
+    uint64_t    bytes_in;         /* request body bytes */
+    uint64_t    bytes_out;        /* response body bytes */
+    uint64_t    now_us;           /* monotonic (tg_now_us): the response is queued */
+    uint64_t    start_us;         /* ... the request head began; 0: unknown */
+    uint64_t    upstream_us;      /* ... it was forwarded; 0: not forwarded */
+    const char *upstream;         /* the server it went to; "" when not forwarded */
+    const char *limit;            /* the limiter's outcome: none, allowed,
+                                     fallback, limited, unauthorized, ... */
+} tg_alog_req;
+
+/* Format r's line, one JSON object without the '\n', into out[0..len) (2048
+ * bytes hold any line: method and path are cut to 16 and 256 characters,
+ * then JSON-escaped).  time_s is the UTC second ("2026-11-28T14:32:10")
+ * and ms its milliseconds.  Returns the line's length (as tg_fmt). */
+size_t tg_alog_format(char *out, size_t len, const char *time_s, long ms,
+                      const tg_alog_req *r);
+
+/* Log one request to b (its worker's buffer): the wall clock now (its
+ * second formatted once per second per buffer), tg_alog_format,
+ * tg_alog_write. */
+void tg_alog_request(struct tg_alog_buf *b, const tg_alog_req *r);
+
 /* ---- tests only --------------------------------------------------------
  * When set, the writer thread calls this before each write(2) to the file
  * (a test makes the writer slow or stalls it to fill the pipe).  Set it

@@ -57,6 +57,7 @@ typedef struct tg_breaker_conf {
 } tg_breaker_conf;
 
 enum tg_breaker_state {
+    TG_BREAKER_NONE      = -1,    /* never stored: "no breaker here" (no Redis) */
     TG_BREAKER_CLOSED    = 0,
     TG_BREAKER_OPEN      = 1,
     TG_BREAKER_HALF_OPEN = 2,

@@ -27,6 +27,15 @@ typedef struct tg_addr {
     socklen_t               salen;
 } tg_addr;
 
+/* redis.url, parsed once by the config (tg_conf_parse_redis_url): where
+ * the Redis client connects in single mode (and the db for Sentinel). */
+typedef struct tg_conf_redis_url {
+    char      host[256];         /* a name, an IPv4 address, or an IPv6
+                                    literal without its brackets */
+    int       port;              /* 1..65535; 6379 when not written */
+    int       db;                /* 0..15; 0 when not written */
+} tg_conf_redis_url;
+
 typedef struct tg_listen_conf {
     tg_addr  addr;
     int      tls;                /* 1 when a tls: block is present */
@@ -160,7 +169,9 @@ typedef struct tg_conf {
 
     enum tg_store_kind store;         /* default redis */
     struct {
-        char              *url;          /* default redis://127.0.0.1:6379/0 */
+        char              *url;          /* default redis://127.0.0.1:6379/0,
+                                            as written (messages, reload) */
+        tg_conf_redis_url  server;       /* url parsed: what is connected to */
         unsigned           timeout_ms;   /* default 25 */
         enum tg_on_failure on_failure;   /* default local */
         char              *prefix;       /* key prefix; default "tg:" */
@@ -289,6 +300,13 @@ size_t tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t 
 
 /* Find a tier by name; NULL if none. */
 const tg_tier_conf *tg_conf_tier(const tg_conf *conf, const char *name);
+
+/* Parse "redis://host[:port][/db]" into out: host a name or a [v6]
+ * literal, port 1..65535 (6379), db 0..15 (0); no credentials, query or
+ * TLS.  TG_ERR with why filled ("scheme must be redis://", ...) and out
+ * untouched.  The config parses redis.url with it; nothing parses it again. */
+tg_rc tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
+                              size_t whylen);
 
 /* Parse "host:port" / "[v6]:port" into addr (resolving names with
  * getaddrinfo: start-up and reload only, never on an event loop). */

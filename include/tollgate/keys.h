@@ -13,8 +13,8 @@
 
 #include "tollgate/common.h"
 
-#define TG_KEY_ID_MAX   64
-#define TG_TIER_MAX     32
+/* TG_KEY_ID_MAX and TG_TIER_MAX, and the check of ids and tier names,
+ * are in common.h (tg_name_ok): the config checks tier names the same way. */
 
 /* One key of a loaded set (56 bytes): id and tier point into the set,
  * valid as long as it is. */

@@ -21,6 +21,7 @@
 
 #include <event2/event.h>
 
+#include "tollgate/breaker.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
 #include "tollgate/gcra.h"
@@ -31,10 +32,20 @@
 struct tg_limiter;
 struct tg_redis_op;
 
+/* The limiter's decision for one request: allowed, or refused with the
+ * HTTP status of the answer (each value is that status code). */
+enum tg_limit_status {
+    TG_LIMIT_ALLOWED      = 0,
+    TG_LIMIT_UNAUTHORIZED = 401,  /* no API key, or an unknown one */
+    TG_LIMIT_FORBIDDEN    = 403,  /* key disabled, or its tier not configured */
+    TG_LIMIT_LIMITED      = 429,  /* over a limit (or too many unknown keys) */
+    TG_LIMIT_UNAVAILABLE  = 503,  /* the store cannot be asked (on_failure) */
+};
+
 /* What the limiter decided for one request. */
 typedef struct tg_limit_outcome {
-    int      status;              /* 0 allowed; 401, 403, 429 or 503 */
-    const char *error;            /* short reason when status != 0 */
+    enum tg_limit_status status;
+    const char *error;            /* short reason when refused */
     int      limited;             /* rate-limit headers apply */
     char     consumer[TG_KEY_ID_MAX + 48];   /* key id, or "anon:<ip>" */
     char     tier[TG_TIER_MAX + 1];
@@ -71,6 +82,8 @@ typedef struct tg_limit_ctx {
     uint32_t            lease_n;                   /* a lease take in flight:
                                                       tokens asked (0: exact) */
     uint32_t            lease_ttl_ms;              /* ... kept this long */
+    uint32_t            factor;                    /* throttle factor in limits[]
+                                                      (permille, throttle.h) */
     tg_gcra_limit       limits[TG_LIMIT_MAX_BUCKETS];
     char                names[TG_LIMIT_MAX_BUCKETS][TG_TIER_MAX + 1];
     char                keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
@@ -125,8 +138,8 @@ void tg_limiter_set_shard(struct tg_limiter *lim, struct tg_metrics_shard *shard
  * without traffic, so readiness comes back by itself. */
 void tg_limiter_sample(struct tg_limiter *lim);
 
-/* State of the Redis breaker: 0 closed, 1 open, 2 half-open (-1: no Redis). */
-int tg_limiter_breaker_state(struct tg_limiter *lim);
+/* State of the Redis breaker; TG_BREAKER_NONE without Redis. */
+enum tg_breaker_state tg_limiter_breaker_state(struct tg_limiter *lim);
 
 /*
  * Format the rate-limit headers of o (RateLimit-Policy, RateLimit,

@@ -90,6 +90,9 @@ struct evbuffer;
     X(SHED, COUNTER, "tollgate_shed_total",                                    \
       "Requests refused with 503 by adaptive concurrency, by tier.",           \
       TIER, NOBUCKETS)                                                         \
+    X(THROTTLE_FACTOR, GAUGE, "tollgate_throttle_factor",                      \
+      "Load factor applied to every refill rate (adaptive.throttle); 1 = none.",\
+      NONE, NOBUCKETS)                                                         \
     X(STORE_MODE, GAUGE, "tollgate_store_mode",                                \
       "Bucket store in use: 1 for the active mode, 0 for the others.",         \
       STORE_MODE, NOBUCKETS)                                                   \

@@ -21,18 +21,35 @@
 #include "tollgate/conf.h"
 
 struct tg_proxy;
+struct tg_limiter;
+struct tg_upstream_pool;
+struct tg_metrics_shard;
+struct tg_alog_buf;
+struct tg_anomaly_shard;
 
 /*
- * Create the proxy state of one worker.  on_empty(arg) is called when the
- * last client connection closes while draining.  Takes a reference on conf;
- * keys (may be NULL) must outlive the proxy.  NULL + err on failure.
+ * What the worker owns and its proxy uses.  The worker creates each
+ * (tg_limiter_create, tg_upstream_pool_create, tg_metrics_shard_create,
+ * tg_alog_buf_create), keeps this struct, which must outlive the proxy,
+ * and frees them after tg_proxy_destroy.  The proxy reads the fields at
+ * each use, so alog and anomaly may be set before the worker starts.
  */
-struct tg_keys;
+typedef struct tg_proxy_env {
+    struct tg_limiter       *limiter;   /* this worker's limiter */
+    struct tg_upstream_pool *pool;      /* this worker's upstream connections */
+    struct tg_metrics_shard *shard;     /* this worker's counters */
+    struct tg_alog_buf      *alog;      /* access log, or NULL */
+    struct tg_anomaly_shard *anomaly;   /* heavy hitters, or NULL */
+} tg_proxy_env;
 
+/*
+ * Create the proxy state of one worker on base, using env (see above).
+ * on_empty(arg) is called when the last client connection closes while
+ * draining.  Takes a reference on conf.
+ */
 struct tg_proxy *tg_proxy_create(struct event_base *base, tg_conf *conf,
-                                 struct tg_keys *keys,
-                                 void (*on_empty)(void *arg), void *arg,
-                                 char *err, size_t errlen);
+                                 const tg_proxy_env *env,
+                                 void (*on_empty)(void *arg), void *arg);
 void tg_proxy_destroy(struct tg_proxy *px);
 
 struct tg_connslot;
@@ -49,30 +66,10 @@ void tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx,
  * once). */
 void tg_proxy_drain(struct tg_proxy *px);
 
-/* Apply a reloaded snapshot to the request path (see tg_limiter_reload). */
-void tg_proxy_reload(struct tg_proxy *px, tg_conf *conf, struct tg_keys *keys);
-
-struct tg_metrics_shard;
-/* This worker's metric shard (read by the main thread when scraping). */
-struct tg_metrics_shard *tg_proxy_shard(struct tg_proxy *px);
-/* This worker's breaker of upstream server i (worker thread only). */
-int tg_proxy_upstream_state(struct tg_proxy *px, size_t server);
-/* Periodic sample of counters kept outside the request path. */
-void tg_proxy_sample(struct tg_proxy *px);
-/* This worker's Redis breaker: 0 closed, 1 open, 2 half-open, -1 none. */
-int tg_proxy_redis_breaker(struct tg_proxy *px);
-
-struct tg_alog;
-/* Log every request of this worker to log (before the worker starts). */
-void tg_proxy_set_access_log(struct tg_proxy *px, struct tg_alog *log);
-
-struct tg_anomaly_shard;
-/* Count every identified request into sh (heavy hitters; before the
- * worker starts). */
-void tg_proxy_set_anomaly(struct tg_proxy *px, struct tg_anomaly_shard *sh);
-
-/* 1 when this worker's bucket store can answer (see tg_limiter_store_ready). */
-int tg_proxy_store_ready(const struct tg_proxy *px);
+/* Apply a reloaded snapshot to the request path: new requests take http.*
+ * and the upstream timeouts from it (the worker reloads the limiter,
+ * tg_limiter_reload). */
+void tg_proxy_reload(struct tg_proxy *px, tg_conf *conf);
 
 /* Client connections currently open. */
 unsigned tg_proxy_nclients(const struct tg_proxy *px);

@@ -50,8 +50,8 @@ typedef struct tg_redis_opts {
     char      host[256];           /* from redis.url (single mode) */
     int       port;
     int       db;                  /* SELECT db after connecting when != 0 */
-    unsigned  timeout_ms;          /* per call */
-    unsigned  max_batch;           /* requests per EVALSHA */
+    unsigned  timeout_ms;          /* per call (redis.timeout_ms; 0: 25) */
+    unsigned  max_batch;           /* requests per EVALSHA (redis.max_batch; 0: 32) */
     char      sentinel_master[64]; /* non-empty: Sentinel mode */
     tg_redis_addr sentinels[TG_REDIS_MAX_ADDRS];    /* asked in order */
     size_t    nsentinels;
@@ -66,8 +66,10 @@ typedef struct tg_redis_opts {
     char      sentinel_password[TG_REDIS_PASS_MAX];
 } tg_redis_opts;
 
-/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default).
- * Also clears the Sentinel and Cluster fields: fill them afterwards. */
+/* Parse "redis://host[:port][/db]" into opts (port 6379, db 0 default)
+ * with the config's parser (tg_conf_parse_redis_url; the limiter takes
+ * conf->redis.server instead).  Also clears the Sentinel and Cluster
+ * fields: fill them afterwards. */
 tg_rc tg_redis_parse_url(const char *url, tg_redis_opts *opts, char *err, size_t errlen);
 
 /*
@@ -141,6 +143,20 @@ void tg_redis_cancel(struct tg_redis_op *op);
  */
 typedef void (*tg_redis_str_cb)(void *arg, tg_rc rc, const char *value, size_t len);
 struct tg_redis_op *tg_redis_hget(struct tg_redis *r, const char *key, const char *field,
+                                  tg_redis_str_cb cb, void *arg);
+
+/*
+ * EVAL script 1 key args[0..nargs) - a small script of another module
+ * (the throttle's report), sent as its text every time: for rare calls
+ * only.  cb(arg, TG_OK, value, len) when the script returns a string or
+ * status (NULL, 0 for nil), cb(arg, TG_ERR, NULL, 0) on an error reply
+ * (logged), any other reply type (logged), a timeout or no connection.
+ * script, key and args are copied.  Same once-only and cancellation rules
+ * as tg_redis_charge.
+ */
+#define TG_REDIS_EVAL_ARGS 6
+struct tg_redis_op *tg_redis_eval(struct tg_redis *r, const char *script, const char *key,
+                                  const char *const *args, size_t nargs,
                                   tg_redis_str_cb cb, void *arg);
 
 /* The last authentication problem of any client of this process (wrong

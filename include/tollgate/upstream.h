@@ -90,6 +90,12 @@ void tg_upstream_pool_set_clock(struct tg_upstream_pool *pool,
  */
 void tg_upstream_report(struct tg_uconn *uc, int ok);
 
+/* The same for an exchange that got a response head with this status: ok
+ * for the breaker unless 502-504; for the throttle (throttle.h) any 5xx
+ * is an error.  Either report also feeds the throttle, a failure as an
+ * error. */
+void tg_upstream_report_status(struct tg_uconn *uc, int status);
+
 /* The connection's bufferevent; callbacks are the borrower's while lent. */
 struct bufferevent *tg_uconn_bev(struct tg_uconn *uc);
 /* Printable server address ("127.0.0.1:8000"). */

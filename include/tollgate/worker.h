@@ -7,20 +7,20 @@
 #ifndef TOLLGATE_WORKER_H
 #define TOLLGATE_WORKER_H
 
-#include <openssl/ssl.h>
-
+#include "tollgate/breaker.h"
 #include "tollgate/common.h"
 #include "tollgate/conf.h"
 
 struct tg_worker;
 
 struct tg_keys;
+struct tg_tls_set;
 
-/* ssl_ctxs[i] is listener i's TLS context or NULL; the array and keys
- * (may be NULL) must outlive the worker.  Takes a reference on conf.
- * NULL + err on failure. */
+/* tls holds the listeners' TLS contexts (tls.h; may be NULL: no TLS);
+ * keys (may be NULL) must outlive the worker.  Takes a reference on conf
+ * and on tls.  NULL + err on failure. */
 struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
-                                   SSL_CTX **ssl_ctxs, char *err, size_t errlen);
+                                   struct tg_tls_set *tls, char *err, size_t errlen);
 tg_rc tg_worker_start(struct tg_worker *w);
 
 struct tg_connslot;
@@ -38,9 +38,11 @@ struct tg_connlimit;
 tg_rc tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
                        struct tg_connlimit *cl);
 
-/* Main thread: hand w a reloaded snapshot; w takes its own references
- * (the caller keeps its own). */
-tg_rc tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys);
+/* Main thread: hand w a reloaded snapshot (its connections accepted from
+ * then on use tls's contexts); w takes its own references (the caller
+ * keeps its own) and drops those of the previous snapshot. */
+tg_rc tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
+                       struct tg_tls_set *tls);
 
 /* Main thread: ask w to drain and exit its loop when its last connection
  * is gone, or after timeout_ms at the latest. */
@@ -51,11 +53,12 @@ void tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
 int tg_worker_store_ready(struct tg_worker *w);
 
 struct tg_metrics_shard;
-/* The worker's metric shard, and its Redis breaker state (-1: none). */
+/* The worker's metric shard, and its Redis breaker state (TG_BREAKER_NONE
+ * without Redis); sampled every 50 ms. */
 struct tg_metrics_shard *tg_worker_shard(struct tg_worker *w);
-int tg_worker_redis_breaker(struct tg_worker *w);
-/* Upstream server i's breaker in this worker: 0 closed, 1 open, 2 half-open. */
-int tg_worker_upstream_state(struct tg_worker *w, size_t server);
+enum tg_breaker_state tg_worker_redis_breaker(struct tg_worker *w);
+/* Upstream server i's breaker in this worker (sampled every 50 ms). */
+enum tg_breaker_state tg_worker_upstream_state(struct tg_worker *w, size_t server);
 
 struct tg_alog;
 /* Before tg_worker_start: log this worker's requests to log. */

@@ -37,6 +37,20 @@ char *tg_yaml_read_file(const char *path, size_t max, size_t *len, char *err,
 tg_rc tg_yaml_load(yaml_document_t *doc, const char *name, const char *text,
                    size_t len, const char *what, char *err, size_t errlen);
 
+/*
+ * The mapping walk shared by the config (conf.c's table walker and its
+ * rate_limits names) and the keys file (keys.c's general path): a key
+ * must be a scalar, and must not repeat an earlier key of its mapping.
+ * tg_yaml_pair_dup returns that earlier key's node (pair's key must be a
+ * scalar), or NULL.  The caller words the message: the config quotes the
+ * key, the keys file does not quote a long one (a misplaced secret).
+ */
+yaml_node_t *tg_yaml_pair_dup(yaml_document_t *doc, const yaml_node_t *map,
+                              const yaml_node_pair_t *pair);
+
+/* A node's kind as messages name it: "a scalar", "a sequence", "a mapping". */
+const char *tg_yaml_kind(const yaml_node_t *node);
+
 /* 1 if node is a YAML null: a plain scalar "", "~", "null", "Null", "NULL". */
 int tg_yaml_is_null(const yaml_node_t *node);
 

@@ -35,6 +35,7 @@
 #include "tollgate/common.h"
 #include "tollgate/gcra.h"
 #include "tollgate/redis.h"
+#include "tollgate/throttle.h"
 
 static struct event_base *g_base;
 static pid_t g_stale = -1;              /* the partitioned "sentinel", forked here */
@@ -736,6 +737,55 @@ Test(redis_cluster, slots_spread_and_exact_limits)
     tg_redis_get_stats(r, &st);
     cr_assert_eq(st.errors, 0);
     cr_assert(st.map_refreshes >= 1);
+    tg_redis_destroy(r);
+}
+
+/* tg_redis_eval (the throttle's report) goes to the node of its key. */
+typedef struct eval_ans {
+    int  done;
+    tg_rc rc;
+    char value[64];
+} eval_ans;
+
+static void
+on_eval(void *arg, tg_rc rc, const char *value, size_t len)
+{
+    eval_ans *a = arg;
+
+    a->rc = rc;
+    snprintf(a->value, sizeof(a->value), "%.*s", value != NULL ? (int)len : 0,
+             value != NULL ? value : "");
+    a->done = 1;
+}
+
+static int
+cond_eval(const void *arg)
+{
+    return ((const eval_ans *)arg)->done;
+}
+
+Test(redis_cluster, throttle_report_on_its_node)
+{
+    static const char *const keys[] = { "tg:{throttle}", "a:{throttle}", "tg:{b}x" };
+    struct tg_redis *r;
+
+    cluster_start();
+    r = cluster_client(1);
+    for (size_t i = 0; i < TG_ARRAY_LEN(keys); i++) {
+        tg_throttle_report rep;
+        eval_ans a = { 0 };
+
+        tg_throttle_report_build(&rep, "", "inst-1", 300 + (unsigned)i, 60000);
+        cr_assert_not_null(tg_redis_eval(r, tg_throttle_lua, keys[i], rep.args, 3,
+                                         on_eval, &a));
+        cr_assert(run_until(cond_eval, &a, 10000), "%s: no answer", keys[i]);
+        cr_assert_eq(a.rc, TG_OK, "%s: failed", keys[i]);
+        char want[16];
+
+        snprintf(want, sizeof(want), "%u 1", 300 + (unsigned)i);
+        cr_assert_str_eq(a.value, want, "%s: %s", keys[i], a.value);
+        cr_assert(key_node(keys[i]) >= 0, "%s was not written", keys[i]);
+    }
     tg_redis_destroy(r);
 }
 

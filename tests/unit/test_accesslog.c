@@ -3,7 +3,8 @@
  * four workers writing concurrently (every line whole, in order, none
  * lost), backpressure with a stalled writer (writes never block, the
  * oldest lines are dropped and counted exactly), the flush timer, line
- * cutting, reopen after a rename, open errors, and JSON escaping.
+ * cutting, reopen after a rename, open errors, JSON escaping, and the
+ * request line (tg_alog_format) byte for byte.
  */
 #include <criterion/criterion.h>
 
@@ -555,4 +556,68 @@ Test(accesslog, json_escape_worst_case_fits)
     n = tg_alog_json_escape(out, in, sizeof(in), sizeof(in));
     cr_assert_eq(n, 6 * sizeof(in));
     cr_assert_eq(out[n + 1], '#');
+}
+
+/* ---- request lines ---------------------------------------------------- */
+
+Test(accesslog, request_line_exact)
+{
+    char out[2048];
+    tg_alog_req r = {
+        .request_id = "rid-1", .consumer = "acme", .tier = "gold",
+        .method = "GETX", .method_len = 3, .path = "/a\"b\x01?q=1", .path_len = 9,
+        .status = 200, .bytes_in = 5, .bytes_out = 1234,
+        .now_us = 10000000, .start_us = 10000000 - 1500, .upstream_us = 10000000 - 250,
+        .upstream = "127.0.0.1:8000", .limit = "allowed",
+    };
+    size_t n = tg_alog_format(out, sizeof(out), "2026-11-28T14:32:10", 7, &r);
+
+    cr_assert_str_eq(out,
+        "{\"time\":\"2026-11-28T14:32:10.007Z\",\"request_id\":\"rid-1\","
+        "\"consumer\":\"acme\",\"tier\":\"gold\",\"method\":\"GET\","
+        "\"path\":\"/a\\\"b\\u0001?q=1\",\"status\":200,\"bytes_in\":5,"
+        "\"bytes_out\":1234,\"duration_ms\":1.500,\"upstream_ms\":0.250,"
+        "\"upstream\":\"127.0.0.1:8000\",\"limit\":\"allowed\"}");
+    cr_expect_eq(n, strlen(out));
+}
+
+/* A request with no request line of its own (a head timeout), never
+ * forwarded. */
+Test(accesslog, request_line_without_request)
+{
+    char out[2048];
+    tg_alog_req r = {
+        .request_id = "x", .consumer = "", .tier = "", .status = 408,
+        .now_us = 5000, .upstream = "", .limit = "none",
+    };
+
+    tg_alog_format(out, sizeof(out), "2026-01-02T03:04:05", 999, &r);
+    cr_assert_str_eq(out,
+        "{\"time\":\"2026-01-02T03:04:05.999Z\",\"request_id\":\"x\",\"consumer\":\"\","
+        "\"tier\":\"\",\"method\":\"\",\"path\":\"\",\"status\":408,\"bytes_in\":0,"
+        "\"bytes_out\":0,\"duration_ms\":0.000,\"upstream_ms\":0.000,\"upstream\":\"\","
+        "\"limit\":\"none\"}");
+}
+
+/* Method and path are cut (16 and 256 characters) before escaping. */
+Test(accesslog, request_line_cuts_long_fields)
+{
+    char out[2048], lpath[300], want[2048], cut[257];
+    tg_alog_req r = {
+        .request_id = "r", .consumer = "", .tier = "", .status = 200,
+        .method = "ABCDEFGHIJKLMNOPQRSTUVWXYZ", .method_len = 26,
+        .path = lpath, .path_len = sizeof(lpath),
+        .now_us = 1, .upstream = "", .limit = "none",
+    };
+
+    memset(lpath, 'p', sizeof(lpath));
+    memset(cut, 'p', 256);
+    cut[256] = '\0';
+    snprintf(want, sizeof(want),
+             "{\"time\":\"T.000Z\",\"request_id\":\"r\",\"consumer\":\"\",\"tier\":\"\","
+             "\"method\":\"ABCDEFGHIJKLMNOP\",\"path\":\"%s\",\"status\":200,"
+             "\"bytes_in\":0,\"bytes_out\":0,\"duration_ms\":0.000,\"upstream_ms\":0.000,"
+             "\"upstream\":\"\",\"limit\":\"none\"}", cut);
+    tg_alog_format(out, sizeof(out), "T", 0, &r);
+    cr_assert_str_eq(out, want);
 }

@@ -1,7 +1,8 @@
 /*
- * test_common.c - unit tests of src/common.c: tg_fmt's length contract,
- * the allocation wrappers, the log line (level filter, one line, cut at
- * its buffer) and the monotonic clocks.
+ * test_common.c - the small shared helpers of common.h: the growable
+ * buffer (tg_buf), the ms/us -> timeval conversions, tg_fmt, the
+ * identifier check (tg_name_ok), the allocation wrappers, the monotonic
+ * clocks and the log line (level filter, one line, cut at its buffer).
  */
 #include <criterion/criterion.h>
 
@@ -11,6 +12,166 @@
 #include <unistd.h>
 
 #include "tollgate/common.h"
+
+Test(tg_buf, starts_empty_and_allocates_nothing)
+{
+    tg_buf b = TG_BUF_INIT;
+
+    cr_assert_null(b.p);
+    cr_assert_eq(b.len, 0);
+    tg_buf_free(&b);                    /* freeing an empty buffer is fine */
+    cr_assert_null(b.p);
+}
+
+Test(tg_buf, appends_and_stays_nul_terminated)
+{
+    tg_buf b = TG_BUF_INIT;
+
+    tg_buf_add(&b, "ab", 2);
+    tg_buf_str(&b, "cd");
+    tg_buf_printf(&b, "-%d-%s", 42, "x");
+    cr_assert_str_eq(b.p, "abcd-42-x");
+    cr_assert_eq(b.len, strlen("abcd-42-x"));
+    cr_assert_gt(b.cap, b.len);
+    tg_buf_add(&b, "", 0);              /* nothing: still terminated */
+    cr_assert_str_eq(b.p, "abcd-42-x");
+    tg_buf_free(&b);
+    cr_assert_null(b.p);
+    cr_assert_eq(b.len, 0);
+    cr_assert_eq(b.cap, 0);
+}
+
+Test(tg_buf, an_empty_printf_adds_nothing)
+{
+    tg_buf b = TG_BUF_INIT;
+
+    tg_buf_printf(&b, "%s", "");
+    cr_assert_eq(b.len, 0);
+    tg_buf_str(&b, "a");
+    tg_buf_printf(&b, "%s", "");
+    cr_assert_str_eq(b.p, "a");
+    tg_buf_free(&b);
+}
+
+Test(tg_buf, grows_past_many_doublings_with_every_byte_kept)
+{
+    tg_buf b = TG_BUF_INIT;
+    char line[32];
+    size_t i, want = 0;
+
+    for (i = 0; i < 100000; i++) {
+        int n = snprintf(line, sizeof(line), "%zu,", i);
+        tg_buf_add(&b, line, (size_t)n);
+        want += (size_t)n;
+    }
+    cr_assert_eq(b.len, want);
+    cr_assert_eq(strlen(b.p), want);
+    cr_assert(strncmp(b.p, "0,1,2,", 6) == 0);
+    cr_assert(strcmp(b.p + want - 6, "99999,") == 0);
+    tg_buf_free(&b);
+}
+
+Test(tg_buf, reserve_gives_room_without_changing_the_content)
+{
+    tg_buf b = TG_BUF_INIT;
+    char *p;
+
+    tg_buf_str(&b, "keep");
+    tg_buf_reserve(&b, 10000);
+    cr_assert_geq(b.cap, b.len + 10000 + 1);
+    cr_assert_str_eq(b.p, "keep");
+    p = b.p;
+    tg_buf_add(&b, "0123456789", 10);   /* fits: no move */
+    cr_assert_eq(b.p, p);
+    tg_buf_free(&b);
+}
+
+Test(tg_buf, reset_keeps_the_memory)
+{
+    tg_buf b = TG_BUF_INIT;
+    size_t cap;
+
+    tg_buf_str(&b, "something long enough");
+    cap = b.cap;
+    tg_buf_reset(&b);
+    cr_assert_eq(b.len, 0);
+    cr_assert_str_eq(b.p, "");
+    cr_assert_eq(b.cap, cap);
+    tg_buf_str(&b, "new");
+    cr_assert_str_eq(b.p, "new");
+    tg_buf_free(&b);
+}
+
+Test(tg_buf, binary_bytes_are_kept)
+{
+    tg_buf b = TG_BUF_INIT;
+
+    tg_buf_add(&b, "a\0b", 3);
+    cr_assert_eq(b.len, 3);
+    cr_assert(memcmp(b.p, "a\0b", 4) == 0);
+    tg_buf_free(&b);
+}
+
+Test(tg_time, ms_and_us_to_timeval)
+{
+    struct timeval tv;
+
+    tv = tg_ms_tv(0);
+    cr_assert(tv.tv_sec == 0 && tv.tv_usec == 0);
+    tv = tg_ms_tv(999);
+    cr_assert(tv.tv_sec == 0 && tv.tv_usec == 999000);
+    tv = tg_ms_tv(1500);
+    cr_assert(tv.tv_sec == 1 && tv.tv_usec == 500000);
+    tv = tg_ms_tv(86400000ull * 365);
+    cr_assert(tv.tv_sec == 86400 * 365 && tv.tv_usec == 0);
+    tv = tg_us_tv(2500001);
+    cr_assert(tv.tv_sec == 2 && tv.tv_usec == 500001);
+}
+
+Test(tg_fmt, cuts_and_returns_the_length_really_written)
+{
+    char buf[8];
+
+    cr_assert_eq(tg_fmt(buf, sizeof(buf), "%s", "abc"), 3);
+    cr_assert_str_eq(buf, "abc");
+    cr_assert_eq(tg_fmt(buf, sizeof(buf), "%s", "0123456789"), 7);
+    cr_assert_str_eq(buf, "0123456");
+}
+
+Test(tg_name, tier_and_route_names)
+{
+    char longest[TG_TIER_MAX + 2];
+
+    cr_assert(tg_name_ok(TG_NAME_TIER, "pro", 3));
+    cr_assert(tg_name_ok(TG_NAME_TIER, "free_tier-2", 11));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "", 0));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "Pro", 3));        /* upper case */
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "a.b", 3));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "a b", 3));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, "caf\xc3\xa9", 5));
+    memset(longest, 'a', sizeof(longest));
+    cr_assert(tg_name_ok(TG_NAME_TIER, longest, TG_TIER_MAX));
+    cr_assert_not(tg_name_ok(TG_NAME_TIER, longest, TG_TIER_MAX + 1));
+}
+
+Test(tg_name, consumer_ids)
+{
+    char longest[TG_KEY_ID_MAX + 2];
+
+    cr_assert(tg_name_ok(TG_NAME_ID, "Acme.Corp_1-x", 13));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, "", 0));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, "a:b", 3));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, "a/b", 3));
+    cr_assert(tg_name_char(TG_NAME_ID, 'Z') && !tg_name_char(TG_NAME_TIER, 'Z'));
+    cr_assert(tg_name_char(TG_NAME_ID, '.') && !tg_name_char(TG_NAME_TIER, '.'));
+    cr_assert_not(tg_name_char(TG_NAME_ID, 0x80));
+    memset(longest, 'A', sizeof(longest));
+    cr_assert(tg_name_ok(TG_NAME_ID, longest, TG_KEY_ID_MAX));
+    cr_assert_not(tg_name_ok(TG_NAME_ID, longest, TG_KEY_ID_MAX + 1));
+}
+
+/* ------------------------------------------------------------------ */
+/* allocation, clocks, the log line                                    */
 
 Test(common, fmt_returns_what_is_in_the_buffer)
 {

@@ -498,6 +498,40 @@ Test(conf_errors, bad_redis_url)
     expect_error(MIN "redis: { url: \"redis://:6379/1\" }\n", "5:15", "missing host");
 }
 
+/* redis.url is parsed once, at load, into what the Redis client connects
+ * to (redis.server); the client's checks are the config's. */
+Test(conf, redis_url_parsed_once)
+{
+    static const struct { const char *url, *host; int port, db; } t[] = {
+        { "redis://127.0.0.1", "127.0.0.1", 6379, 0 },
+        { "redis://cache-1.internal:6380/15", "cache-1.internal", 6380, 15 },
+        { "redis://[::1]:7000/2", "::1", 7000, 2 },
+    };
+    char yaml[256];
+    tg_conf *conf;
+
+    conf = expect_ok(MIN);
+    cr_assert_str_eq(conf->redis.server.host, "127.0.0.1", "the default");
+    cr_assert_eq(conf->redis.server.port, 6379);
+    cr_assert_eq(conf->redis.server.db, 0);
+    tg_conf_unref(conf);
+    for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
+        snprintf(yaml, sizeof(yaml), MIN "redis: { url: \"%s\" }\n", t[i].url);
+        conf = expect_ok(yaml);
+        cr_assert_str_eq(conf->redis.url, t[i].url);
+        cr_assert_str_eq(conf->redis.server.host, t[i].host);
+        cr_assert_eq(conf->redis.server.port, t[i].port, "%s", t[i].url);
+        cr_assert_eq(conf->redis.server.db, t[i].db, "%s", t[i].url);
+        tg_conf_unref(conf);
+    }
+    /* What only the client refused before: now at load, with its place. */
+    expect_error(MIN "redis: { url: \"redis://ho st\" }\n", "5:15",
+                 "redis.url: bad Redis URL \"redis://ho st\": bad character in host");
+    expect_error(MIN "redis: { url: \"redis://h?db=1\" }\n", "5:15",
+                 "query or fragment is not supported");
+    expect_error(MIN "redis: { url: \"rediss://h\" }\n", "5:15", "TLS");
+}
+
 Test(conf_errors, bad_redis_prefix)
 {
     expect_error(MIN "redis: { prefix: \"a b\" }\n", "5:18",

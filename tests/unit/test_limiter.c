@@ -13,6 +13,7 @@
 
 #include "tollgate/conf.h"
 #include "tollgate/limiter.h"
+#include "tollgate/throttle.h"
 
 static tg_conf *
 conf_with(const char *extra)
@@ -119,6 +120,87 @@ Test(limiter, no_retry_after_for_a_request_that_cannot_pass)
     o.retry_s = 3;
     tg_limiter_headers(&o, buf, sizeof(buf));
     cr_assert(strstr(buf, "Retry-After: 3\r\n") != NULL, "%s", buf);
+}
+
+/* ---- the throttle's factor (throttle.h) ------------------------------ */
+
+/* One keyless GET / from ip: its outcome. */
+static tg_limit_outcome
+outcome_from(struct tg_limiter *lim, const char *ip)
+{
+    tg_http_req req;
+    tg_limit_ctx ctx;
+    tg_limit_outcome out;
+
+    memset(&req, 0, sizeof(req));
+    req.method = "GET";
+    req.method_len = 3;
+    req.path = "/";
+    req.path_len = 1;
+    cr_assert_eq(tg_limiter_check(lim, &ctx, &req, ip, &out, never, NULL), TG_OK);
+    return out;
+}
+
+/* Drive the process's throttle (store: local, no Redis) to factor 0.25
+ * on an injected clock: two windows of slow exchanges. */
+static void
+throttle_to_quarter(const tg_conf *c)
+{
+    tg_throttle_init(c);
+    tg_throttle_tick(c, NULL, "tg:", 1000);
+    for (uint64_t t = 1100; t <= 1200; t += 100) {
+        for (int i = 0; i < 40; i++) {
+            tg_throttle_record(50000, 0);          /* 50 ms, target 10 ms */
+        }
+        tg_throttle_tick(c, NULL, "tg:", t);
+    }
+    cr_assert_eq(tg_throttle_factor(), 250);
+}
+
+/* anon: burst 2, one token per 60 s.  At factor 0.25 one per 240 s: the
+ * burst is the same, the quota shown is 1 over the same 120 s window, the
+ * remaining shown never above it, and the 429 waits 240 s, not 60. */
+Test(limiter, throttle_factor_scales_the_refill)
+{
+    struct event_base *base;
+    struct tg_limiter *lim;
+    tg_conf *c = conf_with("auth: { anonymous_tier: anon }\n"
+                           "adaptive: { throttle: { target_p99_ms: 10, window_ms: 100 } }\n");
+    tg_limit_outcome o;
+    char buf[512];
+
+    throttle_to_quarter(c);
+    lim = limiter("auth: { anonymous_tier: anon }\n", &base);
+    o = outcome_from(lim, "10.0.0.1");
+    cr_assert_eq(o.status, 0);
+    cr_assert_eq(o.quota, 1, "burst 2 x 0.25, at least 1: %u", o.quota);
+    cr_assert_eq(o.window_s, 120, "the configured window: %u", o.window_s);
+    cr_assert_eq(o.remaining, 1);
+    tg_limiter_headers(&o, buf, sizeof(buf));
+    cr_assert(strstr(buf, "RateLimit-Policy: \"anon\";q=1;w=120\r\n") != NULL, "%s", buf);
+    cr_assert(strstr(buf, "X-RateLimit-Limit: 1\r\n") != NULL, "%s", buf);
+    cr_assert(strstr(buf, "X-RateLimit-Remaining: 1\r\n") != NULL, "%s", buf);
+    o = outcome_from(lim, "10.0.0.1");
+    cr_assert_eq(o.status, 0, "the burst is unchanged");
+    o = outcome_from(lim, "10.0.0.1");
+    cr_assert_eq(o.status, 429);
+    cr_assert(o.retry_s > 230 && o.retry_s <= 240, "Retry-After %u: one token per 240 s",
+              o.retry_s);
+
+    /* back to 1: the configured limits (a fresh bucket) */
+    tg_throttle_deinit();
+    tg_throttle_init(c);
+    o = outcome_from(lim, "10.0.0.2");
+    cr_assert_eq(o.quota, 2);
+    cr_assert_eq(o.window_s, 120);
+    outcome_from(lim, "10.0.0.2");
+    o = outcome_from(lim, "10.0.0.2");
+    cr_assert_eq(o.status, 429);
+    cr_assert(o.retry_s > 50 && o.retry_s <= 60, "Retry-After %u", o.retry_s);
+    tg_throttle_deinit();
+    tg_limiter_destroy(lim);
+    event_base_free(base);
+    tg_conf_unref(c);
 }
 
 /* ---- headers ---------------------------------------------------------- */

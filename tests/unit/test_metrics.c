@@ -1063,8 +1063,8 @@ many_labels(int tags)
     got = count_lines_ok(&d);
     /* + gauges: redis latency, 2 health, 2 breaker, 4 store modes,
      * connections, build info, 5 open-incident rules, 2 adaptive limit,
-     * 2 adaptive in flight, adaptive queued */
-    cr_assert_eq(got, expect + 21, "lines %zu, expected %zu", got, expect + 21);
+     * 2 adaptive in flight, adaptive queued, throttle factor */
+    cr_assert_eq(got, expect + 22, "lines %zu, expected %zu", got, expect + 22);
     cr_assert_eq(dg, d.n);
     cr_assert(d.n >= got * 30 / TG_METRICS_STATSD_MAX, "too many datagrams? %zu", d.n);
     cr_assert(d.maxlen <= TG_METRICS_STATSD_MAX);

@@ -1,9 +1,11 @@
 /*
- * test_tls.c - unit tests of src/tls.c: the server context from PEM files
- * (a pair that belongs together, a key of another certificate, missing and
- * garbage files: a message naming the file), and what it negotiates, in
- * memory (a BIO pair, no socket): ALPN http/1.1 or nothing, TLS 1.2 at
- * least, forward-secret suites only.  The certificates are made here.
+ * test_tls.c - the listeners' TLS context sets (tls.c): one context per
+ * TLS listener, a reload renews them (or keeps them where a listener's
+ * TLS changes only at restart), a bad certificate refuses the renewal,
+ * and a context outlives its set while an SSL holds it; one context
+ * (tg_tls_server_ctx) and what it negotiates over a BIO pair (ALPN, TLS
+ * versions, suites), refused files named.  Certificates are made here
+ * with OpenSSL (P-256, self-signed), written to a temp dir.
  */
 #include <criterion/criterion.h>
 
@@ -18,73 +20,219 @@
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 
+#include "tollgate/conf.h"
 #include "tollgate/tls.h"
 
-static char dir[64];
-static char cert_path[128], key_path[128], other_key_path[128];
-static char err[512];
+static char dir[] = "/tmp/tg-test-tls-XXXXXX";
+static char err[TG_CONF_ERRLEN];
 
-/* A P-256 key and a self-signed certificate for it, as PEM files. */
+/* dir/name.crt and dir/name.key: a self-signed certificate for CN name. */
 static void
-write_pair(const char *cert, const char *key)
+make_cert(const char *name)
 {
-    EVP_PKEY *pkey = EVP_EC_gen("P-256");
+    EVP_PKEY *pk = EVP_EC_gen("P-256");
     X509 *x = X509_new();
-    X509_NAME *name;
+    X509_NAME *n;
+    char path[256];
     FILE *f;
 
-    cr_assert(pkey != NULL && x != NULL);
+    cr_assert_not_null(pk);
     X509_set_version(x, 2);
     ASN1_INTEGER_set(X509_get_serialNumber(x), 1);
     X509_gmtime_adj(X509_getm_notBefore(x), 0);
     X509_gmtime_adj(X509_getm_notAfter(x), 86400);
-    X509_set_pubkey(x, pkey);
-    name = X509_get_subject_name(x);
-    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, (const unsigned char *)"localhost",
-                               -1, -1, 0);
-    X509_set_issuer_name(x, name);
-    cr_assert(X509_sign(x, pkey, EVP_sha256()) > 0);
-    if (cert != NULL) {
-        cr_assert_not_null(f = fopen(cert, "w"));
-        cr_assert(PEM_write_X509(f, x));
-        fclose(f);
-    }
-    cr_assert_not_null(f = fopen(key, "w"));
-    cr_assert(PEM_write_PrivateKey(f, pkey, NULL, NULL, 0, NULL, NULL));
+    X509_set_pubkey(x, pk);
+    n = X509_get_subject_name(x);
+    X509_NAME_add_entry_by_txt(n, "CN", MBSTRING_ASC, (const unsigned char *)name, -1, -1, 0);
+    X509_set_issuer_name(x, n);
+    cr_assert_gt(X509_sign(x, pk, EVP_sha256()), 0);
+    snprintf(path, sizeof(path), "%s/%s.crt", dir, name);
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    PEM_write_X509(f, x);
+    fclose(f);
+    snprintf(path, sizeof(path), "%s/%s.key", dir, name);
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    PEM_write_PrivateKey(f, pk, NULL, NULL, 0, NULL, NULL);
     fclose(f);
     X509_free(x);
-    EVP_PKEY_free(pkey);
+    EVP_PKEY_free(pk);
 }
 
 static void
 setup(void)
 {
-    snprintf(dir, sizeof(dir), "/tmp/tg-test-tls-XXXXXX");
     cr_assert_not_null(mkdtemp(dir));
-    snprintf(cert_path, sizeof(cert_path), "%s/cert.pem", dir);
-    snprintf(key_path, sizeof(key_path), "%s/key.pem", dir);
-    snprintf(other_key_path, sizeof(other_key_path), "%s/other.pem", dir);
-    write_pair(cert_path, key_path);
-    write_pair(NULL, other_key_path);
+    make_cert("alpha");
+    make_cert("beta");
 }
 
 static void
 teardown(void)
 {
-    char path[128];
+    static const char *const files[] = { "alpha.crt", "alpha.key", "beta.crt", "beta.key" };
+    char path[256];
 
-    unlink(cert_path);
-    unlink(key_path);
-    unlink(other_key_path);
-    snprintf(path, sizeof(path), "%s/garbage.pem", dir);
-    unlink(path);
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", dir, files[i]);
+        unlink(path);
+    }
     rmdir(dir);
 }
 
-TestSuite(tls, .init = setup, .fini = teardown);
+/*
+ * A config with a plain listener (0) and a TLS one (1) using cert/key
+ * (files in dir, by name), or, with tls NULL, both plain; three listeners
+ * with extra.
+ */
+static tg_conf *
+conf_with(const char *cert, const char *key, int tls, int extra)
+{
+    char yaml[1024];
+    tg_conf *conf;
+
+    if (tls) {
+        snprintf(yaml, sizeof(yaml),
+                 "listen: [ { address: 127.0.0.1:8080 }, { address: 127.0.0.1:8443, "
+                 "tls: { cert: %s/%s, key: %s/%s } }%s ]\n"
+                 "upstream: { servers: [127.0.0.1:8000] }\n",
+                 dir, cert, dir, key, extra ? ", { address: 127.0.0.1:8081 }" : "");
+    } else {
+        snprintf(yaml, sizeof(yaml),
+                 "listen: [ { address: 127.0.0.1:8080 }, { address: 127.0.0.1:8443 } ]\n"
+                 "upstream: { servers: [127.0.0.1:8000] }\n");
+    }
+    conf = tg_conf_load_string("t.yaml", yaml, strlen(yaml), err, sizeof(err));
+    cr_assert_not_null(conf, "%s", err);
+    return conf;
+}
+
+static int
+ctx_cn_is(SSL_CTX *ctx, const char *cn)
+{
+    X509 *x = SSL_CTX_get0_certificate(ctx);
+    char got[64] = "";
+
+    X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, got, sizeof(got));
+    return strcmp(got, cn) == 0;
+}
+
+TestSuite(tls_set, .init = setup, .fini = teardown);
+
+Test(tls_set, one_context_per_tls_listener)
+{
+    tg_conf *conf = conf_with("alpha.crt", "alpha.key", 1, 0);
+    struct tg_tls_set *set = tg_tls_set_create(conf, err, sizeof(err));
+
+    cr_assert_not_null(set, "%s", err);
+    cr_assert_null(tg_tls_set_ctx(set, 0));
+    cr_assert_not_null(tg_tls_set_ctx(set, 1));
+    cr_assert(ctx_cn_is(tg_tls_set_ctx(set, 1), "alpha"));
+    cr_assert_null(tg_tls_set_ctx(set, 2));          /* out of range */
+    cr_assert_null(tg_tls_set_ctx(NULL, 0));
+    tg_tls_set_unref(set);
+    tg_tls_set_unref(NULL);
+    tg_conf_unref(conf);
+}
+
+Test(tls_set, key_of_another_certificate_is_refused)
+{
+    tg_conf *conf = conf_with("alpha.crt", "beta.key", 1, 0);
+
+    cr_assert_null(tg_tls_set_create(conf, err, sizeof(err)));
+    cr_assert_not_null(strstr(err, "beta.key"), "%s", err);
+    tg_conf_unref(conf);
+}
+
+Test(tls_set, renew_builds_new_contexts_and_keeps_the_old_set)
+{
+    tg_conf *a = conf_with("alpha.crt", "alpha.key", 1, 0);
+    tg_conf *b = conf_with("beta.crt", "beta.key", 1, 0);
+    struct tg_tls_set *cur = tg_tls_set_create(a, err, sizeof(err));
+    struct tg_tls_set *next = tg_tls_set_renew(cur, b, err, sizeof(err));
+
+    cr_assert_not_null(next, "%s", err);
+    cr_assert_neq(next, cur);
+    cr_assert_null(tg_tls_set_ctx(next, 0));
+    cr_assert(ctx_cn_is(tg_tls_set_ctx(next, 1), "beta"));
+    cr_assert(ctx_cn_is(tg_tls_set_ctx(cur, 1), "alpha"), "the old set was changed");
+    tg_tls_set_unref(cur);
+    tg_tls_set_unref(next);
+    tg_conf_unref(a);
+    tg_conf_unref(b);
+}
+
+Test(tls_set, renew_refused_by_a_bad_certificate)
+{
+    tg_conf *a = conf_with("alpha.crt", "alpha.key", 1, 0);
+    tg_conf *bad = conf_with("alpha.crt", "beta.key", 1, 0);
+    struct tg_tls_set *cur = tg_tls_set_create(a, err, sizeof(err));
+
+    cr_assert_null(tg_tls_set_renew(cur, bad, err, sizeof(err)));
+    cr_assert(ctx_cn_is(tg_tls_set_ctx(cur, 1), "alpha"));
+    tg_tls_set_unref(cur);
+    tg_conf_unref(a);
+    tg_conf_unref(bad);
+}
+
+/* Listeners change at restart: another number of them keeps the set;
+ * TLS turned off on a listener keeps its context. */
+Test(tls_set, renew_keeps_what_changes_at_restart)
+{
+    tg_conf *a = conf_with("alpha.crt", "alpha.key", 1, 0);
+    tg_conf *three = conf_with("beta.crt", "beta.key", 1, 1);
+    tg_conf *plain = conf_with(NULL, NULL, 0, 0);
+    struct tg_tls_set *cur = tg_tls_set_create(a, err, sizeof(err));
+    struct tg_tls_set *same = tg_tls_set_renew(cur, three, err, sizeof(err));
+    struct tg_tls_set *kept = tg_tls_set_renew(cur, plain, err, sizeof(err));
+
+    cr_assert_eq(same, cur);
+    cr_assert_not_null(kept, "%s", err);
+    cr_assert_eq(tg_tls_set_ctx(kept, 1), tg_tls_set_ctx(cur, 1));
+    tg_tls_set_unref(same);
+    tg_tls_set_unref(cur);
+    cr_assert(ctx_cn_is(tg_tls_set_ctx(kept, 1), "alpha"), "a shared context was freed");
+    tg_tls_set_unref(kept);
+    tg_conf_unref(a);
+    tg_conf_unref(three);
+    tg_conf_unref(plain);
+}
+
+/* An SSL holds its own reference: the context outlives the last set
+ * (ASan would report the use after free otherwise). */
+Test(tls_set, context_outlives_its_set_while_an_ssl_holds_it)
+{
+    tg_conf *a = conf_with("alpha.crt", "alpha.key", 1, 0);
+    struct tg_tls_set *set = tg_tls_set_create(a, err, sizeof(err));
+    SSL *ssl = SSL_new(tg_tls_set_ctx(set, 1));
+
+    cr_assert_not_null(ssl);
+    tg_tls_set_unref(set);
+    cr_assert(ctx_cn_is(SSL_get_SSL_CTX(ssl), "alpha"));
+    SSL_free(ssl);
+    tg_conf_unref(a);
+}
 
 /* ------------------------------------------------------------------ */
-/* a handshake in memory                                               */
+/* one context (tg_tls_server_ctx) and what it negotiates, in memory    */
+/* (a BIO pair, no socket): ALPN http/1.1 or nothing, TLS 1.2 at least, */
+/* forward-secret AEAD suites only; refused files name the file.        */
+
+static char cert_path[128], key_path[128], other_key_path[128];
+
+/* alpha's certificate and key, and beta's key (setup made them). */
+static void
+ctx_setup(void)
+{
+    setup();
+    snprintf(cert_path, sizeof(cert_path), "%s/alpha.crt", dir);
+    snprintf(key_path, sizeof(key_path), "%s/alpha.key", dir);
+    snprintf(other_key_path, sizeof(other_key_path), "%s/beta.key", dir);
+}
+
+TestSuite(tls_ctx, .init = ctx_setup, .fini = teardown);
+
 
 typedef struct client_opts {
     const unsigned char *alpn;      /* wire format, or NULL: none offered */
@@ -163,7 +311,7 @@ handshake(SSL_CTX *server_ctx, const client_opts *co)
 static const unsigned char h2_and_http11[] = "\x02h2\x08http/1.1";
 static const unsigned char h2_only[] = "\x02h2";
 
-Test(tls, pair_loads_and_speaks_http11)
+Test(tls_ctx, pair_loads_and_speaks_http11)
 {
     SSL_CTX *ctx = tg_tls_server_ctx(cert_path, key_path, err, sizeof(err));
     client_opts co = { h2_and_http11, sizeof(h2_and_http11) - 1, 0, NULL };
@@ -181,7 +329,7 @@ Test(tls, pair_loads_and_speaks_http11)
 }
 
 /* A client that offers only h2 gets no ALPN answer and may go on. */
-Test(tls, h2_only_client_gets_no_alpn)
+Test(tls_ctx, h2_only_client_gets_no_alpn)
 {
     SSL_CTX *ctx = tg_tls_server_ctx(cert_path, key_path, err, sizeof(err));
     client_opts co = { h2_only, sizeof(h2_only) - 1, 0, NULL };
@@ -198,7 +346,7 @@ Test(tls, h2_only_client_gets_no_alpn)
     SSL_CTX_free(ctx);
 }
 
-Test(tls, old_versions_and_weak_suites_refused)
+Test(tls_ctx, old_versions_and_weak_suites_refused)
 {
     SSL_CTX *ctx = tg_tls_server_ctx(cert_path, key_path, err, sizeof(err));
     client_opts tls11 = { NULL, 0, TLS1_1_VERSION, NULL };
@@ -217,7 +365,7 @@ Test(tls, old_versions_and_weak_suites_refused)
 /* ------------------------------------------------------------------ */
 /* refused files: the message names the file and the reason            */
 
-Test(tls, key_of_another_certificate)
+Test(tls_ctx, key_of_another_certificate)
 {
     cr_assert_null(tg_tls_server_ctx(cert_path, other_key_path, err, sizeof(err)));
     cr_expect(strncmp(err, other_key_path, strlen(other_key_path)) == 0, "%s", err);
@@ -228,7 +376,7 @@ Test(tls, key_of_another_certificate)
               "%s", err);
 }
 
-Test(tls, missing_files)
+Test(tls_ctx, missing_files)
 {
     cr_assert_null(tg_tls_server_ctx("/nonexistent/cert.pem", key_path, err, sizeof(err)));
     cr_expect(strncmp(err, "/nonexistent/cert.pem: cannot load the certificate: ", 52) == 0,
@@ -238,7 +386,7 @@ Test(tls, missing_files)
               "%s", err);
 }
 
-Test(tls, garbage_files)
+Test(tls_ctx, garbage_files)
 {
     char path[128];
     FILE *f;
@@ -248,6 +396,7 @@ Test(tls, garbage_files)
     fputs("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n", f);
     fclose(f);
     cr_assert_null(tg_tls_server_ctx(path, key_path, err, sizeof(err)));
+    unlink(path);
     cr_expect(strstr(err, ": cannot load the certificate: ") != NULL, "%s", err);
     /* a certificate where the key should be */
     cr_assert_null(tg_tls_server_ctx(cert_path, cert_path, err, sizeof(err)));

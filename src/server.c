@@ -1,0 +1,820 @@
+/*
+ * server.c - the running process, on the main thread: start-up, the
+ * listeners and accept, signals, drain, reload (SIGHUP) and stop.
+ *
+ * The main thread owns the listening sockets (accept, then hand the socket
+ * to a worker; with http.reuseport it only opens one per worker, which
+ * the workers accept on), the admin listener, signals and the systemd
+ * protocol.  It creates the process's objects at start and frees them at
+ * stop, after the workers (docs/ARCHITECTURE.md, "Who owns what"); the
+ * workers get theirs by reference: at start, and in each reload message
+ * (config, keys, TLS contexts).
+ */
+#include "tollgate/server.h"
+
+#include <errno.h>
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <event2/thread.h>
+#include <systemd/sd-daemon.h>
+#include <curl/curl.h>
+
+#include "tollgate/accesslog.h"
+#include "tollgate/admin.h"
+#include "tollgate/alerts.h"
+#include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
+#include "tollgate/connlimit.h"
+#include "tollgate/health.h"
+#include "tollgate/keys.h"
+#include "tollgate/metrics.h"
+#include "tollgate/statsd.h"
+#include "tollgate/throttle.h"
+#include "tollgate/tls.h"
+#include "tollgate/upstream.h"
+#include "tollgate/worker.h"
+
+#define ACCEPT_PAUSE_MS 100      /* accept off this long when fds run out */
+
+/* State of the main thread; private to this file. */
+static struct {
+    tg_conf                 *conf;          /* the snapshot at start */
+    tg_conf                 *live;          /* the latest (reload); == conf at start */
+    struct event_base       *base;
+    struct tg_worker       **workers;
+    unsigned                 nworkers;
+    unsigned                 next;          /* round-robin dispatch */
+    struct evconnlistener  **listeners;     /* NULL each with http.reuseport */
+    int                     *rp_fds;        /* http.reuseport: [listener *
+                                               workers], until the workers
+                                               take them (-1) */
+    struct tg_connlimit     *connlimit;     /* http.max_connections{,_per_ip} */
+    struct event            *accept_resume; /* accept paused (EMFILE) until it fires */
+    uint64_t                 refused_logged;   /* last "over a cap" warning, ms */
+    struct tg_tls_set       *tls;           /* the latest TLS contexts (our reference;
+                                               each worker holds its own) */
+    struct tg_keys          *keys;          /* auth.keys_file, or NULL */
+    struct tg_alog          *alog;          /* access_log.path, or NULL */
+    uint64_t                 alog_counted;  /* drops already in the metric */
+    struct tg_health        *health;        /* upstream.health_check, or NULL */
+    struct tg_admin         *admin;
+    struct tg_alerts        *alerts;        /* the alert engine (curl multi) */
+    struct tg_anomaly       *anomaly;       /* heavy hitters and baselines */
+    uint64_t                 drain_deadline;
+    struct event            *signals[4];
+    struct event            *drain_timer;
+    struct event            *watchdog;
+    struct tg_metrics_shard **shards;       /* one per worker, for scrapes */
+    struct tg_statsd        *statsd;        /* metrics.statsd, or NULL */
+    tg_admin_view            view;          /* what the admin pages read; draining,
+                                               loaded, generation live here */
+} g;
+
+static tg_rc open_listeners(void);
+static tg_rc open_reuseport(void);
+static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
+                      struct sockaddr *sa, int salen, void *arg);
+static void accept_error_cb(struct evconnlistener *l, void *arg);
+static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
+static void check_nofile(const tg_conf *conf);
+static void signal_cb(evutil_socket_t sig, short what, void *arg);
+static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
+static void start_drain(void);
+static int  adaptive_eq(const tg_conf *a, const tg_conf *b);
+static void scrape_hook(void *arg);
+static tg_rc metrics_init(const tg_conf *conf);
+static void reload(const char *path);
+
+/* ---- start and stop -------------------------------------------------- */
+
+int
+tg_server_run(const char *path)
+{
+    char err[TG_CONF_ERRLEN];
+    const char *wd;
+    unsigned i;
+    int rc = 1;
+
+    signal(SIGPIPE, SIG_IGN);
+    g.conf = tg_conf_load(path, err, sizeof(err));
+    if (g.conf == NULL) {
+        fprintf(stderr, "tollgate: %s\n", err);
+        return 1;
+    }
+    g.live = tg_conf_ref(g.conf);
+    tg_log_set_level(g.conf->log_level);
+    g.tls = tg_tls_set_create(g.conf, err, sizeof(err));
+    if (g.tls == NULL || tg_server_load_keys(g.conf, &g.keys, err, sizeof(err)) != TG_OK) {
+        tg_error("%s", err);
+        goto out;
+    }
+    evthread_use_pthreads();
+    g.base = event_base_new();
+    if (g.base == NULL) {
+        tg_error("cannot create the event base");
+        goto out;
+    }
+    g.connlimit = tg_connlimit_create(g.conf->http.max_connections,
+                                      g.conf->http.max_connections_per_ip);
+    g.accept_resume = tg_evtimer_new(g.base, accept_resume_cb, NULL);
+    check_nofile(g.conf);
+    if (open_listeners() != TG_OK) {
+        goto out;
+    }
+    if (g.conf->admin_enabled) {
+        g.admin = tg_admin_create(g.base, &g.conf->admin, err, sizeof(err));
+        if (g.admin == NULL) {
+            tg_error("%s", err);
+            goto out;
+        }
+    }
+
+    g.health = tg_health_create(g.base, g.conf);
+    tg_upstream_set_health(g.health);
+    if (metrics_init(g.conf) != TG_OK) {
+        tg_error("cannot set up the metrics");
+        goto out;
+    }
+    tg_throttle_init(g.conf);
+    g.view.started = g.view.loaded = time(NULL);
+    g.view.generation = 1;
+    curl_global_init(CURL_GLOBAL_DEFAULT);      /* before any other thread */
+    if (g.conf->access_log.path != NULL) {
+        g.alog = tg_alog_create(g.conf->access_log.path, err, sizeof(err));
+        if (g.alog == NULL) {
+            tg_error("%s", err);
+            goto out;
+        }
+    }
+    g.nworkers = g.conf->workers;
+    g.workers = tg_xcalloc(g.nworkers, sizeof(*g.workers));
+    g.shards = tg_xcalloc(g.nworkers, sizeof(*g.shards));
+    g.anomaly = tg_anomaly_create(g.base, g.conf, g.nworkers);
+    for (i = 0; i < g.nworkers; i++) {
+        g.workers[i] = tg_worker_create(i, g.conf, g.keys, g.tls, err, sizeof(err));
+        if (g.workers[i] == NULL) {
+            tg_error("%s", err);
+            goto out;
+        }
+        g.shards[i] = tg_worker_shard(g.workers[i]);
+        tg_worker_set_anomaly(g.workers[i], tg_anomaly_shard(g.anomaly, i));
+        if (g.alog != NULL) {
+            tg_worker_set_access_log(g.workers[i], g.alog);
+        }
+        for (size_t l = 0; g.rp_fds != NULL && l < g.conf->nlisten; l++) {
+            int fd = g.rp_fds[l * g.nworkers + i];
+            g.rp_fds[l * g.nworkers + i] = -1;
+            if (tg_worker_listen(g.workers[i], fd, (unsigned)l, g.connlimit) != TG_OK) {
+                goto out;
+            }
+        }
+        if (tg_worker_start(g.workers[i]) != TG_OK) {
+            tg_error("cannot start worker %u", i);
+            goto out;
+        }
+    }
+
+    g.alerts = tg_alerts_create(g.base, g.conf, g.workers, g.shards, g.nworkers);
+    if (g.alerts == NULL) {
+        goto out;
+    }
+    tg_alerts_set_anomaly(g.alerts, g.anomaly);
+    g.view.conf = g.conf;
+    g.view.workers = g.workers;
+    g.view.shards = g.shards;
+    g.view.nworkers = g.nworkers;
+    g.view.health = g.health;
+    g.view.alerts = g.alerts;
+    g.view.anomaly = g.anomaly;
+
+    g.signals[0] = tg_event_new(g.base, SIGTERM, EV_SIGNAL | EV_PERSIST, signal_cb, NULL);
+    g.signals[1] = tg_event_new(g.base, SIGINT, EV_SIGNAL | EV_PERSIST, signal_cb, NULL);
+    g.signals[2] = tg_event_new(g.base, SIGHUP, EV_SIGNAL | EV_PERSIST, signal_cb, (void *)path);
+    g.signals[3] = tg_event_new(g.base, SIGQUIT, EV_SIGNAL | EV_PERSIST, signal_cb, NULL);
+    for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
+        evsignal_add(g.signals[i], NULL);
+    }
+    wd = getenv("WATCHDOG_USEC");
+    if (wd != NULL && atol(wd) > 0) {
+        long us = atol(wd) / 2;
+        struct timeval tv = tg_us_tv((uint64_t)us);
+        g.watchdog = tg_event_new(g.base, -1, EV_PERSIST, watchdog_cb, NULL);
+        event_add(g.watchdog, &tv);
+    }
+
+    if (g.conf->metrics.statsd_enabled) {
+        g.statsd = tg_statsd_create(g.base, g.conf, g.shards, g.nworkers);
+        if (g.statsd == NULL) {
+            goto out;
+        }
+    }
+    tg_admin_serve(g.admin, &g.view);
+    tg_metrics_set_scrape_hook(scrape_hook, NULL);
+    tg_admin_set_ready(g.admin, 1);
+    for (i = 0; i < g.conf->nlisten; i++) {
+        tg_info("listening on %s%s", g.conf->listen[i].addr.text,
+                g.conf->listen[i].tls ? " (tls)" : "");
+    }
+    tg_info("tollgate %s started: %u worker(s), %zu upstream server(s)",
+            TG_VERSION, g.nworkers, g.conf->upstream.nservers);
+    sd_notify(0, "READY=1\nSTATUS=serving");
+
+    event_base_dispatch(g.base);
+    rc = 0;
+    tg_info("tollgate stopped");
+
+out:
+    for (i = 0; g.listeners != NULL && i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_free(g.listeners[i]);
+        }
+    }
+    free(g.listeners);
+    for (i = 0; g.rp_fds != NULL && i < g.conf->nlisten * g.conf->workers; i++) {
+        if (g.rp_fds[i] >= 0) {
+            close(g.rp_fds[i]);
+        }
+    }
+    free(g.rp_fds);
+    if (g.statsd != NULL && rc == 0) {
+        tg_statsd_flush(g.statsd);       /* the last interval (the workers have stopped) */
+    }
+    tg_statsd_destroy(g.statsd);
+    for (i = 0; i < g.nworkers; i++) {
+        if (g.workers[i] != NULL) {
+            if (rc != 0) {
+                tg_worker_drain(g.workers[i], 0);
+            }
+            tg_worker_join_destroy(g.workers[i]);
+        }
+    }
+    free(g.workers);
+    free(g.shards);
+    tg_connlimit_destroy(g.connlimit);   /* after every worker's connections */
+    if (g.accept_resume != NULL) {
+        event_free(g.accept_resume);
+    }
+    tg_upstream_set_health(NULL);
+    tg_health_destroy(g.health);
+    if (g.alog != NULL) {
+        tg_alog_destroy(g.alog);         /* after every worker's buffer */
+    }
+    tg_admin_destroy(g.admin);
+    tg_alerts_destroy(g.alerts);
+    tg_anomaly_destroy(g.anomaly);       /* after the workers and the alerts */
+    tg_throttle_deinit();
+    curl_global_cleanup();
+    tg_metrics_deinit();
+    for (i = 0; i < TG_ARRAY_LEN(g.signals); i++) {
+        if (g.signals[i] != NULL) {
+            event_free(g.signals[i]);
+        }
+    }
+    if (g.drain_timer != NULL) {
+        event_free(g.drain_timer);
+    }
+    if (g.watchdog != NULL) {
+        event_free(g.watchdog);
+    }
+    if (g.base != NULL) {
+        event_base_free(g.base);
+    }
+    tg_tls_set_unref(g.tls);             /* after the workers: the last reference */
+    tg_keys_unref(g.keys);
+    tg_conf_unref(g.live);
+    tg_conf_unref(g.conf);
+    return rc;
+}
+
+tg_rc
+tg_server_load_keys(const tg_conf *conf, struct tg_keys **out, char *err, size_t errlen)
+{
+    const char *names[64];
+    struct tg_keys *keys;
+    size_t i, n = conf->ntiers < 64 ? conf->ntiers : 64;
+
+    *out = NULL;
+    if (conf->auth.keys_file == NULL) {
+        return TG_OK;
+    }
+    keys = tg_keys_load(conf->auth.keys_file, err, errlen);
+    if (keys == NULL) {
+        return TG_ERR;
+    }
+    for (i = 0; i < n; i++) {
+        names[i] = conf->tiers[i].name;
+    }
+    if (tg_keys_check_tiers(keys, names, n, err, errlen) != TG_OK) {
+        tg_keys_unref(keys);
+        return TG_ERR;
+    }
+    *out = keys;
+    return TG_OK;
+}
+
+/* ---- listeners ---------------------------------------------------- */
+
+static tg_rc
+open_listeners(void)
+{
+    size_t i;
+    int one = 1;
+
+    g.listeners = tg_xcalloc(g.conf->nlisten, sizeof(*g.listeners));
+    if (g.conf->http.reuseport) {
+        return open_reuseport();
+    }
+    for (i = 0; i < g.conf->nlisten; i++) {
+        const tg_addr *a = &g.conf->listen[i].addr;
+        int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+
+        if (fd < 0) {
+            tg_error("listen %s: socket: %s", a->text, strerror(errno));
+            return TG_ERR;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (a->sa.ss_family == AF_INET6) {
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+        }
+        if (bind(fd, (const struct sockaddr *)&a->sa, a->salen) != 0
+            || listen(fd, 1024) != 0) {
+            tg_error("listen %s: %s", a->text, strerror(errno));
+            close(fd);
+            return TG_ERR;
+        }
+        g.listeners[i] = evconnlistener_new(g.base, accept_cb, (void *)(uintptr_t)i,
+                             LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+        if (g.listeners[i] == NULL) {
+            tg_error("listen %s: cannot create the listener", a->text);
+            close(fd);
+            return TG_ERR;
+        }
+        evconnlistener_set_error_cb(g.listeners[i], accept_error_cb);
+    }
+    return TG_OK;
+}
+
+/*
+ * http.reuseport: `workers` sockets per listener, bound to the same
+ * address with SO_REUSEPORT (the kernel spreads new connections over
+ * them), each for one worker's own loop to accept on; the first one's
+ * bound address is used for the others (a port 0 resolves once).
+ */
+static tg_rc
+open_reuseport(void)
+{
+    size_t i, k, n = g.conf->workers;
+    int one = 1;
+
+    g.rp_fds = tg_xmalloc(g.conf->nlisten * n * sizeof(int));
+    for (i = 0; i < g.conf->nlisten * n; i++) {
+        g.rp_fds[i] = -1;
+    }
+    for (i = 0; i < g.conf->nlisten; i++) {
+        const tg_addr *a = &g.conf->listen[i].addr;
+        struct sockaddr_storage ss = a->sa;
+        socklen_t sl = a->salen;
+
+        for (k = 0; k < n; k++) {
+            int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+            if (fd < 0) {
+                tg_error("listen %s: socket: %s", a->text, strerror(errno));
+                return TG_ERR;
+            }
+            g.rp_fds[i * n + k] = fd;
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+            if (a->sa.ss_family == AF_INET6) {
+                setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+            }
+            if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0
+                || bind(fd, (const struct sockaddr *)&ss, sl) != 0
+                || listen(fd, 1024) != 0) {
+                tg_error("listen %s (reuseport): %s", a->text, strerror(errno));
+                return TG_ERR;
+            }
+            if (k == 0) {
+                sl = sizeof(ss);
+                getsockname(fd, (struct sockaddr *)&ss, &sl);
+            }
+        }
+    }
+    return TG_OK;
+}
+
+/*
+ * A connection over http.max_connections or http.max_connections_per_ip
+ * is closed here, before a byte of it is read; the others go to the
+ * workers in turn, each with its share of the counts.
+ */
+static void
+accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+          int salen, void *arg)
+{
+    unsigned idx = (unsigned)(uintptr_t)arg;
+    enum tg_connlimit_verdict v;
+    struct tg_connslot *slot;
+    struct tg_worker *w;
+
+    TG_UNUSED(l);
+    TG_UNUSED(salen);
+    v = tg_connlimit_acquire(g.connlimit, sa, &slot);
+    if (v != TG_CONN_OK) {
+        close(fd);
+        tg_metrics_global_inc(TG_M_CONNS_REFUSED, 0);
+        if (tg_now_ms() - g.refused_logged >= 1000) {   /* one line a second */
+            char ip[INET6_ADDRSTRLEN] = "?";
+            const void *a = sa->sa_family == AF_INET6
+                ? (const void *)&((struct sockaddr_in6 *)(void *)sa)->sin6_addr
+                : (const void *)&((struct sockaddr_in *)(void *)sa)->sin_addr;
+            inet_ntop(sa->sa_family, a, ip, sizeof(ip));
+            g.refused_logged = tg_now_ms();
+            tg_warn("connection from %s closed: over %s (%u)", ip,
+                    v == TG_CONN_OVER_IP ? "http.max_connections_per_ip"
+                                         : "http.max_connections",
+                    v == TG_CONN_OVER_IP ? g.live->http.max_connections_per_ip
+                                         : g.live->http.max_connections);
+        }
+        return;
+    }
+    w = g.workers[g.next++ % g.nworkers];
+    if (tg_worker_dispatch(w, fd, idx, slot) != TG_OK) {
+        tg_error("cannot hand a connection to a worker: %s", strerror(errno));
+        close(fd);
+        tg_connlimit_release(slot);
+    }
+}
+
+/*
+ * accept failed.  Out of descriptors (or kernel memory), the pending
+ * connection stays in the backlog and the listener would wake at once,
+ * forever: stop accepting for ACCEPT_PAUSE_MS instead (as nginx does),
+ * while the connections we have finish and give their descriptors back.
+ */
+static void
+accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    struct timeval tv = { 0, ACCEPT_PAUSE_MS * 1000 };
+    int err = EVUTIL_SOCKET_ERROR();
+    size_t i;
+
+    TG_UNUSED(l);
+    TG_UNUSED(arg);
+    if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
+        tg_error("accept: %s", evutil_socket_error_to_string(err));
+        return;
+    }
+    if (evtimer_pending(g.accept_resume, NULL)) {
+        return;
+    }
+    for (i = 0; i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_disable(g.listeners[i]);
+        }
+    }
+    evtimer_add(g.accept_resume, &tv);
+    if (tg_now_ms() - g.refused_logged >= 1000) {
+        g.refused_logged = tg_now_ms();
+        tg_warn("accept: %s: not accepting for %d ms (%u connection(s) open)",
+                evutil_socket_error_to_string(err), ACCEPT_PAUSE_MS,
+                tg_connlimit_total(g.connlimit));
+    }
+}
+
+static void
+accept_resume_cb(evutil_socket_t fd, short what, void *arg)
+{
+    size_t i;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    TG_UNUSED(arg);
+    for (i = 0; !g.view.draining && i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_enable(g.listeners[i]);
+        }
+    }
+}
+
+/* Each client connection may hold an upstream one too: say so at start
+ * when http.max_connections cannot be reached before descriptors run
+ * out (accept then pauses rather than failing requests). */
+static void
+check_nofile(const tg_conf *conf)
+{
+    struct rlimit rl;
+    unsigned long need = 2ul * conf->http.max_connections + 256;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) {
+        return;
+    }
+    if (conf->http.max_connections == 0 || need > rl.rlim_cur) {
+        tg_warn("RLIMIT_NOFILE is %lu: descriptors may run out before "
+                "http.max_connections (%u) is reached; raise LimitNOFILE to %lu "
+                "or lower http.max_connections", (unsigned long)rl.rlim_cur,
+                conf->http.max_connections, need);
+    }
+}
+
+/* ---- signals and shutdown ------------------------------------------- */
+
+static void
+signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+    TG_UNUSED(what);
+    if (sig == SIGHUP) {
+        if (!g.view.draining) {
+            reload((const char *)arg);
+        }
+        return;
+    }
+    if (g.view.draining) {
+        if (sig == SIGINT || sig == SIGQUIT) {
+            tg_warn("second signal: stopping at once");
+            event_base_loopbreak(g.base);
+        }
+        return;
+    }
+    tg_info("signal %d: draining (up to %u ms)", (int)sig, g.live->drain_timeout_ms);
+    start_drain();
+}
+
+static void
+start_drain(void)
+{
+    struct timeval tv = { 0, 50 * 1000 };
+    unsigned i;
+
+    g.view.draining = 1;
+    sd_notify(0, "STOPPING=1\nSTATUS=draining");
+    tg_admin_set_ready(g.admin, 0);
+    for (i = 0; i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_free(g.listeners[i]);   /* new connections are refused */
+        }
+        g.listeners[i] = NULL;
+    }
+    for (i = 0; i < g.nworkers; i++) {
+        tg_worker_drain(g.workers[i], g.live->drain_timeout_ms);
+    }
+    g.drain_deadline = tg_now_ms() + g.live->drain_timeout_ms + 1000;
+    g.drain_timer = tg_event_new(g.base, -1, EV_PERSIST, drain_timer_cb, NULL);
+    event_add(g.drain_timer, &tv);
+}
+
+static void
+drain_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    unsigned i;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    TG_UNUSED(arg);
+    for (i = 0; i < g.nworkers; i++) {
+        if (!tg_worker_finished(g.workers[i])) {
+            if (tg_now_ms() < g.drain_deadline) {
+                return;
+            }
+            tg_warn("workers did not finish draining in time");
+            break;
+        }
+    }
+    event_base_loopbreak(g.base);
+}
+
+/* ---- reload ---------------------------------------------------------- */
+
+static int
+addr_eq(const tg_addr *a, const tg_addr *b)
+{
+    return a->salen == b->salen && memcmp(&a->sa, &b->sa, a->salen) == 0;
+}
+
+static int
+str_eq(const char *a, const char *b)
+{
+    return (a == NULL || b == NULL) ? a == b : strcmp(a, b) == 0;
+}
+
+static int
+addrs_eq(const tg_addr *a, size_t na, const tg_addr *b, size_t nb)
+{
+    size_t i;
+
+    for (i = 0; na == nb && i < na; i++) {
+        if (!addr_eq(&a[i], &b[i])) {
+            return 0;
+        }
+    }
+    return na == nb;
+}
+
+/* The adaptive: section is read by the pools at start only (throttle:
+ * reloads: the throttle reads the workers' configuration every window). */
+static int
+adaptive_eq(const tg_conf *a, const tg_conf *b)
+{
+    size_t i;
+
+    if (a->adaptive.enabled != b->adaptive.enabled
+        || a->adaptive.initial != b->adaptive.initial
+        || a->adaptive.min != b->adaptive.min || a->adaptive.max != b->adaptive.max
+        || a->adaptive.queue != b->adaptive.queue
+        || a->adaptive.queue_timeout_ms != b->adaptive.queue_timeout_ms
+        || a->adaptive.nshed_order != b->adaptive.nshed_order) {
+        return 0;
+    }
+    for (i = 0; i < a->adaptive.nshed_order; i++) {
+        if (strcmp(a->adaptive.shed_order[i], b->adaptive.shed_order[i]) != 0) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
+ * What a reload cannot change in a running process: each key that differs
+ * from the running one is named in one warning.  Every other key is
+ * applied (docs/CONFIG.md, "Reload"); keep the two lists in step.
+ */
+static void
+warn_restart_only(const tg_conf *old, const tg_conf *nc)
+{
+    char keys[512] = "";
+    size_t i, n = 0;
+    int listen_same = old->nlisten == nc->nlisten;
+    char store[256];
+
+#define RESTART_ONLY(differs, name)                                           \
+    do {                                                                      \
+        if ((differs) && n < sizeof(keys)) {                                  \
+            int k_ = snprintf(keys + n, sizeof(keys) - n, "%s%s",             \
+                              n ? ", " : "", (name));                         \
+            n += k_ > 0 ? (size_t)k_ : 0;                                     \
+        }                                                                     \
+    } while (0)
+
+    for (i = 0; listen_same && i < old->nlisten; i++) {
+        listen_same = addr_eq(&old->listen[i].addr, &nc->listen[i].addr)
+                      && old->listen[i].tls == nc->listen[i].tls;
+    }
+    RESTART_ONLY(!listen_same, "listen");
+    RESTART_ONLY(old->admin_enabled != nc->admin_enabled
+                 || !addr_eq(&old->admin, &nc->admin), "admin");
+    RESTART_ONLY(old->workers != nc->workers, "workers");
+    RESTART_ONLY(old->http.reuseport != nc->http.reuseport, "http.reuseport");
+    RESTART_ONLY(!addrs_eq(old->upstream.servers, old->upstream.nservers,
+                           nc->upstream.servers, nc->upstream.nservers),
+                 "upstream.servers");
+    RESTART_ONLY(old->upstream.keepalive != nc->upstream.keepalive,
+                 "upstream.keepalive");
+    RESTART_ONLY(old->upstream.keepalive_timeout_ms != nc->upstream.keepalive_timeout_ms,
+                 "upstream.keepalive_timeout_ms");
+    RESTART_ONLY(memcmp(&old->upstream.breaker, &nc->upstream.breaker,
+                        sizeof(old->upstream.breaker)) != 0, "upstream.breaker");
+    RESTART_ONLY(old->upstream.health_check.enabled != nc->upstream.health_check.enabled
+                 || !str_eq(old->upstream.health_check.path, nc->upstream.health_check.path)
+                 || old->upstream.health_check.interval_ms != nc->upstream.health_check.interval_ms
+                 || old->upstream.health_check.timeout_ms != nc->upstream.health_check.timeout_ms
+                 || old->upstream.health_check.healthy != nc->upstream.health_check.healthy
+                 || old->upstream.health_check.unhealthy != nc->upstream.health_check.unhealthy,
+                 "upstream.health_check");
+    RESTART_ONLY(!adaptive_eq(old, nc), "adaptive");
+    RESTART_ONLY(old->metrics.statsd_enabled != nc->metrics.statsd_enabled
+                 || (nc->metrics.statsd_enabled
+                     && (!addr_eq(&old->metrics.statsd, &nc->metrics.statsd)
+                         || !str_eq(old->metrics.statsd_prefix, nc->metrics.statsd_prefix)
+                         || old->metrics.statsd_flush_ms != nc->metrics.statsd_flush_ms
+                         || old->metrics.statsd_tags != nc->metrics.statsd_tags)),
+                 "metrics.statsd");
+    RESTART_ONLY(!str_eq(old->access_log.path, nc->access_log.path), "access_log.path");
+#undef RESTART_ONLY
+    if (n != 0) {
+        tg_warn("SIGHUP: kept until the next restart (changed in the file): %s", keys);
+    }
+    if (tg_conf_store_diff(old, nc, store, sizeof(store)) > 0) {
+        tg_warn("SIGHUP: %s changed: the store keeps its settings as started "
+                "until the next restart", store);
+    }
+}
+
+/*
+ * SIGHUP: load and check the file, its keys and its TLS certificates; if
+ * all are good, every worker switches to them for its next request (keys,
+ * tiers, routes, auth, global limit, http.*, upstream timeouts) or TLS
+ * handshake, each through its pipe with its own references, and so does
+ * this thread (connection caps, log level, drain time).  What cannot change without a
+ * restart is named in a warning.  A bad file changes nothing.
+ */
+static void
+reload(const char *path)
+{
+    char err[TG_CONF_ERRLEN];
+    struct tg_keys *keys = NULL;
+    struct tg_tls_set *tls = NULL;
+    tg_conf *conf;
+    unsigned i;
+
+    sd_notify(0, "RELOADING=1");
+    if (g.alog != NULL) {
+        tg_alog_reopen(g.alog);          /* log rotation */
+    }
+    conf = tg_conf_load(path, err, sizeof(err));
+    if (conf == NULL || tg_server_load_keys(conf, &keys, err, sizeof(err)) != TG_OK
+        || (tls = tg_tls_set_renew(g.tls, conf, err, sizeof(err))) == NULL) {
+        tg_keys_unref(keys);
+        tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);
+        tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
+        if (conf != NULL) {
+            tg_conf_unref(conf);
+        }
+        sd_notify(0, "READY=1");
+        return;
+    }
+    warn_restart_only(g.conf, conf);
+    tg_log_set_level(conf->log_level);
+    tg_connlimit_set(g.connlimit, conf->http.max_connections,
+                     conf->http.max_connections_per_ip);
+    tg_conf_unref(g.live);
+    g.live = tg_conf_ref(conf);
+    for (i = 0; i < g.nworkers; i++) {
+        if (tg_worker_reload(g.workers[i], conf, keys, tls) != TG_OK) {
+            tg_error("SIGHUP: worker %u did not take the new configuration", i);
+        }
+    }
+    tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_OK);
+    g.view.loaded = time(NULL);
+    g.view.generation++;
+    tg_info("SIGHUP: configuration reloaded (%zu key(s), %zu tier(s), %zu route(s))",
+            tg_keys_count(keys), conf->ntiers, conf->nroutes);
+    tg_anomaly_reload(g.anomaly, conf);  /* baselines stay */
+    tg_alerts_reload(g.alerts, conf);    /* open incidents stay open */
+    tg_keys_unref(g.keys);
+    g.keys = keys;                       /* our reference */
+    tg_tls_set_unref(g.tls);             /* each worker drops the old as it takes the new */
+    g.tls = tls;                         /* our reference */
+    tg_conf_unref(conf);                 /* the workers hold theirs */
+    sd_notify(0, "READY=1");
+}
+
+/* ---- metrics and status ------------------------------------------------ */
+
+/* Label sets are fixed here, from the configuration at start: the tiers
+ * plus "none" (requests without a tier), the routes, the servers. */
+static tg_rc
+metrics_init(const tg_conf *conf)
+{
+    const char **tiers = tg_xcalloc(conf->ntiers + 1, sizeof(*tiers));
+    const char **routes = tg_xcalloc(conf->nroutes + 1, sizeof(*routes));
+    const char **servers = tg_xcalloc(conf->upstream.nservers + 1, sizeof(*servers));
+    size_t i;
+    tg_rc rc;
+
+    for (i = 0; i < conf->ntiers; i++) {
+        tiers[i] = conf->tiers[i].name;
+    }
+    tiers[conf->ntiers] = "none";
+    for (i = 0; i < conf->nroutes; i++) {
+        routes[i] = conf->routes[i].name;
+    }
+    for (i = 0; i < conf->upstream.nservers; i++) {
+        servers[i] = conf->upstream.servers[i].text;
+    }
+    rc = tg_metrics_init(tiers, conf->ntiers + 1, routes, conf->nroutes,
+                         servers, conf->upstream.nservers);
+    free(tiers);
+    free(routes);
+    free(servers);
+    return rc;
+}
+
+static void
+scrape_hook(void *arg)
+{
+    TG_UNUSED(arg);
+    if (g.alog != NULL) {
+        uint64_t dropped = tg_alog_dropped(g.alog);
+        tg_metrics_global_add(TG_M_ALOG_DROPPED, 0, dropped - g.alog_counted);
+        g.alog_counted = dropped;
+    }
+    tg_admin_refresh_gauges(&g.view);
+}
+
+static void
+watchdog_cb(evutil_socket_t fd, short what, void *arg)
+{
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    TG_UNUSED(arg);
+    sd_notify(0, "WATCHDOG=1");
+}
