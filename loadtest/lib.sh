@@ -8,7 +8,7 @@
 #   lt_init bench                 # names messages, makes $TMP, sets traps
 #   lt_start_testup               # -> UP_PORT
 #   lt_gen_keys 10000             # -> $TMP/keys.txt, $TMP/keys.yaml (tier bench)
-#   lt_start_redis                # -> REDIS_PORT
+#   lt_start_redis [PORT]         # -> REDIS_PORT REDIS_PID (PORT: a restart)
 #   lt_start_nginx NAME proxy|limit_req   # -> PORT[NAME]
 #   lt_start_haproxy NAME         # -> PORT[NAME]
 #   lt_start_tollgate NAME proxy|local|redis [EXTRA_YAML_FILE]  # -> PORT[NAME] ADMIN[NAME]
@@ -16,6 +16,7 @@
 #   LT_TLS=1 lt_start_nginx|lt_start_tollgate ...   # the listener speaks TLS
 #   LT_BIN=other/tollgate lt_start_tollgate ...     # another tollgate binary
 #   lt_run_wrk URL SECONDS LOGFILE  # -> "rps p50_ms p99_ms non2xx errors requests"
+#   lt_wrk_max LOGFILE            # -> max latency (ms) of the last run logged
 # shellcheck shell=bash
 
 LT_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,6 +33,7 @@ lt_cleanup() {
     trap - EXIT
     for pid in "${LT_PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
+        kill -CONT "$pid" 2>/dev/null || true   # a SIGSTOPped one holds SIGTERM
     done
     for pid in "${LT_PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
@@ -126,17 +128,23 @@ lt_gen_cert() {
         >"$TMP/openssl.log" 2>&1 || lt_die "openssl req failed: $(cat "$TMP/openssl.log")"
 }
 
-# lt_start_redis: a private redis-server without persistence -> REDIS_PORT.
+# lt_start_redis [PORT]: a private redis-server without persistence on a
+# free port, or on PORT (a restart after a kill: log redis-N.log) ->
+# REDIS_PORT, REDIS_PID.  Waits for PONG, bounded at ~10 s.
+LT_REDIS_STARTS=0
 lt_start_redis() {
-    local i
+    local i log=redis
     command -v "${REDIS_SERVER:-redis-server}" >/dev/null || lt_die "redis-server not found"
-    REDIS_PORT=$(lt_free_port)
-    lt_spawn redis "${REDIS_SERVER:-redis-server}" --port "$REDIS_PORT" --bind 127.0.0.1 \
+    command -v "${REDIS_CLI:-redis-cli}" >/dev/null || lt_die "redis-cli not found (apt-get install redis-tools)"
+    REDIS_PORT=${1:-$(lt_free_port)}
+    ((++LT_REDIS_STARTS > 1)) && log=redis-$LT_REDIS_STARTS
+    lt_spawn "$log" "${REDIS_SERVER:-redis-server}" --port "$REDIS_PORT" --bind 127.0.0.1 \
         --save '' --appendonly no --dir "$TMP"
-    for ((i = 0; i < 100; i++)); do
+    REDIS_PID=$LAST_PID
+    for ((i = 0; i < 200; i++)); do
         [[ $(lt_rcli PING 2>/dev/null || true) == PONG ]] && return 0
-        kill -0 "$LAST_PID" 2>/dev/null || lt_die "redis-server exited: $(cat "$TMP/redis.log")"
-        sleep 0.1
+        kill -0 "$REDIS_PID" 2>/dev/null || lt_die "redis-server exited: $(cat "$TMP/$log.log")"
+        sleep 0.05
     done
     lt_die "redis-server did not answer PING"
 }
@@ -251,9 +259,9 @@ EOF
 
 # lt_start_tollgate NAME proxy|local|redis [EXTRA]: tollgate (WORKERS
 # workers, upstream keep-alive TG_KEEPALIVE: 64, or auto, 32, ...) in front of UP_PORT. proxy: no keys, no
-# tiers; local/redis: $TMP/keys.yaml, tier bench (RPM, BURST), buckets in
+# tiers; log_level TG_LOG_LEVEL (warn); local/redis: $TMP/keys.yaml, tier bench (RPM, BURST), buckets in
 # process memory or in the Redis of lt_start_redis (on_failure: deny, so a
-# Redis problem shows as errors). EXTRA: a YAML file appended to the
+# Redis problem shows as errors; ON_FAILURE overrides). EXTRA: a YAML file appended to the
 # config (TG_CONF_EXTRA is appended to every one); TIER_EXTRA: more keys
 # of tier bench (e.g. "lease: { size: 64 }"). LT_TLS=1: the listener
 # speaks TLS (lt_gen_cert's pair), SCHEME[NAME]=https. LT_BIN: run that
@@ -276,7 +284,7 @@ lt_start_tollgate() {
 listen: [ { address: 127.0.0.1:$port$tls } ]
 admin: { address: 127.0.0.1:$admin }
 workers: ${WORKERS:-2}
-log_level: warn
+log_level: ${TG_LOG_LEVEL:-warn}
 upstream: { servers: [127.0.0.1:$UP_PORT], keepalive: ${TG_KEEPALIVE:-64} }
 EOF
         case $kind in
@@ -289,7 +297,7 @@ EOF
         *) lt_die "lt_start_tollgate: unknown kind $kind" ;;
         esac
         if [[ $kind == redis ]]; then
-            echo "redis: { url: \"redis://127.0.0.1:$REDIS_PORT/0\", timeout_ms: ${REDIS_TIMEOUT_MS:-50}, on_failure: deny${MAX_BATCH:+, max_batch: $MAX_BATCH} }"
+            echo "redis: { url: \"redis://127.0.0.1:$REDIS_PORT/0\", timeout_ms: ${REDIS_TIMEOUT_MS:-50}, on_failure: ${ON_FAILURE:-deny}${MAX_BATCH:+, max_batch: $MAX_BATCH} }"
         fi
         if [[ -n $extra ]]; then cat "$extra"; fi
         if [[ -n ${TG_CONF_EXTRA:-} ]]; then cat "$TG_CONF_EXTRA"; fi
@@ -327,6 +335,7 @@ lt_run_wrk() {
             if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
             if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
             if (v ~ /s$/)  return substr(v, 1, length(v) - 1) * 1000
+            if (v ~ /m$/)  return substr(v, 1, length(v) - 1) * 60000
             return -1
         }
         /requests in/                  { total = $1 }
@@ -338,4 +347,19 @@ lt_run_wrk() {
             for (i = 3; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) err += $i
         }
         END { printf "%s %s %s %d %d %d\n", rps, p50, p99, bad, err, total }'
+}
+
+# lt_wrk_max LOG: the max latency (ms) of the last wrk run lt_run_wrk
+# logged in LOG (wrk's "Latency avg stdev max" line).
+lt_wrk_max() {
+    awk '
+        function ms(v) {
+            if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+            if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+            if (v ~ /s$/)  return substr(v, 1, length(v) - 1) * 1000
+            if (v ~ /m$/)  return substr(v, 1, length(v) - 1) * 60000
+            return -1
+        }
+        $1 == "Latency" && NF >= 4 { max = ms($4) }
+        END { print max }' "$1"
 }

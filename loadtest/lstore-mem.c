@@ -3,7 +3,8 @@
  * (the striped tg_lshared the limiter uses) with N distinct keys, and after they expire and N other keys arrive.
  * Built and run by loadtest/bench-scale (part "lstore"):
  *
- *   cc -O2 -Iinclude loadtest/lstore-mem.c build/libtgcore.a -o lstore-mem
+ *   cc -O2 -Iinclude -DTG_VERSION="\"$(build/tollgate -V | cut -d' ' -f2)\"" \
+ *       loadtest/lstore-mem.c build/libtgcore.a -o lstore-mem
  *   ./lstore-mem [N] [MAX_ENTRIES]
  *
  * Keys are bucket keys as the limiter writes them ("tg:{k0000001}:t", 15

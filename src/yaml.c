@@ -17,6 +17,10 @@
 #include <stdio.h>
 #include <string.h>
 
+/* Nesting of mappings and sequences: the files need a handful; libyaml's
+ * scanner is quadratic in the depth, so deep input is refused early. */
+#define TG_YAML_MAX_DEPTH 64
+
 /* Where a message goes, and what it reads. */
 typedef struct tg_yaml_src {
     const char *name;            /* file name used in messages */
@@ -99,7 +103,7 @@ scan_events(const tg_yaml_src *src, const char *what)
     yaml_parser_t parser;
     yaml_event_t ev;
     yaml_char_t *anchor;
-    int ndocs = 0, done = 0;
+    int ndocs = 0, done = 0, depth = 0;
 
     yaml_parser_initialize(&parser);
     yaml_parser_set_input_string(&parser, (const unsigned char *)src->text,
@@ -129,10 +133,19 @@ scan_events(const tg_yaml_src *src, const char *what)
             anchor = ev.data.scalar.anchor;
             break;
         case YAML_SEQUENCE_START_EVENT:
-            anchor = ev.data.sequence_start.anchor;
-            break;
         case YAML_MAPPING_START_EVENT:
-            anchor = ev.data.mapping_start.anchor;
+            anchor = ev.type == YAML_SEQUENCE_START_EVENT
+                     ? ev.data.sequence_start.anchor : ev.data.mapping_start.anchor;
+            if (++depth > TG_YAML_MAX_DEPTH) {
+                tg_yaml_error(src->err, src->errlen, src->name, ev.start_mark, "",
+                              "YAML nested deeper than %d levels is not supported",
+                              TG_YAML_MAX_DEPTH);
+                goto fail;
+            }
+            break;
+        case YAML_SEQUENCE_END_EVENT:
+        case YAML_MAPPING_END_EVENT:
+            depth--;
             break;
         case YAML_STREAM_END_EVENT:
             done = 1;
@@ -226,11 +239,6 @@ tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t 
     tg_buf_reserve(&text, (size_t)st.st_size);
     for (;;) {
         if (text.len + 1 >= text.cap) {
-            if (text.cap > max) {
-                snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes",
-                         path, max);
-                goto fail;
-            }
             tg_buf_reserve(&text, text.cap - text.len);     /* doubles */
         }
         n = read(fd, text.p + text.len, text.cap - text.len - 1);
@@ -245,6 +253,10 @@ tg_yaml_read_file(const char *path, size_t max, size_t *lenp, char *err, size_t 
             break;
         }
         text.len += (size_t)n;
+        if (text.len > max) {   /* it grew since fstat; max bytes are fine */
+            snprintf(err, errlen, "%s: cannot open: file larger than %zu bytes", path, max);
+            goto fail;
+        }
     }
     text.p[text.len] = '\0';
     close(fd);

@@ -13,8 +13,10 @@
 #include <string.h>
 #include <sys/time.h>
 
-#ifndef TG_VERSION               /* set by meson from project(version:) */
-#define TG_VERSION "0.0.0-unknown"
+/* The version has one source: meson's project(version:), passed as
+ * -DTG_VERSION (meson.build); no default here to drift from it. */
+#ifndef TG_VERSION
+#error "TG_VERSION is defined by meson.build from project(version:)"
 #endif
 
 typedef int tg_rc;

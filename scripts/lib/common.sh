@@ -11,6 +11,12 @@ TG_PACKAGES=(
     redis-server python3-fastapi python3-uvicorn curl openssl
 )
 
+# The version: meson's project(version:), its one source.
+tg_version() {
+    meson introspect --projectinfo "$TG_ROOT/meson.build" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])'
+}
+
 tg_as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }

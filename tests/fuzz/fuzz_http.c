@@ -3,8 +3,8 @@
  *
  * Built by meson with -Dfuzz=true (CC=clang), run by scripts/fuzz; by hand:
  *
- *   clang -fsanitize=fuzzer,address,undefined -Iinclude src/common.c \
- *       src/http.c src/target.c tests/fuzz/fuzz_http.c -o fuzz_http && ./fuzz_http
+ *   CC=clang meson setup build-fuzz -Dfuzz=true && meson compile -C build-fuzz fuzz_http
+ *   build-fuzz/tests/fuzz/fuzz_http
  *
  * The first input byte picks the limits and the split pattern; the rest is
  * fed to the request parser, the response parser and the chunked decoder.

@@ -3,9 +3,8 @@
  * two paths must agree.  Built by meson with -Dfuzz=true (CC=clang), run
  * by scripts/fuzz; by hand:
  *
- *   clang -fsanitize=fuzzer,address,undefined -Iinclude src/common.c \
- *       src/yaml.c src/keys.c tests/fuzz/fuzz_keys.c -lyaml -lcrypto \
- *       -o fuzz_keys && ./fuzz_keys tests/fuzz/seeds/keys
+ *   CC=clang meson setup build-fuzz -Dfuzz=true && meson compile -C build-fuzz fuzz_keys
+ *   build-fuzz/tests/fuzz/fuzz_keys tests/fuzz/seeds/keys
  *
  * The input is loaded as is (the fast one-line path when it fits, else
  * libyaml) and again behind "%YAML 1.1\n---\n", which YAML reads the same

@@ -3,8 +3,8 @@
  * normal form).  Built by meson with -Dfuzz=true (CC=clang), run by
  * scripts/fuzz; by hand:
  *
- *   clang -fsanitize=fuzzer,address,undefined -Iinclude src/common.c \
- *       src/target.c tests/fuzz/fuzz_target.c -o fuzz_target && ./fuzz_target
+ *   CC=clang meson setup build-fuzz -Dfuzz=true && meson compile -C build-fuzz fuzz_target
+ *   build-fuzz/tests/fuzz/fuzz_target
  *
  * Besides memory errors it checks the properties routing relies on:
  *  - the normal form is never longer, starts with "/", and is a fixed

@@ -62,6 +62,10 @@ const char *tgh_env(const char *name)
         return "build/tests/tg-testup";
     if (strcmp(name, "TG_SOURCE_ROOT") == 0)
         return ".";
+    if (strcmp(name, "TG_REDIS_SERVER") == 0)
+        return "/usr/bin/redis-server";
+    if (strcmp(name, "TG_REDIS_CLI") == 0)
+        return "/usr/bin/redis-cli";
     return "";
 }
 
@@ -189,6 +193,14 @@ int tgh_proc_stop(tgh_proc *p, int timeout_ms)
     /* leftovers of the group (uvicorn workers) */
     kill(-p->pid, SIGKILL);
     return p->status;
+}
+
+int tgh_proc_kill(tgh_proc *p)
+{
+    if (p == NULL)
+        return -1;
+    tgh_proc_signal(p, SIGKILL, 1);
+    return tgh_proc_wait(p, 5000);
 }
 
 void tgh_proc_dump_log(const tgh_proc *p, size_t max_bytes)
@@ -382,34 +394,257 @@ int tgh_testup_start_port(tgh_upstream *u, int want)
     return -1;
 }
 
+/* ------------------------------------------------------------------ */
+/* Redis: servers, replicas, Sentinel, Cluster                         */
+
+int tgh_cluster_free_port(void)
+{
+    for (int i = 0; i < 100; i++) {
+        int p = tgh_free_port();
+        struct sockaddr_in sa = { .sin_family = AF_INET };
+        int fd, ok;
+
+        if (p <= 0 || p + 10000 > 65535)
+            continue;
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            continue;
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        sa.sin_port = htons((uint16_t)(p + 10000));
+        ok = bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+        close(fd);
+        if (ok)
+            return p;
+    }
+    fprintf(stderr, "harness: no free port pair for a cluster node\n");
+    return -1;
+}
+
+/* "-a PASSWORD --no-auth-warning " for redis-cli, or "". */
+static void
+cli_auth(char *buf, size_t len, const char *password)
+{
+    if (password != NULL)
+        snprintf(buf, len, "-a %s --no-auth-warning ", password);
+    else
+        buf[0] = '\0';
+}
+
+/* The server on port answers PING, and is process pid (INFO's process_id):
+ * not another program's server that took the port meanwhile. */
+static int
+redis_is_ours(int port, pid_t pid, const char *password)
+{
+    char auth[256], out[4096], want[32];
+    const char *at;
+
+    cli_auth(auth, sizeof auth, password);
+    if (!tgh_port_accepts(port)
+        || tgh_redis_cli(port, out, sizeof out, "%sPING", auth) != 0
+        || strcmp(out, "PONG") != 0
+        || tgh_redis_cli(port, out, sizeof out, "%sINFO server", auth) != 0)
+        return 0;
+    snprintf(want, sizeof want, "process_id:%d", (int)pid);
+    at = strstr(out, want);
+    return at != NULL && !isdigit((unsigned char)at[strlen(want)]);
+}
+
+/* Wait until u->proc answers on u->port as itself; 0, or -1 (it died or
+ * did not answer within 15 s: stopped, log shown). */
+static int
+redis_wait_started(tgh_upstream *u, const char *what, const char *password)
+{
+    uint64_t end = tgh_now_ms() + 15000;
+
+    while (tgh_now_ms() < end && tgh_proc_alive(u->proc)) {
+        if (redis_is_ours(u->port, u->proc->pid, password))
+            return 0;
+        tgh_sleep_ms(20);
+    }
+    fprintf(stderr, "harness: %s on port %d did not start\n", what, u->port);
+    tgh_proc_dump_log(u->proc, 4000);
+    tgh_proc_stop(u->proc, 3000);
+    return -1;
+}
+
 int tgh_redis_start(tgh_upstream *u)
 {
+    return tgh_redis_start_opts(u, NULL);
+}
+
+int tgh_redis_start_opts(tgh_upstream *u, const tgh_redis_opts *o)
+{
+    static const tgh_redis_opts plain;
     int reuse = u->port > 0;
+
+    if (o == NULL)
+        o = &plain;
     for (int attempt = 0; attempt < 3; attempt++) {
+        char port[16], rof[16], conf[600], name[32];
+        char *argv[64];
+        int n = 0;
+
         if (!reuse)
-            u->port = tgh_free_port();
-        char port[16];
+            u->port = o->cluster ? tgh_cluster_free_port() : tgh_free_port();
+        if (u->port <= 0)
+            return -1;
         snprintf(port, sizeof port, "%d", u->port);
-        char *argv[] = { "/usr/bin/redis-server", "--port", port, "--bind", "127.0.0.1",
-                         "--save", "", "--appendonly", "no", NULL };
-        u->proc = tgh_spawn("redis-server", argv);
+        snprintf(rof, sizeof rof, "%d", o->replicaof);
+        snprintf(conf, sizeof conf, "%s/nodes-%d.conf", tgh_tmpdir(), u->port);
+        snprintf(name, sizeof name, "redis-%d", u->port);
+        argv[n++] = (char *)tgh_env("TG_REDIS_SERVER");
+        argv[n++] = "--port";
+        argv[n++] = port;
+        argv[n++] = "--bind";
+        argv[n++] = "127.0.0.1";
+        argv[n++] = "--dir";
+        argv[n++] = (char *)tgh_tmpdir();
+        argv[n++] = "--save";
+        argv[n++] = "";
+        argv[n++] = "--appendonly";
+        argv[n++] = "no";
+        if (o->replicaof > 0) {
+            argv[n++] = "--replicaof";
+            argv[n++] = "127.0.0.1";
+            argv[n++] = rof;
+        }
+        if (o->cluster) {
+            argv[n++] = "--cluster-enabled";
+            argv[n++] = "yes";
+            argv[n++] = "--cluster-config-file";
+            argv[n++] = conf;
+        }
+        if (o->password != NULL) {
+            argv[n++] = "--requirepass";
+            argv[n++] = (char *)o->password;
+            argv[n++] = "--masterauth";
+            argv[n++] = (char *)o->password;
+        }
+        for (int i = 0; o->args != NULL && o->args[i] != NULL && n < 63; i++)
+            argv[n++] = (char *)o->args[i];
+        argv[n] = NULL;
+        u->proc = tgh_spawn(name, argv);
         if (u->proc == NULL)
             return -1;
-        uint64_t end = tgh_now_ms() + 15000;
-        while (tgh_now_ms() < end && tgh_proc_alive(u->proc)) {
-            char out[64];
-            if (tgh_port_accepts(u->port)
-                && tgh_redis_cli(u->port, out, sizeof out, "PING") == 0
-                && strcmp(out, "PONG") == 0)
-                return 0;
-            tgh_sleep_ms(20);
-        }
-        fprintf(stderr, "harness: redis-server did not start (attempt %d)\n",
-                attempt + 1);
-        tgh_proc_dump_log(u->proc, 4000);
-        tgh_proc_stop(u->proc, 3000);
+        if (redis_wait_started(u, "redis-server", o->password) == 0)
+            return 0;
+        fprintf(stderr, "harness: redis-server attempt %d failed\n", attempt + 1);
     }
     return -1;
+}
+
+int tgh_sentinel_start(tgh_upstream *u, const char *password, const char *fmt, ...)
+{
+    memset(u, 0, sizeof *u);
+    for (int attempt = 0; attempt < 3; attempt++) {
+        char path[600], name[32];
+        char *argv[] = { (char *)tgh_env("TG_REDIS_SERVER"), path, "--sentinel", NULL };
+        FILE *f;
+        va_list ap;
+
+        u->port = tgh_free_port();
+        snprintf(path, sizeof path, "%s/sentinel-%d.conf", tgh_tmpdir(), u->port);
+        snprintf(name, sizeof name, "sentinel-%d", u->port);
+        f = fopen(path, "w");
+        if (f == NULL)
+            return -1;
+        fprintf(f, "port %d\nbind 127.0.0.1\ndir %s\nsentinel resolve-hostnames no\n",
+                u->port, tgh_tmpdir());
+        if (password != NULL)
+            fprintf(f, "requirepass %s\n", password);
+        va_start(ap, fmt);
+        vfprintf(f, fmt, ap);
+        va_end(ap);
+        if (fclose(f) != 0)
+            return -1;
+        u->proc = tgh_spawn(name, argv);
+        if (u->proc == NULL)
+            return -1;
+        if (redis_wait_started(u, "sentinel", password) == 0)
+            return 0;
+    }
+    return -1;
+}
+
+int tgh_redis_wait(int port, const char *needle, int timeout_ms, const char *fmt, ...)
+{
+    uint64_t end = tgh_now_ms() + (uint64_t)timeout_ms;
+    char args[1024], out[8192];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    for (;;) {
+        if (tgh_redis_cli(port, out, sizeof out, "%s", args) == 0
+            && strstr(out, needle) != NULL)
+            return 1;
+        if (tgh_now_ms() >= end)
+            return 0;
+        tgh_sleep_ms(20);
+    }
+}
+
+int tgh_redis_cluster_create(const int *ports, int n, int replicas,
+                             const char *password)
+{
+    char addrs[16][32], nrep[8], auth[256];
+    char *cli[32];
+    int k = 0;
+    tgh_proc *p;
+
+    if (n > 16)
+        return -1;
+    cli[k++] = (char *)tgh_env("TG_REDIS_CLI");
+    cli[k++] = "--cluster";
+    cli[k++] = "create";
+    for (int i = 0; i < n; i++) {
+        snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", ports[i]);
+        cli[k++] = addrs[i];
+    }
+    snprintf(nrep, sizeof nrep, "%d", replicas);
+    cli[k++] = "--cluster-replicas";
+    cli[k++] = nrep;
+    if (password != NULL) {
+        cli[k++] = "-a";
+        cli[k++] = (char *)password;
+        cli[k++] = "--no-auth-warning";
+    }
+    cli[k++] = "--cluster-yes";
+    cli[k] = NULL;
+    p = tgh_spawn("cluster-create", cli);
+    if (p == NULL)
+        return -1;
+    if (tgh_proc_wait(p, 60000) != 0) {
+        fprintf(stderr, "harness: redis-cli --cluster create hangs\n");
+        tgh_proc_dump_log(p, 4000);
+        tgh_proc_stop(p, 1000);
+        return -1;
+    }
+    if (!WIFEXITED(p->status) || WEXITSTATUS(p->status) != 0) {
+        fprintf(stderr, "harness: redis-cli --cluster create failed\n");
+        tgh_proc_dump_log(p, 4000);
+        return -1;
+    }
+    cli_auth(auth, sizeof auth, password);
+    for (int i = 0; i < n; i++) {
+        if (!tgh_redis_wait(ports[i], "cluster_state:ok", 30000, "%sCLUSTER INFO", auth)) {
+            fprintf(stderr, "harness: cluster_state is not ok on port %d\n", ports[i]);
+            return -1;
+        }
+    }
+    for (int i = 0; i < n; i++) {       /* replicas synced: able to fail over */
+        char out[4096];
+        if (tgh_redis_cli(ports[i], out, sizeof out, "%sINFO replication", auth) == 0
+            && strstr(out, "role:master") != NULL)
+            continue;
+        if (!tgh_redis_wait(ports[i], "master_link_status:up", 30000,
+                            "%sINFO replication", auth)) {
+            fprintf(stderr, "harness: replica %d never synced\n", ports[i]);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 int tgh_redis_cli(int port, char *out, size_t outlen, const char *fmt, ...)
@@ -419,7 +654,7 @@ int tgh_redis_cli(int port, char *out, size_t outlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    char *cmd = tgh_strf("timeout 10 redis-cli -p %d %s 2>&1", port, args);
+    char *cmd = tgh_strf("timeout 10 %s -p %d %s 2>&1", tgh_env("TG_REDIS_CLI"), port, args);
     FILE *p = popen(cmd, "r");
     free(cmd);
     if (p == NULL)

@@ -11,8 +11,9 @@
  * settle" - we poll for the condition we need (a port answering, a line in
  * a log) with a generous deadline.
  *
- * Environment: TG_BINARY (tollgate), TG_TESTUP (tg-testup) and
- * TG_SOURCE_ROOT (repository root).
+ * Environment: TG_BINARY (tollgate), TG_TESTUP (tg-testup),
+ * TG_SOURCE_ROOT (repository root), TG_REDIS_SERVER and TG_REDIS_CLI
+ * (default /usr/bin/redis-server, /usr/bin/redis-cli).
  *
  * Spawned processes must be started from the test's main thread:
  * PR_SET_PDEATHSIG fires when the spawning *thread* exits.
@@ -63,6 +64,10 @@ int tgh_proc_alive(tgh_proc *p);
  * wait status (see WIFEXITED...) or -1 if it had to be killed. */
 int tgh_proc_stop(tgh_proc *p, int timeout_ms);
 
+/* SIGKILL (whole group) and reap: kill -9, the crash a test wants.
+ * 0, or -1 if it was not reaped within 5 s. */
+int tgh_proc_kill(tgh_proc *p);
+
 /* Print the last max_bytes of the process log to stderr. */
 void tgh_proc_dump_log(const tgh_proc *p, size_t max_bytes);
 
@@ -95,10 +100,52 @@ int tgh_testup_start_port(tgh_upstream *u, int port);
 /* The FastAPI sample app under uvicorn (2 workers); waits for /health. */
 int tgh_fastapi_start(tgh_upstream *u);
 
-/* redis-server on a free loopback port, no persistence; waits for it.
- * On a restart (u->port already set) it reuses that port. 0 / -1. */
+/* ------------------------------------------------------------------ */
+/* Redis: the one way the tests start redis-server, replicas, Sentinel  */
+/* and Cluster nodes.  Each is a harness process on 127.0.0.1 with no   */
+/* persistence and its files (a replica's sync, nodes-PORT.conf,        */
+/* sentinel-PORT.conf) in tgh_tmpdir().  A start returns once the       */
+/* server answers PING as itself (INFO's process_id: never another      */
+/* program's server that took the port); it retries on new ports when  */
+/* the port was lost to a race, and shows the log when it fails.        */
+
+typedef struct tgh_redis_opts {
+    int         replicaof;             /* > 0: replica of 127.0.0.1:<port> */
+    int         cluster;               /* --cluster-enabled (a port pair) */
+    const char *password;              /* --requirepass and --masterauth */
+    const char *const *args;           /* more arguments, NULL-terminated */
+} tgh_redis_opts;
+
+/* redis-server per o (NULL: a plain one) on a free port, or on u->port
+ * when it is set (a restart, or a port chosen by the test).  0 / -1. */
+int tgh_redis_start_opts(tgh_upstream *u, const tgh_redis_opts *o);
+/* A plain redis-server: tgh_redis_start_opts(u, NULL). */
 int tgh_redis_start(tgh_upstream *u);
-/* Run redis-cli -p port ARGS... ; its output (trimmed) into out. 0 / -1. */
+
+/* A Sentinel on a free port; its config is "port, bind 127.0.0.1, dir,
+ * sentinel resolve-hostnames no", "requirepass PASSWORD" when password
+ * is not NULL, and then the printf lines given (e.g. "sentinel monitor
+ * mymaster 127.0.0.1 %d 2\n").  0 / -1. */
+int tgh_sentinel_start(tgh_upstream *u, const char *password, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* A free port p whose cluster bus port p + 10000 is free too; -1. */
+int tgh_cluster_free_port(void);
+
+/* redis-cli --cluster create over the n nodes (cluster-enabled servers)
+ * at ports, with `replicas` replicas per master, then waits for
+ * cluster_state:ok on every node and every replica's link.  password:
+ * the nodes' (NULL: none).  0 / -1 (the reason on stderr). */
+int tgh_redis_cluster_create(const int *ports, int n, int replicas,
+                             const char *password);
+
+/* Poll redis-cli -p port ARGS until its output contains needle: 1, or 0
+ * after timeout_ms. */
+int tgh_redis_wait(int port, const char *needle, int timeout_ms,
+                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* Run redis-cli -p port ARGS... (words split by the shell); its output
+ * (trimmed) into out.  0 / -1. */
 int tgh_redis_cli(int port, char *out, size_t outlen, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 

@@ -7,27 +7,23 @@
  * a probe bucket.  Memory per bucket is measured and logged.
  *
  * Each test starts its own redis-server on an ephemeral loopback port
- * (SIGKILL on parent death) and kills it at the end.  hiredis, synchronous.
- * Environment: TG_REDIS_SERVER (default "redis-server").
+ * through the harness (tests/integration/harness.h: SIGKILL on parent
+ * death, killed by tgh_cleanup at the end).  hiredis, synchronous.
+ * Environment: TG_REDIS_SERVER (default /usr/bin/redis-server).
  */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 
 #include <errno.h>
-#include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
-#include <netinet/in.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "harness.h"
 #include "tollgate/gcra.h"
 
 #define MAX_REQ_BUCKETS 8
@@ -42,7 +38,7 @@ typedef struct req {
 /* Floors of the next run_batch, one per key in order (NULL: all 0). */
 static const uint64_t *batch_floor;
 
-static pid_t redis_pid = -1;
+static tgh_upstream redis_srv;
 static redisContext *rc;
 static int redis_port;
 
@@ -64,118 +60,16 @@ sleep_us(uint64_t us)
     }
 }
 
-static int
-free_port(void)
-{
-    struct sockaddr_in sa;
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-    cr_assert_geq(fd, 0);
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    cr_assert_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    cr_assert_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
-
-/* Fork/exec redis-server on port; 0 once it answers PING, -1 if it died
- * or did not answer within 10 s. */
-static int
-try_start(int port)
-{
-    const char *bin = getenv("TG_REDIS_SERVER");
-    char portstr[16];
-    pid_t parent = getpid();
-    uint64_t deadline;
-
-    snprintf(portstr, sizeof(portstr), "%d", port);
-    if (bin == NULL || *bin == '\0') {
-        bin = "redis-server";
-    }
-    redis_pid = fork();
-    cr_assert_geq(redis_pid, 0);
-    if (redis_pid == 0) {
-        int null = open("/dev/null", O_WRONLY);
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (getppid() != parent) {
-            _exit(127);
-        }
-        if (null >= 0) {
-            dup2(null, 1);
-            dup2(null, 2);
-        }
-        execlp(bin, bin, "--port", portstr, "--bind", "127.0.0.1",
-               "--save", "", "--appendonly", "no", (char *)NULL);
-        _exit(127);
-    }
-
-    deadline = mono_us() + 10000000;
-    while (mono_us() < deadline) {
-        struct timeval tv = { 0, 200000 };
-        int status;
-
-        if (waitpid(redis_pid, &status, WNOHANG) == redis_pid) {
-            redis_pid = -1;
-            return -1;                      /* port taken, or no binary */
-        }
-        rc = redisConnectWithTimeout("127.0.0.1", port, tv);
-        if (rc != NULL && !rc->err) {
-            redisReply *r = redisCommand(rc, "PING");
-            int ok = r != NULL && r->type == REDIS_REPLY_STATUS
-                     && strcmp(r->str, "PONG") == 0;
-            if (r != NULL) {
-                freeReplyObject(r);
-            }
-            if (ok) {
-                /* Ours, not another test's server on a reused port? */
-                char want[32];
-                snprintf(want, sizeof(want), "process_id:%d\r", (int)redis_pid);
-                r = redisCommand(rc, "INFO server");
-                ok = r != NULL && r->type == REDIS_REPLY_STRING
-                     && strstr(r->str, want) != NULL;
-                if (r != NULL) {
-                    freeReplyObject(r);
-                }
-                if (!ok) {
-                    redisFree(rc);
-                    rc = NULL;
-                    kill(redis_pid, SIGKILL);
-                    waitpid(redis_pid, NULL, 0);
-                    redis_pid = -1;
-                    return -1;
-                }
-                redisSetTimeout(rc, (struct timeval){ 10, 0 });
-                redis_port = port;
-                return 0;
-            }
-        }
-        if (rc != NULL) {
-            redisFree(rc);
-            rc = NULL;
-        }
-        sleep_us(20000);
-    }
-    kill(redis_pid, SIGKILL);
-    waitpid(redis_pid, NULL, 0);
-    redis_pid = -1;
-    return -1;
-}
-
 static void
 redis_start(void)
 {
-    int attempt;
+    struct timeval tv = { 2, 0 };
 
-    for (attempt = 0; attempt < 5; attempt++) {
-        if (try_start(free_port()) == 0) {
-            return;
-        }
-    }
-    cr_assert_fail("redis-server did not start (is it installed?)");
+    TGH_CHECK(tgh_redis_start(&redis_srv) == 0, "redis-server did not start (is it installed?)");
+    redis_port = redis_srv.port;
+    rc = redisConnectWithTimeout("127.0.0.1", redis_port, tv);
+    cr_assert(rc != NULL && !rc->err, "connect to redis-server on port %d", redis_port);
+    redisSetTimeout(rc, (struct timeval){ 10, 0 });
 }
 
 static void
@@ -185,11 +79,7 @@ redis_stop(void)
         redisFree(rc);
         rc = NULL;
     }
-    if (redis_pid > 0) {
-        kill(redis_pid, SIGKILL);
-        waitpid(redis_pid, NULL, 0);
-        redis_pid = -1;
-    }
+    tgh_cleanup();
 }
 
 TestSuite(gcra_redis, .init = redis_start, .fini = redis_stop, .timeout = 120);

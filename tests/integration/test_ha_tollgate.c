@@ -29,8 +29,6 @@
 
 #include "harness.h"
 
-#define REDIS_BIN "/usr/bin/redis-server"
-#define CLI_BIN   "/usr/bin/redis-cli"
 #define NSLOTS    16384
 
 TestSuite(ha_tollgate, .fini = tgh_cleanup, .timeout = 240);
@@ -266,98 +264,19 @@ cli_long(int port, const char *fmt, const char *arg)
     return e == out ? -1 : v;
 }
 
-/* Poll until redis-cli ARGS on port answers with text containing needle. */
-static int
-poll_cli(int port, const char *needle, const char *args, int timeout_ms)
-{
-    uint64_t end = tgh_now_ms() + (uint64_t)timeout_ms;
-
-    while (!cli_has(port, needle, args)) {
-        if (tgh_now_ms() >= end)
-            return 0;
-        tgh_sleep_ms(50);
-    }
-    return 1;
-}
-
-/* Cluster nodes also listen on port + 10000: both must be free. */
-static int
-free_cluster_port(void)
-{
-    for (int i = 0; i < 100; i++) {
-        int p = tgh_free_port();
-        struct sockaddr_in sa = { .sin_family = AF_INET };
-        int fd, ok;
-
-        if (p <= 0 || p + 10000 > 65535)
-            continue;
-        fd = socket(AF_INET, SOCK_STREAM, 0);
-        if (fd < 0)
-            continue;
-        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        sa.sin_port = htons((uint16_t)(p + 10000));
-        ok = bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
-        close(fd);
-        if (ok)
-            return p;
-    }
-    cr_assert_fail("no free port pair for a cluster node");
-    return -1;
-}
-
 static int g_ha6;                       /* Cluster of 3 masters + 3 replicas */
 
-/* redis-server on port with its files in the temp dir; replicaof_port > 0
- * makes it a replica, cluster != 0 a cluster node.  Waits for PING. */
+/* redis-server on a free port (a replica of 127.0.0.1:replicaof when
+ * > 0), its port into *port; waits for it. */
 static tgh_proc *
-redis_start(int port, int replicaof_port, int cluster)
+redis_start(int *port, int replicaof)
 {
-    char portstr[16], rofstr[16], conf[600], name[32];
-    char *argv[32];
-    int n = 0;
-    tgh_proc *p;
+    tgh_upstream u = { 0 };
+    tgh_redis_opts o = { .replicaof = replicaof };
 
-    snprintf(portstr, sizeof portstr, "%d", port);
-    snprintf(rofstr, sizeof rofstr, "%d", replicaof_port);
-    snprintf(conf, sizeof conf, "%s/nodes-%d.conf", tgh_tmpdir(), port);
-    snprintf(name, sizeof name, "redis-%d", port);
-    argv[n++] = REDIS_BIN;
-    argv[n++] = "--port";
-    argv[n++] = portstr;
-    argv[n++] = "--bind";
-    argv[n++] = "127.0.0.1";
-    argv[n++] = "--dir";
-    argv[n++] = (char *)tgh_tmpdir();
-    argv[n++] = "--save";
-    argv[n++] = "";
-    argv[n++] = "--appendonly";
-    argv[n++] = "no";
-    if (replicaof_port > 0) {
-        argv[n++] = "--replicaof";
-        argv[n++] = "127.0.0.1";
-        argv[n++] = rofstr;
-    }
-    if (cluster) {
-        argv[n++] = "--cluster-enabled";
-        argv[n++] = "yes";
-        argv[n++] = "--cluster-config-file";
-        argv[n++] = conf;
-    }
-    if (cluster && g_ha6) {
-        /* replicas: fail over within seconds; the live masters keep
-         * serving while one fails over */
-        argv[n++] = "--cluster-node-timeout";
-        argv[n++] = "1000";
-        argv[n++] = "--cluster-require-full-coverage";
-        argv[n++] = "no";
-        argv[n++] = "--repl-diskless-sync-delay";
-        argv[n++] = "0";
-    }
-    argv[n] = NULL;
-    p = tgh_spawn(name, argv);
-    TGH_CHECK(p != NULL, "spawn redis-server %d", port);
-    TGH_CHECK(poll_cli(port, "PONG", "PING", 10000), "redis-server %d did not start", port);
-    return p;
+    TGH_CHECK(tgh_redis_start_opts(&u, &o) == 0, "redis-server did not start");
+    *port = u.port;
+    return u.proc;
 }
 
 /* ------------------------------------------------------------------ */
@@ -397,42 +316,26 @@ sentinel_master_port(int port)
 
 Test(ha_tollgate, sentinel_failover_after_kill_9)
 {
-    int mport = tgh_free_port(), rport = tgh_free_port(), sport[3];
+    int mport, rport, sport[3];
     char redis_extra[512], key[64], role[256];
     tgh_proc *master;
     counts a = { 0 }, b = { 0 }, settle = { 0 }, c = { 0 };
     uint64_t t0, end;
     int st = 0, attempts = 0, promoted;
 
-    master = redis_start(mport, 0, 0);
-    redis_start(rport, mport, 0);
-    TGH_CHECK(poll_cli(rport, "master_link_status:up", "INFO replication", 15000),
+    master = redis_start(&mport, 0);
+    redis_start(&rport, mport);
+    TGH_CHECK(tgh_redis_wait(rport, "master_link_status:up", 15000, "INFO replication"),
               "the replica never linked to the master");
 
     for (int i = 0; i < 3; i++) {
-        char conf[600], path[600], name[32];
-        char *argv[4];
-        FILE *f;
-
-        sport[i] = tgh_free_port();
-        snprintf(path, sizeof path, "%s/sentinel-%d.conf", tgh_tmpdir(), i);
-        snprintf(conf, sizeof conf,
-                 "port %d\nbind 127.0.0.1\ndir %s\n"
-                 "sentinel resolve-hostnames no\n"
-                 "sentinel monitor mymaster 127.0.0.1 %d 2\n"
-                 "sentinel down-after-milliseconds mymaster 1000\n"
-                 "sentinel failover-timeout mymaster 5000\n",
-                 sport[i], tgh_tmpdir(), mport);
-        f = fopen(path, "w");
-        cr_assert_not_null(f);
-        fputs(conf, f);
-        cr_assert_eq(fclose(f), 0);
-        snprintf(name, sizeof name, "sentinel-%d", i);
-        argv[0] = REDIS_BIN;
-        argv[1] = path;
-        argv[2] = "--sentinel";
-        argv[3] = NULL;
-        TGH_CHECK(tgh_spawn(name, argv) != NULL, "spawn sentinel %d", i);
+        tgh_upstream u;
+        TGH_CHECK(tgh_sentinel_start(&u, NULL,
+                                     "sentinel monitor mymaster 127.0.0.1 %d 2\n"
+                                     "sentinel down-after-milliseconds mymaster 1000\n"
+                                     "sentinel failover-timeout mymaster 5000\n", mport) == 0,
+                  "sentinel %d did not start", i);
+        sport[i] = u.port;
     }
     for (int i = 0; i < 3; i++) {
         end = tgh_now_ms() + 20000;
@@ -521,38 +424,23 @@ static int g_slot_owner[NSLOTS];        /* port of the master serving a slot */
 static void
 cluster_start(void)
 {
-    char addrs[6][32];
-    char *cli[16];
-    int n = 0, status, nn = g_ha6 ? 6 : 3;
-    tgh_proc *p;
+    /* replicas: fail over within seconds; the live masters keep serving
+     * while one fails over */
+    static const char *const ha6[] = {
+        "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no",
+        "--repl-diskless-sync-delay", "0", NULL,
+    };
+    tgh_redis_opts o = { .cluster = 1, .args = g_ha6 ? ha6 : NULL };
+    int nn = g_ha6 ? 6 : 3;
 
     for (int i = 0; i < nn; i++) {
-        g_cport[i] = free_cluster_port();
-        snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", g_cport[i]);
-        g_cproc[i] = redis_start(g_cport[i], 0, 1);
+        tgh_upstream u = { 0 };
+        TGH_CHECK(tgh_redis_start_opts(&u, &o) == 0, "cluster node %d did not start", i);
+        g_cport[i] = u.port;
+        g_cproc[i] = u.proc;
     }
-    cli[n++] = CLI_BIN;
-    cli[n++] = "--cluster";
-    cli[n++] = "create";
-    for (int i = 0; i < nn; i++)
-        cli[n++] = addrs[i];
-    cli[n++] = "--cluster-replicas";
-    cli[n++] = g_ha6 ? "1" : "0";
-    cli[n++] = "--cluster-yes";
-    cli[n] = NULL;
-    p = tgh_spawn("cluster-create", cli);
-    TGH_CHECK(p != NULL, "spawn redis-cli --cluster create");
-    TGH_CHECK(tgh_proc_wait(p, 60000) == 0, "redis-cli --cluster create hangs");
-    status = p->status;
-    TGH_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+    TGH_CHECK(tgh_redis_cluster_create(g_cport, nn, g_ha6 ? 1 : 0, NULL) == 0,
               "redis-cli --cluster create failed");
-    for (int i = 0; i < nn; i++)
-        TGH_CHECK(poll_cli(g_cport[i], "cluster_state:ok", "CLUSTER INFO", 30000),
-                  "cluster_state is not ok on node %d", i);
-    for (int i = 0; i < nn; i++)         /* replicas synced: able to fail over */
-        if (!cli_has(g_cport[i], "role:master", "INFO replication"))
-            TGH_CHECK(poll_cli(g_cport[i], "master_link_status:up", "INFO replication",
-                               30000), "replica %d never synced", g_cport[i]);
 }
 
 /* Fill g_slot_owner from CLUSTER NODES as node `port` sees it. */

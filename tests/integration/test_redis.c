@@ -1,7 +1,8 @@
 /*
  * test_redis.c - the Redis client (src/redis.c) against a real
- * redis-server started by each test on an ephemeral loopback port, and
- * against a fake server that answers nonsense.
+ * redis-server started by each test on an ephemeral loopback port (by the
+ * harness: tests/integration/harness.h), and against a fake server, forked
+ * here, that answers nonsense.
  *
  * The event loop is driven with event_base_loop(EVLOOP_ONCE) until a
  * condition holds or a generous deadline passes (a 5 ms tick keeps every
@@ -25,36 +26,18 @@
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 
+#include "harness.h"
 #include "tollgate/common.h"
 #include "tollgate/gcra.h"
 #include "tollgate/redis.h"
 
-#define REDIS_BIN "/usr/bin/redis-server"
-
 static struct event_base *g_base;
-static pid_t g_redis = -1;           /* the real server */
+static tgh_upstream g_redis;         /* the real server */
 static pid_t g_fake = -1;            /* the fake one */
-static pid_t g_redis_alt = -1;       /* a real one where the fake was */
 static int g_port;
 
 /* ------------------------------------------------------------------ */
 /* processes and ports                                                 */
-
-static int
-free_port(void)
-{
-    struct sockaddr_in sa = { .sin_family = AF_INET };
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-    cr_assert(fd >= 0);
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    cr_assert(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
-    cr_assert(getsockname(fd, (struct sockaddr *)&sa, &len) == 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
 
 /* A blocking command on a fresh connection (test setup only). */
 static redisReply *
@@ -77,46 +60,13 @@ sync_cmd(int port, const char *fmt, ...)
     return rep;
 }
 
-static int
-redis_pings(int port)
+/* The real server: on a free port, or on port when it is > 0. */
+static void
+redis_start(tgh_upstream *u, int port)
 {
-    redisReply *rep = sync_cmd(port, "PING");
-    int ok = rep != NULL && rep->type == REDIS_REPLY_STATUS && strcmp(rep->str, "PONG") == 0;
-
-    if (rep) freeReplyObject(rep);
-    return ok;
-}
-
-static pid_t
-redis_start(int port)
-{
-    char portstr[16];
-    uint64_t deadline;
-    pid_t pid;
-
-    snprintf(portstr, sizeof(portstr), "%d", port);
-    pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        int devnull = open("/dev/null", O_RDWR);
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (devnull >= 0) {
-            dup2(devnull, 0);
-            dup2(devnull, 1);
-            dup2(devnull, 2);
-        }
-        execl(REDIS_BIN, REDIS_BIN, "--port", portstr, "--bind", "127.0.0.1",
-              "--save", "", "--appendonly", "no", (char *)NULL);
-        _exit(127);
-    }
-    deadline = tg_now_ms() + 10000;
-    while (!redis_pings(port)) {
-        int st;
-        cr_assert(waitpid(pid, &st, WNOHANG) == 0, "redis-server exited at start");
-        cr_assert(tg_now_ms() < deadline, "redis-server did not answer PING");
-        usleep(10000);          /* polling a process we do not own the loop of */
-    }
-    return pid;
+    memset(u, 0, sizeof(*u));
+    u->port = port;
+    TGH_CHECK(tgh_redis_start(u) == 0, "redis-server did not start");
 }
 
 static void
@@ -398,16 +348,15 @@ setup(void)
 {
     g_base = event_base_new();
     cr_assert_not_null(g_base);
-    g_port = free_port();
-    g_redis = redis_start(g_port);
+    redis_start(&g_redis, 0);
+    g_port = g_redis.port;
 }
 
 static void
 teardown(void)
 {
-    proc_kill(&g_redis);
     proc_kill(&g_fake);
-    proc_kill(&g_redis_alt);
+    tgh_cleanup();
     if (g_base) {
         event_base_free(g_base);
         g_base = NULL;
@@ -572,7 +521,7 @@ Test(redis, deadline_when_redis_is_stopped)
     tg_redis_stats st;
 
     cr_assert(charge_ok_eventually(r, 5000));
-    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
 
     charge_res c = { 0 };
     uint64_t t0 = tg_now_ms();
@@ -602,7 +551,7 @@ Test(redis, deadline_when_redis_is_stopped)
     struct reconn_want w = { r, st.reconnects + 1 };
     cr_assert(run_until(cond_reconnects, &w, 5000), "no reconnect after 3 deadlines");
 
-    cr_assert_eq(kill(g_redis, SIGCONT), 0);
+    cr_assert_eq(kill(g_redis.proc->pid, SIGCONT), 0);
     cr_assert(charge_ok_eventually(r, 10000), "charges work again after SIGCONT");
     tg_redis_destroy(r);
 }
@@ -615,7 +564,7 @@ Test(redis, redis_killed_and_restarted)
     tg_redis_stats st;
 
     cr_assert(charge_ok_eventually(r, 5000));
-    proc_kill(&g_redis);
+    cr_assert_eq(tgh_proc_kill(g_redis.proc), 0);
     cr_assert(run_until(cond_not_ready, r, 5000), "the client saw the server go");
 
     for (int i = 0; i < 5; i++) {
@@ -643,7 +592,7 @@ Test(redis, redis_killed_and_restarted)
     cr_assert_geq(st.reconnects, before + 2);
     cr_assert(!tg_redis_ready(r));
 
-    g_redis = redis_start(g_port);
+    redis_start(&g_redis, g_port);
     uint64_t t0 = tg_now_ms();
     cr_assert(run_until(cond_ready, r, 8000), "ready again after restart");
     cr_log_info("ready %llu ms after the restart", (unsigned long long)(tg_now_ms() - t0));
@@ -653,7 +602,7 @@ Test(redis, redis_killed_and_restarted)
 
 Test(redis, nothing_listening)
 {
-    int port = free_port();
+    int port = tgh_free_port();
     struct tg_redis *r = client(port, 1000, 32, 0);
     tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
     charge_res c = { 0 };
@@ -768,6 +717,7 @@ unbounded(const char *answer, int stream)
     enum { TMO = 100, MARGIN = 150 };
     tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
     long rss0 = rss_kib(), worst = 0;
+    tgh_upstream alt;                   /* a real server where the fake was */
     tg_redis_stats st;
     struct tg_redis *r;
     uint64_t end;
@@ -799,10 +749,9 @@ unbounded(const char *answer, int stream)
 
     /* the real one is back on that port */
     proc_kill(&g_fake);
-    g_redis_alt = redis_start(port);
+    redis_start(&alt, port);
     cr_assert(charge_ok_eventually(r, 10000), "charges work again with a real Redis");
     tg_redis_destroy(r);
-    proc_kill(&g_redis_alt);
 }
 
 Test(redis, huge_array_header)
@@ -900,7 +849,7 @@ Test(redis, cancel)
 
     /* cancelled while in flight: sent, answer dropped (redis is stopped
      * so that the answer cannot come before the cancel) */
-    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
     charge1(r, "t:{c}:c", lim, &c[2]);
     op = charge1(r, "t:{c}:d", lim, &c[3]);
     tg_redis_get_stats(r, &st);
@@ -910,7 +859,7 @@ Test(redis, cancel)
         tg_redis_get_stats(r, &st);
     }
     tg_redis_cancel(op);
-    cr_assert_eq(kill(g_redis, SIGCONT), 0);
+    cr_assert_eq(kill(g_redis.proc->pid, SIGCONT), 0);
     cr_assert(wait_count(&c[2].called, 1, 5000));
     cr_assert_eq(c[2].rc, TG_OK);
 
@@ -927,7 +876,7 @@ Test(redis, cancel)
     cr_assert_eq(co.victim_called, 0);
 
     /* and a cancelled op of a batch that times out: redis stopped */
-    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
     charge_res e = { 0 };
     op = charge1(r, "t:{c}:e", lim, &e);
     charge_res f = { 0 };
@@ -936,7 +885,7 @@ Test(redis, cancel)
     tg_redis_cancel(op);
     cr_assert(wait_count(&f.called, 1, 5000));
     cr_assert_eq(f.rc, TG_ERR);
-    cr_assert_eq(kill(g_redis, SIGCONT), 0);
+    cr_assert_eq(kill(g_redis.proc->pid, SIGCONT), 0);
     cr_assert(charge_ok_eventually(r, 5000));
 
     cr_assert_eq(c[1].called, 0);
@@ -961,14 +910,14 @@ Test(redis, destroy_with_work_pending)
     charge_res a = { 0 }, b = { 0 };
 
     charge1(r, "t:{d}:a", lim, &a);            /* queued */
-    cr_assert_eq(kill(g_redis, SIGSTOP), 0);
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
     event_base_loop(g_base, EVLOOP_NONBLOCK);   /* sent, stuck */
     charge1(r, "t:{d}:b", lim, &b);            /* queued */
     tg_redis_destroy(r);
     event_base_loop(g_base, EVLOOP_NONBLOCK);
     cr_assert_eq(a.called, 0, "destroy calls no callback");
     cr_assert_eq(b.called, 0);
-    kill(g_redis, SIGCONT);
+    kill(g_redis.proc->pid, SIGCONT);
 }
 
 Test(redis, hget)

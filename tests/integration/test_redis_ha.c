@@ -4,9 +4,10 @@
  * Cluster (three masters: keys spread over the nodes, exact limits, the
  * global bucket's refund, a slot migrated under a live key).
  *
- * Every process is real, runs on an ephemeral loopback port in the test's
- * own temporary directory, dies with the test (PR_SET_PDEATHSIG) and is
- * killed by the fixture.  Waits are bounded polls; the event loop is
+ * Every process is real and started by the harness
+ * (tests/integration/harness.h): an ephemeral loopback port, its files in
+ * the harness's temporary directory, SIGKILL on parent death, killed by
+ * tgh_cleanup() in the fixture.  Waits are bounded polls; the event loop is
  * driven with EVLOOP_ONCE and a 5 ms tick; nothing sleeps for a fixed time.
  */
 #include <criterion/criterion.h>
@@ -30,117 +31,17 @@
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 
+#include "harness.h"
 #include "tollgate/common.h"
 #include "tollgate/gcra.h"
 #include "tollgate/redis.h"
 #include "tollgate/throttle.h"
 
-#define REDIS_BIN "/usr/bin/redis-server"
-#define CLI_BIN   "/usr/bin/redis-cli"
-#define MAX_PROCS 16
-
 static struct event_base *g_base;
-static pid_t g_procs[MAX_PROCS];
-static int g_nprocs;
-static char g_dir[64];
+static pid_t g_stale = -1;              /* the partitioned "sentinel", forked here */
 
 /* ------------------------------------------------------------------ */
-/* processes, ports, files                                             */
-
-static int
-free_port(void)
-{
-    struct sockaddr_in sa = { .sin_family = AF_INET };
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-    cr_assert(fd >= 0);
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    cr_assert(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
-    cr_assert(getsockname(fd, (struct sockaddr *)&sa, &len) == 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
-
-/* Cluster nodes also listen on port + 10000: both must be free. */
-static int
-free_cluster_port(void)
-{
-    for (int i = 0; i < 100; i++) {
-        int p = free_port();
-        struct sockaddr_in sa = { .sin_family = AF_INET };
-        int fd, ok;
-        if (p + 10000 > 65535) {
-            continue;
-        }
-        fd = socket(AF_INET, SOCK_STREAM, 0);
-        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        sa.sin_port = htons((uint16_t)(p + 10000));
-        ok = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
-        close(fd);
-        if (ok) {
-            return p;
-        }
-    }
-    cr_assert_fail("no free port pair for a cluster node");
-    return -1;
-}
-
-/* Start argv in g_dir, output to g_dir/<log>; the pid is killed at the end. */
-static pid_t
-spawn(const char *log, char *const argv[])
-{
-    char path[128];
-    pid_t pid;
-
-    snprintf(path, sizeof(path), "%s/%s", g_dir, log);
-    cr_assert(g_nprocs < MAX_PROCS);
-    pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        int out = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        int devnull = open("/dev/null", O_RDONLY);
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (chdir(g_dir) != 0) {
-            _exit(126);
-        }
-        if (devnull >= 0) dup2(devnull, 0);
-        if (out >= 0) {
-            dup2(out, 1);
-            dup2(out, 2);
-        }
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    g_procs[g_nprocs++] = pid;
-    return pid;
-}
-
-static void
-proc_kill(pid_t pid)
-{
-    for (int i = 0; i < g_nprocs; i++) {
-        if (g_procs[i] == pid) {
-            kill(pid, SIGKILL);
-            waitpid(pid, NULL, 0);
-            g_procs[i] = -1;
-        }
-    }
-}
-
-static void
-write_file(const char *name, const char *text)
-{
-    char path[128];
-    FILE *f;
-
-    snprintf(path, sizeof(path), "%s/%s", g_dir, name);
-    f = fopen(path, "w");
-    cr_assert_not_null(f);
-    fputs(text, f);
-    fclose(f);
-}
+/* processes and setup connections                                     */
 
 static const char *g_auth;              /* AUTH on every setup connection, or NULL */
 
@@ -244,11 +145,6 @@ poll_until(int (*fn)(int, const void *), int port, const void *arg, unsigned tim
     return 1;
 }
 
-static int
-pings(int port, const void *arg)
-{
-    return reply_has(port, "PONG", "PING");
-}
 
 static int
 has_text(int port, const void *arg)
@@ -261,55 +157,17 @@ has_text(int port, const void *arg)
     return ok;
 }
 
-static pid_t
-redis_start(int port, const char *extra1, const char *extra2)
+/* A redis-server on a free port (a replica of 127.0.0.1:replicaof when
+ * > 0; requirepass when password is not NULL); its port into *port. */
+static tgh_proc *
+redis_start(int *port, int replicaof, const char *password)
 {
-    char portstr[16], log[32];
-    char *argv[16];
-    int n = 0;
-    pid_t pid;
+    tgh_upstream u = { 0 };
+    tgh_redis_opts o = { .replicaof = replicaof, .password = password };
 
-    snprintf(portstr, sizeof(portstr), "%d", port);
-    snprintf(log, sizeof(log), "redis-%d.log", port);
-    argv[n++] = REDIS_BIN;
-    argv[n++] = "--port";
-    argv[n++] = portstr;
-    argv[n++] = "--bind";
-    argv[n++] = "127.0.0.1";
-    argv[n++] = "--save";
-    argv[n++] = "";
-    argv[n++] = "--appendonly";
-    argv[n++] = "no";
-    if (extra1 != NULL) {
-        argv[n++] = "--replicaof";
-        argv[n++] = (char *)extra1;
-        argv[n++] = (char *)extra2;
-    }
-    argv[n] = NULL;
-    pid = spawn(log, argv);
-    cr_assert(poll_until(pings, port, NULL, 10000), "redis-server %d did not start", port);
-    return pid;
-}
-
-static void
-rm_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    struct dirent *e;
-    char path[512];
-
-    if (d == NULL) {
-        return;
-    }
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) {
-            continue;
-        }
-        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    rmdir(dir);
+    TGH_CHECK(tgh_redis_start_opts(&u, &o) == 0, "redis-server did not start");
+    *port = u.port;
+    return u.proc;
 }
 
 /* ------------------------------------------------------------------ */
@@ -412,22 +270,17 @@ setup(void)
 {
     g_base = event_base_new();
     cr_assert_not_null(g_base);
-    snprintf(g_dir, sizeof(g_dir), "/tmp/tg-redis-ha-XXXXXX");
-    cr_assert_not_null(mkdtemp(g_dir));
-    g_nprocs = 0;
 }
 
 static void
 teardown(void)
 {
-    for (int i = 0; i < g_nprocs; i++) {
-        if (g_procs[i] > 0) {
-            kill(g_procs[i], SIGKILL);
-            waitpid(g_procs[i], NULL, 0);
-        }
+    if (g_stale > 0) {
+        kill(g_stale, SIGKILL);
+        waitpid(g_stale, NULL, 0);
+        g_stale = -1;
     }
-    g_nprocs = 0;
-    rm_dir(g_dir);
+    tgh_cleanup();
     if (g_base) {
         event_base_free(g_base);
         g_base = NULL;
@@ -475,14 +328,36 @@ master_port_is(int port, const void *arg)
     return ok;
 }
 
+/* Three sentinels watching the master on mport (quorum 2, down after 1 s),
+ * each settled: it sees the two others and the replica. */
+static void
+sentinels_start(int mport, int sport[3], tgh_proc *sent[3])
+{
+    for (int i = 0; i < 3; i++) {
+        tgh_upstream u;
+        TGH_CHECK(tgh_sentinel_start(&u, NULL,
+                                     "sentinel monitor mymaster 127.0.0.1 %d 2\n"
+                                     "sentinel down-after-milliseconds mymaster 1000\n"
+                                     "sentinel failover-timeout mymaster 5000\n", mport) == 0,
+                  "sentinel %d did not start", i);
+        sport[i] = u.port;
+        if (sent != NULL) {
+            sent[i] = u.proc;
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        TGH_CHECK(poll_until(sentinel_settled, sport[i], NULL, 20000),
+                  "sentinel %d never saw the others and the replica", i);
+    }
+}
+
 TestSuite(redis_sentinel, .init = setup, .fini = teardown, .timeout = 180);
 
 Test(redis_sentinel, failover_after_kill_9)
 {
-    int mport = free_port(), rport = free_port(), sport[3];
-    char mportstr[16], conf[512], name[32], log[32];
+    int mport, rport, sport[3];
     const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
-    pid_t master;
+    tgh_proc *master;
     tg_redis_opts o;
     struct tg_redis *r;
     tg_redis_stats st;
@@ -490,34 +365,10 @@ Test(redis_sentinel, failover_after_kill_9)
     uint64_t t0, took;
     tally t = { 0 };
 
-    snprintf(mportstr, sizeof(mportstr), "%d", mport);
-    master = redis_start(mport, NULL, NULL);
-    redis_start(rport, "127.0.0.1", mportstr);
+    master = redis_start(&mport, 0, NULL);
+    redis_start(&rport, mport, NULL);
     cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
-
-    for (int i = 0; i < 3; i++) {
-        char *argv[4];
-        sport[i] = free_port();
-        snprintf(name, sizeof(name), "sentinel-%d.conf", i);
-        snprintf(log, sizeof(log), "sentinel-%d.log", i);
-        snprintf(conf, sizeof(conf),
-                 "port %d\nbind 127.0.0.1\ndir %s\n"
-                 "sentinel resolve-hostnames no\n"
-                 "sentinel monitor mymaster 127.0.0.1 %d 2\n"
-                 "sentinel down-after-milliseconds mymaster 1000\n"
-                 "sentinel failover-timeout mymaster 5000\n",
-                 sport[i], g_dir, mport);
-        write_file(name, conf);
-        argv[0] = REDIS_BIN;
-        argv[1] = name;
-        argv[2] = "--sentinel";
-        argv[3] = NULL;
-        spawn(log, argv);
-    }
-    for (int i = 0; i < 3; i++) {
-        cr_assert(poll_until(sentinel_settled, sport[i], NULL, 20000),
-                  "sentinel %d never saw the others and the replica", i);
-    }
+    sentinels_start(mport, sport, NULL);
 
     memset(&o, 0, sizeof(o));
     snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
@@ -538,7 +389,7 @@ Test(redis_sentinel, failover_after_kill_9)
     cr_assert(sync_int(mport, "EXISTS %s", "tg:{before}:t") == 1, "not on the master");
 
     /* the master dies hard; a sentinel promotes the replica */
-    proc_kill(master);
+    cr_assert_eq(tgh_proc_kill(master), 0);
     t0 = tg_now_ms();
     cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 30000),
               "no successful charge within 30 s of the failover");
@@ -579,7 +430,6 @@ stale_sentinel_start(int mport)
     cr_assert(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
     cr_assert(listen(lfd, 16) == 0);
     cr_assert(getsockname(lfd, (struct sockaddr *)&sa, &len) == 0);
-    cr_assert(g_nprocs < MAX_PROCS);
     pid = fork();
     cr_assert(pid >= 0);
     if (pid == 0) {
@@ -604,7 +454,7 @@ stale_sentinel_start(int mport)
         }
     }
     close(lfd);
-    g_procs[g_nprocs++] = pid;
+    g_stale = pid;
     return ntohs(sa.sin_port);
 }
 
@@ -616,43 +466,19 @@ stale_sentinel_start(int mport)
  */
 Test(redis_sentinel, stale_and_frozen_sentinels_are_left_behind)
 {
-    int mport = free_port(), rport = free_port(), sport[3];
-    char mportstr[16], conf[512], name[32], log[32];
+    int mport, rport, sport[3];
     const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
-    pid_t master, sent[3];
+    tgh_proc *master, *sent[3];
     tg_redis_opts o;
     struct tg_redis *r;
     tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
     uint64_t t_promo, took;
     tally t = { 0 };
 
-    snprintf(mportstr, sizeof(mportstr), "%d", mport);
-    master = redis_start(mport, NULL, NULL);
-    redis_start(rport, "127.0.0.1", mportstr);
+    master = redis_start(&mport, 0, NULL);
+    redis_start(&rport, mport, NULL);
     cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
-    for (int i = 0; i < 3; i++) {
-        char *argv[4];
-        sport[i] = free_port();
-        snprintf(name, sizeof(name), "sentinel-%d.conf", i);
-        snprintf(log, sizeof(log), "sentinel-%d.log", i);
-        snprintf(conf, sizeof(conf),
-                 "port %d\nbind 127.0.0.1\ndir %s\n"
-                 "sentinel resolve-hostnames no\n"
-                 "sentinel monitor mymaster 127.0.0.1 %d 2\n"
-                 "sentinel down-after-milliseconds mymaster 1000\n"
-                 "sentinel failover-timeout mymaster 5000\n",
-                 sport[i], g_dir, mport);
-        write_file(name, conf);
-        argv[0] = REDIS_BIN;
-        argv[1] = name;
-        argv[2] = "--sentinel";
-        argv[3] = NULL;
-        sent[i] = spawn(log, argv);
-    }
-    for (int i = 0; i < 3; i++) {
-        cr_assert(poll_until(sentinel_settled, sport[i], NULL, 20000),
-                  "sentinel %d never saw the others and the replica", i);
-    }
+    sentinels_start(mport, sport, sent);
 
     memset(&o, 0, sizeof(o));
     snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
@@ -671,8 +497,8 @@ Test(redis_sentinel, stale_and_frozen_sentinels_are_left_behind)
     charge_many(r, "tg:{before}:t", lim, NULL, lim, 40, &t);
     cr_assert_eq(t.allowed, 20, "before failover: %d of 40 allowed", t.allowed);
 
-    kill(sent[0], SIGSTOP);             /* frozen: connects, never answers */
-    proc_kill(master);
+    tgh_proc_signal(sent[0], SIGSTOP, 0);   /* frozen: connects, never answers */
+    cr_assert_eq(tgh_proc_kill(master), 0);
     /* keep the client busy while the others fail over */
     t_promo = tg_now_ms() + 30000;
     while (!master_port_is(sport[1], &rport) && tg_now_ms() < t_promo) {
@@ -690,7 +516,7 @@ Test(redis_sentinel, stale_and_frozen_sentinels_are_left_behind)
     cr_assert_eq(t.allowed, 20, "after failover: %d of 40 allowed", t.allowed);
     cr_assert(sync_int(rport, "EXISTS %s", "tg:{after}:t") == 1,
               "not written to the promoted replica");
-    kill(sent[0], SIGCONT);
+    tgh_proc_signal(sent[0], SIGCONT, 0);
     tg_redis_destroy(r);
 }
 
@@ -698,40 +524,23 @@ Test(redis_sentinel, stale_and_frozen_sentinels_are_left_behind)
  * demoted): ROLE says so, the client never becomes ready on it. */
 Test(redis_sentinel, replica_is_never_used)
 {
-    int mport = free_port(), rport = free_port();
-    char mportstr[16];
+    int mport, rport;
     tg_redis_opts o;
     struct tg_redis *r;
     tg_redis_stats st;
     const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+    tgh_upstream stale;
     int fake;
-    pid_t fpid;
-    char fport[16], *argv[8];
 
-    snprintf(mportstr, sizeof(mportstr), "%d", mport);
-    redis_start(mport, NULL, NULL);
-    redis_start(rport, "127.0.0.1", mportstr);
+    redis_start(&mport, 0, NULL);
+    redis_start(&rport, mport, NULL);
     cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
 
-    /* a "sentinel" that names the replica: a redis-server whose
-     * SENTINEL command is... absent; use a real sentinel monitoring the
-     * replica's address instead. */
-    fake = free_port();
-    snprintf(fport, sizeof(fport), "%d", fake);
-    {
-        char conf[512];
-        snprintf(conf, sizeof(conf),
-                 "port %d\nbind 127.0.0.1\ndir %s\nsentinel resolve-hostnames no\n"
-                 "sentinel monitor mymaster 127.0.0.1 %d 1\n", fake, g_dir, rport);
-        write_file("stale.conf", conf);
-    }
-    argv[0] = REDIS_BIN;
-    argv[1] = "stale.conf";
-    argv[2] = "--sentinel";
-    argv[3] = NULL;
-    fpid = spawn("stale.log", argv);
-    (void)fpid;
-    cr_assert(poll_until(pings, fake, NULL, 10000));
+    /* a "sentinel" that names the replica: a real sentinel monitoring the
+     * replica's address */
+    TGH_CHECK(tgh_sentinel_start(&stale, NULL, "sentinel monitor mymaster 127.0.0.1 %d 1\n",
+                                 rport) == 0, "sentinel did not start");
+    fake = stale.port;
 
     memset(&o, 0, sizeof(o));
     snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
@@ -758,110 +567,49 @@ Test(redis_sentinel, replica_is_never_used)
 /* Cluster                                                             */
 
 static int g_cport[6];
+static tgh_upstream g_cnode[6];
 static const char *g_announce;          /* cluster-announce-hostname, or NULL */
 
-static int
-cluster_ok(int port, const void *arg)
-{
-    return reply_has(port, "cluster_state:ok", "CLUSTER INFO");
-}
 
 /* n nodes (3 masters, then a replica each when n == 6), a node timeout
  * of 1 s (failover within a few seconds). */
 static void
 cluster_start_n(int nnodes)
 {
-    char ports[6][16], addrs[6][32], confs[6][128], logs[6][32];
-    char *cli[20];
-    pid_t pid;
-    uint64_t deadline;
-    int st = 0, n = 0;
+    /* with replicas: the live masters keep serving their slots while one
+     * is failing over (else CLUSTERDOWN everywhere meanwhile) */
+    static const char *const six[] = {
+        "--cluster-node-timeout", "1000", "--repl-diskless-sync-delay", "0",
+        "--cluster-require-full-coverage", "no", NULL,
+    };
+    static const char *const three[] = {
+        "--cluster-node-timeout", "1000", "--repl-diskless-sync-delay", "0", NULL,
+    };
+    /* nodes known by name: CLUSTER SLOTS and MOVED say the name */
+    const char *const named[] = {
+        "--cluster-node-timeout", "1000", "--repl-diskless-sync-delay", "0",
+        "--cluster-announce-hostname", g_announce,
+        "--cluster-preferred-endpoint-type", "hostname", NULL,
+    };
+    tgh_redis_opts o = { .cluster = 1 };
 
-    for (int i = 0; i < nnodes; i++) {
-        char *argv[24];
-        g_cport[i] = free_cluster_port();
-        snprintf(ports[i], sizeof(ports[i]), "%d", g_cport[i]);
-        snprintf(addrs[i], sizeof(addrs[i]), "127.0.0.1:%d", g_cport[i]);
-        snprintf(confs[i], sizeof(confs[i]), "%s/nodes-%d.conf", g_dir, g_cport[i]);
-        snprintf(logs[i], sizeof(logs[i]), "node-%d.log", g_cport[i]);
-        argv[0] = REDIS_BIN;
-        argv[1] = "--port";
-        argv[2] = ports[i];
-        argv[3] = "--bind";
-        argv[4] = "127.0.0.1";
-        argv[5] = "--cluster-enabled";
-        argv[6] = "yes";
-        argv[7] = "--cluster-config-file";
-        argv[8] = confs[i];
-        argv[9] = "--save";
-        argv[10] = "";
-        argv[11] = "--appendonly";
-        argv[12] = "no";
-        argv[13] = "--cluster-node-timeout";
-        argv[14] = "1000";
-        /* with replicas: the live masters keep serving their slots while
-         * one is failing over (else CLUSTERDOWN everywhere meanwhile) */
-        argv[15] = "--repl-diskless-sync-delay";
-        argv[16] = "0";
-        argv[17] = NULL;
-        if (nnodes == 6) {
-            argv[17] = "--cluster-require-full-coverage";
-            argv[18] = "no";
-            argv[19] = NULL;
-        } else if (g_auth != NULL) {
-            argv[17] = "--requirepass";
-            argv[18] = (char *)g_auth;
-            argv[19] = "--masterauth";
-            argv[20] = (char *)g_auth;
-            argv[21] = NULL;
-        } else if (g_announce != NULL) {
-            /* nodes known by name: CLUSTER SLOTS and MOVED say "localhost" */
-            argv[17] = "--cluster-announce-hostname";
-            argv[18] = (char *)g_announce;
-            argv[19] = "--cluster-preferred-endpoint-type";
-            argv[20] = "hostname";
-            argv[21] = NULL;
-        }
-        spawn(logs[i], argv);
+    if (nnodes == 6) {
+        o.args = six;
+    } else if (g_auth != NULL) {
+        o.args = three;
+        o.password = g_auth;
+    } else if (g_announce != NULL) {
+        o.args = named;
+    } else {
+        o.args = three;
     }
     for (int i = 0; i < nnodes; i++) {
-        cr_assert(poll_until(pings, g_cport[i], NULL, 10000), "cluster node did not start");
+        g_cnode[i] = (tgh_upstream){ 0 };
+        TGH_CHECK(tgh_redis_start_opts(&g_cnode[i], &o) == 0, "cluster node did not start");
+        g_cport[i] = g_cnode[i].port;
     }
-    cli[n++] = CLI_BIN;
-    cli[n++] = "--cluster";
-    cli[n++] = "create";
-    for (int i = 0; i < nnodes; i++) {
-        cli[n++] = addrs[i];
-    }
-    cli[n++] = "--cluster-replicas";
-    cli[n++] = nnodes == 6 ? "1" : "0";
-    if (g_auth != NULL) {
-        cli[n++] = "-a";
-        cli[n++] = (char *)g_auth;
-        cli[n++] = "--no-auth-warning";
-    }
-    cli[n++] = "--cluster-yes";
-    cli[n] = NULL;
-    pid = spawn("cluster-create.log", cli);
-    deadline = tg_now_ms() + 60000;
-    while (waitpid(pid, &st, WNOHANG) == 0) {
-        cr_assert(tg_now_ms() < deadline, "redis-cli --cluster create hangs");
-        usleep(20000);
-    }
-    for (int i = 0; i < g_nprocs; i++) {
-        if (g_procs[i] == pid) g_procs[i] = -1;
-    }
-    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "redis-cli --cluster create failed");
-    for (int i = 0; i < nnodes; i++) {
-        cr_assert(poll_until(cluster_ok, g_cport[i], NULL, 30000), "cluster_state is not ok");
-    }
-    for (int i = 0; i < nnodes; i++) {     /* replicas synced: able to fail over */
-        const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
-        if (!reply_has(g_cport[i], "role:master", "INFO replication")) {
-            cr_assert(poll_until(has_text, g_cport[i], link_up, 30000),
-                      "replica %d never synced", g_cport[i]);
-        }
-    }
+    TGH_CHECK(tgh_redis_cluster_create(g_cport, nnodes, nnodes == 6 ? 1 : 0, g_auth) == 0,
+              "redis-cli --cluster create failed");
 }
 
 static void
@@ -887,10 +635,11 @@ cluster_client(size_t nseeds)
     r = tg_redis_create(g_base, &o);
     cr_assert_not_null(r);
     cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
-    /* {a}, {b}, {d} hash to the three default ranges: every node is up */
+    /* {b}, {c}, {a} hash to the three default ranges (0-5460, 5461-10922,
+     * 10923-16383: tests/unit/test_redis_cluster.c): every node is up */
     cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
     cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
-    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{c}:probe", 10000));
     return r;
 }
 
@@ -1683,7 +1432,7 @@ Test(redis_cluster, master_killed_others_unaffected_back_within_3s)
         cnode[i] = sync_int(gport, "EXISTS %s", probe) == 1;   /* on the victim */
     }
 
-    proc_kill(g_procs[gidx] > 0 ? g_procs[gidx] : -1);
+    cr_assert_eq(tgh_proc_kill(g_cnode[gidx].proc), 0);
     t_kill = tg_now_ms();
     end = t_kill + 30000;
     while (tg_now_ms() < end && t_back == 0) {
@@ -1765,10 +1514,10 @@ Test(redis_cluster, nodes_announced_by_hostname)
     r = tg_redis_create(g_base, &o);
     cr_assert_not_null(r);
     cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
-    /* {a}, {b}, {d}: one key per node, each node reached by its name */
+    /* {a}, {b}, {c}: one key per node, each node reached by its name */
     cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
     cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
-    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{c}:probe", 10000));
     tg_redis_destroy(r);
 }
 
@@ -1799,7 +1548,7 @@ Test(redis_cluster, nodes_with_a_password)
     cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
     cr_assert(charge_ok_eventually(r, "tg:{a}:probe", 10000));
     cr_assert(charge_ok_eventually(r, "tg:{b}:probe", 10000));
-    cr_assert(charge_ok_eventually(r, "tg:{d}:probe", 10000));
+    cr_assert(charge_ok_eventually(r, "tg:{c}:probe", 10000));
     tg_redis_destroy(r);
 
     snprintf(o.password, sizeof(o.password), "wrong");
@@ -1821,48 +1570,24 @@ Test(redis_cluster, nodes_with_a_password)
  * error that names the sentinel. */
 Test(redis_sentinel, master_and_sentinel_passwords_differ)
 {
-    int mport = free_port(), sport = free_port();
-    char portstr[16], conf[512];
-    char *argv[12];
+    int mport;
+    tgh_upstream sent;
     tg_redis_opts o;
     struct tg_redis *r;
     tally t = { 0 };
     tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
     char last[256];
 
-    snprintf(portstr, sizeof(portstr), "%d", mport);
-    argv[0] = REDIS_BIN;
-    argv[1] = "--port";
-    argv[2] = portstr;
-    argv[3] = "--bind";
-    argv[4] = "127.0.0.1";
-    argv[5] = "--save";
-    argv[6] = "";
-    argv[7] = "--requirepass";
-    argv[8] = "m-pass";
-    argv[9] = NULL;
-    spawn("master.log", argv);
-    g_auth = "m-pass";
-    cr_assert(poll_until(pings, mport, NULL, 10000), "master did not start");
-    snprintf(conf, sizeof(conf),
-             "port %d\nbind 127.0.0.1\ndir %s\nrequirepass s-pass\n"
-             "sentinel resolve-hostnames no\n"
-             "sentinel monitor mymaster 127.0.0.1 %d 1\n"
-             "sentinel auth-pass mymaster m-pass\n", sport, g_dir, mport);
-    write_file("auth-sentinel.conf", conf);
-    argv[0] = REDIS_BIN;
-    argv[1] = "auth-sentinel.conf";
-    argv[2] = "--sentinel";
-    argv[3] = NULL;
-    spawn("auth-sentinel.log", argv);
-    g_auth = "s-pass";
-    cr_assert(poll_until(pings, sport, NULL, 10000), "sentinel did not start");
-    g_auth = NULL;
+    redis_start(&mport, 0, "m-pass");
+    TGH_CHECK(tgh_sentinel_start(&sent, "s-pass",
+                                 "sentinel monitor mymaster 127.0.0.1 %d 1\n"
+                                 "sentinel auth-pass mymaster m-pass\n", mport) == 0,
+              "sentinel did not start");
 
     memset(&o, 0, sizeof(o));
     snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
     snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
-    o.sentinels[0].port = sport;
+    o.sentinels[0].port = sent.port;
     o.nsentinels = 1;
     o.timeout_ms = 200;
     snprintf(o.password, sizeof(o.password), "m-pass");
