@@ -2,9 +2,10 @@
  * conf_int.h - what the config's files share (private: not installed,
  * included only by src/conf*.c).
  *
- * conf.c builds a snapshot in four phases and holds the sections'
- * tables, setters and phase-3 rules; conf_walk.c walks the YAML tree
- * through the directive tables.  A directive is { name, setter, offset }: the
+ * conf.c builds a snapshot in four phases; conf_walk.c walks the YAML
+ * tree through the directive tables; each section's table, its own
+ * setters and its phase-3 rules are in the section's file (the list is at
+ * the top of conf.c).  A directive is { name, setter, offset }: the
  * walker finds the key's directive and its setter stores the value at
  * base + offset.
  */
@@ -92,8 +93,8 @@ typedef struct tg_conf_enum {
 
 /* ---- conf.c ------------------------------------------------------------ */
 
-/* The defaults of one routes: item (set_routes sets them before its
- * keys are walked). */
+/* The defaults of one routes: item (conf_limits.c set_routes sets them
+ * before its keys are walked). */
 void tg_conf_route_defaults(tg_route_conf *route);
 
 /* ---- conf_walk.c: the walker, marks and messages ------------------------ */
@@ -155,7 +156,7 @@ TG_CONF_SETTER(tg_conf_set_present);
 
 /* ---- the sections: their tables, top-level setters and phase-3 rules ---- */
 
-/* listen, admin, http, metrics, access_log */
+/* conf_http.c: listen, admin, http, metrics, access_log */
 extern const tg_conf_cmd tg_conf_admin_cmds[];
 extern const tg_conf_cmd tg_conf_http_cmds[];
 extern const tg_conf_cmd tg_conf_metrics_cmds[];
@@ -163,11 +164,11 @@ extern const tg_conf_cmd tg_conf_access_log_cmds[];
 TG_CONF_SETTER(tg_conf_set_listen);
 tg_rc tg_conf_validate_http(tg_conf_ctx *ctx);
 
-/* upstream */
+/* conf_upstream.c: upstream */
 extern const tg_conf_cmd tg_conf_upstream_cmds[];
 tg_rc tg_conf_validate_upstream(tg_conf_ctx *ctx);
 
-/* auth, rate_limits, routes, global_limit */
+/* conf_limits.c: auth, rate_limits, routes, global_limit */
 extern const tg_conf_cmd tg_conf_auth_cmds[];
 extern const tg_conf_cmd tg_conf_tier_cmds[];
 extern const tg_conf_cmd tg_conf_route_cmds[];
@@ -176,19 +177,19 @@ TG_CONF_SETTER(tg_conf_set_tiers);
 TG_CONF_SETTER(tg_conf_set_routes);
 tg_rc tg_conf_validate_limits(tg_conf_ctx *ctx);
 
-/* store, redis */
+/* conf_redis.c: store, redis */
 extern const tg_conf_enum tg_conf_store_enum[];
 extern const tg_conf_cmd tg_conf_redis_cmds[];
 tg_rc tg_conf_validate_redis(tg_conf_ctx *ctx);
 tg_rc tg_conf_validate_redis_auth(tg_conf_ctx *ctx);
 
-/* alerts, anomaly */
+/* conf_alerts.c: alerts, anomaly */
 extern const tg_conf_cmd tg_conf_alerts_cmds[];
 extern const tg_conf_cmd tg_conf_anomaly_cmds[];
 TG_CONF_SETTER(tg_conf_set_alerts);
 tg_rc tg_conf_validate_alerts(tg_conf_ctx *ctx);
 
-/* adaptive */
+/* conf_adaptive.c: adaptive */
 extern const tg_conf_cmd tg_conf_adaptive_cmds[];
 tg_rc tg_conf_validate_adaptive(tg_conf_ctx *ctx);
 

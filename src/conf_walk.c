@@ -562,7 +562,7 @@ tg_conf_free_secret(char *s)
     }
 }
 
-/* A path: a route's prefix (then see conf.c set_route_prefix) or the
+/* A path: a route's prefix (then see conf_limits.c set_route_prefix) or the
  * health check's target. */
 tg_rc
 tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
@@ -649,6 +649,7 @@ tg_conf_set_factor(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
 /* ---- sections ---------------------------------------------------------- */
 
+/* A sub-section: its keys, walked through the table at cmd->arg. */
 tg_rc
 tg_conf_set_section(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                     void *base, const char *path)
