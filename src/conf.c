@@ -325,7 +325,7 @@ bad_port:
  */
 static tg_conf *
 build(const char *name, const char *text, size_t len, char *path,
-              char *dir, char *err, size_t errlen)
+      char *dir, char *err, size_t errlen)
 {
     tg_conf_ctx ctx;
     yaml_node_t *root;
@@ -622,7 +622,7 @@ validate(tg_conf_ctx *ctx)
 
 static tg_rc
 resolve_one(tg_conf_ctx *ctx, tg_addr *addr, const char *defpath,
-                    int allow_port0)
+            int allow_port0)
 {
     const tg_conf_mark *m = tg_conf_find_mark(ctx, addr);
     yaml_node_t *root = yaml_document_get_root_node(&ctx->doc);
@@ -709,19 +709,19 @@ resolve(tg_conf_ctx *ctx)
     }
     for (i = 0; i < conf->upstream.nservers; i++) {
         if (resolve_one(ctx, &conf->upstream.servers[i],
-                                "upstream.servers", 0) != TG_OK) {
+                        "upstream.servers", 0) != TG_OK) {
             return TG_ERR;
         }
     }
     for (i = 0; i < conf->redis.nsentinels; i++) {
         if (resolve_one(ctx, &conf->redis.sentinels[i],
-                                "redis.sentinel.addresses", 0) != TG_OK) {
+                        "redis.sentinel.addresses", 0) != TG_OK) {
             return TG_ERR;
         }
     }
     for (i = 0; i < conf->redis.ncluster_nodes; i++) {
         if (resolve_one(ctx, &conf->redis.cluster_nodes[i],
-                                "redis.cluster.nodes", 0) != TG_OK) {
+                        "redis.cluster.nodes", 0) != TG_OK) {
             return TG_ERR;
         }
     }

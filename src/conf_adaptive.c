@@ -53,7 +53,7 @@ const tg_conf_cmd tg_conf_adaptive_cmds[] = {
  * rate_limits in phase 3 (the sections may come in any order). */
 static tg_rc
 set_shed_order(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                       void *base, const char *path)
+               void *base, const char *path)
 {
     tg_conf *conf = base;
     yaml_node_item_t *it;

@@ -166,7 +166,7 @@ tg_conf_set_alerts(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
 static tg_rc
 set_channel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
+            void *base, const char *path)
 {
     tg_alert_channel_conf *ch = (tg_alert_channel_conf *)((char *)base + cmd->offset);
 
@@ -179,7 +179,7 @@ set_channel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
 static tg_rc
 set_rule(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
+         void *base, const char *path)
 {
     tg_alert_rule_conf *rule = (tg_alert_rule_conf *)((char *)base + cmd->offset);
 
@@ -193,7 +193,7 @@ set_rule(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 /* to: [slack, pagerduty, webhook] -> a bit set; empty is an error. */
 static tg_rc
 set_to(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-               void *base, const char *path)
+       void *base, const char *path)
 {
     unsigned *field = (unsigned *)((char *)base + cmd->offset), set = 0, bit;
     yaml_node_item_t *it;
@@ -318,7 +318,7 @@ tg_conf_validate_alerts(tg_conf_ctx *ctx)
  * (systemd LoadCredential= files often end with a newline). */
 static tg_rc
 read_secret(tg_conf_ctx *ctx, const void *field, const char *file,
-                    char **out, int is_url, const char *defpath)
+            char **out, int is_url, const char *defpath)
 {
     const tg_conf_mark *m = tg_conf_find_mark(ctx, field);
     yaml_mark_t mark = m ? m->mark : ctx->doc.start_mark;

@@ -129,7 +129,7 @@ tg_conf_set_listen(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
 static tg_rc
 set_tls(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                void *base, const char *path)
+        void *base, const char *path)
 {
     if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
         return TG_ERR;
@@ -142,7 +142,7 @@ set_tls(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
  * IPv6); a peer in one may pass its own X-Forwarded-For on. */
 static tg_rc
 set_trusted_proxies(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                            yaml_node_t *node, void *base, const char *path)
+                    yaml_node_t *node, void *base, const char *path)
 {
     tg_conf *conf = base;
     yaml_node_item_t *it;

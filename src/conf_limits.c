@@ -119,7 +119,7 @@ tchar(unsigned char c)
 
 static tg_rc
 set_token(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                  void *base, const char *path)
+          void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     const char *s = tg_conf_string(ctx, node, path);
@@ -251,7 +251,7 @@ tg_conf_set_routes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 /* A route name: like a tier name, it ends up in bucket keys and labels. */
 static tg_rc
 set_name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
+         void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     const char *s = tg_conf_string(ctx, node, path);
@@ -273,7 +273,7 @@ set_name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
  * upper case, so "get" would never match: refuse it rather than fold it. */
 static tg_rc
 set_method(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
+           void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     const char *s = tg_conf_string(ctx, node, path);
@@ -315,7 +315,7 @@ set_method(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
  * and decoded like request targets (tg_target_route_path). */
 static tg_rc
 set_route_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                         yaml_node_t *node, void *base, const char *path)
+                 yaml_node_t *node, void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     char out[TG_CONF_ROUTE_PATH + 1];
@@ -335,7 +335,7 @@ set_route_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
 
 static tg_rc
 set_route_limit(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                        yaml_node_t *node, void *base, const char *path)
+                yaml_node_t *node, void *base, const char *path)
 {
     if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
         return TG_ERR;
@@ -492,5 +492,5 @@ check_rates(tg_conf_ctx *ctx)
         return TG_ERR;
     }
     return check_rate(ctx, &conf->auth.unknown_key_limit.requests_per_minute,
-                              60000000);
+                      60000000);
 }

@@ -112,10 +112,10 @@ tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t len)
         { a->redis.instances != b->redis.instances, "redis.instances" },
         { str_differ(a->redis.sentinel_master, b->redis.sentinel_master)
           || addrs_differ(a->redis.sentinels, a->redis.nsentinels,
-                                  b->redis.sentinels, b->redis.nsentinels),
+                          b->redis.sentinels, b->redis.nsentinels),
           "redis.sentinel" },
         { addrs_differ(a->redis.cluster_nodes, a->redis.ncluster_nodes,
-                               b->redis.cluster_nodes, b->redis.ncluster_nodes),
+                       b->redis.cluster_nodes, b->redis.ncluster_nodes),
           "redis.cluster" },
         { str_differ(a->redis.username, b->redis.username)
           || str_differ(a->redis.password, b->redis.password),
@@ -276,7 +276,7 @@ parse_ulong(const char *s, size_t len, unsigned long max, unsigned long *out)
  * is what the Redis client connects to. */
 static tg_rc
 set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                void *base, const char *path)
+        void *base, const char *path)
 {
     char **field = (char **)((char *)base + cmd->offset);
     tg_conf *conf = base;                       /* the redis table's base */
@@ -299,7 +299,7 @@ set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
  * written is the error. */
 static tg_rc
 set_sentinel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                     void *base, const char *path)
+             void *base, const char *path)
 {
     if (((tg_conf *)base)->redis.ncluster_nodes > 0) {
         return tg_conf_error(ctx, node->start_mark, path, "redis.sentinel and "
@@ -310,7 +310,7 @@ set_sentinel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
 static tg_rc
 set_cluster(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
+            void *base, const char *path)
 {
     if (((tg_conf *)base)->redis.sentinel_master != NULL) {
         return tg_conf_error(ctx, node->start_mark, path, "redis.sentinel and "
@@ -321,29 +321,29 @@ set_cluster(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
 static tg_rc
 set_sentinel_addrs(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                           yaml_node_t *node, void *base, const char *path)
+                   yaml_node_t *node, void *base, const char *path)
 {
     tg_conf *conf = base;
 
     return addr_list(ctx, node, path, &conf->redis.sentinels,
-                             &conf->redis.nsentinels, "sentinel addresses");
+                     &conf->redis.nsentinels, "sentinel addresses");
 }
 
 static tg_rc
 set_cluster_nodes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                          yaml_node_t *node, void *base, const char *path)
+                  yaml_node_t *node, void *base, const char *path)
 {
     tg_conf *conf = base;
 
     return addr_list(ctx, node, path, &conf->redis.cluster_nodes,
-                             &conf->redis.ncluster_nodes, "cluster nodes");
+                     &conf->redis.ncluster_nodes, "cluster nodes");
 }
 
 /* A sequence of 1..TG_CONF_MAX_REDIS_ADDRS addresses into a fresh array
  * (*out, *n), each remembered for phase 4; what names them in messages. */
 static tg_rc
 addr_list(tg_conf_ctx *ctx, yaml_node_t *node, const char *path,
-                  tg_addr **out, size_t *n, const char *what)
+          tg_addr **out, size_t *n, const char *what)
 {
     static const tg_conf_cmd addr_cmd = {
         "address", tg_conf_set_addr, 0, sizeof(tg_addr), 0, 0, 0, NULL,
@@ -424,7 +424,7 @@ tg_conf_validate_redis_auth(tg_conf_ctx *ctx)
  */
 static tg_rc
 password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
-                 const char *section)
+         const char *section)
 {
     const tg_conf_mark *m;
     char err[256];

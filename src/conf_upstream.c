@@ -69,7 +69,7 @@ const tg_conf_cmd tg_conf_upstream_cmds[] = {
 
 static tg_rc
 set_servers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
+            void *base, const char *path)
 {
     static const tg_conf_cmd addr_cmd = {
         "servers", tg_conf_set_addr, 0, sizeof(tg_addr), 0, 0, 0, NULL,
@@ -107,7 +107,7 @@ set_servers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 /* upstream.keepalive: an integer, or `auto` (TG_UPSTREAM_KEEPALIVE_AUTO). */
 static tg_rc
 set_keepalive(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                      yaml_node_t *node, void *base, const char *path)
+              yaml_node_t *node, void *base, const char *path)
 {
     if (node->type == YAML_SCALAR_NODE
         && node->data.scalar.style == YAML_PLAIN_SCALAR_STYLE
