@@ -68,6 +68,7 @@ static const tg_conf_enum level_enum[] = {
     { "warn", TG_LOG_WARN }, { "error", TG_LOG_ERROR }, { NULL, 0 },
 };
 
+/* The top level: each section's table is in the file listed at the top. */
 static const tg_conf_cmd top_cmds[] = {
     { "listen", tg_conf_set_listen, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
     { "admin", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_admin_cmds },
