@@ -1,5 +1,7 @@
 /*
- * conf.c - load, check and build a configuration snapshot.
+ * conf.c - load, check and build a configuration snapshot: the public
+ * API, the four build phases, the top-level table and the one defaults
+ * block.
  *
  * Phases (twemproxy conf_pre_validate / parse / post_validate, nginx
  * ngx_command_t):
@@ -7,13 +9,27 @@
  *   1. structure  read the text, scan its YAML events once to reject what we
  *                 do not support (anchors, aliases, several documents) with
  *                 the exact mark, then load the node tree;
- *   2. parse      walk the tree through the directive tables below: unknown
- *                 keys, duplicates, wrong types, ranges and enum values are
- *                 caught here, at the mark of the offending key or value;
+ *   2. parse      walk the tree through the directive tables (conf_walk.c):
+ *                 unknown keys, duplicates, wrong types, ranges and enum
+ *                 values are caught here, at the mark of the offending key
+ *                 or value;
  *   3. validate   cross-field rules and derived values (workers: 0 = CPUs);
  *   4. resolve    turn every address into a sockaddr (getaddrinfo).
  *
- * Defaults are set in ONE place, tg_conf_defaults(), before phase 2; a key
+ * Each section has its table, its own setters and its own phase-3 rules
+ * in one file, named in the top-level table below:
+ *
+ *   conf_http.c      listen, admin, http, metrics, access_log
+ *   conf_upstream.c  upstream (breaker, health_check)
+ *   conf_limits.c    auth, rate_limits, routes, global_limit
+ *   conf_redis.c     store, redis (sentinel, cluster); the Redis URL
+ *   conf_alerts.c    alerts, anomaly
+ *   conf_adaptive.c  adaptive (concurrency, throttle)
+ *
+ * The walker, the generic setters and the error format are in conf_walk.c;
+ * what these files share is declared in conf_int.h.
+ *
+ * Defaults are set in ONE place, defaults() here, before phase 2; a key
  * present in the file overwrites its default.  The first error stops the
  * load: every message is "FILE:LINE:COL: key.path: what is wrong".
  */
@@ -21,587 +37,46 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <limits.h>
 #include <netdb.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <netinet/in.h>
-#include <yaml.h>
 
-#include "tollgate/target.h"
-#include "tollgate/yaml.h"
-
-#define TG_CONF_MAX_FILE   (16u * 1024 * 1024)  /* a config is never this big */
-#define TG_CONF_PATHLEN    256                  /* key path in messages */
-#define TG_CONF_NOFIELD    ((size_t)-1)         /* directive with no scalar field */
-#define TG_CONF_REQUIRED   0x1u
-#define TG_CONF_PORT0      0x2u                 /* address may use port 0 */
-#define TG_CONF_MAX_CMDS   32                   /* directives per table */
-#define TG_CONF_METHOD_MAX 16
-#define TG_CONF_ROUTE_PATH 256
-#define TG_CONF_MAX_REDIS_ADDRS 16             /* = TG_REDIS_MAX_ADDRS */
-
-/* One remembered position: where a field's value was written, so that
- * phases 3 and 4 can point at it. */
-typedef struct tg_conf_mark {
-    const void  *field;          /* address of the field inside the snapshot */
-    yaml_mark_t  mark;           /* start of its value node */
-    char        *path;           /* key path, e.g. "listen[1].address" */
-} tg_conf_mark;
-
-typedef struct tg_conf_ctx {
-    const char      *name;       /* file name used in messages */
-    const char      *text;       /* the whole input, for reader-error offsets */
-    size_t           len;
-    yaml_document_t  doc;
-    int              have_doc;
-    tg_conf         *conf;       /* snapshot being built (owned until returned) */
-    char            *err;
-    size_t           errlen;
-    tg_conf_mark    *marks;
-    size_t           nmarks;
-    size_t           capmarks;
-} tg_conf_ctx;
-
-struct tg_conf_cmd;
-
-/* A setter stores value node `node` into `base` as described by `cmd`;
- * `path` is the key path of the value, for messages. */
-typedef tg_rc (*tg_conf_set_pt)(tg_conf_ctx *ctx, const struct tg_conf_cmd *cmd,
-                                yaml_node_t *node, void *base, const char *path);
-
-typedef struct tg_conf_cmd {
-    const char      *name;
-    tg_conf_set_pt   set;
-    size_t           offset;     /* field offset in base, or TG_CONF_NOFIELD */
-    size_t           size;       /* field size, for integer stores */
-    int64_t          min;
-    int64_t          max;
-    unsigned         flags;      /* TG_CONF_REQUIRED, TG_CONF_PORT0 */
-    const void      *arg;        /* enum table or sub-table */
-} tg_conf_cmd;
-
-typedef struct tg_conf_enum {
-    const char *name;
-    int         value;
-} tg_conf_enum;
+#include "conf_int.h"
 
 /* ---- static prototypes ------------------------------------------------- */
 
-static tg_conf *tg_conf_build(const char *name, const char *text, size_t len,
-                              char *path, char *dir, char *err, size_t errlen);
-static void tg_conf_defaults(tg_conf *conf);
-static void tg_conf_route_defaults(tg_route_conf *route);
-static void tg_conf_free(tg_conf *conf);
-
-static tg_rc tg_conf_structure(tg_conf_ctx *ctx);
-static tg_rc tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map,
-                          const tg_conf_cmd *cmds, void *base, const char *path,
-                          const char *section);
-static tg_rc tg_conf_validate(tg_conf_ctx *ctx);
-static void tg_conf_free_secret(char *s);
-static tg_rc tg_conf_parse_ulong(const char *s, size_t len, unsigned long max,
-                                 unsigned long *out);
-static tg_rc tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
-                                  const char *s, int is_url);
-static tg_rc tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
-                             const char *section);
-static tg_rc tg_conf_resolve(tg_conf_ctx *ctx);
-static tg_rc tg_conf_check_costs(tg_conf_ctx *ctx);
-static tg_rc tg_conf_check_rates(tg_conf_ctx *ctx);
-
-/* Every setter has the tg_conf_set_pt signature. */
-#define TG_CONF_SETTER(name) \
-    static tg_rc name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node, \
-                      void *base, const char *path)
-TG_CONF_SETTER(tg_conf_set_uint);
-TG_CONF_SETTER(tg_conf_set_size);
-TG_CONF_SETTER(tg_conf_set_bool);
-TG_CONF_SETTER(tg_conf_set_keepalive);
-TG_CONF_SETTER(tg_conf_set_enum);
-TG_CONF_SETTER(tg_conf_set_path);
-TG_CONF_SETTER(tg_conf_set_addr);
-TG_CONF_SETTER(tg_conf_set_url);
-TG_CONF_SETTER(tg_conf_set_prefix);
-TG_CONF_SETTER(tg_conf_set_string);
-TG_CONF_SETTER(tg_conf_set_secret);
-TG_CONF_SETTER(tg_conf_set_token);
-TG_CONF_SETTER(tg_conf_set_name);
-TG_CONF_SETTER(tg_conf_set_method);
-TG_CONF_SETTER(tg_conf_set_route_path);
-TG_CONF_SETTER(tg_conf_set_route_prefix);
-TG_CONF_SETTER(tg_conf_set_section);
-TG_CONF_SETTER(tg_conf_set_listen);
-TG_CONF_SETTER(tg_conf_set_tls);
-TG_CONF_SETTER(tg_conf_set_servers);
-TG_CONF_SETTER(tg_conf_set_trusted_proxies);
-TG_CONF_SETTER(tg_conf_set_sentinel);
-TG_CONF_SETTER(tg_conf_set_sentinel_addrs);
-TG_CONF_SETTER(tg_conf_set_cluster);
-TG_CONF_SETTER(tg_conf_set_cluster_nodes);
-TG_CONF_SETTER(tg_conf_set_present);
-TG_CONF_SETTER(tg_conf_set_tiers);
-TG_CONF_SETTER(tg_conf_set_routes);
-TG_CONF_SETTER(tg_conf_set_route_limit);
-TG_CONF_SETTER(tg_conf_set_alerts);
-TG_CONF_SETTER(tg_conf_set_channel);
-TG_CONF_SETTER(tg_conf_set_rule);
-TG_CONF_SETTER(tg_conf_set_to);
-TG_CONF_SETTER(tg_conf_set_ratio);
-TG_CONF_SETTER(tg_conf_set_factor);
-TG_CONF_SETTER(tg_conf_set_shed_order);
-static tg_rc tg_conf_validate_adaptive(tg_conf_ctx *ctx);
-static tg_rc tg_conf_validate_alerts(tg_conf_ctx *ctx);
-
-static tg_rc tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node,
-                                const char *path, const char *expected);
-static tg_rc tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
-                           const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static const tg_conf_mark *tg_conf_find_mark(const tg_conf_ctx *ctx,
-                                             const void *field);
+static tg_rc resolve_getaddrinfo(const char *host, struct sockaddr_storage *sa,
+                                 socklen_t *salen, char *why, size_t whylen);
+static tg_conf *build(const char *name, const char *text, size_t len, char *path,
+                      char *dir, char *err, size_t errlen);
+static void defaults(tg_conf *conf);
+static void conf_free(tg_conf *conf);
+static tg_rc structure(tg_conf_ctx *ctx);
+static tg_rc validate(tg_conf_ctx *ctx);
+static tg_rc resolve_one(tg_conf_ctx *ctx, tg_addr *addr, const char *defpath,
+                         int allow_port0);
+static int same_listener(const tg_addr *a, const tg_addr *b);
+static tg_rc resolve(tg_conf_ctx *ctx);
 
 /* ---- tables ------------------------------------------------------------ */
 
-#define TG_FIELD(type, member) \
-    offsetof(type, member), sizeof(((type *)0)->member)
-#define TG_NOFIELD TG_CONF_NOFIELD, 0
-
-#define TG_MS_MAX  3600000        /* one hour: the ceiling of every timeout */
-#define TG_2P31    2147483648LL
-#define TG_2P62    4611686018427387904LL
-
-static const tg_conf_enum tg_conf_store_enum[] = {
-    { "redis", TG_STORE_REDIS }, { "local", TG_STORE_LOCAL }, { NULL, 0 },
-};
-
-static const tg_conf_enum tg_conf_failure_enum[] = {
-    { "local", TG_FAIL_LOCAL }, { "allow", TG_FAIL_ALLOW },
-    { "deny", TG_FAIL_DENY }, { NULL, 0 },
-};
-
-static const tg_conf_enum tg_conf_level_enum[] = {
+static const tg_conf_enum level_enum[] = {
     { "debug", TG_LOG_DEBUG }, { "info", TG_LOG_INFO },
     { "warn", TG_LOG_WARN }, { "error", TG_LOG_ERROR }, { NULL, 0 },
 };
 
-static const tg_conf_cmd tg_conf_tls_cmds[] = {
-    { "cert", tg_conf_set_path, TG_FIELD(tg_listen_conf, cert), 0, 0,
-      TG_CONF_REQUIRED, NULL },
-    { "key", tg_conf_set_path, TG_FIELD(tg_listen_conf, key), 0, 0,
-      TG_CONF_REQUIRED, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_listen_cmds[] = {
-    { "address", tg_conf_set_addr, TG_FIELD(tg_listen_conf, addr), 0, 0,
-      TG_CONF_REQUIRED | TG_CONF_PORT0, NULL },
-    { "tls", tg_conf_set_tls, TG_NOFIELD, 0, 0, 0, tg_conf_tls_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_admin_cmds[] = {
-    { "enabled", tg_conf_set_bool, TG_FIELD(tg_conf, admin_enabled), 0, 1, 0, NULL },
-    { "address", tg_conf_set_addr, TG_FIELD(tg_conf, admin), 0, 0,
-      TG_CONF_PORT0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_http_cmds[] = {
-    { "max_request_line", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.max_request_line), 256, 1048576, 0, NULL },
-    { "max_header_bytes", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.max_header_bytes), 1024, 1048576, 0, NULL },
-    { "max_headers", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.max_headers), 1, 128, 0, NULL },
-    { "max_body_bytes", tg_conf_set_size,
-      TG_FIELD(tg_conf, http.max_body_bytes), 0, TG_2P62, 0, NULL },
-    { "header_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.header_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "handshake_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.handshake_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "body_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.body_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "idle_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.idle_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "send_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.send_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "max_requests_per_connection", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.max_requests_per_connection), 0, TG_2P31, 0, NULL },
-    { "trusted_proxies", tg_conf_set_trusted_proxies, TG_NOFIELD, 0, 0, 0, NULL },
-    { "max_connections", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.max_connections), 0, 10000000, 0, NULL },
-    { "max_connections_per_ip", tg_conf_set_uint,
-      TG_FIELD(tg_conf, http.max_connections_per_ip), 0, 10000000, 0, NULL },
-    { "reuseport", tg_conf_set_bool, TG_FIELD(tg_conf, http.reuseport), 0, 1, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* The breaker of each upstream server (see breaker.h for the rules). */
-static const tg_conf_cmd tg_conf_breaker_cmds[] = {
-    { "failures", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.breaker.failures), 1, 1000000, 0, NULL },
-    { "window_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.breaker.window_ms), 0, 60000, 0, NULL },
-    { "min_requests", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.breaker.min_requests), 1, 1000000, 0, NULL },
-    { "error_pct", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.breaker.error_pct), 1, 100, 0, NULL },
-    { "open_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.breaker.open_ms), 1, TG_MS_MAX, 0, NULL },
-    { "max_open_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.breaker.max_open_ms), 1, TG_MS_MAX, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_health_cmds[] = {
-    { "path", tg_conf_set_route_path,
-      TG_FIELD(tg_conf, upstream.health_check.path), 1, TG_CONF_ROUTE_PATH, 0, NULL },
-    { "interval_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.health_check.interval_ms), 10, TG_MS_MAX, 0, NULL },
-    { "timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.health_check.timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "healthy", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.health_check.healthy), 1, 1000, 0, NULL },
-    { "unhealthy", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.health_check.unhealthy), 1, 1000, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_upstream_cmds[] = {
-    { "servers", tg_conf_set_servers, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
-    { "connect_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.connect_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "first_byte_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.first_byte_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "total_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.total_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "keepalive", tg_conf_set_keepalive,
-      TG_FIELD(tg_conf, upstream.keepalive), 0, 65535, 0, NULL },
-    { "keepalive_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, upstream.keepalive_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { "breaker", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_breaker_cmds },
-    { "health_check", tg_conf_set_present, TG_FIELD(tg_conf, upstream.health_check.enabled),
-      0, 0, 0, tg_conf_health_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_lease_cmds[] = {
-    { "size", tg_conf_set_uint, TG_FIELD(tg_tier_conf, lease_size), 1, 100000000,
-      TG_CONF_REQUIRED, NULL },
-    { "ttl_ms", tg_conf_set_uint, TG_FIELD(tg_tier_conf, lease_ttl_ms), 1, 3600000,
-      0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_tier_cmds[] = {
-    { "requests_per_minute", tg_conf_set_uint,
-      TG_FIELD(tg_tier_conf, requests_per_minute), 1, 100000000,
-      TG_CONF_REQUIRED, NULL },
-    { "burst_limit", tg_conf_set_uint,
-      TG_FIELD(tg_tier_conf, burst_limit), 1, 100000000, TG_CONF_REQUIRED, NULL },
-    { "lease", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_lease_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* Sentinel master names are written into commands: no spaces. */
-static const tg_conf_cmd tg_conf_sentinel_cmds[] = {
-    { "master", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.sentinel_master), 1, 63,
-      TG_CONF_REQUIRED, NULL },
-    { "addresses", tg_conf_set_sentinel_addrs, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
-    { "username", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.sentinel_username), 1, 127,
-      0, NULL },
-    { "password", tg_conf_set_secret, TG_FIELD(tg_conf, redis.sentinel_password), 1, 511,
-      0, NULL },
-    { "password_file", tg_conf_set_path,
-      TG_FIELD(tg_conf, redis.sentinel_password_file), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_cluster_cmds[] = {
-    { "nodes", tg_conf_set_cluster_nodes, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_redis_cmds[] = {
-    { "url", tg_conf_set_url, TG_FIELD(tg_conf, redis.url), 0, 0, 0, NULL },
-    { "timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, redis.timeout_ms), 1, 60000, 0, NULL },
-    { "on_failure", tg_conf_set_enum,
-      TG_FIELD(tg_conf, redis.on_failure), 0, 0, 0, tg_conf_failure_enum },
-    { "prefix", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.prefix), 1, 64, 0, NULL },
-    { "max_batch", tg_conf_set_uint,
-      TG_FIELD(tg_conf, redis.max_batch), 1, 512, 0, NULL },
-    { "instances", tg_conf_set_uint,
-      TG_FIELD(tg_conf, redis.instances), 1, 1000, 0, NULL },
-    { "sentinel", tg_conf_set_sentinel, TG_NOFIELD, 0, 0, 0, tg_conf_sentinel_cmds },
-    { "cluster", tg_conf_set_cluster, TG_NOFIELD, 0, 0, 0, tg_conf_cluster_cmds },
-    { "username", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.username), 1, 127, 0, NULL },
-    { "password", tg_conf_set_secret, TG_FIELD(tg_conf, redis.password), 1, 511, 0, NULL },
-    { "password_file", tg_conf_set_path, TG_FIELD(tg_conf, redis.password_file), 0, 0, 0,
-      NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* Lookups of keys the worker does not know, per client IP (both fields
- * optional: the defaults are in tg_conf_defaults). */
-static const tg_conf_cmd tg_conf_unknown_key_cmds[] = {
-    { "requests_per_minute", tg_conf_set_uint,
-      TG_FIELD(tg_conf, auth.unknown_key_limit.requests_per_minute), 1, 100000000,
-      0, NULL },
-    { "burst_limit", tg_conf_set_uint,
-      TG_FIELD(tg_conf, auth.unknown_key_limit.burst_limit), 1, 100000000, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* anonymous_tier is checked against rate_limits in phase 3: the sections
- * may come in any order. */
-static const tg_conf_cmd tg_conf_auth_cmds[] = {
-    { "keys_file", tg_conf_set_path, TG_FIELD(tg_conf, auth.keys_file), 0, 0, 0, NULL },
-    { "header", tg_conf_set_token, TG_FIELD(tg_conf, auth.header), 1, 64, 0, NULL },
-    { "forward_key", tg_conf_set_bool,
-      TG_FIELD(tg_conf, auth.forward_key), 0, 1, 0, NULL },
-    { "anonymous_tier", tg_conf_set_string,
-      TG_FIELD(tg_conf, auth.anonymous_tier), 0, 0, 0, NULL },
-    { "redis_keys", tg_conf_set_bool,
-      TG_FIELD(tg_conf, auth.redis_keys), 0, 1, 0, NULL },
-    { "cache_ttl_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, auth.cache_ttl_ms), 0, TG_MS_MAX, 0, NULL },
-    { "anonymous_ipv6_prefix", tg_conf_set_uint,
-      TG_FIELD(tg_conf, auth.anonymous_ipv6_prefix), 1, 128, 0, NULL },
-    { "unknown_key_limit", tg_conf_set_section, TG_NOFIELD, 0, 0, 0,
-      tg_conf_unknown_key_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* Same ranges as a tier. */
-static const tg_conf_cmd tg_conf_route_limit_cmds[] = {
-    { "requests_per_minute", tg_conf_set_uint,
-      TG_FIELD(tg_route_conf, requests_per_minute), 1, 100000000,
-      TG_CONF_REQUIRED, NULL },
-    { "burst_limit", tg_conf_set_uint,
-      TG_FIELD(tg_route_conf, burst_limit), 1, 100000000, TG_CONF_REQUIRED, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_route_cmds[] = {
-    { "name", tg_conf_set_name, TG_FIELD(tg_route_conf, name), 1,
-      TG_TIER_MAX, TG_CONF_REQUIRED, NULL },
-    { "method", tg_conf_set_method, TG_FIELD(tg_route_conf, method), 1,
-      TG_CONF_METHOD_MAX, 0, NULL },
-    { "path", tg_conf_set_route_prefix, TG_FIELD(tg_route_conf, path), 1,
-      TG_CONF_ROUTE_PATH, TG_CONF_REQUIRED, NULL },
-    { "cost", tg_conf_set_uint, TG_FIELD(tg_route_conf, cost), 1, 1000, 0, NULL },
-    { "limit", tg_conf_set_route_limit, TG_NOFIELD, 0, 0, 0,
-      tg_conf_route_limit_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_global_cmds[] = {
-    { "requests_per_second", tg_conf_set_uint,
-      TG_FIELD(tg_conf, global_limit.requests_per_second), 1, 100000000,
-      TG_CONF_REQUIRED, NULL },
-    { "burst", tg_conf_set_uint, TG_FIELD(tg_conf, global_limit.burst),
-      1, 100000000, TG_CONF_REQUIRED, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_statsd_cmds[] = {
-    { "address", tg_conf_set_addr, TG_FIELD(tg_conf, metrics.statsd), 0, 0,
-      TG_CONF_REQUIRED, NULL },
-    { "prefix", tg_conf_set_prefix, TG_FIELD(tg_conf, metrics.statsd_prefix), 1, 64,
-      0, NULL },
-    { "flush_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, metrics.statsd_flush_ms), 100, TG_MS_MAX, 0, NULL },
-    { "tags", tg_conf_set_bool, TG_FIELD(tg_conf, metrics.statsd_tags), 0, 1, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_metrics_cmds[] = {
-    { "statsd", tg_conf_set_present, TG_FIELD(tg_conf, metrics.statsd_enabled),
-      0, 0, 0, tg_conf_statsd_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_access_log_cmds[] = {
-    { "path", tg_conf_set_path, TG_FIELD(tg_conf, access_log.path), 0, 0,
-      TG_CONF_REQUIRED, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* Section alerts: (see alerts.h).  A channel's url and key are secrets:
- * tg_conf_set_secret never echoes the value in a message. */
-#define TG_CHAN(i) TG_FIELD(tg_conf, alerts.channel[i])
-#define TG_RULE(i) TG_FIELD(tg_conf, alerts.rule[i])
-#define TG_SECRET_MAX 4096
-
-static const tg_conf_cmd tg_conf_slack_cmds[] = {
-    { "webhook_url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
-      1, TG_SECRET_MAX, 0, "url" },
-    { "webhook_url_file", tg_conf_set_path,
-      TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_pagerduty_cmds[] = {
-    { "routing_key", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, key),
-      1, 256, 0, NULL },
-    { "routing_key_file", tg_conf_set_path,
-      TG_FIELD(tg_alert_channel_conf, key_file), 0, 0, 0, NULL },
-    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
-      1, TG_SECRET_MAX, 0, "url" },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_webhook_cmds[] = {
-    { "url", tg_conf_set_secret, TG_FIELD(tg_alert_channel_conf, url),
-      1, TG_SECRET_MAX, 0, "url" },
-    { "url_file", tg_conf_set_path,
-      TG_FIELD(tg_alert_channel_conf, url_file), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_rule_breaches_cmds[] = {
-    { "threshold", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, threshold),
-      1, 1000000000, 0, NULL },
-    { "window_ms", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, window_ms),
-      10, 86400000, 0, NULL },
-    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_rule_redis_cmds[] = {
-    { "after_ms", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, after_ms),
-      0, 86400000, 0, NULL },
-    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_rule_breaker_cmds[] = {
-    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_rule_errors_cmds[] = {
-    { "ratio", tg_conf_set_ratio, TG_FIELD(tg_alert_rule_conf, ratio), 0, 0, 0, NULL },
-    { "window_ms", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, window_ms),
-      10, 86400000, 0, NULL },
-    { "min_requests", tg_conf_set_uint, TG_FIELD(tg_alert_rule_conf, min_requests),
-      1, 1000000000, 0, NULL },
-    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_rule_anomaly_cmds[] = {
-    { "to", tg_conf_set_to, TG_FIELD(tg_alert_rule_conf, to), 0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_rules_cmds[] = {
-    { "breaches", tg_conf_set_rule, TG_RULE(TG_RULE_BREACHES), 0, 0, 0,
-      tg_conf_rule_breaches_cmds },
-    { "redis_down", tg_conf_set_rule, TG_RULE(TG_RULE_REDIS_DOWN), 0, 0, 0,
-      tg_conf_rule_redis_cmds },
-    { "breaker_open", tg_conf_set_rule, TG_RULE(TG_RULE_BREAKER_OPEN), 0, 0, 0,
-      tg_conf_rule_breaker_cmds },
-    { "upstream_errors", tg_conf_set_rule, TG_RULE(TG_RULE_UPSTREAM_ERRORS), 0, 0, 0,
-      tg_conf_rule_errors_cmds },
-    { "anomaly", tg_conf_set_rule, TG_RULE(TG_RULE_ANOMALY), 0, 0, 0,
-      tg_conf_rule_anomaly_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_alerts_cmds[] = {
-    { "slack", tg_conf_set_channel, TG_CHAN(TG_ALERT_SLACK), 0, 0, 0,
-      tg_conf_slack_cmds },
-    { "pagerduty", tg_conf_set_channel, TG_CHAN(TG_ALERT_PAGERDUTY), 0, 0, 0,
-      tg_conf_pagerduty_cmds },
-    { "webhook", tg_conf_set_channel, TG_CHAN(TG_ALERT_WEBHOOK), 0, 0, 0,
-      tg_conf_webhook_cmds },
-    { "ca_file", tg_conf_set_path, TG_FIELD(tg_conf, alerts.ca_file), 0, 0, 0, NULL },
-    { "cooldown_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.cooldown_ms),
-      0, 86400000, 0, NULL },
-    { "evaluate_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.evaluate_ms),
-      10, 60000, 0, NULL },
-    { "connect_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, alerts.connect_timeout_ms), 1, 60000, 0, NULL },
-    { "timeout_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.timeout_ms),
-      1, 300000, 0, NULL },
-    { "max_tries", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.max_tries),
-      1, 100, 0, NULL },
-    { "backoff_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.backoff_ms),
-      1, TG_MS_MAX, 0, NULL },
-    { "max_backoff_ms", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.max_backoff_ms),
-      1, TG_MS_MAX, 0, NULL },
-    { "queue", tg_conf_set_uint, TG_FIELD(tg_conf, alerts.queue), 1, 100000, 0, NULL },
-    { "instance", tg_conf_set_prefix, TG_FIELD(tg_conf, alerts.instance), 1, 128,
-      0, NULL },
-    /* a field, so that phase 3 finds its mark: rules: written or not */
-    { "rules", tg_conf_set_section, TG_FIELD(tg_conf, alerts.rule), 0, 0, 0,
-      tg_conf_rules_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* Section anomaly: (see anomaly.h). */
-static const tg_conf_cmd tg_conf_anomaly_cmds[] = {
-    { "window_ms", tg_conf_set_uint, TG_FIELD(tg_conf, anomaly.window_ms),
-      100, 86400000, 0, NULL },
-    { "top_k", tg_conf_set_uint, TG_FIELD(tg_conf, anomaly.top_k), 1, 1000, 0, NULL },
-    { "spike_factor", tg_conf_set_factor, TG_FIELD(tg_conf, anomaly.spike_factor),
-      1, 1000, 0, NULL },
-    { "min_requests", tg_conf_set_uint, TG_FIELD(tg_conf, anomaly.min_requests),
-      1, 1000000000, 0, NULL },
-    { "new_key_share", tg_conf_set_ratio, TG_FIELD(tg_conf, anomaly.new_key_share),
-      0, 0, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-/* Section adaptive: (see adaptive.h).  The numbers of concurrency: are
- * per upstream server for the whole process (each worker takes its share). */
-static const tg_conf_cmd tg_conf_concurrency_cmds[] = {
-    { "initial", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.initial),
-      1, 1000000, 0, NULL },
-    { "min", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.min), 1, 1000000, 0, NULL },
-    { "max", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.max), 1, 1000000, 0, NULL },
-    { "queue", tg_conf_set_uint, TG_FIELD(tg_conf, adaptive.queue), 0, 1000000, 0, NULL },
-    { "queue_timeout_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, adaptive.queue_timeout_ms), 1, TG_MS_MAX, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_throttle_cmds[] = {
-    { "target_p99_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, adaptive.throttle.target_p99_ms), 1, TG_MS_MAX, 0, NULL },
-    { "max_error_ratio", tg_conf_set_ratio,
-      TG_FIELD(tg_conf, adaptive.throttle.max_error_ratio), 0, 0, 0, NULL },
-    { "min_factor", tg_conf_set_ratio,
-      TG_FIELD(tg_conf, adaptive.throttle.min_factor), 0, 0, 0, NULL },
-    { "window_ms", tg_conf_set_uint,
-      TG_FIELD(tg_conf, adaptive.throttle.window_ms), 100, TG_MS_MAX, 0, NULL },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_adaptive_cmds[] = {
-    { "concurrency", tg_conf_set_section, TG_NOFIELD, 0, 0, 0,
-      tg_conf_concurrency_cmds },
-    { "shed_order", tg_conf_set_shed_order, TG_FIELD(tg_conf, adaptive.shed_order),
-      0, 0, 0, NULL },
-    { "throttle", tg_conf_set_present, TG_FIELD(tg_conf, adaptive.throttle.enabled),
-      0, 0, 0, tg_conf_throttle_cmds },
-    { NULL, NULL, 0, 0, 0, 0, 0, NULL },
-};
-
-static const tg_conf_cmd tg_conf_top_cmds[] = {
+/* The top level: each section's table is in the file listed at the top. */
+static const tg_conf_cmd top_cmds[] = {
     { "listen", tg_conf_set_listen, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED, NULL },
     { "admin", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_admin_cmds },
     { "workers", tg_conf_set_uint, TG_FIELD(tg_conf, workers), 0, 256, 0, NULL },
     { "drain_timeout_ms", tg_conf_set_uint,
       TG_FIELD(tg_conf, drain_timeout_ms), 0, TG_MS_MAX, 0, NULL },
     { "log_level", tg_conf_set_enum, TG_FIELD(tg_conf, log_level), 0, 0, 0,
-      tg_conf_level_enum },
+      level_enum },
     { "http", tg_conf_set_section, TG_NOFIELD, 0, 0, 0, tg_conf_http_cmds },
     { "upstream", tg_conf_set_section, TG_NOFIELD, 0, 0, TG_CONF_REQUIRED,
       tg_conf_upstream_cmds },
@@ -651,8 +126,8 @@ tg_conf_load(const char *path, char *err, size_t errlen)
     }
 
     /* Messages name the file as the operator wrote it. */
-    conf = tg_conf_build(path, text, len, abs, dir, err, errlen);
-    abs = dir = NULL;            /* tg_conf_build took them */
+    conf = build(path, text, len, abs, dir, err, errlen);
+    abs = dir = NULL;            /* build took them */
 
 fail:
     free(text);
@@ -672,7 +147,7 @@ tg_conf_load_string(const char *name, const char *text, size_t len,
                  name, strerror(errno));
         return NULL;
     }
-    return tg_conf_build(name, text, len, tg_xstrdup(name), cwd, err, errlen);
+    return build(name, text, len, tg_xstrdup(name), cwd, err, errlen);
 }
 
 tg_conf *
@@ -691,70 +166,8 @@ tg_conf_unref(tg_conf *conf)
         return;
     }
     if (__atomic_sub_fetch(&conf->refcnt, 1, __ATOMIC_ACQ_REL) == 0) {
-        tg_conf_free(conf);
+        conf_free(conf);
     }
-}
-
-static int
-tg_conf_addrs_differ(const tg_addr *a, size_t na, const tg_addr *b, size_t nb)
-{
-    if (na != nb) {
-        return 1;
-    }
-    for (size_t i = 0; i < na; i++) {
-        if (strcmp(a[i].text, b[i].text) != 0) {
-            return 1;
-        }
-    }
-    return 0;
-}
-
-static int
-tg_conf_str_differ(const char *a, const char *b)
-{
-    return (a == NULL) != (b == NULL) || (a != NULL && strcmp(a, b) != 0);
-}
-
-size_t
-tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t len)
-{
-    const struct { int differ; const char *name; } f[] = {
-        { a->store != b->store, "store" },
-        { tg_conf_str_differ(a->redis.url, b->redis.url), "redis.url" },
-        { a->redis.timeout_ms != b->redis.timeout_ms, "redis.timeout_ms" },
-        { a->redis.on_failure != b->redis.on_failure, "redis.on_failure" },
-        { tg_conf_str_differ(a->redis.prefix, b->redis.prefix), "redis.prefix" },
-        { a->redis.max_batch != b->redis.max_batch, "redis.max_batch" },
-        { a->redis.instances != b->redis.instances, "redis.instances" },
-        { tg_conf_str_differ(a->redis.sentinel_master, b->redis.sentinel_master)
-          || tg_conf_addrs_differ(a->redis.sentinels, a->redis.nsentinels,
-                                  b->redis.sentinels, b->redis.nsentinels),
-          "redis.sentinel" },
-        { tg_conf_addrs_differ(a->redis.cluster_nodes, a->redis.ncluster_nodes,
-                               b->redis.cluster_nodes, b->redis.ncluster_nodes),
-          "redis.cluster" },
-        { tg_conf_str_differ(a->redis.username, b->redis.username)
-          || tg_conf_str_differ(a->redis.password, b->redis.password),
-          "redis.username/password" },
-        { tg_conf_str_differ(a->redis.sentinel_username, b->redis.sentinel_username)
-          || tg_conf_str_differ(a->redis.sentinel_password, b->redis.sentinel_password),
-          "redis.sentinel.username/password" },
-    };
-    size_t n = 0, count = 0;
-
-    if (len > 0) {
-        buf[0] = '\0';
-    }
-    for (size_t i = 0; i < TG_ARRAY_LEN(f); i++) {
-        if (f[i].differ) {
-            int m = snprintf(buf + n, len - n, "%s%s", count ? ", " : "", f[i].name);
-            if (m > 0 && (size_t)m < len - n) {
-                n += (size_t)m;
-            }
-            count++;
-        }
-    }
-    return count;
 }
 
 const tg_tier_conf *
@@ -904,113 +317,6 @@ bad_port:
     return TG_ERR;
 }
 
-tg_rc
-tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
-                        size_t whylen)
-{
-    static const char scheme[] = "redis://";
-    const char *p, *host, *hend, *end;
-    unsigned long port = 6379, db = 0;
-    size_t hlen;
-
-    if (url == NULL || *url == '\0') {
-        snprintf(why, whylen, "empty");
-        return TG_ERR;
-    }
-    if (strncmp(url, "rediss://", 9) == 0) {
-        snprintf(why, whylen, "TLS (rediss://) is not supported");
-        return TG_ERR;
-    }
-    if (strncmp(url, scheme, sizeof(scheme) - 1) != 0) {
-        snprintf(why, whylen, "scheme must be redis://");
-        return TG_ERR;
-    }
-    p = url + sizeof(scheme) - 1;
-    end = p + strlen(p);
-    if (strchr(p, '@') != NULL) {
-        snprintf(why, whylen, "credentials in the URL are not supported: use "
-                 "redis.username and redis.password");
-        return TG_ERR;
-    }
-    if (strpbrk(p, "?#") != NULL) {
-        snprintf(why, whylen, "query or fragment is not supported");
-        return TG_ERR;
-    }
-
-    if (*p == '[') {
-        host = p + 1;
-        hend = strchr(host, ']');
-        if (hend == NULL) {
-            snprintf(why, whylen, "missing ']' after IPv6 address");
-            return TG_ERR;
-        }
-        p = hend + 1;
-        if (hend == host || memchr(host, ':', (size_t)(hend - host)) == NULL) {
-            snprintf(why, whylen, "bad IPv6 address in brackets");
-            return TG_ERR;
-        }
-        for (const char *q = host; q < hend; q++) {
-            if (!isxdigit((unsigned char)*q) && *q != ':' && *q != '.') {
-                snprintf(why, whylen, "bad IPv6 address in brackets");
-                return TG_ERR;
-            }
-        }
-    } else {
-        const char *c1 = strchr(p, ':');
-        if (c1 != NULL && strchr(c1 + 1, ':') != NULL) {
-            snprintf(why, whylen, "IPv6 addresses go in brackets");
-            return TG_ERR;
-        }
-        host = p;
-        hend = p + strcspn(p, ":/");
-        p = hend;
-        if (hend == host) {
-            snprintf(why, whylen, "missing host");
-            return TG_ERR;
-        }
-        for (const char *q = host; q < hend; q++) {
-            if (!isalnum((unsigned char)*q) && *q != '.' && *q != '-' && *q != '_') {
-                snprintf(why, whylen, "bad character in host (IPv6 addresses go "
-                         "in brackets)");
-                return TG_ERR;
-            }
-        }
-    }
-    hlen = (size_t)(hend - host);
-    if (hlen >= sizeof(out->host)) {
-        snprintf(why, whylen, "host longer than %zu bytes", sizeof(out->host) - 1);
-        return TG_ERR;
-    }
-
-    if (*p == ':') {
-        const char *ps = p + 1, *pe = ps + strcspn(ps, "/");
-        if (tg_conf_parse_ulong(ps, (size_t)(pe - ps), 65535, &port) != TG_OK
-            || port == 0) {
-            snprintf(why, whylen, "port must be a number 1..65535");
-            return TG_ERR;
-        }
-        p = pe;
-    }
-    if (*p == '/') {
-        const char *ds = p + 1;
-        if (tg_conf_parse_ulong(ds, (size_t)(end - ds), 15, &db) != TG_OK) {
-            snprintf(why, whylen, "database must be a number 0..15");
-            return TG_ERR;
-        }
-        p = end;
-    }
-    if (p != end) {
-        snprintf(why, whylen, "unexpected text after the host");
-        return TG_ERR;
-    }
-
-    memcpy(out->host, host, hlen);
-    out->host[hlen] = '\0';
-    out->port = (int)port;
-    out->db = (int)db;
-    return TG_OK;
-}
-
 /* ---- build: the four phases -------------------------------------------- */
 
 /*
@@ -1019,8 +325,8 @@ tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
  * err filled.
  */
 static tg_conf *
-tg_conf_build(const char *name, const char *text, size_t len, char *path,
-              char *dir, char *err, size_t errlen)
+build(const char *name, const char *text, size_t len, char *path,
+      char *dir, char *err, size_t errlen)
 {
     tg_conf_ctx ctx;
     yaml_node_t *root;
@@ -1040,25 +346,25 @@ tg_conf_build(const char *name, const char *text, size_t len, char *path,
         err[0] = '\0';
     }
 
-    tg_conf_defaults(ctx.conf);
+    defaults(ctx.conf);
 
-    if (tg_conf_structure(&ctx) != TG_OK) {
+    if (structure(&ctx) != TG_OK) {
         goto fail;
     }
     root = yaml_document_get_root_node(&ctx.doc);
-    if (tg_conf_walk(&ctx, root, tg_conf_top_cmds, ctx.conf, "", "") != TG_OK) {
+    if (tg_conf_walk(&ctx, root, top_cmds, ctx.conf, "", "") != TG_OK) {
         goto fail;
     }
-    if (tg_conf_validate(&ctx) != TG_OK) {
+    if (validate(&ctx) != TG_OK) {
         goto fail;
     }
-    if (tg_conf_resolve(&ctx) != TG_OK) {
+    if (resolve(&ctx) != TG_OK) {
         goto fail;
     }
     goto done;
 
 fail:
-    tg_conf_free(ctx.conf);
+    conf_free(ctx.conf);
     ctx.conf = NULL;
 
 done:
@@ -1075,7 +381,7 @@ done:
 /* Every default of the configuration, in one place.  docs/CONFIG.md
  * mirrors this block. */
 static void
-tg_conf_defaults(tg_conf *conf)
+defaults(tg_conf *conf)
 {
     conf->admin_enabled = 1;
     snprintf(conf->admin.text, sizeof(conf->admin.text), "127.0.0.1:9090");
@@ -1194,8 +500,8 @@ tg_conf_defaults(tg_conf *conf)
 }
 
 /* The defaults of one routes: item, set before its keys are walked (an
- * item does not exist yet when tg_conf_defaults runs). */
-static void
+ * item does not exist yet when defaults() runs). */
+void
 tg_conf_route_defaults(tg_route_conf *route)
 {
     route->method = NULL;                       /* any method */
@@ -1204,7 +510,7 @@ tg_conf_route_defaults(tg_route_conf *route)
 }
 
 static void
-tg_conf_free(tg_conf *conf)
+conf_free(tg_conf *conf)
 {
     size_t i;
 
@@ -1267,7 +573,7 @@ tg_conf_free(tg_conf *conf)
  * documents at their exact marks, then loads the node tree.
  */
 static tg_rc
-tg_conf_structure(tg_conf_ctx *ctx)
+structure(tg_conf_ctx *ctx)
 {
     if (tg_yaml_load(&ctx->doc, ctx->name, ctx->text, ctx->len, "config file",
                      ctx->err, ctx->errlen) != TG_OK) {
@@ -1285,149 +591,26 @@ tg_conf_structure(tg_conf_ctx *ctx)
     return TG_OK;
 }
 
-static void
-tg_conf_free_secret(char *s)
-{
-    if (s != NULL) {
-        explicit_bzero(s, strlen(s));
-        free(s);
-    }
-}
-
-/*
- * password or password_file (one line, read now: systemd
- * LoadCredential=), never both; a username needs a password.  The
- * secret itself never appears in an error.
- */
+/* Phase 3: rules across fields and derived values.  Each section checks
+ * its own rules in its file; the order is kept (the first error stops the
+ * load). */
 static tg_rc
-tg_conf_password(tg_conf_ctx *ctx, char **pass, char **file, char **user,
-                 const char *section)
-{
-    const tg_conf_mark *m;
-    char err[256];
-    size_t len, i;
-    char *text;
-
-    if (*pass != NULL && *file != NULL) {
-        m = tg_conf_find_mark(ctx, file);
-        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                             m ? m->path : section, "%s.password and %s.password_file "
-                             "cannot be used together", section, section);
-    }
-    if (*file != NULL) {
-        m = tg_conf_find_mark(ctx, file);
-        text = tg_yaml_read_file(*file, 4096, &len, err, sizeof(err));
-        if (text == NULL) {
-            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                                 m ? m->path : section, "%s", err);
-        }
-        while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == '\r')) {
-            text[--len] = '\0';
-        }
-        for (i = 0; i < len && isgraph((unsigned char)text[i]); i++) {
-        }
-        if (len == 0 || len > 511 || i != len) {
-            tg_conf_free_secret(text);
-            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                                 m ? m->path : section, "%s: the password must be "
-                                 "one line of 1..511 printable characters without "
-                                 "spaces", *file);
-        }
-        *pass = text;
-    }
-    if (*user != NULL && *pass == NULL) {
-        m = tg_conf_find_mark(ctx, user);
-        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                             m ? m->path : section, "%s.username needs %s.password "
-                             "or %s.password_file", section, section, section);
-    }
-    return TG_OK;
-}
-
-/* Phase 3: rules across fields, and derived values. */
-static tg_rc
-tg_conf_validate(tg_conf_ctx *ctx)
+validate(tg_conf_ctx *ctx)
 {
     tg_conf *conf = ctx->conf;
-    const tg_conf_mark *m;
-    size_t i;
     long ncpu;
 
-    /* The head holds the request line and its CRLF, so a head limit below
-     * the line limit would make the line limit a lie. */
-    if (conf->http.max_header_bytes < conf->http.max_request_line + 2) {
-        m = NULL;
-        for (i = 0; i < ctx->nmarks; i++) {
-            if (ctx->marks[i].field == &conf->http.max_header_bytes ||
-                (m == NULL && ctx->marks[i].field == &conf->http.max_request_line)) {
-                m = &ctx->marks[i];
-            }
-        }
-        /* One of the two was set in the file, or defaults would pass. */
-        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                             m ? m->path : "http.max_header_bytes",
-                             "must be at least http.max_request_line + 2 "
-                             "(%zu), got %zu", conf->http.max_request_line + 2,
-                             conf->http.max_header_bytes);
-    }
-
-    /* The doubling starts at open_ms: a lower cap would be a lie. */
-    if (conf->upstream.breaker.max_open_ms < conf->upstream.breaker.open_ms) {
-        m = tg_conf_find_mark(ctx, &conf->upstream.breaker.max_open_ms);
-        if (m == NULL) {
-            m = tg_conf_find_mark(ctx, &conf->upstream.breaker.open_ms);
-        }
-        /* One of the two was set in the file, or defaults would pass. */
-        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                             m ? m->path : "upstream.breaker.max_open_ms",
-                             "max_open_ms must be at least "
-                             "upstream.breaker.open_ms (%u), got %u",
-                             conf->upstream.breaker.open_ms,
-                             conf->upstream.breaker.max_open_ms);
-    }
-
-    /* Keyless requests are charged to this tier: it must exist. */
-    if (conf->auth.anonymous_tier != NULL &&
-        tg_conf_tier(conf, conf->auth.anonymous_tier) == NULL) {
-        char names[256] = "";
-        size_t n = 0;
-
-        for (i = 0; i < conf->ntiers && n < sizeof(names); i++) {
-            n += (size_t)snprintf(names + n, sizeof(names) - n, "%s%s",
-                                  i ? ", " : "", conf->tiers[i].name);
-        }
-        m = tg_conf_find_mark(ctx, &conf->auth.anonymous_tier);
-        return tg_conf_error(ctx, m->mark, m->path, "unknown tier \"%s\" "
-                             "(rate_limits defines %s%s)",
-                             conf->auth.anonymous_tier,
-                             conf->ntiers ? "" : "no tiers", names);
-    }
-
-    if (tg_conf_check_costs(ctx) != TG_OK || tg_conf_check_rates(ctx) != TG_OK) {
+    if (tg_conf_validate_http(ctx) != TG_OK
+        || tg_conf_validate_upstream(ctx) != TG_OK
+        || tg_conf_validate_limits(ctx) != TG_OK
+        || tg_conf_validate_redis(ctx) != TG_OK) {
         return TG_ERR;
     }
-
-    /* Cluster has database 0 only; url still gives the db for Sentinel. */
-    if (conf->redis.ncluster_nodes > 0 && conf->redis.server.db != 0) {
-        m = tg_conf_find_mark(ctx, &conf->redis.url);
-        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                             m ? m->path : "redis.url", "Redis Cluster has "
-                             "only database 0, got \"%s\" with redis.cluster",
-                             conf->redis.url);
-    }
-
     if (conf->alerts.enabled && tg_conf_validate_alerts(ctx) != TG_OK) {
         return TG_ERR;
     }
-    if (tg_conf_validate_adaptive(ctx) != TG_OK) {
-        return TG_ERR;
-    }
-
-    if (tg_conf_password(ctx, &conf->redis.password, &conf->redis.password_file,
-                         &conf->redis.username, "redis") != TG_OK
-        || tg_conf_password(ctx, &conf->redis.sentinel_password,
-                            &conf->redis.sentinel_password_file,
-                            &conf->redis.sentinel_username, "redis.sentinel") != TG_OK) {
+    if (tg_conf_validate_adaptive(ctx) != TG_OK
+        || tg_conf_validate_redis_auth(ctx) != TG_OK) {
         return TG_ERR;
     }
 
@@ -1438,139 +621,9 @@ tg_conf_validate(tg_conf_ctx *ctx)
     return TG_OK;
 }
 
-/*
- * A route's cost is charged to every bucket its requests meet: any tier
- * (a key of the keys file or of Redis may name any of them, and keyless
- * requests the anonymous tier), the route's own bucket and the global
- * bucket.  A cost above one of those capacities could never pass, and its
- * 429 could name no honest retry time: refuse it here, at the cost.
- */
 static tg_rc
-tg_conf_check_costs(tg_conf_ctx *ctx)
-{
-    const tg_conf *conf = ctx->conf;
-    const tg_conf_mark *m;
-    const char *what = NULL;
-    char name[TG_CONF_PATHLEN];
-    uint32_t burst = 0;
-    size_t i, j;
-
-    for (i = 0; i < conf->nroutes; i++) {
-        const tg_route_conf *r = &conf->routes[i];
-
-        what = NULL;
-        if (r->has_limit && r->cost > r->burst_limit) {
-            snprintf(name, sizeof(name), "its own limit.burst_limit");
-            burst = r->burst_limit;
-            what = name;
-        }
-        for (j = 0; what == NULL && j < conf->ntiers; j++) {
-            if (r->cost > conf->tiers[j].burst_limit) {
-                snprintf(name, sizeof(name), "rate_limits.%s.burst_limit%s",
-                         conf->tiers[j].name,
-                         conf->auth.anonymous_tier != NULL
-                         && strcmp(conf->auth.anonymous_tier, conf->tiers[j].name) == 0
-                         ? " (the anonymous tier)" : "");
-                burst = conf->tiers[j].burst_limit;
-                what = name;
-            }
-        }
-        if (what == NULL && conf->global_limit.enabled
-            && r->cost > conf->global_limit.burst) {
-            snprintf(name, sizeof(name), "global_limit.burst");
-            burst = conf->global_limit.burst;
-            what = name;
-        }
-        if (what != NULL) {
-            m = tg_conf_find_mark(ctx, &r->cost);
-            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                                 m ? m->path : "routes", "cost %u of route \"%s\" "
-                                 "is above %s (%u): no such request could ever pass",
-                                 r->cost, r->name, what, burst);
-        }
-    }
-    return TG_OK;
-}
-
-/*
- * A bucket earns a token every T microseconds, T a whole number rounded up
- * (never above the rate).  Past 10,000 per second (100 us) that rounding
- * can cost more than 1% of the rate (400,000/s would keep 333,333/s):
- * such a rate is refused, naming the two nearest rates kept exactly.
- */
-static tg_rc
-tg_conf_check_rate(tg_conf_ctx *ctx, const uint32_t *field, uint64_t per_us)
-{
-    const tg_conf_mark *m = tg_conf_find_mark(ctx, field);
-    uint64_t r = *field, t_up, t_down;
-
-    if (m == NULL || r == 0) {
-        return TG_OK;                       /* a default: fine */
-    }
-    t_up = (per_us + r - 1) / r;
-    if (per_us * 100 >= r * t_up * 99) {
-        return TG_OK;                       /* kept to within 1% */
-    }
-    t_down = per_us / r;
-    if (t_down == 0) {
-        /* above one token per microsecond: there is no faster exact rate */
-        return tg_conf_error(ctx, m->mark, m->path, "%llu cannot be kept: a token "
-                             "comes every whole microsecond at most, so the "
-                             "highest rate is %llu", (unsigned long long)r,
-                             (unsigned long long)per_us);
-    }
-    return tg_conf_error(ctx, m->mark, m->path, "%llu cannot be kept: a token "
-                         "comes every whole microsecond, so it would be %llu; "
-                         "the nearest rates kept exactly are %llu and %llu",
-                         (unsigned long long)r, (unsigned long long)(per_us / t_up),
-                         (unsigned long long)(per_us / t_up),
-                         (unsigned long long)(per_us / t_down));
-}
-
-static tg_rc
-tg_conf_check_rates(tg_conf_ctx *ctx)
-{
-    const tg_conf *conf = ctx->conf;
-    size_t i;
-
-    for (i = 0; i < conf->ntiers; i++) {
-        if (tg_conf_check_rate(ctx, &conf->tiers[i].requests_per_minute, 60000000)
-            != TG_OK) {
-            return TG_ERR;
-        }
-    }
-    for (i = 0; i < conf->nroutes; i++) {
-        if (conf->routes[i].has_limit
-            && tg_conf_check_rate(ctx, &conf->routes[i].requests_per_minute, 60000000)
-               != TG_OK) {
-            return TG_ERR;
-        }
-    }
-    if (conf->global_limit.enabled
-        && tg_conf_check_rate(ctx, &conf->global_limit.requests_per_second, 1000000)
-           != TG_OK) {
-        return TG_ERR;
-    }
-    return tg_conf_check_rate(ctx, &conf->auth.unknown_key_limit.requests_per_minute,
-                              60000000);
-}
-
-static const tg_conf_mark *
-tg_conf_find_mark(const tg_conf_ctx *ctx, const void *field)
-{
-    size_t i;
-
-    for (i = 0; i < ctx->nmarks; i++) {
-        if (ctx->marks[i].field == field) {
-            return &ctx->marks[i];
-        }
-    }
-    return NULL;
-}
-
-static tg_rc
-tg_conf_resolve_one(tg_conf_ctx *ctx, tg_addr *addr, const char *defpath,
-                    int allow_port0)
+resolve_one(tg_conf_ctx *ctx, tg_addr *addr, const char *defpath,
+            int allow_port0)
 {
     const tg_conf_mark *m = tg_conf_find_mark(ctx, addr);
     yaml_node_t *root = yaml_document_get_root_node(&ctx->doc);
@@ -1596,7 +649,7 @@ tg_conf_resolve_one(tg_conf_ctx *ctx, tg_addr *addr, const char *defpath,
 }
 
 static int
-tg_conf_same_listener(const tg_addr *a, const tg_addr *b)
+same_listener(const tg_addr *a, const tg_addr *b)
 {
     const struct sockaddr *sa = (const struct sockaddr *)&a->sa;
 
@@ -1616,19 +669,19 @@ tg_conf_same_listener(const tg_addr *a, const tg_addr *b)
 /* Phase 4: every address becomes a sockaddr.  Two listeners on one address
  * would fail at bind(2) far from the config line that caused it. */
 static tg_rc
-tg_conf_resolve(tg_conf_ctx *ctx)
+resolve(tg_conf_ctx *ctx)
 {
     tg_conf *conf = ctx->conf;
     const tg_conf_mark *m, *first;
     size_t i, j;
 
     for (i = 0; i < conf->nlisten; i++) {
-        if (tg_conf_resolve_one(ctx, &conf->listen[i].addr, "listen.address", 1)
+        if (resolve_one(ctx, &conf->listen[i].addr, "listen.address", 1)
             != TG_OK) {
             return TG_ERR;
         }
         for (j = 0; j < i; j++) {
-            if (tg_conf_same_listener(&conf->listen[i].addr, &conf->listen[j].addr)) {
+            if (same_listener(&conf->listen[i].addr, &conf->listen[j].addr)) {
                 m = tg_conf_find_mark(ctx, &conf->listen[i].addr);
                 first = tg_conf_find_mark(ctx, &conf->listen[j].addr);
                 return tg_conf_error(ctx, m->mark, m->path, "\"%s\" is already "
@@ -1639,11 +692,11 @@ tg_conf_resolve(tg_conf_ctx *ctx)
         }
     }
     if (conf->admin_enabled) {
-        if (tg_conf_resolve_one(ctx, &conf->admin, "admin.address", 1) != TG_OK) {
+        if (resolve_one(ctx, &conf->admin, "admin.address", 1) != TG_OK) {
             return TG_ERR;
         }
         for (j = 0; j < conf->nlisten; j++) {
-            if (tg_conf_same_listener(&conf->admin, &conf->listen[j].addr)) {
+            if (same_listener(&conf->admin, &conf->listen[j].addr)) {
                 m = tg_conf_find_mark(ctx, &conf->admin);
                 first = tg_conf_find_mark(ctx, &conf->listen[j].addr);
                 return tg_conf_error(ctx,
@@ -1656,1452 +709,27 @@ tg_conf_resolve(tg_conf_ctx *ctx)
         }
     }
     for (i = 0; i < conf->upstream.nservers; i++) {
-        if (tg_conf_resolve_one(ctx, &conf->upstream.servers[i],
-                                "upstream.servers", 0) != TG_OK) {
+        if (resolve_one(ctx, &conf->upstream.servers[i],
+                        "upstream.servers", 0) != TG_OK) {
             return TG_ERR;
         }
     }
     for (i = 0; i < conf->redis.nsentinels; i++) {
-        if (tg_conf_resolve_one(ctx, &conf->redis.sentinels[i],
-                                "redis.sentinel.addresses", 0) != TG_OK) {
+        if (resolve_one(ctx, &conf->redis.sentinels[i],
+                        "redis.sentinel.addresses", 0) != TG_OK) {
             return TG_ERR;
         }
     }
     for (i = 0; i < conf->redis.ncluster_nodes; i++) {
-        if (tg_conf_resolve_one(ctx, &conf->redis.cluster_nodes[i],
-                                "redis.cluster.nodes", 0) != TG_OK) {
+        if (resolve_one(ctx, &conf->redis.cluster_nodes[i],
+                        "redis.cluster.nodes", 0) != TG_OK) {
             return TG_ERR;
         }
     }
     if (conf->metrics.statsd_enabled
-        && tg_conf_resolve_one(ctx, &conf->metrics.statsd, "metrics.statsd.address", 0)
+        && resolve_one(ctx, &conf->metrics.statsd, "metrics.statsd.address", 0)
            != TG_OK) {
         return TG_ERR;
-    }
-    return TG_OK;
-}
-
-/* ---- phase 2: the table walker ------------------------------------------ */
-
-/* Edit distance, for "did you mean" on unknown keys. */
-static size_t
-tg_conf_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b), i, j, prev, cur, tmp;
-    size_t row[64];
-
-    if (la >= TG_ARRAY_LEN(row) || lb >= TG_ARRAY_LEN(row)) {
-        return SIZE_MAX;
-    }
-    for (j = 0; j <= lb; j++) {
-        row[j] = j;
-    }
-    for (i = 1; i <= la; i++) {
-        prev = row[0];
-        row[0] = i;
-        for (j = 1; j <= lb; j++) {
-            cur = prev + (a[i - 1] != b[j - 1]);
-            if (row[j] + 1 < cur) {
-                cur = row[j] + 1;
-            }
-            if (row[j - 1] + 1 < cur) {
-                cur = row[j - 1] + 1;
-            }
-            tmp = row[j];
-            row[j] = cur;
-            prev = tmp;
-        }
-    }
-    return row[lb];
-}
-
-static void
-tg_conf_child(char *out, const char *parent, const char *key)
-{
-    if (parent[0] == '\0') {
-        snprintf(out, TG_CONF_PATHLEN, "%s", key);
-    } else {
-        snprintf(out, TG_CONF_PATHLEN, "%s.%s", parent, key);
-    }
-}
-
-static void
-tg_conf_remember(tg_conf_ctx *ctx, const void *field, yaml_mark_t mark,
-                 const char *path)
-{
-    if (ctx->nmarks == ctx->capmarks) {
-        ctx->capmarks = ctx->capmarks ? ctx->capmarks * 2 : 32;
-        ctx->marks = tg_xrealloc(ctx->marks, ctx->capmarks * sizeof(*ctx->marks));
-    }
-    ctx->marks[ctx->nmarks].field = field;
-    ctx->marks[ctx->nmarks].mark = mark;
-    ctx->marks[ctx->nmarks].path = tg_xstrdup(path);
-    ctx->nmarks++;
-}
-
-/*
- * Walk mapping `map` through `cmds`, storing into `base`.  `path` is the
- * mapping's key path ("" at top level), `section` its name for messages.
- */
-static tg_rc
-tg_conf_walk(tg_conf_ctx *ctx, yaml_node_t *map, const tg_conf_cmd *cmds,
-             void *base, const char *path, const char *section)
-{
-    yaml_node_pair_t *pair;
-    yaml_node_t *key, *val, *pkey;
-    const tg_conf_cmd *cmd, *best;
-    const char *kname;
-    char child[TG_CONF_PATHLEN];
-    int seen[TG_CONF_MAX_CMDS] = { 0 };
-    size_t d, bestd;
-
-    if (map->type != YAML_MAPPING_NODE) {
-        if (path[0] == '\0') {
-            return tg_conf_error(ctx, map->start_mark, "", "top level: expected "
-                                 "a mapping of sections, got %s", tg_yaml_kind(map));
-        }
-        return tg_conf_type_error(ctx, map, path, "a mapping");
-    }
-
-    for (pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
-         pair++) {
-        key = yaml_document_get_node(&ctx->doc, pair->key);
-        val = yaml_document_get_node(&ctx->doc, pair->value);
-        if (key->type != YAML_SCALAR_NODE) {
-            return tg_conf_error(ctx, key->start_mark, path, "keys must be plain "
-                                 "names, got %s", tg_yaml_kind(key));
-        }
-        kname = (const char *)key->data.scalar.value;
-        tg_conf_child(child, path, kname);
-
-        pkey = tg_yaml_pair_dup(&ctx->doc, map, pair);
-        if (pkey != NULL) {
-            return tg_conf_error(ctx, key->start_mark, child, "duplicate key "
-                                 "\"%s\" (first at %zu:%zu)", kname,
-                                 pkey->start_mark.line + 1, pkey->start_mark.column + 1);
-        }
-
-        best = NULL;
-        bestd = SIZE_MAX;
-        for (cmd = cmds; cmd->name != NULL; cmd++) {
-            if (strcmp(cmd->name, kname) == 0) {
-                break;
-            }
-            d = tg_conf_distance(cmd->name, kname);
-            if (d < bestd) {
-                bestd = d;
-                best = cmd;
-            }
-        }
-        if (cmd->name == NULL) {
-            /* Suggest only near misses: a random key gets no guess. */
-            char hint[96] = "";
-            if (best != NULL && bestd <= 2) {
-                snprintf(hint, sizeof(hint), " (did you mean \"%s\"?)", best->name);
-            }
-            if (section[0] == '\0') {
-                return tg_conf_error(ctx, key->start_mark, child, "unknown key "
-                                     "\"%s\" at top level%s", kname, hint);
-            }
-            return tg_conf_error(ctx, key->start_mark, child, "unknown key \"%s\" "
-                                 "in section \"%s\"%s", kname, section, hint);
-        }
-        seen[cmd - cmds] = 1;
-
-        if (cmd->set(ctx, cmd, val, base, child) != TG_OK) {
-            return TG_ERR;
-        }
-        if (cmd->offset != TG_CONF_NOFIELD) {
-            tg_conf_remember(ctx, (char *)base + cmd->offset, val->start_mark, child);
-        }
-    }
-
-    for (cmd = cmds; cmd->name != NULL; cmd++) {
-        if ((cmd->flags & TG_CONF_REQUIRED) && !seen[cmd - cmds]) {
-            if (path[0] == '\0') {
-                return tg_conf_error(ctx, map->start_mark, "", "missing required "
-                                     "section \"%s\"", cmd->name);
-            }
-            return tg_conf_error(ctx, map->start_mark, path, "missing required "
-                                 "key \"%s\"", cmd->name);
-        }
-    }
-    return TG_OK;
-}
-
-/* ---- setters ------------------------------------------------------------ */
-
-/* "got ..." part of a wrong-type message: the scalar itself, quoted and
- * clipped, or the kind of node. */
-static const char *
-tg_conf_got(const yaml_node_t *node, char *buf, size_t len)
-{
-    if (node->type == YAML_MAPPING_NODE) {
-        return "a mapping";
-    }
-    if (node->type == YAML_SEQUENCE_NODE) {
-        return "a sequence";
-    }
-    if (tg_yaml_is_null(node)) {
-        return "null";
-    }
-    snprintf(buf, len, "\"%.40s%s\"", (const char *)node->data.scalar.value,
-             node->data.scalar.length > 40 ? "..." : "");
-    return buf;
-}
-
-static tg_rc
-tg_conf_type_error(tg_conf_ctx *ctx, yaml_node_t *node, const char *path,
-                   const char *expected)
-{
-    char buf[64];
-
-    return tg_conf_error(ctx, node->start_mark, path, "expected %s, got %s",
-                         expected, tg_conf_got(node, buf, sizeof(buf)));
-}
-
-/* A non-null scalar of any style, as text, or NULL after an error. */
-static const char *
-tg_conf_string(tg_conf_ctx *ctx, yaml_node_t *node, const char *path)
-{
-    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node)) {
-        tg_conf_type_error(ctx, node, path, "a string");
-        return NULL;
-    }
-    if (strlen((const char *)node->data.scalar.value) != node->data.scalar.length) {
-        tg_conf_error(ctx, node->start_mark, path, "string contains a NUL byte");
-        return NULL;
-    }
-    return (const char *)node->data.scalar.value;
-}
-
-static void
-tg_conf_store(void *field, size_t size, uint64_t v)
-{
-    switch (size) {
-    case 1: { uint8_t x = (uint8_t)v; memcpy(field, &x, 1); break; }
-    case 2: { uint16_t x = (uint16_t)v; memcpy(field, &x, 2); break; }
-    case 4: { uint32_t x = (uint32_t)v; memcpy(field, &x, 4); break; }
-    default: memcpy(field, &v, 8); break;
-    }
-}
-
-/* Parse a decimal integer (optional sign) with an optional k/m/g suffix
- * when `suffix`.  Returns 0 if not a number, -1 if it overflows int64, 1 ok. */
-static int
-tg_conf_number(const char *s, int suffix, int64_t *out)
-{
-    int neg = 0;
-    uint64_t v = 0, mul = 1;
-    const char *p = s;
-
-    if (*p == '-' || *p == '+') {
-        neg = (*p == '-');
-        p++;
-    }
-    if (!isdigit((unsigned char)*p)) {
-        return 0;
-    }
-    for (; isdigit((unsigned char)*p); p++) {
-        if (v > (UINT64_MAX - 9) / 10) {
-            return -1;
-        }
-        v = v * 10 + (uint64_t)(*p - '0');
-    }
-    if (suffix && *p != '\0' && p[1] == '\0') {
-        switch (tolower((unsigned char)*p)) {
-        case 'k': mul = 1024ull; p++; break;
-        case 'm': mul = 1024ull * 1024; p++; break;
-        case 'g': mul = 1024ull * 1024 * 1024; p++; break;
-        default: break;
-        }
-    }
-    if (*p != '\0') {
-        return 0;
-    }
-    if (v > (uint64_t)INT64_MAX / mul) {
-        return -1;
-    }
-    *out = neg ? -(int64_t)(v * mul) : (int64_t)(v * mul);
-    return 1;
-}
-
-static tg_rc
-tg_conf_int(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-            void *base, const char *path, int suffix)
-{
-    const char *expected = suffix ? "a size (integer, or with a k/m/g suffix)"
-                                  : "an integer";
-    const char *s;
-    int64_t v;
-    int r;
-
-    /* Integers are plain scalars; a quoted "100" is a string in YAML, so a
-     * quoted value is accepted only where a suffix string is expected. */
-    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
-        (!suffix && node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)) {
-        return tg_conf_type_error(ctx, node, path, expected);
-    }
-    s = (const char *)node->data.scalar.value;
-    r = tg_conf_number(s, suffix, &v);
-    if (r == 0) {
-        return tg_conf_type_error(ctx, node, path, expected);
-    }
-    if (r < 0 || v < cmd->min || v > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "%s is out of range "
-                             "(%lld..%lld)", s, (long long)cmd->min,
-                             (long long)cmd->max);
-    }
-    tg_conf_store((char *)base + cmd->offset, cmd->size, (uint64_t)v);
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_uint(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    return tg_conf_int(ctx, cmd, node, base, path, 0);
-}
-
-static tg_rc
-tg_conf_set_size(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    return tg_conf_int(ctx, cmd, node, base, path, 1);
-}
-
-/* upstream.keepalive: an integer, or `auto` (TG_UPSTREAM_KEEPALIVE_AUTO). */
-static tg_rc
-tg_conf_set_keepalive(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                      yaml_node_t *node, void *base, const char *path)
-{
-    if (node->type == YAML_SCALAR_NODE
-        && node->data.scalar.style == YAML_PLAIN_SCALAR_STYLE
-        && strcmp((const char *)node->data.scalar.value, "auto") == 0) {
-        tg_conf_store((char *)base + cmd->offset, cmd->size,
-                      TG_UPSTREAM_KEEPALIVE_AUTO);
-        return TG_OK;
-    }
-    if (node->type == YAML_SCALAR_NODE
-        && !isdigit((unsigned char)node->data.scalar.value[0])) {
-        return tg_conf_type_error(ctx, node, path, "an integer or auto");
-    }
-    return tg_conf_int(ctx, cmd, node, base, path, 0);
-}
-
-/* YAML 1.2 core booleans only: "yes"/"no"/"on" are strings, not a guess. */
-static tg_rc
-tg_conf_set_bool(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    const char *s;
-    int v;
-
-    if (node->type != YAML_SCALAR_NODE ||
-        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-        return tg_conf_type_error(ctx, node, path, "a bool (true or false)");
-    }
-    s = (const char *)node->data.scalar.value;
-    if (strcmp(s, "true") == 0 || strcmp(s, "True") == 0 || strcmp(s, "TRUE") == 0) {
-        v = 1;
-    } else if (strcmp(s, "false") == 0 || strcmp(s, "False") == 0 ||
-               strcmp(s, "FALSE") == 0) {
-        v = 0;
-    } else {
-        return tg_conf_type_error(ctx, node, path, "a bool (true or false)");
-    }
-    tg_conf_store((char *)base + cmd->offset, cmd->size, (uint64_t)v);
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_enum(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    const tg_conf_enum *e;
-    char choices[128] = "";
-    size_t n = 0;
-    const char *s = tg_conf_string(ctx, node, path);
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    for (e = cmd->arg; e->name != NULL; e++) {
-        if (strcmp(e->name, s) == 0) {
-            tg_conf_store((char *)base + cmd->offset, cmd->size,
-                          (uint64_t)(uint32_t)e->value);
-            return TG_OK;
-        }
-        n += (size_t)snprintf(choices + n, sizeof(choices) - n, "%s%s",
-                              n ? "|" : "", e->name);
-        if (n >= sizeof(choices)) {
-            n = sizeof(choices) - 1;
-        }
-    }
-    return tg_conf_error(ctx, node->start_mark, path, "bad value \"%s\", "
-                         "expected one of %s", s, choices);
-}
-
-/* Relative paths are relative to the config file's directory, so a config
- * means the same thing whatever the daemon's working directory. */
-static tg_rc
-tg_conf_set_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-    const char *dir = ctx->conf->dir;
-    size_t dl, sl;
-    char *abs;
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    if (s[0] == '\0') {
-        return tg_conf_error(ctx, node->start_mark, path, "path is empty");
-    }
-    if (s[0] == '/') {
-        abs = tg_xstrdup(s);
-    } else {
-        dl = strlen(dir);
-        sl = strlen(s);
-        abs = tg_xmalloc(dl + sl + 2);
-        memcpy(abs, dir, dl);
-        if (dl == 0 || dir[dl - 1] != '/') {
-            abs[dl++] = '/';
-        }
-        memcpy(abs + dl, s, sl + 1);
-    }
-    free(*field);
-    *field = abs;
-    return TG_OK;
-}
-
-/* Only the text is kept here: phase 4 resolves it. */
-static tg_rc
-tg_conf_set_addr(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    tg_addr *addr = (tg_addr *)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    if (strlen(s) >= sizeof(addr->text)) {
-        return tg_conf_error(ctx, node->start_mark, path, "address is too long "
-                             "(at most %zu characters)", sizeof(addr->text) - 1);
-    }
-    memcpy(addr->text, s, strlen(s) + 1);
-    return TG_OK;
-}
-
-/* redis.url: kept as written, and parsed once into redis.server, which
- * is what the Redis client connects to. */
-static tg_rc
-tg_conf_set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    tg_conf *conf = base;                       /* the redis table's base */
-    const char *s = tg_conf_string(ctx, node, path);
-    char why[128];
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    if (tg_conf_parse_redis_url(s, &conf->redis.server, why, sizeof(why)) != TG_OK) {
-        return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL \"%s\": %s",
-                             s, why);
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* A decimal number of 1..10 digits, at most max (no sign, no spaces). */
-static tg_rc
-tg_conf_parse_ulong(const char *s, size_t len, unsigned long max, unsigned long *out)
-{
-    unsigned long v = 0;
-
-    if (len == 0 || len > 10) {
-        return TG_ERR;
-    }
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] < '0' || s[i] > '9') {
-            return TG_ERR;
-        }
-        v = v * 10 + (unsigned long)(s[i] - '0');
-    }
-    if (v > max) {
-        return TG_ERR;
-    }
-    *out = v;
-    return TG_OK;
-}
-
-/* The length of a string value against the directive's min..max. */
-static tg_rc
-tg_conf_check_len(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                  const char *path, size_t len)
-{
-    if ((int64_t)len < cmd->min || (int64_t)len > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
-                             "range (%lld..%lld characters)", len,
-                             (long long)cmd->min, (long long)cmd->max);
-    }
-    return TG_OK;
-}
-
-/* The prefix starts every Redis key we write: printable, no spaces. */
-static tg_rc
-tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-    size_t i, len;
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    len = strlen(s);
-    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
-        return TG_ERR;
-    }
-    for (i = 0; i < len; i++) {
-        if (!isgraph((unsigned char)s[i])) {
-            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
-                                 "spaces or control characters, got \"%s\"", s);
-        }
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* Any non-null string, stored as is; the meaning is checked elsewhere. */
-static tg_rc
-tg_conf_set_string(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* Every secret written in the file: a Redis password (it goes into AUTH
- * as one argument), an alert channel's key, or its URL (cmd->arg "url":
- * http:// or https://).  Printable, no spaces, cmd->min..max long, and
- * never echoed in an error.  The *_file forms are read in phase 3. */
-static tg_rc
-tg_conf_set_secret(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    if (tg_conf_check_len(ctx, cmd, node, path, strlen(s)) != TG_OK
-        || tg_conf_check_secret(ctx, node->start_mark, path, s, cmd->arg != NULL)
-           != TG_OK) {
-        return TG_ERR;
-    }
-    tg_conf_free_secret(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* An HTTP token (RFC 9110 5.6.2: 1*tchar), e.g. a header name. */
-static int
-tg_conf_tchar(unsigned char c)
-{
-    return isalnum(c) || (c != '\0' && strchr("!#$%&'*+-.^_`|~", c) != NULL);
-}
-
-static tg_rc
-tg_conf_set_token(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                  void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-    size_t i, len;
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    len = strlen(s);
-    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
-        return TG_ERR;
-    }
-    for (i = 0; i < len; i++) {
-        if (!tg_conf_tchar((unsigned char)s[i])) {
-            return tg_conf_error(ctx, node->start_mark, path, "bad header name "
-                                 "\"%s\": only letters, digits and "
-                                 "!#$%%&'*+-.^_`|~ (an HTTP token)", s);
-        }
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* A route name: like a tier name, it ends up in bucket keys and labels. */
-static tg_rc
-tg_conf_set_name(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    if (!tg_name_ok(TG_NAME_TIER, s, strlen(s))) {
-        return tg_conf_error(ctx, node->start_mark, path, "bad route name "
-                             "\"%s\": 1..%d characters of [a-z0-9_-]", s,
-                             TG_TIER_MAX);
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* Methods are case-sensitive (RFC 9110 9.1) and requests carry them in
- * upper case, so "get" would never match: refuse it rather than fold it. */
-static tg_rc
-tg_conf_set_method(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-    char upper[TG_CONF_METHOD_MAX + 1];
-    size_t i, len;
-    int lower = 0;
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    len = strlen(s);
-    for (i = 0; i < len; i++) {
-        if (s[i] >= 'a' && s[i] <= 'z') {
-            lower = 1;
-        } else if (!(s[i] >= 'A' && s[i] <= 'Z')) {
-            break;
-        }
-    }
-    if (i < len || (int64_t)len < cmd->min || (int64_t)len > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "bad method \"%s\": "
-                             "%lld..%lld upper-case letters A-Z (omit the key "
-                             "to match any method)", s, (long long)cmd->min,
-                             (long long)cmd->max);
-    }
-    if (lower) {
-        for (i = 0; i <= len; i++) {
-            upper[i] = (char)toupper((unsigned char)s[i]);
-        }
-        return tg_conf_error(ctx, node->start_mark, path, "method must be "
-                             "upper case: write \"%s\", not \"%s\" (methods "
-                             "are case-sensitive)", upper, s);
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* A path: a route's prefix (then see tg_conf_set_route_prefix) or the
- * health check's target. */
-static tg_rc
-tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                       yaml_node_t *node, void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-    size_t i, len;
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    len = strlen(s);
-    if (s[0] != '/') {
-        return tg_conf_error(ctx, node->start_mark, path, "must start with "
-                             "'/', got \"%s\"", s);
-    }
-    if ((int64_t)len > cmd->max) {
-        return tg_conf_error(ctx, node->start_mark, path, "length %zu is out of "
-                             "range (%lld..%lld characters)", len,
-                             (long long)cmd->min, (long long)cmd->max);
-    }
-    for (i = 0; i < len; i++) {
-        if (!isgraph((unsigned char)s[i])) {
-            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
-                                 "spaces, control or non-ASCII characters, "
-                                 "got \"%s\"", s);
-        }
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
-}
-
-/* A route's path prefix, kept in the form it is matched in: normalised
- * and decoded like request targets (tg_target_route_path). */
-static tg_rc
-tg_conf_set_route_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                         yaml_node_t *node, void *base, const char *path)
-{
-    char **field = (char **)((char *)base + cmd->offset);
-    char out[TG_CONF_ROUTE_PATH + 1];
-    const char *err;
-
-    if (tg_conf_set_route_path(ctx, cmd, node, base, path) != TG_OK) {
-        return TG_ERR;
-    }
-    if (tg_target_route_path(*field, out, sizeof(out), &err) != TG_OK) {
-        return tg_conf_error(ctx, node->start_mark, path, "bad path \"%s\": %s",
-                             *field, err);
-    }
-    free(*field);
-    *field = tg_xstrdup(out);
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_section(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
-{
-    return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
-}
-
-
-
-
-/* A section whose presence turns something on (global_limit, statsd,
- * health_check, anomaly, adaptive, throttle): its keys, then the int
- * flag at cmd->offset. */
-static tg_rc
-tg_conf_set_present(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    *(int *)(void *)((char *)base + cmd->offset) = 1;
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_route_limit(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                        yaml_node_t *node, void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_route_conf *)base)->has_limit = 1;
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_tls(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_listen_conf *)base)->tls = 1;
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_listen(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    tg_conf *conf = base;
-    yaml_node_item_t *it;
-    yaml_node_t *item;
-    char child[TG_CONF_PATHLEN];
-    size_t n;
-
-    if (node->type != YAML_SEQUENCE_NODE) {
-        return tg_conf_type_error(ctx, node, path, "a sequence of listeners");
-    }
-    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
-    if (n == 0) {
-        return tg_conf_error(ctx, node->start_mark, path, "needs at least one "
-                             "listener");
-    }
-    /* Sized once: phase 4 keeps pointers into this array. */
-    conf->listen = tg_xcalloc(n, sizeof(tg_listen_conf));
-    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
-         it++) {
-        item = yaml_document_get_node(&ctx->doc, *it);
-        snprintf(child, sizeof(child), "%s[%zu]", path, conf->nlisten);
-        conf->nlisten++;         /* counted before the walk: free sees it */
-        if (item->type != YAML_MAPPING_NODE) {
-            return tg_conf_type_error(ctx, item, child,
-                                      "a mapping (e.g. { address: 127.0.0.1:8080 })");
-        }
-        if (tg_conf_walk(ctx, item, tg_conf_listen_cmds,
-                         &conf->listen[conf->nlisten - 1], child, child) != TG_OK) {
-            return TG_ERR;
-        }
-    }
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_servers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
-{
-    static const tg_conf_cmd addr_cmd = {
-        "servers", tg_conf_set_addr, 0, sizeof(tg_addr), 0, 0, 0, NULL,
-    };
-    tg_conf *conf = base;
-    yaml_node_item_t *it;
-    yaml_node_t *item;
-    tg_addr *addr;
-    char child[TG_CONF_PATHLEN];
-    size_t n;
-
-    if (node->type != YAML_SEQUENCE_NODE) {
-        return tg_conf_type_error(ctx, node, path, "a sequence of addresses");
-    }
-    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
-    if (n == 0) {
-        return tg_conf_error(ctx, node->start_mark, path, "needs at least one "
-                             "server");
-    }
-    conf->upstream.servers = tg_xcalloc(n, sizeof(tg_addr));
-    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
-         it++) {
-        item = yaml_document_get_node(&ctx->doc, *it);
-        addr = &conf->upstream.servers[conf->upstream.nservers];
-        snprintf(child, sizeof(child), "%s[%zu]", path, conf->upstream.nservers);
-        conf->upstream.nservers++;
-        if (tg_conf_set_addr(ctx, &addr_cmd, item, addr, child) != TG_OK) {
-            return TG_ERR;
-        }
-        tg_conf_remember(ctx, addr, item->start_mark, child);
-    }
-    return TG_OK;
-}
-
-/* http.trusted_proxies: a sequence of addresses or CIDR ranges (IPv4 or
- * IPv6); a peer in one may pass its own X-Forwarded-For on. */
-static tg_rc
-tg_conf_set_trusted_proxies(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                            yaml_node_t *node, void *base, const char *path)
-{
-    tg_conf *conf = base;
-    yaml_node_item_t *it;
-    yaml_node_t *item;
-    char child[TG_CONF_PATHLEN];
-    const char *s, *err;
-    size_t n;
-
-    if (node->type != YAML_SEQUENCE_NODE) {
-        return tg_conf_type_error(ctx, node, path, "a sequence of addresses or "
-                                  "CIDR ranges");
-    }
-    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
-    conf->http.trusted_proxies = tg_xcalloc(n ? n : 1, sizeof(tg_cidr));
-    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
-         it++) {
-        item = yaml_document_get_node(&ctx->doc, *it);
-        snprintf(child, sizeof(child), "%s[%zu]", path, conf->http.ntrusted_proxies);
-        s = tg_conf_string(ctx, item, child);
-        if (s == NULL) {
-            return TG_ERR;
-        }
-        if (tg_cidr_parse(s, &conf->http.trusted_proxies[conf->http.ntrusted_proxies],
-                          &err) != TG_OK) {
-            return tg_conf_error(ctx, item->start_mark, child, "bad range \"%s\": %s",
-                                 s, err);
-        }
-        conf->http.ntrusted_proxies++;
-    }
-    return TG_OK;
-}
-
-/* A sequence of 1..TG_CONF_MAX_REDIS_ADDRS addresses into a fresh array
- * (*out, *n), each remembered for phase 4; what names them in messages. */
-static tg_rc
-tg_conf_addr_list(tg_conf_ctx *ctx, yaml_node_t *node, const char *path,
-                  tg_addr **out, size_t *n, const char *what)
-{
-    static const tg_conf_cmd addr_cmd = {
-        "address", tg_conf_set_addr, 0, sizeof(tg_addr), 0, 0, 0, NULL,
-    };
-    yaml_node_item_t *it;
-    yaml_node_t *item;
-    char child[TG_CONF_PATHLEN];
-    size_t count;
-
-    if (node->type != YAML_SEQUENCE_NODE) {
-        return tg_conf_type_error(ctx, node, path, "a sequence of addresses");
-    }
-    count = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
-    if (count == 0 || count > TG_CONF_MAX_REDIS_ADDRS) {
-        return tg_conf_error(ctx, node->start_mark, path, "needs 1..%d %s, got %zu",
-                             TG_CONF_MAX_REDIS_ADDRS, what, count);
-    }
-    *out = tg_xcalloc(count, sizeof(tg_addr));
-    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
-         it++) {
-        tg_addr *addr = &(*out)[*n];
-        item = yaml_document_get_node(&ctx->doc, *it);
-        snprintf(child, sizeof(child), "%s[%zu]", path, *n);
-        (*n)++;
-        if (tg_conf_set_addr(ctx, &addr_cmd, item, addr, child) != TG_OK) {
-            return TG_ERR;
-        }
-        for (size_t j = 0; j + 1 < *n; j++) {
-            if (strcmp((*out)[j].text, addr->text) == 0) {
-                return tg_conf_error(ctx, item->start_mark, child, "\"%s\" is "
-                                     "listed twice", addr->text);
-            }
-        }
-        tg_conf_remember(ctx, addr, item->start_mark, child);
-    }
-    return TG_OK;
-}
-
-/* redis.sentinel and redis.cluster exclude each other: the second one
- * written is the error. */
-static tg_rc
-tg_conf_set_sentinel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                     void *base, const char *path)
-{
-    if (((tg_conf *)base)->redis.ncluster_nodes > 0) {
-        return tg_conf_error(ctx, node->start_mark, path, "redis.sentinel and "
-                             "redis.cluster cannot be used together");
-    }
-    return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
-}
-
-static tg_rc
-tg_conf_set_cluster(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
-{
-    if (((tg_conf *)base)->redis.sentinel_master != NULL) {
-        return tg_conf_error(ctx, node->start_mark, path, "redis.sentinel and "
-                             "redis.cluster cannot be used together");
-    }
-    return tg_conf_walk(ctx, node, cmd->arg, base, path, path);
-}
-
-static tg_rc
-tg_conf_set_sentinel_addrs(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                           yaml_node_t *node, void *base, const char *path)
-{
-    tg_conf *conf = base;
-
-    return tg_conf_addr_list(ctx, node, path, &conf->redis.sentinels,
-                             &conf->redis.nsentinels, "sentinel addresses");
-}
-
-static tg_rc
-tg_conf_set_cluster_nodes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
-                          yaml_node_t *node, void *base, const char *path)
-{
-    tg_conf *conf = base;
-
-    return tg_conf_addr_list(ctx, node, path, &conf->redis.cluster_nodes,
-                             &conf->redis.ncluster_nodes, "cluster nodes");
-}
-
-/* rate_limits: tier name -> { requests_per_minute, burst_limit }.  The
- * names are data, not directives, so this walks the mapping itself and
- * checks each name; duplicates are caught like any key. */
-static tg_rc
-tg_conf_set_tiers(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                  void *base, const char *path)
-{
-    tg_conf *conf = base;
-    yaml_node_pair_t *pair;
-    yaml_node_t *key, *val, *pkey;
-    tg_tier_conf *tier;
-    const char *name;
-    char child[TG_CONF_PATHLEN];
-    size_t n;
-
-    if (node->type != YAML_MAPPING_NODE) {
-        return tg_conf_type_error(ctx, node, path, "a mapping of tier name to "
-                                  "{ requests_per_minute, burst_limit }");
-    }
-    n = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
-    conf->tiers = tg_xcalloc(n, sizeof(tg_tier_conf));
-    for (pair = node->data.mapping.pairs.start; pair < node->data.mapping.pairs.top;
-         pair++) {
-        key = yaml_document_get_node(&ctx->doc, pair->key);
-        val = yaml_document_get_node(&ctx->doc, pair->value);
-        if (key->type != YAML_SCALAR_NODE) {
-            return tg_conf_error(ctx, key->start_mark, path, "tier names must be "
-                                 "plain names");
-        }
-        name = (const char *)key->data.scalar.value;
-        tg_conf_child(child, path, name);
-        pkey = tg_yaml_pair_dup(&ctx->doc, node, pair);
-        if (pkey != NULL) {
-            return tg_conf_error(ctx, key->start_mark, child, "duplicate "
-                                 "key \"%s\" (first at %zu:%zu)", name,
-                                 pkey->start_mark.line + 1, pkey->start_mark.column + 1);
-        }
-        if (!tg_name_ok(TG_NAME_TIER, name, strlen(name))) {
-            return tg_conf_error(ctx, key->start_mark, child, "bad tier name "
-                                 "\"%s\": 1..%d characters of [a-z0-9_-]", name,
-                                 TG_TIER_MAX);
-        }
-        tier = &conf->tiers[conf->ntiers++];
-        tier->name = tg_xstrdup(name);
-        tier->lease_ttl_ms = 1000;
-        if (tg_conf_walk(ctx, val, cmd->arg, tier, child, child) != TG_OK) {
-            return TG_ERR;
-        }
-        if (tier->lease_size > tier->burst_limit) {
-            return tg_conf_error(ctx, key->start_mark, child, "lease.size %u is above "
-                                 "burst_limit %u: a lease that large could never be "
-                                 "taken", tier->lease_size, tier->burst_limit);
-        }
-    }
-    return TG_OK;
-}
-
-/* routes: a sequence of { name, method, path, cost, limit }, kept in file
- * order (the first match wins).  Names must be unique: they key buckets. */
-static tg_rc
-tg_conf_set_routes(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    tg_conf *conf = base;
-    yaml_node_item_t *it;
-    yaml_node_t *item;
-    tg_route_conf *route;
-    const tg_conf_mark *m, *first;
-    char child[TG_CONF_PATHLEN];
-    size_t n, j;
-
-    if (node->type != YAML_SEQUENCE_NODE) {
-        return tg_conf_type_error(ctx, node, path, "a sequence of routes");
-    }
-    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
-    /* Sized once: the marks point into this array. */
-    conf->routes = tg_xcalloc(n, sizeof(tg_route_conf));
-    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
-         it++) {
-        item = yaml_document_get_node(&ctx->doc, *it);
-        snprintf(child, sizeof(child), "%s[%zu]", path, conf->nroutes);
-        route = &conf->routes[conf->nroutes++];   /* counted first: free sees it */
-        tg_conf_route_defaults(route);
-        if (item->type != YAML_MAPPING_NODE) {
-            return tg_conf_type_error(ctx, item, child, "a mapping (e.g. "
-                                      "{ name: leads, path: /leads })");
-        }
-        if (tg_conf_walk(ctx, item, cmd->arg, route, child, child) != TG_OK) {
-            return TG_ERR;
-        }
-        for (j = 0; j + 1 < conf->nroutes; j++) {
-            if (strcmp(conf->routes[j].name, route->name) == 0) {
-                m = tg_conf_find_mark(ctx, &route->name);
-                first = tg_conf_find_mark(ctx, &conf->routes[j].name);
-                return tg_conf_error(ctx, m->mark, m->path, "duplicate route "
-                                     "name \"%s\" (first at %zu:%zu)",
-                                     route->name, first->mark.line + 1,
-                                     first->mark.column + 1);
-            }
-        }
-    }
-    return TG_OK;
-}
-
-/* ---- errors ------------------------------------------------------------- */
-
-/* Format "FILE:LINE:COL: path: message" into ctx->err.  Always TG_ERR. */
-static tg_rc
-tg_conf_error(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
-              const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    tg_yaml_verror(ctx->err, ctx->errlen, ctx->name, mark, path, fmt, ap);
-    va_end(ap);
-    return TG_ERR;
-}
-
-/* ---- section alerts ------------------------------------------------------ */
-
-static tg_rc
-tg_conf_set_alerts(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    if (tg_conf_walk(ctx, node, cmd->arg, base, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ((tg_conf *)base)->alerts.enabled = 1;
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_channel(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                    void *base, const char *path)
-{
-    tg_alert_channel_conf *ch = (tg_alert_channel_conf *)((char *)base + cmd->offset);
-
-    if (tg_conf_walk(ctx, node, cmd->arg, ch, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    ch->enabled = 1;
-    return TG_OK;
-}
-
-static tg_rc
-tg_conf_set_rule(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                 void *base, const char *path)
-{
-    tg_alert_rule_conf *rule = (tg_alert_rule_conf *)((char *)base + cmd->offset);
-
-    if (tg_conf_walk(ctx, node, cmd->arg, rule, path, path) != TG_OK) {
-        return TG_ERR;
-    }
-    rule->enabled = 1;
-    return TG_OK;
-}
-
-static const char *const tg_conf_channel_names[TG_ALERT__NCHANNELS] = {
-    "slack", "pagerduty", "webhook",
-};
-
-/* to: [slack, pagerduty, webhook] -> a bit set; empty is an error. */
-static tg_rc
-tg_conf_set_to(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-               void *base, const char *path)
-{
-    unsigned *field = (unsigned *)((char *)base + cmd->offset), set = 0, bit;
-    yaml_node_item_t *it;
-    yaml_node_t *item;
-    const char *s;
-    size_t c;
-
-    if (node->type != YAML_SEQUENCE_NODE || node->data.sequence.items.top ==
-        node->data.sequence.items.start) {
-        return tg_conf_type_error(ctx, node, path, "a non-empty sequence of "
-                                  "channels (slack, pagerduty, webhook)");
-    }
-    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
-         it++) {
-        item = yaml_document_get_node(&ctx->doc, *it);
-        s = tg_conf_string(ctx, item, path);
-        if (s == NULL) {
-            return TG_ERR;
-        }
-        for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
-            if (strcmp(s, tg_conf_channel_names[c]) == 0) {
-                break;
-            }
-        }
-        if (c == TG_ALERT__NCHANNELS) {
-            return tg_conf_error(ctx, item->start_mark, path, "unknown channel "
-                                 "\"%s\", expected slack, pagerduty or webhook", s);
-        }
-        bit = 1u << c;
-        if (set & bit) {
-            return tg_conf_error(ctx, item->start_mark, path, "channel \"%s\" "
-                                 "is listed twice", s);
-        }
-        set |= bit;
-    }
-    *field = set;
-    return TG_OK;
-}
-
-/* A share in (0, 1], e.g. 0.05. */
-static tg_rc
-tg_conf_set_ratio(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                  void *base, const char *path)
-{
-    const char *s;
-    char *end;
-    double v;
-
-    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
-        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-        return tg_conf_type_error(ctx, node, path, "a number in (0, 1]");
-    }
-    s = (const char *)node->data.scalar.value;
-    errno = 0;
-    v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno != 0 || !(v > 0.0 && v <= 1.0)) {
-        return tg_conf_error(ctx, node->start_mark, path, "expected a number "
-                             "in (0, 1], e.g. 0.05, got \"%s\"", s);
-    }
-    memcpy((char *)base + cmd->offset, &v, sizeof(v));
-    return TG_OK;
-}
-
-/* ---- section anomaly ------------------------------------------------------ */
-
-
-/* A number in (min, max], e.g. 10 or 2.5 (a factor above min). */
-static tg_rc
-tg_conf_set_factor(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
-{
-    const char *s;
-    char *end;
-    double v;
-
-    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
-        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-        return tg_conf_type_error(ctx, node, path, "a number");
-    }
-    s = (const char *)node->data.scalar.value;
-    errno = 0;
-    v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno != 0
-        || !(v > (double)cmd->min && v <= (double)cmd->max)) {
-        return tg_conf_error(ctx, node->start_mark, path, "expected a number "
-                             "above %lld and at most %lld, got \"%s\"",
-                             (long long)cmd->min, (long long)cmd->max, s);
-    }
-    memcpy((char *)base + cmd->offset, &v, sizeof(v));
-    return TG_OK;
-}
-
-/* An http(s) URL (is_url) or a key, kept as written.  The value is a
- * secret: messages never show it. */
-static tg_rc
-tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
-                     const char *s, int is_url)
-{
-    size_t i;
-
-    for (i = 0; s[i] != '\0'; i++) {
-        if (!isgraph((unsigned char)s[i])) {
-            return tg_conf_error(ctx, mark, path, "must not contain spaces or "
-                                 "control characters (value not shown: a secret)");
-        }
-    }
-    if (i == 0) {
-        return tg_conf_error(ctx, mark, path, "is empty");
-    }
-    if (is_url && strncmp(s, "https://", 8) != 0 && strncmp(s, "http://", 7) != 0) {
-        return tg_conf_error(ctx, mark, path, "must be an http:// or https:// "
-                             "URL (value not shown: a secret)");
-    }
-    return TG_OK;
-}
-
-/* A *_file secret: the whole file, surrounding whitespace removed
- * (systemd LoadCredential= files often end with a newline). */
-static tg_rc
-tg_conf_read_secret(tg_conf_ctx *ctx, const void *field, const char *file,
-                    char **out, int is_url, const char *defpath)
-{
-    const tg_conf_mark *m = tg_conf_find_mark(ctx, field);
-    yaml_mark_t mark = m ? m->mark : ctx->doc.start_mark;
-    const char *path = m ? m->path : defpath;
-    char why[TG_CONF_ERRLEN];
-    size_t len = 0, lead;
-    char *text = tg_yaml_read_file(file, TG_SECRET_MAX, &len, why, sizeof(why));
-
-    if (text == NULL) {
-        return tg_conf_error(ctx, mark, path, "%s", why);
-    }
-    while (len > 0 && isspace((unsigned char)text[len - 1])) {
-        text[--len] = '\0';
-    }
-    lead = strspn(text, " \t\r\n");
-    memmove(text, text + lead, len - lead + 1);
-    len -= lead;
-    if (strlen(text) != len) {
-        free(text);
-        return tg_conf_error(ctx, mark, path, "%s: contains a NUL byte", file);
-    }
-    if (tg_conf_check_secret(ctx, mark, path, text, is_url) != TG_OK) {
-        free(text);
-        return TG_ERR;
-    }
-    free(*out);
-    *out = text;
-    return TG_OK;
-}
-
-/* Phase 3 of alerts: each channel has exactly one source for its secret
- * (read now, from its file if so), and every rule sends to configured
- * channels.  Without rules: every rule with its defaults, to the channels
- * of its default list that are configured. */
-static tg_rc
-tg_conf_validate_alerts(tg_conf_ctx *ctx)
-{
-    static const char *const url_names[TG_ALERT__NCHANNELS] = {
-        "webhook_url", "url", "url",
-    };
-    static const char *const rule_names[TG_RULE__COUNT] = {
-        "breaches", "redis_down", "breaker_open", "upstream_errors", "anomaly",
-    };
-    tg_conf *conf = ctx->conf;
-    int rules_written = tg_conf_find_mark(ctx, conf->alerts.rule) != NULL;
-    unsigned configured = 0;
-    const tg_conf_mark *m;
-    char p[TG_CONF_PATHLEN];
-    size_t c, r;
-
-    for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
-        tg_alert_channel_conf *ch = &conf->alerts.channel[c];
-        const tg_conf_mark *cm = tg_conf_find_mark(ctx, ch);
-
-        if (!ch->enabled) {
-            continue;
-        }
-        configured |= 1u << c;
-        snprintf(p, sizeof(p), "alerts.%s", tg_conf_channel_names[c]);
-        if (c == TG_ALERT_PAGERDUTY) {
-            if ((ch->key != NULL) == (ch->key_file != NULL)) {
-                return tg_conf_error(ctx, cm->mark, p, "needs exactly one of "
-                                     "routing_key and routing_key_file");
-            }
-            if (ch->key_file != NULL && tg_conf_read_secret(ctx, &ch->key_file,
-                    ch->key_file, &ch->key, 0, p) != TG_OK) {
-                return TG_ERR;
-            }
-            continue;
-        }
-        if ((tg_conf_find_mark(ctx, &ch->url) != NULL) == (ch->url_file != NULL)) {
-            return tg_conf_error(ctx, cm->mark, p, "needs exactly one of %s "
-                                 "and %s_file", url_names[c], url_names[c]);
-        }
-        if (ch->url_file != NULL && tg_conf_read_secret(ctx, &ch->url_file,
-                ch->url_file, &ch->url, 1, p) != TG_OK) {
-            return TG_ERR;
-        }
-    }
-    for (r = 0; r < TG_RULE__COUNT; r++) {
-        tg_alert_rule_conf *rule = &conf->alerts.rule[r];
-
-        if (!rules_written) {
-            rule->to &= configured;
-            rule->enabled = rule->to != 0;
-            continue;
-        }
-        if (!rule->enabled || (rule->to & ~configured) == 0) {
-            continue;
-        }
-        for (c = 0; c < TG_ALERT__NCHANNELS; c++) {
-            if (rule->to & ~configured & (1u << c)) {
-                break;
-            }
-        }
-        m = tg_conf_find_mark(ctx, &rule->to);
-        if (m == NULL) {
-            m = tg_conf_find_mark(ctx, rule);
-        }
-        snprintf(p, sizeof(p), "alerts.rules.%s.to", rule_names[r]);
-        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                             m ? m->path : p, "channel \"%s\" is not configured "
-                             "(add alerts.%s%s)", tg_conf_channel_names[c],
-                             tg_conf_channel_names[c],
-                             m == tg_conf_find_mark(ctx, rule) ? ", or write to:" : "");
-    }
-    return TG_OK;
-}
-
-/* ---- section adaptive ---------------------------------------------------- */
-
-
-
-/* shed_order: [basic, pro, enterprise] -> names; checked against
- * rate_limits in phase 3 (the sections may come in any order). */
-static tg_rc
-tg_conf_set_shed_order(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                       void *base, const char *path)
-{
-    tg_conf *conf = base;
-    yaml_node_item_t *it;
-    yaml_node_t *item;
-    const char *s;
-    size_t n, i;
-
-    TG_UNUSED(cmd);
-    if (node->type != YAML_SEQUENCE_NODE) {
-        return tg_conf_type_error(ctx, node, path, "a sequence of tier names");
-    }
-    n = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
-    conf->adaptive.shed_order = tg_xcalloc(n ? n : 1, sizeof(char *));
-    for (it = node->data.sequence.items.start; it < node->data.sequence.items.top;
-         it++) {
-        item = yaml_document_get_node(&ctx->doc, *it);
-        s = tg_conf_string(ctx, item, path);
-        if (s == NULL) {
-            return TG_ERR;
-        }
-        for (i = 0; i < conf->adaptive.nshed_order; i++) {
-            if (strcmp(conf->adaptive.shed_order[i], s) == 0) {
-                return tg_conf_error(ctx, item->start_mark, path, "tier \"%s\" "
-                                     "is listed twice", s);
-            }
-        }
-        conf->adaptive.shed_order[conf->adaptive.nshed_order++] = tg_xstrdup(s);
-    }
-    return TG_OK;
-}
-
-/* Bounds in order; shed_order names tiers of rate_limits (by default the
- * ones of basic, pro, enterprise it has). */
-static tg_rc
-tg_conf_validate_adaptive(tg_conf_ctx *ctx)
-{
-    static const char *const def[] = { "basic", "pro", "enterprise" };
-    tg_conf *conf = ctx->conf;
-    const tg_conf_mark *m;
-    size_t i;
-
-    if (!conf->adaptive.enabled) {
-        return TG_OK;
-    }
-    if (conf->adaptive.min > conf->adaptive.max
-        || conf->adaptive.initial < conf->adaptive.min
-        || conf->adaptive.initial > conf->adaptive.max) {
-        m = tg_conf_find_mark(ctx, &conf->adaptive.initial);
-        if (m == NULL) {
-            m = tg_conf_find_mark(ctx, &conf->adaptive.max);
-        }
-        if (m == NULL) {
-            m = tg_conf_find_mark(ctx, &conf->adaptive.min);
-        }
-        return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                             m ? m->path : "adaptive.concurrency",
-                             "needs min <= initial <= max, got min %u, "
-                             "initial %u, max %u", conf->adaptive.min,
-                             conf->adaptive.initial, conf->adaptive.max);
-    }
-    if (conf->adaptive.shed_order == NULL) {
-        conf->adaptive.shed_order = tg_xcalloc(TG_ARRAY_LEN(def), sizeof(char *));
-        for (i = 0; i < TG_ARRAY_LEN(def); i++) {
-            if (tg_conf_tier(conf, def[i]) != NULL) {
-                conf->adaptive.shed_order[conf->adaptive.nshed_order++] =
-                    tg_xstrdup(def[i]);
-            }
-        }
-        return TG_OK;
-    }
-    for (i = 0; i < conf->adaptive.nshed_order; i++) {
-        if (tg_conf_tier(conf, conf->adaptive.shed_order[i]) == NULL) {
-            m = tg_conf_find_mark(ctx, &conf->adaptive.shed_order);
-            return tg_conf_error(ctx, m ? m->mark : ctx->doc.start_mark,
-                                 m ? m->path : "adaptive.shed_order",
-                                 "unknown tier \"%s\" (not in rate_limits)",
-                                 conf->adaptive.shed_order[i]);
-        }
     }
     return TG_OK;
 }

@@ -96,7 +96,7 @@ struct tg_keys {
     char         *name;       /* file name, for tg_keys_check_tiers */
 };
 
-/* Why tg_keys_add refused an entry. */
+/* Why keys_add refused an entry. */
 enum { TG_KEYS_DUP_ID = 1, TG_KEYS_DUP_SHA, TG_KEYS_TOO_MANY_TIERS };
 
 typedef struct tg_keys_ctx {
@@ -109,7 +109,7 @@ typedef struct tg_keys_ctx {
     uint64_t        *ids;    /* id hash set: index + 1 into keys (low 32
                                 bits; 0 = empty), hash (high 32 bits) */
     tg_keys_pos     *pos;    /* general path: cap entries, parallel to keys */
-    int              why;    /* TG_KEYS_DUP_* after tg_keys_add failed */
+    int              why;    /* TG_KEYS_DUP_* after keys_add failed */
     size_t           first;  /* the earlier entry it duplicates */
     char            *err;
     size_t           errlen;
@@ -117,30 +117,30 @@ typedef struct tg_keys_ctx {
 
 /* ---- static prototypes ------------------------------------------------- */
 
-static tg_rc tg_keys_fast(tg_keys_ctx *ctx);
-static tg_rc tg_keys_structure(tg_keys_ctx *ctx);
-static tg_rc tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root);
-static tg_rc tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx);
-static const char *tg_keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node,
-                                  const char *path, const char *expected);
-static tg_rc tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
-                          const char *what, const char *charset, size_t max,
-                          enum tg_name_kind kind, char *out);
-static void tg_keys_reserve(tg_keys_ctx *ctx, size_t n);
-static tg_rc tg_keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32],
-                         const char *id, size_t idlen, const char *tier,
-                         size_t tierlen, int enabled, uint32_t tline,
-                         uint32_t tcol);
-static void tg_keys_finish(tg_keys_ctx *ctx);
-static void tg_keys_ctx_reset(tg_keys_ctx *ctx);
-static uint64_t tg_keys_digest_hash(const uint8_t sha256[32]);
-static void *tg_keys_map(size_t size);
-static void tg_keys_unmap(void *p, size_t size);
-static void tg_keys_free(struct tg_keys *keys);
-static tg_rc tg_keys_type_error(tg_keys_ctx *ctx, yaml_node_t *node,
-                                const char *path, const char *expected);
-static tg_rc tg_keys_error(tg_keys_ctx *ctx, yaml_mark_t mark, const char *path,
-                           const char *fmt, ...)
+static tg_rc keys_fast(tg_keys_ctx *ctx);
+static tg_rc keys_structure(tg_keys_ctx *ctx);
+static tg_rc keys_top(tg_keys_ctx *ctx, yaml_node_t *root);
+static tg_rc keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx);
+static const char *keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node,
+                               const char *path, const char *expected);
+static tg_rc keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
+                       const char *what, const char *charset, size_t max,
+                       enum tg_name_kind kind, char *out);
+static void keys_reserve(tg_keys_ctx *ctx, size_t n);
+static tg_rc keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32],
+                      const char *id, size_t idlen, const char *tier,
+                      size_t tierlen, int enabled, uint32_t tline,
+                      uint32_t tcol);
+static void keys_finish(tg_keys_ctx *ctx);
+static void keys_ctx_reset(tg_keys_ctx *ctx);
+static uint64_t keys_digest_hash(const uint8_t sha256[32]);
+static void *keys_map(size_t size);
+static void keys_unmap(void *p, size_t size);
+static void keys_free(struct tg_keys *keys);
+static tg_rc keys_type_error(tg_keys_ctx *ctx, yaml_node_t *node,
+                             const char *path, const char *expected);
+static tg_rc keys_error(tg_keys_ctx *ctx, yaml_mark_t mark, const char *path,
+                        const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 /* ---- tables ------------------------------------------------------------ */
@@ -149,11 +149,11 @@ enum { TG_KEYS_F_ID, TG_KEYS_F_TIER, TG_KEYS_F_SHA256, TG_KEYS_F_ENABLED,
        TG_KEYS_NFIELDS };
 
 /* Fields of one entry, in the order "missing" is reported. */
-static const char *const tg_keys_fields[TG_KEYS_NFIELDS] = {
+static const char *const keys_fields[TG_KEYS_NFIELDS] = {
     "id", "tier", "sha256", "enabled",
 };
 
-static const char tg_keys_b64url[] =
+static const char keys_b64url[] =
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /* ---- public functions -------------------------------------------------- */
@@ -197,22 +197,22 @@ tg_keys_load_string(const char *name, const char *text, size_t len,
         err[0] = '\0';
     }
 
-    tg_keys_ctx_reset(&ctx);
-    rc = tg_keys_fast(&ctx);
+    keys_ctx_reset(&ctx);
+    rc = keys_fast(&ctx);
     if (rc != TG_OK) {
-        tg_keys_ctx_reset(&ctx);         /* not the fast form: start over */
-        rc = tg_keys_structure(&ctx);
+        keys_ctx_reset(&ctx);         /* not the fast form: start over */
+        rc = keys_structure(&ctx);
         if (rc == TG_OK) {
             root = yaml_document_get_root_node(&ctx.doc);
-            rc = tg_keys_top(&ctx, root);
+            rc = keys_top(&ctx, root);
         }
         if (ctx.have_doc) {
             yaml_document_delete(&ctx.doc);
         }
     }
-    tg_keys_finish(&ctx);
+    keys_finish(&ctx);
     if (rc != TG_OK) {
-        tg_keys_free(ctx.keys);
+        keys_free(ctx.keys);
         return NULL;
     }
     return ctx.keys;
@@ -221,7 +221,7 @@ tg_keys_load_string(const char *name, const char *text, size_t len,
 void
 tg_keys_destroy(struct tg_keys *keys)
 {
-    tg_keys_free(keys);
+    keys_free(keys);
 }
 
 struct tg_keys *
@@ -237,7 +237,7 @@ void
 tg_keys_unref(struct tg_keys *keys)
 {
     if (keys != NULL && __atomic_fetch_sub(&keys->extra_refs, 1, __ATOMIC_ACQ_REL) == 0) {
-        tg_keys_free(keys);
+        keys_free(keys);
     }
 }
 
@@ -342,7 +342,7 @@ tg_keys_find(const struct tg_keys *keys, const uint8_t sha256[32])
     if (keys == NULL || keys->slots == NULL) {
         return NULL;
     }
-    for (i = tg_keys_digest_hash(sha256) & keys->mask;; i = (i + 1) & keys->mask) {
+    for (i = keys_digest_hash(sha256) & keys->mask;; i = (i + 1) & keys->mask) {
         s = keys->slots[i];
         if (s == 0) {
             return NULL;
@@ -417,10 +417,10 @@ tg_keys_generate(char out[64])
     o = 3;
     for (i = 0; i < 33; i += 3) {
         v = (uint32_t)raw[i] << 16 | (uint32_t)raw[i + 1] << 8 | raw[i + 2];
-        out[o++] = tg_keys_b64url[(v >> 18) & 63];
-        out[o++] = tg_keys_b64url[(v >> 12) & 63];
-        out[o++] = tg_keys_b64url[(v >> 6) & 63];
-        out[o++] = tg_keys_b64url[v & 63];
+        out[o++] = keys_b64url[(v >> 18) & 63];
+        out[o++] = keys_b64url[(v >> 12) & 63];
+        out[o++] = keys_b64url[(v >> 6) & 63];
+        out[o++] = keys_b64url[v & 63];
     }
     /* 33 bytes made 44 characters; the last one encodes only the spare
      * zero byte, so 32 bytes are the first 43 (unpadded base64url). */
@@ -436,7 +436,7 @@ tg_keys_generate(char out[64])
 /* Phase 1: tg_yaml_load rejects anchors, aliases and extra documents at
  * their exact marks, then loads the node tree. */
 static tg_rc
-tg_keys_structure(tg_keys_ctx *ctx)
+keys_structure(tg_keys_ctx *ctx)
 {
     if (tg_yaml_load(&ctx->doc, ctx->name, ctx->text, ctx->len, "keys file",
                      ctx->err, ctx->errlen) != TG_OK) {
@@ -447,16 +447,16 @@ tg_keys_structure(tg_keys_ctx *ctx)
     if (yaml_document_get_root_node(&ctx->doc) == NULL) {
         yaml_mark_t zero;
         memset(&zero, 0, sizeof(zero));
-        return tg_keys_error(ctx, zero, "", "empty keys file: expected \"keys:\" "
-                             "with a sequence (\"keys: []\" for none)");
+        return keys_error(ctx, zero, "", "empty keys file: expected \"keys:\" "
+                          "with a sequence (\"keys: []\" for none)");
     }
     return TG_OK;
 }
 
 /* Key path of a child: "parent.key", or the parent alone when the key is
- * too long to quote (see tg_keys_unknown). */
+ * too long to quote (see keys_unknown). */
 static void
-tg_keys_child(char *out, const char *parent, const char *key)
+keys_child(char *out, const char *parent, const char *key)
 {
     if (strlen(key) > TG_KEYS_ECHO_MAX) {
         snprintf(out, TG_KEYS_PATHLEN, "%s", parent);
@@ -468,30 +468,30 @@ tg_keys_child(char *out, const char *parent, const char *key)
 /* Scalar key of a mapping pair, or NULL after an error (not a scalar, or a
  * duplicate of an earlier key of the same mapping).  child gets its path. */
 static const char *
-tg_keys_map_key(tg_keys_ctx *ctx, yaml_node_t *map, yaml_node_pair_t *pair,
-                const char *path, char *child)
+keys_map_key(tg_keys_ctx *ctx, yaml_node_t *map, yaml_node_pair_t *pair,
+             const char *path, char *child)
 {
     yaml_node_t *key, *pkey;
     const char *kname;
 
     key = yaml_document_get_node(&ctx->doc, pair->key);
     if (key->type != YAML_SCALAR_NODE) {
-        tg_keys_error(ctx, key->start_mark, path, "keys must be plain names, "
-                      "got %s", tg_yaml_kind(key));
+        keys_error(ctx, key->start_mark, path, "keys must be plain names, "
+                   "got %s", tg_yaml_kind(key));
         return NULL;
     }
     kname = (const char *)key->data.scalar.value;
-    tg_keys_child(child, path, kname);
+    keys_child(child, path, kname);
     pkey = tg_yaml_pair_dup(&ctx->doc, map, pair);
     if (pkey != NULL) {
         if (strlen(kname) > TG_KEYS_ECHO_MAX) {
-            tg_keys_error(ctx, key->start_mark, child, "duplicate key "
-                          "(first at %zu:%zu)", pkey->start_mark.line + 1,
-                          pkey->start_mark.column + 1);
+            keys_error(ctx, key->start_mark, child, "duplicate key "
+                       "(first at %zu:%zu)", pkey->start_mark.line + 1,
+                       pkey->start_mark.column + 1);
         } else {
-            tg_keys_error(ctx, key->start_mark, child, "duplicate key \"%s\" "
-                          "(first at %zu:%zu)", kname, pkey->start_mark.line + 1,
-                          pkey->start_mark.column + 1);
+            keys_error(ctx, key->start_mark, child, "duplicate key \"%s\" "
+                       "(first at %zu:%zu)", kname, pkey->start_mark.line + 1,
+                       pkey->start_mark.column + 1);
         }
         return NULL;
     }
@@ -501,23 +501,23 @@ tg_keys_map_key(tg_keys_ctx *ctx, yaml_node_t *map, yaml_node_pair_t *pair,
 /* An unknown key is quoted only when short: a 46-character "tg_..." pasted
  * as a key name is more likely a secret than a typo. */
 static tg_rc
-tg_keys_unknown(tg_keys_ctx *ctx, yaml_node_pair_t *pair, const char *child,
-                const char *expected)
+keys_unknown(tg_keys_ctx *ctx, yaml_node_pair_t *pair, const char *child,
+             const char *expected)
 {
     yaml_node_t *key = yaml_document_get_node(&ctx->doc, pair->key);
     const char *kname = (const char *)key->data.scalar.value;
 
     if (strlen(kname) > TG_KEYS_ECHO_MAX) {
-        return tg_keys_error(ctx, key->start_mark, child, "unknown key (%zu "
-                             "characters); expected %s", strlen(kname), expected);
+        return keys_error(ctx, key->start_mark, child, "unknown key (%zu "
+                          "characters); expected %s", strlen(kname), expected);
     }
-    return tg_keys_error(ctx, key->start_mark, child, "unknown key \"%s\"; "
-                         "expected %s", kname, expected);
+    return keys_error(ctx, key->start_mark, child, "unknown key \"%s\"; "
+                      "expected %s", kname, expected);
 }
 
 /* Top level: a mapping with exactly "keys", a sequence. */
 static tg_rc
-tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
+keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
 {
     yaml_node_pair_t *pair;
     yaml_node_t *seq = NULL;
@@ -526,27 +526,27 @@ tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
     size_t n, i;
 
     if (root->type != YAML_MAPPING_NODE) {
-        return tg_keys_error(ctx, root->start_mark, "", "top level: expected a "
-                             "mapping with \"keys\", got %s", tg_yaml_kind(root));
+        return keys_error(ctx, root->start_mark, "", "top level: expected a "
+                          "mapping with \"keys\", got %s", tg_yaml_kind(root));
     }
     for (pair = root->data.mapping.pairs.start; pair < root->data.mapping.pairs.top;
          pair++) {
-        kname = tg_keys_map_key(ctx, root, pair, "", child);
+        kname = keys_map_key(ctx, root, pair, "", child);
         if (kname == NULL) {
             return TG_ERR;
         }
         if (strcmp(kname, "keys") != 0) {
-            return tg_keys_unknown(ctx, pair, child, "only \"keys\" at top level");
+            return keys_unknown(ctx, pair, child, "only \"keys\" at top level");
         }
         seq = yaml_document_get_node(&ctx->doc, pair->value);
     }
     if (seq == NULL) {
-        return tg_keys_error(ctx, root->start_mark, "", "missing required key "
-                             "\"keys\"");
+        return keys_error(ctx, root->start_mark, "", "missing required key "
+                          "\"keys\"");
     }
     if (seq->type != YAML_SEQUENCE_NODE) {
-        return tg_keys_type_error(ctx, seq, "keys", "a sequence "
-                                  "(\"keys: []\" for none)");
+        return keys_type_error(ctx, seq, "keys", "a sequence "
+                               "(\"keys: []\" for none)");
     }
 
     n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
@@ -554,15 +554,15 @@ tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
         return TG_OK;
     }
     if (n > TG_KEYS_MAX) {
-        return tg_keys_error(ctx, seq->start_mark, "keys", "more than %u keys",
-                             TG_KEYS_MAX);
+        return keys_error(ctx, seq->start_mark, "keys", "more than %u keys",
+                          TG_KEYS_MAX);
     }
-    tg_keys_reserve(ctx, n);
+    keys_reserve(ctx, n);
     ctx->pos = tg_xcalloc(n, sizeof(tg_keys_pos));
 
     for (i = 0; i < n; i++) {
-        if (tg_keys_entry(ctx, yaml_document_get_node(&ctx->doc,
-                                                      seq->data.sequence.items.start[i]),
+        if (keys_entry(ctx, yaml_document_get_node(&ctx->doc,
+                                                   seq->data.sequence.items.start[i]),
                           i) != TG_OK) {
             return TG_ERR;
         }
@@ -573,7 +573,7 @@ tg_keys_top(tg_keys_ctx *ctx, yaml_node_t *root)
 /* One entry of "keys" into the set as keys[idx], its marks into
  * ctx->pos[idx]. */
 static tg_rc
-tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
+keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
 {
     struct tg_keys *keys = ctx->keys;
     tg_keys_pos *pos = &ctx->pos[idx];
@@ -589,24 +589,24 @@ tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
 
     snprintf(path, sizeof(path), "keys[%zu]", idx);
     if (map->type != YAML_MAPPING_NODE) {
-        return tg_keys_type_error(ctx, map, path, "a mapping "
-                                  "{ id: ..., tier: ..., sha256: ... }");
+        return keys_type_error(ctx, map, path, "a mapping "
+                               "{ id: ..., tier: ..., sha256: ... }");
     }
     k->enabled = 1;
 
     for (pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
          pair++) {
-        kname = tg_keys_map_key(ctx, map, pair, path, child);
+        kname = keys_map_key(ctx, map, pair, path, child);
         if (kname == NULL) {
             return TG_ERR;
         }
         for (f = 0; f < TG_KEYS_NFIELDS; f++) {
-            if (strcmp(kname, tg_keys_fields[f]) == 0) {
+            if (strcmp(kname, keys_fields[f]) == 0) {
                 break;
             }
         }
         if (f == TG_KEYS_NFIELDS) {
-            return tg_keys_unknown(ctx, pair, child, "id, tier, sha256 or enabled");
+            return keys_unknown(ctx, pair, child, "id, tier, sha256 or enabled");
         }
         seen[f] = 1;
         val = yaml_document_get_node(&ctx->doc, pair->value);
@@ -615,47 +615,47 @@ tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
         case TG_KEYS_F_ID:
             pos->id_line = (uint32_t)val->start_mark.line;
             pos->id_col = (uint32_t)val->start_mark.column;
-            if (tg_keys_name(ctx, val, child, "id", "A-Za-z0-9._-",
-                             TG_KEY_ID_MAX, TG_NAME_ID, id) != TG_OK) {
+            if (keys_name(ctx, val, child, "id", "A-Za-z0-9._-",
+                          TG_KEY_ID_MAX, TG_NAME_ID, id) != TG_OK) {
                 return TG_ERR;
             }
             break;
         case TG_KEYS_F_TIER:
             tmark = val->start_mark;
-            if (tg_keys_name(ctx, val, child, "tier", "a-z0-9_-",
-                             TG_TIER_MAX, TG_NAME_TIER, tier) != TG_OK) {
+            if (keys_name(ctx, val, child, "tier", "a-z0-9_-",
+                          TG_TIER_MAX, TG_NAME_TIER, tier) != TG_OK) {
                 return TG_ERR;
             }
             break;
         case TG_KEYS_F_SHA256:
             pos->sha_line = (uint32_t)val->start_mark.line;
             pos->sha_col = (uint32_t)val->start_mark.column;
-            s = tg_keys_scalar(ctx, val, child, "64 hex digits (a SHA-256)");
+            s = keys_scalar(ctx, val, child, "64 hex digits (a SHA-256)");
             if (s == NULL) {
                 return TG_ERR;
             }
             /* The value is never quoted back: it may be a clear key. */
             if (val->data.scalar.length != 64) {
-                return tg_keys_error(ctx, val->start_mark, child, "expected 64 "
-                                     "hex digits (the SHA-256 of the key, "
-                                     "printf %%s KEY | sha256sum), got %zu "
-                                     "characters", val->data.scalar.length);
+                return keys_error(ctx, val->start_mark, child, "expected 64 "
+                                  "hex digits (the SHA-256 of the key, "
+                                  "printf %%s KEY | sha256sum), got %zu "
+                                  "characters", val->data.scalar.length);
             }
             if (tg_keys_unhex(s, 64, kv.sha256) != TG_OK) {
                 size_t bad = 0;
                 while (OPENSSL_hexchar2int((unsigned char)s[bad]) >= 0) {
                     bad++;
                 }
-                return tg_keys_error(ctx, val->start_mark, child, "expected 64 "
-                                     "hex digits, character %zu is not a hex "
-                                     "digit", bad + 1);
+                return keys_error(ctx, val->start_mark, child, "expected 64 "
+                                  "hex digits, character %zu is not a hex "
+                                  "digit", bad + 1);
             }
             break;
         default:
             s = (const char *)val->data.scalar.value;
             if (val->type != YAML_SCALAR_NODE ||
                 val->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-                return tg_keys_type_error(ctx, val, child, "a bool (true or false)");
+                return keys_type_error(ctx, val, child, "a bool (true or false)");
             }
             /* YAML 1.2 core booleans, as conf.c: "yes"/"on"/1 are not. */
             if (strcmp(s, "true") == 0 || strcmp(s, "True") == 0 ||
@@ -665,7 +665,7 @@ tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
                        strcmp(s, "FALSE") == 0) {
                 k->enabled = 0;
             } else {
-                return tg_keys_type_error(ctx, val, child, "a bool (true or false)");
+                return keys_type_error(ctx, val, child, "a bool (true or false)");
             }
             break;
         }
@@ -673,13 +673,13 @@ tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
 
     for (f = 0; f < TG_KEYS_F_ENABLED; f++) {
         if (!seen[f]) {
-            return tg_keys_error(ctx, map->start_mark, path, "missing required "
-                                 "key \"%s\"", tg_keys_fields[f]);
+            return keys_error(ctx, map->start_mark, path, "missing required "
+                              "key \"%s\"", keys_fields[f]);
         }
     }
 
-    if (tg_keys_add(ctx, kv.sha256, id, strlen(id), tier, strlen(tier),
-                    kv.enabled, (uint32_t)tmark.line, (uint32_t)tmark.column)
+    if (keys_add(ctx, kv.sha256, id, strlen(id), tier, strlen(tier),
+                 kv.enabled, (uint32_t)tmark.line, (uint32_t)tmark.column)
         == TG_OK) {
         return TG_OK;
     }
@@ -690,23 +690,23 @@ tg_keys_entry(tg_keys_ctx *ctx, yaml_node_t *map, size_t idx)
         mark.line = pos->id_line;
         mark.column = pos->id_col;
         snprintf(path, sizeof(path), "keys[%zu].id", idx);
-        return tg_keys_error(ctx, mark, path, "duplicate id \"%s\" (first at "
-                             "keys[%zu], %u:%u)", id, first,
-                             ctx->pos[first].id_line + 1,
-                             ctx->pos[first].id_col + 1);
+        return keys_error(ctx, mark, path, "duplicate id \"%s\" (first at "
+                          "keys[%zu], %u:%u)", id, first,
+                          ctx->pos[first].id_line + 1,
+                          ctx->pos[first].id_col + 1);
     case TG_KEYS_DUP_SHA:
         mark.line = pos->sha_line;
         mark.column = pos->sha_col;
         snprintf(path, sizeof(path), "keys[%zu].sha256", idx);
-        return tg_keys_error(ctx, mark, path, "duplicate sha256: the same key "
-                             "as \"%s\" (keys[%zu], %u:%u)",
-                             keys->keys[first].id, first,
-                             ctx->pos[first].sha_line + 1,
-                             ctx->pos[first].sha_col + 1);
+        return keys_error(ctx, mark, path, "duplicate sha256: the same key "
+                          "as \"%s\" (keys[%zu], %u:%u)",
+                          keys->keys[first].id, first,
+                          ctx->pos[first].sha_line + 1,
+                          ctx->pos[first].sha_col + 1);
     default:
         snprintf(path, sizeof(path), "keys[%zu].tier", idx);
-        return tg_keys_error(ctx, tmark, path, "more than %u distinct tiers",
-                             TG_KEYS_TIERS_MAX);
+        return keys_error(ctx, tmark, path, "more than %u distinct tiers",
+                          TG_KEYS_TIERS_MAX);
     }
 }
 
@@ -722,7 +722,7 @@ typedef struct tg_keys_tok {
 } tg_keys_tok;
 
 static const char *
-tg_keys_fast_spaces(const char *p, const char *eol)
+keys_fast_spaces(const char *p, const char *eol)
 {
     while (p < eol && *p == ' ') {
         p++;
@@ -732,7 +732,7 @@ tg_keys_fast_spaces(const char *p, const char *eol)
 
 /* Nothing, or a comment of printable ASCII, from p to eol. */
 static int
-tg_keys_fast_comment(const char *p, const char *eol)
+keys_fast_comment(const char *p, const char *eol)
 {
     if (p < eol && *p != '#') {
         return 0;
@@ -748,17 +748,17 @@ tg_keys_fast_comment(const char *p, const char *eol)
 /* The end of a line after a token: nothing, or spaces and then nothing or
  * a comment. */
 static int
-tg_keys_fast_rest(const char *p, const char *eol)
+keys_fast_rest(const char *p, const char *eol)
 {
     if (p == eol) {
         return 1;
     }
-    return *p == ' ' && tg_keys_fast_comment(tg_keys_fast_spaces(p, eol), eol);
+    return *p == ' ' && keys_fast_comment(keys_fast_spaces(p, eol), eol);
 }
 
 static int
-tg_keys_fast_value(const char **pp, const char *eol, const char *bol,
-                   tg_keys_tok *tok)
+keys_fast_value(const char **pp, const char *eol, const char *bol,
+                tg_keys_tok *tok)
 {
     const char *p = *pp, *q;
 
@@ -790,7 +790,7 @@ tg_keys_fast_value(const char **pp, const char *eol, const char *bol,
 
 /* A plain "null" is YAML's null, not a name. */
 static int
-tg_keys_fast_null(const tg_keys_tok *t)
+keys_fast_null(const tg_keys_tok *t)
 {
     return t->plain && t->len == 4 && (memcmp(t->s, "null", 4) == 0 ||
                                        memcmp(t->s, "Null", 4) == 0 ||
@@ -798,7 +798,7 @@ tg_keys_fast_null(const tg_keys_tok *t)
 }
 
 static int
-tg_keys_fast_word(const tg_keys_tok *t, const char *w)
+keys_fast_word(const tg_keys_tok *t, const char *w)
 {
     return t->len == strlen(w) && memcmp(t->s, w, t->len) == 0;
 }
@@ -806,8 +806,8 @@ tg_keys_fast_word(const tg_keys_tok *t, const char *w)
 /* "- { id: V, tier: V, sha256: V, enabled: B }" from p (its "-") to eol,
  * added to the set; TG_AGAIN for anything else or anything wrong. */
 static tg_rc
-tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
-                   const char *bol, uint32_t line)
+keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
+                const char *bol, uint32_t line)
 {
     tg_keys_tok v[TG_KEYS_NFIELDS], *t;
     int seen[TG_KEYS_NFIELDS] = { 0 }, enabled = 1;
@@ -818,18 +818,18 @@ tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
     if (eol - p < 2 || p[0] != '-' || p[1] != ' ') {
         return TG_AGAIN;
     }
-    p = tg_keys_fast_spaces(p + 1, eol);
+    p = keys_fast_spaces(p + 1, eol);
     if (p == eol || *p != '{') {
         return TG_AGAIN;
     }
-    p = tg_keys_fast_spaces(p + 1, eol);
+    p = keys_fast_spaces(p + 1, eol);
     for (;;) {
         for (q = p; p < eol && ((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9'));
              p++) {
         }
         for (f = 0; f < TG_KEYS_NFIELDS; f++) {
-            if (strlen(tg_keys_fields[f]) == (size_t)(p - q) &&
-                memcmp(tg_keys_fields[f], q, (size_t)(p - q)) == 0) {
+            if (strlen(keys_fields[f]) == (size_t)(p - q) &&
+                memcmp(keys_fields[f], q, (size_t)(p - q)) == 0) {
                 break;
             }
         }
@@ -838,13 +838,13 @@ tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
             return TG_AGAIN;
         }
         seen[f] = 1;
-        p = tg_keys_fast_spaces(p + 1, eol);
-        if (!tg_keys_fast_value(&p, eol, bol, &v[f])) {
+        p = keys_fast_spaces(p + 1, eol);
+        if (!keys_fast_value(&p, eol, bol, &v[f])) {
             return TG_AGAIN;
         }
-        p = tg_keys_fast_spaces(p, eol);
+        p = keys_fast_spaces(p, eol);
         if (p < eol && *p == ',') {
-            p = tg_keys_fast_spaces(p + 1, eol);
+            p = keys_fast_spaces(p + 1, eol);
             continue;
         }
         if (p < eol && *p == '}') {
@@ -853,17 +853,17 @@ tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
         }
         return TG_AGAIN;
     }
-    if (!tg_keys_fast_rest(p, eol) || !seen[TG_KEYS_F_ID] ||
+    if (!keys_fast_rest(p, eol) || !seen[TG_KEYS_F_ID] ||
         !seen[TG_KEYS_F_TIER] || !seen[TG_KEYS_F_SHA256]) {
         return TG_AGAIN;
     }
 
-    t = &v[TG_KEYS_F_ID];            /* charset checked by tg_keys_fast_value */
-    if (t->len == 0 || t->len > TG_KEY_ID_MAX || tg_keys_fast_null(t)) {
+    t = &v[TG_KEYS_F_ID];            /* charset checked by keys_fast_value */
+    if (t->len == 0 || t->len > TG_KEY_ID_MAX || keys_fast_null(t)) {
         return TG_AGAIN;
     }
     t = &v[TG_KEYS_F_TIER];
-    if (tg_keys_fast_null(t) || !tg_name_ok(TG_NAME_TIER, t->s, t->len)) {
+    if (keys_fast_null(t) || !tg_name_ok(TG_NAME_TIER, t->s, t->len)) {
         return TG_AGAIN;
     }
     t = &v[TG_KEYS_F_SHA256];
@@ -872,20 +872,20 @@ tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
     }
     if (seen[TG_KEYS_F_ENABLED]) {
         t = &v[TG_KEYS_F_ENABLED];
-        if (t->plain && (tg_keys_fast_word(t, "true") || tg_keys_fast_word(t, "True") ||
-                         tg_keys_fast_word(t, "TRUE"))) {
+        if (t->plain && (keys_fast_word(t, "true") || keys_fast_word(t, "True") ||
+                         keys_fast_word(t, "TRUE"))) {
             enabled = 1;
-        } else if (t->plain && (tg_keys_fast_word(t, "false") ||
-                                tg_keys_fast_word(t, "False") ||
-                                tg_keys_fast_word(t, "FALSE"))) {
+        } else if (t->plain && (keys_fast_word(t, "false") ||
+                                keys_fast_word(t, "False") ||
+                                keys_fast_word(t, "FALSE"))) {
             enabled = 0;
         } else {
             return TG_AGAIN;
         }
     }
-    if (tg_keys_add(ctx, sha256, v[TG_KEYS_F_ID].s, v[TG_KEYS_F_ID].len,
-                    v[TG_KEYS_F_TIER].s, v[TG_KEYS_F_TIER].len, enabled, line,
-                    v[TG_KEYS_F_TIER].col) != TG_OK) {
+    if (keys_add(ctx, sha256, v[TG_KEYS_F_ID].s, v[TG_KEYS_F_ID].len,
+                 v[TG_KEYS_F_TIER].s, v[TG_KEYS_F_TIER].len, enabled, line,
+                 v[TG_KEYS_F_TIER].col) != TG_OK) {
         return TG_AGAIN;
     }
     return TG_OK;
@@ -900,7 +900,7 @@ tg_keys_fast_entry(tg_keys_ctx *ctx, const char *p, const char *eol,
  * else: an error of any kind is left to the general path to report.
  */
 static tg_rc
-tg_keys_fast(tg_keys_ctx *ctx)
+keys_fast(tg_keys_ctx *ctx)
 {
     const char *p = ctx->text, *end = ctx->text + ctx->len, *eol, *q;
     size_t nlines = 1, indent = SIZE_MAX;
@@ -918,24 +918,24 @@ tg_keys_fast(tg_keys_ctx *ctx)
         if (eol == NULL) {
             eol = end;
         }
-        q = tg_keys_fast_spaces(p, eol);
+        q = keys_fast_spaces(p, eol);
         if (q == eol || *q == '#') {
-            if (!tg_keys_fast_comment(q, eol)) {
+            if (!keys_fast_comment(q, eol)) {
                 return TG_AGAIN;
             }
         } else if (!have_keys) {
             if (q != p || eol - q < 5 || memcmp(q, "keys:", 5) != 0 ||
-                !tg_keys_fast_rest(q + 5, eol)) {
+                !keys_fast_rest(q + 5, eol)) {
                 return TG_AGAIN;
             }
             have_keys = 1;
-            tg_keys_reserve(ctx, nlines);
+            keys_reserve(ctx, nlines);
         } else {
             if (indent == SIZE_MAX) {
                 indent = (size_t)(q - p);
             }
             if ((size_t)(q - p) != indent ||
-                tg_keys_fast_entry(ctx, q, eol, p, line) != TG_OK) {
+                keys_fast_entry(ctx, q, eol, p, line) != TG_OK) {
                 return TG_AGAIN;
             }
         }
@@ -950,10 +950,10 @@ tg_keys_fast(tg_keys_ctx *ctx)
 
 /* Begin an empty set, dropping what a failed fast pass built. */
 static void
-tg_keys_ctx_reset(tg_keys_ctx *ctx)
+keys_ctx_reset(tg_keys_ctx *ctx)
 {
-    tg_keys_finish(ctx);
-    tg_keys_free(ctx->keys);
+    keys_finish(ctx);
+    keys_free(ctx->keys);
     ctx->keys = tg_xcalloc(1, sizeof(struct tg_keys));
     ctx->keys->name = tg_xstrdup(ctx->name);
 }
@@ -961,7 +961,7 @@ tg_keys_ctx_reset(tg_keys_ctx *ctx)
 /* Room for n keys: entries, the digest index and the id set (load <= 0.5),
  * the tiers.  Once per set. */
 static void
-tg_keys_reserve(tg_keys_ctx *ctx, size_t n)
+keys_reserve(tg_keys_ctx *ctx, size_t n)
 {
     struct tg_keys *keys = ctx->keys;
     size_t size = 2;
@@ -970,15 +970,15 @@ tg_keys_reserve(tg_keys_ctx *ctx, size_t n)
         size *= 2;
     }
     keys->cap = n;
-    keys->keys = tg_keys_map(n * sizeof(tg_key));
+    keys->keys = keys_map(n * sizeof(tg_key));
     keys->mask = size - 1;
-    keys->slots = tg_keys_map(size * sizeof(uint32_t));
-    ctx->ids = tg_keys_map(size * sizeof(uint64_t));
+    keys->slots = keys_map(size * sizeof(uint32_t));
+    ctx->ids = keys_map(size * sizeof(uint64_t));
     keys->tiers = tg_xcalloc(TG_KEYS_TIERS_MAX, sizeof(tg_keys_tier));
 }
 
 static uint64_t
-tg_keys_id_hash(const char *s, size_t len)
+keys_id_hash(const char *s, size_t len)
 {
     uint64_t h = 14695981039346656037ULL;   /* FNV-1a */
     size_t i;
@@ -991,13 +991,13 @@ tg_keys_id_hash(const char *s, size_t len)
 
 /* A copy of id[0..len) and a NUL in the arena; blocks never move. */
 static const char *
-tg_keys_store_id(struct tg_keys *keys, const char *id, size_t len)
+keys_store_id(struct tg_keys *keys, const char *id, size_t len)
 {
     char *p;
 
     if (keys->nblocks == 0 || keys->bused + len + 1 > TG_KEYS_BLOCK) {
         keys->blocks = tg_xrealloc(keys->blocks, (keys->nblocks + 1) * sizeof(char *));
-        keys->blocks[keys->nblocks++] = tg_keys_map(TG_KEYS_BLOCK);
+        keys->blocks[keys->nblocks++] = keys_map(TG_KEYS_BLOCK);
         keys->bused = 0;
     }
     p = keys->blocks[keys->nblocks - 1] + keys->bused;
@@ -1014,13 +1014,13 @@ tg_keys_store_id(struct tg_keys *keys, const char *id, size_t len)
  * and nothing added.
  */
 static tg_rc
-tg_keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32], const char *id,
-            size_t idlen, const char *tier, size_t tierlen, int enabled,
-            uint32_t tline, uint32_t tcol)
+keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32], const char *id,
+         size_t idlen, const char *tier, size_t tierlen, int enabled,
+         uint32_t tline, uint32_t tcol)
 {
     struct tg_keys *keys = ctx->keys;
     size_t idx = keys->n, i, t;
-    uint64_t h = tg_keys_id_hash(id, idlen), tag = h & 0xffffffff00000000ULL, *idslot;
+    uint64_t h = keys_id_hash(id, idlen), tag = h & 0xffffffff00000000ULL, *idslot;
     uint32_t s, *shaslot;
     tg_keys_tier *tt;
     tg_key *k;
@@ -1039,7 +1039,7 @@ tg_keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32], const char *id,
             return TG_ERR;
         }
     }
-    for (i = tg_keys_digest_hash(sha256) & keys->mask;; i = (i + 1) & keys->mask) {
+    for (i = keys_digest_hash(sha256) & keys->mask;; i = (i + 1) & keys->mask) {
         s = keys->slots[i];
         if (s == 0) {
             shaslot = &keys->slots[i];
@@ -1072,7 +1072,7 @@ tg_keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32], const char *id,
 
     k = &keys->keys[idx];
     memcpy(k->sha256, sha256, 32);
-    k->id = tg_keys_store_id(keys, id, idlen);
+    k->id = keys_store_id(keys, id, idlen);
     k->tier = keys->tiers[t].name;
     k->enabled = enabled;
     *idslot = tag | ((uint64_t)idx + 1);
@@ -1082,7 +1082,7 @@ tg_keys_add(tg_keys_ctx *ctx, const uint8_t sha256[32], const char *id,
 }
 
 static size_t
-tg_keys_page_round(size_t n)
+keys_page_round(size_t n)
 {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
 
@@ -1095,14 +1095,14 @@ tg_keys_page_round(size_t n)
  * fast path reserves one entry per line, comments included).
  */
 static void
-tg_keys_finish(tg_keys_ctx *ctx)
+keys_finish(tg_keys_ctx *ctx)
 {
     struct tg_keys *keys = ctx->keys;
     size_t used, have, size, i, j;
     uint32_t *slots;
 
     if (ctx->ids != NULL) {
-        tg_keys_unmap(ctx->ids, (keys->mask + 1) * sizeof(uint64_t));
+        keys_unmap(ctx->ids, (keys->mask + 1) * sizeof(uint64_t));
         ctx->ids = NULL;
     }
     free(ctx->pos);
@@ -1110,8 +1110,8 @@ tg_keys_finish(tg_keys_ctx *ctx)
     if (keys == NULL || keys->keys == NULL) {
         return;
     }
-    used = tg_keys_page_round(keys->n * sizeof(tg_key));
-    have = tg_keys_page_round(keys->cap * sizeof(tg_key));
+    used = keys_page_round(keys->n * sizeof(tg_key));
+    have = keys_page_round(keys->cap * sizeof(tg_key));
     if (used < have) {
         munmap((char *)keys->keys + used, have - used);
         keys->cap = used / sizeof(tg_key);
@@ -1124,20 +1124,20 @@ tg_keys_finish(tg_keys_ctx *ctx)
     if (size >= keys->mask + 1) {
         return;
     }
-    slots = tg_keys_map(size * sizeof(uint32_t));
+    slots = keys_map(size * sizeof(uint32_t));
     for (i = 0; i < keys->n; i++) {
-        for (j = tg_keys_digest_hash(keys->keys[i].sha256) & (size - 1);
+        for (j = keys_digest_hash(keys->keys[i].sha256) & (size - 1);
              slots[j] != 0; j = (j + 1) & (size - 1)) {
         }
         slots[j] = (uint32_t)i + 1;
     }
-    tg_keys_unmap(keys->slots, (keys->mask + 1) * sizeof(uint32_t));
+    keys_unmap(keys->slots, (keys->mask + 1) * sizeof(uint32_t));
     keys->slots = slots;
     keys->mask = size - 1;
 }
 
 static void *
-tg_keys_map(size_t size)
+keys_map(size_t size)
 {
     void *p = mmap(NULL, size ? size : 1, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -1150,7 +1150,7 @@ tg_keys_map(size_t size)
 }
 
 static void
-tg_keys_unmap(void *p, size_t size)
+keys_unmap(void *p, size_t size)
 {
     if (p != NULL) {
         munmap(p, size ? size : 1);
@@ -1161,15 +1161,15 @@ tg_keys_unmap(void *p, size_t size)
 
 /* A non-null scalar of any style, as text, or NULL after an error. */
 static const char *
-tg_keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
-               const char *expected)
+keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
+            const char *expected)
 {
     if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node)) {
-        tg_keys_type_error(ctx, node, path, expected);
+        keys_type_error(ctx, node, path, expected);
         return NULL;
     }
     if (strlen((const char *)node->data.scalar.value) != node->data.scalar.length) {
-        tg_keys_error(ctx, node->start_mark, path, "string contains a NUL byte");
+        keys_error(ctx, node->start_mark, path, "string contains a NUL byte");
         return NULL;
     }
     return (const char *)node->data.scalar.value;
@@ -1179,11 +1179,11 @@ tg_keys_scalar(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
  * out[max+1].  The value is not quoted back whole (it may be a misplaced
  * secret). */
 static tg_rc
-tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
-             const char *what, const char *charset, size_t max,
-             enum tg_name_kind kind, char *out)
+keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
+          const char *what, const char *charset, size_t max,
+          enum tg_name_kind kind, char *out)
 {
-    const char *s = tg_keys_scalar(ctx, node, path, "a string");
+    const char *s = keys_scalar(ctx, node, path, "a string");
     size_t len, i;
 
     if (s == NULL) {
@@ -1191,20 +1191,20 @@ tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
     }
     len = node->data.scalar.length;
     if (len == 0 || len > max) {
-        return tg_keys_error(ctx, node->start_mark, path, "%s must be 1 to %zu "
-                             "characters of [%s], got %zu characters", what, max,
-                             charset, len);
+        return keys_error(ctx, node->start_mark, path, "%s must be 1 to %zu "
+                          "characters of [%s], got %zu characters", what, max,
+                          charset, len);
     }
     for (i = 0; i < len; i++) {
         if (!tg_name_char(kind, (unsigned char)s[i])) {
             if ((unsigned char)s[i] > 0x20 && (unsigned char)s[i] < 0x7f) {
-                return tg_keys_error(ctx, node->start_mark, path, "%s may only "
-                                     "contain [%s], got '%c' at character %zu",
-                                     what, charset, s[i], i + 1);
+                return keys_error(ctx, node->start_mark, path, "%s may only "
+                                  "contain [%s], got '%c' at character %zu",
+                                  what, charset, s[i], i + 1);
             }
-            return tg_keys_error(ctx, node->start_mark, path, "%s may only "
-                                 "contain [%s], got byte 0x%02x at character %zu",
-                                 what, charset, (unsigned char)s[i], i + 1);
+            return keys_error(ctx, node->start_mark, path, "%s may only "
+                              "contain [%s], got byte 0x%02x at character %zu",
+                              what, charset, (unsigned char)s[i], i + 1);
         }
     }
     memcpy(out, s, len + 1);
@@ -1212,7 +1212,7 @@ tg_keys_name(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
 }
 
 static uint64_t
-tg_keys_digest_hash(const uint8_t sha256[32])
+keys_digest_hash(const uint8_t sha256[32])
 {
     uint64_t h;
 
@@ -1221,19 +1221,19 @@ tg_keys_digest_hash(const uint8_t sha256[32])
 }
 
 static void
-tg_keys_free(struct tg_keys *keys)
+keys_free(struct tg_keys *keys)
 {
     size_t i;
 
     if (keys == NULL) {
         return;
     }
-    tg_keys_unmap(keys->keys, keys->cap * sizeof(tg_key));
+    keys_unmap(keys->keys, keys->cap * sizeof(tg_key));
     if (keys->slots != NULL) {
-        tg_keys_unmap(keys->slots, (keys->mask + 1) * sizeof(uint32_t));
+        keys_unmap(keys->slots, (keys->mask + 1) * sizeof(uint32_t));
     }
     for (i = 0; i < keys->nblocks; i++) {
-        tg_keys_unmap(keys->blocks[i], TG_KEYS_BLOCK);
+        keys_unmap(keys->blocks[i], TG_KEYS_BLOCK);
     }
     free(keys->blocks);
     free(keys->tiers);
@@ -1244,8 +1244,8 @@ tg_keys_free(struct tg_keys *keys)
 /* "got ..." part of a wrong-type message: the kind of node, "null", or the
  * scalar quoted when short (a longer one may be a misplaced secret). */
 static tg_rc
-tg_keys_type_error(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
-                   const char *expected)
+keys_type_error(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
+                const char *expected)
 {
     char got[TG_KEYS_ECHO_MAX + 48];
 
@@ -1263,13 +1263,13 @@ tg_keys_type_error(tg_keys_ctx *ctx, yaml_node_t *node, const char *path,
     } else {
         snprintf(got, sizeof(got), "\"%s\"", (const char *)node->data.scalar.value);
     }
-    return tg_keys_error(ctx, node->start_mark, path, "expected %s, got %s",
-                         expected, got);
+    return keys_error(ctx, node->start_mark, path, "expected %s, got %s",
+                      expected, got);
 }
 
 static tg_rc
-tg_keys_error(tg_keys_ctx *ctx, yaml_mark_t mark, const char *path,
-              const char *fmt, ...)
+keys_error(tg_keys_ctx *ctx, yaml_mark_t mark, const char *path,
+           const char *fmt, ...)
 {
     va_list ap;
 
