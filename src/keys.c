@@ -323,11 +323,22 @@ tg_keys_check_tiers(const struct tg_keys *keys, const char *const *names,
     return TG_OK;
 }
 
+/* Once per request with a key: the low-level SHA-256 (deprecated in
+ * OpenSSL 3, not removed) on the stack, because the one-shot SHA256()
+ * there fetches the algorithm and allocates two contexts each call: 3
+ * mallocs and ~1 us, against ~0.15 us for the same digest. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 void
 tg_keys_hash(const char *key, size_t len, uint8_t out[32])
 {
-    SHA256((const unsigned char *)key, len, out);
+    SHA256_CTX c;
+
+    SHA256_Init(&c);
+    SHA256_Update(&c, key, len);
+    SHA256_Final(out, &c);
 }
+#pragma GCC diagnostic pop
 
 /*
  * The probe sequence depends on the digest's first bytes, so lookup time
