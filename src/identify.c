@@ -62,6 +62,16 @@ static tg_rc key_store_lookup(struct tg_limiter *lim, tg_limit_ctx *ctx);
 static const tg_http_hdr *find_header(const tg_http_req *req, const char *name);
 static void client_net(const tg_conf *conf, const char *ip, char *out, size_t len);
 
+/* snprintf(dst, cap, "%s", src) without the formatter: once per request */
+static void
+copy_name(char *dst, size_t cap, const char *src)
+{
+    size_t n = strnlen(src, cap - 1);
+
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
 tg_rc
 tg_identify(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
             const char *client_ip)
@@ -99,14 +109,12 @@ tg_identify(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *req,
             tg_limit_deny(out, 401, "unknown API key");
             return TG_OK;
         }
+        copy_name(out->consumer, sizeof(out->consumer), key->id);
+        copy_name(out->tier, sizeof(out->tier), key->tier);
         if (!key->enabled) {
-            snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
-            snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
             tg_limit_deny(out, 403, "API key disabled");
             return TG_OK;
         }
-        snprintf(out->consumer, sizeof(out->consumer), "%s", key->id);
-        snprintf(out->tier, sizeof(out->tier), "%s", key->tier);
     } else if (kv == NULL && conf->auth.anonymous_tier != NULL) {
         char net[INET6_ADDRSTRLEN + 8];
 
