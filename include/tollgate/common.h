@@ -49,6 +49,11 @@ char *tg_xstrndup(const char *s, size_t n);
 /* Monotonic clock in milliseconds / microseconds. */
 uint64_t tg_now_ms(void);
 uint64_t tg_now_us(void);
+/* Between tg_now_freeze and tg_now_thaw (nested: counted) on this thread,
+ * tg_now_* return the time of the outermost freeze: for one event
+ * callback of the request path, which blocks on nothing. */
+void tg_now_freeze(void);
+void tg_now_thaw(void);
 
 #define TG_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define TG_UNUSED(x) ((void)(x))
