@@ -467,6 +467,19 @@ rebase(const char **p, const char *from, size_t len, const char *to)
     }
 }
 
+/* The head is not complete in n bytes: the header deadline runs from
+ * the first byte.  (A head read whole is parsed at once, without arming
+ * it: the idle timer stays until the request starts.) */
+static void
+head_wait(struct tg_client *c, size_t n)
+{
+    c->rq.head_scan = n;
+    if (!c->io.head_timer_on) {
+        c->io.head_timer_on = 1;
+        arm_timer(c, c->px->conf->http.header_timeout_ms);
+    }
+}
+
 static void
 handle_head(struct tg_client *c)
 {
@@ -480,10 +493,6 @@ handle_head(struct tg_client *c)
     if (len == 0) {
         return;
     }
-    if (!c->io.head_timer_on) {
-        c->io.head_timer_on = 1;
-        arm_timer(c, px->conf->http.header_timeout_ms);
-    }
     n = len < px->lim.max_header_bytes ? len : px->lim.max_header_bytes;
     /* The parser starts over on each call: after the first look (early
      * errors), call it again only once a blank line may end the head or
@@ -496,7 +505,7 @@ handle_head(struct tg_client *c)
         if (n <= c->rq.head_scan
             || evbuffer_ptr_set(in, &pos, from, EVBUFFER_PTR_SET) != 0
             || evbuffer_search(in, "\r\n\r\n", 4, &pos).pos < 0) {
-            c->rq.head_scan = n;
+            head_wait(c, n);
             return;
         }
     }
@@ -507,7 +516,7 @@ handle_head(struct tg_client *c)
     }
     rc = tg_http_parse_request(p, n, &px->lim, &c->rq.req);
     if (rc == TG_AGAIN) {
-        c->rq.head_scan = n;
+        head_wait(c, n);
         return;
     }
     c->rq.head_scan = 0;
