@@ -24,13 +24,24 @@
 #include "proxy_int.h"
 
 static ssize_t read_into(evutil_socket_t fd, struct evbuffer *in);
+static void client_rd(evutil_socket_t fd, short what, struct tg_client *c);
+static void up_rd(evutil_socket_t fd, struct tg_client *c);
 
 /* ---- reading the client ------------------------------------------------- */
 
+/* The two read callbacks run most of a request (head, identify, charge,
+ * forward; response, account): the clock is read once for each. */
 void
 tg_bev_client_rd_cb(evutil_socket_t fd, short what, void *arg)
 {
-    struct tg_client *c = arg;
+    tg_now_freeze();
+    client_rd(fd, what, arg);
+    tg_now_thaw();
+}
+
+static void
+client_rd(evutil_socket_t fd, short what, struct tg_client *c)
+{
     struct evbuffer *in = bufferevent_get_input(c->conn.bev);
     ssize_t n;
 
@@ -86,11 +97,18 @@ tg_bev_up_read_start(struct tg_client *c)
 void
 tg_bev_up_rd_cb(evutil_socket_t fd, short what, void *arg)
 {
-    struct tg_client *c = arg;
+    TG_UNUSED(what);
+    tg_now_freeze();
+    up_rd(fd, arg);
+    tg_now_thaw();
+}
+
+static void
+up_rd(evutil_socket_t fd, struct tg_client *c)
+{
     struct bufferevent *ub;
     ssize_t n;
 
-    TG_UNUSED(what);
     if (c->up.uc == NULL) {
         event_del(c->io.urev);
         return;

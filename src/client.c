@@ -37,6 +37,7 @@
 
 #include "tollgate/accesslog.h"
 #include "tollgate/anomaly.h"
+#include "tollgate/common_ev.h"
 #include "tollgate/connlimit.h"
 #include "tollgate/metrics.h"
 #include "tollgate/target.h"
@@ -106,22 +107,20 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
         c->conn.tls = 1;
         c->conn.bev = bufferevent_openssl_socket_new(px->base, fd, ssl,
                      BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
-        if (c->conn.bev != NULL) {
-            bufferevent_openssl_set_allow_dirty_shutdown(c->conn.bev, 1);
+        if (c->conn.bev == NULL) {        /* OpenSSL's setup, not only memory */
+            close(fd);
+            tg_connlimit_release(slot);
+            free(c);
+            return;
         }
+        bufferevent_openssl_set_allow_dirty_shutdown(c->conn.bev, 1);
     } else {
-        c->conn.bev = bufferevent_socket_new(px->base, fd, BEV_OPT_CLOSE_ON_FREE);
+        c->conn.bev = tg_bufferevent_socket_new(px->base, fd, BEV_OPT_CLOSE_ON_FREE);
     }
-    if (c->conn.bev == NULL) {
-        close(fd);
-        tg_connlimit_release(slot);
-        free(c);
-        return;
-    }
-    c->io.timer = evtimer_new(px->base, client_timer_cb, c);
-    c->io.defer = event_new(px->base, -1, 0, client_defer_cb, c);
-    c->io.up_timer = evtimer_new(px->base, tg_exchange_timer_cb, c);
-    c->io.urev = event_new(px->base, -1, 0, tg_bev_up_rd_cb, c);   /* assigned per exchange */
+    c->io.timer = tg_evtimer_new(px->base, client_timer_cb, c);
+    c->io.defer = tg_event_new(px->base, -1, 0, client_defer_cb, c);
+    c->io.up_timer = tg_evtimer_new(px->base, tg_exchange_timer_cb, c);
+    c->io.urev = tg_event_new(px->base, -1, 0, tg_bev_up_rd_cb, c);   /* assigned per exchange */
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
     tg_metric_gauge_add(px->env->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
@@ -136,7 +135,7 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
         bufferevent_enable(c->conn.bev, EV_READ | EV_WRITE);
     } else {
         bufferevent_disable(c->conn.bev, EV_WRITE);   /* on by default: write-through */
-        c->io.rev = event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
+        c->io.rev = tg_event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
         tg_bev_rd_on(c, NULL);
     }
     c->conn.state = C_HEAD;
@@ -252,7 +251,7 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
             /* TLS is over (close_notify sent): discard raw bytes, not
              * records, with our own read event */
             bufferevent_disable(c->conn.bev, EV_READ | EV_WRITE);
-            c->io.rev = event_new(c->px->base, c->conn.fd, EV_READ | EV_PERSIST,
+            c->io.rev = tg_event_new(c->px->base, c->conn.fd, EV_READ | EV_PERSIST,
                                tg_bev_client_rd_cb, c);
         }
         tg_bev_rd_on(c, NULL);
@@ -271,7 +270,7 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
 static void
 arm_timer(struct tg_client *c, unsigned ms)
 {
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    struct timeval tv = tg_ms_tv(ms);
     evtimer_add(c->io.timer, &tv);
 }
 
@@ -467,6 +466,19 @@ rebase(const char **p, const char *from, size_t len, const char *to)
     }
 }
 
+/* The head is not complete in n bytes: the header deadline runs from
+ * the first byte.  (A head read whole is parsed at once, without arming
+ * it: the idle timer stays until the request starts.) */
+static void
+head_wait(struct tg_client *c, size_t n)
+{
+    c->rq.head_scan = n;
+    if (!c->io.head_timer_on) {
+        c->io.head_timer_on = 1;
+        arm_timer(c, c->px->conf->http.header_timeout_ms);
+    }
+}
+
 static void
 handle_head(struct tg_client *c)
 {
@@ -480,10 +492,6 @@ handle_head(struct tg_client *c)
     if (len == 0) {
         return;
     }
-    if (!c->io.head_timer_on) {
-        c->io.head_timer_on = 1;
-        arm_timer(c, px->conf->http.header_timeout_ms);
-    }
     n = len < px->lim.max_header_bytes ? len : px->lim.max_header_bytes;
     /* The parser starts over on each call: after the first look (early
      * errors), call it again only once a blank line may end the head or
@@ -496,7 +504,7 @@ handle_head(struct tg_client *c)
         if (n <= c->rq.head_scan
             || evbuffer_ptr_set(in, &pos, from, EVBUFFER_PTR_SET) != 0
             || evbuffer_search(in, "\r\n\r\n", 4, &pos).pos < 0) {
-            c->rq.head_scan = n;
+            head_wait(c, n);
             return;
         }
     }
@@ -507,7 +515,7 @@ handle_head(struct tg_client *c)
     }
     rc = tg_http_parse_request(p, n, &px->lim, &c->rq.req);
     if (rc == TG_AGAIN) {
-        c->rq.head_scan = n;
+        head_wait(c, n);
         return;
     }
     c->rq.head_scan = 0;

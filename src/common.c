@@ -277,10 +277,36 @@ tg_now_ms(void)
     return tg_now_us() / 1000;
 }
 
+/* Frozen (tg_now_freeze) around a request-path callback, the clock is read
+ * once for all of it, as nginx reads it once per loop turn: a proxied
+ * request made 10-12 clock_gettime calls, about 2 % of its CPU. */
+static __thread uint64_t now_frozen;     /* 0: not frozen */
+static __thread unsigned now_depth;
+
 uint64_t
 tg_now_us(void)
 {
     struct timespec ts;
+
+    if (now_frozen != 0) {
+        return now_frozen;
+    }
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+void
+tg_now_freeze(void)
+{
+    if (now_depth++ == 0) {
+        now_frozen = tg_now_us();
+    }
+}
+
+void
+tg_now_thaw(void)
+{
+    if (now_depth > 0 && --now_depth == 0) {
+        now_frozen = 0;
+    }
 }

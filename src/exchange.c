@@ -249,18 +249,27 @@ request_body_done(struct tg_client *c)
 
 /* ---- upstream side -------------------------------------------------- */
 
+/* The upstream deadline timer is lazy, as nginx's: left pending for an
+ * earlier time (the last exchange's deadline, the first byte's) it wakes
+ * early and tg_exchange_timer_cb arms it again for what is due then; so a
+ * kept-alive exchange re-arms it about once per timeout, not twice per
+ * request, and tg_exchange_end leaves it. */
 static void
 up_arm(struct tg_client *c)
 {
-    uint64_t now = tg_now_ms(), when = c->up.total_deadline, ms;
+    uint64_t now, when = c->up.total_deadline, ms;
     struct timeval tv;
 
     if (c->up.phase_deadline != 0 && c->up.phase_deadline < when) {
         when = c->up.phase_deadline;
     }
+    if (c->up.armed_ms <= when && evtimer_pending(c->io.up_timer, NULL)) {
+        return;
+    }
+    c->up.armed_ms = when;
+    now = tg_now_ms();
     ms = when > now ? when - now : 0;
-    tv.tv_sec = (time_t)(ms / 1000);
-    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    tv = tg_ms_tv(ms);
     evtimer_add(c->io.up_timer, &tv);
 }
 
@@ -417,7 +426,6 @@ tg_exchange_end(struct tg_client *c, int reusable)
     if (c->up.uc == NULL) {
         return;
     }
-    event_del(c->io.up_timer);
     if (reusable && c->rq.done) {
         /* back to the pool's idle watcher, which reads again before our
          * event stops (no epoll_ctl) */

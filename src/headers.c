@@ -54,6 +54,7 @@ static const hdr_rule rules[] = {
 
 static const hdr_rule *rule_find(const char *name, size_t len);
 static int has_connection(const tg_http_hdr *hdr, size_t n);
+static int put_num(char *out, unsigned long long v);
 
 #define HB_LIT(b, lit) tg_hbuf_add((b), (lit), sizeof(lit) - 1)
 
@@ -165,7 +166,9 @@ tg_headers_response(tg_hbuf *hb, const tg_http_resp *rs, const tg_headers_down *
     int n, conn = has_connection(rs->hdr, rs->nhdr);
     unsigned out = f->close_after ? TG_HEADERS_CLOSE : 0;
 
-    n = (int)tg_fmt(line, sizeof(line), "HTTP/1.1 %d ", rs->status);
+    HB_LIT(hb, "HTTP/1.1 ");
+    n = put_num(line, (unsigned long long)rs->status);  /* 100..999: parsed */
+    line[n++] = ' ';
     tg_hbuf_add(hb, line, (size_t)n);
     tg_hbuf_add(hb, rs->reason, rs->reason_len);
     HB_LIT(hb, "\r\n");
@@ -198,8 +201,10 @@ tg_headers_response(tg_hbuf *hb, const tg_http_resp *rs, const tg_headers_down *
             HB_LIT(hb, "Content-Length: 0\r\n");
         }
     } else if (rs->body == TG_BODY_LENGTH) {
-        n = (int)tg_fmt(line, sizeof(line), "Content-Length: %llu\r\n",
-                        (unsigned long long)rs->content_length);
+        HB_LIT(hb, "Content-Length: ");
+        n = put_num(line, (unsigned long long)rs->content_length);
+        line[n++] = '\r';
+        line[n++] = '\n';
         tg_hbuf_add(hb, line, (size_t)n);
     } else if (rs->body == TG_BODY_CHUNKED || rs->body == TG_BODY_CLOSE) {
         if (f->minor >= 1) {
@@ -255,4 +260,22 @@ has_connection(const tg_http_hdr *hdr, size_t n)
         }
     }
     return 0;
+}
+
+/* v in decimal at out (at most 20 digits, no NUL), its length: the
+ * response head's numbers without the formatter, once per response. */
+static int
+put_num(char *out, unsigned long long v)
+{
+    char d[20];
+    int n = 0, i = 0;
+
+    do {
+        d[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    while (n > 0) {
+        out[i++] = d[--n];
+    }
+    return i;
 }

@@ -78,10 +78,8 @@ set_limits(struct tg_proxy *px)
     px->lim.max_request_line = conf->http.max_request_line;
     px->lim.max_header_bytes = conf->http.max_header_bytes;
     px->lim.max_headers = conf->http.max_headers;
-    px->body_tv.tv_sec = conf->http.body_timeout_ms / 1000;
-    px->body_tv.tv_usec = (conf->http.body_timeout_ms % 1000) * 1000;
-    px->send_tv.tv_sec = conf->http.send_timeout_ms / 1000;
-    px->send_tv.tv_usec = (conf->http.send_timeout_ms % 1000) * 1000;
+    px->body_tv = tg_ms_tv(conf->http.body_timeout_ms);
+    px->send_tv = tg_ms_tv(conf->http.send_timeout_ms);
 }
 
 unsigned

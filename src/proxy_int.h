@@ -150,6 +150,7 @@ struct tg_client {
         int                 retried;
         uint64_t            phase_deadline;   /* connect or first byte; 0 = none */
         uint64_t            total_deadline;
+        uint64_t            armed_ms;         /* up_timer pending for this (lazy) */
         int                 phase_is_connect;
         uint64_t            t_up_us;    /* forwarded upstream (0: not) */
         size_t              server;     /* index of the server it went to */

@@ -131,6 +131,11 @@ int tg_name_ok(enum tg_name_kind kind, const char *s, size_t len);
 /* Monotonic clock in milliseconds / microseconds. */
 uint64_t tg_now_ms(void);
 uint64_t tg_now_us(void);
+/* Between tg_now_freeze and tg_now_thaw (nested: counted) on this thread,
+ * tg_now_* return the time of the outermost freeze: for one event
+ * callback of the request path, which blocks on nothing. */
+void tg_now_freeze(void);
+void tg_now_thaw(void);
 
 /* A duration in milliseconds / microseconds as the struct timeval that
  * event_add() and friends take: the one conversion in the tree. */

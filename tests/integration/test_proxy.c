@@ -487,6 +487,37 @@ Test(proxy, slow_upstream_504)
     tgh_resp_free(&r);
 }
 
+/* The upstream deadline timer is lazy (exchange.c, up_arm): on a
+ * kept-alive connection the last exchange's first-byte deadline is still
+ * pending when the next request is forwarded and wakes it early.  The
+ * next request's own deadline must hold all the same: a slow answer gets
+ * its 504 first_byte_timeout_ms after it was sent, not at the earlier
+ * wake-up and not later. */
+Test(proxy, slow_upstream_504_after_an_exchange_on_the_same_connection)
+{
+    start_testup(first_byte_1s);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_resp r;
+    /* answered in 500 ms: its 1 s deadline is still pending after it */
+    tgh_conn_sendstr(c, "GET /slow?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n");
+    int rc = tgh_conn_read_response(c, &r, 0, 5000);
+    TGH_CHECK(rc == 0 && r.status == 200, "GET /slow?ms=500: %d (%s)", r.status, r.reason);
+    tgh_resp_free(&r);
+    uint64_t t0 = tgh_now_ms();
+    tgh_conn_sendstr(c, "GET /slow?ms=5000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    rc = tgh_conn_read_response(c, &r, 0, 8000);
+    uint64_t dt = tgh_now_ms() - t0;
+    cr_log_info("504 after %llu ms", (unsigned long long)dt);
+    TGH_CHECK(rc == 0, "GET /slow?ms=5000: %s", r.reason);
+    check_error_json(&r, 504);
+    TGH_CHECK(dt >= 900 && dt <= 2500, "504 after %llu ms, expected within "
+              "[900, 2500] (first_byte_timeout_ms 1000)",
+              (unsigned long long)dt);
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+}
+
 /* ------------------------------------------------------------------ */
 /* limits                                                              */
 
