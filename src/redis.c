@@ -112,6 +112,13 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     unsigned char md[SHA_DIGEST_LENGTH];
     struct timeval tv;
 
+    /* The config owns the defaults and bounds (redis.timeout_ms,
+     * redis.max_batch): the client takes them as they are. */
+    if (opts->timeout_ms == 0 || opts->max_batch == 0) {
+        tg_error("redis: a client needs timeout_ms and max_batch (redis.timeout_ms, "
+                 "redis.max_batch)");
+        return NULL;
+    }
     r = tg_xcalloc(1, sizeof(*r));
     r->base = base;
     r->opts = *opts;
@@ -122,14 +129,6 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     }
     if (r->opts.ncluster > TG_REDIS_MAX_ADDRS) {
         r->opts.ncluster = TG_REDIS_MAX_ADDRS;
-    }
-    /* The config sets both within its bounds (redis.timeout_ms,
-     * redis.max_batch); 0 is only from callers without one (tests). */
-    if (r->opts.timeout_ms == 0) {
-        r->opts.timeout_ms = TG_REDIS_DEFAULT_TIMEOUT;
-    }
-    if (r->opts.max_batch == 0) {
-        r->opts.max_batch = TG_REDIS_DEFAULT_BATCH;
     }
     if (r->opts.ncluster > 0) {
         r->mode = TG_MODE_CLUSTER;

@@ -28,8 +28,6 @@
 #define TG_REDIS_CONNECT_MIN_MS    1000     /* connect + SELECT deadline floor */
 #define TG_REDIS_AUX_MIN_MS        250      /* sentinel / CLUSTER SLOTS question */
 #define TG_REDIS_MAX_CONSEC_TMO    3        /* deadlines in a row: reconnect */
-#define TG_REDIS_DEFAULT_TIMEOUT   25
-#define TG_REDIS_DEFAULT_BATCH     32
 #define TG_REDIS_NUMLEN            21       /* "18446744073709551615" + NUL */
 #define TG_REDIS_MAX_REDIRECTS     2        /* MOVED/ASK per batch */
 #define TG_REDIS_REFRESH_MS        30000    /* Cluster: slot map refresh */

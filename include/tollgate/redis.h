@@ -50,8 +50,8 @@ typedef struct tg_redis_opts {
     char      host[256];           /* from redis.url (single mode) */
     int       port;
     int       db;                  /* SELECT db after connecting when != 0 */
-    unsigned  timeout_ms;          /* per call (redis.timeout_ms; 0: 25) */
-    unsigned  max_batch;           /* requests per EVALSHA (redis.max_batch; 0: 32) */
+    unsigned  timeout_ms;          /* per call (redis.timeout_ms; > 0) */
+    unsigned  max_batch;           /* requests per EVALSHA (redis.max_batch; > 0) */
     char      sentinel_master[64]; /* non-empty: Sentinel mode */
     tg_redis_addr sentinels[TG_REDIS_MAX_ADDRS];    /* asked in order */
     size_t    nsentinels;

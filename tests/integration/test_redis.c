@@ -1100,6 +1100,26 @@ Test(redis, invalid_charge_is_an_error)
     tg_redis_destroy(r);
 }
 
+/* The config owns redis.timeout_ms and redis.max_batch: a client asked
+ * for without them is refused, not given defaults of its own. */
+Test(redis, zero_timeout_or_batch_refused)
+{
+    tg_redis_opts o;
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.host, sizeof(o.host), "127.0.0.1");
+    o.port = g_port;
+    o.max_batch = 32;
+    cr_assert_null(tg_redis_create(g_base, &o), "timeout_ms 0 accepted");
+    o.timeout_ms = 1000;
+    o.max_batch = 0;
+    cr_assert_null(tg_redis_create(g_base, &o), "max_batch 0 accepted");
+    o.max_batch = 32;
+    struct tg_redis *r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    tg_redis_destroy(r);
+}
+
 /* ------------------------------------------------------------------ */
 /* URL parsing (no server needed, but harmless)                        */
 

@@ -548,6 +548,7 @@ Test(redis_sentinel, replica_is_never_used)
     o.sentinels[0].port = fake;
     o.nsentinels = 1;
     o.timeout_ms = 200;
+    o.max_batch = 32;
     r = tg_redis_create(g_base, &o);
     cr_assert_not_null(r);
     cr_assert(!run_until(cond_ready, r, 1500), "became ready on a replica");
@@ -1590,6 +1591,7 @@ Test(redis_sentinel, master_and_sentinel_passwords_differ)
     o.sentinels[0].port = sent.port;
     o.nsentinels = 1;
     o.timeout_ms = 200;
+    o.max_batch = 32;
     snprintf(o.password, sizeof(o.password), "m-pass");
     snprintf(o.sentinel_password, sizeof(o.sentinel_password), "s-pass");
     r = tg_redis_create(g_base, &o);
