@@ -101,6 +101,27 @@ tg_copy(char *dst, const char *src, size_t size)
     return n;
 }
 
+tg_rc
+tg_parse_dec(const char *s, size_t len, unsigned long max, unsigned long *out)
+{
+    unsigned long v = 0;
+
+    if (len == 0 || len > 10) {
+        return TG_ERR;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return TG_ERR;
+        }
+        v = v * 10 + (unsigned long)(s[i] - '0');
+    }
+    if (v > max) {
+        return TG_ERR;
+    }
+    *out = v;
+    return TG_OK;
+}
+
 size_t
 tg_u64_dec(char *p, uint64_t v)
 {

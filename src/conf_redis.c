@@ -15,8 +15,6 @@
 
 static int addrs_differ(const tg_addr *a, size_t na, const tg_addr *b, size_t nb);
 static int str_differ(const char *a, const char *b);
-static tg_rc parse_ulong(const char *s, size_t len, unsigned long max,
-                         unsigned long *out);
 static TG_CONF_SETTER(set_url);
 static TG_CONF_SETTER(set_sentinel);
 static TG_CONF_SETTER(set_cluster);
@@ -221,7 +219,7 @@ tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
 
     if (*p == ':') {
         const char *ps = p + 1, *pe = ps + strcspn(ps, "/");
-        if (parse_ulong(ps, (size_t)(pe - ps), 65535, &port) != TG_OK
+        if (tg_parse_dec(ps, (size_t)(pe - ps), 65535, &port) != TG_OK
             || port == 0) {
             snprintf(why, whylen, "port must be a number 1..65535");
             return TG_ERR;
@@ -230,7 +228,7 @@ tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
     }
     if (*p == '/') {
         const char *ds = p + 1;
-        if (parse_ulong(ds, (size_t)(end - ds), 15, &db) != TG_OK) {
+        if (tg_parse_dec(ds, (size_t)(end - ds), 15, &db) != TG_OK) {
             snprintf(why, whylen, "database must be a number 0..15");
             return TG_ERR;
         }
@@ -245,28 +243,6 @@ tg_conf_parse_redis_url(const char *url, tg_conf_redis_url *out, char *why,
     out->host[hlen] = '\0';
     out->port = (int)port;
     out->db = (int)db;
-    return TG_OK;
-}
-
-/* A decimal number of 1..10 digits, at most max (no sign, no spaces). */
-static tg_rc
-parse_ulong(const char *s, size_t len, unsigned long max, unsigned long *out)
-{
-    unsigned long v = 0;
-
-    if (len == 0 || len > 10) {
-        return TG_ERR;
-    }
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] < '0' || s[i] > '9') {
-            return TG_ERR;
-        }
-        v = v * 10 + (unsigned long)(s[i] - '0');
-    }
-    if (v > max) {
-        return TG_ERR;
-    }
-    *out = v;
     return TG_OK;
 }
 

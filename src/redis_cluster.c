@@ -341,7 +341,7 @@ tg_redis_batch_redirect(struct tg_redis_batch *b, const redisReply *rep)
     }
     sp = strchr(p, ' ');
     if (sp == NULL
-        || tg_redis_parse_uint(p, (size_t)(sp - p), TG_REDIS_CLUSTER_SLOTS - 1, &slot) != TG_OK
+        || tg_parse_dec(p, (size_t)(sp - p), TG_REDIS_CLUSTER_SLOTS - 1, &slot) != TG_OK
         || tg_redis_split_hostport(sp + 1, strlen(sp + 1), host, sizeof(host), &port)
            != TG_OK) {
         tg_warn("redis: cannot parse the redirection \"%.200s\"", rep->str);

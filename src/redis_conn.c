@@ -79,27 +79,6 @@ tg_redis_addr_from_sockaddr(const struct sockaddr *sa, tg_redis_addr *a)
     return TG_OK;
 }
 
-int
-tg_redis_parse_uint(const char *s, size_t len, unsigned long max, unsigned long *out)
-{
-    unsigned long v = 0;
-
-    if (len == 0 || len > 10) {
-        return TG_ERR;
-    }
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] < '0' || s[i] > '9') {
-            return TG_ERR;
-        }
-        v = v * 10 + (unsigned long)(s[i] - '0');
-    }
-    if (v > max) {
-        return TG_ERR;
-    }
-    *out = v;
-    return TG_OK;
-}
-
 /* "host:port" (host may be an IPv6 literal, with or without brackets). */
 int
 tg_redis_split_hostport(const char *s, size_t len, char *host, size_t hostlen, int *port)
@@ -115,7 +94,7 @@ tg_redis_split_hostport(const char *s, size_t len, char *host, size_t hostlen, i
         }
     }
     if (colon == NULL
-        || tg_redis_parse_uint(colon + 1, len - (size_t)(colon + 1 - s), 65535, &p) != TG_OK
+        || tg_parse_dec(colon + 1, len - (size_t)(colon + 1 - s), 65535, &p) != TG_OK
         || p == 0) {
         return TG_ERR;
     }

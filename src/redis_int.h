@@ -250,7 +250,6 @@ void tg_redis_aux_init(struct tg_redis *r, struct tg_raux *aux, tg_raux_done don
 void tg_redis_aux_start(struct tg_raux *aux, const char *host, int port, int argc,
                         const char **argv);
 void tg_redis_aux_cancel(struct tg_raux *aux);
-int tg_redis_parse_uint(const char *s, size_t len, unsigned long max, unsigned long *out);
 int tg_redis_split_hostport(const char *s, size_t len, char *host, size_t hostlen,
                             int *port);
 

@@ -56,7 +56,7 @@ tg_redis_sentinel_done(struct tg_redis *r, const redisReply *rep, const struct t
         && rep->element[0]->type == REDIS_REPLY_STRING
         && rep->element[1]->type == REDIS_REPLY_STRING
         && rep->element[0]->len > 0 && rep->element[0]->len < sizeof(nd->host)
-        && tg_redis_parse_uint(rep->element[1]->str, rep->element[1]->len, 65535, &port)
+        && tg_parse_dec(rep->element[1]->str, rep->element[1]->len, 65535, &port)
            == TG_OK
         && port > 0) {
         if (strcmp(nd->host, rep->element[0]->str) != 0 || nd->port != (int)port) {

@@ -61,6 +61,10 @@ void tg_oom(const char *what) __attribute__((noreturn));
 size_t tg_copy(char *dst, const char *src, size_t size);
 size_t tg_u64_dec(char *p, uint64_t v);
 
+/* s[0..len) as a decimal of 1..10 digits (no sign, no spaces), at most
+ * max, into *out; TG_ERR (nothing written) otherwise. */
+tg_rc tg_parse_dec(const char *s, size_t len, unsigned long max, unsigned long *out);
+
 static inline int
 tg_cat(char **p, const char *end, const void *s, size_t n)
 {

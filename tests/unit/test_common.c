@@ -314,3 +314,26 @@ Test(common, log_long_line_is_cut)
     free(line);
     fclose(f);
 }
+
+/* The one decimal parser (ports, databases, slots): digits only, 1..10
+ * of them, at most max; nothing written on refusal. */
+Test(common, parse_dec)
+{
+    unsigned long v = 7;
+
+    cr_expect_eq(tg_parse_dec("6379", 4, 65535, &v), TG_OK);
+    cr_expect_eq(v, 6379);
+    cr_expect_eq(tg_parse_dec("65535", 5, 65535, &v), TG_OK);
+    cr_expect_eq(tg_parse_dec("0", 1, 15, &v), TG_OK);
+    cr_expect_eq(v, 0);
+    v = 7;
+    cr_expect_eq(tg_parse_dec("65536", 5, 65535, &v), TG_ERR);
+    cr_expect_eq(tg_parse_dec("", 0, 65535, &v), TG_ERR);
+    cr_expect_eq(tg_parse_dec("-1", 2, 65535, &v), TG_ERR);
+    cr_expect_eq(tg_parse_dec("12ab", 4, 65535, &v), TG_ERR);
+    cr_expect_eq(tg_parse_dec(" 1", 2, 65535, &v), TG_ERR);
+    cr_expect_eq(tg_parse_dec("12345678901", 11, ~0UL, &v), TG_ERR);
+    cr_expect_eq(v, 7, "nothing written on refusal");
+    cr_expect_eq(tg_parse_dec("163845", 3, 16383, &v), TG_OK, "only len bytes read");
+    cr_expect_eq(v, 163);
+}
