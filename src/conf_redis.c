@@ -263,6 +263,12 @@ set_url(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     if (tg_conf_parse_redis_url(s, &conf->redis.server, why, sizeof(why)) != TG_OK) {
+        /* a URL with userinfo may hold a password: the error, which goes to
+         * logs and terminals, names the problem, never the URL */
+        if (strchr(s, '@') != NULL) {
+            return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL "
+                                 "(not shown: it has credentials): %s", why);
+        }
         return tg_conf_error(ctx, node->start_mark, path, "bad Redis URL \"%s\": %s",
                              s, why);
     }

@@ -498,6 +498,19 @@ Test(conf_errors, bad_redis_url)
     expect_error(MIN "redis: { url: \"redis://:6379/1\" }\n", "5:15", "missing host");
 }
 
+/* A URL with credentials is refused without being echoed: the error goes
+ * to logs and terminals, the password must not. */
+Test(conf_errors, bad_redis_url_hides_password)
+{
+    expect_error(MIN "redis: { url: \"redis://app:s3cret-pw@h:6379/0\" }\n", "5:15",
+                 "redis.url: bad Redis URL (not shown: it has credentials): "
+                 "credentials in the URL are not supported");
+    cr_assert_null(strstr(err, "s3cret-pw"), "the password leaked: %s", err);
+    expect_error(MIN "redis: { url: \"redis://:pw2@h:0\" }\n", "5:15",
+                 "not shown");
+    cr_assert_null(strstr(err, "pw2"), "the password leaked: %s", err);
+}
+
 /* redis.url is parsed once, at load, into what the Redis client connects
  * to (redis.server); the client's checks are the config's. */
 Test(conf, redis_url_parsed_once)
