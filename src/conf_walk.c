@@ -597,10 +597,10 @@ tg_conf_set_route_path(tg_conf_ctx *ctx, const tg_conf_cmd *cmd,
     return TG_OK;
 }
 
-/* A share in (0, 1], e.g. 0.05. */
-tg_rc
-tg_conf_set_ratio(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                  void *base, const char *path)
+/* A plain number in (lo, hi]; want says which, in the error. */
+static tg_rc
+set_real(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node, void *base,
+         const char *path, double lo, double hi, const char *want)
 {
     const char *s;
     char *end;
@@ -608,17 +608,26 @@ tg_conf_set_ratio(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 
     if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
         node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-        return tg_conf_type_error(ctx, node, path, "a number in (0, 1]");
+        return tg_conf_type_error(ctx, node, path, want);
     }
     s = (const char *)node->data.scalar.value;
     errno = 0;
     v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno != 0 || !(v > 0.0 && v <= 1.0)) {
-        return tg_conf_error(ctx, node->start_mark, path, "expected a number "
-                             "in (0, 1], e.g. 0.05, got \"%s\"", s);
+    if (end == s || *end != '\0' || errno != 0 || !(v > lo && v <= hi)) {
+        return tg_conf_error(ctx, node->start_mark, path, "expected %s, got \"%s\"",
+                             want, s);
     }
     memcpy((char *)base + cmd->offset, &v, sizeof(v));
     return TG_OK;
+}
+
+/* A share in (0, 1], e.g. 0.05. */
+tg_rc
+tg_conf_set_ratio(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                  void *base, const char *path)
+{
+    return set_real(ctx, cmd, node, base, path, 0.0, 1.0,
+                    "a number in (0, 1], e.g. 0.05");
 }
 
 /* A number in (min, max], e.g. 10 or 2.5 (a factor above min). */
@@ -626,25 +635,12 @@ tg_rc
 tg_conf_set_factor(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                    void *base, const char *path)
 {
-    const char *s;
-    char *end;
-    double v;
+    char want[80];
 
-    if (node->type != YAML_SCALAR_NODE || tg_yaml_is_null(node) ||
-        node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
-        return tg_conf_type_error(ctx, node, path, "a number");
-    }
-    s = (const char *)node->data.scalar.value;
-    errno = 0;
-    v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno != 0
-        || !(v > (double)cmd->min && v <= (double)cmd->max)) {
-        return tg_conf_error(ctx, node->start_mark, path, "expected a number "
-                             "above %lld and at most %lld, got \"%s\"",
-                             (long long)cmd->min, (long long)cmd->max, s);
-    }
-    memcpy((char *)base + cmd->offset, &v, sizeof(v));
-    return TG_OK;
+    snprintf(want, sizeof(want), "a number above %lld and at most %lld",
+             (long long)cmd->min, (long long)cmd->max);
+    return set_real(ctx, cmd, node, base, path, (double)cmd->min, (double)cmd->max,
+                    want);
 }
 
 /* ---- sections ---------------------------------------------------------- */
