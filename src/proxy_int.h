@@ -102,7 +102,7 @@ struct tg_client {
         int                 tls;
         int                 tls_ready;  /* handshake done */
         SSL                *ssl;        /* TLS: owned, on fd (bevio.c); else NULL */
-        unsigned            tls_want;   /* TG_TLS_* retries pending (bevio.c) */
+        unsigned            tls_want;   /* TLS_* flags of bevio.c: what waits */
         int                 tls_wlen;   /* SSL_write to repeat after WANT_*, or 0 */
         enum cstate         state;
         unsigned            nreq;       /* requests begun on this connection */
