@@ -1,31 +1,54 @@
 /*
  * bevio.c - the libevent read and write tricks of the request path: our
- * own read events (plain client sockets, lent upstream connections),
- * write-through, and TLS close_notify.
+ * own read events (client sockets, lent upstream connections),
+ * write-through, and TLS on the client socket (records in and out,
+ * close_notify).
  *
- * Plain sockets are read by our own event, straight into the
+ * Client sockets are read by our own event, straight into the
  * bufferevent's input (its tail thawed around the read, as libevent's own
  * read callback does).  libevent's read path asks the kernel how much is
  * readable (ioctl FIONREAD) before every read: one system call per read
- * that we do without.  TLS connections are read by their bufferevent.
- * Output is written through (tg_bev_flush) rather than a loop turn later.
- * tg_bev_rd_on/off and the flush wrappers are static inline in
- * proxy_int.h (hot).
+ * that we do without.  Output is written through (tg_bev_flush) rather
+ * than a loop turn later.  tg_bev_rd_on/off and the flush wrappers are
+ * static inline in proxy_int.h (hot).
+ *
+ * TLS client connections keep a socket bufferevent for its two buffers
+ * (plaintext both) and never enable its events: the same read event runs
+ * the handshake and SSL_read into the input, and the output is written
+ * through as records by SSL_write, with our own write event (the send
+ * timeout) only while the kernel does not take it all.  libevent's
+ * bufferevent_openssl wrote one record (one write) per evbuffer chain, a
+ * loop turn later, and read each record with two reads; here a response
+ * of up to 16 KiB is one record and one write, and OpenSSL reads ahead
+ * (one read for what the socket holds).  What it has read beyond the
+ * records decrypted is no longer the socket's readiness: tg_bev_tls_kick
+ * reads it when reading resumes.
  */
 #include <errno.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
-#include <event2/bufferevent_ssl.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "tollgate/common_ev.h"
 #include "proxy_int.h"
+
+/* c->conn.tls_want: what an OpenSSL call waits for before it is repeated */
+#define TLS_RD_WANTS_WRITE  0x1     /* the handshake or SSL_read: writable */
+#define TLS_WR_WANTS_READ   0x2     /* SSL_write: readable */
+#define TLS_WR_FAILED       0x4     /* SSL_write failed: the write event says so */
+#define TLS_RECORD          16384   /* the plaintext of one record at most */
 
 static ssize_t read_into(evutil_socket_t fd, struct evbuffer *in);
 static void client_rd(evutil_socket_t fd, short what, struct tg_client *c);
 static void up_rd(evutil_socket_t fd, struct tg_client *c);
+static void tls_rd(struct tg_client *c);
+static tg_rc tls_handshake(struct tg_client *c);
+static short tls_failed(struct tg_client *c, int err);
+static void tls_want_write(struct tg_client *c, unsigned want);
+static void tls_wr_cb(evutil_socket_t fd, short what, void *arg);
 
 /* ---- reading the client ------------------------------------------------- */
 
@@ -65,6 +88,10 @@ client_rd(evutil_socket_t fd, short what, struct tg_client *c)
     if (evbuffer_get_length(in) >= TG_HIGH_WATER) {
         /* pipelined requests pile up: wait until they are served */
         tg_bev_rd_off(c);
+        return;
+    }
+    if (c->conn.ssl != NULL) {
+        tls_rd(c);
         return;
     }
     n = read_into(fd, in);
@@ -134,7 +161,7 @@ up_rd(evutil_socket_t fd, struct tg_client *c)
  * give it, which saves two epoll_ctl calls and a wake-up per write; only
  * when the socket is full does EV_WRITE go on (and the write callback,
  * which also times out a stuck peer, turns it off again once drained).
- * TLS connections always go through their bufferevent.
+ * TLS connections: tg_bev_tls_flush.
  */
 void
 tg_bev_flush(struct bufferevent *bev)
@@ -156,23 +183,281 @@ tg_bev_flush(struct bufferevent *bev)
     }
 }
 
+/* ---- TLS on the client socket ------------------------------------------ */
+
+/* c's SSL on its socket (accepting) and its write event; TG_ERR when
+ * OpenSSL refuses (nothing made).  Dirty shutdowns (no close_notify) are
+ * ends of stream, as they were with bufferevent_openssl. */
+tg_rc
+tg_bev_tls_setup(struct tg_client *c, SSL_CTX *ctx)
+{
+    SSL *ssl = SSL_new(ctx);
+
+    if (ssl == NULL || SSL_set_fd(ssl, c->conn.fd) != 1) {
+        SSL_free(ssl);
+        ERR_clear_error();
+        return TG_ERR;
+    }
+    SSL_set_accept_state(ssl);
+    SSL_set_mode(ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_set_options(ssl, SSL_OP_IGNORE_UNEXPECTED_EOF);
+    SSL_set_read_ahead(ssl, 1);
+    c->conn.ssl = ssl;
+    c->io.wev = tg_event_new(c->px->base, c->conn.fd, EV_WRITE | EV_PERSIST, tls_wr_cb, c);
+    return TG_OK;
+}
+
+/*
+ * Write c's output now as records of up to 16 KiB, one SSL_write each
+ * (the first chain when it holds a record, else a copy); the write event
+ * goes on only when the kernel does not take it all.  After WANT_WRITE or
+ * WANT_READ the same bytes are written again (tls_wlen); a failure is
+ * reported by the write event, never inside the caller's callback.
+ */
+void
+tg_bev_tls_flush(struct tg_client *c)
+{
+    struct evbuffer *out = bufferevent_get_output(c->conn.bev);
+    struct evbuffer_iovec v;
+    char buf[TLS_RECORD];
+    const void *p;
+    size_t len, n, w;
+
+    if (!c->conn.tls_ready || c->conn.state == C_DEAD
+        || (c->conn.tls_want & (TLS_WR_WANTS_READ | TLS_WR_FAILED))) {
+        return;        /* the handshake, the read event or the error first */
+    }
+    ERR_clear_error();
+    evbuffer_unfreeze(out, 1);
+    while ((len = evbuffer_get_length(out)) != 0) {
+        n = c->conn.tls_wlen != 0 ? (size_t)c->conn.tls_wlen
+                                  : len < TLS_RECORD ? len : TLS_RECORD;
+        if (evbuffer_peek(out, -1, NULL, &v, 1) >= 1 && v.iov_len >= n) {
+            p = v.iov_base;
+        } else {
+            evbuffer_copyout(out, buf, n);
+            p = buf;
+        }
+        if (SSL_write_ex(c->conn.ssl, p, n, &w) == 1) {
+            c->conn.tls_wlen = 0;
+            evbuffer_drain(out, w);
+            continue;
+        }
+        c->conn.tls_wlen = (int)n;
+        switch (SSL_get_error(c->conn.ssl, 0)) {
+        case SSL_ERROR_WANT_WRITE:
+            break;
+        case SSL_ERROR_WANT_READ:
+            c->conn.tls_want |= TLS_WR_WANTS_READ;    /* tls_rd writes again */
+            break;
+        default:
+            ERR_clear_error();
+            c->conn.tls_wlen = 0;
+            c->conn.tls_want |= TLS_WR_FAILED;
+            event_active(c->io.wev, EV_WRITE, 1);
+            break;
+        }
+        break;
+    }
+    evbuffer_freeze(out, 1);
+    if (len != 0 && !(c->conn.tls_want & (TLS_WR_WANTS_READ | TLS_WR_FAILED))) {
+        tls_want_write(c, 0);
+    }
+}
+
+/* Reading is on (again): what OpenSSL has read already will not make the
+ * socket readable, so read it from the loop. */
+void
+tg_bev_tls_kick(struct tg_client *c)
+{
+    if ((SSL_has_pending(c->conn.ssl) || (c->conn.tls_want & TLS_WR_WANTS_READ))
+        && event_pending(c->io.rev, EV_READ, NULL)) {
+        event_active(c->io.rev, EV_READ, 1);
+    }
+}
+
+/* The connection is dead: no more writes (tg_client_kill). */
+void
+tg_bev_tls_stop(struct tg_client *c)
+{
+    if (c->io.wev != NULL) {
+        event_del(c->io.wev);
+    }
+}
+
+/* Free c's SSL and write event (tg_client_free; before the bufferevent,
+ * which closes the socket). */
+void
+tg_bev_tls_free(struct tg_client *c)
+{
+    if (c->io.wev != NULL) {
+        event_free(c->io.wev);
+        c->io.wev = NULL;
+    }
+    SSL_free(c->conn.ssl);
+    c->conn.ssl = NULL;
+}
+
 /* TLS: end the session with close_notify, written straight to the
  * socket.  Only between records (nothing queued) and after the handshake;
  * a failure changes nothing (the TCP close follows anyway). */
 void
 tg_bev_close_notify(struct tg_client *c)
 {
-    SSL *ssl;
-
-    if (!c->conn.tls || !c->conn.tls_ready
+    if (c->conn.ssl == NULL || !c->conn.tls_ready || c->conn.tls_wlen != 0
         || evbuffer_get_length(bufferevent_get_output(c->conn.bev)) != 0) {
         return;
     }
-    ssl = bufferevent_openssl_get_ssl(c->conn.bev);
-    if (ssl != NULL) {
-        (void)SSL_shutdown(ssl);
-    }
     ERR_clear_error();
+    (void)SSL_shutdown(c->conn.ssl);
+    ERR_clear_error();
+}
+
+/*
+ * The read event of a TLS connection: the handshake, then records into
+ * the input while OpenSSL holds more of them (read-ahead) and the input
+ * is below high water; the data first, then the end of stream or error
+ * met after it.
+ */
+static void
+tls_rd(struct tg_client *c)
+{
+    struct bufferevent *bev = c->conn.bev;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    struct evbuffer_iovec v;
+    size_t got = 0, n;
+    short what = 0;
+    int full = 0;
+
+    ERR_clear_error();
+    if (!c->conn.tls_ready && tls_handshake(c) != TG_OK) {
+        return;
+    }
+    c->conn.tls_want &= ~TLS_RD_WANTS_WRITE;
+    if (c->conn.tls_want & TLS_WR_WANTS_READ) {
+        c->conn.tls_want &= ~TLS_WR_WANTS_READ;
+        tg_bev_tls_flush(c);
+    }
+    evbuffer_unfreeze(in, 0);
+    for (;;) {
+        if (evbuffer_get_length(in) >= TG_HIGH_WATER) {
+            full = 1;
+            break;
+        }
+        if (evbuffer_reserve_space(in, TLS_RECORD, &v, 1) != 1) {
+            break;
+        }
+        if (SSL_read_ex(c->conn.ssl, v.iov_base, v.iov_len, &n) != 1) {
+            what = tls_failed(c, SSL_get_error(c->conn.ssl, 0));
+            break;
+        }
+        v.iov_len = n;
+        evbuffer_commit_space(in, &v, 1);
+        got += n;
+        if (!SSL_has_pending(c->conn.ssl)) {
+            break;       /* what comes next makes the socket readable */
+        }
+    }
+    evbuffer_freeze(in, 0);
+    if (got != 0) {
+        tg_client_read_cb(bev, c);
+    }
+    if (c->conn.state == C_DEAD) {
+        return;
+    }
+    if (what != 0) {
+        tg_bev_rd_off(c);
+        tg_client_event_cb(bev, what | BEV_EVENT_READING, c);
+    } else if (full) {
+        tg_bev_tls_kick(c);
+    }
+}
+
+/* Drive the handshake on: TG_OK once done (the connected event given),
+ * TG_AGAIN while it goes on, TG_ERR when it failed (the error given). */
+static tg_rc
+tls_handshake(struct tg_client *c)
+{
+    int r = SSL_do_handshake(c->conn.ssl);
+    short what;
+
+    if (r == 1) {
+        c->conn.tls_ready = 1;
+        tg_client_event_cb(c->conn.bev, BEV_EVENT_CONNECTED, c);
+        return TG_OK;
+    }
+    what = tls_failed(c, SSL_get_error(c->conn.ssl, r));
+    if (what == 0) {
+        return TG_AGAIN;
+    }
+    tg_bev_rd_off(c);
+    tg_client_event_cb(c->conn.bev, what | BEV_EVENT_READING, c);
+    return TG_ERR;
+}
+
+/* What a failed handshake or SSL_read means: 0 (wait: readable, or
+ * writable with the write event on), BEV_EVENT_EOF or BEV_EVENT_ERROR. */
+static short
+tls_failed(struct tg_client *c, int err)
+{
+    switch (err) {
+    case SSL_ERROR_WANT_READ:
+        return 0;
+    case SSL_ERROR_WANT_WRITE:
+        tls_want_write(c, TLS_RD_WANTS_WRITE);
+        return 0;
+    case SSL_ERROR_ZERO_RETURN:
+        return BEV_EVENT_EOF;
+    default:
+        ERR_clear_error();
+        return BEV_EVENT_ERROR;
+    }
+}
+
+/* The write event on (its timeout, the send timeout, runs from now unless
+ * it is on already); want: what waits for it besides the output. */
+static void
+tls_want_write(struct tg_client *c, unsigned want)
+{
+    c->conn.tls_want |= want;
+    if (!event_pending(c->io.wev, EV_WRITE, NULL)) {
+        event_add(c->io.wev, &c->px->send_tv);
+    }
+}
+
+/*
+ * The socket is writable again (or the send timeout passed, or a write
+ * failed): a read that waited for it goes on, the output is written, and
+ * the bufferevent's write callback runs as libevent's would (progress, and
+ * the output at or under its low-water mark).
+ */
+static void
+tls_wr_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tg_client *c = arg;
+    struct evbuffer *out = bufferevent_get_output(c->conn.bev);
+    size_t before = evbuffer_get_length(out);
+
+    TG_UNUSED(fd);
+    if ((what & EV_TIMEOUT) || (c->conn.tls_want & TLS_WR_FAILED)) {
+        event_del(c->io.wev);
+        tg_client_event_cb(c->conn.bev, BEV_EVENT_WRITING
+                           | ((what & EV_TIMEOUT) ? BEV_EVENT_TIMEOUT : BEV_EVENT_ERROR), c);
+        return;
+    }
+    if (c->conn.tls_want & TLS_RD_WANTS_WRITE) {
+        c->conn.tls_want &= ~TLS_RD_WANTS_WRITE;
+        if (event_pending(c->io.rev, EV_READ, NULL)) {
+            event_active(c->io.rev, EV_READ, 1);
+        }
+    }
+    tg_bev_tls_flush(c);
+    if (evbuffer_get_length(out) == 0 || (c->conn.tls_want & TLS_WR_WANTS_READ)) {
+        event_del(c->io.wev);       /* nothing to write, or not before a read */
+    }
+    if (evbuffer_get_length(out) != before) {
+        bufferevent_trigger(c->conn.bev, EV_WRITE, 0);
+    }
 }
 
 /* ---- helpers ------------------------------------------------------------ */

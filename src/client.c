@@ -32,7 +32,6 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
-#include <event2/bufferevent_ssl.h>
 #include <openssl/ssl.h>
 
 #include "tollgate/accesslog.h"
@@ -97,26 +96,17 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
     }
 
     if (ssl_ctx != NULL) {
-        SSL *ssl = SSL_new(ssl_ctx);
-        if (ssl == NULL) {
-            close(fd);
-            tg_connlimit_release(slot);
-            free(c);
-            return;
-        }
+        /* our own SSL on the socket (bevio.c); the bufferevent below
+         * holds the plaintext */
         c->conn.tls = 1;
-        c->conn.bev = bufferevent_openssl_socket_new(px->base, fd, ssl,
-                     BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
-        if (c->conn.bev == NULL) {        /* OpenSSL's setup, not only memory */
+        if (tg_bev_tls_setup(c, ssl_ctx) != TG_OK) {
             close(fd);
             tg_connlimit_release(slot);
             free(c);
             return;
         }
-        bufferevent_openssl_set_allow_dirty_shutdown(c->conn.bev, 1);
-    } else {
-        c->conn.bev = tg_bufferevent_socket_new(px->base, fd, BEV_OPT_CLOSE_ON_FREE);
     }
+    c->conn.bev = tg_bufferevent_socket_new(px->base, fd, BEV_OPT_CLOSE_ON_FREE);
     c->io.timer = tg_evtimer_new(px->base, client_timer_cb, c);
     c->io.defer = tg_event_new(px->base, -1, 0, client_defer_cb, c);
     c->io.up_timer = tg_evtimer_new(px->base, tg_exchange_timer_cb, c);
@@ -131,13 +121,9 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
      * this much the bufferevent stops reading by itself. */
     bufferevent_setwatermark(c->conn.bev, EV_READ, 0, TG_HIGH_WATER);
     bufferevent_set_timeouts(c->conn.bev, NULL, &px->send_tv);
-    if (c->conn.tls) {
-        bufferevent_enable(c->conn.bev, EV_READ | EV_WRITE);
-    } else {
-        bufferevent_disable(c->conn.bev, EV_WRITE);   /* on by default: write-through */
-        c->io.rev = tg_event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
-        tg_bev_rd_on(c, NULL);
-    }
+    bufferevent_disable(c->conn.bev, EV_WRITE);   /* on by default: write-through */
+    c->io.rev = tg_event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
+    tg_bev_rd_on(c, NULL);
     c->conn.state = C_HEAD;
     if (c->conn.tls) {
         /* the header deadline starts when the handshake ends */
@@ -166,6 +152,7 @@ tg_client_free(struct tg_client *c)
     if (c->io.rev != NULL) {
         event_free(c->io.rev);
     }
+    tg_bev_tls_free(c);
     event_free(c->io.urev);
     event_free(c->io.timer);
     event_free(c->io.defer);
@@ -192,6 +179,7 @@ tg_client_kill(struct tg_client *c)
     }
     c->conn.state = C_DEAD;
     tg_bev_rd_off(c);
+    tg_bev_tls_stop(c);
     bufferevent_disable(c->conn.bev, EV_READ | EV_WRITE);
     bufferevent_setcb(c->conn.bev, NULL, NULL, NULL, NULL);
     if (c->up.uc != NULL) {
@@ -247,13 +235,7 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
         evbuffer_drain(bufferevent_get_input(c->conn.bev),
                        evbuffer_get_length(bufferevent_get_input(c->conn.bev)));
         bufferevent_set_timeouts(c->conn.bev, NULL, NULL);
-        if (c->conn.tls) {
-            /* TLS is over (close_notify sent): discard raw bytes, not
-             * records, with our own read event */
-            bufferevent_disable(c->conn.bev, EV_READ | EV_WRITE);
-            c->io.rev = tg_event_new(c->px->base, c->conn.fd, EV_READ | EV_PERSIST,
-                               tg_bev_client_rd_cb, c);
-        }
+        /* TLS too (close_notify sent): raw bytes are discarded, not records */
         tg_bev_rd_on(c, NULL);
         arm_timer(c, TG_LINGER_MS);
         return;

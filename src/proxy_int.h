@@ -9,7 +9,7 @@
  *               hand-off, our own answers and the accounting;
  *   exchange.c  one upstream exchange: forward, both body relays, the
  *               upstream timers, retry, tg_exchange_end;
- *   bevio.c     our own reads, write-through, TLS close_notify;
+ *   bevio.c     our own reads, write-through, TLS records on the socket;
  *   headers.c   the heads we write (pure, include/tollgate/headers.h).
  */
 #ifndef TOLLGATE_PROXY_INT_H
@@ -101,6 +101,9 @@ struct tg_client {
         int                 fd;
         int                 tls;
         int                 tls_ready;  /* handshake done */
+        SSL                *ssl;        /* TLS: owned, on fd (bevio.c); else NULL */
+        unsigned            tls_want;   /* TLS_* flags of bevio.c: what waits */
+        int                 tls_wlen;   /* SSL_write to repeat after WANT_*, or 0 */
         enum cstate         state;
         unsigned            nreq;       /* requests begun on this connection */
         int                 close_after;   /* close once this response is sent */
@@ -114,7 +117,8 @@ struct tg_client {
         struct event       *timer;      /* idle / header / linger deadline */
         int                 head_timer_on;  /* timer is the header deadline */
         struct event       *defer;      /* free, or serve a pipelined request */
-        struct event       *rev;        /* plain sockets: our own read event */
+        struct event       *rev;        /* our own read event */
+        struct event       *wev;        /* TLS: our write event, or NULL */
         struct event       *urev;       /* our read event on the lent upstream */
         struct event       *up_timer;   /* the exchange's deadlines (up.*) */
     } io;
@@ -256,15 +260,24 @@ void tg_bev_up_read_start(struct tg_client *c);
 void tg_bev_flush(struct bufferevent *bev);
 /* TLS: send close_notify when between records and past the handshake. */
 void tg_bev_close_notify(struct tg_client *c);
+/* TLS client connections: our own SSL on the socket (bevio.c).  setup
+ * makes c->conn.ssl and c->io.wev (TG_ERR: OpenSSL refused); flush writes
+ * the output as records now; kick reads again what the SSL holds already;
+ * stop and free end it (with tg_client_kill, tg_client_free). */
+tg_rc tg_bev_tls_setup(struct tg_client *c, SSL_CTX *ctx);
+void tg_bev_tls_flush(struct tg_client *c);
+void tg_bev_tls_kick(struct tg_client *c);
+void tg_bev_tls_stop(struct tg_client *c);
+void tg_bev_tls_free(struct tg_client *c);
 
 /*
- * Plain sockets are read by our own event, straight into the bufferevent's
- * input (its tail thawed around the read, as libevent's own read callback
- * does).  libevent's read path asks the kernel how much is readable
- * (ioctl FIONREAD) before every read: one system call per read that we do
- * without.  TLS connections are read by their bufferevent.  timeout is the
- * body timeout while a body is expected, else NULL (the head and idle
- * deadlines are c->io.timer's).
+ * Client sockets are read by our own event, straight into the
+ * bufferevent's input (its tail thawed around the read, as libevent's own
+ * read callback does).  libevent's read path asks the kernel how much is
+ * readable (ioctl FIONREAD) before every read: one system call per read
+ * that we do without.  TLS connections are decrypted into it by SSL_read
+ * in the same callback.  timeout is the body timeout while a body is
+ * expected, else NULL (the head and idle deadlines are c->io.timer's).
  */
 static inline void
 tg_bev_rd_on(struct tg_client *c, const struct timeval *timeout)
@@ -275,6 +288,9 @@ tg_bev_rd_on(struct tg_client *c, const struct timeval *timeout)
         event_add(c->io.rev, timeout);
         if (timeout == NULL) {
             event_remove_timer(c->io.rev);
+        }
+        if (c->conn.ssl != NULL) {
+            tg_bev_tls_kick(c);    /* records already read: no readiness */
         }
     } else {
         bufferevent_set_timeouts(c->conn.bev, timeout, &c->px->send_tv);
@@ -292,13 +308,15 @@ tg_bev_rd_off(struct tg_client *c)
     }
 }
 
-/* Write-through (tg_bev_flush) of the client's output; TLS goes through
- * its bufferevent. */
+/* Write-through of the client's output: plain (tg_bev_flush) or as TLS
+ * records (tg_bev_tls_flush). */
 static inline void
 tg_bev_client_flush(struct tg_client *c)
 {
-    if (!c->conn.tls) {
+    if (c->conn.ssl == NULL) {
         tg_bev_flush(c->conn.bev);
+    } else {
+        tg_bev_tls_flush(c);
     }
 }
 

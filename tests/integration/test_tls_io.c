@@ -1,0 +1,420 @@
+/*
+ * test_tls_io.c - the bytes of TLS client connections: a small response
+ * is one TLS record, large responses (Content-Length and chunked) arrive
+ * byte-exact, pipelined requests are answered in order (also past the
+ * high-water mark), a client that stops reading is bounded in what
+ * tollgate buffers for it and closed at send_timeout_ms, and clients that
+ * vanish (reset, no close_notify) harm no one.
+ */
+#include <criterion/criterion.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "harness.h"
+
+TestSuite(tls_io, .fini = tgh_cleanup, .timeout = 120);
+
+static tgh_upstream up;
+static tgh_tollgate tg;
+static int tls_port;
+
+static void
+start(const char *http_extra)
+{
+    static char cert[512], key[512];
+    tgh_tg_opts o;
+    char *cmd;
+
+    signal(SIGPIPE, SIG_IGN);
+    cmd = tgh_strf("cd %s && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 "
+                   "-nodes -subj /CN=localhost -keyout key.pem -out cert.pem -days 2 "
+                   ">/dev/null 2>&1", tgh_tmpdir());
+    TGH_CHECK(system(cmd) == 0, "openssl req");
+    free(cmd);
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    tgh_tg_opts_default(&o, up.port);
+    tls_port = tgh_free_port();
+    o.tls_port = tls_port;
+    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
+    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
+    o.tls_cert = cert;
+    o.tls_key = key;
+    o.http_extra = http_extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
+}
+
+/* ---- a TLS client with its own read buffer ------------------------------ */
+
+typedef struct tls_conn {
+    int            fd;
+    SSL_CTX       *ctx;
+    SSL           *ssl;
+    unsigned       app_records;     /* application-data records received */
+    unsigned char *buf;
+    size_t         off, len, cap;
+} tls_conn;
+
+/* Counts the records received whose inner content type (TLS 1.3) is
+ * application data. */
+static void
+msg_cb(int write_p, int version, int content_type, const void *buf, size_t len,
+       SSL *ssl, void *arg)
+{
+    (void)version;
+    (void)ssl;
+    if (!write_p && content_type == SSL3_RT_INNER_CONTENT_TYPE && len == 1
+        && ((const unsigned char *)buf)[0] == SSL3_RT_APPLICATION_DATA)
+        ((tls_conn *)arg)->app_records++;
+}
+
+static tls_conn *
+tls_open(int port)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    struct timeval tv = { 10, 0 };
+    tls_conn *t = calloc(1, sizeof *t);
+
+    cr_assert_not_null(t);
+    t->fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(t->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(t->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(t->fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect TLS");
+    t->ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_set_min_proto_version(t->ctx, TLS1_3_VERSION);
+    t->ssl = SSL_new(t->ctx);
+    SSL_set_fd(t->ssl, t->fd);
+    SSL_set_msg_callback(t->ssl, msg_cb);
+    SSL_set_msg_callback_arg(t->ssl, t);
+    TGH_CHECK(SSL_connect(t->ssl) == 1, "TLS handshake");
+    t->cap = 1 << 16;
+    t->buf = malloc(t->cap);
+    cr_assert_not_null(t->buf);
+    return t;
+}
+
+static void
+tls_close(tls_conn *t)
+{
+    SSL_free(t->ssl);
+    SSL_CTX_free(t->ctx);
+    close(t->fd);
+    free(t->buf);
+    free(t);
+    ERR_clear_error();
+}
+
+static void
+tls_send(tls_conn *t, const char *s)
+{
+    TGH_CHECK(SSL_write(t->ssl, s, (int)strlen(s)) == (int)strlen(s), "SSL_write");
+}
+
+/* At least want unread bytes in t->buf; 0, or -1 at EOF/error first. */
+static int
+fill(tls_conn *t, size_t want)
+{
+    while (t->len - t->off < want) {
+        int n;
+        if (t->off != 0) {
+            memmove(t->buf, t->buf + t->off, t->len - t->off);
+            t->len -= t->off;
+            t->off = 0;
+        }
+        if (t->len == t->cap) {
+            t->cap *= 2;
+            t->buf = realloc(t->buf, t->cap);
+            cr_assert_not_null(t->buf);
+        }
+        n = SSL_read(t->ssl, t->buf + t->len, (int)(t->cap - t->len > (1 << 20)
+                                                    ? 1 << 20 : t->cap - t->len));
+        if (n <= 0)
+            return -1;
+        t->len += (size_t)n;
+    }
+    return 0;
+}
+
+/* The next line (CRLF dropped) into line; 0 / -1. */
+static int
+get_line(tls_conn *t, char *line, size_t cap)
+{
+    for (size_t scan = 0;; ) {
+        unsigned char *lf;
+        if (t->len - t->off > scan
+            && (lf = memchr(t->buf + t->off + scan, '\n', t->len - t->off - scan)) != NULL) {
+            size_t n = (size_t)(lf - (t->buf + t->off));
+            if (n == 0 || t->buf[t->off + n - 1] != '\r' || n - 1 >= cap)
+                return -1;
+            memcpy(line, t->buf + t->off, n - 1);
+            line[n - 1] = '\0';
+            t->off += n + 1;
+            return 0;
+        }
+        scan = t->len - t->off;
+        if (fill(t, scan + 1) != 0)
+            return -1;
+    }
+}
+
+/* One response: its status, and its body (Content-Length or chunked)
+ * into *body (malloc'd, *blen bytes).  0 / -1. */
+static int
+read_response(tls_conn *t, int *status, unsigned char **body, size_t *blen)
+{
+    char line[8192];
+    long long cl = -1;
+    int chunked = 0;
+    size_t len = 0, cap = 1 << 16;
+    unsigned char *b;
+
+    if (get_line(t, line, sizeof line) != 0 || sscanf(line, "HTTP/1.1 %d", status) != 1)
+        return -1;
+    for (;;) {
+        if (get_line(t, line, sizeof line) != 0)
+            return -1;
+        if (line[0] == '\0')
+            break;
+        if (strncasecmp(line, "Content-Length:", 15) == 0)
+            cl = atoll(line + 15);
+        if (strncasecmp(line, "Transfer-Encoding:", 18) == 0 && strstr(line, "chunked"))
+            chunked = 1;
+    }
+    b = malloc(cap);
+    cr_assert_not_null(b);
+    for (;;) {
+        size_t n;
+        if (chunked) {
+            if (get_line(t, line, sizeof line) != 0)
+                goto fail;
+            n = strtoul(line, NULL, 16);
+        } else {
+            if (cl < 0)
+                goto fail;
+            n = (size_t)cl;
+        }
+        if (len + n > cap) {
+            while (len + n > cap)
+                cap *= 2;
+            b = realloc(b, cap);
+            cr_assert_not_null(b);
+        }
+        if (fill(t, n) != 0)
+            goto fail;
+        memcpy(b + len, t->buf + t->off, n);
+        t->off += n;
+        len += n;
+        if (!chunked)
+            break;
+        if (get_line(t, line, sizeof line) != 0 || line[0] != '\0')
+            goto fail;          /* the CRLF after the data, or the trailer end */
+        if (n == 0)
+            break;
+    }
+    *body = b;
+    *blen = len;
+    return 0;
+fail:
+    free(b);
+    return -1;
+}
+
+/* 1 when b holds tg-testup's pattern (byte i = (i * 31 + 7) & 0xff). */
+static int
+is_pattern(const unsigned char *b, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if (b[i] != (unsigned char)((i * 31 + 7) & 0xff))
+            return 0;
+    return 1;
+}
+
+/* GET path on t: 200 with n pattern bytes, else the test fails. */
+static void
+get_pattern(tls_conn *t, const char *path, size_t n)
+{
+    char *req = tgh_strf("GET %s HTTP/1.1\r\nHost: t\r\n\r\n", path);
+    unsigned char *body;
+    size_t blen;
+    int status;
+
+    tls_send(t, req);
+    free(req);
+    TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "%s: no response", path);
+    TGH_CHECK(status == 200 && blen == n && is_pattern(body, blen),
+              "%s: status %d, %zu bytes (want %zu), pattern %s", path, status, blen, n,
+              is_pattern(body, blen) ? "ok" : "wrong");
+    free(body);
+}
+
+/* ---- tests -------------------------------------------------------------- */
+
+/* A response of up to 16 KiB (head and body) is written as one record,
+ * not one per buffer chain (bufferevent_openssl wrote the head and the
+ * body as two). */
+Test(tls_io, small_response_is_one_record)
+{
+    static const size_t sizes[] = { 2, 100, 4000, 15000 };
+
+    start(NULL);
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=10", 10);          /* session tickets etc. first */
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        char *path = tgh_strf("/bytes?n=%zu", sizes[i]);
+        t->app_records = 0;
+        get_pattern(t, path, sizes[i]);
+        TGH_CHECK(t->app_records == 1, "%s: the response came in %u records, not 1",
+                  path, t->app_records);
+        free(path);
+    }
+    tls_close(t);
+}
+
+/* Large responses, Content-Length framed and chunked, arrive byte-exact
+ * over one keep-alive connection. */
+Test(tls_io, large_responses_intact)
+{
+    start(NULL);
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=8388608", 8388608);
+    get_pattern(t, "/chunked?n=1048576&chunks=37", 1048576);
+    get_pattern(t, "/bytes?n=16385", 16385);
+    get_pattern(t, "/bytes?n=1", 1);
+    tls_close(t);
+}
+
+/* Requests sent in one write are answered in order; with answers that
+ * pass the high-water mark while the client does not read yet, too. */
+Test(tls_io, pipelined_requests_in_order)
+{
+    enum { N = 40, BIG = 6 };
+    char req[N * 64] = "";
+
+    start(NULL);
+    tls_conn *t = tls_open(tls_port);
+    for (int i = 0; i < N; i++) {
+        char one[64];
+        snprintf(one, sizeof one, "GET /bytes?n=%d HTTP/1.1\r\nHost: t\r\n\r\n", 1 + i * 97);
+        strcat(req, one);
+    }
+    tls_send(t, req);
+    for (int i = 0; i < N; i++) {
+        unsigned char *body;
+        size_t blen;
+        int status;
+        TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "response %d missing", i);
+        TGH_CHECK(status == 200 && blen == (size_t)(1 + i * 97) && is_pattern(body, blen),
+                  "response %d: status %d, %zu bytes", i, status, blen);
+        free(body);
+    }
+
+    /* 6 x 1 MiB asked at once: the answers queue past the high-water mark */
+    req[0] = '\0';
+    for (int i = 0; i < BIG; i++)
+        strcat(req, "GET /bytes?n=1048576 HTTP/1.1\r\nHost: t\r\n\r\n");
+    tls_send(t, req);
+    tgh_sleep_ms(300);                          /* let them pile up */
+    for (int i = 0; i < BIG; i++) {
+        unsigned char *body;
+        size_t blen;
+        int status;
+        TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "big response %d missing", i);
+        TGH_CHECK(status == 200 && blen == 1048576 && is_pattern(body, blen),
+                  "big response %d: status %d, %zu bytes", i, status, blen);
+        free(body);
+    }
+    tls_close(t);
+}
+
+/* Resident memory of tollgate, in KiB (0 if unknown). */
+static long
+rss_kib(void)
+{
+    char path[64], line[256];
+    long kib = 0;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tg.proc->pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return 0;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "VmRSS: %ld", &kib) == 1)
+            break;
+    fclose(f);
+    return kib;
+}
+
+/* A client that asks for 1 GiB and stops reading: tollgate buffers a
+ * bounded amount for it (backpressure to the upstream), and closes the
+ * connection once nothing could be written for send_timeout_ms. */
+Test(tls_io, stalled_reader_bounded_and_timed_out)
+{
+    char buf[65536];
+    size_t got = 0;
+    long rss0, rss1;
+    int n;
+
+    start("send_timeout_ms: 1500");
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=1000", 1000);
+    rss0 = rss_kib();
+    tls_send(t, "GET /bytes?n=1073741824 HTTP/1.1\r\nHost: t\r\n\r\n");
+    tgh_sleep_ms(1000);                         /* inside the send timeout */
+    rss1 = rss_kib();
+    TGH_CHECK(rss1 - rss0 < 32 * 1024, "tollgate grew by %ld KiB for a client that does "
+              "not read", rss1 - rss0);
+    tgh_sleep_ms(3000);                         /* past it */
+    uint64_t t0 = tgh_now_ms();
+    while ((n = SSL_read(t->ssl, buf, sizeof buf)) > 0 && tgh_now_ms() - t0 < 20000)
+        got += (size_t)n;
+    TGH_CHECK(n <= 0, "still reading after 20 s (%zu bytes)", got);
+    TGH_CHECK(got < ((size_t)1 << 30) / 4, "read %zu bytes of 1 GiB after the send timeout",
+              got);
+    cr_log_info("stalled reader: %zu bytes queued in the kernels, RSS +%ld KiB", got,
+                rss1 - rss0);
+    tls_close(t);
+}
+
+/* Clients that go away mid-response (a reset with 64 MiB still due) or
+ * without close_notify cost nothing else: tollgate lives on and the next
+ * connections are answered. */
+Test(tls_io, clients_gone_mid_response)
+{
+    char buf[65536];
+    size_t got = 0;
+    int n;
+
+    start(NULL);
+    for (int k = 0; k < 3; k++) {
+        tls_conn *t = tls_open(tls_port);
+        tls_send(t, "GET /bytes?n=67108864 HTTP/1.1\r\nHost: t\r\n\r\n");
+        got = 0;
+        while (got < 200000 && (n = SSL_read(t->ssl, buf, sizeof buf)) > 0)
+            got += (size_t)n;
+        TGH_CHECK(got >= 200000, "the response did not begin (%zu bytes)", got);
+        tls_close(t);                           /* unread data: a reset */
+    }
+    for (int k = 0; k < 3; k++) {
+        tls_conn *t = tls_open(tls_port);
+        get_pattern(t, "/bytes?n=5000", 5000);
+        close(t->fd);                           /* no close_notify */
+        t->fd = -1;
+        tls_close(t);
+    }
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=70000", 70000);
+    tls_close(t);
+    TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died");
+}
