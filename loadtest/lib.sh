@@ -340,10 +340,13 @@ EOF
 # --latency (and -H WRK_HEADER if set, e.g. "Connection: close": a new
 # connection per request), with loadtest/keys.lua over KEYS_FILE if given (ORDER in the
 # environment: roundrobin or random). Prints
-# "rps p50_ms p99_ms non2xx errors requests".
+# "rps p50_ms p99_ms non2xx errors requests". LT_WRK_CPU=FILE: writes the
+# CPU clock ticks (user + system) wrk took to FILE (they are counted as the
+# reaped children of this shell: call it in a subshell, $(...)).
 lt_run_wrk() {
-    local url=$1 secs=$2 logf=$3 keys=${4:-} out th=${WRK_THREADS:-2}
+    local url=$1 secs=$2 logf=$3 keys=${4:-} out th=${WRK_THREADS:-2} c0=0 me=$BASHPID
     local args=(-t"$th" -c"${CONNS:-64}" -d"${secs}s" --latency)
+    if [[ -n ${LT_WRK_CPU:-} ]]; then c0=$(lt_children_ticks "$me"); fi
     if [[ -n ${WRK_HEADER:-} ]]; then args+=(-H "$WRK_HEADER"); fi
     if [[ -n $keys ]]; then
         out=$(wrk "${args[@]}" -s "$LT_HERE/keys.lua" "$url" -- "$keys" "$th" 2>&1) ||
@@ -351,6 +354,7 @@ lt_run_wrk() {
     else
         out=$(wrk "${args[@]}" "$url" 2>&1) || lt_die "wrk failed on $url: $out"
     fi
+    if [[ -n ${LT_WRK_CPU:-} ]]; then echo $(($(lt_children_ticks "$me") - c0)) >"$LT_WRK_CPU"; fi
     printf '%s\n' "$out" >>"$logf"
     printf '%s\n' "$out" | awk '
         function ms(v) {
@@ -369,6 +373,13 @@ lt_run_wrk() {
             for (i = 3; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) err += $i
         }
         END { printf "%s %s %s %d %d %d\n", rps, p50, p99, bad, err, total }'
+}
+
+# lt_children_ticks PID: user + system clock ticks of the reaped children
+# of shell PID (cutime + cstime of /proc/PID/stat; PID=$BASHPID taken
+# before a $(...), which runs in a subshell of its own)
+lt_children_ticks() {
+    awk '{ print $16 + $17 }' "/proc/$1/stat"
 }
 
 # lt_wrk_max LOG: the max latency (ms) of the last wrk run lt_run_wrk
