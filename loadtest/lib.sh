@@ -161,7 +161,8 @@ lt_rcli() { "${REDIS_CLI:-redis-cli}" -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 # unknown), then one EVALSHA per request to the Redis of lt_start_redis
 # (GCRA, RPM and BURST like tollgate's tier bench; Redis connections from
 # a cosocket keepalive pool, timeouts REDIS_TIMEOUT_MS), 429 + Retry-After
-# when denied.
+# when denied; to the upstream X-Forwarded-For/-Proto, X-Request-ID and
+# X-Consumer-ID, like tollgate (peer.lua says which headers and why).
 # LT_TLS=1: the listener speaks TLS 1.3 only (lt_gen_cert's pair,
 # nginx's default session settings), SCHEME[NAME]=https.
 lt_start_nginx() {
@@ -183,7 +184,12 @@ lt_start_nginx() {
         require(\"peer\").init{ keys = \"$TMP/keys.txt\", port = $REDIS_PORT, rpm = ${RPM:-6000000},
             burst = ${BURST:-100000}, timeout_ms = ${REDIS_TIMEOUT_MS:-50}, pool = ${KONG_POOL:-128} }
     }"
-        limit="access_by_lua_block { require(\"peer\").access() }"
+        limit="set \$consumer_id '';
+            access_by_lua_block { require(\"peer\").access() }
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Request-ID \$request_id;
+            proxy_set_header X-Consumer-ID \$consumer_id;"
     fi
     SCHEME[$name]=http
     if [[ ${LT_TLS:-0} == 1 ]]; then

@@ -15,8 +15,18 @@
 --      back), so there is no connect per request;
 --   3. denied: 429, Retry-After, Kong's JSON body; Redis error or timeout:
 --      503 (like tollgate's on_failure: deny, so a Redis problem shows as
---      errors in the report); allowed: RateLimit-* headers like Kong's
---      rate-limiting plugin, then proxy_pass.
+--      errors in the report); allowed: the headers of Kong's
+--      rate-limiting plugin (RateLimit-Limit/-Remaining/-Reset,
+--      X-RateLimit-Limit/-Remaining-Minute) and Kong's X-Kong-Request-Id
+--      on the response, $consumer_id set for proxy_set_header
+--      X-Consumer-ID, then proxy_pass.
+--
+-- The headers are there so the peer makes the client and the upstream
+-- parse what tollgate makes them parse (tollgate: five rate limit headers
+-- and X-Request-ID on the response; X-Forwarded-For/-Proto, X-Request-ID,
+-- X-Consumer-ID and -Tier to the upstream). Kong itself sends more by
+-- default (X-Forwarded-Host/-Port/-Path, X-Real-IP, X-Credential-
+-- Identifier, Via, X-Kong-*-Latency); those are left out.
 --
 -- No lua-resty-redis in Debian 12: the RESP of the one command is written
 -- here (a request as a table of strings, sock:send() takes it without a
@@ -26,7 +36,8 @@
 --   lua_package_path "loadtest/kong/?.lua;;";
 --   init_by_lua_block { require("peer").init{ keys = FILE, port = P,
 --       rpm = R, burst = B, timeout_ms = T, pool = N } }
---   location / { access_by_lua_block { require("peer").access() } proxy_pass ...; }
+--   location / { set $consumer_id ""; access_by_lua_block { require("peer").access() }
+--       proxy_set_header X-Consumer-ID $consumer_id; ...; proxy_pass ...; }
 
 local M = {}
 
@@ -58,6 +69,7 @@ return { 1, math.floor((t * burst - (new - now)) / t), math.ceil((new - now) / 1
 ]]
 
 local keys = {}             -- clear key -> RESP of its bucket name ("$N\r\nname\r\n")
+local consumer = {}         -- clear key -> its id (X-Consumer-ID)
 local host = "127.0.0.1"
 local port, timeout_ms, pool, idle_ms
 local limit_s               -- RateLimit-Limit
@@ -78,6 +90,7 @@ function M.init(o)
     for line in assert(io.open(o.keys, "r")):lines() do
         if line ~= "" then
             keys[line] = bulk(fmt("kong:rl:%05d", n))
+            consumer[line] = fmt("k%05d", n)
             n = n + 1
         end
     end
@@ -150,6 +163,9 @@ function M.access()
         return respond(503, "rate limit store unavailable")
     end
     sock:setkeepalive(idle_ms, pool)
+    ngx_header["X-Kong-Request-Id"] = ngx_var.request_id
+    ngx_header["X-RateLimit-Limit-Minute"] = limit_s
+    ngx_header["X-RateLimit-Remaining-Minute"] = rem
     ngx_header["RateLimit-Limit"] = limit_s
     ngx_header["RateLimit-Remaining"] = rem
     if allowed == 0 then
@@ -158,6 +174,7 @@ function M.access()
         return respond(429, "API rate limit exceeded")
     end
     ngx_header["RateLimit-Reset"] = t
+    ngx_var.consumer_id = consumer[key]
 end
 
 return M
