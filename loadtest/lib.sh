@@ -6,10 +6,11 @@
 #
 #   . "$(dirname "$0")/lib.sh"
 #   lt_init bench                 # names messages, makes $TMP, sets traps
-#   lt_start_testup               # -> UP_PORT
+#   lt_start_testup               # -> UP_PORT TESTUP_PID
 #   lt_gen_keys 10000             # -> $TMP/keys.txt, $TMP/keys.yaml (tier bench)
 #   lt_start_redis [PORT]         # -> REDIS_PORT REDIS_PID (PORT: a restart)
 #   lt_start_nginx NAME proxy|limit_req   # -> PORT[NAME]
+#   lt_start_nginx NAME kong      # the Kong-shaped peer (nginx + Lua, Redis EVALSHA)
 #   lt_start_haproxy NAME         # -> PORT[NAME]
 #   lt_start_tollgate NAME proxy|local|redis [EXTRA_YAML_FILE]  # -> PORT[NAME] ADMIN[NAME]
 #   lt_gen_cert                   # -> $TMP/tls-cert.pem, $TMP/tls-key.pem (P-256)
@@ -84,12 +85,14 @@ lt_wait_http() {
 
 # ---------------------------------------------------------------- servers
 
-# lt_start_testup: the fast C upstream (TESTUP, TESTUP_THREADS) -> UP_PORT.
+# lt_start_testup: the fast C upstream (TESTUP, TESTUP_THREADS) -> UP_PORT,
+# TESTUP_PID.
 lt_start_testup() {
     local i
     [[ -x $TESTUP ]] || lt_die "test upstream not found at $TESTUP (meson compile -C build)"
     "$TESTUP" -p 0 -t "${TESTUP_THREADS:-1}" >"$TMP/testup.out" 2>"$TMP/testup.log" &
-    LT_PIDS+=($!)
+    TESTUP_PID=$!
+    LT_PIDS+=("$TESTUP_PID")
     UP_PORT=
     for ((i = 0; i < 100; i++)); do
         UP_PORT=$(sed -n 's/^PORT=//p' "$TMP/testup.out")
@@ -150,13 +153,20 @@ lt_start_redis() {
 }
 lt_rcli() { "${REDIS_CLI:-redis-cli}" -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 
-# lt_start_nginx NAME proxy|limit_req: nginx with WORKERS workers in front
+# lt_start_nginx NAME proxy|limit_req|kong: nginx with WORKERS workers in front
 # of UP_PORT, keep-alive both sides, own prefix; limit_req: one state per
 # X-API-Key value (no key check), rate and burst far above any load.
+# kong: the Kong-shaped peer (loadtest/kong/peer.lua, Debian's
+# libnginx-mod-http-lua): X-API-Key looked up in $TMP/keys.txt (401 if
+# unknown), then one EVALSHA per request to the Redis of lt_start_redis
+# (GCRA, RPM and BURST like tollgate's tier bench; Redis connections from
+# a cosocket keepalive pool, timeouts REDIS_TIMEOUT_MS), 429 + Retry-After
+# when denied; to the upstream X-Forwarded-For/-Proto, X-Request-ID and
+# X-Consumer-ID, like tollgate (peer.lua says which headers and why).
 # LT_TLS=1: the listener speaks TLS 1.3 only (lt_gen_cert's pair,
 # nginx's default session settings), SCHEME[NAME]=https.
 lt_start_nginx() {
-    local name=$1 kind=$2 port dir limit_zone='' limit='' ssl='' sslconf=''
+    local name=$1 kind=$2 port dir limit_zone='' limit='' ssl='' sslconf='' mods='' lua=''
     [[ -x ${NGINX:=/usr/sbin/nginx} ]] || lt_die "nginx not found at $NGINX (apt-get install nginx-light)"
     port=$(lt_free_port)
     dir=$TMP/$name
@@ -164,6 +174,22 @@ lt_start_nginx() {
     if [[ $kind == limit_req ]]; then
         limit_zone="limit_req_zone \$http_x_api_key zone=k:20m rate=100000r/s;"
         limit="limit_req zone=k burst=100000 nodelay;"
+    elif [[ $kind == kong ]]; then
+        [[ -f ${NGINX_MODULES:=/usr/lib/nginx/modules}/ngx_http_lua_module.so ]] ||
+            lt_die "$name: no ngx_http_lua_module.so in $NGINX_MODULES (apt-get install libnginx-mod-http-lua)"
+        [[ -n ${REDIS_PORT:-} ]] || lt_die "$name: needs lt_start_redis first"
+        mods="load_module $NGINX_MODULES/ndk_http_module.so; load_module $NGINX_MODULES/ngx_http_lua_module.so;"
+        lua="lua_package_path \"$LT_HERE/kong/?.lua;;\";
+    init_by_lua_block {
+        require(\"peer\").init{ keys = \"$TMP/keys.txt\", port = $REDIS_PORT, rpm = ${RPM:-6000000},
+            burst = ${BURST:-100000}, timeout_ms = ${REDIS_TIMEOUT_MS:-50}, pool = ${KONG_POOL:-128} }
+    }"
+        limit="set \$consumer_id '';
+            access_by_lua_block { require(\"peer\").access() }
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Request-ID \$request_id;
+            proxy_set_header X-Consumer-ID \$consumer_id;"
     fi
     SCHEME[$name]=http
     if [[ ${LT_TLS:-0} == 1 ]]; then
@@ -177,6 +203,7 @@ lt_start_nginx() {
         # the temp dir needs no permission games.
         if [[ $(id -u) == 0 ]]; then echo "user root;"; fi
         cat <<EOF
+$mods
 worker_processes ${WORKERS:-2};
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -191,6 +218,7 @@ http {
     scgi_temp_path        $dir/tmp/scgi;
     keepalive_requests 1000000;
     $limit_zone
+    $lua
     upstream testup {
         server 127.0.0.1:$UP_PORT;
         keepalive 64;
@@ -318,10 +346,13 @@ EOF
 # --latency (and -H WRK_HEADER if set, e.g. "Connection: close": a new
 # connection per request), with loadtest/keys.lua over KEYS_FILE if given (ORDER in the
 # environment: roundrobin or random). Prints
-# "rps p50_ms p99_ms non2xx errors requests".
+# "rps p50_ms p99_ms non2xx errors requests". LT_WRK_CPU=FILE: writes the
+# CPU clock ticks (user + system) wrk took to FILE (they are counted as the
+# reaped children of this shell: call it in a subshell, $(...)).
 lt_run_wrk() {
-    local url=$1 secs=$2 logf=$3 keys=${4:-} out th=${WRK_THREADS:-2}
+    local url=$1 secs=$2 logf=$3 keys=${4:-} out th=${WRK_THREADS:-2} c0=0 me=$BASHPID
     local args=(-t"$th" -c"${CONNS:-64}" -d"${secs}s" --latency)
+    if [[ -n ${LT_WRK_CPU:-} ]]; then c0=$(lt_children_ticks "$me"); fi
     if [[ -n ${WRK_HEADER:-} ]]; then args+=(-H "$WRK_HEADER"); fi
     if [[ -n $keys ]]; then
         out=$(wrk "${args[@]}" -s "$LT_HERE/keys.lua" "$url" -- "$keys" "$th" 2>&1) ||
@@ -329,6 +360,7 @@ lt_run_wrk() {
     else
         out=$(wrk "${args[@]}" "$url" 2>&1) || lt_die "wrk failed on $url: $out"
     fi
+    if [[ -n ${LT_WRK_CPU:-} ]]; then echo $(($(lt_children_ticks "$me") - c0)) >"$LT_WRK_CPU"; fi
     printf '%s\n' "$out" >>"$logf"
     printf '%s\n' "$out" | awk '
         function ms(v) {
@@ -347,6 +379,13 @@ lt_run_wrk() {
             for (i = 3; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) err += $i
         }
         END { printf "%s %s %s %d %d %d\n", rps, p50, p99, bad, err, total }'
+}
+
+# lt_children_ticks PID: user + system clock ticks of the reaped children
+# of shell PID (cutime + cstime of /proc/PID/stat; PID=$BASHPID taken
+# before a $(...), which runs in a subshell of its own)
+lt_children_ticks() {
+    awk '{ print $16 + $17 }' "/proc/$1/stat"
 }
 
 # lt_wrk_max LOG: the max latency (ms) of the last wrk run lt_run_wrk
