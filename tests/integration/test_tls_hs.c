@@ -246,3 +246,58 @@ Test(tls_hs, burst_of_handshakes_does_not_delay_an_open_connection_reuseport)
     start("reuseport: true");
     burst_does_not_delay_established();
 }
+
+/*
+ * With http.handshake_timeout_ms: 500, a burst of FLOOD handshakes takes
+ * the one worker longer than that: the connections still queued after
+ * 500 ms are closed without a byte of answer (the timeout would have
+ * ended them anyway, after a signature for a client that is likely gone),
+ * those that started get their server flight, and a connection after the
+ * burst is served.
+ */
+Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
+{
+    unsigned char hello[4096], b[1];
+    size_t hlen;
+    int fds[FLOOD], i, served = 0, unread = 0, fd;
+    uint64_t end;
+    SSL_CTX *ctx;
+    SSL *ssl;
+
+    start("handshake_timeout_ms: 500");
+    hlen = client_hello(hello, sizeof hello);
+    for (i = 0; i < FLOOD; i++) {
+        fds[i] = tcp_connect(tls_port);
+        TGH_CHECK(fds[i] >= 0, "burst connect %d", i);
+        TGH_CHECK(write(fds[i], hello, hlen) == (ssize_t)hlen, "ClientHello %d", i);
+    }
+    end = tgh_now_ms() + 60000;
+    while (answered(fds, FLOOD) < FLOOD && tgh_now_ms() < end)
+        tgh_sleep_ms(20);
+    TGH_CHECK(answered(fds, FLOOD) == FLOOD, "%d of %d connections answered or closed",
+              answered(fds, FLOOD), FLOOD);
+    for (i = 0; i < FLOOD; i++) {
+        ssize_t n = recv(fds[i], b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n > 0)
+            served++;
+        else if (n == 0 || errno == ECONNRESET)
+            unread++;
+        close(fds[i]);
+    }
+    cr_log_info("%d served a first flight, %d closed unread", served, unread);
+    TGH_CHECK(served + unread == FLOOD, "%d served + %d unread of %d", served, unread, FLOOD);
+    TGH_CHECK(served > 0, "no handshake of the burst was served");
+    TGH_CHECK(unread > 0, "every queued handshake was served, none closed past its timeout");
+
+    ctx = SSL_CTX_new(TLS_client_method());
+    ssl = SSL_new(ctx);
+    fd = tcp_connect(tls_port);
+    TGH_CHECK(fd >= 0, "connect after the burst");
+    SSL_set_fd(ssl, fd);
+    TGH_CHECK(SSL_connect(ssl) == 1, "handshake after the burst");
+    TGH_CHECK(tls_send_get(ssl) && tls_read_ok(ssl), "request after the burst");
+    SSL_shutdown(ssl);
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+    close(fd);
+}
