@@ -2,7 +2,8 @@
  * test_tls_hs.c - new TLS connections: a burst of handshakes does not make
  * a connection that is past its handshake wait behind all of them (the
  * worker starts new connections a few per loop turn), every one of the
- * burst is still answered, and TLS 1.3 sessions resume.
+ * burst is still answered or, queued past its handshake timeout, closed
+ * unread; and TLS 1.3 sessions resume until a reload makes new contexts.
  */
 #include <criterion/criterion.h>
 
@@ -64,7 +65,6 @@ start(const char *http_extra)
     tls_port = tgh_free_port();
     tgh_tg_opts_default(&o, up.port);
     o.workers = 1;
-    o.log_level = "warn";
     o.tls_port = tls_port;
     o.tls_cert = tgh_strf("%s/cert.pem", tgh_tmpdir());
     o.tls_key = tgh_strf("%s/key.pem", tgh_tmpdir());
@@ -300,4 +300,75 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
     SSL_free(ssl);
     SSL_CTX_free(ctx);
     close(fd);
+}
+
+/* A TLS 1.3 handshake on a new connection offering sess (or none), one
+ * GET / answered 200; *reused: whether the session was resumed.  Returns
+ * the session the server gave (its ticket), to be freed. */
+static SSL_SESSION *
+connect_get(SSL_CTX *ctx, SSL_SESSION *sess, int *reused)
+{
+    SSL *ssl = SSL_new(ctx);
+    SSL_SESSION *got;
+    int fd = tcp_connect(tls_port);
+
+    TGH_CHECK(fd >= 0, "connect");
+    SSL_set_fd(ssl, fd);
+    if (sess != NULL)
+        SSL_set_session(ssl, sess);
+    TGH_CHECK(SSL_connect(ssl) == 1, "handshake");
+    TGH_CHECK(tls_send_get(ssl) && tls_read_ok(ssl), "request");
+    *reused = SSL_session_reused(ssl);
+    got = SSL_get1_session(ssl);       /* after a read: the server's ticket */
+    SSL_shutdown(ssl);
+    SSL_free(ssl);
+    close(fd);
+    return got;
+}
+
+/*
+ * Session resumption: a TLS 1.3 client that offers the ticket of its last
+ * connection resumes (no certificate, no signature), again and again; a
+ * reload (SIGHUP) makes new TLS contexts and so new ticket keys: the
+ * ticket from before it is refused and the handshake is a full one, after
+ * which resumption works again.
+ */
+Test(tls_hs, sessions_resume_until_a_reload)
+{
+    SSL_CTX *ctx;
+    SSL_SESSION *s, *n;
+    int reused, k;
+    uint64_t end;
+    char *cmd;
+
+    start(NULL);
+    ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT);
+    s = connect_get(ctx, NULL, &reused);
+    TGH_CHECK(!reused && s != NULL && SSL_SESSION_is_resumable(s), "first session: "
+              "reused %d, resumable %d", reused, s != NULL && SSL_SESSION_is_resumable(s));
+    for (k = 0; k < 3; k++) {
+        n = connect_get(ctx, s, &reused);
+        TGH_CHECK(reused, "connection %d did not resume", k + 2);
+        SSL_SESSION_free(s);
+        s = n;
+    }
+
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    cmd = tgh_strf("grep -c 'configuration reloaded' %s", tg.proc->log_path);
+    end = tgh_now_ms() + 20000;
+    while (tgh_now_ms() < end && (sh(cmd), atoi(out)) < 1)
+        tgh_sleep_ms(20);
+    TGH_CHECK(atoi(out) == 1, "reload not logged");
+    free(cmd);
+    n = connect_get(ctx, s, &reused);
+    TGH_CHECK(!reused, "a ticket from before the reload was accepted");
+    SSL_SESSION_free(s);
+    s = n;
+    n = connect_get(ctx, s, &reused);
+    TGH_CHECK(reused, "no resumption after the reload");
+    SSL_SESSION_free(s);
+    SSL_SESSION_free(n);
+    SSL_CTX_free(ctx);
 }
