@@ -98,6 +98,8 @@ struct tg_worker {
     size_t             npend;
     size_t             pend_cap;
     struct event      *intake;     /* starts the next ones, next loop turn */
+    uint64_t           stale;      /* queued past their time limit, closed */
+    uint64_t           stale_logged;   /* ms: one line a second */
 };
 
 static void *worker_main(void *arg);
@@ -583,7 +585,7 @@ static void
 intake_run(struct tg_worker *w, size_t budget)
 {
     static const struct timeval zero = { 0, 0 };
-    uint64_t now = w->npend > 0 ? tg_now_ms() : 0;
+    uint64_t now = tg_now_ms();
     size_t spent = 0;
 
     while (w->npend > 0 && spent < budget) {
@@ -597,6 +599,7 @@ intake_run(struct tg_worker *w, size_t budget)
         if (now - pc.since >= limit) {
             close(pc.fd);
             tg_connlimit_release(pc.slot);
+            w->stale++;
             continue;
         }
         spent += ctx != NULL ? INTAKE_COST_TLS : INTAKE_COST_PLAIN;
@@ -604,6 +607,13 @@ intake_run(struct tg_worker *w, size_t budget)
     }
     if (w->npend > 0 && !evtimer_pending(w->intake, NULL)) {
         evtimer_add(w->intake, &zero);
+    }
+    if (w->stale > 0 && now - w->stale_logged >= 1000) {
+        w->stale_logged = now;
+        tg_warn("worker %u: %llu new connection(s) closed unread: queued longer than "
+                "their handshake/header timeout (the worker is overloaded; %zu queued)",
+                w->id, (unsigned long long)w->stale, w->npend);
+        w->stale = 0;
     }
 }
 

@@ -252,8 +252,8 @@ Test(tls_hs, burst_of_handshakes_does_not_delay_an_open_connection_reuseport)
  * the one worker longer than that: the connections still queued after
  * 500 ms are closed without a byte of answer (the timeout would have
  * ended them anyway, after a signature for a client that is likely gone),
- * those that started get their server flight, and a connection after the
- * burst is served.
+ * and the log says so; those that started get their server flight, and a
+ * connection after the burst is served.
  */
 Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
 {
@@ -263,6 +263,7 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
     uint64_t end;
     SSL_CTX *ctx;
     SSL *ssl;
+    char *cmd;
 
     start("handshake_timeout_ms: 500");
     hlen = client_hello(hello, sizeof hello);
@@ -288,6 +289,10 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
     TGH_CHECK(served + unread == FLOOD, "%d served + %d unread of %d", served, unread, FLOOD);
     TGH_CHECK(served > 0, "no handshake of the burst was served");
     TGH_CHECK(unread > 0, "every queued handshake was served, none closed past its timeout");
+    cmd = tgh_strf("grep -c 'closed unread: queued longer' %s", tg.proc->log_path);
+    sh(cmd);
+    free(cmd);
+    TGH_CHECK(atoi(out) >= 1, "no warning about the connections closed unread");
 
     ctx = SSL_CTX_new(TLS_client_method());
     ssl = SSL_new(ctx);
