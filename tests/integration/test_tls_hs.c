@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
@@ -305,6 +306,16 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
     SSL_free(ssl);
     SSL_CTX_free(ctx);
     close(fd);
+
+    /* and it stops cleanly (in the ASan build: nothing leaked) */
+    tgh_proc_signal(tg.proc, SIGTERM, 0);
+    TGH_CHECK(tgh_proc_wait(tg.proc, 20000) == 0, "tollgate still running 20 s after SIGTERM");
+    TGH_CHECK(WIFEXITED(tg.proc->status) && WEXITSTATUS(tg.proc->status) == 0,
+              "tollgate did not exit 0 after SIGTERM");
+    cmd = tgh_strf("grep -c 'ERROR: AddressSanitizer' %s", tg.proc->log_path);
+    sh(cmd);
+    free(cmd);
+    TGH_CHECK(atoi(out) == 0, "ASan report in the log");
 }
 
 /* A TLS 1.3 handshake on a new connection offering sess (or none), one
