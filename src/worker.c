@@ -113,7 +113,7 @@ static void accept_error_cb(struct evconnlistener *l, void *arg);
 static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
 static void close_listeners(struct tg_worker *w);
 static void intake_push(struct tg_worker *w, int fd, unsigned idx, struct tg_connslot *slot);
-static void intake_run(struct tg_worker *w, size_t max);
+static void intake_run(struct tg_worker *w, size_t budget);
 static void intake_cb(evutil_socket_t fd, short what, void *arg);
 
 struct tg_worker *
@@ -547,8 +547,8 @@ close_listeners(struct tg_worker *w)
  * turn made every connection already past its handshake wait behind all
  * of them (nginx, with multi_accept off, likewise accepts one connection
  * per turn).  An idle worker turns at once, so the queue only waits while
- * the worker is busy; a connection starts, and its timeouts run, when it
- * leaves the queue.
+ * the worker is busy; the time a connection waits counts against its
+ * first time limit (intake_run).
  */
 static void
 intake_push(struct tg_worker *w, int fd, unsigned idx, struct tg_connslot *slot)
