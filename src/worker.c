@@ -36,6 +36,9 @@
 
 #define WORKER_MAX_LISTEN 64       /* own listeners (http.reuseport) */
 #define ACCEPT_PAUSE_MS   100      /* accept off this long when fds run out */
+#define INTAKE_PER_TURN   4        /* new connections' cost started per loop turn: */
+#define INTAKE_COST_PLAIN 1        /*   a plain one */
+#define INTAKE_COST_TLS   4        /*   a TLS one (its first flight: key exchange, signature) */
 
 enum { MSG_CONN, MSG_DRAIN, MSG_RELOAD };
 
@@ -45,6 +48,14 @@ typedef struct worker_listener {
     unsigned                idx;      /* listener index in the config */
     struct evconnlistener  *l;
 } worker_listener;
+
+/* An accepted connection not started yet (the intake queue). */
+typedef struct pending_conn {
+    int                  fd;
+    unsigned             idx;      /* listener index in the config */
+    struct tg_connslot  *slot;     /* its count, released at close */
+    uint64_t             since;    /* ms: when it was queued */
+} pending_conn;
 
 typedef struct tg_worker_msg {
     uint32_t        type;
@@ -71,7 +82,7 @@ struct tg_worker {
     struct event      *notify;     /* read end of the pipe */
     struct event      *deadline;   /* drain time limit */
     int                pipefd[2];
-    tg_conf           *conf;
+    tg_conf           *conf;       /* the latest (reload): our reference */
     struct tg_tls_set *tls;        /* listeners' TLS contexts: our reference */
     struct tg_proxy   *px;
     tg_proxy_env       env;        /* owned: limiter, pool, shard, log buffer;
@@ -82,6 +93,13 @@ struct tg_worker {
     struct event      *accept_resume;  /* accept paused (EMFILE) until it fires */
     int                draining;
     uint64_t           refused_logged;  /* ms: one line a second */
+    pending_conn      *pend;       /* intake queue: a ring of npend_cap */
+    size_t             pend_head;  /* the oldest */
+    size_t             npend;
+    size_t             pend_cap;
+    struct event      *intake;     /* starts the next ones, next loop turn */
+    uint64_t           stale;      /* queued past their time limit, closed */
+    uint64_t           stale_logged;   /* ms: one line a second */
 };
 
 static void *worker_main(void *arg);
@@ -94,6 +112,9 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
 static void accept_error_cb(struct evconnlistener *l, void *arg);
 static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
 static void close_listeners(struct tg_worker *w);
+static void intake_push(struct tg_worker *w, int fd, unsigned idx, struct tg_connslot *slot);
+static void intake_run(struct tg_worker *w, size_t budget);
+static void intake_cb(evutil_socket_t fd, short what, void *arg);
 
 struct tg_worker *
 tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
@@ -124,11 +145,13 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
     }
     w->notify = tg_event_new(w->base, w->pipefd[0], EV_READ | EV_PERSIST, notify_cb, w);
     w->deadline = tg_evtimer_new(w->base, deadline_cb, w);
+    w->intake = tg_evtimer_new(w->base, intake_cb, w);
     event_add(w->notify, NULL);
     w->env.limiter = tg_limiter_create(w->base, conf, keys, err, errlen);
     if (w->env.limiter == NULL) {
         event_free(w->notify);
         event_free(w->deadline);
+        event_free(w->intake);
         event_base_free(w->base);
         goto fail;
     }
@@ -326,6 +349,15 @@ tg_worker_join_destroy(struct tg_worker *w)
     if (w->accept_resume != NULL) {
         event_free(w->accept_resume);
     }
+    while (w->npend > 0) {            /* never started: no client owns them */
+        pending_conn *pc = &w->pend[w->pend_head];
+        close(pc->fd);
+        tg_connlimit_release(pc->slot);
+        w->pend_head = (w->pend_head + 1) % w->pend_cap;
+        w->npend--;
+    }
+    free(w->pend);
+    event_free(w->intake);
     tg_proxy_destroy(w->px);          /* its clients first: they hold the rest */
     tg_upstream_pool_destroy(w->env.pool);
     tg_limiter_destroy(w->env.limiter);
@@ -372,11 +404,12 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
     }
     for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
         if (m[i].type == MSG_CONN) {
-            tg_proxy_accept(w->px, m[i].fd, tg_tls_set_ctx(w->tls, m[i].arg), m[i].slot);
+            intake_push(w, m[i].fd, m[i].arg, m[i].slot);
         } else if (m[i].type == MSG_RELOAD) {
             tg_limiter_reload(w->env.limiter, m[i].conf, m[i].keys);
             tg_proxy_reload(w->px, m[i].conf);
-            tg_conf_unref(m[i].conf);
+            tg_conf_unref(w->conf);
+            w->conf = m[i].conf;       /* the queue's time limits */
             tg_keys_unref(m[i].keys);
             tg_tls_set_unref(w->tls);  /* freed here if the last: its SSLs hold theirs */
             w->tls = m[i].tls;         /* certificates for the next handshakes */
@@ -386,9 +419,11 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
             event_del(w->sampler);     /* lets the loop end when idle */
             w->draining = 1;
             close_listeners(w);        /* new connections are refused */
+            intake_run(w, SIZE_MAX);   /* accepted ones are served */
             tg_proxy_drain(w->px);
         }
     }
+    intake_run(w, INTAKE_PER_TURN);
 }
 
 static void
@@ -440,7 +475,9 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
         }
         return;
     }
-    tg_proxy_accept(w->px, fd, tg_tls_set_ctx(w->tls, wl->idx), slot);
+    intake_push(w, fd, wl->idx, slot);
+    intake_run(w, 0);                 /* libevent accepts the whole backlog: start
+                                         them from the next turn on */
 }
 
 /* Out of descriptors: stop accepting for ACCEPT_PAUSE_MS rather than spin
@@ -498,4 +535,92 @@ close_listeners(struct tg_worker *w)
     if (w->accept_resume != NULL) {
         evtimer_del(w->accept_resume);
     }
+}
+
+/* ---- intake --------------------------------------------------------- */
+
+/*
+ * New connections (from the pipe, or this worker's own listeners) wait in
+ * a queue, and each loop turn starts one TLS connection or up to four
+ * plain ones, the rest on the next turns: a TLS handshake's first flight
+ * costs far more than a request, and starting a whole accept batch in one
+ * turn made every connection already past its handshake wait behind all
+ * of them (nginx, with multi_accept off, likewise accepts one connection
+ * per turn).  An idle worker turns at once, so the queue only waits while
+ * the worker is busy; the time a connection waits counts against its
+ * first time limit (intake_run).
+ */
+static void
+intake_push(struct tg_worker *w, int fd, unsigned idx, struct tg_connslot *slot)
+{
+    pending_conn *pc;
+
+    if (w->npend == w->pend_cap) {
+        size_t cap = w->pend_cap ? 2 * w->pend_cap : 64, i;
+        pending_conn *np = tg_xmalloc(cap * sizeof(*np));
+
+        for (i = 0; i < w->npend; i++) {
+            np[i] = w->pend[(w->pend_head + i) % w->pend_cap];
+        }
+        free(w->pend);
+        w->pend = np;
+        w->pend_head = 0;
+        w->pend_cap = cap;
+    }
+    pc = &w->pend[(w->pend_head + w->npend) % w->pend_cap];
+    pc->fd = fd;
+    pc->idx = idx;
+    pc->slot = slot;
+    pc->since = tg_now_ms();
+    w->npend++;
+}
+
+/* Starts queued connections, oldest first, while budget lasts (each costs
+ * INTAKE_COST_*); the next ones on the next loop turn (a zero timer fires
+ * after the turn's I/O).  One that has waited longer than its first time
+ * limit (http.handshake_timeout_ms, plain: http.header_timeout_ms) would
+ * only be timed out after costing a handshake for a client that is likely
+ * gone: it is closed unread, as the timeout would have. */
+static void
+intake_run(struct tg_worker *w, size_t budget)
+{
+    static const struct timeval zero = { 0, 0 };
+    uint64_t now = tg_now_ms();
+    size_t spent = 0;
+
+    while (w->npend > 0 && spent < budget) {
+        pending_conn pc = w->pend[w->pend_head];
+        SSL_CTX *ctx = tg_tls_set_ctx(w->tls, pc.idx);
+        unsigned limit = ctx != NULL ? w->conf->http.handshake_timeout_ms
+                                     : w->conf->http.header_timeout_ms;
+
+        w->pend_head = (w->pend_head + 1) % w->pend_cap;
+        w->npend--;
+        if (now - pc.since >= limit) {
+            close(pc.fd);
+            tg_connlimit_release(pc.slot);
+            w->stale++;
+            continue;
+        }
+        spent += ctx != NULL ? INTAKE_COST_TLS : INTAKE_COST_PLAIN;
+        tg_proxy_accept(w->px, pc.fd, ctx, pc.slot);
+    }
+    if (w->npend > 0 && !evtimer_pending(w->intake, NULL)) {
+        evtimer_add(w->intake, &zero);
+    }
+    if (w->stale > 0 && now - w->stale_logged >= 1000) {
+        w->stale_logged = now;
+        tg_warn("worker %u: %llu new connection(s) closed unread: queued longer than "
+                "their handshake/header timeout (the worker is overloaded; %zu queued)",
+                w->id, (unsigned long long)w->stale, w->npend);
+        w->stale = 0;
+    }
+}
+
+static void
+intake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    intake_run(arg, INTAKE_PER_TURN);
 }
