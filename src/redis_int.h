@@ -146,6 +146,14 @@ struct tg_raux {
 
 struct tg_reply;
 
+/* A distinct bucket of one charge call (batch_keys in redis.c). */
+struct tg_rkey {
+    const char         *s;        /* the op's copy of the key */
+    size_t              len;
+    uint32_t            hash;
+    tg_gcra_limit       lim;
+};
+
 struct tg_redis {
     struct event_base      *base;
     tg_redis_opts           opts;
@@ -174,6 +182,11 @@ struct tg_redis {
     size_t                  numcap;
     char                   *cmd;         /* the command in RESP, for */
     size_t                  cmdcap;      /* redisAsyncFormattedCommand */
+    struct tg_rkey         *kt;          /* a charge call's distinct buckets */
+    uint32_t               *kix;         /* each bucket sent: index in kt + 1 */
+    size_t                  ktcap;       /* entries of kt and of kix */
+    uint32_t               *kh;          /* open addressing over kt: index + 1 */
+    size_t                  khcap;
 
     /* Free lists, so a charge in the steady state allocates nothing of
      * ours: ops (of TG_REDIS_OP_POOLED string bytes), batches, reply

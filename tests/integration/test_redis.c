@@ -987,21 +987,31 @@ Test(redis, select_db)
     tg_redis_destroy(r);
 }
 
-/* One request of cost 1 on one bucket through the charge script: out[0..5)
- * as the script answers (allowed, remaining, retry, reset, index), out[5]
- * the new TAT P = now + held for an allowed request, else 0. */
+/* One request of cost 1 on one bucket through the charge script (one KEY,
+ * no floors): out[0..5) its answer (allowed, remaining, retry, reset,
+ * index: tg_gcra_script_answer), out[5] the new TAT P = now + held for an
+ * allowed request, else 0. */
 static void
 script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
 {
-    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 1 1 %llu %u 0", tg_gcra_lua, key,
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 0 %llu %u 17 1", tg_gcra_lua, key,
                                (unsigned long long)t_us, burst);
+    tg_gcra_limit lim = { t_us, burst };
+    tg_gcra_result res;
+    long long v[2];
 
-    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 7,
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3,
               "charge script: %s", rep && rep->str ? rep->str : "bad reply");
-    for (int i = 0; i < 5; i++) {
-        out[i] = rep->element[i]->integer;
-    }
-    out[5] = out[0] == 1 ? rep->element[6]->integer + rep->element[5]->integer : 0;
+    v[0] = rep->element[0]->integer;
+    v[1] = rep->element[1]->integer;
+    cr_assert_eq(tg_gcra_script_answer(v, &lim, 0x1, 1, (uint64_t)rep->element[2]->integer,
+                                       &res), 1);
+    out[0] = res.allowed;
+    out[1] = res.remaining;
+    out[2] = (long long)res.retry_us;
+    out[3] = (long long)res.reset_us;
+    out[4] = res.limiting;
+    out[5] = res.allowed ? rep->element[2]->integer + (long long)res.held_us[0] : 0;
     freeReplyObject(rep);
 }
 
