@@ -166,6 +166,7 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     tv = tg_ms_tv(r->opts.timeout_ms);
     r->call_tv = event_base_init_common_timeout(base, &tv);
     r->flush_ev = tg_event_new(base, -1, 0, flush_cb, r);
+    r->hold_ev = tg_evtimer_new(base, flush_cb, r);
     if (r->call_tv == NULL) {
         tg_error("redis: cannot create events");
         goto fail;
@@ -247,6 +248,10 @@ tg_redis_destroy(struct tg_redis *r)
         next = op->next;
         free(op);
     }
+    for (op = r->held; op != NULL; op = next) {
+        next = op->next;
+        free(op);
+    }
     for (size_t i = 0; i < r->nnodes; i++) {
         if (r->nodes[i]->resolving) {
             tg_redis_dns_give_up(r->nodes[i]);
@@ -260,6 +265,7 @@ tg_redis_destroy(struct tg_redis *r)
     }
     free(r->nodes);
     if (r->flush_ev) event_free(r->flush_ev);
+    if (r->hold_ev) event_free(r->hold_ev);
     if (r->disc.timer) event_free(r->disc.timer);
     if (r->slots.timer) event_free(r->slots.timer);
     if (r->sub_ev) event_free(r->sub_ev);
@@ -460,6 +466,54 @@ queue_op(struct tg_redis *r, struct tg_redis_op *op)
     }
 }
 
+/*
+ * The adaptive batch: while TG_REDIS_INFLIGHT charge calls are in flight
+ * on the connection, the charges of a flush that do not fill a batch wait
+ * in r->held, ahead of the next flush's, for an answer (batch_settle
+ * flushes again), for max_batch charges (each flush takes them again), or
+ * until the earliest of their deadlines (hold_ev, armed anew by each
+ * flush).  Redis runs one script at a time: a call sent behind one in
+ * flight would wait there anyway, so under load the charges of a round
+ * trip go as one call (Redis parses, reads and answers them at a fraction
+ * of the cost per call), and an idle connection sends at once.  Takes b's
+ * ops; b is freed.
+ */
+static void
+hold_charges(struct tg_redis *r, struct tg_redis_batch *b)
+{
+    uint64_t first = UINT64_MAX, now = tg_now_us();
+    struct timeval tv;
+
+    for (struct tg_redis_op *op = b->ops; op != NULL; op = op->next) {
+        if (op->deadline_us < first) {
+            first = op->deadline_us;
+        }
+    }
+    r->held = b->ops;
+    b->ops = b->tail = NULL;
+    b->nops = 0;
+    tg_redis_batch_free(b);
+    tv = tg_us_tv(first > now ? first - now : 0);
+    event_add(r->hold_ev, &tv);
+}
+
+/* A charge call of b's connection is answered (or given up): charges
+ * held for it go now. */
+static void
+batch_settle(struct tg_redis_batch *b)
+{
+    struct tg_redis *r = b->r;
+
+    if (!b->counted) {
+        return;
+    }
+    b->counted = 0;
+    b->node->charging--;
+    if (r->held != NULL && !r->destroying) {
+        event_active(r->flush_ev, 0, 0);
+    }
+}
+
 static void
 flush_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -471,6 +525,16 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
     /* Take the list first: callbacks below may queue new ops, which go
      * out on the next run of this event. */
     list = r->pending;
+    if (r->held != NULL) {
+        struct tg_redis_op **t = &r->held;
+        while (*t != NULL) {
+            t = &(*t)->next;
+        }
+        *t = list;
+        list = r->held;
+        r->held = NULL;
+        event_del(r->hold_ev);
+    }
     r->pending = NULL;
     r->pending_tail = &r->pending;
 
@@ -513,7 +577,11 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     if (cur != NULL) {
-        batch_start(cur);
+        if (nd->charging >= TG_REDIS_INFLIGHT) {
+            hold_charges(r, cur);
+        } else {
+            batch_start(cur);
+        }
     }
     /* Forget the slot index before starting: a start may answer ops, and
      * their callbacks may queue (never route) new ones. */
@@ -595,6 +663,9 @@ batch_start(struct tg_redis_batch *b)
             return;
         }
         b->brk = 1;
+    } else if (b->kind == TG_OP_CHARGE) {
+        b->counted = 1;
+        b->node->charging++;
     }
     if (tg_redis_batch_send(b) != TG_OK) {
         tg_redis_batch_fail(b);
@@ -850,6 +921,7 @@ tg_redis_batch_fail(struct tg_redis_batch *b)
         return;
     }
     b->done = 1;
+    batch_settle(b);
     if (r->destroying) {
         return;
     }
@@ -867,6 +939,7 @@ tg_redis_batch_free(struct tg_redis_batch *b)
     if (b->timer_set) {
         event_del(b->timer);
     }
+    batch_settle(b);
     if (!r->destroying) {
         batch_outcome(b, -1);
     }
@@ -1093,6 +1166,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     script_now = (uint64_t)rep->element[rep->elements - 1]->integer;
 
     b->done = 1;
+    batch_settle(b);
     /* Phase 1 parts that passed leave the batch for phase 2 (requeued
      * after the loop, so a callback's new ops keep their order). */
     for (i = 0, link = &b->ops; (op = *link) != NULL; i += 1 + nb) {

@@ -408,6 +408,56 @@ Test(redis, batch_of_100_distinct_keys)
     tg_redis_destroy(r);
 }
 
+/* Charges queued over several loop turns while a call is in flight (Redis
+ * paused) wait for its answer and then go as one call, not one call per
+ * turn; one whose own deadline comes first fails at that deadline, not
+ * when the call in flight is answered. */
+Test(redis, charges_wait_for_the_call_in_flight)
+{
+    enum { N = 11 };
+    struct tg_redis *r = client(g_port, 3000, 32, 1);
+    static charge_res c[N], late;
+    char key[N][32];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 20);
+    tg_redis_stats st;
+    redisReply *rep;
+    struct tg_redis_op *op;
+    uint64_t t0;
+
+    rep = sync_cmd(g_port, "CLIENT PAUSE 600 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    for (int i = 0; i < N; i++) {
+        snprintf(key[i], sizeof(key[i]), "t:{held%d}:tier", i);
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, key[i], lim, &c[i]);
+        event_base_loop(g_base, EVLOOP_NONBLOCK);       /* one loop turn */
+    }
+    t0 = tg_now_ms();
+    late = (charge_res){ 0 };
+    op = charge1(r, "t:{held}:late", lim, &late);
+    tg_redis_op_deadline(op, tg_now_us() + 100000);
+    event_base_loop(g_base, EVLOOP_NONBLOCK);
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 1, "held while the first call is in flight: %llu calls",
+                 (unsigned long long)st.calls);
+    want w = { &late.called, 1 };
+    cr_assert(run_until(cond_count, &w, 5000));
+    cr_assert_eq(late.rc, TG_ERR);
+    cr_assert_lt(tg_now_ms() - t0, 450, "failed at its own deadline (100 ms)");
+    cr_assert_eq(done, 0, "Redis is still paused");
+    cr_assert(wait_count(&done, N, 5000));
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 2, "calls = %llu", (unsigned long long)st.calls);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].rc, TG_OK);
+        cr_assert_eq(c[i].res.allowed, 1);
+        cr_assert_eq(c[i].res.remaining, 19);
+    }
+    tg_redis_destroy(r);
+}
+
 Test(redis, burst_is_exact)
 {
     enum { N = 40 };
