@@ -746,8 +746,8 @@ batch_keys(struct tg_redis_batch *b)
 
 /*
  * r's argc arguments (r->argv, r->argvlen) as one RESP command in r->cmd
- * (grown when needed, kept): hiredis's redisAsyncCommandArgv would format
- * it into two fresh allocations per call.  Returns its length.
+ * (grown when needed, kept; no printf): hiredis's redisAsyncCommandArgv
+ * would format it into two fresh allocations per call.  Returns its length.
  */
 static size_t
 format_resp(struct tg_redis *r, size_t argc)
@@ -764,10 +764,16 @@ format_resp(struct tg_redis *r, size_t argc)
         r->cmd = tg_xmalloc(r->cmdcap);
     }
     p = r->cmd;
-    p += snprintf(p, 24, "*%zu\r\n", argc);
+    *p++ = '*';
+    p += tg_u64_dec(p, argc);
+    *p++ = '\r';
+    *p++ = '\n';
     for (size_t k = 0; k < argc; k++) {
         n = r->argvlen[k];
-        p += snprintf(p, 24, "$%zu\r\n", n);
+        *p++ = '$';
+        p += tg_u64_dec(p, n);
+        *p++ = '\r';
+        *p++ = '\n';
         memcpy(p, r->argv[k], n);
         p += n;
         *p++ = '\r';
