@@ -16,7 +16,9 @@
  *   flush_cb          target not ready: the op gets TG_ERR right there
  *                     (fail fast); ready: ops are cut into batches of up to
  *                     max_batch (Cluster: per slot), each sent as one
- *                     EVALSHA with its timer;
+ *                     EVALSHA with its timer; a last batch not full waits
+ *                     in r->held while a charge call is in flight
+ *                     (hold_charges: the adaptive batch);
  *   batch_reply_cb    hiredis calls it exactly once per sent command: with
  *                     the reply, or NULL when the context goes away.  The
  *                     batch lives until then, even after its deadline (the
