@@ -473,17 +473,20 @@ queue_op(struct tg_redis *r, struct tg_redis_op *op)
  * on the connection, the charges of a flush that do not fill a batch wait
  * in r->held, ahead of the next flush's, for an answer (batch_settle
  * flushes again), for max_batch charges (each flush takes them again), or
- * until the earliest of their deadlines (hold_ev, armed anew by each
- * flush).  Redis runs one script at a time: a call sent behind one in
- * flight would wait there anyway, so under load the charges of a round
- * trip go as one call (Redis parses, reads and answers them at a fraction
- * of the cost per call), and an idle connection sends at once.  Takes b's
- * ops; b is freed.
+ * until `until` (the call in flight is then too slow to wait for:
+ * timeout_ms / TG_REDIS_HOLD_DIV after it was sent, so a stuck connection
+ * still sees a call per loop turn and its deadlines in a row) or the
+ * earliest of their deadlines (hold_ev, armed anew by each flush).  Redis
+ * runs one script at a time: a call sent behind one in flight would wait
+ * there anyway, so under load the charges of a round trip go as one call
+ * (Redis parses, reads and answers them at a fraction of the cost per
+ * call), and an idle connection sends at once.  Takes b's ops; b is
+ * freed.
  */
 static void
-hold_charges(struct tg_redis *r, struct tg_redis_batch *b)
+hold_charges(struct tg_redis *r, struct tg_redis_batch *b, uint64_t until)
 {
-    uint64_t first = UINT64_MAX, now = tg_now_us();
+    uint64_t first = until, now = tg_now_us();
     struct timeval tv;
 
     for (struct tg_redis_op *op = b->ops; op != NULL; op = op->next) {
@@ -579,8 +582,10 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     if (cur != NULL) {
-        if (nd->charging >= TG_REDIS_INFLIGHT) {
-            hold_charges(r, cur);
+        uint64_t until = nd->charge_sent_us
+                         + (uint64_t)r->opts.timeout_ms * 1000 / TG_REDIS_HOLD_DIV;
+        if (nd->charging >= TG_REDIS_INFLIGHT && tg_now_us() < until) {
+            hold_charges(r, cur, until);
         } else {
             batch_start(cur);
         }
@@ -668,6 +673,7 @@ batch_start(struct tg_redis_batch *b)
     } else if (b->kind == TG_OP_CHARGE) {
         b->counted = 1;
         b->node->charging++;
+        b->node->charge_sent_us = tg_now_us();
     }
     if (tg_redis_batch_send(b) != TG_OK) {
         tg_redis_batch_fail(b);

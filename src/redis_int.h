@@ -43,6 +43,7 @@
 #define TG_REDIS_INFLIGHT          1        /* charge calls in flight per connection
                                                (single, Sentinel) before new
                                                charges wait for an answer */
+#define TG_REDIS_HOLD_DIV          4        /* ... for at most timeout_ms / 4 */
 
 enum tg_redis_mode { TG_MODE_SINGLE, TG_MODE_SENTINEL, TG_MODE_CLUSTER };
 
@@ -107,6 +108,7 @@ struct tg_rnode {
     unsigned             backoff_ms;  /* next reconnect delay (pre-jitter) */
     unsigned             consec_tmo;  /* deadlines in a row */
     unsigned             charging;    /* charge calls sent, not yet answered */
+    uint64_t             charge_sent_us;  /* when the last of them was sent */
     struct event        *drop_ev;     /* no fd, activated by hand */
     struct event        *reconnect_ev;
     struct event        *connect_ev;  /* connect + SELECT + ROLE deadline */

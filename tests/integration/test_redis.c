@@ -458,6 +458,47 @@ Test(redis, charges_wait_for_the_call_in_flight)
     tg_redis_destroy(r);
 }
 
+static int
+cond_calls(const void *arg)
+{
+    const struct reconn_want *w = arg;
+    tg_redis_stats st;
+
+    tg_redis_get_stats(w->r, &st);
+    return st.calls >= w->n;
+}
+
+/* A call in flight is waited for at most timeout_ms / 4 (here 100 ms):
+ * past that the charges held go out anyway (a stuck connection still
+ * meets its deadlines in a row). */
+Test(redis, a_slow_call_holds_the_others_briefly)
+{
+    struct tg_redis *r = client(g_port, 400, 32, 1);
+    static charge_res c[2];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 20);
+    struct reconn_want w = { r, 2 };
+    redisReply *rep;
+    uint64_t t0;
+
+    rep = sync_cmd(g_port, "CLIENT PAUSE 300 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    t0 = tg_now_ms();
+    for (int i = 0; i < 2; i++) {
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, i == 0 ? "t:{slow}:a" : "t:{slow}:b", lim, &c[i]);
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    cr_assert(run_until(cond_calls, &w, 1000), "the held charge was never sent");
+    cr_assert_geq(tg_now_ms() - t0, 90, "sent after %llu ms, before the 100 ms hold",
+                  (unsigned long long)(tg_now_ms() - t0));
+    cr_assert_lt(tg_now_ms() - t0, 280, "sent only after the answer");
+    cr_assert(wait_count(&done, 2, 5000));
+    cr_assert(c[0].rc == TG_OK && c[1].rc == TG_OK);
+    tg_redis_destroy(r);
+}
+
 Test(redis, burst_is_exact)
 {
     enum { N = 40 };
