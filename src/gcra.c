@@ -11,6 +11,7 @@
 #include <string.h>
 
 #define GCRA_MAX_BUCKETS   8     /* buckets per request (header contract) */
+#define TG_GCRA_SCRIPT_MAX 9007199254740991ULL  /* 2^53 - 1: the script's numbers */
 
 #define LS_INLINE_KEY      48    /* keys up to this length live in the slot */
 #define LS_MIN_CAP         256   /* initial slots (power of two) */
@@ -1093,85 +1094,98 @@ ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
 /* ---- Redis ------------------------------------------------------------ */
 
 /*
- * The same step as tg_gcra_charge, for a batch (layout in gcra.h).  Every
+ * The decision of tg_gcra_charge, for a batch (layout in gcra.h).  Every
  * number is an integer held in a double: timestamps ~1.8e15 < 2^53 are
- * exact, and the only division is floored (or ceiled for PX).  One TIME,
- * one GET per bucket, one SET per bucket of an allowed request (none for
- * cost 0, which changes no bucket); nd is reused across requests.  Numbers
- * are written with %d: Redis would otherwise format them with %.17g.  The
- * expiry is PXAT ceil(TAT / 1 ms), an absolute time on the clock TIME
- * reads, so a key provably outlives its debt; a relative PX would count
- * from Redis's cached millisecond clock, which lags TIME, and the bound
- * would depend on that lag.  The shebang flag lets one call span several
- * Cluster slots of one node (Redis >= 7).
+ * exact, and the only division is the ceil of PXAT.  One TIME, one MGET
+ * for every key of the batch, then each request on the TATs held in a Lua
+ * table (a key charged twice in one call sees its first charge, exactly
+ * as sequential calls would), and at the end one SET per key that an
+ * allowed request of cost > 0 changed, with its final TAT: a bucket that
+ * every request of a batch shares (the global one) costs one read and one
+ * write per call, not one per request.
  *
- * Each bucket comes with a floor: it holds at least that debt (time until
- * full), whatever is stored - the debt the caller's local fallback store
- * knows of (0: none).
+ * The script only decides (allowed iff every bucket's debt after the
+ * request, d = held + cost*T, is at most burst*T) and answers each
+ * bucket's debt before it; the client derives the rest of the answer
+ * (remaining, retry, reset, limiting bucket) with tg_gcra_charge from
+ * those debts, on the script's clock (tg_gcra_script_answer): the same
+ * numbers as the step, computed in C rather than in Lua, and a reply of
+ * 1 + nbuckets integers per request.
  *
- * A stored value that is not a bucket (another type: GET fails with
- * WRONGTYPE, caught by pcall; not a number; nan, inf, negative, or beyond
- * 2^53) is treated as no bucket, i.e. full, and is overwritten by the next
- * allowed charge: one bad key never fails the batch of other consumers.
+ * Numbers are written with %d: Redis would otherwise format them with
+ * %.17g.  The expiry is PXAT ceil(TAT / 1 ms), an absolute time on the
+ * clock TIME reads, so a key provably outlives its debt; a relative PX
+ * would count from Redis's cached millisecond clock, which lags TIME, and
+ * the bound would depend on that lag.  The shebang flag lets one call span
+ * several Cluster slots of one node (Redis >= 7); the client sends the
+ * keys of one slot per call (Redis refuses declared keys of several), so
+ * MGET never sees two slots.
+ *
+ * Each bucket may come with a floor: it holds at least that debt (time
+ * until full), whatever is stored - the debt the caller's local fallback
+ * store knows of.  A call whose floors are all 0 sends none (ARGV[2] 0).
+ *
+ * A stored value that is not a bucket (another type: MGET answers nil for
+ * it; not a number; nan, inf, negative, or beyond 2^53) is treated as no
+ * bucket, i.e. full, and is overwritten by the next allowed charge: one
+ * bad key never fails the batch of other consumers.
  */
 const char tg_gcra_lua[] =
     "#!lua flags=allow-cross-slot-keys\n"
-    "local call, pcall, floor, ceil, fmt = redis.call, pcall, math.floor, math.ceil, string.format\n"
+    "local call, num, unpack, floor, ceil, fmt = redis.call, tonumber, unpack, math.floor, math.ceil, string.format\n"
     "local tm = call('TIME')\n"
-    "local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])\n"
-    "local out, nd, hd = {}, {}, {}\n"
-    "local a, k, o = 2, 0, 0\n"
-    "local function tat(key)\n"
-    "  local ok, v = pcall(call, 'GET', key)\n"
-    "  if not ok or type(v) ~= 'string' then return 0 end\n"
-    "  v = tonumber(v)\n"
-    "  if v == nil or v ~= v or v < 0 or v > 9007199254740991 then return 0 end\n"
-    "  return floor(v)\n"
+    "local now = num(tm[1]) * 1000000 + num(tm[2])\n"
+    "local nk = #KEYS\n"
+    "local tat, per, lim = {}, {}, {}\n"
+    "for i = 1, nk, 1000 do\n"
+    "  local j = i + 999\n"
+    "  if j > nk then j = nk end\n"
+    "  local got = call('MGET', unpack(KEYS, i, j))\n"
+    "  for x = i, j do\n"
+    "    local v = num(got[x - i + 1])\n"
+    "    if v == nil or v ~= v or v < 0 or v > 9007199254740991 then v = 0 end\n"
+    "    tat[KEYS[x]] = floor(v)\n"
+    "    local t = num(ARGV[1 + 2 * x])\n"
+    "    per[x], lim[x] = t, num(ARGV[2 + 2 * x]) * t\n"
+    "  end\n"
     "end\n"
-    "for r = 1, tonumber(ARGV[1]) do\n"
-    "  local nb, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
-    "  a = a + 2\n"
-    "  local ok = true\n"
-    "  local arem, areset, aidx = 4294967295, 0, -1\n"
-    "  local drem, retry, dreset, didx = 4294967295, 0, 0, -1\n"
+    "local fl = ARGV[2] == '1'\n"
+    "local out, kx, dx, w, dirty = {}, {}, {}, {}, {}\n"
+    "local a, o, nw = 3 + 2 * nk, 0, 0\n"
+    "for r = 1, num(ARGV[1]) do\n"
+    "  local h = num(ARGV[a])\n"
+    "  local nb = h % 16\n"
+    "  local cost = (h - nb) / 16\n"
+    "  local ok = 1\n"
+    "  a = a + 1\n"
     "  for i = 1, nb do\n"
-    "    local t = tonumber(ARGV[a])\n"
-    "    local l = tonumber(ARGV[a + 1]) * t\n"
-    "    local held = tat(KEYS[k + i]) - now\n"
-    "    local f = tonumber(ARGV[a + 2])\n"
-    "    a = a + 3\n"
-    "    if held < f then held = f end\n"
+    "    local x = num(ARGV[a])\n"
+    "    local key = KEYS[x]\n"
+    "    local held = tat[key] - now\n"
+    "    a = a + 1\n"
+    "    if fl then\n"
+    "      local f = num(ARGV[a])\n"
+    "      a = a + 1\n"
+    "      if held < f then held = f end\n"
+    "    end\n"
     "    if held < 0 then held = 0 end\n"
-    "    hd[i] = held\n"
-    "    local d = held + cost * t\n"
-    "    nd[i] = d\n"
-    "    local rem = 0\n"
-    "    if held < l then rem = floor((l - held) / t) end\n"
-    "    if rem < drem then drem = rem end\n"
-    "    if d > l then\n"
-    "      ok = false\n"
-    "      if d - l > retry then retry, dreset, didx = d - l, held, i - 1 end\n"
-    "    else\n"
-    "      rem = floor((l - d) / t)\n"
-    "      if aidx < 0 or rem < arem or (rem == arem and d > areset) then\n"
-    "        arem, areset, aidx = rem, d, i - 1\n"
-    "      end\n"
+    "    local d = held + cost * per[x]\n"
+    "    if d > lim[x] then ok = 0 end\n"
+    "    kx[i], dx[i], out[o + 1 + i] = key, d, held\n"
+    "  end\n"
+    "  out[o + 1] = ok\n"
+    "  if ok == 1 and cost > 0 then\n"
+    "    for i = 1, nb do\n"
+    "      local key = kx[i]\n"
+    "      if not dirty[key] then dirty[key] = true; nw = nw + 1; w[nw] = key end\n"
+    "      tat[key] = now + dx[i]\n"
     "    end\n"
     "  end\n"
-    "  if ok then\n"
-    "    if cost > 0 then\n"
-    "      for i = 1, nb do\n"
-    "        call('SET', KEYS[k + i], fmt('%d', now + nd[i]), 'PXAT', fmt('%d', ceil((now + nd[i]) / 1000)))\n"
-    "      end\n"
-    "    end\n"
-    "    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = 1, arem, 0, areset, aidx\n"
-    "    for i = 1, nb do out[o + 5 + i] = nd[i] end\n"
-    "  else\n"
-    "    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = 0, drem, retry, dreset, didx\n"
-    "    for i = 1, nb do out[o + 5 + i] = hd[i] end\n"
-    "  end\n"
-    "  k = k + nb\n"
-    "  o = o + 5 + nb\n"
+    "  o = o + 1 + nb\n"
+    "end\n"
+    "for i = 1, nw do\n"
+    "  local v = tat[w[i]]\n"
+    "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n"
     "end\n"
     "out[o + 1] = now\n"
     "return out\n";
@@ -1211,64 +1225,73 @@ const char tg_gcra_refund_lua[] =
 /* ---- the scripts' layout ---------------------------------------------- */
 
 size_t
-tg_gcra_script_args(const tg_gcra_limit *lim, const uint64_t *floor_us, size_t n,
-                    unsigned mask, uint32_t cost, uint64_t *out)
+tg_gcra_script_args(const uint32_t *kidx, const uint64_t *floor_us, size_t n,
+                    unsigned mask, uint32_t cost, int floors, uint64_t *out)
 {
-    size_t i = 2;
+    size_t i = 1;
 
     for (size_t k = 0; k < n && k < TG_GCRA_MAX_BUCKETS; k++) {
         if (mask & (1u << k)) {
-            out[i++] = lim[k].interval_us;
-            out[i++] = lim[k].burst;
-            out[i++] = floor_us != NULL ? floor_us[k] : 0;
+            out[i++] = kidx[k];
+            if (floors) {
+                out[i++] = floor_us != NULL ? floor_us[k] : 0;
+            }
         }
     }
-    out[0] = (i - 2) / 3;
-    out[1] = cost;
+    out[0] = (uint64_t)cost * 16 + (floors ? (i - 1) / 2 : i - 1);
     return i;
 }
 
 size_t
-tg_gcra_script_reply_len(size_t nreq, size_t nkeys)
+tg_gcra_script_reply_len(size_t nreq, size_t nbuckets)
 {
-    return 5 * nreq + nkeys + 1;
-}
-
-/* Bucket index of the j-th bucket sent (bit j set in mask); -1 if none. */
-static int
-mask_index(unsigned mask, long long j)
-{
-    for (int k = 0; k < TG_GCRA_MAX_BUCKETS; k++) {
-        if ((mask & (1u << k)) && j-- == 0) {
-            return k;
-        }
-    }
-    return -1;
+    return nreq + nbuckets + 1;
 }
 
 int
-tg_gcra_script_answer(const long long *v, unsigned mask, tg_gcra_result *res)
+tg_gcra_script_answer(const long long *v, const tg_gcra_limit *lim, unsigned mask,
+                      uint32_t cost, uint64_t now_us, tg_gcra_result *res)
 {
-    int nb = __builtin_popcount(mask & ((1u << TG_GCRA_MAX_BUCKETS) - 1));
+    tg_gcra_limit sl[TG_GCRA_MAX_BUCKETS] = { { 0, 0 } };
+    uint64_t tat[TG_GCRA_MAX_BUCKETS];
+    int idx[TG_GCRA_MAX_BUCKETS], nb = 0;
+    uint64_t keep_now;
 
-    /* buckets not in this call (the other part of a Cluster split) hold
-     * nothing we know of: 0, never stack garbage */
-    memset(res->held_us, 0, sizeof(res->held_us));
-    for (int k = 0; k < 5 + nb; k++) {
-        if (v[k] < 0) {
-            return 0;
+    for (int k = 0; k < TG_GCRA_MAX_BUCKETS; k++) {
+        if (mask & (1u << k)) {
+            idx[nb++] = k;
         }
     }
-    if (v[0] > 1 || v[4] >= nb) {
+    if (v[0] < 0 || v[0] > 1 || now_us > TG_GCRA_SCRIPT_MAX) {
         return 0;
     }
-    res->allowed = (int)v[0];
-    res->remaining = v[1] > UINT32_MAX ? UINT32_MAX : (uint32_t)v[1];
-    res->retry_us = (uint64_t)v[2];
-    res->reset_us = (uint64_t)v[3];
-    res->limiting = mask_index(mask, v[4]);
     for (int j = 0; j < nb; j++) {
-        res->held_us[mask_index(mask, j)] = (uint64_t)v[5 + j];
+        if (v[1 + j] < 0 || (uint64_t)v[1 + j] > TG_GCRA_SCRIPT_MAX) {
+            return 0;
+        }
+        sl[j] = lim[idx[j]];
+        tat[j] = now_us + (uint64_t)v[1 + j];
+    }
+    keep_now = res->now_us;
+    tg_gcra_charge(sl, tat, NULL, (size_t)nb, cost, now_us, res);
+    res->now_us = keep_now;
+    if (res->allowed != (int)v[0]) {
+        return 0;               /* not the step's decision on these debts */
+    }
+    /* buckets not in this call (the other part of a Cluster split) hold
+     * nothing we know of: 0, never stack garbage */
+    for (int j = nb - 1; j >= 0; j--) {
+        uint64_t h = res->held_us[j];
+        res->held_us[j] = 0;
+        res->held_us[idx[j]] = h;
+    }
+    for (int k = 0; k < TG_GCRA_MAX_BUCKETS; k++) {
+        if (!(mask & (1u << k))) {
+            res->held_us[k] = 0;
+        }
+    }
+    if (res->limiting >= 0) {
+        res->limiting = idx[res->limiting];
     }
     return 1;
 }

@@ -30,6 +30,8 @@ typedef struct lease_entry {
     uint32_t      remaining;      /* the take's answer: tokens left in Redis */
     int           limiting;       /* ... its tightest bucket */
     int           taking;         /* a take for this set is in flight */
+    uint64_t      seen_hash;      /* the last set that asked for a slice here */
+    uint64_t      seen_us;        /* ... when */
     size_t        n;
     tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS];
     char          keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
@@ -217,19 +219,39 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     return 1;
 }
 
-/* Mark a take for ctx's set; 0 when one is in flight already (then this
- * request is charged exactly) or the slot holds another set's take. */
+/*
+ * Mark a take for ctx's set; 0 when this request is charged exactly: a
+ * take is in flight already (this set's or another's in the slot), or
+ * the set is not seen again within its ttl (ctx->lease_ttl_ms).  A slice
+ * pays only when a second request of the set comes while it lives: with
+ * many keys each met about once per ttl (10,000 keys), a slice per first
+ * request charged N tokens to serve one request and cost a give-back call
+ * later, and evicted a busy key's slice from the slot.  So the first
+ * request of a set is charged exactly and only marks the slot; a second
+ * within the ttl takes the slice, and so does the next request of a set
+ * whose slice ran out within the ttl.
+ */
 int
 tg_lease_begin(struct tg_limiter *lim, tg_limit_ctx *ctx)
 {
-    uint64_t h = lease_hash(ctx);
+    uint64_t h = lease_hash(ctx), now = tg_now_us();
+    uint64_t ttl = (uint64_t)ctx->lease_ttl_ms * 1000;
     lease_entry *e = lease_slot(lim, ctx, h);
+    int again;
 
     if (e->taking) {
         return 0;
     }
+    again = (e->seen_hash == h && now - e->seen_us <= ttl)
+            || (e->taken_us != 0 && now - e->taken_us <= ttl && lease_match(e, ctx, h));
+    e->seen_hash = h;
+    e->seen_us = now;
+    if (!again) {
+        return 0;
+    }
     if (!lease_match(e, ctx, h)) {
         lease_give_back(lim, e);       /* a collision: the older set goes */
+        e->taken_us = 0;
         e->hash = h;
         e->n = ctx->n;
         for (size_t i = 0; i < ctx->n; i++) {

@@ -442,9 +442,9 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
             return TG_OK;
         }
         ctx->lease_n = 0;
+        ctx->lease_ttl_ms = tier->lease_ttl_ms;
         if (ln > 0 && tg_lease_begin(lim, ctx)) {
             ctx->lease_n = ln;         /* take a slice: charge ln, spend cost */
-            ctx->lease_ttl_ms = tier->lease_ttl_ms;
         }
         if (send_charge(lim, ctx, ctx->lease_n > 0 ? ctx->lease_n : ctx->cost) == TG_AGAIN) {
             return TG_AGAIN;

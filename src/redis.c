@@ -16,7 +16,9 @@
  *   flush_cb          target not ready: the op gets TG_ERR right there
  *                     (fail fast); ready: ops are cut into batches of up to
  *                     max_batch (Cluster: per slot), each sent as one
- *                     EVALSHA with its timer;
+ *                     EVALSHA with its timer; a last batch not full waits
+ *                     in r->held while a charge call is in flight
+ *                     (hold_charges: the adaptive batch);
  *   batch_reply_cb    hiredis calls it exactly once per sent command: with
  *                     the reply, or NULL when the context goes away.  The
  *                     batch lives until then, even after its deadline (the
@@ -166,6 +168,7 @@ tg_redis_create(struct event_base *base, const tg_redis_opts *opts)
     tv = tg_ms_tv(r->opts.timeout_ms);
     r->call_tv = event_base_init_common_timeout(base, &tv);
     r->flush_ev = tg_event_new(base, -1, 0, flush_cb, r);
+    r->hold_ev = tg_evtimer_new(base, flush_cb, r);
     if (r->call_tv == NULL) {
         tg_error("redis: cannot create events");
         goto fail;
@@ -247,6 +250,10 @@ tg_redis_destroy(struct tg_redis *r)
         next = op->next;
         free(op);
     }
+    for (op = r->held; op != NULL; op = next) {
+        next = op->next;
+        free(op);
+    }
     for (size_t i = 0; i < r->nnodes; i++) {
         if (r->nodes[i]->resolving) {
             tg_redis_dns_give_up(r->nodes[i]);
@@ -260,6 +267,7 @@ tg_redis_destroy(struct tg_redis *r)
     }
     free(r->nodes);
     if (r->flush_ev) event_free(r->flush_ev);
+    if (r->hold_ev) event_free(r->hold_ev);
     if (r->disc.timer) event_free(r->disc.timer);
     if (r->slots.timer) event_free(r->slots.timer);
     if (r->sub_ev) event_free(r->sub_ev);
@@ -270,6 +278,9 @@ tg_redis_destroy(struct tg_redis *r)
     free(r->argvlen);
     free(r->num);
     free(r->cmd);
+    free(r->kt);
+    free(r->kix);
+    free(r->kh);
     while ((op = r->op_pool) != NULL) {
         r->op_pool = op->next;
         free(op);
@@ -457,6 +468,57 @@ queue_op(struct tg_redis *r, struct tg_redis_op *op)
     }
 }
 
+/*
+ * The adaptive batch: while TG_REDIS_INFLIGHT charge calls are in flight
+ * on the connection, the charges of a flush that do not fill a batch wait
+ * in r->held, ahead of the next flush's, for an answer (batch_settle
+ * flushes again), for max_batch charges (each flush takes them again), or
+ * until `until` (the call in flight is then too slow to wait for:
+ * timeout_ms / TG_REDIS_HOLD_DIV after it was sent, so a stuck connection
+ * still sees a call per loop turn and its deadlines in a row) or the
+ * earliest of their deadlines (hold_ev, armed anew by each flush).  Redis
+ * runs one script at a time: a call sent behind one in flight would wait
+ * there anyway, so under load the charges of a round trip go as one call
+ * (Redis parses, reads and answers them at a fraction of the cost per
+ * call), and an idle connection sends at once.  Takes b's ops; b is
+ * freed.
+ */
+static void
+hold_charges(struct tg_redis *r, struct tg_redis_batch *b, uint64_t until)
+{
+    uint64_t first = until, now = tg_now_us();
+    struct timeval tv;
+
+    for (struct tg_redis_op *op = b->ops; op != NULL; op = op->next) {
+        if (op->deadline_us < first) {
+            first = op->deadline_us;
+        }
+    }
+    r->held = b->ops;
+    b->ops = b->tail = NULL;
+    b->nops = 0;
+    tg_redis_batch_free(b);
+    tv = tg_us_tv(first > now ? first - now : 0);
+    event_add(r->hold_ev, &tv);
+}
+
+/* A charge call of b's connection is answered (or given up): charges
+ * held for it go now. */
+static void
+batch_settle(struct tg_redis_batch *b)
+{
+    struct tg_redis *r = b->r;
+
+    if (!b->counted) {
+        return;
+    }
+    b->counted = 0;
+    b->node->charging--;
+    if (r->held != NULL && !r->destroying) {
+        event_active(r->flush_ev, 0, 0);
+    }
+}
+
 static void
 flush_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -468,6 +530,16 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
     /* Take the list first: callbacks below may queue new ops, which go
      * out on the next run of this event. */
     list = r->pending;
+    if (r->held != NULL) {
+        struct tg_redis_op **t = &r->held;
+        while (*t != NULL) {
+            t = &(*t)->next;
+        }
+        *t = list;
+        list = r->held;
+        r->held = NULL;
+        event_del(r->hold_ev);
+    }
     r->pending = NULL;
     r->pending_tail = &r->pending;
 
@@ -510,7 +582,13 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     if (cur != NULL) {
-        batch_start(cur);
+        uint64_t until = nd->charge_sent_us
+                         + (uint64_t)r->opts.timeout_ms * 1000 / TG_REDIS_HOLD_DIV;
+        if (nd->charging >= TG_REDIS_INFLIGHT && tg_now_us() < until) {
+            hold_charges(r, cur, until);
+        } else {
+            batch_start(cur);
+        }
     }
     /* Forget the slot index before starting: a start may answer ops, and
      * their callbacks may queue (never route) new ones. */
@@ -592,6 +670,10 @@ batch_start(struct tg_redis_batch *b)
             return;
         }
         b->brk = 1;
+    } else if (b->kind == TG_OP_CHARGE) {
+        b->counted = 1;
+        b->node->charging++;
+        b->node->charge_sent_us = tg_now_us();
     }
     if (tg_redis_batch_send(b) != TG_OK) {
         tg_redis_batch_fail(b);
@@ -599,10 +681,81 @@ batch_start(struct tg_redis_batch *b)
     }
 }
 
+/* FNV-1a of a bucket: its key and its limit. */
+static uint32_t
+rkey_hash(const char *s, size_t len, const tg_gcra_limit *lim)
+{
+    uint64_t h = 0xcbf29ce484222325ULL ^ lim->interval_us ^ ((uint64_t)lim->burst << 40);
+
+    for (size_t i = 0; i < len; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 0x100000001b3ULL;
+    }
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+/*
+ * The distinct buckets (key and limit) of charge batch b into r->kt, in
+ * the order of first appearance, and each bucket sent (ops in order, bits
+ * of each op's mask in order) into r->kix as its 1-based index in r->kt:
+ * the script reads and writes each key once, and Redis parses each key
+ * string once (the global bucket: once per call, not once per request).
+ * r's scratch grows when needed and is kept.  Returns how many distinct.
+ */
+static size_t
+batch_keys(struct tg_redis_batch *b)
+{
+    struct tg_redis *r = b->r;
+    size_t cap = 16, nk = 0, kn = 0;
+
+    while (cap < 2 * b->nkeys) {
+        cap *= 2;
+    }
+    if (b->nkeys > r->ktcap) {
+        r->ktcap = b->nkeys * 2;
+        free(r->kt);
+        free(r->kix);
+        r->kt = tg_xmalloc(r->ktcap * sizeof(*r->kt));
+        r->kix = tg_xmalloc(r->ktcap * sizeof(*r->kix));
+    }
+    if (cap > r->khcap) {
+        r->khcap = cap;
+        free(r->kh);
+        r->kh = tg_xmalloc(cap * sizeof(*r->kh));
+    }
+    memset(r->kh, 0, cap * sizeof(*r->kh));
+    for (struct tg_redis_op *op = b->ops; op != NULL; op = op->next) {
+        const char *s = op->str;
+        for (size_t k = 0; k < op->n; k++) {
+            if (op->mask & (1u << k)) {
+                size_t len = op->len[k], i;
+                uint32_t h = rkey_hash(s, len, &op->lim[k]);
+
+                for (i = h & (cap - 1); r->kh[i] != 0; i = (i + 1) & (cap - 1)) {
+                    const struct tg_rkey *e = &r->kt[r->kh[i] - 1];
+                    if (e->hash == h && e->len == len
+                        && e->lim.interval_us == op->lim[k].interval_us
+                        && e->lim.burst == op->lim[k].burst
+                        && memcmp(e->s, s, len) == 0) {
+                        break;
+                    }
+                }
+                if (r->kh[i] == 0) {
+                    r->kt[nk] = (struct tg_rkey){ s, len, h, op->lim[k] };
+                    r->kh[i] = (uint32_t)++nk;
+                }
+                r->kix[kn++] = r->kh[i];
+            }
+            s += op->len[k] + 1;
+        }
+    }
+    return nk;
+}
+
 /*
  * r's argc arguments (r->argv, r->argvlen) as one RESP command in r->cmd
- * (grown when needed, kept): hiredis's redisAsyncCommandArgv would format
- * it into two fresh allocations per call.  Returns its length.
+ * (grown when needed, kept; no printf): hiredis's redisAsyncCommandArgv
+ * would format it into two fresh allocations per call.  Returns its length.
  */
 static size_t
 format_resp(struct tg_redis *r, size_t argc)
@@ -619,10 +772,16 @@ format_resp(struct tg_redis *r, size_t argc)
         r->cmd = tg_xmalloc(r->cmdcap);
     }
     p = r->cmd;
-    p += snprintf(p, 24, "*%zu\r\n", argc);
+    *p++ = '*';
+    p += tg_u64_dec(p, argc);
+    *p++ = '\r';
+    *p++ = '\n';
     for (size_t k = 0; k < argc; k++) {
         n = r->argvlen[k];
-        p += snprintf(p, 24, "$%zu\r\n", n);
+        *p++ = '$';
+        p += tg_u64_dec(p, n);
+        *p++ = '\r';
+        *p++ = '\n';
         memcpy(p, r->argv[k], n);
         p += n;
         *p++ = '\r';
@@ -658,8 +817,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         argc = 2 + (size_t)op->n;      /* EVAL script 1 key args... */
         nnum = 1;
     } else {
-        argc = 3 + b->nkeys + 1 + 2 * b->nops + 3 * b->nkeys;
-        nnum = 1 + 1 + 2 * b->nops + 3 * b->nkeys;
+        /* at most: every bucket a distinct key */
+        argc = 3 + b->nkeys + 2 + 2 * b->nkeys + b->nops + 2 * b->nkeys;
+        nnum = 1 + 2 + 2 * b->nkeys + b->nops + 2 * b->nkeys;
     }
     if (argc > r->argcap) {
         r->argcap = argc * 2;
@@ -693,6 +853,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
             TG_ARG(tg_redis_op_key(op, k), op->len[k]);
         }
     } else {
+        size_t nk = batch_keys(b), kn = 0, floors = 0;
+        const struct tg_rkey *kt = r->kt;
+
         if (b->eval) {
             TG_ARG("EVAL", 4);
             TG_ARG(tg_gcra_lua, r->script_len);
@@ -700,21 +863,31 @@ tg_redis_batch_send(struct tg_redis_batch *b)
             TG_ARG("EVALSHA", 7);
             TG_ARG(r->sha, 40);
         }
-        TG_NUM(b->nkeys);
+        TG_NUM(nk);
+        for (size_t j = 0; j < nk; j++) {
+            TG_ARG(kt[j].s, kt[j].len);
+        }
         for (op = b->ops; op != NULL; op = op->next) {
-            const char *s = op->str;
             for (size_t k = 0; k < op->n; k++) {
-                if (op->mask & (1u << k)) {
-                    TG_ARG(s, op->len[k]);
-                }
-                s += op->len[k] + 1;
+                floors |= (op->mask & (1u << k)) && op->floor_us[k] != 0;
             }
         }
         TG_NUM(b->nops);
+        TG_NUM(floors);
+        for (size_t j = 0; j < nk; j++) {
+            TG_NUM(kt[j].lim.interval_us);
+            TG_NUM(kt[j].lim.burst);
+        }
         for (op = b->ops; op != NULL; op = op->next) {
             uint64_t a[TG_GCRA_SCRIPT_ARGS];
-            size_t na = tg_gcra_script_args(op->lim, op->floor_us, op->n, op->mask,
-                                            op->cost, a);
+            uint32_t kidx[TG_CHARGE_MAX_BUCKETS];
+            size_t na;
+
+            for (size_t k = 0; k < op->n; k++) {
+                kidx[k] = op->mask & (1u << k) ? r->kix[kn++] : 0;
+            }
+            na = tg_gcra_script_args(kidx, op->floor_us, op->n, op->mask, op->cost,
+                                     (int)floors, a);
             for (size_t j = 0; j < na; j++) {
                 TG_NUM(a[j]);
             }
@@ -762,6 +935,7 @@ tg_redis_batch_fail(struct tg_redis_batch *b)
         return;
     }
     b->done = 1;
+    batch_settle(b);
     if (r->destroying) {
         return;
     }
@@ -779,6 +953,7 @@ tg_redis_batch_free(struct tg_redis_batch *b)
     if (b->timer_set) {
         event_del(b->timer);
     }
+    batch_settle(b);
     if (!r->destroying) {
         batch_outcome(b, -1);
     }
@@ -959,19 +1134,21 @@ combine(const tg_gcra_result *a, const tg_gcra_result *b, uint32_t cost,
     }
 }
 
-/* One request's answer, elements e[0..5+nb) of the script's reply, into
- * res (tg_gcra_script_answer: bucket indices mapped through op->mask); 0
- * if it is not a valid answer (then only this request fails). */
+/* One request's answer, elements e[0..1+nb) of the script's reply, into
+ * res (tg_gcra_script_answer on the script's clock now: bucket indices
+ * mapped through op->mask); 0 if it is not a valid answer (then only this
+ * request fails). */
 static int
-charge_answer(redisReply *const *e, const struct tg_redis_op *op, tg_gcra_result *res)
+charge_answer(redisReply *const *e, const struct tg_redis_op *op, uint64_t now,
+              tg_gcra_result *res)
 {
-    long long v[5 + TG_CHARGE_MAX_BUCKETS];
+    long long v[1 + TG_CHARGE_MAX_BUCKETS];
     int nb = __builtin_popcount(op->mask);
 
-    for (int k = 0; k < 5 + nb; k++) {
+    for (int k = 0; k < 1 + nb; k++) {
         v[k] = e[k]->type == REDIS_REPLY_INTEGER ? e[k]->integer : -1;
     }
-    return tg_gcra_script_answer(v, op->mask, res);
+    return tg_gcra_script_answer(v, op->lim, op->mask, op->cost, now, res);
 }
 
 static void
@@ -995,20 +1172,23 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
                 tg_gcra_script_reply_len(b->nops, b->nkeys));
         goto fail;
     }
-    if (rep->element[rep->elements - 1]->type == REDIS_REPLY_INTEGER
-        && rep->element[rep->elements - 1]->integer > 0) {
-        script_now = (uint64_t)rep->element[rep->elements - 1]->integer;
+    if (rep->element[rep->elements - 1]->type != REDIS_REPLY_INTEGER
+        || rep->element[rep->elements - 1]->integer <= 0) {
+        tg_redis_node_warn(b->node, "redis: charge script reply: no clock");
+        goto fail;
     }
+    script_now = (uint64_t)rep->element[rep->elements - 1]->integer;
 
     b->done = 1;
+    batch_settle(b);
     /* Phase 1 parts that passed leave the batch for phase 2 (requeued
      * after the loop, so a callback's new ops keep their order). */
-    for (i = 0, link = &b->ops; (op = *link) != NULL; i += 5 + nb) {
+    for (i = 0, link = &b->ops; (op = *link) != NULL; i += 1 + nb) {
         tg_redis_charge_cb cb;
         size_t sent = (size_t)__builtin_popcount(op->mask);
 
         nb = sent;
-        if (!charge_answer(rep->element + i, op, &part)) {
+        if (!charge_answer(rep->element + i, op, script_now, &part)) {
             tg_redis_node_warn(b->node, "redis: charge script reply: request %zu out of "
                                "range", i);
             link = &op->next;
@@ -1018,9 +1198,10 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         if (op->phase == 1) {
             /* each key's new TAT P = now + its debt after the charge: a
              * Cluster refund gives back at most what this request added */
-            for (size_t j = 0; j < sent; j++) {
-                op->p1[j] = part.allowed && script_now > 0
-                            ? script_now + (uint64_t)rep->element[i + 5 + j]->integer : 0;
+            for (size_t k = 0, j = 0; k < op->n; k++) {
+                if (op->mask & (1u << k)) {
+                    op->p1[j++] = part.allowed ? script_now + part.held_us[k] : 0;
+                }
             }
         }
 
@@ -1061,7 +1242,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         if (cb == NULL) {
             /* Answered after its deadline (or cancelled): the request was
              * decided without this charge, so give it back. */
-            if (part.allowed && script_now > 0) {
+            if (part.allowed) {
                 late_refund(r, b->node, op, &part, script_now);
             }
             continue;

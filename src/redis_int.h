@@ -40,6 +40,10 @@
 #define TG_REDIS_MAX_READBUF       (4u << 20)  /* unparsed reply bytes */
 #define TG_REDIS_WARN_MS           1000     /* connection warnings per node */
 #define TG_REDIS_REFUND_MAX        TG_REDIS_GIVE_MAX   /* keys per refund call */
+#define TG_REDIS_INFLIGHT          1        /* charge calls in flight per connection
+                                               (single, Sentinel) before new
+                                               charges wait for an answer */
+#define TG_REDIS_HOLD_DIV          4        /* ... for at most timeout_ms / 4 */
 
 enum tg_redis_mode { TG_MODE_SINGLE, TG_MODE_SENTINEL, TG_MODE_CLUSTER };
 
@@ -103,6 +107,8 @@ struct tg_rnode {
     unsigned             gates;       /* SELECT/ROLE answers still awaited */
     unsigned             backoff_ms;  /* next reconnect delay (pre-jitter) */
     unsigned             consec_tmo;  /* deadlines in a row */
+    unsigned             charging;    /* charge calls sent, not yet answered */
+    uint64_t             charge_sent_us;  /* when the last of them was sent */
     struct event        *drop_ev;     /* no fd, activated by hand */
     struct event        *reconnect_ev;
     struct event        *connect_ev;  /* connect + SELECT + ROLE deadline */
@@ -125,6 +131,7 @@ struct tg_redis_batch {
     uint8_t                asking;        /* ASK: ASKING before the command */
     uint8_t                redirects;     /* MOVED/ASK followed so far */
     uint8_t                brk;           /* Cluster: node breaker awaits the outcome */
+    uint8_t                counted;       /* in node->charging */
     struct event          *timer;         /* in the same allocation */
 };
 
@@ -146,6 +153,14 @@ struct tg_raux {
 
 struct tg_reply;
 
+/* A distinct bucket of one charge call (batch_keys in redis.c). */
+struct tg_rkey {
+    const char         *s;        /* the op's copy of the key */
+    size_t              len;
+    uint32_t            hash;
+    tg_gcra_limit       lim;
+};
+
 struct tg_redis {
     struct event_base      *base;
     tg_redis_opts           opts;
@@ -160,6 +175,9 @@ struct tg_redis {
     struct tg_redis_batch  *inflight;    /* sent, reply callback not yet run */
 
     struct event           *flush_ev;    /* no fd, activated by hand */
+    struct event           *hold_ev;     /* the earliest deadline of held charges */
+    struct tg_redis_op     *held;        /* charges waiting for the call in
+                                            flight (hold_charges) */
     struct evdns_base      *dns;         /* names learnt from Redis; lazy */
     const struct timeval   *call_tv;     /* common timeout: timeout_ms */
     uint64_t                rng;         /* xorshift64 state, for jitter */
@@ -174,6 +192,11 @@ struct tg_redis {
     size_t                  numcap;
     char                   *cmd;         /* the command in RESP, for */
     size_t                  cmdcap;      /* redisAsyncFormattedCommand */
+    struct tg_rkey         *kt;          /* a charge call's distinct buckets */
+    uint32_t               *kix;         /* each bucket sent: index in kt + 1 */
+    size_t                  ktcap;       /* entries of kt and of kix */
+    uint32_t               *kh;          /* open addressing over kt: index + 1 */
+    size_t                  khcap;
 
     /* Free lists, so a charge in the steady state allocates nothing of
      * ours: ops (of TG_REDIS_OP_POOLED string bytes), batches, reply

@@ -166,26 +166,33 @@ void tg_lshared_raise_n(struct tg_lshared *sh, const char *const *keys,
 size_t tg_lshared_size(struct tg_lshared *sh);
 
 /*
- * The Redis side: a Lua script doing tg_gcra_charge for a BATCH of
+ * The Redis side: a Lua script deciding tg_gcra_charge for a BATCH of
  * requests in one call, with Redis TIME as the clock.
- *   KEYS: every bucket key of every request, in order.
- *   ARGV: nreq, then per request: nbuckets, cost, then per bucket:
- *         interval_us, burst, floor_us (the bucket holds at least this
- *         much debt - time until full - whatever is stored; 0 = none).
- *   Reply: flat array; per request 5 + nbuckets integers:
- *         allowed (0/1), remaining, retry_us, reset_us, limiting index,
- *         then held_us of each bucket (as tg_gcra_result); after the last
- *         request one more integer: the script's now (Redis TIME, us).
+ *   KEYS: the batch's bucket keys, each once (a key may appear twice
+ *         only with two different limits: the script reads it once and
+ *         charges both against the same TAT).
+ *   ARGV: nreq; floors (1: each bucket below carries a floor_us, 0:
+ *         none, all 0); per KEY, in order: interval_us, burst; then per
+ *         request: cost*16 + nbuckets, then per bucket its key's index in
+ *         KEYS (1-based) and, with floors, floor_us (the bucket holds at
+ *         least this much debt - time until full - whatever is stored).
+ *   Reply: flat array; per request 1 + nbuckets integers: allowed (0/1),
+ *         then each bucket's debt before the request (held_us, floor
+ *         applied); after the last request one more integer: the
+ *         script's now (Redis TIME, us).  tg_gcra_script_answer turns
+ *         that into the tg_gcra_result of tg_gcra_charge.
  *   A stored value that is not a bucket (another type, not a finite
  *   number in 0..2^53) counts as no bucket (full) and is overwritten by
  *   the next allowed charge.
- *   A charge's new TAT P (now + its held_us) bounds what a refund
+ *   A charge's new TAT P (now + its held_us after) bounds what a refund
  *   (tg_gcra_refund_lua) may give back.
  * Each request is all-or-nothing over its own buckets; requests of one
- * batch are independent and applied in order.  Keys are written with
- * PXAT = the first millisecond at or after their TAT (when the bucket is
- * full again), so stale buckets vanish and none vanishes early.  A cost-0
- * request (a look) writes nothing.  Needs Redis >= 7 (script flags).
+ * batch are independent and applied in order (a key charged by several
+ * requests of one call is written once, with its final TAT).  Keys are
+ * written with PXAT = the first millisecond at or after their TAT (when
+ * the bucket is full again), so stale buckets vanish and none vanishes
+ * early.  A cost-0 request (a look) writes nothing.  Needs Redis >= 7
+ * (script flags).
  */
 extern const char tg_gcra_lua[];
 
@@ -203,31 +210,34 @@ extern const char tg_gcra_refund_lua[];
 
 /* ---- the scripts' argument and reply layout (pure) ------------------- */
 
-#define TG_GCRA_SCRIPT_ARGS (2 + 3 * TG_GCRA_MAX_BUCKETS)  /* per request, at most */
+#define TG_GCRA_SCRIPT_ARGS (1 + 2 * TG_GCRA_MAX_BUCKETS)  /* per request, at most */
 
 /*
  * The charge script's ARGV numbers of one request into out[] (room for
- * TG_GCRA_SCRIPT_ARGS): nbuckets, cost, then interval_us, burst, floor_us
- * of each bucket k < n whose bit is set in mask, in index order.
- * floor_us may be NULL (no floors).  Returns how many numbers.
+ * TG_GCRA_SCRIPT_ARGS): cost*16 + nbuckets, then for each bucket k < n
+ * whose bit is set in mask, in index order: kidx[k] (its key's 1-based
+ * index in KEYS) and, when floors, floor_us[k] (NULL: 0).  Returns how
+ * many numbers.
  */
-size_t tg_gcra_script_args(const tg_gcra_limit *lim, const uint64_t *floor_us,
-                           size_t n, unsigned mask, uint32_t cost, uint64_t *out);
+size_t tg_gcra_script_args(const uint32_t *kidx, const uint64_t *floor_us, size_t n,
+                           unsigned mask, uint32_t cost, int floors, uint64_t *out);
 
-/* Elements of the charge script's reply to nreq requests over nkeys bucket
- * keys in all: 5 per request, one per key, and the script's now. */
-size_t tg_gcra_script_reply_len(size_t nreq, size_t nkeys);
+/* Elements of the charge script's reply to nreq requests over nbuckets
+ * buckets in all: 1 per request, 1 per bucket, and the script's now. */
+size_t tg_gcra_script_reply_len(size_t nreq, size_t nbuckets);
 
 /*
- * One request's answer from its 5 + popcount(mask) reply integers v[]
- * (allowed, remaining, retry_us, reset_us, limiting index, then held_us of
- * each bucket sent; pass -1 for an element that is not an integer) into
- * res, bucket indices mapped back through mask; the buckets not sent hold
- * 0.  Returns 1, or 0 when v is not a valid answer (a negative number,
- * allowed above 1, an index beyond the buckets sent).  res->now_us is
- * left alone.
+ * One request's answer from its 1 + popcount(mask) reply integers v[]
+ * (allowed, then held_us before the request of each bucket sent; pass -1
+ * for an element that is not an integer) into res: tg_gcra_charge over the
+ * buckets sent (lim[k], k in mask) with each TAT at now_us + held, at
+ * now_us (the script's clock), cost; bucket indices mapped back through
+ * mask, the buckets not sent hold 0.  Returns 1, or 0 when v is not a
+ * valid answer (a negative number, allowed above 1, a debt beyond 2^53,
+ * or a decision the step does not reproduce).  res->now_us is left alone.
  */
-int tg_gcra_script_answer(const long long *v, unsigned mask, tg_gcra_result *res);
+int tg_gcra_script_answer(const long long *v, const tg_gcra_limit *lim, unsigned mask,
+                          uint32_t cost, uint64_t now_us, tg_gcra_result *res);
 
 /* The refund script's ARGV numbers of one key into out[0..2): amount_us,
  * p_us.  Returns 2. */

@@ -3,8 +3,11 @@
  * connection per worker thread, on that worker's event base.
  *
  * Charges that arrive during one loop turn are sent together as ONE
- * EVALSHA of the GCRA script (tg_gcra_lua) over all their keys (up to
- * redis.max_batch per call): each request's result is independent.  Every
+ * EVALSHA of the GCRA script (tg_gcra_lua) over all their keys, each
+ * distinct key once (up to redis.max_batch charges per call): each
+ * request's result is independent.  While a charge call is in flight on
+ * the connection (single, Sentinel), the charges of the next loop turns
+ * wait for its answer (or their deadline) and go as one call.  Every
  * call has a deadline (redis.timeout_ms) kept by our own timer, since
  * hiredis 0.14 has none.  NOSCRIPT is recovered (EVAL with the script
  * text, which also caches it) without the caller noticing.

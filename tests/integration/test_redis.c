@@ -408,6 +408,97 @@ Test(redis, batch_of_100_distinct_keys)
     tg_redis_destroy(r);
 }
 
+/* Charges queued over several loop turns while a call is in flight (Redis
+ * paused) wait for its answer and then go as one call, not one call per
+ * turn; one whose own deadline comes first fails at that deadline, not
+ * when the call in flight is answered. */
+Test(redis, charges_wait_for_the_call_in_flight)
+{
+    enum { N = 11 };
+    struct tg_redis *r = client(g_port, 3000, 32, 1);
+    static charge_res c[N], late;
+    char key[N][32];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 20);
+    tg_redis_stats st;
+    redisReply *rep;
+    struct tg_redis_op *op;
+    uint64_t t0;
+
+    rep = sync_cmd(g_port, "CLIENT PAUSE 600 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    for (int i = 0; i < N; i++) {
+        snprintf(key[i], sizeof(key[i]), "t:{held%d}:tier", i);
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, key[i], lim, &c[i]);
+        event_base_loop(g_base, EVLOOP_NONBLOCK);       /* one loop turn */
+    }
+    t0 = tg_now_ms();
+    late = (charge_res){ 0 };
+    op = charge1(r, "t:{held}:late", lim, &late);
+    tg_redis_op_deadline(op, tg_now_us() + 100000);
+    event_base_loop(g_base, EVLOOP_NONBLOCK);
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 1, "held while the first call is in flight: %llu calls",
+                 (unsigned long long)st.calls);
+    want w = { &late.called, 1 };
+    cr_assert(run_until(cond_count, &w, 5000));
+    cr_assert_eq(late.rc, TG_ERR);
+    cr_assert_lt(tg_now_ms() - t0, 450, "failed at its own deadline (100 ms)");
+    cr_assert_eq(done, 0, "Redis is still paused");
+    cr_assert(wait_count(&done, N, 5000));
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 2, "calls = %llu", (unsigned long long)st.calls);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].rc, TG_OK);
+        cr_assert_eq(c[i].res.allowed, 1);
+        cr_assert_eq(c[i].res.remaining, 19);
+    }
+    tg_redis_destroy(r);
+}
+
+static int
+cond_calls(const void *arg)
+{
+    const struct reconn_want *w = arg;
+    tg_redis_stats st;
+
+    tg_redis_get_stats(w->r, &st);
+    return st.calls >= w->n;
+}
+
+/* A call in flight is waited for at most timeout_ms / 4 (here 100 ms):
+ * past that the charges held go out anyway (a stuck connection still
+ * meets its deadlines in a row). */
+Test(redis, a_slow_call_holds_the_others_briefly)
+{
+    struct tg_redis *r = client(g_port, 400, 32, 1);
+    static charge_res c[2];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 20);
+    struct reconn_want w = { r, 2 };
+    redisReply *rep;
+    uint64_t t0;
+
+    rep = sync_cmd(g_port, "CLIENT PAUSE 300 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    t0 = tg_now_ms();
+    for (int i = 0; i < 2; i++) {
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, i == 0 ? "t:{slow}:a" : "t:{slow}:b", lim, &c[i]);
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    cr_assert(run_until(cond_calls, &w, 1000), "the held charge was never sent");
+    cr_assert_geq(tg_now_ms() - t0, 90, "sent after %llu ms, before the 100 ms hold",
+                  (unsigned long long)(tg_now_ms() - t0));
+    cr_assert_lt(tg_now_ms() - t0, 280, "sent only after the answer");
+    cr_assert(wait_count(&done, 2, 5000));
+    cr_assert(c[0].rc == TG_OK && c[1].rc == TG_OK);
+    tg_redis_destroy(r);
+}
+
 Test(redis, burst_is_exact)
 {
     enum { N = 40 };
@@ -987,21 +1078,31 @@ Test(redis, select_db)
     tg_redis_destroy(r);
 }
 
-/* One request of cost 1 on one bucket through the charge script: out[0..5)
- * as the script answers (allowed, remaining, retry, reset, index), out[5]
- * the new TAT P = now + held for an allowed request, else 0. */
+/* One request of cost 1 on one bucket through the charge script (one KEY,
+ * no floors): out[0..5) its answer (allowed, remaining, retry, reset,
+ * index: tg_gcra_script_answer), out[5] the new TAT P = now + held for an
+ * allowed request, else 0. */
 static void
 script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
 {
-    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 1 1 %llu %u 0", tg_gcra_lua, key,
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 0 %llu %u 17 1", tg_gcra_lua, key,
                                (unsigned long long)t_us, burst);
+    tg_gcra_limit lim = { t_us, burst };
+    tg_gcra_result res;
+    long long v[2];
 
-    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 7,
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3,
               "charge script: %s", rep && rep->str ? rep->str : "bad reply");
-    for (int i = 0; i < 5; i++) {
-        out[i] = rep->element[i]->integer;
-    }
-    out[5] = out[0] == 1 ? rep->element[6]->integer + rep->element[5]->integer : 0;
+    v[0] = rep->element[0]->integer;
+    v[1] = rep->element[1]->integer;
+    cr_assert_eq(tg_gcra_script_answer(v, &lim, 0x1, 1, (uint64_t)rep->element[2]->integer,
+                                       &res), 1);
+    out[0] = res.allowed;
+    out[1] = res.remaining;
+    out[2] = (long long)res.retry_us;
+    out[3] = (long long)res.reset_us;
+    out[4] = res.limiting;
+    out[5] = res.allowed ? rep->element[2]->integer + (long long)res.held_us[0] : 0;
     freeReplyObject(rep);
 }
 

@@ -971,107 +971,131 @@ Test(gcra, decision_from_held_times)
 
 Test(gcra_script, args_of_the_buckets_sent)
 {
-    tg_gcra_limit lim[3] = { { 1000, 5 }, { 2000, 7 }, { 3000, 9 } };
+    uint32_t kidx[3] = { 4, 1, 9 };
     uint64_t floor_us[3] = { 11, 22, 33 };
     uint64_t a[TG_GCRA_SCRIPT_ARGS];
-    static const uint64_t want_all[] = { 3, 4, 1000, 5, 11, 2000, 7, 22, 3000, 9, 33 };
-    static const uint64_t want_13[] = { 2, 1, 1000, 5, 0, 3000, 9, 0 };
+    static const uint64_t want_all[] = { 4 * 16 + 3, 4, 11, 1, 22, 9, 33 };
+    static const uint64_t want_13[] = { 16 + 2, 4, 9 };
+    static const uint64_t want_13f[] = { 16 + 2, 4, 0, 9, 0 };
     size_t na;
 
-    na = tg_gcra_script_args(lim, floor_us, 3, 0x7, 4, a);
+    na = tg_gcra_script_args(kidx, floor_us, 3, 0x7, 4, 1, a);
     cr_assert_eq(na, TG_ARRAY_LEN(want_all));
     cr_assert_arr_eq(a, want_all, sizeof(want_all));
 
-    /* a Cluster part: the first and third buckets, no floors */
-    na = tg_gcra_script_args(lim, NULL, 3, 0x5, 1, a);
+    /* a Cluster part: the first and third buckets, no floors in the call */
+    na = tg_gcra_script_args(kidx, floor_us, 3, 0x5, 1, 0, a);
     cr_assert_eq(na, TG_ARRAY_LEN(want_13));
     cr_assert_arr_eq(a, want_13, sizeof(want_13));
 
-    /* bits beyond n are not buckets */
-    na = tg_gcra_script_args(lim, floor_us, 1, 0xff, 2, a);
-    cr_assert_eq(na, 5);
-    cr_assert(a[0] == 1 && a[1] == 2 && a[2] == 1000 && a[3] == 5 && a[4] == 11);
+    /* floors in the call (another request's), none of this one's */
+    na = tg_gcra_script_args(kidx, NULL, 3, 0x5, 1, 1, a);
+    cr_assert_eq(na, TG_ARRAY_LEN(want_13f));
+    cr_assert_arr_eq(a, want_13f, sizeof(want_13f));
+
+    /* bits beyond n are not buckets; cost 0 is a look */
+    na = tg_gcra_script_args(kidx, floor_us, 1, 0xff, 0, 1, a);
+    cr_assert_eq(na, 3);
+    cr_assert(a[0] == 1 && a[1] == 4 && a[2] == 11);
+
+    /* the largest cost keeps its bits apart from nbuckets */
+    na = tg_gcra_script_args(kidx, NULL, 3, 0x7, UINT32_MAX, 0, a);
+    cr_assert_eq(na, 4);
+    cr_assert_eq(a[0] % 16, 3);
+    cr_assert_eq(a[0] / 16, UINT32_MAX);
 }
 
 Test(gcra_script, reply_length)
 {
-    cr_assert_eq(tg_gcra_script_reply_len(1, 1), 7);
-    cr_assert_eq(tg_gcra_script_reply_len(3, 5), 21);
+    cr_assert_eq(tg_gcra_script_reply_len(1, 1), 3);
+    cr_assert_eq(tg_gcra_script_reply_len(3, 5), 9);
     cr_assert_eq(tg_gcra_script_reply_len(0, 0), 1);   /* only the script's now */
 }
 
 Test(gcra_script, answer_maps_the_buckets_sent)
 {
-    /* buckets 0 and 2 of 3 were sent; the limiting one is the 2nd sent */
-    long long v[] = { 1, 4, 0, 600, 1, 100, 300 };
+    /* buckets 0 and 2 of 3 were sent (T 100 and 300 us, bursts 10 and 6):
+     * debts 100 and 300 before a request of cost 1 */
+    tg_gcra_limit lim[3] = { { 100, 10 }, { 7, 7 }, { 300, 6 } };
+    long long v[] = { 1, 100, 300 };
     tg_gcra_result res;
 
     memset(&res, 0xa5, sizeof(res));
     res.now_us = 77;
-    cr_assert_eq(tg_gcra_script_answer(v, 0x5, &res), 1);
+    cr_assert_eq(tg_gcra_script_answer(v, lim, 0x5, 1, 1000000, &res), 1);
     cr_assert_eq(res.allowed, 1);
-    cr_assert_eq(res.remaining, 4);
+    cr_assert_eq(res.remaining, 4, "bucket 2: (1800 - 600) / 300");
     cr_assert_eq(res.retry_us, 0);
     cr_assert_eq(res.reset_us, 600);
     cr_assert_eq(res.limiting, 2);
-    cr_assert_eq(res.held_us[0], 100);
+    cr_assert_eq(res.held_us[0], 200, "debts after an allowed request");
     cr_assert_eq(res.held_us[1], 0, "a bucket not sent holds 0, not garbage");
-    cr_assert_eq(res.held_us[2], 300);
+    cr_assert_eq(res.held_us[2], 600);
     for (int k = 3; k < TG_GCRA_MAX_BUCKETS; k++) {
         cr_assert_eq(res.held_us[k], 0);
     }
     cr_assert_eq(res.now_us, 77, "now_us is the caller's");
 
-    /* remaining beyond 32 bits is capped */
-    v[1] = 1LL << 40;
-    cr_assert_eq(tg_gcra_script_answer(v, 0x5, &res), 1);
-    cr_assert_eq(res.remaining, UINT32_MAX);
+    /* denied by bucket 2: debts before, retry when it has room */
+    v[0] = 0;
+    v[2] = 1700;
+    cr_assert_eq(tg_gcra_script_answer(v, lim, 0x5, 1, 1000000, &res), 1);
+    cr_assert_eq(res.allowed, 0);
+    cr_assert_eq(res.limiting, 2);
+    cr_assert_eq(res.retry_us, 200);
+    cr_assert_eq(res.reset_us, 1700);
+    cr_assert_eq(res.remaining, 0);
+    cr_assert_eq(res.held_us[0], 100);
+    cr_assert_eq(res.held_us[2], 1700);
 }
 
 Test(gcra_script, answer_rejects_what_is_not_one)
 {
-    static const long long good[6] = { 0, 0, 250, 900, 0, 900 };
-    long long v[6];
+    tg_gcra_limit lim[1] = { { 100, 10 } };
+    static const long long good[2] = { 0, 950 };
+    long long v[2];
     tg_gcra_result res;
 
     memcpy(v, good, sizeof(v));
-    cr_assert_eq(tg_gcra_script_answer(v, 0x1, &res), 1);
+    cr_assert_eq(tg_gcra_script_answer(v, lim, 0x1, 1, 5000000, &res), 1);
     cr_assert_eq(res.allowed, 0);
-    cr_assert_eq(res.retry_us, 250);
+    cr_assert_eq(res.retry_us, 50);
     cr_assert_eq(res.limiting, 0);
-    for (int k = 0; k < 6; k++) {        /* not an integer, or negative */
+    for (int k = 0; k < 2; k++) {        /* not an integer, or negative */
         memcpy(v, good, sizeof(v));
         v[k] = -1;
-        cr_assert_eq(tg_gcra_script_answer(v, 0x1, &res), 0, "element %d", k);
+        cr_assert_eq(tg_gcra_script_answer(v, lim, 0x1, 1, 5000000, &res), 0,
+                     "element %d", k);
     }
     memcpy(v, good, sizeof(v));
     v[0] = 2;                            /* allowed is 0 or 1 */
-    cr_assert_eq(tg_gcra_script_answer(v, 0x1, &res), 0);
+    cr_assert_eq(tg_gcra_script_answer(v, lim, 0x1, 1, 5000000, &res), 0);
     memcpy(v, good, sizeof(v));
-    v[4] = 1;                            /* one bucket sent: index 0 only */
-    cr_assert_eq(tg_gcra_script_answer(v, 0x1, &res), 0);
+    v[0] = 1;                            /* not what these debts decide */
+    cr_assert_eq(tg_gcra_script_answer(v, lim, 0x1, 1, 5000000, &res), 0);
+    memcpy(v, good, sizeof(v));
+    v[1] = 1LL << 60;                    /* beyond the script's 2^53 */
+    cr_assert_eq(tg_gcra_script_answer(v, lim, 0x1, 1, 5000000, &res), 0);
 }
 
-/* What the script answers for the pure step's result decodes to it. */
+/* What the script answers (the decision and the debts before) decodes to
+ * the pure step's result, field by field. */
 Test(gcra_script, answer_round_trips_the_pure_step)
 {
     tg_gcra_limit lim[3] = { tg_gcra_per_minute(60, 3), tg_gcra_per_second(10, 5),
                              tg_gcra_per_minute(600, 2) };
     uint64_t tat[3] = { 0, 0, 0 }, now = 1000000000;
     tg_gcra_result res, back;
-    long long v[5 + 3];
+    long long v[1 + 3];
 
-    for (int i = 0; i < 6; i++, now += 50000) {
-        tg_gcra_charge(lim, tat, NULL, 3, 1, now, &res);
-        v[0] = res.allowed;
-        v[1] = res.remaining;
-        v[2] = (long long)res.retry_us;
-        v[3] = (long long)res.reset_us;
-        v[4] = res.limiting;
+    for (int i = 0; i < 12; i++, now += 50000) {
+        uint32_t cost = (uint32_t)(i % 3);
         for (int k = 0; k < 3; k++) {
-            v[5 + k] = (long long)res.held_us[k];
+            v[1 + k] = tat[k] > now ? (long long)(tat[k] - now) : 0;
         }
-        cr_assert_eq(tg_gcra_script_answer(v, 0x7, &back), 1);
+        tg_gcra_charge(lim, tat, NULL, 3, cost, now, &res);
+        v[0] = res.allowed;
+        cr_assert_eq(tg_gcra_script_answer(v, lim, 0x7, cost, now, &back), 1);
         cr_assert_eq(back.allowed, res.allowed);
         cr_assert_eq(back.remaining, res.remaining);
         cr_assert_eq(back.retry_us, res.retry_us);
