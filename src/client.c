@@ -120,7 +120,6 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
     c->io.timer = tg_evtimer_new(px->base, client_timer_cb, c);
     c->io.defer = tg_event_new(px->base, -1, 0, client_defer_cb, c);
     c->io.up_timer = tg_evtimer_new(px->base, tg_exchange_timer_cb, c);
-    c->io.urev = tg_event_new(px->base, -1, 0, tg_bev_up_rd_cb, c);   /* assigned per exchange */
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
     tg_metric_gauge_add(px->env->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
@@ -166,7 +165,6 @@ tg_client_free(struct tg_client *c)
     if (c->io.rev != NULL) {
         event_free(c->io.rev);
     }
-    event_free(c->io.urev);
     event_free(c->io.timer);
     event_free(c->io.defer);
     event_free(c->io.up_timer);
@@ -406,7 +404,7 @@ client_write_cb(struct bufferevent *bev, void *arg)
     }
     if (c->conn.state == C_BUSY && c->rs.paused && c->up.uc != NULL) {
         c->rs.paused = 0;
-        event_add(c->io.urev, NULL);
+        tg_bev_up_read_start(c);
         tg_exchange_relay_response(c);
     }
 }

@@ -115,7 +115,6 @@ struct tg_client {
         int                 head_timer_on;  /* timer is the header deadline */
         struct event       *defer;      /* free, or serve a pipelined request */
         struct event       *rev;        /* plain sockets: our own read event */
-        struct event       *urev;       /* our read event on the lent upstream */
         struct event       *up_timer;   /* the exchange's deadlines (up.*) */
     } io;
 
@@ -245,9 +244,9 @@ void tg_exchange_timer_cb(evutil_socket_t fd, short what, void *arg);
 
 /* ---- bevio.c ---------------------------------------------------------- */
 
-/* Our read event on a plain client socket (c->io.rev); on the lent
- * upstream connection (c->io.urev), which tg_bev_up_read_start points at
- * it once connected. */
+/* Our read event on a plain client socket (c->io.rev); the reader of the
+ * lent upstream connection's own read event, which tg_bev_up_read_start
+ * points at c once connected (upstream.h, tg_uconn_read_start). */
 void tg_bev_client_rd_cb(evutil_socket_t fd, short what, void *arg);
 void tg_bev_up_rd_cb(evutil_socket_t fd, short what, void *arg);
 void tg_bev_up_read_start(struct tg_client *c);
