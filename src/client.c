@@ -45,6 +45,7 @@
 
 static void client_defer_cb(evutil_socket_t fd, short what, void *arg);
 static void arm_timer(struct tg_client *c, unsigned ms);
+static void disarm_timer(struct tg_client *c);
 static void client_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void head_release(struct tg_client *c);
 static void client_write_cb(struct bufferevent *bev, void *arg);
@@ -201,7 +202,9 @@ tg_client_kill(struct tg_client *c)
     }
     tg_upstream_admit_cancel(c->up.waiter);
     c->up.waiter = NULL;
+    c->io.deadline = 0;
     event_del(c->io.timer);
+    c->io.timer_on = 0;
     event_active(c->io.defer, EV_TIMEOUT, 1);
 }
 
@@ -265,20 +268,57 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/* The connection's deadline (idle, header, handshake, send, linger) is
+ * kept here, not in libevent: a timer left pending for an earlier time
+ * wakes early and client_timer_cb arms it again for what is left, as
+ * nginx's lazy timers do.  A kept-alive connection under load so re-arms
+ * it about once per idle timeout instead of an event_del and an
+ * event_add (two min-heap operations) per request. */
 static void
 arm_timer(struct tg_client *c, unsigned ms)
 {
-    struct timeval tv = tg_ms_tv(ms);
-    evtimer_add(c->io.timer, &tv);
+    uint64_t when = tg_now_ms() + ms;
+
+    c->io.deadline = when;
+    if (!c->io.timer_on || c->io.timer_at > when) {
+        struct timeval tv = tg_ms_tv(ms);
+
+        evtimer_add(c->io.timer, &tv);
+        c->io.timer_at = when;
+        c->io.timer_on = 1;
+    }
+}
+
+/* No deadline; the timer, if pending, fires and finds none. */
+static void
+disarm_timer(struct tg_client *c)
+{
+    c->io.deadline = 0;
 }
 
 static void
 client_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_client *c = arg;
+    uint64_t now;
 
     TG_UNUSED(fd);
     TG_UNUSED(what);
+    c->io.timer_on = 0;
+    if (c->io.deadline == 0) {
+        return;                          /* disarmed since */
+    }
+    now = tg_now_ms();
+    if (now < c->io.deadline) {
+        /* early: armed for an earlier deadline, or clock granularity */
+        struct timeval tv = tg_ms_tv(c->io.deadline - now);
+
+        evtimer_add(c->io.timer, &tv);
+        c->io.timer_at = c->io.deadline;
+        c->io.timer_on = 1;
+        return;
+    }
+    c->io.deadline = 0;
     switch (c->conn.state) {
     case C_HEAD:
         if (evbuffer_get_length(bufferevent_get_input(c->conn.bev)) == 0) {
@@ -320,7 +360,7 @@ tg_client_next_request(struct tg_client *c)
          * water) comes back here; the send timeout bounds the wait. */
         c->conn.out_wait = 1;
         tg_bev_rd_off(c);
-        event_del(c->io.timer);
+        disarm_timer(c);
         return;
     }
     c->conn.out_wait = 0;
@@ -548,7 +588,7 @@ handle_head(struct tg_client *c)
         return;
     }
     evbuffer_drain(in, c->rq.req.head_len);
-    event_del(c->io.timer);
+    disarm_timer(c);
     c->io.head_timer_on = 0;
     start_request(c);
 }
@@ -800,7 +840,7 @@ tg_client_respond(struct tg_client *c, int status, const char *code, const char 
     c->rs.started = 1;
     c->rs.status = status;
     tg_client_account(c);
-    event_del(c->io.timer);
+    disarm_timer(c);
     if (c->conn.close_after) {
         tg_client_close_after_flush(c);
     } else {

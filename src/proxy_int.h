@@ -111,10 +111,16 @@ struct tg_client {
     } conn;
 
     struct {
-        struct event       *timer;      /* idle / header / linger deadline */
-        int                 head_timer_on;  /* timer is the header deadline */
+        struct event       *timer;      /* idle / header / linger deadline,
+                                           lazy (client.c, arm_timer) */
+        uint64_t            deadline;   /* tg_now_ms of the deadline, 0: none */
+        uint64_t            timer_at;   /* ... timer is pending for (if on) */
+        int                 timer_on;   /* timer pending */
+        int                 head_timer_on;  /* deadline is the header deadline */
         struct event       *defer;      /* free, or serve a pipelined request */
         struct event       *rev;        /* plain sockets: our own read event */
+        int                 rd_on;      /* rev added (tg_bev_rd_on/off only) */
+        int                 rd_timed;   /* ... with the body timeout */
         struct event       *up_timer;   /* the exchange's deadlines (up.*) */
     } io;
 
@@ -269,12 +275,17 @@ static inline void
 tg_bev_rd_on(struct tg_client *c, const struct timeval *timeout)
 {
     if (c->io.rev != NULL) {
+        if (timeout == NULL && c->io.rd_on && !c->io.rd_timed) {
+            return;                     /* as it is: no event_add per request */
+        }
         /* event_add with NULL keeps a pending timeout: remove it, so a
          * body timeout never outlives the body */
         event_add(c->io.rev, timeout);
         if (timeout == NULL) {
             event_remove_timer(c->io.rev);
         }
+        c->io.rd_on = 1;
+        c->io.rd_timed = timeout != NULL;
     } else {
         bufferevent_set_timeouts(c->conn.bev, timeout, &c->px->send_tv);
         bufferevent_enable(c->conn.bev, EV_READ);
@@ -286,6 +297,8 @@ tg_bev_rd_off(struct tg_client *c)
 {
     if (c->io.rev != NULL) {
         event_del(c->io.rev);
+        c->io.rd_on = 0;
+        c->io.rd_timed = 0;
     } else {
         bufferevent_disable(c->conn.bev, EV_READ);
     }
