@@ -239,7 +239,7 @@ rule_find(const char *name, size_t len)
     for (i = 0; i < TG_ARRAY_LEN(rules); i++) {
         const hdr_rule *ru = &rules[i];
         if (ru->prefix ? len > ru->len : len == ru->len) {
-            if (tg_http_name_is(name, ru->len, ru->name)) {
+            if (tg_http_name_eq(name, ru->len, ru->name, ru->len)) {
                 return ru;
             }
         }

@@ -544,9 +544,9 @@ tg_chunked_decode(tg_chunked *c, const char *in, size_t len,
 /* ------------------------------------------------------------------ */
 
 int
-tg_http_name_is(const char *name, size_t len, const char *lit)
+tg_http_name_eq(const char *name, size_t len, const char *lit, size_t litlen)
 {
-    return http_ieq(name, len, lit, strlen(lit));
+    return http_ieq(name, len, lit, litlen);
 }
 
 int
