@@ -61,23 +61,17 @@ static int put_num(char *out, unsigned long long v);
 /* ---- public ----------------------------------------------------------- */
 
 void
-tg_hbuf_add(tg_hbuf *b, const char *s, size_t n)
+tg_hbuf_grow(tg_hbuf *b, size_t n)
 {
-    if (n == 0) {
-        return;                 /* s may be NULL (no Host in HTTP/1.0) */
+    size_t cap = (b->len + n) * 2;
+    char *q = tg_xmalloc(cap);
+
+    memcpy(q, b->p, b->len);
+    if (b->p != b->stack) {
+        free(b->p);
     }
-    if (b->len + n > b->cap) {
-        size_t cap = (b->len + n) * 2;
-        char *q = tg_xmalloc(cap);
-        memcpy(q, b->p, b->len);
-        if (b->p != b->stack) {
-            free(b->p);
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
+    b->p = q;
+    b->cap = cap;
 }
 
 /* The request head for the upstream: the normalised target, the client's
@@ -236,8 +230,16 @@ rule_find(const char *name, size_t len)
 {
     size_t i;
 
+    if (len == 0) {
+        return NULL;
+    }
     for (i = 0; i < TG_ARRAY_LEN(rules); i++) {
         const hdr_rule *ru = &rules[i];
+        /* every rule name begins with a lower-case letter: |0x20 folds
+         * exactly its upper-case form onto it */
+        if (((unsigned char)name[0] | 0x20) != (unsigned char)ru->name[0]) {
+            continue;
+        }
         if (ru->prefix ? len > ru->len : len == ru->len) {
             if (tg_http_name_eq(name, ru->len, ru->name, ru->len)) {
                 return ru;

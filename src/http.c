@@ -1290,13 +1290,12 @@ http_ieq(const char *a, size_t alen, const char *lit, size_t litlen)
     }
     for (i = 0; i < alen; i++) {
         unsigned char x = (unsigned char) a[i], y = (unsigned char) lit[i];
-        if (x >= 'A' && x <= 'Z') {
-            x |= 0x20;
+        if (x == y) {
+            continue;                  /* the common case: no folding */
         }
-        if (y >= 'A' && y <= 'Z') {
-            y |= 0x20;
-        }
-        if (x != y) {
+        /* different bytes: equal only as the two cases of one letter */
+        x |= 0x20;
+        if (x != (y | 0x20) || x < 'a' || x > 'z') {
             return 0;
         }
     }
