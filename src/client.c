@@ -127,11 +127,13 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
 
     bufferevent_setcb(c->conn.bev, tg_client_read_cb, client_write_cb, tg_client_event_cb, c);
     bufferevent_setwatermark(c->conn.bev, EV_WRITE, TG_LOW_WATER, 0);
-    /* Pipelined requests wait in the input while one is served; past
-     * this much the bufferevent stops reading by itself. */
-    bufferevent_setwatermark(c->conn.bev, EV_READ, 0, TG_HIGH_WATER);
     bufferevent_set_timeouts(c->conn.bev, NULL, &px->send_tv);
     if (c->conn.tls) {
+        /* Pipelined requests wait in the input while one is served; past
+         * this much the bufferevent stops reading by itself.  (Our own
+         * read event on a plain socket stops there itself, bevio.c: no
+         * watermark callback on every change of its input.) */
+        bufferevent_setwatermark(c->conn.bev, EV_READ, 0, TG_HIGH_WATER);
         bufferevent_enable(c->conn.bev, EV_READ | EV_WRITE);
     } else {
         bufferevent_disable(c->conn.bev, EV_WRITE);   /* on by default: write-through */
