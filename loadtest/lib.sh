@@ -95,7 +95,8 @@ lt_start_testup() {
     LT_PIDS+=("$TESTUP_PID")
     UP_PORT=
     for ((i = 0; i < 100; i++)); do
-        UP_PORT=$(sed -n 's/^PORT=//p' "$TMP/testup.out")
+        # the shell may not have created the file yet: not an error
+        UP_PORT=$(sed -n 's/^PORT=//p' "$TMP/testup.out" 2>/dev/null || true)
         [[ -n $UP_PORT ]] && break
         kill -0 "${LT_PIDS[-1]}" 2>/dev/null || lt_die "tg-testup failed: $(cat "$TMP/testup.log")"
         sleep 0.05

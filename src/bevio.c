@@ -109,16 +109,12 @@ client_rd(evutil_socket_t fd, short what, struct tg_client *c)
 /* ---- reading the upstream ---------------------------------------------- */
 
 /* While an upstream connection is lent to us (and connected), we read it
- * with our own event instead of its bufferevent's (no FIONREAD per read);
- * the pool's idle watcher gets the bufferevent back on release. */
+ * through the connection's own read event instead of its bufferevent's
+ * (no FIONREAD per read); the pool takes it back on release. */
 void
 tg_bev_up_read_start(struct tg_client *c)
 {
-    evutil_socket_t fd = bufferevent_getfd(tg_uconn_bev(c->up.uc));
-
-    event_del(c->io.urev);
-    event_assign(c->io.urev, c->px->base, fd, EV_READ | EV_PERSIST, tg_bev_up_rd_cb, c);
-    event_add(c->io.urev, NULL);
+    tg_uconn_read_start(c->up.uc, tg_bev_up_rd_cb, c);
 }
 
 void
@@ -137,18 +133,17 @@ up_rd(evutil_socket_t fd, struct tg_client *c)
     ssize_t n;
 
     if (c->up.uc == NULL) {
-        event_del(c->io.urev);
-        return;
+        return;                           /* not reached: the pool's reader */
     }
     ub = tg_uconn_bev(c->up.uc);
     n = read_into(fd, bufferevent_get_input(ub));
     if (n > 0) {
         tg_exchange_read_cb(ub, c);
     } else if (n == 0) {
-        event_del(c->io.urev);
+        tg_uconn_read_stop(c->up.uc);
         tg_exchange_event_cb(ub, BEV_EVENT_EOF | BEV_EVENT_READING, c);
     } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        event_del(c->io.urev);
+        tg_uconn_read_stop(c->up.uc);
         tg_exchange_event_cb(ub, BEV_EVENT_ERROR | BEV_EVENT_READING, c);
     }
 }

@@ -44,6 +44,7 @@
 
 static void client_defer_cb(evutil_socket_t fd, short what, void *arg);
 static void arm_timer(struct tg_client *c, unsigned ms);
+static void disarm_timer(struct tg_client *c);
 static void client_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void head_release(struct tg_client *c);
 static void client_write_cb(struct bufferevent *bev, void *arg);
@@ -110,16 +111,12 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
     c->io.timer = tg_evtimer_new(px->base, client_timer_cb, c);
     c->io.defer = tg_event_new(px->base, -1, 0, client_defer_cb, c);
     c->io.up_timer = tg_evtimer_new(px->base, tg_exchange_timer_cb, c);
-    c->io.urev = tg_event_new(px->base, -1, 0, tg_bev_up_rd_cb, c);   /* assigned per exchange */
     TAILQ_INSERT_TAIL(&px->clients, c, link);
     px->nclients++;
     tg_metric_gauge_add(px->env->shard, TG_M_CONNECTIONS_OPEN, 0, 1);
 
     bufferevent_setcb(c->conn.bev, tg_client_read_cb, client_write_cb, tg_client_event_cb, c);
     bufferevent_setwatermark(c->conn.bev, EV_WRITE, TG_LOW_WATER, 0);
-    /* Pipelined requests wait in the input while one is served; past
-     * this much the bufferevent stops reading by itself. */
-    bufferevent_setwatermark(c->conn.bev, EV_READ, 0, TG_HIGH_WATER);
     bufferevent_set_timeouts(c->conn.bev, NULL, &px->send_tv);
     bufferevent_disable(c->conn.bev, EV_WRITE);   /* on by default: write-through */
     c->io.rev = tg_event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
@@ -153,7 +150,6 @@ tg_client_free(struct tg_client *c)
         event_free(c->io.rev);
     }
     tg_bev_tls_free(c);
-    event_free(c->io.urev);
     event_free(c->io.timer);
     event_free(c->io.defer);
     event_free(c->io.up_timer);
@@ -191,7 +187,9 @@ tg_client_kill(struct tg_client *c)
     }
     tg_upstream_admit_cancel(c->up.waiter);
     c->up.waiter = NULL;
+    c->io.deadline = 0;
     event_del(c->io.timer);
+    c->io.timer_on = 0;
     event_active(c->io.defer, EV_TIMEOUT, 1);
 }
 
@@ -249,20 +247,57 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/* The connection's deadline (idle, header, handshake, send, linger) is
+ * kept here, not in libevent: a timer left pending for an earlier time
+ * wakes early and client_timer_cb arms it again for what is left, as
+ * nginx's lazy timers do.  A kept-alive connection under load so re-arms
+ * it about once per idle timeout instead of an event_del and an
+ * event_add (two min-heap operations) per request. */
 static void
 arm_timer(struct tg_client *c, unsigned ms)
 {
-    struct timeval tv = tg_ms_tv(ms);
-    evtimer_add(c->io.timer, &tv);
+    uint64_t when = tg_now_ms() + ms;
+
+    c->io.deadline = when;
+    if (!c->io.timer_on || c->io.timer_at > when) {
+        struct timeval tv = tg_ms_tv(ms);
+
+        evtimer_add(c->io.timer, &tv);
+        c->io.timer_at = when;
+        c->io.timer_on = 1;
+    }
+}
+
+/* No deadline; the timer, if pending, fires and finds none. */
+static void
+disarm_timer(struct tg_client *c)
+{
+    c->io.deadline = 0;
 }
 
 static void
 client_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_client *c = arg;
+    uint64_t now;
 
     TG_UNUSED(fd);
     TG_UNUSED(what);
+    c->io.timer_on = 0;
+    if (c->io.deadline == 0) {
+        return;                          /* disarmed since */
+    }
+    now = tg_now_ms();
+    if (now < c->io.deadline) {
+        /* early: armed for an earlier deadline, or clock granularity */
+        struct timeval tv = tg_ms_tv(c->io.deadline - now);
+
+        evtimer_add(c->io.timer, &tv);
+        c->io.timer_at = c->io.deadline;
+        c->io.timer_on = 1;
+        return;
+    }
+    c->io.deadline = 0;
     switch (c->conn.state) {
     case C_HEAD:
         if (evbuffer_get_length(bufferevent_get_input(c->conn.bev)) == 0) {
@@ -304,7 +339,7 @@ tg_client_next_request(struct tg_client *c)
          * water) comes back here; the send timeout bounds the wait. */
         c->conn.out_wait = 1;
         tg_bev_rd_off(c);
-        event_del(c->io.timer);
+        disarm_timer(c);
         return;
     }
     c->conn.out_wait = 0;
@@ -388,7 +423,7 @@ client_write_cb(struct bufferevent *bev, void *arg)
     }
     if (c->conn.state == C_BUSY && c->rs.paused && c->up.uc != NULL) {
         c->rs.paused = 0;
-        event_add(c->io.urev, NULL);
+        tg_bev_up_read_start(c);
         tg_exchange_relay_response(c);
     }
 }
@@ -532,7 +567,7 @@ handle_head(struct tg_client *c)
         return;
     }
     evbuffer_drain(in, c->rq.req.head_len);
-    event_del(c->io.timer);
+    disarm_timer(c);
     c->io.head_timer_on = 0;
     start_request(c);
 }
@@ -596,7 +631,15 @@ reqid_ok(const char *v, size_t len)
 static void
 make_request_id(struct tg_client *c)
 {
-    static const char hex[] = "0123456789abcdef";
+    static const char hex2[] =
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+        "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+        "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"
+        "606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f"
+        "808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f"
+        "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf"
+        "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+        "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
     struct tg_proxy *px = c->px;
     const tg_http_hdr *h;
     size_t i;
@@ -619,8 +662,8 @@ make_request_id(struct tg_client *c)
         s1 ^= s1 << 23;
         px->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
         r = px->rng[1] + s0;
-        for (i = 0; i < 16; i++) {
-            c->rq.reqid[k * 16 + (int)i] = hex[(r >> (i * 4)) & 0xf];
+        for (i = 0; i < 8; i++) {      /* a byte (two digits) at a time */
+            memcpy(&c->rq.reqid[k * 16 + (int)i * 2], &hex2[((r >> (i * 8)) & 0xff) * 2], 2);
         }
     }
     c->rq.reqid_len = 32;
@@ -784,7 +827,7 @@ tg_client_respond(struct tg_client *c, int status, const char *code, const char 
     c->rs.started = 1;
     c->rs.status = status;
     tg_client_account(c);
-    event_del(c->io.timer);
+    disarm_timer(c);
     if (c->conn.close_after) {
         tg_client_close_after_flush(c);
     } else {

@@ -125,15 +125,29 @@ tg_parse_dec(const char *s, size_t len, unsigned long max, unsigned long *out)
 size_t
 tg_u64_dec(char *p, uint64_t v)
 {
-    char tmp[20];
-    size_t n = 0, i;
+    static const char d2[] =
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+        "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+        "8081828384858687888990919293949596979899";
+    size_t n = 1, i;
+    uint64_t t = v;
 
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0);
-    for (i = 0; i < n; i++) {
-        p[i] = tmp[n - 1 - i];
+    while (t >= 10) {                  /* the length first: written in place */
+        t /= 10;
+        n++;
+    }
+    i = n;
+    while (v >= 100) {                 /* two digits per division */
+        unsigned r = (unsigned)(v % 100);
+        v /= 100;
+        p[--i] = d2[2 * r + 1];
+        p[--i] = d2[2 * r];
+    }
+    if (v >= 10) {
+        p[--i] = d2[2 * v + 1];
+        p[--i] = d2[2 * v];
+    } else {
+        p[--i] = (char)('0' + v);
     }
     return n;
 }

@@ -96,12 +96,16 @@ tg_evmem_installed(void)
 static int
 class_up(size_t size)
 {
-    int s = EVMEM_MIN_SHIFT;
+    int s;
 
-    while (s <= EVMEM_MAX_SHIFT && ((size_t)1 << s) < size) {
-        s++;
+    if (size <= ((size_t)1 << EVMEM_MIN_SHIFT)) {
+        return 0;
     }
-    return s <= EVMEM_MAX_SHIFT ? s - EVMEM_MIN_SHIFT : -1;
+    if (size > ((size_t)1 << EVMEM_MAX_SHIFT)) {
+        return -1;
+    }
+    s = 64 - __builtin_clzll((unsigned long long)(size - 1));   /* 2^s >= size */
+    return s - EVMEM_MIN_SHIFT;
 }
 
 /* The largest class a block of usable bytes can serve, or -1 (too small,
@@ -110,16 +114,12 @@ class_up(size_t size)
 static int
 class_down(size_t usable)
 {
-    int s = EVMEM_MAX_SHIFT;
-
     if (usable < ((size_t)1 << EVMEM_MIN_SHIFT)
         || usable >= ((size_t)2 << EVMEM_MAX_SHIFT)) {
         return -1;                             /* a big block: not kept */
     }
-    while (((size_t)1 << s) > usable) {
-        s--;
-    }
-    return s - EVMEM_MIN_SHIFT;
+    /* 2^s <= usable < 2^(s+1) */
+    return 63 - __builtin_clzll((unsigned long long)usable) - EVMEM_MIN_SHIFT;
 }
 
 static evmem_cache *

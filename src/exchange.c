@@ -111,10 +111,9 @@ tg_exchange_forward(struct tg_client *c)
     /* A new connection writes when the connect completes; a reused one
      * is written through at once (tg_bev_up_flush). */
     if (c->up.connected) {
-        /* ours while lent; added before the pool's is removed, so the fd
-         * never stops being watched for reading: no epoll_ctl */
+        /* the connection's own read event, already watching the fd: no
+         * event operation, no epoll_ctl */
         tg_bev_up_read_start(c);
-        bufferevent_disable(ub, EV_READ);
     } else {
         bufferevent_enable(ub, EV_WRITE);      /* the connect; reads after it */
     }
@@ -386,7 +385,7 @@ up_failed(struct tg_client *c, int status, const char *code, const char *msg)
 
         c->up.uc = NULL;
         event_del(c->io.up_timer);
-        event_del(c->io.urev);
+        tg_uconn_read_stop(old);
         c->up.retried = 1;
         c->up.avoid = old;
         tg_exchange_forward(c);
@@ -426,12 +425,7 @@ tg_exchange_end(struct tg_client *c, int reusable)
     if (c->up.uc == NULL) {
         return;
     }
-    if (reusable && c->rq.done) {
-        /* back to the pool's idle watcher, which reads again before our
-         * event stops (no epoll_ctl) */
-        bufferevent_enable(tg_uconn_bev(c->up.uc), EV_READ);
-    }
-    event_del(c->io.urev);
+    /* the pool's idle watch takes over the connection's read event */
     tg_upstream_release(c->up.uc, reusable && c->rq.done);
     c->up.uc = NULL;
     c->up.state = U_NONE;
@@ -571,7 +565,7 @@ tg_exchange_relay_response(struct tg_client *c)
                 continue;
             }
             c->rs.paused = 1;
-            event_del(c->io.urev);
+            tg_uconn_read_stop(c->up.uc);
             return;
         }
         if (c->rs.body == TG_BODY_LENGTH) {

@@ -51,6 +51,27 @@ static const hdr_rule rules[] = {
 };
 
 #define XFF_MAX 8             /* X-Forwarded-For headers kept from a trusted proxy */
+#define BY_LETTER_MAX 6       /* rules sharing a first letter, at most */
+
+/* The rules by the first letter of their name (every name begins with a
+ * lower-case letter), in table order: rule_find looks at a letter's few
+ * only.  Built once at load, read-only after. */
+static unsigned char by_letter[26][BY_LETTER_MAX];
+static unsigned char n_by_letter[26];
+
+__attribute__((constructor)) static void
+rules_index(void)
+{
+    size_t i;
+
+    for (i = 0; i < TG_ARRAY_LEN(rules); i++) {
+        unsigned l = (unsigned)(rules[i].name[0] - 'a');
+        if (l >= 26 || n_by_letter[l] == BY_LETTER_MAX) {
+            abort();                  /* a rule table this index cannot hold */
+        }
+        by_letter[l][n_by_letter[l]++] = (unsigned char)i;
+    }
+}
 
 static const hdr_rule *rule_find(const char *name, size_t len);
 static int has_connection(const tg_http_hdr *hdr, size_t n);
@@ -61,23 +82,17 @@ static int put_num(char *out, unsigned long long v);
 /* ---- public ----------------------------------------------------------- */
 
 void
-tg_hbuf_add(tg_hbuf *b, const char *s, size_t n)
+tg_hbuf_grow(tg_hbuf *b, size_t n)
 {
-    if (n == 0) {
-        return;                 /* s may be NULL (no Host in HTTP/1.0) */
+    size_t cap = (b->len + n) * 2;
+    char *q = tg_xmalloc(cap);
+
+    memcpy(q, b->p, b->len);
+    if (b->p != b->stack) {
+        free(b->p);
     }
-    if (b->len + n > b->cap) {
-        size_t cap = (b->len + n) * 2;
-        char *q = tg_xmalloc(cap);
-        memcpy(q, b->p, b->len);
-        if (b->p != b->stack) {
-            free(b->p);
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
+    b->p = q;
+    b->cap = cap;
 }
 
 /* The request head for the upstream: the normalised target, the client's
@@ -234,12 +249,22 @@ tg_headers_response(tg_hbuf *hb, const tg_http_resp *rs, const tg_headers_down *
 static const hdr_rule *
 rule_find(const char *name, size_t len)
 {
-    size_t i;
+    unsigned l, k;
 
-    for (i = 0; i < TG_ARRAY_LEN(rules); i++) {
-        const hdr_rule *ru = &rules[i];
+    if (len == 0) {
+        return NULL;
+    }
+    /* |0x20 folds an upper-case letter onto its lower case; any byte that
+     * is not a letter lands outside 'a'..'z' or on a letter no rule
+     * begins with, or fails the full comparison */
+    l = (unsigned)(((unsigned char)name[0] | 0x20) - 'a');
+    if (l >= 26) {
+        return NULL;
+    }
+    for (k = 0; k < n_by_letter[l]; k++) {
+        const hdr_rule *ru = &rules[by_letter[l][k]];
         if (ru->prefix ? len > ru->len : len == ru->len) {
-            if (tg_http_name_is(name, ru->len, ru->name)) {
+            if (tg_http_name_eq(name, ru->len, ru->name, ru->len)) {
                 return ru;
             }
         }

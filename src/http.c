@@ -544,9 +544,9 @@ tg_chunked_decode(tg_chunked *c, const char *in, size_t len,
 /* ------------------------------------------------------------------ */
 
 int
-tg_http_name_is(const char *name, size_t len, const char *lit)
+tg_http_name_eq(const char *name, size_t len, const char *lit, size_t litlen)
 {
-    return http_ieq(name, len, lit, strlen(lit));
+    return http_ieq(name, len, lit, litlen);
 }
 
 int
@@ -1290,13 +1290,12 @@ http_ieq(const char *a, size_t alen, const char *lit, size_t litlen)
     }
     for (i = 0; i < alen; i++) {
         unsigned char x = (unsigned char) a[i], y = (unsigned char) lit[i];
-        if (x >= 'A' && x <= 'Z') {
-            x |= 0x20;
+        if (x == y) {
+            continue;                  /* the common case: no folding */
         }
-        if (y >= 'A' && y <= 'Z') {
-            y |= 0x20;
-        }
-        if (x != y) {
+        /* different bytes: equal only as the two cases of one letter */
+        x |= 0x20;
+        if (x != (y | 0x20) || x < 'a' || x > 'z') {
             return 0;
         }
     }

@@ -701,6 +701,10 @@ hdr_u32(char **p, const char *end, uint32_t v)
 {
     char d[20];
 
+    if (end - *p >= 20) {              /* room for any: written in place */
+        *p += tg_u64_dec(*p, v);
+        return 1;
+    }
     return tg_cat(p, end, d, tg_u64_dec(d, v));
 }
 

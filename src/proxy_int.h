@@ -114,12 +114,17 @@ struct tg_client {
     } conn;
 
     struct {
-        struct event       *timer;      /* idle / header / linger deadline */
-        int                 head_timer_on;  /* timer is the header deadline */
+        struct event       *timer;      /* idle / header / linger deadline,
+                                           lazy (client.c, arm_timer) */
+        uint64_t            deadline;   /* tg_now_ms of the deadline, 0: none */
+        uint64_t            timer_at;   /* ... timer is pending for (if on) */
+        int                 timer_on;   /* timer pending */
+        int                 head_timer_on;  /* deadline is the header deadline */
         struct event       *defer;      /* free, or serve a pipelined request */
         struct event       *rev;        /* our own read event */
+        int                 rd_on;      /* rev added (tg_bev_rd_on/off only) */
+        int                 rd_timed;   /* ... with the body timeout */
         struct event       *wev;        /* TLS: our write event, or NULL */
-        struct event       *urev;       /* our read event on the lent upstream */
         struct event       *up_timer;   /* the exchange's deadlines (up.*) */
     } io;
 
@@ -249,9 +254,9 @@ void tg_exchange_timer_cb(evutil_socket_t fd, short what, void *arg);
 
 /* ---- bevio.c ---------------------------------------------------------- */
 
-/* Our read event on a plain client socket (c->io.rev); on the lent
- * upstream connection (c->io.urev), which tg_bev_up_read_start points at
- * it once connected. */
+/* Our read event on a plain client socket (c->io.rev); the reader of the
+ * lent upstream connection's own read event, which tg_bev_up_read_start
+ * points at c once connected (upstream.h, tg_uconn_read_start). */
 void tg_bev_client_rd_cb(evutil_socket_t fd, short what, void *arg);
 void tg_bev_up_rd_cb(evutil_socket_t fd, short what, void *arg);
 void tg_bev_up_read_start(struct tg_client *c);
@@ -283,12 +288,20 @@ static inline void
 tg_bev_rd_on(struct tg_client *c, const struct timeval *timeout)
 {
     if (c->io.rev != NULL) {
+        if (timeout == NULL && c->io.rd_on && !c->io.rd_timed) {
+            if (c->conn.ssl != NULL) {
+                tg_bev_tls_kick(c);     /* records already read: no readiness */
+            }
+            return;                     /* as it is: no event_add per request */
+        }
         /* event_add with NULL keeps a pending timeout: remove it, so a
          * body timeout never outlives the body */
         event_add(c->io.rev, timeout);
         if (timeout == NULL) {
             event_remove_timer(c->io.rev);
         }
+        c->io.rd_on = 1;
+        c->io.rd_timed = timeout != NULL;
         if (c->conn.ssl != NULL) {
             tg_bev_tls_kick(c);    /* records already read: no readiness */
         }
@@ -303,6 +316,8 @@ tg_bev_rd_off(struct tg_client *c)
 {
     if (c->io.rev != NULL) {
         event_del(c->io.rev);
+        c->io.rd_on = 0;
+        c->io.rd_timed = 0;
     } else {
         bufferevent_disable(c->conn.bev, EV_READ);
     }

@@ -4,7 +4,16 @@
  * Idle connections are watched: any byte or EOF from an idle upstream
  * means the server closed (or broke) it, so it is dropped at once rather
  * than handed to the next request.  An idle connection also expires after
- * upstream.keepalive_timeout_ms (bufferevent read timeout).
+ * upstream.keepalive_timeout_ms.
+ *
+ * Every connection is read through one persistent event of its own
+ * (uc->rev), from the first lending that reads it to its free: while lent
+ * it calls the borrower's reader (tg_uconn_read_start), while idle it
+ * drops the connection.  Lending and giving back change no event (no
+ * event_add/event_del, no min-heap operation per request).  The idle
+ * deadlines are kept in the idle lists, not in libevent: a list is in
+ * release order from its tail, so one pool timer (itimer), armed when it
+ * is not, expires the tails at their exact deadlines.
  *
  * Each server of a pool has its own breaker (this worker's view of that
  * server) and shares the health checker's up/down flag with every worker.
@@ -69,7 +78,9 @@ struct tg_upstream_pool {
     size_t             nservers;
     size_t             next;           /* round-robin cursor */
     unsigned           keepalive;      /* max idle per server */
-    struct timeval     idle_tv;
+    uint64_t           idle_ms;        /* keepalive_timeout_ms */
+    struct event      *itimer;         /* the oldest idle deadline */
+    int                itimer_on;      /* itimer pending */
     tg_conf           *conf;           /* reference: addresses live there */
     uint64_t         (*now_ms)(void);  /* breaker clock: tg_now_ms or a test's */
     int                adaptive;       /* adaptive: configured */
@@ -96,6 +107,11 @@ struct tg_uconn {
     struct tg_upstream_pool *pool;
     tg_userver         *server;
     struct bufferevent *bev;
+    struct event       *rev;           /* persistent read event (see the top) */
+    int                 rev_on;        /* rev added */
+    void              (*reader)(evutil_socket_t fd, short what, void *arg);
+    void               *reader_arg;    /* the borrower's, while lent */
+    uint64_t            idle_until;    /* idle: expires then (pool->now_ms) */
     int                 idle;          /* in the idle list */
     int                 reported;      /* outcome given for this lending */
     unsigned            gen;           /* server->gen when lent */
@@ -114,8 +130,8 @@ static struct tg_uconn *lend(struct tg_upstream_pool *pool, tg_userver *srv,
 static void breaker_hook(void *arg, enum tg_breaker_state from,
                          enum tg_breaker_state to);
 static void uconn_free(struct tg_uconn *uc);
-static void idle_read_cb(struct bufferevent *bev, void *arg);
-static void idle_event_cb(struct bufferevent *bev, short what, void *arg);
+static void uconn_rd_cb(evutil_socket_t fd, short what, void *arg);
+static void itimer_cb(evutil_socket_t fd, short what, void *arg);
 static void report(struct tg_uconn *uc, int ok, int error);
 static void adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf);
 static int has_room(struct tg_upstream_pool *pool);
@@ -150,7 +166,8 @@ tg_upstream_pool_create(struct event_base *base, const tg_conf *conf)
                       ? conf->upstream.keepalive
                       : conf->http.max_connections != 0
                       ? conf->http.max_connections : UINT_MAX;
-    pool->idle_tv = tg_ms_tv(conf->upstream.keepalive_timeout_ms);
+    pool->idle_ms = conf->upstream.keepalive_timeout_ms;
+    pool->itimer = tg_evtimer_new(base, itimer_cb, pool);
     pool->now_ms = tg_now_ms;
     memset(&bc, 0, sizeof(bc));
     bc.failures = conf->upstream.breaker.failures;
@@ -207,6 +224,7 @@ tg_upstream_pool_destroy(struct tg_upstream_pool *pool)
         event_free(pool->wake);
         event_free(pool->qtimer);
     }
+    event_free(pool->itimer);
     free(pool->servers);
     tg_conf_unref(pool->conf);
     free(pool);
@@ -358,15 +376,48 @@ tg_upstream_release(struct tg_uconn *uc, int reusable)
         uconn_free(uc);
         return;
     }
-    bufferevent_setcb(uc->bev, idle_read_cb, NULL, idle_event_cb, uc);
-    bufferevent_set_timeouts(uc->bev, &pool->idle_tv, NULL);
-    bufferevent_setwatermark(uc->bev, EV_READ, 0, 0);
-    bufferevent_setwatermark(uc->bev, EV_WRITE, 0, 0);
-    bufferevent_disable(uc->bev, EV_WRITE);
-    bufferevent_enable(uc->bev, EV_READ);
+    bufferevent_setcb(uc->bev, NULL, NULL, NULL, NULL);
+    if (bufferevent_get_enabled(uc->bev) & EV_WRITE) {
+        bufferevent_disable(uc->bev, EV_WRITE);
+    }
+    uc->reader = NULL;
+    uc->reader_arg = NULL;
+    if (!uc->rev_on) {
+        /* never read, or paused by its borrower: watch it again */
+        event_add(uc->rev, NULL);
+        uc->rev_on = 1;
+    }
     uc->idle = 1;
+    uc->idle_until = pool->now_ms() + pool->idle_ms;
     TAILQ_INSERT_HEAD(&srv->idle, uc, link);   /* LIFO: warmest first */
     srv->nidle++;
+    if (!pool->itimer_on) {
+        struct timeval tv = tg_ms_tv(pool->idle_ms);
+
+        evtimer_add(pool->itimer, &tv);
+        pool->itimer_on = 1;
+    }
+}
+
+void
+tg_uconn_read_start(struct tg_uconn *uc,
+                    void (*cb)(evutil_socket_t fd, short what, void *arg), void *arg)
+{
+    uc->reader = cb;
+    uc->reader_arg = arg;
+    if (!uc->rev_on) {
+        event_add(uc->rev, NULL);
+        uc->rev_on = 1;
+    }
+}
+
+void
+tg_uconn_read_stop(struct tg_uconn *uc)
+{
+    if (uc->rev_on) {
+        event_del(uc->rev);
+        uc->rev_on = 0;
+    }
 }
 
 /* ---- selection ------------------------------------------------------ */
@@ -417,8 +468,6 @@ lend(struct tg_upstream_pool *pool, tg_userver *srv, int *reused, uint64_t now)
         TAILQ_REMOVE(&srv->idle, uc, link);
         srv->nidle--;
         uc->idle = 0;
-        bufferevent_setcb(uc->bev, NULL, NULL, NULL, NULL);
-        bufferevent_set_timeouts(uc->bev, NULL, NULL);
         *reused = 1;
         goto lent;
     }
@@ -435,6 +484,7 @@ lend(struct tg_upstream_pool *pool, tg_userver *srv, int *reused, uint64_t now)
     uc->pool = pool;
     uc->server = srv;
     uc->bev = tg_bufferevent_socket_new(pool->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    uc->rev = tg_event_new(pool->base, fd, EV_READ | EV_PERSIST, uconn_rd_cb, uc);
     /* A refused or failed connect is reported through the event callback
      * the borrower installs; only immediate errors show here. */
     if (bufferevent_socket_connect(uc->bev, (struct sockaddr *)&srv->addr->sa,
@@ -498,25 +548,58 @@ uconn_free(struct tg_uconn *uc)
         TAILQ_REMOVE(&uc->server->idle, uc, link);
         uc->server->nidle--;
     }
+    event_free(uc->rev);               /* before the fd closes */
     bufferevent_free(uc->bev);
     free(uc);
 }
 
 static void
-idle_read_cb(struct bufferevent *bev, void *arg)
+uconn_rd_cb(evutil_socket_t fd, short what, void *arg)
 {
-    /* An idle upstream has nothing to say: bytes here mean a broken
-     * server or a stray response; either way the connection is unusable. */
-    TG_UNUSED(bev);
-    uconn_free(arg);
+    struct tg_uconn *uc = arg;
+
+    if (uc->reader != NULL) {
+        uc->reader(fd, what, uc->reader_arg);
+        return;
+    }
+    if (uc->idle) {
+        /* An idle upstream has nothing to say: bytes or EOF here mean a
+         * closed or broken server, or a stray response; either way the
+         * connection is unusable. */
+        uconn_free(uc);
+        return;
+    }
+    tg_uconn_read_stop(uc);            /* lent, nobody reading: level-triggered */
 }
 
+/* The oldest idle connections (the lists' tails) expire at their
+ * deadlines; armed again for the next oldest, if any. */
 static void
-idle_event_cb(struct bufferevent *bev, short what, void *arg)
+itimer_cb(evutil_socket_t fd, short what, void *arg)
 {
-    TG_UNUSED(bev);
+    struct tg_upstream_pool *pool = arg;
+    uint64_t now = pool->now_ms(), next = 0;
+    struct tg_uconn *uc;
+    size_t i;
+
+    TG_UNUSED(fd);
     TG_UNUSED(what);
-    uconn_free(arg);
+    pool->itimer_on = 0;
+    for (i = 0; i < pool->nservers; i++) {
+        while ((uc = TAILQ_LAST(&pool->servers[i].idle, tg_uconn_list)) != NULL
+               && uc->idle_until <= now) {
+            uconn_free(uc);
+        }
+        if (uc != NULL && (next == 0 || uc->idle_until < next)) {
+            next = uc->idle_until;
+        }
+    }
+    if (next != 0) {
+        struct timeval tv = tg_ms_tv(next - now);
+
+        evtimer_add(pool->itimer, &tv);
+        pool->itimer_on = 1;
+    }
 }
 
 /* ---- adaptive concurrency ---------------------------------------------- */

@@ -30,6 +30,7 @@
 
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "tollgate/cidr.h"
 #include "tollgate/http.h"
@@ -61,8 +62,24 @@ tg_hbuf_free(tg_hbuf *b)
     b->p = b->stack;
 }
 
-/* Append n bytes of s (s may be NULL when n is 0). */
-void tg_hbuf_add(tg_hbuf *b, const char *s, size_t n);
+/* Make room for n more bytes (the slow path of tg_hbuf_add). */
+void tg_hbuf_grow(tg_hbuf *b, size_t n);
+
+/* Append n bytes of s (s may be NULL when n is 0).  Inline: a head is a
+ * few dozen short pieces, most of them literals whose copy the compiler
+ * makes in a move or two. */
+static inline void
+tg_hbuf_add(tg_hbuf *b, const char *s, size_t n)
+{
+    if (n == 0) {
+        return;                 /* s may be NULL (no Host in HTTP/1.0) */
+    }
+    if (b->len + n > b->cap) {
+        tg_hbuf_grow(b, n);
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
 
 /* What the proxy knows of a request beyond its head. */
 typedef struct tg_headers_up {

@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 
 #include "tollgate/common.h"
@@ -120,8 +121,18 @@ void tg_chunked_init(tg_chunked *c);
 ssize_t tg_chunked_decode(tg_chunked *c, const char *in, size_t len,
                           tg_chunked_data_cb cb, void *arg);
 
-/* Case-insensitive comparison of a header name with a C string. */
-int tg_http_name_is(const char *name, size_t len, const char *lit);
+/* Case-insensitive comparison of a header name with lit[0..litlen). */
+int tg_http_name_eq(const char *name, size_t len, const char *lit, size_t litlen);
+
+/* ... with a C string (inline: a literal's length is known at compile
+ * time, and most names differ in length: no call, no strlen). */
+static inline int
+tg_http_name_is(const char *name, size_t len, const char *lit)
+{
+    size_t n = strlen(lit);
+
+    return len == n && tg_http_name_eq(name, len, lit, n);
+}
 
 /* 1 if name is hop-by-hop (never forwarded): Connection, Keep-Alive,
  * Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade, Expect,

@@ -96,8 +96,19 @@ void tg_upstream_report(struct tg_uconn *uc, int ok);
  * error. */
 void tg_upstream_report_status(struct tg_uconn *uc, int status);
 
-/* The connection's bufferevent; callbacks are the borrower's while lent. */
+/* The connection's bufferevent; callbacks are the borrower's while lent.
+ * Its EV_READ stays off: the connection is read through its own event,
+ * below (the bufferevent's input buffer is the borrower's to fill). */
 struct bufferevent *tg_uconn_bev(struct tg_uconn *uc);
+/* While lent (and connected): the connection's persistent read event calls
+ * cb(fd, what, arg) until released; called again after a stop, it resumes
+ * reading.  tg_uconn_read_stop: no more reads until then (a paused relay,
+ * or EOF: the event is level-triggered).  Neither touches libevent when
+ * nothing changes, so a kept-alive connection costs no event operation
+ * per exchange. */
+void tg_uconn_read_start(struct tg_uconn *uc,
+                         void (*cb)(evutil_socket_t fd, short what, void *arg), void *arg);
+void tg_uconn_read_stop(struct tg_uconn *uc);
 /* Printable server address ("127.0.0.1:8000"). */
 const char *tg_uconn_server(const struct tg_uconn *uc);
 

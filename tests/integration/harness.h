@@ -174,6 +174,7 @@ typedef struct tgh_tg_opts {
     int  first_byte_timeout_ms;
     int  total_timeout_ms;
     int  keepalive;
+    int  keepalive_timeout_ms;         /* upstream's; 0: not written (default) */
     const char *store;                 /* "local" (default) or "redis" */
     int         tls_port;              /* > 0: a second listener with TLS */
     const char *tls_cert, *tls_key;    /* its PEM files */

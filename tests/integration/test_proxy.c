@@ -1287,3 +1287,111 @@ Test(proxy, header_and_idle_timeouts)
     TGH_CHECK(extra == 0, "%zu bytes sent on an idle connection", extra);
     tgh_conn_close(c);
 }
+
+/* GET / n times on c, each answered 200, gap_ms apart. */
+static void get_n(tgh_conn *c, int n, int gap_ms)
+{
+    const char *req = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    for (int i = 0; i < n; i++) {
+        tgh_resp r;
+        int rc = tgh_conn_roundtrip(c, req, strlen(req), &r, 0, 5000);
+        TGH_CHECK(rc == 0 && r.status == 200, "request %d of %d: rc %d, "
+                  "status %d", i + 1, n, rc, r.status);
+        tgh_resp_free(&r);
+        if (gap_ms > 0)
+            tgh_sleep_ms(gap_ms);
+    }
+}
+
+static void idle_2500_header_1000(tgh_tg_opts *o)
+{
+    o->header_timeout_ms = 1000;
+    o->idle_timeout_ms = 2500;
+}
+
+/* The connection's timer is lazy (armed for an earlier deadline, it wakes
+ * and re-arms for what is left; a shorter deadline re-arms it at once): a
+ * connection kept busy past the first idle deadline stays open; once idle
+ * it is closed after idle_timeout_ms from its last response, not from an
+ * earlier request; and a header deadline shorter than the idle one that
+ * the timer was armed for fires at its own time. */
+Test(proxy, lazy_client_timer_keeps_each_deadline)
+{
+    start_testup(idle_2500_header_1000);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    uint64_t t0 = tgh_now_ms();
+    /* ~3.5 s of requests 5 ms apart: every idle deadline is re-armed */
+    while (tgh_now_ms() - t0 < 3500)
+        get_n(c, 20, 5);
+    uint64_t t1 = tgh_now_ms();
+    size_t extra = 0;
+    int closed = tgh_conn_wait_closed(c, 5000, &extra);
+    uint64_t dt = tgh_now_ms() - t1;
+    TGH_CHECK(closed && dt >= 2300 && dt <= 4500, "idle after %llu ms of "
+              "requests: closed=%d after %llu ms (idle_timeout_ms 2500)",
+              (unsigned long long)(t1 - t0), closed, (unsigned long long)dt);
+    TGH_CHECK(extra == 0, "%zu bytes sent on an idle connection", extra);
+    tgh_conn_close(c);
+
+    /* 1.2 s of requests (the timer, armed at the accept for its header
+     * deadline, wakes after 1 s and is armed again for the idle deadline,
+     * 2.5 s from the last response), then a head that stops half-way:
+     * its header deadline, 1000 ms from its first byte, comes first */
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    t0 = tgh_now_ms();
+    while (tgh_now_ms() - t0 < 1200)
+        get_n(c, 10, 5);
+    t1 = tgh_now_ms();
+    tgh_conn_sendstr(c, "GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ");
+    size_t got = 0;
+    unsigned char *rest = tgh_conn_read_all(c, 5000, &got, &closed);
+    dt = tgh_now_ms() - t1;
+    TGH_CHECK(closed && dt >= 800 && dt <= 1800, "incomplete head after "
+              "1.2 s of requests: closed=%d after %llu ms (header_timeout_ms 1000, "
+              "idle_timeout_ms 2500)",
+              closed, (unsigned long long)dt);
+    TGH_CHECK(got != 0 && strncmp((char *)rest, "HTTP/1.1 408 ", 13) == 0,
+              "header timeout answered with '%.40s', expected 408", (char *)rest);
+    free(rest);
+    tgh_conn_close(c);
+}
+
+static void short_upstream_keepalive(tgh_tg_opts *o)
+{
+    o->workers = 1;
+    o->keepalive_timeout_ms = 1000;
+}
+
+/* The upstream pool's idle deadlines (one lazy timer for the pool, the
+ * oldest idle connection first): a connection in use past the first
+ * deadline is kept and reused; idle, it is closed after
+ * keepalive_timeout_ms from its last release (a new one is opened), and
+ * not before. */
+Test(proxy, upstream_keepalive_timeout_after_reuse)
+{
+    start_testup(short_upstream_keepalive);
+    tgh_stats s0, s1;
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    get_n(c, 1, 0);
+    TGH_CHECK(tgh_testup_stats(up.port, &s0) == 0, "/__stats");
+    uint64_t t0 = tgh_now_ms();
+    while (tgh_now_ms() - t0 < 2500)      /* past two idle deadlines */
+        get_n(c, 20, 5);
+    tgh_sleep_ms(400);
+    get_n(c, 1, 0);
+    TGH_CHECK(tgh_testup_stats(up.port, &s1) == 0, "/__stats");
+    /* +1: the connection of our own /__stats call */
+    TGH_CHECK(s1.connections == s0.connections + 1, "upstream connections "
+              "%ld -> %ld over 2.9 s of reuse (keepalive_timeout_ms 1000): "
+              "an idle connection in use expired", s0.connections, s1.connections);
+    tgh_sleep_ms(2000);
+    get_n(c, 1, 0);
+    TGH_CHECK(tgh_testup_stats(up.port, &s0) == 0, "/__stats");
+    TGH_CHECK(s0.connections == s1.connections + 2, "upstream connections "
+              "%ld -> %ld after 2 s idle (keepalive_timeout_ms 1000): the "
+              "idle connection was not closed", s1.connections, s0.connections);
+    tgh_conn_close(c);
+}

@@ -337,3 +337,31 @@ Test(common, parse_dec)
     cr_expect_eq(tg_parse_dec("163845", 3, 16383, &v), TG_OK, "only len bytes read");
     cr_expect_eq(v, 163);
 }
+
+/* Every length of decimal, and the two-digit steps' edges. */
+Test(tg_u64_dec, every_length_and_the_edges)
+{
+    static const uint64_t v[] = {
+        0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 4294967295u, 4294967296u,
+        10000000000000000000u, UINT64_MAX,
+    };
+    char want[32], got[32];
+
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+        int wn = snprintf(want, sizeof(want), "%llu", (unsigned long long)v[i]);
+        size_t n = tg_u64_dec(got, v[i]);
+        cr_assert_eq(n, (size_t)wn, "%s: length %zu", want, n);
+        cr_assert(memcmp(got, want, n) == 0, "%s: got %.*s", want, (int)n, got);
+    }
+    for (uint64_t x = 1, k = 1; k <= 20; k++, x *= 10) {   /* 10^k - 1 and 10^k */
+        int wn = snprintf(want, sizeof(want), "%llu", (unsigned long long)(x - 1));
+        cr_assert_eq(tg_u64_dec(got, x - 1), (size_t)wn);
+        cr_assert(memcmp(got, want, (size_t)wn) == 0, "%s", want);
+        if (k == 20) {
+            break;                     /* 10^20 does not fit */
+        }
+        wn = snprintf(want, sizeof(want), "%llu", (unsigned long long)x);
+        cr_assert_eq(tg_u64_dec(got, x), (size_t)wn);
+        cr_assert(memcmp(got, want, (size_t)wn) == 0, "%s", want);
+    }
+}

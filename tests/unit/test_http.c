@@ -1124,6 +1124,13 @@ Test(http_helpers, name_is)
     cr_assert_not(tg_http_name_is("Hos", 3, "host"));
     cr_assert_not(tg_http_name_is("Hist", 4, "host"));
     cr_assert(tg_http_name_is("", 0, ""));
+    /* bytes that |0x20 folds onto each other but are not letters */
+    cr_assert_not(tg_http_name_is("x\ra", 3, "x-a"));
+    cr_assert_not(tg_http_name_is("@", 1, "`"));
+    cr_assert_not(tg_http_name_is("[", 1, "{"));
+    cr_assert(tg_http_name_is("X-API-KEY", 9, "x-api-key"));
+    cr_assert(tg_http_name_is("x-api-key", 9, "X-Api-Key"));
+    cr_assert(tg_http_name_eq("Content-Typex", 12, "content-type", 12));
 }
 
 Test(http_helpers, hop_by_hop)
