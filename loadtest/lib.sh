@@ -167,7 +167,7 @@ lt_rcli() { "${REDIS_CLI:-redis-cli}" -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 # LT_TLS=1: the listener speaks TLS 1.3 only (lt_gen_cert's pair,
 # nginx's default session settings), SCHEME[NAME]=https.
 lt_start_nginx() {
-    local name=$1 kind=$2 port dir limit_zone='' limit='' ssl='' sslconf='' mods='' lua=''
+    local name=$1 kind=$2 port dir limit_zone='' limit='' ssl='' sslconf='' mods='' lua='' fwd=''
     [[ -x ${NGINX:=/usr/sbin/nginx} ]] || lt_die "nginx not found at $NGINX (apt-get install nginx-light)"
     port=$(lt_free_port)
     dir=$TMP/$name
@@ -191,6 +191,13 @@ lt_start_nginx() {
             proxy_set_header X-Forwarded-Proto \$scheme;
             proxy_set_header X-Request-ID \$request_id;
             proxy_set_header X-Consumer-ID \$consumer_id;"
+    fi
+    if [[ ${NGINX_FWD:-0} == 1 && $kind != kong ]]; then
+        # what a production proxy_pass config forwards (and tollgate
+        # always does): the upstream then parses as much as behind tollgate
+        fwd="proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Request-ID \$request_id;"
     fi
     SCHEME[$name]=http
     if [[ ${LT_TLS:-0} == 1 ]]; then
@@ -230,6 +237,7 @@ http {
         $sslconf
         location / {
             $limit
+            $fwd
             proxy_pass http://testup;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
