@@ -88,6 +88,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg);
 static void batch_start(struct tg_redis_batch *b);
 static void batch_outcome(struct tg_redis_batch *b, int ok);
 static void batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata);
+static void batch_reply(redisAsyncContext *ac, void *reply, void *privdata);
 static int batch_arm(struct tg_redis_batch *b, uint64_t now);
 static void batch_timeout_cb(evutil_socket_t fd, short what, void *arg);
 static void deliver_charges(struct tg_redis_batch *b, const redisReply *rep);
@@ -991,6 +992,16 @@ is_failover_error(const redisReply *rep)
  * NOSCRIPT, MOVED, ASK). */
 static void
 batch_reply_cb(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    /* a reply answers several charges, each of which goes on to its
+     * upstream or its 429: the clock is read once for all of them */
+    tg_now_freeze();
+    batch_reply(ac, reply, privdata);
+    tg_now_thaw();
+}
+
+static void
+batch_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct tg_redis_batch *b = privdata;
     struct tg_redis *r = b->r;
