@@ -194,8 +194,8 @@ tg_client_kill(struct tg_client *c)
 }
 
 /* Send what is buffered, then close: lingering (discard input for a while)
- * so that a client still sending a body we refused reads our answer
- * instead of a reset. */
+ * when the client may still be sending (client_defer_cb), so that one
+ * sending a body we refused reads our answer instead of a reset. */
 void
 tg_client_close_after_flush(struct tg_client *c)
 {
@@ -207,6 +207,19 @@ tg_client_close_after_flush(struct tg_client *c)
     if (evbuffer_get_length(bufferevent_get_output(c->conn.bev)) == 0) {
         event_active(c->io.defer, EV_TIMEOUT, 1);
     }
+}
+
+/* Whether the client may still be sending when we close: a body not read
+ * to its end, or bytes read and not used (a request head, pipelined
+ * requests; TLS: records OpenSSL holds).  Only then is the close a
+ * lingering one; otherwise the socket is closed at once (as nginx does):
+ * nothing unread is there to turn the close into a reset. */
+static int
+may_be_sending(struct tg_client *c)
+{
+    return !c->rq.done
+           || evbuffer_get_length(bufferevent_get_input(c->conn.bev)) != 0
+           || (c->conn.ssl != NULL && SSL_has_pending(c->conn.ssl));
 }
 
 static void
@@ -225,7 +238,7 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
             return;   /* the write callback comes back here */
         }
         tg_bev_close_notify(c);
-        if (shutdown(c->conn.fd, SHUT_WR) != 0) {
+        if (!may_be_sending(c) || shutdown(c->conn.fd, SHUT_WR) != 0) {
             tg_client_free(c);
             return;
         }
