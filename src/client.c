@@ -66,7 +66,8 @@ static void access_log(struct tg_client *c, uint64_t now_us);
 /* ---- accept ------------------------------------------------------------ */
 
 void
-tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslot *slot)
+tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
+                SSL_CTX *ssl_ctx, struct tg_connslot *slot)
 {
     struct tg_client *c;
     struct sockaddr_storage ss;
@@ -83,14 +84,15 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
     c->conn.fd = fd;
     c->conn.slot = slot;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
-        if (ss.ss_family == AF_INET) {
-            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr,
-                      c->conn.ip, sizeof(c->conn.ip));
-        } else if (ss.ss_family == AF_INET6) {
-            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr,
-                      c->conn.ip, sizeof(c->conn.ip));
-        }
+    if (peer == NULL && getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
+        peer = (const struct sockaddr *)&ss;
+    }
+    if (peer != NULL && peer->sa_family == AF_INET) {
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)(const void *)peer)->sin_addr,
+                  c->conn.ip, sizeof(c->conn.ip));
+    } else if (peer != NULL && peer->sa_family == AF_INET6) {
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)(const void *)peer)->sin6_addr,
+                  c->conn.ip, sizeof(c->conn.ip));
     }
     if (c->conn.ip[0] == '\0') {
         strcpy(c->conn.ip, "unknown");
