@@ -66,7 +66,8 @@ static void access_log(struct tg_client *c, uint64_t now_us);
 /* ---- accept ------------------------------------------------------------ */
 
 void
-tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslot *slot)
+tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
+                SSL_CTX *ssl_ctx, struct tg_connslot *slot)
 {
     struct tg_client *c;
     struct sockaddr_storage ss;
@@ -83,14 +84,15 @@ tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx, struct tg_connslo
     c->conn.fd = fd;
     c->conn.slot = slot;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
-        if (ss.ss_family == AF_INET) {
-            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr,
-                      c->conn.ip, sizeof(c->conn.ip));
-        } else if (ss.ss_family == AF_INET6) {
-            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr,
-                      c->conn.ip, sizeof(c->conn.ip));
-        }
+    if (peer == NULL && getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
+        peer = (const struct sockaddr *)&ss;
+    }
+    if (peer != NULL && peer->sa_family == AF_INET) {
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)(const void *)peer)->sin_addr,
+                  c->conn.ip, sizeof(c->conn.ip));
+    } else if (peer != NULL && peer->sa_family == AF_INET6) {
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)(const void *)peer)->sin6_addr,
+                  c->conn.ip, sizeof(c->conn.ip));
     }
     if (c->conn.ip[0] == '\0') {
         strcpy(c->conn.ip, "unknown");
@@ -194,8 +196,8 @@ tg_client_kill(struct tg_client *c)
 }
 
 /* Send what is buffered, then close: lingering (discard input for a while)
- * so that a client still sending a body we refused reads our answer
- * instead of a reset. */
+ * when the client may still be sending (client_defer_cb), so that one
+ * sending a body we refused reads our answer instead of a reset. */
 void
 tg_client_close_after_flush(struct tg_client *c)
 {
@@ -207,6 +209,19 @@ tg_client_close_after_flush(struct tg_client *c)
     if (evbuffer_get_length(bufferevent_get_output(c->conn.bev)) == 0) {
         event_active(c->io.defer, EV_TIMEOUT, 1);
     }
+}
+
+/* Whether the client may still be sending when we close: a body not read
+ * to its end, or bytes read and not used (a request head, pipelined
+ * requests; TLS: records OpenSSL holds).  Only then is the close a
+ * lingering one; otherwise the socket is closed at once (as nginx does):
+ * nothing unread is there to turn the close into a reset. */
+static int
+may_be_sending(struct tg_client *c)
+{
+    return !c->rq.done
+           || evbuffer_get_length(bufferevent_get_input(c->conn.bev)) != 0
+           || (c->conn.ssl != NULL && SSL_has_pending(c->conn.ssl));
 }
 
 static void
@@ -225,7 +240,7 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
             return;   /* the write callback comes back here */
         }
         tg_bev_close_notify(c);
-        if (shutdown(c->conn.fd, SHUT_WR) != 0) {
+        if (!may_be_sending(c) || shutdown(c->conn.fd, SHUT_WR) != 0) {
             tg_client_free(c);
             return;
         }

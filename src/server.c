@@ -427,7 +427,6 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
     struct tg_worker *w;
 
     TG_UNUSED(l);
-    TG_UNUSED(salen);
     v = tg_connlimit_acquire(g.connlimit, sa, &slot);
     if (v != TG_CONN_OK) {
         close(fd);
@@ -448,7 +447,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
         return;
     }
     w = g.workers[g.next++ % g.nworkers];
-    if (tg_worker_dispatch(w, fd, idx, slot) != TG_OK) {
+    if (tg_worker_dispatch(w, fd, sa, salen, idx, slot) != TG_OK) {
         tg_error("cannot hand a connection to a worker: %s", strerror(errno));
         close(fd);
         tg_connlimit_release(slot);

@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -49,10 +50,18 @@ typedef struct worker_listener {
     struct evconnlistener  *l;
 } worker_listener;
 
+/* A peer address as accept gave it (IPv4 or IPv6; sa_family 0: none). */
+typedef union worker_peer {
+    struct sockaddr      sa;
+    struct sockaddr_in   in;
+    struct sockaddr_in6  in6;
+} worker_peer;
+
 /* An accepted connection not started yet (the intake queue). */
 typedef struct pending_conn {
     int                  fd;
     unsigned             idx;      /* listener index in the config */
+    worker_peer          peer;     /* its address, from accept */
     struct tg_connslot  *slot;     /* its count, released at close */
     uint64_t             since;    /* ms: when it was queued */
 } pending_conn;
@@ -65,6 +74,7 @@ typedef struct tg_worker_msg {
     struct tg_keys *keys;     /* MSG_RELOAD: a reference, given to the worker */
     struct tg_tls_set *tls;   /* MSG_RELOAD: a reference, given to the worker */
     struct tg_connslot *slot; /* MSG_CONN: its count, released at close */
+    worker_peer     peer;     /* MSG_CONN: its address, from accept */
 } tg_worker_msg;
 
 struct tg_worker {
@@ -112,7 +122,9 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
 static void accept_error_cb(struct evconnlistener *l, void *arg);
 static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
 static void close_listeners(struct tg_worker *w);
-static void intake_push(struct tg_worker *w, int fd, unsigned idx, struct tg_connslot *slot);
+static void peer_copy(worker_peer *to, const struct sockaddr *sa, int salen);
+static void intake_push(struct tg_worker *w, int fd, const worker_peer *peer, unsigned idx,
+                        struct tg_connslot *slot);
 static void intake_run(struct tg_worker *w, size_t budget);
 static void intake_cb(evutil_socket_t fd, short what, void *arg);
 
@@ -213,10 +225,12 @@ send_msg(struct tg_worker *w, const tg_worker_msg *m)
 }
 
 tg_rc
-tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
-                   struct tg_connslot *slot)
+tg_worker_dispatch(struct tg_worker *w, int fd, const struct sockaddr *sa, int salen,
+                   unsigned listener_idx, struct tg_connslot *slot)
 {
-    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, NULL, slot };
+    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, NULL, slot, { .sa = { 0 } } };
+
+    peer_copy(&m.peer, sa, salen);
     return send_msg(w, &m);
 }
 
@@ -253,7 +267,7 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
 void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
-    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL };
+    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL, { .sa = { 0 } } };
     send_msg(w, &m);
 }
 
@@ -262,7 +276,7 @@ tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
                  struct tg_tls_set *tls)
 {
     tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys),
-                        tg_tls_set_ref(tls), NULL };
+                        tg_tls_set_ref(tls), NULL, { .sa = { 0 } } };
 
     if (send_msg(w, &m) != TG_OK) {
         tg_conf_unref(conf);
@@ -404,7 +418,7 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
     }
     for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
         if (m[i].type == MSG_CONN) {
-            intake_push(w, m[i].fd, m[i].arg, m[i].slot);
+            intake_push(w, m[i].fd, &m[i].peer, m[i].arg, m[i].slot);
         } else if (m[i].type == MSG_RELOAD) {
             tg_limiter_reload(w->env.limiter, m[i].conf, m[i].keys);
             tg_proxy_reload(w->px, m[i].conf);
@@ -460,9 +474,9 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
     struct tg_worker *w = wl->w;
     enum tg_connlimit_verdict v;
     struct tg_connslot *slot;
+    worker_peer peer;
 
     TG_UNUSED(l);
-    TG_UNUSED(salen);
     v = tg_connlimit_acquire(w->connlimit, sa, &slot);
     if (v != TG_CONN_OK) {
         close(fd);
@@ -475,7 +489,8 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
         }
         return;
     }
-    intake_push(w, fd, wl->idx, slot);
+    peer_copy(&peer, sa, salen);
+    intake_push(w, fd, &peer, wl->idx, slot);
     intake_run(w, 0);                 /* libevent accepts the whole backlog: start
                                          them from the next turn on */
 }
@@ -551,7 +566,8 @@ close_listeners(struct tg_worker *w)
  * first time limit (intake_run).
  */
 static void
-intake_push(struct tg_worker *w, int fd, unsigned idx, struct tg_connslot *slot)
+intake_push(struct tg_worker *w, int fd, const worker_peer *peer, unsigned idx,
+            struct tg_connslot *slot)
 {
     pending_conn *pc;
 
@@ -569,6 +585,7 @@ intake_push(struct tg_worker *w, int fd, unsigned idx, struct tg_connslot *slot)
     }
     pc = &w->pend[(w->pend_head + w->npend) % w->pend_cap];
     pc->fd = fd;
+    pc->peer = *peer;
     pc->idx = idx;
     pc->slot = slot;
     pc->since = tg_now_ms();
@@ -603,7 +620,8 @@ intake_run(struct tg_worker *w, size_t budget)
             continue;
         }
         spent += ctx != NULL ? INTAKE_COST_TLS : INTAKE_COST_PLAIN;
-        tg_proxy_accept(w->px, pc.fd, ctx, pc.slot);
+        tg_proxy_accept(w->px, pc.fd, pc.peer.sa.sa_family != 0 ? &pc.peer.sa : NULL,
+                        ctx, pc.slot);
     }
     if (w->npend > 0 && !evtimer_pending(w->intake, NULL)) {
         evtimer_add(w->intake, &zero);
@@ -623,4 +641,15 @@ intake_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(fd);
     TG_UNUSED(what);
     intake_run(arg, INTAKE_PER_TURN);
+}
+
+/* The address accept gave (salen bytes of sa), if it is one we keep. */
+static void
+peer_copy(worker_peer *to, const struct sockaddr *sa, int salen)
+{
+    memset(to, 0, sizeof(*to));
+    if (sa != NULL && salen > 0 && (size_t)salen <= sizeof(*to)
+        && (sa->sa_family == AF_INET || sa->sa_family == AF_INET6)) {
+        memcpy(to, sa, (size_t)salen);
+    }
 }

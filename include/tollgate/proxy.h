@@ -53,13 +53,16 @@ struct tg_proxy *tg_proxy_create(struct event_base *base, tg_conf *conf,
 void tg_proxy_destroy(struct tg_proxy *px);
 
 struct tg_connslot;
+struct sockaddr;
 /*
- * Serve a newly accepted socket.  ssl_ctx is the listener's TLS context,
- * or NULL for plain HTTP.  The proxy owns fd and slot (its connection
- * count, may be NULL) from here on, and releases the slot at close.
+ * Serve a newly accepted socket.  peer is its address as accept gave it
+ * (borrowed; NULL: asked of the socket).  ssl_ctx is the listener's TLS
+ * context, or NULL for plain HTTP.  The proxy owns fd and slot (its
+ * connection count, may be NULL) from here on, and releases the slot at
+ * close.
  */
-void tg_proxy_accept(struct tg_proxy *px, int fd, SSL_CTX *ssl_ctx,
-                     struct tg_connslot *slot);
+void tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
+                     SSL_CTX *ssl_ctx, struct tg_connslot *slot);
 
 /* Start draining: idle keep-alive connections close now, busy ones after
  * their current response.  Calls on_empty when none is left (possibly at

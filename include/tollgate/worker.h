@@ -24,11 +24,13 @@ struct tg_worker *tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *k
 tg_rc tg_worker_start(struct tg_worker *w);
 
 struct tg_connslot;
-/* Main thread: hand an accepted socket (from listener idx) to w, with its
- * connection count (may be NULL), which w releases when it closes it.  On
- * TG_ERR the caller still owns both. */
-tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, unsigned listener_idx,
-                         struct tg_connslot *slot);
+struct sockaddr;
+/* Main thread: hand an accepted socket (from listener idx) and its peer
+ * address as accept gave it (salen bytes, copied; NULL: none) to w, with
+ * its connection count (may be NULL), which w releases when it closes it.
+ * On TG_ERR the caller still owns both. */
+tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, const struct sockaddr *sa,
+                         int salen, unsigned listener_idx, struct tg_connslot *slot);
 
 struct tg_connlimit;
 /* Before tg_worker_start (http.reuseport): w accepts on its own listening

@@ -475,6 +475,51 @@ Test(conn, client_fin_cancels_the_upstream_exchange)
               requests_counted(499), N);
 }
 
+/* ---- a close with nothing unread does not linger ----------------------- */
+
+/* tollgate_connections_open, or -1. */
+static long
+connections_open(void)
+{
+    static const char name[] = "tollgate_connections_open ";
+    tgh_resp r;
+    long v = -1;
+
+    if (tgh_http(tg.admin_port, "GET", "/metrics", NULL, NULL, 0, &r, 5000) == 0
+        && r.status == 200) {
+        const char *p = strstr((const char *)r.body, "\ntollgate_connections_open ");
+        if (p != NULL)
+            v = atol(p + sizeof name);
+    }
+    tgh_resp_free(&r);
+    return v;
+}
+
+Test(conn, whole_request_closes_without_linger)
+{
+    start(NULL);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    tgh_resp r;
+    TGH_CHECK(roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                        &r, 10000) == 0 && r.status == 200, "GET: %d", r.status);
+    tgh_resp_free(&r);
+    /* the client keeps its end open; it sent a whole request and nothing
+     * after it, so the socket is closed at once (as nginx does), not
+     * after a lingering read of up to 2 s */
+    uint64_t t0 = tgh_now_ms();
+    long v;
+    while ((v = connections_open()) != 0 && tgh_now_ms() - t0 < 1500)
+        tgh_sleep_ms(20);
+    TGH_CHECK(v == 0, "tollgate_connections_open is %ld %llu ms after the answer to a "
+              "whole request with Connection: close; expected 0 (closed, not lingering)",
+              v, (unsigned long long)(tgh_now_ms() - t0));
+    size_t extra = 0;
+    int closed = tgh_conn_wait_closed(c, 5000, &extra);
+    TGH_CHECK(closed && extra == 0, "closed=%d, %zu more bytes", closed, extra);
+    tgh_conn_close(c);
+}
+
 /* ---- responses no server may send: 502 --------------------------------- */
 
 Test(conn, upstream_impossible_responses_502)
