@@ -131,6 +131,11 @@ tg_rc tg_conf_int(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
 /* The length of a string value against cmd->min..max. */
 tg_rc tg_conf_check_len(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
                         const char *path, size_t len);
+/* A string of cmd->min..max bytes that ok() each accepts, into the field;
+ * bad: the message for another byte, a format with one %s (the value). */
+tg_rc tg_conf_set_chars(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                        void *base, const char *path, int (*ok)(int c),
+                        const char *bad);
 /* A secret's text (an http(s) URL when is_url); never echoed. */
 tg_rc tg_conf_check_secret(tg_conf_ctx *ctx, yaml_mark_t mark, const char *path,
                            const char *s, int is_url);

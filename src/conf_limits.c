@@ -15,7 +15,7 @@
 
 /* ---- static prototypes ------------------------------------------------- */
 
-static int tchar(unsigned char c);
+static int tchar(int c);
 static TG_CONF_SETTER(set_token);
 static TG_CONF_SETTER(set_name);
 static TG_CONF_SETTER(set_method);
@@ -112,7 +112,7 @@ const tg_conf_cmd tg_conf_global_cmds[] = {
 
 /* An HTTP token (RFC 9110 5.6.2: 1*tchar), e.g. a header name. */
 static int
-tchar(unsigned char c)
+tchar(int c)
 {
     return isalnum(c) || (c != '\0' && strchr("!#$%&'*+-.^_`|~", c) != NULL);
 }
@@ -121,27 +121,9 @@ static tg_rc
 set_token(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
           void *base, const char *path)
 {
-    char **field = (char **)((char *)base + cmd->offset);
-    const char *s = tg_conf_string(ctx, node, path);
-    size_t i, len;
-
-    if (s == NULL) {
-        return TG_ERR;
-    }
-    len = strlen(s);
-    if (tg_conf_check_len(ctx, cmd, node, path, len) != TG_OK) {
-        return TG_ERR;
-    }
-    for (i = 0; i < len; i++) {
-        if (!tchar((unsigned char)s[i])) {
-            return tg_conf_error(ctx, node->start_mark, path, "bad header name "
-                                 "\"%s\": only letters, digits and "
-                                 "!#$%%&'*+-.^_`|~ (an HTTP token)", s);
-        }
-    }
-    free(*field);
-    *field = tg_xstrdup(s);
-    return TG_OK;
+    return tg_conf_set_chars(ctx, cmd, node, base, path, tchar, "bad header name "
+                             "\"%s\": only letters, digits and "
+                             "!#$%%&'*+-.^_`|~ (an HTTP token)");
 }
 
 /* rate_limits: tier name -> { requests_per_minute, burst_limit }.  The

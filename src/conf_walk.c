@@ -462,10 +462,12 @@ tg_conf_check_len(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
     return TG_OK;
 }
 
-/* The prefix starts every Redis key we write: printable, no spaces. */
+/* A string of cmd->min..max bytes, each one ok() accepts (it is given the
+ * byte as an unsigned char), into the field.  bad is the message for a
+ * byte ok() refuses: a printf format with one %s, the value. */
 tg_rc
-tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
-                   void *base, const char *path)
+tg_conf_set_chars(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                  void *base, const char *path, int (*ok)(int c), const char *bad)
 {
     char **field = (char **)((char *)base + cmd->offset);
     const char *s = tg_conf_string(ctx, node, path);
@@ -479,14 +481,22 @@ tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
         return TG_ERR;
     }
     for (i = 0; i < len; i++) {
-        if (!isgraph((unsigned char)s[i])) {
-            return tg_conf_error(ctx, node->start_mark, path, "must not contain "
-                                 "spaces or control characters, got \"%s\"", s);
+        if (!ok((unsigned char)s[i])) {
+            return tg_conf_error(ctx, node->start_mark, path, bad, s);
         }
     }
     free(*field);
     *field = tg_xstrdup(s);
     return TG_OK;
+}
+
+/* The prefix starts every Redis key we write: printable, no spaces. */
+tg_rc
+tg_conf_set_prefix(tg_conf_ctx *ctx, const tg_conf_cmd *cmd, yaml_node_t *node,
+                   void *base, const char *path)
+{
+    return tg_conf_set_chars(ctx, cmd, node, base, path, isgraph, "must not "
+                             "contain spaces or control characters, got \"%s\"");
 }
 
 /* Any non-null string, stored as is; the meaning is checked elsewhere. */
