@@ -127,6 +127,7 @@ static void intake_push(struct tg_worker *w, int fd, const worker_peer *peer, un
                         struct tg_connslot *slot);
 static void intake_run(struct tg_worker *w, size_t budget);
 static void intake_cb(evutil_socket_t fd, short what, void *arg);
+static void drop_unread(struct tg_worker *w);
 
 struct tg_worker *
 tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
@@ -372,6 +373,7 @@ tg_worker_join_destroy(struct tg_worker *w)
     }
     free(w->pend);
     event_free(w->intake);
+    drop_unread(w);                   /* sent after the loop's last read */
     tg_proxy_destroy(w->px);          /* its clients first: they hold the rest */
     tg_upstream_pool_destroy(w->env.pool);
     tg_limiter_destroy(w->env.limiter);
@@ -438,6 +440,25 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     intake_run(w, INTAKE_PER_TURN);
+}
+
+/* The messages the loop never read (it ended first): give back what
+ * each carries, as notify_cb would have taken it.  The thread is joined. */
+static void
+drop_unread(struct tg_worker *w)
+{
+    tg_worker_msg m;
+
+    while (read(w->pipefd[0], &m, sizeof(m)) == (ssize_t)sizeof(m)) {
+        if (m.type == MSG_CONN) {
+            close(m.fd);
+            tg_connlimit_release(m.slot);
+        } else if (m.type == MSG_RELOAD) {
+            tg_conf_unref(m.conf);
+            tg_keys_unref(m.keys);
+            tg_tls_set_unref(m.tls);
+        }
+    }
 }
 
 static void
