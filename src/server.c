@@ -505,23 +505,48 @@ accept_resume_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-/* Each client connection may hold an upstream one too: say so at start
- * when http.max_connections cannot be reached before descriptors run
- * out (accept then pauses rather than failing requests). */
+/* Each client connection may hold an upstream one too, and the process
+ * keeps up to NOFILE_RESERVE descriptors of its own.  At start, raise the
+ * soft limit toward what http.max_connections needs (up to the hard limit,
+ * as Redis does and systemd advises), then say what is still short: a
+ * warning when client connections alone run out before the cap (it cannot
+ * be reached), a notice when only clients that all hold an upstream
+ * connection at once would (accept pauses then rather than failing). */
+#define NOFILE_RESERVE 256
+
 static void
 check_nofile(const tg_conf *conf)
 {
     struct rlimit rl;
-    unsigned long need = 2ul * conf->http.max_connections + 256;
+    rlim_t max = conf->http.max_connections;
+    rlim_t need = max == 0 ? RLIM_INFINITY : 2 * max + NOFILE_RESERVE;
+    rlim_t room;                       /* for connections, below the limit */
 
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) {
         return;
     }
-    if (conf->http.max_connections == 0 || need > rl.rlim_cur) {
-        tg_warn("RLIMIT_NOFILE is %lu: descriptors may run out before "
-                "http.max_connections (%u) is reached; raise LimitNOFILE to %lu "
-                "or lower http.max_connections", (unsigned long)rl.rlim_cur,
-                conf->http.max_connections, need);
+    if (rl.rlim_cur < need && rl.rlim_cur < rl.rlim_max) {
+        struct rlimit up = { need < rl.rlim_max ? need : rl.rlim_max, rl.rlim_max };
+        if (setrlimit(RLIMIT_NOFILE, &up) == 0) {
+            rl.rlim_cur = up.rlim_cur;
+        }
+    }
+    if (max == 0 || rl.rlim_cur >= need) {
+        return;
+    }
+    room = rl.rlim_cur > NOFILE_RESERVE ? rl.rlim_cur - NOFILE_RESERVE : 0;
+    if (room < max) {
+        tg_warn("RLIMIT_NOFILE is %lu: client connections alone run out of descriptors "
+                "at about %lu, before http.max_connections (%lu), and accept pauses "
+                "there; raise LimitNOFILE to %lu or lower http.max_connections",
+                (unsigned long)rl.rlim_cur, (unsigned long)room,
+                (unsigned long)max, (unsigned long)need);
+    } else {
+        tg_info("RLIMIT_NOFILE is %lu: enough for http.max_connections (%lu), but "
+                "accept pauses if more than about %lu clients hold an upstream "
+                "connection at once; LimitNOFILE %lu covers every client holding one",
+                (unsigned long)rl.rlim_cur, (unsigned long)max,
+                (unsigned long)(room / 2), (unsigned long)need);
     }
 }
 
