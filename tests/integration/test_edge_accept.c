@@ -577,3 +577,56 @@ Test(edge_accept, sighup_applies_http_limits_to_new_requests)
     TGH_CHECK(log_has("kept until the next restart (changed in the file): upstream.keepalive"),
               "no warning for a restart-only key");
 }
+
+/* ---- RLIMIT_NOFILE at start ---------------------------------------------- */
+
+/* The soft limit on pid's open files (/proc/PID/limits), or -1. */
+static long
+soft_nofile(pid_t pid)
+{
+    char path[64], line[256];
+    long v = -1;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/limits", (int)pid);
+    f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (strncmp(line, "Max open files", 14) == 0) {
+            v = atol(line + 14);
+            break;
+        }
+    fclose(f);
+    return v;
+}
+
+/* Started with a low soft limit, tollgate raises it to what
+ * max_connections needs (2 x 1000 + 256) and has nothing to warn about. */
+Test(edge_accept, nofile_soft_limit_raised_at_start)
+{
+    struct rlimit rl;
+
+    TGH_CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0, "getrlimit");
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < 2256)
+        cr_skip_test("RLIMIT_NOFILE hard limit %lu < 2256", (unsigned long)rl.rlim_max);
+    rl.rlim_cur = 512;                   /* tollgate inherits it */
+    TGH_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0, "setrlimit");
+    start("max_connections: 1000", 1);
+    TGH_CHECK(soft_nofile(tg.proc->pid) == 2256, "soft limit %ld, not 2256",
+              soft_nofile(tg.proc->pid));
+    TGH_CHECK(!log_has("RLIMIT_NOFILE"), "the log speaks of RLIMIT_NOFILE");
+}
+
+/* A hard limit below the connection cap is a real problem: it is warned
+ * about, with the number where accept pauses. */
+Test(edge_accept, nofile_hard_limit_below_the_cap_is_warned)
+{
+    struct rlimit rl = { 1000, 1000 };
+
+    TGH_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0, "setrlimit");
+    start("max_connections: 1000", 1);
+    TGH_CHECK(log_has("[warn] RLIMIT_NOFILE is 1000: client connections alone run out "
+                      "of descriptors at about 744, before http.max_connections (1000)"),
+              "no warning");
+}
