@@ -21,9 +21,12 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <openssl/ssl.h>
 
 #define TGH_MAX_PROCS 64
 
@@ -1573,4 +1576,101 @@ int tgh_is_lower_hex(const char *s, size_t n)
         if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
             return 0;
     return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* TLS clients                                                         */
+
+int tgh_tls_selfsigned(const char *newkey, const char *cn, const char *cert,
+                       const char *key)
+{
+    char *cmd = tgh_strf("cd %s && openssl req -x509 -newkey %s -nodes -subj /CN=%s "
+                         "-keyout %s -out %s -days 2 >/dev/null 2>&1",
+                         tgh_tmpdir(), newkey, cn, key, cert);
+    int rc = system(cmd);
+
+    free(cmd);
+    return rc == 0 ? 0 : -1;
+}
+
+int tgh_tcp_connect(int port, int timeout_ms)
+{
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    struct timeval tv = { timeout_ms / 1000, (timeout_ms % 1000) * 1000 };
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0)
+        return -1;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+SSL *tgh_tls_connect(SSL_CTX *ctx, int port, int timeout_ms, SSL_SESSION *sess,
+                     const char **why)
+{
+    int fd = tgh_tcp_connect(port, timeout_ms);
+    SSL *ssl;
+
+    if (fd < 0) {
+        if (why != NULL)
+            *why = "connect refused";
+        return NULL;
+    }
+    ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    if (sess != NULL)
+        SSL_set_session(ssl, sess);
+    if (SSL_connect(ssl) != 1) {
+        if (why != NULL)
+            *why = "handshake failed";
+        SSL_free(ssl);
+        close(fd);
+        return NULL;
+    }
+    return ssl;
+}
+
+void tgh_tls_close(SSL *ssl)
+{
+    int fd = SSL_get_fd(ssl);
+
+    SSL_shutdown(ssl);
+    SSL_free(ssl);
+    close(fd);
+}
+
+int tgh_tls_get_ok(SSL *ssl)
+{
+    static const char req[] = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    char buf[4096];
+    size_t len = 0;
+    const char *end, *cl;
+    long body;
+
+    if (SSL_write(ssl, req, sizeof req - 1) != (int)(sizeof req - 1))
+        return 0;
+    for (;;) {
+        int n;
+        buf[len] = '\0';
+        end = strstr(buf, "\r\n\r\n");
+        if (end != NULL) {
+            cl = strstr(buf, "Content-Length: ");
+            body = cl != NULL && cl < end ? atol(cl + 16) : -1;
+            if (body >= 0 && len >= (size_t)(end + 4 - buf) + (size_t)body)
+                break;
+        }
+        if (len + 1 >= sizeof buf)
+            return 0;
+        n = SSL_read(ssl, buf + len, (int)(sizeof buf - 1 - len));
+        if (n <= 0)
+            return 0;
+        len += (size_t)n;
+    }
+    return strncmp(buf, "HTTP/1.1 200 ", 13) == 0 && strcmp(end + 4, "ok\n") == 0;
 }

@@ -4,8 +4,9 @@
  *
  * The harness starts the real programs (tollgate, tg-testup, the FastAPI
  * sample app under uvicorn) on ephemeral loopback ports and talks to them
- * over real sockets.  It uses only POSIX and pthreads: no libevent, so a bug
- * shared by the proxy and its tests cannot hide itself.
+ * over real sockets.  It uses only POSIX, pthreads and (for TLS clients)
+ * OpenSSL: no libevent, so a bug shared by the proxy and its tests cannot
+ * hide itself.
  *
  * Every wait is bounded; nothing sleeps for a fixed time to "let things
  * settle" - we poll for the condition we need (a port answering, a line in
@@ -286,6 +287,34 @@ int tgh_resp_header_count(const tgh_resp *r, const char *name);
 int tgh_http(int port, const char *method, const char *path,
              const char *extra_headers, const void *body, size_t body_len,
              tgh_resp *r, int timeout_ms);
+
+/* ------------------------------------------------------------------ */
+/* TLS clients (OpenSSL, blocking sockets)                             */
+
+struct ssl_st;                         /* OpenSSL's SSL */
+struct ssl_ctx_st;                     /* OpenSSL's SSL_CTX */
+struct ssl_session_st;                 /* OpenSSL's SSL_SESSION */
+
+/* A self-signed certificate for CN=cn and its key, written to
+ * tgh_tmpdir()/cert and tgh_tmpdir()/key; newkey is what openssl req
+ * -newkey takes ("rsa:2048", "ec -pkeyopt ec_paramgen_curve:prime256v1").
+ * 0 / -1. */
+int tgh_tls_selfsigned(const char *newkey, const char *cn, const char *cert,
+                       const char *key);
+/* A blocking TCP connection to 127.0.0.1:port, each send and receive
+ * bounded by timeout_ms (SO_SNDTIMEO, SO_RCVTIMEO); the fd or -1. */
+int tgh_tcp_connect(int port, int timeout_ms);
+/* A TLS connection to 127.0.0.1:port made from ctx, offering session
+ * sess (may be NULL), its handshake done (tgh_tcp_connect's timeouts).
+ * NULL on failure, and *why (if why != NULL) says which step failed.
+ * The caller closes it: tgh_tls_close, or SSL_free and close. */
+struct ssl_st *tgh_tls_connect(struct ssl_ctx_st *ctx, int port, int timeout_ms,
+                               struct ssl_session_st *sess, const char **why);
+/* SSL_shutdown (close_notify), SSL_free and close of its socket. */
+void tgh_tls_close(struct ssl_st *ssl);
+/* One "GET / HTTP/1.1" on ssl and its response read: 1 when it is a 200
+ * with the body "ok\n" (tg-testup's /), else 0. */
+int tgh_tls_get_ok(struct ssl_st *ssl);
 
 /* ------------------------------------------------------------------ */
 /* data helpers                                                        */

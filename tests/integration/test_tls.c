@@ -5,15 +5,11 @@
  */
 #include <criterion/criterion.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,6 +19,8 @@
 #include "harness.h"
 
 TestSuite(tls, .fini = tgh_cleanup, .timeout = 120);
+
+#define EC_KEY "ec -pkeyopt ec_paramgen_curve:prime256v1"   /* openssl req -newkey */
 
 static tgh_upstream up;
 static tgh_tollgate tg;
@@ -47,12 +45,9 @@ start(void)
 {
     static char extra[1024];
     tgh_tg_opts o;
-    char *cmd;
 
-    cmd = tgh_strf("cd %s && openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost "
-                   "-keyout key.pem -out cert.pem -days 2 >/dev/null 2>&1", tgh_tmpdir());
-    TGH_CHECK(sh(cmd) == 0, "openssl req");
-    free(cmd);
+    TGH_CHECK(tgh_tls_selfsigned("rsa:2048", "localhost", "cert.pem", "key.pem") == 0,
+              "openssl req");
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tls_port = tgh_free_port();
     /* a second listener with TLS, besides the harness's plain one */
@@ -124,9 +119,8 @@ Test(tls, sighup_reloads_the_certificate)
     TGH_CHECK(served_cn_is("localhost"), "initial certificate: %s", out);
 
     /* renewed in place (written aside, then renamed over) */
-    cmd = tgh_strf("cd %s && openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=renewed "
-                   "-keyout key.new -out cert.new -days 2 >/dev/null 2>&1 && "
-                   "mv key.new key.pem && mv cert.new cert.pem", tgh_tmpdir());
+    TGH_CHECK(tgh_tls_selfsigned("rsa:2048", "renewed", "cert.new", "key.new") == 0, "renew");
+    cmd = tgh_strf("cd %s && mv key.new key.pem && mv cert.new cert.pem", tgh_tmpdir());
     TGH_CHECK(sh(cmd) == 0, "renew");
     free(cmd);
     tgh_proc_signal(tg.proc, SIGHUP, 0);
@@ -173,57 +167,6 @@ typedef struct tls_load {
     char      failure[256];            /* the first failure, or "" */
 } tls_load;
 
-static int
-tcp_connect(int port)
-{
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-    struct timeval tv = { 10, 0 };
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (fd < 0)
-        return -1;
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) != 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-/* One GET / on ssl; 1 when answered 200 with the body "ok\n". */
-static int
-tls_get(SSL *ssl)
-{
-    static const char req[] = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
-    char buf[4096];
-    size_t len = 0;
-    const char *end, *cl;
-    long body;
-
-    if (SSL_write(ssl, req, sizeof req - 1) != (int)(sizeof req - 1))
-        return 0;
-    for (;;) {
-        int n;
-        buf[len] = '\0';
-        end = strstr(buf, "\r\n\r\n");
-        if (end != NULL) {
-            cl = strstr(buf, "Content-Length: ");
-            body = cl != NULL && cl < end ? atol(cl + 16) : -1;
-            if (body >= 0 && len >= (size_t)(end + 4 - buf) + (size_t)body)
-                break;
-        }
-        if (len + 1 >= sizeof buf)
-            return 0;
-        n = SSL_read(ssl, buf + len, (int)(sizeof buf - 1 - len));
-        if (n <= 0)
-            return 0;
-        len += (size_t)n;
-    }
-    return strncmp(buf, "HTTP/1.1 200 ", 13) == 0 && strcmp(end + 4, "ok\n") == 0;
-}
-
 static void
 load_fail(tls_load *l, const char *what)
 {
@@ -246,21 +189,13 @@ load_main(void *arg)
     pthread_sigmask(SIG_BLOCK, &all, NULL);
 
     while (!__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE) && l->failure[0] == '\0') {
-        int fd = tcp_connect(l->port);
-        SSL *ssl;
+        const char *why = NULL;
+        SSL *ssl = tgh_tls_connect(ctx, l->port, 10000, NULL, &why);
         X509 *cert;
         char cn[64] = "";
 
-        if (fd < 0) {
-            load_fail(l, "connect refused");
-            break;
-        }
-        ssl = SSL_new(ctx);
-        SSL_set_fd(ssl, fd);
-        if (SSL_connect(ssl) != 1) {
-            load_fail(l, "handshake failed");
-            SSL_free(ssl);
-            close(fd);
+        if (ssl == NULL) {
+            load_fail(l, why);
             break;
         }
         cert = SSL_get1_peer_certificate(ssl);
@@ -276,7 +211,7 @@ load_main(void *arg)
         for (unsigned k = 0; k < l->per_conn && !__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE);
              k++) {
             __atomic_add_fetch(&l->sent, 1, __ATOMIC_RELAXED);
-            if (!tls_get(ssl)) {
+            if (!tgh_tls_get_ok(ssl)) {
                 load_fail(l, "a request not answered 200");
                 break;
             }
@@ -284,9 +219,7 @@ load_main(void *arg)
             if (l->pace_ms > 0)
                 tgh_sleep_ms(l->pace_ms);
         }
-        SSL_shutdown(ssl);
-        SSL_free(ssl);
-        close(fd);
+        tgh_tls_close(ssl);
     }
     SSL_CTX_free(ctx);
     return NULL;
@@ -319,12 +252,9 @@ Test(tls, sighup_while_tls_requests_flow)
 
     signal(SIGPIPE, SIG_IGN);          /* a write to a closed connection fails */
     start();
-    cmd = tgh_strf("cd %s && for cn in alpha beta; do openssl req -x509 -newkey ec "
-                   "-pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=$cn "
-                   "-keyout $cn.key -out $cn.crt -days 2 >/dev/null 2>&1 || exit 1; done",
-                   tgh_tmpdir());
-    TGH_CHECK(sh(cmd) == 0, "openssl req: %s", out);
-    free(cmd);
+    TGH_CHECK(tgh_tls_selfsigned(EC_KEY, "alpha", "alpha.crt", "alpha.key") == 0
+              && tgh_tls_selfsigned(EC_KEY, "beta", "beta.crt", "beta.key") == 0,
+              "openssl req");
     short_conns.port = long_conn.port = tls_port;
     pthread_create(&short_conns.th, NULL, load_main, &short_conns);
     pthread_create(&long_conn.th, NULL, load_main, &long_conn);

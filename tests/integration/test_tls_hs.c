@@ -7,16 +7,13 @@
  */
 #include <criterion/criterion.h>
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -55,13 +52,10 @@ static void
 start(const char *http_extra)
 {
     tgh_tg_opts o;
-    char *cmd;
 
     signal(SIGPIPE, SIG_IGN);
-    cmd = tgh_strf("cd %s && openssl req -x509 -newkey rsa:4096 -nodes -subj /CN=localhost "
-                   "-keyout key.pem -out cert.pem -days 2 >/dev/null 2>&1", tgh_tmpdir());
-    TGH_CHECK(sh(cmd) == 0, "openssl req");
-    free(cmd);
+    TGH_CHECK(tgh_tls_selfsigned("rsa:4096", "localhost", "cert.pem", "key.pem") == 0,
+              "openssl req");
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tls_port = tgh_free_port();
     tgh_tg_opts_default(&o, up.port);
@@ -72,63 +66,6 @@ start(const char *http_extra)
     o.http_extra = http_extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
-}
-
-static int
-tcp_connect(int port)
-{
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-    struct timeval tv = { 20, 0 };
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (fd < 0)
-        return -1;
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) != 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-/* Sends a GET / on ssl. */
-static int
-tls_send_get(SSL *ssl)
-{
-    static const char req[] = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
-
-    return SSL_write(ssl, req, sizeof req - 1) == (int)(sizeof req - 1);
-}
-
-/* Reads one response; 1 when it is a 200 with the body "ok\n". */
-static int
-tls_read_ok(SSL *ssl)
-{
-    char buf[4096];
-    size_t len = 0;
-    const char *end = NULL, *cl;
-    long body;
-
-    for (;;) {
-        int n;
-        buf[len] = '\0';
-        end = strstr(buf, "\r\n\r\n");
-        if (end != NULL) {
-            cl = strstr(buf, "Content-Length: ");
-            body = cl != NULL && cl < end ? atol(cl + 16) : -1;
-            if (body >= 0 && len >= (size_t)(end + 4 - buf) + (size_t)body)
-                break;
-        }
-        if (len + 1 >= sizeof buf)
-            return 0;
-        n = SSL_read(ssl, buf + len, (int)(sizeof buf - 1 - len));
-        if (n <= 0)
-            return 0;
-        len += (size_t)n;
-    }
-    return strncmp(buf, "HTTP/1.1 200 ", 13) == 0 && strcmp(end + 4, "ok\n") == 0;
 }
 
 /* A TLS 1.3 ClientHello, as bytes: the same one is sent on every socket of
@@ -170,6 +107,31 @@ answered(const int *fds, int n)
     return k;
 }
 
+/* FLOOD new connections into fds, each sent hello. */
+static void
+burst(int *fds, const unsigned char *hello, size_t hlen)
+{
+    int i;
+
+    for (i = 0; i < FLOOD; i++) {
+        fds[i] = tgh_tcp_connect(tls_port, 20000);
+        TGH_CHECK(fds[i] >= 0, "burst connect %d", i);
+        TGH_CHECK(write(fds[i], hello, hlen) == (ssize_t)hlen, "ClientHello %d", i);
+    }
+}
+
+/* How many of the burst's fds are answered (or closed), once all are or
+ * after 60 s. */
+static int
+await_answered(const int *fds)
+{
+    uint64_t end = tgh_now_ms() + 60000;
+
+    while (answered(fds, FLOOD) < FLOOD && tgh_now_ms() < end)
+        tgh_sleep_ms(20);
+    return answered(fds, FLOOD);
+}
+
 /*
  * A client with an open TLS connection (handshake done, one request
  * answered) sends its next request right after FLOOD new connections
@@ -191,23 +153,16 @@ burst_does_not_delay_established(void)
     int trial, done = 0;
 
     for (trial = 0; trial < 5 && !done; trial++) {
-        int fd = tcp_connect(tls_port), i, before, after;
-        SSL *ssl = SSL_new(ctx);
-        uint64_t end;
+        const char *why = NULL;
+        SSL *ssl = tgh_tls_connect(ctx, tls_port, 20000, NULL, &why);
+        int i, n, before, after;
 
-        TGH_CHECK(fd >= 0, "connect");
-        SSL_set_fd(ssl, fd);
-        TGH_CHECK(SSL_connect(ssl) == 1, "handshake");
-        TGH_CHECK(tls_send_get(ssl) && tls_read_ok(ssl), "first request");
+        TGH_CHECK(ssl != NULL, "%s", why);
+        TGH_CHECK(tgh_tls_get_ok(ssl), "first request");
 
-        for (i = 0; i < FLOOD; i++) {
-            fds[i] = tcp_connect(tls_port);
-            TGH_CHECK(fds[i] >= 0, "burst connect %d", i);
-            TGH_CHECK(write(fds[i], hello, hlen) == (ssize_t)hlen, "ClientHello %d", i);
-        }
+        burst(fds, hello, hlen);
         before = answered(fds, FLOOD);
-        TGH_CHECK(tls_send_get(ssl), "second request");
-        TGH_CHECK(tls_read_ok(ssl), "second request not answered 200");
+        TGH_CHECK(tgh_tls_get_ok(ssl), "second request not answered 200");
         after = answered(fds, FLOOD);
         cr_log_info("trial %d: %d of %d handshakes answered when the request was sent, "
                     "%d more before its answer", trial, before, FLOOD, after - before);
@@ -219,16 +174,11 @@ burst_does_not_delay_established(void)
         }
 
         /* every handshake of the burst is answered */
-        end = tgh_now_ms() + 60000;
-        while (answered(fds, FLOOD) < FLOOD && tgh_now_ms() < end)
-            tgh_sleep_ms(20);
-        TGH_CHECK(answered(fds, FLOOD) == FLOOD, "%d of %d handshakes answered",
-                  answered(fds, FLOOD), FLOOD);
+        n = await_answered(fds);
+        TGH_CHECK(n == FLOOD, "%d of %d handshakes answered", n, FLOOD);
         for (i = 0; i < FLOOD; i++)
             close(fds[i]);
-        SSL_shutdown(ssl);
-        SSL_free(ssl);
-        close(fd);
+        tgh_tls_close(ssl);
     }
     SSL_CTX_free(ctx);
     TGH_CHECK(done, "no trial left 40 handshakes pending (the test is too slow here)");
@@ -260,24 +210,17 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
 {
     unsigned char hello[4096], b[1];
     size_t hlen;
-    int fds[FLOOD], i, served = 0, unread = 0, fd;
-    uint64_t end;
+    int fds[FLOOD], i, served = 0, unread = 0;
+    const char *why = NULL;
     SSL_CTX *ctx;
     SSL *ssl;
     char *cmd;
 
     start("handshake_timeout_ms: 500");
     hlen = client_hello(hello, sizeof hello);
-    for (i = 0; i < FLOOD; i++) {
-        fds[i] = tcp_connect(tls_port);
-        TGH_CHECK(fds[i] >= 0, "burst connect %d", i);
-        TGH_CHECK(write(fds[i], hello, hlen) == (ssize_t)hlen, "ClientHello %d", i);
-    }
-    end = tgh_now_ms() + 60000;
-    while (answered(fds, FLOOD) < FLOOD && tgh_now_ms() < end)
-        tgh_sleep_ms(20);
-    TGH_CHECK(answered(fds, FLOOD) == FLOOD, "%d of %d connections answered or closed",
-              answered(fds, FLOOD), FLOOD);
+    burst(fds, hello, hlen);
+    i = await_answered(fds);
+    TGH_CHECK(i == FLOOD, "%d of %d connections answered or closed", i, FLOOD);
     for (i = 0; i < FLOOD; i++) {
         ssize_t n = recv(fds[i], b, 1, MSG_PEEK | MSG_DONTWAIT);
         if (n > 0)
@@ -296,16 +239,11 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
     TGH_CHECK(atoi(out) >= 1, "no warning about the connections closed unread");
 
     ctx = SSL_CTX_new(TLS_client_method());
-    ssl = SSL_new(ctx);
-    fd = tcp_connect(tls_port);
-    TGH_CHECK(fd >= 0, "connect after the burst");
-    SSL_set_fd(ssl, fd);
-    TGH_CHECK(SSL_connect(ssl) == 1, "handshake after the burst");
-    TGH_CHECK(tls_send_get(ssl) && tls_read_ok(ssl), "request after the burst");
-    SSL_shutdown(ssl);
-    SSL_free(ssl);
+    ssl = tgh_tls_connect(ctx, tls_port, 20000, NULL, &why);
+    TGH_CHECK(ssl != NULL, "after the burst: %s", why);
+    TGH_CHECK(tgh_tls_get_ok(ssl), "request after the burst");
+    tgh_tls_close(ssl);
     SSL_CTX_free(ctx);
-    close(fd);
 
     /* and it stops cleanly (in the ASan build: nothing leaked) */
     tgh_proc_signal(tg.proc, SIGTERM, 0);
@@ -324,21 +262,15 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
 static SSL_SESSION *
 connect_get(SSL_CTX *ctx, SSL_SESSION *sess, int *reused)
 {
-    SSL *ssl = SSL_new(ctx);
+    const char *why = NULL;
+    SSL *ssl = tgh_tls_connect(ctx, tls_port, 20000, sess, &why);
     SSL_SESSION *got;
-    int fd = tcp_connect(tls_port);
 
-    TGH_CHECK(fd >= 0, "connect");
-    SSL_set_fd(ssl, fd);
-    if (sess != NULL)
-        SSL_set_session(ssl, sess);
-    TGH_CHECK(SSL_connect(ssl) == 1, "handshake");
-    TGH_CHECK(tls_send_get(ssl) && tls_read_ok(ssl), "request");
+    TGH_CHECK(ssl != NULL, "%s", why);
+    TGH_CHECK(tgh_tls_get_ok(ssl), "request");
     *reused = SSL_session_reused(ssl);
     got = SSL_get1_session(ssl);       /* after a read: the server's ticket */
-    SSL_shutdown(ssl);
-    SSL_free(ssl);
-    close(fd);
+    tgh_tls_close(ssl);
     return got;
 }
 

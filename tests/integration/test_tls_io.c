@@ -8,14 +8,11 @@
  */
 #include <criterion/criterion.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
@@ -34,14 +31,10 @@ start(const char *http_extra)
 {
     static char cert[512], key[512];
     tgh_tg_opts o;
-    char *cmd;
 
     signal(SIGPIPE, SIG_IGN);
-    cmd = tgh_strf("cd %s && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 "
-                   "-nodes -subj /CN=localhost -keyout key.pem -out cert.pem -days 2 "
-                   ">/dev/null 2>&1", tgh_tmpdir());
-    TGH_CHECK(system(cmd) == 0, "openssl req");
-    free(cmd);
+    TGH_CHECK(tgh_tls_selfsigned("ec -pkeyopt ec_paramgen_curve:prime256v1", "localhost",
+                                 "cert.pem", "key.pem") == 0, "openssl req");
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tgh_tg_opts_default(&o, up.port);
     tls_port = tgh_free_port();
@@ -82,23 +75,17 @@ msg_cb(int write_p, int version, int content_type, const void *buf, size_t len,
 static tls_conn *
 tls_open(int port)
 {
-    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    struct timeval tv = { 10, 0 };
     tls_conn *t = calloc(1, sizeof *t);
+    const char *why = NULL;
 
     cr_assert_not_null(t);
-    t->fd = socket(AF_INET, SOCK_STREAM, 0);
-    setsockopt(t->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(t->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    TGH_CHECK(connect(t->fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect TLS");
     t->ctx = SSL_CTX_new(TLS_client_method());
     SSL_CTX_set_min_proto_version(t->ctx, TLS1_3_VERSION);
-    t->ssl = SSL_new(t->ctx);
-    SSL_set_fd(t->ssl, t->fd);
-    SSL_set_msg_callback(t->ssl, msg_cb);
-    SSL_set_msg_callback_arg(t->ssl, t);
-    TGH_CHECK(SSL_connect(t->ssl) == 1, "TLS handshake");
+    SSL_CTX_set_msg_callback(t->ctx, msg_cb);      /* its SSL takes them */
+    SSL_CTX_set_msg_callback_arg(t->ctx, t);
+    t->ssl = tgh_tls_connect(t->ctx, port, 10000, NULL, &why);
+    TGH_CHECK(t->ssl != NULL, "TLS: %s", why);
+    t->fd = SSL_get_fd(t->ssl);
     t->cap = 1 << 16;
     t->buf = malloc(t->cap);
     cr_assert_not_null(t->buf);
