@@ -43,7 +43,7 @@ sh(const char *cmd)
 static void
 start(void)
 {
-    static char extra[1024];
+    static char extra[1024], cert[512], key[512];
     tgh_tg_opts o;
 
     TGH_CHECK(tgh_tls_selfsigned("rsa:2048", "localhost", "cert.pem", "key.pem") == 0,
@@ -55,8 +55,10 @@ start(void)
     snprintf(extra, sizeof extra, "# tls listener added by the test\n");
     o.extra_yaml = extra;
     o.tls_port = tls_port;
-    o.tls_cert = tgh_strf("%s/cert.pem", tgh_tmpdir());
-    o.tls_key = tgh_strf("%s/key.pem", tgh_tmpdir());
+    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
+    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
+    o.tls_cert = cert;
+    o.tls_key = key;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
 }

@@ -51,6 +51,7 @@ sh(const char *cmd)
 static void
 start(const char *http_extra)
 {
+    static char cert[512], key[512];
     tgh_tg_opts o;
 
     signal(SIGPIPE, SIG_IGN);
@@ -61,8 +62,10 @@ start(const char *http_extra)
     tgh_tg_opts_default(&o, up.port);
     o.workers = 1;
     o.tls_port = tls_port;
-    o.tls_cert = tgh_strf("%s/cert.pem", tgh_tmpdir());
-    o.tls_key = tgh_strf("%s/key.pem", tgh_tmpdir());
+    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
+    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
+    o.tls_cert = cert;
+    o.tls_key = key;
     o.http_extra = http_extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
