@@ -374,7 +374,7 @@ open_listeners(void)
  * A single worker (workers: 1) takes the one plain socket: accepting here
  * and handing each connection over through its pipe would only cost this
  * thread's wakeup, two accepts and a pipe write and read per connection
- * (docs/DESIGN-NOTES.md, "Who accepts").
+ * (docs/DESIGN-NOTES.md, "Connections and threads").
  */
 static tg_rc
 open_reuseport(void)
