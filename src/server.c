@@ -3,8 +3,9 @@
  * listeners and accept, signals, drain, reload (SIGHUP) and stop.
  *
  * The main thread owns the listening sockets (accept, then hand the socket
- * to a worker; with http.reuseport it only opens one per worker, which
- * the workers accept on), the admin listener, signals and the systemd
+ * to a worker; with http.reuseport it only opens one per worker, and with
+ * a single worker only the one, which the workers accept on), the admin
+ * listener, signals and the systemd
  * protocol.  It creates the process's objects at start and frees them at
  * stop, after the workers (docs/ARCHITECTURE.md, "Who owns what"); the
  * workers get theirs by reference: at start, and in each reload message
@@ -54,8 +55,8 @@ static struct {
     struct tg_worker       **workers;
     unsigned                 nworkers;
     unsigned                 next;          /* round-robin dispatch */
-    struct evconnlistener  **listeners;     /* NULL each with http.reuseport */
-    int                     *rp_fds;        /* http.reuseport: [listener *
+    struct evconnlistener  **listeners;     /* NULL each when the workers accept */
+    int                     *rp_fds;        /* the workers accept: [listener *
                                                workers], until the workers
                                                take them (-1) */
     struct tg_connlimit     *connlimit;     /* http.max_connections{,_per_ip} */
@@ -332,7 +333,7 @@ open_listeners(void)
     int one = 1;
 
     g.listeners = tg_xcalloc(g.conf->nlisten, sizeof(*g.listeners));
-    if (g.conf->http.reuseport) {
+    if (g.conf->http.reuseport || g.conf->workers == 1) {
         return open_reuseport();
     }
     for (i = 0; i < g.conf->nlisten; i++) {
@@ -366,10 +367,14 @@ open_listeners(void)
 }
 
 /*
- * http.reuseport: `workers` sockets per listener, bound to the same
- * address with SO_REUSEPORT (the kernel spreads new connections over
- * them), each for one worker's own loop to accept on; the first one's
- * bound address is used for the others (a port 0 resolves once).
+ * The workers accept, each on its own socket per listener.  http.reuseport:
+ * `workers` sockets per listener, bound to the same address with
+ * SO_REUSEPORT (the kernel spreads new connections over them); the first
+ * one's bound address is used for the others (a port 0 resolves once).
+ * A single worker (workers: 1) takes the one plain socket: accepting here
+ * and handing each connection over through its pipe would only cost this
+ * thread's wakeup, two accepts and a pipe write and read per connection
+ * (docs/DESIGN-NOTES.md, "Connections and threads").
  */
 static tg_rc
 open_reuseport(void)
@@ -397,10 +402,12 @@ open_reuseport(void)
             if (a->sa.ss_family == AF_INET6) {
                 setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
             }
-            if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0
+            if ((g.conf->http.reuseport
+                 && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
                 || bind(fd, (const struct sockaddr *)&ss, sl) != 0
                 || listen(fd, 1024) != 0) {
-                tg_error("listen %s (reuseport): %s", a->text, strerror(errno));
+                tg_error("listen %s%s: %s", a->text,
+                         g.conf->http.reuseport ? " (reuseport)" : "", strerror(errno));
                 return TG_ERR;
             }
             if (k == 0) {

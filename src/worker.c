@@ -10,6 +10,7 @@
  */
 #include "tollgate/worker.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -480,7 +481,7 @@ on_empty(void *arg)
     event_base_loopexit(w->base, NULL);
 }
 
-/* ---- own listeners (http.reuseport) ---------------------------------- */
+/* ---- own listeners (http.reuseport, or the one worker) ---------------- */
 
 /*
  * As the main thread's accept: a connection over a cap is closed before
@@ -502,11 +503,18 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
     if (v != TG_CONN_OK) {
         close(fd);
         tg_metrics_global_inc(TG_M_CONNS_REFUSED, 0);
-        if (tg_now_ms() - w->refused_logged >= 1000) {
+        if (tg_now_ms() - w->refused_logged >= 1000) {   /* one line a second */
+            char ip[INET6_ADDRSTRLEN] = "?";
+            const void *a = sa->sa_family == AF_INET6
+                ? (const void *)&((struct sockaddr_in6 *)(void *)sa)->sin6_addr
+                : (const void *)&((struct sockaddr_in *)(void *)sa)->sin_addr;
+            inet_ntop(sa->sa_family, a, ip, sizeof(ip));
             w->refused_logged = tg_now_ms();
-            tg_warn("worker %u: a connection closed: over %s", w->id,
+            tg_warn("worker %u: connection from %s closed: over %s (%u)", w->id, ip,
                     v == TG_CONN_OVER_IP ? "http.max_connections_per_ip"
-                                         : "http.max_connections");
+                                         : "http.max_connections",
+                    v == TG_CONN_OVER_IP ? w->conf->http.max_connections_per_ip
+                                         : w->conf->http.max_connections);
         }
         return;
     }
@@ -541,8 +549,9 @@ accept_error_cb(struct evconnlistener *l, void *arg)
     evtimer_add(w->accept_resume, &tv);
     if (tg_now_ms() - w->refused_logged >= 1000) {
         w->refused_logged = tg_now_ms();
-        tg_warn("worker %u: accept: %s: not accepting for %d ms", w->id,
-                evutil_socket_error_to_string(err), ACCEPT_PAUSE_MS);
+        tg_warn("worker %u: accept: %s: not accepting for %d ms (%u connection(s) open)",
+                w->id, evutil_socket_error_to_string(err), ACCEPT_PAUSE_MS,
+                tg_connlimit_total(w->connlimit));
     }
 }
 

@@ -2,7 +2,8 @@
  * worker.h - worker threads.  Each owns an event base and a tg_proxy; the
  * main thread accepts connections and hands each socket to a worker
  * through the worker's notification pipe (one atomic write, no lock), or
- * (http.reuseport) each worker accepts on its own sockets.
+ * (http.reuseport, or a single worker) each worker accepts on its own
+ * sockets.
  */
 #ifndef TOLLGATE_WORKER_H
 #define TOLLGATE_WORKER_H
@@ -33,7 +34,7 @@ tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, const struct sockaddr *sa,
                          int salen, unsigned listener_idx, struct tg_connslot *slot);
 
 struct tg_connlimit;
-/* Before tg_worker_start (http.reuseport): w accepts on its own listening
+/* Before tg_worker_start (http.reuseport, workers: 1): w accepts on its own listening
  * socket fd (listener idx; w takes it, also on TG_ERR), counting each
  * connection in cl (which must outlive the worker).  The worker closes
  * its listeners when told to drain. */

@@ -337,7 +337,10 @@ run_prlimit(pid_t pid, int nofile)
     return system(cmd);
 }
 
-Test(edge_accept, out_of_descriptors_pauses_accept_then_recovers)
+/* workers: 1, the worker accepts; 2, the main thread accepts and hands
+ * each connection to a worker. */
+static void
+out_of_descriptors(int workers)
 {
     enum { NCONN = 40 };
     tgh_conn *c[NCONN];
@@ -345,7 +348,7 @@ Test(edge_accept, out_of_descriptors_pauses_accept_then_recovers)
     int i, fds, st;
     tgh_resp r;
 
-    start(NULL, 1);
+    start(NULL, workers);
     await_open(0);
     fds = count_fds(tg.proc->pid);
     TGH_CHECK(fds > 0, "cannot count the descriptors of tollgate");
@@ -388,6 +391,69 @@ Test(edge_accept, out_of_descriptors_pauses_accept_then_recovers)
         }
     }
     TGH_CHECK(st == 200, "no 200 after the connections closed (got %d)", st);
+}
+
+Test(edge_accept, out_of_descriptors_pauses_accept_then_recovers)
+{
+    out_of_descriptors(1);
+}
+
+Test(edge_accept, out_of_descriptors_pauses_accept_then_recovers_main_thread)
+{
+    out_of_descriptors(2);
+}
+
+/* Context switches of the main thread of pid (voluntary + not), or -1. */
+static long
+main_thread_switches(pid_t pid)
+{
+    char path[64], line[256];
+    long n = 0, k = 0;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/task/%d/status", (int)pid, (int)pid);
+    f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "voluntary_ctxt_switches: %ld", &n) == 1
+            || sscanf(line, "nonvoluntary_ctxt_switches: %ld", &n) == 1)
+            k += n;
+    fclose(f);
+    return k;
+}
+
+/*
+ * With a single worker, the worker accepts itself: 200 new connections
+ * (one request each) are served without waking the main thread for each
+ * (it accepted every one and wrote it to the worker's pipe: at least 200
+ * wakeups).  Its own timers may wake it a few times a second.
+ */
+Test(edge_accept, one_worker_accepts_without_the_main_thread)
+{
+    enum { NCONN = 200 };
+    long sw0, sw1;
+    uint64_t t0, ms;
+    int i, ok = 0;
+    tgh_resp r;
+
+    start(NULL, 1);
+    await_open(0);
+    t0 = tgh_now_ms();
+    sw0 = main_thread_switches(tg.proc->pid);
+    for (i = 0; i < NCONN; i++) {
+        if (tgh_http(tg.port, "GET", "/", NULL, NULL, 0, &r, 5000) == 0 && r.status == 200)
+            ok++;
+        tgh_resp_free(&r);
+    }
+    sw1 = main_thread_switches(tg.proc->pid);
+    ms = tgh_now_ms() - t0;
+    TGH_CHECK(sw0 >= 0 && sw1 >= 0, "cannot read the main thread's context switches");
+    cr_log_info("%d connections in %llu ms: %ld main-thread context switches", NCONN,
+                (unsigned long long)ms, sw1 - sw0);
+    TGH_CHECK(ok == NCONN, "%d of %d connections answered 200", ok, NCONN);
+    TGH_CHECK(sw1 - sw0 < 20 + (long)(ms / 50), "the main thread switched %ld times for "
+              "%d connections in %llu ms", sw1 - sw0, NCONN, (unsigned long long)ms);
 }
 
 /* ---- admin listener ------------------------------------------------------- */

@@ -1002,9 +1002,11 @@ static void *inflight_main(void *arg)
     return NULL;
 }
 
-Test(proxy, sigterm_drains_inflight)
+/* SIGTERM with three requests in flight (tweak: the options, or NULL). */
+static void
+sigterm_drains(void (*tweak)(tgh_tg_opts *))
 {
-    start_testup(NULL);
+    start_testup(tweak);
     TGH_CHECK(tgh_testup_reset(up.port) == 0, "reset stats");
     inflight f[3];
     memset(f, 0, sizeof f);
@@ -1072,6 +1074,23 @@ Test(proxy, sigterm_drains_inflight)
               WIFEXITED(tg.proc->status) ? WEXITSTATUS(tg.proc->status)
                                          : WTERMSIG(tg.proc->status));
     TGH_CHECK(dt < 10000, "drain took %llu ms", (unsigned long long)dt);
+}
+
+Test(proxy, sigterm_drains_inflight)
+{
+    sigterm_drains(NULL);
+}
+
+static void one_worker(tgh_tg_opts *o)
+{
+    o->workers = 1;
+}
+
+/* The same with one worker, which accepts itself and closes its listener
+ * when told to drain. */
+Test(proxy, sigterm_drains_inflight_one_worker)
+{
+    sigterm_drains(one_worker);
 }
 
 /* ------------------------------------------------------------------ */

@@ -49,7 +49,7 @@ sh(const char *cmd)
  * milliseconds: the server cannot keep up with the burst as it is sent,
  * and a burst is long enough to wait behind). */
 static void
-start(const char *http_extra)
+start_workers(const char *http_extra, int workers)
 {
     static char cert[512], key[512];
     tgh_tg_opts o;
@@ -60,7 +60,7 @@ start(const char *http_extra)
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tls_port = tgh_free_port();
     tgh_tg_opts_default(&o, up.port);
-    o.workers = 1;
+    o.workers = workers;
     o.tls_port = tls_port;
     snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
     snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
@@ -69,6 +69,13 @@ start(const char *http_extra)
     o.http_extra = http_extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
+}
+
+/* One worker (it accepts on the listening socket itself). */
+static void
+start(const char *http_extra)
+{
+    start_workers(http_extra, 1);
 }
 
 /* A TLS 1.3 ClientHello, as bytes: the same one is sent on every socket of
@@ -191,6 +198,14 @@ burst_does_not_delay_established(void)
 Test(tls_hs, burst_of_handshakes_does_not_delay_an_open_connection)
 {
     start(NULL);
+    burst_does_not_delay_established();
+}
+
+/* The same with two workers: the main thread accepts and hands each
+ * connection to a worker's queue in turn. */
+Test(tls_hs, burst_of_handshakes_does_not_delay_an_open_connection_handed_over)
+{
+    start_workers(NULL, 2);
     burst_does_not_delay_established();
 }
 
