@@ -793,8 +793,9 @@ format_resp(struct tg_redis *r, size_t argc)
 
 /*
  * One command for the batch into r's scratch arrays, then to hiredis (which
- * copies it): EVALSHA sha numkeys KEYS... nreq (nbuckets cost (T burst)...)...
- * or EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
+ * copies it): EVALSHA sha numkeys KEYS... packed (the numbers of the
+ * layout in gcra.h as one argument of doubles: tg_gcra_script_pack), or
+ * EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
  * (tg_redis_eval, one op per batch).  Only the buckets in
  * each op's mask are sent.  After ASK, ASKING goes first.
  */
@@ -804,7 +805,7 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     struct tg_redis *r = b->r;
     redisAsyncContext *ac = b->node != NULL ? b->node->ac : NULL;
     struct tg_redis_op *op = b->ops;
-    size_t argc, nnum, i = 0, len;
+    size_t argc, nbytes, i = 0, len;
     char *np;
     int rc;
 
@@ -813,14 +814,16 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     }
     if (b->kind == TG_OP_HGET) {
         argc = 3;
-        nnum = 0;
+        nbytes = 0;
     } else if (b->kind == TG_OP_EVAL) {
         argc = 2 + (size_t)op->n;      /* EVAL script 1 key args... */
-        nnum = 1;
+        nbytes = TG_REDIS_NUMLEN;
     } else {
-        /* at most: every bucket a distinct key */
-        argc = 3 + b->nkeys + 2 + 2 * b->nkeys + b->nops + 2 * b->nkeys;
-        nnum = 1 + 2 + 2 * b->nkeys + b->nops + 2 * b->nkeys;
+        /* at most: every bucket a distinct key; numkeys in decimal, the
+         * rest packed (TG_GCRA_PACKED bytes each) in one argument */
+        argc = 3 + b->nkeys + 1;
+        nbytes = TG_REDIS_NUMLEN
+                 + (2 + 2 * b->nkeys + b->nops + 2 * b->nkeys) * TG_GCRA_PACKED;
     }
     if (argc > r->argcap) {
         r->argcap = argc * 2;
@@ -829,8 +832,8 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         r->argv = tg_xmalloc(r->argcap * sizeof(*r->argv));
         r->argvlen = tg_xmalloc(r->argcap * sizeof(*r->argvlen));
     }
-    if (nnum * TG_REDIS_NUMLEN > r->numcap) {
-        r->numcap = nnum * TG_REDIS_NUMLEN * 2;
+    if (nbytes > r->numcap) {
+        r->numcap = nbytes * 2;
         free(r->num);
         r->num = tg_xmalloc(r->numcap);
     }
@@ -840,6 +843,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
 #define TG_NUM(v) do { size_t l_ = tg_u64_dec(np, (uint64_t)(v));              \
                        np[l_] = '\0';                                          \
                        TG_ARG(np, l_); np += l_ + 1; } while (0)
+#define TG_PACK(v) do { uint64_t v_ = (v);                                     \
+                        np += tg_gcra_script_pack(&v_, 1, (unsigned char *)np); \
+                   } while (0)
 
     if (b->kind == TG_OP_HGET) {
         TG_ARG("HGET", 4);
@@ -856,6 +862,7 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     } else {
         size_t nk = batch_keys(b), kn = 0, floors = 0;
         const struct tg_rkey *kt = r->kt;
+        char *packed;
 
         if (b->eval) {
             TG_ARG("EVAL", 4);
@@ -873,11 +880,12 @@ tg_redis_batch_send(struct tg_redis_batch *b)
                 floors |= (op->mask & (1u << k)) && op->floor_us[k] != 0;
             }
         }
-        TG_NUM(b->nops);
-        TG_NUM(floors);
+        packed = np;
+        TG_PACK(b->nops);
+        TG_PACK(floors);
         for (size_t j = 0; j < nk; j++) {
-            TG_NUM(kt[j].lim.interval_us);
-            TG_NUM(kt[j].lim.burst);
+            TG_PACK(kt[j].lim.interval_us);
+            TG_PACK(kt[j].lim.burst);
         }
         for (op = b->ops; op != NULL; op = op->next) {
             uint64_t a[TG_GCRA_SCRIPT_ARGS];
@@ -889,11 +897,11 @@ tg_redis_batch_send(struct tg_redis_batch *b)
             }
             na = tg_gcra_script_args(kidx, op->floor_us, op->n, op->mask, op->cost,
                                      (int)floors, a);
-            for (size_t j = 0; j < na; j++) {
-                TG_NUM(a[j]);
-            }
+            np += tg_gcra_script_pack(a, na, (unsigned char *)np);
         }
+        TG_ARG(packed, (size_t)(np - packed));
     }
+#undef TG_PACK
 #undef TG_NUM
 #undef TG_ARG
 

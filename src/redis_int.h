@@ -188,7 +188,7 @@ struct tg_redis {
     const char            **argv;        /* scratch for one command: */
     size_t                 *argvlen;     /* argc entries each */
     size_t                  argcap;
-    char                   *num;         /* number strings */
+    char                   *num;         /* number strings, packed numbers */
     size_t                  numcap;
     char                   *cmd;         /* the command in RESP, for */
     size_t                  cmdcap;      /* redisAsyncFormattedCommand */

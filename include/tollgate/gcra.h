@@ -222,6 +222,21 @@ extern const char tg_gcra_refund_lua[];
 size_t tg_gcra_script_args(const uint32_t *kidx, const uint64_t *floor_us, size_t n,
                            unsigned mask, uint32_t cost, int floors, uint64_t *out);
 
+/*
+ * The charge script reads its numbers from ONE argument (ARGV[1]) of
+ * little-endian IEEE 754 doubles, TG_GCRA_PACKED bytes each, decoded with
+ * one struct.unpack: no Redis object, Lua string or tonumber per number.
+ * Every number is an integer < 2^53, exact in a double.
+ * tg_gcra_script_pack writes v[0..n) into out (room for n *
+ * TG_GCRA_PACKED bytes), a value above 2^53 - 1 as 2^53 - 1 (only a
+ * floor can be: a debt of 285 years); returns the bytes written.
+ * tg_gcra_script_unpack reads n doubles from in into v; returns 0 if one
+ * is not an integer in 0..2^53 - 1, else 1.
+ */
+#define TG_GCRA_PACKED 8
+size_t tg_gcra_script_pack(const uint64_t *v, size_t n, unsigned char *out);
+int tg_gcra_script_unpack(const unsigned char *in, size_t n, uint64_t *v);
+
 /* Elements of the charge script's reply to nreq requests over nbuckets
  * buckets in all: 1 per request, 1 per bucket, and the script's now. */
 size_t tg_gcra_script_reply_len(size_t nreq, size_t nbuckets);

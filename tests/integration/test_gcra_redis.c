@@ -93,12 +93,16 @@ static uint64_t last_now;        /* the script's clock in the last reply */
  * script must still read and write each key once, as sequential calls). */
 static int batch_dedup = 1;
 
-/* One charge script call being built (argv owns its numbers). */
+/* One charge script call being built (argv owns its numbers; the
+ * script's numbers go to v[], packed into pk as its last argument). */
 typedef struct call {
     const char **argv;
     size_t      *len;
     char       (*num)[24];
     int          argc, nn;
+    uint64_t    *v;
+    size_t       nv;
+    unsigned char *pk;
 } call;
 
 static void
@@ -115,12 +119,21 @@ call_num(call *c, unsigned long long v)
     call_arg(c, c->num[c->nn++]);
 }
 
+/* A number of the script's packed argument. */
+static void
+call_val(call *c, unsigned long long v)
+{
+    c->v[c->nv++] = v;
+}
+
 static void
 call_free(call *c)
 {
     free(c->argv);
     free(c->len);
     free(c->num);
+    free(c->v);
+    free(c->pk);
 }
 
 /*
@@ -146,10 +159,13 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
     c->argv = calloc(8 + 6 * nb + nreq, sizeof(*c->argv));
     c->len = calloc(8 + 6 * nb + nreq, sizeof(*c->len));
     c->num = calloc(8 + 6 * nb + nreq, sizeof(*c->num));
+    c->v = calloc(8 + 6 * nb + nreq, sizeof(*c->v));
+    c->pk = calloc(8 + 6 * nb + nreq, TG_GCRA_PACKED);
+    c->nv = 0;
     keys = calloc(nb + 1, sizeof(*keys));
     kl = calloc(nb + 1, sizeof(*kl));
     kidx = calloc(nb + 1, sizeof(*kidx));
-    cr_assert(c->argv && c->len && c->num && keys && kl && kidx);
+    cr_assert(c->argv && c->len && c->num && c->v && c->pk && keys && kl && kidx);
     for (i = 0; i < nreq; i++) {
         for (b = 0; b < reqs[i].n; b++, fi++) {
             const tg_gcra_limit *l = &reqs[i].lim[b];
@@ -174,11 +190,11 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
     for (j = 0; j < nk; j++) {
         call_arg(c, keys[j]);
     }
-    call_num(c, nreq);
-    call_num(c, (unsigned long long)fl);
+    call_val(c, nreq);
+    call_val(c, (unsigned long long)fl);
     for (j = 0; j < nk; j++) {
-        call_num(c, kl[j].interval_us);
-        call_num(c, kl[j].burst);
+        call_val(c, kl[j].interval_us);
+        call_val(c, kl[j].burst);
     }
     for (i = 0, fi = 0; i < nreq; i++) {
         uint64_t a[TG_GCRA_SCRIPT_ARGS];
@@ -186,10 +202,12 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
                                         reqs[i].n, (1u << reqs[i].n) - 1, reqs[i].cost,
                                         fl, a);
         for (j = 0; j < na; j++) {
-            call_num(c, a[j]);
+            call_val(c, a[j]);
         }
         fi += reqs[i].n;
     }
+    c->argv[c->argc] = (const char *)c->pk;
+    c->len[c->argc++] = tg_gcra_script_pack(c->v, c->nv, c->pk);
     free(keys);
     free(kl);
     free(kidx);
@@ -778,6 +796,29 @@ Test(gcra_redis, floor_raises_the_debt)
     batch_floor = NULL;
     cr_assert(res.allowed);
     cr_assert_eq(res.held_us[0], 1000001);
+}
+
+/*
+ * The packed arguments keep every number exact, 2^32 and beyond: a floor
+ * of 2^32 + 5 us (and an interval of 2^32 + 3 us) charged on an empty
+ * bucket holds exactly that debt, and the stored TAT is now + floor + T.
+ * A 32-bit packing would drop the high half; a float would round.
+ */
+Test(gcra_redis, packed_numbers_beyond_32_bits_survive)
+{
+    tg_gcra_limit l = { 0x100000003ULL, 1000 };         /* L = 1000 T */
+    req q = { 1, 1, { "tg:{wide}:t" }, { l } };
+    static const uint64_t f[] = { 0x100000005ULL };
+    tg_gcra_result res;
+
+    batch_floor = f;
+    run_batch(NULL, &q, 1, &res);
+    batch_floor = NULL;
+    cr_assert(res.allowed);
+    cr_assert_eq(res.held_us[0], 0x100000005ULL + 0x100000003ULL,
+                 "held %" PRIu64, res.held_us[0]);
+    cr_assert_eq(res.remaining, 997);          /* (1000 T - (2 T + 2)) / T */
+    cr_assert_eq(get_u64("tg:{wide}:t"), last_now + 0x100000005ULL + 0x100000003ULL);
 }
 
 /* ---- property: admitted <= burst + rate * t over every window ------------ */

@@ -1085,8 +1085,11 @@ Test(redis, select_db)
 static void
 script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
 {
-    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 0 %llu %u 17 1", tg_gcra_lua, key,
-                               (unsigned long long)t_us, burst);
+    /* nreq 1, no floors, the key's limit, cost 1 on 1 bucket: key 1 */
+    uint64_t num[6] = { 1, 0, t_us, burst, 17, 1 };
+    unsigned char pk[sizeof(num)];
+    size_t npk = tg_gcra_script_pack(num, 6, pk);
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s %b", tg_gcra_lua, key, pk, npk);
     tg_gcra_limit lim = { t_us, burst };
     tg_gcra_result res;
     long long v[2];
