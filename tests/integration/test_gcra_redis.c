@@ -821,6 +821,33 @@ Test(gcra_redis, packed_numbers_beyond_32_bits_survive)
     cr_assert_eq(get_u64("tg:{wide}:t"), last_now + 0x100000005ULL + 0x100000003ULL);
 }
 
+/*
+ * A call of more numbers than one struct.unpack takes (the script decodes
+ * them 4,000 at a time): 2,500 requests over 1,250 keys of burst 1, each
+ * key charged twice, numbers 2 + 2*1250 + 2*2500 = 7,502.  The first
+ * charge of each key passes, the second is denied, in every chunk.
+ */
+Test(gcra_redis, a_call_of_many_numbers_decodes_in_chunks)
+{
+    enum { NK = 1250, NR = 2 * NK };
+    static req q[NR];
+    static tg_gcra_result res[NR];
+    static char names[NK][24];
+    tg_gcra_limit l = tg_gcra_per_second(1, 1);
+
+    for (int k = 0; k < NK; k++) {
+        snprintf(names[k], sizeof(names[k]), "tg:{big}:%d", k);
+    }
+    for (int i = 0; i < NR; i++) {
+        q[i] = (req){ 1, 1, { names[i % NK] }, { l } };
+    }
+    run_batch(NULL, q, NR, res);
+    for (int i = 0; i < NR; i++) {
+        cr_assert_eq(res[i].allowed, i < NK, "request %d", i);
+        cr_assert_eq(res[i].held_us[0], 1000000, "request %d", i);
+    }
+}
+
 /* ---- property: admitted <= burst + rate * t over every window ------------ */
 
 static void refund(const char *key, uint64_t amount, uint64_t p);
