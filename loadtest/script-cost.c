@@ -118,10 +118,15 @@ static variant variants[] = {
     { "v0-set-nofmt", 1, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
     { "v0-nomget", 1, { { "call('MGET', unpack(KEYS, i, j))", "{}" } } },
     { "v0-reply1", 1, { { "return out\n", "return now\n" } } },
+    { "v0-packreply", 1, { { "return out\n", "return struct.pack('<' .. string.rep('d', o + 1), unpack(out))\n" } } },
     { "cur", 0, { { NULL, NULL } } },
     { "cur-noset", 0, { { "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
     { "cur-nomget", 0, { { "call('MGET', unpack(KEYS, i, j))", "{}" } } },
-    { "cur-reply1", 0, { { "return out\n", "return now\n" } } },
+    { "cur-reply1", 0, { { "return struct.pack('<' .. string.rep('d', o), unpack(out))", "return now" } } },
+    { "cur-exat-memo", 0, { { "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n",
+                              "  local e = ceil(v / 1000000)\n  local es = w[-e]\n"
+                              "  if not es then es = fmt('%d', e); w[-e] = es end\n"
+                              "  call('SET', w[i], fmt('%d', v), 'EXAT', es)\n" } } },
     { "cur-set-num", 0, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "v, 'PXAT', ceil(v / 1000)" } } },
     { "cur-set-nofmt", 0, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
 };

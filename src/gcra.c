@@ -1203,7 +1203,15 @@ const char tg_gcra_lua[] =
     "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n"
     "end\n"
     "out[o + 1] = now\n"
-    "return out\n";
+    "o = o + 1\n"
+    "if o <= 4000 then return struct.pack('<' .. string.rep('d', o), unpack(out)) end\n"
+    "local parts = {}\n"
+    "for i = 1, o, 4000 do\n"
+    "  local j = i + 3999\n"
+    "  if j > o then j = o end\n"
+    "  parts[#parts + 1] = struct.pack('<' .. string.rep('d', j - i + 1), unpack(out, i, j))\n"
+    "end\n"
+    "return table.concat(parts)\n";
 
 /*
  * Give back part of a charge (a late answer, a Cluster split's first part,

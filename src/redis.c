@@ -1153,19 +1153,23 @@ combine(const tg_gcra_result *a, const tg_gcra_result *b, uint32_t cost,
     }
 }
 
-/* One request's answer, elements e[0..1+nb) of the script's reply, into
- * res (tg_gcra_script_answer on the script's clock now: bucket indices
- * mapped through op->mask); 0 if it is not a valid answer (then only this
- * request fails). */
+/* One request's answer, the numbers p[0..1+nb) of the script's packed
+ * reply, into res (tg_gcra_script_answer on the script's clock now: bucket
+ * indices mapped through op->mask); 0 if it is not a valid answer (then
+ * only this request fails). */
 static int
-charge_answer(redisReply *const *e, const struct tg_redis_op *op, uint64_t now,
+charge_answer(const unsigned char *p, const struct tg_redis_op *op, uint64_t now,
               tg_gcra_result *res)
 {
     long long v[1 + TG_CHARGE_MAX_BUCKETS];
+    uint64_t u[1 + TG_CHARGE_MAX_BUCKETS];
     int nb = __builtin_popcount(op->mask);
 
+    if (!tg_gcra_script_unpack(p, (size_t)(1 + nb), u)) {
+        return 0;
+    }
     for (int k = 0; k < 1 + nb; k++) {
-        v[k] = e[k]->type == REDIS_REPLY_INTEGER ? e[k]->integer : -1;
+        v[k] = (long long)u[k];
     }
     return tg_gcra_script_answer(v, op->lim, op->mask, op->cost, now, res);
 }
@@ -1177,26 +1181,27 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     struct tg_redis_op *op, **link, *again = NULL, **again_tail = &again;
     tg_gcra_result res, part;
     uint64_t script_now = 0;
-    size_t i, nb;
+    const unsigned char *pk;
+    size_t i, nb, nnum;
 
     if (rep->type == REDIS_REPLY_ERROR) {
         tg_redis_node_warn(b->node, "redis: charge script failed: %.200s", rep->str);
         goto fail;
     }
-    if (rep->type != REDIS_REPLY_ARRAY
-        || rep->elements != tg_gcra_script_reply_len(b->nops, b->nkeys)) {
-        tg_redis_node_warn(b->node, "redis: charge script reply: type %d with %zu "
-                "elements, expected an array of %zu", rep->type,
-                rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
-                tg_gcra_script_reply_len(b->nops, b->nkeys));
+    nnum = tg_gcra_script_reply_len(b->nops, b->nkeys);
+    if (rep->type != REDIS_REPLY_STRING || rep->len != nnum * TG_GCRA_PACKED) {
+        tg_redis_node_warn(b->node, "redis: charge script reply: type %d of %zu bytes, "
+                "expected a string of %zu", rep->type,
+                rep->type == REDIS_REPLY_STRING ? rep->len : (size_t)0,
+                nnum * TG_GCRA_PACKED);
         goto fail;
     }
-    if (rep->element[rep->elements - 1]->type != REDIS_REPLY_INTEGER
-        || rep->element[rep->elements - 1]->integer <= 0) {
+    pk = (const unsigned char *)rep->str;
+    if (!tg_gcra_script_unpack(pk + (nnum - 1) * TG_GCRA_PACKED, 1, &script_now)
+        || script_now == 0) {
         tg_redis_node_warn(b->node, "redis: charge script reply: no clock");
         goto fail;
     }
-    script_now = (uint64_t)rep->element[rep->elements - 1]->integer;
 
     b->done = 1;
     batch_settle(b);
@@ -1207,7 +1212,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         size_t sent = (size_t)__builtin_popcount(op->mask);
 
         nb = sent;
-        if (!charge_answer(rep->element + i, op, script_now, &part)) {
+        if (!charge_answer(pk + i * TG_GCRA_PACKED, op, script_now, &part)) {
             tg_redis_node_warn(b->node, "redis: charge script reply: request %zu out of "
                                "range", i);
             link = &op->next;

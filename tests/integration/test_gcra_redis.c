@@ -214,16 +214,31 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
     return nb;
 }
 
-/* Request i's answer from its elements e[0..1+n) of a reply whose clock is
+/* The want numbers of a charge script reply (a string of packed
+ * doubles, gcra.h) into a new array (the caller frees it). */
+static uint64_t *
+reply_nums(const redisReply *r, size_t want)
+{
+    uint64_t *u = calloc(want, sizeof(*u));
+
+    cr_assert_not_null(u);
+    cr_assert_eq(r->type, REDIS_REPLY_STRING, "reply type %d: %s", r->type,
+                 r->type == REDIS_REPLY_ERROR ? r->str : "");
+    cr_assert_eq(r->len, want * TG_GCRA_PACKED, "%zu bytes for %zu numbers", r->len, want);
+    cr_assert_eq(tg_gcra_script_unpack((const unsigned char *)r->str, want, u), 1,
+                 "a number of the reply is not an integer in 0..2^53");
+    return u;
+}
+
+/* Request i's answer from its numbers e[0..1+n) of a reply whose clock is
  * now (tg_gcra_script_answer); asserts it is a valid one. */
 static void
-decode(redisReply *const *e, const req *q, uint64_t now, tg_gcra_result *out)
+decode(const uint64_t *e, const req *q, uint64_t now, tg_gcra_result *out)
 {
     long long v[1 + MAX_REQ_BUCKETS];
 
     for (size_t b = 0; b < 1 + q->n; b++) {
-        cr_assert_eq(e[b]->type, REDIS_REPLY_INTEGER);
-        v[b] = e[b]->integer;
+        v[b] = (long long)e[b];
     }
     cr_assert_eq(tg_gcra_script_answer(v, q->lim, (1u << q->n) - 1, q->cost, now, out), 1,
                  "not a valid answer");
@@ -235,22 +250,22 @@ run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
 {
     size_t nb, i, e;
     redisReply *r;
+    uint64_t *u;
     call c;
 
     nb = build_call(&c, sha, reqs, nreq, batch_floor, batch_dedup);
     r = redisCommandArgv(rc, c.argc, c.argv, c.len);
     call_free(&c);
     cr_assert_not_null(r, "redis: %s", rc->errstr);
-    cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "reply type %d: %s", r->type,
-                 r->type == REDIS_REPLY_ERROR ? r->str : "");
-    cr_assert_eq(r->elements, tg_gcra_script_reply_len(nreq, nb));
-    cr_assert_eq(r->elements, nreq + nb + 1);
-    cr_assert_eq(r->element[r->elements - 1]->type, REDIS_REPLY_INTEGER);
-    last_now = (uint64_t)r->element[r->elements - 1]->integer;
+    cr_assert_eq(tg_gcra_script_reply_len(nreq, nb), nreq + nb + 1);
+    u = reply_nums(r, nreq + nb + 1);
+    last_now = u[nreq + nb];
+    cr_assert_gt(last_now, 0);
     for (i = 0, e = 0; i < nreq; i++) {
-        decode(r->element + e, &reqs[i], last_now, &out[i]);
+        decode(u + e, &reqs[i], last_now, &out[i]);
         e += 1 + reqs[i].n;
     }
+    free(u);
     freeReplyObject(r);
 }
 
@@ -906,20 +921,18 @@ Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
             /* read this connection's oldest reply (late, out of order) */
             struct pend *p = &pend[k][0];
             redisReply *r;
-            uint64_t now_s;
+            uint64_t now_s, *u;
             size_t e = 0;
 
             cr_assert_eq(redisGetReply(c[k], (void **)&r), REDIS_OK);
-            cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "%s",
-                         r->type == REDIS_REPLY_ERROR ? r->str : "");
-            now_s = (uint64_t)r->element[r->elements - 1]->integer;
+            u = reply_nums(r, (size_t)p->nreq + p->nbk + 1);
+            now_s = u[p->nreq + p->nbk];
             for (int q = 0; q < p->nreq; q++) {
                 tg_gcra_result res;
                 int allowed;
 
-                decode(r->element + e, &p->rq[q], now_s, &res);
+                decode(u + e, &p->rq[q], now_s, &res);
                 allowed = res.allowed;
-                cr_assert_eq(r->elements, (size_t)p->nreq + p->nbk + 1);
                 for (int b = 0; b < p->ev[q].nb; b++) {
                     if (p->ev[q].cost > lk[p->ev[q].b[b]].burst) {
                         cr_assert(!allowed, "a cost above a burst passed");
@@ -957,8 +970,9 @@ Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
             }
             /* the script's clock: the last element */
             for (size_t j = nall; j > 0 && all[j - 1].t == 1; j--) {
-                all[j - 1].t = (uint64_t)r->element[e]->integer;
+                all[j - 1].t = u[e];
             }
+            free(u);
             freeReplyObject(r);
             memmove(&pend[k][0], &pend[k][1], (size_t)(npend[k] - 1) * sizeof(pend[k][0]));
             npend[k]--;

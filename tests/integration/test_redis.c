@@ -1092,20 +1092,23 @@ script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
     redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s %b", tg_gcra_lua, key, pk, npk);
     tg_gcra_limit lim = { t_us, burst };
     tg_gcra_result res;
+    uint64_t u[3];
     long long v[2];
 
-    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3,
+    /* the reply: allowed, held, the script's now, packed (gcra.h) */
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STRING
+              && rep->len == 3 * TG_GCRA_PACKED,
               "charge script: %s", rep && rep->str ? rep->str : "bad reply");
-    v[0] = rep->element[0]->integer;
-    v[1] = rep->element[1]->integer;
-    cr_assert_eq(tg_gcra_script_answer(v, &lim, 0x1, 1, (uint64_t)rep->element[2]->integer,
-                                       &res), 1);
+    cr_assert_eq(tg_gcra_script_unpack((const unsigned char *)rep->str, 3, u), 1);
+    v[0] = (long long)u[0];
+    v[1] = (long long)u[1];
+    cr_assert_eq(tg_gcra_script_answer(v, &lim, 0x1, 1, u[2], &res), 1);
     out[0] = res.allowed;
     out[1] = res.remaining;
     out[2] = (long long)res.retry_us;
     out[3] = (long long)res.reset_us;
     out[4] = res.limiting;
-    out[5] = res.allowed ? rep->element[2]->integer + (long long)res.held_us[0] : 0;
+    out[5] = res.allowed ? (long long)(u[2] + res.held_us[0]) : 0;
     freeReplyObject(rep);
 }
 
