@@ -1017,7 +1017,7 @@ batch_reply(redisAsyncContext *ac, void *reply, void *privdata)
 
     if (b->done || rep == NULL) {
         batch_outcome(b, rep != NULL);
-        if (rep != NULL && b->kind == TG_OP_CHARGE && rep->type == REDIS_REPLY_ARRAY) {
+        if (rep != NULL && b->kind == TG_OP_CHARGE && rep->type == REDIS_REPLY_STRING) {
             deliver_charges(b, rep);    /* late: what it charged is given back */
         }
         tg_redis_batch_fail(b);          /* no-op if done */

@@ -749,7 +749,7 @@ Test(redis, garbage_integer_reply)
 
 Test(redis, garbage_array_reply)
 {
-    /* 5 elements (one request's worth), one of them a string */
+    /* 5 elements (a request's worth before the reply was packed), one a string */
     garbage("*5\r\n:1\r\n:2\r\n$1\r\nx\r\n:4\r\n:0\r\n");
 }
 
@@ -884,10 +884,26 @@ Test(redis, maxclients_backoff_keeps_growing)
     tg_redis_destroy(r);
 }
 
+Test(redis, garbage_string_of_the_wrong_length)
+{
+    /* packed numbers, but not 3 (allowed, held, now) of 8 bytes */
+    garbage("$8\r\nabcdefgh\r\n");
+}
+
 Test(redis, garbage_bad_range)
 {
-    /* allowed = 7 is not a boolean */
-    int port = fake_start("*5\r\n:7\r\n:2\r\n:0\r\n:4\r\n:0\r\n");
+    /* allowed = N is not a boolean: the reply of one request on one
+     * bucket, 3 packed numbers, each N = 2^52 + 0x1111111111111 (an
+     * integer whose double has no zero byte: the fake sends a C string) */
+    uint64_t v[3] = { (1ULL << 52) + 0x1111111111111ULL, (1ULL << 52) + 0x1111111111111ULL,
+                      (1ULL << 52) + 0x1111111111111ULL };
+    static char answer[64];
+    size_t n = (size_t)snprintf(answer, sizeof(answer), "$%d\r\n", 3 * TG_GCRA_PACKED);
+
+    n += tg_gcra_script_pack(v, 3, (unsigned char *)answer + n);
+    memcpy(answer + n, "\r\n", 3);
+    cr_assert_eq(strlen(answer), n + 2, "a zero byte in the packed answer");
+    int port = fake_start(answer);
     struct tg_redis *r = client(port, 1000, 4, 1);
     tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
     charge_res c = { 0 };
