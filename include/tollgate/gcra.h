@@ -171,16 +171,18 @@ size_t tg_lshared_size(struct tg_lshared *sh);
  *   KEYS: the batch's bucket keys, each once (a key may appear twice
  *         only with two different limits: the script reads it once and
  *         charges both against the same TAT).
- *   ARGV: nreq; floors (1: each bucket below carries a floor_us, 0:
- *         none, all 0); per KEY, in order: interval_us, burst; then per
- *         request: cost*16 + nbuckets, then per bucket its key's index in
- *         KEYS (1-based) and, with floors, floor_us (the bucket holds at
- *         least this much debt - time until full - whatever is stored).
- *   Reply: flat array; per request 1 + nbuckets integers: allowed (0/1),
- *         then each bucket's debt before the request (held_us, floor
- *         applied); after the last request one more integer: the
- *         script's now (Redis TIME, us).  tg_gcra_script_answer turns
- *         that into the tg_gcra_result of tg_gcra_charge.
+ *   ARGV[1]: these numbers, packed (tg_gcra_script_pack): nreq; floors
+ *         (1: each bucket below carries a floor_us, 0: none, all 0); per
+ *         KEY, in order: interval_us, burst; then per request: cost*16 +
+ *         nbuckets, then per bucket its key's index in KEYS (1-based)
+ *         and, with floors, floor_us (the bucket holds at least this much
+ *         debt - time until full - whatever is stored).
+ *   Reply: one string of packed numbers (tg_gcra_script_unpack); per
+ *         request 1 + nbuckets: allowed (0/1), then each bucket's debt
+ *         before the request (held_us, floor applied); after the last
+ *         request one more: the script's now (Redis TIME, us).
+ *         tg_gcra_script_answer turns that into the tg_gcra_result of
+ *         tg_gcra_charge.
  *   A stored value that is not a bucket (another type, not a finite
  *   number in 0..2^53) counts as no bucket (full) and is overwritten by
  *   the next allowed charge.
@@ -237,8 +239,9 @@ size_t tg_gcra_script_args(const uint32_t *kidx, const uint64_t *floor_us, size_
 size_t tg_gcra_script_pack(const uint64_t *v, size_t n, unsigned char *out);
 int tg_gcra_script_unpack(const unsigned char *in, size_t n, uint64_t *v);
 
-/* Elements of the charge script's reply to nreq requests over nbuckets
- * buckets in all: 1 per request, 1 per bucket, and the script's now. */
+/* Numbers in the charge script's reply to nreq requests over nbuckets
+ * buckets in all: 1 per request, 1 per bucket, and the script's now (the
+ * reply is that many times TG_GCRA_PACKED bytes). */
 size_t tg_gcra_script_reply_len(size_t nreq, size_t nbuckets);
 
 /*
