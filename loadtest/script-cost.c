@@ -455,8 +455,8 @@ main(int argc, char **argv)
     }
     printf("%d calls x %d rounds, %d charges per call, keys of %d; medians\n",
            calls, rounds, ncharges, nkeys);
-    printf("%-14s %9s %11s %12s %12s %8s %8s %8s\n", "variant", "us/call", "us/charge",
-           "cpu us/chg", "(least)", "TIME", "MGET", "SET");
+    printf("%-14s %9s %11s %12s %12s %10s %8s %8s %8s\n", "variant", "us/call", "us/charge",
+           "cpu us/chg", "(least)", "cpu vs v0", "TIME", "MGET", "SET");
     for (size_t i = 0; i < NVAR; i++) {
         variant *v = &variants[i];
         double n[3][MAXV];
@@ -468,9 +468,16 @@ main(int argc, char **argv)
                 n[j][k] = v->nested[k][j];
             }
         }
-        printf("%-14s %9.2f %11.3f %12.3f %12.3f %8.2f %8.2f %8.2f\n", v->name,
+        /* the same round's ratio to v0 (run just before it), median */
+        double ratio[MAXV];
+        for (int k = 0; k < v->rounds; k++) {
+            ratio[k] = variants[0].rounds == v->rounds && variants[0].cpu_us[k] > 0
+                       ? v->cpu_us[k] / variants[0].cpu_us[k] : 0;
+        }
+        printf("%-14s %9.2f %11.3f %12.3f %12.3f %9.2fx %8.2f %8.2f %8.2f\n", v->name,
                median(v->call_us, v->rounds), median(v->charge_us, v->rounds),
-               median(v->cpu_us, v->rounds), least(v->cpu_us, v->rounds), median(n[0], v->rounds),
+               median(v->cpu_us, v->rounds), least(v->cpu_us, v->rounds),
+               median(ratio, v->rounds), median(n[0], v->rounds),
                median(n[1], v->rounds), median(n[2], v->rounds));
     }
     redisFree(rc);
