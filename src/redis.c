@@ -793,8 +793,9 @@ format_resp(struct tg_redis *r, size_t argc)
 
 /*
  * One command for the batch into r's scratch arrays, then to hiredis (which
- * copies it): EVALSHA sha numkeys KEYS... nreq (nbuckets cost (T burst)...)...
- * or EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
+ * copies it): EVALSHA sha numkeys KEYS... packed (the numbers of the
+ * layout in gcra.h as one argument of doubles: tg_gcra_script_pack), or
+ * EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
  * (tg_redis_eval, one op per batch).  Only the buckets in
  * each op's mask are sent.  After ASK, ASKING goes first.
  */
@@ -804,7 +805,7 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     struct tg_redis *r = b->r;
     redisAsyncContext *ac = b->node != NULL ? b->node->ac : NULL;
     struct tg_redis_op *op = b->ops;
-    size_t argc, nnum, i = 0, len;
+    size_t argc, nbytes, i = 0, len;
     char *np;
     int rc;
 
@@ -813,14 +814,16 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     }
     if (b->kind == TG_OP_HGET) {
         argc = 3;
-        nnum = 0;
+        nbytes = 0;
     } else if (b->kind == TG_OP_EVAL) {
         argc = 2 + (size_t)op->n;      /* EVAL script 1 key args... */
-        nnum = 1;
+        nbytes = TG_REDIS_NUMLEN;
     } else {
-        /* at most: every bucket a distinct key */
-        argc = 3 + b->nkeys + 2 + 2 * b->nkeys + b->nops + 2 * b->nkeys;
-        nnum = 1 + 2 + 2 * b->nkeys + b->nops + 2 * b->nkeys;
+        /* at most: every bucket a distinct key; numkeys in decimal, the
+         * rest packed (TG_GCRA_PACKED bytes each) in one argument */
+        argc = 3 + b->nkeys + 1;
+        nbytes = TG_REDIS_NUMLEN
+                 + (2 + 2 * b->nkeys + b->nops + 2 * b->nkeys) * TG_GCRA_PACKED;
     }
     if (argc > r->argcap) {
         r->argcap = argc * 2;
@@ -829,8 +832,8 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         r->argv = tg_xmalloc(r->argcap * sizeof(*r->argv));
         r->argvlen = tg_xmalloc(r->argcap * sizeof(*r->argvlen));
     }
-    if (nnum * TG_REDIS_NUMLEN > r->numcap) {
-        r->numcap = nnum * TG_REDIS_NUMLEN * 2;
+    if (nbytes > r->numcap) {
+        r->numcap = nbytes * 2;
         free(r->num);
         r->num = tg_xmalloc(r->numcap);
     }
@@ -840,6 +843,9 @@ tg_redis_batch_send(struct tg_redis_batch *b)
 #define TG_NUM(v) do { size_t l_ = tg_u64_dec(np, (uint64_t)(v));              \
                        np[l_] = '\0';                                          \
                        TG_ARG(np, l_); np += l_ + 1; } while (0)
+#define TG_PACK(v) do { uint64_t v_ = (v);                                     \
+                        np += tg_gcra_script_pack(&v_, 1, (unsigned char *)np); \
+                   } while (0)
 
     if (b->kind == TG_OP_HGET) {
         TG_ARG("HGET", 4);
@@ -856,6 +862,7 @@ tg_redis_batch_send(struct tg_redis_batch *b)
     } else {
         size_t nk = batch_keys(b), kn = 0, floors = 0;
         const struct tg_rkey *kt = r->kt;
+        char *packed;
 
         if (b->eval) {
             TG_ARG("EVAL", 4);
@@ -873,11 +880,12 @@ tg_redis_batch_send(struct tg_redis_batch *b)
                 floors |= (op->mask & (1u << k)) && op->floor_us[k] != 0;
             }
         }
-        TG_NUM(b->nops);
-        TG_NUM(floors);
+        packed = np;
+        TG_PACK(b->nops);
+        TG_PACK(floors);
         for (size_t j = 0; j < nk; j++) {
-            TG_NUM(kt[j].lim.interval_us);
-            TG_NUM(kt[j].lim.burst);
+            TG_PACK(kt[j].lim.interval_us);
+            TG_PACK(kt[j].lim.burst);
         }
         for (op = b->ops; op != NULL; op = op->next) {
             uint64_t a[TG_GCRA_SCRIPT_ARGS];
@@ -889,11 +897,11 @@ tg_redis_batch_send(struct tg_redis_batch *b)
             }
             na = tg_gcra_script_args(kidx, op->floor_us, op->n, op->mask, op->cost,
                                      (int)floors, a);
-            for (size_t j = 0; j < na; j++) {
-                TG_NUM(a[j]);
-            }
+            np += tg_gcra_script_pack(a, na, (unsigned char *)np);
         }
+        TG_ARG(packed, (size_t)(np - packed));
     }
+#undef TG_PACK
 #undef TG_NUM
 #undef TG_ARG
 
@@ -1009,7 +1017,7 @@ batch_reply(redisAsyncContext *ac, void *reply, void *privdata)
 
     if (b->done || rep == NULL) {
         batch_outcome(b, rep != NULL);
-        if (rep != NULL && b->kind == TG_OP_CHARGE && rep->type == REDIS_REPLY_ARRAY) {
+        if (rep != NULL && b->kind == TG_OP_CHARGE && rep->type == REDIS_REPLY_STRING) {
             deliver_charges(b, rep);    /* late: what it charged is given back */
         }
         tg_redis_batch_fail(b);          /* no-op if done */
@@ -1145,19 +1153,23 @@ combine(const tg_gcra_result *a, const tg_gcra_result *b, uint32_t cost,
     }
 }
 
-/* One request's answer, elements e[0..1+nb) of the script's reply, into
- * res (tg_gcra_script_answer on the script's clock now: bucket indices
- * mapped through op->mask); 0 if it is not a valid answer (then only this
- * request fails). */
+/* One request's answer, the numbers p[0..1+nb) of the script's packed
+ * reply, into res (tg_gcra_script_answer on the script's clock now: bucket
+ * indices mapped through op->mask); 0 if it is not a valid answer (then
+ * only this request fails). */
 static int
-charge_answer(redisReply *const *e, const struct tg_redis_op *op, uint64_t now,
+charge_answer(const unsigned char *p, const struct tg_redis_op *op, uint64_t now,
               tg_gcra_result *res)
 {
     long long v[1 + TG_CHARGE_MAX_BUCKETS];
+    uint64_t u[1 + TG_CHARGE_MAX_BUCKETS];
     int nb = __builtin_popcount(op->mask);
 
+    if (!tg_gcra_script_unpack(p, (size_t)(1 + nb), u)) {
+        return 0;
+    }
     for (int k = 0; k < 1 + nb; k++) {
-        v[k] = e[k]->type == REDIS_REPLY_INTEGER ? e[k]->integer : -1;
+        v[k] = (long long)u[k];
     }
     return tg_gcra_script_answer(v, op->lim, op->mask, op->cost, now, res);
 }
@@ -1169,26 +1181,27 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
     struct tg_redis_op *op, **link, *again = NULL, **again_tail = &again;
     tg_gcra_result res, part;
     uint64_t script_now = 0;
-    size_t i, nb;
+    const unsigned char *pk;
+    size_t i, nb, nnum;
 
     if (rep->type == REDIS_REPLY_ERROR) {
         tg_redis_node_warn(b->node, "redis: charge script failed: %.200s", rep->str);
         goto fail;
     }
-    if (rep->type != REDIS_REPLY_ARRAY
-        || rep->elements != tg_gcra_script_reply_len(b->nops, b->nkeys)) {
-        tg_redis_node_warn(b->node, "redis: charge script reply: type %d with %zu "
-                "elements, expected an array of %zu", rep->type,
-                rep->type == REDIS_REPLY_ARRAY ? rep->elements : (size_t)0,
-                tg_gcra_script_reply_len(b->nops, b->nkeys));
+    nnum = tg_gcra_script_reply_len(b->nops, b->nkeys);
+    if (rep->type != REDIS_REPLY_STRING || rep->len != nnum * TG_GCRA_PACKED) {
+        tg_redis_node_warn(b->node, "redis: charge script reply: type %d of %zu bytes, "
+                "expected a string of %zu", rep->type,
+                rep->type == REDIS_REPLY_STRING ? rep->len : (size_t)0,
+                nnum * TG_GCRA_PACKED);
         goto fail;
     }
-    if (rep->element[rep->elements - 1]->type != REDIS_REPLY_INTEGER
-        || rep->element[rep->elements - 1]->integer <= 0) {
+    pk = (const unsigned char *)rep->str;
+    if (!tg_gcra_script_unpack(pk + (nnum - 1) * TG_GCRA_PACKED, 1, &script_now)
+        || script_now == 0) {
         tg_redis_node_warn(b->node, "redis: charge script reply: no clock");
         goto fail;
     }
-    script_now = (uint64_t)rep->element[rep->elements - 1]->integer;
 
     b->done = 1;
     batch_settle(b);
@@ -1199,7 +1212,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         size_t sent = (size_t)__builtin_popcount(op->mask);
 
         nb = sent;
-        if (!charge_answer(rep->element + i, op, script_now, &part)) {
+        if (!charge_answer(pk + i * TG_GCRA_PACKED, op, script_now, &part)) {
             tg_redis_node_warn(b->node, "redis: charge script reply: request %zu out of "
                                "range", i);
             link = &op->next;

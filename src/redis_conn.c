@@ -170,6 +170,7 @@ typedef struct tg_reply {
     redisReply       rep;         /* first: hiredis sees a redisReply * */
     struct tg_redis *r;           /* whose free lists */
     size_t           ecap;        /* rep.element's capacity (0: none) */
+    size_t           scap;        /* rep.str's capacity (0: not cached) */
     struct tg_reply *next;        /* on r->reply_pool */
 } tg_reply;
 
@@ -218,7 +219,14 @@ reply_free(void *p)
         return;
     }
     r = w->r;
-    free(w->rep.str);
+    if (w->rep.str != NULL && w->scap > r->str_cache_cap && TG_REDIS_POOLING
+        && !r->destroying) {
+        free(r->str_cache);     /* keep the larger one */
+        r->str_cache = w->rep.str;
+        r->str_cache_cap = w->scap;
+    } else {
+        free(w->rep.str);
+    }
     if (w->rep.element != NULL) {
         for (size_t i = 0; i < w->rep.elements; i++) {
             reply_free(w->rep.element[i]);
@@ -256,6 +264,9 @@ tg_redis_reply_pool_free(struct tg_redis *r)
     free(r->elem_cache);
     r->elem_cache = NULL;
     r->elem_cache_cap = 0;
+    free(r->str_cache);
+    r->str_cache = NULL;
+    r->str_cache_cap = 0;
 }
 
 static void *
@@ -276,7 +287,16 @@ reply_string(const redisReadTask *task, char *str, size_t len)
     if (rep == NULL) {
         return NULL;
     }
-    rep->str = malloc(len + 1);
+    if (TG_REDIS_POOLING && ((tg_reply *)rep)->r->str_cache_cap > len) {
+        tg_reply *w = (tg_reply *)rep;
+        rep->str = w->r->str_cache;                 /* the charge reply's */
+        w->scap = w->r->str_cache_cap;              /* buffer, kept */
+        w->r->str_cache = NULL;
+        w->r->str_cache_cap = 0;
+    } else {
+        rep->str = malloc(len + 1);
+        ((tg_reply *)rep)->scap = len < TG_REDIS_STR_CACHE_MAX ? len + 1 : 0;
+    }
     if (rep->str == NULL) {
         reply_free(rep);
         return NULL;

@@ -38,6 +38,7 @@
 #define TG_REDIS_MAX_ELEMENTS      65536    /* per array in one reply */
 #define TG_REDIS_MAX_OBJECTS       (1 << 20)   /* objects in one reply */
 #define TG_REDIS_MAX_READBUF       (4u << 20)  /* unparsed reply bytes */
+#define TG_REDIS_STR_CACHE_MAX     (64u << 10) /* a kept string buffer, at most */
 #define TG_REDIS_WARN_MS           1000     /* connection warnings per node */
 #define TG_REDIS_REFUND_MAX        TG_REDIS_GIVE_MAX   /* keys per refund call */
 #define TG_REDIS_INFLIGHT          1        /* charge calls in flight per connection
@@ -188,7 +189,7 @@ struct tg_redis {
     const char            **argv;        /* scratch for one command: */
     size_t                 *argvlen;     /* argc entries each */
     size_t                  argcap;
-    char                   *num;         /* number strings */
+    char                   *num;         /* number strings, packed numbers */
     size_t                  numcap;
     char                   *cmd;         /* the command in RESP, for */
     size_t                  cmdcap;      /* redisAsyncFormattedCommand */
@@ -200,7 +201,8 @@ struct tg_redis {
 
     /* Free lists, so a charge in the steady state allocates nothing of
      * ours: ops (of TG_REDIS_OP_POOLED string bytes), batches, reply
-     * objects and one reply element array (redis_conn.c). */
+     * objects, one reply element array and one string buffer (the
+     * charge script's packed reply; redis_conn.c). */
     struct tg_redis_op     *op_pool;
     unsigned                nop_pool;
     struct tg_redis_batch  *batch_pool;
@@ -209,6 +211,8 @@ struct tg_redis {
     unsigned                nreply_pool;
     void                  **elem_cache;
     size_t                  elem_cache_cap;
+    char                   *str_cache;
+    size_t                  str_cache_cap;
 
     /* Sentinel */
     struct tg_raux          disc;        /* get-master-addr-by-name */

@@ -171,16 +171,18 @@ size_t tg_lshared_size(struct tg_lshared *sh);
  *   KEYS: the batch's bucket keys, each once (a key may appear twice
  *         only with two different limits: the script reads it once and
  *         charges both against the same TAT).
- *   ARGV: nreq; floors (1: each bucket below carries a floor_us, 0:
- *         none, all 0); per KEY, in order: interval_us, burst; then per
- *         request: cost*16 + nbuckets, then per bucket its key's index in
- *         KEYS (1-based) and, with floors, floor_us (the bucket holds at
- *         least this much debt - time until full - whatever is stored).
- *   Reply: flat array; per request 1 + nbuckets integers: allowed (0/1),
- *         then each bucket's debt before the request (held_us, floor
- *         applied); after the last request one more integer: the
- *         script's now (Redis TIME, us).  tg_gcra_script_answer turns
- *         that into the tg_gcra_result of tg_gcra_charge.
+ *   ARGV[1]: these numbers, packed (tg_gcra_script_pack): nreq; floors
+ *         (1: each bucket below carries a floor_us, 0: none, all 0); per
+ *         KEY, in order: interval_us, burst; then per request: cost*16 +
+ *         nbuckets, then per bucket its key's index in KEYS (1-based)
+ *         and, with floors, floor_us (the bucket holds at least this much
+ *         debt - time until full - whatever is stored).
+ *   Reply: one string of packed numbers (tg_gcra_script_unpack); per
+ *         request 1 + nbuckets: allowed (0/1), then each bucket's debt
+ *         before the request (held_us, floor applied); after the last
+ *         request one more: the script's now (Redis TIME, us).
+ *         tg_gcra_script_answer turns that into the tg_gcra_result of
+ *         tg_gcra_charge.
  *   A stored value that is not a bucket (another type, not a finite
  *   number in 0..2^53) counts as no bucket (full) and is overwritten by
  *   the next allowed charge.
@@ -222,8 +224,24 @@ extern const char tg_gcra_refund_lua[];
 size_t tg_gcra_script_args(const uint32_t *kidx, const uint64_t *floor_us, size_t n,
                            unsigned mask, uint32_t cost, int floors, uint64_t *out);
 
-/* Elements of the charge script's reply to nreq requests over nbuckets
- * buckets in all: 1 per request, 1 per bucket, and the script's now. */
+/*
+ * The charge script reads its numbers from ONE argument (ARGV[1]) of
+ * little-endian IEEE 754 doubles, TG_GCRA_PACKED bytes each, decoded with
+ * one struct.unpack: no Redis object, Lua string or tonumber per number.
+ * Every number is an integer < 2^53, exact in a double.
+ * tg_gcra_script_pack writes v[0..n) into out (room for n *
+ * TG_GCRA_PACKED bytes), a value above 2^53 - 1 as 2^53 - 1 (only a
+ * floor can be: a debt of 285 years); returns the bytes written.
+ * tg_gcra_script_unpack reads n doubles from in into v; returns 0 if one
+ * is not an integer in 0..2^53 - 1, else 1.
+ */
+#define TG_GCRA_PACKED 8
+size_t tg_gcra_script_pack(const uint64_t *v, size_t n, unsigned char *out);
+int tg_gcra_script_unpack(const unsigned char *in, size_t n, uint64_t *v);
+
+/* Numbers in the charge script's reply to nreq requests over nbuckets
+ * buckets in all: 1 per request, 1 per bucket, and the script's now (the
+ * reply is that many times TG_GCRA_PACKED bytes). */
 size_t tg_gcra_script_reply_len(size_t nreq, size_t nbuckets);
 
 /*

@@ -93,12 +93,16 @@ static uint64_t last_now;        /* the script's clock in the last reply */
  * script must still read and write each key once, as sequential calls). */
 static int batch_dedup = 1;
 
-/* One charge script call being built (argv owns its numbers). */
+/* One charge script call being built (argv owns its numbers; the
+ * script's numbers go to v[], packed into pk as its last argument). */
 typedef struct call {
     const char **argv;
     size_t      *len;
     char       (*num)[24];
     int          argc, nn;
+    uint64_t    *v;
+    size_t       nv;
+    unsigned char *pk;
 } call;
 
 static void
@@ -115,12 +119,21 @@ call_num(call *c, unsigned long long v)
     call_arg(c, c->num[c->nn++]);
 }
 
+/* A number of the script's packed argument. */
+static void
+call_val(call *c, unsigned long long v)
+{
+    c->v[c->nv++] = v;
+}
+
 static void
 call_free(call *c)
 {
     free(c->argv);
     free(c->len);
     free(c->num);
+    free(c->v);
+    free(c->pk);
 }
 
 /*
@@ -146,10 +159,13 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
     c->argv = calloc(8 + 6 * nb + nreq, sizeof(*c->argv));
     c->len = calloc(8 + 6 * nb + nreq, sizeof(*c->len));
     c->num = calloc(8 + 6 * nb + nreq, sizeof(*c->num));
+    c->v = calloc(8 + 6 * nb + nreq, sizeof(*c->v));
+    c->pk = calloc(8 + 6 * nb + nreq, TG_GCRA_PACKED);
+    c->nv = 0;
     keys = calloc(nb + 1, sizeof(*keys));
     kl = calloc(nb + 1, sizeof(*kl));
     kidx = calloc(nb + 1, sizeof(*kidx));
-    cr_assert(c->argv && c->len && c->num && keys && kl && kidx);
+    cr_assert(c->argv && c->len && c->num && c->v && c->pk && keys && kl && kidx);
     for (i = 0; i < nreq; i++) {
         for (b = 0; b < reqs[i].n; b++, fi++) {
             const tg_gcra_limit *l = &reqs[i].lim[b];
@@ -174,11 +190,11 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
     for (j = 0; j < nk; j++) {
         call_arg(c, keys[j]);
     }
-    call_num(c, nreq);
-    call_num(c, (unsigned long long)fl);
+    call_val(c, nreq);
+    call_val(c, (unsigned long long)fl);
     for (j = 0; j < nk; j++) {
-        call_num(c, kl[j].interval_us);
-        call_num(c, kl[j].burst);
+        call_val(c, kl[j].interval_us);
+        call_val(c, kl[j].burst);
     }
     for (i = 0, fi = 0; i < nreq; i++) {
         uint64_t a[TG_GCRA_SCRIPT_ARGS];
@@ -186,26 +202,43 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
                                         reqs[i].n, (1u << reqs[i].n) - 1, reqs[i].cost,
                                         fl, a);
         for (j = 0; j < na; j++) {
-            call_num(c, a[j]);
+            call_val(c, a[j]);
         }
         fi += reqs[i].n;
     }
+    c->argv[c->argc] = (const char *)c->pk;
+    c->len[c->argc++] = tg_gcra_script_pack(c->v, c->nv, c->pk);
     free(keys);
     free(kl);
     free(kidx);
     return nb;
 }
 
-/* Request i's answer from its elements e[0..1+n) of a reply whose clock is
+/* The want numbers of a charge script reply (a string of packed
+ * doubles, gcra.h) into a new array (the caller frees it). */
+static uint64_t *
+reply_nums(const redisReply *r, size_t want)
+{
+    uint64_t *u = calloc(want, sizeof(*u));
+
+    cr_assert_not_null(u);
+    cr_assert_eq(r->type, REDIS_REPLY_STRING, "reply type %d: %s", r->type,
+                 r->type == REDIS_REPLY_ERROR ? r->str : "");
+    cr_assert_eq(r->len, want * TG_GCRA_PACKED, "%zu bytes for %zu numbers", r->len, want);
+    cr_assert_eq(tg_gcra_script_unpack((const unsigned char *)r->str, want, u), 1,
+                 "a number of the reply is not an integer in 0..2^53");
+    return u;
+}
+
+/* Request i's answer from its numbers e[0..1+n) of a reply whose clock is
  * now (tg_gcra_script_answer); asserts it is a valid one. */
 static void
-decode(redisReply *const *e, const req *q, uint64_t now, tg_gcra_result *out)
+decode(const uint64_t *e, const req *q, uint64_t now, tg_gcra_result *out)
 {
     long long v[1 + MAX_REQ_BUCKETS];
 
     for (size_t b = 0; b < 1 + q->n; b++) {
-        cr_assert_eq(e[b]->type, REDIS_REPLY_INTEGER);
-        v[b] = e[b]->integer;
+        v[b] = (long long)e[b];
     }
     cr_assert_eq(tg_gcra_script_answer(v, q->lim, (1u << q->n) - 1, q->cost, now, out), 1,
                  "not a valid answer");
@@ -217,22 +250,22 @@ run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
 {
     size_t nb, i, e;
     redisReply *r;
+    uint64_t *u;
     call c;
 
     nb = build_call(&c, sha, reqs, nreq, batch_floor, batch_dedup);
     r = redisCommandArgv(rc, c.argc, c.argv, c.len);
     call_free(&c);
     cr_assert_not_null(r, "redis: %s", rc->errstr);
-    cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "reply type %d: %s", r->type,
-                 r->type == REDIS_REPLY_ERROR ? r->str : "");
-    cr_assert_eq(r->elements, tg_gcra_script_reply_len(nreq, nb));
-    cr_assert_eq(r->elements, nreq + nb + 1);
-    cr_assert_eq(r->element[r->elements - 1]->type, REDIS_REPLY_INTEGER);
-    last_now = (uint64_t)r->element[r->elements - 1]->integer;
+    cr_assert_eq(tg_gcra_script_reply_len(nreq, nb), nreq + nb + 1);
+    u = reply_nums(r, nreq + nb + 1);
+    last_now = u[nreq + nb];
+    cr_assert_gt(last_now, 0);
     for (i = 0, e = 0; i < nreq; i++) {
-        decode(r->element + e, &reqs[i], last_now, &out[i]);
+        decode(u + e, &reqs[i], last_now, &out[i]);
         e += 1 + reqs[i].n;
     }
+    free(u);
     freeReplyObject(r);
 }
 
@@ -780,6 +813,56 @@ Test(gcra_redis, floor_raises_the_debt)
     cr_assert_eq(res.held_us[0], 1000001);
 }
 
+/*
+ * The packed arguments keep every number exact, 2^32 and beyond: a floor
+ * of 2^32 + 5 us (and an interval of 2^32 + 3 us) charged on an empty
+ * bucket holds exactly that debt, and the stored TAT is now + floor + T.
+ * A 32-bit packing would drop the high half; a float would round.
+ */
+Test(gcra_redis, packed_numbers_beyond_32_bits_survive)
+{
+    tg_gcra_limit l = { 0x100000003ULL, 1000 };         /* L = 1000 T */
+    req q = { 1, 1, { "tg:{wide}:t" }, { l } };
+    static const uint64_t f[] = { 0x100000005ULL };
+    tg_gcra_result res;
+
+    batch_floor = f;
+    run_batch(NULL, &q, 1, &res);
+    batch_floor = NULL;
+    cr_assert(res.allowed);
+    cr_assert_eq(res.held_us[0], 0x100000005ULL + 0x100000003ULL,
+                 "held %" PRIu64, res.held_us[0]);
+    cr_assert_eq(res.remaining, 997);          /* (1000 T - (2 T + 2)) / T */
+    cr_assert_eq(get_u64("tg:{wide}:t"), last_now + 0x100000005ULL + 0x100000003ULL);
+}
+
+/*
+ * A call of more numbers than one struct.unpack takes (the script decodes
+ * them 4,000 at a time): 2,500 requests over 1,250 keys of burst 1, each
+ * key charged twice, numbers 2 + 2*1250 + 2*2500 = 7,502.  The first
+ * charge of each key passes, the second is denied, in every chunk.
+ */
+Test(gcra_redis, a_call_of_many_numbers_decodes_in_chunks)
+{
+    enum { NK = 1250, NR = 2 * NK };
+    static req q[NR];
+    static tg_gcra_result res[NR];
+    static char names[NK][24];
+    tg_gcra_limit l = tg_gcra_per_second(1, 1);
+
+    for (int k = 0; k < NK; k++) {
+        snprintf(names[k], sizeof(names[k]), "tg:{big}:%d", k);
+    }
+    for (int i = 0; i < NR; i++) {
+        q[i] = (req){ 1, 1, { names[i % NK] }, { l } };
+    }
+    run_batch(NULL, q, NR, res);
+    for (int i = 0; i < NR; i++) {
+        cr_assert_eq(res[i].allowed, i < NK, "request %d", i);
+        cr_assert_eq(res[i].held_us[0], 1000000, "request %d", i);
+    }
+}
+
 /* ---- property: admitted <= burst + rate * t over every window ------------ */
 
 static void refund(const char *key, uint64_t amount, uint64_t p);
@@ -838,20 +921,18 @@ Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
             /* read this connection's oldest reply (late, out of order) */
             struct pend *p = &pend[k][0];
             redisReply *r;
-            uint64_t now_s;
+            uint64_t now_s, *u;
             size_t e = 0;
 
             cr_assert_eq(redisGetReply(c[k], (void **)&r), REDIS_OK);
-            cr_assert_eq(r->type, REDIS_REPLY_ARRAY, "%s",
-                         r->type == REDIS_REPLY_ERROR ? r->str : "");
-            now_s = (uint64_t)r->element[r->elements - 1]->integer;
+            u = reply_nums(r, (size_t)p->nreq + p->nbk + 1);
+            now_s = u[p->nreq + p->nbk];
             for (int q = 0; q < p->nreq; q++) {
                 tg_gcra_result res;
                 int allowed;
 
-                decode(r->element + e, &p->rq[q], now_s, &res);
+                decode(u + e, &p->rq[q], now_s, &res);
                 allowed = res.allowed;
-                cr_assert_eq(r->elements, (size_t)p->nreq + p->nbk + 1);
                 for (int b = 0; b < p->ev[q].nb; b++) {
                     if (p->ev[q].cost > lk[p->ev[q].b[b]].burst) {
                         cr_assert(!allowed, "a cost above a burst passed");
@@ -889,8 +970,9 @@ Test(gcra_redis, property_window_bound_across_instances, .timeout = 240)
             }
             /* the script's clock: the last element */
             for (size_t j = nall; j > 0 && all[j - 1].t == 1; j--) {
-                all[j - 1].t = (uint64_t)r->element[e]->integer;
+                all[j - 1].t = u[e];
             }
+            free(u);
             freeReplyObject(r);
             memmove(&pend[k][0], &pend[k][1], (size_t)(npend[k] - 1) * sizeof(pend[k][0]));
             npend[k]--;

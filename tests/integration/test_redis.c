@@ -749,7 +749,7 @@ Test(redis, garbage_integer_reply)
 
 Test(redis, garbage_array_reply)
 {
-    /* 5 elements (one request's worth), one of them a string */
+    /* 5 elements (a request's worth before the reply was packed), one a string */
     garbage("*5\r\n:1\r\n:2\r\n$1\r\nx\r\n:4\r\n:0\r\n");
 }
 
@@ -884,10 +884,26 @@ Test(redis, maxclients_backoff_keeps_growing)
     tg_redis_destroy(r);
 }
 
+Test(redis, garbage_string_of_the_wrong_length)
+{
+    /* packed numbers, but not 3 (allowed, held, now) of 8 bytes */
+    garbage("$8\r\nabcdefgh\r\n");
+}
+
 Test(redis, garbage_bad_range)
 {
-    /* allowed = 7 is not a boolean */
-    int port = fake_start("*5\r\n:7\r\n:2\r\n:0\r\n:4\r\n:0\r\n");
+    /* allowed = N is not a boolean: the reply of one request on one
+     * bucket, 3 packed numbers, each N = 2^52 + 0x1111111111111 (an
+     * integer whose double has no zero byte: the fake sends a C string) */
+    uint64_t v[3] = { (1ULL << 52) + 0x1111111111111ULL, (1ULL << 52) + 0x1111111111111ULL,
+                      (1ULL << 52) + 0x1111111111111ULL };
+    static char answer[64];
+    size_t n = (size_t)snprintf(answer, sizeof(answer), "$%d\r\n", 3 * TG_GCRA_PACKED);
+
+    n += tg_gcra_script_pack(v, 3, (unsigned char *)answer + n);
+    memcpy(answer + n, "\r\n", 3);
+    cr_assert_eq(strlen(answer), n + 2, "a zero byte in the packed answer");
+    int port = fake_start(answer);
     struct tg_redis *r = client(port, 1000, 4, 1);
     tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
     charge_res c = { 0 };
@@ -1085,24 +1101,30 @@ Test(redis, select_db)
 static void
 script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
 {
-    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s 1 0 %llu %u 17 1", tg_gcra_lua, key,
-                               (unsigned long long)t_us, burst);
+    /* nreq 1, no floors, the key's limit, cost 1 on 1 bucket: key 1 */
+    uint64_t num[6] = { 1, 0, t_us, burst, 17, 1 };
+    unsigned char pk[sizeof(num)];
+    size_t npk = tg_gcra_script_pack(num, 6, pk);
+    redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s %b", tg_gcra_lua, key, pk, npk);
     tg_gcra_limit lim = { t_us, burst };
     tg_gcra_result res;
+    uint64_t u[3];
     long long v[2];
 
-    cr_assert(rep != NULL && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3,
+    /* the reply: allowed, held, the script's now, packed (gcra.h) */
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STRING
+              && rep->len == 3 * TG_GCRA_PACKED,
               "charge script: %s", rep && rep->str ? rep->str : "bad reply");
-    v[0] = rep->element[0]->integer;
-    v[1] = rep->element[1]->integer;
-    cr_assert_eq(tg_gcra_script_answer(v, &lim, 0x1, 1, (uint64_t)rep->element[2]->integer,
-                                       &res), 1);
+    cr_assert_eq(tg_gcra_script_unpack((const unsigned char *)rep->str, 3, u), 1);
+    v[0] = (long long)u[0];
+    v[1] = (long long)u[1];
+    cr_assert_eq(tg_gcra_script_answer(v, &lim, 0x1, 1, u[2], &res), 1);
     out[0] = res.allowed;
     out[1] = res.remaining;
     out[2] = (long long)res.retry_us;
     out[3] = (long long)res.reset_us;
     out[4] = res.limiting;
-    out[5] = res.allowed ? rep->element[2]->integer + (long long)res.held_us[0] : 0;
+    out[5] = res.allowed ? (long long)(u[2] + res.held_us[0]) : 0;
     freeReplyObject(rep);
 }
 

@@ -1005,6 +1005,47 @@ Test(gcra_script, args_of_the_buckets_sent)
     cr_assert_eq(a[0] / 16, UINT32_MAX);
 }
 
+/* The packed numbers: little-endian doubles, exact below 2^53 (a value of
+ * 2^32 or more must not lose its high half), clamped at 2^53 - 1. */
+Test(gcra_script, packed_numbers_are_exact)
+{
+    static const uint64_t v[] = { 0, 1, 16 + 1, 0xffffffffULL, 0x100000000ULL,
+                                  0x100000005ULL, 1800000000123457ULL,
+                                  9007199254740991ULL };
+    static const unsigned char one[8] = { 0, 0, 0, 0, 0, 0, 0xf0, 0x3f };
+    uint64_t back[TG_ARRAY_LEN(v)], big[2] = { 9007199254740992ULL, UINT64_MAX };
+    unsigned char pk[TG_ARRAY_LEN(v) * TG_GCRA_PACKED];
+
+    cr_assert_eq(tg_gcra_script_pack(v, TG_ARRAY_LEN(v), pk), sizeof(pk));
+    cr_assert_arr_eq(pk + TG_GCRA_PACKED, one, 8, "1 is the double 1.0, little-endian");
+    cr_assert_eq(tg_gcra_script_unpack(pk, TG_ARRAY_LEN(v), back), 1);
+    for (size_t i = 0; i < TG_ARRAY_LEN(v); i++) {
+        cr_assert_eq(back[i], v[i], "value %zu: %" PRIu64 " came back as %" PRIu64,
+                     i, v[i], back[i]);
+    }
+    /* beyond the script's numbers: 2^53 - 1 */
+    cr_assert_eq(tg_gcra_script_pack(big, 2, pk), 2 * TG_GCRA_PACKED);
+    cr_assert_eq(tg_gcra_script_unpack(pk, 2, back), 1);
+    cr_assert(back[0] == 9007199254740991ULL && back[1] == 9007199254740991ULL);
+}
+
+Test(gcra_script, unpack_refuses_what_is_not_a_number_of_the_script)
+{
+    static const double bad[] = { -1.0, 0.5, 9007199254740992.0, 1e300,
+                                  __builtin_nan(""), __builtin_inf() };
+    uint64_t out;
+
+    for (size_t i = 0; i < TG_ARRAY_LEN(bad); i++) {
+        unsigned char pk[8];
+        uint64_t b;
+        memcpy(&b, &bad[i], 8);
+        for (int k = 0; k < 8; k++) {
+            pk[k] = (unsigned char)(b >> (8 * k));
+        }
+        cr_assert_eq(tg_gcra_script_unpack(pk, 1, &out), 0, "value %zu accepted", i);
+    }
+}
+
 Test(gcra_script, reply_length)
 {
     cr_assert_eq(tg_gcra_script_reply_len(1, 1), 3);
