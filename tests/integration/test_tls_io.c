@@ -405,3 +405,60 @@ Test(tls_io, clients_gone_mid_response)
     tls_close(t);
     TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died");
 }
+
+/* CPU time tollgate has used so far, in ms. */
+static long
+cpu_ms(void)
+{
+    char path[64], buf[1024], *p;
+    unsigned long ut = 0, st = 0;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)tg.proc->pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return 0;
+    p = fgets(buf, sizeof buf, f);
+    fclose(f);
+    if (p == NULL || (p = strrchr(buf, ')')) == NULL
+        || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        return 0;
+    return (long)((ut + st) * 1000 / (unsigned long)sysconf(_SC_CLK_TCK));
+}
+
+/* A client that stops reading a large response (tollgate's writes wait
+ * for the socket) and then asks for a key update (its answer must be
+ * written before anything else is read) and keeps sending: tollgate does
+ * not spin on the readable socket, and once the client reads again the
+ * response and the next one arrive intact. */
+Test(tls_io, key_update_while_output_waits)
+{
+    unsigned char *body;
+    size_t blen;
+    int status;
+
+    start("send_timeout_ms: 30000");
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=10", 10);
+    tls_send(t, "GET /bytes?n=16777216 HTTP/1.1\r\nHost: t\r\n\r\n");
+    tgh_sleep_ms(1000);                         /* the kernels' buffers fill */
+    TGH_CHECK(SSL_key_update(t->ssl, SSL_KEY_UPDATE_REQUESTED) == 1, "SSL_key_update");
+    long cpu0 = cpu_ms();
+    tls_send(t, "GET /bytes?n=3 HTTP/1.1\r\nHost: t\r\n");
+    for (int i = 0; i < 20; i++) {              /* more records: the socket stays readable */
+        tls_send(t, "X-Pad: 0123456789012345678901234567890123456789\r\n");
+        tgh_sleep_ms(50);
+    }
+    tls_send(t, "\r\n");
+    tgh_sleep_ms(1000);
+    long used = cpu_ms() - cpu0;
+    cr_log_info("key update with stalled output: tollgate used %ld ms of CPU in ~2 s", used);
+    TGH_CHECK(used < 500, "tollgate used %ld ms of CPU in ~2 s on a stalled connection", used);
+    TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "the 16 MiB response broke off");
+    TGH_CHECK(status == 200 && blen == 16777216 && is_pattern(body, blen),
+              "16 MiB: status %d, %zu bytes", status, blen);
+    free(body);
+    TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "the pipelined response is missing");
+    TGH_CHECK(status == 200 && blen == 3 && is_pattern(body, blen), "pipelined: %d, %zu", status, blen);
+    free(body);
+    tls_close(t);
+}
