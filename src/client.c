@@ -21,11 +21,13 @@
  * is above it (tg_client_next_request).
  */
 #include <arpa/inet.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -213,15 +215,24 @@ tg_client_close_after_flush(struct tg_client *c)
 
 /* Whether the client may still be sending when we close: a body not read
  * to its end, or bytes read and not used (a request head, pipelined
- * requests; TLS: records OpenSSL holds).  Only then is the close a
- * lingering one; otherwise the socket is closed at once (as nginx does):
+ * requests; TLS: records OpenSSL holds), or an answer the kernel has not
+ * sent all of yet (a pipelining client that has not seen its end may send
+ * its next request any time; arriving at a closed socket, it turns the
+ * close into a reset, and the reset throws away what was still to be
+ * sent).  Only then is the close a lingering one; otherwise the socket is
+ * closed at once (as nginx does): the whole answer is sent, and
  * nothing unread is there to turn the close into a reset. */
 static int
 may_be_sending(struct tg_client *c)
 {
-    return !c->rq.done
-           || evbuffer_get_length(bufferevent_get_input(c->conn.bev)) != 0
-           || (c->conn.ssl != NULL && SSL_has_pending(c->conn.ssl));
+    int unsent = 0;
+
+    if (!c->rq.done
+        || evbuffer_get_length(bufferevent_get_input(c->conn.bev)) != 0
+        || (c->conn.ssl != NULL && SSL_has_pending(c->conn.ssl))) {
+        return 1;
+    }
+    return ioctl(c->conn.fd, SIOCOUTQNSD, &unsent) != 0 || unsent != 0;
 }
 
 static void
