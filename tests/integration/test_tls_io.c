@@ -462,3 +462,42 @@ Test(tls_io, key_update_while_output_waits)
     free(body);
     tls_close(t);
 }
+
+/* A client that sends plaintext (not records) after its handshake, or a
+ * record with a broken MAC: tollgate ends that connection at once (an
+ * alert or a close, no answer), spends nothing on it meanwhile, and
+ * serves the next one. */
+Test(tls_io, garbage_after_the_handshake)
+{
+    static const char plain[] = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    char buf[4096];
+
+    start(NULL);
+    for (int k = 0; k < 2; k++) {
+        tls_conn *t = tls_open(tls_port);
+        get_pattern(t, "/bytes?n=10", 10);
+        long cpu0 = cpu_ms();
+        uint64_t t0 = tgh_now_ms();
+        if (k == 0) {
+            TGH_CHECK(write(t->fd, plain, sizeof plain - 1) == (ssize_t)(sizeof plain - 1),
+                      "write");
+        } else {
+            /* an application-data record header and 40 bytes of noise */
+            unsigned char rec[45] = { 0x17, 0x03, 0x03, 0x00, 40 };
+            for (size_t i = 5; i < sizeof rec; i++)
+                rec[i] = (unsigned char)(i * 37);
+            TGH_CHECK(write(t->fd, rec, sizeof rec) == (ssize_t)sizeof rec, "write");
+        }
+        int n = SSL_read(t->ssl, buf, sizeof buf);
+        TGH_CHECK(n <= 0, "an answer (%d bytes) to garbage", n);
+        TGH_CHECK(tgh_now_ms() - t0 < 3000, "the connection lived %llu ms after garbage",
+                  (unsigned long long)(tgh_now_ms() - t0));
+        TGH_CHECK(cpu_ms() - cpu0 < 200, "tollgate spent %ld ms of CPU on it",
+                  cpu_ms() - cpu0);
+        tls_close(t);
+    }
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=100", 100);
+    tls_close(t);
+    TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died");
+}
