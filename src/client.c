@@ -69,9 +69,11 @@ static void access_log(struct tg_client *c, uint64_t now_us);
 
 void
 tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
-                SSL_CTX *ssl_ctx, struct tg_connslot *slot)
+                SSL_CTX *ssl_ctx, struct tg_connslot *slot, uint64_t accepted_ms)
 {
     struct tg_client *c;
+    uint64_t now, waited;
+    unsigned first;
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     int one = 1;
@@ -126,13 +128,15 @@ tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
     c->io.rev = tg_event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
     tg_bev_rd_on(c, NULL);
     c->conn.state = C_HEAD;
-    if (c->conn.tls) {
-        /* the header deadline starts when the handshake ends */
-        arm_timer(c, px->conf->http.handshake_timeout_ms);
-    } else {
-        c->io.head_timer_on = 1;
-        arm_timer(c, px->conf->http.header_timeout_ms);
-    }
+    /* the first deadline counts from the accept (the intake queue's wait
+     * is part of it); TLS: the header deadline starts when the handshake
+     * ends */
+    first = c->conn.tls ? px->conf->http.handshake_timeout_ms
+                        : px->conf->http.header_timeout_ms;
+    now = tg_now_ms();
+    waited = accepted_ms != 0 && now > accepted_ms ? now - accepted_ms : 0;
+    c->io.head_timer_on = !c->conn.tls;
+    arm_timer(c, waited < first ? first - (unsigned)waited : 1);
 }
 
 /* ---- connection lifetime ------------------------------------------- */
