@@ -8,6 +8,8 @@
  */
 #include <criterion/criterion.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,15 +28,16 @@ static tgh_upstream up;
 static tgh_tollgate tg;
 static int tls_port;
 
+/* tollgate with a certificate made by `openssl req -newkey newkey`. */
 static void
-start(const char *http_extra)
+start_cert(const char *http_extra, const char *newkey)
 {
     static char cert[512], key[512];
     tgh_tg_opts o;
 
     signal(SIGPIPE, SIG_IGN);
-    TGH_CHECK(tgh_tls_selfsigned("ec -pkeyopt ec_paramgen_curve:prime256v1", "localhost",
-                                 "cert.pem", "key.pem") == 0, "openssl req");
+    TGH_CHECK(tgh_tls_selfsigned(newkey, "localhost", "cert.pem", "key.pem") == 0,
+              "openssl req");
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tgh_tg_opts_default(&o, up.port);
     tls_port = tgh_free_port();
@@ -46,6 +49,12 @@ start(const char *http_extra)
     o.http_extra = http_extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
+}
+
+static void
+start(const char *http_extra)
+{
+    start_cert(http_extra, "ec -pkeyopt ec_paramgen_curve:prime256v1");
 }
 
 /* ---- a TLS client with its own read buffer ------------------------------ */
@@ -533,5 +542,83 @@ Test(tls_io, request_bodies_intact)
         free(body);
         free(b);
     }
+    tls_close(t);
+}
+
+/*
+ * A server flight larger than the socket takes (a certificate of ~250 KiB,
+ * a client with a small MSS and receive window that does not read it
+ * yet): the handshake waits for the socket to be writable.  The client
+ * sends a record meanwhile (a middlebox-compatibility change_cipher_spec,
+ * which TLS 1.3 ignores): the socket is readable, but the handshake
+ * cannot read before it has written, and tollgate must not spin on that
+ * socket until the handshake timeout.  Then the client reads: the
+ * handshake ends and a request is answered.
+ */
+Test(tls_io, handshake_waiting_to_write_does_not_spin)
+{
+    static const unsigned char ccs[] = { 0x14, 0x03, 0x03, 0x00, 0x01, 0x01 };
+    int rcv = 2048, mss = 536, fd;
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    char *newkey;
+
+    /* ~250 KiB of subjectAltName (openssl req's config: too long for an
+     * argument) */
+    char *cnf = tgh_strf("%s/big.cnf", tgh_tmpdir());
+    FILE *f = fopen(cnf, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "[req]\ndistinguished_name = dn\nx509_extensions = v3\n[dn]\n"
+               "[v3]\nsubjectAltName = @alt\n[alt]\nDNS.1 = localhost\n");
+    for (int i = 2; i < 12000; i++)
+        fprintf(f, "DNS.%d = h%05d.example.test\n", i, i);
+    fclose(f);
+    newkey = tgh_strf("ec -pkeyopt ec_paramgen_curve:prime256v1 -config %s", cnf);
+    free(cnf);
+    start_cert("handshake_timeout_ms: 8000", newkey);
+    free(newkey);
+
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert(fd >= 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);  /* a small send buffer */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    sa.sin_port = htons((uint16_t)tls_port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+
+    tls_conn *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    t->fd = fd;
+    t->ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_set_min_proto_version(t->ctx, TLS1_3_VERSION);
+    SSL_CTX_clear_options(t->ctx, SSL_OP_ENABLE_MIDDLEBOX_COMPAT);  /* ours is the one CCS */
+    SSL_CTX_set_max_cert_list(t->ctx, 1 << 20);
+    t->ssl = SSL_new(t->ctx);
+    t->cap = 1 << 16;
+    t->buf = malloc(t->cap);
+    cr_assert(t->ssl != NULL && t->buf != NULL);
+    /* the ClientHello alone: a memory BIO for reading, so that the
+     * handshake stops there */
+    BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new_socket(fd, BIO_NOCLOSE);
+    SSL_set_bio(t->ssl, rb, wb);
+    SSL_set_connect_state(t->ssl);
+    TGH_CHECK(SSL_do_handshake(t->ssl) == -1
+              && SSL_get_error(t->ssl, -1) == SSL_ERROR_WANT_READ, "ClientHello");
+    tgh_sleep_ms(500);                          /* the server's flight fills the socket */
+    TGH_CHECK(write(fd, ccs, sizeof ccs) == (ssize_t)sizeof ccs, "change_cipher_spec");
+    tgh_sleep_ms(100);
+    long cpu0 = cpu_ms();
+    tgh_sleep_ms(1500);
+    long used = cpu_ms() - cpu0;
+    cr_log_info("handshake waiting to write, a record unread: %ld ms of CPU in 1.5 s", used);
+    TGH_CHECK(used < 300, "tollgate used %ld ms of CPU in 1.5 s on one handshake that "
+              "waits for the socket", used);
+
+    SSL_set_fd(t->ssl, fd);                     /* the socket for reading too */
+    TGH_CHECK(SSL_do_handshake(t->ssl) == 1, "the handshake did not end: %s",
+              ERR_reason_error_string(ERR_peek_error()));
+    get_pattern(t, "/bytes?n=10", 10);
     tls_close(t);
 }
