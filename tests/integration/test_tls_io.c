@@ -622,3 +622,38 @@ Test(tls_io, handshake_waiting_to_write_does_not_spin)
     get_pattern(t, "/bytes?n=10", 10);
     tls_close(t);
 }
+
+/* A client that sends close_notify while its answer streams (TLS 1.3
+ * half-close: it reads on) gets the whole answer, then tollgate's
+ * close_notify; one that sends it before its answer began is left at once
+ * (the upstream exchange abandoned, as after a FIN). */
+Test(tls_io, close_notify_from_the_client)
+{
+    unsigned char *body;
+    size_t blen;
+    int status;
+    char buf[256];
+
+    start(NULL);
+    tls_conn *t = tls_open(tls_port);
+    tls_send(t, "GET /bytes?n=4194304 HTTP/1.1\r\nHost: t\r\n\r\n");
+    TGH_CHECK(fill(t, 100000) == 0, "the answer did not begin");
+    TGH_CHECK(SSL_shutdown(t->ssl) == 0, "close_notify");
+    TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "the answer broke off");
+    TGH_CHECK(status == 200 && blen == 4194304 && is_pattern(body, blen),
+              "status %d, %zu bytes", status, blen);
+    free(body);
+    TGH_CHECK(SSL_read(t->ssl, buf, sizeof buf) <= 0
+              && SSL_get_error(t->ssl, 0) == SSL_ERROR_ZERO_RETURN,
+              "no close_notify from tollgate after the answer");
+    tls_close(t);
+
+    t = tls_open(tls_port);
+    uint64_t t0 = tgh_now_ms();
+    tls_send(t, "GET /slow?ms=3000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    TGH_CHECK(SSL_shutdown(t->ssl) == 0, "close_notify");
+    TGH_CHECK(SSL_read(t->ssl, buf, sizeof buf) <= 0, "an answer after close_notify");
+    TGH_CHECK(tgh_now_ms() - t0 < 2000, "left after %llu ms, not at once",
+              (unsigned long long)(tgh_now_ms() - t0));
+    tls_close(t);
+}
