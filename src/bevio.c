@@ -399,6 +399,12 @@ tls_failed(struct tg_client *c, int err)
     case SSL_ERROR_WANT_READ:
         return 0;
     case SSL_ERROR_WANT_WRITE:
+        /* nothing is read before that write: the read event waits for
+         * the write event (a readable socket would run it in vain, over
+         * and over, until the write or a timeout) */
+        if (c->io.rd_on) {
+            event_del(c->io.rev);
+        }
         tls_want_write(c, TLS_RD_WANTS_WRITE);
         return 0;
     case SSL_ERROR_ZERO_RETURN:
@@ -442,7 +448,8 @@ tls_wr_cb(evutil_socket_t fd, short what, void *arg)
     }
     if (c->conn.tls_want & TLS_RD_WANTS_WRITE) {
         c->conn.tls_want &= ~TLS_RD_WANTS_WRITE;
-        if (event_pending(c->io.rev, EV_READ, NULL)) {
+        if (c->io.rd_on) {                  /* reading is wanted: on again */
+            event_add(c->io.rev, c->io.rd_timed ? &c->px->body_tv : NULL);
             event_active(c->io.rev, EV_READ, 1);
         }
     }

@@ -21,11 +21,13 @@
  * is above it (tg_client_next_request).
  */
 #include <arpa/inet.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -67,9 +69,11 @@ static void access_log(struct tg_client *c, uint64_t now_us);
 
 void
 tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
-                SSL_CTX *ssl_ctx, struct tg_connslot *slot)
+                SSL_CTX *ssl_ctx, struct tg_connslot *slot, uint64_t accepted_ms)
 {
     struct tg_client *c;
+    uint64_t now, waited;
+    unsigned first;
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     int one = 1;
@@ -124,13 +128,15 @@ tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
     c->io.rev = tg_event_new(px->base, fd, EV_READ | EV_PERSIST, tg_bev_client_rd_cb, c);
     tg_bev_rd_on(c, NULL);
     c->conn.state = C_HEAD;
-    if (c->conn.tls) {
-        /* the header deadline starts when the handshake ends */
-        arm_timer(c, px->conf->http.handshake_timeout_ms);
-    } else {
-        c->io.head_timer_on = 1;
-        arm_timer(c, px->conf->http.header_timeout_ms);
-    }
+    /* the first deadline counts from the accept (the intake queue's wait
+     * is part of it); TLS: the header deadline starts when the handshake
+     * ends */
+    first = c->conn.tls ? px->conf->http.handshake_timeout_ms
+                        : px->conf->http.header_timeout_ms;
+    now = tg_now_ms();
+    waited = accepted_ms != 0 && now > accepted_ms ? now - accepted_ms : 0;
+    c->io.head_timer_on = !c->conn.tls;
+    arm_timer(c, waited < first ? first - (unsigned)waited : 1);
 }
 
 /* ---- connection lifetime ------------------------------------------- */
@@ -213,15 +219,24 @@ tg_client_close_after_flush(struct tg_client *c)
 
 /* Whether the client may still be sending when we close: a body not read
  * to its end, or bytes read and not used (a request head, pipelined
- * requests; TLS: records OpenSSL holds).  Only then is the close a
- * lingering one; otherwise the socket is closed at once (as nginx does):
+ * requests; TLS: records OpenSSL holds), or an answer the kernel has not
+ * sent all of yet (a pipelining client that has not seen its end may send
+ * its next request any time; arriving at a closed socket, it turns the
+ * close into a reset, and the reset throws away what was still to be
+ * sent).  Only then is the close a lingering one; otherwise the socket is
+ * closed at once (as nginx does): the whole answer is sent, and
  * nothing unread is there to turn the close into a reset. */
 static int
 may_be_sending(struct tg_client *c)
 {
-    return !c->rq.done
-           || evbuffer_get_length(bufferevent_get_input(c->conn.bev)) != 0
-           || (c->conn.ssl != NULL && SSL_has_pending(c->conn.ssl));
+    int unsent = 0;
+
+    if (!c->rq.done
+        || evbuffer_get_length(bufferevent_get_input(c->conn.bev)) != 0
+        || (c->conn.ssl != NULL && SSL_has_pending(c->conn.ssl))) {
+        return 1;
+    }
+    return ioctl(c->conn.fd, SIOCOUTQNSD, &unsent) != 0 || unsent != 0;
 }
 
 static void

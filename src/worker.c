@@ -651,7 +651,7 @@ intake_run(struct tg_worker *w, size_t budget)
         }
         spent += ctx != NULL ? INTAKE_COST_TLS : INTAKE_COST_PLAIN;
         tg_proxy_accept(w->px, pc.fd, pc.peer.sa.sa_family != 0 ? &pc.peer.sa : NULL,
-                        ctx, pc.slot);
+                        ctx, pc.slot, pc.since);
     }
     if (w->npend > 0 && !evtimer_pending(w->intake, NULL)) {
         evtimer_add(w->intake, &zero);

@@ -59,10 +59,12 @@ struct sockaddr;
  * (borrowed; NULL: asked of the socket).  ssl_ctx is the listener's TLS
  * context, or NULL for plain HTTP.  The proxy owns fd and slot (its
  * connection count, may be NULL) from here on, and releases the slot at
- * close.
+ * close.  accepted_ms: tg_now_ms() when it was accepted (0: now); its
+ * first deadline (handshake, or request head) counts from then, so that
+ * a wait in the worker's intake queue is part of it.
  */
 void tg_proxy_accept(struct tg_proxy *px, int fd, const struct sockaddr *peer,
-                     SSL_CTX *ssl_ctx, struct tg_connslot *slot);
+                     SSL_CTX *ssl_ctx, struct tg_connslot *slot, uint64_t accepted_ms);
 
 /* Start draining: idle keep-alive connections close now, busy ones after
  * their current response.  Calls on_empty when none is left (possibly at

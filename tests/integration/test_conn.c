@@ -645,3 +645,77 @@ Test(conn, early_answer_says_connection_close)
     TGH_CHECK(tgh_conn_wait_closed(c, 5000, NULL), "connection still open");
     tgh_conn_close(c);
 }
+
+/* ---- a close tollgate decides while the client still sends ------------- */
+
+static void
+one_request_per_conn(tgh_tg_opts *o)
+{
+    o->http_extra = "max_requests_per_connection: 1";
+}
+
+/*
+ * A pipelining client with a small receive window asks for n bytes, the
+ * last answer tollgate serves on the connection
+ * (max_requests_per_connection), and sends its next request while it has
+ * not received all of it: after 500 ms (the end of the answer waits in
+ * tollgate's output; reading is off), or (after_close) once tollgate
+ * would have closed the connection (the kernel still holds the end of
+ * the answer).  The close must linger: a close with unread bytes, or
+ * bytes arriving at a closed socket, is a reset, and the reset throws
+ * away what the kernel still had to send.  The answer must arrive whole,
+ * ended by a FIN.
+ */
+static void
+last_answer_whole(size_t n, int after_close)
+{
+    size_t cap = n + 4096, got = 0;
+    int rcv = 4096, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(tg.port) };
+    struct timeval tv = { 10, 0 };
+    unsigned char *buf = malloc(cap);
+    static const char next[] = "GET /bytes?n=1 HTTP/1.1\r\nHost: t\r\n\r\n";
+    char req[128];
+    ssize_t r = 0;
+
+    cr_assert(fd >= 0 && buf != NULL);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    snprintf(req, sizeof req, "GET /bytes?n=%zu HTTP/1.1\r\nHost: t\r\n\r\n", n);
+    TGH_CHECK(write(fd, req, strlen(req)) == (ssize_t)strlen(req), "write");
+    tgh_sleep_ms(500);                          /* the answer is all out of the upstream */
+    if (after_close) {
+        uint64_t t0 = tgh_now_ms();             /* closed, or lingering (fixed) */
+        while (connections_open() != 0 && tgh_now_ms() - t0 < 1000)
+            tgh_sleep_ms(20);
+    }
+    TGH_CHECK(write(fd, next, sizeof next - 1) == (ssize_t)(sizeof next - 1), "write 2");
+    tgh_sleep_ms(200);
+    while (got < cap && (r = read(fd, buf + got, cap - got)) > 0)
+        got += (size_t)r;
+    int err = errno;
+    unsigned char *eoh = memmem(buf, got, "\r\n\r\n", 4);
+    size_t body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
+    TGH_CHECK(eoh != NULL && body == n && r == 0,
+              "%zu-byte answer, next request %s: %zu body bytes, then %s", n,
+              after_close ? "after the close" : "while it is queued", body,
+              r == 0 ? "EOF" : strerror(err));
+    TGH_CHECK(memmem(buf, (size_t)(eoh - buf), "Connection: close", 17) != NULL,
+              "the last answer does not say Connection: close");
+    free(buf);
+    close(fd);
+}
+
+Test(conn, next_request_during_the_last_answer_lingers)
+{
+    static const size_t queued[] = { 131072, 196608, 245760 };
+    static const size_t in_kernel[] = { 32768, 65536, 131072 };
+
+    start(one_request_per_conn);
+    for (size_t k = 0; k < sizeof queued / sizeof queued[0]; k++)
+        last_answer_whole(queued[k], 0);
+    for (size_t k = 0; k < sizeof in_kernel / sizeof in_kernel[0]; k++)
+        last_answer_whole(in_kernel[k], 1);
+}

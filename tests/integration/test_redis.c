@@ -499,6 +499,108 @@ Test(redis, a_slow_call_holds_the_others_briefly)
     tg_redis_destroy(r);
 }
 
+static int
+cond_refunds(const void *arg)
+{
+    const struct reconn_want *w = arg;
+    tg_redis_stats st;
+
+    tg_redis_get_stats(w->r, &st);
+    return st.refunds >= w->n;
+}
+
+/* A call in flight (Redis paused), charges held behind it, and then the
+ * connection is reset (redis-server killed): every charge, sent or held,
+ * is answered exactly once, with an error, and nothing more comes later. */
+Test(redis, held_charges_on_a_reset)
+{
+    enum { N = 6 };
+    struct tg_redis *r = client(g_port, 3000, 32, 1);
+    static charge_res c[N];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 20);
+    redisReply *rep;
+    tg_redis_stats st;
+    uint64_t t0;
+
+    rep = sync_cmd(g_port, "CLIENT PAUSE 5000 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    for (int i = 0; i < N; i++) {
+        char key[32];
+        snprintf(key, sizeof(key), "t:{reset%d}:tier", i);
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, key, lim, &c[i]);
+        event_base_loop(g_base, EVLOOP_NONBLOCK);       /* one loop turn */
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 1, "the others are held: %llu calls",
+                 (unsigned long long)st.calls);
+    cr_assert_eq(done, 0);
+    t0 = tg_now_ms();
+    cr_assert_eq(kill(g_redis.proc->pid, SIGKILL), 0);
+    cr_assert(wait_count(&done, N, 5000), "%d of %d answered after the reset", done, N);
+    cr_assert_lt(tg_now_ms() - t0, 1000, "answered %llu ms after the reset, not at once",
+                 (unsigned long long)(tg_now_ms() - t0));
+    run_until(cond_not_ready, r, 300);
+    for (int k = 0; k < 20; k++) {                      /* anything late shows here */
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.errors, N);
+    cr_assert_eq(st.charges, 0);
+    tg_redis_destroy(r);
+}
+
+/* Charges sent behind a slow call (the hold ran out) and then past their
+ * deadline: each is answered once (TG_ERR, at its deadline), and when the
+ * late replies come, what they charged is given back: the buckets are
+ * whole again. */
+Test(redis, late_replies_after_a_hold_are_given_back)
+{
+    enum { N = 3 };
+    struct tg_redis *r = client(g_port, 400, 32, 1);
+    static charge_res c[N];
+    int done = 0;
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 20);
+    struct reconn_want w = { r, N };
+    redisReply *rep;
+    char key[N][32];
+
+    rep = sync_cmd(g_port, "CLIENT PAUSE 900 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    for (int i = 0; i < N; i++) {
+        snprintf(key[i], sizeof(key[i]), "t:{late%d}:tier", i);
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, key[i], lim, &c[i]);
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    cr_assert(wait_count(&done, N, 3000));
+    for (int i = 0; i < N; i++) {
+        cr_assert(c[i].called == 1 && c[i].rc == TG_ERR, "charge %d: %d calls, rc %d", i,
+                  c[i].called, c[i].rc);
+    }
+    cr_assert(run_until(cond_refunds, &w, 5000), "the late charges were not given back");
+    for (int k = 0; k < 20; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int i = 0; i < N; i++) {
+        charge_res again = { 0 };
+        cr_assert_eq(c[i].called, 1, "charge %d answered again", i);
+        charge1(r, key[i], lim, &again);
+        cr_assert(wait_count(&again.called, 1, 5000));
+        cr_assert(again.rc == TG_OK && again.res.allowed == 1);
+        cr_assert_eq(again.res.remaining, 19, "bucket %d: remaining %u (the late charge "
+                     "was kept)", i, again.res.remaining);
+    }
+    tg_redis_destroy(r);
+}
+
 Test(redis, burst_is_exact)
 {
     enum { N = 40 };

@@ -338,3 +338,41 @@ Test(tls_hs, sessions_resume_until_a_reload)
     SSL_SESSION_free(n);
     SSL_CTX_free(ctx);
 }
+
+/*
+ * The handshake deadline counts from the accept, also for a connection
+ * that waited in the worker's intake queue: a client that connects right
+ * after a burst of FLOOD handshakes (the one worker busy with them for a
+ * while) and then sends nothing is closed handshake_timeout_ms after it
+ * connected, not after its wait in the queue plus the whole timeout.
+ */
+Test(tls_hs, handshake_deadline_counts_from_the_accept)
+{
+    enum { TMO = 1500, SLACK = 400 };
+    unsigned char hello[4096], b[1];
+    size_t hlen;
+    int fds[FLOOD], fd;
+    uint64_t t0, lived;
+    struct pollfd p;
+
+    start("handshake_timeout_ms: 1500");
+    hlen = client_hello(hello, sizeof hello);
+    burst(fds, hello, hlen);
+    fd = tgh_tcp_connect(tls_port, 20000);      /* behind the burst; says nothing */
+    TGH_CHECK(fd >= 0, "connect");
+    t0 = tgh_now_ms();
+    p.fd = fd;
+    p.events = POLLIN;
+    p.revents = 0;
+    TGH_CHECK(poll(&p, 1, 3 * TMO) == 1, "not closed %d ms after it connected", 3 * TMO);
+    lived = tgh_now_ms() - t0;
+    TGH_CHECK(recv(fd, b, 1, MSG_DONTWAIT) <= 0, "an answer to nothing");
+    cr_log_info("a silent connection behind %d handshakes was closed after %llu ms "
+                "(handshake timeout %d ms)", FLOOD, (unsigned long long)lived, TMO);
+    TGH_CHECK(lived < TMO + SLACK, "closed %llu ms after the accept; the handshake "
+              "timeout is %d ms", (unsigned long long)lived, TMO);
+    close(fd);
+    await_answered(fds);
+    for (int i = 0; i < FLOOD; i++)
+        close(fds[i]);
+}

@@ -8,6 +8,8 @@
  */
 #include <criterion/criterion.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,15 +28,16 @@ static tgh_upstream up;
 static tgh_tollgate tg;
 static int tls_port;
 
+/* tollgate with a certificate made by `openssl req -newkey newkey`. */
 static void
-start(const char *http_extra)
+start_cert(const char *http_extra, const char *newkey)
 {
     static char cert[512], key[512];
     tgh_tg_opts o;
 
     signal(SIGPIPE, SIG_IGN);
-    TGH_CHECK(tgh_tls_selfsigned("ec -pkeyopt ec_paramgen_curve:prime256v1", "localhost",
-                                 "cert.pem", "key.pem") == 0, "openssl req");
+    TGH_CHECK(tgh_tls_selfsigned(newkey, "localhost", "cert.pem", "key.pem") == 0,
+              "openssl req");
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tgh_tg_opts_default(&o, up.port);
     tls_port = tgh_free_port();
@@ -46,6 +49,12 @@ start(const char *http_extra)
     o.http_extra = http_extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
+}
+
+static void
+start(const char *http_extra)
+{
+    start_cert(http_extra, "ec -pkeyopt ec_paramgen_curve:prime256v1");
 }
 
 /* ---- a TLS client with its own read buffer ------------------------------ */
@@ -404,4 +413,247 @@ Test(tls_io, clients_gone_mid_response)
     get_pattern(t, "/bytes?n=70000", 70000);
     tls_close(t);
     TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died");
+}
+
+/* CPU time tollgate has used so far, in ms. */
+static long
+cpu_ms(void)
+{
+    char path[64], buf[1024], *p;
+    unsigned long ut = 0, st = 0;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)tg.proc->pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return 0;
+    p = fgets(buf, sizeof buf, f);
+    fclose(f);
+    if (p == NULL || (p = strrchr(buf, ')')) == NULL
+        || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        return 0;
+    return (long)((ut + st) * 1000 / (unsigned long)sysconf(_SC_CLK_TCK));
+}
+
+/* A client that stops reading a large response (tollgate's writes wait
+ * for the socket) and then asks for a key update (its answer must be
+ * written before anything else is read) and keeps sending: tollgate does
+ * not spin on the readable socket, and once the client reads again the
+ * response and the next one arrive intact. */
+Test(tls_io, key_update_while_output_waits)
+{
+    unsigned char *body;
+    size_t blen;
+    int status;
+
+    start("send_timeout_ms: 30000");
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=10", 10);
+    tls_send(t, "GET /bytes?n=16777216 HTTP/1.1\r\nHost: t\r\n\r\n");
+    tgh_sleep_ms(1000);                         /* the kernels' buffers fill */
+    TGH_CHECK(SSL_key_update(t->ssl, SSL_KEY_UPDATE_REQUESTED) == 1, "SSL_key_update");
+    long cpu0 = cpu_ms();
+    tls_send(t, "GET /bytes?n=3 HTTP/1.1\r\nHost: t\r\n");
+    for (int i = 0; i < 20; i++) {              /* more records: the socket stays readable */
+        tls_send(t, "X-Pad: 0123456789012345678901234567890123456789\r\n");
+        tgh_sleep_ms(50);
+    }
+    tls_send(t, "\r\n");
+    tgh_sleep_ms(1000);
+    long used = cpu_ms() - cpu0;
+    cr_log_info("key update with stalled output: tollgate used %ld ms of CPU in ~2 s", used);
+    TGH_CHECK(used < 500, "tollgate used %ld ms of CPU in ~2 s on a stalled connection", used);
+    TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "the 16 MiB response broke off");
+    TGH_CHECK(status == 200 && blen == 16777216 && is_pattern(body, blen),
+              "16 MiB: status %d, %zu bytes", status, blen);
+    free(body);
+    TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "the pipelined response is missing");
+    TGH_CHECK(status == 200 && blen == 3 && is_pattern(body, blen), "pipelined: %d, %zu", status, blen);
+    free(body);
+    tls_close(t);
+}
+
+/* A client that sends plaintext (not records) after its handshake, or a
+ * record with a broken MAC: tollgate ends that connection at once (an
+ * alert or a close, no answer), spends nothing on it meanwhile, and
+ * serves the next one. */
+Test(tls_io, garbage_after_the_handshake)
+{
+    static const char plain[] = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    char buf[4096];
+
+    start(NULL);
+    for (int k = 0; k < 2; k++) {
+        tls_conn *t = tls_open(tls_port);
+        get_pattern(t, "/bytes?n=10", 10);
+        long cpu0 = cpu_ms();
+        uint64_t t0 = tgh_now_ms();
+        if (k == 0) {
+            TGH_CHECK(write(t->fd, plain, sizeof plain - 1) == (ssize_t)(sizeof plain - 1),
+                      "write");
+        } else {
+            /* an application-data record header and 40 bytes of noise */
+            unsigned char rec[45] = { 0x17, 0x03, 0x03, 0x00, 40 };
+            for (size_t i = 5; i < sizeof rec; i++)
+                rec[i] = (unsigned char)(i * 37);
+            TGH_CHECK(write(t->fd, rec, sizeof rec) == (ssize_t)sizeof rec, "write");
+        }
+        int n = SSL_read(t->ssl, buf, sizeof buf);
+        TGH_CHECK(n <= 0, "an answer (%d bytes) to garbage", n);
+        TGH_CHECK(tgh_now_ms() - t0 < 3000, "the connection lived %llu ms after garbage",
+                  (unsigned long long)(tgh_now_ms() - t0));
+        TGH_CHECK(cpu_ms() - cpu0 < 200, "tollgate spent %ld ms of CPU on it",
+                  cpu_ms() - cpu0);
+        tls_close(t);
+    }
+    tls_conn *t = tls_open(tls_port);
+    get_pattern(t, "/bytes?n=100", 100);
+    tls_close(t);
+    TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died");
+}
+
+/* Request bodies over TLS reach the upstream byte-exact: 3 MiB in large
+ * writes (records of 16 KiB, many per read), and 3000 bytes as 300
+ * records of 10 bytes; /echo sends them back. */
+Test(tls_io, request_bodies_intact)
+{
+    static const size_t sizes[] = { 3u << 20, 3000 };
+
+    start(NULL);
+    tls_conn *t = tls_open(tls_port);
+    for (size_t k = 0; k < 2; k++) {
+        size_t n = sizes[k], step = k == 0 ? 100000 : 10;
+        unsigned char *b = malloc(n), *body;
+        size_t blen;
+        int status;
+        char *head = tgh_strf("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %zu\r\n\r\n", n);
+
+        cr_assert_not_null(b);
+        tgh_fill_testup_pattern(b, n);
+        tls_send(t, head);
+        free(head);
+        for (size_t off = 0; off < n; off += step) {
+            int w = (int)(n - off < step ? n - off : step);
+            TGH_CHECK(SSL_write(t->ssl, b + off, w) == w, "SSL_write at %zu", off);
+        }
+        TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "%zu: no response", n);
+        TGH_CHECK(status == 200 && blen == n && is_pattern(body, blen),
+                  "%zu-byte body: status %d, %zu bytes back, pattern %s", n, status, blen,
+                  is_pattern(body, blen) ? "ok" : "wrong");
+        free(body);
+        free(b);
+    }
+    tls_close(t);
+}
+
+/*
+ * A server flight larger than the socket takes (a certificate of ~250 KiB,
+ * a client with a small MSS and receive window that does not read it
+ * yet): the handshake waits for the socket to be writable.  The client
+ * sends a record meanwhile (a middlebox-compatibility change_cipher_spec,
+ * which TLS 1.3 ignores): the socket is readable, but the handshake
+ * cannot read before it has written, and tollgate must not spin on that
+ * socket until the handshake timeout.  Then the client reads: the
+ * handshake ends and a request is answered.
+ */
+Test(tls_io, handshake_waiting_to_write_does_not_spin)
+{
+    static const unsigned char ccs[] = { 0x14, 0x03, 0x03, 0x00, 0x01, 0x01 };
+    int rcv = 2048, mss = 536, fd;
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    char *newkey;
+
+    /* ~250 KiB of subjectAltName (openssl req's config: too long for an
+     * argument) */
+    char *cnf = tgh_strf("%s/big.cnf", tgh_tmpdir());
+    FILE *f = fopen(cnf, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "[req]\ndistinguished_name = dn\nx509_extensions = v3\n[dn]\n"
+               "[v3]\nsubjectAltName = @alt\n[alt]\nDNS.1 = localhost\n");
+    for (int i = 2; i < 12000; i++)
+        fprintf(f, "DNS.%d = h%05d.example.test\n", i, i);
+    fclose(f);
+    newkey = tgh_strf("ec -pkeyopt ec_paramgen_curve:prime256v1 -config %s", cnf);
+    free(cnf);
+    start_cert("handshake_timeout_ms: 8000", newkey);
+    free(newkey);
+
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert(fd >= 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);  /* a small send buffer */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    sa.sin_port = htons((uint16_t)tls_port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+
+    tls_conn *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    t->fd = fd;
+    t->ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_set_min_proto_version(t->ctx, TLS1_3_VERSION);
+    SSL_CTX_clear_options(t->ctx, SSL_OP_ENABLE_MIDDLEBOX_COMPAT);  /* ours is the one CCS */
+    SSL_CTX_set_max_cert_list(t->ctx, 1 << 20);
+    t->ssl = SSL_new(t->ctx);
+    t->cap = 1 << 16;
+    t->buf = malloc(t->cap);
+    cr_assert(t->ssl != NULL && t->buf != NULL);
+    /* the ClientHello alone: a memory BIO for reading, so that the
+     * handshake stops there */
+    BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new_socket(fd, BIO_NOCLOSE);
+    SSL_set_bio(t->ssl, rb, wb);
+    SSL_set_connect_state(t->ssl);
+    TGH_CHECK(SSL_do_handshake(t->ssl) == -1
+              && SSL_get_error(t->ssl, -1) == SSL_ERROR_WANT_READ, "ClientHello");
+    tgh_sleep_ms(500);                          /* the server's flight fills the socket */
+    TGH_CHECK(write(fd, ccs, sizeof ccs) == (ssize_t)sizeof ccs, "change_cipher_spec");
+    tgh_sleep_ms(100);
+    long cpu0 = cpu_ms();
+    tgh_sleep_ms(1500);
+    long used = cpu_ms() - cpu0;
+    cr_log_info("handshake waiting to write, a record unread: %ld ms of CPU in 1.5 s", used);
+    TGH_CHECK(used < 300, "tollgate used %ld ms of CPU in 1.5 s on one handshake that "
+              "waits for the socket", used);
+
+    SSL_set_fd(t->ssl, fd);                     /* the socket for reading too */
+    TGH_CHECK(SSL_do_handshake(t->ssl) == 1, "the handshake did not end: %s",
+              ERR_reason_error_string(ERR_peek_error()));
+    get_pattern(t, "/bytes?n=10", 10);
+    tls_close(t);
+}
+
+/* A client that sends close_notify while its answer streams (TLS 1.3
+ * half-close: it reads on) gets the whole answer, then tollgate's
+ * close_notify; one that sends it before its answer began is left at once
+ * (the upstream exchange abandoned, as after a FIN). */
+Test(tls_io, close_notify_from_the_client)
+{
+    unsigned char *body;
+    size_t blen;
+    int status;
+    char buf[256];
+
+    start(NULL);
+    tls_conn *t = tls_open(tls_port);
+    tls_send(t, "GET /bytes?n=4194304 HTTP/1.1\r\nHost: t\r\n\r\n");
+    TGH_CHECK(fill(t, 100000) == 0, "the answer did not begin");
+    TGH_CHECK(SSL_shutdown(t->ssl) == 0, "close_notify");
+    TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "the answer broke off");
+    TGH_CHECK(status == 200 && blen == 4194304 && is_pattern(body, blen),
+              "status %d, %zu bytes", status, blen);
+    free(body);
+    TGH_CHECK(SSL_read(t->ssl, buf, sizeof buf) <= 0
+              && SSL_get_error(t->ssl, 0) == SSL_ERROR_ZERO_RETURN,
+              "no close_notify from tollgate after the answer");
+    tls_close(t);
+
+    t = tls_open(tls_port);
+    uint64_t t0 = tgh_now_ms();
+    tls_send(t, "GET /slow?ms=3000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    TGH_CHECK(SSL_shutdown(t->ssl) == 0, "close_notify");
+    TGH_CHECK(SSL_read(t->ssl, buf, sizeof buf) <= 0, "an answer after close_notify");
+    TGH_CHECK(tgh_now_ms() - t0 < 2000, "left after %llu ms, not at once",
+              (unsigned long long)(tgh_now_ms() - t0));
+    tls_close(t);
 }
