@@ -1179,7 +1179,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
 {
     struct tg_redis *r = b->r;
     struct tg_redis_op *op, **link, *again = NULL, **again_tail = &again;
-    tg_gcra_result res, part;
+    tg_gcra_result res, part = { 0 };   /* part.now_us is kept by charge_answer */
     uint64_t script_now = 0;
     const unsigned char *pk;
     size_t i, nb, nnum;
