@@ -64,7 +64,7 @@ typedef struct pending_conn {
     unsigned             idx;      /* listener index in the config */
     worker_peer          peer;     /* its address, from accept */
     struct tg_connslot  *slot;     /* its count, released at close */
-    uint64_t             since;    /* ms: when it was queued */
+    uint64_t             since;    /* ms: when it was accepted */
 } pending_conn;
 
 typedef struct tg_worker_msg {
@@ -76,6 +76,7 @@ typedef struct tg_worker_msg {
     struct tg_tls_set *tls;   /* MSG_RELOAD: a reference, given to the worker */
     struct tg_connslot *slot; /* MSG_CONN: its count, released at close */
     worker_peer     peer;     /* MSG_CONN: its address, from accept */
+    uint64_t        accepted; /* MSG_CONN: ms, when the main thread accepted it */
 } tg_worker_msg;
 
 struct tg_worker {
@@ -125,7 +126,7 @@ static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
 static void close_listeners(struct tg_worker *w);
 static void peer_copy(worker_peer *to, const struct sockaddr *sa, int salen);
 static void intake_push(struct tg_worker *w, int fd, const worker_peer *peer, unsigned idx,
-                        struct tg_connslot *slot);
+                        struct tg_connslot *slot, uint64_t accepted);
 static void intake_run(struct tg_worker *w, size_t budget);
 static void intake_cb(evutil_socket_t fd, short what, void *arg);
 static void drop_unread(struct tg_worker *w);
@@ -230,7 +231,8 @@ tg_rc
 tg_worker_dispatch(struct tg_worker *w, int fd, const struct sockaddr *sa, int salen,
                    unsigned listener_idx, struct tg_connslot *slot)
 {
-    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, NULL, slot, { .sa = { 0 } } };
+    tg_worker_msg m = { MSG_CONN, fd, listener_idx, NULL, NULL, NULL, slot, { .sa = { 0 } },
+                        tg_now_ms() };   /* called from the accept callback */
 
     peer_copy(&m.peer, sa, salen);
     return send_msg(w, &m);
@@ -269,7 +271,7 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
 void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
-    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL, { .sa = { 0 } } };
+    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL, { .sa = { 0 } }, 0 };
     send_msg(w, &m);
 }
 
@@ -278,7 +280,7 @@ tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
                  struct tg_tls_set *tls)
 {
     tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys),
-                        tg_tls_set_ref(tls), NULL, { .sa = { 0 } } };
+                        tg_tls_set_ref(tls), NULL, { .sa = { 0 } }, 0 };
 
     if (send_msg(w, &m) != TG_OK) {
         tg_conf_unref(conf);
@@ -421,7 +423,7 @@ notify_cb(evutil_socket_t fd, short what, void *arg)
     }
     for (i = 0; i < (size_t)n / sizeof(m[0]); i++) {
         if (m[i].type == MSG_CONN) {
-            intake_push(w, m[i].fd, &m[i].peer, m[i].arg, m[i].slot);
+            intake_push(w, m[i].fd, &m[i].peer, m[i].arg, m[i].slot, m[i].accepted);
         } else if (m[i].type == MSG_RELOAD) {
             tg_limiter_reload(w->env.limiter, m[i].conf, m[i].keys);
             tg_proxy_reload(w->px, m[i].conf);
@@ -519,7 +521,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
         return;
     }
     peer_copy(&peer, sa, salen);
-    intake_push(w, fd, &peer, wl->idx, slot);
+    intake_push(w, fd, &peer, wl->idx, slot, tg_now_ms());
     intake_run(w, 0);                 /* libevent accepts the whole backlog: start
                                          them from the next turn on */
 }
@@ -593,11 +595,12 @@ close_listeners(struct tg_worker *w)
  * of them (nginx, with multi_accept off, likewise accepts one connection
  * per turn).  An idle worker turns at once, so the queue only waits while
  * the worker is busy; the time a connection waits counts against its
- * first time limit (intake_run).
+ * first time limit (intake_run), from its accept (by the main thread too:
+ * the message through the pipe carries the time).
  */
 static void
 intake_push(struct tg_worker *w, int fd, const worker_peer *peer, unsigned idx,
-            struct tg_connslot *slot)
+            struct tg_connslot *slot, uint64_t accepted)
 {
     pending_conn *pc;
 
@@ -618,7 +621,7 @@ intake_push(struct tg_worker *w, int fd, const worker_peer *peer, unsigned idx,
     pc->peer = *peer;
     pc->idx = idx;
     pc->slot = slot;
-    pc->since = tg_now_ms();
+    pc->since = accepted;
     w->npend++;
 }
 
@@ -643,7 +646,7 @@ intake_run(struct tg_worker *w, size_t budget)
 
         w->pend_head = (w->pend_head + 1) % w->pend_cap;
         w->npend--;
-        if (now - pc.since >= limit) {
+        if (now > pc.since && now - pc.since >= limit) {
             close(pc.fd);
             tg_connlimit_release(pc.slot);
             w->stale++;
