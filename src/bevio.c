@@ -280,6 +280,19 @@ tg_bev_tls_stop(struct tg_client *c)
     }
 }
 
+/* c waits for its next request: OpenSSL's record buffers (18 and 17 KiB)
+ * are given back while they hold nothing (SSL_free_buffers refuses
+ * otherwise); the next read or write takes them again. */
+void
+tg_bev_tls_release(struct tg_client *c)
+{
+    if (c->conn.ssl != NULL && c->conn.tls_ready && c->conn.tls_want == 0
+        && c->conn.tls_wlen == 0
+        && evbuffer_get_length(bufferevent_get_output(c->conn.bev)) == 0) {
+        (void)SSL_free_buffers(c->conn.ssl);
+    }
+}
+
 /* Free c's SSL and write event (tg_client_free; before the bufferevent,
  * which closes the socket). */
 void

@@ -46,6 +46,7 @@
 
 static void client_defer_cb(evutil_socket_t fd, short what, void *arg);
 static void arm_timer(struct tg_client *c, unsigned ms);
+static void wake_at(struct tg_client *c, uint64_t when);
 static void disarm_timer(struct tg_client *c);
 static void client_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void head_release(struct tg_client *c);
@@ -282,15 +283,24 @@ client_defer_cb(evutil_socket_t fd, short what, void *arg)
  * wakes early and client_timer_cb arms it again for what is left, as
  * nginx's lazy timers do.  A kept-alive connection under load so re-arms
  * it about once per idle timeout instead of an event_del and an
- * event_add (two min-heap operations) per request. */
+ * event_add (two min-heap operations) per request.  TLS: the same timer
+ * wakes TG_TLS_IDLE_MS into an idle wait (io.tls_idle_at) to give back
+ * OpenSSL's record buffers; a connection under load, never idle that
+ * long, has it re-armed about once per TG_TLS_IDLE_MS, not per request. */
 static void
 arm_timer(struct tg_client *c, unsigned ms)
 {
-    uint64_t when = tg_now_ms() + ms;
+    c->io.deadline = tg_now_ms() + ms;
+    wake_at(c, c->io.deadline);
+}
 
-    c->io.deadline = when;
+/* The timer pending for when or earlier. */
+static void
+wake_at(struct tg_client *c, uint64_t when)
+{
     if (!c->io.timer_on || c->io.timer_at > when) {
-        struct timeval tv = tg_ms_tv(ms);
+        uint64_t now = tg_now_ms();
+        struct timeval tv = tg_ms_tv(when > now ? when - now : 0);
 
         evtimer_add(c->io.timer, &tv);
         c->io.timer_at = when;
@@ -305,6 +315,15 @@ disarm_timer(struct tg_client *c)
     c->io.deadline = 0;
 }
 
+/* Waiting for the next request of a kept-alive connection (the idle
+ * deadline runs, nothing read of it yet). */
+static int
+waits_idle(struct tg_client *c)
+{
+    return c->conn.state == C_HEAD && !c->io.head_timer_on && c->io.deadline != 0
+           && evbuffer_get_length(bufferevent_get_input(c->conn.bev)) == 0;
+}
+
 static void
 client_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -314,17 +333,21 @@ client_timer_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(fd);
     TG_UNUSED(what);
     c->io.timer_on = 0;
+    now = tg_now_ms();
+    if (c->io.tls_idle_at != 0 && now >= c->io.tls_idle_at) {
+        c->io.tls_idle_at = 0;
+        if (waits_idle(c)) {
+            tg_bev_tls_release(c);
+        }
+    }
     if (c->io.deadline == 0) {
         return;                          /* disarmed since */
     }
-    now = tg_now_ms();
     if (now < c->io.deadline) {
-        /* early: armed for an earlier deadline, or clock granularity */
-        struct timeval tv = tg_ms_tv(c->io.deadline - now);
-
-        evtimer_add(c->io.timer, &tv);
-        c->io.timer_at = c->io.deadline;
-        c->io.timer_on = 1;
+        /* early: armed for an earlier deadline, or clock granularity, or
+         * the TLS idle point */
+        wake_at(c, c->io.tls_idle_at != 0 && c->io.tls_idle_at < c->io.deadline
+                   ? c->io.tls_idle_at : c->io.deadline);
         return;
     }
     c->io.deadline = 0;
@@ -383,6 +406,11 @@ tg_client_next_request(struct tg_client *c)
         c->io.head_timer_on = 0;
         arm_timer(c, px->conf->http.idle_timeout_ms);
         head_release(c);                 /* an idle connection stays small */
+        if (c->conn.ssl != NULL) {
+            /* its buffers go back once it has waited a while (timer) */
+            c->io.tls_idle_at = tg_now_ms() + TG_TLS_IDLE_MS;
+            wake_at(c, c->io.tls_idle_at);
+        }
     }
 }
 

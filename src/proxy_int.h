@@ -37,6 +37,8 @@
 #define TG_LINGER_BYTES      (64u << 20)    /* ... and bytes discarded */
 #define TG_REQID_MAX         128
 #define TG_HEADBUF_KEEP      1024           /* head copies of this size are cached */
+#define TG_TLS_IDLE_MS       100            /* TLS: idle this long, OpenSSL's
+                                               buffers are given back */
 #define TG_REQ_CACHE         256            /* cached header arrays, head copies */
 
 enum cstate {
@@ -120,6 +122,8 @@ struct tg_client {
         uint64_t            timer_at;   /* ... timer is pending for (if on) */
         int                 timer_on;   /* timer pending */
         int                 head_timer_on;  /* deadline is the header deadline */
+        uint64_t            tls_idle_at;    /* TLS: buffers given back then if
+                                               still idle (tg_now_ms), 0: none */
         struct event       *defer;      /* free, or serve a pipelined request */
         struct event       *rev;        /* our own read event */
         int                 rd_on;      /* rev added (tg_bev_rd_on/off only) */
@@ -273,6 +277,7 @@ tg_rc tg_bev_tls_setup(struct tg_client *c, SSL_CTX *ctx);
 void tg_bev_tls_flush(struct tg_client *c);
 void tg_bev_tls_kick(struct tg_client *c);
 void tg_bev_tls_stop(struct tg_client *c);
+void tg_bev_tls_release(struct tg_client *c);
 void tg_bev_tls_free(struct tg_client *c);
 
 /*

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -27,6 +28,7 @@ TestSuite(tls_io, .fini = tgh_cleanup, .timeout = 120);
 static tgh_upstream up;
 static tgh_tollgate tg;
 static int tls_port;
+static int tls_workers;           /* > 0: http.workers (start_cert) */
 
 /* tollgate with a certificate made by `openssl req -newkey newkey`. */
 static void
@@ -40,6 +42,8 @@ start_cert(const char *http_extra, const char *newkey)
               "openssl req");
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tgh_tg_opts_default(&o, up.port);
+    if (tls_workers > 0)
+        o.workers = tls_workers;
     tls_port = tgh_free_port();
     o.tls_port = tls_port;
     snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
@@ -656,4 +660,93 @@ Test(tls_io, close_notify_from_the_client)
     TGH_CHECK(tgh_now_ms() - t0 < 2000, "left after %llu ms, not at once",
               (unsigned long long)(tgh_now_ms() - t0));
     tls_close(t);
+}
+
+/* ---- memory of idle connections ----------------------------------------- */
+
+static long
+vmrss_kb(pid_t pid)
+{
+    char path[64], line[256];
+    long kb = -1;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb;
+}
+
+/* VmRSS of pid once three readings 100 ms apart agree (at most 5 s). */
+static long
+settled_rss_kb(pid_t pid)
+{
+    long last = -1, v;
+    int same = 0;
+    uint64_t end = tgh_now_ms() + 5000;
+
+    while ((v = vmrss_kb(pid)) > 0 && tgh_now_ms() < end) {
+        same = v == last ? same + 1 : 0;
+        if (same >= 2)
+            break;
+        last = v;
+        tgh_sleep_ms(100);
+    }
+    return v;
+}
+
+/*
+ * An idle keep-alive TLS connection holds no OpenSSL record buffers (18
+ * and 17 KiB, a few pages of them touched): they are given back once it
+ * has waited TG_TLS_IDLE_MS (100 ms) for its next request, and the
+ * connections opened next take them.  NCONN connections opened one after
+ * the other, one request each, then idle: tollgate's VmRSS grows by less
+ * than 22.5 kB each (27.2 kB before; 18.3 kB when every response gives
+ * them back; nginx: 14.9 kB), and they still answer (a large response
+ * takes the buffers again).  Resident memory under ASan is ASan's: the
+ * bound is checked in the plain build only.
+ */
+Test(tls_io, idle_connections_give_back_their_buffers, .timeout = 240)
+{
+    enum { NCONN = 500 };
+    static tls_conn *c[NCONN];
+    struct rlimit rl;
+    long rss0, rss1;
+    int i;
+
+    TGH_CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0, "getrlimit");
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < NCONN + 512)
+        cr_skip_test("RLIMIT_NOFILE hard limit %lu < %d", (unsigned long)rl.rlim_max,
+                     NCONN + 512);
+    if (rl.rlim_cur < NCONN + 512) {
+        rl.rlim_cur = NCONN + 512;       /* tollgate inherits it */
+        TGH_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0, "setrlimit");
+    }
+    tls_workers = 1;
+    start("max_connections_per_ip: 0");
+    c[0] = tls_open(tls_port);                    /* first allocations */
+    get_pattern(c[0], "/bytes?n=100", 100);
+    tls_close(c[0]);
+    rss0 = settled_rss_kb(tg.proc->pid);
+    for (i = 0; i < NCONN; i++) {
+        c[i] = tls_open(tls_port);
+        get_pattern(c[i], "/bytes?n=100", 100);
+    }
+    rss1 = settled_rss_kb(tg.proc->pid);
+    TGH_CHECK(rss0 > 0 && rss1 > 0, "cannot read VmRSS");
+    cr_log_info("%d idle TLS connections: VmRSS %ld kB -> %ld kB, %ld bytes each",
+                NCONN, rss0, rss1, (rss1 - rss0) * 1024 / NCONN);
+#if !defined(__SANITIZE_ADDRESS__)
+    TGH_CHECK((rss1 - rss0) * 1024 / NCONN < 22500, "%d idle TLS connections grew "
+              "VmRSS by %ld kB: %ld bytes each", NCONN, rss1 - rss0,
+              (rss1 - rss0) * 1024 / NCONN);
+#endif
+    for (i = 0; i < NCONN; i++) {
+        if (i % 10 == 0)
+            get_pattern(c[i], "/bytes?n=20000", 20000);   /* buffers again */
+        tls_close(c[i]);
+    }
 }
