@@ -45,6 +45,7 @@ static ssize_t read_into(evutil_socket_t fd, struct evbuffer *in);
 static void client_rd(evutil_socket_t fd, short what, struct tg_client *c);
 static void up_rd(evutil_socket_t fd, struct tg_client *c);
 static void tls_rd(struct tg_client *c);
+static void tls_wr_rd(struct tg_client *c, short what);
 static tg_rc tls_handshake(struct tg_client *c);
 static short tls_failed(struct tg_client *c, int err);
 static void tls_want_write(struct tg_client *c, unsigned want);
@@ -68,6 +69,10 @@ client_rd(evutil_socket_t fd, short what, struct tg_client *c)
     struct evbuffer *in = bufferevent_get_input(c->conn.bev);
     ssize_t n;
 
+    if (c->conn.ssl != NULL && !c->io.rd_on) {
+        tls_wr_rd(c, what);               /* on for an SSL_write alone */
+        return;
+    }
     if (what & EV_TIMEOUT) {
         tg_client_event_cb(c->conn.bev, BEV_EVENT_TIMEOUT | BEV_EVENT_READING, c);
         return;
@@ -243,7 +248,11 @@ tg_bev_tls_flush(struct tg_client *c)
         case SSL_ERROR_WANT_WRITE:
             break;
         case SSL_ERROR_WANT_READ:
-            c->conn.tls_want |= TLS_WR_WANTS_READ;    /* tls_rd writes again */
+            /* tls_rd, or tls_wr_rd while reading is off, writes again */
+            c->conn.tls_want |= TLS_WR_WANTS_READ;
+            if (!c->io.rd_on) {
+                event_add(c->io.rev, &c->px->send_tv);
+            }
             break;
         default:
             ERR_clear_error();
@@ -277,6 +286,21 @@ tg_bev_tls_stop(struct tg_client *c)
 {
     if (c->io.wev != NULL) {
         event_del(c->io.wev);
+    }
+}
+
+/* Reading is off (tg_bev_rd_off) while a TLS wait is on: an SSL_write
+ * that waits for a read keeps the read event (for it alone: tls_wr_rd),
+ * with the send timeout; else (or dead) it goes off. */
+void
+tg_bev_tls_rd_off(struct tg_client *c)
+{
+    c->io.rd_on = 0;
+    c->io.rd_timed = 0;
+    if ((c->conn.tls_want & TLS_WR_WANTS_READ) && c->conn.state != C_DEAD) {
+        event_add(c->io.rev, &c->px->send_tv);
+    } else {
+        event_del(c->io.rev);
     }
 }
 
@@ -378,6 +402,39 @@ tls_rd(struct tg_client *c)
         tg_client_event_cb(bev, what | BEV_EVENT_READING, c);
     } else if (full) {
         tg_bev_tls_kick(c);
+    }
+}
+
+/*
+ * The read event while reading is off: only an SSL_write that wanted to
+ * read keeps it on (tg_bev_tls_flush, tg_bev_tls_rd_off).  The write is
+ * repeated (it reads what it waits for); reading stays off once it no
+ * longer waits for a read; the send timeout ends a peer that sends
+ * nothing.  The bufferevent's write callback runs on progress, as in
+ * tls_wr_cb.
+ */
+static void
+tls_wr_rd(struct tg_client *c, short what)
+{
+    struct evbuffer *out = bufferevent_get_output(c->conn.bev);
+    size_t before = evbuffer_get_length(out);
+
+    if (!(c->conn.tls_want & TLS_WR_WANTS_READ)) {
+        event_del(c->io.rev);
+        return;
+    }
+    if (what & EV_TIMEOUT) {
+        event_del(c->io.rev);
+        tg_client_event_cb(c->conn.bev, BEV_EVENT_TIMEOUT | BEV_EVENT_WRITING, c);
+        return;
+    }
+    c->conn.tls_want &= ~TLS_WR_WANTS_READ;
+    tg_bev_tls_flush(c);
+    if (!c->io.rd_on && !(c->conn.tls_want & TLS_WR_WANTS_READ)) {
+        event_del(c->io.rev);
+    }
+    if (evbuffer_get_length(out) != before) {
+        bufferevent_trigger(c->conn.bev, EV_WRITE, 0);
     }
 }
 

@@ -278,6 +278,7 @@ void tg_bev_tls_flush(struct tg_client *c);
 void tg_bev_tls_kick(struct tg_client *c);
 void tg_bev_tls_stop(struct tg_client *c);
 void tg_bev_tls_release(struct tg_client *c);
+void tg_bev_tls_rd_off(struct tg_client *c);
 void tg_bev_tls_free(struct tg_client *c);
 
 /*
@@ -319,7 +320,9 @@ tg_bev_rd_on(struct tg_client *c, const struct timeval *timeout)
 static inline void
 tg_bev_rd_off(struct tg_client *c)
 {
-    if (c->io.rev != NULL) {
+    if (c->conn.tls_want != 0) {
+        tg_bev_tls_rd_off(c);           /* an SSL_write may wait for a read */
+    } else if (c->io.rev != NULL) {
         event_del(c->io.rev);
         c->io.rd_on = 0;
         c->io.rd_timed = 0;
