@@ -709,7 +709,7 @@ settled_rss_kb(pid_t pid)
  * takes the buffers again).  Resident memory under ASan is ASan's: the
  * bound is checked in the plain build only.
  */
-Test(tls_io, idle_connections_give_back_their_buffers, .timeout = 240)
+Test(tls_io, idle_connections_give_back_their_buffers)
 {
     enum { NCONN = 500 };
     static tls_conn *c[NCONN];
