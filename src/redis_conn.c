@@ -124,9 +124,10 @@ tg_redis_split_hostport(const char *s, size_t len, char *host, size_t hostlen, i
  * drops the connection), and our read event drops the connection when
  * more than TG_REDIS_MAX_READBUF bytes of replies wait unparsed.
  *
- * The adapter is hiredis's libevent one plus that check; since the
- * context can be freed inside redisAsyncHandleRead, its cleanup only
- * marks the events dead while a read is running (ENTERED/DELETED).
+ * The adapter is hiredis's libevent one plus that check, writing without
+ * epoll when it can (rctx_add_write); since the context can be freed
+ * inside redisAsyncHandleRead or HandleWrite, its cleanup only marks the
+ * events dead while one of ours is running.
  */
 struct tg_rctx {                  /* ac->ev.data and reader privdata */
     redisAsyncContext *ac;
