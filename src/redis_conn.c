@@ -405,6 +405,7 @@ rctx_write_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_rctx *e = arg;
 
+    e->wadded = 0;              /* one-shot: no longer pending, if it was */
     e->writing = 1;
     redisAsyncHandleWrite(e->ac);
     e->writing = 0;
