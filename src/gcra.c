@@ -1284,9 +1284,13 @@ tg_gcra_script_pack(const uint64_t *v, size_t n, unsigned char *out)
         uint64_t b;
 
         memcpy(&b, &d, sizeof(b));
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && TG_GCRA_PACKED == 8
+        memcpy(out + i * TG_GCRA_PACKED, &b, sizeof(b));     /* one store */
+#else
         for (int k = 0; k < TG_GCRA_PACKED; k++) {
             out[i * TG_GCRA_PACKED + (size_t)k] = (unsigned char)(b >> (8 * k));
         }
+#endif
     }
     return n * TG_GCRA_PACKED;
 }
@@ -1298,9 +1302,13 @@ tg_gcra_script_unpack(const unsigned char *in, size_t n, uint64_t *v)
         uint64_t b = 0;
         double d;
 
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && TG_GCRA_PACKED == 8
+        memcpy(&b, in + i * TG_GCRA_PACKED, sizeof(b));       /* one load */
+#else
         for (int k = TG_GCRA_PACKED - 1; k >= 0; k--) {
             b = b << 8 | in[i * TG_GCRA_PACKED + (size_t)k];
         }
+#endif
         memcpy(&d, &b, sizeof(d));
         /* NaN fails both comparisons */
         if (!(d >= 0 && d <= (double)TG_GCRA_SCRIPT_MAX) || d != (double)(uint64_t)d) {

@@ -22,7 +22,7 @@
 struct kcache_entry;
 struct kneg_entry;
 struct kpend;
-struct dcache_entry;
+struct dcache;
 struct lease_entry;
 struct give_buf;
 
@@ -40,7 +40,7 @@ struct tg_limiter {
     struct kcache_entry *kcache;    /* auth.redis_keys: KCACHE_SETS * WAYS (identify.c) */
     struct kneg_entry  *kneg;       /* KNEG_SLOTS */
     struct kpend       *kpend;      /* KPEND_SLOTS */
-    struct dcache_entry *dcache;    /* store: redis: DCACHE_SLOTS, lazily */
+    struct dcache      *dcache;     /* store: redis: DCACHE_SLOTS, lazily */
     struct lease_entry *leases;     /* LEASE_SLOTS, lazily (a tier with a lease) */
     struct give_buf    *give;       /* ... and its give-backs not sent yet */
     struct tg_metrics_shard *shard; /* may be NULL */

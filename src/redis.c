@@ -520,10 +520,20 @@ batch_settle(struct tg_redis_batch *b)
     }
 }
 
+static void flush_ops(struct tg_redis *r);
+
 static void
 flush_cb(evutil_socket_t fd, short what, void *arg)
 {
-    struct tg_redis *r = arg;
+    /* the deadlines of every op and the batches started: one clock read */
+    tg_now_freeze();
+    flush_ops(arg);
+    tg_now_thaw();
+}
+
+static void
+flush_ops(struct tg_redis *r)
+{
     struct tg_redis_op *list, *op;
     struct tg_redis_batch *cur = NULL, *b, *built = NULL;
     struct tg_rnode *nd = r->mode != TG_MODE_CLUSTER ? r->nodes[0] : NULL;

@@ -124,9 +124,10 @@ tg_redis_split_hostport(const char *s, size_t len, char *host, size_t hostlen, i
  * drops the connection), and our read event drops the connection when
  * more than TG_REDIS_MAX_READBUF bytes of replies wait unparsed.
  *
- * The adapter is hiredis's libevent one plus that check; since the
- * context can be freed inside redisAsyncHandleRead, its cleanup only
- * marks the events dead while a read is running (ENTERED/DELETED).
+ * The adapter is hiredis's libevent one plus that check, writing without
+ * epoll when it can (rctx_add_write); since the context can be freed
+ * inside redisAsyncHandleRead or HandleWrite, its cleanup only marks the
+ * events dead while one of ours is running.
  */
 struct tg_rctx {                  /* ac->ev.data and reader privdata */
     redisAsyncContext *ac;
@@ -134,6 +135,8 @@ struct tg_rctx {                  /* ac->ev.data and reader privdata */
     struct event      *rev, *wev;
     size_t             objects;   /* in the reply being read */
     uint8_t            reading;   /* inside redisAsyncHandleRead */
+    uint8_t            writing;   /* inside redisAsyncHandleWrite (ours) */
+    uint8_t            wadded;    /* wev waits for the socket (epoll) */
     uint8_t            dead;      /* cleaned up meanwhile: free after */
 };
 
@@ -402,13 +405,50 @@ rctx_write_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tg_rctx *e = arg;
 
+    e->wadded = 0;              /* one-shot: no longer pending, if it was */
+    e->writing = 1;
     redisAsyncHandleWrite(e->ac);
+    e->writing = 0;
+    if (e->dead) {
+        rctx_free(e);
+    }
 }
 
 static void rctx_add_read(void *p)  { event_add(((struct tg_rctx *)p)->rev, NULL); }
 static void rctx_del_read(void *p)  { event_del(((struct tg_rctx *)p)->rev); }
-static void rctx_add_write(void *p) { event_add(((struct tg_rctx *)p)->wev, NULL); }
-static void rctx_del_write(void *p) { event_del(((struct tg_rctx *)p)->wev); }
+
+/*
+ * hiredis asks to write after each command it buffers, and to stop once
+ * its buffer is out.  Waiting for the socket to say writable (it almost
+ * always is) cost two epoll_ctl per call (write event on, off) and a
+ * loop wake-up: instead the write event is made active at once, so the
+ * commands of this loop turn go out in one write() at its end; only a
+ * write that could not finish (socket full), or a connect still in
+ * progress (hiredis's write handler completes it), waits for epoll.
+ */
+static void
+rctx_add_write(void *p)
+{
+    struct tg_rctx *e = p;
+
+    if (e->writing || !(e->ac->c.flags & REDIS_CONNECTED)) {
+        event_add(e->wev, NULL);
+        e->wadded = 1;
+    } else if (!e->wadded) {
+        event_active(e->wev, EV_WRITE, 0);      /* no-op if already active */
+    }
+}
+
+static void
+rctx_del_write(void *p)
+{
+    struct tg_rctx *e = p;
+
+    if (e->wadded) {
+        event_del(e->wev);
+        e->wadded = 0;
+    }
+}
 
 static void
 rctx_cleanup(void *p)
@@ -420,8 +460,8 @@ rctx_cleanup(void *p)
     memset(&ac->ev, 0, sizeof(ac->ev));
     ac->c.reader->privdata = NULL;
     event_del(e->rev);
-    event_del(e->wev);
-    if (e->reading) {
+    event_del(e->wev);                  /* also if only active */
+    if (e->reading || e->writing) {
         e->dead = 1;
     } else {
         rctx_free(e);
@@ -468,7 +508,9 @@ tg_redis_ctx_open(struct tg_redis *r, const char *host, int port, void *data, in
     e = tg_xcalloc(1, sizeof(*e));
     e->ac = ac;
     e->r = r;
-    e->rev = tg_event_new(r->base, ac->c.fd, EV_READ, rctx_read_cb, e);
+    /* persistent: a one-shot read event is deleted at each answer and
+     * added again by hiredis, an epoll_ctl per call */
+    e->rev = tg_event_new(r->base, ac->c.fd, EV_READ | EV_PERSIST, rctx_read_cb, e);
     e->wev = tg_event_new(r->base, ac->c.fd, EV_WRITE, rctx_write_cb, e);
     ac->c.reader->fn = &tg_reply_fns;
     ac->c.reader->privdata = e;
@@ -479,7 +521,8 @@ tg_redis_ctx_open(struct tg_redis *r, const char *host, int port, void *data, in
     ac->ev.cleanup = rctx_cleanup;
     ac->ev.data = e;
     event_add(e->rev, NULL);
-    event_add(e->wev, NULL);
+    event_add(e->wev, NULL);            /* the connect's end */
+    e->wadded = 1;
     ac->data = data;
 
     if (pass[0] != '\0') {
