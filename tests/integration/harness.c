@@ -155,6 +155,26 @@ void tgh_proc_signal(tgh_proc *p, int sig, int group)
     kill(p->pid, sig);
 }
 
+long tgh_proc_status_kb(pid_t pid, const char *field)
+{
+    char path[64], line[256];
+    size_t n = strlen(field);
+    long kb = -1;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (strncmp(line, field, n) == 0 && line[n] == ':') {
+            kb = atol(line + n + 1);
+            break;
+        }
+    fclose(f);
+    return kb;
+}
+
 int tgh_proc_alive(tgh_proc *p)
 {
     if (p->reaped)

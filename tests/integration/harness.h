@@ -61,6 +61,10 @@ int tgh_proc_wait(tgh_proc *p, int timeout_ms);
 /* Non-blocking: 1 if still running, 0 if it has exited (and is reaped). */
 int tgh_proc_alive(tgh_proc *p);
 
+/* A "Vm...:" line of /proc/PID/status (field "VmRSS", "VmData"...), in kB,
+ * or -1. */
+long tgh_proc_status_kb(pid_t pid, const char *field);
+
 /* SIGTERM (whole group), wait up to timeout_ms, then SIGKILL.  Returns the
  * wait status (see WIFEXITED...) or -1 if it had to be killed. */
 int tgh_proc_stop(tgh_proc *p, int timeout_ms);

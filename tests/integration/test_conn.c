@@ -86,17 +86,7 @@ wait_established_at_least(int port, int min, int ms)
 static long
 vmrss_kb(pid_t pid)
 {
-    char path[64], line[256];
-    long kb = -1;
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    while (fgets(line, sizeof line, f) != NULL)
-        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
-            break;
-    fclose(f);
-    return kb;
+    return tgh_proc_status_kb(pid, "VmRSS");
 }
 
 /* Is pid's program built with AddressSanitizer?  The sanitized build links

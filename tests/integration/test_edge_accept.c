@@ -198,7 +198,6 @@ Test(edge_accept, reuseport_global_cap_holds)
 
 /* ---- head buffers ------------------------------------------------------- */
 
-static long status_kb(pid_t pid, const char *field);
 static long rss_kb(pid_t pid);
 
 /* With max_header_bytes at its maximum (1 MiB), 64 connections, idle or
@@ -217,16 +216,16 @@ Test(edge_accept, idle_connections_hold_no_head_buffer)
     o.workers = 1;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     await_open(0);
-    data0 = status_kb(tg.proc->pid, "VmData");
+    data0 = tgh_proc_status_kb(tg.proc->pid, "VmData");
     for (i = 0; i < NCONN; i++) {
         c[i] = tgh_conn_open(tg.port, 5000);
         TGH_CHECK(c[i] != NULL, "connect %d", i);
     }
     await_open(NCONN);
-    data1 = status_kb(tg.proc->pid, "VmData");
+    data1 = tgh_proc_status_kb(tg.proc->pid, "VmData");
     for (i = 0; i < NCONN; i++)
         TGH_CHECK(get_on(c[i]) == 200, "request on connection %d", i);
-    data2 = status_kb(tg.proc->pid, "VmData");
+    data2 = tgh_proc_status_kb(tg.proc->pid, "VmData");
     TGH_CHECK(data0 > 0 && data1 > 0 && data2 > 0, "cannot read VmData");
     TGH_CHECK(data1 - data0 < 16 * 1024, "%d idle connections took %ld kB", NCONN,
               data1 - data0);
@@ -458,32 +457,10 @@ Test(edge_accept, one_worker_accepts_without_the_main_thread)
 
 /* ---- admin listener ------------------------------------------------------- */
 
-/* A "Vm...:" line of /proc/PID/status, in kB, or -1. */
-static long
-status_kb(pid_t pid, const char *field)
-{
-    char path[64], line[256];
-    size_t n = strlen(field);
-    long kb = -1;
-    FILE *f;
-
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    while (fgets(line, sizeof line, f) != NULL)
-        if (strncmp(line, field, n) == 0 && line[n] == ':') {
-            kb = atol(line + n + 1);
-            break;
-        }
-    fclose(f);
-    return kb;
-}
-
 static long
 rss_kb(pid_t pid)
 {
-    return status_kb(pid, "VmRSS");
+    return tgh_proc_status_kb(pid, "VmRSS");
 }
 
 /* head + body_len bytes of filler: sent while the answer is read */
@@ -528,8 +505,11 @@ Test(edge_accept, admin_refuses_bodies_without_reading_them)
 
     /* under ASan, freed buffers sit in its quarantine and count in the
      * RSS: without it, RSS measures what is kept, as in a plain build */
-    setenv("ASAN_OPTIONS", tgh_strf("%s%squarantine_size_mb=0", asan ? asan : "",
-                                    asan && *asan ? ":" : ""), 1);
+    char *opts = tgh_strf("%s%squarantine_size_mb=0", asan ? asan : "",
+                          asan && *asan ? ":" : "");
+
+    setenv("ASAN_OPTIONS", opts, 1);   /* copies it */
+    free(opts);
     start(NULL, 1);
     admin_upload("POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 524288000\r\n\r\n",
                  8u << 20);

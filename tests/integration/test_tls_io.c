@@ -667,17 +667,7 @@ Test(tls_io, close_notify_from_the_client)
 static long
 vmrss_kb(pid_t pid)
 {
-    char path[64], line[256];
-    long kb = -1;
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    while (fgets(line, sizeof line, f) != NULL)
-        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
-            break;
-    fclose(f);
-    return kb;
+    return tgh_proc_status_kb(pid, "VmRSS");
 }
 
 /* VmRSS of pid once three readings 100 ms apart agree (at most 5 s). */
