@@ -19,6 +19,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -173,6 +174,20 @@ long tgh_proc_status_kb(pid_t pid, const char *field)
         }
     fclose(f);
     return kb;
+}
+
+int tgh_need_nofile(unsigned long n)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0
+        || (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < n))
+        return -1;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < n) {
+        rl.rlim_cur = n;
+        return setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    return 0;
 }
 
 int tgh_proc_alive(tgh_proc *p)
@@ -1611,6 +1626,31 @@ int tgh_tls_selfsigned(const char *newkey, const char *cn, const char *cert,
 
     free(cmd);
     return rc == 0 ? 0 : -1;
+}
+
+int tgh_tls_tollgate_start(tgh_upstream *up, tgh_tollgate *tg, const char *newkey,
+                           int workers, const char *http_extra)
+{
+    static char cert[512], key[512];
+    tgh_tg_opts o;
+    int port;
+
+    if (tgh_tls_selfsigned(newkey, "localhost", "cert.pem", "key.pem") != 0
+        || tgh_testup_start(up) != 0)
+        return -1;
+    port = tgh_free_port();
+    tgh_tg_opts_default(&o, up->port);
+    if (workers > 0)
+        o.workers = workers;
+    o.tls_port = port;
+    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
+    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
+    o.tls_cert = cert;
+    o.tls_key = key;
+    o.http_extra = http_extra;
+    if (tgh_tollgate_start(tg, &o) != 0 || tgh_wait_port(port, 10000) != 0)
+        return -1;
+    return port;
 }
 
 int tgh_tcp_connect(int port, int timeout_ms)

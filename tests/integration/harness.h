@@ -65,6 +65,11 @@ int tgh_proc_alive(tgh_proc *p);
  * or -1. */
 long tgh_proc_status_kb(pid_t pid, const char *field);
 
+/* Raise this process's soft RLIMIT_NOFILE (what it starts inherits it) to
+ * at least n.  0, or -1 when the hard limit is below n (the caller skips)
+ * or setrlimit fails. */
+int tgh_need_nofile(unsigned long n);
+
 /* SIGTERM (whole group), wait up to timeout_ms, then SIGKILL.  Returns the
  * wait status (see WIFEXITED...) or -1 if it had to be killed. */
 int tgh_proc_stop(tgh_proc *p, int timeout_ms);
@@ -305,6 +310,13 @@ struct ssl_session_st;                 /* OpenSSL's SSL_SESSION */
  * 0 / -1. */
 int tgh_tls_selfsigned(const char *newkey, const char *cn, const char *cert,
                        const char *key);
+
+/* tollgate in front of up (started here) with a TLS listener besides the
+ * plain one, on a self-signed certificate for localhost made with newkey
+ * (tgh_tls_selfsigned); workers 0: the default; http_extra as in
+ * tgh_tg_opts.  Returns the TLS port once it answers, or -1. */
+int tgh_tls_tollgate_start(tgh_upstream *up, tgh_tollgate *tg, const char *newkey,
+                           int workers, const char *http_extra);
 /* A blocking TCP connection to 127.0.0.1:port, each send and receive
  * bounded by timeout_ms (SO_SNDTIMEO, SO_RCVTIMEO); the fd or -1. */
 int tgh_tcp_connect(int port, int timeout_ms);

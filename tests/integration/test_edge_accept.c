@@ -243,7 +243,6 @@ Test(edge_accept, idle_keepalive_connections_stay_small)
 {
     enum { NCONN = 1000 };
     static tgh_conn *c[NCONN];
-    struct rlimit rl;
     tgh_tg_opts o;
     tgh_conn *warm;
     long rss0, rss1;
@@ -252,14 +251,8 @@ Test(edge_accept, idle_keepalive_connections_stay_small)
 #if defined(__SANITIZE_ADDRESS__)
     cr_skip_test("resident memory under ASan is ASan's");
 #endif
-    TGH_CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0, "getrlimit");
-    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < NCONN + 512)
-        cr_skip_test("RLIMIT_NOFILE hard limit %lu < %d", (unsigned long)rl.rlim_max,
-                     NCONN + 512);
-    if (rl.rlim_cur < NCONN + 512) {
-        rl.rlim_cur = NCONN + 512;       /* tollgate inherits it */
-        TGH_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0, "setrlimit");
-    }
+    if (tgh_need_nofile(NCONN + 512) != 0)      /* tollgate inherits it */
+        cr_skip_test("RLIMIT_NOFILE cannot reach %d", NCONN + 512);
     TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
     tgh_tg_opts_default(&o, up.port);
     o.workers = 1;

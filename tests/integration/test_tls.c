@@ -43,24 +43,8 @@ sh(const char *cmd)
 static void
 start(void)
 {
-    static char extra[1024], cert[512], key[512];
-    tgh_tg_opts o;
-
-    TGH_CHECK(tgh_tls_selfsigned("rsa:2048", "localhost", "cert.pem", "key.pem") == 0,
-              "openssl req");
-    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    tls_port = tgh_free_port();
-    /* a second listener with TLS, besides the harness's plain one */
-    tgh_tg_opts_default(&o, up.port);
-    snprintf(extra, sizeof extra, "# tls listener added by the test\n");
-    o.extra_yaml = extra;
-    o.tls_port = tls_port;
-    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
-    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
-    o.tls_cert = cert;
-    o.tls_key = key;
-    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
-    TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
+    tls_port = tgh_tls_tollgate_start(&up, &tg, "rsa:2048", 0, NULL);
+    TGH_CHECK(tls_port > 0, "tollgate with a TLS listener");
 }
 
 Test(tls, handshake_alpn_and_proxying)

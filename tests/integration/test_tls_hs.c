@@ -51,24 +51,9 @@ sh(const char *cmd)
 static void
 start_workers(const char *http_extra, int workers)
 {
-    static char cert[512], key[512];
-    tgh_tg_opts o;
-
     signal(SIGPIPE, SIG_IGN);
-    TGH_CHECK(tgh_tls_selfsigned("rsa:4096", "localhost", "cert.pem", "key.pem") == 0,
-              "openssl req");
-    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    tls_port = tgh_free_port();
-    tgh_tg_opts_default(&o, up.port);
-    o.workers = workers;
-    o.tls_port = tls_port;
-    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
-    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
-    o.tls_cert = cert;
-    o.tls_key = key;
-    o.http_extra = http_extra;
-    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
-    TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
+    tls_port = tgh_tls_tollgate_start(&up, &tg, "rsa:4096", workers, http_extra);
+    TGH_CHECK(tls_port > 0, "tollgate with a TLS listener");
 }
 
 /* One worker (it accepts on the listening socket itself). */

@@ -34,25 +34,9 @@ static int tls_workers;           /* > 0: http.workers (start_cert) */
 static void
 start_cert(const char *http_extra, const char *newkey)
 {
-    static char cert[512], key[512];
-    tgh_tg_opts o;
-
     signal(SIGPIPE, SIG_IGN);
-    TGH_CHECK(tgh_tls_selfsigned(newkey, "localhost", "cert.pem", "key.pem") == 0,
-              "openssl req");
-    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    tgh_tg_opts_default(&o, up.port);
-    if (tls_workers > 0)
-        o.workers = tls_workers;
-    tls_port = tgh_free_port();
-    o.tls_port = tls_port;
-    snprintf(cert, sizeof cert, "%s/cert.pem", tgh_tmpdir());
-    snprintf(key, sizeof key, "%s/key.pem", tgh_tmpdir());
-    o.tls_cert = cert;
-    o.tls_key = key;
-    o.http_extra = http_extra;
-    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
-    TGH_CHECK(tgh_wait_port(tls_port, 10000) == 0, "TLS port");
+    tls_port = tgh_tls_tollgate_start(&up, &tg, newkey, tls_workers, http_extra);
+    TGH_CHECK(tls_port > 0, "tollgate with a TLS listener");
 }
 
 static void
@@ -703,18 +687,11 @@ Test(tls_io, idle_connections_give_back_their_buffers)
 {
     enum { NCONN = 500 };
     static tls_conn *c[NCONN];
-    struct rlimit rl;
     long rss0, rss1;
     int i;
 
-    TGH_CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0, "getrlimit");
-    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < NCONN + 512)
-        cr_skip_test("RLIMIT_NOFILE hard limit %lu < %d", (unsigned long)rl.rlim_max,
-                     NCONN + 512);
-    if (rl.rlim_cur < NCONN + 512) {
-        rl.rlim_cur = NCONN + 512;       /* tollgate inherits it */
-        TGH_CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0, "setrlimit");
-    }
+    if (tgh_need_nofile(NCONN + 512) != 0)      /* tollgate inherits it */
+        cr_skip_test("RLIMIT_NOFILE cannot reach %d", NCONN + 512);
     tls_workers = 1;
     start("max_connections_per_ip: 0");
     c[0] = tls_open(tls_port);                    /* first allocations */
