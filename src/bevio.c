@@ -304,16 +304,29 @@ tg_bev_tls_rd_off(struct tg_client *c)
     }
 }
 
-/* c waits for its next request: OpenSSL's record buffers (18 and 17 KiB)
- * are given back while they hold nothing (SSL_free_buffers refuses
- * otherwise); the next read or write takes them again. */
+/* c waits for a request with nothing of it read: OpenSSL's record
+ * buffers (18 and 17 KiB) are given back while they hold nothing
+ * (SSL_free_buffers refuses otherwise); the next read or write takes
+ * them again.  So is the empty chain tls_rd reserved for a record that
+ * did not come (after the handshake): libevent 2.1's evbuffer_drain
+ * keeps the chains of an empty buffer, and frees them all when it
+ * drains everything, so one byte goes in and out. */
 void
 tg_bev_tls_release(struct tg_client *c)
 {
+    struct evbuffer *in = bufferevent_get_input(c->conn.bev);
+
     if (c->conn.ssl != NULL && c->conn.tls_ready && c->conn.tls_want == 0
         && c->conn.tls_wlen == 0
         && evbuffer_get_length(bufferevent_get_output(c->conn.bev)) == 0) {
         (void)SSL_free_buffers(c->conn.ssl);
+    }
+    if (evbuffer_get_length(in) == 0) {
+        evbuffer_unfreeze(in, 0);
+        if (evbuffer_add(in, "", 1) == 0) {
+            evbuffer_drain(in, 1);
+        }
+        evbuffer_freeze(in, 0);
     }
 }
 

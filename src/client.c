@@ -315,12 +315,13 @@ disarm_timer(struct tg_client *c)
     c->io.deadline = 0;
 }
 
-/* Waiting for the next request of a kept-alive connection (the idle
- * deadline runs, nothing read of it yet). */
+/* Waiting for a request with nothing of it read: the next one of a
+ * kept-alive connection (idle deadline) or the first after the TLS
+ * handshake (header deadline). */
 static int
 waits_idle(struct tg_client *c)
 {
-    return c->conn.state == C_HEAD && !c->io.head_timer_on && c->io.deadline != 0
+    return c->conn.state == C_HEAD && c->io.deadline != 0
            && evbuffer_get_length(bufferevent_get_input(c->conn.bev)) == 0;
 }
 
@@ -498,6 +499,10 @@ tg_client_event_cb(struct bufferevent *bev, short what, void *arg)
         if (c->conn.state == C_HEAD && !c->io.head_timer_on) {
             c->io.head_timer_on = 1;
             arm_timer(c, c->px->conf->http.header_timeout_ms);
+            /* a client that handshakes and waits keeps no buffers either
+             * (a request usually follows the Finished at once) */
+            c->io.tls_idle_at = tg_now_ms() + TG_TLS_IDLE_MS;
+            wake_at(c, c->io.tls_idle_at);
         }
         return;
     }
