@@ -96,6 +96,38 @@ char *tgh_strf(const char *fmt, ...)
     return s;
 }
 
+int tgh_sh(char *out, size_t outlen, const char *fmt, ...)
+{
+    char buf[4096];
+    size_t n = 0;
+    va_list ap;
+    int st;
+
+    va_start(ap, fmt);
+    char *cmd = NULL;
+    if (vasprintf(&cmd, fmt, ap) < 0)
+        abort();
+    va_end(ap);
+    FILE *p = popen(cmd, "r");
+    free(cmd);
+    if (p == NULL)
+        return -1;
+    for (;;) {                           /* read it all: the command ends */
+        size_t got = fread(buf, 1, sizeof buf, p);
+        if (got == 0)
+            break;
+        if (out != NULL && n + 1 < outlen) {
+            size_t take = got < outlen - 1 - n ? got : outlen - 1 - n;
+            memcpy(out + n, buf, take);
+            n += take;
+        }
+    }
+    if (out != NULL && outlen > 0)
+        out[n] = '\0';
+    st = pclose(p);
+    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
 /* ------------------------------------------------------------------ */
 /* processes                                                           */
 

@@ -344,6 +344,12 @@ unsigned char *tgh_chunk_encode(const unsigned char *body, size_t n,
                                 size_t *out_len, uint32_t seed);
 /* A malloc'ed string from printf. */
 char *tgh_strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Run a printf-made command with /bin/sh; its standard output (at most
+ * outlen - 1 bytes, NUL-terminated; trailing newlines kept) into out,
+ * or discarded when out is NULL.  Returns its exit status, -1 when it
+ * could not run or was killed by a signal. */
+int tgh_sh(char *out, size_t outlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 /* Index of the first byte where a and b differ, or -1 if equal in n. */
 long tgh_first_diff(const unsigned char *a, const unsigned char *b, size_t n);
 /* Is s exactly n lowercase hex digits? */

@@ -822,13 +822,6 @@ Test(alerts, hung_sink_never_slows_requests)
 /* ------------------------------------------------------------------ */
 /* TLS                                                                  */
 
-static int
-sh(const char *cmd)
-{
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
 /* A CA (ca.pem) and a server cert for 127.0.0.1 signed by it, plus an
  * unrelated CA (other.pem), in dir. */
 static void
@@ -845,7 +838,7 @@ make_pki(const char *dir)
         "printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext && "
         "openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
         "-out srv.pem -days 2 -extfile san.ext 2>/dev/null", dir);
-    TGH_CHECK(sh(cmd) == 0, "openssl: %s", cmd);
+    TGH_CHECK(tgh_sh(NULL, 0, "%s", cmd) == 0, "openssl: %s", cmd);
     free(cmd);
 }
 

@@ -13,6 +13,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "harness.h"
+
 static char out[8192];
 
 /* Run a shell command, capture stdout+stderr into out, return exit code. */
@@ -21,20 +23,11 @@ sh(const char *fmt, ...)
 {
     char cmd[4096];
     va_list ap;
-    FILE *p;
-    size_t n;
-    int st;
 
     va_start(ap, fmt);
     vsnprintf(cmd, sizeof(cmd), fmt, ap);
     va_end(ap);
-    strncat(cmd, " 2>&1", sizeof(cmd) - strlen(cmd) - 1);
-    p = popen(cmd, "r");
-    cr_assert_not_null(p);
-    n = fread(out, 1, sizeof(out) - 1, p);
-    out[n] = '\0';
-    st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return tgh_sh(out, sizeof out, "%s 2>&1", cmd);
 }
 
 static const char *

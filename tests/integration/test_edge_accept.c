@@ -306,18 +306,9 @@ cpu_seconds(pid_t pid)
 static int
 count_fds(pid_t pid)
 {
-    char cmd[128];
-    FILE *p;
-    int n = -1;
+    char buf[32];
 
-    snprintf(cmd, sizeof cmd, "ls /proc/%d/fd | wc -l", (int)pid);
-    p = popen(cmd, "r");
-    if (p != NULL) {
-        if (fscanf(p, "%d", &n) != 1)
-            n = -1;
-        pclose(p);
-    }
-    return n;
+    return tgh_sh(buf, sizeof buf, "ls /proc/%d/fd | wc -l", (int)pid) == 0 ? atoi(buf) : -1;
 }
 
 static int

@@ -27,19 +27,6 @@ static tgh_tollgate tg;
 static int tls_port;
 static char out[16384];
 
-static int
-sh(const char *cmd)
-{
-    FILE *p = popen(cmd, "r");
-    size_t n;
-
-    if (p == NULL)
-        return -1;
-    n = fread(out, 1, sizeof out - 1, p);
-    out[n] = '\0';
-    return pclose(p);
-}
-
 static void
 start(void)
 {
@@ -54,7 +41,7 @@ Test(tls, handshake_alpn_and_proxying)
     start();
     cmd = tgh_strf("curl -sk --http1.1 -w '\\n%%{http_code} %%{http_version}' "
                    "https://127.0.0.1:%d/headers 2>&1", tls_port);
-    TGH_CHECK(sh(cmd) == 0, "curl: %s", out);
+    TGH_CHECK(tgh_sh(out, sizeof out, "%s", cmd) == 0, "curl: %s", out);
     free(cmd);
     TGH_CHECK(strstr(out, "X-Forwarded-Proto: https") != NULL, "forwarded proto: %s", out);
     TGH_CHECK(strstr(out, "\n200 1.1") != NULL, "status/version: %s", out);
@@ -62,13 +49,13 @@ Test(tls, handshake_alpn_and_proxying)
     /* ALPN: h2 is not spoken; http/1.1 is chosen */
     cmd = tgh_strf("echo | openssl s_client -connect 127.0.0.1:%d -alpn h2,http/1.1 2>&1",
                    tls_port);
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     TGH_CHECK(strstr(out, "ALPN protocol: http/1.1") != NULL, "ALPN: %s", out);
 
     /* TLS 1.1 is refused */
     cmd = tgh_strf("echo | openssl s_client -connect 127.0.0.1:%d -tls1_1 2>&1", tls_port);
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     TGH_CHECK(strstr(out, "Cipher is (NONE)") != NULL || strstr(out, "alert") != NULL
               || strstr(out, "no protocols available") != NULL, "TLS 1.1 accepted: %s", out);
@@ -77,7 +64,7 @@ Test(tls, handshake_alpn_and_proxying)
     cmd = tgh_strf("head -c 1048576 /dev/urandom > %s/body && curl -sk --http1.1 "
                    "--data-binary @%s/body https://127.0.0.1:%d/echo | cmp - %s/body "
                    "&& echo SAME", tgh_tmpdir(), tgh_tmpdir(), tls_port, tgh_tmpdir());
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     TGH_CHECK(strstr(out, "SAME") != NULL, "1 MiB echo over TLS differs: %s", out);
 }
@@ -90,7 +77,7 @@ served_cn_is(const char *cn)
                          "| openssl x509 -noout -subject 2>&1", tls_port);
     char want[128];
 
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     snprintf(want, sizeof want, "CN = %s", cn);
     return strstr(out, want) != NULL;
@@ -107,7 +94,7 @@ Test(tls, sighup_reloads_the_certificate)
     /* renewed in place (written aside, then renamed over) */
     TGH_CHECK(tgh_tls_selfsigned("rsa:2048", "renewed", "cert.new", "key.new") == 0, "renew");
     cmd = tgh_strf("cd %s && mv key.new key.pem && mv cert.new cert.pem", tgh_tmpdir());
-    TGH_CHECK(sh(cmd) == 0, "renew");
+    TGH_CHECK(tgh_sh(out, sizeof out, "%s", cmd) == 0, "renew");
     free(cmd);
     tgh_proc_signal(tg.proc, SIGHUP, 0);
     end = tgh_now_ms() + 10000;
@@ -117,14 +104,14 @@ Test(tls, sighup_reloads_the_certificate)
 
     /* a broken certificate is refused; the running one stays */
     cmd = tgh_strf("cd %s && echo garbage > cert.pem", tgh_tmpdir());
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     tgh_proc_signal(tg.proc, SIGHUP, 0);
     end = tgh_now_ms() + 10000;
     for (;;) {
         char *log = tgh_strf("grep -c 'new configuration refused' %s", tg.proc->log_path);
         int refused;
-        sh(log);
+        tgh_sh(out, sizeof out, "%s", log);
         free(log);
         refused = atoi(out) > 0;
         if (refused || tgh_now_ms() > end)
@@ -216,7 +203,7 @@ static int
 log_count(const char *text)
 {
     char *cmd = tgh_strf("grep -c '%s' %s", text, tg.proc->log_path);
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     return atoi(out);
 }
@@ -253,7 +240,7 @@ Test(tls, sighup_while_tls_requests_flow)
         uint64_t end;
 
         cmd = tgh_strf("cd %s && cp %s.crt cert.pem && cp %s.key key.pem", tgh_tmpdir(), cn, cn);
-        TGH_CHECK(sh(cmd) == 0, "cp");
+        TGH_CHECK(tgh_sh(out, sizeof out, "%s", cmd) == 0, "cp");
         free(cmd);
         tgh_proc_signal(tg.proc, SIGHUP, 0);
         end = tgh_now_ms() + 20000;

@@ -31,19 +31,6 @@ static tgh_tollgate tg;
 static int tls_port;
 static char out[4096];
 
-static int
-sh(const char *cmd)
-{
-    FILE *p = popen(cmd, "r");
-    size_t n;
-
-    if (p == NULL)
-        return -1;
-    n = fread(out, 1, sizeof out - 1, p);
-    out[n] = '\0';
-    return pclose(p);
-}
-
 /* One worker (the order of its loop is what is tested), an RSA-4096
  * certificate (a full handshake costs the server a signature of several
  * milliseconds: the server cannot keep up with the burst as it is sent,
@@ -237,7 +224,7 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
     TGH_CHECK(served > 0, "no handshake of the burst was served");
     TGH_CHECK(unread > 0, "every queued handshake was served, none closed past its timeout");
     cmd = tgh_strf("grep -c 'closed unread: queued longer' %s", tg.proc->log_path);
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     TGH_CHECK(atoi(out) >= 1, "no warning about the connections closed unread");
 
@@ -254,7 +241,7 @@ Test(tls_hs, queued_past_the_handshake_timeout_are_closed_unread)
     TGH_CHECK(WIFEXITED(tg.proc->status) && WEXITSTATUS(tg.proc->status) == 0,
               "tollgate did not exit 0 after SIGTERM");
     cmd = tgh_strf("grep -c 'ERROR: AddressSanitizer' %s", tg.proc->log_path);
-    sh(cmd);
+    tgh_sh(out, sizeof out, "%s", cmd);
     free(cmd);
     TGH_CHECK(atoi(out) == 0, "ASan report in the log");
 }
@@ -309,7 +296,7 @@ Test(tls_hs, sessions_resume_until_a_reload)
     tgh_proc_signal(tg.proc, SIGHUP, 0);
     cmd = tgh_strf("grep -c 'configuration reloaded' %s", tg.proc->log_path);
     end = tgh_now_ms() + 20000;
-    while (tgh_now_ms() < end && (sh(cmd), atoi(out)) < 1)
+    while (tgh_now_ms() < end && (tgh_sh(out, sizeof out, "%s", cmd), atoi(out)) < 1)
         tgh_sleep_ms(20);
     TGH_CHECK(atoi(out) == 1, "reload not logged");
     free(cmd);
