@@ -833,9 +833,10 @@ tu_send(struct evhttp_request *req, int code, const char *reason)
  * while that clock lags fires early by the lag as soon as other traffic
  * wakes the loop.  The lag is up to a tick (4 ms at HZ=250) and, in a VM
  * whose timekeeping CPU the host holds off, 20-27 ms (measured on the test
- * machine): /work?ms=50 was answered in about 30 ms, which gave tollgate's
- * adaptive limit a no-load RTT far below the service time.  So a timer is
- * armed for the time left and, fired early, armed again for the rest. */
+ * machine), enough for /work?ms=50 to answer in ~30 ms and give tollgate's
+ * adaptive limit a no-load RTT far below the service time (DESIGN-NOTES,
+ * "Adaptive concurrency").  So a timer is armed for the time left and,
+ * fired early, armed again for the rest. */
 static uint64_t
 tu_now_us(void)
 {
