@@ -444,8 +444,8 @@ ticker_main(void *arg)
  * kernel's did on the test machine when its timekeeping stalled.  Before
  * tg-testup kept its delays on CLOCK_MONOTONIC, a timer armed while the
  * coarse clock lagged fired early by the lag: /work?ms=50 answered in
- * 26-50 ms here, and in the test above one such answer in ~20 runs gave
- * the adaptive limit a no-load RTT below 41 ms, which held the limit at
+ * 33-50 ms here.  Most likely that is what, in ~1 run of 20 of the test
+ * above, gave the adaptive limit a no-load RTT below 41 ms and held it at
  * its minimum for ~25 s (docs/DESIGN-NOTES.md, "Adaptive concurrency"). */
 Test(adaptive, upstream_delays_are_exact)
 {
