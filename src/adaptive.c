@@ -6,8 +6,11 @@
 #include "tollgate/adaptive.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 static void window_close(tg_adapt_limit *l);
+static void lo_insert(uint64_t *lo, uint64_t v);
+static uint64_t lo_rank(const uint64_t *lo);
 static double root(double x);
 
 /* ---- the limit ---------------------------------------------------------- */
@@ -20,7 +23,7 @@ tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
     l->max = max < l->min ? l->min : max;
     l->initial = initial < l->min ? l->min : initial > l->max ? l->max : initial;
     l->limit = l->initial;
-    l->min_cur_us = 0;
+    memset(l->lo_cur_us, 0, sizeof(l->lo_cur_us));
     l->min_prev_us = 0;
     l->half_start_us = 0;
     l->win_start_us = 0;
@@ -41,10 +44,49 @@ tg_adapt_limit_get(const tg_adapt_limit *l)
 uint64_t
 tg_adapt_limit_noload_us(const tg_adapt_limit *l)
 {
-    if (l->min_prev_us != 0 && (l->min_cur_us == 0 || l->min_prev_us < l->min_cur_us)) {
+    uint64_t cur = lo_rank(l->lo_cur_us);
+
+    if (l->min_prev_us != 0 && (cur == 0 || l->min_prev_us < cur)) {
         return l->min_prev_us;
     }
-    return l->min_cur_us;
+    return cur;
+}
+
+/* Why not the smallest sample: nothing bounds an RTT from below.  An
+ * upstream may answer one request early (tg-testup did, its timers on a
+ * lagging clock; an app does on a fast path such as an early 4xx), and a
+ * no-load RTT set by that one sample held the limit at its minimum for
+ * the 15-30 s it took to age out.  The third smallest needs three such
+ * answers in 15 s; against the smallest it costs a baseline higher by
+ * the jitter of three samples, far inside the tolerance. */
+
+/* v into lo, the TG_ADAPT_NOLOAD_RANK smallest samples, ascending, the
+ * empty (0) ones last. */
+static void
+lo_insert(uint64_t *lo, uint64_t v)
+{
+    unsigned i = TG_ADAPT_NOLOAD_RANK - 1;
+
+    if (lo[i] != 0 && v >= lo[i]) {
+        return;
+    }
+    for (; i > 0 && (lo[i - 1] == 0 || lo[i - 1] > v); i--) {
+        lo[i] = lo[i - 1];
+    }
+    lo[i] = v;
+}
+
+/* A half's no-load RTT: its TG_ADAPT_NOLOAD_RANK-th smallest sample, or
+ * the largest it has when fewer (0 when none). */
+static uint64_t
+lo_rank(const uint64_t *lo)
+{
+    unsigned i = TG_ADAPT_NOLOAD_RANK;
+
+    while (i > 0 && lo[i - 1] == 0) {
+        i--;
+    }
+    return i == 0 ? 0 : lo[i - 1];
 }
 
 unsigned
@@ -61,12 +103,12 @@ tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
     if (l->half_start_us == 0) {
         l->half_start_us = now_us;
     } else if (now_us - l->half_start_us >= TG_ADAPT_MIN_HALF_US) {
-        l->min_prev_us = l->min_cur_us;
-        l->min_cur_us = 0;
+        l->min_prev_us = lo_rank(l->lo_cur_us);
+        memset(l->lo_cur_us, 0, sizeof(l->lo_cur_us));
         l->half_start_us = now_us;
     }
-    if (ok && (l->min_cur_us == 0 || rtt_us < l->min_cur_us)) {
-        l->min_cur_us = rtt_us;
+    if (ok) {
+        lo_insert(l->lo_cur_us, rtt_us);
     }
 
     if (l->win_n == 0) {

@@ -11,8 +11,10 @@
  * The limit (a gradient, after Netflix concurrency-limits' Gradient):
  * exchanges are sampled (time to the response head) in windows of at
  * least TG_ADAPT_WIN_SAMPLES samples and one no-load RTT (or one second,
- * whichever first).  The no-load RTT is the smallest sample of the last
- * 15 to 30 s.  At the end of a window
+ * whichever first).  The no-load RTT is the smallest of the last 15 to
+ * 30 s: of two sliding halves, the lower of their TG_ADAPT_NOLOAD_RANK-th
+ * smallest samples (a single early answer does not set it).  At the end
+ * of a window
  *
  *     gradient = clamp(TG_ADAPT_TOLERANCE * rtt_noload / rtt_window, 0.5, 1)
  *     gradient < 1 (queueing upstream)  -> target = limit * gradient
@@ -38,6 +40,7 @@
 #define TG_ADAPT_WIN_SAMPLES  8          /* samples per window, at least */
 #define TG_ADAPT_WIN_MAX_US   1000000    /* a window never lasts longer */
 #define TG_ADAPT_MIN_HALF_US  15000000   /* no-load RTT: min of 2 halves */
+#define TG_ADAPT_NOLOAD_RANK  3          /* ... each its 3rd smallest sample */
 #define TG_ADAPT_TOLERANCE    1.25       /* latency allowed over no-load */
 #define TG_ADAPT_SMOOTHING    0.2        /* share of a higher target per window */
 #define TG_ADAPT_SMOOTHING_DOWN 0.5      /* ... of a lower one */
@@ -47,8 +50,9 @@
 typedef struct tg_adapt_limit {
     double   limit;          /* the estimate, in [min, max] */
     unsigned initial, min, max;
-    uint64_t min_cur_us;     /* smallest RTT of the current half (0 = none) */
-    uint64_t min_prev_us;    /* ... of the previous half (0 = none) */
+    uint64_t lo_cur_us[TG_ADAPT_NOLOAD_RANK]; /* smallest RTTs of the current
+                                                half, ascending (0 = none) */
+    uint64_t min_prev_us;    /* the previous half's no-load RTT (0 = none) */
     uint64_t half_start_us;  /* start of the current half */
     uint64_t win_start_us;   /* start of the current window (0 = none yet) */
     uint64_t win_sum_us;     /* RTTs of the window */

@@ -139,6 +139,24 @@ Test(adaptive_limit, noload_rtt_slides)
     cr_assert_gt(tg_adapt_limit_get(&l), 16);
 }
 
+/* Two samples far below the rest within a half (an upstream that answered
+ * early, a fast path) do not become the no-load RTT: the limit stays at
+ * the knee instead of falling to min for 15-30 s.  A third one does. */
+Test(adaptive_limit, noload_rtt_ignores_two_outliers)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+
+    tg_adapt_limit_init(&l, 8, 2, 64);
+    now = feed(&l, now, 40, 50000, 4, 1);
+    now = feed(&l, now, 2, 5000, 4, 1);          /* two early answers */
+    cr_assert_eq(tg_adapt_limit_noload_us(&l), 50000);
+    now = feed(&l, now, 400, 50000, 4, 1);
+    cr_assert_geq(tg_adapt_limit_get(&l), 8, "got %u", tg_adapt_limit_get(&l));
+    now = feed(&l, now, 1, 20000, 4, 1);         /* a third: believed */
+    cr_assert_eq(tg_adapt_limit_noload_us(&l), 20000);
+}
+
 /* ---- the queue ---------------------------------------------------------- */
 
 Test(adaptive_queue, priority_then_fifo)
