@@ -559,3 +559,70 @@ Test(lease, unused_slices_go_back)
     TGH_CHECK(tat1 == tat0 - 4 * t, "at shutdown: TAT %lld, expected %lld (4 T back)",
               tat1, tat0 - 4 * t);
 }
+
+/*
+ * Many keys on one worker: 2,000 keys, each sent 5 requests within the
+ * ttl (a minute), the keys in turn.  A key's first request is charged
+ * exactly and marks its set, its second takes a slice of 50, the three
+ * after are spent from the slice: rounds 2 to 5 cost one take per key
+ * (8,000 requests, about 2,000 script calls), not a call per request.
+ * With a table too small for 2,000 live sets, marks and slices evict
+ * each other and every request is charged.
+ */
+Test(lease, many_keys_one_take_each)
+{
+    enum { NK = 2000, ROUNDS = 5 };
+    static char name_buf[NK][16];
+    static const char *names[NK], *tiers[NK];
+    static char extra[1024];
+    tgh_tollgate tg;
+    tgh_tg_opts o;
+    tgh_conn *c;
+    long calls1, calls2;
+    int st, ok = 0;
+
+    for (int i = 0; i < NK; i++) {
+        snprintf(name_buf[i], sizeof name_buf[i], "mk%d", i);
+        names[i] = name_buf[i];
+        tiers[i] = "basic";
+    }
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 6000000, burst_limit: 100000, "
+             "lease: { size: 50, ttl_ms: 60000 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, NK), rds.port);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.workers = 1;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    calls1 = 0;
+    for (int r = 0; r < ROUNDS; r++) {
+        if (r == 1)
+            calls1 = script_calls();
+        for (int i = 0; i < NK; i++) {
+            st = req(c, names[i], "/", NULL);
+            if (st == -1) {
+                /* a keep-alive connection ends after so many requests */
+                tgh_conn_close(c);
+                c = tgh_conn_open(tg.port, 5000);
+                TGH_CHECK(c != NULL, "reconnect");
+                st = req(c, names[i], "/", NULL);
+            }
+            ok += st == 200;
+        }
+    }
+    calls2 = script_calls();
+    cr_log_info("leases, %d keys x %d requests on 1 worker: %d admitted, %ld script calls "
+                "after the first round", NK, ROUNDS, ok, calls2 - calls1);
+    TGH_CHECK(ok == NK * ROUNDS, "%d of %d admitted", ok, NK * ROUNDS);
+    TGH_CHECK(calls2 - calls1 <= NK + NK / 20,
+              "%ld script calls for %d requests of %d keys after their first: "
+              "about one take per key expected", calls2 - calls1, NK * (ROUNDS - 1), NK);
+    tgh_conn_close(c);
+}
