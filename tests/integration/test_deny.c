@@ -626,3 +626,94 @@ Test(lease, many_keys_one_take_each)
               "about one take per key expected", calls2 - calls1, NK * (ROUNDS - 1), NK);
     tgh_conn_close(c);
 }
+
+/* Keys matching pattern whose TAT is more than ahead_us ahead of Redis's
+ * clock (one script: the bucket keys hold their TAT in microseconds). */
+static long
+keys_ahead(const char *pattern, long long ahead_us)
+{
+    char out[256];
+
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out,
+                            "EVAL 'local t = redis.call(\"TIME\") "
+                            "local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) "
+                            "local n = 0 "
+                            "for _, k in ipairs(redis.call(\"KEYS\", ARGV[1])) do "
+                            "if tonumber(redis.call(\"GET\", k)) > now + tonumber(ARGV[2]) "
+                            "then n = n + 1 end end return n' 0 '%s' %lld",
+                            pattern, ahead_us) == 0, "EVAL: %s", out);
+    return atol(out);
+}
+
+/*
+ * Many slices live at once on one worker, and all go back at their ttl:
+ * 2,000 keys (tier: 1 a minute, burst 20, slices of 5, ttl 5 s) each
+ * sent 2 requests (the first exact, the second takes a slice: the TAT 6 T
+ * ahead).  Right after, all 2,000 hold their slice (none evicted by
+ * another); after the ttl (the sample's walk of a table of thousands of
+ * entries), all are given back (4 T: the TAT 2 T ahead).
+ */
+Test(lease, many_slices_live_and_go_back)
+{
+    enum { NK = 2000 };
+    static char name_buf[NK][16];
+    static const char *names[NK], *tiers[NK];
+    static char extra[1024];
+    const long long t = 60000000;
+    tgh_tollgate tg;
+    tgh_tg_opts o;
+    tgh_conn *c;
+    uint64_t t0, t1, end;
+    long held;
+    int st, ok = 0;
+
+    for (int i = 0; i < NK; i++) {
+        snprintf(name_buf[i], sizeof name_buf[i], "ms%d", i);
+        names[i] = name_buf[i];
+        tiers[i] = "basic";
+    }
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20, "
+             "lease: { size: 5, ttl_ms: 5000 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, NK), rds.port);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.workers = 1;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    t0 = tgh_now_ms();
+    for (int i = 0; i < 2 * NK; i++) {
+        st = req(c, names[i / 2], "/", NULL);
+        if (st == -1) {
+            /* a keep-alive connection ends after so many requests */
+            tgh_conn_close(c);
+            c = tgh_conn_open(tg.port, 5000);
+            TGH_CHECK(c != NULL, "reconnect");
+            st = req(c, names[i / 2], "/", NULL);
+        }
+        ok += st == 200;
+    }
+    t1 = tgh_now_ms();
+    held = keys_ahead("tg:{id-ms*}:t", 4 * t);
+    cr_log_info("leases, %d keys x 2 requests in %llu ms: %d admitted, %ld slices held",
+                NK, (unsigned long long)(t1 - t0), ok, held);
+    TGH_CHECK(ok == 2 * NK, "%d of %d admitted", ok, 2 * NK);
+    if (t1 - t0 < 4000)
+        TGH_CHECK(held == NK, "%ld of %d keys hold their slice within its ttl", held, NK);
+    end = t0 + 5000 + 15000;
+    while (held > 0 && tgh_now_ms() < end) {
+        tgh_sleep_ms(100);
+        held = keys_ahead("tg:{id-ms*}:t", 4 * t);
+    }
+    TGH_CHECK(held == 0, "%ld of %d slices not given back %llu ms after the first take "
+              "(ttl 5 s)", held, NK, (unsigned long long)(tgh_now_ms() - t0));
+    cr_log_info("all %d slices given back %llu ms after the first take (ttl 5000 ms)", NK,
+                (unsigned long long)(tgh_now_ms() - t0));
+    tgh_conn_close(c);
+}
