@@ -35,7 +35,7 @@
  * consumer and route) in Redis, spent here without a call; what is left
  * at its ttl (or a reload, or shutdown) is given back.  An entry without
  * a slice is a mark: the set asked within its ttl (the next request takes
- * a slice).  144 bytes, and the bucket names on the heap (kept for the
+ * a slice).  136 bytes, and the bucket names on the heap (kept for the
  * entry's next set: no allocation per take once the table is warm).
  */
 typedef struct lease_entry {
