@@ -35,11 +35,11 @@
  * consumer and route) in Redis, spent here without a call; what is left
  * at its ttl (or a reload, or shutdown) is given back.  An entry without
  * a slice is a mark: the set asked within its ttl (the next request takes
- * a slice).  136 bytes, and the bucket names on the heap (kept for the
- * entry's next set: no allocation per take once the table is warm).
+ * a slice).  128 bytes (two cache lines), and the bucket names on the
+ * heap (kept for the entry's next set: no allocation per take once the
+ * table is warm).  Its set's hash is in the table's hash array.
  */
 typedef struct lease_entry {
-    uint64_t      hash;           /* of the set: lease_hash(); 0 = free */
     uint64_t      until_us;       /* live until: the set's last ask + ttl,
                                      or its slice's end, whichever is later */
     uint64_t      expires_us;     /* 0 = no slice */
@@ -57,7 +57,12 @@ typedef struct lease_entry {
     uint8_t       n;              /* buckets; 0: a mark only (no names yet) */
 } lease_entry;
 
+_Static_assert(LEASE_WAYS * sizeof(uint64_t) == 64, "a set's hashes: one cache line");
+
 struct lease_table {
+    uint64_t    *h;               /* nsets * LEASE_WAYS: the hash of e[i]'s
+                                     set (lease_hash), 0 = free; a set's
+                                     ways in one cache line */
     lease_entry *e;               /* nsets * LEASE_WAYS */
     size_t       nsets;           /* a power of two */
     unsigned     shift;           /* 64 - log2(nsets) */
@@ -86,6 +91,21 @@ lease_hash(const tg_limit_ctx *ctx)
     return h != 0 ? h : 1;             /* 0 marks a free entry */
 }
 
+/* n zeroed entries of size bytes (a multiple of 64) on cache lines of
+ * their own; unaligned only if aligned_alloc fails (tg_xcalloc: fatal if
+ * that fails too). */
+static void *
+lease_calloc(size_t n, size_t size)
+{
+    void *p = aligned_alloc(64, n * size);
+
+    if (p == NULL) {
+        return tg_xcalloc(n, size);
+    }
+    memset(p, 0, n * size);
+    return p;
+}
+
 static struct lease_table *
 lease_table(struct tg_limiter *lim)
 {
@@ -95,41 +115,43 @@ lease_table(struct tg_limiter *lim)
         t = tg_xcalloc(1, sizeof(*t));
         t->nsets = LEASE_MIN_SETS;
         t->shift = 64 - 5;
-        t->e = tg_xcalloc(t->nsets * LEASE_WAYS, sizeof(*t->e));
+        t->h = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->h));
+        t->e = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->e));
         lim->leases = t;
         lim->give = tg_xcalloc(1, sizeof(*lim->give));
     }
     return t;
 }
 
-static lease_entry *
+/* The index of the first way of hash h's set. */
+static size_t
 lease_set(const struct lease_table *t, uint64_t h)
 {
-    return &t->e[((h * 0x9e3779b97f4a7c15ull) >> t->shift) * LEASE_WAYS];
+    return (size_t)((h * 0x9e3779b97f4a7c15ull) >> t->shift) * LEASE_WAYS;
 }
 
 /* The entry of the set of hash h, or NULL. */
 static lease_entry *
 lease_find(const struct lease_table *t, uint64_t h)
 {
-    lease_entry *set = lease_set(t, h);
+    size_t i = lease_set(t, h);
 
     for (size_t w = 0; w < LEASE_WAYS; w++) {
-        if (set[w].hash == h) {
-            return &set[w];
+        if (t->h[i + w] == h) {
+            return &t->e[i + w];
         }
     }
     return NULL;
 }
 
-/* 1 when e is the lease of ctx's bucket set (names and limits, not only
- * the hash). */
+/* 1 when e, found by ctx's hash, is the lease of ctx's bucket set (names
+ * and limits, not only the hash). */
 static int
-lease_match(const lease_entry *e, const tg_limit_ctx *ctx, uint64_t h)
+lease_match(const lease_entry *e, const tg_limit_ctx *ctx)
 {
     const char *p = e->names;
 
-    if (e->hash != h || e->n != ctx->n) {
+    if (e->n != ctx->n) {
         return 0;
     }
     for (size_t i = 0; i < ctx->n; i++) {
@@ -261,14 +283,14 @@ lease_give_back(struct tg_limiter *lim, lease_entry *e)
  * mark or a slice within its ttl).
  */
 static lease_entry *
-lease_victim(lease_entry *set, uint64_t now, int *live)
+lease_victim(const struct lease_table *t, size_t set, uint64_t now, int *live)
 {
     lease_entry *v = NULL;
 
     for (size_t w = 0; w < LEASE_WAYS; w++) {
-        lease_entry *e = &set[w];
+        lease_entry *e = &t->e[set + w];
 
-        if (e->hash == 0) {
+        if (t->h[set + w] == 0) {
             *live = 0;
             return e;
         }
@@ -287,26 +309,29 @@ lease_grow(struct lease_table *t)
 {
     size_t old = t->nsets * LEASE_WAYS;
     lease_entry *from = t->e;
+    uint64_t *fromh = t->h;
 
     t->nsets *= 2;
     t->shift--;
-    t->e = tg_xcalloc(t->nsets * LEASE_WAYS, sizeof(*t->e));
+    t->h = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->h));
+    t->e = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->e));
     for (size_t i = 0; i < old; i++) {
-        lease_entry *set;
-        size_t w = 0;
+        size_t set, w = 0;
 
-        if (from[i].hash == 0) {
+        if (fromh[i] == 0) {
             free(from[i].names);       /* a free entry's buffer */
             continue;
         }
-        set = lease_set(t, from[i].hash);
-        while (set[w].hash != 0) {
+        set = lease_set(t, fromh[i]);
+        while (t->h[set + w] != 0) {
             w++;
         }
         TG_ASSERT(w < LEASE_WAYS);
-        set[w] = from[i];
+        t->h[set + w] = fromh[i];
+        t->e[set + w] = from[i];
     }
     t->sweep *= 2;
+    free(fromh);
     free(from);
 }
 
@@ -320,7 +345,7 @@ lease_insert(struct tg_limiter *lim, struct lease_table *t, uint64_t h, uint64_t
     int live;
 
     for (;;) {
-        e = lease_victim(lease_set(t, h), now, &live);
+        e = lease_victim(t, lease_set(t, h), now, &live);
         if (e == NULL) {
             return NULL;
         }
@@ -330,7 +355,7 @@ lease_insert(struct tg_limiter *lim, struct lease_table *t, uint64_t h, uint64_t
         lease_grow(t);
     }
     lease_give_back(lim, e);           /* an evicted slice's leftovers */
-    e->hash = h;
+    t->h[e - t->e] = h;
     e->n = 0;
     e->until_us = 0;
     e->taken_us = 0;
@@ -372,6 +397,7 @@ tg_lease_free(struct tg_limiter *lim)
         for (size_t i = 0; i < t->nsets * LEASE_WAYS; i++) {
             free(t->e[i].names);
         }
+        free(t->h);
         free(t->e);
         free(t);
         lim->leases = NULL;
@@ -393,7 +419,7 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     const tg_gcra_limit *l;
     int i;
 
-    if (e == NULL || e->expires_us == 0 || !lease_match(e, ctx, h)) {
+    if (e == NULL || e->expires_us == 0 || !lease_match(e, ctx)) {
         return 0;
     }
     if (until > e->until_us) {
@@ -456,7 +482,7 @@ tg_lease_begin(struct tg_limiter *lim, tg_limit_ctx *ctx)
     if (!again) {
         return 0;
     }
-    if (!lease_match(e, ctx, h)) {
+    if (!lease_match(e, ctx)) {
         lease_give_back(lim, e);       /* a mark, or (64-bit collision) another set */
         lease_assign(e, ctx);
     }
@@ -471,7 +497,7 @@ tg_lease_end(struct tg_limiter *lim, tg_limit_ctx *ctx)
     uint64_t h = lease_hash(ctx);
     lease_entry *e = lease_find(lease_table(lim), h);
 
-    if (e != NULL && lease_match(e, ctx, h)) {
+    if (e != NULL && lease_match(e, ctx)) {
         e->taking = 0;
     }
     ctx->lease_n = 0;
@@ -486,7 +512,7 @@ tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result
     uint64_t h = lease_hash(ctx);
     lease_entry *e = lease_find(lease_table(lim), h);
 
-    if (e == NULL || !lease_match(e, ctx, h)) {
+    if (e == NULL || !lease_match(e, ctx)) {
         return;                        /* cannot happen: a take's entry stays */
     }
     TG_ASSERT(e->taking && ln > ctx->cost);
