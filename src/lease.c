@@ -114,7 +114,10 @@ lease_table(struct tg_limiter *lim)
     if (t == NULL) {
         t = tg_xcalloc(1, sizeof(*t));
         t->nsets = LEASE_MIN_SETS;
-        t->shift = 64 - 5;
+        t->shift = 64;
+        for (size_t n = t->nsets; n > 1; n >>= 1) {
+            t->shift--;
+        }
         t->h = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->h));
         t->e = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->e));
         lim->leases = t;
