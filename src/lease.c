@@ -16,10 +16,12 @@
  * The lease table of a worker: set associative, LEASE_WAYS entries a set,
  * the set chosen by the top bits of the set's hash (Fibonacci hashing).
  * It starts at LEASE_MIN_SETS sets and doubles when a live entry (a mark
- * or a slice still within its ttl, see lease_victim) would be evicted,
- * up to LEASE_MAX_SLICES entries; at the cap the entry that ends first
- * goes (its slice given back).  Doubling splits each set in two, so the
- * move never overflows a set.  The sample's walk for expired slices is
+ * or a slice still within its ttl, see lease_victim) would be evicted
+ * and at least 1/8 of the entries are in use (a few bucket sets that
+ * share a set of ways, by chance or chosen, do not grow it), up to
+ * LEASE_MAX_SLICES entries; else the entry that ends first goes (its
+ * slice given back).  Doubling splits each set in two, so the move
+ * never overflows a set.  The sample's walk for expired slices is
  * bounded: a table of more than LEASE_SWEEP_ALL entries is walked a
  * 1/LEASE_SWEEP_DIV part per sample (the whole every 16 x 50 ms).
  */
@@ -67,6 +69,7 @@ struct lease_table {
     size_t       nsets;           /* a power of two */
     unsigned     shift;           /* 64 - log2(nsets) */
     size_t       sweep;           /* the sample's walk: next entry */
+    size_t       used;            /* entries ever taken (h[i] != 0) */
 };
 
 /* Unused lease tokens on their way back to Redis: sent together, at the
@@ -340,7 +343,8 @@ lease_grow(struct lease_table *t)
 
 /* An entry for the new set of hash h (a mark, no names yet), or NULL:
  * every way of its set has a take in flight.  A live entry is evicted
- * only at the table's cap; below it the table grows instead. */
+ * only at the table's cap or while less than 1/8 of it is used; else the
+ * table grows instead. */
 static lease_entry *
 lease_insert(struct tg_limiter *lim, struct lease_table *t, uint64_t h, uint64_t now)
 {
@@ -352,12 +356,16 @@ lease_insert(struct tg_limiter *lim, struct lease_table *t, uint64_t h, uint64_t
         if (e == NULL) {
             return NULL;
         }
-        if (!live || t->nsets * LEASE_WAYS >= LEASE_MAX_SLICES) {
+        if (!live || t->nsets * LEASE_WAYS >= LEASE_MAX_SLICES
+            || t->used < t->nsets * LEASE_WAYS / 8) {
             break;
         }
         lease_grow(t);
     }
     lease_give_back(lim, e);           /* an evicted slice's leftovers */
+    if (t->h[e - t->e] == 0) {
+        t->used++;
+    }
     t->h[e - t->e] = h;
     e->n = 0;
     e->until_us = 0;
