@@ -45,8 +45,10 @@ typedef struct lease_entry {
     uint64_t      until_us;       /* live until: the set's last ask + ttl,
                                      or its slice's end, whichever is later */
     uint64_t      expires_us;     /* 0 = no slice */
-    uint64_t      taken_us;       /* when its take was sent */
-    uint64_t      reset_us;       /* the take's answer: until full, from taken_us */
+    uint64_t      reset_at_us;    /* the take's answer: full at (our clock) */
+    int64_t       skew_us;        /* Redis's clock - ours, at most (the
+                                     take's answer: Redis read its clock
+                                     before we got it) */
     uint64_t      p_us[TG_LIMIT_MAX_BUCKETS];   /* TATs the take wrote (Redis clock) */
     tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS];
     uint32_t      tokens;         /* left to spend */
@@ -193,7 +195,6 @@ lease_assign(lease_entry *e, const tg_limit_ctx *ctx)
         e->limits[i] = ctx->limits[i];
     }
     e->n = (uint8_t)ctx->n;
-    e->taken_us = 0;
 }
 
 /* Send the give-backs queued (one call for all, Cluster: per key); now:
@@ -263,18 +264,29 @@ give_add(struct tg_limiter *lim, const char *key, uint64_t amount_us, uint64_t p
     g->n++;
 }
 
-/* Give e's unused tokens back to Redis and empty it (a take in flight
+/*
+ * Give e's unused tokens back to Redis and empty it (a take in flight
  * for it stays marked).  Our own deny cache forgets those buckets: the
- * give-back makes them fuller than it knows. */
+ * give-back makes them fuller than it knows.  A bucket whose TAT the take
+ * wrote (P) is behind Redis's clock now gets nothing back (the refund
+ * script returns at most P - now): no call for it.  Under a limit far
+ * above the load that is every slice at its ttl.  Our estimate of
+ * Redis's clock is not ahead of it (skew_us; but for the two clocks'
+ * drift over a ttl), so a bucket skipped could not have been refunded;
+ * and a give-back skipped is under-use at worst, never an admission.
+ */
 static void
 lease_give_back(struct tg_limiter *lim, lease_entry *e)
 {
     if (e->expires_us != 0 && e->tokens > 0) {
+        int64_t rnow = (int64_t)tg_now_us() + e->skew_us;
         const char *p = e->names;
 
         for (size_t i = 0; i < e->n; i++) {
-            give_add(lim, p, (uint64_t)e->tokens * e->limits[i].interval_us, e->p_us[i]);
-            tg_dcache_forget(lim, p);
+            if ((int64_t)e->p_us[i] > rnow) {
+                give_add(lim, p, (uint64_t)e->tokens * e->limits[i].interval_us, e->p_us[i]);
+                tg_dcache_forget(lim, p);
+            }
             p += strlen(p) + 1;
         }
     }
@@ -369,7 +381,6 @@ lease_insert(struct tg_limiter *lim, struct lease_table *t, uint64_t h, uint64_t
     t->h[e - t->e] = h;
     e->n = 0;
     e->until_us = 0;
-    e->taken_us = 0;
     return e;
 }
 
@@ -444,7 +455,7 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     /* Headers: the bucket as the take left it, plus the slice in hand. */
     i = e->limiting >= 0 && (size_t)e->limiting < ctx->n ? e->limiting : 0;
     l = &ctx->limits[i];
-    reset = e->taken_us + e->reset_us;
+    reset = e->reset_at_us;
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
     tg_limit_policy(out, l, ctx->factor);
@@ -533,9 +544,9 @@ tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result
     }
     e->tokens = ln - ctx->cost;
     e->remaining = res->remaining;
-    e->reset_us = res->reset_us;
+    e->reset_at_us = ctx->started_us + res->reset_us;
     e->limiting = (int8_t)res->limiting;
-    e->taken_us = ctx->started_us;
+    e->skew_us = res->now_us > 0 ? (int64_t)(res->now_us - tg_now_us()) : 0;
     e->expires_us = tg_now_us() + (uint64_t)ctx->lease_ttl_ms * 1000;
     if (e->expires_us > e->until_us) {
         e->until_us = e->expires_us;

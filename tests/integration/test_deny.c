@@ -717,3 +717,85 @@ Test(lease, many_slices_live_and_go_back)
                 (unsigned long long)(tgh_now_ms() - t0));
     tgh_conn_close(c);
 }
+
+/* 1 when an EVAL (the refund script: give-backs) in Redis's slow log
+ * names key among its keys (the log records every call: threshold 0). */
+static int
+eval_gave_back(const char *key)
+{
+    static char out[1 << 20];
+    char *line, *save = NULL;
+    int state = 0;      /* 0: looking for EVAL; 1: its script (lines), then
+                           numkeys (the first line all digits); 2: keys */
+    long nkeys = 0;
+
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "SLOWLOG GET 100000") == 0,
+              "SLOWLOG GET");
+    for (line = strtok_r(out, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
+        if (state == 0) {
+            state = strcmp(line, "EVAL") == 0;
+        } else if (state == 1) {
+            if (line[0] != '\0' && strspn(line, "0123456789") == strlen(line)) {
+                nkeys = atol(line);
+                state = nkeys > 0 ? 2 : 0;
+            }
+        } else {
+            if (strcmp(line, key) == 0)
+                return 1;
+            state = --nkeys > 0 ? 2 : 0;
+        }
+    }
+    return 0;
+}
+
+/*
+ * A give-back that would return nothing costs no call: under a limit far
+ * above the load (tier huge: 100,000 a minute, slices of 50), a slice's
+ * take wrote a TAT that is behind Redis's clock long before the ttl
+ * (300 ms), so the refund script could give nothing back; tollgate does
+ * not send it.  Tier short (1 a minute) in the same run shows the
+ * give-backs do go out (its TAT goes back 4 T) - and that the sample has
+ * passed both expired slices.
+ */
+Test(lease, no_give_back_call_for_nothing)
+{
+    static const char *const names[] = { "nh", "ns" };
+    static const char *const tiers[] = { "huge", "short" };
+    static char extra[1024];
+    const long long t = 60000000;
+    char out[256];
+    tgh_tollgate tg;
+    tgh_conn *c;
+    long long tat0, tat1;
+    int st;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n"
+             "  huge: { requests_per_minute: 6000000, burst_limit: 100000, "
+             "lease: { size: 50, ttl_ms: 300 } }\n"
+             "  short: { requests_per_minute: 1, burst_limit: 20, "
+             "lease: { size: 5, ttl_ms: 300 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, 2), rds.port);
+    start_tg(&tg, extra);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "CONFIG SET slowlog-max-len 100000") == 0
+              && tgh_redis_cli(rds.port, out, sizeof out,
+                               "CONFIG SET slowlog-log-slower-than 0") == 0, "slowlog: %s", out);
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    for (int i = 0; i < 5; i++)
+        TGH_CHECK((st = req(c, "nh", "/", NULL)) == 200, "huge: %d", st);
+    TGH_CHECK((st = req(c, "ns", "/", NULL)) == 200, "short: %d", st);
+    TGH_CHECK((st = req(c, "ns", "/", NULL)) == 200, "short: %d", st);
+    tat0 = redis_get("tg:{id-ns}:t");
+    tat1 = await_tat("tg:{id-ns}:t", tat0 - 4 * t, 10000);
+    TGH_CHECK(tat1 == tat0 - 4 * t, "short: at the ttl: TAT %lld, expected %lld (4 T back)",
+              tat1, tat0 - 4 * t);
+    TGH_CHECK(eval_gave_back("tg:{id-ns}:t"), "short's give-back is in the slow log");
+    TGH_CHECK(!eval_gave_back("tg:{id-nh}:t"),
+              "huge's slice was given back in a call, though nothing could come back");
+    tgh_conn_close(c);
+}
