@@ -424,7 +424,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
         uint32_t ln = tg_lease_size(tier, ctx);
 
         /* A slice in hand, then a bucket known empty: no Redis call. */
-        ctx->lease_ttl_ms = tier->lease_ttl_ms;
+        ctx->lease_ttl_ms = tier->lease_ttl_ms;    /* a spend renews its mark */
         if (ln > 0 && tg_lease_spend(lim, ctx)) {
             return TG_OK;
         }

@@ -99,7 +99,8 @@ void tg_dcache_clear(struct tg_limiter *lim);
 /* The lease size for ctx under tier: 0 (exact) when off or not above cost. */
 uint32_t tg_lease_size(const tg_tier_conf *tier, const tg_limit_ctx *ctx);
 
-/* 1 (ctx->out filled: allowed) when ctx's cost is spent from a live lease. */
+/* 1 (ctx->out filled: allowed) when ctx's cost is spent from a live lease
+ * (ctx->lease_ttl_ms set: the set's mark lives that long again). */
 int tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx);
 
 /* Mark a take for ctx's bucket set; 0: charge ctx exactly instead. */
