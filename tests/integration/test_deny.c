@@ -799,3 +799,68 @@ Test(lease, no_give_back_call_for_nothing)
               "huge's slice was given back in a call, though nothing could come back");
     tgh_conn_close(c);
 }
+
+/*
+ * A reload gives every slice of a large table back: 2,000 keys (ttl an
+ * hour) each take a slice of 5 on one worker (the TAT 6 T ahead); after
+ * a SIGHUP all 2,000 are 4 T back (2 T ahead), without waiting for a ttl.
+ */
+Test(lease, reload_gives_many_slices_back)
+{
+    enum { NK = 2000 };
+    static char name_buf[NK][16];
+    static const char *names[NK], *tiers[NK];
+    static char extra[1024];
+    const long long t = 60000000;
+    tgh_tollgate tg;
+    tgh_tg_opts o;
+    tgh_conn *c;
+    uint64_t end;
+    long held;
+    int st, ok = 0;
+
+    for (int i = 0; i < NK; i++) {
+        snprintf(name_buf[i], sizeof name_buf[i], "mr%d", i);
+        names[i] = name_buf[i];
+        tiers[i] = "basic";
+    }
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20, "
+             "lease: { size: 5, ttl_ms: 3600000 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, NK), rds.port);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.workers = 1;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    for (int i = 0; i < 2 * NK; i++) {
+        st = req(c, names[i / 2], "/", NULL);
+        if (st == -1) {
+            /* a keep-alive connection ends after so many requests */
+            tgh_conn_close(c);
+            c = tgh_conn_open(tg.port, 5000);
+            TGH_CHECK(c != NULL, "reconnect");
+            st = req(c, names[i / 2], "/", NULL);
+        }
+        ok += st == 200;
+    }
+    TGH_CHECK(ok == 2 * NK, "%d of %d admitted", ok, 2 * NK);
+    held = keys_ahead("tg:{id-mr*}:t", 4 * t);
+    TGH_CHECK(held == NK, "%ld of %d keys hold their slice (ttl an hour)", held, NK);
+    reload_replace(&tg, "burst_limit: 20", "burst_limit: 20 ");
+    end = tgh_now_ms() + 10000;
+    while (held > 0 && tgh_now_ms() < end) {
+        tgh_sleep_ms(50);
+        held = keys_ahead("tg:{id-mr*}:t", 4 * t);
+    }
+    TGH_CHECK(held == 0, "%ld of %d slices not given back after the reload", held, NK);
+    TGH_CHECK(keys_ahead("tg:{id-mr*}:t", 0) == NK, "the buckets keep the first request and "
+              "the slice's spent token");
+    tgh_conn_close(c);
+}
