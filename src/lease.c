@@ -12,30 +12,67 @@
 #include "limiter_int.h"
 #include "tollgate/redis.h"
 
-#define LEASE_SLOTS        256         /* leases held per worker */
+/*
+ * The lease table of a worker: set associative, LEASE_WAYS entries a set,
+ * the set chosen by the top bits of the set's hash (Fibonacci hashing).
+ * It starts at LEASE_MIN_SETS sets and doubles when a live entry (a mark
+ * or a slice still within its ttl, see lease_victim) would be evicted
+ * and at least 1/8 of the entries are in use (a few bucket sets that
+ * share a set of ways, by chance or chosen, do not grow it), up to
+ * LEASE_MAX_SLICES entries; else the entry that ends first goes (its
+ * slice given back).  Doubling splits each set in two, so the move
+ * never overflows a set.  The sample's walk for expired slices is
+ * bounded: a table of more than LEASE_SWEEP_ALL entries is walked a
+ * 1/LEASE_SWEEP_DIV part per sample (the whole every 16 x 50 ms).
+ */
+#define LEASE_WAYS         8
+#define LEASE_MIN_SETS     32          /* 256 entries at the first lease */
+#define LEASE_MAX_SLICES   65536       /* entries per worker, at most */
+#define LEASE_SWEEP_ALL    1024
+#define LEASE_SWEEP_DIV    16
 
 /*
  * A lease (rate_limits.<tier>.lease), per worker: a slice of `size` tokens
  * charged to every bucket of one bucket set (tier + route + global of one
  * consumer and route) in Redis, spent here without a call; what is left
- * at its ttl (or a reload, or shutdown) is given back.
+ * at its ttl (or a reload, or shutdown) is given back.  An entry without
+ * a slice is a mark: the set asked within its ttl (the next request takes
+ * a slice).  128 bytes (two cache lines), and the bucket names on the
+ * heap (kept for the entry's next set: no allocation per take once the
+ * table is warm).  Its set's hash is in the table's hash array.
  */
 typedef struct lease_entry {
-    uint64_t      hash;           /* of the set: lease_hash() */
+    uint64_t      until_us;       /* live until: the set's last ask + ttl,
+                                     or its slice's end, whichever is later */
     uint64_t      expires_us;     /* 0 = no slice */
-    uint64_t      taken_us;       /* when its take was sent */
-    uint64_t      reset_us;       /* the take's answer: until full, from taken_us */
+    uint64_t      reset_at_us;    /* the take's answer: full at (our clock) */
+    int64_t       skew_us;        /* Redis's clock - ours, at most (the
+                                     take's answer: Redis read its clock
+                                     before we got it) */
     uint64_t      p_us[TG_LIMIT_MAX_BUCKETS];   /* TATs the take wrote (Redis clock) */
+    tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS];
     uint32_t      tokens;         /* left to spend */
     uint32_t      remaining;      /* the take's answer: tokens left in Redis */
-    int           limiting;       /* ... its tightest bucket */
-    int           taking;         /* a take for this set is in flight */
-    uint64_t      seen_hash;      /* the last set that asked for a slice here */
-    uint64_t      seen_us;        /* ... when */
-    size_t        n;
-    tg_gcra_limit limits[TG_LIMIT_MAX_BUCKETS];
-    char          keys[TG_LIMIT_MAX_BUCKETS][TG_LIMIT_KEY_MAX];
+    char         *names;          /* the n bucket keys, each NUL-terminated,
+                                     back to back (heap, names_cap bytes) */
+    uint16_t      names_cap;
+    int8_t        limiting;       /* the take's tightest bucket */
+    uint8_t       taking;         /* a take for this set is in flight */
+    uint8_t       n;              /* buckets; 0: a mark only (no names yet) */
 } lease_entry;
+
+_Static_assert(LEASE_WAYS * sizeof(uint64_t) == 64, "a set's hashes: one cache line");
+
+struct lease_table {
+    uint64_t    *h;               /* nsets * LEASE_WAYS: the hash of e[i]'s
+                                     set (lease_hash), 0 = free; a set's
+                                     ways in one cache line */
+    lease_entry *e;               /* nsets * LEASE_WAYS */
+    size_t       nsets;           /* a power of two */
+    unsigned     shift;           /* 64 - log2(nsets) */
+    size_t       sweep;           /* the sample's walk: next entry */
+    size_t       used;            /* entries ever taken (h[i] != 0) */
+};
 
 /* Unused lease tokens on their way back to Redis: sent together, at the
  * worker's next sample (50 ms), before its next charge, or when full. */
@@ -56,33 +93,108 @@ lease_hash(const tg_limit_ctx *ctx)
         h = key_hash(ctx->keys[i], h) * 31 + ctx->limits[i].interval_us;
         h = h * 31 + ctx->limits[i].burst;
     }
-    return h;
+    return h != 0 ? h : 1;             /* 0 marks a free entry */
 }
 
-static lease_entry *
-lease_slot(struct tg_limiter *lim, const tg_limit_ctx *ctx, uint64_t h)
+/* n zeroed entries of size bytes (a multiple of 64) on cache lines of
+ * their own; unaligned only if aligned_alloc fails (tg_xcalloc: fatal if
+ * that fails too). */
+static void *
+lease_calloc(size_t n, size_t size)
 {
-    TG_UNUSED(ctx);
-    if (lim->leases == NULL) {
-        lim->leases = tg_xcalloc(LEASE_SLOTS, sizeof(*lim->leases));
+    void *p = aligned_alloc(64, n * size);
+
+    if (p == NULL) {
+        return tg_xcalloc(n, size);
+    }
+    memset(p, 0, n * size);
+    return p;
+}
+
+static struct lease_table *
+lease_table(struct tg_limiter *lim)
+{
+    struct lease_table *t = lim->leases;
+
+    if (t == NULL) {
+        t = tg_xcalloc(1, sizeof(*t));
+        t->nsets = LEASE_MIN_SETS;
+        t->shift = 64;
+        for (size_t n = t->nsets; n > 1; n >>= 1) {
+            t->shift--;
+        }
+        t->h = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->h));
+        t->e = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->e));
+        lim->leases = t;
         lim->give = tg_xcalloc(1, sizeof(*lim->give));
     }
-    return &lim->leases[h & (LEASE_SLOTS - 1)];
+    return t;
 }
 
-/* 1 when e is the lease of ctx's bucket set. */
-static int
-lease_match(const lease_entry *e, const tg_limit_ctx *ctx, uint64_t h)
+/* The index of the first way of hash h's set. */
+static size_t
+lease_set(const struct lease_table *t, uint64_t h)
 {
-    if (e->hash != h || e->n != ctx->n) {
+    return (size_t)((h * 0x9e3779b97f4a7c15ull) >> t->shift) * LEASE_WAYS;
+}
+
+/* The entry of the set of hash h, or NULL. */
+static lease_entry *
+lease_find(const struct lease_table *t, uint64_t h)
+{
+    size_t i = lease_set(t, h);
+
+    for (size_t w = 0; w < LEASE_WAYS; w++) {
+        if (t->h[i + w] == h) {
+            return &t->e[i + w];
+        }
+    }
+    return NULL;
+}
+
+/* 1 when e, found by ctx's hash, is the lease of ctx's bucket set (names
+ * and limits, not only the hash). */
+static int
+lease_match(const lease_entry *e, const tg_limit_ctx *ctx)
+{
+    const char *p = e->names;
+
+    if (e->n != ctx->n) {
         return 0;
     }
     for (size_t i = 0; i < ctx->n; i++) {
-        if (!limit_eq(&e->limits[i], &ctx->limits[i]) || strcmp(e->keys[i], ctx->keys[i]) != 0) {
+        if (!limit_eq(&e->limits[i], &ctx->limits[i]) || strcmp(p, ctx->keys[i]) != 0) {
             return 0;
         }
+        p += strlen(p) + 1;
     }
     return 1;
+}
+
+/* e holds ctx's set from now on: its bucket names and limits. */
+static void
+lease_assign(lease_entry *e, const tg_limit_ctx *ctx)
+{
+    size_t len = 0, k;
+    char *p;
+
+    for (size_t i = 0; i < ctx->n; i++) {
+        len += strlen(ctx->keys[i]) + 1;
+    }
+    if (len > e->names_cap) {
+        size_t cap = (len + 63) & ~(size_t)63;
+
+        e->names = tg_xrealloc(e->names, cap);
+        e->names_cap = (uint16_t)cap;
+    }
+    p = e->names;
+    for (size_t i = 0; i < ctx->n; i++) {
+        k = strlen(ctx->keys[i]) + 1;
+        memcpy(p, ctx->keys[i], k);
+        p += k;
+        e->limits[i] = ctx->limits[i];
+    }
+    e->n = (uint8_t)ctx->n;
 }
 
 /* Send the give-backs queued (one call for all, Cluster: per key); now:
@@ -152,53 +264,188 @@ give_add(struct tg_limiter *lim, const char *key, uint64_t amount_us, uint64_t p
     g->n++;
 }
 
-/* Give e's unused tokens back to Redis and empty it (a take in flight
+/*
+ * Give e's unused tokens back to Redis and empty it (a take in flight
  * for it stays marked).  Our own deny cache forgets those buckets: the
- * give-back makes them fuller than it knows. */
+ * give-back makes them fuller than it knows.  A bucket whose TAT the take
+ * wrote (P) is behind Redis's clock now gets nothing back (the refund
+ * script returns at most P - now): no call for it.  Under a limit far
+ * above the load that is every slice at its ttl.  Our estimate of
+ * Redis's clock is not ahead of it (skew_us; but for the two clocks'
+ * drift over a ttl), so a bucket skipped could not have been refunded;
+ * and a give-back skipped is under-use at worst, never an admission.
+ */
 static void
 lease_give_back(struct tg_limiter *lim, lease_entry *e)
 {
     if (e->expires_us != 0 && e->tokens > 0) {
+        int64_t rnow = (int64_t)tg_now_us() + e->skew_us;
+        const char *p = e->names;
+
         for (size_t i = 0; i < e->n; i++) {
-            give_add(lim, e->keys[i], (uint64_t)e->tokens * e->limits[i].interval_us,
-                     e->p_us[i]);
-            tg_dcache_forget(lim, e->keys[i]);
+            if ((int64_t)e->p_us[i] > rnow) {
+                give_add(lim, p, (uint64_t)e->tokens * e->limits[i].interval_us, e->p_us[i]);
+                tg_dcache_forget(lim, p);
+            }
+            p += strlen(p) + 1;
         }
     }
     e->expires_us = 0;
     e->tokens = 0;
 }
 
+/*
+ * The entry of set for a new bucket set: a free one, else the one whose
+ * life ends first (a take in flight is never chosen); NULL when every
+ * way has a take in flight.  *live: the entry chosen is still in use (a
+ * mark or a slice within its ttl).
+ */
+static lease_entry *
+lease_victim(const struct lease_table *t, size_t set, uint64_t now, int *live)
+{
+    lease_entry *v = NULL;
+
+    for (size_t w = 0; w < LEASE_WAYS; w++) {
+        lease_entry *e = &t->e[set + w];
+
+        if (t->h[set + w] == 0) {
+            *live = 0;
+            return e;
+        }
+        if (!e->taking && (v == NULL || e->until_us < v->until_us)) {
+            v = e;
+        }
+    }
+    *live = v != NULL && v->until_us > now;
+    return v;
+}
+
+/* Double the table: set i's entries go to sets 2i and 2i + 1 (the next
+ * bit of their hash), so none overflows; names move with their entry. */
+static void
+lease_grow(struct lease_table *t)
+{
+    size_t old = t->nsets * LEASE_WAYS;
+    lease_entry *from = t->e;
+    uint64_t *fromh = t->h;
+
+    t->nsets *= 2;
+    t->shift--;
+    t->h = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->h));
+    t->e = lease_calloc(t->nsets * LEASE_WAYS, sizeof(*t->e));
+    for (size_t i = 0; i < old; i++) {
+        size_t set, w = 0;
+
+        if (fromh[i] == 0) {
+            free(from[i].names);       /* a free entry's buffer */
+            continue;
+        }
+        set = lease_set(t, fromh[i]);
+        while (t->h[set + w] != 0) {
+            w++;
+        }
+        TG_ASSERT(w < LEASE_WAYS);
+        t->h[set + w] = fromh[i];
+        t->e[set + w] = from[i];
+    }
+    t->sweep *= 2;
+    free(fromh);
+    free(from);
+}
+
+/* An entry for the new set of hash h (a mark, no names yet), or NULL:
+ * every way of its set has a take in flight.  A live entry is evicted
+ * only at the table's cap or while less than 1/8 of it is used; else the
+ * table grows instead. */
+static lease_entry *
+lease_insert(struct tg_limiter *lim, struct lease_table *t, uint64_t h, uint64_t now)
+{
+    lease_entry *e;
+    int live;
+
+    for (;;) {
+        e = lease_victim(t, lease_set(t, h), now, &live);
+        if (e == NULL) {
+            return NULL;
+        }
+        if (!live || t->nsets * LEASE_WAYS >= LEASE_MAX_SLICES
+            || t->used < t->nsets * LEASE_WAYS / 8) {
+            break;
+        }
+        lease_grow(t);
+    }
+    lease_give_back(lim, e);           /* an evicted slice's leftovers */
+    if (t->h[e - t->e] == 0) {
+        t->used++;
+    }
+    t->h[e - t->e] = h;
+    e->n = 0;
+    e->until_us = 0;
+    return e;
+}
+
 /* Every lease back to Redis (reload, shutdown; only the expired ones when
- * now != 0); at_exit: written at once (the loop has stopped). */
+ * now != 0, from a bounded part of a large table: the sample's walk);
+ * at_exit: written at once (the loop has stopped). */
 void
 tg_lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit)
 {
-    if (lim->leases == NULL || lim->redis == NULL) {
+    struct lease_table *t = lim->leases;
+    size_t total, visit;
+
+    if (t == NULL || lim->redis == NULL) {
         return;
     }
-    for (size_t i = 0; i < LEASE_SLOTS; i++) {
-        lease_entry *e = &lim->leases[i];
+    total = t->nsets * LEASE_WAYS;
+    visit = now == 0 || total <= LEASE_SWEEP_ALL ? total : total / LEASE_SWEEP_DIV;
+    for (size_t k = 0; k < visit; k++) {
+        lease_entry *e = &t->e[(t->sweep + k) & (total - 1)];
 
         if (e->expires_us != 0 && (now == 0 || now >= e->expires_us)) {
             lease_give_back(lim, e);
         }
     }
+    t->sweep = (t->sweep + visit) & (total - 1);
     tg_lease_give_flush(lim, at_exit);
 }
 
-/* 1 (out filled: allowed) when ctx's cost is spent from a live lease. */
+/* The table's memory (the limiter is going away; give back first). */
+void
+tg_lease_free(struct tg_limiter *lim)
+{
+    struct lease_table *t = lim->leases;
+
+    if (t != NULL) {
+        for (size_t i = 0; i < t->nsets * LEASE_WAYS; i++) {
+            free(t->e[i].names);
+        }
+        free(t->h);
+        free(t->e);
+        free(t);
+        lim->leases = NULL;
+    }
+    free(lim->give);
+    lim->give = NULL;
+}
+
+/* 1 (out filled: allowed) when ctx's cost is spent from a live lease.
+ * Any request of a set with a slice keeps its mark alive: when the slice
+ * ends, the next request takes a new one at once. */
 int
 tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
 {
     uint64_t h = lease_hash(ctx), now = tg_now_us(), reset;
-    lease_entry *e = lease_slot(lim, ctx, h);
+    uint64_t until = now + (uint64_t)ctx->lease_ttl_ms * 1000;
+    lease_entry *e = lease_find(lease_table(lim), h);
     tg_limit_outcome *out = ctx->out;
     const tg_gcra_limit *l;
     int i;
 
-    if (e->expires_us == 0 || !lease_match(e, ctx, h)) {
+    if (e == NULL || e->expires_us == 0 || !lease_match(e, ctx)) {
         return 0;
+    }
+    if (until > e->until_us) {
+        e->until_us = until;
     }
     if (now >= e->expires_us || e->tokens < ctx->cost) {
         lease_give_back(lim, e);
@@ -208,7 +455,7 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
     /* Headers: the bucket as the take left it, plus the slice in hand. */
     i = e->limiting >= 0 && (size_t)e->limiting < ctx->n ? e->limiting : 0;
     l = &ctx->limits[i];
-    reset = e->taken_us + e->reset_us;
+    reset = e->reset_at_us;
     out->limited = 1;
     memcpy(out->policy, ctx->names[i], sizeof(out->policy));
     tg_limit_policy(out, l, ctx->factor);
@@ -221,43 +468,45 @@ tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx)
 
 /*
  * Mark a take for ctx's set; 0 when this request is charged exactly: a
- * take is in flight already (this set's or another's in the slot), or
- * the set is not seen again within its ttl (ctx->lease_ttl_ms).  A slice
- * pays only when a second request of the set comes while it lives: with
- * many keys each met about once per ttl (10,000 keys), a slice per first
- * request charged N tokens to serve one request and cost a give-back call
- * later, and evicted a busy key's slice from the slot.  So the first
- * request of a set is charged exactly and only marks the slot; a second
- * within the ttl takes the slice, and so does the next request of a set
- * whose slice ran out within the ttl.
+ * take is in flight already, or the set did not ask within its ttl
+ * (ctx->lease_ttl_ms).  A slice pays only when a second request of the
+ * set comes while it lives: with many keys each met about once per ttl
+ * (10,000 keys), a slice per first request charged N tokens to serve one
+ * request and cost a give-back call later.  So the first request of a
+ * set is charged exactly and only leaves a mark (an entry without a
+ * slice); a request within the ttl of the set's last one takes the
+ * slice, and so does the next request of a set whose slice ran out or
+ * ended while it was in use.
  */
 int
 tg_lease_begin(struct tg_limiter *lim, tg_limit_ctx *ctx)
 {
     uint64_t h = lease_hash(ctx), now = tg_now_us();
-    uint64_t ttl = (uint64_t)ctx->lease_ttl_ms * 1000;
-    lease_entry *e = lease_slot(lim, ctx, h);
+    uint64_t until = now + (uint64_t)ctx->lease_ttl_ms * 1000;
+    struct lease_table *t = lease_table(lim);
+    lease_entry *e = lease_find(t, h);
     int again;
 
+    if (e == NULL) {
+        e = lease_insert(lim, t, h, now);
+        if (e != NULL) {
+            e->until_us = until;
+        }
+        return 0;
+    }
     if (e->taking) {
         return 0;
     }
-    again = (e->seen_hash == h && now - e->seen_us <= ttl)
-            || (e->taken_us != 0 && now - e->taken_us <= ttl && lease_match(e, ctx, h));
-    e->seen_hash = h;
-    e->seen_us = now;
+    again = now <= e->until_us;
+    if (until > e->until_us) {
+        e->until_us = until;
+    }
     if (!again) {
         return 0;
     }
-    if (!lease_match(e, ctx, h)) {
-        lease_give_back(lim, e);       /* a collision: the older set goes */
-        e->taken_us = 0;
-        e->hash = h;
-        e->n = ctx->n;
-        for (size_t i = 0; i < ctx->n; i++) {
-            e->limits[i] = ctx->limits[i];
-            snprintf(e->keys[i], sizeof(e->keys[i]), "%s", ctx->keys[i]);
-        }
+    if (!lease_match(e, ctx)) {
+        lease_give_back(lim, e);       /* a mark, or (64-bit collision) another set */
+        lease_assign(e, ctx);
     }
     e->taking = 1;
     return 1;
@@ -268,9 +517,9 @@ void
 tg_lease_end(struct tg_limiter *lim, tg_limit_ctx *ctx)
 {
     uint64_t h = lease_hash(ctx);
-    lease_entry *e = lease_slot(lim, ctx, h);
+    lease_entry *e = lease_find(lease_table(lim), h);
 
-    if (lease_match(e, ctx, h)) {
+    if (e != NULL && lease_match(e, ctx)) {
         e->taking = 0;
     }
     ctx->lease_n = 0;
@@ -283,10 +532,10 @@ tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result
               uint32_t ln)
 {
     uint64_t h = lease_hash(ctx);
-    lease_entry *e = lease_slot(lim, ctx, h);
+    lease_entry *e = lease_find(lease_table(lim), h);
 
-    if (!lease_match(e, ctx, h)) {
-        return;                        /* cannot happen: the slot was marked */
+    if (e == NULL || !lease_match(e, ctx)) {
+        return;                        /* cannot happen: a take's entry stays */
     }
     TG_ASSERT(e->taking && ln > ctx->cost);
     lease_give_back(lim, e);           /* leftovers of an older slice */
@@ -295,10 +544,13 @@ tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_gcra_result
     }
     e->tokens = ln - ctx->cost;
     e->remaining = res->remaining;
-    e->reset_us = res->reset_us;
-    e->limiting = res->limiting;
-    e->taken_us = ctx->started_us;
+    e->reset_at_us = ctx->started_us + res->reset_us;
+    e->limiting = (int8_t)res->limiting;
+    e->skew_us = res->now_us > 0 ? (int64_t)(res->now_us - tg_now_us()) : 0;
     e->expires_us = tg_now_us() + (uint64_t)ctx->lease_ttl_ms * 1000;
+    if (e->expires_us > e->until_us) {
+        e->until_us = e->expires_us;
+    }
 }
 
 /* The lease size for ctx under tier: tier's lease.size, at most the

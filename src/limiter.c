@@ -247,8 +247,7 @@ tg_limiter_destroy(struct tg_limiter *lim)
     free(lim->kneg);
     free(lim->kpend);
     free(lim->dcache);
-    free(lim->leases);
-    free(lim->give);
+    tg_lease_free(lim);
     free(lim);
 }
 
@@ -425,6 +424,7 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
         uint32_t ln = tg_lease_size(tier, ctx);
 
         /* A slice in hand, then a bucket known empty: no Redis call. */
+        ctx->lease_ttl_ms = tier->lease_ttl_ms;    /* a spend renews its mark */
         if (ln > 0 && tg_lease_spend(lim, ctx)) {
             return TG_OK;
         }
@@ -442,7 +442,6 @@ tg_limiter_charge(struct tg_limiter *lim, tg_limit_ctx *ctx, const tg_http_req *
             return TG_OK;
         }
         ctx->lease_n = 0;
-        ctx->lease_ttl_ms = tier->lease_ttl_ms;
         if (ln > 0 && tg_lease_begin(lim, ctx)) {
             ctx->lease_n = ln;         /* take a slice: charge ln, spend cost */
         }

@@ -23,7 +23,7 @@ struct kcache_entry;
 struct kneg_entry;
 struct kpend;
 struct dcache;
-struct lease_entry;
+struct lease_table;
 struct give_buf;
 
 struct tg_limiter {
@@ -41,7 +41,7 @@ struct tg_limiter {
     struct kneg_entry  *kneg;       /* KNEG_SLOTS */
     struct kpend       *kpend;      /* KPEND_SLOTS */
     struct dcache      *dcache;     /* store: redis: DCACHE_SLOTS, lazily */
-    struct lease_entry *leases;     /* LEASE_SLOTS, lazily (a tier with a lease) */
+    struct lease_table *leases;     /* lease.c, lazily (a tier with a lease) */
     struct give_buf    *give;       /* ... and its give-backs not sent yet */
     struct tg_metrics_shard *shard; /* may be NULL */
     uint64_t            last_fail_ms;   /* a batch fails all its charges at once */
@@ -99,7 +99,8 @@ void tg_dcache_clear(struct tg_limiter *lim);
 /* The lease size for ctx under tier: 0 (exact) when off or not above cost. */
 uint32_t tg_lease_size(const tg_tier_conf *tier, const tg_limit_ctx *ctx);
 
-/* 1 (ctx->out filled: allowed) when ctx's cost is spent from a live lease. */
+/* 1 (ctx->out filled: allowed) when ctx's cost is spent from a live lease
+ * (ctx->lease_ttl_ms set: the set's mark lives that long again). */
 int tg_lease_spend(struct tg_limiter *lim, tg_limit_ctx *ctx);
 
 /* Mark a take for ctx's bucket set; 0: charge ctx exactly instead. */
@@ -115,6 +116,9 @@ void tg_lease_install(struct tg_limiter *lim, tg_limit_ctx *ctx,
 /* Every lease back to Redis (only the expired ones when now != 0);
  * at_exit: written at once (the loop has stopped). */
 void tg_lease_give_back_all(struct tg_limiter *lim, uint64_t now, int at_exit);
+
+/* The lease table's memory (after tg_lease_give_back_all). */
+void tg_lease_free(struct tg_limiter *lim);
 
 /* Send the give-backs queued; now: write them at once (shutdown). */
 void tg_lease_give_flush(struct tg_limiter *lim, int now);

@@ -559,3 +559,308 @@ Test(lease, unused_slices_go_back)
     TGH_CHECK(tat1 == tat0 - 4 * t, "at shutdown: TAT %lld, expected %lld (4 T back)",
               tat1, tat0 - 4 * t);
 }
+
+/*
+ * Many keys on one worker: 2,000 keys, each sent 5 requests within the
+ * ttl (a minute), the keys in turn.  A key's first request is charged
+ * exactly and marks its set, its second takes a slice of 50, the three
+ * after are spent from the slice: rounds 2 to 5 cost one take per key
+ * (8,000 requests, about 2,000 script calls), not a call per request.
+ * With a table too small for 2,000 live sets, marks and slices evict
+ * each other and every request is charged.
+ */
+Test(lease, many_keys_one_take_each)
+{
+    enum { NK = 2000, ROUNDS = 5 };
+    static char name_buf[NK][16];
+    static const char *names[NK], *tiers[NK];
+    static char extra[1024];
+    tgh_tollgate tg;
+    tgh_tg_opts o;
+    tgh_conn *c;
+    long calls1, calls2;
+    int st, ok = 0;
+
+    for (int i = 0; i < NK; i++) {
+        snprintf(name_buf[i], sizeof name_buf[i], "mk%d", i);
+        names[i] = name_buf[i];
+        tiers[i] = "basic";
+    }
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 6000000, burst_limit: 100000, "
+             "lease: { size: 50, ttl_ms: 60000 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, NK), rds.port);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.workers = 1;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    calls1 = 0;
+    for (int r = 0; r < ROUNDS; r++) {
+        if (r == 1)
+            calls1 = script_calls();
+        for (int i = 0; i < NK; i++) {
+            st = req(c, names[i], "/", NULL);
+            if (st == -1) {
+                /* a keep-alive connection ends after so many requests */
+                tgh_conn_close(c);
+                c = tgh_conn_open(tg.port, 5000);
+                TGH_CHECK(c != NULL, "reconnect");
+                st = req(c, names[i], "/", NULL);
+            }
+            ok += st == 200;
+        }
+    }
+    calls2 = script_calls();
+    cr_log_info("leases, %d keys x %d requests on 1 worker: %d admitted, %ld script calls "
+                "after the first round", NK, ROUNDS, ok, calls2 - calls1);
+    TGH_CHECK(ok == NK * ROUNDS, "%d of %d admitted", ok, NK * ROUNDS);
+    TGH_CHECK(calls2 - calls1 <= NK + NK / 20,
+              "%ld script calls for %d requests of %d keys after their first: "
+              "about one take per key expected", calls2 - calls1, NK * (ROUNDS - 1), NK);
+    tgh_conn_close(c);
+}
+
+/* Keys matching pattern whose TAT is more than ahead_us ahead of Redis's
+ * clock (one script: the bucket keys hold their TAT in microseconds). */
+static long
+keys_ahead(const char *pattern, long long ahead_us)
+{
+    char out[256];
+
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out,
+                            "EVAL 'local t = redis.call(\"TIME\") "
+                            "local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) "
+                            "local n = 0 "
+                            "for _, k in ipairs(redis.call(\"KEYS\", ARGV[1])) do "
+                            "if tonumber(redis.call(\"GET\", k)) > now + tonumber(ARGV[2]) "
+                            "then n = n + 1 end end return n' 0 '%s' %lld",
+                            pattern, ahead_us) == 0, "EVAL: %s", out);
+    return atol(out);
+}
+
+/*
+ * Many slices live at once on one worker, and all go back at their ttl:
+ * 2,000 keys (tier: 1 a minute, burst 20, slices of 5, ttl 5 s) each
+ * sent 2 requests (the first exact, the second takes a slice: the TAT 6 T
+ * ahead).  Right after, all 2,000 hold their slice (none evicted by
+ * another); after the ttl (the sample's walk of a table of thousands of
+ * entries), all are given back (4 T: the TAT 2 T ahead).
+ */
+Test(lease, many_slices_live_and_go_back)
+{
+    enum { NK = 2000 };
+    static char name_buf[NK][16];
+    static const char *names[NK], *tiers[NK];
+    static char extra[1024];
+    const long long t = 60000000;
+    tgh_tollgate tg;
+    tgh_tg_opts o;
+    tgh_conn *c;
+    uint64_t t0, t1, end;
+    long held;
+    int st, ok = 0;
+
+    for (int i = 0; i < NK; i++) {
+        snprintf(name_buf[i], sizeof name_buf[i], "ms%d", i);
+        names[i] = name_buf[i];
+        tiers[i] = "basic";
+    }
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20, "
+             "lease: { size: 5, ttl_ms: 5000 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, NK), rds.port);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.workers = 1;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    t0 = tgh_now_ms();
+    for (int i = 0; i < 2 * NK; i++) {
+        st = req(c, names[i / 2], "/", NULL);
+        if (st == -1) {
+            /* a keep-alive connection ends after so many requests */
+            tgh_conn_close(c);
+            c = tgh_conn_open(tg.port, 5000);
+            TGH_CHECK(c != NULL, "reconnect");
+            st = req(c, names[i / 2], "/", NULL);
+        }
+        ok += st == 200;
+    }
+    t1 = tgh_now_ms();
+    held = keys_ahead("tg:{id-ms*}:t", 4 * t);
+    cr_log_info("leases, %d keys x 2 requests in %llu ms: %d admitted, %ld slices held",
+                NK, (unsigned long long)(t1 - t0), ok, held);
+    TGH_CHECK(ok == 2 * NK, "%d of %d admitted", ok, 2 * NK);
+    if (t1 - t0 < 4000)
+        TGH_CHECK(held == NK, "%ld of %d keys hold their slice within its ttl", held, NK);
+    end = t0 + 5000 + 15000;
+    while (held > 0 && tgh_now_ms() < end) {
+        tgh_sleep_ms(100);
+        held = keys_ahead("tg:{id-ms*}:t", 4 * t);
+    }
+    TGH_CHECK(held == 0, "%ld of %d slices not given back %llu ms after the first take "
+              "(ttl 5 s)", held, NK, (unsigned long long)(tgh_now_ms() - t0));
+    cr_log_info("all %d slices given back %llu ms after the first take (ttl 5000 ms)", NK,
+                (unsigned long long)(tgh_now_ms() - t0));
+    tgh_conn_close(c);
+}
+
+/* 1 when an EVAL (the refund script: give-backs) in Redis's slow log
+ * names key among its keys (the log records every call: threshold 0). */
+static int
+eval_gave_back(const char *key)
+{
+    static char out[1 << 20];
+    char *line, *save = NULL;
+    int state = 0;      /* 0: looking for EVAL; 1: its script (lines), then
+                           numkeys (the first line all digits); 2: keys */
+    long nkeys = 0;
+
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "SLOWLOG GET 100000") == 0,
+              "SLOWLOG GET");
+    for (line = strtok_r(out, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
+        if (state == 0) {
+            state = strcmp(line, "EVAL") == 0;
+        } else if (state == 1) {
+            if (line[0] != '\0' && strspn(line, "0123456789") == strlen(line)) {
+                nkeys = atol(line);
+                state = nkeys > 0 ? 2 : 0;
+            }
+        } else {
+            if (strcmp(line, key) == 0)
+                return 1;
+            state = --nkeys > 0 ? 2 : 0;
+        }
+    }
+    return 0;
+}
+
+/*
+ * A give-back that would return nothing costs no call: under a limit far
+ * above the load (tier huge: 100,000 a minute, slices of 50), a slice's
+ * take wrote a TAT that is behind Redis's clock long before the ttl
+ * (300 ms), so the refund script could give nothing back; tollgate does
+ * not send it.  Tier short (1 a minute) in the same run shows the
+ * give-backs do go out (its TAT goes back 4 T) - and that the sample has
+ * passed both expired slices.
+ */
+Test(lease, no_give_back_call_for_nothing)
+{
+    static const char *const names[] = { "nh", "ns" };
+    static const char *const tiers[] = { "huge", "short" };
+    static char extra[1024];
+    const long long t = 60000000;
+    char out[256];
+    tgh_tollgate tg;
+    tgh_conn *c;
+    long long tat0, tat1;
+    int st;
+
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n"
+             "  huge: { requests_per_minute: 6000000, burst_limit: 100000, "
+             "lease: { size: 50, ttl_ms: 300 } }\n"
+             "  short: { requests_per_minute: 1, burst_limit: 20, "
+             "lease: { size: 5, ttl_ms: 300 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, 2), rds.port);
+    start_tg(&tg, extra);
+    TGH_CHECK(tgh_redis_cli(rds.port, out, sizeof out, "CONFIG SET slowlog-max-len 100000") == 0
+              && tgh_redis_cli(rds.port, out, sizeof out,
+                               "CONFIG SET slowlog-log-slower-than 0") == 0, "slowlog: %s", out);
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    for (int i = 0; i < 5; i++)
+        TGH_CHECK((st = req(c, "nh", "/", NULL)) == 200, "huge: %d", st);
+    TGH_CHECK((st = req(c, "ns", "/", NULL)) == 200, "short: %d", st);
+    TGH_CHECK((st = req(c, "ns", "/", NULL)) == 200, "short: %d", st);
+    tat0 = redis_get("tg:{id-ns}:t");
+    tat1 = await_tat("tg:{id-ns}:t", tat0 - 4 * t, 10000);
+    TGH_CHECK(tat1 == tat0 - 4 * t, "short: at the ttl: TAT %lld, expected %lld (4 T back)",
+              tat1, tat0 - 4 * t);
+    TGH_CHECK(eval_gave_back("tg:{id-ns}:t"), "short's give-back is in the slow log");
+    TGH_CHECK(!eval_gave_back("tg:{id-nh}:t"),
+              "huge's slice was given back in a call, though nothing could come back");
+    tgh_conn_close(c);
+}
+
+/*
+ * A reload gives every slice of a large table back: 2,000 keys (ttl an
+ * hour) each take a slice of 5 on one worker (the TAT 6 T ahead); after
+ * a SIGHUP all 2,000 are 4 T back (2 T ahead), without waiting for a ttl.
+ */
+Test(lease, reload_gives_many_slices_back)
+{
+    enum { NK = 2000 };
+    static char name_buf[NK][16];
+    static const char *names[NK], *tiers[NK];
+    static char extra[1024];
+    const long long t = 60000000;
+    tgh_tollgate tg;
+    tgh_tg_opts o;
+    tgh_conn *c;
+    uint64_t end;
+    long held;
+    int st, ok = 0;
+
+    for (int i = 0; i < NK; i++) {
+        snprintf(name_buf[i], sizeof name_buf[i], "mr%d", i);
+        names[i] = name_buf[i];
+        tiers[i] = "basic";
+    }
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20, "
+             "lease: { size: 5, ttl_ms: 3600000 } }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             keys_file(names, tiers, NK), rds.port);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.workers = 1;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    for (int i = 0; i < 2 * NK; i++) {
+        st = req(c, names[i / 2], "/", NULL);
+        if (st == -1) {
+            /* a keep-alive connection ends after so many requests */
+            tgh_conn_close(c);
+            c = tgh_conn_open(tg.port, 5000);
+            TGH_CHECK(c != NULL, "reconnect");
+            st = req(c, names[i / 2], "/", NULL);
+        }
+        ok += st == 200;
+    }
+    TGH_CHECK(ok == 2 * NK, "%d of %d admitted", ok, 2 * NK);
+    held = keys_ahead("tg:{id-mr*}:t", 4 * t);
+    TGH_CHECK(held == NK, "%ld of %d keys hold their slice (ttl an hour)", held, NK);
+    reload_replace(&tg, "burst_limit: 20", "burst_limit: 20 ");
+    end = tgh_now_ms() + 10000;
+    while (held > 0 && tgh_now_ms() < end) {
+        tgh_sleep_ms(50);
+        held = keys_ahead("tg:{id-mr*}:t", 4 * t);
+    }
+    TGH_CHECK(held == 0, "%ld of %d slices not given back after the reload", held, NK);
+    TGH_CHECK(keys_ahead("tg:{id-mr*}:t", 0) == NK, "the buckets keep the first request and "
+              "the slice's spent token");
+    tgh_conn_close(c);
+}
