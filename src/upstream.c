@@ -319,7 +319,7 @@ tg_upstream_set_class(struct tg_uconn *uc, const char *method, size_t method_len
     for (i = 0; path != NULL && i < path_len && path[i] != '?'; i++) {
         h = (h ^ (unsigned char)path[i]) * 16777619u;
     }
-    uc->cls = h;
+    uc->cls = h != 0 ? h : 1;
 }
 
 /* The outcome of uc's exchange: ok for the breaker and the adaptive limit,
@@ -337,7 +337,9 @@ report(struct tg_uconn *uc, int ok, int error, int status)
     now = tg_now_us();
     tg_throttle_record(now - uc->lent_us, error);
     if (uc->pool->adaptive) {
-        uint32_t key = uc->cls == 0 ? 0 : (uc->cls ^ (uint32_t)(status / 100)) | 1;
+        uint32_t key = uc->cls + (uint32_t)(status / 100) * 0x9e3779b9u;
+
+        key = uc->cls == 0 ? 0 : key == 0 ? 1 : key;  /* 0 is the catch-all */
 
         tg_adapt_limit_sample_class(&srv->alim, key, now, now - uc->lent_us,
                                     srv->inflight, ok);
