@@ -27,8 +27,9 @@
  *
  * Adaptive concurrency (adaptive: in the config).  Each server also has
  * an in-flight count and a limit learned from the time to the response
- * head of its exchanges (adaptive.h); acquire prefers servers under
- * their limit.  A request that finds every server at its limit waits in
+ * head of its exchanges (adaptive.h), each compared with others of its
+ * class (tg_upstream_set_class: method, path, status class); acquire
+ * prefers servers under their limit.  A request that finds every server at its limit waits in
  * the pool's queue (tg_upstream_admit), by tier; a release wakes the
  * queue through the pool's own `wake` event, which also delivers the
  * sheds (evicted, timed out), so no admission callback ever runs inside
