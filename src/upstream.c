@@ -313,6 +313,9 @@ tg_upstream_set_class(struct tg_uconn *uc, const char *method, size_t method_len
     uint32_t h = 2166136261u;
     size_t i;
 
+    if (!uc->pool->adaptive) {
+        return;                          /* nothing compares it */
+    }
     for (i = 0; method != NULL && i < method_len; i++) {
         h = (h ^ (unsigned char)method[i]) * 16777619u;
     }
