@@ -9,6 +9,8 @@
 #include <string.h>
 
 static void window_close(tg_adapt_limit *l);
+static tg_adapt_class *class_of(tg_adapt_limit *l, uint32_t key);
+static uint64_t class_noload(const tg_adapt_class *c);
 static void lo_insert(uint64_t *lo, uint64_t v);
 static uint64_t lo_rank(const uint64_t *lo);
 static double root(double x);
@@ -31,6 +33,7 @@ tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
     l->win_n = 0;
     l->win_inflight = 0;
     l->win_failed = 0;
+    memset(l->cls, 0, sizeof(l->cls));
 }
 
 unsigned
@@ -89,11 +92,68 @@ lo_rank(const uint64_t *lo)
     return i == 0 ? 0 : lo[i - 1];
 }
 
+/* A class's no-load RTT, as tg_adapt_limit_noload_us() for all. */
+static uint64_t
+class_noload(const tg_adapt_class *c)
+{
+    uint64_t cur = lo_rank(c->lo_cur_us);
+
+    if (c->min_prev_us != 0 && (cur == 0 || c->min_prev_us < cur)) {
+        return c->min_prev_us;
+    }
+    return cur;
+}
+
+/* Why classes: an API has endpoints at 1-5 ms (health, cached reads, an
+ * early 401/404/422) next to ones at 50-500 ms.  With one no-load RTT the
+ * fastest set it, every window's mean was many times larger, and the
+ * gradient read a steady mix as queueing: the limit went to its minimum
+ * and healthy traffic was shed.  Each class keeps the rule of the whole
+ * (a minimum, so no upward drift under sustained overload), and a window
+ * compares its time with the time its samples take unloaded.  Why slots
+ * freed only after 15-30 s without a sample, and the catch-all beyond
+ * them: a stream of keys seen once (ids in the path) must not push out
+ * the classes that carry the signal. */
+static tg_adapt_class *
+class_of(tg_adapt_limit *l, uint32_t key)
+{
+    tg_adapt_class *c, *free_slot = NULL;
+    unsigned i;
+
+    if (key == 0) {
+        return &l->cls[0];
+    }
+    for (i = 1; i < TG_ADAPT_CLASSES; i++) {
+        c = &l->cls[i];
+        if (c->key == key) {
+            return c;
+        }
+        if (free_slot == NULL && c->win_n == 0 && c->min_prev_us == 0
+            && c->lo_cur_us[0] == 0) {
+            free_slot = c;
+        }
+    }
+    if (free_slot == NULL) {
+        return &l->cls[0];
+    }
+    free_slot->key = key;
+    return free_slot;
+}
+
 unsigned
 tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
                       unsigned inflight, int ok)
 {
+    return tg_adapt_limit_sample_class(l, 0, now_us, rtt_us, inflight, ok);
+}
+
+unsigned
+tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
+                            uint64_t rtt_us, unsigned inflight, int ok)
+{
+    tg_adapt_class *c;
     uint64_t noload;
+    unsigned i;
 
     if (rtt_us == 0) {
         rtt_us = 1;
@@ -105,11 +165,19 @@ tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
     } else if (now_us - l->half_start_us >= TG_ADAPT_MIN_HALF_US) {
         l->min_prev_us = lo_rank(l->lo_cur_us);
         memset(l->lo_cur_us, 0, sizeof(l->lo_cur_us));
+        for (i = 0; i < TG_ADAPT_CLASSES; i++) {
+            c = &l->cls[i];
+            c->min_prev_us = lo_rank(c->lo_cur_us);
+            memset(c->lo_cur_us, 0, sizeof(c->lo_cur_us));
+        }
         l->half_start_us = now_us;
     }
+    c = class_of(l, key);
     if (ok) {
         lo_insert(l->lo_cur_us, rtt_us);
+        lo_insert(c->lo_cur_us, rtt_us);
     }
+    c->win_n++;
 
     if (l->win_n == 0) {
         l->win_start_us = now_us;
@@ -134,14 +202,20 @@ tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
 static void
 window_close(tg_adapt_limit *l)
 {
-    double avg = (double)l->win_sum_us / l->win_n, target = l->limit, g;
-    uint64_t noload = tg_adapt_limit_noload_us(l);
+    double target = l->limit, base = 0, g;
+    unsigned i;
     int idle = 0;
 
+    /* the window's samples, each at its own class's no-load RTT */
+    for (i = 0; i < TG_ADAPT_CLASSES; i++) {
+        base += (double)l->cls[i].win_n * (double)class_noload(&l->cls[i]);
+        l->cls[i].win_n = 0;
+    }
     if (l->win_failed) {
         target = l->limit / 2;
-    } else if (noload != 0) {
-        g = TG_ADAPT_TOLERANCE * (double)noload / avg;
+    } else if (base != 0) {
+        g = (TG_ADAPT_TOLERANCE * base + (double)l->win_n * TG_ADAPT_SLACK_US)
+            / (double)l->win_sum_us;
         g = g < 0.5 ? 0.5 : g;
         if (g < 1.0) {
             target = l->limit * g;

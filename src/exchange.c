@@ -81,6 +81,10 @@ tg_exchange_forward(struct tg_client *c)
     uint64_t retry_ms = 0;
 
     c->up.uc = tg_upstream_acquire(px->env->pool, &c->up.reused, c->up.avoid, &retry_ms);
+    if (c->up.uc != NULL) {
+        tg_upstream_set_class(c->up.uc, c->rq.req.method, c->rq.req.method_len,
+                              c->rq.req.path, c->rq.req.path_len);
+    }
     if (c->up.uc == NULL) {
         if (retry_ms != 0) {
             /* every server's breaker is open or its health check failing:

@@ -27,8 +27,9 @@
  *
  * Adaptive concurrency (adaptive: in the config).  Each server also has
  * an in-flight count and a limit learned from the time to the response
- * head of its exchanges (adaptive.h); acquire prefers servers under
- * their limit.  A request that finds every server at its limit waits in
+ * head of its exchanges (adaptive.h), each compared with others of its
+ * class (tg_upstream_set_class: method, path, status class); acquire
+ * prefers servers under their limit.  A request that finds every server at its limit waits in
  * the pool's queue (tg_upstream_admit), by tier; a release wakes the
  * queue through the pool's own `wake` event, which also delivers the
  * sheds (evicted, timed out), so no admission callback ever runs inside
@@ -116,6 +117,7 @@ struct tg_uconn {
     int                 reported;      /* outcome given for this lending */
     unsigned            gen;           /* server->gen when lent */
     uint64_t            lent_us;       /* when lent: the adaptive and throttle RTT */
+    uint32_t            cls;           /* the request's class (adaptive), 0: none */
 };
 
 /* Written once by main before the workers start; atomic all the same. */
@@ -132,7 +134,7 @@ static void breaker_hook(void *arg, enum tg_breaker_state from,
 static void uconn_free(struct tg_uconn *uc);
 static void uconn_rd_cb(evutil_socket_t fd, short what, void *arg);
 static void itimer_cb(evutil_socket_t fd, short what, void *arg);
-static void report(struct tg_uconn *uc, int ok, int error);
+static void report(struct tg_uconn *uc, int ok, int error, int status);
 static void adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf);
 static int has_room(struct tg_upstream_pool *pool);
 static void limit_shown(tg_userver *srv);
@@ -292,19 +294,42 @@ tg_uconn_server_index(const struct tg_uconn *uc)
 void
 tg_upstream_report(struct tg_uconn *uc, int ok)
 {
-    report(uc, ok, !ok);
+    report(uc, ok, !ok, 0);
 }
 
 void
 tg_upstream_report_status(struct tg_uconn *uc, int status)
 {
-    report(uc, status < 502 || status > 504, status >= 500);
+    report(uc, status < 502 || status > 504, status >= 500, status);
+}
+
+/* FNV-1a of the method and the path without its query: the class is
+ * that and the status class (an early 4xx is its own), so that the
+ * adaptive limit compares an exchange with others of its kind. */
+void
+tg_upstream_set_class(struct tg_uconn *uc, const char *method, size_t method_len,
+                      const char *path, size_t path_len)
+{
+    uint32_t h = 2166136261u;
+    size_t i;
+
+    if (!uc->pool->adaptive) {
+        return;                          /* nothing compares it */
+    }
+    for (i = 0; method != NULL && i < method_len; i++) {
+        h = (h ^ (unsigned char)method[i]) * 16777619u;
+    }
+    h = (h ^ ' ') * 16777619u;
+    for (i = 0; path != NULL && i < path_len && path[i] != '?'; i++) {
+        h = (h ^ (unsigned char)path[i]) * 16777619u;
+    }
+    uc->cls = h != 0 ? h : 1;
 }
 
 /* The outcome of uc's exchange: ok for the breaker and the adaptive limit,
- * error (a failure or any 5xx) for the throttle. */
+ * error (a failure or any 5xx) for the throttle; status 0 for none. */
 static void
-report(struct tg_uconn *uc, int ok, int error)
+report(struct tg_uconn *uc, int ok, int error, int status)
 {
     tg_userver *srv = uc->server;
     uint64_t now;
@@ -316,7 +341,12 @@ report(struct tg_uconn *uc, int ok, int error)
     now = tg_now_us();
     tg_throttle_record(now - uc->lent_us, error);
     if (uc->pool->adaptive) {
-        tg_adapt_limit_sample(&srv->alim, now, now - uc->lent_us, srv->inflight, ok);
+        uint32_t key = uc->cls + (uint32_t)(status / 100) * 0x9e3779b9u;
+
+        key = uc->cls == 0 ? 0 : key == 0 ? 1 : key;  /* 0 is the catch-all */
+
+        tg_adapt_limit_sample_class(&srv->alim, key, now, now - uc->lent_us,
+                                    srv->inflight, ok);
         limit_shown(srv);
     }
     if (uc->gen != srv->gen) {
@@ -498,6 +528,7 @@ lent:
     uc->reported = 0;
     uc->gen = srv->gen;              /* after allow(): it may have bumped it */
     uc->lent_us = tg_now_us();
+    uc->cls = 0;
     srv->inflight++;
     if (pool->adaptive) {
         tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_INFLIGHT,

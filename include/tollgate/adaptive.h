@@ -13,10 +13,16 @@
  * least TG_ADAPT_WIN_SAMPLES samples and one no-load RTT (or one second,
  * whichever first).  The no-load RTT is the smallest of the last 15 to
  * 30 s: of two sliding halves, the lower of their TG_ADAPT_NOLOAD_RANK-th
- * smallest samples (a single early answer does not set it).  At the end
- * of a window
+ * smallest samples (a single early answer does not set it).  It is kept
+ * per class of exchange (the caller's key: method, path and status
+ * class), up to TG_ADAPT_CLASSES of them, so that each sample is compared
+ * with the no-load RTT of its own kind: an API whose health checks answer
+ * in 1 ms and its searches in 100 ms is not queueing.  At the end of a
+ * window, with n samples, rtt_window their sum and rtt_noload the sum of
+ * their classes' no-load RTTs,
  *
- *     gradient = clamp(TG_ADAPT_TOLERANCE * rtt_noload / rtt_window, 0.5, 1)
+ *     gradient = clamp((TG_ADAPT_TOLERANCE * rtt_noload
+ *                       + n * TG_ADAPT_SLACK_US) / rtt_window, 0.5, 1)
  *     gradient < 1 (queueing upstream)  -> target = limit * gradient
  *     a failure in the window (5xx, timeout) -> target = limit / 2
  *     gradient 1, busy (in flight >= limit/2) -> target = limit + sqrt(limit)
@@ -42,10 +48,20 @@
 #define TG_ADAPT_MIN_HALF_US  15000000   /* no-load RTT: min of 2 halves */
 #define TG_ADAPT_NOLOAD_RANK  3          /* ... each its 3rd smallest sample */
 #define TG_ADAPT_TOLERANCE    1.25       /* latency allowed over no-load */
+#define TG_ADAPT_SLACK_US     1000       /* ... and per sample, at least */
+#define TG_ADAPT_CLASSES      16         /* no-load RTTs kept per limit */
 #define TG_ADAPT_SMOOTHING    0.2        /* share of a higher target per window */
 #define TG_ADAPT_SMOOTHING_DOWN 0.5      /* ... of a lower one */
 
 /* ---- the limit ---------------------------------------------------------- */
+
+/* One class of exchange: its own no-load RTT. */
+typedef struct tg_adapt_class {
+    uint32_t key;            /* the caller's; 0 = the catch-all (slot 0) */
+    unsigned win_n;          /* its samples in the current window */
+    uint64_t lo_cur_us[TG_ADAPT_NOLOAD_RANK]; /* as below, for the class */
+    uint64_t min_prev_us;
+} tg_adapt_class;
 
 typedef struct tg_adapt_limit {
     double   limit;          /* the estimate, in [min, max] */
@@ -59,6 +75,8 @@ typedef struct tg_adapt_limit {
     unsigned win_n;          /* samples in the window */
     unsigned win_inflight;   /* most in flight seen in the window */
     int      win_failed;     /* a failure in the window */
+    tg_adapt_class cls[TG_ADAPT_CLASSES]; /* [0]: the catch-all; a slot with
+                                             no sample in either half is free */
 } tg_adapt_limit;
 
 /* Start at initial, bounded by [min, max] (min >= 1, min <= initial <= max). */
@@ -75,10 +93,17 @@ void tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
 unsigned tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
                                unsigned inflight, int ok);
 
+/* The same for an exchange of class key (any value; 0, or a new key
+ * while every slot holds a class seen in the last 15-30 s: the
+ * catch-all class). */
+unsigned tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
+                                     uint64_t rtt_us, unsigned inflight, int ok);
+
 /* The current limit: exchanges that may be in flight, in [min, max]. */
 unsigned tg_adapt_limit_get(const tg_adapt_limit *l);
 
-/* The no-load RTT in use, microseconds (0 before the first sample). */
+/* The no-load RTT of all samples, whatever their class, microseconds (0
+ * before the first sample): a window lasts at least that long. */
 uint64_t tg_adapt_limit_noload_us(const tg_adapt_limit *l);
 
 /* ---- the queue ---------------------------------------------------------- */

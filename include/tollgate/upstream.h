@@ -96,6 +96,12 @@ void tg_upstream_report(struct tg_uconn *uc, int ok);
  * error. */
 void tg_upstream_report_status(struct tg_uconn *uc, int status);
 
+/* The class of the request uc carries, for the adaptive limit (its
+ * method and path, the query left out); before the report.  Without it
+ * the exchange counts in a catch-all class. */
+void tg_upstream_set_class(struct tg_uconn *uc, const char *method, size_t method_len,
+                           const char *path, size_t path_len);
+
 /* The connection's bufferevent; callbacks are the borrower's while lent.
  * Its EV_READ stays off: the connection is read through its own event,
  * below (the bufferevent's input buffer is the borrower's to fill). */

@@ -64,8 +64,9 @@ write_keys(void)
     return path;
 }
 
+/* tollgate with adaptive concurrency initial / min / max (queue 8). */
 static void
-start(void)
+start_limits(int initial, int min, int max)
 {
     static char extra[1024];
     tgh_tg_opts o;
@@ -78,15 +79,21 @@ start(void)
              "  enterprise: { requests_per_minute: 10000000, burst_limit: 1000000 }\n"
              "auth: { keys_file: %s }\n"
              "adaptive:\n"
-             "  concurrency: { initial: %d, min: 2, max: 64, queue: 8, "
+             "  concurrency: { initial: %d, min: %d, max: %d, queue: 8, "
              "queue_timeout_ms: 1000 }\n"
              "  shed_order: [basic, pro, enterprise]\n",
-             write_keys(), INITIAL);
+             write_keys(), initial, min, max);
     tgh_tg_opts_default(&o, up.port);
     o.workers = 1;
     o.first_byte_timeout_ms = 5000;
     o.extra_yaml = extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+}
+
+static void
+start(void)
+{
+    start_limits(INITIAL, 2, 64);
 }
 
 static char *
@@ -144,6 +151,8 @@ metric(const char *series)
 typedef struct client {
     pthread_t   th;
     const char *key;
+    const char *path;             /* NULL: WORK */
+    int         ok_status;        /* the expected answer, 0: 200 */
     int         think_ms;         /* pause after every response */
     int         shed_pause_ms;    /* pause after a 503 */
     volatile int *stop;
@@ -169,8 +178,8 @@ one(client *c, uint64_t *ms)
 
     if (c->conn == NULL && (c->conn = tgh_conn_open(tg.port, 5000)) == NULL)
         return -1;
-    n = snprintf(req, sizeof req, "GET " WORK " HTTP/1.1\r\nHost: t\r\n"
-                 "X-API-Key: %s\r\n\r\n", c->key);
+    n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: t\r\n"
+                 "X-API-Key: %s\r\n\r\n", c->path ? c->path : WORK, c->key);
     if (tgh_conn_send(c->conn, req, (size_t)n, 5000) != 0
         || tgh_conn_read_response(c->conn, &r, 0, 10000) != 0) {
         tgh_conn_close(c->conn);
@@ -179,7 +188,7 @@ one(client *c, uint64_t *ms)
     }
     *ms = tgh_now_ms() - t0;
     st = r.status;
-    if (st != 200 && st != 503)
+    if (st != (c->ok_status ? c->ok_status : 200) && st != 503)
         snprintf(c->other_body, sizeof c->other_body, "%s", (const char *)r.body);
     if (st == 503 && c->shed_body[0] == '\0') {
         const char *ra = tgh_resp_header(&r, "Retry-After");
@@ -204,7 +213,7 @@ client_main(void *arg)
 
     while (!*c->stop) {
         st = one(c, &ms);
-        if (st == 200) {
+        if (st == (c->ok_status ? c->ok_status : 200)) {
             c->n200++;
             if (c->nlat < MAXLAT)
                 c->lat[c->nlat++] = ms;
@@ -403,6 +412,95 @@ Test(adaptive, enterprise_flows_while_basic_is_shed)
               "shedding went on after the overload");
     TGH_CHECK(status_num("queued") == 0, "requests still queued");
     TGH_CHECK(status_num("inflight") == 0, "requests still in flight");
+}
+
+/* ---- a mix of fast and slow endpoints ------------------------------------ */
+
+#define NFAST     10                 /* client threads on fast endpoints */
+#define NSLOW     3                  /* ... on /slow?ms=50 */
+#define MIX_INITIAL 16
+
+/* An API with fast endpoints (GET /, an early 404) next to a slow one,
+ * ~90 % of the requests fast, 13 clients in flight at most: far below
+ * what tg-testup serves (/ and /status answer at once, /slow has no
+ * worker bound).  Nothing queues upstream, so the limit must stay where
+ * it was and nothing may be shed.  Before the no-load RTT was kept per
+ * class of exchange, the fast ones set it, every window's mean was many
+ * times larger, and the limit fell to its minimum within a second: the
+ * requests queued in tollgate behind the slow ones, and 503 overloaded. */
+Test(adaptive, mixed_endpoints_are_not_queueing)
+{
+    static client fast[NFAST], slow[NSLOW];
+    static const char *const bkeys[] = { "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7" };
+    static char trail[1024];
+    size_t trail_len = 0;
+    volatile int stop = 0;
+    long lim, min_lim = 1000000, n503 = 0, nok = 0, nslow = 0;
+    uint64_t t_end, slow_p50, slow_p90, fast_p50;
+    int i;
+
+    start_limits(MIX_INITIAL, 2, 64);
+    for (i = 0; i < NFAST; i++) {
+        fast[i].key = bkeys[i % 8];
+        fast[i].stop = &stop;
+        fast[i].path = i % 2 ? "/status?code=404" : "/";
+        fast[i].ok_status = i % 2 ? 404 : 200;
+        fast[i].think_ms = 20;
+        fast[i].shed_pause_ms = 20;
+        pthread_create(&fast[i].th, NULL, client_main, &fast[i]);
+    }
+    for (i = 0; i < NSLOW; i++) {
+        slow[i].key = bkeys[i];
+        slow[i].stop = &stop;
+        slow[i].path = "/slow?ms=50";
+        slow[i].shed_pause_ms = 20;
+        pthread_create(&slow[i].th, NULL, client_main, &slow[i]);
+    }
+    t_end = tgh_now_ms() + 4000;
+    while (tgh_now_ms() < t_end) {
+        lim = status_num("limit");
+        if (lim >= 0 && lim < min_lim)
+            min_lim = lim;
+        if (trail_len + 8 < sizeof trail)
+            trail_len += (size_t)snprintf(trail + trail_len, sizeof trail - trail_len,
+                                          " %ld", lim);
+        tgh_sleep_ms(200);
+    }
+    stop = 1;
+    for (i = 0; i < NFAST; i++)
+        pthread_join(fast[i].th, NULL);
+    for (i = 0; i < NSLOW; i++)
+        pthread_join(slow[i].th, NULL);
+
+    for (i = 0; i < NFAST; i++) {
+        n503 += fast[i].n503;
+        nok += fast[i].n200;
+        TGH_CHECK(fast[i].nfail == 0 && fast[i].nother == 0, "fast %s: %ld failed, "
+                  "%ld answered %d (%s)", fast[i].path, fast[i].nfail, fast[i].nother,
+                  fast[i].other_status, fast[i].other_body);
+    }
+    for (i = 0; i < NSLOW; i++) {
+        n503 += slow[i].n503;
+        nslow += slow[i].n200;
+        TGH_CHECK(slow[i].nfail == 0 && slow[i].nother == 0, "slow: %ld failed, "
+                  "%ld answered %d (%s)", slow[i].nfail, slow[i].nother,
+                  slow[i].other_status, slow[i].other_body);
+    }
+    slow_p50 = pct(slow, NSLOW, 50);
+    slow_p90 = pct(slow, NSLOW, 90);
+    fast_p50 = pct(fast, NFAST, 50);
+    cr_log_info("mix: %ld fast and %ld slow answered, %ld shed; slow p50 %llu ms, "
+                "p90 %llu ms; fast p50 %llu ms; limit every 200 ms:%s",
+                nok, nslow, n503, (unsigned long long)slow_p50,
+                (unsigned long long)slow_p90, (unsigned long long)fast_p50, trail);
+
+    TGH_CHECK(n503 == 0, "%ld requests shed (limit every 200 ms:%s)", n503, trail);
+    TGH_CHECK(min_lim >= MIX_INITIAL / 2, "the limit fell to %ld (initial %d; every "
+              "200 ms:%s)", min_lim, MIX_INITIAL, trail);
+    TGH_CHECK(slow_p50 <= 50 + 25, "/slow?ms=50 p50 %llu ms", (unsigned long long)slow_p50);
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 0, "shed_total counts");
+    TGH_CHECK(status_num("queued") == 0, "requests still queued");
+    TGH_CHECK(nslow >= 30 && nok >= 5 * nslow, "the mix: %ld fast, %ld slow", nok, nslow);
 }
 
 /* ---- the upstream's delays ---------------------------------------------- */

@@ -157,6 +157,144 @@ Test(adaptive_limit, noload_rtt_ignores_two_outliers)
     cr_assert_eq(tg_adapt_limit_noload_us(&l), 20000);
 }
 
+/* ---- a mix of classes --------------------------------------------------- */
+
+#define K_FAST  11u                  /* GET /health: 1-1.6 ms */
+#define K_404   12u                  /* an early 404: 3 ms */
+#define K_SLOW  13u                  /* GET /search: 50-60 ms */
+
+/* n samples of an API's steady mix, 1 ms apart: of 20, 16 fast, 1 early
+ * 404 and 3 slow, each its class's service time (with some jitter)
+ * times stretch, plus queue_us; in flight: the limit (busy) or idle.
+ * Through the catch-all class when classes is 0. */
+static uint64_t
+feed_mix(tg_adapt_limit *l, uint64_t now, unsigned n, double stretch,
+         uint64_t queue_us, int busy, int classes)
+{
+    static const uint64_t fast[4] = { 1000, 1200, 1600, 1300 };
+    static const uint64_t slow[3] = { 50000, 55000, 60000 };
+    unsigned i, lim;
+    uint32_t key;
+    uint64_t rtt;
+
+    for (i = 0; i < n; i++) {
+        now += 1000;
+        if (i % 20 == 7) {
+            key = K_404, rtt = 3000;
+        } else if (i % 20 == 3 || i % 20 == 11 || i % 20 == 17) {
+            key = K_SLOW, rtt = slow[(i / 20) % 3];
+        } else {
+            key = K_FAST, rtt = fast[i % 4];
+        }
+        rtt = (uint64_t)((double)rtt * stretch) + queue_us;
+        lim = tg_adapt_limit_sample_class(l, classes ? key : 0, now, rtt,
+                                          busy ? tg_adapt_limit_get(l) : 1, 1);
+        cr_assert(lim >= l->min && lim <= l->max, "limit %u out of [%u, %u]",
+                  lim, l->min, l->max);
+    }
+    return now;
+}
+
+/* A steady mix of fast and slow endpoints is no queueing: the limit
+ * stays (and grows when busy).  Through one class (as before classes)
+ * the fast ones set the no-load RTT and the limit falls to min. */
+Test(adaptive_limit, stable_mix_is_not_queueing)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    now = feed_mix(&l, now, 40000, 1, 0, 0, 1);  /* 40 s, idle */
+    cr_assert_eq(tg_adapt_limit_get(&l), 16);
+    now = feed_mix(&l, now, 10000, 1, 0, 1, 1);  /* busy */
+    cr_assert_eq(tg_adapt_limit_get(&l), 64, "busy: got %u", tg_adapt_limit_get(&l));
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    now = feed_mix(&l, now, 2000, 1, 0, 0, 0);
+    cr_assert_eq(tg_adapt_limit_get(&l), 2, "one class: got %u", tg_adapt_limit_get(&l));
+}
+
+/* A queue on top of the mix: every exchange waits 20 ms more (an RTT
+ * 1.3 to 20 times its class's), and the limit falls, to min. */
+Test(adaptive_limit, queue_on_a_mix_shrinks)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned before;
+
+    tg_adapt_limit_init(&l, 32, 2, 64);
+    now = feed_mix(&l, now, 5000, 1, 0, 1, 1);
+    before = tg_adapt_limit_get(&l);
+    now = feed_mix(&l, now, 200, 1, 20000, 1, 1);
+    cr_assert_lt(tg_adapt_limit_get(&l), before, "%u -> %u", before,
+                 tg_adapt_limit_get(&l));
+    now = feed_mix(&l, now, 2000, 1, 20000, 1, 1);
+    cr_assert_eq(tg_adapt_limit_get(&l), 2);
+}
+
+/* Sustained overload of a server with 8 workers, for 90 s: above 8 in
+ * flight every exchange takes limit/8 times its service time.  The limit
+ * keeps it near its knee and no class's no-load RTT drifts up (each is
+ * refreshed whenever the limit dips to the knee): at the end it is still
+ * the unloaded one, and the limit is where the server is. */
+Test(adaptive_limit, no_drift_on_a_mix_under_overload)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned i, j, lim, hi = 0;
+    double stretch;
+
+    tg_adapt_limit_init(&l, 32, 2, 256);
+    now = feed_mix(&l, now, 1000, 1, 0, 0, 1);
+    for (i = 0; i < 900; i++) {                  /* 90 s, in steps of 100 ms */
+        lim = tg_adapt_limit_get(&l);
+        stretch = lim > 8 ? lim / 8.0 : 1;
+        now = feed_mix(&l, now, 100, stretch, 0, 1, 1);
+        if (i >= 600 && lim > hi)
+            hi = lim;
+    }
+    cr_assert_leq(hi, 16, "the limit reached %u in the last 30 s", hi);
+    cr_assert_eq(tg_adapt_limit_noload_us(&l), 1000, "all: %llu",
+                 (unsigned long long)tg_adapt_limit_noload_us(&l));
+    for (j = 1; j < TG_ADAPT_CLASSES; j++) {
+        if (l.cls[j].key == K_SLOW)
+            cr_assert_eq(l.cls[j].min_prev_us, 50000, "slow: %llu",
+                          (unsigned long long)l.cls[j].min_prev_us);
+        if (l.cls[j].key == K_404)
+            cr_assert_eq(l.cls[j].min_prev_us, 3000, "404: %llu",
+                         (unsigned long long)l.cls[j].min_prev_us);
+    }
+}
+
+/* The table is bounded: a stream of keys seen once (ids in the path)
+ * falls into the catch-all once the slots are taken, without pushing out
+ * the classes that carry the signal; a slot with no sample for two
+ * halves is free again. */
+Test(adaptive_limit, classes_are_bounded)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned i, j, found = 0;
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    now = feed_mix(&l, now, 100, 1, 0, 0, 1);
+    for (i = 0; i < 1000; i++) {
+        now += 1000;
+        tg_adapt_limit_sample_class(&l, 1000 + i, now, 5000, 1, 1);
+    }
+    for (j = 1; j < TG_ADAPT_CLASSES; j++)
+        found += l.cls[j].key == K_FAST || l.cls[j].key == K_404 || l.cls[j].key == K_SLOW;
+    cr_assert_eq(found, 3);
+    cr_assert_neq(l.cls[0].lo_cur_us[0], 0, "the rest went to the catch-all");
+    now = feed_mix(&l, now + 31000000, 100, 1, 0, 0, 1);
+    now += 16000000;
+    tg_adapt_limit_sample_class(&l, 5, now, 5000, 1, 1);
+    for (j = 1, found = 0; j < TG_ADAPT_CLASSES; j++)
+        found += l.cls[j].key == 5;
+    cr_assert_eq(found, 1, "an old one-off's slot was freed");
+    cr_assert_eq(tg_adapt_limit_get(&l), 16);
+}
+
 /* ---- the queue ---------------------------------------------------------- */
 
 Test(adaptive_queue, priority_then_fifo)
