@@ -560,6 +560,61 @@ Test(lease, unused_slices_go_back)
               tat1, tat0 - 4 * t);
 }
 
+/* ---- many keys on one worker ------------------------------------------- */
+
+enum { MANY = 2000 };
+static char many_buf[MANY][16];
+static const char *many_names[MANY];
+
+/* tg-testup, redis-server and tollgate (one worker, store: redis,
+ * on_failure: deny) with MANY keys named <prefix><i> in tier basic,
+ * whose mapping is basic (e.g. "requests_per_minute: 1, burst_limit: 20,
+ * lease: { ... }"). */
+static void
+start_many(tgh_tollgate *tg, const char *prefix, const char *basic)
+{
+    static const char *tiers[MANY];
+    static char extra[1024];
+    tgh_tg_opts o;
+
+    for (int i = 0; i < MANY; i++) {
+        snprintf(many_buf[i], sizeof many_buf[i], "%s%d", prefix, i);
+        many_names[i] = many_buf[i];
+        tiers[i] = "basic";
+    }
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
+    snprintf(extra, sizeof extra,
+             "rate_limits:\n  basic: { %s }\n"
+             "auth: { keys_file: %s }\n"
+             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
+             basic, keys_file(many_names, tiers, MANY), rds.port);
+    tgh_tg_opts_default(&o, up.port);
+    o.store = "redis";
+    o.workers = 1;
+    o.extra_yaml = extra;
+    TGH_CHECK(tgh_tollgate_start(tg, &o) == 0, "tollgate");
+}
+
+/* One request of key name on *c (opened again when tollgate ended the
+ * keep-alive connection after so many requests): its status. */
+static int
+req_on(tgh_conn **c, int port, const char *name)
+{
+    int st = -1;
+
+    if (*c != NULL)
+        st = req(*c, name, "/", NULL);
+    if (st == -1) {
+        if (*c != NULL)
+            tgh_conn_close(*c);
+        *c = tgh_conn_open(port, 5000);
+        TGH_CHECK(*c != NULL, "connect");
+        st = req(*c, name, "/", NULL);
+    }
+    return st;
+}
+
 /*
  * Many keys on one worker: 2,000 keys, each sent 5 requests within the
  * ttl (a minute), the keys in turn.  A key's first request is charged
@@ -571,59 +626,27 @@ Test(lease, unused_slices_go_back)
  */
 Test(lease, many_keys_one_take_each)
 {
-    enum { NK = 2000, ROUNDS = 5 };
-    static char name_buf[NK][16];
-    static const char *names[NK], *tiers[NK];
-    static char extra[1024];
+    enum { ROUNDS = 5 };
     tgh_tollgate tg;
-    tgh_tg_opts o;
-    tgh_conn *c;
-    long calls1, calls2;
-    int st, ok = 0;
+    tgh_conn *c = NULL;
+    long calls1 = 0, calls2;
+    int ok = 0;
 
-    for (int i = 0; i < NK; i++) {
-        snprintf(name_buf[i], sizeof name_buf[i], "mk%d", i);
-        names[i] = name_buf[i];
-        tiers[i] = "basic";
-    }
-    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
-    snprintf(extra, sizeof extra,
-             "rate_limits:\n  basic: { requests_per_minute: 6000000, burst_limit: 100000, "
-             "lease: { size: 50, ttl_ms: 60000 } }\n"
-             "auth: { keys_file: %s }\n"
-             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
-             keys_file(names, tiers, NK), rds.port);
-    tgh_tg_opts_default(&o, up.port);
-    o.store = "redis";
-    o.workers = 1;
-    o.extra_yaml = extra;
-    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
-    c = tgh_conn_open(tg.port, 5000);
-    TGH_CHECK(c != NULL, "connect");
-    calls1 = 0;
+    start_many(&tg, "mk", "requests_per_minute: 6000000, burst_limit: 100000, "
+               "lease: { size: 50, ttl_ms: 60000 }");
     for (int r = 0; r < ROUNDS; r++) {
         if (r == 1)
             calls1 = script_calls();
-        for (int i = 0; i < NK; i++) {
-            st = req(c, names[i], "/", NULL);
-            if (st == -1) {
-                /* a keep-alive connection ends after so many requests */
-                tgh_conn_close(c);
-                c = tgh_conn_open(tg.port, 5000);
-                TGH_CHECK(c != NULL, "reconnect");
-                st = req(c, names[i], "/", NULL);
-            }
-            ok += st == 200;
-        }
+        for (int i = 0; i < MANY; i++)
+            ok += req_on(&c, tg.port, many_names[i]) == 200;
     }
     calls2 = script_calls();
     cr_log_info("leases, %d keys x %d requests on 1 worker: %d admitted, %ld script calls "
-                "after the first round", NK, ROUNDS, ok, calls2 - calls1);
-    TGH_CHECK(ok == NK * ROUNDS, "%d of %d admitted", ok, NK * ROUNDS);
-    TGH_CHECK(calls2 - calls1 <= NK + NK / 20,
+                "after the first round", MANY, ROUNDS, ok, calls2 - calls1);
+    TGH_CHECK(ok == MANY * ROUNDS, "%d of %d admitted", ok, MANY * ROUNDS);
+    TGH_CHECK(calls2 - calls1 <= MANY + MANY / 20,
               "%ld script calls for %d requests of %d keys after their first: "
-              "about one take per key expected", calls2 - calls1, NK * (ROUNDS - 1), NK);
+              "about one take per key expected", calls2 - calls1, MANY * (ROUNDS - 1), MANY);
     tgh_conn_close(c);
 }
 
@@ -655,65 +678,33 @@ keys_ahead(const char *pattern, long long ahead_us)
  */
 Test(lease, many_slices_live_and_go_back)
 {
-    enum { NK = 2000 };
-    static char name_buf[NK][16];
-    static const char *names[NK], *tiers[NK];
-    static char extra[1024];
     const long long t = 60000000;
     tgh_tollgate tg;
-    tgh_tg_opts o;
-    tgh_conn *c;
+    tgh_conn *c = NULL;
     uint64_t t0, t1, end;
     long held;
-    int st, ok = 0;
+    int ok = 0;
 
-    for (int i = 0; i < NK; i++) {
-        snprintf(name_buf[i], sizeof name_buf[i], "ms%d", i);
-        names[i] = name_buf[i];
-        tiers[i] = "basic";
-    }
-    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
-    snprintf(extra, sizeof extra,
-             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20, "
-             "lease: { size: 5, ttl_ms: 5000 } }\n"
-             "auth: { keys_file: %s }\n"
-             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
-             keys_file(names, tiers, NK), rds.port);
-    tgh_tg_opts_default(&o, up.port);
-    o.store = "redis";
-    o.workers = 1;
-    o.extra_yaml = extra;
-    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
-    c = tgh_conn_open(tg.port, 5000);
-    TGH_CHECK(c != NULL, "connect");
+    start_many(&tg, "ms", "requests_per_minute: 1, burst_limit: 20, "
+               "lease: { size: 5, ttl_ms: 5000 }");
     t0 = tgh_now_ms();
-    for (int i = 0; i < 2 * NK; i++) {
-        st = req(c, names[i / 2], "/", NULL);
-        if (st == -1) {
-            /* a keep-alive connection ends after so many requests */
-            tgh_conn_close(c);
-            c = tgh_conn_open(tg.port, 5000);
-            TGH_CHECK(c != NULL, "reconnect");
-            st = req(c, names[i / 2], "/", NULL);
-        }
-        ok += st == 200;
-    }
+    for (int i = 0; i < 2 * MANY; i++)
+        ok += req_on(&c, tg.port, many_names[i / 2]) == 200;
     t1 = tgh_now_ms();
     held = keys_ahead("tg:{id-ms*}:t", 4 * t);
     cr_log_info("leases, %d keys x 2 requests in %llu ms: %d admitted, %ld slices held",
-                NK, (unsigned long long)(t1 - t0), ok, held);
-    TGH_CHECK(ok == 2 * NK, "%d of %d admitted", ok, 2 * NK);
+                MANY, (unsigned long long)(t1 - t0), ok, held);
+    TGH_CHECK(ok == 2 * MANY, "%d of %d admitted", ok, 2 * MANY);
     if (t1 - t0 < 4000)
-        TGH_CHECK(held == NK, "%ld of %d keys hold their slice within its ttl", held, NK);
+        TGH_CHECK(held == MANY, "%ld of %d keys hold their slice within its ttl", held, MANY);
     end = t0 + 5000 + 15000;
     while (held > 0 && tgh_now_ms() < end) {
         tgh_sleep_ms(100);
         held = keys_ahead("tg:{id-ms*}:t", 4 * t);
     }
     TGH_CHECK(held == 0, "%ld of %d slices not given back %llu ms after the first take "
-              "(ttl 5 s)", held, NK, (unsigned long long)(tgh_now_ms() - t0));
-    cr_log_info("all %d slices given back %llu ms after the first take (ttl 5000 ms)", NK,
+              "(ttl 5 s)", held, MANY, (unsigned long long)(tgh_now_ms() - t0));
+    cr_log_info("all %d slices given back %llu ms after the first take (ttl 5000 ms)", MANY,
                 (unsigned long long)(tgh_now_ms() - t0));
     tgh_conn_close(c);
 }
@@ -807,60 +798,28 @@ Test(lease, no_give_back_call_for_nothing)
  */
 Test(lease, reload_gives_many_slices_back)
 {
-    enum { NK = 2000 };
-    static char name_buf[NK][16];
-    static const char *names[NK], *tiers[NK];
-    static char extra[1024];
     const long long t = 60000000;
     tgh_tollgate tg;
-    tgh_tg_opts o;
-    tgh_conn *c;
+    tgh_conn *c = NULL;
     uint64_t end;
     long held;
-    int st, ok = 0;
+    int ok = 0;
 
-    for (int i = 0; i < NK; i++) {
-        snprintf(name_buf[i], sizeof name_buf[i], "mr%d", i);
-        names[i] = name_buf[i];
-        tiers[i] = "basic";
-    }
-    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
-    TGH_CHECK(tgh_redis_start(&rds) == 0, "redis-server");
-    snprintf(extra, sizeof extra,
-             "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20, "
-             "lease: { size: 5, ttl_ms: 3600000 } }\n"
-             "auth: { keys_file: %s }\n"
-             "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
-             keys_file(names, tiers, NK), rds.port);
-    tgh_tg_opts_default(&o, up.port);
-    o.store = "redis";
-    o.workers = 1;
-    o.extra_yaml = extra;
-    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
-    c = tgh_conn_open(tg.port, 5000);
-    TGH_CHECK(c != NULL, "connect");
-    for (int i = 0; i < 2 * NK; i++) {
-        st = req(c, names[i / 2], "/", NULL);
-        if (st == -1) {
-            /* a keep-alive connection ends after so many requests */
-            tgh_conn_close(c);
-            c = tgh_conn_open(tg.port, 5000);
-            TGH_CHECK(c != NULL, "reconnect");
-            st = req(c, names[i / 2], "/", NULL);
-        }
-        ok += st == 200;
-    }
-    TGH_CHECK(ok == 2 * NK, "%d of %d admitted", ok, 2 * NK);
+    start_many(&tg, "mr", "requests_per_minute: 1, burst_limit: 20, "
+               "lease: { size: 5, ttl_ms: 3600000 }");
+    for (int i = 0; i < 2 * MANY; i++)
+        ok += req_on(&c, tg.port, many_names[i / 2]) == 200;
+    TGH_CHECK(ok == 2 * MANY, "%d of %d admitted", ok, 2 * MANY);
     held = keys_ahead("tg:{id-mr*}:t", 4 * t);
-    TGH_CHECK(held == NK, "%ld of %d keys hold their slice (ttl an hour)", held, NK);
+    TGH_CHECK(held == MANY, "%ld of %d keys hold their slice (ttl an hour)", held, MANY);
     reload_replace(&tg, "burst_limit: 20", "burst_limit: 20 ");
     end = tgh_now_ms() + 10000;
     while (held > 0 && tgh_now_ms() < end) {
         tgh_sleep_ms(50);
         held = keys_ahead("tg:{id-mr*}:t", 4 * t);
     }
-    TGH_CHECK(held == 0, "%ld of %d slices not given back after the reload", held, NK);
-    TGH_CHECK(keys_ahead("tg:{id-mr*}:t", 0) == NK, "the buckets keep the first request and "
+    TGH_CHECK(held == 0, "%ld of %d slices not given back after the reload", held, MANY);
+    TGH_CHECK(keys_ahead("tg:{id-mr*}:t", 0) == MANY, "the buckets keep the first request and "
               "the slice's spent token");
     tgh_conn_close(c);
 }
