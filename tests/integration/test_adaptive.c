@@ -435,7 +435,8 @@ Test(adaptive, mixed_endpoints_are_not_queueing)
     static char trail[1024];
     size_t trail_len = 0;
     volatile int stop = 0;
-    long lim, min_lim = 1000000, n503 = 0, nok = 0, nslow = 0;
+    long lim = -1, min_lim = 1000000, n503 = 0, nok = 0, nslow = 0;
+    int nread = 0, nlow = 0;
     uint64_t t_end, slow_p50, slow_p90, fast_p50;
     int i;
 
@@ -461,6 +462,8 @@ Test(adaptive, mixed_endpoints_are_not_queueing)
         lim = status_num("limit");
         if (lim >= 0 && lim < min_lim)
             min_lim = lim;
+        nread++;
+        nlow += lim < MIX_INITIAL / 2;
         if (trail_len + 8 < sizeof trail)
             trail_len += (size_t)snprintf(trail + trail_len, sizeof trail - trail_len,
                                           " %ld", lim);
@@ -495,8 +498,13 @@ Test(adaptive, mixed_endpoints_are_not_queueing)
                 (unsigned long long)slow_p90, (unsigned long long)fast_p50, trail);
 
     TGH_CHECK(n503 == 0, "%ld requests shed (limit every 200 ms:%s)", n503, trail);
-    TGH_CHECK(min_lim >= MIX_INITIAL / 2, "the limit fell to %ld (initial %d; every "
-              "200 ms:%s)", min_lim, MIX_INITIAL, trail);
+    /* A stall of tollgate's own loop reads as upstream latency too: under
+     * ASan, in about 1 run of 4 on a busy machine, one reading of 20 dipped
+     * to 4-8 and came back within 400 ms (nothing shed).  Before classes,
+     * the limit sat at the minimum from the first reading to the last. */
+    TGH_CHECK(nlow <= nread / 10 && lim >= MIX_INITIAL / 2, "the limit was under %d in "
+              "%d of %d readings, lowest %ld, last %ld (initial %d; every 200 ms:%s)",
+              MIX_INITIAL / 2, nlow, nread, min_lim, lim, MIX_INITIAL, trail);
     TGH_CHECK(slow_p50 <= 50 + 25, "/slow?ms=50 p50 %llu ms", (unsigned long long)slow_p50);
     TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 0, "shed_total counts");
     TGH_CHECK(status_num("queued") == 0, "requests still queued");
