@@ -85,13 +85,19 @@ const char *tgh_tmpdir(void)
     return tmpdir;
 }
 
+static char *vstrf(const char *fmt, va_list ap)
+{
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0)
+        abort();
+    return s;
+}
+
 char *tgh_strf(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    char *s = NULL;
-    if (vasprintf(&s, fmt, ap) < 0)
-        abort();
+    char *s = vstrf(fmt, ap);
     va_end(ap);
     return s;
 }
@@ -104,9 +110,7 @@ int tgh_sh(char *out, size_t outlen, const char *fmt, ...)
     int st;
 
     va_start(ap, fmt);
-    char *cmd = NULL;
-    if (vasprintf(&cmd, fmt, ap) < 0)
-        abort();
+    char *cmd = vstrf(fmt, ap);
     va_end(ap);
     FILE *p = popen(cmd, "r");
     free(cmd);

@@ -57,16 +57,25 @@ keys_file(const char *const *names, const char *const *tiers, size_t n)
     return path;
 }
 
-/* tollgate on store: redis with extra (upstream and redis already run). */
+/* tollgate on store: redis with extra (upstream and redis already run);
+ * workers 0: the harness's default. */
 static void
-start_tg(tgh_tollgate *t, const char *extra)
+start_tg_workers(tgh_tollgate *t, const char *extra, int workers)
 {
     tgh_tg_opts o;
 
     tgh_tg_opts_default(&o, up.port);
     o.store = "redis";
     o.extra_yaml = extra;
+    if (workers > 0)
+        o.workers = workers;
     TGH_CHECK(tgh_tollgate_start(t, &o) == 0, "tollgate");
+}
+
+static void
+start_tg(tgh_tollgate *t, const char *extra)
+{
+    start_tg_workers(t, extra, 0);
 }
 
 /* calls=N of a command in INFO commandstats (0 if never called). */
@@ -575,7 +584,6 @@ start_many(tgh_tollgate *tg, const char *prefix, const char *basic)
 {
     static const char *tiers[MANY];
     static char extra[1024];
-    tgh_tg_opts o;
 
     for (int i = 0; i < MANY; i++) {
         snprintf(many_buf[i], sizeof many_buf[i], "%s%d", prefix, i);
@@ -589,11 +597,7 @@ start_many(tgh_tollgate *tg, const char *prefix, const char *basic)
              "auth: { keys_file: %s }\n"
              "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: 500, on_failure: deny }\n",
              basic, keys_file(many_names, tiers, MANY), rds.port);
-    tgh_tg_opts_default(&o, up.port);
-    o.store = "redis";
-    o.workers = 1;
-    o.extra_yaml = extra;
-    TGH_CHECK(tgh_tollgate_start(tg, &o) == 0, "tollgate");
+    start_tg_workers(tg, extra, 1);
 }
 
 /* One request of key name on *c (opened again when tollgate ended the
