@@ -1097,12 +1097,24 @@ ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
  * The decision of tg_gcra_charge, for a batch (layout in gcra.h).  Every
  * number is an integer held in a double: timestamps ~1.8e15 < 2^53 are
  * exact, and the only division is the ceil of PXAT.  One TIME, one MGET
- * for every key of the batch, then each request on the TATs held in a Lua
- * table (a key charged twice in one call sees its first charge, exactly
- * as sequential calls would), and at the end one SET per key that an
- * allowed request of cost > 0 changed, with its final TAT: a bucket that
- * every request of a batch shares (the global one) costs one read and one
- * write per call, not one per request.
+ * for every key of the batch, then each request on the TATs held in the
+ * argument table A itself (a key charged twice in one call sees its first
+ * charge, exactly as sequential calls would), and at the end one SET per
+ * key that an allowed request of cost > 0 changed, with its final TAT: a
+ * bucket that every request of a batch shares (the global one) costs one
+ * read and one write per call, not one per request.
+ *
+ * No table per call but A, the MGET reply and kx (one request's buckets):
+ * each key's triple (T, burst, alias) sits at the end of A, and its third
+ * number becomes the key's TAT (its alias is itself: the usual case) or
+ * -(where the TAT of its alias is) - a name sent twice with two limits
+ * has one TAT, read and written by both, as sequential calls would (a
+ * TAT is never negative).  The MGET reply doubles as the "written" mark
+ * (true: never a value MGET gives, a string or false), and each request's
+ * answer overwrites its own numbers in A, already read (the answer of a
+ * request is at most as long as its numbers, and starts 2 earlier), so
+ * the reply is packed from A as well.  Measured (loadtest/script-cost,
+ * 9 charges a call): see the "prev" variant there.
  *
  * The script only decides (allowed iff every bucket's debt after the
  * request, d = held + cost*T, is at most burst*T) and answers each
@@ -1148,7 +1160,9 @@ const char tg_gcra_lua[] =
     "local now = num(tm[1]) * 1000000 + num(tm[2])\n"
     "local s = ARGV[1]\n"
     "local n = #s / 8\n"
-    "if n ~= floor(n) then return redis.error_reply('ERR tollgate: packed arguments') end\n"
+    "local nk = #KEYS\n"
+    "local pk = n - 3 * nk\n"
+    "if n ~= floor(n) or pk < 2 then return redis.error_reply('ERR tollgate: packed arguments') end\n"
     "local A\n"
     "if n <= 4000 then\n"
     "  A = {struct.unpack('<' .. string.rep('d', n), s)}\n"
@@ -1161,23 +1175,35 @@ const char tg_gcra_lua[] =
     "    for j = 1, m do A[i + j] = p[j] end\n"
     "  end\n"
     "end\n"
-    "local nk = #KEYS\n"
-    "local tat, per, lim = {}, {}, {}\n"
-    "for i = 1, nk, 1000 do\n"
-    "  local j = i + 999\n"
-    "  if j > nk then j = nk end\n"
-    "  local got = call('MGET', unpack(KEYS, i, j))\n"
-    "  for x = i, j do\n"
-    "    local v = num(got[x - i + 1])\n"
+    "local got\n"
+    "if nk <= 1000 then\n"
+    "  if nk > 0 then got = call('MGET', unpack(KEYS)) end\n"
+    "else\n"
+    "  got = {}\n"
+    "  for i = 1, nk, 1000 do\n"
+    "    local j = i + 999\n"
+    "    if j > nk then j = nk end\n"
+    "    local g = call('MGET', unpack(KEYS, i, j))\n"
+    "    for x = i, j do got[x] = g[x - i + 1] end\n"
+    "  end\n"
+    "end\n"
+    "for x = 1, nk do\n"
+    "  local k = pk + 3 * x\n"
+    "  local y = A[k]\n"
+    "  if y == x then\n"
+    "    local v = num(got[x])\n"
     "    if v == nil or v ~= v or v < 0 or v > 9007199254740991 then v = 0 end\n"
-    "    tat[KEYS[x]] = floor(v)\n"
-    "    local t = A[1 + 2 * x]\n"
-    "    per[x], lim[x] = t, A[2 + 2 * x] * t\n"
+    "    A[k] = floor(v)\n"
+    "  elseif y >= 1 and y < x and y == floor(y) then\n"
+    "    local t = pk + 3 * y\n"
+    "    local r = A[t]\n"
+    "    if r < 0 then A[k] = r else A[k] = -t end\n"
+    "  else\n"
+    "    return redis.error_reply('ERR tollgate: packed arguments')\n"
     "  end\n"
     "end\n"
     "local fl = A[2] == 1\n"
-    "local out, kx, dx, w, dirty = {}, {}, {}, {}, {}\n"
-    "local a, o, nw = 3 + 2 * nk, 0, 0\n"
+    "local a, o, kx = 3, 0, {}\n"
     "for r = 1, A[1] do\n"
     "  local h = A[a]\n"
     "  local nb = h % 16\n"
@@ -1185,9 +1211,10 @@ const char tg_gcra_lua[] =
     "  local ok = 1\n"
     "  a = a + 1\n"
     "  for i = 1, nb do\n"
-    "    local x = A[a]\n"
-    "    local key = KEYS[x]\n"
-    "    local held = tat[key] - now\n"
+    "    local k = pk + 3 * A[a]\n"
+    "    local t = A[k]\n"
+    "    if t < 0 then t = A[-t] end\n"
+    "    local held = t - now\n"
     "    a = a + 1\n"
     "    if fl then\n"
     "      local f = A[a]\n"
@@ -1195,32 +1222,37 @@ const char tg_gcra_lua[] =
     "      if held < f then held = f end\n"
     "    end\n"
     "    if held < 0 then held = 0 end\n"
-    "    local d = held + cost * per[x]\n"
-    "    if d > lim[x] then ok = 0 end\n"
-    "    kx[i], dx[i], out[o + 1 + i] = key, d, held\n"
+    "    local per = A[k - 2]\n"
+    "    if held + cost * per > A[k - 1] * per then ok = 0 end\n"
+    "    kx[i] = k\n"
+    "    A[o + 1 + i] = held\n"
     "  end\n"
-    "  out[o + 1] = ok\n"
     "  if ok == 1 and cost > 0 then\n"
     "    for i = 1, nb do\n"
-    "      local key = kx[i]\n"
-    "      if not dirty[key] then dirty[key] = true; nw = nw + 1; w[nw] = key end\n"
-    "      tat[key] = now + dx[i]\n"
+    "      local k = kx[i]\n"
+    "      local w = A[k]\n"
+    "      if w < 0 then w = -w else w = k end\n"
+    "      A[w] = now + A[o + 1 + i] + cost * A[k - 2]\n"
+    "      got[(w - pk) / 3] = true\n"
     "    end\n"
     "  end\n"
+    "  A[o + 1] = ok\n"
     "  o = o + 1 + nb\n"
     "end\n"
-    "for i = 1, nw do\n"
-    "  local v = tat[w[i]]\n"
-    "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n"
+    "for x = 1, nk do\n"
+    "  if got[x] == true then\n"
+    "    local v = A[pk + 3 * x]\n"
+    "    call('SET', KEYS[x], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n"
+    "  end\n"
     "end\n"
-    "out[o + 1] = now\n"
+    "A[o + 1] = now\n"
     "o = o + 1\n"
-    "if o <= 4000 then return struct.pack('<' .. string.rep('d', o), unpack(out)) end\n"
+    "if o <= 4000 then return struct.pack('<' .. string.rep('d', o), unpack(A, 1, o)) end\n"
     "local parts = {}\n"
     "for i = 1, o, 4000 do\n"
     "  local j = i + 3999\n"
     "  if j > o then j = o end\n"
-    "  parts[#parts + 1] = struct.pack('<' .. string.rep('d', j - i + 1), unpack(out, i, j))\n"
+    "  parts[#parts + 1] = struct.pack('<' .. string.rep('d', j - i + 1), unpack(A, i, j))\n"
     "end\n"
     "return table.concat(parts)\n";
 
@@ -1274,6 +1306,15 @@ tg_gcra_script_args(const uint32_t *kidx, const uint64_t *floor_us, size_t n,
     }
     out[0] = (uint64_t)cost * 16 + (floors ? (i - 1) / 2 : i - 1);
     return i;
+}
+
+size_t
+tg_gcra_script_key(tg_gcra_limit l, uint32_t alias, uint64_t *out)
+{
+    out[0] = l.interval_us;
+    out[1] = l.burst;
+    out[2] = alias;
+    return TG_GCRA_SCRIPT_KEY_ARGS;
 }
 
 size_t

@@ -694,9 +694,9 @@ batch_start(struct tg_redis_batch *b)
 
 /* FNV-1a of a bucket: its key and its limit. */
 static uint32_t
-rkey_hash(const char *s, size_t len, const tg_gcra_limit *lim)
+rkey_hash(const char *s, size_t len)
 {
-    uint64_t h = 0xcbf29ce484222325ULL ^ lim->interval_us ^ ((uint64_t)lim->burst << 40);
+    uint64_t h = 0xcbf29ce484222325ULL;
 
     for (size_t i = 0; i < len; i++) {
         h ^= (unsigned char)s[i];
@@ -712,6 +712,9 @@ rkey_hash(const char *s, size_t len, const tg_gcra_limit *lim)
  * the script reads and writes each key once, and Redis parses each key
  * string once (the global bucket: once per call, not once per request).
  * r's scratch grows when needed and is kept.  Returns how many distinct.
+ * The hash is of the name alone, so a name seen before with another limit
+ * is met on the way and becomes the new bucket's alias (one TAT per name
+ * in the script: gcra.h).
  */
 static size_t
 batch_keys(struct tg_redis_batch *b)
@@ -740,19 +743,21 @@ batch_keys(struct tg_redis_batch *b)
         for (size_t k = 0; k < op->n; k++) {
             if (op->mask & (1u << k)) {
                 size_t len = op->len[k], i;
-                uint32_t h = rkey_hash(s, len, &op->lim[k]);
+                uint32_t h = rkey_hash(s, len), alias = 0;
 
                 for (i = h & (cap - 1); r->kh[i] != 0; i = (i + 1) & (cap - 1)) {
                     const struct tg_rkey *e = &r->kt[r->kh[i] - 1];
-                    if (e->hash == h && e->len == len
-                        && e->lim.interval_us == op->lim[k].interval_us
-                        && e->lim.burst == op->lim[k].burst
-                        && memcmp(e->s, s, len) == 0) {
-                        break;
+                    if (e->hash == h && e->len == len && memcmp(e->s, s, len) == 0) {
+                        if (e->lim.interval_us == op->lim[k].interval_us
+                            && e->lim.burst == op->lim[k].burst) {
+                            break;
+                        }
+                        alias = e->alias;
                     }
                 }
                 if (r->kh[i] == 0) {
-                    r->kt[nk] = (struct tg_rkey){ s, len, h, op->lim[k] };
+                    r->kt[nk] = (struct tg_rkey){ s, len, h, op->lim[k],
+                                                  alias != 0 ? alias : (uint32_t)nk + 1 };
                     r->kh[i] = (uint32_t)++nk;
                 }
                 r->kix[kn++] = r->kh[i];
@@ -833,7 +838,8 @@ tg_redis_batch_send(struct tg_redis_batch *b)
          * rest packed (TG_GCRA_PACKED bytes each) in one argument */
         argc = 3 + b->nkeys + 1;
         nbytes = TG_REDIS_NUMLEN
-                 + (2 + 2 * b->nkeys + b->nops + 2 * b->nkeys) * TG_GCRA_PACKED;
+                 + (2 + b->nops + 2 * b->nkeys
+                    + TG_GCRA_SCRIPT_KEY_ARGS * b->nkeys) * TG_GCRA_PACKED;
     }
     if (argc > r->argcap) {
         r->argcap = argc * 2;
@@ -893,10 +899,6 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         packed = np;
         TG_PACK(b->nops);
         TG_PACK(floors);
-        for (size_t j = 0; j < nk; j++) {
-            TG_PACK(kt[j].lim.interval_us);
-            TG_PACK(kt[j].lim.burst);
-        }
         for (op = b->ops; op != NULL; op = op->next) {
             uint64_t a[TG_GCRA_SCRIPT_ARGS];
             uint32_t kidx[TG_CHARGE_MAX_BUCKETS];
@@ -908,6 +910,12 @@ tg_redis_batch_send(struct tg_redis_batch *b)
             na = tg_gcra_script_args(kidx, op->floor_us, op->n, op->mask, op->cost,
                                      (int)floors, a);
             np += tg_gcra_script_pack(a, na, (unsigned char *)np);
+        }
+        for (size_t j = 0; j < nk; j++) {
+            uint64_t a[TG_GCRA_SCRIPT_KEY_ARGS];
+
+            np += tg_gcra_script_pack(a, tg_gcra_script_key(kt[j].lim, kt[j].alias, a),
+                                      (unsigned char *)np);
         }
         TG_ARG(packed, (size_t)(np - packed));
     }

@@ -160,6 +160,7 @@ struct tg_rkey {
     size_t              len;
     uint32_t            hash;
     tg_gcra_limit       lim;
+    uint32_t            alias;    /* 1-based index of the first of its name */
 };
 
 struct tg_redis {

@@ -173,10 +173,15 @@ size_t tg_lshared_size(struct tg_lshared *sh);
  *         charges both against the same TAT).
  *   ARGV[1]: these numbers, packed (tg_gcra_script_pack): nreq; floors
  *         (1: each bucket below carries a floor_us, 0: none, all 0); per
- *         KEY, in order: interval_us, burst; then per request: cost*16 +
- *         nbuckets, then per bucket its key's index in KEYS (1-based)
- *         and, with floors, floor_us (the bucket holds at least this much
- *         debt - time until full - whatever is stored).
+ *         request: cost*16 + nbuckets, then per bucket its key's index in
+ *         KEYS (1-based) and, with floors, floor_us (the bucket holds at
+ *         least this much debt - time until full - whatever is stored);
+ *         then, AFTER the requests, per KEY in order
+ *         (tg_gcra_script_key): interval_us, burst, alias (the 1-based
+ *         index of the first KEY of the same name: itself, unless the name
+ *         came before with another limit; the script keeps one TAT per
+ *         name, there).  A call whose numbers do not fit this is refused
+ *         with an error, nothing written.
  *   Reply: one string of packed numbers (tg_gcra_script_unpack); per
  *         request 1 + nbuckets: allowed (0/1), then each bucket's debt
  *         before the request (held_us, floor applied); after the last
@@ -223,6 +228,12 @@ extern const char tg_gcra_refund_lua[];
  */
 size_t tg_gcra_script_args(const uint32_t *kidx, const uint64_t *floor_us, size_t n,
                            unsigned mask, uint32_t cost, int floors, uint64_t *out);
+
+/* The charge script's numbers of KEY x (after the requests') into
+ * out[0..3): l.interval_us, l.burst, alias (1-based index of the first
+ * KEY of x's name, <= x).  Returns 3. */
+#define TG_GCRA_SCRIPT_KEY_ARGS 3
+size_t tg_gcra_script_key(tg_gcra_limit l, uint32_t alias, uint64_t *out);
 
 /*
  * The charge script reads its numbers from ONE argument (ARGV[1]) of

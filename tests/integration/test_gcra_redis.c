@@ -192,10 +192,6 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
     }
     call_val(c, nreq);
     call_val(c, (unsigned long long)fl);
-    for (j = 0; j < nk; j++) {
-        call_val(c, kl[j].interval_us);
-        call_val(c, kl[j].burst);
-    }
     for (i = 0, fi = 0; i < nreq; i++) {
         uint64_t a[TG_GCRA_SCRIPT_ARGS];
         size_t na = tg_gcra_script_args(kidx + fi, floors != NULL ? floors + fi : NULL,
@@ -205,6 +201,21 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
             call_val(c, a[j]);
         }
         fi += reqs[i].n;
+    }
+    for (j = 0; j < nk; j++) {
+        uint64_t a[TG_GCRA_SCRIPT_KEY_ARGS];
+        uint32_t alias = (uint32_t)j + 1;
+
+        for (size_t f = 0; f < j; f++) {
+            if (strcmp(keys[f], keys[j]) == 0) {
+                alias = (uint32_t)f + 1;
+                break;
+            }
+        }
+        cr_assert_eq(tg_gcra_script_key(kl[j], alias, a), TG_GCRA_SCRIPT_KEY_ARGS);
+        for (size_t f = 0; f < TG_GCRA_SCRIPT_KEY_ARGS; f++) {
+            call_val(c, a[f]);
+        }
     }
     c->argv[c->argc] = (const char *)c->pk;
     c->len[c->argc++] = tg_gcra_script_pack(c->v, c->nv, c->pk);

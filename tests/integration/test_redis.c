@@ -1203,10 +1203,11 @@ Test(redis, select_db)
 static void
 script_charge(const char *key, uint64_t t_us, unsigned burst, long long out[6])
 {
-    /* nreq 1, no floors, the key's limit, cost 1 on 1 bucket: key 1 */
-    uint64_t num[6] = { 1, 0, t_us, burst, 17, 1 };
+    /* nreq 1, no floors, cost 1 on 1 bucket: key 1; the key's limit,
+     * alias itself */
+    uint64_t num[7] = { 1, 0, 17, 1, t_us, burst, 1 };
     unsigned char pk[sizeof(num)];
-    size_t npk = tg_gcra_script_pack(num, 6, pk);
+    size_t npk = tg_gcra_script_pack(num, 7, pk);
     redisReply *rep = sync_cmd(g_port, "EVAL %s 1 %s %b", tg_gcra_lua, key, pk, npk);
     tg_gcra_limit lim = { t_us, burst };
     tg_gcra_result res;
