@@ -797,6 +797,67 @@ Test(gcra_redis, bad_values_are_no_bucket)
     cr_assert_eq(get_u64(bad[5]), last_now + 6000000);
 }
 
+/* calls=N of command name in INFO commandstats (0 if never called). */
+static long
+cmd_calls(const char *name)
+{
+    redisReply *r = redisCommand(rc, "INFO commandstats");
+    char pat[64];
+    const char *p;
+    long v = 0;
+
+    cr_assert(r != NULL && r->type == REDIS_REPLY_STRING);
+    snprintf(pat, sizeof(pat), "cmdstat_%s:calls=", name);
+    p = strstr(r->str, pat);
+    if (p != NULL) {
+        v = strtol(p + strlen(pat), NULL, 10);
+    }
+    freeReplyObject(r);
+    return v;
+}
+
+/*
+ * One name under three limits in one call (a reload changed a tier while
+ * charges were batched; two routes whose buckets share a name): KEYS holds
+ * it three times (one per limit, not first, with other keys between),
+ * and all three share one TAT, exactly as sequential calls: each charge
+ * sees the ones before it, one SET writes the final TAT.  A script that
+ * kept a TAT per KEY index would answer held 0 to the second and write
+ * the name three times, the last write winning.
+ */
+Test(gcra_redis, one_name_under_two_limits_shares_one_tat)
+{
+    static const char *dup = "tg:{dup}:t", *o1 = "tg:{dup}:o1", *o2 = "tg:{dup}:o2";
+    const tg_gcra_limit la = { 1000000, 10 }, lb = { 2000000, 5 }, lc = { 1000000, 8 };
+    const req q[] = {
+        { 1, 1, { o1 }, { la } },        /* KEYS[1] */
+        { 1, 3, { dup }, { la } },       /* KEYS[2]: held 0, TAT now + 3 s */
+        { 1, 0, { o2 }, { la } },        /* KEYS[3], a look: not written */
+        { 1, 2, { dup }, { lb } },       /* KEYS[4]: held 3 s, d 7 s <= 10 s */
+        { 1, 2, { dup }, { lc } },       /* KEYS[5]: held 7 s, d 9 s > 8 s: no */
+        { 1, 1, { dup }, { la } },       /* KEYS[2] again: held 7 s, TAT + 8 s */
+    };
+    const uint64_t held[] = { 0, 0, 0, 3000000, 7000000, 7000000 };
+    const int allowed[] = { 1, 1, 1, 1, 0, 1 };
+    tg_gcra_result res[TG_ARRAY_LEN(q)];
+    redisReply *r = redisCommand(rc, "CONFIG RESETSTAT");
+
+    cr_assert_not_null(r);
+    freeReplyObject(r);
+    run_batch(NULL, q, TG_ARRAY_LEN(q), res);
+    for (size_t i = 0; i < TG_ARRAY_LEN(q); i++) {
+        cr_assert_eq(res[i].allowed, allowed[i], "request %zu", i);
+        cr_assert_eq(res[i].held_us[0], allowed[i] ? held[i] + q[i].cost * q[i].lim[0].interval_us
+                                                   : held[i],
+                     "request %zu: held %" PRIu64, i, res[i].held_us[0]);
+    }
+    cr_assert_eq(get_u64(dup), last_now + 8000000);
+    cr_assert_eq(get_u64(o1), last_now + 1000000);
+    cr_assert_eq(int_cmd("EXISTS %s", o2), 0);
+    cr_assert_eq(cmd_calls("set"), 2, "one SET per name written");
+    cr_assert_eq(cmd_calls("mget"), 1);
+}
+
 /* A floor is debt the bucket holds at least; 0 is none. */
 Test(gcra_redis, floor_raises_the_debt)
 {
@@ -850,7 +911,7 @@ Test(gcra_redis, packed_numbers_beyond_32_bits_survive)
 /*
  * A call of more numbers than one struct.unpack takes (the script decodes
  * them 4,000 at a time): 2,500 requests over 1,250 keys of burst 1, each
- * key charged twice, numbers 2 + 2*1250 + 2*2500 = 7,502.  The first
+ * key charged twice, numbers 2 + 2*2500 + 3*1250 = 8,752.  The first
  * charge of each key passes, the second is denied, in every chunk.
  */
 Test(gcra_redis, a_call_of_many_numbers_decodes_in_chunks)
