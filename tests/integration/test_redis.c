@@ -632,6 +632,42 @@ Test(redis, burst_is_exact)
     tg_redis_destroy(r);
 }
 
+/* One name under two limits (a reload changed its tier while charges
+ * were batched) in one call: two KEYS, one TAT, charged in order as
+ * sequential calls would (batch_keys sends the second its alias). */
+Test(redis, one_name_under_two_limits_in_one_call)
+{
+    enum { N = 6 };
+    struct tg_redis *r = client(g_port, 1000, 32, 1);
+    const tg_gcra_limit la = tg_gcra_per_minute(60, 5), lb = tg_gcra_per_minute(30, 4);
+    /* debt after (s): A 1, B 3, A 4, B 6, A 7 > 5 denied, B 8 */
+    static const int allowed[N] = { 1, 1, 1, 1, 0, 1 };
+    static const uint32_t remaining[N] = { 4, 2, 1, 1, 0, 0 };
+    charge_res c[N] = { 0 };
+    tg_redis_stats st;
+    redisReply *rep;
+    int done = 0;
+
+    for (int i = 0; i < N; i++) {
+        c[i].done = &done;
+        charge1(r, "t:{alias}:tier", i % 2 ? lb : la, &c[i]);
+    }
+    cr_assert(wait_count(&done, N, 10000));
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.calls, 1, "calls = %llu", (unsigned long long)st.calls);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].rc, TG_OK);
+        cr_assert_eq(c[i].res.allowed, allowed[i], "request %d", i);
+        cr_assert_eq(c[i].res.remaining, remaining[i], "request %d: remaining %u", i,
+                     c[i].res.remaining);
+    }
+    rep = sync_cmd(g_port, "PTTL %s", "t:{alias}:tier");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_INTEGER);
+    cr_assert(rep->integer > 7000 && rep->integer <= 8001, "PTTL %lld", rep->integer);
+    freeReplyObject(rep);
+    tg_redis_destroy(r);
+}
+
 Test(redis, multi_bucket_all_or_nothing)
 {
     struct tg_redis *r = client(g_port, 1000, 32, 1);
