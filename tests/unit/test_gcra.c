@@ -1005,6 +1005,16 @@ Test(gcra_script, args_of_the_buckets_sent)
     cr_assert_eq(a[0] / 16, UINT32_MAX);
 }
 
+/* A key's numbers (after the requests'): T, burst, alias. */
+Test(gcra_script, key_numbers)
+{
+    uint64_t a[TG_GCRA_SCRIPT_KEY_ARGS];
+    tg_gcra_limit l = { 0x100000003ULL, 4000000000u };
+
+    cr_assert_eq(tg_gcra_script_key(l, 7, a), TG_GCRA_SCRIPT_KEY_ARGS);
+    cr_assert(a[0] == 0x100000003ULL && a[1] == 4000000000u && a[2] == 7);
+}
+
 /* The packed numbers: little-endian doubles, exact below 2^53 (a value of
  * 2^32 or more must not lose its high half), clamped at 2^53 - 1. */
 Test(gcra_script, packed_numbers_are_exact)
