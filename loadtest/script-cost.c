@@ -24,7 +24,9 @@
  *
  * VARIANTS: comma-separated names (default: all).  "v0" is the script
  * and layout as of c623254 (one bulk string per number, a table reply),
- * kept as the baseline of the A/B.
+ * kept as the baseline of the A/B; "prev" the script and layout before
+ * the TATs moved into the argument table (per-key limits first, TATs in
+ * tables keyed by name), "prev-*" its cut-down variants.
  */
 #include <hiredis/hiredis.h>
 #include <stdint.h>
@@ -100,10 +102,97 @@ static const char v0_lua[] =
     "out[o + 1] = now\n"
     "return out\n";
 
+/* The charge script before the per-key numbers moved after the requests
+ * (TATs in Lua tables keyed by name; the layout of gcra.h before it):
+ * the "prev" of the A/B. */
+static const char prev_lua[] =
+    "#!lua flags=allow-cross-slot-keys\n"
+    "local call, num, unpack, floor, ceil, fmt = redis.call, tonumber, unpack, math.floor, math.ceil, string.format\n"
+    "local tm = call('TIME')\n"
+    "local now = num(tm[1]) * 1000000 + num(tm[2])\n"
+    "local s = ARGV[1]\n"
+    "local n = #s / 8\n"
+    "if n ~= floor(n) then return redis.error_reply('ERR tollgate: packed arguments') end\n"
+    "local A\n"
+    "if n <= 4000 then\n"
+    "  A = {struct.unpack('<' .. string.rep('d', n), s)}\n"
+    "else\n"
+    "  A = {}\n"
+    "  for i = 0, n - 1, 4000 do\n"
+    "    local m = n - i\n"
+    "    if m > 4000 then m = 4000 end\n"
+    "    local p = {struct.unpack('<' .. string.rep('d', m), s, 8 * i + 1)}\n"
+    "    for j = 1, m do A[i + j] = p[j] end\n"
+    "  end\n"
+    "end\n"
+    "local nk = #KEYS\n"
+    "local tat, per, lim = {}, {}, {}\n"
+    "for i = 1, nk, 1000 do\n"
+    "  local j = i + 999\n"
+    "  if j > nk then j = nk end\n"
+    "  local got = call('MGET', unpack(KEYS, i, j))\n"
+    "  for x = i, j do\n"
+    "    local v = num(got[x - i + 1])\n"
+    "    if v == nil or v ~= v or v < 0 or v > 9007199254740991 then v = 0 end\n"
+    "    tat[KEYS[x]] = floor(v)\n"
+    "    local t = A[1 + 2 * x]\n"
+    "    per[x], lim[x] = t, A[2 + 2 * x] * t\n"
+    "  end\n"
+    "end\n"
+    "local fl = A[2] == 1\n"
+    "local out, kx, dx, w, dirty = {}, {}, {}, {}, {}\n"
+    "local a, o, nw = 3 + 2 * nk, 0, 0\n"
+    "for r = 1, A[1] do\n"
+    "  local h = A[a]\n"
+    "  local nb = h % 16\n"
+    "  local cost = (h - nb) / 16\n"
+    "  local ok = 1\n"
+    "  a = a + 1\n"
+    "  for i = 1, nb do\n"
+    "    local x = A[a]\n"
+    "    local key = KEYS[x]\n"
+    "    local held = tat[key] - now\n"
+    "    a = a + 1\n"
+    "    if fl then\n"
+    "      local f = A[a]\n"
+    "      a = a + 1\n"
+    "      if held < f then held = f end\n"
+    "    end\n"
+    "    if held < 0 then held = 0 end\n"
+    "    local d = held + cost * per[x]\n"
+    "    if d > lim[x] then ok = 0 end\n"
+    "    kx[i], dx[i], out[o + 1 + i] = key, d, held\n"
+    "  end\n"
+    "  out[o + 1] = ok\n"
+    "  if ok == 1 and cost > 0 then\n"
+    "    for i = 1, nb do\n"
+    "      local key = kx[i]\n"
+    "      if not dirty[key] then dirty[key] = true; nw = nw + 1; w[nw] = key end\n"
+    "      tat[key] = now + dx[i]\n"
+    "    end\n"
+    "  end\n"
+    "  o = o + 1 + nb\n"
+    "end\n"
+    "for i = 1, nw do\n"
+    "  local v = tat[w[i]]\n"
+    "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n"
+    "end\n"
+    "out[o + 1] = now\n"
+    "o = o + 1\n"
+    "if o <= 4000 then return struct.pack('<' .. string.rep('d', o), unpack(out)) end\n"
+    "local parts = {}\n"
+    "for i = 1, o, 4000 do\n"
+    "  local j = i + 3999\n"
+    "  if j > o then j = o end\n"
+    "  parts[#parts + 1] = struct.pack('<' .. string.rep('d', j - i + 1), unpack(out, i, j))\n"
+    "end\n"
+    "return table.concat(parts)\n";
+
 /* A variant: a base script with text substitutions (each must match). */
 typedef struct variant {
     const char *name;
-    int         v0;                 /* 1: v0's script and layout */
+    int         v0;                 /* 1: v0's script and layout, 2: prev's,
+                                       0: this tree's (tg_gcra_lua) */
     const char *sub[4][2];          /* from -> to, NULL-terminated */
     char       *text;
     char        sha[41];
@@ -119,16 +208,18 @@ static variant variants[] = {
     { "v0-nomget", 1, { { "call('MGET', unpack(KEYS, i, j))", "{}" } } },
     { "v0-reply1", 1, { { "return out\n", "return now\n" } } },
     { "v0-packreply", 1, { { "return out\n", "return struct.pack('<' .. string.rep('d', o + 1), unpack(out))\n" } } },
+    { "prev", 2, { { NULL, NULL } } },
     { "cur", 0, { { NULL, NULL } } },
-    { "cur-noset", 0, { { "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
-    { "cur-nomget", 0, { { "call('MGET', unpack(KEYS, i, j))", "{}" } } },
-    { "cur-reply1", 0, { { "return struct.pack('<' .. string.rep('d', o), unpack(out))", "return now" } } },
-    { "cur-exat-memo", 0, { { "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n",
+    { "cur-noset", 0, { { "    call('SET', KEYS[x], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
+    { "prev-noset", 2, { { "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
+    { "prev-nomget", 2, { { "call('MGET', unpack(KEYS, i, j))", "{}" } } },
+    { "prev-reply1", 2, { { "return struct.pack('<' .. string.rep('d', o), unpack(out))", "return now" } } },
+    { "prev-exat-memo", 2, { { "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n",
                               "  local e = ceil(v / 1000000)\n  local es = w[-e]\n"
                               "  if not es then es = fmt('%d', e); w[-e] = es end\n"
                               "  call('SET', w[i], fmt('%d', v), 'EXAT', es)\n" } } },
-    { "cur-set-num", 0, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "v, 'PXAT', ceil(v / 1000)" } } },
-    { "cur-set-nofmt", 0, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
+    { "prev-set-num", 2, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "v, 'PXAT', ceil(v / 1000)" } } },
+    { "prev-set-nofmt", 2, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
 };
 #define NVAR (sizeof(variants) / sizeof(variants[0]))
 
@@ -155,7 +246,7 @@ subst(const char *base, const char *from, const char *to)
 static int
 load(variant *v)
 {
-    char *text = strdup(v->v0 ? v0_lua : tg_gcra_lua);
+    char *text = strdup(v->v0 == 1 ? v0_lua : v->v0 == 2 ? prev_lua : tg_gcra_lua);
     redisReply *r;
 
     for (int i = 0; i < 4 && v->sub[i][0] != NULL; i++) {
@@ -234,9 +325,10 @@ send_v0(const variant *v)
     redisAppendCommandArgv(rc, argc, argv, len);
 }
 
-/* The current layout (gcra.h): numkeys, the keys, the numbers packed. */
+/* prev's layout: numkeys, the keys, the numbers packed, each key's
+ * limit before the requests. */
 static void
-send_cur(const variant *v)
+send_prev(const variant *v)
 {
     const char *argv[4 + MAXCH];
     size_t len[4 + MAXCH];
@@ -255,6 +347,44 @@ send_cur(const variant *v)
     for (int i = 0; i < ncharges; i++) {
         uint32_t kidx = (uint32_t)i + 1;
         nn += tg_gcra_script_args(&kidx, NULL, 1, 0x1, 1, 0, num + nn);
+    }
+    argv[argc] = "EVALSHA";
+    len[argc++] = 7;
+    argv[argc] = v->sha;
+    len[argc++] = 40;
+    snprintf(nk, sizeof(nk), "%d", ncharges);
+    argv[argc] = nk;
+    len[argc++] = strlen(nk);
+    for (int i = 0; i < ncharges; i++) {
+        argv[argc] = keybuf[i];
+        len[argc++] = strlen(keybuf[i]);
+    }
+    argv[argc] = (const char *)packed;
+    len[argc++] = tg_gcra_script_pack(num, nn, packed);
+    redisAppendCommandArgv(rc, argc, argv, len);
+}
+
+/* The current layout (gcra.h): numkeys, the keys, the numbers packed. */
+static void
+send_cur(const variant *v)
+{
+    const char *argv[4 + MAXCH];
+    size_t len[4 + MAXCH];
+    uint64_t num[2 + TG_GCRA_SCRIPT_KEY_ARGS * MAXCH + MAXCH * TG_GCRA_SCRIPT_ARGS];
+    unsigned char packed[sizeof(num)];
+    char nk[24];
+    size_t nn = 0;
+    int argc = 0;
+
+    num[nn++] = (uint64_t)ncharges;
+    num[nn++] = 0;
+    for (int i = 0; i < ncharges; i++) {
+        uint32_t kidx = (uint32_t)i + 1;
+        nn += tg_gcra_script_args(&kidx, NULL, 1, 0x1, 1, 0, num + nn);
+    }
+    for (int i = 0; i < ncharges; i++) {
+        tg_gcra_limit l = { 10, 100000 };
+        nn += tg_gcra_script_key(l, (uint32_t)i + 1, num + nn);
     }
     argv[argc] = "EVALSHA";
     len[argc++] = 7;
@@ -337,7 +467,7 @@ round_of(variant *v, int calls, long pid)
     while (got < calls) {
         while (sent < calls && sent - got < INFLIGHT) {
             pick_keys();
-            (v->v0 ? send_v0 : send_cur)(v);
+            (v->v0 == 1 ? send_v0 : v->v0 == 2 ? send_prev : send_cur)(v);
             sent++;
         }
         if (redisGetReply(rc, (void **)&r) != REDIS_OK) {
