@@ -211,6 +211,27 @@ static variant variants[] = {
     { "prev", 2, { { NULL, NULL } } },
     { "cur", 0, { { NULL, NULL } } },
     { "cur-noset", 0, { { "    call('SET', KEYS[x], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
+    { "cur-set-nofmt", 0, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
+    { "cur-set-tostr", 0, { { "fmt('%d', ceil(v / 1000))", "tostring(ceil(v / 1000))" } } },
+    { "cur-noalias", 0, { { "    if t < 0 then t = A[-t] end\n", "" },
+                          { "      if w < 0 then w = -w else w = k end\n", "      w = k\n" } } },
+    { "cur-fast1", 0, { { "  a = a + 1\n  for i = 1, nb do\n",
+                          "  a = a + 1\n"
+                          "  if nb == 1 and not fl then\n"
+                          "    local k = pk + 3 * A[a]\n"
+                          "    local t = A[k]\n"
+                          "    local w = k\n"
+                          "    if t < 0 then w = -t; t = A[w] end\n"
+                          "    local held = t - now\n"
+                          "    a = a + 1\n"
+                          "    if held < 0 then held = 0 end\n"
+                          "    local per = A[k - 2]\n"
+                          "    local d = held + cost * per\n"
+                          "    if d > A[k - 1] * per then ok = 0 elseif cost > 0 then A[w] = now + d; got[(w - pk) / 3] = true end\n"
+                          "    A[o + 2] = held\n"
+                          "  else\n"
+                          "  for i = 1, nb do\n" },
+                        { "  A[o + 1] = ok\n  o = o + 1 + nb\n", "  end\n  A[o + 1] = ok\n  o = o + 1 + nb\n" } } },
     { "prev-noset", 2, { { "  call('SET', w[i], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
     { "prev-nomget", 2, { { "call('MGET', unpack(KEYS, i, j))", "{}" } } },
     { "prev-reply1", 2, { { "return struct.pack('<' .. string.rep('d', o), unpack(out))", "return now" } } },
