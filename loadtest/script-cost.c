@@ -243,6 +243,7 @@ static variant variants[] = {
     { "prev-set-nofmt", 2, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
 };
 #define NVAR (sizeof(variants) / sizeof(variants[0]))
+#define PREV 6                      /* variants[PREV] is "prev" */
 
 static redisContext *rc;
 static int nkeys = 10000, ncharges = 9;
@@ -555,6 +556,10 @@ main(int argc, char **argv)
         fprintf(stderr, "usage: script-cost PORT [CALLS] [ROUNDS] [CHARGES] [KEYS] [VARIANTS]\n");
         return 2;
     }
+    if (strcmp(variants[PREV].name, "prev") != 0) {
+        fprintf(stderr, "script-cost: PREV is not \"prev\"\n");
+        return 2;
+    }
     port = atoi(argv[1]);
     if (argc > 2) calls = atoi(argv[2]);
     if (argc > 3) rounds = atoi(argv[3]);
@@ -606,8 +611,8 @@ main(int argc, char **argv)
     }
     printf("%d calls x %d rounds, %d charges per call, keys of %d; medians\n",
            calls, rounds, ncharges, nkeys);
-    printf("%-14s %9s %11s %12s %12s %10s %8s %8s %8s\n", "variant", "us/call", "us/charge",
-           "cpu us/chg", "(least)", "cpu vs v0", "TIME", "MGET", "SET");
+    printf("%-14s %9s %11s %12s %12s %10s %10s %8s %8s %8s\n", "variant", "us/call",
+           "us/charge", "cpu us/chg", "(least)", "cpu vs v0", "vs prev", "TIME", "MGET", "SET");
     for (size_t i = 0; i < NVAR; i++) {
         variant *v = &variants[i];
         double n[3][MAXV];
@@ -620,15 +625,18 @@ main(int argc, char **argv)
             }
         }
         /* the same round's ratio to v0 (run just before it), median */
-        double ratio[MAXV];
+        double ratio[MAXV], pratio[MAXV];
+        const variant *pv = &variants[PREV];
         for (int k = 0; k < v->rounds; k++) {
             ratio[k] = variants[0].rounds == v->rounds && variants[0].cpu_us[k] > 0
                        ? v->cpu_us[k] / variants[0].cpu_us[k] : 0;
+            pratio[k] = pv->rounds == v->rounds && pv->cpu_us[k] > 0
+                        ? v->cpu_us[k] / pv->cpu_us[k] : 0;
         }
-        printf("%-14s %9.2f %11.3f %12.3f %12.3f %9.2fx %8.2f %8.2f %8.2f\n", v->name,
+        printf("%-14s %9.2f %11.3f %12.3f %12.3f %9.2fx %9.2fx %8.2f %8.2f %8.2f\n", v->name,
                median(v->call_us, v->rounds), median(v->charge_us, v->rounds),
                median(v->cpu_us, v->rounds), least(v->cpu_us, v->rounds),
-               median(ratio, v->rounds), median(n[0], v->rounds),
+               median(ratio, v->rounds), median(pratio, v->rounds), median(n[0], v->rounds),
                median(n[1], v->rounds), median(n[2], v->rounds));
     }
     redisFree(rc);
