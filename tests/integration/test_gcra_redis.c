@@ -891,6 +891,32 @@ Test(gcra_redis, floor_raises_the_debt)
  * bucket holds exactly that debt, and the stored TAT is now + floor + T.
  * A 32-bit packing would drop the high half; a float would round.
  */
+/* Numbers that do not fit the layout (too few for the KEYS; an alias
+ * that is not an earlier KEY) are refused with an error, nothing written. */
+Test(gcra_redis, numbers_off_the_layout_are_an_error)
+{
+    static const uint64_t bad[][7] = {
+        { 1, 0 },                           /* no room for the key's numbers */
+        { 1, 0, 17, 1, 1000000, 5, 2 },     /* alias beyond the KEY itself */
+        { 1, 0, 17, 1, 1000000, 5, 0 },     /* alias 0 */
+    };
+    static const size_t nbad[] = { 2, 7, 7 };
+
+    for (size_t i = 0; i < TG_ARRAY_LEN(bad); i++) {
+        unsigned char pk[sizeof(bad[0])];
+        size_t npk = tg_gcra_script_pack(bad[i], nbad[i], pk);
+        redisReply *r = redisCommand(rc, "EVAL %s 1 %s %b", tg_gcra_lua, "tg:{off}:t",
+                                     pk, npk);
+
+        cr_assert_not_null(r);
+        cr_assert_eq(r->type, REDIS_REPLY_ERROR, "case %zu: type %d", i, r->type);
+        cr_assert(strstr(r->str, "tollgate: packed arguments") != NULL, "case %zu: %s", i,
+                  r->str);
+        freeReplyObject(r);
+        cr_assert_eq(int_cmd("EXISTS %s", "tg:{off}:t"), 0);
+    }
+}
+
 Test(gcra_redis, packed_numbers_beyond_32_bits_survive)
 {
     tg_gcra_limit l = { 0x100000003ULL, 1000 };         /* L = 1000 T */
