@@ -1113,8 +1113,9 @@ ls_evict(struct tg_lstore *st, uint64_t now_us, const uint32_t *protect,
  * (true: never a value MGET gives, a string or false), and each request's
  * answer overwrites its own numbers in A, already read (the answer of a
  * request is at most as long as its numbers, and starts 2 earlier), so
- * the reply is packed from A as well.  Measured (loadtest/script-cost,
- * 9 charges a call): see the "prev" variant there.
+ * the reply is packed from A as well (loadtest/script-cost, 9 charges
+ * a call, against "prev", the script before: 0.86x the redis-server CPU
+ * per charge, 4.2 -> 3.7 us).
  *
  * The script only decides (allowed iff every bucket's debt after the
  * request, d = held + cost*T, is at most burst*T) and answers each
