@@ -213,6 +213,7 @@ static variant variants[] = {
     { "cur-noset", 0, { { "    call('SET', KEYS[x], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
     { "cur-set-nofmt", 0, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
     { "cur-set-tostr", 0, { { "fmt('%d', ceil(v / 1000))", "tostring(ceil(v / 1000))" } } },
+    { "cur-set-cat", 0, { { "fmt('%d', ceil(v / 1000))", "ceil(v / 1000) .. ''" } } },
     { "cur-noalias", 0, { { "    if t < 0 then t = A[-t] end\n", "" },
                           { "      if w < 0 then w = -w else w = k end\n", "      w = k\n" } } },
     { "cur-fast1", 0, { { "  a = a + 1\n  for i = 1, nb do\n",
