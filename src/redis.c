@@ -692,7 +692,8 @@ batch_start(struct tg_redis_batch *b)
     }
 }
 
-/* FNV-1a of a bucket: its key and its limit. */
+/* FNV-1a of a bucket's key (not its limit: batch_keys meets a name
+ * under another limit on the way, for its alias). */
 static uint32_t
 rkey_hash(const char *s, size_t len)
 {
