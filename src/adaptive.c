@@ -31,6 +31,7 @@ tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
     l->win_start_us = 0;
     l->win_sum_us = 0;
     l->win_n = 0;
+    l->win_cn = 0;
     l->win_inflight = 0;
     l->win_failed = 0;
     memset(l->cls, 0, sizeof(l->cls));
@@ -111,9 +112,14 @@ class_noload(const tg_adapt_class *c)
  * and healthy traffic was shed.  Each class keeps the rule of the whole
  * (a minimum, so no upward drift under sustained overload), and a window
  * compares its time with the time its samples take unloaded.  Why slots
- * freed only after 15-30 s without a sample, and the catch-all beyond
- * them: a stream of keys seen once (ids in the path) must not push out
- * the classes that carry the signal. */
+ * freed only after 15-30 s without a sample: a stream of keys seen once
+ * (ids in the path) must not push out the classes that carry the signal.
+ * Why a key beyond them is in no class (NULL: its samples count towards
+ * the window's length and failures, not its gradient) rather than in a
+ * shared catch-all: there the fast and the slow meet again, so a client
+ * that takes the slots with a few fast paths (early 404s) and sends a
+ * few more would make every slow endpoint left out read as queueing,
+ * and the limit would shed the API's traffic for it. */
 static tg_adapt_class *
 class_of(tg_adapt_limit *l, uint32_t key)
 {
@@ -133,10 +139,9 @@ class_of(tg_adapt_limit *l, uint32_t key)
             free_slot = c;
         }
     }
-    if (free_slot == NULL) {
-        return &l->cls[0];
+    if (free_slot != NULL) {
+        free_slot->key = key;
     }
-    free_slot->key = key;
     return free_slot;
 }
 
@@ -175,15 +180,19 @@ tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
     c = class_of(l, key);
     if (ok) {
         lo_insert(l->lo_cur_us, rtt_us);
-        lo_insert(c->lo_cur_us, rtt_us);
+        if (c != NULL) {
+            lo_insert(c->lo_cur_us, rtt_us);
+        }
     }
-    c->win_n++;
-
     if (l->win_n == 0) {
         l->win_start_us = now_us;
     }
     l->win_n++;
-    l->win_sum_us += rtt_us;
+    if (c != NULL) {
+        c->win_n++;
+        l->win_cn++;
+        l->win_sum_us += rtt_us;
+    }
     if (inflight > l->win_inflight) {
         l->win_inflight = inflight;
     }
@@ -214,7 +223,7 @@ window_close(tg_adapt_limit *l)
     if (l->win_failed) {
         target = l->limit / 2;
     } else if (base != 0) {
-        g = (TG_ADAPT_TOLERANCE * base + (double)l->win_n * TG_ADAPT_SLACK_US)
+        g = (TG_ADAPT_TOLERANCE * base + (double)l->win_cn * TG_ADAPT_SLACK_US)
             / (double)l->win_sum_us;
         g = g < 0.5 ? 0.5 : g;
         if (g < 1.0) {
@@ -239,6 +248,7 @@ window_close(tg_adapt_limit *l)
         l->limit = l->max;
     }
     l->win_n = 0;
+    l->win_cn = 0;
     l->win_sum_us = 0;
     l->win_inflight = 0;
     l->win_failed = 0;

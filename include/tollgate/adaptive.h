@@ -71,8 +71,10 @@ typedef struct tg_adapt_limit {
     uint64_t min_prev_us;    /* the previous half's no-load RTT (0 = none) */
     uint64_t half_start_us;  /* start of the current half */
     uint64_t win_start_us;   /* start of the current window (0 = none yet) */
-    uint64_t win_sum_us;     /* RTTs of the window */
+    uint64_t win_sum_us;     /* RTTs of the window's samples in a class */
     unsigned win_n;          /* samples in the window */
+    unsigned win_cn;         /* ... of them in a class (the others: no
+                                gradient, only length and failures) */
     unsigned win_inflight;   /* most in flight seen in the window */
     int      win_failed;     /* a failure in the window */
     tg_adapt_class cls[TG_ADAPT_CLASSES]; /* [0]: the catch-all; a slot with
@@ -93,9 +95,10 @@ void tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
 unsigned tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
                                unsigned inflight, int ok);
 
-/* The same for an exchange of class key (any value; 0, or a new key
- * while every slot holds a class seen in the last 15-30 s: the
- * catch-all class). */
+/* The same for an exchange of class key (any value; 0: the catch-all
+ * class).  A new key while every slot holds a class seen in the last
+ * 15-30 s is in no class: its sample counts towards the window's length
+ * and a failure halves the limit, but it moves no gradient. */
 unsigned tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
                                      uint64_t rtt_us, unsigned inflight, int ok);
 

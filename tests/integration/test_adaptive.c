@@ -152,6 +152,8 @@ typedef struct client {
     pthread_t   th;
     const char *key;
     const char *path;             /* NULL: WORK */
+    int         npaths;           /* > 0: "/p<i>" for i = 0, 1, .. npaths-1 in turn */
+    int         next_path;
     int         ok_status;        /* the expected answer, 0: 200 */
     int         think_ms;         /* pause after every response */
     int         shed_pause_ms;    /* pause after a 503 */
@@ -178,8 +180,13 @@ one(client *c, uint64_t *ms)
 
     if (c->conn == NULL && (c->conn = tgh_conn_open(tg.port, 5000)) == NULL)
         return -1;
-    n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: t\r\n"
-                 "X-API-Key: %s\r\n\r\n", c->path ? c->path : WORK, c->key);
+    if (c->npaths > 0) {
+        n = snprintf(req, sizeof req, "GET /p%d HTTP/1.1\r\nHost: t\r\n"
+                     "X-API-Key: %s\r\n\r\n", c->next_path++ % c->npaths, c->key);
+    } else {
+        n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: t\r\n"
+                     "X-API-Key: %s\r\n\r\n", c->path ? c->path : WORK, c->key);
+    }
     if (tgh_conn_send(c->conn, req, (size_t)n, 5000) != 0
         || tgh_conn_read_response(c->conn, &r, 0, 10000) != 0) {
         tgh_conn_close(c->conn);
@@ -420,15 +427,14 @@ Test(adaptive, enterprise_flows_while_basic_is_shed)
 #define NSLOW     3                  /* ... on /slow?ms=50 */
 #define MIX_INITIAL 16
 
-/* An API with fast endpoints (GET /, an early 404) next to a slow one,
- * ~90 % of the requests fast, 13 clients in flight at most: far below
- * what tg-testup serves (/ and /status answer at once, /slow has no
- * worker bound).  Nothing queues upstream, so the limit must stay where
- * it was and nothing may be shed.  Before the no-load RTT was kept per
- * class of exchange, the fast ones set it, every window's mean was many
- * times larger, and the limit fell to its minimum within a second: the
- * requests queued in tollgate behind the slow ones, and 503 overloaded. */
-Test(adaptive, mixed_endpoints_are_not_queueing)
+/* 13 clients in flight at most, ~90 % of the requests fast, the rest on
+ * /slow?ms=50: far below what tg-testup serves (/, /status and any other
+ * path answer at once, /slow has no worker bound).  Nothing queues
+ * upstream, so the limit must stay where it was and nothing may be shed.
+ * The fast clients send GET / and an early 404, or (npaths > 0) each of
+ * npaths paths in turn. */
+static void
+run_mix(int npaths)
 {
     static client fast[NFAST], slow[NSLOW];
     static const char *const bkeys[] = { "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7" };
@@ -446,9 +452,22 @@ Test(adaptive, mixed_endpoints_are_not_queueing)
         fast[i].stop = &stop;
         fast[i].path = i % 2 ? "/status?code=404" : "/";
         fast[i].ok_status = i % 2 ? 404 : 200;
+        if (npaths > 0) {
+            fast[i].npaths = npaths;
+            fast[i].next_path = i;
+            fast[i].ok_status = 200;
+        }
         fast[i].think_ms = 20;
         fast[i].shed_pause_ms = 20;
         pthread_create(&fast[i].th, NULL, client_main, &fast[i]);
+    }
+    while (npaths > 0) {            /* the paths have taken the slots */
+        long seen = 0;
+        for (i = 0; i < NFAST; i++)
+            seen += fast[i].n200;
+        if (seen >= 2L * npaths)
+            break;
+        tgh_sleep_ms(5);
     }
     for (i = 0; i < NSLOW; i++) {
         slow[i].key = bkeys[i];
@@ -509,6 +528,26 @@ Test(adaptive, mixed_endpoints_are_not_queueing)
     TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 0, "shed_total counts");
     TGH_CHECK(status_num("queued") == 0, "requests still queued");
     TGH_CHECK(nslow >= 30 && nok >= 5 * nslow, "the mix: %ld fast, %ld slow", nok, nslow);
+}
+
+/* An API with fast endpoints (GET /, an early 404) next to a slow one.
+ * Before the no-load RTT was kept per class of exchange, the fast ones set
+ * it, every window's mean was many times larger, and the limit fell to
+ * its minimum within a second: the requests queued in tollgate behind the
+ * slow ones, and 503 overloaded. */
+Test(adaptive, mixed_endpoints_are_not_queueing)
+{
+    run_mix(0);
+}
+
+/* The same with the fast clients on 40 paths: they take every class slot
+ * before /slow's first answer, and the paths left over have no class.
+ * When those went to a shared catch-all with /slow, its no-load RTT was
+ * the fast paths', /slow read as queueing and the API was shed: a keyed
+ * client sending a few dozen fast paths could have it shed for all. */
+Test(adaptive, paths_beyond_the_classes_are_not_queueing)
+{
+    run_mix(40);
 }
 
 /* ---- the upstream's delays ---------------------------------------------- */

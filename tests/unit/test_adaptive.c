@@ -267,9 +267,9 @@ Test(adaptive_limit, no_drift_on_a_mix_under_overload)
 }
 
 /* The table is bounded: a stream of keys seen once (ids in the path)
- * falls into the catch-all once the slots are taken, without pushing out
- * the classes that carry the signal; a slot with no sample for two
- * halves is free again. */
+ * is in no class once the slots are taken, without pushing out the
+ * classes that carry the signal; a slot with no sample for two halves is
+ * free again. */
 Test(adaptive_limit, classes_are_bounded)
 {
     tg_adapt_limit l;
@@ -285,7 +285,7 @@ Test(adaptive_limit, classes_are_bounded)
     for (j = 1; j < TG_ADAPT_CLASSES; j++)
         found += l.cls[j].key == K_FAST || l.cls[j].key == K_404 || l.cls[j].key == K_SLOW;
     cr_assert_eq(found, 3);
-    cr_assert_neq(l.cls[0].lo_cur_us[0], 0, "the rest went to the catch-all");
+    cr_assert_eq(l.cls[0].lo_cur_us[0], 0, "the rest are in no class, not the catch-all");
     now = feed_mix(&l, now + 31000000, 100, 1, 0, 0, 1);
     now += 16000000;
     tg_adapt_limit_sample_class(&l, 5, now, 5000, 1, 1);
@@ -293,6 +293,46 @@ Test(adaptive_limit, classes_are_bounded)
         found += l.cls[j].key == 5;
     cr_assert_eq(found, 1, "an old one-off's slot was freed");
     cr_assert_eq(tg_adapt_limit_get(&l), 16);
+}
+
+/* An attack on the classes: a keyed client takes every slot with fast
+ * paths (early 404s at 1 ms, kept alive), then sends more fast paths while
+ * the API's real endpoint (50 ms) arrives too late for a slot.  Neither
+ * has a class; had they shared the catch-all, its no-load RTT would be the
+ * 1 ms of the extra paths and every 50 ms answer would read as a queue
+ * (the limit fell to its minimum).  Busy at the no-load latency of the
+ * classes there are: the limit grows, it does not shrink. */
+Test(adaptive_limit, unclassed_paths_do_not_read_as_queueing)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned i, lim, lowest;
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    for (i = 1; i < TG_ADAPT_CLASSES; i++) {          /* the attacker's slots */
+        now += 1000;
+        tg_adapt_limit_sample_class(&l, 100 + i, now, 1000, 1, 1);
+    }
+    lowest = tg_adapt_limit_get(&l);
+    for (i = 0; i < 4000; i++) {
+        uint32_t key;
+        uint64_t rtt;
+
+        now += 1000;
+        if (i % 4 == 0) {
+            key = K_SLOW, rtt = 50000 + (i % 3) * 5000;     /* the API, no slot */
+        } else if (i % 4 == 1) {
+            key = 500 + i % 7, rtt = 1000;                  /* more fast paths */
+        } else {
+            key = 101 + i % (TG_ADAPT_CLASSES - 1), rtt = 1000 + (i % 5) * 100;
+        }
+        lim = tg_adapt_limit_sample_class(&l, key, now, rtt, tg_adapt_limit_get(&l), 1);
+        if (lim < lowest) {
+            lowest = lim;
+        }
+    }
+    cr_assert_geq(lowest, 16, "the limit fell to %u", lowest);
+    cr_assert_gt(tg_adapt_limit_get(&l), 16, "busy at no-load latency: it grows");
 }
 
 /* ---- the queue ---------------------------------------------------------- */
