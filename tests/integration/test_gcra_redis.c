@@ -599,17 +599,21 @@ Test(gcra_redis, one_call_as_sequential_calls)
 
 /* The C step and the script agree exactly, field by field.  Each batch
  * starts with a probe bucket (T = 1e9 us, burst 1) whose stored TAT is
- * Redis's now + 1e9: that is the clock the C model replays. */
+ * Redis's now + 1e9: that is the clock the C model replays.  Two of the
+ * buckets are names of others under another limit (a reload changing a
+ * tier while charges are batched): one TAT per name, in the model as in
+ * Redis. */
 Test(gcra_redis, same_results_as_c)
 {
-    enum { NKEYS = 6, BATCHES = 60, PER = 40 };
+    enum { NKEYS = 6, NLIM = 8, BATCHES = 60, PER = 40 };
     static const char *names[NKEYS] = {
         "tg:{a}:minute", "tg:{a}:burst", "tg:{b}:minute", "tg:{b}:burst",
         "tg:{c}:x", "tg:global",
     };
-    tg_gcra_limit lk[NKEYS] = {
+    static const size_t name_of[NLIM] = { 0, 1, 2, 3, 4, 5, 0, 5 };
+    tg_gcra_limit lk[NLIM] = {
         { 50000, 10 }, { 20000, 3 }, { 7001, 20 }, { 333334, 2 }, { 1, 1000 },
-        { 1000, 50 },
+        { 1000, 50 }, { 30000, 6 }, { 2500, 80 },
     };
     uint64_t model[NKEYS] = { 0 };
     uint64_t rng = 12345;
@@ -632,8 +636,8 @@ Test(gcra_redis, same_results_as_c)
             q[i].cost = (uint32_t)((rng >> 40) % 4);
             for (b = 0; b < q[i].n; b++) {
                 rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
-                idx[i][b] = (size_t)((rng >> 33) % NKEYS);
-                q[i].keys[b] = names[idx[i][b]];
+                idx[i][b] = (size_t)((rng >> 33) % NLIM);
+                q[i].keys[b] = names[name_of[idx[i][b]]];
                 q[i].lim[b] = lk[idx[i][b]];
             }
         }
@@ -649,7 +653,7 @@ Test(gcra_redis, same_results_as_c)
             tg_gcra_result c;
             size_t b;
             for (b = 0; b < q[i].n; b++) {
-                tat[b] = model[idx[i][b]];
+                tat[b] = model[name_of[idx[i][b]]];
             }
             tg_gcra_charge(q[i].lim, tat, NULL, q[i].n, q[i].cost, now, &c);
             cr_assert_eq(res[i].allowed, c.allowed, "batch %d req %d", batch, i);
@@ -659,7 +663,7 @@ Test(gcra_redis, same_results_as_c)
             cr_assert_eq(res[i].limiting, c.limiting, "batch %d req %d", batch, i);
             if (c.allowed) {
                 for (b = 0; b < q[i].n; b++) {
-                    model[idx[i][b]] = tat[b];
+                    model[name_of[idx[i][b]]] = tat[b];
                 }
                 allowed++;
             } else {
