@@ -145,6 +145,55 @@ class_of(tg_adapt_limit *l, uint32_t key)
     return free_slot;
 }
 
+/* An id in a path segment: all digits, or 16+ characters of hex and
+ * dashes (a hash, a UUID), or 20+ of a token alphabet with a digit in it
+ * (base64url or similar ids).  Names of endpoints ("v1", "orders",
+ * "2fa") stay themselves. */
+static int
+id_segment(const char *s, size_t n)
+{
+    size_t i, digits = 0, hex = 0, token = 0;
+
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        int d = c >= '0' && c <= '9';
+        int h = d || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') || c == '-';
+        int t = h || ((c | 0x20) >= 'g' && (c | 0x20) <= 'z') || c == '_';
+
+        digits += (size_t)d;
+        hex += (size_t)h;
+        token += (size_t)t;
+    }
+    return n > 0 && (digits == n || (n >= 16 && hex == n)
+                     || (n >= 20 && token == n && digits > 0));
+}
+
+uint32_t
+tg_adapt_class_key(const char *method, size_t method_len, const char *path,
+                   size_t path_len)
+{
+    uint32_t h = 2166136261u;
+    size_t i, seg;
+
+    for (i = 0; method != NULL && i < method_len; i++) {
+        h = (h ^ (unsigned char)method[i]) * 16777619u;
+    }
+    h = (h ^ ' ') * 16777619u;
+    for (i = 0; path != NULL && i < path_len && path[i] != '?'; i = seg) {
+        for (seg = i + 1; seg < path_len && path[seg] != '/' && path[seg] != '?'; seg++) {
+        }
+        if (path[i] == '/' && id_segment(path + i + 1, seg - i - 1)) {
+            h = (h ^ '/') * 16777619u;
+            h = (h ^ 0xff) * 16777619u;     /* not a byte of any path */
+            continue;
+        }
+        for (size_t k = i; k < seg; k++) {
+            h = (h ^ (unsigned char)path[k]) * 16777619u;
+        }
+    }
+    return h != 0 ? h : 1;
+}
+
 unsigned
 tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
                       unsigned inflight, int ok)

@@ -303,27 +303,18 @@ tg_upstream_report_status(struct tg_uconn *uc, int status)
     report(uc, status < 502 || status > 504, status >= 500, status);
 }
 
-/* FNV-1a of the method and the path without its query: the class is
- * that and the status class (an early 4xx is its own), so that the
- * adaptive limit compares an exchange with others of its kind. */
+/* The method and the path without its query or ids
+ * (tg_adapt_class_key): the class is that and the status class (an early
+ * 4xx is its own), so that the adaptive limit compares an exchange with
+ * others of its kind. */
 void
 tg_upstream_set_class(struct tg_uconn *uc, const char *method, size_t method_len,
                       const char *path, size_t path_len)
 {
-    uint32_t h = 2166136261u;
-    size_t i;
-
     if (!uc->pool->adaptive) {
         return;                          /* nothing compares it */
     }
-    for (i = 0; method != NULL && i < method_len; i++) {
-        h = (h ^ (unsigned char)method[i]) * 16777619u;
-    }
-    h = (h ^ ' ') * 16777619u;
-    for (i = 0; path != NULL && i < path_len && path[i] != '?'; i++) {
-        h = (h ^ (unsigned char)path[i]) * 16777619u;
-    }
-    uc->cls = h != 0 ? h : 1;
+    uc->cls = tg_adapt_class_key(method, method_len, path, path_len);
 }
 
 /* The outcome of uc's exchange: ok for the breaker and the adaptive limit,

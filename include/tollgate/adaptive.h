@@ -95,6 +95,14 @@ void tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
 unsigned tg_adapt_limit_sample(tg_adapt_limit *l, uint64_t now_us, uint64_t rtt_us,
                                unsigned inflight, int ok);
 
+/* The class key of an exchange (never 0): FNV-1a of the method and the
+ * path up to its query, each segment that is an id (all digits; 16+ of
+ * hex and dashes; 20+ of a token alphabet with a digit) hashed as one
+ * placeholder, so /items/123 and /items/456 are one class: a REST API's
+ * ids would otherwise take every slot and leave its endpoints in none. */
+uint32_t tg_adapt_class_key(const char *method, size_t method_len, const char *path,
+                            size_t path_len);
+
 /* The same for an exchange of class key (any value; 0: the catch-all
  * class).  A new key while every slot holds a class seen in the last
  * 15-30 s is in no class: its sample counts towards the window's length

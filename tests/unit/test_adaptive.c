@@ -335,6 +335,37 @@ Test(adaptive_limit, unclassed_paths_do_not_read_as_queueing)
     cr_assert_gt(tg_adapt_limit_get(&l), 16, "busy at no-load latency: it grows");
 }
 
+static uint32_t
+ck(const char *method, const char *path)
+{
+    return tg_adapt_class_key(method, strlen(method), path, strlen(path));
+}
+
+/* Ids in the path are one class with their endpoint: digits, hashes and
+ * UUIDs, long tokens with a digit; endpoint names, methods and the rest
+ * of the path still tell classes apart; the query never does. */
+Test(adaptive_limit, class_keys_fold_ids_in_the_path)
+{
+    cr_assert_eq(ck("GET", "/items/123"), ck("GET", "/items/98765432101"));
+    cr_assert_eq(ck("GET", "/users/42/orders/7"), ck("GET", "/users/1/orders/99"));
+    cr_assert_eq(ck("GET", "/o/3f2504e0-4f89-11d3-9a0c-0305e82c3301"),
+                 ck("GET", "/o/0123456789abcdef0123"));
+    cr_assert_eq(ck("GET", "/t/AbCdEfGhIjKlMnOpQrSt9_x"), ck("GET", "/t/Zz9aaaaaaaaaaaaaaaaaaa"));
+    cr_assert_eq(ck("GET", "/search?q=a"), ck("GET", "/search?q=b&page=2"));
+    cr_assert_eq(ck("GET", "/items/123?x=1"), ck("GET", "/items/5"));
+    cr_assert_neq(ck("GET", "/items/123"), ck("POST", "/items/123"));
+    cr_assert_neq(ck("GET", "/items/123"), ck("GET", "/items"));
+    cr_assert_neq(ck("GET", "/items/123"), ck("GET", "/users/123"));
+    cr_assert_neq(ck("GET", "/v1/items"), ck("GET", "/v2/items"));
+    cr_assert_neq(ck("GET", "/auth/2fa"), ck("GET", "/auth/3fa"), "short names stay");
+    cr_assert_neq(ck("GET", "/items/123"), ck("GET", "/items/123/history"));
+    cr_assert_neq(ck("GET", "/deadbeef"), ck("GET", "/cafe"), "short hex is a name");
+    cr_assert_neq(ck("GET", "/a/abcdefghijklmnopqrstu"), ck("GET", "/a/vwxyzabcdefghijklmnop"),
+                  "a long word without a digit is a name");
+    cr_assert_neq(ck("GET", ""), 0u);
+    cr_assert_neq(tg_adapt_class_key(NULL, 0, NULL, 0), 0u);
+}
+
 /* ---- the queue ---------------------------------------------------------- */
 
 Test(adaptive_queue, priority_then_fifo)
