@@ -10,7 +10,8 @@
 
 static void window_close(tg_adapt_limit *l);
 static tg_adapt_class *class_of(tg_adapt_limit *l, uint32_t key);
-static uint64_t class_noload(const tg_adapt_class *c);
+static uint64_t noload_of(const uint64_t *lo_cur, uint64_t min_prev);
+static void half_roll(uint64_t *lo_cur, uint64_t *min_prev);
 static void lo_insert(uint64_t *lo, uint64_t v);
 static uint64_t lo_rank(const uint64_t *lo);
 static double root(double x);
@@ -48,12 +49,25 @@ tg_adapt_limit_get(const tg_adapt_limit *l)
 uint64_t
 tg_adapt_limit_noload_us(const tg_adapt_limit *l)
 {
-    uint64_t cur = lo_rank(l->lo_cur_us);
+    return noload_of(l->lo_cur_us, l->min_prev_us);
+}
 
-    if (l->min_prev_us != 0 && (cur == 0 || l->min_prev_us < cur)) {
-        return l->min_prev_us;
-    }
-    return cur;
+/* A no-load RTT (of all samples, or of a class): the lower of the two
+ * halves' (0 = none). */
+static uint64_t
+noload_of(const uint64_t *lo_cur, uint64_t min_prev)
+{
+    uint64_t cur = lo_rank(lo_cur);
+
+    return min_prev != 0 && (cur == 0 || min_prev < cur) ? min_prev : cur;
+}
+
+/* A half ends: its no-load RTT becomes the previous one. */
+static void
+half_roll(uint64_t *lo_cur, uint64_t *min_prev)
+{
+    *min_prev = lo_rank(lo_cur);
+    memset(lo_cur, 0, TG_ADAPT_NOLOAD_RANK * sizeof(*lo_cur));
 }
 
 /* Why not the smallest sample: nothing bounds an RTT from below.  An
@@ -91,18 +105,6 @@ lo_rank(const uint64_t *lo)
         i--;
     }
     return i == 0 ? 0 : lo[i - 1];
-}
-
-/* A class's no-load RTT, as tg_adapt_limit_noload_us() for all. */
-static uint64_t
-class_noload(const tg_adapt_class *c)
-{
-    uint64_t cur = lo_rank(c->lo_cur_us);
-
-    if (c->min_prev_us != 0 && (cur == 0 || c->min_prev_us < cur)) {
-        return c->min_prev_us;
-    }
-    return cur;
 }
 
 /* Why classes: an API has endpoints at 1-5 ms (health, cached reads, an
@@ -217,12 +219,9 @@ tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
     if (l->half_start_us == 0) {
         l->half_start_us = now_us;
     } else if (now_us - l->half_start_us >= TG_ADAPT_MIN_HALF_US) {
-        l->min_prev_us = lo_rank(l->lo_cur_us);
-        memset(l->lo_cur_us, 0, sizeof(l->lo_cur_us));
+        half_roll(l->lo_cur_us, &l->min_prev_us);
         for (i = 0; i < TG_ADAPT_CLASSES; i++) {
-            c = &l->cls[i];
-            c->min_prev_us = lo_rank(c->lo_cur_us);
-            memset(c->lo_cur_us, 0, sizeof(c->lo_cur_us));
+            half_roll(l->cls[i].lo_cur_us, &l->cls[i].min_prev_us);
         }
         l->half_start_us = now_us;
     }
@@ -266,7 +265,8 @@ window_close(tg_adapt_limit *l)
 
     /* the window's samples, each at its own class's no-load RTT */
     for (i = 0; i < TG_ADAPT_CLASSES; i++) {
-        base += (double)l->cls[i].win_n * (double)class_noload(&l->cls[i]);
+        base += (double)l->cls[i].win_n
+                * (double)noload_of(l->cls[i].lo_cur_us, l->cls[i].min_prev_us);
         l->cls[i].win_n = 0;
     }
     if (l->win_failed) {

@@ -97,7 +97,8 @@ void tg_upstream_report(struct tg_uconn *uc, int ok);
 void tg_upstream_report_status(struct tg_uconn *uc, int status);
 
 /* The class of the request uc carries, for the adaptive limit (its
- * method and path, the query left out); before the report.  Without it
+ * method and path, the query left out and ids folded:
+ * tg_adapt_class_key); before the report.  Without it
  * the exchange counts in a catch-all class. */
 void tg_upstream_set_class(struct tg_uconn *uc, const char *method, size_t method_len,
                            const char *path, size_t path_len);
