@@ -7,6 +7,7 @@
 #   . "$(dirname "$0")/lib.sh"
 #   lt_init bench                 # names messages, makes $TMP, sets traps
 #   lt_start_testup               # -> UP_PORT TESTUP_PID
+#   lt_start_origin_nginx         # the same from an nginx origin (TESTUP_PID: its master)
 #   lt_gen_keys 10000             # -> $TMP/keys.txt, $TMP/keys.yaml (tier bench)
 #   lt_start_redis [PORT]         # -> REDIS_PORT REDIS_PID (PORT: a restart)
 #   lt_start_nginx NAME proxy|limit_req   # -> PORT[NAME]
@@ -105,6 +106,48 @@ lt_start_testup() {
     lt_wait_http tg-testup "http://127.0.0.1:$UP_PORT/" "${LT_PIDS[-1]}"
 }
 
+# lt_start_origin_nginx: an nginx that answers every request itself (200,
+# "ok\n", text/plain: tg-testup's answer to GET /) with TESTUP_THREADS
+# workers -> UP_PORT, TESTUP_PID (its master; the workers are its children).
+# The issue's own figures were taken behind such an upstream: nginx parses a
+# forwarded header in a fraction of what tg-testup's evhttp spends.
+lt_start_origin_nginx() {
+    local dir=$TMP/origin
+    [[ -x ${NGINX:=/usr/sbin/nginx} ]] || lt_die "nginx not found at $NGINX (apt-get install nginx-light)"
+    UP_PORT=$(lt_free_port)
+    mkdir -p "$dir/tmp"
+    {
+        if [[ $(id -u) == 0 ]]; then echo "user root;"; fi
+        cat <<EOF
+worker_processes ${TESTUP_THREADS:-1};
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+daemon off;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path       $dir/tmp/proxy;
+    fastcgi_temp_path     $dir/tmp/fastcgi;
+    uwsgi_temp_path       $dir/tmp/uwsgi;
+    scgi_temp_path        $dir/tmp/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server_tokens off;
+    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / { default_type text/plain; return 200 "ok\n"; }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    "$NGINX" -t -q -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" ||
+        lt_die "origin: nginx config test failed: $(cat "$dir/error.log")"
+    lt_spawn origin "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+    TESTUP_PID=$LAST_PID
+    lt_wait_http origin "http://127.0.0.1:$UP_PORT/" "$LAST_PID"
+}
+
 # lt_gen_keys N: $TMP/keys.txt (clear keys, one a line, for keys.lua) and
 # $TMP/keys.yaml (tollgate's keys file, every key in tier "bench").
 lt_gen_keys() {
@@ -192,12 +235,29 @@ lt_start_nginx() {
             proxy_set_header X-Request-ID \$request_id;
             proxy_set_header X-Consumer-ID \$consumer_id;"
     fi
-    if [[ ${NGINX_FWD:-0} == 1 && $kind != kong ]]; then
+    if [[ ${NGINX_FWD:-0} != 0 && $kind != kong ]]; then
         # what a production proxy_pass config forwards (and tollgate
         # always does): the upstream then parses as much as behind tollgate
         fwd="proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto \$scheme;
             proxy_set_header X-Request-ID \$request_id;"
+    fi
+    if [[ ${NGINX_FWD:-0} == same && $kind != kong ]]; then
+        # the rest of tollgate's header work, so that the upstream and the
+        # client parse the same bytes behind both: the consumer's id and
+        # tier to the upstream, the key not passed on, and the request id
+        # and the five rate-limit headers to the client (nginx cannot
+        # compute them: fixed values as long as tollgate's for tier bench)
+        fwd+="
+            proxy_set_header X-Consumer-ID k00000;
+            proxy_set_header X-Consumer-Tier bench;
+            proxy_set_header X-API-Key \"\";
+            add_header X-Request-ID \$request_id;
+            add_header RateLimit-Policy '\"bench\";q=100000;w=1';
+            add_header RateLimit '\"bench\";r=99999;t=1';
+            add_header X-RateLimit-Limit 100000;
+            add_header X-RateLimit-Remaining 99999;
+            add_header X-RateLimit-Reset 1;"
     fi
     SCHEME[$name]=http
     if [[ ${LT_TLS:-0} == 1 ]]; then
