@@ -896,15 +896,18 @@ Test(gcra_redis, floor_raises_the_debt)
  * A 32-bit packing would drop the high half; a float would round.
  */
 /* Numbers that do not fit the layout (too few for the KEYS; an alias
- * that is not an earlier KEY) are refused with an error, nothing written. */
+ * that is not an earlier KEY; a bucket's KEY index out of 1..#KEYS) are
+ * refused with an error, nothing written. */
 Test(gcra_redis, numbers_off_the_layout_are_an_error)
 {
     static const uint64_t bad[][7] = {
         { 1, 0 },                           /* no room for the key's numbers */
         { 1, 0, 17, 1, 1000000, 5, 2 },     /* alias beyond the KEY itself */
         { 1, 0, 17, 1, 1000000, 5, 0 },     /* alias 0 */
+        { 1, 0, 17, 0, 1000000, 5, 1 },     /* a bucket of KEY 0 */
+        { 1, 0, 17, 2, 1000000, 5, 1 },     /* a bucket of a KEY beyond the last */
     };
-    static const size_t nbad[] = { 2, 7, 7 };
+    static const size_t nbad[] = { 2, 7, 7, 7, 7 };
 
     for (size_t i = 0; i < TG_ARRAY_LEN(bad); i++) {
         unsigned char pk[sizeof(bad[0])];
