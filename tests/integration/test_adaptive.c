@@ -654,3 +654,53 @@ Test(adaptive, upstream_delays_are_exact)
     TGH_CHECK(min_us[1] >= 50000, "/slow?ms=50 answered in %llu us",
               (unsigned long long)min_us[1]);
 }
+
+/* ---- every server out of rotation ------------------------------------- */
+
+/* With the only server's breaker open there is no slot to wait for: the
+ * answer is the breaker's own, at once (503 unavailable, Retry-After: the
+ * time to its probe), as without adaptive:.  Before, admission counted an
+ * open server as one at its limit: every request waited the whole
+ * queue_timeout_ms in the queue (holding a place an enterprise request
+ * then evicted), and was answered "overloaded", counted as shed. */
+Test(adaptive, no_usable_server_is_not_queued)
+{
+    tgh_resp r;
+    uint64_t t0, ms;
+    int i, code = 0;
+
+    start();
+    TGH_CHECK(tgh_http(tg.port, "GET", "/", "X-API-Key: b0\r\n", NULL, 0, &r, 10000) == 0
+              && r.status == 200, "warm-up");
+    tgh_resp_free(&r);
+    tgh_proc_stop(up.proc, 5000);
+    /* until the breaker opens (5 failures in a row), connects fail: 502 */
+    for (i = 0; i < 30 && code != 503; i++) {
+        TGH_CHECK(tgh_http(tg.port, "GET", "/", "X-API-Key: b0\r\n", NULL, 0, &r,
+                           10000) == 0, "request %d", i);
+        code = r.status;
+        TGH_CHECK(code == 502 || code == 503, "status %d with the server down (%s)",
+                  code, (const char *)r.body);
+        tgh_resp_free(&r);
+    }
+    TGH_CHECK(code == 503, "never 503 with the server down");
+    for (i = 0; i < 6; i++) {
+        const char *key = i % 2 ? "X-API-Key: e0\r\n" : "X-API-Key: b1\r\n", *ra;
+
+        t0 = tgh_now_ms();
+        TGH_CHECK(tgh_http(tg.port, "GET", "/", key, NULL, 0, &r, 10000) == 0,
+                  "request %d", i);
+        ms = tgh_now_ms() - t0;
+        ra = tgh_resp_header(&r, "Retry-After");
+        cr_log_info("breaker open: %d in %llu ms, Retry-After %s: %s", r.status,
+                    (unsigned long long)ms, ra ? ra : "-", (const char *)r.body);
+        TGH_CHECK(r.status == 503 && strstr((const char *)r.body, "\"unavailable\"") != NULL,
+                  "request %d: %d %s", i, r.status, (const char *)r.body);
+        TGH_CHECK(ms < 500, "request %d: 503 after %llu ms", i, (unsigned long long)ms);
+        TGH_CHECK(ra != NULL && atoi(ra) >= 1, "Retry-After: %s", ra ? ra : "(none)");
+        tgh_resp_free(&r);
+    }
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 0, "counted as shed");
+    TGH_CHECK(status_num("queued") == 0, "requests still queued");
+    TGH_CHECK(status_num("inflight") == 0, "requests still in flight");
+}
