@@ -19,6 +19,7 @@
 
 #include <openssl/sha.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,9 @@ write_keys(void)
     return path;
 }
 
+static int first_byte_ms = 5000;     /* upstream.first_byte_timeout_ms */
+static int queue_ms = 1000;          /* adaptive.concurrency.queue_timeout_ms */
+
 /* tollgate with adaptive concurrency initial / min / max (queue 8). */
 static void
 start_limits(int initial, int min, int max)
@@ -80,12 +84,12 @@ start_limits(int initial, int min, int max)
              "auth: { keys_file: %s }\n"
              "adaptive:\n"
              "  concurrency: { initial: %d, min: %d, max: %d, queue: 8, "
-             "queue_timeout_ms: 1000 }\n"
+             "queue_timeout_ms: %d }\n"
              "  shed_order: [basic, pro, enterprise]\n",
-             write_keys(), initial, min, max);
+             write_keys(), initial, min, max, queue_ms);
     tgh_tg_opts_default(&o, up.port);
     o.workers = 1;
-    o.first_byte_timeout_ms = 5000;
+    o.first_byte_timeout_ms = first_byte_ms;
     o.extra_yaml = extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
 }
@@ -703,4 +707,131 @@ Test(adaptive, no_usable_server_is_not_queued)
     TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 0, "counted as shed");
     TGH_CHECK(status_num("queued") == 0, "requests still queued");
     TGH_CHECK(status_num("inflight") == 0, "requests still in flight");
+}
+
+/* ---- every slot given back ---------------------------------------------- */
+
+/* A request on a connection of its own, sent and not yet read. */
+static tgh_conn *
+send_on_new(const char *req)
+{
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+
+    TGH_CHECK(c != NULL, "connect");
+    TGH_CHECK(tgh_conn_sendstr(c, req) == 0, "send %s", req);
+    return c;
+}
+
+/* Its answer: the status, and the body must not be our "overloaded". */
+static int
+answer(tgh_conn *c, int flags, const char *what)
+{
+    tgh_resp r;
+    int st;
+
+    TGH_CHECK(tgh_conn_read_response(c, &r, flags, 15000) == 0, "%s: no answer (%s)",
+              what, r.reason);
+    st = r.status;
+    cr_log_info("%s: %d", what, st);
+    TGH_CHECK(strstr((const char *)r.body, "overloaded") == NULL, "%s: shed: %s", what,
+              (const char *)r.body);
+    tgh_resp_free(&r);
+    return st;
+}
+
+/* The gauges come back to exactly 0: every lending released once. */
+static void
+gauges_back_to_zero(void)
+{
+    uint64_t end = tgh_now_ms() + 10000;
+    long inflight = -1, queued = -1;
+
+    while (tgh_now_ms() < end) {
+        inflight = status_num("inflight");
+        queued = status_num("queued");
+        if (inflight == 0 && queued == 0)
+            break;
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(inflight == 0 && queued == 0, "in flight %ld, queued %ld after the storm",
+              inflight, queued);
+}
+
+#define RQ(path) "GET " path " HTTP/1.1\r\nHost: t\r\nX-API-Key: b0\r\n\r\n"
+
+/* Two slots held, the rest queued behind them, each request ending its
+ * own way: served from the queue (200, HEAD, 204, 304, chunked, a body
+ * echoed), the client gone while queued or while the upstream answers,
+ * the first-byte timeout (504), an invalid response (502), a 503 of the
+ * upstream's, a pipelined request behind a queued one, a reload in the
+ * middle.  Each gets exactly its answer and every slot comes back: the
+ * in-flight and queued gauges return to exactly 0. */
+Test(adaptive, every_slot_comes_back)
+{
+    tgh_conn *hold[2], *gone_q, *pipe_c, *head_c, *nm_c, *tmo_c, *bad_c, *u503_c,
+             *gone_up, *post_c, *after;
+    tgh_stats st;
+    static const char post[] = "POST /echo HTTP/1.1\r\nHost: t\r\nX-API-Key: e0\r\n"
+                               "Content-Length: 5\r\n\r\nhello";
+    int i;
+
+    first_byte_ms = 700;
+    queue_ms = 10000;
+    start_limits(2, 1, 2);
+    TGH_CHECK(tgh_testup_reset(up.port) == 0, "reset");
+    for (i = 0; i < 2; i++)
+        hold[i] = send_on_new(RQ("/slow?ms=400"));
+    /* wait until both hold their slot: the next ones queue */
+    for (i = 0; i < 500 && status_num("inflight") < 2; i++)
+        tgh_sleep_ms(5);
+    TGH_CHECK(status_num("inflight") == 2, "the two slots not taken");
+    gone_q = send_on_new(RQ("/slow?ms=50"));
+    pipe_c = send_on_new(RQ("/slow?ms=10") RQ("/status?code=204"));
+    head_c = send_on_new("HEAD / HTTP/1.1\r\nHost: t\r\nX-API-Key: b1\r\n\r\n");
+    nm_c = send_on_new(RQ("/status?code=304"));
+    tmo_c = send_on_new(RQ("/slow?ms=3000"));
+    bad_c = send_on_new(RQ("/raw?kind=600"));
+    u503_c = send_on_new(RQ("/status?code=503"));
+    for (i = 0; i < 500 && status_num("queued") < 7; i++)
+        tgh_sleep_ms(5);
+    TGH_CHECK(status_num("queued") == 7, "queued: %ld", status_num("queued"));
+    tgh_conn_close(gone_q);                    /* gone while queued */
+    tgh_proc_signal(tg.proc, SIGHUP, 0);       /* a reload meanwhile */
+
+    TGH_CHECK(answer(hold[0], 0, "held 1") == 200, "held 1");
+    TGH_CHECK(answer(hold[1], 0, "held 2") == 200, "held 2");
+    TGH_CHECK(answer(pipe_c, 0, "queued") == 200, "queued");
+    TGH_CHECK(answer(pipe_c, 0, "pipelined 204") == 204, "pipelined behind it");
+    TGH_CHECK(answer(head_c, TGH_HEAD_REQ, "HEAD") == 200, "HEAD");
+    TGH_CHECK(answer(nm_c, TGH_HEAD_REQ, "304") == 304, "304");
+    TGH_CHECK(answer(tmo_c, 0, "first-byte timeout") == 504, "timeout");
+    TGH_CHECK(answer(bad_c, 0, "invalid response") == 502, "invalid");
+    TGH_CHECK(answer(u503_c, 0, "upstream 503") == 503, "upstream 503");
+    /* each once (an invalid answer is not retried), and the one gone
+     * while queued never reached the upstream */
+    TGH_CHECK(tgh_testup_stats(up.port, &st) == 0, "stats");
+    TGH_CHECK(st.requests == 9, "the upstream saw %ld requests, not 9", st.requests);
+
+    /* gone while the upstream answers (a chunked body in pieces), and a
+     * body sent through */
+    gone_up = send_on_new(RQ("/chunked?n=4000&chunks=8&delay_ms=50"));
+    tgh_sleep_ms(120);
+    tgh_conn_close(gone_up);
+    post_c = send_on_new(post);
+    TGH_CHECK(answer(post_c, 0, "POST") == 200, "POST");
+    gauges_back_to_zero();
+    /* and the slots serve again */
+    after = send_on_new(RQ("/"));
+    TGH_CHECK(answer(after, 0, "after") == 200, "after");
+    for (i = 0; i < 2; i++)
+        tgh_conn_close(hold[i]);
+    tgh_conn_close(pipe_c);
+    tgh_conn_close(head_c);
+    tgh_conn_close(nm_c);
+    tgh_conn_close(tmo_c);
+    tgh_conn_close(bad_c);
+    tgh_conn_close(u503_c);
+    tgh_conn_close(post_c);
+    tgh_conn_close(after);
+    gauges_back_to_zero();
 }

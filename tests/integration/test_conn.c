@@ -532,6 +532,32 @@ Test(conn, upstream_impossible_responses_502)
     }
 }
 
+/* An invalid answer on a kept-alive connection is an answer: the server
+ * got the request and did something with it.  Only a connection closed
+ * before any byte came back is the keep-alive race worth a retry; before,
+ * every 502 in the head phase of a reused connection was taken for it and
+ * an idempotent request went to the upstream a second time. */
+Test(conn, invalid_answer_on_a_pooled_connection_is_not_sent_twice)
+{
+    tgh_conn *c;
+    tgh_stats st;
+    tgh_resp r;
+
+    start(long_upstream);
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    TGH_CHECK(roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n", &r, 10000) == 0
+              && r.status == 200, "warm-up");
+    tgh_resp_free(&r);
+    TGH_CHECK(tgh_testup_reset(up.port) == 0, "reset");
+    TGH_CHECK(roundtrip(c, "GET /raw?kind=600 HTTP/1.1\r\nHost: t\r\n\r\n", &r, 10000) == 0
+              && r.status == 502, "/raw?kind=600: %d", r.status);
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+    TGH_CHECK(tgh_testup_stats(up.port, &st) == 0, "stats");
+    TGH_CHECK(st.requests == 1, "the upstream got the request %ld times", st.requests);
+}
+
 /* ---- TLS: the handshake has its own deadline ---------------------------- */
 
 static void
