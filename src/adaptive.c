@@ -10,6 +10,7 @@
 
 static void window_close(tg_adapt_limit *l);
 static tg_adapt_class *class_of(tg_adapt_limit *l, uint32_t key);
+static uint64_t capped(const tg_adapt_class *c, uint64_t rtt_us);
 static uint64_t noload_of(const uint64_t *lo_cur, uint64_t min_prev);
 static void half_roll(uint64_t *lo_cur, uint64_t *min_prev);
 static void lo_insert(uint64_t *lo, uint64_t v);
@@ -170,6 +171,26 @@ id_segment(const char *s, size_t n)
                      || (n >= 20 && token == n && digits > 0));
 }
 
+/* Why a sample counts at most what would alone give the floor gradient
+ * (0.5: its class's no-load RTT within the tolerance, plus the slack,
+ * twice): a window is a ratio of sums, and without a bound one sample's
+ * size outweighed everything else in it.  One client whose query makes
+ * its own endpoint slow (a search for everything: 400 ms, after three
+ * cheap ones at 1 ms set the class's no-load RTT) read as a queue 300
+ * times the no-load one in every window it fell in, and at 1 request in
+ * 25 it held the limit at its minimum while the upstream was idle: one
+ * client could have everyone shed.  A queue upstream slows every answer,
+ * so a window of them still reaches the floor; this one now weighs as
+ * one slow answer among the window's. */
+static uint64_t
+capped(const tg_adapt_class *c, uint64_t rtt_us)
+{
+    uint64_t noload = noload_of(c->lo_cur_us, c->min_prev_us);
+    double cap = 2 * (TG_ADAPT_TOLERANCE * (double)noload + TG_ADAPT_SLACK_US);
+
+    return noload != 0 && (double)rtt_us > cap ? (uint64_t)cap : rtt_us;
+}
+
 uint32_t
 tg_adapt_class_key(const char *method, size_t method_len, const char *path,
                    size_t path_len)
@@ -239,7 +260,7 @@ tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
     if (c != NULL) {
         c->win_n++;
         l->win_cn++;
-        l->win_sum_us += rtt_us;
+        l->win_sum_us += capped(c, rtt_us);
     }
     if (inflight > l->win_inflight) {
         l->win_inflight = inflight;

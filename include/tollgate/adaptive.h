@@ -18,8 +18,10 @@
  * class), up to TG_ADAPT_CLASSES of them, so that each sample is compared
  * with the no-load RTT of its own kind: an API whose health checks answer
  * in 1 ms and its searches in 100 ms is not queueing.  At the end of a
- * window, with n samples, rtt_window their sum and rtt_noload the sum of
- * their classes' no-load RTTs,
+ * window, with n samples, rtt_window their sum (each sample at most
+ * 2 * (TG_ADAPT_TOLERANCE * its class's no-load RTT + TG_ADAPT_SLACK_US):
+ * what alone gives the floor gradient) and rtt_noload the sum of their
+ * classes' no-load RTTs,
  *
  *     gradient = clamp((TG_ADAPT_TOLERANCE * rtt_noload
  *                       + n * TG_ADAPT_SLACK_US) / rtt_window, 0.5, 1)

@@ -299,6 +299,27 @@ sequential(const char *key, int n)
     return pct(&c, 1, 50);
 }
 
+/* n sequential GET path with key, each a 200. */
+static void
+sequential_path(const char *key, const char *path, int n)
+{
+    static client c;
+    volatile int stop = 0;
+    uint64_t ms;
+    int i, st;
+
+    memset(&c, 0, sizeof c);
+    c.key = key;
+    c.path = path;
+    c.stop = &stop;
+    for (i = 0; i < n; i++) {
+        st = one(&c, &ms);
+        TGH_CHECK(st == 200, "%s %s: request %d answered %d", key, path, i, st);
+    }
+    if (c.conn != NULL)
+        tgh_conn_close(c.conn);
+}
+
 /* ---- the test ----------------------------------------------------------- */
 
 Test(adaptive, enterprise_flows_while_basic_is_shed)
@@ -834,4 +855,74 @@ Test(adaptive, every_slot_comes_back)
     tgh_conn_close(post_c);
     tgh_conn_close(after);
     gauges_back_to_zero();
+}
+
+/* ---- one client's slow queries ------------------------------------------ */
+
+/* A client whose queries make its own endpoint slow: three cheap ones
+ * (/slow?ms=1) set that class's no-load RTT, then 8 connections ask for
+ * 400 ms each, on an upstream far from its knee (14 in flight at most,
+ * /slow has no worker bound) next to 6 clients of GET /.  Before a
+ * sample's weight in a window was bounded, each 400 ms answer read as a
+ * queue 300 times the no-load one and halved the limit: it fell to its
+ * minimum and the others' requests were shed. */
+Test(adaptive, one_clients_slow_queries_shed_nobody)
+{
+    static client fast[6], att[8];
+    static const char *const bkeys[] = { "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7" };
+    static char trail[1024];
+    size_t trail_len = 0;
+    volatile int stop = 0;
+    long lim, min_lim = 1000000, n503 = 0, nfast = 0, natt = 0;
+    uint64_t t_end;
+    int i;
+
+    start_limits(16, 2, 64);
+    sequential_path("b7", "/slow?ms=1", 3);
+    for (i = 0; i < 6; i++) {
+        fast[i].key = i < 2 ? (i ? "e1" : "e0") : bkeys[i];
+        fast[i].stop = &stop;
+        fast[i].path = "/";
+        fast[i].think_ms = 20;
+        pthread_create(&fast[i].th, NULL, client_main, &fast[i]);
+    }
+    for (i = 0; i < 8; i++) {
+        att[i].key = "b7";
+        att[i].stop = &stop;
+        att[i].path = "/slow?ms=400";
+        att[i].shed_pause_ms = 20;
+        pthread_create(&att[i].th, NULL, client_main, &att[i]);
+        tgh_sleep_ms(50);                 /* spread: an answer every 50 ms */
+    }
+    t_end = tgh_now_ms() + 4000;
+    while (tgh_now_ms() < t_end) {
+        lim = status_num("limit");
+        if (lim >= 0 && lim < min_lim)
+            min_lim = lim;
+        if (trail_len + 8 < sizeof trail)
+            trail_len += (size_t)snprintf(trail + trail_len, sizeof trail - trail_len,
+                                          " %ld", lim);
+        tgh_sleep_ms(200);
+    }
+    stop = 1;
+    for (i = 0; i < 6; i++)
+        pthread_join(fast[i].th, NULL);
+    for (i = 0; i < 8; i++)
+        pthread_join(att[i].th, NULL);
+    for (i = 0; i < 6; i++) {
+        n503 += fast[i].n503;
+        nfast += fast[i].n200;
+        TGH_CHECK(fast[i].nfail == 0 && fast[i].nother == 0, "fast: %ld failed, %ld %d",
+                  fast[i].nfail, fast[i].nother, fast[i].other_status);
+    }
+    for (i = 0; i < 8; i++) {
+        n503 += att[i].n503;
+        natt += att[i].n200;
+    }
+    cr_log_info("slow queries: %ld fast and %ld slow answered, %ld shed (enterprise %ld);"
+                " lowest limit %ld; every 200 ms:%s", nfast, natt, n503,
+                fast[0].n503 + fast[1].n503, min_lim, trail);
+    TGH_CHECK(nfast >= 200 && natt >= 24, "the load: %ld fast, %ld slow", nfast, natt);
+    TGH_CHECK(n503 == 0, "%ld requests shed (limit every 200 ms:%s)", n503, trail);
+    TGH_CHECK(min_lim >= 8, "the limit fell to %ld (every 200 ms:%s)", min_lim, trail);
 }
