@@ -245,7 +245,7 @@ tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
         l->win_inflight = inflight;
     }
     if (!ok) {
-        l->win_failed = 1;
+        l->win_failed++;
     }
     noload = tg_adapt_limit_noload_us(l);
     if ((l->win_n >= TG_ADAPT_WIN_SAMPLES && now_us - l->win_start_us >= noload)
@@ -297,7 +297,15 @@ window_close(tg_adapt_limit *l)
     unsigned i;
     int idle = 0;
 
-    if (l->win_failed) {
+    /* Why half of the window's samples, not any one: a failure is the
+     * upstream's answer to one request (an app's 503 for one feature, a
+     * gateway's 504 for one slow backend).  One client asking for such a
+     * thing 27 times a second put a failure in most windows, and the
+     * limit sat at its minimum with the upstream idle, everyone's
+     * requests queued behind it.  A server that fails (down, refusing,
+     * timing out everything) fails every sample; fewer failures move the
+     * limit through their time, as any sample. */
+    if (l->win_failed * 2 >= l->win_n) {
         target = l->limit / 2;
     } else if (l->win_cn != 0) {
         g = window_gradient(l);

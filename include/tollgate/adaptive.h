@@ -27,7 +27,8 @@
  *     gradient = clamp(allow / sum(min(rtt_c, allow_c + n_c * allow / n)),
  *                      0.5, 1)
  *     gradient < 1 (queueing upstream)  -> target = limit * gradient
- *     a failure in the window (5xx, timeout) -> target = limit / 2
+ *     failures (5xx, timeout): half the window's samples or more
+ *                                        -> target = limit / 2
  *     gradient 1, busy (in flight >= limit/2) -> target = limit + sqrt(limit)
  *     gradient 1, idle, below initial    -> target = limit + sqrt(limit),
  *                                           at most initial
@@ -80,7 +81,7 @@ typedef struct tg_adapt_limit {
     unsigned win_cn;         /* ... of them in a class (the others: no
                                 gradient, only length and failures) */
     unsigned win_inflight;   /* most in flight seen in the window */
-    int      win_failed;     /* a failure in the window */
+    unsigned win_failed;     /* failures in the window */
     tg_adapt_class cls[TG_ADAPT_CLASSES]; /* [0]: the catch-all; a slot with
                                              no sample in either half is free */
 } tg_adapt_limit;
@@ -110,7 +111,8 @@ uint32_t tg_adapt_class_key(const char *method, size_t method_len, const char *p
 /* The same for an exchange of class key (any value; 0: the catch-all
  * class).  A new key while every slot holds a class seen in the last
  * 15-30 s is in no class: its sample counts towards the window's length
- * and a failure halves the limit, but it moves no gradient. */
+ * and its failure counts towards the window's, but it moves no
+ * gradient. */
 unsigned tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
                                      uint64_t rtt_us, unsigned inflight, int ok);
 

@@ -926,3 +926,67 @@ Test(adaptive, one_clients_slow_queries_shed_nobody)
     TGH_CHECK(n503 == 0, "%ld requests shed (limit every 200 ms:%s)", n503, trail);
     TGH_CHECK(min_lim >= 8, "the limit fell to %ld (every 200 ms:%s)", min_lim, trail);
 }
+
+/* ---- one client's failing requests -------------------------------------- */
+
+/* A client asking for something the upstream answers 503 to (an app's
+ * own "unavailable" for one feature) about 20 times a second, next to 6
+ * clients of /slow?ms=20 on an upstream far from its knee.  Each 503 is a
+ * failure for the limit: while one failure halved its window, the limit
+ * sat at its minimum (2) and the others' requests queued in tollgate. */
+Test(adaptive, one_clients_failures_keep_the_limit)
+{
+    static client fast[6], att[1];
+    static const char *const bkeys[] = { "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7" };
+    static char trail[1024];
+    size_t trail_len = 0;
+    volatile int stop = 0;
+    long lim, min_lim = 1000000, nshed = 0, nfast = 0, natt = 0;
+    uint64_t t_end;
+    int i;
+
+    start_limits(16, 2, 64);
+    for (i = 0; i < 6; i++) {
+        fast[i].key = i < 2 ? (i ? "e1" : "e0") : bkeys[i];
+        fast[i].stop = &stop;
+        fast[i].path = "/slow?ms=20";
+        fast[i].think_ms = 10;
+        pthread_create(&fast[i].th, NULL, client_main, &fast[i]);
+    }
+    for (i = 0; i < 1; i++) {
+        att[i].key = "b7";
+        att[i].stop = &stop;
+        att[i].path = "/status?code=503";
+        att[i].ok_status = 503;
+        att[i].think_ms = 50;
+        pthread_create(&att[i].th, NULL, client_main, &att[i]);
+    }
+    t_end = tgh_now_ms() + 4000;
+    while (tgh_now_ms() < t_end) {
+        lim = status_num("limit");
+        if (lim >= 0 && lim < min_lim)
+            min_lim = lim;
+        if (trail_len + 8 < sizeof trail)
+            trail_len += (size_t)snprintf(trail + trail_len, sizeof trail - trail_len,
+                                          " %ld", lim);
+        tgh_sleep_ms(200);
+    }
+    stop = 1;
+    for (i = 0; i < 6; i++)
+        pthread_join(fast[i].th, NULL);
+    for (i = 0; i < 1; i++)
+        pthread_join(att[i].th, NULL);
+    for (i = 0; i < 6; i++) {
+        nshed += fast[i].n503;
+        nfast += fast[i].n200;
+    }
+    for (i = 0; i < 1; i++)
+        natt += att[i].n200;
+    nshed = (long)metric("tollgate_shed_total{tier=\"basic\"}")
+            + (long)metric("tollgate_shed_total{tier=\"enterprise\"}");
+    cr_log_info("failures: %ld answered (p50 %llu ms), %ld 503s of the upstream's, %ld shed;"
+                " lowest limit %ld; every 200 ms:%s", nfast,
+                (unsigned long long)pct(fast, 6, 50), natt, nshed, min_lim, trail);
+    TGH_CHECK(nshed == 0, "%ld requests shed (limit every 200 ms:%s)", nshed, trail);
+    TGH_CHECK(min_lim >= 8, "the limit fell to %ld (every 200 ms:%s)", min_lim, trail);
+}

@@ -374,6 +374,31 @@ Test(adaptive_limit, one_slow_class_does_not_read_as_queueing)
     one_slow_class(50000);              /* ... or 50 ms */
 }
 
+/* One failure in 25 samples (one client's requests the upstream answers
+ * 503 to, on a healthy upstream) does not halve the limit: failures in
+ * half a window do.  Before, any one failure halved its window and the
+ * limit fell to its minimum. */
+Test(adaptive_limit, a_failing_minority_does_not_halve)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned i, lim, lowest;
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    now = feed_mix(&l, now, 1000, 1, 0, 1, 1);
+    lowest = tg_adapt_limit_get(&l);
+    for (i = 0; i < 200; i++) {
+        now = feed_mix(&l, now, 24, 1, 0, 1, 1);
+        now += 1000;
+        lim = tg_adapt_limit_sample_class(&l, 98, now, 1000, tg_adapt_limit_get(&l), 0);
+        if (lim < lowest)
+            lowest = lim;
+    }
+    cr_assert_geq(lowest, 16, "the limit fell to %u", lowest);
+    now = feed(&l, now, 64, 1000, 16, 0);        /* everything fails */
+    cr_assert_lt(tg_adapt_limit_get(&l), 16, "got %u", tg_adapt_limit_get(&l));
+}
+
 static uint32_t
 ck(const char *method, const char *path)
 {
