@@ -990,3 +990,78 @@ Test(adaptive, one_clients_failures_keep_the_limit)
     TGH_CHECK(nshed == 0, "%ld requests shed (limit every 200 ms:%s)", nshed, trail);
     TGH_CHECK(min_lim >= 8, "the limit fell to %ld (every 200 ms:%s)", min_lim, trail);
 }
+
+/* ---- the queue's three answers, with the upstream stalled --------------- */
+
+/* The 503 of a shed request: its message names the case. */
+static void
+shed_answer(tgh_conn *c, const char *what, const char *words, uint64_t t0,
+            uint64_t min_ms, uint64_t max_ms)
+{
+    tgh_resp r;
+    uint64_t ms;
+    const char *ra;
+
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 10000) == 0, "%s: no answer (%s)", what,
+              r.reason);
+    ms = tgh_now_ms() - t0;
+    ra = tgh_resp_header(&r, "Retry-After");
+    cr_log_info("%s: %d after %llu ms: %s", what, r.status, (unsigned long long)ms,
+                (const char *)r.body);
+    TGH_CHECK(r.status == 503 && strstr((const char *)r.body, "\"overloaded\"") != NULL
+              && strstr((const char *)r.body, words) != NULL, "%s: %d %s", what, r.status,
+              (const char *)r.body);
+    TGH_CHECK(ra != NULL && strcmp(ra, "1") == 0, "%s: Retry-After %s", what, ra ? ra : "-");
+    TGH_CHECK(ms >= min_ms && ms <= max_ms, "%s: after %llu ms, not in [%llu, %llu]", what,
+              (unsigned long long)ms, (unsigned long long)min_ms,
+              (unsigned long long)max_ms);
+    tgh_resp_free(&r);
+}
+
+#define RQK(path, key) "GET " path " HTTP/1.1\r\nHost: t\r\nX-API-Key: " key "\r\n\r\n"
+
+/* Both slots held by a stalled upstream (2 s): 8 basic requests fill the
+ * queue, a 9th is refused at once (full), an enterprise one takes the
+ * newest basic one's place (evicted, at once), and every waiter is
+ * answered when its queue_timeout_ms (400) passes, the upstream still
+ * stalled: nobody hangs, and the gauges come back to 0. */
+Test(adaptive, queue_answers_everyone_while_the_upstream_stalls)
+{
+    tgh_conn *hold[2], *q[8], *full, *ent;
+    uint64_t t0;
+    int i;
+
+    queue_ms = 400;
+    start_limits(2, 1, 2);
+    for (i = 0; i < 2; i++)
+        hold[i] = send_on_new(RQ("/slow?ms=2000"));
+    for (i = 0; i < 500 && status_num("inflight") < 2; i++)
+        tgh_sleep_ms(5);
+    TGH_CHECK(status_num("inflight") == 2, "the two slots not taken");
+    t0 = tgh_now_ms();
+    for (i = 0; i < 8; i++)
+        q[i] = send_on_new(RQ("/"));
+    for (i = 0; i < 500 && status_num("queued") < 8; i++)
+        tgh_sleep_ms(2);
+    TGH_CHECK(status_num("queued") == 8, "queued: %ld", status_num("queued"));
+    full = send_on_new(RQ("/"));
+    shed_answer(full, "full", "queue is full", t0, 0, 400);
+    ent = send_on_new(RQK("/", "e0"));
+    shed_answer(q[7], "evicted", "took this one's place", t0, 0, 400);
+    for (i = 0; i < 7; i++)
+        shed_answer(q[i], "timed out", "no slot freed", t0, 400, 3000);
+    shed_answer(ent, "enterprise timed out", "no slot freed", t0, 400, 3000);
+    TGH_CHECK(answer(hold[0], 0, "held 1") == 200, "held 1");
+    TGH_CHECK(answer(hold[1], 0, "held 2") == 200, "held 2");
+    gauges_back_to_zero();
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 9, "basic shed %g",
+              metric("tollgate_shed_total{tier=\"basic\"}"));
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"enterprise\"}") == 1, "enterprise shed %g",
+              metric("tollgate_shed_total{tier=\"enterprise\"}"));
+    for (i = 0; i < 8; i++)
+        tgh_conn_close(q[i]);
+    tgh_conn_close(full);
+    tgh_conn_close(ent);
+    tgh_conn_close(hold[0]);
+    tgh_conn_close(hold[1]);
+}
