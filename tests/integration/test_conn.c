@@ -756,12 +756,14 @@ fd_count(pid_t pid)
     return n;
 }
 
+static int pool_workers;
+
 static void
 pool_auto(tgh_tg_opts *o)
 {
     o->keepalive = -1;                 /* auto */
     o->keepalive_timeout_ms = 1500;
-    o->workers = 1;
+    o->workers = pool_workers;
 }
 
 /* One round: every client sends GET /slow?ms=100 at once, then each
@@ -787,7 +789,8 @@ round_of(tgh_conn **c, int n)
  * (no churn: no new connection), and once the clients are gone and the
  * idle ones expire (keepalive_timeout_ms), tollgate holds exactly the
  * descriptors it held before. */
-Test(conn, pool_auto_under_a_thousand_clients)
+static void
+pool_under_a_thousand_clients(int workers)
 {
     enum { N = 1000 };
     static tgh_conn *c[N];
@@ -796,6 +799,7 @@ Test(conn, pool_auto_under_a_thousand_clients)
     int fd0, fd1 = -1, fd2 = -1;
     uint64_t end;
 
+    pool_workers = workers;
     start(pool_auto);
     TGH_CHECK(tgh_http(tg.port, "GET", "/", NULL, NULL, 0, &r, 5000) == 0, "warm-up");
     tgh_resp_free(&r);
@@ -835,6 +839,18 @@ Test(conn, pool_auto_under_a_thousand_clients)
     while (tgh_now_ms() < end && (fd2 = fd_count(tg.proc->pid)) != fd0 + 1)
         tgh_sleep_ms(20);
     TGH_CHECK(fd2 <= fd0 + 1, "fds %d after one more request", fd2);
+}
+
+/* The one worker accepts on its own socket (the accept path of
+ * workers: 1); two get theirs from the main thread through their pipes. */
+Test(conn, pool_auto_under_a_thousand_clients_one_worker)
+{
+    pool_under_a_thousand_clients(1);
+}
+
+Test(conn, pool_auto_under_a_thousand_clients_two_workers)
+{
+    pool_under_a_thousand_clients(2);
 }
 
 /* ---- a pooled connection the upstream closed ---------------------------- */
