@@ -9,6 +9,7 @@
 #include <string.h>
 
 static void window_close(tg_adapt_limit *l);
+static double window_gradient(tg_adapt_limit *l);
 static tg_adapt_class *class_of(tg_adapt_limit *l, uint32_t key);
 static uint64_t noload_of(const uint64_t *lo_cur, uint64_t min_prev);
 static void half_roll(uint64_t *lo_cur, uint64_t *min_prev);
@@ -30,7 +31,6 @@ tg_adapt_limit_init(tg_adapt_limit *l, unsigned initial, unsigned min,
     l->min_prev_us = 0;
     l->half_start_us = 0;
     l->win_start_us = 0;
-    l->win_sum_us = 0;
     l->win_n = 0;
     l->win_cn = 0;
     l->win_inflight = 0;
@@ -238,14 +238,14 @@ tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
     l->win_n++;
     if (c != NULL) {
         c->win_n++;
+        c->win_sum_us += rtt_us;
         l->win_cn++;
-        l->win_sum_us += rtt_us;
     }
     if (inflight > l->win_inflight) {
         l->win_inflight = inflight;
     }
     if (!ok) {
-        l->win_failed = 1;
+        l->win_failed++;
     }
     noload = tg_adapt_limit_noload_us(l);
     if ((l->win_n >= TG_ADAPT_WIN_SAMPLES && now_us - l->win_start_us >= noload)
@@ -255,25 +255,60 @@ tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
     return tg_adapt_limit_get(l);
 }
 
+/* Why a class's excess (its time over what its samples may take) counts
+ * at most the window's mean allowance per sample, times its samples: the
+ * window is a ratio of sums, and without a bound one sample's size
+ * outweighed everything else in it.  One client whose query makes its
+ * own endpoint slow (a search for everything: 400 ms, after three cheap
+ * ones set the class's no-load RTT) read as a queue in every window it
+ * fell in, and at 1 request in 25 it held the limit at its minimum while
+ * the upstream was idle: one client could have everyone else shed.  A
+ * queue upstream slows every class: each one's excess is still counted,
+ * up to a sample's worth each, and the window still reads as queueing
+ * (the gradient is clamped at 0.5 anyway); one class's answers now move
+ * it by their count, not their size. */
+static double
+window_gradient(tg_adapt_limit *l)
+{
+    double allow = 0, sum = 0, per, a, cap;
+    unsigned i;
+
+    for (i = 0; i < TG_ADAPT_CLASSES; i++) {
+        l->cls[i].win_allow = (double)l->cls[i].win_n
+            * (TG_ADAPT_TOLERANCE
+               * (double)noload_of(l->cls[i].lo_cur_us, l->cls[i].min_prev_us)
+               + TG_ADAPT_SLACK_US);
+        allow += l->cls[i].win_allow;
+    }
+    per = l->win_cn != 0 ? allow / l->win_cn : 0;
+    for (i = 0; i < TG_ADAPT_CLASSES; i++) {
+        a = l->cls[i].win_allow;
+        cap = a + (double)l->cls[i].win_n * per;
+        sum += (double)l->cls[i].win_sum_us < cap ? (double)l->cls[i].win_sum_us : cap;
+    }
+    return allow > 0 && sum > 0 ? allow / sum : 1;
+}
+
 /* One window's verdict (the rule in adaptive.h). */
 static void
 window_close(tg_adapt_limit *l)
 {
-    double target = l->limit, base = 0, g;
+    double target = l->limit, g;
     unsigned i;
     int idle = 0;
 
-    /* the window's samples, each at its own class's no-load RTT */
-    for (i = 0; i < TG_ADAPT_CLASSES; i++) {
-        base += (double)l->cls[i].win_n
-                * (double)noload_of(l->cls[i].lo_cur_us, l->cls[i].min_prev_us);
-        l->cls[i].win_n = 0;
-    }
-    if (l->win_failed) {
+    /* Why half of the window's samples, not any one: a failure is the
+     * upstream's answer to one request (an app's 503 for one feature, a
+     * gateway's 504 for one slow backend).  One client asking for such a
+     * thing 27 times a second put a failure in most windows, and the
+     * limit sat at its minimum with the upstream idle, everyone's
+     * requests queued behind it.  A server that fails (down, refusing,
+     * timing out everything) fails every sample; fewer failures move the
+     * limit through their time, as any sample. */
+    if (l->win_failed * 2 >= l->win_n) {
         target = l->limit / 2;
-    } else if (base != 0) {
-        g = (TG_ADAPT_TOLERANCE * base + (double)l->win_cn * TG_ADAPT_SLACK_US)
-            / (double)l->win_sum_us;
+    } else if (l->win_cn != 0) {
+        g = window_gradient(l);
         g = g < 0.5 ? 0.5 : g;
         if (g < 1.0) {
             target = l->limit * g;
@@ -296,9 +331,12 @@ window_close(tg_adapt_limit *l)
     } else if (l->limit > l->max) {
         l->limit = l->max;
     }
+    for (i = 0; i < TG_ADAPT_CLASSES; i++) {
+        l->cls[i].win_n = 0;
+        l->cls[i].win_sum_us = 0;
+    }
     l->win_n = 0;
     l->win_cn = 0;
-    l->win_sum_us = 0;
     l->win_inflight = 0;
     l->win_failed = 0;
 }

@@ -371,10 +371,13 @@ up_write_cb(struct bufferevent *bev, void *arg)
 static void
 up_failed(struct tg_client *c, int status, const char *code, const char *msg)
 {
-    /* A reused keep-alive connection that the server had just closed says
+    /* A reused keep-alive connection that the server had just closed
+     * (nothing came back on it: an invalid answer is an answer) says
      * nothing about the server's health: no outcome for its breaker. */
-    if (!c->up.reported && c->up.uc != NULL
-        && !(c->up.reused && c->up.state == U_HEAD && status == 502)) {
+    int stale = c->up.reused && c->up.state == U_HEAD && status == 502 && c->up.uc != NULL
+                && evbuffer_get_length(bufferevent_get_input(tg_uconn_bev(c->up.uc))) == 0;
+
+    if (!c->up.reported && c->up.uc != NULL && !stale) {
         tg_upstream_report(c->up.uc, 0);
         c->up.reported = 1;
     }
@@ -384,7 +387,7 @@ up_failed(struct tg_client *c, int status, const char *code, const char *msg)
      * idempotent (a reused connection may have delivered it). */
     if (!c->up.retried && !c->rs.started && c->up.state == U_HEAD && status == 502
         && c->rq.req.body == TG_BODY_NONE
-        && (!c->up.connected || (c->up.reused && idempotent(&c->rq.req)))) {
+        && (!c->up.connected || (stale && idempotent(&c->rq.req)))) {
         struct tg_uconn *old = c->up.uc;
 
         c->up.uc = NULL;

@@ -136,7 +136,6 @@ static void uconn_rd_cb(evutil_socket_t fd, short what, void *arg);
 static void itimer_cb(evutil_socket_t fd, short what, void *arg);
 static void report(struct tg_uconn *uc, int ok, int error, int status);
 static void adaptive_init(struct tg_upstream_pool *pool, const tg_conf *conf);
-static int has_room(struct tg_upstream_pool *pool);
 static void limit_shown(tg_userver *srv);
 static void waiter_shed(struct tg_upstream_waiter *w, enum tg_upstream_admit why);
 static void queue_arm(struct tg_upstream_pool *pool);
@@ -682,25 +681,35 @@ limit_shown(tg_userver *srv)
     }
 }
 
-/* A slot now: a server under its limit that could take a call (health
- * up, breaker not open; the breaker's own verdict comes at acquire). */
-static int
-has_room(struct tg_upstream_pool *pool)
+/* A slot now?  ROOM: a server under its limit could take a call (health
+ * up, breaker not open; the breaker's own verdict comes at acquire).
+ * BUSY: every server that could is at its limit: wait for a release.
+ * NONE: no server could (each open or down): there is nothing to wait
+ * for, acquire answers at once (503 with the breaker's Retry-After). */
+enum room { ROOM_BUSY, ROOM_YES, ROOM_NONE };
+
+static enum room
+room(struct tg_upstream_pool *pool)
 {
     const struct tg_health *health = __atomic_load_n(&upstream_health,
                                                      __ATOMIC_ACQUIRE);
     uint64_t now = pool->now_ms();
+    enum room r = ROOM_NONE;
     tg_userver *s;
     size_t i;
 
     for (i = 0; i < pool->nservers; i++) {
         s = &pool->servers[i];
-        if (s->inflight < tg_adapt_limit_get(&s->alim) && tg_health_up(health, i)
-            && tg_breaker_state(&s->breaker, now) != TG_BREAKER_OPEN) {
-            return 1;
+        if (!tg_health_up(health, i)
+            || tg_breaker_state(&s->breaker, now) == TG_BREAKER_OPEN) {
+            continue;
         }
+        if (s->inflight < tg_adapt_limit_get(&s->alim)) {
+            return ROOM_YES;
+        }
+        r = ROOM_BUSY;
     }
-    return 0;
+    return r;
 }
 
 /* Priority of a tier: its place in shed_order + 1; 0 for the others. */
@@ -727,10 +736,14 @@ tg_upstream_admit(struct tg_upstream_pool *pool, const char *tier,
 {
     struct tg_upstream_waiter *w;
     tg_adapt_entry *out;
+    enum room r;
 
     *waiter = NULL;
-    if (!pool->adaptive
-        || (tg_adapt_queue_len(&pool->queue) == 0 && has_room(pool))) {
+    if (!pool->adaptive) {
+        return TG_ADMIT_GO;
+    }
+    r = room(pool);
+    if (r == ROOM_NONE || (r == ROOM_YES && tg_adapt_queue_len(&pool->queue) == 0)) {
         return TG_ADMIT_GO;
     }
     w = tg_xcalloc(1, sizeof(*w));
@@ -748,6 +761,11 @@ tg_upstream_admit(struct tg_upstream_pool *pool, const char *tier,
     }
     tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_QUEUED, 0, 1);
     queue_arm(pool);
+    if (r == ROOM_YES) {
+        /* a slot the queue has not been served from yet (a breaker
+         * half-open again with nothing in flight): serve it, in order */
+        event_active(pool->wake, EV_TIMEOUT, 1);
+    }
     *waiter = w;
     return TG_ADMIT_WAIT;
 }
@@ -828,7 +846,8 @@ wake_cb(evutil_socket_t fd, short what, void *arg)
         TAILQ_REMOVE(&pool->shed, w, link);
         deliver(w, w->result);
     }
-    while (tg_adapt_queue_len(&pool->queue) != 0 && has_room(pool)) {
+    /* NONE: each acquire answers its 503 at once, nothing to wait for */
+    while (tg_adapt_queue_len(&pool->queue) != 0 && room(pool) != ROOM_BUSY) {
         e = tg_adapt_queue_pop(&pool->queue);
         tg_metric_gauge_add(pool->shard, TG_M_ADAPTIVE_QUEUED, 0, -1);
         deliver((struct tg_upstream_waiter *)e, TG_ADMIT_GO);
@@ -848,4 +867,7 @@ qtimer_cb(evutil_socket_t fd, short what, void *arg)
         waiter_shed((struct tg_upstream_waiter *)e, TG_ADMIT_TIMEOUT);
     }
     queue_arm(pool);
+    if (tg_adapt_queue_len(&pool->queue) != 0 && room(pool) != ROOM_BUSY) {
+        event_active(pool->wake, EV_TIMEOUT, 1);
+    }
 }

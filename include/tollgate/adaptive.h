@@ -18,13 +18,17 @@
  * class), up to TG_ADAPT_CLASSES of them, so that each sample is compared
  * with the no-load RTT of its own kind: an API whose health checks answer
  * in 1 ms and its searches in 100 ms is not queueing.  At the end of a
- * window, with n samples, rtt_window their sum and rtt_noload the sum of
- * their classes' no-load RTTs,
+ * window of n samples, allow_c = n_c * (TG_ADAPT_TOLERANCE * noload_c +
+ * TG_ADAPT_SLACK_US) is what the n_c samples of class c may take,
+ * allow = sum(allow_c), and rtt_c their summed RTT, counted at most
+ * allow_c + n_c * allow / n (a class's excess is worth at most a mean
+ * sample's allowance per sample: its count decides, not its size):
  *
- *     gradient = clamp((TG_ADAPT_TOLERANCE * rtt_noload
- *                       + n * TG_ADAPT_SLACK_US) / rtt_window, 0.5, 1)
+ *     gradient = clamp(allow / sum(min(rtt_c, allow_c + n_c * allow / n)),
+ *                      0.5, 1)
  *     gradient < 1 (queueing upstream)  -> target = limit * gradient
- *     a failure in the window (5xx, timeout) -> target = limit / 2
+ *     failures (5xx, timeout): half the window's samples or more
+ *                                        -> target = limit / 2
  *     gradient 1, busy (in flight >= limit/2) -> target = limit + sqrt(limit)
  *     gradient 1, idle, below initial    -> target = limit + sqrt(limit),
  *                                           at most initial
@@ -59,6 +63,8 @@
 typedef struct tg_adapt_class {
     uint32_t key;            /* the caller's; 0 = the catch-all (slot 0) */
     unsigned win_n;          /* its samples in the current window */
+    uint64_t win_sum_us;     /* ... their RTTs */
+    double   win_allow;      /* ... what they may take (window_close) */
     uint64_t lo_cur_us[TG_ADAPT_NOLOAD_RANK]; /* as below, for the class */
     uint64_t min_prev_us;
 } tg_adapt_class;
@@ -71,12 +77,11 @@ typedef struct tg_adapt_limit {
     uint64_t min_prev_us;    /* the previous half's no-load RTT (0 = none) */
     uint64_t half_start_us;  /* start of the current half */
     uint64_t win_start_us;   /* start of the current window (0 = none yet) */
-    uint64_t win_sum_us;     /* RTTs of the window's samples in a class */
     unsigned win_n;          /* samples in the window */
     unsigned win_cn;         /* ... of them in a class (the others: no
                                 gradient, only length and failures) */
     unsigned win_inflight;   /* most in flight seen in the window */
-    int      win_failed;     /* a failure in the window */
+    unsigned win_failed;     /* failures in the window */
     tg_adapt_class cls[TG_ADAPT_CLASSES]; /* [0]: the catch-all; a slot with
                                              no sample in either half is free */
 } tg_adapt_limit;
@@ -106,7 +111,8 @@ uint32_t tg_adapt_class_key(const char *method, size_t method_len, const char *p
 /* The same for an exchange of class key (any value; 0: the catch-all
  * class).  A new key while every slot holds a class seen in the last
  * 15-30 s is in no class: its sample counts towards the window's length
- * and a failure halves the limit, but it moves no gradient. */
+ * and its failure counts towards the window's, but it moves no
+ * gradient. */
 unsigned tg_adapt_limit_sample_class(tg_adapt_limit *l, uint32_t key, uint64_t now_us,
                                      uint64_t rtt_us, unsigned inflight, int ok);
 

@@ -152,7 +152,9 @@ typedef void (*tg_upstream_admit_cb)(void *arg, enum tg_upstream_admit result);
 /*
  * Ask to start an exchange for a request of tier (NULL or "" for none;
  * its priority is its place in adaptive.shed_order, unlisted tiers
- * first to go).  TG_ADMIT_GO: call tg_upstream_acquire() now.
+ * first to go).  TG_ADMIT_GO: call tg_upstream_acquire() now (also
+ * when no server could take a call, each breaker open or health check
+ * failing: nothing to wait for, acquire says when to retry).
  * TG_ADMIT_WAIT: *waiter is set; cb(arg, ...) runs later from the
  * pool's own event, never inside a call of the caller, unless
  * tg_upstream_admit_cancel(*waiter) comes first.  A shed result: answer

@@ -841,7 +841,9 @@ void tgh_tg_opts_default(tgh_tg_opts *o, int upstream_port)
 static int write_config(const char *path, const tgh_tg_opts *o, int port,
                         int admin_port)
 {
-    char kat[48] = "";
+    char kat[48] = "", ka[16] = "auto";
+    if (o->keepalive >= 0)
+        snprintf(ka, sizeof ka, "%d", o->keepalive);
     if (o->keepalive_timeout_ms > 0)
         snprintf(kat, sizeof kat, ", keepalive_timeout_ms: %d", o->keepalive_timeout_ms);
     FILE *f = fopen(path, "w");
@@ -862,14 +864,14 @@ static int write_config(const char *path, const tgh_tg_opts *o, int port,
         "max_request_line: %ld, header_timeout_ms: %d, body_timeout_ms: %d, "
         "idle_timeout_ms: %d%s%s }\n"
         "upstream: { servers: [%s], connect_timeout_ms: %d, "
-        "first_byte_timeout_ms: %d, total_timeout_ms: %d, keepalive: %d%s }\n"
+        "first_byte_timeout_ms: %d, total_timeout_ms: %d, keepalive: %s%s }\n"
         "store: %s\n",
         admin_port, o->workers, o->drain_timeout_ms, o->log_level,
         o->max_body_bytes, o->max_header_bytes, o->max_request_line,
         o->header_timeout_ms, o->body_timeout_ms, o->idle_timeout_ms,
         o->http_extra ? ", " : "", o->http_extra ? o->http_extra : "",
         o->upstream_servers, o->connect_timeout_ms, o->first_byte_timeout_ms,
-        o->total_timeout_ms, o->keepalive, kat, o->store ? o->store : "local");
+        o->total_timeout_ms, ka, kat, o->store ? o->store : "local");
     if (o->extra_yaml != NULL)
         fputs(o->extra_yaml, f);
     return fclose(f) == 0 ? 0 : -1;

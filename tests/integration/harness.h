@@ -183,7 +183,7 @@ typedef struct tgh_tg_opts {
     int  connect_timeout_ms;
     int  first_byte_timeout_ms;
     int  total_timeout_ms;
-    int  keepalive;
+    int  keepalive;                    /* upstream.keepalive; < 0: auto */
     int  keepalive_timeout_ms;         /* upstream's; 0: not written (default) */
     const char *store;                 /* "local" (default) or "redis" */
     int         tls_port;              /* > 0: a second listener with TLS */

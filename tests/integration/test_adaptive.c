@@ -19,6 +19,7 @@
 
 #include <openssl/sha.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,9 @@ write_keys(void)
     return path;
 }
 
+static int first_byte_ms = 5000;     /* upstream.first_byte_timeout_ms */
+static int queue_ms = 1000;          /* adaptive.concurrency.queue_timeout_ms */
+
 /* tollgate with adaptive concurrency initial / min / max (queue 8). */
 static void
 start_limits(int initial, int min, int max)
@@ -80,12 +84,12 @@ start_limits(int initial, int min, int max)
              "auth: { keys_file: %s }\n"
              "adaptive:\n"
              "  concurrency: { initial: %d, min: %d, max: %d, queue: 8, "
-             "queue_timeout_ms: 1000 }\n"
+             "queue_timeout_ms: %d }\n"
              "  shed_order: [basic, pro, enterprise]\n",
-             write_keys(), initial, min, max);
+             write_keys(), initial, min, max, queue_ms);
     tgh_tg_opts_default(&o, up.port);
     o.workers = 1;
-    o.first_byte_timeout_ms = 5000;
+    o.first_byte_timeout_ms = first_byte_ms;
     o.extra_yaml = extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
 }
@@ -293,6 +297,27 @@ sequential(const char *key, int n)
     if (c.conn != NULL)
         tgh_conn_close(c.conn);
     return pct(&c, 1, 50);
+}
+
+/* n sequential GET path with key, each a 200. */
+static void
+sequential_path(const char *key, const char *path, int n)
+{
+    static client c;
+    volatile int stop = 0;
+    uint64_t ms;
+    int i, st;
+
+    memset(&c, 0, sizeof c);
+    c.key = key;
+    c.path = path;
+    c.stop = &stop;
+    for (i = 0; i < n; i++) {
+        st = one(&c, &ms);
+        TGH_CHECK(st == 200, "%s %s: request %d answered %d", key, path, i, st);
+    }
+    if (c.conn != NULL)
+        tgh_conn_close(c.conn);
 }
 
 /* ---- the test ----------------------------------------------------------- */
@@ -653,4 +678,390 @@ Test(adaptive, upstream_delays_are_exact)
               (unsigned long long)min_us[0]);
     TGH_CHECK(min_us[1] >= 50000, "/slow?ms=50 answered in %llu us",
               (unsigned long long)min_us[1]);
+}
+
+/* ---- every server out of rotation ------------------------------------- */
+
+/* With the only server's breaker open there is no slot to wait for: the
+ * answer is the breaker's own, at once (503 unavailable, Retry-After: the
+ * time to its probe), as without adaptive:.  Before, admission counted an
+ * open server as one at its limit: every request waited the whole
+ * queue_timeout_ms in the queue (holding a place an enterprise request
+ * then evicted), and was answered "overloaded", counted as shed. */
+Test(adaptive, no_usable_server_is_not_queued)
+{
+    tgh_resp r;
+    uint64_t t0, ms;
+    int i, code = 0;
+
+    start();
+    TGH_CHECK(tgh_http(tg.port, "GET", "/", "X-API-Key: b0\r\n", NULL, 0, &r, 10000) == 0
+              && r.status == 200, "warm-up");
+    tgh_resp_free(&r);
+    tgh_proc_stop(up.proc, 5000);
+    /* until the breaker opens (5 failures in a row), connects fail: 502 */
+    for (i = 0; i < 30 && code != 503; i++) {
+        TGH_CHECK(tgh_http(tg.port, "GET", "/", "X-API-Key: b0\r\n", NULL, 0, &r,
+                           10000) == 0, "request %d", i);
+        code = r.status;
+        TGH_CHECK(code == 502 || code == 503, "status %d with the server down (%s)",
+                  code, (const char *)r.body);
+        tgh_resp_free(&r);
+    }
+    TGH_CHECK(code == 503, "never 503 with the server down");
+    for (i = 0; i < 6; i++) {
+        const char *key = i % 2 ? "X-API-Key: e0\r\n" : "X-API-Key: b1\r\n", *ra;
+
+        t0 = tgh_now_ms();
+        TGH_CHECK(tgh_http(tg.port, "GET", "/", key, NULL, 0, &r, 10000) == 0,
+                  "request %d", i);
+        ms = tgh_now_ms() - t0;
+        ra = tgh_resp_header(&r, "Retry-After");
+        cr_log_info("breaker open: %d in %llu ms, Retry-After %s: %s", r.status,
+                    (unsigned long long)ms, ra ? ra : "-", (const char *)r.body);
+        TGH_CHECK(r.status == 503 && strstr((const char *)r.body, "\"unavailable\"") != NULL,
+                  "request %d: %d %s", i, r.status, (const char *)r.body);
+        TGH_CHECK(ms < 500, "request %d: 503 after %llu ms", i, (unsigned long long)ms);
+        TGH_CHECK(ra != NULL && atoi(ra) >= 1, "Retry-After: %s", ra ? ra : "(none)");
+        tgh_resp_free(&r);
+    }
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 0, "counted as shed");
+    TGH_CHECK(status_num("queued") == 0, "requests still queued");
+    TGH_CHECK(status_num("inflight") == 0, "requests still in flight");
+}
+
+/* ---- every slot given back ---------------------------------------------- */
+
+/* A request on a connection of its own, sent and not yet read. */
+static tgh_conn *
+send_on_new(const char *req)
+{
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+
+    TGH_CHECK(c != NULL, "connect");
+    TGH_CHECK(tgh_conn_sendstr(c, req) == 0, "send %s", req);
+    return c;
+}
+
+/* Its answer: the status, and the body must not be our "overloaded". */
+static int
+answer(tgh_conn *c, int flags, const char *what)
+{
+    tgh_resp r;
+    int st;
+
+    TGH_CHECK(tgh_conn_read_response(c, &r, flags, 15000) == 0, "%s: no answer (%s)",
+              what, r.reason);
+    st = r.status;
+    cr_log_info("%s: %d", what, st);
+    TGH_CHECK(strstr((const char *)r.body, "overloaded") == NULL, "%s: shed: %s", what,
+              (const char *)r.body);
+    tgh_resp_free(&r);
+    return st;
+}
+
+/* The gauges come back to exactly 0: every lending released once. */
+static void
+gauges_back_to_zero(void)
+{
+    uint64_t end = tgh_now_ms() + 10000;
+    long inflight = -1, queued = -1;
+
+    while (tgh_now_ms() < end) {
+        inflight = status_num("inflight");
+        queued = status_num("queued");
+        if (inflight == 0 && queued == 0)
+            break;
+        tgh_sleep_ms(20);
+    }
+    TGH_CHECK(inflight == 0 && queued == 0, "in flight %ld, queued %ld after the storm",
+              inflight, queued);
+}
+
+#define RQ(path) "GET " path " HTTP/1.1\r\nHost: t\r\nX-API-Key: b0\r\n\r\n"
+
+/* Two slots held, the rest queued behind them, each request ending its
+ * own way: served from the queue (200, HEAD, 204, 304, chunked, a body
+ * echoed), the client gone while queued or while the upstream answers,
+ * the first-byte timeout (504), an invalid response (502), a 503 of the
+ * upstream's, a pipelined request behind a queued one, a reload in the
+ * middle.  Each gets exactly its answer and every slot comes back: the
+ * in-flight and queued gauges return to exactly 0. */
+Test(adaptive, every_slot_comes_back)
+{
+    tgh_conn *hold[2], *gone_q, *pipe_c, *head_c, *nm_c, *tmo_c, *bad_c, *u503_c,
+             *gone_up, *post_c, *after;
+    tgh_stats st;
+    static const char post[] = "POST /echo HTTP/1.1\r\nHost: t\r\nX-API-Key: e0\r\n"
+                               "Content-Length: 5\r\n\r\nhello";
+    int i;
+
+    first_byte_ms = 700;
+    queue_ms = 10000;
+    start_limits(2, 1, 2);
+    TGH_CHECK(tgh_testup_reset(up.port) == 0, "reset");
+    for (i = 0; i < 2; i++)
+        hold[i] = send_on_new(RQ("/slow?ms=400"));
+    /* wait until both hold their slot: the next ones queue */
+    for (i = 0; i < 500 && status_num("inflight") < 2; i++)
+        tgh_sleep_ms(5);
+    TGH_CHECK(status_num("inflight") == 2, "the two slots not taken");
+    gone_q = send_on_new(RQ("/slow?ms=50"));
+    pipe_c = send_on_new(RQ("/slow?ms=10") RQ("/status?code=204"));
+    head_c = send_on_new("HEAD / HTTP/1.1\r\nHost: t\r\nX-API-Key: b1\r\n\r\n");
+    nm_c = send_on_new(RQ("/status?code=304"));
+    tmo_c = send_on_new(RQ("/slow?ms=3000"));
+    bad_c = send_on_new(RQ("/raw?kind=600"));
+    u503_c = send_on_new(RQ("/status?code=503"));
+    for (i = 0; i < 500 && status_num("queued") < 7; i++)
+        tgh_sleep_ms(5);
+    TGH_CHECK(status_num("queued") == 7, "queued: %ld", status_num("queued"));
+    tgh_conn_close(gone_q);                    /* gone while queued */
+    tgh_proc_signal(tg.proc, SIGHUP, 0);       /* a reload meanwhile */
+
+    TGH_CHECK(answer(hold[0], 0, "held 1") == 200, "held 1");
+    TGH_CHECK(answer(hold[1], 0, "held 2") == 200, "held 2");
+    TGH_CHECK(answer(pipe_c, 0, "queued") == 200, "queued");
+    TGH_CHECK(answer(pipe_c, 0, "pipelined 204") == 204, "pipelined behind it");
+    TGH_CHECK(answer(head_c, TGH_HEAD_REQ, "HEAD") == 200, "HEAD");
+    TGH_CHECK(answer(nm_c, TGH_HEAD_REQ, "304") == 304, "304");
+    TGH_CHECK(answer(tmo_c, 0, "first-byte timeout") == 504, "timeout");
+    TGH_CHECK(answer(bad_c, 0, "invalid response") == 502, "invalid");
+    TGH_CHECK(answer(u503_c, 0, "upstream 503") == 503, "upstream 503");
+    /* each once (an invalid answer is not retried), and the one gone
+     * while queued never reached the upstream */
+    TGH_CHECK(tgh_testup_stats(up.port, &st) == 0, "stats");
+    TGH_CHECK(st.requests == 9, "the upstream saw %ld requests, not 9", st.requests);
+
+    /* gone while the upstream answers (a chunked body in pieces), and a
+     * body sent through */
+    gone_up = send_on_new(RQ("/chunked?n=4000&chunks=8&delay_ms=50"));
+    tgh_sleep_ms(120);
+    tgh_conn_close(gone_up);
+    post_c = send_on_new(post);
+    TGH_CHECK(answer(post_c, 0, "POST") == 200, "POST");
+    gauges_back_to_zero();
+    /* and the slots serve again */
+    after = send_on_new(RQ("/"));
+    TGH_CHECK(answer(after, 0, "after") == 200, "after");
+    for (i = 0; i < 2; i++)
+        tgh_conn_close(hold[i]);
+    tgh_conn_close(pipe_c);
+    tgh_conn_close(head_c);
+    tgh_conn_close(nm_c);
+    tgh_conn_close(tmo_c);
+    tgh_conn_close(bad_c);
+    tgh_conn_close(u503_c);
+    tgh_conn_close(post_c);
+    tgh_conn_close(after);
+    gauges_back_to_zero();
+}
+
+/* ---- one client's slow queries ------------------------------------------ */
+
+/* A client whose queries make its own endpoint slow: three cheap ones
+ * (/slow?ms=1) set that class's no-load RTT, then 8 connections ask for
+ * 400 ms each, on an upstream far from its knee (14 in flight at most,
+ * /slow has no worker bound) next to 6 clients of GET /.  Before a
+ * sample's weight in a window was bounded, each 400 ms answer read as a
+ * queue 300 times the no-load one and halved the limit: it fell to its
+ * minimum and the others' requests were shed. */
+Test(adaptive, one_clients_slow_queries_shed_nobody)
+{
+    static client fast[6], att[8];
+    static const char *const bkeys[] = { "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7" };
+    static char trail[1024];
+    size_t trail_len = 0;
+    volatile int stop = 0;
+    long lim, min_lim = 1000000, n503 = 0, nfast = 0, natt = 0;
+    uint64_t t_end;
+    int i;
+
+    start_limits(16, 2, 64);
+    sequential_path("b7", "/slow?ms=1", 3);
+    for (i = 0; i < 6; i++) {
+        fast[i].key = i < 2 ? (i ? "e1" : "e0") : bkeys[i];
+        fast[i].stop = &stop;
+        fast[i].path = "/";
+        fast[i].think_ms = 20;
+        pthread_create(&fast[i].th, NULL, client_main, &fast[i]);
+    }
+    for (i = 0; i < 8; i++) {
+        att[i].key = "b7";
+        att[i].stop = &stop;
+        att[i].path = "/slow?ms=400";
+        att[i].shed_pause_ms = 20;
+        pthread_create(&att[i].th, NULL, client_main, &att[i]);
+        tgh_sleep_ms(50);                 /* spread: an answer every 50 ms */
+    }
+    t_end = tgh_now_ms() + 4000;
+    while (tgh_now_ms() < t_end) {
+        lim = status_num("limit");
+        if (lim >= 0 && lim < min_lim)
+            min_lim = lim;
+        if (trail_len + 8 < sizeof trail)
+            trail_len += (size_t)snprintf(trail + trail_len, sizeof trail - trail_len,
+                                          " %ld", lim);
+        tgh_sleep_ms(200);
+    }
+    stop = 1;
+    for (i = 0; i < 6; i++)
+        pthread_join(fast[i].th, NULL);
+    for (i = 0; i < 8; i++)
+        pthread_join(att[i].th, NULL);
+    for (i = 0; i < 6; i++) {
+        n503 += fast[i].n503;
+        nfast += fast[i].n200;
+        TGH_CHECK(fast[i].nfail == 0 && fast[i].nother == 0, "fast: %ld failed, %ld %d",
+                  fast[i].nfail, fast[i].nother, fast[i].other_status);
+    }
+    for (i = 0; i < 8; i++) {
+        n503 += att[i].n503;
+        natt += att[i].n200;
+    }
+    cr_log_info("slow queries: %ld fast and %ld slow answered, %ld shed (enterprise %ld);"
+                " lowest limit %ld; every 200 ms:%s", nfast, natt, n503,
+                fast[0].n503 + fast[1].n503, min_lim, trail);
+    TGH_CHECK(nfast >= 200 && natt >= 24, "the load: %ld fast, %ld slow", nfast, natt);
+    TGH_CHECK(n503 == 0, "%ld requests shed (limit every 200 ms:%s)", n503, trail);
+    TGH_CHECK(min_lim >= 8, "the limit fell to %ld (every 200 ms:%s)", min_lim, trail);
+}
+
+/* ---- one client's failing requests -------------------------------------- */
+
+/* A client asking for something the upstream answers 503 to (an app's
+ * own "unavailable" for one feature) about 20 times a second, next to 6
+ * clients of /slow?ms=20 on an upstream far from its knee.  Each 503 is a
+ * failure for the limit: while one failure halved its window, the limit
+ * sat at its minimum (2) and the others' requests queued in tollgate. */
+Test(adaptive, one_clients_failures_keep_the_limit)
+{
+    static client fast[6], att[1];
+    static const char *const bkeys[] = { "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7" };
+    static char trail[1024];
+    size_t trail_len = 0;
+    volatile int stop = 0;
+    long lim, min_lim = 1000000, nshed = 0, nfast = 0, natt = 0;
+    uint64_t t_end;
+    int i;
+
+    start_limits(16, 2, 64);
+    for (i = 0; i < 6; i++) {
+        fast[i].key = i < 2 ? (i ? "e1" : "e0") : bkeys[i];
+        fast[i].stop = &stop;
+        fast[i].path = "/slow?ms=20";
+        fast[i].think_ms = 10;
+        pthread_create(&fast[i].th, NULL, client_main, &fast[i]);
+    }
+    for (i = 0; i < 1; i++) {
+        att[i].key = "b7";
+        att[i].stop = &stop;
+        att[i].path = "/status?code=503";
+        att[i].ok_status = 503;
+        att[i].think_ms = 50;
+        pthread_create(&att[i].th, NULL, client_main, &att[i]);
+    }
+    t_end = tgh_now_ms() + 4000;
+    while (tgh_now_ms() < t_end) {
+        lim = status_num("limit");
+        if (lim >= 0 && lim < min_lim)
+            min_lim = lim;
+        if (trail_len + 8 < sizeof trail)
+            trail_len += (size_t)snprintf(trail + trail_len, sizeof trail - trail_len,
+                                          " %ld", lim);
+        tgh_sleep_ms(200);
+    }
+    stop = 1;
+    for (i = 0; i < 6; i++)
+        pthread_join(fast[i].th, NULL);
+    for (i = 0; i < 1; i++)
+        pthread_join(att[i].th, NULL);
+    for (i = 0; i < 6; i++) {
+        nshed += fast[i].n503;
+        nfast += fast[i].n200;
+    }
+    for (i = 0; i < 1; i++)
+        natt += att[i].n200;
+    nshed = (long)metric("tollgate_shed_total{tier=\"basic\"}")
+            + (long)metric("tollgate_shed_total{tier=\"enterprise\"}");
+    cr_log_info("failures: %ld answered (p50 %llu ms), %ld 503s of the upstream's, %ld shed;"
+                " lowest limit %ld; every 200 ms:%s", nfast,
+                (unsigned long long)pct(fast, 6, 50), natt, nshed, min_lim, trail);
+    TGH_CHECK(nshed == 0, "%ld requests shed (limit every 200 ms:%s)", nshed, trail);
+    TGH_CHECK(min_lim >= 8, "the limit fell to %ld (every 200 ms:%s)", min_lim, trail);
+}
+
+/* ---- the queue's three answers, with the upstream stalled --------------- */
+
+/* The 503 of a shed request: its message names the case. */
+static void
+shed_answer(tgh_conn *c, const char *what, const char *words, uint64_t t0,
+            uint64_t min_ms, uint64_t max_ms)
+{
+    tgh_resp r;
+    uint64_t ms;
+    const char *ra;
+
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 10000) == 0, "%s: no answer (%s)", what,
+              r.reason);
+    ms = tgh_now_ms() - t0;
+    ra = tgh_resp_header(&r, "Retry-After");
+    cr_log_info("%s: %d after %llu ms: %s", what, r.status, (unsigned long long)ms,
+                (const char *)r.body);
+    TGH_CHECK(r.status == 503 && strstr((const char *)r.body, "\"overloaded\"") != NULL
+              && strstr((const char *)r.body, words) != NULL, "%s: %d %s", what, r.status,
+              (const char *)r.body);
+    TGH_CHECK(ra != NULL && strcmp(ra, "1") == 0, "%s: Retry-After %s", what, ra ? ra : "-");
+    TGH_CHECK(ms >= min_ms && ms <= max_ms, "%s: after %llu ms, not in [%llu, %llu]", what,
+              (unsigned long long)ms, (unsigned long long)min_ms,
+              (unsigned long long)max_ms);
+    tgh_resp_free(&r);
+}
+
+#define RQK(path, key) "GET " path " HTTP/1.1\r\nHost: t\r\nX-API-Key: " key "\r\n\r\n"
+
+/* Both slots held by a stalled upstream (2 s): 8 basic requests fill the
+ * queue, a 9th is refused at once (full), an enterprise one takes the
+ * newest basic one's place (evicted, at once), and every waiter is
+ * answered when its queue_timeout_ms (400) passes, the upstream still
+ * stalled: nobody hangs, and the gauges come back to 0. */
+Test(adaptive, queue_answers_everyone_while_the_upstream_stalls)
+{
+    tgh_conn *hold[2], *q[8], *full, *ent;
+    uint64_t t0;
+    int i;
+
+    queue_ms = 400;
+    start_limits(2, 1, 2);
+    for (i = 0; i < 2; i++)
+        hold[i] = send_on_new(RQ("/slow?ms=2000"));
+    for (i = 0; i < 500 && status_num("inflight") < 2; i++)
+        tgh_sleep_ms(5);
+    TGH_CHECK(status_num("inflight") == 2, "the two slots not taken");
+    t0 = tgh_now_ms();
+    for (i = 0; i < 8; i++)
+        q[i] = send_on_new(RQ("/"));
+    for (i = 0; i < 500 && status_num("queued") < 8; i++)
+        tgh_sleep_ms(2);
+    TGH_CHECK(status_num("queued") == 8, "queued: %ld", status_num("queued"));
+    full = send_on_new(RQ("/"));
+    shed_answer(full, "full", "queue is full", t0, 0, 400);
+    ent = send_on_new(RQK("/", "e0"));
+    shed_answer(q[7], "evicted", "took this one's place", t0, 0, 400);
+    for (i = 0; i < 7; i++)
+        shed_answer(q[i], "timed out", "no slot freed", t0, 400, 3000);
+    shed_answer(ent, "enterprise timed out", "no slot freed", t0, 400, 3000);
+    TGH_CHECK(answer(hold[0], 0, "held 1") == 200, "held 1");
+    TGH_CHECK(answer(hold[1], 0, "held 2") == 200, "held 2");
+    gauges_back_to_zero();
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"basic\"}") == 9, "basic shed %g",
+              metric("tollgate_shed_total{tier=\"basic\"}"));
+    TGH_CHECK(metric("tollgate_shed_total{tier=\"enterprise\"}") == 1, "enterprise shed %g",
+              metric("tollgate_shed_total{tier=\"enterprise\"}"));
+    for (i = 0; i < 8; i++)
+        tgh_conn_close(q[i]);
+    tgh_conn_close(full);
+    tgh_conn_close(ent);
+    tgh_conn_close(hold[0]);
+    tgh_conn_close(hold[1]);
 }

@@ -9,6 +9,7 @@
  */
 #include <criterion/criterion.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <netinet/in.h>
@@ -532,6 +533,32 @@ Test(conn, upstream_impossible_responses_502)
     }
 }
 
+/* An invalid answer on a kept-alive connection is an answer: the server
+ * got the request and did something with it.  Only a connection closed
+ * before any byte came back is the keep-alive race worth a retry; before,
+ * every 502 in the head phase of a reused connection was taken for it and
+ * an idempotent request went to the upstream a second time. */
+Test(conn, invalid_answer_on_a_pooled_connection_is_not_sent_twice)
+{
+    tgh_conn *c;
+    tgh_stats st;
+    tgh_resp r;
+
+    start(long_upstream);
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    TGH_CHECK(roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n", &r, 10000) == 0
+              && r.status == 200, "warm-up");
+    tgh_resp_free(&r);
+    TGH_CHECK(tgh_testup_reset(up.port) == 0, "reset");
+    TGH_CHECK(roundtrip(c, "GET /raw?kind=600 HTTP/1.1\r\nHost: t\r\n\r\n", &r, 10000) == 0
+              && r.status == 502, "/raw?kind=600: %d", r.status);
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+    TGH_CHECK(tgh_testup_stats(up.port, &st) == 0, "stats");
+    TGH_CHECK(st.requests == 1, "the upstream got the request %ld times", st.requests);
+}
+
 /* ---- TLS: the handshake has its own deadline ---------------------------- */
 
 static void
@@ -708,4 +735,209 @@ Test(conn, next_request_during_the_last_answer_lingers)
         last_answer_whole(queued[k], 0);
     for (size_t k = 0; k < sizeof in_kernel / sizeof in_kernel[0]; k++)
         last_answer_whole(in_kernel[k], 1);
+}
+
+/* ---- the upstream pool under 1,000 clients ------------------------------ */
+
+/* Descriptors tollgate holds now. */
+static int
+fd_count(pid_t pid)
+{
+    char path[64];
+    int n = 0;
+
+    snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return -1;
+    for (struct dirent *e; (e = readdir(d)) != NULL;)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+static int pool_workers;
+
+static void
+pool_auto(tgh_tg_opts *o)
+{
+    o->keepalive = -1;                 /* auto */
+    o->keepalive_timeout_ms = 1500;
+    o->workers = pool_workers;
+}
+
+/* One round: every client sends GET /slow?ms=100 at once, then each
+ * reads its 200. */
+static void
+round_of(tgh_conn **c, int n)
+{
+    static const char rq[] = "GET /slow?ms=100 HTTP/1.1\r\nHost: t\r\n\r\n";
+    tgh_resp r;
+
+    for (int i = 0; i < n; i++)
+        TGH_CHECK(tgh_conn_sendstr(c[i], rq) == 0, "send %d", i);
+    for (int i = 0; i < n; i++) {
+        TGH_CHECK(tgh_conn_read_response(c[i], &r, 0, 20000) == 0, "client %d: %s", i,
+                  r.reason);
+        TGH_CHECK(r.status == 200, "client %d: %d", i, r.status);
+        tgh_resp_free(&r);
+    }
+}
+
+/* keepalive: auto against one upstream: 1,000 clients in flight at once
+ * open at most one upstream connection each, the next round reuses them
+ * (no churn: no new connection), and once the clients are gone and the
+ * idle ones expire (keepalive_timeout_ms), tollgate holds exactly the
+ * descriptors it held before. */
+static void
+pool_under_a_thousand_clients(int workers)
+{
+    enum { N = 1000 };
+    static tgh_conn *c[N];
+    tgh_stats s0, s1, s2;
+    tgh_resp r;
+    int fd0, fd1 = -1, fd2 = -1;
+    uint64_t end;
+
+    pool_workers = workers;
+    start(pool_auto);
+    TGH_CHECK(tgh_http(tg.port, "GET", "/", NULL, NULL, 0, &r, 5000) == 0, "warm-up");
+    tgh_resp_free(&r);
+    end = tgh_now_ms() + 5000;
+    do {                                /* the warm-up's connections gone */
+        tgh_sleep_ms(50);
+        fd0 = fd_count(tg.proc->pid);
+    } while (tgh_now_ms() < end && (fd0 != fd_count(tg.proc->pid)
+                                    || wait_established_at_most(up.port, 0, 1) != 0));
+    TGH_CHECK(tgh_testup_stats(up.port, &s0) == 0, "stats");
+    for (int i = 0; i < N; i++) {
+        c[i] = tgh_conn_open(tg.port, 5000);
+        TGH_CHECK(c[i] != NULL, "connect %d", i);
+    }
+    round_of(c, N);
+    TGH_CHECK(tgh_testup_stats(up.port, &s1) == 0, "stats");
+    round_of(c, N);
+    TGH_CHECK(tgh_testup_stats(up.port, &s2) == 0, "stats");
+    cr_log_info("upstream connections: %ld in round 1, %ld in round 2; fds %d before",
+                s1.connections - s0.connections, s2.connections - s1.connections, fd0);
+    /* (each stats call is a connection of its own) */
+    TGH_CHECK(s1.connections - s0.connections <= N + 1, "round 1 opened %ld",
+              s1.connections - s0.connections);
+    TGH_CHECK(s2.connections - s1.connections <= N / 20, "round 2 opened %ld more "
+              "(churn)", s2.connections - s1.connections);
+    for (int i = 0; i < N; i++)
+        tgh_conn_close(c[i]);
+    end = tgh_now_ms() + 15000;
+    while (tgh_now_ms() < end && (fd1 = fd_count(tg.proc->pid)) != fd0)
+        tgh_sleep_ms(50);
+    TGH_CHECK(fd1 == fd0, "tollgate holds %d descriptors, %d before", fd1, fd0);
+    TGH_CHECK(wait_established_at_most(up.port, 0, 5000) == 0, "upstream connections left");
+    /* and it serves again from a cold pool */
+    TGH_CHECK(tgh_http(tg.port, "GET", "/", NULL, NULL, 0, &r, 5000) == 0, "after");
+    tgh_resp_free(&r);
+    end = tgh_now_ms() + 5000;
+    while (tgh_now_ms() < end && (fd2 = fd_count(tg.proc->pid)) != fd0 + 1)
+        tgh_sleep_ms(20);
+    TGH_CHECK(fd2 <= fd0 + 1, "fds %d after one more request", fd2);
+}
+
+/* The one worker accepts on its own socket (the accept path of
+ * workers: 1); two get theirs from the main thread through their pipes. */
+Test(conn, pool_auto_under_a_thousand_clients_one_worker)
+{
+    pool_under_a_thousand_clients(1);
+}
+
+Test(conn, pool_auto_under_a_thousand_clients_two_workers)
+{
+    pool_under_a_thousand_clients(2);
+}
+
+/* ---- a pooled connection the upstream closed ---------------------------- */
+
+static void
+one_worker(tgh_tg_opts *o)
+{
+    o->workers = 1;                    /* the client and the pool in one loop */
+}
+
+/* req on c while the pooled upstream connection dies under it: tollgate
+ * is stopped while the request arrives and the upstream restarts, so on
+ * waking it sees the request before (or with) the pooled connection's
+ * end.  The answer's status; the restarted upstream's request count in
+ * *seen.  Never a hang. */
+/* The process's state letter in /proc/PID/stat ('T': stopped), or '?'. */
+static char
+proc_state(pid_t pid)
+{
+    char path[64], buf[512], *p;
+    FILE *f;
+    size_t n;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return '?';
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    p = strrchr(buf, ')');
+    return p != NULL && p[1] == ' ' ? p[2] : '?';
+}
+
+static int
+across_a_restart(tgh_conn *c, const char *req, long *seen)
+{
+    int port = up.port;
+    tgh_stats st;
+    tgh_resp r;
+    int status;
+
+    uint64_t end = tgh_now_ms() + 5000;
+
+    tgh_proc_signal(tg.proc, SIGSTOP, 0);
+    while (proc_state(tg.proc->pid) != 'T' && tgh_now_ms() < end)
+        tgh_sleep_ms(1);
+    TGH_CHECK(proc_state(tg.proc->pid) == 'T', "tollgate not stopped");
+    TGH_CHECK(tgh_conn_sendstr(c, req) == 0, "send");
+    tgh_proc_stop(up.proc, 5000);
+    TGH_CHECK(tgh_testup_start_port(&up, port) == 0, "restart on %d", port);
+    tgh_proc_signal(tg.proc, SIGCONT, 0);
+    TGH_CHECK(tgh_conn_read_response(c, &r, 0, 10000) == 0, "no answer: %s", r.reason);
+    status = r.status;
+    tgh_resp_free(&r);
+    TGH_CHECK(tgh_testup_stats(up.port, &st) == 0, "stats");
+    *seen = st.requests;
+    return status;
+}
+
+/* The keep-alive race, forced: an idempotent request on a pooled
+ * connection the upstream had closed is sent again on a new one (200,
+ * the upstream sees it once); a POST with a body is not: 502 when it went
+ * out on the dead connection, 200 when tollgate saw the close first;
+ * either way the upstream saw it at most once and the client its answer. */
+Test(conn, dead_pooled_connection_retried_only_when_idempotent)
+{
+    static const char post[] = "POST /echo HTTP/1.1\r\nHost: t\r\n"
+                               "Content-Length: 5\r\n\r\nhello";
+    tgh_conn *c;
+    tgh_resp r;
+    long seen;
+    int st;
+
+    start(one_worker);
+    c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    TGH_CHECK(roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n", &r, 10000) == 0
+              && r.status == 200, "warm-up");
+    tgh_resp_free(&r);
+
+    st = across_a_restart(c, "GET /echo HTTP/1.1\r\nHost: t\r\n\r\n", &seen);
+    cr_log_info("GET across a restart: %d, upstream saw %ld", st, seen);
+    TGH_CHECK(st == 200 && seen == 1, "GET: %d, the upstream saw %ld", st, seen);
+
+    st = across_a_restart(c, post, &seen);
+    cr_log_info("POST across a restart: %d, upstream saw %ld", st, seen);
+    TGH_CHECK((st == 502 && seen == 0) || (st == 200 && seen == 1),
+              "POST: %d, the upstream saw %ld", st, seen);
+    tgh_conn_close(c);
 }

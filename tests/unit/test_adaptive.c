@@ -335,6 +335,70 @@ Test(adaptive_limit, unclassed_paths_do_not_read_as_queueing)
     cr_assert_gt(tg_adapt_limit_get(&l), 16, "busy at no-load latency: it grows");
 }
 
+/* An attack on the gradient: one client's query makes its own endpoint
+ * slow (a search for everything: 400 ms) after three cheap ones set that
+ * class's no-load RTT at 1 ms; 1 sample in 25, on a healthy upstream
+ * whose other answers all come at their no-load times.  Through the ratio
+ * of sums, each such sample alone weighed as much as a window of the
+ * API's, read as a queue 300 times the no-load one, and halved the limit
+ * (it fell to its minimum within a second).  A sample counts at most as
+ * much as a queue that gives the floor gradient by itself. */
+static void
+one_slow_class(uint64_t cheap_us)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned i, lim, lowest;
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    now = feed_mix(&l, now, 1000, 1, 0, 1, 1);
+    for (i = 0; i < 3; i++) {
+        now += 1000;
+        tg_adapt_limit_sample_class(&l, 99, now, cheap_us, tg_adapt_limit_get(&l), 1);
+    }
+    lowest = tg_adapt_limit_get(&l);
+    for (i = 0; i < 200; i++) {
+        now = feed_mix(&l, now, 24, 1, 0, 1, 1);
+        now += 1000;
+        lim = tg_adapt_limit_sample_class(&l, 99, now, 400000, tg_adapt_limit_get(&l), 1);
+        if (lim < lowest)
+            lowest = lim;
+    }
+    cr_assert_geq(lowest, 16, "cheap at %llu us: the limit fell to %u",
+                  (unsigned long long)cheap_us, lowest);
+}
+
+Test(adaptive_limit, one_slow_class_does_not_read_as_queueing)
+{
+    one_slow_class(1000);               /* cheap: 1 ms */
+    one_slow_class(50000);              /* ... or 50 ms */
+}
+
+/* One failure in 25 samples (one client's requests the upstream answers
+ * 503 to, on a healthy upstream) does not halve the limit: failures in
+ * half a window do.  Before, any one failure halved its window and the
+ * limit fell to its minimum. */
+Test(adaptive_limit, a_failing_minority_does_not_halve)
+{
+    tg_adapt_limit l;
+    uint64_t now = 1000000;
+    unsigned i, lim, lowest;
+
+    tg_adapt_limit_init(&l, 16, 2, 64);
+    now = feed_mix(&l, now, 1000, 1, 0, 1, 1);
+    lowest = tg_adapt_limit_get(&l);
+    for (i = 0; i < 200; i++) {
+        now = feed_mix(&l, now, 24, 1, 0, 1, 1);
+        now += 1000;
+        lim = tg_adapt_limit_sample_class(&l, 98, now, 1000, tg_adapt_limit_get(&l), 0);
+        if (lim < lowest)
+            lowest = lim;
+    }
+    cr_assert_geq(lowest, 16, "the limit fell to %u", lowest);
+    now = feed(&l, now, 64, 1000, 16, 0);        /* everything fails */
+    cr_assert_lt(tg_adapt_limit_get(&l), 16, "got %u", tg_adapt_limit_get(&l));
+}
+
 static uint32_t
 ck(const char *method, const char *path)
 {
@@ -364,6 +428,41 @@ Test(adaptive_limit, class_keys_fold_ids_in_the_path)
                   "a long word without a digit is a name");
     cr_assert_neq(ck("GET", ""), 0u);
     cr_assert_neq(tg_adapt_class_key(NULL, 0, NULL, 0), 0u);
+}
+
+/* Hostile paths: 64 KiB of slashes, of one id, of %2F, of /./, of one
+ * long name, with and without a query: a key each (never 0), in one pass
+ * (no work per byte beyond a constant: 200 keys of 64 KiB in well under a
+ * second even under ASan), the same for the same input. */
+Test(adaptive_limit, class_keys_of_hostile_paths)
+{
+    static const char *const unit[] = { "/", "1", "%2F", "/./", "a", "//x", "?" };
+    enum { LEN = 64 * 1024 };
+    static char path[LEN + 1];
+    struct timespec t0, t1;
+    size_t i, k, rep;
+    uint32_t a, b;
+    double ms;
+
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (rep = 0; rep < 200 / TG_ARRAY_LEN(unit); rep++) {
+        for (k = 0; k < TG_ARRAY_LEN(unit); k++) {
+            size_t n = strlen(unit[k]);
+
+            path[0] = '/';
+            for (i = 1; i + n <= LEN; i += n)
+                memcpy(path + i, unit[k], n);
+            path[i] = '\0';
+            a = ck("GET", path);
+            b = tg_adapt_class_key("GET", 3, path, i);
+            cr_assert_neq(a, 0u);
+            cr_assert_eq(a, b, "%s: the same input, another key", unit[k]);
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    cr_assert_lt(ms, 2000, "200 keys of 64 KiB took %.0f ms", ms);
+    cr_assert_eq(ck("GET", "/items/1"), ck("GET", "/items/11111111111111111111111111111"));
 }
 
 /* ---- the queue ---------------------------------------------------------- */
