@@ -787,8 +787,8 @@ round_of(tgh_conn **c, int n)
 /* keepalive: auto against one upstream: 1,000 clients in flight at once
  * open at most one upstream connection each, the next round reuses them
  * (no churn: no new connection), and once the clients are gone and the
- * idle ones expire (keepalive_timeout_ms), tollgate holds exactly the
- * descriptors it held before. */
+ * idle ones expire (keepalive_timeout_ms), tollgate holds no more
+ * descriptors than it held before. */
 static void
 pool_under_a_thousand_clients(int workers)
 {
@@ -828,9 +828,11 @@ pool_under_a_thousand_clients(int workers)
     for (int i = 0; i < N; i++)
         tgh_conn_close(c[i]);
     end = tgh_now_ms() + 15000;
-    while (tgh_now_ms() < end && (fd1 = fd_count(tg.proc->pid)) != fd0)
+    /* at most as many as before: one fewer was seen under load (a
+     * descriptor of the warm-up, counted before, closed since) */
+    while (tgh_now_ms() < end && (fd1 = fd_count(tg.proc->pid)) > fd0)
         tgh_sleep_ms(50);
-    TGH_CHECK(fd1 == fd0, "tollgate holds %d descriptors, %d before", fd1, fd0);
+    TGH_CHECK(fd1 <= fd0, "tollgate holds %d descriptors, %d before", fd1, fd0);
     TGH_CHECK(wait_established_at_most(up.port, 0, 5000) == 0, "upstream connections left");
     /* and it serves again from a cold pool */
     TGH_CHECK(tgh_http(tg.port, "GET", "/", NULL, NULL, 0, &r, 5000) == 0, "after");
