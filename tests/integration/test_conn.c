@@ -709,3 +709,74 @@ Test(conn, next_request_during_the_last_answer_lingers)
     for (size_t k = 0; k < sizeof in_kernel / sizeof in_kernel[0]; k++)
         last_answer_whole(in_kernel[k], 1);
 }
+
+/* ---- a lingering close ends by its bound, and is counted -------------- */
+
+static void
+linger_capped(tgh_tg_opts *o)
+{
+    o->http_extra = "max_requests_per_connection: 1, max_connections_per_ip: 3, "
+                    "send_timeout_ms: 20000";
+}
+
+/* A socket with a 4 KiB receive window that asks for n bytes, the last
+ * answer on its connection, and never reads nor closes. */
+static int
+non_reader(size_t n)
+{
+    int rcv = 4096, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(tg.port) };
+    char req[128];
+
+    cr_assert(fd >= 0);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    snprintf(req, sizeof req, "GET /bytes?n=%zu HTTP/1.1\r\nHost: t\r\n\r\n", n);
+    TGH_CHECK(write(fd, req, strlen(req)) == (ssize_t)strlen(req), "write");
+    return fd;
+}
+
+/*
+ * Three clients from one address take the last answer of their
+ * connection (it fits in the kernels' buffers, and most of it is unsent:
+ * the close lingers) and never read nor close.  While they linger they
+ * still hold their places (max_connections_per_ip 3: a fourth is closed
+ * at accept); the linger ends by its bound (2 s, well before the 20 s
+ * send timeout) and the places are free again.
+ */
+Test(conn, lingering_non_readers_end_by_the_bound_and_stay_counted)
+{
+    int fd[3];
+    long v;
+
+    start(linger_capped);
+    uint64_t t0 = tgh_now_ms();
+    while (connections_open() != 0 && tgh_now_ms() - t0 < 5000)
+        tgh_sleep_ms(20);                       /* the harness's probes are gone */
+    t0 = tgh_now_ms();
+    for (int i = 0; i < 3; i++)
+        fd[i] = non_reader(131072);
+    tgh_sleep_ms(300);                          /* the answers are out of tollgate */
+    TGH_CHECK((v = connections_open()) == 3, "%ld connections open, expected 3", v);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    size_t extra = 1;
+    TGH_CHECK(tgh_conn_wait_closed(c, 1000, &extra) == 1 && extra == 0,
+              "a fourth connection while three linger was not closed at accept");
+    tgh_conn_close(c);
+    while ((v = connections_open()) != 0 && tgh_now_ms() - t0 < 10000)
+        tgh_sleep_ms(50);
+    uint64_t took = tgh_now_ms() - t0;
+    cr_log_info("three lingering non-readers gone after %llu ms", (unsigned long long)took);
+    TGH_CHECK(v == 0 && took < 6000, "%ld connections still open after %llu ms (linger "
+              "bound 2 s, send timeout 20 s)", v, (unsigned long long)took);
+    c = tgh_conn_open(tg.port, 5000);
+    tgh_resp r;
+    TGH_CHECK(c != NULL && roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n", &r, 10000) == 0
+              && r.status == 200, "a connection after the lingering ones ended");
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+    for (int i = 0; i < 3; i++)
+        close(fd[i]);
+}
