@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
@@ -1019,4 +1020,15 @@ Test(tls_io, connections_cycling_idle_and_busy_do_not_grow)
     for (int i = 0; i < NCONN; i++)
         tls_close(c[i]);
     TGH_CHECK(tgh_proc_alive(tg.proc), "tollgate died");
+
+    /* it stops cleanly (in the ASan build: nothing leaked) */
+    char out[64], *cmd;
+    tgh_proc_signal(tg.proc, SIGTERM, 0);
+    TGH_CHECK(tgh_proc_wait(tg.proc, 20000) == 0, "tollgate still running 20 s after SIGTERM");
+    TGH_CHECK(WIFEXITED(tg.proc->status) && WEXITSTATUS(tg.proc->status) == 0,
+              "tollgate did not exit 0 after SIGTERM");
+    cmd = tgh_strf("grep -c 'Sanitizer' %s", tg.proc->log_path);
+    tgh_sh(out, sizeof out, "%s", cmd);
+    free(cmd);
+    TGH_CHECK(atoi(out) == 0, "a sanitizer report in tollgate's log");
 }
