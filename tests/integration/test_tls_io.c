@@ -857,7 +857,8 @@ start_idle(int idle_ms)
 
 /*
  * Requests that come after a connection gave back its buffers (idle
- * 300 ms, past TG_TLS_IDLE_MS): one whose record arrives in three pieces
+ * 300 ms, past TG_TLS_IDLE_MS, or about when they go): one whose record
+ * arrives in three pieces
  * with pauses past the idle point between them (OpenSSL holds a partial
  * record then, and keeps its buffer), three pipelined in one record, a
  * body uploaded with pauses in and between records, a key update
@@ -905,6 +906,13 @@ around_the_release(void)
     raw_send(t, rec, 30, len);
     free(rec);
     expect_pattern(t, 5000, "a record begun at once after an answer");
+
+    /* requests that come about when the buffers go (90..110 ms after
+     * the last answer), some in the very loop turn */
+    for (int i = 0; i < 42; i++) {
+        tgh_sleep_ms(90 + (i * 7) % 21);
+        get_pattern(t, i % 2 ? "/bytes?n=17000" : "/bytes?n=50", i % 2 ? 17000 : 50);
+    }
 
     /* three requests in one record */
     tgh_sleep_ms(300);
