@@ -858,9 +858,9 @@ start_idle(int idle_ms)
 /*
  * Requests that come after a connection gave back its buffers (idle
  * 300 ms, past TG_TLS_IDLE_MS, or about when they go): one whose record
- * arrives in three pieces
- * with pauses past the idle point between them (OpenSSL holds a partial
- * record then, and keeps its buffer), three pipelined in one record, a
+ * arrives in three pieces with pauses past the idle point between them
+ * (OpenSSL holds a partial record then, and keeps its buffer), three
+ * pipelined in one record, a
  * body uploaded with pauses in and between records, a key update
  * (tollgate's answer needs a write buffer), a response the client reads
  * only after a pause; then close_notify from the client, and the idle
