@@ -87,11 +87,11 @@ tg_yaml_verror(char *err, size_t errlen, const char *name, yaml_mark_t mark,
         return TG_ERR;
     }
     vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
-    /* values and keys from the file are echoed: a control byte (a line
-     * break, a terminal escape) is shown as '?', never written to a log */
-    for (; err[n] != '\0'; n++) {
-        if ((unsigned char)err[n] < 0x20 || err[n] == 0x7f) {
-            err[n] = '?';
+    /* keys (in path) and values from the file are echoed: a control byte
+     * (a line break, a terminal escape) is shown as '?', never logged */
+    for (; *err != '\0'; err++) {
+        if ((unsigned char)*err < 0x20 || *err == 0x7f) {
+            *err = '?';
         }
     }
     return TG_ERR;

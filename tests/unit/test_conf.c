@@ -562,6 +562,8 @@ Test(conf_errors, refused_values_echo_no_control_bytes)
     expect_error(MIN "auth:\n  header: \"X-Key\\r\\nEvil: 1\"\n", "6:11",
                  "bad header name \"X-Key??Evil: 1\"");
     expect_error(MIN "http:\n  \"a\\nb\": 1\n", "6:3", "unknown key \"a?b\"");
+    expect_error(MIN "rate_limits:\n  \"a\\nb\": { requests_per_minute: 1, burst_limit: 1 }\n",
+                 "6:3", "rate_limits.a?b: bad tier name");
 }
 
 /* ---- auth, redis.max_batch, routes ---------------------------------------------------- */
