@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -779,4 +780,68 @@ Test(conn, lingering_non_readers_end_by_the_bound_and_stay_counted)
     tgh_conn_close(c);
     for (int i = 0; i < 3; i++)
         close(fd[i]);
+}
+
+/* ---- the idle timeout does not cut an answer still being sent ---------- */
+
+static void
+short_idle(tgh_tg_opts *o)
+{
+    o->idle_timeout_ms = 1000;
+}
+
+/*
+ * A keep-alive client with a small MSS and receive window (so tollgate's
+ * kernel send buffer stays small too) asks for 200000 bytes: the upstream
+ * gives them at once, most wait in tollgate's output.  It reads nothing
+ * for 1.5 s, then all of it.  The connection waits for its next request
+ * (the idle timeout, 1 s) only once the answer is out of tollgate; until
+ * then a client that does not read is the send timeout's (30 s here).
+ * So the answer is whole, and the connection then serves a next request.
+ */
+Test(conn, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
+{
+    enum { N = 200000 };
+    size_t cap = N + 4096, got = 0, body = 0;
+    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    unsigned char *buf = malloc(cap), *eoh = NULL;
+    static const char req[] = "GET /bytes?n=200000 HTTP/1.1\r\nHost: t\r\n\r\n";
+    static const char req2[] = "GET /bytes?n=10 HTTP/1.1\r\nHost: t\r\n\r\n";
+    ssize_t r = 0;
+
+    start(short_idle);
+    cr_assert(fd >= 0 && buf != NULL);
+    sa.sin_port = htons(tg.port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);  /* tollgate's send buffer */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
+    tgh_sleep_ms(1500);                         /* past the idle timeout */
+    while (!(eoh != NULL && body >= N) && (r = read(fd, buf + got, cap - got)) > 0) {
+        got += (size_t)r;
+        if (eoh == NULL)
+            eoh = memmem(buf, got, "\r\n\r\n", 4);
+        body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
+    }
+    int err = errno;
+    TGH_CHECK(eoh != NULL && body == N, "the answer was cut at %zu of %d body bytes "
+              "(idle timeout 1000 ms, read after 1500 ms), then %s", body, N,
+              r == 0 ? "EOF" : strerror(err));
+    TGH_CHECK(write(fd, req2, sizeof req2 - 1) == (ssize_t)(sizeof req2 - 1), "write 2");
+    got = 0;
+    eoh = NULL;
+    while ((r = read(fd, buf + got, cap - got)) > 0) {
+        got += (size_t)r;
+        if ((eoh = memmem(buf, got, "\r\n\r\n", 4)) != NULL
+            && got - (size_t)(eoh + 4 - buf) >= 10)
+            break;
+    }
+    TGH_CHECK(eoh != NULL && memcmp(buf, "HTTP/1.1 200", 12) == 0,
+              "no answer to the next request on the connection");
+    free(buf);
+    close(fd);
 }

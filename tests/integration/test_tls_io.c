@@ -1057,3 +1057,43 @@ Test(tls_io, connections_cycling_idle_and_busy_do_not_grow)
     free(cmd);
     TGH_CHECK(atoi(out) == 0, "a sanitizer report in tollgate's log");
 }
+
+/*
+ * The idle timeout does not cut an answer still going out: a TLS client
+ * with a small MSS and receive window (tollgate's kernel send buffer
+ * stays small) asks for 200000 bytes, reads nothing for 1.5 s (idle
+ * timeout 1 s), then reads the whole answer, and the connection serves
+ * a next request.
+ */
+Test(tls_io, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
+{
+    int rcv = 4096, mss = 536, fd;
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+
+    start_idle(1000);
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert(fd >= 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    sa.sin_port = htons((uint16_t)tls_port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    tls_conn *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    t->fd = fd;
+    t->ctx = SSL_CTX_new(TLS_client_method());
+    t->ssl = SSL_new(t->ctx);
+    t->cap = 1 << 16;
+    t->buf = malloc(t->cap);
+    cr_assert(t->ssl != NULL && t->buf != NULL);
+    SSL_set_fd(t->ssl, fd);
+    TGH_CHECK(SSL_connect(t->ssl) == 1, "TLS handshake");
+    tls_send(t, "GET /bytes?n=200000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    tgh_sleep_ms(1500);                         /* past the idle timeout */
+    expect_pattern(t, 200000, "an answer read after 1.5 s (idle timeout 1 s)");
+    get_pattern(t, "/bytes?n=10", 10);
+    tls_close(t);
+}
