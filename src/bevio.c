@@ -380,8 +380,16 @@ tls_rd(struct tg_client *c)
     }
     c->conn.tls_want &= ~TLS_RD_WANTS_WRITE;
     if (c->conn.tls_want & TLS_WR_WANTS_READ) {
+        size_t before = evbuffer_get_length(bufferevent_get_output(bev));
+
         c->conn.tls_want &= ~TLS_WR_WANTS_READ;
         tg_bev_tls_flush(c);
+        if (evbuffer_get_length(bufferevent_get_output(bev)) != before) {
+            bufferevent_trigger(bev, EV_WRITE, 0);    /* as tls_wr_cb */
+        }
+        if (c->conn.state == C_DEAD) {
+            return;
+        }
     }
     evbuffer_unfreeze(in, 0);
     for (;;) {

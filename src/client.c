@@ -48,6 +48,7 @@ static void client_defer_cb(evutil_socket_t fd, short what, void *arg);
 static void arm_timer(struct tg_client *c, unsigned ms);
 static void wake_at(struct tg_client *c, uint64_t when);
 static void disarm_timer(struct tg_client *c);
+static void idle_wait(struct tg_client *c);
 static void client_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void head_release(struct tg_client *c);
 static void client_write_cb(struct bufferevent *bev, void *arg);
@@ -397,6 +398,7 @@ tg_client_next_request(struct tg_client *c)
         return;
     }
     c->conn.out_wait = 0;
+    c->io.idle_after_out = 0;
     tg_bev_rd_on(c, NULL);
     if (evbuffer_get_length(bufferevent_get_input(c->conn.bev)) != 0) {
         /* pipelined: serve it from the loop, not by recursion */
@@ -405,13 +407,29 @@ tg_client_next_request(struct tg_client *c)
         event_active(c->io.defer, EV_TIMEOUT, 1);
     } else {
         c->io.head_timer_on = 0;
-        arm_timer(c, px->conf->http.idle_timeout_ms);
         head_release(c);                 /* an idle connection stays small */
-        if (c->conn.ssl != NULL) {
-            /* its buffers go back once it has waited a while (timer) */
-            c->io.tls_idle_at = tg_now_ms() + TG_TLS_IDLE_MS;
-            wake_at(c, c->io.tls_idle_at);
+        if (evbuffer_get_length(bufferevent_get_output(c->conn.bev)) != 0) {
+            /* the answer is still going out (the send timeout bounds a
+             * client that does not take it): the idle wait starts once it
+             * is all out (client_write_cb), or its timeout would cut it */
+            disarm_timer(c);
+            c->io.idle_after_out = 1;
+        } else {
+            idle_wait(c);
         }
+    }
+}
+
+/* Wait for the next request: the idle deadline; TLS: the buffers go back
+ * once it has waited a while (timer). */
+static void
+idle_wait(struct tg_client *c)
+{
+    c->io.idle_after_out = 0;
+    arm_timer(c, c->px->conf->http.idle_timeout_ms);
+    if (c->conn.ssl != NULL) {
+        c->io.tls_idle_at = tg_now_ms() + TG_TLS_IDLE_MS;
+        wake_at(c, c->io.tls_idle_at);
     }
 }
 
@@ -478,6 +496,16 @@ client_write_cb(struct bufferevent *bev, void *arg)
     }
     if (c->conn.state == C_HEAD && c->conn.out_wait) {
         tg_client_next_request(c);
+        return;
+    }
+    if (c->conn.state == C_HEAD && c->io.idle_after_out
+        && evbuffer_get_length(bufferevent_get_output(bev)) == 0) {
+        /* the last answer is out: the idle wait begins (unless the next
+         * head has begun, under its own deadline) */
+        c->io.idle_after_out = 0;
+        if (!c->io.head_timer_on && evbuffer_get_length(bufferevent_get_input(bev)) == 0) {
+            idle_wait(c);
+        }
         return;
     }
     if (c->conn.state == C_BUSY && c->rs.paused && c->up.uc != NULL) {

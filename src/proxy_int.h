@@ -122,6 +122,8 @@ struct tg_client {
         uint64_t            timer_at;   /* ... timer is pending for (if on) */
         int                 timer_on;   /* timer pending */
         int                 head_timer_on;  /* deadline is the header deadline */
+        int                 idle_after_out; /* the idle wait starts once the
+                                               answer is all out (client.c) */
         uint64_t            tls_idle_at;    /* TLS: buffers given back then if
                                                still idle (tg_now_ms), 0: none */
         struct event       *defer;      /* free, or serve a pipelined request */

@@ -87,6 +87,13 @@ tg_yaml_verror(char *err, size_t errlen, const char *name, yaml_mark_t mark,
         return TG_ERR;
     }
     vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
+    /* keys (in path) and values from the file are echoed: a control byte
+     * (a line break, a terminal escape) is shown as '?', never logged */
+    for (; *err != '\0'; err++) {
+        if ((unsigned char)*err < 0x20 || *err == 0x7f) {
+            *err = '?';
+        }
+    }
     return TG_ERR;
 }
 

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -942,4 +943,140 @@ Test(conn, dead_pooled_connection_retried_only_when_idempotent)
     TGH_CHECK((st == 502 && seen == 0) || (st == 200 && seen == 1),
               "POST: %d, the upstream saw %ld", st, seen);
     tgh_conn_close(c);
+}
+
+/* ---- a lingering close ends by its bound, and is counted -------------- */
+
+static void
+linger_capped(tgh_tg_opts *o)
+{
+    o->http_extra = "max_requests_per_connection: 1, max_connections_per_ip: 3, "
+                    "send_timeout_ms: 20000";
+}
+
+/* A socket with a 4 KiB receive window that asks for n bytes, the last
+ * answer on its connection, and never reads nor closes. */
+static int
+non_reader(size_t n)
+{
+    int rcv = 4096, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(tg.port) };
+    char req[128];
+
+    cr_assert(fd >= 0);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    snprintf(req, sizeof req, "GET /bytes?n=%zu HTTP/1.1\r\nHost: t\r\n\r\n", n);
+    TGH_CHECK(write(fd, req, strlen(req)) == (ssize_t)strlen(req), "write");
+    return fd;
+}
+
+/*
+ * Three clients from one address take the last answer of their
+ * connection (it fits in the kernels' buffers, and most of it is unsent:
+ * the close lingers) and never read nor close.  While they linger they
+ * still hold their places (max_connections_per_ip 3: a fourth is closed
+ * at accept); the linger ends by its bound (2 s, well before the 20 s
+ * send timeout) and the places are free again.
+ */
+Test(conn, lingering_non_readers_end_by_the_bound_and_stay_counted)
+{
+    int fd[3];
+    long v;
+
+    start(linger_capped);
+    uint64_t t0 = tgh_now_ms();
+    while (connections_open() != 0 && tgh_now_ms() - t0 < 5000)
+        tgh_sleep_ms(20);                       /* the harness's probes are gone */
+    t0 = tgh_now_ms();
+    for (int i = 0; i < 3; i++)
+        fd[i] = non_reader(131072);
+    while ((v = connections_open()) != 3 && tgh_now_ms() - t0 < 1500)
+        tgh_sleep_ms(20);                       /* all three accepted */
+    TGH_CHECK(v == 3, "%ld connections open, expected 3", v);
+    tgh_conn *c = tgh_conn_open(tg.port, 5000);
+    TGH_CHECK(c != NULL, "connect");
+    size_t extra = 1;
+    TGH_CHECK(tgh_conn_wait_closed(c, 1000, &extra) == 1 && extra == 0,
+              "a fourth connection while three linger was not closed at accept");
+    tgh_conn_close(c);
+    while ((v = connections_open()) != 0 && tgh_now_ms() - t0 < 10000)
+        tgh_sleep_ms(50);
+    uint64_t took = tgh_now_ms() - t0;
+    cr_log_info("three lingering non-readers gone after %llu ms", (unsigned long long)took);
+    TGH_CHECK(v == 0 && took < 6000, "%ld connections still open after %llu ms (linger "
+              "bound 2 s, send timeout 20 s)", v, (unsigned long long)took);
+    c = tgh_conn_open(tg.port, 5000);
+    tgh_resp r;
+    TGH_CHECK(c != NULL && roundtrip(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n", &r, 10000) == 0
+              && r.status == 200, "a connection after the lingering ones ended");
+    tgh_resp_free(&r);
+    tgh_conn_close(c);
+    for (int i = 0; i < 3; i++)
+        close(fd[i]);
+}
+
+/* ---- the idle timeout does not cut an answer still being sent ---------- */
+
+static void
+short_idle(tgh_tg_opts *o)
+{
+    o->idle_timeout_ms = 1000;
+}
+
+/*
+ * A keep-alive client with a small MSS and receive window (so tollgate's
+ * kernel send buffer stays small too) asks for 200000 bytes: the upstream
+ * gives them at once, most wait in tollgate's output.  It reads nothing
+ * for 1.5 s, then all of it.  The connection waits for its next request
+ * (the idle timeout, 1 s) only once the answer is out of tollgate; until
+ * then a client that does not read is the send timeout's (30 s here).
+ * So the answer is whole, and the connection then serves a next request.
+ */
+Test(conn, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
+{
+    enum { N = 200000 };
+    size_t cap = N + 4096, got = 0, body = 0;
+    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    unsigned char *buf = malloc(cap), *eoh = NULL;
+    static const char req[] = "GET /bytes?n=200000 HTTP/1.1\r\nHost: t\r\n\r\n";
+    static const char req2[] = "GET /bytes?n=10 HTTP/1.1\r\nHost: t\r\n\r\n";
+    ssize_t r = 0;
+
+    start(short_idle);
+    cr_assert(fd >= 0 && buf != NULL);
+    sa.sin_port = htons(tg.port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);  /* tollgate's send buffer */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
+    tgh_sleep_ms(1500);                         /* past the idle timeout */
+    while (!(eoh != NULL && body >= N) && (r = read(fd, buf + got, cap - got)) > 0) {
+        got += (size_t)r;
+        if (eoh == NULL)
+            eoh = memmem(buf, got, "\r\n\r\n", 4);
+        body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
+    }
+    int err = errno;
+    TGH_CHECK(eoh != NULL && body == N, "the answer was cut at %zu of %d body bytes "
+              "(idle timeout 1000 ms, read after 1500 ms), then %s", body, N,
+              r == 0 ? "EOF" : strerror(err));
+    TGH_CHECK(write(fd, req2, sizeof req2 - 1) == (ssize_t)(sizeof req2 - 1), "write 2");
+    got = 0;
+    eoh = NULL;
+    while ((r = read(fd, buf + got, cap - got)) > 0) {
+        got += (size_t)r;
+        if ((eoh = memmem(buf, got, "\r\n\r\n", 4)) != NULL
+            && got - (size_t)(eoh + 4 - buf) >= 10)
+            break;
+    }
+    TGH_CHECK(eoh != NULL && memcmp(buf, "HTTP/1.1 200", 12) == 0,
+              "no answer to the next request on the connection");
+    free(buf);
+    close(fd);
 }

@@ -553,6 +553,19 @@ Test(conf_errors, bad_redis_prefix)
                  "redis.prefix: length 0 is out of range (1..64 characters)");
 }
 
+/* A refused value is echoed with its control bytes shown as '?': a line
+ * break or a terminal escape in the file forges no log line. */
+Test(conf_errors, refused_values_echo_no_control_bytes)
+{
+    expect_error(MIN "redis: { prefix: \"a\\nb\\e[31mc\\rd\\x7f\" }\n", "5:18",
+                 "got \"a?b?[31mc?d?\"");
+    expect_error(MIN "auth:\n  header: \"X-Key\\r\\nEvil: 1\"\n", "6:11",
+                 "bad header name \"X-Key??Evil: 1\"");
+    expect_error(MIN "http:\n  \"a\\nb\": 1\n", "6:3", "unknown key \"a?b\"");
+    expect_error(MIN "rate_limits:\n  \"a\\nb\": { requests_per_minute: 1, burst_limit: 1 }\n",
+                 "6:3", "rate_limits.a?b: bad tier name");
+}
+
 /* ---- auth, redis.max_batch, routes ---------------------------------------------------- */
 
 Test(conf_errors, bad_auth_header)
