@@ -19,10 +19,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 
@@ -597,6 +600,201 @@ Test(redis, late_replies_after_a_hold_are_given_back)
         cr_assert(again.rc == TG_OK && again.res.allowed == 1);
         cr_assert_eq(again.res.remaining, 19, "bucket %d: remaining %u (the late charge "
                      "was kept)", i, again.res.remaining);
+    }
+    tg_redis_destroy(r);
+}
+
+static long long redis_now_us(void);
+static long long redis_get_ll(const char *key);
+
+/* CPU time of this process (the client's loop), in ms. */
+static uint64_t
+cpu_ms(void)
+{
+    struct rusage ru;
+
+    getrusage(RUSAGE_SELF, &ru);
+    return (uint64_t)ru.ru_utime.tv_sec * 1000 + (uint64_t)ru.ru_utime.tv_usec / 1000
+           + (uint64_t)ru.ru_stime.tv_sec * 1000 + (uint64_t)ru.ru_stime.tv_usec / 1000;
+}
+
+/* Bytes this process has queued, unsent or unacknowledged, on its TCP
+ * connections to port (SIOCOUTQ): the socket is full when Redis reads
+ * nothing and this stays high. */
+static long
+outq_to(int port)
+{
+    long total = 0;
+
+    for (int fd = 3; fd < 1024; fd++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int q = 0;
+
+        if (getpeername(fd, (struct sockaddr *)&ss, &len) != 0 || ss.ss_family != AF_INET
+            || ntohs(((struct sockaddr_in *)&ss)->sin_port) != port) {
+            continue;
+        }
+        if (ioctl(fd, SIOCOUTQ, &q) == 0) {
+            total += q;
+        }
+    }
+    return total;
+}
+
+static void
+long_key(char *buf, size_t size, const char *tag, int i)
+{
+    int n = snprintf(buf, size, "t:{%s}:%d:", tag, i);
+
+    memset(buf + n, 'k', size - 1 - (size_t)n);
+    buf[size - 1] = '\0';
+}
+
+/*
+ * Redis stopped (SIGSTOP) while charges keep coming in full batches of
+ * long keys, until the connection's socket is full (the kernel holds
+ * megabytes, hiredis the rest): no answer comes, and the loop sleeps
+ * (no busy loop on a socket that stays full).  After SIGCONT every charge
+ * is answered exactly once, within its deadline, and Redis holds exactly
+ * what the admitted charges added (a shared bucket counts them: a write
+ * lost or sent twice shows there).
+ */
+Test(redis, a_full_socket_while_redis_is_stopped)
+{
+    enum { TURNS = 50, PER = 1000, N = TURNS * PER };
+    const uint64_t T = 3600ull * 1000000;        /* 1 token an hour: no refill */
+    struct tg_redis *r = client(g_port, 10000, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 10), { T, 1000000 } };
+    int done = 0;
+    uint64_t cpu0, t0, cpu, wall;
+    long outq;
+    long long tat, now;
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+            const char *keys[2] = { key, "t:{full}:all" };
+
+            long_key(key, sizeof(key), "full", i);
+            c[i] = (charge_res){ .done = &done };
+            tg_redis_charge(r, keys, lim, 2, 1, on_charge, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int k = 0; k < 10; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    outq = outq_to(g_port);
+    cr_log_info("queued in the kernel to the stopped Redis: %ld bytes", outq);
+    cr_assert_gt(outq, 100000, "the socket never filled (%ld bytes queued)", outq);
+
+    /* the socket stays full: the loop must sleep */
+    cpu0 = cpu_ms();
+    t0 = tg_now_ms();
+    run_until(cond_count, &(want){ &done, 1 }, 500);
+    cpu = cpu_ms() - cpu0;
+    wall = tg_now_ms() - t0;
+    cr_log_info("CPU while the socket is full: %llu ms in %llu ms",
+                (unsigned long long)cpu, (unsigned long long)wall);
+    cr_assert_eq(done, 0, "answered while Redis is stopped");
+    cr_assert_lt(cpu, wall / 10 + 20, "busy while the socket is full: %llu ms CPU in "
+                 "%llu ms", (unsigned long long)cpu, (unsigned long long)wall);
+
+    cr_assert_eq(kill(g_redis.proc->pid, SIGCONT), 0);
+    cr_assert(wait_count(&done, N, 20000), "%d of %d answered after SIGCONT", done, N);
+    for (int k = 0; k < 20; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert(c[i].rc == TG_OK && c[i].res.allowed, "charge %d: rc %d allowed %d", i,
+                  c[i].rc, c[i].res.allowed);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.charges, N + 1);
+    cr_assert_eq(st.errors, 0);
+    /* every admitted charge once in the shared bucket: its debt is N
+     * intervals, less the time since the first */
+    tat = redis_get_ll("t:{full}:all");
+    now = redis_now_us();
+    cr_assert_gt(tat - now, (long long)((N - 1) * T), "charges lost: debt %lld intervals",
+                 (tat - now) / (long long)T);
+    cr_assert_leq(tat - now, (long long)(N * T), "charges doubled: debt %lld intervals",
+                  (tat - now) / (long long)T);
+    long_key(key, sizeof(key), "full", N - 1);
+    tat = redis_get_ll(key);
+    cr_assert_gt(tat, 0, "the last charge never reached Redis");
+    tg_redis_destroy(r);
+}
+
+/*
+ * Redis killed (-9) with the socket full: commands half-written, calls
+ * in flight and more waiting in hiredis.  Every charge is answered once,
+ * with an error, at once (not at its deadline); nothing comes later; a
+ * Redis started again on the same port is used again, and a charge there
+ * sees nothing of the old connection (a fresh bucket).
+ */
+Test(redis, killed_with_the_socket_full)
+{
+    enum { TURNS = 40, PER = 500, N = TURNS * PER };
+    struct tg_redis *r = client(g_port, 10000, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    int done = 0;
+    uint64_t t0;
+    tg_redis_stats st;
+
+    signal(SIGPIPE, SIG_IGN);               /* a write to the reset socket fails */
+    cr_assert(charge_ok_eventually(r, 5000));
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+
+            long_key(key, sizeof(key), "kill", i);
+            c[i] = (charge_res){ .done = &done };
+            charge1(r, key, lim, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int k = 0; k < 10; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    cr_assert_gt(outq_to(g_port), 100000, "the socket never filled");
+    cr_assert_eq(done, 0);
+    t0 = tg_now_ms();
+    cr_assert_eq(kill(g_redis.proc->pid, SIGKILL), 0);
+    kill(g_redis.proc->pid, SIGCONT);
+    cr_assert(wait_count(&done, N, 5000), "%d of %d answered after kill -9", done, N);
+    cr_assert_lt(tg_now_ms() - t0, 2000, "answered %llu ms after the kill, not at once",
+                 (unsigned long long)(tg_now_ms() - t0));
+    for (int k = 0; k < 20; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.errors, N);
+    tgh_proc_kill(g_redis.proc);            /* reaped */
+    redis_start(&g_redis, g_port);
+    cr_assert(charge_ok_eventually(r, 10000), "charges work again after the restart");
+    {
+        charge_res again = { 0 };
+
+        long_key(key, sizeof(key), "kill", 0);
+        charge1(r, key, lim, &again);
+        cr_assert(wait_count(&again.called, 1, 5000));
+        cr_assert(again.rc == TG_OK && again.res.allowed && again.res.remaining == 9,
+                  "rc %d remaining %u", again.rc, again.res.remaining);
     }
     tg_redis_destroy(r);
 }
