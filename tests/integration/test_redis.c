@@ -799,6 +799,126 @@ Test(redis, killed_with_the_socket_full)
     tg_redis_destroy(r);
 }
 
+/*
+ * Deadlines passing while the socket is full (Redis stopped): every charge
+ * is answered once, TG_ERR, at its deadline; three deadlines in a row drop
+ * the connection.  What it still held unsent was charged for requests
+ * already answered without Redis (and never given back, since no reply
+ * can come): it must not reach Redis when it wakes up.  Only what Redis's
+ * kernel had already taken in may (the shared bucket counts it).
+ */
+Test(redis, a_dropped_full_socket_sends_nothing_more)
+{
+    enum { TURNS = 40, PER = 500, N = TURNS * PER, TMO = 300 };
+    const uint64_t T = 3600ull * 1000000;
+    struct tg_redis *r = client(g_port, TMO, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 10), { T, 1000000 } };
+    int done = 0;
+    long outq;
+    long long tat, now, charged;
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+            const char *keys[2] = { key, "t:{drop}:all" };
+
+            long_key(key, sizeof(key), "drop", i);
+            c[i] = (charge_res){ .done = &done };
+            tg_redis_charge(r, keys, lim, 2, 1, on_charge, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    outq = outq_to(g_port);
+    cr_log_info("queued in the kernel to the stopped Redis: %ld bytes", outq);
+    cr_assert_gt(outq, 100000, "the socket never filled");
+    cr_assert(wait_count(&done, N, 5000), "%d of %d answered", done, N);
+    tg_redis_get_stats(r, &st);
+    struct reconn_want w = { r, st.reconnects + 1 };
+    cr_assert(run_until(cond_reconnects, &w, 5000), "no reconnect after the deadlines");
+    cr_assert_eq(kill(g_redis.proc->pid, SIGCONT), 0);
+    cr_assert(charge_ok_eventually(r, 10000), "charges work again after SIGCONT");
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
+    }
+    tat = redis_get_ll("t:{drop}:all");
+    now = redis_now_us();
+    charged = tat > now ? (tat - now + (long long)T - 1) / (long long)T : 0;
+    cr_log_info("charged in Redis after the drop: %lld of %d failed requests", charged, N);
+    cr_assert_lt(charged, N / 4, "%lld of %d requests answered TG_ERR were charged in Redis "
+                 "after the connection was dropped", charged, N);
+    tg_redis_destroy(r);
+}
+
+/*
+ * Two full calls answered after their deadline (Redis paused): each
+ * charge is answered once, TG_ERR at its deadline, and the late replies
+ * give back exactly what was charged, also on a bucket shared by every
+ * charge of both calls: it is whole again, and so is each own bucket.
+ */
+Test(redis, late_full_calls_on_a_shared_bucket_are_given_back)
+{
+    enum { TURNS = 2, PER = 500, N = TURNS * PER, TMO = 300 };
+    const uint64_t T = 3600ull * 1000000;
+    struct tg_redis *r = client(g_port, TMO, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 10), { T, 1000000 } };
+    int done = 0;
+    long long tat, now;
+    redisReply *rep;
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    rep = sync_cmd(g_port, "CLIENT PAUSE 900 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+            const char *keys[2] = { key, "t:{lateall}:all" };
+
+            long_key(key, sizeof(key), "lateall", i);
+            c[i] = (charge_res){ .done = &done };
+            tg_redis_charge(r, keys, lim, 2, 1, on_charge, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    cr_assert(wait_count(&done, N, 5000), "%d of %d answered", done, N);
+    struct reconn_want w = { r, N };
+    cr_assert(run_until(cond_refunds, &w, 10000), "the late charges were not given back");
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.refunds, N, "%llu refunds", (unsigned long long)st.refunds);
+    cr_assert_eq(st.errors, N);
+    cr_assert_eq(st.reconnects, 0, "the connection was dropped");
+    cr_assert(charge_ok_eventually(r, 5000));
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
+    }
+    tat = redis_get_ll("t:{lateall}:all");
+    now = redis_now_us();
+    cr_assert_leq(tat, now, "the shared bucket still holds %lld intervals after the "
+                  "refunds", (tat - now + (long long)T - 1) / (long long)T);
+    for (int i = 0; i < N; i += 97) {
+        charge_res again = { 0 };
+        const char *keys[1] = { key };
+
+        long_key(key, sizeof(key), "lateall", i);
+        tg_redis_charge(r, keys, lim, 1, 1, on_charge, &again);
+        cr_assert(wait_count(&again.called, 1, 5000));
+        cr_assert(again.rc == TG_OK && again.res.remaining == 9,
+                  "bucket %d: rc %d remaining %u (the late charge was kept)", i, again.rc,
+                  again.res.remaining);
+    }
+    tg_redis_destroy(r);
+}
+
 Test(redis, burst_is_exact)
 {
     enum { N = 40 };
