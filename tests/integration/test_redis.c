@@ -607,6 +607,24 @@ Test(redis, late_replies_after_a_hold_are_given_back)
 static long long redis_now_us(void);
 static long long redis_get_ll(const char *key);
 
+/* Calls of command cmd (lower case) since the last CONFIG RESETSTAT. */
+static long long
+redis_cmdstat_calls(const char *cmd)
+{
+    redisReply *rep = sync_cmd(g_port, "INFO commandstats");
+    char needle[64];
+    const char *p;
+    long long n = 0;
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STRING, "INFO commandstats");
+    snprintf(needle, sizeof(needle), "cmdstat_%s:calls=", cmd);
+    if ((p = strstr(rep->str, needle)) != NULL) {
+        n = atoll(p + strlen(needle));
+    }
+    freeReplyObject(rep);
+    return n;
+}
+
 /* CPU time of this process (the client's loop), in ms. */
 static uint64_t
 cpu_ms(void)
@@ -870,11 +888,14 @@ Test(redis, late_full_calls_on_a_shared_bucket_are_given_back)
     static char key[180];
     tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 10), { T, 1000000 } };
     int done = 0;
-    long long tat, now;
+    long long tat, now, evals;
     redisReply *rep;
     tg_redis_stats st;
 
     cr_assert(charge_ok_eventually(r, 5000));
+    rep = sync_cmd(g_port, "CONFIG RESETSTAT");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CONFIG RESETSTAT");
+    freeReplyObject(rep);
     rep = sync_cmd(g_port, "CLIENT PAUSE 900 ALL");
     cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
     freeReplyObject(rep);
@@ -901,6 +922,12 @@ Test(redis, late_full_calls_on_a_shared_bucket_are_given_back)
         cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
         cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
     }
+    /* the give-backs of a late call go in calls of up to 64 keys, not one
+     * EVAL per charge (1,000 on a Redis that has just woken up) */
+    evals = redis_cmdstat_calls("eval");
+    cr_log_info("refund calls for %d late charges: %lld", N, evals);
+    cr_assert_leq(evals, TURNS * ((2 * PER + 63) / 64), "%lld EVAL calls to give back %d "
+                  "late charges", evals, N);
     tat = redis_get_ll("t:{lateall}:all");
     now = redis_now_us();
     cr_assert_leq(tat, now, "the shared bucket still holds %lld intervals after the "
