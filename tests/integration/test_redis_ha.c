@@ -412,6 +412,82 @@ Test(redis_sentinel, failover_after_kill_9)
     tg_redis_destroy(r);
 }
 
+/*
+ * The master frozen (SIGSTOP) with the client's socket to it full (long
+ * keys, a long deadline: megabytes wait in the kernel and in hiredis)
+ * while the sentinels fail over: +switch-master drops that connection, so
+ * every charge is answered once, an error, well before its 10 s deadline,
+ * and the promoted replica takes charges exactly; the old master, thawed,
+ * is never written to again.
+ */
+Test(redis_sentinel, failover_while_the_socket_is_full)
+{
+    enum { TURNS = 80, PER = 500, N = TURNS * PER };    /* 7.6 MB of calls */
+    int mport, rport, sport[3];
+    const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+    tgh_proc *master;
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    tg_gcra_limit one = tg_gcra_per_minute(60, 10);
+    static char key[180];
+    uint64_t t0;
+    tally t = { 0 }, full = { 0 };
+
+    signal(SIGPIPE, SIG_IGN);
+    master = redis_start(&mport, 0, NULL);
+    redis_start(&rport, mport, NULL);
+    cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
+    sentinels_start(mport, sport, NULL);
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.sentinels[i].host, sizeof(o.sentinels[i].host), "127.0.0.1");
+        o.sentinels[i].port = sport[i];
+    }
+    o.nsentinels = 3;
+    o.timeout_ms = 10000;
+    o.max_batch = PER;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never found the master");
+    cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 5000));
+
+    cr_assert_eq(kill(master->pid, SIGSTOP), 0);
+    t0 = tg_now_ms();
+    for (int i = 0; i < TURNS; i++) {
+        for (int j = 0; j < PER; j++) {
+            int n = snprintf(key, sizeof(key), "tg:{full%d}:", i * PER + j);
+            const char *keys[1] = { key };
+
+            memset(key + n, 'k', sizeof(key) - 1 - (size_t)n);
+            key[sizeof(key) - 1] = '\0';
+            cr_assert_not_null(tg_redis_charge(r, keys, &one, 1, 1, on_charge, &full));
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    g_want = N;
+    cr_assert(run_until(cond_answered, &full, 9000), "%d of %d answered during the "
+              "failover", full.answered, N);
+    cr_log_info("failover with a full socket: %d charges answered after %llu ms",
+                N, (unsigned long long)(tg_now_ms() - t0));
+    cr_assert_eq(full.errors, N, "%d errors, %d allowed", full.errors, full.allowed);
+    cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 30000), "no charge after failover");
+    cr_assert(master_port_is(sport[0], &rport), "the replica was not promoted");
+    cr_assert_eq(kill(master->pid, SIGCONT), 0);
+
+    charge_many(r, "tg:{after}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.errors, 0);
+    cr_assert_eq(t.allowed, 20, "after failover: %d of 40 allowed", t.allowed);
+    cr_assert(sync_int(rport, "EXISTS %s", "tg:{after}:t") == 1,
+              "not written to the promoted replica");
+    g_want = N + 1;
+    run_until(cond_answered, &full, 200);
+    cr_assert_eq(full.answered, N, "answered twice: %d", full.answered);
+    tg_redis_destroy(r);
+}
+
 /* A partitioned "sentinel": answers every command (one RESP command at a
  * time) with the master it last knew, port mport, forever.  Its port. */
 static int
