@@ -191,6 +191,17 @@ reply_new(const redisReadTask *task, int type)
     }
     if (task->parent == NULL) {
         e->objects = 0;
+        /* A reply with no command waiting for it (a server or proxy out
+         * of step): hiredis 0.14 asserts on one unless it is an error
+         * (redisProcessCallbacks: the process aborts).  Replies are read
+         * one at a time, after the previous one's callback was shifted,
+         * so an empty callback list here means that this one is such. */
+        if (e->ac->replies.head == NULL && type != REDIS_REPLY_ERROR
+            && !(e->ac->c.flags & (REDIS_SUBSCRIBED | REDIS_MONITORING))) {
+            tg_warn("redis: %s:%d sent a reply nobody asked for: dropping the connection",
+                    e->ac->c.tcp.host, e->ac->c.tcp.port);
+            return NULL;
+        }
     }
     if (++e->objects > TG_REDIS_MAX_OBJECTS) {
         e->r->stats.oversized++;

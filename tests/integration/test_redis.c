@@ -1247,6 +1247,38 @@ Test(redis, garbage_noscript_forever)
     garbage("-NOSCRIPT No matching script\r\n");
 }
 
+/*
+ * A server that answers every command twice (a broken proxy in front of
+ * Redis, a stream out of step): the second reply has no command waiting
+ * for it.  hiredis 0.14 asserts on such a reply (abort: the whole
+ * process) unless it is an error; the connection must be dropped instead,
+ * every charge answered once (TG_ERR), and the client reconnect.
+ */
+Test(redis, a_reply_nobody_asked_for_drops_the_connection)
+{
+    int port = fake_start("+OK\r\n:1\r\n");
+    struct tg_redis *r = client(port, 1000, 4, 0);
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    static charge_res c[10];
+    int done = 0;
+    tg_redis_stats st;
+    struct reconn_want w = { r, 3 };
+
+    for (int i = 0; i < 10; i++) {
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, "t:{g}:tier", lim, &c[i]);
+    }
+    cr_assert(wait_count(&done, 10, 5000));
+    cr_assert(run_until(cond_reconnects, &w, 5000), "no reconnect");
+    for (int i = 0; i < 10; i++) {
+        cr_assert_eq(c[i].called, 1);
+        cr_assert_eq(c[i].rc, TG_ERR);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.charges, 0);
+    tg_redis_destroy(r);
+}
+
 /* What a bounded reader may cost: ASan keeps freed memory in quarantine
  * (256 MB by default), so its bound is that much looser. */
 #ifdef __SANITIZE_ADDRESS__
