@@ -1279,6 +1279,70 @@ Test(redis, a_reply_nobody_asked_for_drops_the_connection)
     tg_redis_destroy(r);
 }
 
+/*
+ * A "sentinel" answering every command with a one-element array: the
+ * client's SUBSCRIBE +switch-master connection gets it as a message.
+ * hiredis 0.14 asserts that a message has at least two elements, strings
+ * first (and reads a third for unsubscribe): the connection must be
+ * dropped instead, the subscription retried, the process alive.
+ */
+static int
+cond_rediscoveries(const void *arg)
+{
+    const struct reconn_want *w = arg;
+    tg_redis_stats st;
+
+    tg_redis_get_stats(w->r, &st);
+    return st.rediscoveries >= w->n;
+}
+
+static void
+sentinel_garbage(const char *answer)
+{
+    int port = fake_start(answer);
+    tg_redis_opts o;
+    struct tg_redis *r;
+    struct reconn_want w;
+    tg_redis_stats st;
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
+    o.sentinels[0].port = port;
+    o.nsentinels = 1;
+    o.timeout_ms = 200;
+    o.max_batch = 4;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    /* the SUBSCRIBE is answered at once; the master asked again and again
+     * (its answers are garbage too) shows the loop alive well after */
+    tg_redis_get_stats(r, &st);
+    w = (struct reconn_want){ r, st.rediscoveries + 3 };
+    cr_assert(run_until(cond_rediscoveries, &w, 10000), "the master was not asked again");
+    cr_assert(!tg_redis_ready(r));
+    tg_redis_destroy(r);
+}
+
+Test(redis, sentinel_message_of_one_element)
+{
+    sentinel_garbage("*1\r\n:1\r\n");
+}
+
+Test(redis, sentinel_message_of_integers)
+{
+    sentinel_garbage("*3\r\n:1\r\n:2\r\n:3\r\n");
+}
+
+Test(redis, sentinel_unsubscribe_without_a_count)
+{
+    sentinel_garbage("*3\r\n$11\r\nunsubscribe\r\n$14\r\n+switch-master\r\n$1\r\nx\r\n");
+}
+
+Test(redis, sentinel_unsubscribe_of_two_elements)
+{
+    sentinel_garbage("*2\r\n$11\r\nunsubscribe\r\n$14\r\n+switch-master\r\n");
+}
+
 /* What a bounded reader may cost: ASan keeps freed memory in quarantine
  * (256 MB by default), so its bound is that much looser. */
 #ifdef __SANITIZE_ADDRESS__
