@@ -185,6 +185,21 @@ typedef struct tg_reply {
  * for (p)unsubscribe.  1 if an object of type may stand at task's place
  * in such a reply (a top-level array's size: sub_push_array_ok).
  */
+/* A reply refused for its shape (below): one warning a second per client,
+ * since a server out of step is met again at each reconnect. */
+static void
+proto_warn(struct tg_rctx *e, const char *what)
+{
+    uint64_t now = tg_now_ms();
+
+    if (e->r->proto_log_ms != 0 && now - e->r->proto_log_ms < TG_REDIS_WARN_MS) {
+        return;
+    }
+    e->r->proto_log_ms = now;
+    tg_warn("redis: %s:%d sent %s: dropping the connection", e->ac->c.tcp.host,
+            e->ac->c.tcp.port, what);
+}
+
 static int
 sub_push(const redisAsyncContext *ac)
 {
@@ -236,14 +251,12 @@ reply_new(const redisReadTask *task, int type)
          * so an empty callback list here means that this one is such. */
         if (e->ac->replies.head == NULL && type != REDIS_REPLY_ERROR
             && !(e->ac->c.flags & (REDIS_SUBSCRIBED | REDIS_MONITORING))) {
-            tg_warn("redis: %s:%d sent a reply nobody asked for: dropping the connection",
-                    e->ac->c.tcp.host, e->ac->c.tcp.port);
+            proto_warn(e, "a reply nobody asked for");
             return NULL;
         }
     }
     if (!sub_push_object_ok(e->ac, task, type)) {
-        tg_warn("redis: %s:%d sent a malformed pub/sub message: dropping the connection",
-                e->ac->c.tcp.host, e->ac->c.tcp.port);
+        proto_warn(e, "a malformed pub/sub message");
         return NULL;
     }
     if (++e->objects > TG_REDIS_MAX_OBJECTS) {
@@ -378,8 +391,7 @@ reply_array(const redisReadTask *task, int elements)
         return NULL;
     }
     if (e != NULL && !sub_push_array_ok(e->ac, task, elements)) {
-        tg_warn("redis: %s:%d sent a pub/sub message of %d elements: dropping the "
-                "connection", e->ac->c.tcp.host, e->ac->c.tcp.port, elements);
+        proto_warn(e, "a pub/sub message of fewer than 3 elements");
         return NULL;
     }
     rep = reply_new(task, REDIS_REPLY_ARRAY);
