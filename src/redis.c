@@ -95,12 +95,14 @@ static void deliver_charges(struct tg_redis_batch *b, const redisReply *rep);
 static void deliver_hget(struct tg_redis_batch *b, const redisReply *rep);
 static int op_live(const struct tg_redis_op *op);
 static void op_refund(struct tg_redis *r, struct tg_redis_op *op);
+struct refund_buf;
 static void late_refund(struct tg_redis *r, struct tg_rnode *nd,
                         const struct tg_redis_op *op, const tg_gcra_result *part,
-                        uint64_t script_now);
+                        uint64_t script_now, struct refund_buf *rb);
+static void refund_flush(struct tg_redis *r, struct tg_rnode *nd, struct refund_buf *rb);
 static int refund_send(struct tg_redis *r, struct tg_rnode *nd, const char *const *keys,
                        const size_t *lens, const uint64_t *amount, const uint64_t *p,
-                       size_t nk);
+                       size_t nk, unsigned nops);
 static struct tg_redis_op *op_new(struct tg_redis *r, enum tg_redis_kind kind,
                                   const char *const *s, size_t n);
 static size_t format_resp(struct tg_redis *r, size_t argc);
@@ -1193,12 +1195,29 @@ charge_answer(const unsigned char *p, const struct tg_redis_op *op, uint64_t now
     return tg_gcra_script_answer(v, op->lim, op->mask, op->cost, now, res);
 }
 
+/*
+ * The give-backs of the charges of one reply answered too late, gathered
+ * into calls of up to TG_REDIS_REFUND_MAX keys (in order: the script
+ * takes them one after the other, as separate calls would).  One call
+ * per late charge made a Redis that had just woken up run the refund
+ * script once per request it had kept waiting.
+ */
+struct refund_buf {
+    const char *keys[TG_REDIS_REFUND_MAX];   /* the ops' copies */
+    size_t      lens[TG_REDIS_REFUND_MAX];
+    uint64_t    amount[TG_REDIS_REFUND_MAX];
+    uint64_t    p[TG_REDIS_REFUND_MAX];
+    size_t      nk;
+    unsigned    nops;                        /* charges given back by it */
+};
+
 static void
 deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
 {
     struct tg_redis *r = b->r;
     struct tg_redis_op *op, **link, *again = NULL, **again_tail = &again;
     tg_gcra_result res, part = { 0 };   /* part.now_us is kept by charge_answer */
+    struct refund_buf rb;
     uint64_t script_now = 0;
     const unsigned char *pk;
     size_t i, nb, nnum;
@@ -1224,6 +1243,8 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
 
     b->done = 1;
     batch_settle(b);
+    rb.nk = 0;
+    rb.nops = 0;
     /* Phase 1 parts that passed leave the batch for phase 2 (requeued
      * after the loop, so a callback's new ops keep their order). */
     for (i = 0, link = &b->ops; (op = *link) != NULL; i += 1 + nb) {
@@ -1286,7 +1307,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
             /* Answered after its deadline (or cancelled): the request was
              * decided without this charge, so give it back. */
             if (part.allowed) {
-                late_refund(r, b->node, op, &part, script_now);
+                late_refund(r, b->node, op, &part, script_now, &rb);
             }
             continue;
         }
@@ -1295,6 +1316,7 @@ deliver_charges(struct tg_redis_batch *b, const redisReply *rep)
         res.now_us = script_now;
         cb(op->arg, TG_OK, &res);
     }
+    refund_flush(r, b->node, &rb);      /* b's ops (their keys) are still here */
     while ((op = again) != NULL) {
         again = op->next;
         queue_op(r, op);
@@ -1409,36 +1431,46 @@ op_refund(struct tg_redis *r, struct tg_redis_op *op)
             amount[nk++] = (uint64_t)op->cost * op->lim[k].interval_us;
         }
     }
-    refund_send(r, nd, keys, lens, amount, op->p1, nk);    /* p1: in mask1 order */
+    refund_send(r, nd, keys, lens, amount, op->p1, nk, 1);    /* p1: in mask1 order */
 }
 
 /*
  * Give back what a charge answered too late added (tg_gcra_refund_lua):
  * for each bucket sent, at most cost*T and never more than its debt left
  * (P - now, P = the TAT this charge wrote), and only while that debt is
- * still there.  Fire and forget on the node that answered: a lost refund
- * only makes that consumer wait longer.
+ * still there.  Into rb (sent by refund_flush, a charge's keys in one
+ * call).  Fire and forget on the node that answered: a lost refund only
+ * makes that consumer wait longer.
  */
 static void
 late_refund(struct tg_redis *r, struct tg_rnode *nd, const struct tg_redis_op *op,
-            const tg_gcra_result *part, uint64_t script_now)
+            const tg_gcra_result *part, uint64_t script_now, struct refund_buf *rb)
 {
-    const char *keys[TG_CHARGE_MAX_BUCKETS];
-    size_t lens[TG_CHARGE_MAX_BUCKETS], nk = 0;
-    uint64_t amount[TG_CHARGE_MAX_BUCKETS], p[TG_CHARGE_MAX_BUCKETS];
-
-    if (r->destroying || op->cost == 0 || !tg_redis_node_usable(nd)) {
+    if (r->destroying || op->cost == 0) {
         return;
+    }
+    if (rb->nk + (size_t)__builtin_popcount(op->mask) > TG_REDIS_REFUND_MAX) {
+        refund_flush(r, nd, rb);
     }
     for (size_t k = 0; k < op->n; k++) {
         if (op->mask & (1u << k)) {
-            keys[nk] = tg_redis_op_key(op, k);
-            lens[nk] = op->len[k];
-            amount[nk] = (uint64_t)op->cost * op->lim[k].interval_us;
-            p[nk++] = script_now + part->held_us[k];
+            rb->keys[rb->nk] = tg_redis_op_key(op, k);
+            rb->lens[rb->nk] = op->len[k];
+            rb->amount[rb->nk] = (uint64_t)op->cost * op->lim[k].interval_us;
+            rb->p[rb->nk++] = script_now + part->held_us[k];
         }
     }
-    refund_send(r, nd, keys, lens, amount, p, nk);
+    rb->nops++;
+}
+
+static void
+refund_flush(struct tg_redis *r, struct tg_rnode *nd, struct refund_buf *rb)
+{
+    if (rb->nk > 0 && !r->destroying && tg_redis_node_usable(nd)) {
+        refund_send(r, nd, rb->keys, rb->lens, rb->amount, rb->p, rb->nk, rb->nops);
+    }
+    rb->nk = 0;
+    rb->nops = 0;
 }
 
 _Static_assert(TG_REDIS_REFUND_MAX >= TG_CHARGE_MAX_BUCKETS, "a charge's keys fit a refund");
@@ -1446,13 +1478,14 @@ _Static_assert(TG_REDIS_REFUND_MAX >= TG_CHARGE_MAX_BUCKETS, "a charge's keys fi
 /*
  * One call of the refund script (tg_gcra_refund_lua) on nd: keys[j]
  * (lens[j] bytes) gives back at most amount[j], never beyond p[j] - now.
- * Fire and forget, behind what is queued on that connection; counted in
- * stats.refunds.  nk <= TG_REDIS_REFUND_MAX, keys of one slot (Cluster).
- * 1 if queued.
+ * Fire and forget, behind what is queued on that connection; nops (the
+ * charges it gives back) counted in stats.refunds.  nk <=
+ * TG_REDIS_REFUND_MAX, keys of one slot (Cluster).  1 if queued.
  */
 static int
 refund_send(struct tg_redis *r, struct tg_rnode *nd, const char *const *keys,
-            const size_t *lens, const uint64_t *amount, const uint64_t *p, size_t nk)
+            const size_t *lens, const uint64_t *amount, const uint64_t *p, size_t nk,
+            unsigned nops)
 {
     const char *argv[3 + 3 * TG_REDIS_REFUND_MAX];
     size_t argvlen[TG_ARRAY_LEN(argv)], argc = 0, nn = 1;
@@ -1480,7 +1513,7 @@ refund_send(struct tg_redis *r, struct tg_rnode *nd, const char *const *keys,
     if (redisAsyncCommandArgv(nd->ac, NULL, NULL, (int)argc, argv, argvlen) != REDIS_OK) {
         return 0;
     }
-    r->stats.refunds++;
+    r->stats.refunds += nops;
     return 1;
 }
 
@@ -1579,7 +1612,7 @@ tg_redis_give_back(struct tg_redis *r, const char *const *keys, const uint64_t *
         for (size_t k = 0; k < nk; k++) {
             lens[k] = strlen(keys[first + k]);
         }
-        if (refund_send(r, nd, keys + first, lens, amount_us + first, p_us + first, nk)
+        if (refund_send(r, nd, keys + first, lens, amount_us + first, p_us + first, nk, 1)
             && now) {
             redisAsyncHandleWrite(nd->ac);
         }

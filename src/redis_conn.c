@@ -177,6 +177,59 @@ typedef struct tg_reply {
     struct tg_reply *next;        /* on r->reply_pool */
 } tg_reply;
 
+/*
+ * On a subscribed context a reply that no command waits for goes to
+ * hiredis's pub/sub dispatch (__redisGetSubscribeCallback), which asserts
+ * - the process aborts - unless it is an array of at least two elements
+ * whose first two are bulk strings, and which reads a third, an integer,
+ * for (p)unsubscribe.  1 if an object of type may stand at task's place
+ * in such a reply (a top-level array's size: sub_push_array_ok).
+ */
+/* A reply refused for its shape (below): one warning a second per client,
+ * since a server out of step is met again at each reconnect. */
+static void
+proto_warn(struct tg_rctx *e, const char *what)
+{
+    uint64_t now = tg_now_ms();
+
+    if (e->r->proto_log_ms != 0 && now - e->r->proto_log_ms < TG_REDIS_WARN_MS) {
+        return;
+    }
+    e->r->proto_log_ms = now;
+    tg_warn("redis: %s:%d sent %s: dropping the connection", e->ac->c.tcp.host,
+            e->ac->c.tcp.port, what);
+}
+
+static int
+sub_push(const redisAsyncContext *ac)
+{
+    return (ac->c.flags & REDIS_SUBSCRIBED) && ac->replies.head == NULL;
+}
+
+static int
+sub_push_object_ok(const redisAsyncContext *ac, const redisReadTask *task, int type)
+{
+    const redisReadTask *top = task->parent;
+    const redisReply *first;
+    const char *t;
+
+    if (top == NULL || top->parent != NULL || !sub_push(ac) || task->idx > 2) {
+        return 1;
+    }
+    if (task->idx < 2) {
+        return type == REDIS_REPLY_STRING;
+    }
+    first = ((const redisReply *)top->obj)->element[0];
+    t = first->str + (tolower((unsigned char)first->str[0]) == 'p');
+    return strcasecmp(t, "unsubscribe") != 0 || type == REDIS_REPLY_INTEGER;
+}
+
+static int
+sub_push_array_ok(const redisAsyncContext *ac, const redisReadTask *task, int elements)
+{
+    return task->parent != NULL || !sub_push(ac) || elements >= 3;
+}
+
 /* One more object of the reply being read; NULL (reader error) past the
  * limit.  hiredis passes the reader's privdata: our tg_rctx. */
 static redisReply *
@@ -191,6 +244,20 @@ reply_new(const redisReadTask *task, int type)
     }
     if (task->parent == NULL) {
         e->objects = 0;
+        /* A reply with no command waiting for it (a server or proxy out
+         * of step): hiredis 0.14 asserts on one unless it is an error
+         * (redisProcessCallbacks: the process aborts).  Replies are read
+         * one at a time, after the previous one's callback was shifted,
+         * so an empty callback list here means that this one is such. */
+        if (e->ac->replies.head == NULL && type != REDIS_REPLY_ERROR
+            && !(e->ac->c.flags & (REDIS_SUBSCRIBED | REDIS_MONITORING))) {
+            proto_warn(e, "a reply nobody asked for");
+            return NULL;
+        }
+    }
+    if (!sub_push_object_ok(e->ac, task, type)) {
+        proto_warn(e, "a malformed pub/sub message");
+        return NULL;
     }
     if (++e->objects > TG_REDIS_MAX_OBJECTS) {
         e->r->stats.oversized++;
@@ -321,6 +388,10 @@ reply_array(const redisReadTask *task, int elements)
         e->r->stats.oversized++;
         tg_warn("redis: a reply announced %d elements (at most %d): dropping the "
                 "connection", elements, TG_REDIS_MAX_ELEMENTS);
+        return NULL;
+    }
+    if (e != NULL && !sub_push_array_ok(e->ac, task, elements)) {
+        proto_warn(e, "a pub/sub message of fewer than 3 elements");
         return NULL;
     }
     rep = reply_new(task, REDIS_REPLY_ARRAY);

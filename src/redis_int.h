@@ -236,6 +236,7 @@ struct tg_redis {
     uint64_t                slots_asked_ms;  /* last CLUSTER SLOTS round started */
 
     uint64_t                auth_log_ms; /* last AUTH error logged */
+    uint64_t                proto_log_ms;    /* last reply refused for its shape */
     tg_redis_stats          stats;
 };
 

@@ -19,10 +19,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 
@@ -601,6 +604,348 @@ Test(redis, late_replies_after_a_hold_are_given_back)
     tg_redis_destroy(r);
 }
 
+static long long redis_now_us(void);
+static long long redis_get_ll(const char *key);
+
+/* Calls of command cmd (lower case) since the last CONFIG RESETSTAT. */
+static long long
+redis_cmdstat_calls(const char *cmd)
+{
+    redisReply *rep = sync_cmd(g_port, "INFO commandstats");
+    char needle[64];
+    const char *p;
+    long long n = 0;
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STRING, "INFO commandstats");
+    snprintf(needle, sizeof(needle), "cmdstat_%s:calls=", cmd);
+    if ((p = strstr(rep->str, needle)) != NULL) {
+        n = atoll(p + strlen(needle));
+    }
+    freeReplyObject(rep);
+    return n;
+}
+
+/* CPU time of this process (the client's loop), in ms. */
+static uint64_t
+cpu_ms(void)
+{
+    struct rusage ru;
+
+    getrusage(RUSAGE_SELF, &ru);
+    return (uint64_t)ru.ru_utime.tv_sec * 1000 + (uint64_t)ru.ru_utime.tv_usec / 1000
+           + (uint64_t)ru.ru_stime.tv_sec * 1000 + (uint64_t)ru.ru_stime.tv_usec / 1000;
+}
+
+/* Bytes this process has queued, unsent or unacknowledged, on its TCP
+ * connections to port (SIOCOUTQ): the socket is full when Redis reads
+ * nothing and this stays high. */
+static long
+outq_to(int port)
+{
+    long total = 0;
+
+    for (int fd = 3; fd < 1024; fd++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int q = 0;
+
+        if (getpeername(fd, (struct sockaddr *)&ss, &len) != 0 || ss.ss_family != AF_INET
+            || ntohs(((struct sockaddr_in *)&ss)->sin_port) != port) {
+            continue;
+        }
+        if (ioctl(fd, SIOCOUTQ, &q) == 0) {
+            total += q;
+        }
+    }
+    return total;
+}
+
+static void
+long_key(char *buf, size_t size, const char *tag, int i)
+{
+    int n = snprintf(buf, size, "t:{%s}:%d:", tag, i);
+
+    memset(buf + n, 'k', size - 1 - (size_t)n);
+    buf[size - 1] = '\0';
+}
+
+/*
+ * Redis stopped (SIGSTOP) while charges keep coming in full batches of
+ * long keys, until the connection's socket is full (the kernel holds
+ * megabytes, hiredis the rest): no answer comes, and the loop sleeps
+ * (no busy loop on a socket that stays full).  After SIGCONT every charge
+ * is answered exactly once, within its deadline, and Redis holds exactly
+ * what the admitted charges added (a shared bucket counts them: a write
+ * lost or sent twice shows there).
+ */
+Test(redis, a_full_socket_while_redis_is_stopped)
+{
+    enum { TURNS = 50, PER = 1000, N = TURNS * PER };
+    const uint64_t T = 3600ull * 1000000;        /* 1 token an hour: no refill */
+    struct tg_redis *r = client(g_port, 10000, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 10), { T, 1000000 } };
+    int done = 0;
+    uint64_t cpu0, t0, cpu, wall;
+    long outq;
+    long long tat, now;
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+            const char *keys[2] = { key, "t:{full}:all" };
+
+            long_key(key, sizeof(key), "full", i);
+            c[i] = (charge_res){ .done = &done };
+            tg_redis_charge(r, keys, lim, 2, 1, on_charge, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int k = 0; k < 10; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    outq = outq_to(g_port);
+    cr_log_info("queued in the kernel to the stopped Redis: %ld bytes", outq);
+    cr_assert_gt(outq, 100000, "the socket never filled (%ld bytes queued)", outq);
+
+    /* the socket stays full: the loop must sleep */
+    cpu0 = cpu_ms();
+    t0 = tg_now_ms();
+    run_until(cond_count, &(want){ &done, 1 }, 500);
+    cpu = cpu_ms() - cpu0;
+    wall = tg_now_ms() - t0;
+    cr_log_info("CPU while the socket is full: %llu ms in %llu ms",
+                (unsigned long long)cpu, (unsigned long long)wall);
+    cr_assert_eq(done, 0, "answered while Redis is stopped");
+    cr_assert_lt(cpu, wall / 10 + 20, "busy while the socket is full: %llu ms CPU in "
+                 "%llu ms", (unsigned long long)cpu, (unsigned long long)wall);
+
+    cr_assert_eq(kill(g_redis.proc->pid, SIGCONT), 0);
+    cr_assert(wait_count(&done, N, 20000), "%d of %d answered after SIGCONT", done, N);
+    for (int k = 0; k < 20; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert(c[i].rc == TG_OK && c[i].res.allowed, "charge %d: rc %d allowed %d", i,
+                  c[i].rc, c[i].res.allowed);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.charges, N + 1);
+    cr_assert_eq(st.errors, 0);
+    /* every admitted charge once in the shared bucket: its debt is N
+     * intervals, less the time since the first */
+    tat = redis_get_ll("t:{full}:all");
+    now = redis_now_us();
+    cr_assert_gt(tat - now, (long long)((N - 1) * T), "charges lost: debt %lld intervals",
+                 (tat - now) / (long long)T);
+    cr_assert_leq(tat - now, (long long)(N * T), "charges doubled: debt %lld intervals",
+                  (tat - now) / (long long)T);
+    long_key(key, sizeof(key), "full", N - 1);
+    tat = redis_get_ll(key);
+    cr_assert_gt(tat, 0, "the last charge never reached Redis");
+    tg_redis_destroy(r);
+}
+
+/*
+ * Redis killed (-9) with the socket full: commands half-written, calls
+ * in flight and more waiting in hiredis.  Every charge is answered once,
+ * with an error, at once (not at its deadline); nothing comes later; a
+ * Redis started again on the same port is used again, and a charge there
+ * sees nothing of the old connection (a fresh bucket).
+ */
+Test(redis, killed_with_the_socket_full)
+{
+    enum { TURNS = 40, PER = 500, N = TURNS * PER };
+    struct tg_redis *r = client(g_port, 10000, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    int done = 0;
+    uint64_t t0;
+    tg_redis_stats st;
+
+    signal(SIGPIPE, SIG_IGN);               /* a write to the reset socket fails */
+    cr_assert(charge_ok_eventually(r, 5000));
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+
+            long_key(key, sizeof(key), "kill", i);
+            c[i] = (charge_res){ .done = &done };
+            charge1(r, key, lim, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int k = 0; k < 10; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    cr_assert_gt(outq_to(g_port), 100000, "the socket never filled");
+    cr_assert_eq(done, 0);
+    t0 = tg_now_ms();
+    cr_assert_eq(kill(g_redis.proc->pid, SIGKILL), 0);
+    kill(g_redis.proc->pid, SIGCONT);
+    cr_assert(wait_count(&done, N, 5000), "%d of %d answered after kill -9", done, N);
+    cr_assert_lt(tg_now_ms() - t0, 2000, "answered %llu ms after the kill, not at once",
+                 (unsigned long long)(tg_now_ms() - t0));
+    for (int k = 0; k < 20; k++) {
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.errors, N);
+    tgh_proc_kill(g_redis.proc);            /* reaped */
+    redis_start(&g_redis, g_port);
+    cr_assert(charge_ok_eventually(r, 10000), "charges work again after the restart");
+    {
+        charge_res again = { 0 };
+
+        long_key(key, sizeof(key), "kill", 0);
+        charge1(r, key, lim, &again);
+        cr_assert(wait_count(&again.called, 1, 5000));
+        cr_assert(again.rc == TG_OK && again.res.allowed && again.res.remaining == 9,
+                  "rc %d remaining %u", again.rc, again.res.remaining);
+    }
+    tg_redis_destroy(r);
+}
+
+/*
+ * Deadlines passing while the socket is full (Redis stopped): every charge
+ * is answered once, TG_ERR, at its deadline; three deadlines in a row drop
+ * the connection.  What it still held unsent was charged for requests
+ * already answered without Redis (and never given back, since no reply
+ * can come): it must not reach Redis when it wakes up.  Only what Redis's
+ * kernel had already taken in may (the shared bucket counts it).
+ */
+Test(redis, a_dropped_full_socket_sends_nothing_more)
+{
+    enum { TURNS = 40, PER = 500, N = TURNS * PER, TMO = 300 };
+    const uint64_t T = 3600ull * 1000000;
+    struct tg_redis *r = client(g_port, TMO, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 10), { T, 1000000 } };
+    int done = 0;
+    long outq;
+    long long tat, now, charged;
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    cr_assert_eq(kill(g_redis.proc->pid, SIGSTOP), 0);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+            const char *keys[2] = { key, "t:{drop}:all" };
+
+            long_key(key, sizeof(key), "drop", i);
+            c[i] = (charge_res){ .done = &done };
+            tg_redis_charge(r, keys, lim, 2, 1, on_charge, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    outq = outq_to(g_port);
+    cr_log_info("queued in the kernel to the stopped Redis: %ld bytes", outq);
+    cr_assert_gt(outq, 100000, "the socket never filled");
+    cr_assert(wait_count(&done, N, 5000), "%d of %d answered", done, N);
+    tg_redis_get_stats(r, &st);
+    struct reconn_want w = { r, st.reconnects + 1 };
+    cr_assert(run_until(cond_reconnects, &w, 5000), "no reconnect after the deadlines");
+    cr_assert_eq(kill(g_redis.proc->pid, SIGCONT), 0);
+    cr_assert(charge_ok_eventually(r, 10000), "charges work again after SIGCONT");
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
+    }
+    tat = redis_get_ll("t:{drop}:all");
+    now = redis_now_us();
+    charged = tat > now ? (tat - now + (long long)T - 1) / (long long)T : 0;
+    cr_log_info("charged in Redis after the drop: %lld of %d failed requests", charged, N);
+    cr_assert_lt(charged, N / 4, "%lld of %d requests answered TG_ERR were charged in Redis "
+                 "after the connection was dropped", charged, N);
+    tg_redis_destroy(r);
+}
+
+/*
+ * Two full calls answered after their deadline (Redis paused): each
+ * charge is answered once, TG_ERR at its deadline, and the late replies
+ * give back exactly what was charged, also on a bucket shared by every
+ * charge of both calls: it is whole again, and so is each own bucket.
+ */
+Test(redis, late_full_calls_on_a_shared_bucket_are_given_back)
+{
+    enum { TURNS = 2, PER = 500, N = TURNS * PER, TMO = 300 };
+    const uint64_t T = 3600ull * 1000000;
+    struct tg_redis *r = client(g_port, TMO, PER, 1);
+    static charge_res c[N];
+    static char key[180];
+    tg_gcra_limit lim[2] = { tg_gcra_per_minute(60, 10), { T, 1000000 } };
+    int done = 0;
+    long long tat, now, evals;
+    redisReply *rep;
+    tg_redis_stats st;
+
+    cr_assert(charge_ok_eventually(r, 5000));
+    rep = sync_cmd(g_port, "CONFIG RESETSTAT");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CONFIG RESETSTAT");
+    freeReplyObject(rep);
+    rep = sync_cmd(g_port, "CLIENT PAUSE 900 ALL");
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "CLIENT PAUSE");
+    freeReplyObject(rep);
+    for (int t = 0; t < TURNS; t++) {
+        for (int j = 0; j < PER; j++) {
+            int i = t * PER + j;
+            const char *keys[2] = { key, "t:{lateall}:all" };
+
+            long_key(key, sizeof(key), "lateall", i);
+            c[i] = (charge_res){ .done = &done };
+            tg_redis_charge(r, keys, lim, 2, 1, on_charge, &c[i]);
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    cr_assert(wait_count(&done, N, 5000), "%d of %d answered", done, N);
+    struct reconn_want w = { r, N };
+    cr_assert(run_until(cond_refunds, &w, 10000), "the late charges were not given back");
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.refunds, N, "%llu refunds", (unsigned long long)st.refunds);
+    cr_assert_eq(st.errors, N);
+    cr_assert_eq(st.reconnects, 0, "the connection was dropped");
+    cr_assert(charge_ok_eventually(r, 5000));
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].called, 1, "charge %d answered %d times", i, c[i].called);
+        cr_assert_eq(c[i].rc, TG_ERR, "charge %d", i);
+    }
+    /* the give-backs of a late call go in calls of up to 64 keys, not one
+     * EVAL per charge (1,000 on a Redis that has just woken up) */
+    evals = redis_cmdstat_calls("eval");
+    cr_log_info("refund calls for %d late charges: %lld", N, evals);
+    cr_assert_leq(evals, TURNS * ((2 * PER + 63) / 64), "%lld EVAL calls to give back %d "
+                  "late charges", evals, N);
+    tat = redis_get_ll("t:{lateall}:all");
+    now = redis_now_us();
+    cr_assert_leq(tat, now, "the shared bucket still holds %lld intervals after the "
+                  "refunds", (tat - now + (long long)T - 1) / (long long)T);
+    for (int i = 0; i < N; i += 97) {
+        charge_res again = { 0 };
+        const char *keys[1] = { key };
+
+        long_key(key, sizeof(key), "lateall", i);
+        tg_redis_charge(r, keys, lim, 1, 1, on_charge, &again);
+        cr_assert(wait_count(&again.called, 1, 5000));
+        cr_assert(again.rc == TG_OK && again.res.remaining == 9,
+                  "bucket %d: rc %d remaining %u (the late charge was kept)", i, again.rc,
+                  again.res.remaining);
+    }
+    tg_redis_destroy(r);
+}
+
 Test(redis, burst_is_exact)
 {
     enum { N = 40 };
@@ -900,6 +1245,102 @@ Test(redis, garbage_noscript_forever)
 {
     /* EVAL after NOSCRIPT answers NOSCRIPT too: TG_ERR, no loop */
     garbage("-NOSCRIPT No matching script\r\n");
+}
+
+/*
+ * A server that answers every command twice (a broken proxy in front of
+ * Redis, a stream out of step): the second reply has no command waiting
+ * for it.  hiredis 0.14 asserts on such a reply (abort: the whole
+ * process) unless it is an error; the connection must be dropped instead,
+ * every charge answered once (TG_ERR), and the client reconnect.
+ */
+Test(redis, a_reply_nobody_asked_for_drops_the_connection)
+{
+    int port = fake_start("+OK\r\n:1\r\n");
+    struct tg_redis *r = client(port, 1000, 4, 0);
+    tg_gcra_limit lim = tg_gcra_per_minute(60, 10);
+    static charge_res c[10];
+    int done = 0;
+    tg_redis_stats st;
+    struct reconn_want w = { r, 3 };
+
+    for (int i = 0; i < 10; i++) {
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, "t:{g}:tier", lim, &c[i]);
+    }
+    cr_assert(wait_count(&done, 10, 5000));
+    cr_assert(run_until(cond_reconnects, &w, 5000), "no reconnect");
+    for (int i = 0; i < 10; i++) {
+        cr_assert_eq(c[i].called, 1);
+        cr_assert_eq(c[i].rc, TG_ERR);
+    }
+    tg_redis_get_stats(r, &st);
+    cr_assert_eq(st.charges, 0);
+    tg_redis_destroy(r);
+}
+
+/*
+ * A "sentinel" answering every command with a one-element array: the
+ * client's SUBSCRIBE +switch-master connection gets it as a message.
+ * hiredis 0.14 asserts that a message has at least two elements, strings
+ * first (and reads a third for unsubscribe): the connection must be
+ * dropped instead, the subscription retried, the process alive.
+ */
+static int
+cond_rediscoveries(const void *arg)
+{
+    const struct reconn_want *w = arg;
+    tg_redis_stats st;
+
+    tg_redis_get_stats(w->r, &st);
+    return st.rediscoveries >= w->n;
+}
+
+static void
+sentinel_garbage(const char *answer)
+{
+    int port = fake_start(answer);
+    tg_redis_opts o;
+    struct tg_redis *r;
+    struct reconn_want w;
+    tg_redis_stats st;
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    snprintf(o.sentinels[0].host, sizeof(o.sentinels[0].host), "127.0.0.1");
+    o.sentinels[0].port = port;
+    o.nsentinels = 1;
+    o.timeout_ms = 200;
+    o.max_batch = 4;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    /* the SUBSCRIBE is answered at once; the master asked again and again
+     * (its answers are garbage too) shows the loop alive well after */
+    tg_redis_get_stats(r, &st);
+    w = (struct reconn_want){ r, st.rediscoveries + 3 };
+    cr_assert(run_until(cond_rediscoveries, &w, 10000), "the master was not asked again");
+    cr_assert(!tg_redis_ready(r));
+    tg_redis_destroy(r);
+}
+
+Test(redis, sentinel_message_of_one_element)
+{
+    sentinel_garbage("*1\r\n:1\r\n");
+}
+
+Test(redis, sentinel_message_of_integers)
+{
+    sentinel_garbage("*3\r\n:1\r\n:2\r\n:3\r\n");
+}
+
+Test(redis, sentinel_unsubscribe_without_a_count)
+{
+    sentinel_garbage("*3\r\n$11\r\nunsubscribe\r\n$14\r\n+switch-master\r\n$1\r\nx\r\n");
+}
+
+Test(redis, sentinel_unsubscribe_of_two_elements)
+{
+    sentinel_garbage("*2\r\n$11\r\nunsubscribe\r\n$14\r\n+switch-master\r\n");
 }
 
 /* What a bounded reader may cost: ASan keeps freed memory in quarantine

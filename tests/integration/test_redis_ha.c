@@ -412,6 +412,82 @@ Test(redis_sentinel, failover_after_kill_9)
     tg_redis_destroy(r);
 }
 
+/*
+ * The master frozen (SIGSTOP) with the client's socket to it full (long
+ * keys, a long deadline: megabytes wait in the kernel and in hiredis)
+ * while the sentinels fail over: +switch-master drops that connection, so
+ * every charge is answered once, an error, well before its 10 s deadline,
+ * and the promoted replica takes charges exactly; the old master, thawed,
+ * is never written to again.
+ */
+Test(redis_sentinel, failover_while_the_socket_is_full)
+{
+    enum { TURNS = 80, PER = 500, N = TURNS * PER };    /* 7.6 MB of calls */
+    int mport, rport, sport[3];
+    const char *const link_up[3] = { "master_link_status:up", "INFO", "replication" };
+    tgh_proc *master;
+    tg_redis_opts o;
+    struct tg_redis *r;
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    tg_gcra_limit one = tg_gcra_per_minute(60, 10);
+    static char key[180];
+    uint64_t t0;
+    tally t = { 0 }, full = { 0 };
+
+    signal(SIGPIPE, SIG_IGN);
+    master = redis_start(&mport, 0, NULL);
+    redis_start(&rport, mport, NULL);
+    cr_assert(poll_until(has_text, rport, link_up, 15000), "replica never linked");
+    sentinels_start(mport, sport, NULL);
+
+    memset(&o, 0, sizeof(o));
+    snprintf(o.sentinel_master, sizeof(o.sentinel_master), "mymaster");
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.sentinels[i].host, sizeof(o.sentinels[i].host), "127.0.0.1");
+        o.sentinels[i].port = sport[i];
+    }
+    o.nsentinels = 3;
+    o.timeout_ms = 10000;
+    o.max_batch = PER;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never found the master");
+    cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 5000));
+
+    cr_assert_eq(kill(master->pid, SIGSTOP), 0);
+    t0 = tg_now_ms();
+    for (int i = 0; i < TURNS; i++) {
+        for (int j = 0; j < PER; j++) {
+            int n = snprintf(key, sizeof(key), "tg:{full%d}:", i * PER + j);
+            const char *keys[1] = { key };
+
+            memset(key + n, 'k', sizeof(key) - 1 - (size_t)n);
+            key[sizeof(key) - 1] = '\0';
+            cr_assert_not_null(tg_redis_charge(r, keys, &one, 1, 1, on_charge, &full));
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    g_want = N;
+    cr_assert(run_until(cond_answered, &full, 9000), "%d of %d answered during the "
+              "failover", full.answered, N);
+    cr_log_info("failover with a full socket: %d charges answered after %llu ms",
+                N, (unsigned long long)(tg_now_ms() - t0));
+    cr_assert_eq(full.errors, N, "%d errors, %d allowed", full.errors, full.allowed);
+    cr_assert(charge_ok_eventually(r, "tg:{probe}:t", 30000), "no charge after failover");
+    cr_assert(master_port_is(sport[0], &rport), "the replica was not promoted");
+    cr_assert_eq(kill(master->pid, SIGCONT), 0);
+
+    charge_many(r, "tg:{after}:t", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.errors, 0);
+    cr_assert_eq(t.allowed, 20, "after failover: %d of 40 allowed", t.allowed);
+    cr_assert(sync_int(rport, "EXISTS %s", "tg:{after}:t") == 1,
+              "not written to the promoted replica");
+    g_want = N + 1;
+    run_until(cond_answered, &full, 200);
+    cr_assert_eq(full.answered, N, "answered twice: %d", full.answered);
+    tg_redis_destroy(r);
+}
+
 /* A partitioned "sentinel": answers every command (one RESP command at a
  * time) with the master it last knew, port mport, forever.  Its port. */
 static int
@@ -1473,6 +1549,110 @@ Test(redis_cluster, master_killed_others_unaffected_back_within_3s)
     cr_assert_leq(t_back - t_promo, 3000, "{global} back on Redis %llu ms after the "
                   "promotion", (unsigned long long)(t_back - t_promo));
     cr_assert_eq(other_errors, 0, "consumers on live masters got %d errors", other_errors);
+    tg_redis_destroy(r);
+}
+
+/*
+ * One master frozen (SIGSTOP) with the client's socket to it full (long
+ * keys of its slot, a 2 s deadline): the consumers on the other masters
+ * are answered meanwhile as before, every charge of the frozen one is
+ * answered once (an error, by its deadline), and after its replica is
+ * promoted that slot's charges are exact on it.
+ */
+Test(redis_cluster, a_full_socket_to_a_frozen_master_and_its_failover)
+{
+    enum { TURNS = 40, PER = 500, N = TURNS * PER, NC = 24 };
+    struct tg_redis *r;
+    tg_redis_opts o;
+    tg_gcra_limit one = tg_gcra_per_minute(60, 10);
+    tg_gcra_limit lim = tg_gcra_per_minute(1, 20);
+    tg_gcra_limit slow = tg_gcra_per_minute(1, 1000000);
+    static char key[180];
+    char ckey[NC][32];
+    int gport = 0, gidx = -1, replica = 0, on_victim[NC], others = 0;
+    uint64_t t0;
+    tally full = { 0 }, t = { 0 }, live = { 0 };
+
+    signal(SIGPIPE, SIG_IGN);
+    cluster_start_n(6);
+    memset(&o, 0, sizeof(o));
+    for (int i = 0; i < 3; i++) {
+        snprintf(o.cluster_nodes[i].host, sizeof(o.cluster_nodes[i].host), "127.0.0.1");
+        o.cluster_nodes[i].port = g_cport[i];
+    }
+    o.ncluster = 3;
+    o.timeout_ms = 2000;
+    o.max_batch = PER;
+    r = tg_redis_create(g_base, &o);
+    cr_assert_not_null(r);
+    cr_assert(run_until(cond_ready, r, 10000), "never learnt the slot map");
+    cr_assert(charge_ok_eventually(r, "tg:{global}:g", 10000));
+    charge_many(r, "tg:{global}:probe", slow, NULL, slow, 1, &t);
+    for (int i = 0; i < 6; i++) {
+        if (sync_int(g_cport[i], "EXISTS %s", "tg:{global}:probe") == 1
+            && master_of(g_cport[i]) == 0) {
+            gport = g_cport[i];
+            gidx = i;
+        }
+    }
+    cr_assert(gidx >= 0, "no master holds {global}");
+    for (int i = 0; i < 6; i++) {
+        if (master_of(g_cport[i]) == gport) {
+            replica = g_cport[i];
+        }
+    }
+    cr_assert(replica != 0, "the master of {global} has no replica");
+    for (int i = 0; i < NC; i++) {
+        char probe[32];
+        tally p = { 0 };
+
+        snprintf(ckey[i], sizeof(ckey[i]), "tg:{c-%02d}:t", i);
+        snprintf(probe, sizeof(probe), "tg:{c-%02d}:probe", i);
+        charge_many(r, probe, slow, NULL, slow, 1, &p);
+        on_victim[i] = sync_int(gport, "EXISTS %s", probe) == 1;
+        others += !on_victim[i];
+    }
+    cr_assert_gt(others, 0);
+
+    cr_assert_eq(kill(g_cnode[gidx].proc->pid, SIGSTOP), 0);
+    t0 = tg_now_ms();
+    for (int i = 0; i < TURNS; i++) {
+        for (int j = 0; j < PER; j++) {
+            int n = snprintf(key, sizeof(key), "tg:{global}:%d:", i * PER + j);
+            const char *keys[1] = { key };
+
+            memset(key + n, 'k', sizeof(key) - 1 - (size_t)n);
+            key[sizeof(key) - 1] = '\0';
+            cr_assert_not_null(tg_redis_charge(r, keys, &one, 1, 1, on_charge, &full));
+        }
+        event_base_loop(g_base, EVLOOP_NONBLOCK);
+    }
+    /* the other masters answer as before while that socket is full */
+    for (int i = 0; i < NC; i++) {
+        if (!on_victim[i]) {
+            uint64_t t1 = tg_now_ms();
+            charge_many(r, ckey[i], lim, NULL, lim, 1, &live);
+            cr_assert_lt(tg_now_ms() - t1, 500, "a live master's consumer waited %llu ms",
+                         (unsigned long long)(tg_now_ms() - t1));
+        }
+    }
+    cr_assert_eq(live.errors, 0, "consumers on live masters got %d errors", live.errors);
+    cr_assert_eq(live.allowed, others);
+    g_want = N;
+    cr_assert(run_until(cond_answered, &full, 10000), "%d of %d answered", full.answered, N);
+    cr_log_info("cluster, full socket to a frozen master: %d charges answered after %llu "
+                "ms", N, (unsigned long long)(tg_now_ms() - t0));
+    cr_assert_eq(full.errors, N, "%d errors, %d allowed", full.errors, full.allowed);
+    cr_assert(poll_until(is_master, replica, NULL, 30000), "the replica was never promoted");
+    cr_assert(charge_ok_eventually(r, "tg:{global}:g", 30000), "no charge after failover");
+    cr_assert_eq(kill(g_cnode[gidx].proc->pid, SIGCONT), 0);
+    memset(&t, 0, sizeof(t));
+    charge_many(r, "tg:{global}:after", lim, NULL, lim, 40, &t);
+    cr_assert_eq(t.errors, 0);
+    cr_assert_eq(t.allowed, 20, "after failover: %d of 40 allowed", t.allowed);
+    g_want = N + 1;
+    run_until(cond_answered, &full, 200);
+    cr_assert_eq(full.answered, N, "answered twice: %d", full.answered);
     tg_redis_destroy(r);
 }
 

@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/sha.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,7 +70,7 @@ wait_ready(void)
 }
 
 static void
-start(const char *policy)
+start_tmo(const char *policy, int timeout_ms)
 {
     static char extra[1024];
     tgh_tg_opts o;
@@ -81,12 +82,18 @@ start(const char *policy)
              "rate_limits:\n  basic: { requests_per_minute: 1, burst_limit: 20 }\n"
              "auth: { keys_file: %s }\n"
              "redis: { url: \"redis://127.0.0.1:%d/0\", timeout_ms: %d, on_failure: %s }\n",
-             keys_file(), rds.port, TIMEOUT_MS, policy);
+             keys_file(), rds.port, timeout_ms, policy);
     tgh_tg_opts_default(&o, up.port);
     o.store = "redis";
     o.extra_yaml = extra;
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
     wait_ready();
+}
+
+static void
+start(const char *policy)
+{
+    start_tmo(policy, TIMEOUT_MS);
 }
 
 /* One request; returns its status and how long it took. */
@@ -181,6 +188,97 @@ Test(resilience, redis_frozen_answers_within_deadline)
     tgh_proc_signal(rds.proc, SIGCONT, 0);
     await_mode("redis", 15000);
     TGH_CHECK(run("r-c", 3, 2000) == 3, "after SIGCONT");
+}
+
+/* CPU time (utime + stime) of process pid so far, in ms; -1 if unknown. */
+static long
+proc_cpu_ms(pid_t pid)
+{
+    char path[64], buf[1024];
+    unsigned long ut, st;
+    const char *p;
+    size_t n;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return -1;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    if ((p = strrchr(buf, ')')) == NULL
+        || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+                  &ut, &st) != 2)
+        return -1;
+    return (long)((ut + st) * 1000 / (unsigned long)sysconf(_SC_CLK_TCK));
+}
+
+/*
+ * Redis frozen (SIGSTOP) under 160 concurrent requests with a deadline
+ * (redis.timeout_ms 3 s) longer than the freeze: while they wait tollgate
+ * sleeps (its CPU stays near 0: no busy loop on the Redis connection), no
+ * answer comes early; after SIGCONT each request gets exactly one answer,
+ * and each key exactly its 20 tokens (the charges neither lost nor
+ * doubled).
+ */
+Test(resilience, redis_frozen_under_load_one_answer_each)
+{
+    enum { NK = 4, PER = 40, N = NK * PER, TMO = 3000 };
+    static const char *const names[NK] = { "r-a", "r-b", "r-c", "r-d" };
+    static tgh_conn *c[N];
+    int ok[NK] = { 0 }, denied[NK] = { 0 };
+    long cpu0, cpu;
+    uint64_t t0, wall;
+
+    start_tmo("local", TMO);
+    TGH_CHECK(run("r-d", 1, 2000) == 1, "before SIGSTOP");
+    for (int i = 0; i < N; i++) {
+        c[i] = tgh_conn_open(tg.port, 2000);
+        TGH_CHECK(c[i] != NULL, "connection %d", i);
+    }
+    tgh_proc_signal(rds.proc, SIGSTOP, 0);
+    for (int i = 0; i < N; i++) {
+        char *req = tgh_strf("GET /%d HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\n\r\n", i,
+                             names[i % NK]);
+        TGH_CHECK(tgh_conn_sendstr(c[i], req) == 0, "request %d not sent", i);
+        free(req);
+    }
+    /* a measurement window, not a wait: tollgate's CPU while they wait */
+    t0 = tgh_now_ms();
+    cpu0 = proc_cpu_ms(tg.proc->pid);
+    tgh_sleep_ms(600);
+    cpu = proc_cpu_ms(tg.proc->pid) - cpu0;
+    wall = tgh_now_ms() - t0;
+    cr_log_info("tollgate CPU while Redis is frozen: %ld ms in %llu ms", cpu,
+                (unsigned long long)wall);
+    TGH_CHECK(cpu0 >= 0 && cpu <= (long)wall / 10, "busy while Redis is frozen: %ld ms "
+              "CPU in %llu ms", cpu, (unsigned long long)wall);
+    for (int i = 0; i < N; i++) {
+        struct pollfd pfd = { c[i]->fd, POLLIN, 0 };
+        TGH_CHECK(poll(&pfd, 1, 0) == 0, "request %d answered while Redis is frozen", i);
+    }
+    tgh_proc_signal(rds.proc, SIGCONT, 0);
+    for (int i = 0; i < N; i++) {
+        tgh_resp r;
+        size_t extra = 0;
+
+        TGH_CHECK(tgh_conn_read_response(c[i], &r, 0, 10000) == 0, "request %d: no answer",
+                  i);
+        TGH_CHECK(r.status == 200 || r.status == 429, "request %d: status %d", i, r.status);
+        ok[i % NK] += r.status == 200;
+        denied[i % NK] += r.status == 429;
+        tgh_resp_free(&r);
+        tgh_conn_wait_closed(c[i], i == 0 ? 200 : 0, &extra);
+        TGH_CHECK(extra == 0, "request %d: %zu more bytes after its answer", i, extra);
+    }
+    TGH_CHECK(tgh_now_ms() - t0 < TMO, "answered after the deadline");
+    for (int k = 0; k < NK; k++) {
+        int want = k == 3 ? 19 : 20;         /* r-d was charged once before */
+        TGH_CHECK(ok[k] == want && denied[k] == PER - want, "%s: %d allowed, %d denied "
+                  "(expected %d, %d)", names[k], ok[k], denied[k], want, PER - want);
+    }
+    for (int i = 0; i < N; i++)
+        tgh_conn_close(c[i]);
 }
 
 Test(resilience, deny_policy_answers_503_with_retry_after)
