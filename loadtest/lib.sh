@@ -106,6 +106,30 @@ lt_start_testup() {
     lt_wait_http tg-testup "http://127.0.0.1:$UP_PORT/" "${LT_PIDS[-1]}"
 }
 
+# lt_nginx_head DIR WORKERS [MODULES]: the start of an nginx.conf of ours,
+# up to and inside "http {": everything under DIR, keep-alive for long runs.
+lt_nginx_head() {
+    # As root nginx would drop its workers to "nobody": stay root so the
+    # temp dir needs no permission games.
+    if [[ $(id -u) == 0 ]]; then echo "user root;"; fi
+    cat <<EOF
+${3:-}
+worker_processes $2;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+daemon off;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $1/tmp/body;
+    proxy_temp_path       $1/tmp/proxy;
+    fastcgi_temp_path     $1/tmp/fastcgi;
+    uwsgi_temp_path       $1/tmp/uwsgi;
+    scgi_temp_path        $1/tmp/scgi;
+    keepalive_requests 1000000;
+EOF
+}
+
 # lt_start_origin_nginx: an nginx that answers every request itself (200,
 # "ok\n", text/plain: tg-testup's answer to GET /) with TESTUP_THREADS
 # workers -> UP_PORT, TESTUP_PID (its master; the workers are its children).
@@ -117,21 +141,8 @@ lt_start_origin_nginx() {
     UP_PORT=$(lt_free_port)
     mkdir -p "$dir/tmp"
     {
-        if [[ $(id -u) == 0 ]]; then echo "user root;"; fi
+        lt_nginx_head "$dir" "${TESTUP_THREADS:-1}"
         cat <<EOF
-worker_processes ${TESTUP_THREADS:-1};
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-daemon off;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path       $dir/tmp/proxy;
-    fastcgi_temp_path     $dir/tmp/fastcgi;
-    uwsgi_temp_path       $dir/tmp/uwsgi;
-    scgi_temp_path        $dir/tmp/scgi;
-    keepalive_requests 1000000;
     keepalive_timeout 300s;
     server_tokens off;
     server {
@@ -267,24 +278,8 @@ lt_start_nginx() {
         SCHEME[$name]=https
     fi
     {
-        # As root nginx would drop its workers to "nobody": stay root so
-        # the temp dir needs no permission games.
-        if [[ $(id -u) == 0 ]]; then echo "user root;"; fi
+        lt_nginx_head "$dir" "${WORKERS:-2}" "$mods"
         cat <<EOF
-$mods
-worker_processes ${WORKERS:-2};
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-daemon off;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path       $dir/tmp/proxy;
-    fastcgi_temp_path     $dir/tmp/fastcgi;
-    uwsgi_temp_path       $dir/tmp/uwsgi;
-    scgi_temp_path        $dir/tmp/scgi;
-    keepalive_requests 1000000;
     $limit_zone
     $lua
     upstream testup {
