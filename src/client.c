@@ -212,7 +212,11 @@ tg_client_close_after_flush(struct tg_client *c)
     c->conn.state = C_CLOSING;
     tg_bev_rd_off(c);
     bufferevent_setwatermark(c->conn.bev, EV_WRITE, 0, 0);
-    arm_timer(c, c->px->conf->http.send_timeout_ms);
+    /* No deadline of the client's own: what is left goes out under the
+     * write timeout (send_timeout_ms between two writes, as during the
+     * answer).  One send timeout for all of it cut a client that read
+     * steadily but slower than the rest took to drain. */
+    disarm_timer(c);
     tg_bev_client_flush(c);
     if (evbuffer_get_length(bufferevent_get_output(c->conn.bev)) == 0) {
         event_active(c->io.defer, EV_TIMEOUT, 1);

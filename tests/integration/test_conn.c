@@ -1080,3 +1080,107 @@ Test(conn, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
     free(buf);
     close(fd);
 }
+
+/* ---- the send timeout is a gap, also when closing after the answer ---- */
+
+static void
+short_send(tgh_tg_opts *o)
+{
+    o->http_extra = "send_timeout_ms: 1000";
+}
+
+/*
+ * A client with a small MSS and receive window (so tollgate's kernel send
+ * buffer stays small) asks for 1,000,000 bytes with Connection: close and
+ * reads them steadily, what its window holds every 20 ms (~150 kB/s:
+ * about 7 s in all), never a pause near the send timeout (1 s), which
+ * bounds the gap between two writes.  The answer is whole.  Before,
+ * closing after the answer armed the send timeout once for all that was
+ * left in tollgate's output (up to 256 KiB, ~1.7 s at that pace): the
+ * end was cut.
+ */
+Test(conn, steady_slow_reader_gets_the_whole_answer_before_a_close)
+{
+    enum { N = 1000000 };
+    size_t cap = N + 4096, got = 0, body = 0;
+    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    unsigned char *buf = malloc(cap), *eoh = NULL;
+    static const char req[] = "GET /bytes?n=1000000 HTTP/1.1\r\nHost: t\r\n"
+                              "Connection: close\r\n\r\n";
+    uint64_t t0;
+    ssize_t r = 0;
+    int err = 0;
+
+    start(short_send);
+    cr_assert(fd >= 0 && buf != NULL);
+    sa.sin_port = htons(tg.port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);  /* tollgate's send buffer */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
+    t0 = tgh_now_ms();
+    while ((r = read(fd, buf + got, cap - got < 16384 ? cap - got : 16384)) > 0) {
+        got += (size_t)r;
+        if (eoh == NULL)
+            eoh = memmem(buf, got, "\r\n\r\n", 4);
+        body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
+        tgh_sleep_ms(20);                       /* a steady, slow reader */
+    }
+    err = r < 0 ? errno : 0;
+    cr_log_info("Connection: close, 1,000,000 bytes read steadily: %zu in %llu ms, then %s",
+                body, (unsigned long long)(tgh_now_ms() - t0), r == 0 ? "EOF" : strerror(err));
+    TGH_CHECK(eoh != NULL && memcmp(buf, "HTTP/1.1 200", 12) == 0, "no 200");
+    TGH_CHECK(body == N, "the answer was cut at %zu of %d body bytes (send timeout 1000 ms, "
+              "the client never paused), then %s", body, N, r == 0 ? "EOF" : strerror(err));
+    free(buf);
+    close(fd);
+}
+
+/*
+ * The same request from a client that reads nothing: closing after the
+ * answer still ends by the send timeout (1 s without a write), not never.
+ * After 3 s the client reads what reached it: the end of the stream (EOF
+ * or a reset) comes before the whole answer.
+ */
+Test(conn, non_reader_closing_after_the_answer_ends_by_the_send_timeout)
+{
+    enum { N = 1000000 };
+    size_t cap = N + 4096, got = 0, body = 0;
+    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    unsigned char *buf = malloc(cap), *eoh = NULL;
+    static const char req[] = "GET /bytes?n=1000000 HTTP/1.1\r\nHost: t\r\n"
+                              "Connection: close\r\n\r\n";
+    ssize_t r = 0;
+    int err = 0;
+
+    start(short_send);
+    cr_assert(fd >= 0 && buf != NULL);
+    sa.sin_port = htons(tg.port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
+    tgh_sleep_ms(3000);                         /* three send timeouts */
+    while ((r = read(fd, buf + got, cap - got)) > 0) {
+        got += (size_t)r;
+        if (eoh == NULL)
+            eoh = memmem(buf, got, "\r\n\r\n", 4);
+        body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
+    }
+    err = r < 0 ? errno : 0;
+    cr_log_info("a non-reader, Connection: close: %zu of %d body bytes, then %s", body, N,
+                r == 0 ? "EOF" : strerror(err));
+    TGH_CHECK(r == 0 || err == ECONNRESET, "the connection did not end: %s", strerror(err));
+    TGH_CHECK(body < N, "the whole answer reached a client that read nothing for 3 s "
+              "(send timeout 1 s)");
+    free(buf);
+    close(fd);
+}
