@@ -1097,3 +1097,58 @@ Test(tls_io, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
     get_pattern(t, "/bytes?n=10", 10);
     tls_close(t);
 }
+
+/*
+ * Closing after the last answer over TLS: a client with a small MSS and
+ * receive window asks for 1,000,000 bytes with Connection: close and
+ * reads steadily, 4 KiB every 20 ms (~200 kB/s), never pausing near the
+ * send timeout (1 s, the longest gap between two writes): the answer is
+ * whole (test_conn's steady_slow_reader_gets_the_whole_answer_before_a_close
+ * over plain text, where one send timeout for all that was left cut it;
+ * TLS, whose writes keep their own write event, was whole before too:
+ * this keeps it so).
+ */
+Test(tls_io, steady_slow_reader_gets_the_whole_answer_before_a_close)
+{
+    enum { N = 1000000 };
+    int rcv = 4096, mss = 536, fd, r;
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    size_t cap = N + 4096, got = 0, body = 0;
+    unsigned char *buf = malloc(cap), *eoh = NULL;
+
+    start("send_timeout_ms: 1000");
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert(fd >= 0 && buf != NULL);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    sa.sin_port = htons((uint16_t)tls_port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    tls_conn *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    t->fd = fd;
+    t->ctx = SSL_CTX_new(TLS_client_method());
+    t->ssl = SSL_new(t->ctx);
+    t->cap = 1 << 16;
+    t->buf = malloc(t->cap);
+    cr_assert(t->ssl != NULL && t->buf != NULL);
+    SSL_set_fd(t->ssl, fd);
+    TGH_CHECK(SSL_connect(t->ssl) == 1, "TLS handshake");
+    tls_send(t, "GET /bytes?n=1000000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    while ((r = SSL_read(t->ssl, buf + got, (int)(cap - got < 4096 ? cap - got : 4096))) > 0) {
+        got += (size_t)r;
+        if (eoh == NULL)
+            eoh = memmem(buf, got, "\r\n\r\n", 4);
+        body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
+        tgh_sleep_ms(20);                       /* a steady, slow reader */
+    }
+    cr_log_info("TLS, Connection: close, 1,000,000 bytes read steadily: %zu", body);
+    TGH_CHECK(eoh != NULL && memcmp(buf, "HTTP/1.1 200", 12) == 0, "no 200");
+    TGH_CHECK(body == N, "the answer was cut at %zu of %d body bytes (send timeout 1000 ms, "
+              "the client never paused)", body, N);
+    free(buf);
+    tls_close(t);
+}
