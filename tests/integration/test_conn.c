@@ -1025,6 +1025,26 @@ short_idle(tgh_tg_opts *o)
     o->idle_timeout_ms = 1000;
 }
 
+/* A client connected to port with a small MSS and receive window, so
+ * that tollgate's kernel send buffer stays small too and most of a large
+ * answer waits in tollgate's output; reads time out after 10 s. */
+static int
+narrow_client(int port)
+{
+    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+
+    TGH_CHECK(fd >= 0, "socket");
+    sa.sin_port = htons(port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    return fd;
+}
+
 /*
  * A keep-alive client with a small MSS and receive window (so tollgate's
  * kernel send buffer stays small too) asks for 200000 bytes: the upstream
@@ -1038,22 +1058,15 @@ Test(conn, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
 {
     enum { N = 200000 };
     size_t cap = N + 4096, got = 0, body = 0;
-    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = { .sin_family = AF_INET };
-    struct timeval tv = { 10, 0 };
+    int fd;
     unsigned char *buf = malloc(cap), *eoh = NULL;
     static const char req[] = "GET /bytes?n=200000 HTTP/1.1\r\nHost: t\r\n\r\n";
     static const char req2[] = "GET /bytes?n=10 HTTP/1.1\r\nHost: t\r\n\r\n";
     ssize_t r = 0;
 
     start(short_idle);
-    cr_assert(fd >= 0 && buf != NULL);
-    sa.sin_port = htons(tg.port);
-    sa.sin_addr.s_addr = htonl(0x7f000001);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
-    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);  /* tollgate's send buffer */
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    cr_assert(buf != NULL);
+    fd = narrow_client(tg.port);
     TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
     tgh_sleep_ms(1500);                         /* past the idle timeout */
     while (!(eoh != NULL && body >= N) && (r = read(fd, buf + got, cap - got)) > 0) {
@@ -1089,9 +1102,43 @@ short_send(tgh_tg_opts *o)
     o->http_extra = "send_timeout_ms: 1000";
 }
 
+/* Ask a narrow client for 1,000,000 bytes with Connection: close, wait
+ * wait_ms, then read to the end, pace_ms between reads of at most 16 KiB:
+ * the body bytes that came (*body), whether the stream ended (EOF or a
+ * reset: 0, else errno), and whether it began with a 200 (*ok). */
+enum { CLOSE_N = 1000000 };
+
+static int
+read_close_answer(int wait_ms, int pace_ms, size_t *body, int *ok)
+{
+    static const char req[] = "GET /bytes?n=1000000 HTTP/1.1\r\nHost: t\r\n"
+                              "Connection: close\r\n\r\n";
+    size_t cap = CLOSE_N + 4096, got = 0;
+    unsigned char *buf = malloc(cap), *eoh = NULL;
+    int fd = narrow_client(tg.port), err;
+    ssize_t r;
+
+    cr_assert(buf != NULL);
+    TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
+    tgh_sleep_ms(wait_ms);
+    *body = 0;
+    while ((r = read(fd, buf + got, cap - got < 16384 ? cap - got : 16384)) > 0) {
+        got += (size_t)r;
+        if (eoh == NULL)
+            eoh = memmem(buf, got, "\r\n\r\n", 4);
+        *body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
+        if (pace_ms > 0)
+            tgh_sleep_ms(pace_ms);
+    }
+    err = r == 0 || errno == ECONNRESET ? 0 : errno;
+    *ok = eoh != NULL && memcmp(buf, "HTTP/1.1 200", 12) == 0;
+    free(buf);
+    close(fd);
+    return err;
+}
+
 /*
- * A client with a small MSS and receive window (so tollgate's kernel send
- * buffer stays small) asks for 1,000,000 bytes with Connection: close and
+ * A narrow client asks for 1,000,000 bytes with Connection: close and
  * reads them steadily, what its window holds every 20 ms (~150 kB/s:
  * about 7 s in all), never a pause near the send timeout (1 s), which
  * bounds the gap between two writes.  The answer is whole.  Before,
@@ -1101,43 +1148,17 @@ short_send(tgh_tg_opts *o)
  */
 Test(conn, steady_slow_reader_gets_the_whole_answer_before_a_close)
 {
-    enum { N = 1000000 };
-    size_t cap = N + 4096, got = 0, body = 0;
-    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = { .sin_family = AF_INET };
-    struct timeval tv = { 10, 0 };
-    unsigned char *buf = malloc(cap), *eoh = NULL;
-    static const char req[] = "GET /bytes?n=1000000 HTTP/1.1\r\nHost: t\r\n"
-                              "Connection: close\r\n\r\n";
-    uint64_t t0;
-    ssize_t r = 0;
-    int err = 0;
+    size_t body;
+    int ok, err;
 
     start(short_send);
-    cr_assert(fd >= 0 && buf != NULL);
-    sa.sin_port = htons(tg.port);
-    sa.sin_addr.s_addr = htonl(0x7f000001);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
-    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);  /* tollgate's send buffer */
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
-    TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
-    t0 = tgh_now_ms();
-    while ((r = read(fd, buf + got, cap - got < 16384 ? cap - got : 16384)) > 0) {
-        got += (size_t)r;
-        if (eoh == NULL)
-            eoh = memmem(buf, got, "\r\n\r\n", 4);
-        body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
-        tgh_sleep_ms(20);                       /* a steady, slow reader */
-    }
-    err = r < 0 ? errno : 0;
-    cr_log_info("Connection: close, 1,000,000 bytes read steadily: %zu in %llu ms, then %s",
-                body, (unsigned long long)(tgh_now_ms() - t0), r == 0 ? "EOF" : strerror(err));
-    TGH_CHECK(eoh != NULL && memcmp(buf, "HTTP/1.1 200", 12) == 0, "no 200");
-    TGH_CHECK(body == N, "the answer was cut at %zu of %d body bytes (send timeout 1000 ms, "
-              "the client never paused), then %s", body, N, r == 0 ? "EOF" : strerror(err));
-    free(buf);
-    close(fd);
+    err = read_close_answer(0, 20, &body, &ok);
+    cr_log_info("Connection: close, 1,000,000 bytes read steadily: %zu, then %s", body,
+                err == 0 ? "the end" : strerror(err));
+    TGH_CHECK(ok, "no 200");
+    TGH_CHECK(err == 0 && body == CLOSE_N, "the answer was cut at %zu of %d body bytes "
+              "(send timeout 1000 ms, the client never paused), then %s", body, CLOSE_N,
+              err == 0 ? "the end" : strerror(err));
 }
 
 /*
@@ -1148,39 +1169,14 @@ Test(conn, steady_slow_reader_gets_the_whole_answer_before_a_close)
  */
 Test(conn, non_reader_closing_after_the_answer_ends_by_the_send_timeout)
 {
-    enum { N = 1000000 };
-    size_t cap = N + 4096, got = 0, body = 0;
-    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = { .sin_family = AF_INET };
-    struct timeval tv = { 10, 0 };
-    unsigned char *buf = malloc(cap), *eoh = NULL;
-    static const char req[] = "GET /bytes?n=1000000 HTTP/1.1\r\nHost: t\r\n"
-                              "Connection: close\r\n\r\n";
-    ssize_t r = 0;
-    int err = 0;
+    size_t body;
+    int ok, err;
 
     start(short_send);
-    cr_assert(fd >= 0 && buf != NULL);
-    sa.sin_port = htons(tg.port);
-    sa.sin_addr.s_addr = htonl(0x7f000001);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
-    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
-    TGH_CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1), "write");
-    tgh_sleep_ms(3000);                         /* three send timeouts */
-    while ((r = read(fd, buf + got, cap - got)) > 0) {
-        got += (size_t)r;
-        if (eoh == NULL)
-            eoh = memmem(buf, got, "\r\n\r\n", 4);
-        body = eoh != NULL ? got - (size_t)(eoh + 4 - buf) : 0;
-    }
-    err = r < 0 ? errno : 0;
-    cr_log_info("a non-reader, Connection: close: %zu of %d body bytes, then %s", body, N,
-                r == 0 ? "EOF" : strerror(err));
-    TGH_CHECK(r == 0 || err == ECONNRESET, "the connection did not end: %s", strerror(err));
-    TGH_CHECK(body < N, "the whole answer reached a client that read nothing for 3 s "
+    err = read_close_answer(3000, 0, &body, &ok);   /* three send timeouts */
+    cr_log_info("a non-reader, Connection: close: %zu of %d body bytes, then %s", body,
+                CLOSE_N, err == 0 ? "the end" : strerror(err));
+    TGH_CHECK(err == 0, "the connection did not end: %s", strerror(err));
+    TGH_CHECK(body < CLOSE_N, "the whole answer reached a client that read nothing for 3 s "
               "(send timeout 1 s)");
-    free(buf);
-    close(fd);
 }

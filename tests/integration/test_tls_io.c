@@ -1058,6 +1058,36 @@ Test(tls_io, connections_cycling_idle_and_busy_do_not_grow)
     TGH_CHECK(atoi(out) == 0, "a sanitizer report in tollgate's log");
 }
 
+/* A TLS client with a small MSS and receive window (tollgate's kernel
+ * send buffer stays small, most of a large answer waits in its output),
+ * handshaken; reads and writes time out after 10 s. */
+static tls_conn *
+tls_narrow(int port)
+{
+    int rcv = 4096, mss = 536, fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    struct timeval tv = { 10, 0 };
+    tls_conn *t = calloc(1, sizeof *t);
+
+    cr_assert(fd >= 0 && t != NULL);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(0x7f000001);
+    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+    t->fd = fd;
+    t->ctx = SSL_CTX_new(TLS_client_method());
+    t->ssl = SSL_new(t->ctx);
+    t->cap = 1 << 16;
+    t->buf = malloc(t->cap);
+    cr_assert(t->ssl != NULL && t->buf != NULL);
+    SSL_set_fd(t->ssl, fd);
+    TGH_CHECK(SSL_connect(t->ssl) == 1, "TLS handshake");
+    return t;
+}
+
 /*
  * The idle timeout does not cut an answer still going out: a TLS client
  * with a small MSS and receive window (tollgate's kernel send buffer
@@ -1067,30 +1097,10 @@ Test(tls_io, connections_cycling_idle_and_busy_do_not_grow)
  */
 Test(tls_io, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
 {
-    int rcv = 4096, mss = 536, fd;
-    struct sockaddr_in sa = { .sin_family = AF_INET };
-    struct timeval tv = { 10, 0 };
+    tls_conn *t;
 
     start_idle(1000);
-    fd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert(fd >= 0);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
-    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    sa.sin_port = htons((uint16_t)tls_port);
-    sa.sin_addr.s_addr = htonl(0x7f000001);
-    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
-    tls_conn *t = calloc(1, sizeof *t);
-    cr_assert_not_null(t);
-    t->fd = fd;
-    t->ctx = SSL_CTX_new(TLS_client_method());
-    t->ssl = SSL_new(t->ctx);
-    t->cap = 1 << 16;
-    t->buf = malloc(t->cap);
-    cr_assert(t->ssl != NULL && t->buf != NULL);
-    SSL_set_fd(t->ssl, fd);
-    TGH_CHECK(SSL_connect(t->ssl) == 1, "TLS handshake");
+    t = tls_narrow(tls_port);
     tls_send(t, "GET /bytes?n=200000 HTTP/1.1\r\nHost: t\r\n\r\n");
     tgh_sleep_ms(1500);                         /* past the idle timeout */
     expect_pattern(t, 200000, "an answer read after 1.5 s (idle timeout 1 s)");
@@ -1111,32 +1121,14 @@ Test(tls_io, paused_reader_gets_the_whole_answer_past_the_idle_timeout)
 Test(tls_io, steady_slow_reader_gets_the_whole_answer_before_a_close)
 {
     enum { N = 1000000 };
-    int rcv = 4096, mss = 536, fd, r;
-    struct sockaddr_in sa = { .sin_family = AF_INET };
-    struct timeval tv = { 10, 0 };
     size_t cap = N + 4096, got = 0, body = 0;
     unsigned char *buf = malloc(cap), *eoh = NULL;
+    tls_conn *t;
+    int r;
 
     start("send_timeout_ms: 1000");
-    fd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert(fd >= 0 && buf != NULL);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
-    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    sa.sin_port = htons((uint16_t)tls_port);
-    sa.sin_addr.s_addr = htonl(0x7f000001);
-    TGH_CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
-    tls_conn *t = calloc(1, sizeof *t);
-    cr_assert_not_null(t);
-    t->fd = fd;
-    t->ctx = SSL_CTX_new(TLS_client_method());
-    t->ssl = SSL_new(t->ctx);
-    t->cap = 1 << 16;
-    t->buf = malloc(t->cap);
-    cr_assert(t->ssl != NULL && t->buf != NULL);
-    SSL_set_fd(t->ssl, fd);
-    TGH_CHECK(SSL_connect(t->ssl) == 1, "TLS handshake");
+    cr_assert(buf != NULL);
+    t = tls_narrow(tls_port);
     tls_send(t, "GET /bytes?n=1000000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     while ((r = SSL_read(t->ssl, buf + got, (int)(cap - got < 4096 ? cap - got : 4096))) > 0) {
         got += (size_t)r;
