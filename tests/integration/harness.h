@@ -93,6 +93,10 @@ void tgh_cleanup(void);
 int tgh_free_port(void);                          /* 127.0.0.1 ephemeral */
 int tgh_wait_port(int port, int timeout_ms);      /* 0 when it accepts */
 int tgh_port_accepts(int port);                   /* 1 if connect() works now */
+/* 1 if port is listening here (/proc/net/tcp{,6}); makes no connection:
+ * for tollgate's own ports, where a probe would hold a connection place */
+int tgh_port_listening(int port);
+int tgh_wait_listening(int port, int timeout_ms);  /* 0 when listening */
 
 /* ------------------------------------------------------------------ */
 /* upstreams and tollgate                                              */

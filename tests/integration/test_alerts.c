@@ -95,7 +95,7 @@ start_tollgate(const char *yaml)
         cr_assert_not_null(tg);
         uint64_t end = tgh_now_ms() + 20000;
         while (tgh_now_ms() < end && tgh_proc_alive(tg)) {
-            if (tgh_port_accepts(tg_port) && tgh_port_accepts(tg_admin))
+            if (tgh_port_listening(tg_port) && tgh_port_accepts(tg_admin))
                 return;
             tgh_sleep_ms(20);
         }

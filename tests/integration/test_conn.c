@@ -171,7 +171,7 @@ start(void (*tweak)(tgh_tg_opts *))
         tweak(&o);
     TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate did not start");
     if (o.tls_port > 0)
-        TGH_CHECK(tgh_wait_port(o.tls_port, 10000) == 0, "TLS port");
+        TGH_CHECK(tgh_wait_listening(o.tls_port, 10000) == 0, "TLS port");
 }
 
 static int

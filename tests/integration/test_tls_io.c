@@ -851,7 +851,7 @@ start_idle(int idle_ms)
     o.tls_cert = cert;
     o.tls_key = key;
     o.idle_timeout_ms = idle_ms;
-    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0 && tgh_wait_port(tls_port, 10000) == 0,
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0 && tgh_wait_listening(tls_port, 10000) == 0,
               "tollgate with a TLS listener");
 }
 
