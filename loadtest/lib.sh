@@ -445,6 +445,19 @@ lt_run_wrk() {
         END { printf "%s %s %s %d %d %d\n", rps, p50, p99, bad, err, total }'
 }
 
+# lt_run_openloop URL SECONDS LOG KEYS_FILE RATE: LT_OPENLOOP (a build of
+# loadtest/openloop.c) at RATE req/s over CONNS connections, keys at random
+# from KEYS_FILE; prints what lt_run_wrk prints, the detail goes to LOG.
+# LT_WRK_CPU as for lt_run_wrk.
+lt_run_openloop() {
+    local url=$1 secs=$2 logf=$3 keys=$4 rate=$5 out c0=0 me=$BASHPID
+    if [[ -n ${LT_WRK_CPU:-} ]]; then c0=$(lt_children_ticks "$me"); fi
+    out=$("$LT_OPENLOOP" -r "$rate" -d "$secs" -c "${CONNS:-64}" -k "$keys" "$url" 2>>"$logf") ||
+        lt_die "openloop failed on $url: $(tail -n 2 "$logf")"
+    if [[ -n ${LT_WRK_CPU:-} ]]; then echo $(($(lt_children_ticks "$me") - c0)) >"$LT_WRK_CPU"; fi
+    printf '%s\n' "$out"
+}
+
 # lt_children_ticks PID: user + system clock ticks of the reaped children
 # of shell PID (cutime + cstime of /proc/PID/stat; PID=$BASHPID taken
 # before a $(...), which runs in a subshell of its own)
