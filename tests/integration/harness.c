@@ -406,59 +406,67 @@ int tgh_port_accepts(int port)
     return 1;
 }
 
-/* port is in the LISTEN state on this host (any address, v4 or v6), read
- * from /proc/net/tcp{,6}: unlike a connect, this leaves no connection
- * behind for the server to accept later.  A probe connection that
- * tollgate has not yet taken from its accept queue is counted by nobody
- * (not in tollgate_connections_open), yet holds a place under
+/* Sockets in the LISTEN state on port on this host (any address, v4 and
+ * v6), from /proc/net/tcp{,6}; SO_REUSEPORT makes several. */
+int tgh_listening_sockets(int port)
+{
+    static const char *const files[] = { "/proc/net/tcp", "/proc/net/tcp6" };
+    char line[512], want[16];
+    int n = 0;
+
+    snprintf(want, sizeof want, ":%04X ", port);
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        FILE *f = fopen(files[i], "r");
+        if (f == NULL)
+            continue;
+        while (fgets(line, sizeof line, f) != NULL) {
+            /* "sl local_address rem_address st ...": the local port is
+             * after the second ':', then the remote address, then the
+             * state, 0A for LISTEN */
+            char *loc = strchr(line, ':'), *st;
+            if (loc == NULL || (loc = strchr(loc + 1, ':')) == NULL
+                || strncmp(loc, want, strlen(want)) != 0)
+                continue;
+            st = loc + strlen(want);
+            st += strcspn(st, " ");
+            if (strncmp(st, " 0A ", 4) == 0)
+                n++;
+        }
+        fclose(f);
+    }
+    return n;
+}
+
+/* Unlike a connect, asking /proc leaves no connection behind for the
+ * server to accept later.  A probe connection that tollgate has not yet
+ * taken from its accept queue is counted by nobody (not in
+ * tollgate_connections_open), yet holds a place under
  * http.max_connections{,_per_ip} once accepted: a test that starts from
  * "nothing open" and then fills a cap would race it. */
 int tgh_port_listening(int port)
 {
-    static const char *const files[] = { "/proc/net/tcp", "/proc/net/tcp6" };
-    char line[512], want[16];
-    int found = 0;
+    return tgh_listening_sockets(port) > 0;
+}
 
-    snprintf(want, sizeof want, ":%04X ", port);
-    for (size_t i = 0; i < sizeof files / sizeof files[0] && !found; i++) {
-        FILE *f = fopen(files[i], "r");
-        if (f == NULL)
-            continue;
-        while (!found && fgets(line, sizeof line, f) != NULL) {
-            /* "sl local_address rem_address st ...": the local port is
-             * after the second ':', the state 0A is LISTEN */
-            char *loc = strchr(line, ':');
-            if (loc != NULL && (loc = strchr(loc + 1, ':')) != NULL
-                && strncmp(loc, want, strlen(want)) == 0
-                && strncmp(loc + strlen(want) + strcspn(loc + strlen(want), " ") + 1,
-                           "0A ", 3) == 0)
-                found = 1;
-        }
-        fclose(f);
+static int wait_for(int (*ready)(int port), int port, int timeout_ms)
+{
+    uint64_t end = tgh_now_ms() + (uint64_t)timeout_ms;
+    while (tgh_now_ms() < end) {
+        if (ready(port))
+            return 0;
+        tgh_sleep_ms(20);
     }
-    return found;
+    return -1;
 }
 
 int tgh_wait_listening(int port, int timeout_ms)
 {
-    uint64_t end = tgh_now_ms() + (uint64_t)timeout_ms;
-    while (tgh_now_ms() < end) {
-        if (tgh_port_listening(port))
-            return 0;
-        tgh_sleep_ms(20);
-    }
-    return -1;
+    return wait_for(tgh_port_listening, port, timeout_ms);
 }
 
 int tgh_wait_port(int port, int timeout_ms)
 {
-    uint64_t end = tgh_now_ms() + (uint64_t)timeout_ms;
-    while (tgh_now_ms() < end) {
-        if (tgh_port_accepts(port))
-            return 0;
-        tgh_sleep_ms(20);
-    }
-    return -1;
+    return wait_for(tgh_port_accepts, port, timeout_ms);
 }
 
 /* ------------------------------------------------------------------ */

@@ -96,6 +96,7 @@ int tgh_port_accepts(int port);                   /* 1 if connect() works now */
 /* 1 if port is listening here (/proc/net/tcp{,6}); makes no connection:
  * for tollgate's own ports, where a probe would hold a connection place */
 int tgh_port_listening(int port);
+int tgh_listening_sockets(int port);             /* LISTEN sockets on port */
 int tgh_wait_listening(int port, int timeout_ms);  /* 0 when listening */
 
 /* ------------------------------------------------------------------ */

@@ -150,36 +150,14 @@ Test(edge_accept, global_cap_closes_the_extra_connections)
 
 /* http.reuseport: every worker accepts on its own socket; the caps are
  * still the process's, exact (one shared table), and it serves. */
-/* Listening IPv4 sockets on port (from /proc/net/tcp), or -1. */
-static int
-listening_sockets(int port)
-{
-    char line[512], want[16];
-    FILE *f = fopen("/proc/net/tcp", "r");
-    int n = 0;
-
-    if (f == NULL)
-        return -1;
-    snprintf(want, sizeof(want), ":%04X ", port);
-    while (fgets(line, sizeof(line), f) != NULL) {
-        /* "sl local_address rem_address st": local 0100007F:PORT, st 0A */
-        char *loc = strchr(line, ':');
-        if (loc != NULL && (loc = strchr(loc + 1, ':')) != NULL
-            && strncmp(loc, want, strlen(want)) == 0 && strstr(loc, " 0A ") != NULL)
-            n++;
-    }
-    fclose(f);
-    return n;
-}
-
 Test(edge_accept, reuseport_serves_and_caps_hold)
 {
     tgh_conn *c[16];
     int i;
 
     start("reuseport: true, max_connections_per_ip: 4", 2);
-    TGH_CHECK(listening_sockets(tg.port) == 2, "listening sockets on the port: %d, "
-              "expected one per worker", listening_sockets(tg.port));
+    TGH_CHECK(tgh_listening_sockets(tg.port) == 2, "listening sockets on the port: %d, "
+              "expected one per worker", tgh_listening_sockets(tg.port));
     check_cap(4, "reuseport per-ip");
     /* the kernel spreads connections over both workers' sockets: 16
      * sequential connections, one request each, all served */
