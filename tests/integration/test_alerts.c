@@ -356,9 +356,11 @@ Test(alerts, redis_down_and_breaker_pagerduty)
         TGH_CHECK(get("/") == 200, "before the kill");
     TGH_CHECK(sink_count(&snk, NULL) == 0, "alert while healthy");
 
+    /* the time before the signal: tgh_proc_wait polls every 10 ms, and
+     * tollgate may see the connection lost before it returns */
+    uint64_t killed = tgh_now_ms(), end = killed + 15000;
     tgh_proc_signal(rds.proc, SIGKILL, 0);
     tgh_proc_wait(rds.proc, 5000);
-    uint64_t killed = tgh_now_ms(), end = killed + 15000;
     while (tgh_now_ms() < end && sink_count(&snk, "/pd") < 2) {
         get("/");                        /* failures open the breaker */
         tgh_sleep_ms(20);
