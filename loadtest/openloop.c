@@ -229,7 +229,6 @@ conn_read(conn *c, uint64_t t)
             if (c->skip > 0) {
                 continue;
             }
-            whole = 0;
         } else {
             whole = parse_answer(c, &c->status, &c->close_after, &skip);
             if (whole < 0 || (whole > 0 && !c->busy)) {
@@ -335,9 +334,8 @@ main(int argc, char **argv)
     const char *keys = NULL, *header = "X-API-Key", *url;
     char host[64], path[512];
     unsigned port;
-    int opt, idle_n;
+    int opt;
     uint64_t t0, total, sent_i = 0, *queue, qhead = 0, qtail = 0, interval, stop;
-    int *idle;
 
     nconns = 64;
     rng = 88172645463325252ull;
@@ -377,9 +375,7 @@ main(int argc, char **argv)
     late = malloc(cap * sizeof *late);
     queue = malloc(cap * sizeof *queue);
     conns = calloc((size_t)nconns, sizeof *conns);
-    idle = malloc((size_t)nconns * sizeof *idle);
-    if (lat == NULL || svc == NULL || late == NULL || queue == NULL || conns == NULL
-        || idle == NULL) {
+    if (lat == NULL || svc == NULL || late == NULL || queue == NULL || conns == NULL) {
         die("out of memory");
     }
     prctl(PR_SET_TIMERSLACK, 1UL);       /* wake on the due time, not 50 us later */
@@ -403,18 +399,14 @@ main(int argc, char **argv)
             late[nlate++] = t - (t0 + sent_i * interval);   /* the generator's own delay */
             sent_i++;
         }
-        idle_n = 0;
-        for (int i = 0; i < nconns && qhead < qtail; i++) {
+        for (int i = 0; i < nconns && qhead < qtail; i++) {   /* free connections */
             if (!conns[i].busy) {
-                idle[idle_n++] = i;
+                if (conn_send(&conns[i], queue[qhead]) != 0) {
+                    nerr++;
+                    conn_reset(&conns[i]);
+                }
+                qhead++;
             }
-        }
-        for (int i = 0; i < idle_n && qhead < qtail; i++) {
-            if (conn_send(&conns[idle[i]], queue[qhead]) != 0) {
-                nerr++;
-                conn_reset(&conns[idle[i]]);
-            }
-            qhead++;
         }
         if (sent_i == total && qhead == qtail) {
             int busy = 0;
@@ -427,8 +419,13 @@ main(int argc, char **argv)
                 break;
             }
         }
-        wait_ns = sent_i < total && t0 + sent_i * interval > t ? t0 + sent_i * interval - t
-                                                              : sent_i < total ? 0 : 1000000;
+        if (sent_i == total) {
+            wait_ns = 1000000;                 /* only answers to wait for */
+        } else {
+            uint64_t next = t0 + sent_i * interval;
+
+            wait_ns = next > t ? next - t : 0;
+        }
         ts.tv_nsec = (long)(wait_ns < 999999999 ? wait_ns : 999999999);
         n = epoll_pwait2(ep, evs, 256, &ts, NULL);
         if (n < 0 && errno != EINTR) {
