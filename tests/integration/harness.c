@@ -646,6 +646,10 @@ int tgh_redis_start_opts(tgh_upstream *u, const tgh_redis_opts *o)
             argv[n++] = "--masterauth";
             argv[n++] = (char *)o->password;
         }
+        if (tgh_env("TG_REDIS_MODULE")[0] != '\0') {
+            argv[n++] = "--loadmodule";
+            argv[n++] = (char *)tgh_env("TG_REDIS_MODULE");
+        }
         for (int i = 0; o->args != NULL && o->args[i] != NULL && n < 63; i++)
             argv[n++] = (char *)o->args[i];
         argv[n] = NULL;

@@ -119,10 +119,12 @@ int tgh_fastapi_start(tgh_upstream *u);
 /* Redis: the one way the tests start redis-server, replicas, Sentinel  */
 /* and Cluster nodes.  Each is a harness process on 127.0.0.1 with no   */
 /* persistence and its files (a replica's sync, nodes-PORT.conf,        */
-/* sentinel-PORT.conf) in tgh_tmpdir().  A start returns once the       */
-/* server answers PING as itself (INFO's process_id: never another      */
-/* program's server that took the port); it retries on new ports when  */
-/* the port was lost to a race, and shows the log when it fails.        */
+/* sentinel-PORT.conf) in tgh_tmpdir(); every redis-server loads the    */
+/* module TG_REDIS_MODULE names, when set (the *_native runs).  A start */
+/* returns once the server answers PING as itself (INFO's process_id:   */
+/* never another program's server that took the port); it retries on   */
+/* new ports when the port was lost to a race, and shows the log when   */
+/* it fails.                                                            */
 
 typedef struct tgh_redis_opts {
     int         replicaof;             /* > 0: replica of 127.0.0.1:<port> */
