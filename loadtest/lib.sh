@@ -197,7 +197,7 @@ lt_start_redis() {
     REDIS_PORT=${1:-$(lt_free_port)}
     ((++LT_REDIS_STARTS > 1)) && log=redis-$LT_REDIS_STARTS
     lt_spawn "$log" "${REDIS_SERVER:-redis-server}" --port "$REDIS_PORT" --bind 127.0.0.1 \
-        --save '' --appendonly no --dir "$TMP"
+        --save '' --appendonly no --dir "$TMP" ${REDIS_MODULE:+--loadmodule "$REDIS_MODULE"}
     REDIS_PID=$LAST_PID
     for ((i = 0; i < 200; i++)); do
         [[ $(lt_rcli PING 2>/dev/null || true) == PONG ]] && return 0
@@ -389,7 +389,7 @@ EOF
         *) lt_die "lt_start_tollgate: unknown kind $kind" ;;
         esac
         if [[ $kind == redis ]]; then
-            echo "redis: { url: \"redis://127.0.0.1:$REDIS_PORT/0\", timeout_ms: ${REDIS_TIMEOUT_MS:-50}, on_failure: ${ON_FAILURE:-deny}${MAX_BATCH:+, max_batch: $MAX_BATCH} }"
+            echo "redis: { url: \"redis://127.0.0.1:$REDIS_PORT/0\", timeout_ms: ${REDIS_TIMEOUT_MS:-50}, on_failure: ${ON_FAILURE:-deny}${MAX_BATCH:+, max_batch: $MAX_BATCH}${REDIS_NATIVE:+, native: $REDIS_NATIVE} }"
         fi
         if [[ -n $extra ]]; then cat "$extra"; fi
         if [[ -n ${TG_CONF_EXTRA:-} ]]; then cat "$TG_CONF_EXTRA"; fi

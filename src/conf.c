@@ -429,6 +429,7 @@ defaults(tg_conf *conf)
     conf->redis.on_failure = TG_FAIL_LOCAL;
     conf->redis.prefix = tg_xstrdup("tg:");
     conf->redis.max_batch = 32;
+    conf->redis.native = 1;
     conf->redis.instances = 1;
 
     conf->metrics.statsd_enabled = 0;

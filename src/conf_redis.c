@@ -31,6 +31,10 @@ const tg_conf_enum tg_conf_store_enum[] = {
     { "redis", TG_STORE_REDIS }, { "local", TG_STORE_LOCAL }, { NULL, 0 },
 };
 
+static const tg_conf_enum native_enum[] = {
+    { "auto", 1 }, { "off", 0 }, { NULL, 0 },
+};
+
 static const tg_conf_enum failure_enum[] = {
     { "local", TG_FAIL_LOCAL }, { "allow", TG_FAIL_ALLOW },
     { "deny", TG_FAIL_DENY }, { NULL, 0 },
@@ -66,6 +70,7 @@ const tg_conf_cmd tg_conf_redis_cmds[] = {
       TG_FIELD(tg_conf, redis.max_batch), 1, 512, 0, NULL },
     { "instances", tg_conf_set_uint,
       TG_FIELD(tg_conf, redis.instances), 1, 1000, 0, NULL },
+    { "native", tg_conf_set_enum, TG_FIELD(tg_conf, redis.native), 0, 0, 0, native_enum },
     { "sentinel", set_sentinel, TG_NOFIELD, 0, 0, 0, sentinel_cmds },
     { "cluster", set_cluster, TG_NOFIELD, 0, 0, 0, cluster_cmds },
     { "username", tg_conf_set_prefix, TG_FIELD(tg_conf, redis.username), 1, 127, 0, NULL },
@@ -108,6 +113,7 @@ tg_conf_store_diff(const tg_conf *a, const tg_conf *b, char *buf, size_t len)
         { str_differ(a->redis.prefix, b->redis.prefix), "redis.prefix" },
         { a->redis.max_batch != b->redis.max_batch, "redis.max_batch" },
         { a->redis.instances != b->redis.instances, "redis.instances" },
+        { a->redis.native != b->redis.native, "redis.native" },
         { str_differ(a->redis.sentinel_master, b->redis.sentinel_master)
           || addrs_differ(a->redis.sentinels, a->redis.nsentinels,
                           b->redis.sentinels, b->redis.nsentinels),

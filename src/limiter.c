@@ -180,6 +180,7 @@ tg_limiter_create(struct event_base *base, tg_conf *conf, struct tg_keys *keys,
         freeaddrinfo(ai);
         opts.timeout_ms = conf->redis.timeout_ms;
         opts.max_batch = conf->redis.max_batch;
+        opts.no_native = !conf->redis.native;
         /* Sentinel / Cluster: addresses resolved at config load. */
         if (conf->redis.sentinel_master != NULL) {
             snprintf(opts.sentinel_master, sizeof(opts.sentinel_master), "%s",

@@ -883,14 +883,22 @@ tg_redis_batch_send(struct tg_redis_batch *b)
         const struct tg_rkey *kt = r->kt;
         char *packed;
 
-        if (b->eval) {
+        /* the module's command: TOLLGATE.CHARGE packed KEYS... (the
+         * packed argument's place kept, filled below) */
+        b->native = !b->eval && b->node->native;
+        if (b->native) {
+            TG_ARG("TOLLGATE.CHARGE", 15);
+            TG_ARG(NULL, 0);
+        } else if (b->eval) {
             TG_ARG("EVAL", 4);
             TG_ARG(tg_gcra_lua, r->script_len);
         } else {
             TG_ARG("EVALSHA", 7);
             TG_ARG(r->sha, 40);
         }
-        TG_NUM(nk);
+        if (!b->native) {
+            TG_NUM(nk);
+        }
         for (size_t j = 0; j < nk; j++) {
             TG_ARG(kt[j].s, kt[j].len);
         }
@@ -920,7 +928,12 @@ tg_redis_batch_send(struct tg_redis_batch *b)
             np += tg_gcra_script_pack(a, tg_gcra_script_key(kt[j].lim, kt[j].alias, a),
                                       (unsigned char *)np);
         }
-        TG_ARG(packed, (size_t)(np - packed));
+        if (b->native) {
+            r->argv[1] = packed;
+            r->argvlen[1] = (size_t)(np - packed);
+        } else {
+            TG_ARG(packed, (size_t)(np - packed));
+        }
     }
 #undef TG_PACK
 #undef TG_NUM
@@ -1051,6 +1064,16 @@ batch_reply(redisAsyncContext *ac, void *reply, void *privdata)
         tg_redis_node_good(b->node);
     }
     if (rep->type == REDIS_REPLY_ERROR) {
+        if (b->kind == TG_OP_CHARGE && b->native
+            && strncmp(rep->str, "ERR unknown command", 19) == 0) {
+            b->node->native = 0;        /* the module went away: the script */
+            if (tg_redis_batch_send(b) == TG_OK) {
+                return;
+            }
+            tg_redis_batch_fail(b);
+            tg_redis_batch_free(b);
+            return;
+        }
         if (b->kind == TG_OP_CHARGE && !b->eval && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
             r->stats.noscript++;
             b->eval = 1;

@@ -28,6 +28,7 @@ static void disconnect_cb(const redisAsyncContext *ac, int status);
 static void select_cb(redisAsyncContext *ac, void *reply, void *privdata);
 static void role_cb(redisAsyncContext *ac, void *reply, void *privdata);
 static void script_load_cb(redisAsyncContext *ac, void *reply, void *privdata);
+static void native_cb(redisAsyncContext *ac, void *reply, void *privdata);
 static void drop_cb(evutil_socket_t fd, short what, void *arg);
 static void reconnect_cb(evutil_socket_t fd, short what, void *arg);
 static void connect_timeout_cb(evutil_socket_t fd, short what, void *arg);
@@ -667,6 +668,7 @@ tg_redis_node_new(struct tg_redis *r, const char *host, int port)
     snprintf(nd->host, sizeof(nd->host), "%s", host);
     nd->port = port;
     nd->state = TG_REDIS_DOWN;
+    nd->native_said = -1;
     nd->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
     nd->drop_ev = tg_event_new(r->base, -1, 0, drop_cb, nd);
     nd->reconnect_ev = tg_evtimer_new(r->base, reconnect_cb, nd);
@@ -881,6 +883,7 @@ conn_connect(struct tg_rnode *nd)
     unsigned ms;
 
     nd->gates = 0;
+    nd->native = 0;
     ac = tg_redis_ctx_open(r, nd->ip, nd->port, nd, 0, node_auth_cb, nd);
     if (ac == NULL) {
         tg_redis_schedule_reconnect(nd);
@@ -909,6 +912,9 @@ conn_connect(struct tg_rnode *nd)
     }
     redisAsyncCommand(ac, script_load_cb, nd, "SCRIPT LOAD %b", tg_gcra_lua,
                       r->script_len);
+    if (!r->opts.no_native) {
+        redisAsyncCommand(ac, native_cb, nd, "TOLLGATE.PROTO");
+    }
 
     ms = r->opts.timeout_ms > TG_REDIS_CONNECT_MIN_MS ? r->opts.timeout_ms
                                                       : TG_REDIS_CONNECT_MIN_MS;
@@ -1117,6 +1123,39 @@ script_load_cb(redisAsyncContext *ac, void *reply, void *privdata)
     if (rep->type != REDIS_REPLY_STRING || rep->len != 40
                || strncasecmp(rep->str, nd->r->sha, 40) != 0) {
         tg_warn("redis: SCRIPT LOAD answered an unexpected digest");
+    }
+}
+
+/* redis.native: does this server run the charge natively (the module
+ * tollgate-redis.so, TOLLGATE.PROTO = ours)?  Charges sent before the
+ * answer go as EVALSHA; an error ("unknown command") means no module. */
+static void
+native_cb(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct tg_rnode *nd = privdata;
+    redisReply *rep = reply;
+    int native;
+
+    (void)ac;
+    if (rep == NULL || nd->r->destroying) {
+        return;
+    }
+    native = rep->type == REDIS_REPLY_INTEGER && rep->integer == TG_GCRA_NATIVE_PROTO;
+    nd->native = (uint8_t)native;
+    if (native == nd->native_said) {
+        return;
+    }
+    nd->native_said = (int8_t)native;
+    if (native) {
+        tg_info("redis: %s:%d runs tollgate's module: charges as TOLLGATE.CHARGE",
+                nd->host, nd->port);
+    } else if (rep->type == REDIS_REPLY_INTEGER) {
+        tg_warn("redis: %s:%d runs tollgate's module with protocol %lld, this tollgate "
+                "speaks %d: charges with the script (update the module)", nd->host,
+                nd->port, rep->integer, TG_GCRA_NATIVE_PROTO);
+    } else {
+        tg_debug("redis: %s:%d has no tollgate module: charges with the script",
+                 nd->host, nd->port);
     }
 }
 

@@ -106,6 +106,9 @@ struct tg_rnode {
     redisAsyncContext   *drop_ac;     /* to drop on a clean stack */
     enum tg_redis_state  state;
     unsigned             gates;       /* SELECT/ROLE answers still awaited */
+    uint8_t              native;      /* this connection's TOLLGATE.PROTO answered
+                                         ours: charges go as TOLLGATE.CHARGE */
+    int8_t               native_said; /* what the log last said of it (-1: nothing) */
     unsigned             backoff_ms;  /* next reconnect delay (pre-jitter) */
     unsigned             consec_tmo;  /* deadlines in a row */
     unsigned             charging;    /* charge calls sent, not yet answered */
@@ -127,6 +130,7 @@ struct tg_redis_batch {
     int                    slot;          /* Cluster: every key's slot */
     uint8_t                kind;          /* enum tg_redis_kind */
     uint8_t                eval;          /* sent again as EVAL (NOSCRIPT) */
+    uint8_t                native;        /* sent as TOLLGATE.CHARGE */
     uint8_t                done;          /* ops answered; a reply is ignored */
     uint8_t                timer_set;
     uint8_t                asking;        /* ASK: ASKING before the command */

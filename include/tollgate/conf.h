@@ -176,6 +176,9 @@ typedef struct tg_conf {
         enum tg_on_failure on_failure;   /* default local */
         char              *prefix;       /* key prefix; default "tg:" */
         unsigned           max_batch;    /* charges per EVALSHA; default 32, 1..512 */
+        int                native;       /* redis.native: auto (1, default): the
+                                            module's TOLLGATE.CHARGE where a server
+                                            has it; off (0): the script everywhere */
         unsigned           instances;    /* tollgate instances sharing the limits:
                                             the local fallback divides each limit
                                             by this; default 1 */

@@ -250,6 +250,15 @@ size_t tg_gcra_script_key(tg_gcra_limit l, uint32_t alias, uint64_t *out);
 size_t tg_gcra_script_pack(const uint64_t *v, size_t n, unsigned char *out);
 int tg_gcra_script_unpack(const unsigned char *in, size_t n, uint64_t *v);
 
+/*
+ * The same call without Lua: `TOLLGATE.CHARGE packed key...` of the Redis
+ * module tollgate-redis.so (src/redis-module/tollgate_redis.c) takes the
+ * script's ARGV[1] and KEYS and answers, writes and replicates what the
+ * script does.  TOLLGATE.PROTO answers this number; bump both together
+ * when the layout above changes.
+ */
+#define TG_GCRA_NATIVE_PROTO 1
+
 /* Numbers in the charge script's reply to nreq requests over nbuckets
  * buckets in all: 1 per request, 1 per bucket, and the script's now (the
  * reply is that many times TG_GCRA_PACKED bytes). */

@@ -55,6 +55,10 @@ typedef struct tg_redis_opts {
     int       db;                  /* SELECT db after connecting when != 0 */
     unsigned  timeout_ms;          /* per call (redis.timeout_ms; > 0) */
     unsigned  max_batch;           /* requests per EVALSHA (redis.max_batch; > 0) */
+    int       no_native;           /* redis.native off; else (0) ask each server
+                                      for TOLLGATE.PROTO and charge with
+                                      TOLLGATE.CHARGE where it answers
+                                      TG_GCRA_NATIVE_PROTO (gcra.h) */
     char      sentinel_master[64]; /* non-empty: Sentinel mode */
     tg_redis_addr sentinels[TG_REDIS_MAX_ADDRS];    /* asked in order */
     size_t    nsentinels;

@@ -5,7 +5,7 @@
  *     TOLLGATE.CHARGE packed key...    the charge script (src/gcra.c,
  *                                      tg_gcra_lua), same arguments, same
  *                                      answer, same writes
- *     TOLLGATE.PROTO                   TG_NATIVE_PROTO: which layout of
+ *     TOLLGATE.PROTO                   TG_GCRA_NATIVE_PROTO: which layout of
  *                                      `packed` this module speaks
  *
  * tollgate asks every Redis it connects to for TOLLGATE.PROTO and sends its
@@ -40,8 +40,8 @@
 #include <sys/time.h>
 
 #include "rm_api.h"
+#include "tollgate/gcra.h"
 
-#define TG_NATIVE_PROTO   1           /* = TG_GCRA_NATIVE_PROTO (gcra.h) */
 #define TG_MAX_TAT        9007199254740991.0   /* 2^53 - 1 */
 #define TG_MAX_NB         15          /* nbuckets is h % 16 */
 #define TG_STACK_NUMS     512         /* numbers of a call kept on the stack */
@@ -379,7 +379,7 @@ proto_cmd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     if (argc != 1) {
         return RM_WrongArity(ctx);
     }
-    return RM_ReplyWithLongLong(ctx, TG_NATIVE_PROTO);
+    return RM_ReplyWithLongLong(ctx, TG_GCRA_NATIVE_PROTO);
 }
 
 __attribute__((visibility("default"))) int
@@ -387,7 +387,7 @@ RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
 {
     (void)argv;
     (void)argc;
-    if (rm_init(ctx, "tollgate", TG_NATIVE_PROTO) != RM_OK) {
+    if (rm_init(ctx, "tollgate", TG_GCRA_NATIVE_PROTO) != RM_OK) {
         return RM_ERR;
     }
     /* Keys from the second argument to the last: Cluster routes on them

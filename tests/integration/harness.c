@@ -649,6 +649,8 @@ int tgh_redis_start_opts(tgh_upstream *u, const tgh_redis_opts *o)
         if (tgh_env("TG_REDIS_MODULE")[0] != '\0') {
             argv[n++] = "--loadmodule";
             argv[n++] = (char *)tgh_env("TG_REDIS_MODULE");
+            argv[n++] = "--enable-module-command";   /* MODULE UNLOAD in a test */
+            argv[n++] = "yes";
         }
         for (int i = 0; o->args != NULL && o->args[i] != NULL && n < 63; i++)
             argv[n++] = (char *)o->args[i];

@@ -165,7 +165,8 @@ static long
 script_calls(void)
 {
     static char out[65536];
-    static const char *const cmds[] = { "cmdstat_evalsha:calls=", "cmdstat_eval:calls=" };
+    static const char *const cmds[] = { "cmdstat_evalsha:calls=", "cmdstat_eval:calls=",
+                                        "cmdstat_tollgate.charge:calls=" };
     long n = 0;
 
     if (rds.port == 0)

@@ -93,11 +93,12 @@ redis_calls(const char *cmd)
     return p ? atol(p + strlen(needle)) : 0;
 }
 
-/* The charge script's calls (EVAL counts the NOSCRIPT recoveries). */
+/* The charge's calls: the script's (EVAL counts the NOSCRIPT recoveries)
+ * and, under TG_REDIS_MODULE (integration_deny_native), the module's. */
 static long
 script_calls(void)
 {
-    return redis_calls("evalsha") + redis_calls("eval");
+    return redis_calls("evalsha") + redis_calls("eval") + redis_calls("tollgate.charge");
 }
 
 static long long

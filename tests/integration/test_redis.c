@@ -297,6 +297,38 @@ on_str(void *arg, tg_rc rc, const char *value, size_t len)
     }
 }
 
+/* redis.native off for the next client() (a test of the script's path). */
+static int g_no_native;
+
+/* Under TG_REDIS_MODULE (integration_redis_native) every redis-server runs
+ * tollgate-redis.so and every client here charges with TOLLGATE.CHARGE. */
+static int
+native_run(void)
+{
+    const char *m = getenv("TG_REDIS_MODULE");
+
+    return m != NULL && *m != '\0';
+}
+
+/* INFO commandstats' calls of cmd ("evalsha", "tollgate.charge") at port. */
+static long long
+cmd_calls(int port, const char *cmd)
+{
+    redisReply *rep = sync_cmd(port, "INFO commandstats");
+    char needle[64];
+    const char *p;
+    long long n = 0;
+
+    cr_assert(rep != NULL && rep->type == REDIS_REPLY_STRING);
+    snprintf(needle, sizeof(needle), "cmdstat_%s:calls=", cmd);
+    p = strstr(rep->str, needle);
+    if (p != NULL) {
+        n = strtoll(p + strlen(needle), NULL, 10);
+    }
+    freeReplyObject(rep);
+    return n;
+}
+
 static struct tg_redis *
 client(int port, unsigned timeout_ms, unsigned max_batch, int wait_ready)
 {
@@ -304,6 +336,7 @@ client(int port, unsigned timeout_ms, unsigned max_batch, int wait_ready)
     struct tg_redis *r;
 
     memset(&o, 0, sizeof(o));
+    o.no_native = g_no_native;
     snprintf(o.host, sizeof(o.host), "127.0.0.1");
     o.port = port;
     o.timeout_ms = timeout_ms;
@@ -1045,7 +1078,7 @@ Test(redis, multi_bucket_all_or_nothing)
 Test(redis, script_flush_mid_run)
 {
     enum { N = 20 };
-    struct tg_redis *r = client(g_port, 1000, 8, 1);
+    struct tg_redis *r = (g_no_native = 1, client(g_port, 1000, 8, 1));
     static charge_res c[N];
     char key[N][32];
     int done = 0;
@@ -1084,6 +1117,99 @@ Test(redis, script_flush_mid_run)
     tg_redis_get_stats(r, &st);
     cr_assert_eq(st.errors, 0);
     cr_assert_eq(st.charges, 3 * N);
+    tg_redis_destroy(r);
+}
+
+/*
+ * Which command carried the charges: TOLLGATE.CHARGE where redis-server runs
+ * the module (integration_redis_native), EVALSHA where it does not, and
+ * EVALSHA with redis.native off whatever the server runs.  The same exact
+ * counts either way.
+ */
+static void
+charges_go_as(int no_native, const char *used, const char *not_used)
+{
+    enum { N = 30 };
+    static charge_res c[N];
+    tg_gcra_limit lim = tg_gcra_per_minute(6, 10);    /* a token per 10 s */
+    long long used0, unused0;
+    struct tg_redis *r;
+    int done = 0, allowed = 0;
+
+    g_no_native = no_native;
+    r = client(g_port, 1000, 8, 1);
+    /* a charge answered: TOLLGATE.PROTO's answer (queued before it) is in */
+    cr_assert(charge_ok_eventually(r, 5000));
+    used0 = cmd_calls(g_port, used);
+    unused0 = cmd_calls(g_port, not_used);
+    for (int i = 0; i < N; i++) {
+        c[i] = (charge_res){ .done = &done };
+        charge1(r, no_native ? "t:{via-off}:tier" : "t:{via}:tier", lim, &c[i]);
+    }
+    cr_assert(wait_count(&done, N, 10000));
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(c[i].rc, TG_OK);
+        allowed += c[i].res.allowed;
+    }
+    cr_assert_eq(allowed, 10, "burst 10: %d of %d admitted", allowed, N);
+    cr_assert_geq(cmd_calls(g_port, used) - used0, 1, "no %s call", used);
+    cr_assert_eq(cmd_calls(g_port, not_used) - unused0, 0, "%s was used", not_used);
+    tg_redis_destroy(r);
+}
+
+Test(redis, charges_go_native_where_the_module_runs)
+{
+    if (native_run()) {
+        charges_go_as(0, "tollgate.charge", "evalsha");
+    } else {
+        charges_go_as(0, "evalsha", "tollgate.charge");
+    }
+}
+
+Test(redis, native_off_charges_with_the_script)
+{
+    charges_go_as(1, "evalsha", "tollgate.charge");
+}
+
+/* The module unloaded under a running client: the next call's "unknown
+ * command" sends the same batch as EVALSHA; nothing is lost or counted
+ * twice. */
+Test(redis, module_unloaded_mid_run_falls_back_to_the_script)
+{
+    enum { N = 20 };
+    static charge_res c[N];
+    tg_gcra_limit lim = tg_gcra_per_minute(600, 100);
+    struct tg_redis *r;
+    redisReply *rep;
+    int done;
+
+    if (!native_run()) {
+        cr_skip_test("without TG_REDIS_MODULE (integration_redis_native runs it)");
+    }
+    r = client(g_port, 1000, 8, 1);
+    cr_assert(charge_ok_eventually(r, 5000));
+    for (int round = 0; round < 2; round++) {
+        if (round == 1) {
+            rep = sync_cmd(g_port, "MODULE UNLOAD tollgate");
+            cr_assert(rep != NULL && rep->type == REDIS_REPLY_STATUS, "MODULE UNLOAD: %s",
+                      rep != NULL && rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
+            freeReplyObject(rep);
+        }
+        done = 0;
+        for (int i = 0; i < N; i++) {
+            c[i] = (charge_res){ .done = &done };
+            charge1(r, "t:{unload}:tier", lim, &c[i]);
+        }
+        cr_assert(wait_count(&done, N, 10000));
+        for (int i = 0; i < N; i++) {
+            cr_assert_eq(c[i].rc, TG_OK, "round %d request %d", round, i);
+            cr_assert_eq(c[i].res.allowed, 1);
+        }
+        /* one bucket, charged once per request: exact across the switch */
+        cr_assert_eq(c[N - 1].res.remaining + 0u, 100u - (uint32_t)(N * (round + 1)),
+                     "round %d: remaining %u", round, c[N - 1].res.remaining);
+    }
+    cr_assert_geq(cmd_calls(g_port, "evalsha"), 1);
     tg_redis_destroy(r);
 }
 
