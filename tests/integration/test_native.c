@@ -812,6 +812,27 @@ Test(native, stored_values_are_read_as_the_script_reads_them)
     compare_seeded(c, n, "sv");
 }
 
+/*
+ * Values of 64 bytes and more that are numbers (zeros or blanks padding a
+ * TAT): the script's tonumber reads them whatever their length.
+ */
+Test(native, long_stored_values_are_read_as_the_script_reads_them)
+{
+    uint64_t now = redis_now(rc);
+    unsigned long long fut = now + 300000000ull;
+    seeded c[8];
+    size_t n = 0;
+
+    n += seeded_str(&c[n], "a TAT padded with zeros to 63 bytes", "%063llu", fut);
+    n += seeded_str(&c[n], "a TAT padded with zeros to 64 bytes", "%064llu", fut);
+    n += seeded_str(&c[n], "a TAT padded with zeros to 100 bytes", "%0100llu", fut);
+    n += seeded_str(&c[n], "a TAT after 84 blanks", "%100llu", fut);
+    n += seeded_str(&c[n], "a TAT before 84 blanks", "%-100llu", fut);
+    n += seeded_str(&c[n], "2^53 - 1 padded with zeros to 100 bytes", "%0100llu",
+                    9007199254740991ull);
+    compare_seeded(c, n, "lv");
+}
+
 /* ---- b. garbage --------------------------------------------------------------- */
 
 static double
