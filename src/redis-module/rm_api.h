@@ -24,6 +24,9 @@
 #define RM_KEYTYPE_EMPTY  0
 #define RM_KEYTYPE_STRING 1
 
+#define RM_NOTIFY_GENERIC (1 << 2)    /* keyspace events of class g */
+#define RM_NOTIFY_STRING  (1 << 3)    /* class $ */
+
 typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
 typedef struct RedisModuleString RedisModuleString;
@@ -57,7 +60,9 @@ typedef int (*rm_cmd_fn)(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     X(int, StringTruncate, (RedisModuleKey *key, size_t newlen))               \
     X(int, SetAbsExpire, (RedisModuleKey *key, rm_mstime_t when))              \
     X(int, Replicate, (RedisModuleCtx *ctx, const char *cmd,                   \
-                       const char *fmt, ...))
+                       const char *fmt, ...))                                  \
+    X(int, NotifyKeyspaceEvent, (RedisModuleCtx *ctx, int type,                \
+                                 const char *event, RedisModuleString *key))
 
 #define RM_DECLARE(ret, name, args) static ret (*RM_##name) args;
 RM_API(RM_DECLARE)

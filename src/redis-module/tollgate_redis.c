@@ -107,7 +107,7 @@ stored_tat(RedisModuleCtx *ctx, RedisModuleString *name)
 {
     RedisModuleKey *key = RM_OpenKey(ctx, name, RM_READ);
     const char *p;
-    char buf[64], *end;
+    char sbuf[64], *buf = sbuf, *end;
     size_t len;
     double v = 0;
 
@@ -115,8 +115,10 @@ stored_tat(RedisModuleCtx *ctx, RedisModuleString *name)
         return 0;
     }
     if (RM_KeyType(key) == RM_KEYTYPE_STRING
-        && (p = RM_StringDMA(key, &len, RM_READ)) != NULL
-        && len > 0 && len < sizeof(buf)) {
+        && (p = RM_StringDMA(key, &len, RM_READ)) != NULL && len > 0) {
+        if (len >= sizeof(sbuf)) {
+            buf = RM_Alloc(len + 1);    /* as long as it is: tonumber reads it whole */
+        }
         memcpy(buf, p, len);
         buf[len] = '\0';
         v = strtod(buf, &end);
@@ -132,6 +134,9 @@ stored_tat(RedisModuleCtx *ctx, RedisModuleString *name)
             if (*end != '\0' || !(v >= 0 && v <= TG_MAX_TAT)) {
                 v = 0;
             }
+        }
+        if (buf != sbuf) {
+            RM_Free(buf);
         }
     }
     RM_CloseKey(key);
@@ -169,8 +174,8 @@ write_tat(RedisModuleCtx *ctx, RedisModuleString *name, double v)
     if (key == NULL) {
         return;
     }
-    if (v > 4e18) {
-        v = 4e18;           /* only from absurd limits; the script's %d would be undefined */
+    if (v > 9e18) {
+        v = 9e18;           /* only from absurd limits; past 2^63 the script fails */
     }
     ms = (long long)ceil(v / 1000.0);
     len = u64_digits(digits, (uint64_t)v);
@@ -185,6 +190,8 @@ write_tat(RedisModuleCtx *ctx, RedisModuleString *name, double v)
     }
     RM_CloseKey(key);
     RM_Replicate(ctx, "SET", "sbcl", name, digits, len, "PXAT", ms);
+    RM_NotifyKeyspaceEvent(ctx, RM_NOTIFY_STRING, "set", name);      /* as SET's */
+    RM_NotifyKeyspaceEvent(ctx, RM_NOTIFY_GENERIC, "expire", name);
 }
 
 /*

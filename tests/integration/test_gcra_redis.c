@@ -6,10 +6,22 @@
  * (tg_gcra_charge) over random batches, reading Redis's "now" back through
  * a probe bucket.  Memory per bucket is measured and logged.
  *
+ * Two runs of this one program (tests/meson.build): integration_gcra_redis
+ * sends every charge as the script (EVAL tg_gcra_lua, or EVALSHA);
+ * integration_gcra_redis_native sets TG_REDIS_MODULE, so that the harness
+ * loads tollgate-redis.so into redis-server, and sends the same charges as
+ * TOLLGATE.CHARGE packed key... (src/redis-module/tollgate_redis.c): the
+ * same assertions hold for both, which is the proof that the module is the
+ * script (with same_results_as_c, the agreement with the C step over
+ * random batches).  The refund script (tg_gcra_refund_lua) is Lua in both.
+ * charges_go_the_way_of_this_run checks which of the two ran (INFO
+ * commandstats).
+ *
  * Each test starts its own redis-server on an ephemeral loopback port
  * through the harness (tests/integration/harness.h: SIGKILL on parent
  * death, killed by tgh_cleanup at the end).  hiredis, synchronous.
- * Environment: TG_REDIS_SERVER (default /usr/bin/redis-server).
+ * Environment: TG_REDIS_SERVER (default /usr/bin/redis-server),
+ * TG_REDIS_MODULE (set and not empty: the module, and charges natively).
  */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
@@ -42,6 +54,10 @@ static tgh_upstream redis_srv;
 static redisContext *rc;
 static int redis_port;
 
+/* 1: this run charges with TOLLGATE.CHARGE (TG_REDIS_MODULE is set and
+ * the harness loaded the module), 0: with the script. */
+static int native;
+
 /* ---- process ------------------------------------------------------------ */
 
 static uint64_t
@@ -70,6 +86,16 @@ redis_start(void)
     rc = redisConnectWithTimeout("127.0.0.1", redis_port, tv);
     cr_assert(rc != NULL && !rc->err, "connect to redis-server on port %d", redis_port);
     redisSetTimeout(rc, (struct timeval){ 10, 0 });
+    native = tgh_env("TG_REDIS_MODULE")[0] != '\0';
+    if (native) {
+        redisReply *r = redisCommand(rc, "TOLLGATE.PROTO");
+
+        cr_assert(r != NULL && r->type == REDIS_REPLY_INTEGER && r->integer == 1,
+                  "TG_REDIS_MODULE=%s: redis-server has no TOLLGATE.PROTO 1 (%s)",
+                  tgh_env("TG_REDIS_MODULE"),
+                  r == NULL ? rc->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "not 1");
+        freeReplyObject(r);
+    }
 }
 
 static void
@@ -138,9 +164,11 @@ call_free(call *c)
 
 /*
  * The charge script's call for reqs[0..nreq) (layout in gcra.h), EVAL or
- * EVALSHA sha: keys deduplicated (key and limit) when dedup, else one KEY
- * per bucket; floors[] one per bucket in order (NULL: none).  Returns the
- * number of buckets.
+ * EVALSHA sha - or, in the native run, TOLLGATE.CHARGE packed key... with
+ * the same packed numbers and keys (sha is not used then): keys
+ * deduplicated (key and limit) when dedup, else one KEY per bucket;
+ * floors[] one per bucket in order (NULL: none).  Returns the number of
+ * buckets.
  */
 static size_t
 build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_t *floors,
@@ -184,9 +212,14 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
             fl |= floors != NULL && floors[fi] != 0;
         }
     }
-    call_arg(c, sha ? "EVALSHA" : "EVAL");
-    call_arg(c, sha ? sha : tg_gcra_lua);
-    call_num(c, nk);
+    if (native) {
+        call_arg(c, "TOLLGATE.CHARGE");
+        call_arg(c, "");                /* packed, filled in below */
+    } else {
+        call_arg(c, sha ? "EVALSHA" : "EVAL");
+        call_arg(c, sha ? sha : tg_gcra_lua);
+        call_num(c, nk);
+    }
     for (j = 0; j < nk; j++) {
         call_arg(c, keys[j]);
     }
@@ -217,8 +250,13 @@ build_call(call *c, const char *sha, const req *reqs, size_t nreq, const uint64_
             call_val(c, a[f]);
         }
     }
-    c->argv[c->argc] = (const char *)c->pk;
-    c->len[c->argc++] = tg_gcra_script_pack(c->v, c->nv, c->pk);
+    if (native) {
+        c->argv[1] = (const char *)c->pk;
+        c->len[1] = tg_gcra_script_pack(c->v, c->nv, c->pk);
+    } else {
+        c->argv[c->argc] = (const char *)c->pk;
+        c->len[c->argc++] = tg_gcra_script_pack(c->v, c->nv, c->pk);
+    }
     free(keys);
     free(kl);
     free(kidx);
@@ -255,7 +293,8 @@ decode(const uint64_t *e, const req *q, uint64_t now, tg_gcra_result *out)
                  "not a valid answer");
 }
 
-/* Run reqs[0..nreq) as one EVAL (or EVALSHA sha), results into out. */
+/* Run reqs[0..nreq) as one EVAL (or EVALSHA sha; TOLLGATE.CHARGE in the
+ * native run), results into out. */
 static void
 run_batch(const char *sha, const req *reqs, size_t nreq, tg_gcra_result *out)
 {
@@ -477,6 +516,8 @@ Test(gcra_redis, batch_requests_are_independent_and_ordered)
     cr_assert_eq(int_cmd("EXISTS %s", "tg:{k4}:t"), 0);
 }
 
+/* The script loads (its shebang flags are accepted) and runs by its SHA;
+ * in the native run the same charges go as TOLLGATE.CHARGE. */
 Test(gcra_redis, evalsha_and_flags)
 {
     redisReply *r = redisCommand(rc, "SCRIPT LOAD %s", tg_gcra_lua);
@@ -688,8 +729,8 @@ Test(gcra_redis, same_results_as_c)
         }
         sleep_us((batch % 7) * 3000);
     }
-    cr_log_info("C and Lua agree on %d requests (%d allowed, %d denied)",
-                compared, allowed, denied);
+    cr_log_info("C and %s agree on %d requests (%d allowed, %d denied)",
+                native ? "TOLLGATE.CHARGE" : "Lua", compared, allowed, denied);
     cr_assert_gt(allowed, 100);
     cr_assert_gt(denied, 100);
 }
@@ -820,6 +861,23 @@ cmd_calls(const char *name)
     return v;
 }
 
+/* INFO persistence rdb_changes_since_last_save: the writes Redis counted
+ * (each SET of the script, each bucket the module wrote, one apiece). */
+static long long
+changes(void)
+{
+    redisReply *r = redisCommand(rc, "INFO persistence");
+    const char *p;
+    long long v;
+
+    cr_assert(r != NULL && r->type == REDIS_REPLY_STRING);
+    p = strstr(r->str, "rdb_changes_since_last_save:");
+    cr_assert_not_null(p, "INFO persistence has no rdb_changes_since_last_save");
+    v = strtoll(p + strlen("rdb_changes_since_last_save:"), NULL, 10);
+    freeReplyObject(r);
+    return v;
+}
+
 /*
  * One name under three limits in one call (a reload changed a tier while
  * charges were batched; two routes whose buckets share a name): KEYS holds
@@ -845,9 +903,11 @@ Test(gcra_redis, one_name_under_two_limits_shares_one_tat)
     const int allowed[] = { 1, 1, 1, 1, 0, 1 };
     tg_gcra_result res[TG_ARRAY_LEN(q)];
     redisReply *r = redisCommand(rc, "CONFIG RESETSTAT");
+    long long changes0;
 
     cr_assert_not_null(r);
     freeReplyObject(r);
+    changes0 = changes();
     run_batch(NULL, q, TG_ARRAY_LEN(q), res);
     for (size_t i = 0; i < TG_ARRAY_LEN(q); i++) {
         cr_assert_eq(res[i].allowed, allowed[i], "request %zu", i);
@@ -858,8 +918,61 @@ Test(gcra_redis, one_name_under_two_limits_shares_one_tat)
     cr_assert_eq(get_u64(dup), last_now + 8000000);
     cr_assert_eq(get_u64(o1), last_now + 1000000);
     cr_assert_eq(int_cmd("EXISTS %s", o2), 0);
-    cr_assert_eq(cmd_calls("set"), 2, "one SET per name written");
-    cr_assert_eq(cmd_calls("mget"), 1);
+    if (native) {
+        /* the module reads and writes keys itself: no SET, no MGET */
+        cr_assert_eq(cmd_calls("tollgate.charge"), 1);
+        cr_assert_eq(cmd_calls("set") + cmd_calls("mget"), 0);
+    } else {
+        cr_assert_eq(cmd_calls("set"), 2, "one SET per name written");
+        cr_assert_eq(cmd_calls("mget"), 1);
+    }
+    cr_assert_eq(changes() - changes0, 2, "one write per name, %lld counted",
+                 changes() - changes0);
+}
+
+/*
+ * Which way this run charged: in the native run INFO commandstats counts
+ * TOLLGATE.CHARGE calls and no EVAL or EVALSHA (the refund script is not
+ * called here); in the plain run EVAL and EVALSHA of the script and no
+ * TOLLGATE.CHARGE (the module is not even loaded: unknown command).
+ */
+Test(gcra_redis, charges_go_the_way_of_this_run)
+{
+    req q = { 1, 1, { "tg:{way}:t" }, { tg_gcra_per_second(10, 5) } };
+    tg_gcra_result res;
+    redisReply *r = redisCommand(rc, "SCRIPT LOAD %s", tg_gcra_lua);
+    char sha[64];
+
+    cr_assert(r != NULL && r->type == REDIS_REPLY_STRING);
+    snprintf(sha, sizeof(sha), "%s", r->str);
+    freeReplyObject(r);
+    r = redisCommand(rc, "CONFIG RESETSTAT");
+    cr_assert_not_null(r);
+    freeReplyObject(r);
+    run_batch(NULL, &q, 1, &res);
+    cr_assert(res.allowed);
+    run_batch(sha, &q, 1, &res);
+    cr_assert(res.allowed);
+    run_batch(NULL, &q, 1, &res);
+    cr_assert(res.allowed);
+    cr_assert_eq(res.remaining, 2);
+    if (native) {
+        cr_assert_eq(cmd_calls("tollgate.charge"), 3,
+                     "TG_REDIS_MODULE is set: 3 charges as TOLLGATE.CHARGE, %ld seen",
+                     cmd_calls("tollgate.charge"));
+        cr_assert_eq(cmd_calls("eval") + cmd_calls("evalsha"), 0,
+                     "TG_REDIS_MODULE is set, yet the script ran (%ld EVAL, %ld EVALSHA)",
+                     cmd_calls("eval"), cmd_calls("evalsha"));
+    } else {
+        cr_assert_eq(cmd_calls("eval"), 2, "2 charges as EVAL, %ld seen", cmd_calls("eval"));
+        cr_assert_eq(cmd_calls("evalsha"), 1, "1 charge as EVALSHA, %ld seen",
+                     cmd_calls("evalsha"));
+        cr_assert_eq(cmd_calls("tollgate.charge"), 0);
+        r = redisCommand(rc, "TOLLGATE.PROTO");
+        cr_assert(r != NULL && r->type == REDIS_REPLY_ERROR,
+                  "the plain run's redis-server has the module loaded");
+        freeReplyObject(r);
+    }
 }
 
 /* A floor is debt the bucket holds at least; 0 is none. */
@@ -912,8 +1025,9 @@ Test(gcra_redis, numbers_off_the_layout_are_an_error)
     for (size_t i = 0; i < TG_ARRAY_LEN(bad); i++) {
         unsigned char pk[sizeof(bad[0])];
         size_t npk = tg_gcra_script_pack(bad[i], nbad[i], pk);
-        redisReply *r = redisCommand(rc, "EVAL %s 1 %s %b", tg_gcra_lua, "tg:{off}:t",
-                                     pk, npk);
+        redisReply *r = native
+            ? redisCommand(rc, "TOLLGATE.CHARGE %b %s", pk, npk, "tg:{off}:t")
+            : redisCommand(rc, "EVAL %s 1 %s %b", tg_gcra_lua, "tg:{off}:t", pk, npk);
 
         cr_assert_not_null(r);
         cr_assert_eq(r->type, REDIS_REPLY_ERROR, "case %zu: type %d", i, r->type);
