@@ -29,6 +29,10 @@
  *
  * NOSCRIPT: the same batch is sent again as EVAL <script> (which caches the
  * script) inside the reply callback, under the batch's original deadline.
+ * Where the node runs tollgate's module (redis.native auto, TOLLGATE.PROTO
+ * answered ours: redis_conn.c) a batch goes as TOLLGATE.CHARGE packed
+ * KEYS... instead, the same numbers and answer; its "unknown command" (the
+ * module unloaded) sends the batch again as the script, the same way.
  *
  * Connections are nodes (struct tg_rnode), each with its own reconnect
  * backoff.  Single mode has one node at redis.url.  Sentinel mode has one
@@ -812,7 +816,8 @@ format_resp(struct tg_redis *r, size_t argc)
 /*
  * One command for the batch into r's scratch arrays, then to hiredis (which
  * copies it): EVALSHA sha numkeys KEYS... packed (the numbers of the
- * layout in gcra.h as one argument of doubles: tg_gcra_script_pack), or
+ * layout in gcra.h as one argument of doubles: tg_gcra_script_pack),
+ * TOLLGATE.CHARGE packed KEYS... where the node runs the module, or
  * EVAL script ... after NOSCRIPT; HGET key field; EVAL text 1 key args
  * (tg_redis_eval, one op per batch).  Only the buckets in
  * each op's mask are sent.  After ASK, ASKING goes first.
