@@ -328,17 +328,28 @@ window_delta(const struct tg_alerts *a, size_t v, unsigned window_ms, uint64_t n
     return a->ring[a->newest * stride + 1 + v] - a->ring[old * stride + 1 + v];
 }
 
+/* Redis unavailable to some worker (its breaker open or not connected),
+ * and since when: the earliest of those workers' own first samples of it
+ * down (tg_worker_store_down_ms; now if none has sampled it yet). */
 static void
-redis_states(const struct tg_alerts *a, int *unavailable, enum tg_breaker_state *breaker)
+redis_states(const struct tg_alerts *a, uint64_t now, uint64_t *down_since,
+             enum tg_breaker_state *breaker)
 {
     unsigned i;
     int open = 0, closed = 1;
 
-    *unavailable = 0;
+    *down_since = 0;
     for (i = 0; i < a->nworkers; i++) {
         enum tg_breaker_state st = tg_worker_redis_breaker(a->workers[i]);
         if (st == TG_BREAKER_OPEN || !tg_worker_store_ready(a->workers[i])) {
-            *unavailable = 1;
+            uint64_t since = tg_worker_store_down_ms(a->workers[i]);
+
+            if (since == 0 || since > now) {
+                since = now;
+            }
+            if (*down_since == 0 || since < *down_since) {
+                *down_since = since;
+            }
         }
         open |= st == TG_BREAKER_OPEN;
         closed &= st == TG_BREAKER_CLOSED || st == TG_BREAKER_NONE;
@@ -369,6 +380,7 @@ evaluate(struct tg_alerts *a, uint64_t now)
     int enabled = a->conf->alerts.enabled, down;
     enum tg_breaker_state breaker;
     tg_incident fresh, *inc;
+    uint64_t since;
     unsigned counts[TG_RULE__COUNT] = { 0 };
     size_t t, s;
 
@@ -394,16 +406,13 @@ evaluate(struct tg_alerts *a, uint64_t now)
             update(a, &fresh, d > r[TG_RULE_BREACHES].threshold, now);
         }
     }
-    redis_states(a, &down, &breaker);
+    redis_states(a, now, &since, &breaker);
     if (a->start->store != TG_STORE_REDIS) {
-        down = 0;
+        since = 0;
         breaker = TG_BREAKER_CLOSED;
     }
-    if (!down) {
-        a->redis_down_since = 0;
-    } else if (a->redis_down_since == 0) {
-        a->redis_down_since = now;
-    }
+    down = since != 0;
+    a->redis_down_since = since;
     if (r[TG_RULE_REDIS_DOWN].enabled) {
         uint64_t for_ms = down ? now - a->redis_down_since : 0;
 

@@ -85,6 +85,9 @@ struct tg_worker {
     int                started;
     int                finished;   /* atomic: loop ended */
     int                store_ready;  /* atomic: tg_limiter_store_ready, sampled */
+    uint64_t           store_down_ms;  /* atomic: first sample (monotonic ms) of
+                                          the store unavailable since it last
+                                          was available; 0 = available */
     int                breaker;      /* atomic: enum tg_breaker_state, sampled */
     int               *upstate;      /* atomic each: upstream breakers (enum
                                         tg_breaker_state), sampled */
@@ -119,6 +122,7 @@ static void notify_cb(evutil_socket_t fd, short what, void *arg);
 static void deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void on_empty(void *arg);
 static void sampler_cb(evutil_socket_t fd, short what, void *arg);
+static void sample_store(struct tg_worker *w);
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
                       struct sockaddr *sa, int salen, void *arg);
 static void accept_error_cb(struct evconnlistener *l, void *arg);
@@ -183,7 +187,7 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         struct timeval tv = { 0, 50 * 1000 };
         w->sampler = tg_event_new(w->base, -1, EV_PERSIST, sampler_cb, w);
         event_add(w->sampler, &tv);
-        w->store_ready = tg_limiter_store_ready(w->env.limiter);
+        sample_store(w);
         w->breaker = tg_limiter_breaker_state(w->env.limiter);
     }
     return w;
@@ -297,6 +301,30 @@ tg_worker_store_ready(struct tg_worker *w)
     return __atomic_load_n(&w->store_ready, __ATOMIC_RELAXED);
 }
 
+/* The store's state for the main thread, and since when it is down: the
+ * redis_down alert counts from the first sample that saw it down after
+ * one that saw it up (or from the start), so a Redis that came up and went
+ * down again between two of the alerts' own ticks is not counted as down
+ * all along. */
+static void
+sample_store(struct tg_worker *w)
+{
+    int ready = tg_limiter_store_ready(w->env.limiter);
+
+    __atomic_store_n(&w->store_ready, ready, __ATOMIC_RELAXED);
+    if (ready) {
+        __atomic_store_n(&w->store_down_ms, 0, __ATOMIC_RELAXED);
+    } else if (__atomic_load_n(&w->store_down_ms, __ATOMIC_RELAXED) == 0) {
+        __atomic_store_n(&w->store_down_ms, tg_now_ms(), __ATOMIC_RELAXED);
+    }
+}
+
+uint64_t
+tg_worker_store_down_ms(struct tg_worker *w)
+{
+    return __atomic_load_n(&w->store_down_ms, __ATOMIC_RELAXED);
+}
+
 static void
 sampler_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -304,8 +332,7 @@ sampler_cb(evutil_socket_t fd, short what, void *arg)
 
     TG_UNUSED(fd);
     TG_UNUSED(what);
-    __atomic_store_n(&w->store_ready, tg_limiter_store_ready(w->env.limiter),
-                     __ATOMIC_RELAXED);
+    sample_store(w);
     __atomic_store_n(&w->breaker, tg_limiter_breaker_state(w->env.limiter), __ATOMIC_RELAXED);
     tg_limiter_sample(w->env.limiter);
     for (size_t i = 0; i < w->nservers; i++) {

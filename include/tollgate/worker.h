@@ -54,6 +54,9 @@ void tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
 /* 1 when the worker's bucket store is connected (any thread may ask;
  * refreshed every 50 ms by the worker). */
 int tg_worker_store_ready(struct tg_worker *w);
+/* Since when (monotonic ms, tg_now_ms) the worker's samples have seen its
+ * store unavailable; 0 while available. */
+uint64_t tg_worker_store_down_ms(struct tg_worker *w);
 
 struct tg_metrics_shard;
 /* The worker's metric shard, and its Redis breaker state (TG_BREAKER_NONE

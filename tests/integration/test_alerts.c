@@ -355,6 +355,20 @@ Test(alerts, redis_down_and_breaker_pagerduty)
     for (int i = 0; i < 5; i++)
         TGH_CHECK(get("/") == 200, "before the kill");
     TGH_CHECK(sink_count(&snk, NULL) == 0, "alert while healthy");
+    /* every worker has seen Redis up (its 50 ms sample): Redis down from
+     * the start until then counts as down, so a kill before that sample
+     * could fire sooner than 600 ms after the kill, rightly */
+    uint64_t up_end = tgh_now_ms() + 10000;
+    char *m;
+    while ((m = admin_page("/metrics")) != NULL
+           && strstr(m, "tollgate_store_mode{mode=\"redis\"} 1") == NULL
+           && tgh_now_ms() < up_end) {
+        free(m);
+        tgh_sleep_ms(10);
+    }
+    TGH_CHECK(m != NULL && strstr(m, "tollgate_store_mode{mode=\"redis\"} 1") != NULL,
+              "tollgate never reported its store as Redis");
+    free(m);
 
     /* the time before the signal: tgh_proc_wait polls every 10 ms, and
      * tollgate may see the connection lost before it returns */

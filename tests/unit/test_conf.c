@@ -466,6 +466,12 @@ Test(conf_errors, bad_enum_store)
                  "store: bad value \"memcached\", expected one of redis|local");
 }
 
+Test(conf_errors, bad_enum_native)
+{
+    expect_error(MIN "redis:\n  native: yes\n", "6:11",
+                 "redis.native: bad value \"yes\", expected one of auto|off");
+}
+
 Test(conf_errors, bad_enum_on_failure)
 {
     expect_error(MIN "redis:\n  on_failure: retry\n", "6:15",
@@ -860,6 +866,7 @@ Test(conf, defaults_filled)
     cr_assert_eq(conf->redis.on_failure, TG_FAIL_LOCAL);
     cr_assert_str_eq(conf->redis.prefix, "tg:");
     cr_assert_eq(conf->redis.max_batch, 32);
+    cr_assert_eq(conf->redis.native, 1, "redis.native: auto by default");
     cr_assert_null(conf->auth.keys_file);
     cr_assert_str_eq(conf->auth.header, "X-API-Key");
     cr_assert_eq(conf->auth.forward_key, 0);
@@ -911,6 +918,7 @@ Test(conf, every_key_set)
         "  timeout_ms: 60000\n"
         "  on_failure: deny\n"
         "  prefix: \"rl:\"\n"
+        "  native: off\n"
         "auth: { keys_file: /etc/tollgate/keys.yaml }\n"
         "global_limit: { requests_per_second: 5000, burst: 1000 }\n");
     const struct sockaddr_in6 *sin6;
@@ -955,6 +963,7 @@ Test(conf, every_key_set)
     cr_assert_eq(conf->redis.timeout_ms, 60000);
     cr_assert_eq(conf->redis.on_failure, TG_FAIL_DENY);
     cr_assert_str_eq(conf->redis.prefix, "rl:");
+    cr_assert_eq(conf->redis.native, 0);
     cr_assert_str_eq(conf->auth.keys_file, "/etc/tollgate/keys.yaml");
     cr_assert_eq(conf->global_limit.enabled, 1);
     cr_assert_eq(conf->global_limit.requests_per_second, 5000);
@@ -1696,14 +1705,15 @@ Test(conf, store_diff_names_every_changed_field)
     tg_conf *c = expect_ok(MIN "store: local\n"
                            "redis: { url: \"redis://127.0.0.1:6380/0\", timeout_ms: 9, "
                            "on_failure: deny, prefix: \"x:\", max_batch: 4, instances: 2,"
-                           " cluster: { nodes: [127.0.0.1:7000] } }\n");
+                           " native: off, cluster: { nodes: [127.0.0.1:7000] } }\n");
     char buf[256];
 
     cr_assert_eq(tg_conf_store_diff(a, b, buf, sizeof(buf)), 0);
     cr_assert_str_eq(buf, "");
-    cr_assert_eq(tg_conf_store_diff(a, c, buf, sizeof(buf)), 8);
+    cr_assert_eq(tg_conf_store_diff(a, c, buf, sizeof(buf)), 9);
     cr_assert_str_eq(buf, "store, redis.url, redis.timeout_ms, redis.on_failure, "
-                     "redis.prefix, redis.max_batch, redis.instances, redis.cluster");
+                     "redis.prefix, redis.max_batch, redis.instances, redis.native, "
+                     "redis.cluster");
     tg_conf_unref(a);
     tg_conf_unref(b);
     tg_conf_unref(c);
