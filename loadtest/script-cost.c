@@ -192,7 +192,8 @@ static const char prev_lua[] =
 typedef struct variant {
     const char *name;
     int         v0;                 /* 1: v0's script and layout, 2: prev's,
-                                       0: this tree's (tg_gcra_lua) */
+                                       0: this tree's (tg_gcra_lua), 3: the
+                                       module's TOLLGATE.CHARGE (no script) */
     const char *sub[4][2];          /* from -> to, NULL-terminated */
     char       *text;
     char        sha[41];
@@ -210,6 +211,7 @@ static variant variants[] = {
     { "v0-packreply", 1, { { "return out\n", "return struct.pack('<' .. string.rep('d', o + 1), unpack(out))\n" } } },
     { "prev", 2, { { NULL, NULL } } },
     { "cur", 0, { { NULL, NULL } } },
+    { "native", 3, { { NULL, NULL } } },
     { "cur-noset", 0, { { "    call('SET', KEYS[x], fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000)))\n", "" } } },
     { "cur-set-nofmt", 0, { { "fmt('%d', v), 'PXAT', fmt('%d', ceil(v / 1000))", "'1', 'PXAT', '99999999999999'" } } },
     { "cur-set-tostr", 0, { { "fmt('%d', ceil(v / 1000))", "tostring(ceil(v / 1000))" } } },
@@ -269,6 +271,18 @@ subst(const char *base, const char *from, const char *to)
 static int
 load(variant *v)
 {
+    if (v->v0 == 3) {               /* the module: there when redis-server loads it */
+        redisReply *r = redisCommand(rc, "TOLLGATE.PROTO");
+        int ok = r != NULL && r->type == REDIS_REPLY_INTEGER;
+
+        if (r != NULL) {
+            freeReplyObject(r);
+        }
+        if (!ok) {
+            fprintf(stderr, "script-cost: native: redis-server has no tollgate module: skipped\n");
+        }
+        return ok ? 0 : -1;
+    }
     char *text = strdup(v->v0 == 1 ? v0_lua : v->v0 == 2 ? prev_lua : tg_gcra_lua);
     redisReply *r;
 
@@ -409,19 +423,28 @@ send_cur(const variant *v)
         tg_gcra_limit l = { 10, 100000 };
         nn += tg_gcra_script_key(l, (uint32_t)i + 1, num + nn);
     }
-    argv[argc] = "EVALSHA";
-    len[argc++] = 7;
-    argv[argc] = v->sha;
-    len[argc++] = 40;
-    snprintf(nk, sizeof(nk), "%d", ncharges);
-    argv[argc] = nk;
-    len[argc++] = strlen(nk);
+    if (v->v0 == 3) {               /* TOLLGATE.CHARGE packed KEYS... */
+        argv[argc] = "TOLLGATE.CHARGE";
+        len[argc++] = 15;
+        argv[argc] = (const char *)packed;
+        len[argc++] = tg_gcra_script_pack(num, nn, packed);
+    } else {
+        argv[argc] = "EVALSHA";
+        len[argc++] = 7;
+        argv[argc] = v->sha;
+        len[argc++] = 40;
+        snprintf(nk, sizeof(nk), "%d", ncharges);
+        argv[argc] = nk;
+        len[argc++] = strlen(nk);
+    }
     for (int i = 0; i < ncharges; i++) {
         argv[argc] = keybuf[i];
         len[argc++] = strlen(keybuf[i]);
     }
-    argv[argc] = (const char *)packed;
-    len[argc++] = tg_gcra_script_pack(num, nn, packed);
+    if (v->v0 != 3) {
+        argv[argc] = (const char *)packed;
+        len[argc++] = tg_gcra_script_pack(num, nn, packed);
+    }
     redisAppendCommandArgv(rc, argc, argv, len);
 }
 
@@ -506,7 +529,8 @@ round_of(variant *v, int calls, long pid)
     }
     c1 = cpu_us(pid);
     r = cmd("INFO commandstats");
-    v->call_us[v->rounds] = stat_of(r->str, "evalsha", "usec_per_call");
+    v->call_us[v->rounds] = stat_of(r->str, v->v0 == 3 ? "tollgate.charge" : "evalsha",
+                                    "usec_per_call");
     v->charge_us[v->rounds] = v->call_us[v->rounds] / ncharges;
     v->cpu_us[v->rounds] = (c1 - c0) / ((double)calls * ncharges);
     v->nested[v->rounds][0] = stat_of(r->str, "time", "usec_per_call");
