@@ -72,7 +72,6 @@ struct tg_alerts {
     size_t                      nv;        /* tiers' 429s, 5xx, requests */
     size_t                      ntiers;
     size_t                      nsamples, newest;
-    uint64_t                    redis_down_since;  /* monotonic ms, 0 = up */
     const struct tg_anomaly    *anomaly;   /* rule anomaly's source, or NULL */
     uint64_t                    eval_now;  /* anomaly_hit: this evaluation's time */
 };
@@ -412,9 +411,8 @@ evaluate(struct tg_alerts *a, uint64_t now)
         breaker = TG_BREAKER_CLOSED;
     }
     down = since != 0;
-    a->redis_down_since = since;
     if (r[TG_RULE_REDIS_DOWN].enabled) {
-        uint64_t for_ms = down ? now - a->redis_down_since : 0;
+        uint64_t for_ms = down ? now - since : 0;
 
         memset(&fresh, 0, sizeof(fresh));
         fresh.rule = TG_RULE_REDIS_DOWN;

@@ -1069,19 +1069,21 @@ batch_reply(redisAsyncContext *ac, void *reply, void *privdata)
         tg_redis_node_good(b->node);
     }
     if (rep->type == REDIS_REPLY_ERROR) {
+        /* the same batch again, another way: the script where the module
+         * went away, EVAL where the script was flushed */
+        int again = 0;
+
         if (b->kind == TG_OP_CHARGE && b->native
             && strncmp(rep->str, "ERR unknown command", 19) == 0) {
-            b->node->native = 0;        /* the module went away: the script */
-            if (tg_redis_batch_send(b) == TG_OK) {
-                return;
-            }
-            tg_redis_batch_fail(b);
-            tg_redis_batch_free(b);
-            return;
-        }
-        if (b->kind == TG_OP_CHARGE && !b->eval && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
+            b->node->native = 0;
+            again = 1;
+        } else if (b->kind == TG_OP_CHARGE && !b->eval
+                   && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
             r->stats.noscript++;
             b->eval = 1;
+            again = 1;
+        }
+        if (again) {
             if (tg_redis_batch_send(b) == TG_OK) {
                 return;         /* same batch, same deadline, next reply */
             }

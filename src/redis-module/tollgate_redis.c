@@ -184,10 +184,12 @@ write_tat(RedisModuleCtx *ctx, RedisModuleString *name, double v)
         RM_StringTruncate(key, len);
     }
     p = RM_StringDMA(key, &dlen, RM_WRITE);
-    if (p != NULL && dlen == len) {
-        memcpy(p, digits, len);
-        RM_SetAbsExpire(key, ms);
+    if (p == NULL || dlen != len) {
+        RM_CloseKey(key);               /* not written: nothing to tell anyone */
+        return;
     }
+    memcpy(p, digits, len);
+    RM_SetAbsExpire(key, ms);
     RM_CloseKey(key);
     RM_Replicate(ctx, "SET", "sbcl", name, digits, len, "PXAT", ms);
     RM_NotifyKeyspaceEvent(ctx, RM_NOTIFY_STRING, "set", name);      /* as SET's */
