@@ -563,6 +563,14 @@ tg_client_event_cb(struct bufferevent *bev, short what, void *arg)
             tg_client_account(c);
         }
     }
+    if ((what & BEV_EVENT_EOF) && c->conn.state == C_HEAD && c->conn.tls
+        && c->conn.tls_ready && evbuffer_get_length(bufferevent_get_input(c->conn.bev)) == 0) {
+        /* TLS, between requests: the client's close_notify (or FIN) is
+         * answered with ours (RFC 8446, 6.1), by the close that follows an
+         * answer; the kill below would close without it */
+        tg_client_close_after_flush(c);
+        return;
+    }
     tg_client_kill(c);
 }
 

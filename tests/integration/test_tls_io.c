@@ -651,6 +651,51 @@ Test(tls_io, close_notify_from_the_client)
     tls_close(t);
 }
 
+/* A slow reader of a long answer, with its close_notify sent: when
+ * tollgate writes the answer's last record the socket is full, so its
+ * close_notify does not fit at once.  It must still come (after the
+ * answer, before the TCP close), each time. */
+Test(tls_io, close_notify_after_a_slow_reader)
+{
+    const size_t n = 1 << 20;
+    unsigned char *body;
+    size_t blen;
+    int status;
+    char buf[256];
+
+    start(NULL);
+    for (int i = 0; i < 4; i++) {
+        tls_conn *t = tls_open(tls_port);
+        tls_send(t, "GET /bytes?n=1048576 HTTP/1.1\r\nHost: t\r\n\r\n");
+        TGH_CHECK(fill(t, 1) == 0, "the answer did not begin");
+        TGH_CHECK(SSL_shutdown(t->ssl) == 0, "close_notify");
+        /* 2 KiB at a time, a pause after each: the sender stays ahead */
+        while (t->len - t->off < n) {
+            int got;
+            if (t->len == t->cap) {
+                t->cap *= 2;
+                t->buf = realloc(t->buf, t->cap);
+                cr_assert_not_null(t->buf);
+            }
+            got = SSL_read(t->ssl, t->buf + t->len,
+                           (int)(t->cap - t->len < 2048 ? t->cap - t->len : 2048));
+            TGH_CHECK(got > 0, "the answer broke off after %zu bytes", t->len - t->off);
+            t->len += (size_t)got;
+            usleep(200);
+        }
+        TGH_CHECK(read_response(t, &status, &body, &blen) == 0, "the answer broke off");
+        TGH_CHECK(status == 200 && blen == n && is_pattern(body, blen),
+                  "status %d, %zu bytes", status, blen);
+        free(body);
+        int last = SSL_read(t->ssl, buf, sizeof buf), err = SSL_get_error(t->ssl, last);
+        TGH_CHECK(last <= 0 && err == SSL_ERROR_ZERO_RETURN,
+                  "connection %d: no close_notify from tollgate after the answer "
+                  "(SSL_read %d, error %d, errno %d, %s)", i, last, err, errno,
+                  ERR_reason_error_string(ERR_peek_error()));
+        tls_close(t);
+    }
+}
+
 /* ---- memory of idle connections ----------------------------------------- */
 
 static long
