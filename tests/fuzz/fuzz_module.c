@@ -6,7 +6,8 @@
  * meson with -Dfuzz=true (CC=clang), run by scripts/fuzz; by hand:
  *
  *   CC=clang meson setup build-fuzz -Dfuzz=true && meson compile -C build-fuzz fuzz_module
- *   build-fuzz/tests/fuzz/fuzz_module -dict=tests/fuzz/module.dict tests/fuzz/seeds/module
+ *   mkdir -p /tmp/corpus   # new inputs go to the first directory, never the seeds
+ *   build-fuzz/tests/fuzz/fuzz_module -dict=tests/fuzz/module.dict /tmp/corpus tests/fuzz/seeds/module
  *
  * The module's own source is compiled into this program (with the
  * fuzzer's coverage, ASan and UBSan) and loaded the way Redis loads it:
@@ -505,9 +506,9 @@ fz_answer_len(const double *A, size_t n, size_t nk, size_t *nreq)
 }
 
 static void
-fz_check_answer(const double *A, size_t n, size_t nk, double t0, double t1)
+fz_check_answer(const double *A, size_t want, size_t nreq, double t0, double t1)
 {
-    size_t nreq = 0, want = fz_answer_len(A, n, nk, &nreq), o = 0, a = 3;
+    size_t o = 0, a = 3;
     double now;
 
     if (want == 0) {
@@ -549,6 +550,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned char *packed = NULL;
     size_t plen = 0, cap = 0;
     double *A, t0, t1;
+    size_t n, want, nreq = 0;
 
     if (!fz_byte(&in, &b0)) {
         return 0;
@@ -646,20 +648,19 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();                 /* a key handle left open */
     }
 
+    /* the layout as the checks read it: the answer's length, 0 if none */
+    n = plen / 8;
+    A = fz_alloc((n + 1) * sizeof(*A));
+    for (size_t i = 0; i < n; i++) {
+        A[i + 1] = get_le_double(packed + 8 * i);
+    }
+    want = plen % 8 == 0 ? fz_answer_len(A, n, (size_t)nk, &nreq) : 0;
+
     if (fz.replied == 1) {
         /* refused: a layout that is not one, and nothing written,
          * replicated or announced */
-        if (plen % 8 == 0) {
-            size_t n = plen / 8, nreq;
-
-            A = fz_alloc((n + 1) * sizeof(*A));
-            for (size_t i = 0; i < n; i++) {
-                A[i + 1] = get_le_double(packed + 8 * i);
-            }
-            if (fz_answer_len(A, n, (size_t)nk, &nreq) != 0) {
-                abort();         /* a valid layout refused */
-            }
-            free(A);
+        if (want != 0) {
+            abort();             /* a valid layout refused */
         }
         if (fz.nsets != 0 || fz.nevents != 0) {
             abort();
@@ -670,17 +671,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
         }
     } else if (fz.replied == 2) {
-        size_t n = plen / 8;
-
-        if (plen % 8 != 0) {
-            abort();
-        }
-        A = fz_alloc((n + 1) * sizeof(*A));
-        for (size_t i = 0; i < n; i++) {
-            A[i + 1] = get_le_double(packed + 8 * i);
-        }
-        fz_check_answer(A, n, (size_t)nk, t0, t1);
-        free(A);
+        fz_check_answer(A, want, nreq, t0, t1);
         if (fz.nevents != 2 * fz.nsets) {
             abort();
         }
@@ -715,6 +706,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();                 /* no answer, or the wrong kind */
     }
 
+    free(A);
     free(fz.reply);
     for (int i = 0; i < FZ_NAMES; i++) {
         free(before[i].s);
