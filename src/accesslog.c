@@ -172,6 +172,8 @@ writer_main(void *arg)
     char *buf = tg_xmalloc(ALOG_READ_SIZE);
     ssize_t n;
 
+    pthread_setname_np(pthread_self(), "tg-access-log");
+
     for (;;) {
         n = read(log->pipe_r, buf, ALOG_READ_SIZE);
         if (n < 0) {

@@ -46,6 +46,8 @@
 #include "tollgate/worker.h"
 
 #define ACCEPT_PAUSE_MS 100      /* accept off this long when fds run out */
+#define LISTEN_BACKLOG  1024     /* connections the kernel keeps for accept
+                                    (capped by net.core.somaxconn) */
 
 /* State of the main thread; private to this file. */
 static struct {
@@ -60,7 +62,17 @@ static struct {
                                                workers], until the workers
                                                take them (-1) */
     struct tg_connlimit     *connlimit;     /* http.max_connections{,_per_ip} */
-    struct event            *accept_resume; /* accept paused (EMFILE) until it fires */
+    struct event            *accept_resume; /* accept paused (EMFILE, every worker's
+                                               pipe full) until it fires */
+    struct {                                /* the connection no worker could take
+                                               (every pipe full), given first when
+                                               the pause ends; fd -1: none */
+        int                      fd;
+        unsigned                 idx;
+        struct tg_connslot      *slot;
+        struct sockaddr_storage  sa;
+        int                      salen;
+    } held;
     uint64_t                 refused_logged;   /* last "over a cap" warning, ms */
     struct tg_tls_set       *tls;           /* the latest TLS contexts (our reference;
                                                each worker holds its own) */
@@ -87,6 +99,11 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
                       struct sockaddr *sa, int salen, void *arg);
 static void accept_error_cb(struct evconnlistener *l, void *arg);
 static void accept_resume_cb(evutil_socket_t fd, short what, void *arg);
+static void pause_accepting(void);
+static tg_rc dispatch(int fd, const struct sockaddr *sa, int salen, unsigned idx,
+                      struct tg_connslot *slot);
+static void give_held(int last);
+static void close_held(void);
 static void check_nofile(const tg_conf *conf);
 static void signal_cb(evutil_socket_t sig, short what, void *arg);
 static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
@@ -129,6 +146,7 @@ tg_server_run(const char *path)
     g.connlimit = tg_connlimit_create(g.conf->http.max_connections,
                                       g.conf->http.max_connections_per_ip);
     g.accept_resume = tg_evtimer_new(g.base, accept_resume_cb, NULL);
+    g.held.fd = -1;
     check_nofile(g.conf);
     if (open_listeners() != TG_OK) {
         goto out;
@@ -260,6 +278,7 @@ out:
             tg_worker_join_destroy(g.workers[i]);
         }
     }
+    close_held();                        /* the workers are gone */
     free(g.workers);
     free(g.shards);
     tg_connlimit_destroy(g.connlimit);   /* after every worker's connections */
@@ -349,13 +368,15 @@ open_listeners(void)
             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
         }
         if (bind(fd, (const struct sockaddr *)&a->sa, a->salen) != 0
-            || listen(fd, 1024) != 0) {
+            || listen(fd, LISTEN_BACKLOG) != 0) {
             tg_error("listen %s: %s", a->text, strerror(errno));
             close(fd);
             return TG_ERR;
         }
+        /* backlog 0: it listens already (-1 would make libevent listen
+         * again with its own 128) */
         g.listeners[i] = evconnlistener_new(g.base, accept_cb, (void *)(uintptr_t)i,
-                             LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+                             LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, fd);
         if (g.listeners[i] == NULL) {
             tg_error("listen %s: cannot create the listener", a->text);
             close(fd);
@@ -405,7 +426,7 @@ open_reuseport(void)
             if ((g.conf->http.reuseport
                  && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
                 || bind(fd, (const struct sockaddr *)&ss, sl) != 0
-                || listen(fd, 1024) != 0) {
+                || listen(fd, LISTEN_BACKLOG) != 0) {
                 tg_error("listen %s%s: %s", a->text,
                          g.conf->http.reuseport ? " (reuseport)" : "", strerror(errno));
                 return TG_ERR;
@@ -431,7 +452,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
     unsigned idx = (unsigned)(uintptr_t)arg;
     enum tg_connlimit_verdict v;
     struct tg_connslot *slot;
-    struct tg_worker *w;
+    tg_rc rc;
 
     TG_UNUSED(l);
     v = tg_connlimit_acquire(g.connlimit, sa, &slot);
@@ -453,12 +474,99 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
         }
         return;
     }
-    w = g.workers[g.next++ % g.nworkers];
-    if (tg_worker_dispatch(w, fd, sa, salen, idx, slot) != TG_OK) {
+    if (g.held.fd >= 0) {                /* the listeners are paused: not expected */
+        close(fd);
+        tg_connlimit_release(slot);
+        tg_metrics_global_inc(TG_M_CONNS_REFUSED, 0);
+        return;
+    }
+    rc = dispatch(fd, sa, salen, idx, slot);
+    if (rc == TG_AGAIN) {
+        /* Every worker's pipe is full: they have not read it for a while
+         * (each takes several hundred).  Keep this one, leave the next in
+         * the kernel's backlog, and try again after the pause. */
+        g.held.fd = fd;
+        g.held.idx = idx;
+        g.held.slot = slot;
+        g.held.salen = salen > (int)sizeof(g.held.sa) ? (int)sizeof(g.held.sa) : salen;
+        memcpy(&g.held.sa, sa, (size_t)g.held.salen);
+        pause_accepting();
+        if (tg_now_ms() - g.refused_logged >= 1000) {
+            g.refused_logged = tg_now_ms();
+            tg_warn("every worker's queue of new connections is full: not accepting for "
+                    "%d ms (%u connection(s) open)", ACCEPT_PAUSE_MS,
+                    tg_connlimit_total(g.connlimit));
+        }
+    } else if (rc != TG_OK) {
         tg_error("cannot hand a connection to a worker: %s", strerror(errno));
         close(fd);
         tg_connlimit_release(slot);
     }
+}
+
+/*
+ * Hand fd to a worker, round robin, passing over one whose pipe is full
+ * (a worker that has not read it for a while: stuck, or in a long loop
+ * turn).  TG_AGAIN: every pipe is full; the caller still owns fd and slot.
+ */
+static tg_rc
+dispatch(int fd, const struct sockaddr *sa, int salen, unsigned idx,
+         struct tg_connslot *slot)
+{
+    tg_rc rc = TG_AGAIN;
+    unsigned i;
+
+    for (i = 0; i < g.nworkers && rc == TG_AGAIN; i++) {
+        rc = tg_worker_dispatch(g.workers[g.next++ % g.nworkers], fd, sa, salen, idx, slot);
+    }
+    return rc;
+}
+
+/* Close the held connection (no worker takes it). */
+static void
+close_held(void)
+{
+    if (g.held.fd >= 0) {
+        close(g.held.fd);
+        tg_connlimit_release(g.held.slot);
+        g.held.fd = -1;
+    }
+}
+
+/* The held connection to a worker; last: close it when none takes it. */
+static void
+give_held(int last)
+{
+    tg_rc rc;
+
+    if (g.held.fd < 0) {
+        return;
+    }
+    rc = dispatch(g.held.fd, (struct sockaddr *)&g.held.sa, g.held.salen, g.held.idx,
+                  g.held.slot);
+    if (rc == TG_OK) {
+        g.held.fd = -1;
+    } else if (rc != TG_AGAIN || last) {
+        close_held();
+    }
+}
+
+/* Stop accepting for ACCEPT_PAUSE_MS: what waits stays in the backlog. */
+static void
+pause_accepting(void)
+{
+    struct timeval tv = { 0, ACCEPT_PAUSE_MS * 1000 };
+    size_t i;
+
+    if (evtimer_pending(g.accept_resume, NULL)) {
+        return;
+    }
+    for (i = 0; i < g.conf->nlisten; i++) {
+        if (g.listeners[i] != NULL) {
+            evconnlistener_disable(g.listeners[i]);
+        }
+    }
+    evtimer_add(g.accept_resume, &tv);
 }
 
 /*
@@ -470,9 +578,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
 static void
 accept_error_cb(struct evconnlistener *l, void *arg)
 {
-    struct timeval tv = { 0, ACCEPT_PAUSE_MS * 1000 };
     int err = EVUTIL_SOCKET_ERROR();
-    size_t i;
 
     TG_UNUSED(l);
     TG_UNUSED(arg);
@@ -483,12 +589,7 @@ accept_error_cb(struct evconnlistener *l, void *arg)
     if (evtimer_pending(g.accept_resume, NULL)) {
         return;
     }
-    for (i = 0; i < g.conf->nlisten; i++) {
-        if (g.listeners[i] != NULL) {
-            evconnlistener_disable(g.listeners[i]);
-        }
-    }
-    evtimer_add(g.accept_resume, &tv);
+    pause_accepting();
     if (tg_now_ms() - g.refused_logged >= 1000) {
         g.refused_logged = tg_now_ms();
         tg_warn("accept: %s: not accepting for %d ms (%u connection(s) open)",
@@ -505,6 +606,11 @@ accept_resume_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(fd);
     TG_UNUSED(what);
     TG_UNUSED(arg);
+    give_held(g.view.draining);
+    if (g.held.fd >= 0) {                /* every pipe still full: wait more */
+        pause_accepting();
+        return;
+    }
     for (i = 0; !g.view.draining && i < g.conf->nlisten; i++) {
         if (g.listeners[i] != NULL) {
             evconnlistener_enable(g.listeners[i]);
@@ -587,6 +693,7 @@ start_drain(void)
     unsigned i;
 
     g.view.draining = 1;
+    give_held(1);                        /* served in the drain, or closed */
     sd_notify(0, "STOPPING=1\nSTATUS=draining");
     tg_admin_set_ready(g.admin, 0);
     for (i = 0; i < g.conf->nlisten; i++) {

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -149,6 +150,7 @@ tg_worker_create(unsigned id, tg_conf *conf, struct tg_keys *keys,
         goto fail;
     }
     evutil_make_socket_nonblocking(w->pipefd[0]);
+    evutil_make_socket_nonblocking(w->pipefd[1]);   /* send_msg */
     /* libevent's blocks from a per-thread cache (no malloc per request);
      * here, on the main thread, before any worker thread runs. */
     tg_evmem_install();
@@ -220,15 +222,39 @@ tg_worker_start(struct tg_worker *w)
     return TG_OK;
 }
 
+/*
+ * Both ends of the pipe are non-blocking.  A connection is handed over
+ * only when the pipe has room (wait = 0: TG_AGAIN when it is full, and
+ * the main thread gives the connection to another worker), so a worker
+ * that stops reading its pipe - stuck, or a loop turn that lasts - does
+ * not stop the main thread's accepting, admin listener and signals with
+ * it.  Drain and reload must arrive: they wait for room (wait = 1).  A
+ * message is shorter than PIPE_BUF: written whole or not at all.
+ */
 static tg_rc
-send_msg(struct tg_worker *w, const tg_worker_msg *m)
+send_msg(struct tg_worker *w, const tg_worker_msg *m, int wait)
 {
+    struct pollfd p = { w->pipefd[1], POLLOUT, 0 };
     ssize_t n;
 
-    do {
+    for (;;) {
         n = write(w->pipefd[1], m, sizeof(*m));
-    } while (n < 0 && errno == EINTR);
-    return n == (ssize_t)sizeof(*m) ? TG_OK : TG_ERR;
+        if (n == (ssize_t)sizeof(*m)) {
+            return TG_OK;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+            return TG_ERR;
+        }
+        if (!wait) {
+            return TG_AGAIN;
+        }
+        if (poll(&p, 1, -1) < 0 && errno != EINTR) {
+            return TG_ERR;
+        }
+    }
 }
 
 tg_rc
@@ -239,7 +265,7 @@ tg_worker_dispatch(struct tg_worker *w, int fd, const struct sockaddr *sa, int s
                         tg_now_ms() };   /* called from the accept callback */
 
     peer_copy(&m.peer, sa, salen);
-    return send_msg(w, &m);
+    return send_msg(w, &m, 0);
 }
 
 tg_rc
@@ -259,8 +285,8 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
     wl = &w->listeners[w->nlisteners];
     wl->w = w;
     wl->idx = listener_idx;
-    wl->l = evconnlistener_new(w->base, accept_cb, wl,
-                               LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+    wl->l = evconnlistener_new(w->base, accept_cb, wl,     /* 0: fd listens already */
+                               LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, fd);
     if (wl->l == NULL) {
         tg_error("worker %u: cannot create a listener", w->id);
         close(fd);
@@ -276,7 +302,7 @@ void
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
     tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL, { .sa = { 0 } }, 0 };
-    send_msg(w, &m);
+    send_msg(w, &m, 1);
 }
 
 tg_rc
@@ -286,7 +312,7 @@ tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
     tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys),
                         tg_tls_set_ref(tls), NULL, { .sa = { 0 } }, 0 };
 
-    if (send_msg(w, &m) != TG_OK) {
+    if (send_msg(w, &m, 1) != TG_OK) {
         tg_conf_unref(conf);
         tg_keys_unref(keys);
         tg_tls_set_unref(tls);
@@ -429,7 +455,10 @@ static void *
 worker_main(void *arg)
 {
     struct tg_worker *w = arg;
+    char name[16];
 
+    snprintf(name, sizeof(name), "tg-worker-%u", w->id % 100000);   /* top -H, ps -L */
+    pthread_setname_np(pthread_self(), name);
     event_base_dispatch(w->base);
     __atomic_store_n(&w->finished, 1, __ATOMIC_RELEASE);
     return NULL;

@@ -29,7 +29,9 @@ struct sockaddr;
 /* Main thread: hand an accepted socket (from listener idx) and its peer
  * address as accept gave it (salen bytes, copied; NULL: none) to w, with
  * its connection count (may be NULL), which w releases when it closes it.
- * On TG_ERR the caller still owns both. */
+ * TG_AGAIN: w's pipe is full (w has not read it for a while: give the
+ * socket to another worker); on TG_AGAIN and TG_ERR the caller still owns
+ * both. */
 tg_rc tg_worker_dispatch(struct tg_worker *w, int fd, const struct sockaddr *sa,
                          int salen, unsigned listener_idx, struct tg_connslot *slot);
 

@@ -11,7 +11,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <errno.h>
+#include <poll.h>
+#include <sys/ptrace.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -415,6 +420,195 @@ Test(edge_accept, one_worker_accepts_without_the_main_thread)
     TGH_CHECK(ok == NCONN, "%d of %d connections answered 200", ok, NCONN);
     TGH_CHECK(sw1 - sw0 < 20 + (long)(ms / 50), "the main thread switched %ld times for "
               "%d connections in %llu ms", sw1 - sw0, NCONN, (unsigned long long)ms);
+}
+
+/* ---- a worker that stops reading its pipe --------------------------------- */
+
+/* The thread of pid named name (/proc/PID/task/TID/comm), or -1. */
+static pid_t
+thread_named(pid_t pid, const char *name)
+{
+    char path[300], comm[32];
+    struct dirent *de;
+    pid_t tid = -1;
+    DIR *d;
+
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    if ((d = opendir(path)) == NULL)
+        return -1;
+    while (tid < 0 && (de = readdir(d)) != NULL) {
+        FILE *f;
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "/proc/%d/task/%s/comm", (int)pid, de->d_name);
+        if ((f = fopen(path, "r")) == NULL)
+            continue;
+        if (fgets(comm, sizeof comm, f) != NULL) {
+            comm[strcspn(comm, "\n")] = '\0';
+            if (strcmp(comm, name) == 0)
+                tid = (pid_t)atoi(de->d_name);
+        }
+        fclose(f);
+    }
+    closedir(d);
+    return tid;
+}
+
+/* Connections, and the most that a worker's pipe can hold (64 KiB, a
+ * message of more than 64 bytes; 736 here).  With both workers stopped,
+ * what the two pipes and the main thread do not hold (2,400 - 2 x 736 - 1
+ * = 927) waits in the kernel's backlog: 1,024 (it was libevent's 128). */
+enum { STUCK_NCONN = 2400, PIPE_HOLDS_AT_MOST = 1024 };
+
+/* Connections of stuck_worker: a request sent on each; done: 1 answered
+ * 200 and closed, -1 closed (or reset) without a whole 200. */
+static struct {
+    int  n;                             /* connections opened so far */
+    int  fd[STUCK_NCONN];
+    int  done[STUCK_NCONN];
+    char buf[STUCK_NCONN][16];
+    int  got[STUCK_NCONN];
+} sc;
+
+/* Read what is there on every open connection; the number answered. */
+static int
+stuck_poll(int timeout_ms, int *closed)
+{
+    static struct pollfd p[STUCK_NCONN];
+    int i, n = 0, answered = 0;
+
+    for (i = 0; i < sc.n; i++)
+        if (sc.done[i] == 0)
+            p[n++] = (struct pollfd){ sc.fd[i], POLLIN, 0 };
+    if (n > 0)
+        poll(p, (nfds_t)n, timeout_ms);
+    *closed = 0;
+    for (i = 0; i < sc.n; i++) {
+        if (sc.done[i] == 0) {
+            char b[4096];
+            ssize_t k = recv(sc.fd[i], b, sizeof b, MSG_DONTWAIT);
+            if (k > 0) {
+                size_t room = sizeof sc.buf[i] - 1 - (size_t)sc.got[i];
+                size_t c = (size_t)k < room ? (size_t)k : room;
+                memcpy(sc.buf[i] + sc.got[i], b, c);
+                sc.got[i] += (int)c;
+            } else if (k == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                sc.buf[i][sc.got[i]] = '\0';
+                sc.done[i] = strncmp(sc.buf[i], "HTTP/1.1 200 ", 13) == 0 ? 1 : -1;
+                close(sc.fd[i]);
+            }
+        }
+        answered += sc.done[i] == 1;
+        *closed += sc.done[i] == -1;
+    }
+    return answered;
+}
+
+/* Stop (ptrace) the thread of tollgate named name; its tid. */
+static pid_t
+stop_thread(const char *name)
+{
+    pid_t tid = thread_named(tg.proc->pid, name);
+    int st;
+
+    TGH_CHECK(tid > 0, "no thread named %s in tollgate", name);
+    TGH_CHECK(ptrace(PTRACE_SEIZE, tid, NULL, NULL) == 0, "ptrace seize %s: %s", name,
+              strerror(errno));
+    TGH_CHECK(ptrace(PTRACE_INTERRUPT, tid, NULL, NULL) == 0, "ptrace interrupt %s: %s",
+              name, strerror(errno));
+    TGH_CHECK(waitpid(tid, &st, __WALL) == tid && WIFSTOPPED(st), "%s did not stop", name);
+    return tid;
+}
+
+/*
+ * nstopped of two workers stop (ptrace holds their threads, as a worker
+ * stuck in a long loop turn would be) while 2,400 clients connect and
+ * send a request.  The main thread hands a connection to a worker through
+ * its pipe, and a stopped worker's fills after several hundred.  Then the
+ * main thread passes it over: with one worker stopped the other answers
+ * every connection it is given; with both stopped, the main thread keeps
+ * one connection and stops accepting for a while, the rest waiting in the
+ * kernel's backlog.  Either way the admin listener answers, and when the
+ * workers go on every connection is answered: none is lost.  (The write
+ * to the pipe used to block: the main thread stopped with the worker, and
+ * with it every new connection, the admin listener and the signals.)
+ */
+static void
+stopped_workers(int nstopped)
+{
+    static const char req[] = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    int i, answered = 0, closed = 0, want;
+    pid_t tid[2];
+    uint64_t end;
+    tgh_tg_opts o;
+    tgh_resp r;
+
+    TGH_CHECK(tgh_need_nofile(2 * STUCK_NCONN + 512) == 0,
+              "cannot raise RLIMIT_NOFILE to %d", 2 * STUCK_NCONN + 512);
+    TGH_CHECK(tgh_testup_start(&up) == 0, "tg-testup");
+    tgh_tg_opts_default(&o, up.port);
+    o.http_extra = "max_connections_per_ip: 0";
+    o.workers = 2;
+    o.header_timeout_ms = 120000;   /* none waits long enough to be shed as stale */
+    TGH_CHECK(tgh_tollgate_start(&tg, &o) == 0, "tollgate");
+    tid[0] = stop_thread("tg-worker-1");
+    if (nstopped == 2)
+        tid[1] = stop_thread("tg-worker-0");
+
+    for (i = 0; i < STUCK_NCONN; i++) {
+        sc.fd[i] = tgh_tcp_connect(tg.port, 5000);
+        TGH_CHECK(sc.fd[i] >= 0, "connection %d: connect failed", i);
+        TGH_CHECK(send(sc.fd[i], req, sizeof req - 1, MSG_NOSIGNAL) == (ssize_t)(sizeof req - 1),
+                  "connection %d: send failed", i);
+        sc.n = i + 1;
+        if (i % 64 == 63)
+            answered = stuck_poll(0, &closed);
+    }
+    /* everything but what waits for a stopped worker is answered, and no
+     * more comes (2 s more) */
+    want = nstopped == 1 ? STUCK_NCONN - PIPE_HOLDS_AT_MOST : 0;
+    end = tgh_now_ms() + 30000;
+    while (tgh_now_ms() < end && answered + closed < want)
+        answered = stuck_poll(100, &closed);
+    end = tgh_now_ms() + 2000;
+    while (tgh_now_ms() < end)
+        answered = stuck_poll(100, &closed);
+    cr_log_info("%d of 2 workers stopped: %d answered, %d closed, %d waiting", nstopped,
+                answered, closed, STUCK_NCONN - answered - closed);
+    TGH_CHECK(closed == 0, "%d connections closed without an answer", closed);
+    TGH_CHECK(answered >= want, "only %d of %d connections answered with one of two "
+              "workers stopped (the main thread stalled)", answered, STUCK_NCONN);
+    TGH_CHECK(tgh_http(tg.admin_port, "GET", "/metrics", NULL, NULL, 0, &r, 5000) == 0
+              && r.status == 200, "the admin listener does not answer (%s)", r.reason);
+    tgh_resp_free(&r);
+    if (nstopped == 2) {
+        TGH_CHECK(answered == 0, "%d answered with both workers stopped", answered);
+        TGH_CHECK(tgh_sh(NULL, 0, "grep -q \"every worker's queue of new connections is "
+                         "full\" '%s'", tg.proc->log_path) == 0,
+                  "no warning that the workers' queues are full");
+    }
+
+    /* the workers go on: every connection waiting is answered */
+    for (i = 0; i < nstopped; i++)
+        TGH_CHECK(ptrace(PTRACE_DETACH, tid[i], NULL, NULL) == 0, "ptrace detach: %s",
+                  strerror(errno));
+    end = tgh_now_ms() + 30000;
+    while (tgh_now_ms() < end && answered + closed < STUCK_NCONN)
+        answered = stuck_poll(100, &closed);
+    TGH_CHECK(answered == STUCK_NCONN && closed == 0, "after the workers went on: %d "
+              "answered, %d closed, of %d", answered, closed, STUCK_NCONN);
+    TGH_CHECK(metric("tollgate_connections_refused_total") == 0, "%ld connections refused",
+              metric("tollgate_connections_refused_total"));
+}
+
+Test(edge_accept, a_stopped_worker_does_not_stall_the_others)
+{
+    stopped_workers(1);
+}
+
+Test(edge_accept, every_worker_stopped_pauses_accept_and_loses_nothing)
+{
+    stopped_workers(2);
 }
 
 /* ---- admin listener ------------------------------------------------------- */
