@@ -86,6 +86,7 @@ static struct {
     uint64_t                 drain_deadline;
     struct event            *signals[4];
     struct event            *drain_timer;
+    struct event            *flush_timer;   /* a reload or drain waits in a worker */
     struct event            *watchdog;
     struct tg_metrics_shard **shards;       /* one per worker, for scrapes */
     struct tg_statsd        *statsd;        /* metrics.statsd, or NULL */
@@ -107,6 +108,8 @@ static void close_held(void);
 static void check_nofile(const tg_conf *conf);
 static void signal_cb(evutil_socket_t sig, short what, void *arg);
 static void drain_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void flush_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void control_sent(unsigned i, tg_rc rc, const char *what);
 static void watchdog_cb(evutil_socket_t fd, short what, void *arg);
 static void start_drain(void);
 static int  adaptive_eq(const tg_conf *a, const tg_conf *b);
@@ -146,6 +149,7 @@ tg_server_run(const char *path)
     g.connlimit = tg_connlimit_create(g.conf->http.max_connections,
                                       g.conf->http.max_connections_per_ip);
     g.accept_resume = tg_evtimer_new(g.base, accept_resume_cb, NULL);
+    g.flush_timer = tg_evtimer_new(g.base, flush_timer_cb, NULL);
     g.held.fd = -1;
     check_nofile(g.conf);
     if (open_listeners() != TG_OK) {
@@ -275,6 +279,7 @@ out:
             if (rc != 0) {
                 tg_worker_drain(g.workers[i], 0);
             }
+            tg_worker_flush(g.workers[i], 1);   /* what waits, before the join */
             tg_worker_join_destroy(g.workers[i]);
         }
     }
@@ -284,6 +289,9 @@ out:
     tg_connlimit_destroy(g.connlimit);   /* after every worker's connections */
     if (g.accept_resume != NULL) {
         event_free(g.accept_resume);
+    }
+    if (g.flush_timer != NULL) {
+        event_free(g.flush_timer);
     }
     tg_upstream_set_health(NULL);
     tg_health_destroy(g.health);
@@ -703,7 +711,7 @@ start_drain(void)
         g.listeners[i] = NULL;
     }
     for (i = 0; i < g.nworkers; i++) {
-        tg_worker_drain(g.workers[i], g.live->drain_timeout_ms);
+        control_sent(i, tg_worker_drain(g.workers[i], g.live->drain_timeout_ms), "drain");
     }
     g.drain_deadline = tg_now_ms() + g.live->drain_timeout_ms + 1000;
     g.drain_timer = tg_event_new(g.base, -1, EV_PERSIST, drain_timer_cb, NULL);
@@ -728,6 +736,54 @@ drain_timer_cb(evutil_socket_t fd, short what, void *arg)
         }
     }
     event_base_loopbreak(g.base);
+}
+
+/*
+ * A reload or a drain for worker i: sent (TG_OK), or waiting in the worker
+ * because its pipe is full (TG_AGAIN: it has not read it for a while), to
+ * be sent by flush_timer_cb when there is room; the main thread does not
+ * wait for it.
+ */
+static void
+control_sent(unsigned i, tg_rc rc, const char *what)
+{
+    struct timeval tv = { 0, 50 * 1000 };
+
+    if (rc == TG_AGAIN) {
+        tg_warn("worker %u has not read its queue for a while: %s waits for it", i, what);
+        if (!evtimer_pending(g.flush_timer, NULL)) {
+            evtimer_add(g.flush_timer, &tv);
+        }
+    } else if (rc != TG_OK) {
+        tg_error("worker %u: cannot send it %s: %s", i, what, strerror(errno));
+    }
+}
+
+static void
+flush_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct timeval tv = { 0, 50 * 1000 };
+    int waiting = 0;
+    unsigned i;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    TG_UNUSED(arg);
+    for (i = 0; i < g.nworkers; i++) {
+        if (tg_worker_pending(g.workers[i])) {
+            tg_rc rc = tg_worker_flush(g.workers[i], 0);
+            if (rc == TG_AGAIN) {
+                waiting = 1;
+            } else if (rc == TG_OK) {
+                tg_info("worker %u reads its queue again: what waited for it is sent", i);
+            } else {
+                control_sent(i, rc, "what waited");
+            }
+        }
+    }
+    if (waiting) {
+        evtimer_add(g.flush_timer, &tv);
+    }
 }
 
 /* ---- reload ---------------------------------------------------------- */
@@ -886,9 +942,8 @@ reload(const char *path)
     tg_conf_unref(g.live);
     g.live = tg_conf_ref(conf);
     for (i = 0; i < g.nworkers; i++) {
-        if (tg_worker_reload(g.workers[i], conf, keys, tls) != TG_OK) {
-            tg_error("SIGHUP: worker %u did not take the new configuration", i);
-        }
+        control_sent(i, tg_worker_reload(g.workers[i], conf, keys, tls),
+                     "the new configuration");
     }
     tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_OK);
     g.view.loaded = time(NULL);

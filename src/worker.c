@@ -116,6 +116,12 @@ struct tg_worker {
     struct event      *intake;     /* starts the next ones, next loop turn */
     uint64_t           stale;      /* queued past their time limit, closed */
     uint64_t           stale_logged;   /* ms: one line a second */
+    /* main thread only: a reload and a drain that found the pipe full,
+     * sent by tg_worker_flush, in that order */
+    tg_worker_msg      pend_reload;
+    int                has_reload;
+    int                has_drain;
+    unsigned           drain_ms;
 };
 
 static void *worker_main(void *arg);
@@ -228,8 +234,10 @@ tg_worker_start(struct tg_worker *w)
  * the main thread gives the connection to another worker), so a worker
  * that stops reading its pipe - stuck, or a loop turn that lasts - does
  * not stop the main thread's accepting, admin listener and signals with
- * it.  Drain and reload must arrive: they wait for room (wait = 1).  A
- * message is shorter than PIPE_BUF: written whole or not at all.
+ * it.  A reload or a drain that finds the pipe full waits in the worker
+ * (tg_worker_flush sends it when there is room; wait = 1 blocks: at
+ * exit only).  A message is shorter than PIPE_BUF: written whole or not
+ * at all.
  */
 static tg_rc
 send_msg(struct tg_worker *w, const tg_worker_msg *m, int wait)
@@ -298,11 +306,20 @@ tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
     return TG_OK;
 }
 
-void
+static void
+drop_reload(tg_worker_msg *m)
+{
+    tg_conf_unref(m->conf);
+    tg_keys_unref(m->keys);
+    tg_tls_set_unref(m->tls);
+}
+
+tg_rc
 tg_worker_drain(struct tg_worker *w, unsigned timeout_ms)
 {
-    tg_worker_msg m = { MSG_DRAIN, -1, timeout_ms, NULL, NULL, NULL, NULL, { .sa = { 0 } }, 0 };
-    send_msg(w, &m, 1);
+    w->has_drain = 1;
+    w->drain_ms = timeout_ms;
+    return tg_worker_flush(w, 0);
 }
 
 tg_rc
@@ -312,13 +329,46 @@ tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
     tg_worker_msg m = { MSG_RELOAD, -1, 0, tg_conf_ref(conf), tg_keys_ref(keys),
                         tg_tls_set_ref(tls), NULL, { .sa = { 0 } }, 0 };
 
-    if (send_msg(w, &m, 1) != TG_OK) {
-        tg_conf_unref(conf);
-        tg_keys_unref(keys);
-        tg_tls_set_unref(tls);
-        return TG_ERR;
+    if (w->has_reload) {                 /* never sent: the newer one replaces it */
+        drop_reload(&w->pend_reload);
     }
-    return TG_OK;
+    w->pend_reload = m;
+    w->has_reload = 1;
+    return tg_worker_flush(w, 0);
+}
+
+tg_rc
+tg_worker_flush(struct tg_worker *w, int wait)
+{
+    tg_rc rc = TG_OK;
+
+    if (w->has_reload) {
+        rc = send_msg(w, &w->pend_reload, wait);
+        if (rc == TG_AGAIN) {
+            return TG_AGAIN;
+        }
+        if (rc != TG_OK) {
+            drop_reload(&w->pend_reload);
+        }
+        w->has_reload = 0;
+    }
+    if (w->has_drain) {
+        tg_worker_msg m = { MSG_DRAIN, -1, w->drain_ms, NULL, NULL, NULL, NULL,
+                            { .sa = { 0 } }, 0 };
+        tg_rc d = send_msg(w, &m, wait);
+        if (d == TG_AGAIN) {
+            return TG_AGAIN;
+        }
+        w->has_drain = 0;
+        rc = rc == TG_OK ? d : rc;
+    }
+    return rc;
+}
+
+int
+tg_worker_pending(const struct tg_worker *w)
+{
+    return w->has_reload || w->has_drain;
 }
 
 int
@@ -430,6 +480,10 @@ tg_worker_join_destroy(struct tg_worker *w)
     free(w->pend);
     event_free(w->intake);
     drop_unread(w);                   /* sent after the loop's last read */
+    if (w->has_reload) {              /* never sent */
+        drop_reload(&w->pend_reload);
+        w->has_reload = 0;
+    }
     tg_proxy_destroy(w->px);          /* its clients first: they hold the rest */
     tg_upstream_pool_destroy(w->env.pool);
     tg_limiter_destroy(w->env.limiter);

@@ -45,13 +45,23 @@ tg_rc tg_worker_listen(struct tg_worker *w, int fd, unsigned listener_idx,
 
 /* Main thread: hand w a reloaded snapshot (its connections accepted from
  * then on use tls's contexts); w takes its own references (the caller
- * keeps its own) and drops those of the previous snapshot. */
+ * keeps its own) and drops those of the previous snapshot.  Never blocks:
+ * TG_AGAIN when w's pipe is full (w has not read it for a while): the
+ * snapshot waits in w, replaced by a newer one, until tg_worker_flush
+ * sends it. */
 tg_rc tg_worker_reload(struct tg_worker *w, tg_conf *conf, struct tg_keys *keys,
                        struct tg_tls_set *tls);
 
 /* Main thread: ask w to drain and exit its loop when its last connection
- * is gone, or after timeout_ms at the latest. */
-void tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
+ * is gone, or after timeout_ms at the latest.  As tg_worker_reload:
+ * TG_AGAIN, the request waits in w. */
+tg_rc tg_worker_drain(struct tg_worker *w, unsigned timeout_ms);
+
+/* Main thread: send what waits in w (a reload, then a drain).  TG_AGAIN:
+ * the pipe is still full; wait = 1: block until it is sent (at exit). */
+tg_rc tg_worker_flush(struct tg_worker *w, int wait);
+/* 1 while a reload or a drain waits in w. */
+int tg_worker_pending(const struct tg_worker *w);
 
 /* 1 when the worker's bucket store is connected (any thread may ask;
  * refreshed every 50 ms by the worker). */

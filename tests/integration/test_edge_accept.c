@@ -534,7 +534,7 @@ stop_thread(const char *name)
  * with it every new connection, the admin listener and the signals.)
  */
 static void
-stopped_workers(int nstopped)
+stopped_workers(int nstopped, void (*while_stopped)(void))
 {
     static const char req[] = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
     int i, answered = 0, closed = 0, want;
@@ -588,6 +588,9 @@ stopped_workers(int nstopped)
                   "no warning that the workers' queues are full");
     }
 
+    if (while_stopped != NULL)
+        while_stopped();
+
     /* the workers go on: every connection waiting is answered */
     for (i = 0; i < nstopped; i++)
         TGH_CHECK(ptrace(PTRACE_DETACH, tid[i], NULL, NULL) == 0, "ptrace detach: %s",
@@ -603,12 +606,12 @@ stopped_workers(int nstopped)
 
 Test(edge_accept, a_stopped_worker_does_not_stall_the_others)
 {
-    stopped_workers(1);
+    stopped_workers(1, NULL);
 }
 
 Test(edge_accept, every_worker_stopped_pauses_accept_and_loses_nothing)
 {
-    stopped_workers(2);
+    stopped_workers(2, NULL);
 }
 
 /* ---- admin listener ------------------------------------------------------- */
@@ -778,6 +781,44 @@ Test(edge_accept, sighup_applies_http_limits_to_new_requests)
     TGH_CHECK(log_has("configuration reloaded"), "no reload logged");
     TGH_CHECK(log_has("kept until the next restart (changed in the file): upstream.keepalive"),
               "no warning for a restart-only key");
+}
+
+/* SIGHUP with worker 1 stopped and its pipe full (see stopped_workers):
+ * the main thread reloads without waiting for it, worker 0 applies the
+ * new limit at once, and worker 1 gets it when it reads its pipe again. */
+static void
+reload_while_stopped(void)
+{
+    uint64_t end = tgh_now_ms() + 10000;
+
+    edit_conf("max_body_bytes: 16777216", "max_body_bytes: 1000");
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    while (tgh_now_ms() < end && !log_has("configuration reloaded"))
+        tgh_sleep_ms(20);
+    TGH_CHECK(log_has("configuration reloaded"), "no reload while worker 1 is stopped");
+    TGH_CHECK(log_has("worker 1 has not read its queue for a while: the new configuration "
+                      "waits for it"), "no word of the reload waiting for worker 1");
+    for (int i = 0; i < 6; i++)       /* new connections go to worker 0 */
+        TGH_CHECK(post_status(2000) == 413, "worker 0 did not apply the reload (%d)", i);
+}
+
+Test(edge_accept, sighup_with_a_stopped_worker_reloads_the_others_and_it_later)
+{
+    uint64_t end;
+    int ok = 0;
+
+    stopped_workers(1, reload_while_stopped);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && !ok) {
+        ok = 1;
+        for (int i = 0; i < 6 && ok; i++)       /* both workers */
+            ok = post_status(2000) == 413;
+        if (!ok)
+            tgh_sleep_ms(20);
+    }
+    TGH_CHECK(ok, "worker 1 did not apply the reload after it went on");
+    TGH_CHECK(log_has("worker 1 reads its queue again"), "no word of worker 1 catching up");
+    TGH_CHECK(post_status(1000) == 200, "a body at the new limit");
 }
 
 /* ---- RLIMIT_NOFILE at start ---------------------------------------------- */
