@@ -460,7 +460,7 @@ thread_named(pid_t pid, const char *name)
  * = 927) waits in the kernel's backlog: 1,024 (it was libevent's 128). */
 enum { STUCK_NCONN = 2400, PIPE_HOLDS_AT_MOST = 1024 };
 
-/* Connections of stuck_worker: a request sent on each; done: 1 answered
+/* The connections of stopped_workers, a request sent on each; done: 1 answered
  * 200 and closed, -1 closed (or reset) without a whole 200. */
 static struct {
     int  n;                             /* connections opened so far */
@@ -576,8 +576,8 @@ stopped_workers(int nstopped, void (*while_stopped)(void))
     cr_log_info("%d of 2 workers stopped: %d answered, %d closed, %d waiting", nstopped,
                 answered, closed, STUCK_NCONN - answered - closed);
     TGH_CHECK(closed == 0, "%d connections closed without an answer", closed);
-    TGH_CHECK(answered >= want, "only %d of %d connections answered with one of two "
-              "workers stopped (the main thread stalled)", answered, STUCK_NCONN);
+    TGH_CHECK(answered >= want, "only %d of %d connections answered with %d of two "
+              "workers stopped (the main thread stalled)", answered, STUCK_NCONN, nstopped);
     TGH_CHECK(tgh_http(tg.admin_port, "GET", "/metrics", NULL, NULL, 0, &r, 5000) == 0
               && r.status == 200, "the admin listener does not answer (%s)", r.reason);
     tgh_resp_free(&r);
