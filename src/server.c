@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,6 +93,18 @@ static struct {
     struct tg_statsd        *statsd;        /* metrics.statsd, or NULL */
     tg_admin_view            view;          /* what the admin pages read; draining,
                                                loaded, generation live here */
+    struct {                                /* a reload's loading (loader_main) */
+        pthread_t            thread;
+        int                  running;       /* started, not joined yet */
+        int                  again;         /* SIGHUP while loading: one more after */
+        struct event        *done;          /* activated by the loader when it ends */
+        const char          *path;
+        struct tg_tls_set   *base;          /* the running TLS set (loader's ref) */
+        tg_conf             *conf;          /* what it loaded: all three, or */
+        struct tg_keys      *keys;          /* conf NULL and err says why */
+        struct tg_tls_set   *tls;
+        char                 err[TG_CONF_ERRLEN];
+    } ld;
 } g;
 
 static tg_rc open_listeners(void);
@@ -116,6 +129,10 @@ static int  adaptive_eq(const tg_conf *a, const tg_conf *b);
 static void scrape_hook(void *arg);
 static tg_rc metrics_init(const tg_conf *conf);
 static void reload(const char *path);
+static void *loader_main(void *arg);
+static void loader_done_cb(evutil_socket_t fd, short what, void *arg);
+static void loader_join(void);
+static void reload_apply(tg_conf *conf, struct tg_keys *keys, struct tg_tls_set *tls);
 
 /* ---- start and stop -------------------------------------------------- */
 
@@ -150,6 +167,7 @@ tg_server_run(const char *path)
                                       g.conf->http.max_connections_per_ip);
     g.accept_resume = tg_evtimer_new(g.base, accept_resume_cb, NULL);
     g.flush_timer = tg_evtimer_new(g.base, flush_timer_cb, NULL);
+    g.ld.done = tg_event_new(g.base, -1, 0, loader_done_cb, NULL);
     g.held.fd = -1;
     check_nofile(g.conf);
     if (open_listeners() != TG_OK) {
@@ -292,6 +310,10 @@ out:
     }
     if (g.flush_timer != NULL) {
         event_free(g.flush_timer);
+    }
+    loader_join();                       /* a reload still loading: dropped */
+    if (g.ld.done != NULL) {
+        event_free(g.ld.done);
     }
     tg_upstream_set_health(NULL);
     tg_health_destroy(g.health);
@@ -910,31 +932,133 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
  * this thread (connection caps, log level, drain time).  What cannot change without a
  * restart is named in a warning.  A bad file changes nothing.
  */
+/*
+ * SIGHUP.  What a reload reads - the config, the keys file (a million
+ * keys: about a second), the TLS files, the names it resolves - is read on
+ * a thread of its own (loader_main), so the main loop goes on accepting,
+ * handing connections over and answering the admin listener meanwhile;
+ * what it built is applied here, on the main thread (loader_done_cb).  A
+ * SIGHUP that comes while one loads starts another when it ends (the file
+ * may have changed since it was read).
+ */
 static void
 reload(const char *path)
 {
-    char err[TG_CONF_ERRLEN];
-    struct tg_keys *keys = NULL;
-    struct tg_tls_set *tls = NULL;
-    tg_conf *conf;
-    unsigned i;
+    sigset_t all, old;
+    int rc;
 
+    if (g.ld.running) {
+        g.ld.again = 1;
+        tg_info("SIGHUP: a reload is loading; another follows it");
+        return;
+    }
     sd_notify(0, "RELOADING=1");
     if (g.alog != NULL) {
         tg_alog_reopen(g.alog);          /* log rotation */
     }
-    conf = tg_conf_load(path, err, sizeof(err));
-    if (conf == NULL || tg_server_load_keys(conf, &keys, err, sizeof(err)) != TG_OK
-        || (tls = tg_tls_set_renew(g.tls, conf, err, sizeof(err))) == NULL) {
-        tg_keys_unref(keys);
+    g.ld.path = path;
+    g.ld.base = tg_tls_set_ref(g.tls);
+    g.ld.conf = NULL;
+    g.ld.keys = NULL;
+    g.ld.tls = NULL;
+    g.ld.err[0] = '\0';
+    sigfillset(&all);                    /* no signal for the loader thread */
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&g.ld.thread, NULL, loader_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        tg_tls_set_unref(g.ld.base);
+        g.ld.base = NULL;
         tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);
-        tg_error("SIGHUP: new configuration refused, keeping the running one: %s", err);
-        if (conf != NULL) {
-            tg_conf_unref(conf);
-        }
+        tg_error("SIGHUP: cannot start the loader thread: %s", strerror(rc));
         sd_notify(0, "READY=1");
         return;
     }
+    g.ld.running = 1;
+}
+
+/* The loader thread: reads and builds; touches nothing the main thread
+ * uses but g.ld, and g.ld.base read-only. */
+static void *
+loader_main(void *arg)
+{
+    tg_conf *conf;
+
+    TG_UNUSED(arg);
+    pthread_setname_np(pthread_self(), "tg-reload");
+    conf = tg_conf_load(g.ld.path, g.ld.err, sizeof(g.ld.err));
+    if (conf != NULL
+        && (tg_server_load_keys(conf, &g.ld.keys, g.ld.err, sizeof(g.ld.err)) != TG_OK
+            || (g.ld.tls = tg_tls_set_renew(g.ld.base, conf, g.ld.err,
+                                            sizeof(g.ld.err))) == NULL)) {
+        tg_keys_unref(g.ld.keys);
+        g.ld.keys = NULL;
+        tg_conf_unref(conf);
+        conf = NULL;
+    }
+    g.ld.conf = conf;
+    event_active(g.ld.done, EV_READ, 0);    /* the base is thread-safe */
+    return NULL;
+}
+
+/* Join the loader (it has ended, or ends now: at exit); its results, if
+ * still here, dropped. */
+static void
+loader_join(void)
+{
+    if (!g.ld.running) {
+        return;
+    }
+    pthread_join(g.ld.thread, NULL);
+    g.ld.running = 0;
+    tg_tls_set_unref(g.ld.base);
+    g.ld.base = NULL;
+    if (g.ld.conf != NULL) {
+        tg_conf_unref(g.ld.conf);
+        tg_keys_unref(g.ld.keys);
+        tg_tls_set_unref(g.ld.tls);
+        g.ld.conf = NULL;
+    }
+}
+
+static void
+loader_done_cb(evutil_socket_t fd, short what, void *arg)
+{
+    tg_conf *conf;
+
+    TG_UNUSED(fd);
+    TG_UNUSED(what);
+    TG_UNUSED(arg);
+    pthread_join(g.ld.thread, NULL);
+    g.ld.running = 0;
+    tg_tls_set_unref(g.ld.base);
+    g.ld.base = NULL;
+    conf = g.ld.conf;
+    g.ld.conf = NULL;
+    if (conf == NULL) {
+        tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);
+        tg_error("SIGHUP: new configuration refused, keeping the running one: %s", g.ld.err);
+        sd_notify(0, "READY=1");
+    } else if (g.view.draining) {        /* stopping: not applied */
+        tg_conf_unref(conf);
+        tg_keys_unref(g.ld.keys);
+        tg_tls_set_unref(g.ld.tls);
+    } else {
+        reload_apply(conf, g.ld.keys, g.ld.tls);
+    }
+    if (g.ld.again && !g.view.draining) {
+        g.ld.again = 0;
+        reload(g.ld.path);
+    }
+}
+
+/* The loaded snapshot to the main thread and every worker; takes the
+ * caller's references. */
+static void
+reload_apply(tg_conf *conf, struct tg_keys *keys, struct tg_tls_set *tls)
+{
+    unsigned i;
+
     warn_restart_only(g.conf, conf);
     tg_log_set_level(conf->log_level);
     tg_connlimit_set(g.connlimit, conf->http.max_connections,

@@ -13,10 +13,12 @@
 #include <string.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -781,6 +783,74 @@ Test(edge_accept, sighup_applies_http_limits_to_new_requests)
     TGH_CHECK(log_has("configuration reloaded"), "no reload logged");
     TGH_CHECK(log_has("kept until the next restart (changed in the file): upstream.keepalive"),
               "no warning for a restart-only key");
+}
+
+/*
+ * A reload reads its files on a thread of its own (tg-reload).  With the
+ * config file replaced by a FIFO that nobody writes (as a file on a hung
+ * network mount would be), SIGHUP leaves that thread waiting in open()
+ * while the main thread goes on handing new connections to the two
+ * workers and answering the admin listener; a second SIGHUP meanwhile
+ * follows it.  When the FIFO is written, the first reload is refused (not
+ * a regular file) and the running configuration kept; the second reads
+ * the real file, put back in the meantime, and applies it.
+ */
+Test(edge_accept, sighup_reads_files_off_the_main_thread)
+{
+    char real[600], fifo[600];
+    uint64_t end;
+    tgh_resp r;
+    int i, fd, ok = 0;
+
+    start(NULL, 2);
+    snprintf(real, sizeof real, "%s.real", tg.conf_path);
+    snprintf(fifo, sizeof fifo, "%s.fifo", tg.conf_path);
+    TGH_CHECK(rename(tg.conf_path, real) == 0 && mkfifo(fifo, 0600) == 0
+              && link(fifo, tg.conf_path) == 0,
+              "cannot put a FIFO in place of the config: %s", strerror(errno));
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && thread_named(tg.proc->pid, "tg-reload") < 0)
+        tgh_sleep_ms(20);
+    TGH_CHECK(thread_named(tg.proc->pid, "tg-reload") > 0, "no tg-reload thread after SIGHUP");
+
+    for (i = 0; i < 20; i++) {           /* new connections: the main thread accepts */
+        TGH_CHECK(tgh_http(tg.port, "GET", "/", NULL, NULL, 0, &r, 5000) == 0
+                  && r.status == 200, "request %d while the reload waits: %s", i, r.reason);
+        tgh_resp_free(&r);
+    }
+    TGH_CHECK(tgh_http(tg.admin_port, "GET", "/metrics", NULL, NULL, 0, &r, 5000) == 0
+              && r.status == 200, "the admin listener does not answer (%s)", r.reason);
+    tgh_resp_free(&r);
+    tgh_proc_signal(tg.proc, SIGHUP, 0);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && !log_has("a reload is loading; another follows it"))
+        tgh_sleep_ms(20);
+    TGH_CHECK(log_has("a reload is loading; another follows it"), "second SIGHUP not queued");
+    TGH_CHECK(!log_has("configuration reloaded") && !log_has("configuration refused"),
+              "the reload ended before its file was written");
+
+    /* the real file back first (the loader waits on the FIFO itself, still
+     * linked at fifo), then the FIFO opened and closed */
+    TGH_CHECK(rename(real, tg.conf_path) == 0, "cannot put the config back: %s",
+              strerror(errno));
+    edit_conf("max_body_bytes: 16777216", "max_body_bytes: 1000");
+    fd = open(fifo, O_WRONLY);           /* the loader holds the read end */
+    TGH_CHECK(fd >= 0, "open the FIFO: %s", strerror(errno));
+    close(fd);
+    unlink(fifo);
+    end = tgh_now_ms() + 10000;
+    while (tgh_now_ms() < end && !ok) {
+        ok = log_has("configuration reloaded");
+        for (i = 0; i < 6 && ok; i++)    /* both workers */
+            ok = post_status(2000) == 413;
+        if (!ok)
+            tgh_sleep_ms(20);
+    }
+    TGH_CHECK(log_has("new configuration refused") && log_has("not a regular file"),
+              "the reload from the FIFO was not refused");
+    TGH_CHECK(ok, "the second reload was not applied");
+    TGH_CHECK(post_status(1000) == 200, "a body at the new limit");
 }
 
 /* SIGHUP with worker 1 stopped and its pipe full (see stopped_workers):
