@@ -9,6 +9,7 @@
 
 #include <stdlib.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -88,6 +89,17 @@ tg_proxy_nclients(const struct tg_proxy *px)
     return px->nclients;
 }
 
+/* 1 when the kernel holds bytes of fd not read yet: a request sent
+ * before the drain (a connection just started from the worker's queue has
+ * read nothing), not an idle connection. */
+static int
+bytes_waiting(evutil_socket_t fd)
+{
+    char b;
+
+    return fd >= 0 && recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
 void
 tg_proxy_drain(struct tg_proxy *px)
 {
@@ -98,7 +110,8 @@ tg_proxy_drain(struct tg_proxy *px)
     for (c = TAILQ_FIRST(&px->clients); c != NULL; c = next) {
         next = TAILQ_NEXT(c, link);
         if (c->conn.state == C_HEAD
-            && evbuffer_get_length(bufferevent_get_input(c->conn.bev)) == 0) {
+            && evbuffer_get_length(bufferevent_get_input(c->conn.bev)) == 0
+            && !bytes_waiting(bufferevent_getfd(c->conn.bev))) {
             if (evbuffer_get_length(bufferevent_get_output(c->conn.bev)) != 0) {
                 tg_client_close_after_flush(c);    /* answers still queued */
             } else {

@@ -522,6 +522,10 @@ stop_thread(const char *name)
     return tid;
 }
 
+/* Set by a while_stopped that sends SIGTERM: tollgate ends once the
+ * workers have gone on and served what they hold. */
+static int sw_stopping;
+
 /*
  * nstopped of two workers stop (ptrace holds their threads, as a worker
  * stuck in a long loop turn would be) while 2,400 clients connect and
@@ -602,6 +606,11 @@ stopped_workers(int nstopped, void (*while_stopped)(void))
         answered = stuck_poll(100, &closed);
     TGH_CHECK(answered == STUCK_NCONN && closed == 0, "after the workers went on: %d "
               "answered, %d closed, of %d", answered, closed, STUCK_NCONN);
+    if (sw_stopping) {
+        TGH_CHECK(tgh_proc_wait(tg.proc, 30000) == 0 && WIFEXITED(tg.proc->status)
+                  && WEXITSTATUS(tg.proc->status) == 0, "tollgate did not end its drain");
+        return;
+    }
     TGH_CHECK(metric("tollgate_connections_refused_total") == 0, "%ld connections refused",
               metric("tollgate_connections_refused_total"));
 }
@@ -614,6 +623,37 @@ Test(edge_accept, a_stopped_worker_does_not_stall_the_others)
 Test(edge_accept, every_worker_stopped_pauses_accept_and_loses_nothing)
 {
     stopped_workers(2, NULL);
+}
+
+/* SIGTERM with worker 1 stopped and its pipe full: the main thread does
+ * not wait for it (/readyz says 503 at once), worker 0 drains, and worker
+ * 1, when it goes on, serves the connections in its pipe, then drains;
+ * tollgate exits 0 with every connection answered. */
+static void
+drain_while_stopped(void)
+{
+    uint64_t end = tgh_now_ms() + 10000;
+    int st = -1, said = 0;
+    tgh_resp r;
+
+    sw_stopping = 1;
+    tgh_proc_signal(tg.proc, SIGTERM, 0);
+    while (tgh_now_ms() < end && (st != 503 || !said)) {
+        st = tgh_http(tg.admin_port, "GET", "/readyz", NULL, NULL, 0, &r, 5000) == 0
+            ? r.status : -1;
+        tgh_resp_free(&r);
+        said = tgh_sh(NULL, 0, "grep -q 'worker 1 has not read its queue for a while: "
+                      "drain waits for it' '%s'", tg.proc->log_path) == 0;
+        if (st != 503 || !said)
+            tgh_sleep_ms(20);
+    }
+    TGH_CHECK(st == 503, "/readyz while draining with worker 1 stopped: %d", st);
+    TGH_CHECK(said, "no word of the drain waiting for worker 1");
+}
+
+Test(edge_accept, sigterm_with_a_stopped_worker_drains_both_and_loses_nothing)
+{
+    stopped_workers(1, drain_while_stopped);
 }
 
 /* ---- admin listener ------------------------------------------------------- */
