@@ -931,13 +931,12 @@ warn_restart_only(const tg_conf *old, const tg_conf *nc)
  * handshake, each through its pipe with its own references, and so does
  * this thread (connection caps, log level, drain time).  What cannot change without a
  * restart is named in a warning.  A bad file changes nothing.
- */
-/*
- * SIGHUP.  What a reload reads - the config, the keys file (a million
- * keys: about a second), the TLS files, the names it resolves - is read on
- * a thread of its own (loader_main), so the main loop goes on accepting,
- * handing connections over and answering the admin listener meanwhile;
- * what it built is applied here, on the main thread (loader_done_cb).  A
+ *
+ * What a reload reads - the config, the keys file (a million keys: about
+ * a second), the TLS files, the names it resolves - is read on a thread of
+ * its own (loader_main), so the main loop goes on accepting, handing
+ * connections over and answering the admin listener meanwhile; what it
+ * built is applied on the main thread (loader_done_cb, reload_apply).  A
  * SIGHUP that comes while one loads starts another when it ends (the file
  * may have changed since it was read).
  */
@@ -1002,7 +1001,7 @@ loader_main(void *arg)
 }
 
 /* Join the loader (it has ended, or ends now: at exit); its results, if
- * still here, dropped. */
+ * still in g.ld.conf (and keys, tls), dropped. */
 static void
 loader_join(void)
 {
@@ -1029,24 +1028,21 @@ loader_done_cb(evutil_socket_t fd, short what, void *arg)
     TG_UNUSED(fd);
     TG_UNUSED(what);
     TG_UNUSED(arg);
-    pthread_join(g.ld.thread, NULL);
-    g.ld.running = 0;
-    tg_tls_set_unref(g.ld.base);
-    g.ld.base = NULL;
-    conf = g.ld.conf;
+    if (g.view.draining) {               /* stopping: not applied */
+        loader_join();
+        return;
+    }
+    conf = g.ld.conf;                    /* ours now: loader_join keeps them */
     g.ld.conf = NULL;
+    loader_join();
     if (conf == NULL) {
         tg_metrics_global_inc(TG_M_CONFIG_RELOADS, TG_MRL_ERROR);
         tg_error("SIGHUP: new configuration refused, keeping the running one: %s", g.ld.err);
         sd_notify(0, "READY=1");
-    } else if (g.view.draining) {        /* stopping: not applied */
-        tg_conf_unref(conf);
-        tg_keys_unref(g.ld.keys);
-        tg_tls_set_unref(g.ld.tls);
     } else {
         reload_apply(conf, g.ld.keys, g.ld.tls);
     }
-    if (g.ld.again && !g.view.draining) {
+    if (g.ld.again) {
         g.ld.again = 0;
         reload(g.ld.path);
     }

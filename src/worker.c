@@ -567,9 +567,7 @@ drop_unread(struct tg_worker *w)
             close(m.fd);
             tg_connlimit_release(m.slot);
         } else if (m.type == MSG_RELOAD) {
-            tg_conf_unref(m.conf);
-            tg_keys_unref(m.keys);
-            tg_tls_set_unref(m.tls);
+            drop_reload(&m);
         }
     }
 }
